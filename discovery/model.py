@@ -1,0 +1,322 @@
+"""The pure discovery model: what exists in one cluster and what the clusterset shares.
+
+Every value here is a frozen dataclass or a ``NewType`` id, validated on construction, so that code inside the
+packages never handles raw Kubernetes dicts (those are converted at the boundary, in ``discovery.convert``).
+
+Exception tree (this module)::
+
+    DiscoveryError
+     +-- InvalidName          a cluster id, namespace or service name that is not an RFC 1123 label
+     +-- InvalidValue         any other field that breaks the model's rules (port range, protocol, ...)
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NewType
+
+ClusterId = NewType("ClusterId", str)
+Namespace = NewType("Namespace", str)
+ServiceName = NewType("ServiceName", str)
+NetworkId = NewType("NetworkId", str)
+
+
+class DiscoveryError(Exception):
+    """Root of every error the discovery package raises."""
+
+
+class InvalidName(DiscoveryError, ValueError):
+    """A name is not a valid RFC 1123 DNS label (or subdomain, where that is allowed)."""
+
+
+class InvalidValue(DiscoveryError, ValueError):
+    """A field holds a value the model does not accept."""
+
+
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _label(kind: str, value: str, *, max_len: int = 63) -> str:
+    if not isinstance(value, str) or not value or len(value) > max_len or not _LABEL.match(value):
+        raise InvalidName(
+            f"{kind} {value!r} is not a valid RFC 1123 label "
+            f"(lower-case letters, digits and '-', starting and ending alphanumeric, at most {max_len} chars)"
+        )
+    return value
+
+
+def cluster_id(value: str) -> ClusterId:
+    """Validate a cluster id (KEP-2149: an RFC 1123 label, at most 63 characters)."""
+    return ClusterId(_label("cluster id", value))
+
+
+def namespace(value: str) -> Namespace:
+    return Namespace(_label("namespace", value))
+
+
+def service_name(value: str) -> ServiceName:
+    return ServiceName(_label("service name", value))
+
+
+def network_id(value: str) -> NetworkId:
+    return NetworkId(_label("network", value))
+
+
+class Protocol(enum.StrEnum):
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+
+class ServiceType(enum.StrEnum):
+    """The ServiceImport type of the MCS API."""
+
+    CLUSTER_SET_IP = "ClusterSetIP"
+    HEADLESS = "Headless"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServiceKey:
+    """A service's identity across the clusterset: namespace sameness means (namespace, name) is the key."""
+
+    namespace: Namespace
+    name: ServiceName
+
+    def __post_init__(self) -> None:
+        _label("namespace", self.namespace)
+        _label("service name", self.name)
+
+    def __str__(self) -> str:
+        return f"{self.name}.{self.namespace}"
+
+    @property
+    def clusterset_host(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.clusterset.local"
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceKey:
+        """Parse ``name.namespace``."""
+        parts = text.split(".")
+        if len(parts) != 2:
+            raise InvalidValue(f"service {text!r} must be written NAME.NAMESPACE")
+        return cls(namespace=namespace(parts[1]), name=service_name(parts[0]))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePort:
+    port: int
+    protocol: Protocol = Protocol.TCP
+    name: str = ""
+    app_protocol: str = ""
+    target_port: int | str = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise InvalidValue(f"port {self.port} is out of range 1..65535")
+        if self.name:
+            _label("port name", self.name, max_len=15)
+
+    def same_definition(self, other: ServicePort) -> bool:
+        """True when two ports with one name/number agree on what the MCS API compares."""
+        return (self.port, self.protocol, self.app_protocol) == (other.port, other.protocol, other.app_protocol)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Locality:
+    region: str = ""
+    zone: str = ""
+    cluster: str = ""
+    network: str = ""
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.region, self.zone, self.cluster) if p) or "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    hostname: str = ""
+    zone: str = ""
+    node: str = ""
+    # Ports of the endpoint, by service port name ("" for an unnamed port), as EndpointSlices give them.
+    ports: tuple[tuple[str, int], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    service_account: str = ""
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.address)
+        except ValueError as exc:
+            raise InvalidValue(f"endpoint address {self.address!r} is not an IP address") from exc
+        if self.hostname:
+            _label("endpoint hostname", self.hostname)
+
+    @property
+    def ip_version(self) -> int:
+        return ipaddress.ip_address(self.address).version
+
+    def port_for(self, name: str, default: int) -> int:
+        for port_name, number in self.ports:
+            if port_name == name:
+                return number
+        return default
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """A Kubernetes Service in one cluster, with the endpoints its EndpointSlices list."""
+
+    cluster: ClusterId
+    key: ServiceKey
+    ports: tuple[ServicePort, ...]
+    headless: bool = False
+    cluster_ip: str = ""
+    endpoints: tuple[Endpoint, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    selector: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def type(self) -> ServiceType:
+        return ServiceType.HEADLESS if self.headless else ServiceType.CLUSTER_SET_IP
+
+    @property
+    def ready_endpoints(self) -> tuple[Endpoint, ...]:
+        return tuple(e for e in self.endpoints if e.ready)
+
+
+class ConditionStatus(enum.StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A ServiceExport condition (type Valid, Ready or Conflict) with the KEP's reason and a readable message."""
+
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceExport:
+    """A ServiceExport object: marks ``key`` in ``cluster`` as exported to the clusterset."""
+
+    cluster: ClusterId
+    key: ServiceKey
+    created: datetime
+    conditions: tuple[Condition, ...] = ()
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus:
+    """One entry of ServiceImport ``status.clusters``."""
+
+    cluster: ClusterId
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceImport:
+    """What the clusterset imports for one service key, derived by ``discovery.mcs``."""
+
+    key: ServiceKey
+    type: ServiceType
+    ports: tuple[ServicePort, ...]
+    clusters: tuple[ClusterId, ...]
+    ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    """A member cluster: its id, network and locality, and where its east-west gateway listens."""
+
+    id: ClusterId
+    network: NetworkId
+    region: str = ""
+    zone: str = ""
+    gateway_host: str = ""
+    gateway_port: int = 15443
+
+    @property
+    def locality(self) -> Locality:
+        return Locality(region=self.region, zone=self.zone, cluster=self.id, network=self.network)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalitySummary:
+    """How many endpoints of an exported service a cluster has in one locality (federated instead of pods)."""
+
+    locality: Locality
+    ready: int
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteEndpoints:
+    """One cluster's shard of an exported service as seen from elsewhere: gateway plus locality summary,
+    and pod addresses when the caller is on the same network."""
+
+    cluster: ClusterId
+    network: NetworkId
+    gateway_host: str
+    gateway_port: int
+    localities: tuple[LocalitySummary, ...]
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def ready(self) -> int:
+        return sum(s.ready for s in self.localities)
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    """An immutable snapshot of what one control plane knows, sharded per cluster.
+
+    ``shards[cluster]`` holds that cluster's services; ``exports[cluster]`` its ServiceExports. A cluster's
+    update replaces only its own shard (``with_shard``); the snapshot is never mutated in place.
+    """
+
+    local: ClusterId
+    shards: Mapping[ClusterId, Mapping[ServiceKey, Service]] = field(default_factory=dict)
+    exports: Mapping[ClusterId, Mapping[ServiceKey, ServiceExport]] = field(default_factory=dict)
+    revision: int = 0
+
+    def with_shard(
+        self,
+        cluster: ClusterId,
+        services: Iterable[Service],
+        exports: Iterable[ServiceExport] = (),
+    ) -> Registry:
+        shards = dict(self.shards)
+        shards[cluster] = {s.key: s for s in services}
+        all_exports = dict(self.exports)
+        all_exports[cluster] = {e.key: e for e in exports}
+        return Registry(local=self.local, shards=shards, exports=all_exports, revision=self.revision + 1)
+
+    def without_shard(self, cluster: ClusterId) -> Registry:
+        shards = {c: s for c, s in self.shards.items() if c != cluster}
+        exports = {c: e for c, e in self.exports.items() if c != cluster}
+        return Registry(local=self.local, shards=shards, exports=exports, revision=self.revision + 1)
+
+    def services(self, cluster: ClusterId | None = None) -> list[Service]:
+        clusters = [cluster] if cluster is not None else sorted(self.shards)
+        return [s for c in clusters for _, s in sorted(self.shards.get(c, {}).items())]
+
+    def service(self, cluster: ClusterId, key: ServiceKey) -> Service | None:
+        return self.shards.get(cluster, {}).get(key)
+
+    def all_exports(self) -> list[ServiceExport]:
+        return [e for c in sorted(self.exports) for _, e in sorted(self.exports[c].items())]

@@ -1,0 +1,27 @@
+"""The ``meshfed`` command: one click group; each subcommand family lives in its own ``meshfed.cmd_*`` module
+and is registered here, in one place."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from meshfed import cmd_ca
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug), one event per line on stderr.")
+@click.version_option(package_name="meshfed")
+def cli(verbose: int) -> None:
+    """meshfed federates service meshes across Kubernetes clusters."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+cli.add_command(cmd_ca.ca)
+
+
+def main() -> None:
+    cli()

