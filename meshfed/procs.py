@@ -1,0 +1,101 @@
+"""Child processes of a local run: started with their log under the run directory, recorded by pid, stopped by
+pid (SIGTERM, then SIGKILL), so `meshfed down` and a test fixture leave nothing running."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("meshfed.procs")
+
+
+@dataclass(frozen=True, slots=True)
+class ProcRecord:
+    """A started process as the run's state file records it."""
+
+    name: str
+    pid: int
+    argv: tuple[str, ...]
+    log: str
+
+
+def start(
+    name: str,
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> ProcRecord:
+    """Start ``argv`` in its own session (so Ctrl-C on the terminal does not reach it twice), output to a log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as fh:
+        popen = subprocess.Popen(
+            list(argv),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    log.info("started name=%s pid=%d argv0=%s", name, popen.pid, argv[0])
+    return ProcRecord(name=name, pid=popen.pid, argv=tuple(argv), log=str(log_path))
+
+
+def alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our child and has exited, so a zombie does not count as alive.
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def stop(pid: int, *, timeout: float = 10.0) -> bool:
+    """Stop ``pid``: SIGTERM, wait up to ``timeout`` seconds, then SIGKILL. True if it is gone."""
+    if not alive(pid):
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    log.warning("process did not exit pid=%d", pid)
+    return False
+
+
+def kill9(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
