@@ -1,0 +1,531 @@
+"""Pure conversion of Kubernetes objects (dicts, as parsed YAML or API JSON) into the discovery model.
+
+Nothing here does IO: the manifest source (``discovery.manifests``) and the Kubernetes API source feed objects in
+and get model values back. Every kind we understand is registered once, by ``(apiVersion, kind)``, in
+:data:`CONVERTERS`; adding a kind is one :func:`register` line. Conversion errors name the field path inside the
+object (``spec.ports[1].port``); callers add the file and document index, or the API object reference.
+
+Exception tree (this module; ``DiscoveryError`` lives in ``discovery.model``)::
+
+    DiscoveryError
+     +-- ConversionError       an object we understand but cannot convert; ``.field`` is the path inside it
+          +-- UnsupportedKind  an (apiVersion, kind) with no registered converter
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from discovery.model import (
+    ClusterId,
+    DiscoveryError,
+    Endpoint,
+    Namespace,
+    Protocol,
+    Service,
+    ServiceExport,
+    ServiceKey,
+    ServicePort,
+    namespace,
+    service_name,
+)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MCS_GROUP = "multicluster.x-k8s.io"
+MCS_VERSION = "v1alpha1"
+MCS_API_VERSION = f"{MCS_GROUP}/{MCS_VERSION}"
+
+
+class ConversionError(DiscoveryError, ValueError):
+    """A Kubernetes object that cannot be converted. ``field`` is the path inside the object (may be empty)."""
+
+    def __init__(self, field: str, message: str, *, obj: str = "") -> None:
+        self.field = field
+        self.reason = message
+        self.obj = obj
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        where = f"{self.obj}: " if self.obj else ""
+        at = f"{self.field}: " if self.field else ""
+        return f"{where}{at}{self.reason}"
+
+    def within(self, obj: str) -> ConversionError:
+        """The same error, naming the object it occurred in (kind namespace/name)."""
+        if self.obj:
+            return self
+        self.obj = obj
+        self.args = (self._text(),)
+        return self
+
+
+class UnsupportedKind(ConversionError):
+    """No converter is registered for the object's (apiVersion, kind)."""
+
+    def __init__(self, api_version: str, kind: str) -> None:
+        self.api_version = api_version
+        self.kind = kind
+        super().__init__(
+            "kind", f"apiVersion {api_version!r} kind {kind!r} is not a kind meshfed understands (skipped)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Converted values that the model does not hold itself
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSlice:
+    """A converted ``discovery.k8s.io/v1`` EndpointSlice: the endpoints of one slice of ``key``'s Service.
+
+    ``endpoints`` already carry the slice's ports (by port name). FQDN slices convert with no endpoints.
+    """
+
+    cluster: ClusterId
+    key: ServiceKey
+    name: str
+    address_type: str
+    endpoints: tuple[Endpoint, ...]
+    ports: tuple[tuple[str, int, Protocol], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalNameService:
+    """A Service of type ExternalName: valid Kubernetes, but not something meshfed can export (the MCS API
+    marks its export ``Valid=False, InvalidServiceType``)."""
+
+    cluster: ClusterId
+    key: ServiceKey
+    external_name: str
+
+
+Converted = Service | EndpointSlice | ServiceExport | ExternalNameService | Any
+ConverterFn = Callable[[Mapping[str, Any], ClusterId], Any]
+F = TypeVar("F", bound=ConverterFn)
+
+#: Every kind meshfed converts, by (apiVersion, kind). Later kinds (Istio VirtualService, DestinationRule,
+#: AuthorizationPolicy) register here too; unknown kinds raise :class:`UnsupportedKind`.
+CONVERTERS: dict[tuple[str, str], ConverterFn] = {}
+
+
+def register(api_version: str, kind: str) -> Callable[[F], F]:
+    """Register ``fn(obj, cluster)`` as the converter for ``(api_version, kind)``."""
+
+    def deco(fn: F) -> F:
+        CONVERTERS[(api_version, kind)] = fn
+        return fn
+
+    return deco
+
+
+def object_ref(obj: Mapping[str, Any]) -> str:
+    """A readable reference to a raw object: ``Service default/reviews`` (best effort, never raises)."""
+    kind = obj.get("kind") if isinstance(obj, Mapping) else None
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    name = ns = None
+    if isinstance(meta, Mapping):
+        name, ns = meta.get("name"), meta.get("namespace")
+    kind_s = kind if isinstance(kind, str) and kind else "object"
+    if isinstance(name, str) and name:
+        return f"{kind_s} {ns if isinstance(ns, str) and ns else 'default'}/{name}"
+    return kind_s
+
+
+def type_of(obj: Any) -> tuple[str, str]:
+    """``(apiVersion, kind)`` of a raw object; ConversionError when it is not an object with both fields."""
+    if not isinstance(obj, Mapping):
+        raise ConversionError("", f"expected a Kubernetes object (a mapping), got {type(obj).__name__}")
+    api_version, kind = obj.get("apiVersion"), obj.get("kind")
+    if not isinstance(api_version, str) or not api_version:
+        raise ConversionError("apiVersion", "required (a non-empty string)")
+    if not isinstance(kind, str) or not kind:
+        raise ConversionError("kind", "required (a non-empty string)")
+    return api_version, kind
+
+
+def is_known(obj: Mapping[str, Any]) -> bool:
+    """True when a converter is registered for the object's (apiVersion, kind)."""
+    try:
+        return type_of(obj) in CONVERTERS
+    except ConversionError:
+        return False
+
+
+def convert(obj: Any, *, cluster: ClusterId) -> Converted:
+    """Convert one raw Kubernetes object of any registered kind into its model value.
+
+    Raises :class:`UnsupportedKind` for kinds without a converter and :class:`ConversionError` (with the field
+    path and the object's reference) for objects that break the rules.
+    """
+    api_version, kind = type_of(obj)
+    fn = CONVERTERS.get((api_version, kind))
+    if fn is None:
+        raise UnsupportedKind(api_version, kind)
+    try:
+        return fn(obj, cluster)
+    except ConversionError as exc:
+        raise exc.within(object_ref(obj)) from None
+    except DiscoveryError as exc:  # a model rule we did not pre-check: still name the object
+        raise ConversionError("", str(exc), obj=object_ref(obj)) from exc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Field helpers: each takes the path so errors can name it
+
+
+def _mapping(value: Any, path: str, *, required: bool = False) -> Mapping[str, Any]:
+    if value is None:
+        if required:
+            raise ConversionError(path, "required")
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConversionError(path, f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConversionError(path, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _str(value: Any, path: str, *, required: bool = False, default: str = "") -> str:
+    if value is None or value == "":
+        if required:
+            raise ConversionError(path, "required (a non-empty string)")
+        return default
+    if not isinstance(value, str):
+        raise ConversionError(path, f"must be a string, got {value!r}")
+    return value
+
+
+def _bool(value: Any, path: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConversionError(path, f"must be true or false, got {value!r}")
+    return value
+
+
+def _port_number(value: Any, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConversionError(path, f"must be an integer port 1..65535, got {value!r}")
+    if not 1 <= value <= 65535:
+        raise ConversionError(path, f"port {value} is out of range 1..65535")
+    return value
+
+
+def _protocol(value: Any, path: str) -> Protocol:
+    text = _str(value, path, default="TCP")
+    try:
+        return Protocol(text)
+    except ValueError:
+        raise ConversionError(path, f"protocol {text!r} is not one of TCP, UDP, SCTP") from None
+
+
+def _string_map(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    items = _mapping(value, path)
+    out = []
+    for k, v in items.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ConversionError(f"{path}.{k}", f"labels and selectors map strings to strings, got {v!r}")
+        out.append((k, v))
+    return tuple(sorted(out))
+
+
+def _key(obj: Mapping[str, Any]) -> ServiceKey:
+    meta = _mapping(obj.get("metadata"), "metadata", required=True)
+    name = _str(meta.get("name"), "metadata.name", required=True)
+    ns = _str(meta.get("namespace"), "metadata.namespace", default="default")
+    try:
+        ns_v: Namespace = namespace(ns)
+    except DiscoveryError as exc:
+        raise ConversionError("metadata.namespace", str(exc)) from None
+    try:
+        return ServiceKey(namespace=ns_v, name=service_name(name))
+    except DiscoveryError as exc:
+        raise ConversionError("metadata.name", str(exc)) from None
+
+
+def parse_timestamp(value: Any, path: str) -> datetime:
+    """An RFC 3339 timestamp (string, or the datetime YAML already made of it) as an aware UTC datetime."""
+    if isinstance(value, datetime):
+        stamp = value
+    elif isinstance(value, str) and value:
+        text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+        try:
+            stamp = datetime.fromisoformat(text)
+        except ValueError:
+            raise ConversionError(path, f"{value!r} is not an RFC 3339 timestamp like 2026-01-01T00:00:00Z") from None
+    else:
+        raise ConversionError(path, "required (an RFC 3339 timestamp like 2026-01-01T00:00:00Z)")
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp.astimezone(UTC)
+
+
+def format_timestamp(stamp: datetime) -> str:
+    """The Kubernetes form of a timestamp: RFC 3339, UTC, whole seconds, ``Z``."""
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The core kinds
+
+
+@register("v1", "Service")
+def convert_service(obj: Mapping[str, Any], cluster: ClusterId) -> Service | ExternalNameService:
+    """A v1 Service (no endpoints yet; :func:`assemble` attaches its EndpointSlices)."""
+    key = _key(obj)
+    meta = _mapping(obj.get("metadata"), "metadata")
+    spec = _mapping(obj.get("spec"), "spec")
+    svc_type = _str(spec.get("type"), "spec.type", default="ClusterIP")
+    if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        raise ConversionError(
+            "spec.type", f"{svc_type!r} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
+        )
+    if svc_type == "ExternalName":
+        return ExternalNameService(
+            cluster=cluster, key=key, external_name=_str(spec.get("externalName"), "spec.externalName")
+        )
+    cluster_ip = _str(spec.get("clusterIP"), "spec.clusterIP")
+    headless = cluster_ip == "None"
+    if cluster_ip and not headless:
+        try:
+            ipaddress.ip_address(cluster_ip)
+        except ValueError:
+            raise ConversionError("spec.clusterIP", f"{cluster_ip!r} is neither an IP address nor None") from None
+    raw_ports = _list(spec.get("ports"), "spec.ports")
+    if not raw_ports and not headless:
+        raise ConversionError("spec.ports", "required: a Service that is not headless needs at least one port")
+    ports: list[ServicePort] = []
+    names: dict[str, int] = {}
+    numbers: dict[tuple[int, Protocol], int] = {}
+    for i, raw in enumerate(raw_ports):
+        path = f"spec.ports[{i}]"
+        item = _mapping(raw, path, required=True)
+        port = _port_number(item.get("port"), f"{path}.port")
+        protocol = _protocol(item.get("protocol"), f"{path}.protocol")
+        name = _str(item.get("name"), f"{path}.name")
+        if not name and len(raw_ports) > 1:
+            raise ConversionError(f"{path}.name", "required when a Service has more than one port")
+        if name:
+            if name in names:
+                raise ConversionError(f"{path}.name", f"duplicate port name {name!r} (also spec.ports[{names[name]}])")
+            names[name] = i
+        if (port, protocol) in numbers:
+            raise ConversionError(
+                f"{path}.port", f"duplicate port {port}/{protocol} (also spec.ports[{numbers[(port, protocol)]}])"
+            )
+        numbers[(port, protocol)] = i
+        app_protocol = _str(item.get("appProtocol"), f"{path}.appProtocol")
+        target: int | str
+        raw_target = item.get("targetPort")
+        if raw_target is None or raw_target == "":
+            target = port
+        elif isinstance(raw_target, str):
+            target = raw_target
+        else:
+            target = _port_number(raw_target, f"{path}.targetPort")
+        try:
+            ports.append(
+                ServicePort(port=port, protocol=protocol, name=name, app_protocol=app_protocol, target_port=target)
+            )
+        except DiscoveryError as exc:
+            raise ConversionError(f"{path}.name", str(exc)) from None
+    return Service(
+        cluster=cluster,
+        key=key,
+        ports=tuple(ports),
+        headless=headless,
+        cluster_ip="" if headless else cluster_ip,
+        labels=_string_map(meta.get("labels"), "metadata.labels"),
+        selector=_string_map(spec.get("selector"), "spec.selector"),
+    )
+
+
+@register("discovery.k8s.io/v1", "EndpointSlice")
+def convert_endpoint_slice(obj: Mapping[str, Any], cluster: ClusterId) -> EndpointSlice:
+    """A discovery.k8s.io/v1 EndpointSlice, linked to its Service by the ``kubernetes.io/service-name`` label."""
+    meta = _mapping(obj.get("metadata"), "metadata", required=True)
+    slice_name = _str(meta.get("name"), "metadata.name", required=True)
+    labels = _mapping(meta.get("labels"), "metadata.labels")
+    svc = labels.get(SERVICE_NAME_LABEL)
+    label_path = f"metadata.labels.{SERVICE_NAME_LABEL}"
+    if not isinstance(svc, str) or not svc:
+        raise ConversionError(label_path, "required: it links the slice to its Service")
+    ns = _str(meta.get("namespace"), "metadata.namespace", default="default")
+    try:
+        key = ServiceKey(namespace=namespace(ns), name=service_name(svc))
+    except DiscoveryError as exc:
+        raise ConversionError(label_path, str(exc)) from None
+    address_type = _str(obj.get("addressType"), "addressType", required=True)
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise ConversionError("addressType", f"{address_type!r} is not one of IPv4, IPv6, FQDN")
+    ports: list[tuple[str, int, Protocol]] = []
+    for i, raw in enumerate(_list(obj.get("ports"), "ports")):
+        path = f"ports[{i}]"
+        item = _mapping(raw, path, required=True)
+        if item.get("port") is None:  # nil port: "all ports", nothing to route to by number
+            continue
+        ports.append(
+            (
+                _str(item.get("name"), f"{path}.name"),
+                _port_number(item.get("port"), f"{path}.port"),
+                _protocol(item.get("protocol"), f"{path}.protocol"),
+            )
+        )
+    port_map = tuple((name, number) for name, number, _ in ports)
+    endpoints: list[Endpoint] = []
+    raw_endpoints = _list(obj.get("endpoints"), "endpoints")
+    if address_type == "FQDN":
+        raw_endpoints = []
+    want_version = 4 if address_type == "IPv4" else 6
+    for i, raw in enumerate(raw_endpoints):
+        path = f"endpoints[{i}]"
+        item = _mapping(raw, path, required=True)
+        addresses = _list(item.get("addresses"), f"{path}.addresses")
+        if not addresses:
+            raise ConversionError(f"{path}.addresses", "required: at least one address")
+        address = _str(addresses[0], f"{path}.addresses[0]", required=True)
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            raise ConversionError(f"{path}.addresses[0]", f"{address!r} is not an IP address") from None
+        if ip.version != want_version:
+            raise ConversionError(f"{path}.addresses[0]", f"{address!r} is not an {address_type} address")
+        cond = _mapping(item.get("conditions"), f"{path}.conditions")
+        ready = _bool(cond.get("ready"), f"{path}.conditions.ready", True)
+        serving = _bool(cond.get("serving"), f"{path}.conditions.serving", ready)
+        terminating = _bool(cond.get("terminating"), f"{path}.conditions.terminating", False)
+        hostname = _str(item.get("hostname"), f"{path}.hostname")
+        try:
+            endpoints.append(
+                Endpoint(
+                    address=str(ip),
+                    ready=ready,
+                    serving=serving,
+                    terminating=terminating,
+                    hostname=hostname,
+                    zone=_str(item.get("zone"), f"{path}.zone"),
+                    node=_str(item.get("nodeName"), f"{path}.nodeName"),
+                    ports=port_map,
+                )
+            )
+        except DiscoveryError as exc:
+            raise ConversionError(f"{path}.hostname", str(exc)) from None
+    return EndpointSlice(
+        cluster=cluster,
+        key=key,
+        name=slice_name,
+        address_type=address_type,
+        endpoints=tuple(endpoints),
+        ports=tuple(ports),
+    )
+
+
+@register(MCS_API_VERSION, "ServiceExport")
+def convert_service_export(obj: Mapping[str, Any], cluster: ClusterId) -> ServiceExport:
+    """A ServiceExport: its name and namespace name the exported Service; conditions are ours to compute, so any
+    ``status`` in the object is ignored."""
+    key = _key(obj)
+    meta = _mapping(obj.get("metadata"), "metadata")
+    created = parse_timestamp(meta.get("creationTimestamp"), "metadata.creationTimestamp")
+    return ServiceExport(cluster=cluster, key=key, created=created)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Assembling one cluster's state from converted objects
+
+
+def merge_endpoints(slices: Iterable[EndpointSlice]) -> tuple[Endpoint, ...]:
+    """The endpoints of several slices of one Service, one per address.
+
+    Slices are taken in name order; an address listed in more than one slice (a rollout moving it) keeps the
+    conditions of the first and the union of ports. The result is sorted by address, so it does not depend on
+    the order slices arrived in.
+    """
+    by_address: dict[str, Endpoint] = {}
+    for sl in sorted(slices, key=lambda s: s.name):
+        for ep in sl.endpoints:
+            seen = by_address.get(ep.address)
+            if seen is None:
+                by_address[ep.address] = ep
+            else:
+                merged = dict(seen.ports)
+                for name, number in ep.ports:
+                    merged.setdefault(name, number)
+                by_address[ep.address] = replace(seen, ports=tuple(sorted(merged.items())))
+    return tuple(by_address[a] for a in sorted(by_address, key=_address_sort_key))
+
+
+def _address_sort_key(address: str) -> tuple[int, int]:
+    ip = ipaddress.ip_address(address)
+    return (ip.version, int(ip))
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterObjects:
+    """One cluster's converted core objects, assembled: Services with their endpoints, and ServiceExports.
+
+    ``unsupported`` lists Services that exist but cannot be exported (ExternalName), with why, for the MCS
+    ``InvalidServiceType`` reason. ``orphan_slices`` are EndpointSlices whose Service is not there.
+    """
+
+    services: Mapping[ServiceKey, Service]
+    exports: Mapping[ServiceKey, ServiceExport]
+    unsupported: Mapping[ServiceKey, str]
+    orphan_slices: tuple[EndpointSlice, ...] = ()
+
+
+def assemble(objects: Iterable[Any]) -> ClusterObjects:
+    """Group converted objects of one cluster: attach each Service's EndpointSlices to it (merged), index
+    ServiceExports by key. Objects of other kinds are ignored here. Later duplicates of a key replace earlier
+    ones, so feed objects in a deterministic order."""
+    services: dict[ServiceKey, Service] = {}
+    unsupported: dict[ServiceKey, str] = {}
+    exports: dict[ServiceKey, ServiceExport] = {}
+    slices: dict[ServiceKey, dict[str, EndpointSlice]] = {}
+    for obj in objects:
+        if isinstance(obj, Service):
+            services[obj.key] = obj
+            unsupported.pop(obj.key, None)
+        elif isinstance(obj, ExternalNameService):
+            unsupported[obj.key] = f"Service {obj.key.namespace}/{obj.key.name} is of type ExternalName"
+            services.pop(obj.key, None)
+        elif isinstance(obj, EndpointSlice):
+            slices.setdefault(obj.key, {})[obj.name] = obj
+        elif isinstance(obj, ServiceExport):
+            exports[obj.key] = obj
+    out: dict[ServiceKey, Service] = {}
+    for key in sorted(services):
+        svc = services[key]
+        out[key] = replace(svc, endpoints=merge_endpoints(slices.get(key, {}).values()))
+    orphans = tuple(sl for key in sorted(slices) if key not in services for _, sl in sorted(slices[key].items()))
+    return ClusterObjects(
+        services=out,
+        exports={k: exports[k] for k in sorted(exports)},
+        unsupported={k: unsupported[k] for k in sorted(unsupported)},
+        orphan_slices=orphans,
+    )
+
+
+def service_export_object(key: ServiceKey, created: datetime) -> dict[str, Any]:
+    """The Kubernetes ServiceExport object for ``key`` (what ``meshfed export`` writes or creates)."""
+    return {
+        "apiVersion": MCS_API_VERSION,
+        "kind": "ServiceExport",
+        "metadata": {
+            "name": key.name,
+            "namespace": key.namespace,
+            "creationTimestamp": format_timestamp(created),
+        },
+    }
