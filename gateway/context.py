@@ -1,0 +1,331 @@
+"""The inputs of the xDS generators: who is asking (``ProxyInfo``) and what the control plane knows (``PushContext``).
+
+Both are frozen values. A ``PushContext`` wraps one immutable ``discovery.model.Registry`` (local shards, remote
+shards filled by the federation agent, member clusters and the merged ServiceImports) plus the trust material;
+a new registry revision means a new ``PushContext``. Generators are pure functions of (proxy, names, context).
+
+Naming used everywhere in the generated configuration (see ``docs/envoy-config.md``)::
+
+    SNI / gateway cluster   outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local
+    sidecar outbound        outbound|<port>||<svc>.<ns>.svc.clusterset.local
+    sidecar inbound         inbound|<port>
+
+Exception tree (this module)::
+
+    ProxyInfoError (ValueError)   node metadata that does not describe a proxy (names the field)
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from discovery.model import (
+    ClusterId,
+    ClusterInfo,
+    Endpoint,
+    Locality,
+    Namespace,
+    NetworkId,
+    Registry,
+    RemoteEndpoints,
+    Service,
+    ServiceKey,
+    ServicePort,
+    cluster_id,
+    namespace,
+)
+
+
+class ProxyInfoError(ValueError):
+    """Node metadata is missing a field or holds a value that cannot describe a proxy."""
+
+
+class ProxyKind(enum.StrEnum):
+    GATEWAY = "gateway"
+    SIDECAR = "sidecar"
+    GRPC = "grpc"
+
+
+def sni_name(key: ServiceKey, port: int) -> str:
+    """The SNI a caller sends to reach ``key``'s ``port`` through an east-west gateway."""
+    return f"outbound_.{port}_._.{key.name}.{key.namespace}.svc.clusterset.local"
+
+
+def outbound_cluster_name(key: ServiceKey, port: int) -> str:
+    return f"outbound|{port}||{key.clusterset_host}"
+
+
+def inbound_cluster_name(port: int) -> str:
+    return f"inbound|{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundPort:
+    """One port on which a sidecar accepts mTLS and forwards to the workload on ``app_port``.
+
+    ``port`` is what the registry lists as the endpoint's port (the sidecar's inbound listener); ``app_port`` is
+    where the application itself listens on loopback.
+    """
+
+    port: int
+    app_port: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for what, value in (("inbound port", self.port), ("app port", self.app_port)):
+            if not 1 <= value <= 65535:
+                raise ProxyInfoError(f"{what} {value} is out of range 1..65535")
+
+
+# Node metadata keys written by gateway.bootstrap and read back by ProxyInfo.from_node (CLUSTER_ID, NAMESPACE and
+# SERVICE_ACCOUNT as Istio spells them; gateway.auth checks SERVICE_ACCOUNT against the stream's token).
+META_KIND = "MESHFED_KIND"
+META_CLUSTER = "CLUSTER_ID"
+META_NAMESPACE = "NAMESPACE"
+META_SERVICE_ACCOUNT = "SERVICE_ACCOUNT"
+META_SERVICES = "MESHFED_SERVICES"
+META_INBOUND = "MESHFED_INBOUND"
+META_OUTBOUND_PORT = "MESHFED_OUTBOUND_PORT"
+META_GATEWAY_PORT = "MESHFED_GATEWAY_PORT"
+META_IP = "MESHFED_IP"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyInfo:
+    """Who is asking for configuration.
+
+    ``kind`` gateway: an east-west gateway listening on ``ip``:``gateway_port``. ``kind`` sidecar: a workload's
+    Envoy with inbound listeners (``inbound``) and one outbound HTTP listener on 127.0.0.1:``outbound_port``.
+    ``kind`` grpc: a proxyless gRPC client (API listeners per imported service port).
+    """
+
+    kind: ProxyKind
+    cluster: ClusterId
+    node_id: str
+    namespace: Namespace
+    service_account: str = "default"
+    services: tuple[ServiceKey, ...] = ()
+    inbound: tuple[InboundPort, ...] = ()
+    outbound_port: int = 15001
+    gateway_port: int = 15443
+    ip: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ProxyInfoError("node id is empty")
+        try:
+            ipaddress.ip_address(self.ip)
+        except ValueError as exc:
+            raise ProxyInfoError(f"proxy {self.node_id}: ip {self.ip!r} is not an IP address") from exc
+        for what, value in (("outbound port", self.outbound_port), ("gateway port", self.gateway_port)):
+            if not 1 <= value <= 65535:
+                raise ProxyInfoError(f"proxy {self.node_id}: {what} {value} is out of range 1..65535")
+
+    def spiffe_id(self, trust_domain: str) -> str:
+        return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    def metadata(self) -> dict[str, str]:
+        """Flat string node metadata (what the bootstrap sends; ``from_node`` reads it back)."""
+        return {
+            META_KIND: str(self.kind),
+            META_CLUSTER: str(self.cluster),
+            META_NAMESPACE: str(self.namespace),
+            META_SERVICE_ACCOUNT: self.service_account,
+            META_SERVICES: ",".join(str(k) for k in self.services),
+            META_INBOUND: ",".join(f"{p.port}:{p.app_port}:{p.name}" for p in self.inbound),
+            META_OUTBOUND_PORT: str(self.outbound_port),
+            META_GATEWAY_PORT: str(self.gateway_port),
+            META_IP: self.ip,
+        }
+
+    @classmethod
+    def from_node(cls, node_id: str, metadata: Mapping[str, Any]) -> ProxyInfo:
+        """Rebuild a ProxyInfo from an xDS node's id and metadata (a Struct converted to a dict)."""
+
+        def get(key: str, default: str | None = None) -> str:
+            value = metadata.get(key, default)
+            if value is None:
+                raise ProxyInfoError(f"node {node_id!r}: metadata field {key} is missing")
+            return str(value)
+
+        def port(key: str, default: str) -> int:
+            text = get(key, default)
+            try:
+                return int(float(text))
+            except ValueError as exc:
+                raise ProxyInfoError(f"node {node_id!r}: metadata field {key}={text!r} is not a port") from exc
+
+        try:
+            kind = ProxyKind(get(META_KIND))
+        except ValueError as exc:
+            raise ProxyInfoError(f"node {node_id!r}: metadata field {META_KIND} is not one of "
+                                 f"{[k.value for k in ProxyKind]}") from exc
+        try:
+            services = tuple(ServiceKey.parse(s) for s in get(META_SERVICES, "").split(",") if s)
+            cluster = cluster_id(get(META_CLUSTER))
+            ns = namespace(get(META_NAMESPACE))
+        except ValueError as exc:
+            raise ProxyInfoError(f"node {node_id!r}: {exc}") from exc
+        inbound: list[InboundPort] = []
+        for item in get(META_INBOUND, "").split(","):
+            if not item:
+                continue
+            parts = item.split(":")
+            try:
+                inbound.append(InboundPort(port=int(parts[0]), app_port=int(parts[1]),
+                                           name=parts[2] if len(parts) > 2 else ""))
+            except (ValueError, IndexError) as exc:
+                raise ProxyInfoError(f"node {node_id!r}: metadata field {META_INBOUND} entry {item!r} "
+                                     "is not PORT:APP_PORT[:NAME]") from exc
+        return cls(
+            kind=kind,
+            cluster=cluster,
+            node_id=node_id,
+            namespace=ns,
+            service_account=get(META_SERVICE_ACCOUNT, "default"),
+            services=services,
+            inbound=tuple(inbound),
+            outbound_port=port(META_OUTBOUND_PORT, "15001"),
+            gateway_port=port(META_GATEWAY_PORT, "15443"),
+            ip=get(META_IP, "127.0.0.1"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamEndpoint:
+    """One weighted address a sidecar's outbound cluster sends to: a local pod or a remote gateway."""
+
+    address: str
+    port: int
+    locality: Locality
+    weight: int
+    cluster: ClusterId
+    via_gateway: bool
+    service_account: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadCert:
+    """A workload's key and certificate chain (leaf first), PEM, as the CA issued them."""
+
+    key_pem: str
+    chain_pem: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushContext:
+    """Everything generators read: the registry snapshot and the trust domain (policies later)."""
+
+    registry: Registry
+    trust_domain: str
+    connect_timeout_s: float = 5.0
+    # Name of the SDS secret holding a proxy's own certificate and of the one holding the trust bundle.
+    cert_secret: str = "default"
+    root_secret: str = "ROOTCA"
+    # The trust bundle (PEM roots every cluster shares) and, per SPIFFE ID, the certificate SDS hands out.
+    trust_bundle_pem: str = ""
+    workload_certs: Mapping[str, WorkloadCert] = field(default_factory=dict)
+
+    @property
+    def local(self) -> ClusterId:
+        return self.registry.local
+
+    @property
+    def local_info(self) -> ClusterInfo | None:
+        return self.registry.clusters.get(self.registry.local)
+
+    @property
+    def local_network(self) -> NetworkId | None:
+        info = self.local_info
+        return info.network if info is not None else None
+
+    @property
+    def spiffe_prefix(self) -> str:
+        return f"spiffe://{self.trust_domain}/"
+
+    def exported_services(self) -> list[Service]:
+        """Local services this cluster exports (and whose export is not marked invalid), sorted by key."""
+        exports = self.registry.exports.get(self.local, {})
+        out: list[Service] = []
+        for key, export in sorted(exports.items()):
+            service = self.registry.service(self.local, key)
+            if service is None or service.headless:
+                continue
+            valid = export.condition("Valid")
+            if valid is not None and valid.status == "False":
+                continue
+            out.append(service)
+        return out
+
+    def outbound_services(self) -> list[tuple[ServiceKey, tuple[ServicePort, ...]]]:
+        """Every service a sidecar can call: the clusterset's imports plus local services not imported."""
+        found: dict[ServiceKey, tuple[ServicePort, ...]] = {}
+        for key, imp in self.registry.imports.items():
+            found[key] = imp.ports
+        for service in self.registry.services(self.local):
+            if service.key not in found and not service.headless:
+                found[service.key] = service.ports
+        return sorted(found.items())
+
+    def remote_shards(self, key: ServiceKey) -> Iterator[RemoteEndpoints]:
+        for cluster in sorted(self.registry.remote):
+            if cluster == self.local:
+                continue
+            entry = self.registry.remote[cluster].get(key)
+            if entry is not None:
+                yield entry
+
+    def _local_locality(self, endpoint: Endpoint) -> Locality:
+        info = self.local_info
+        if info is None:
+            return Locality(zone=endpoint.zone, cluster=self.local)
+        return Locality(region=info.region, zone=endpoint.zone or info.zone, cluster=self.local,
+                        network=info.network)
+
+    def upstream_endpoints(self, key: ServiceKey, port: ServicePort) -> list[UpstreamEndpoint]:
+        """Where a sidecar sends ``key``:``port``: ready local pods (weight 1 each), and per remote cluster that
+        exports it either its pods (same network) or its gateway weighted by the ready endpoint count."""
+        out: list[UpstreamEndpoint] = []
+        local = self.registry.service(self.local, key)
+        if local is not None:
+            local_port = next((p for p in local.ports if p.port == port.port), port)
+            for ep in local.ready_endpoints:
+                out.append(UpstreamEndpoint(
+                    address=ep.address, port=_endpoint_port(ep, local_port), locality=self._local_locality(ep),
+                    weight=1, cluster=self.local, via_gateway=False, service_account=ep.service_account,
+                ))
+        network = self.local_network
+        for shard in self.remote_shards(key):
+            if shard.ready <= 0:
+                continue
+            info = self.registry.clusters.get(shard.cluster)
+            region = info.region if info is not None else ""
+            if network is not None and shard.network == network and shard.endpoints:
+                for ep in shard.endpoints:
+                    if not ep.ready:
+                        continue
+                    out.append(UpstreamEndpoint(
+                        address=ep.address, port=_endpoint_port(ep, port),
+                        locality=Locality(region=region, zone=ep.zone, cluster=shard.cluster, network=shard.network),
+                        weight=1, cluster=shard.cluster, via_gateway=False, service_account=ep.service_account,
+                    ))
+                continue
+            zones = sorted({s.locality.zone for s in shard.localities if s.ready > 0})
+            zone = zones[0] if len(zones) == 1 else ""
+            if info is not None and not region:
+                region = info.region
+            out.append(UpstreamEndpoint(
+                address=shard.gateway_host, port=shard.gateway_port,
+                locality=Locality(region=region, zone=zone, cluster=shard.cluster, network=shard.network),
+                weight=shard.ready, cluster=shard.cluster, via_gateway=True,
+            ))
+        return out
+
+
+def _endpoint_port(endpoint: Endpoint, port: ServicePort) -> int:
+    default = port.target_port if isinstance(port.target_port, int) and port.target_port else port.port
+    return endpoint.port_for(port.name, default)

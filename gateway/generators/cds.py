@@ -1,0 +1,116 @@
+"""CDS: the clusters a proxy needs.
+
+gateway   one EDS cluster per exported service port, named by its SNI, plain TCP (the TLS stream passes through)
+sidecar   one EDS cluster per callable service port (mTLS, SNI, HTTP/2) and one static cluster per inbound port
+grpc      the outbound clusters only
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import wrappers_pb2
+
+from gateway.context import (
+    ProxyInfo,
+    ProxyKind,
+    PushContext,
+    inbound_cluster_name,
+    outbound_cluster_name,
+    sni_name,
+)
+from gateway.generators.common import TLS_TRANSPORT_SOCKET, ads_source, duration, pack, socket_address, upstream_tls
+
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _eds_cluster(name: str, ctx: PushContext) -> Any:
+    return cluster_pb2.Cluster(
+        name=name,
+        type=cluster_pb2.Cluster.EDS,
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source()),
+        connect_timeout=duration(ctx.connect_timeout_s),
+        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
+        circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[
+            circuit_breaker_pb2.CircuitBreakers.Thresholds(
+                max_connections=wrappers_pb2.UInt32Value(value=4294967295),
+                max_pending_requests=wrappers_pb2.UInt32Value(value=4294967295),
+                max_requests=wrappers_pb2.UInt32Value(value=4294967295),
+                max_retries=wrappers_pb2.UInt32Value(value=4294967295),
+            )
+        ]),
+    )
+
+
+def _http_options(http2: bool) -> Any:
+    explicit = http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+        **({"http2_protocol_options": protocol_pb2.Http2ProtocolOptions()} if http2
+           else {"http_protocol_options": protocol_pb2.Http1ProtocolOptions()})
+    )
+    return pack(http_protocol_options_pb2.HttpProtocolOptions(explicit_http_config=explicit))
+
+
+def gateway_clusters(ctx: PushContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for service in ctx.exported_services():
+        for port in service.ports:
+            name = sni_name(service.key, port.port)
+            out[name] = _eds_cluster(name, ctx)
+    return out
+
+
+def outbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, ports in ctx.outbound_services():
+        for port in ports:
+            name = outbound_cluster_name(key, port.port)
+            cluster = _eds_cluster(name, ctx)
+            # One SNI for local pods and remote gateways alike: gateways route on it, sidecars accept any SNI.
+            cluster.transport_socket.name = TLS_TRANSPORT_SOCKET
+            cluster.transport_socket.typed_config.CopyFrom(
+                pack(upstream_tls(ctx, sni=sni_name(key, port.port), alpn=("h2",)))
+            )
+            cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http_options(http2=True))
+            cluster.outlier_detection.CopyFrom(outlier_detection_pb2.OutlierDetection(
+                consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
+                interval=duration(10),
+                base_ejection_time=duration(30),
+                max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
+            ))
+            out[name] = cluster
+    return out
+
+
+def inbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for inbound in proxy.inbound:
+        name = inbound_cluster_name(inbound.port)
+        out[name] = cluster_pb2.Cluster(
+            name=name,
+            type=cluster_pb2.Cluster.STATIC,
+            connect_timeout=duration(ctx.connect_timeout_s),
+            load_assignment=endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=name,
+                endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+                        address=socket_address("127.0.0.1", inbound.app_port)
+                    ))
+                ])],
+            ),
+            typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _http_options(http2=False)},
+        )
+    return out
+
+
+def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:
+    if proxy.kind is ProxyKind.GATEWAY:
+        out = gateway_clusters(ctx)
+    elif proxy.kind is ProxyKind.SIDECAR:
+        out = outbound_clusters(proxy, ctx) | inbound_clusters(proxy, ctx)
+    else:
+        out = outbound_clusters(proxy, ctx)
+    return out if names is None else {n: c for n, c in out.items() if n in names}

@@ -1,0 +1,79 @@
+"""Shared pieces of generated Envoy configuration: ADS config sources, addresses, TLS contexts, Any packing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from gateway.context import PushContext
+
+TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
+
+
+def pack(message: Any) -> Any:
+    """Wrap ``message`` in a ``google.protobuf.Any`` (type URL ``type.googleapis.com/<full name>``)."""
+    wrapped = any_pb2.Any()
+    wrapped.Pack(message)
+    return wrapped
+
+
+def type_url(message_class: Any) -> str:
+    return f"type.googleapis.com/{message_class.DESCRIPTOR.full_name}"
+
+
+def duration(seconds: float) -> Any:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
+
+
+def ads_source() -> Any:
+    """A ConfigSource that fetches over the bootstrap's ADS stream, v3."""
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.ApiVersion.V3,
+    )
+
+
+def socket_address(host: str, port: int) -> Any:
+    return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
+
+
+def spiffe_san_matchers(ctx: PushContext, exact: tuple[str, ...] = ()) -> list[Any]:
+    """SAN matchers for peers: the listed exact SPIFFE IDs, or any ID in the trust domain."""
+    uri = common_pb2.SubjectAltNameMatcher.SanType.URI
+    if exact:
+        return [common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(exact=e))
+                for e in exact]
+    return [common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(prefix=ctx.spiffe_prefix))]
+
+
+def common_tls(ctx: PushContext, *, exact_peers: tuple[str, ...] = (), alpn: tuple[str, ...] = ()) -> Any:
+    """Our certificate and the trust bundle, both from SDS over ADS, with SPIFFE SAN checks on the peer."""
+    return tls_pb2.CommonTlsContext(
+        tls_params=common_pb2.TlsParameters(tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2),
+        tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(name=ctx.cert_secret, sds_config=ads_source())],
+        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            default_validation_context=common_pb2.CertificateValidationContext(
+                match_typed_subject_alt_names=spiffe_san_matchers(ctx, exact_peers),
+            ),
+            validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
+                name=ctx.root_secret, sds_config=ads_source()
+            ),
+        ),
+        alpn_protocols=list(alpn),
+    )
+
+
+def upstream_tls(ctx: PushContext, *, sni: str, exact_peers: tuple[str, ...] = (), alpn: tuple[str, ...] = ()) -> Any:
+    return tls_pb2.UpstreamTlsContext(common_tls_context=common_tls(ctx, exact_peers=exact_peers, alpn=alpn), sni=sni)
+
+
+def downstream_tls(ctx: PushContext, *, alpn: tuple[str, ...] = ()) -> Any:
+    return tls_pb2.DownstreamTlsContext(
+        common_tls_context=common_tls(ctx, alpn=alpn),
+        require_client_certificate=wrappers_pb2.BoolValue(value=True),
+    )

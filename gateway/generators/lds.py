@@ -1,0 +1,145 @@
+"""LDS: the listeners a proxy opens.
+
+gateway   ``gateway`` on ip:gateway_port: TLS inspector, one filter chain per exported service port matching the
+          SNI ``outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local``, TCP proxy to that service's local pods.
+          No default chain: plaintext or an unknown SNI matches nothing and the connection is closed.
+sidecar   ``outbound`` on 127.0.0.1:outbound_port: HTTP, routes from RDS ``outbound``; and ``inbound|<port>`` on
+          ip:port per inbound port: mTLS required, XFCC set with the caller's URI SAN, then the workload.
+grpc      one API listener per callable ``<host>:<port>`` (what a proxyless gRPC client asks for), RDS ``outbound``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+
+from gateway.context import ProxyInfo, ProxyKind, PushContext, inbound_cluster_name, sni_name
+from gateway.generators.common import TLS_TRANSPORT_SOCKET, ads_source, downstream_tls, pack, socket_address
+
+OUTBOUND_ROUTE = "outbound"
+GATEWAY_LISTENER = "gateway"
+OUTBOUND_LISTENER = "outbound"
+HCM_FILTER = "envoy.filters.network.http_connection_manager"
+TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
+TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
+ROUTER = "envoy.filters.http.router"
+
+
+def inbound_listener_name(port: int) -> str:
+    return f"inbound|{port}"
+
+
+def _router() -> Any:
+    return hcm_pb2.HttpFilter(name=ROUTER, typed_config=pack(router_pb2.Router()))
+
+
+def gateway_listener(proxy: ProxyInfo, ctx: PushContext) -> Any:
+    chains = []
+    for service in ctx.exported_services():
+        for port in service.ports:
+            sni = sni_name(service.key, port.port)
+            chains.append(listener_components_pb2.FilterChain(
+                name=sni,
+                filter_chain_match=listener_components_pb2.FilterChainMatch(
+                    server_names=[sni], transport_protocol="tls"
+                ),
+                filters=[listener_components_pb2.Filter(
+                    name=TCP_PROXY_FILTER,
+                    typed_config=pack(tcp_proxy_pb2.TcpProxy(stat_prefix=sni, cluster=sni)),
+                )],
+            ))
+    return listener_pb2.Listener(
+        name=GATEWAY_LISTENER,
+        address=socket_address(proxy.ip, proxy.gateway_port),
+        listener_filters=[listener_components_pb2.ListenerFilter(
+            name=TLS_INSPECTOR, typed_config=pack(tls_inspector_pb2.TlsInspector())
+        )],
+        filter_chains=chains,
+        traffic_direction=base_pb2.TrafficDirection.INBOUND,
+    )
+
+
+def _outbound_hcm(stat_prefix: str) -> Any:
+    return hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix,
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=OUTBOUND_ROUTE),
+        http_filters=[_router()],
+    )
+
+
+def outbound_listener(proxy: ProxyInfo) -> Any:
+    return listener_pb2.Listener(
+        name=OUTBOUND_LISTENER,
+        address=socket_address("127.0.0.1", proxy.outbound_port),
+        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
+            name=HCM_FILTER, typed_config=pack(_outbound_hcm("outbound"))
+        )])],
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+    )
+
+
+def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
+    name = inbound_listener_name(port)
+    cluster = inbound_cluster_name(port)
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=name.replace("|", "_"),
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE_SET,
+        set_current_client_cert_details=hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(uri=True),
+        route_config=route_pb2.RouteConfiguration(
+            name=name,
+            virtual_hosts=[route_components_pb2.VirtualHost(
+                name=name,
+                domains=["*"],
+                routes=[route_components_pb2.Route(
+                    match=route_components_pb2.RouteMatch(prefix="/"),
+                    route=route_components_pb2.RouteAction(cluster=cluster),
+                )],
+            )],
+        ),
+        http_filters=[_router()],
+    )
+    return listener_pb2.Listener(
+        name=name,
+        address=socket_address(proxy.ip, port),
+        filter_chains=[listener_components_pb2.FilterChain(
+            filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))],
+            transport_socket=base_pb2.TransportSocket(
+                name=TLS_TRANSPORT_SOCKET, typed_config=pack(downstream_tls(ctx, alpn=("h2", "http/1.1")))
+            ),
+        )],
+        traffic_direction=base_pb2.TrafficDirection.INBOUND,
+    )
+
+
+def api_listeners(ctx: PushContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, ports in ctx.outbound_services():
+        for port in ports:
+            name = f"{key.clusterset_host}:{port.port}"
+            out[name] = listener_pb2.Listener(
+                name=name,
+                api_listener=api_listener_pb2.ApiListener(api_listener=pack(_outbound_hcm(name))),
+            )
+    return out
+
+
+def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if proxy.kind is ProxyKind.GATEWAY:
+        out[GATEWAY_LISTENER] = gateway_listener(proxy, ctx)
+    elif proxy.kind is ProxyKind.SIDECAR:
+        out[OUTBOUND_LISTENER] = outbound_listener(proxy)
+        for inbound in proxy.inbound:
+            out[inbound_listener_name(inbound.port)] = inbound_listener(proxy, inbound.port, ctx)
+    else:
+        out = api_listeners(ctx)
+    return out if names is None else {n: c for n, c in out.items() if n in names}

@@ -1,0 +1,73 @@
+"""RDS: the ``outbound`` route configuration of sidecars and proxyless gRPC clients.
+
+One virtual host per callable (service, port). Its domains are every name the workload may use for the service,
+with ``:<port>``, and without a port on the service's default port (80 if it has one, else the lowest)::
+
+    <svc>.<ns>.svc.clusterset.local   <svc>.<ns>.svc.cluster.local   <svc>.<ns>.svc   <svc>.<ns>
+    <svc>                              (only for a proxy in namespace <ns>)
+    <ClusterSetIP>                     (when the ServiceImport has one)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+
+from discovery.model import ServiceKey, ServicePort
+from gateway.context import ProxyInfo, ProxyKind, PushContext, outbound_cluster_name
+from gateway.generators.lds import OUTBOUND_ROUTE
+
+
+def default_port(ports: tuple[ServicePort, ...]) -> int:
+    numbers = sorted(p.port for p in ports)
+    return 80 if 80 in numbers else numbers[0]
+
+
+def service_hosts(proxy: ProxyInfo, key: ServiceKey, ctx: PushContext) -> list[str]:
+    hosts = [
+        key.clusterset_host,
+        f"{key.name}.{key.namespace}.svc.cluster.local",
+        f"{key.name}.{key.namespace}.svc",
+        f"{key.name}.{key.namespace}",
+    ]
+    if proxy.namespace == key.namespace:
+        hosts.append(str(key.name))
+    imp = ctx.registry.imports.get(key)
+    if imp is not None:
+        hosts.extend(imp.ips)
+    return hosts
+
+
+def virtual_host(proxy: ProxyInfo, key: ServiceKey, port: int, is_default: bool, ctx: PushContext) -> Any:
+    hosts = service_hosts(proxy, key, ctx)
+    domains = [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts]
+    if is_default:
+        domains.extend(hosts)
+    return route_components_pb2.VirtualHost(
+        name=f"{key.clusterset_host}:{port}",
+        domains=domains,
+        routes=[route_components_pb2.Route(
+            name="default",
+            match=route_components_pb2.RouteMatch(prefix="/"),
+            route=route_components_pb2.RouteAction(cluster=outbound_cluster_name(key, port)),
+        )],
+    )
+
+
+def outbound_route(proxy: ProxyInfo, ctx: PushContext) -> Any:
+    vhosts = []
+    for key, ports in ctx.outbound_services():
+        if not ports:
+            continue
+        dflt = default_port(ports)
+        for port in sorted({p.port for p in ports}):
+            vhosts.append(virtual_host(proxy, key, port, port == dflt, ctx))
+    return route_pb2.RouteConfiguration(name=OUTBOUND_ROUTE, virtual_hosts=vhosts)
+
+
+def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:
+    if proxy.kind is ProxyKind.GATEWAY:
+        return {}
+    out = {OUTBOUND_ROUTE: outbound_route(proxy, ctx)}
+    return out if names is None else {n: c for n, c in out.items() if n in names}

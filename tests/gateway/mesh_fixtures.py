@@ -1,0 +1,158 @@
+"""Hand-built two-cluster meshes (east and west) and test certificates for the generator and end-to-end tests."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from discovery.model import (
+    ClusterId,
+    ClusterInfo,
+    Endpoint,
+    Locality,
+    LocalitySummary,
+    NetworkId,
+    Registry,
+    RemoteEndpoints,
+    Service,
+    ServiceExport,
+    ServiceImport,
+    ServiceKey,
+    ServicePort,
+    ServiceType,
+)
+from gateway.context import PushContext, WorkloadCert
+
+TD = "meshfed.test"
+EAST = ClusterId("east")
+WEST = ClusterId("west")
+RATINGS = ServiceKey.parse("ratings.default")
+REVIEWS = ServiceKey.parse("reviews.default")
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+class MeshCA:
+    """A root and one intermediate per cluster, issuing SPIFFE leaf certificates (EC P-256)."""
+
+    def __init__(self, trust_domain: str = TD) -> None:
+        self.td = trust_domain
+        self.root_key = ec.generate_private_key(ec.SECP256R1())
+        self.root = self._cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshfed test root")]),
+                               self.root_key, None, None, ca=True)
+        self.intermediates: dict[str, tuple[ec.EllipticCurvePrivateKey, x509.Certificate]] = {}
+
+    def _cert(self, subject: x509.Name, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
+              issuer_key: ec.EllipticCurvePrivateKey | None, *, ca: bool, uri: str | None = None) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.UTC)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(subject)
+                   .issuer_name(issuer.subject if issuer else subject)
+                   .public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(hours=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False),
+                critical=True)
+        else:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=True, data_encipherment=False,
+                key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
+                critical=True).add_extension(x509.ExtendedKeyUsage(
+                    [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                    critical=False)
+        if uri:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]),
+                                            critical=True)
+        return builder.sign(issuer_key or key, hashes.SHA256())
+
+    def intermediate(self, cluster: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        if cluster not in self.intermediates:
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = self._cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshfed {cluster} CA")]),
+                              key, self.root, self.root_key, ca=True)
+            self.intermediates[cluster] = (key, cert)
+        return self.intermediates[cluster]
+
+    def bundle_pem(self) -> str:
+        return self.root.public_bytes(serialization.Encoding.PEM).decode()
+
+    def issue(self, cluster: str, ns: str, sa: str) -> tuple[str, WorkloadCert]:
+        spiffe = f"spiffe://{self.td}/ns/{ns}/sa/{sa}"
+        ikey, icert = self.intermediate(cluster)
+        key = ec.generate_private_key(ec.SECP256R1())
+        leaf = self._cert(x509.Name([]), key, icert, ikey, ca=False, uri=spiffe)
+        chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, icert)).decode()
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+        return spiffe, WorkloadCert(key_pem=key_pem, chain_pem=chain)
+
+
+@dataclass
+class Mesh:
+    """Port assignments of a two-cluster loopback mesh and the registries each control plane holds."""
+
+    east_gateway_port: int
+    west_gateway_port: int
+    # (cluster, service) -> list of (address, sidecar inbound port)
+    pods: dict[tuple[ClusterId, ServiceKey], list[tuple[str, int]]] = field(default_factory=dict)
+    service_port: int = 9080
+    exports: dict[ClusterId, set[ServiceKey]] = field(default_factory=dict)
+
+    def clusters(self) -> dict[ClusterId, ClusterInfo]:
+        return {
+            EAST: ClusterInfo(id=EAST, network=NetworkId("net-east"), region="eu", zone="eu-1",
+                              gateway_host="127.0.0.1", gateway_port=self.east_gateway_port),
+            WEST: ClusterInfo(id=WEST, network=NetworkId("net-west"), region="us", zone="us-1",
+                              gateway_host="127.0.0.1", gateway_port=self.west_gateway_port),
+        }
+
+    def service(self, cluster: ClusterId, key: ServiceKey) -> Service:
+        info = self.clusters()[cluster]
+        sa = key.name
+        eps = tuple(Endpoint(address=addr, zone=info.zone, ports=(("http", port),), service_account=sa)
+                    for addr, port in self.pods.get((cluster, key), []))
+        return Service(cluster=cluster, key=key, ports=(ServicePort(port=self.service_port, name="http"),),
+                       endpoints=eps)
+
+    def registry(self, local: ClusterId) -> Registry:
+        """What ``local``'s control plane knows: its own shard, the other's exports as remote summaries."""
+        infos = self.clusters()
+        local_services = [self.service(local, k) for (c, k) in sorted(self.pods) if c == local]
+        exports = [ServiceExport(cluster=local, key=k, created=T0) for k in sorted(self.exports.get(local, set()))]
+        reg = Registry(local=local).with_shard(local, local_services, exports)
+        imports: dict[ServiceKey, ServiceImport] = {}
+        for cluster in (EAST, WEST):
+            for key in sorted(self.exports.get(cluster, set())):
+                svc = self.service(cluster, key)
+                prev = imports.get(key)
+                imports[key] = ServiceImport(key=key, type=ServiceType.CLUSTER_SET_IP, ports=svc.ports,
+                                             clusters=(*(prev.clusters if prev else ()), cluster))
+            if cluster == local:
+                continue
+            info = infos[cluster]
+            entries = []
+            for key in sorted(self.exports.get(cluster, set())):
+                svc = self.service(cluster, key)
+                ready = len(svc.ready_endpoints)
+                entries.append((key, RemoteEndpoints(
+                    cluster=cluster, network=info.network, gateway_host=info.gateway_host,
+                    gateway_port=info.gateway_port,
+                    localities=(LocalitySummary(locality=Locality(region=info.region, zone=info.zone,
+                                                                  cluster=cluster, network=info.network),
+                                                ready=ready, weight=ready),),
+                )))
+            reg = reg.with_remote(cluster, entries)
+        return reg.with_catalog(clusters=infos, imports=imports)
+
+    def context(self, local: ClusterId, ca: MeshCA, certs: dict[str, WorkloadCert]) -> PushContext:
+        return PushContext(registry=self.registry(local), trust_domain=ca.td, trust_bundle_pem=ca.bundle_pem(),
+                           workload_certs=certs)
