@@ -1,10 +1,218 @@
-"""``meshfed ca``: the shared-root certificate authority (root, per-cluster intermediates, workload certs)."""
+"""``meshfed ca``: the shared-root certificate authority (root, per-cluster intermediates, workload certs).
+
+Thin: every command parses its options, calls :mod:`federation.trust.store` / :mod:`federation.trust.ca`, and
+turns :class:`federation.trust.errors.TrustError` into a clear message through :func:`meshfed.output.fail`.
+Keys go to files (0600), never to the terminal.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
 import click
+
+from federation.trust import store
+from federation.trust.ca import DEFAULT_INTERMEDIATE_DAYS, DEFAULT_ROOT_DAYS, issue_workload, sign_csr
+from federation.trust.errors import TrustError
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from meshfed.output import emit, fail, output_option
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``24h``, ``30m``, ``1h30m``, ``7d``, ``90s``."""
+    m = _DURATION.match(text.strip())
+    if not text.strip() or m is None or not any(m.groups()):
+        raise click.BadParameter(f"{text!r} is not a duration like 24h, 30m, 1h30m, 7d or 90s")
+    d, h, mi, s = (int(g) if g else 0 for g in m.groups())
+    return timedelta(days=d, hours=h, minutes=mi, seconds=s)
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> timedelta | None:
+    return None if value is None else parse_duration(value)
+
+_DIR = click.Path(file_okay=False, path_type=Path)
+_EXISTING_DIR = click.Path(file_okay=False, exists=True, path_type=Path)
+
+
+@contextmanager
+def _trust_errors(hint: str = "") -> Iterator[None]:
+    try:
+        yield
+    except TrustError as exc:
+        fail(str(exc), hint=hint)
+
+
+def _days(default: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--days", type=click.IntRange(min=1), default=default, show_default=True, help="validity in days"
+    )
 
 
 @click.group()
 def ca() -> None:
     """Create and operate the clusterset's root and per-cluster intermediate CAs."""
+
+
+@ca.command("init")
+@click.option("--trust-domain", required=True, help="SPIFFE trust domain, e.g. cluster.local or example.org")
+@click.option("--out", required=True, type=_DIR, help="root directory to create (keep it offline)")
+@click.option("--key-type", type=click.Choice(["ec", "rsa"]), default="ec", show_default=True,
+              help="ec = ECDSA P-256, rsa = RSA 4096")
+@_days(DEFAULT_ROOT_DAYS)
+def init_cmd(trust_domain: str, out: Path, key_type: str, days: int) -> None:
+    """Create the root CA of a trust domain in OUT (safe to re-run: an existing root is kept)."""
+    with _trust_errors():
+        td = TrustDomain.parse(trust_domain)
+        rd, created = store.init_root(out, td, key_type="rsa" if key_type == "rsa" else "ec", days=days)
+    verb = "created" if created else "already exists:"
+    click.echo(f"{verb} root {rd.active.fingerprint[:16]} for trust domain {td} in {out}")
+    click.echo(f"  not after {rd.active.not_after:%Y-%m-%d}; key {out / store.ROOT_KEY} (0600)")
+
+
+@ca.command("intermediate")
+@click.option("--root", "root_dir", required=True, type=_EXISTING_DIR, help="root directory (from `ca init`)")
+@click.option("--cluster", help="cluster name (an RFC 1123 label)")
+@click.option("--federation-service", is_flag=True, help="make the federation service's CA instead of a cluster's")
+@click.option("--out", required=True, type=_DIR, help="cluster CA directory (Istio plug-in CA layout)")
+@_days(DEFAULT_INTERMEDIATE_DAYS)
+def intermediate_cmd(root_dir: Path, cluster: str | None, federation_service: bool, out: Path, days: int) -> None:
+    """Issue a cluster's intermediate CA into OUT: ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem."""
+    if bool(cluster) == federation_service:
+        fail("give exactly one of --cluster NAME or --federation-service")
+    with _trust_errors():
+        rd = store.load_root(root_dir)
+        td = rd.state.trust_domain
+        authority = SpiffeId.federation(td) if federation_service else SpiffeId.cluster(td, str(cluster))
+        ca_, _created = store.issue_intermediate(root_dir, authority, out, days=days)
+    if ca_ is None:
+        click.echo(f"{out} already holds the CA of {authority} under the active root; bundle refreshed")
+        return
+    click.echo(f"created intermediate {ca_.fingerprint[:16]} for {authority} in {out}")
+    click.echo(f"  not after {ca_.not_after:%Y-%m-%d}; key {out / store.CA_KEY} (0600)")
+
+
+@ca.command("sign")
+@click.option("--ca", "ca_dir", required=True, type=_EXISTING_DIR, help="cluster CA directory")
+@click.option("--csr", "csr_file", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--spiffe-id", required=True, help="the identity to certify; the CSR's SAN must equal it")
+@click.option("--ttl", callback=_duration, default=None, help="lifetime like 24h or 30m (default 24h, capped)")
+def sign_cmd(ca_dir: Path, csr_file: Path, spiffe_id: str, ttl: timedelta | None) -> None:
+    """Sign a PKCS#10 CSR; prints the PEM chain (leaf, intermediate) on stdout."""
+    with _trust_errors():
+        ca_ = store.load_cluster_ca(ca_dir)
+        identity = SpiffeId.parse(spiffe_id)
+        try:
+            csr = csr_file.read_bytes()
+        except OSError as exc:
+            fail(f"{csr_file}: cannot read: {exc.strerror}")
+        chain = sign_csr(ca_, csr, identity=identity, ttl=ttl)
+    click.echo(b"".join(chain).decode(), nl=False)
+
+
+@ca.command("issue")
+@click.option("--ca", "ca_dir", required=True, type=_EXISTING_DIR, help="cluster CA directory")
+@click.option("--spiffe-id", help="identity (default: the cluster's own identity toward the federation)")
+@click.option("--out", required=True, type=_DIR, help="directory for key.pem (0600), cert-chain.pem, root-cert.pem")
+@click.option("--ttl", callback=_duration, default=None, help="lifetime like 24h or 30m (default 24h, capped)")
+def issue_cmd(ca_dir: Path, spiffe_id: str | None, out: Path, ttl: timedelta | None) -> None:
+    """Make a key and certificate for an identity (by default the cluster's federation client identity)."""
+    with _trust_errors():
+        ca_ = store.load_cluster_ca(ca_dir)
+        identity = SpiffeId.parse(spiffe_id) if spiffe_id else ca_.authority
+        key_pem, chain = issue_workload(ca_, identity, ttl=ttl)
+        store.write_file(out / "key.pem", key_pem, private=True)
+        store.write_file(out / "cert-chain.pem", b"".join(chain))
+        store.write_file(out / "root-cert.pem", store.load_bundle(ca_dir).to_pem())
+    click.echo(f"issued {identity} into {out} (key.pem 0600, cert-chain.pem, root-cert.pem)")
+
+
+@ca.command("inspect")
+@click.argument("directory", type=_EXISTING_DIR)
+@output_option
+def inspect_cmd(directory: Path, output: str) -> None:
+    """Show a root or cluster CA directory: rotation phase, fingerprints, and what expires when."""
+    with _trust_errors():
+        info = store.inspect_dir(directory)
+    summary = [
+        ("kind", info["kind"]),
+        ("trust domain", info["trust_domain"]),
+        ("phase", info["phase"]),
+        ("bundle sequence", info["bundle_sequence"]),
+    ]
+    if info["kind"] == "root":
+        summary.append(("next step", info["next_step"]))
+        if info["old_leaves_valid_until"]:
+            summary.append(("old leaves valid until", info["old_leaves_valid_until"]))
+    else:
+        summary.append(("authority", info["authority"]))
+    cert_rows = [
+        (c["role"], c["spiffe_id"] or c["subject"], c["fingerprint"][:16], c["not_after"][:19], c["expires_in_days"])
+        for c in info["certificates"]
+    ]
+    sections: list[tuple[str, list[str], list[tuple[Any, ...]]]] = [
+        (f"CA directory {directory}", ["field", "value"], summary),
+        ("certificates", ["role", "identity / subject", "sha256", "not after (UTC)", "days left"], cert_rows),
+    ]
+    if info["kind"] == "root":
+        sections.append(
+            (
+                "intermediates issued",
+                ["authority", "sha256", "under root", "not after (UTC)", "days left", "dir"],
+                [
+                    (i["authority"], i["fingerprint"][:16], i["root_fingerprint"][:16], i["not_after"][:19],
+                     i["expires_in_days"], i["dir"])
+                    for i in info["intermediates"]
+                ],
+            )
+        )
+    emit(output, info, sections)
+
+
+@ca.group("rotate")
+def rotate() -> None:
+    """Root rotation without downtime: add-root, reissue, (leaves roll over), retire-root."""
+
+
+def _report(result: store.StepResult) -> None:
+    for m in result.messages:
+        click.echo(m)
+    click.echo(f"phase: {result.phase}{'' if result.changed else ' (nothing changed)'}")
+
+
+@rotate.command("add-root")
+@click.option("--root", "root_dir", required=True, type=_EXISTING_DIR)
+@click.option("--key-type", type=click.Choice(["ec", "rsa"]), default="ec", show_default=True)
+@_days(DEFAULT_ROOT_DAYS)
+@click.argument("cluster_dirs", nargs=-1, type=_EXISTING_DIR)
+def add_root_cmd(root_dir: Path, key_type: str, days: int, cluster_dirs: tuple[Path, ...]) -> None:
+    """Phase 1: make a new root and trust old+new (in the root dir and in CLUSTER_DIRS, default: all known)."""
+    with _trust_errors(hint="see `meshfed ca inspect` for the phase"):
+        _report(store.rotate_add_root(root_dir, key_type="rsa" if key_type == "rsa" else "ec", days=days,
+                                      cluster_dirs=list(cluster_dirs) or None))
+
+
+@rotate.command("reissue")
+@click.option("--root", "root_dir", required=True, type=_EXISTING_DIR)
+@_days(DEFAULT_INTERMEDIATE_DAYS)
+@click.argument("cluster_dirs", nargs=-1, type=_EXISTING_DIR)
+def reissue_cmd(root_dir: Path, days: int, cluster_dirs: tuple[Path, ...]) -> None:
+    """Phase 2: sign with the new root and re-issue the intermediates of CLUSTER_DIRS (default: all known)."""
+    with _trust_errors(hint="see `meshfed ca inspect` for the phase"):
+        _report(store.rotate_reissue(root_dir, days=days, cluster_dirs=list(cluster_dirs) or None))
+
+
+@rotate.command("retire-root")
+@click.option("--root", "root_dir", required=True, type=_EXISTING_DIR)
+@click.option("--force", is_flag=True, help="retire before old leaves could have expired")
+@click.argument("cluster_dirs", nargs=-1, type=_EXISTING_DIR)
+def retire_cmd(root_dir: Path, force: bool, cluster_dirs: tuple[Path, ...]) -> None:
+    """Phase 4: drop the old root from the bundle (refused while anything still chains to it)."""
+    with _trust_errors(hint="see `meshfed ca inspect` for the phase"):
+        _report(store.rotate_retire_root(root_dir, force=force, cluster_dirs=list(cluster_dirs) or None))
