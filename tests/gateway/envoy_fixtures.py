@@ -24,14 +24,14 @@ from gateway.snapshot import Snapshot
 from tests.support.procs import Proc, free_port
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], *, timeout: float = 30.0, what: str = "") -> None:
-    """Poll an async predicate every 50 ms until it holds, at most ``timeout`` seconds (bounded loop)."""
-    deadline = time.monotonic() + timeout
+async def wait_until(predicate: Callable[[], Awaitable[bool]], *, within: float = 30.0, what: str = "") -> None:
+    """Poll an async predicate every 50 ms until it holds, at most ``within`` seconds (bounded loop)."""
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if await predicate():
             return
         await asyncio.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+    raise TimeoutError(f"timed out after {within}s waiting for {what}")
 
 
 @dataclass
@@ -117,13 +117,13 @@ def start_envoy(tmp: Path, cp: ControlPlane, proxy: ProxyInfo, *, delta: bool = 
     return EnvoyProc(proxy=proxy, proc=proc, admin=EnvoyAdmin("127.0.0.1", admin_port), admin_port=admin_port)
 
 
-async def wait_ready(envoy: EnvoyProc, *, timeout: float = 60.0) -> None:
+async def wait_ready(envoy: EnvoyProc, *, within: float = 60.0) -> None:
     async def ready() -> bool:
         if not envoy.proc.alive():
             raise RuntimeError(f"envoy {envoy.proxy.node_id} exited:\n{envoy.proc.output()[-3000:]}")
         return await envoy.admin.ready()
 
-    await wait_until(ready, timeout=timeout, what=f"envoy {envoy.proxy.node_id} /ready")
+    await wait_until(ready, within=within, what=f"envoy {envoy.proxy.node_id} /ready")
 
 
 def dumped_names(dump: dict[str, Any]) -> dict[str, set[str]]:

@@ -65,7 +65,7 @@ async def test_envoy_accepts_every_generated_type(plane: ControlPlane, kind: str
                     and names["secrets"] >= set(expected[g.SECRET_TYPE])
                     and names["endpoints"] >= set(expected[g.ENDPOINT_TYPE]))
 
-        await wait_until(all_in_force, timeout=30, what="every generated resource in /config_dump")
+        await wait_until(all_in_force, within=30, what="every generated resource in /config_dump")
         assert all(expected[t] for t in (g.CLUSTER_TYPE, g.LISTENER_TYPE, g.ENDPOINT_TYPE))
         if kind == "sidecar":
             assert expected[g.SECRET_TYPE] and expected[g.ROUTE_TYPE]
