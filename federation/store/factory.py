@@ -1,0 +1,74 @@
+"""``open_store(url)``: the ``--store`` URL of ``meshfed federation serve`` turned into a store.
+
+Accepted forms::
+
+    sqlite:PATH                      one SQLite file (created 0600 if missing); sqlite:///abs/path also works
+    etcd://HOST:PORT[,HOST:PORT...]  an etcd cluster; an optional path sets the key prefix: etcd://h:2379/meshfed
+    memory:                          the in-process fake (tests, demos; nothing survives the process)
+
+Anything else raises ``InvalidStoreUrl`` (a ``ValueError``) naming the URL and the forms above. Opening is lazy:
+the file or the connection is opened by the first call, or eagerly with ``async with open_store(url) as store``.
+"""
+
+from __future__ import annotations
+
+from federation.records import FederationError
+from federation.store.base import Store
+
+FORMS = "sqlite:PATH, etcd://HOST:PORT[,HOST:PORT...][/PREFIX] or memory:"
+
+
+class InvalidStoreUrl(FederationError, ValueError):
+    """A ``--store`` URL whose scheme or address is not one we know."""
+
+
+def parse_etcd_endpoints(url: str) -> tuple[list[tuple[str, int]], str]:
+    """``etcd://h1:p1,h2:p2/prefix`` -> ([(h1, p1), (h2, p2)], "/prefix/")."""
+    rest = url[len("etcd://"):]
+    hosts, _, prefix = rest.partition("/")
+    endpoints: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("["):  # [::1]:2379
+            host, sep, port_text = part[1:].partition("]:")
+        else:
+            host, sep, port_text = part.rpartition(":")
+        if not sep or not host:
+            raise InvalidStoreUrl(f"store URL {url!r}: endpoint {part!r} must be HOST:PORT")
+        try:
+            port = int(port_text)
+        except ValueError as exc:
+            raise InvalidStoreUrl(f"store URL {url!r}: port {port_text!r} of {part!r} is not a number") from exc
+        if not 1 <= port <= 65535:
+            raise InvalidStoreUrl(f"store URL {url!r}: port {port} of {part!r} is out of range 1..65535")
+        endpoints.append((host, port))
+    if not endpoints:
+        raise InvalidStoreUrl(f"store URL {url!r}: no etcd endpoint given (expected etcd://HOST:PORT)")
+    key_prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/meshfed/"
+    return endpoints, key_prefix
+
+
+def open_store(url: str) -> Store:
+    """Build the store a ``--store`` URL names (see the module docstring for the forms)."""
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:"):]
+        if path.startswith("//"):
+            path = path[2:]  # sqlite:///abs/path -> /abs/path ; sqlite://rel -> rel
+        if not path:
+            raise InvalidStoreUrl(f"store URL {url!r}: no file path given (expected sqlite:PATH)")
+        from federation.store.sqlite import SqliteStore
+
+        return SqliteStore(path)
+    if url.startswith("etcd://"):
+        endpoints, prefix = parse_etcd_endpoints(url)
+        from federation.store.etcd import EtcdStore
+
+        return EtcdStore(endpoints=endpoints, prefix=prefix)
+    if url in ("memory:", "memory://"):
+        from federation.store.memory import MemoryStore
+
+        return MemoryStore()
+    scheme = url.partition(":")[0] if ":" in url else url
+    raise InvalidStoreUrl(f"store URL {url!r}: unknown scheme {scheme!r}; expected {FORMS}")
