@@ -352,6 +352,10 @@ def create_intermediate(
     now = _aware(now)
     if now >= root.not_after:
         raise CANotReady(f"root {root.fingerprint[:16]} expired at {root.not_after:%Y-%m-%dT%H:%M:%SZ}")
+    if now < root.cert.not_valid_before_utc - CLOCK_SKEW:
+        raise CANotReady(
+            f"root {root.fingerprint[:16]} is not valid before {root.cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ}"
+        )
     key = generate_key("ec")
     pub = key.public_key()
     label = authority.cluster_name or "federation"
