@@ -2,7 +2,8 @@
 
 gateway   ``gateway`` on ip:gateway_port: TLS inspector, one filter chain per exported service port matching the
           SNI ``outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local``, TCP proxy to that service's local pods.
-          No default chain: plaintext or an unknown SNI matches nothing and the connection is closed.
+          No default chain: plaintext or an unknown SNI matches nothing and the connection is closed. With nothing
+          exported there is no listener at all (Envoy NACKs a listener without filter chains).
 sidecar   ``outbound`` on 127.0.0.1:outbound_port: HTTP, routes from RDS ``outbound``; and ``inbound|<port>`` on
           ip:port per inbound port: mTLS required, XFCC set with the caller's URI SAN, then the workload.
 grpc      one API listener per callable ``<host>:<port>`` (what a proxyless gRPC client asks for), RDS ``outbound``.
@@ -135,7 +136,9 @@ def api_listeners(ctx: PushContext) -> dict[str, Any]:
 def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if proxy.kind is ProxyKind.GATEWAY:
-        out[GATEWAY_LISTENER] = gateway_listener(proxy, ctx)
+        listener = gateway_listener(proxy, ctx)
+        if listener.filter_chains:  # Envoy rejects a listener without filter chains ("no filter chains specified")
+            out[GATEWAY_LISTENER] = listener
     elif proxy.kind is ProxyKind.SIDECAR:
         out[OUTBOUND_LISTENER] = outbound_listener(proxy)
         for inbound in proxy.inbound:

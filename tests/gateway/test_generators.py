@@ -107,7 +107,8 @@ def test_invalid_export_is_not_served_by_the_gateway(ca: MeshCA) -> None:
         Condition("Valid", ConditionStatus.FALSE, "NoService", "no such service"),))
     reg = reg.with_shard(WEST, reg.services(WEST), [bad])
     ctx = PushContext(registry=reg, trust_domain=ca.td)
-    assert g.generate(g.LISTENER_TYPE, gateway(), None, ctx)["gateway"].filter_chains == []
+    # Envoy NACKs a listener without filter chains, so a gateway with nothing to serve has no listener at all.
+    assert g.generate(g.LISTENER_TYPE, gateway(), None, ctx) == {}
     assert g.generate(g.CLUSTER_TYPE, gateway(), None, ctx) == {}
 
 

@@ -1,0 +1,296 @@
+"""Acceptance: a request crosses clusters over mTLS through real Envoy east-west gateways.
+
+Two clusters on loopback, east and west, each with its own control plane (ADS server + snapshot cache + our
+generators over a hand-built Registry), an Envoy east-west gateway, and an Envoy sidecar per workload. ``ratings``
+exists only in west; ``productpage`` in east calls ``ratings.default.svc.clusterset.local`` through its sidecar
+(east, state-of-the-world xDS) -> west's gateway (SNI passthrough, delta xDS) -> ratings' sidecar (delta xDS),
+which checks the caller's certificate and hands the app the caller's SPIFFE ID in x-forwarded-client-cert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import ssl
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from cryptography import x509
+from envoy.config.cluster.v3 import cluster_pb2
+from google.protobuf import duration_pb2
+
+from discovery.model import ClusterId, namespace
+from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert, sni_name
+from gateway.snapshot import CLUSTER, Snapshot
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
+from tests.gateway.mesh_fixtures import EAST, RATINGS, TD, WEST, Mesh
+from tests.support.procs import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+PRODUCTPAGE = RATINGS.__class__.parse("productpage.default")
+RATINGS_HOST = "ratings.default.svc.clusterset.local"
+
+
+async def echo_app(port: int, name: str) -> web.AppRunner:
+    """A workload: answers every request with its own name and the x-forwarded-client-cert it received."""
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response({"app": name, "xfcc": request.headers.get("x-forwarded-client-cert", ""),
+                                  "host": request.host})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@dataclass
+class CrossCluster:
+    mesh: Mesh
+    east: ControlPlane
+    west: ControlPlane
+    client: EnvoyProc  # productpage's sidecar in east
+    ratings: EnvoyProc  # ratings' sidecar in west
+    east_gw: EnvoyProc
+    west_gw: EnvoyProc
+    cas: dict[str, IntermediateCA]
+    bundle_pem: str
+    client_outbound: int
+    tmp: Path
+
+    async def get(self, host: str, path: str = "/") -> tuple[int, dict[str, str] | str]:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
+                f"http://127.0.0.1:{self.client_outbound}{path}", headers={"Host": host}) as resp:
+            body = await resp.text()
+            try:
+                return resp.status, json.loads(body)
+            except ValueError:
+                return resp.status, body
+
+
+def workload_certs(cas: dict[str, IntermediateCA], cluster: str, identities: list[tuple[str, str]]
+                   ) -> dict[str, WorkloadCert]:
+    td = TrustDomain(TD)
+    out = {}
+    for ns, sa in identities:
+        sid = SpiffeId.workload(td, ns, sa)
+        key, chain = issue_workload(cas[cluster], sid, ttl=timedelta(hours=1))
+        out[str(sid)] = WorkloadCert(key_pem=key.decode(), chain_pem=b"".join(chain).decode())
+    return out
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def xc() -> AsyncIterator[CrossCluster]:
+    td = TrustDomain(TD)
+    root = create_root(td)
+    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
+    bundle = root.cert_pem.decode()
+    ports = {n: free_port() for n in ("east_gw", "west_gw", "ratings_in", "ratings_app", "pp_in", "pp_app", "pp_out")}
+    mesh = Mesh(east_gateway_port=ports["east_gw"], west_gateway_port=ports["west_gw"])
+    mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["ratings_in"])]
+    mesh.pods[(EAST, PRODUCTPAGE)] = [("127.0.0.1", ports["pp_in"])]
+    mesh.exports[WEST] = {RATINGS}
+    mesh.exports[EAST] = {PRODUCTPAGE}
+
+    def context(cluster: ClusterId) -> PushContext:
+        certs = workload_certs(cas, str(cluster), [("default", "productpage"), ("default", "ratings")])
+        return PushContext(registry=mesh.registry(cluster), trust_domain=TD, trust_bundle_pem=bundle,
+                           workload_certs=certs)
+
+    tmp = Path(tempfile.mkdtemp(prefix="meshfed-xc-"))
+    apps = [await echo_app(ports["ratings_app"], "ratings"), await echo_app(ports["pp_app"], "productpage")]
+    envoys: list[EnvoyProc] = []
+    try:
+        async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
+            ns = namespace("default")
+            client = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=ns, service_account="productpage",
+                               node_id="sidecar~127.0.0.1~productpage-1.default~default.svc.cluster.local",
+                               services=(PRODUCTPAGE,), inbound=(InboundPort(ports["pp_in"], ports["pp_app"]),),
+                               outbound_port=ports["pp_out"])
+            ratings = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=ns, service_account="ratings",
+                                node_id="sidecar~127.0.0.1~ratings-1.default~default.svc.cluster.local",
+                                services=(RATINGS,), inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
+                                outbound_port=free_port())
+
+            def gw(cluster: ClusterId, port: int) -> ProxyInfo:
+                return ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster, namespace=namespace("meshfed"),
+                                 service_account="eastwest", gateway_port=port,
+                                 node_id=f"router~127.0.0.1~eastwest-{cluster}.meshfed~meshfed.svc.cluster.local")
+
+            envoys.append(client_env := start_envoy(tmp, east, client))
+            envoys.append(east_gw := start_envoy(tmp, east, gw(EAST, ports["east_gw"])))
+            envoys.append(west_gw := start_envoy(tmp, west, gw(WEST, ports["west_gw"]), delta=True))
+            envoys.append(ratings_env := start_envoy(tmp, west, ratings, delta=True))
+            for e in envoys:
+                await wait_ready(e)
+            yield CrossCluster(mesh=mesh, east=east, west=west, client=client_env, ratings=ratings_env,
+                               east_gw=east_gw, west_gw=west_gw, cas=cas, bundle_pem=bundle,
+                               client_outbound=ports["pp_out"], tmp=tmp)
+    finally:
+        for e in envoys:
+            e.stop()
+        for runner in apps:
+            await runner.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)  # bootstraps (tokens) and test keys, all 0600
+
+
+async def _route_works(xc: CrossCluster) -> bool:
+    try:
+        status, _ = await xc.get(RATINGS_HOST)
+    except aiohttp.ClientError:
+        return False
+    return status == 200
+
+
+async def test_call_crosses_clusters_and_callee_sees_callers_spiffe_id(xc: CrossCluster) -> None:
+    await wait_until(lambda: _route_works(xc), within=30, what="ratings reachable from east")
+    for host in (RATINGS_HOST, f"{RATINGS_HOST}:9080", "ratings.default", "ratings"):
+        status, body = await xc.get(host, "/ratings/1")
+        assert status == 200, (host, body)
+        assert isinstance(body, dict) and body["app"] == "ratings"
+        xfcc = body["xfcc"]
+        assert f"URI=spiffe://{TD}/ns/default/sa/productpage" in xfcc, xfcc
+        assert f"By=spiffe://{TD}/ns/default/sa/ratings" in xfcc, xfcc
+    # The request went through west's gateway (TLS passed through on the SNI chain) and nothing was rejected.
+    gw_stats = await xc.west_gw.admin.stats(filter=r"tcp\..*downstream_cx_total$")
+    assert gw_stats.get(f"tcp.{sni_name(RATINGS, 9080)}.downstream_cx_total", 0) >= 1, gw_stats
+    for envoy in (xc.client, xc.ratings, xc.east_gw, xc.west_gw):
+        assert await envoy.admin.rejected() == {}, envoy.proxy.node_id
+    # Unknown service: no virtual host, so Envoy answers 404 itself.
+    status, _ = await xc.get("nope.default.svc.clusterset.local")
+    assert status == 404
+
+
+async def _tls_handshake(port: int, sni: str, *, cert: WorkloadCert | None, bundle: str | None,
+                         tmp: Path) -> ssl.SSLObject | None:
+    """Try a TLS handshake to 127.0.0.1:port with ``sni``; the peer certificate on success, None if refused."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    if bundle is None:
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.load_verify_locations(cadata=bundle)
+    if cert is not None:
+        (tmp / "c.pem").write_text(cert.chain_pem)
+        (tmp / "k.pem").write_text(cert.key_pem)
+        (tmp / "k.pem").chmod(0o600)
+        ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        _reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni), timeout=10)
+    except (ssl.SSLError, ConnectionError, OSError, asyncio.IncompleteReadError):
+        return None
+    obj = writer.get_extra_info("ssl_object")
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (ssl.SSLError, ConnectionError, OSError):
+        pass
+    return obj  # type: ignore[no-any-return]
+
+
+async def test_gateway_refuses_plaintext_and_wrong_sni_and_passes_tls_through(xc: CrossCluster) -> None:
+    port = xc.mesh.west_gateway_port
+    # Plaintext HTTP: no TLS, so no filter chain matches; the gateway closes without answering.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET / HTTP/1.1\r\nHost: {RATINGS_HOST}\r\n\r\n".encode())
+    await writer.drain()
+    try:
+        data = await asyncio.wait_for(reader.read(1024), timeout=10)
+    except ConnectionError:
+        data = b""
+    writer.close()
+    assert data == b"", data
+    # TLS with an SNI the gateway does not serve: the connection is closed during the handshake.
+    client_cert = next(iter(workload_certs(xc.cas, "east", [("default", "productpage")]).values()))
+    wrong = await _tls_handshake(port, sni_name(PRODUCTPAGE, 9080), cert=client_cert, bundle=xc.bundle_pem,
+                                 tmp=xc.tmp)
+    assert wrong is None
+    wrong = await _tls_handshake(port, "ratings.default.svc.cluster.local", cert=client_cert,
+                                 bundle=xc.bundle_pem, tmp=xc.tmp)
+    assert wrong is None
+    # The right SNI: the handshake is with ratings' own sidecar (passthrough), which presents ratings' SPIFFE ID.
+    ok = await _tls_handshake(port, sni_name(RATINGS, 9080), cert=client_cert, bundle=xc.bundle_pem, tmp=xc.tmp)
+    assert ok is not None
+    der = ok.getpeercert(binary_form=True)
+    assert der is not None
+    sans = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert sans.value.get_values_for_type(x509.UniformResourceIdentifier) == [f"spiffe://{TD}/ns/default/sa/ratings"]
+
+
+async def test_bad_resource_is_nacked_recorded_and_traffic_keeps_flowing(xc: CrossCluster) -> None:
+    node = xc.client.proxy.node_id
+    good = xc.east.snapshot(node)
+    clusters = dict(good.resources[CLUSTER])
+    bad = cluster_pb2.Cluster(name="bad-cluster", type=cluster_pb2.Cluster.STATIC,
+                              connect_timeout=duration_pb2.Duration(seconds=-1))
+    clusters["bad-cluster"] = bad
+    broken = Snapshot.build({**good.resources, CLUSTER: clusters})
+    xc.east.cache.set_snapshot(node, broken)
+
+    async def nacked() -> bool:
+        row = xc.east.cache.status_of(node, CLUSTER)
+        return row is not None and row.nack_error != ""
+
+    await wait_until(nacked, within=30, what="the CDS NACK recorded in the cache")
+    row = xc.east.cache.status_of(node, CLUSTER)
+    assert row is not None and row.state == "nacked"
+    assert "positive duration" in row.nack_error, row.nack_error  # Envoy's own words, kept for status
+    assert row.nack_version == broken.version(CLUSTER)
+    assert row.acked_version == good.version(CLUSTER)
+    rejected = await xc.client.admin.rejected()
+    assert rejected.get("cluster_manager.cds.update_rejected", 0) >= 1, rejected
+    status, body = await xc.get(RATINGS_HOST)
+    assert status == 200 and isinstance(body, dict) and body["app"] == "ratings"
+    # Put the good configuration back: the next version is accepted.
+    xc.east.publish(node)
+
+    async def synced() -> bool:
+        r = xc.east.cache.status_of(node, CLUSTER)
+        return r is not None and r.state == "synced"
+
+    await wait_until(synced, within=30, what="CDS synced again after the fix")
+
+
+async def test_removing_the_export_in_west_withdraws_the_route_in_east(xc: CrossCluster) -> None:
+    assert await _route_works(xc)
+    rejected_before = await xc.client.admin.rejected()  # the NACK test above left its counter
+    mesh = xc.mesh
+    mesh.exports[WEST] = set()
+    # West stops serving it at its gateway; east's federated view loses it (remote shard and import).
+    xc.west.update(replace(xc.west.ctx, registry=mesh.registry(WEST)), "export removed")
+    xc.east.update(replace(xc.east.ctx, registry=mesh.registry(EAST)), "remote export removed")
+    assert xc.east.pushes is not None
+    async with asyncio.timeout(10):
+        await xc.east.pushes.flush()
+
+    async def withdrawn() -> bool:
+        status, _ = await xc.get(RATINGS_HOST)
+        return status == 404
+
+    await wait_until(withdrawn, within=30, what="ratings route withdrawn in east")
+    dump = await xc.client.admin.config_dump(resource="dynamic_route_configs")
+    assert RATINGS_HOST not in json.dumps(dump)
+    assert await xc.client.admin.rejected() == rejected_before
+    # West's gateway no longer has a chain for it either (nothing exported: no listener at all).
+    async def gateway_closed() -> bool:
+        return await _tls_handshake(mesh.west_gateway_port, sni_name(RATINGS, 9080), cert=None, bundle=None,
+                                    tmp=xc.tmp) is None
+
+    await wait_until(gateway_closed, within=30, what="west's gateway stops serving ratings")
+    assert await xc.west_gw.admin.rejected() == {}
