@@ -28,7 +28,7 @@ import socket
 import struct
 from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import dns.message
 
@@ -282,8 +282,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(asyncio.DatagramTransport, transport)  # not a subclass on every Python version
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         answer = self.server.respond(data, tcp=False)
@@ -304,8 +303,7 @@ class _TcpProtocol(asyncio.Protocol):
         self.idle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         self._arm()
 
     def _arm(self) -> None:
