@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from meshfed import cmd_ca
+from meshfed import cmd_ca, cmd_export, cmd_federation
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,6 +21,9 @@ def cli(verbose: int) -> None:
 
 
 cli.add_command(cmd_ca.ca)
+cli.add_command(cmd_federation.federation)
+cli.add_command(cmd_export.export_cmd)
+cli.add_command(cmd_export.unexport_cmd)
 
 
 def main() -> None:
