@@ -23,6 +23,7 @@ from federation.trust import (
     store,
     verify_peer,
 )
+from federation.trust.ca import create_intermediate
 
 TD = TrustDomain("example.org")
 REVIEWS = SpiffeId.workload(TD, "default", "reviews")
