@@ -1,0 +1,451 @@
+"""The Aggregated Discovery Service: serving the snapshot cache to Envoy and gRPC xDS clients over grpc.aio.
+
+Both ADS variants of ``envoy.service.discovery.v3.AggregatedDiscoveryService`` are served:
+
+- ``StreamAggregatedResources`` (state of the world). Per stream and type URL we keep the subscription (wildcard
+  or a set of names) and what was last sent: (type version, subscription) plus its nonce. A response goes out
+  when the snapshot's version of that type or the subscription changed since the last response. Wildcard types
+  (LDS, CDS with no names, or ``*``) get every resource of the type whenever the type's version changes; named
+  types (EDS, RDS, SDS, and LDS/CDS as gRPC's client asks for them) get the requested names the snapshot has,
+  whenever one of those resources changes (not for changes to resources the proxy did not ask for), and nothing
+  while the snapshot has none of them.
+  A request whose ``response_nonce`` is not the last nonce sent for the type is stale and ignored. A request with
+  the last nonce is an ACK (``version_info`` is then the version sent) or, with ``error_detail``, a NACK: the proxy
+  keeps its last good configuration, the error text is recorded in the cache, and the rejected version is not sent
+  again; the next snapshot with a different version of that type is.
+- ``DeltaAggregatedResources`` (incremental). Per stream and type we keep the subscribed names (or wildcard) and
+  the version of every resource the client holds (seeded from ``initial_resource_versions`` on reconnect); a
+  response carries only resources whose version differs and ``removed_resources`` for those that disappeared.
+  ``system_version_info`` is the snapshot's type version, recorded for ACK/NACK status per nonce.
+
+Every stream authenticates first (see gateway.auth): no or a bad token ends it with UNAUTHENTICATED, a node id that
+is not the token's namespace/service account with PERMISSION_DENIED; a first request without a node id with
+INVALID_ARGUMENT.
+
+One ``asyncio.Event`` per stream is set both by the cache (the node's snapshot changed) and by the stream's
+reader task (a request arrived); the stream's loop then handles the queued requests and checks every subscribed
+type, in the order clusters, endpoints, listeners, routes, secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from gateway.auth import AuthenticationError, Authenticator, NodeMismatch, ProxyIdentity, check_node
+from gateway.cache import SnapshotCache
+from gateway.snapshot import TYPE_ORDER, WILDCARD_TYPES, Entry, Snapshot
+
+log = logging.getLogger("meshfed.xds.ads")
+
+DiscoveryRequest = discovery_pb2.DiscoveryRequest
+DiscoveryResponse = discovery_pb2.DiscoveryResponse
+DeltaDiscoveryRequest = discovery_pb2.DeltaDiscoveryRequest
+DeltaDiscoveryResponse = discovery_pb2.DeltaDiscoveryResponse
+
+_MAX_PENDING_NONCES = 32
+
+
+@dataclass
+class XdsStats:
+    """Counters of what the server sent, per variant (read by bench/xds.py and exported as metrics)."""
+
+    sotw_responses: int = 0
+    sotw_bytes: int = 0
+    sotw_resources: int = 0
+    delta_responses: int = 0
+    delta_bytes: int = 0
+    delta_resources: int = 0
+    streams_opened: int = 0
+    streams_refused: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _ordered(types: Mapping[str, Any]) -> list[str]:
+    rank = {t: i for i, t in enumerate(TYPE_ORDER)}
+    return sorted(types, key=lambda t: (rank.get(t, len(rank)), t))
+
+
+def _node_metadata(node: Any) -> dict[str, Any]:
+    fields = node.metadata.fields
+    return {k: v.string_value for k, v in fields.items() if v.WhichOneof("kind") == "string_value"}
+
+
+@dataclass
+class _SotwType:
+    subscribed: bool = False
+    wildcard: bool = False
+    names: frozenset[str] = frozenset()
+    sent_key: tuple[object, ...] | None = None
+    sent_version: str = ""
+    nonce: str = ""
+    acked: bool = False
+
+
+@dataclass
+class _DeltaType:
+    subscribed: bool = False
+    wildcard: bool = False
+    names: set[str] = field(default_factory=set)
+    known: dict[str, str] = field(default_factory=dict)
+    nonces: dict[str, str] = field(default_factory=dict)  # unanswered nonce -> system version sent
+    dirty: bool = True
+    checked_version: str | None = None
+    responded: bool = False
+    last_nonce: str = ""
+    last_ok: bool = True
+
+
+class _Stream:
+    """Shared plumbing of one ADS stream: authentication, the reader task and the wake-up loop."""
+
+    def __init__(self, server: AdsServer, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.server = server
+        self.cache = server.cache
+        self.context = context
+        self.node_id = ""
+        self.identity: ProxyIdentity | None = None
+        self.queue: deque[Any] = deque()
+        self.closed = False
+
+    async def run(self) -> None:
+        server = self.server
+        metadata = {m[0]: m[1] for m in self.context.invocation_metadata() or () if isinstance(m[1], str)}
+        if server.authenticator is not None:
+            try:
+                self.identity = await server.authenticator.authenticate(metadata=metadata)
+            except AuthenticationError as exc:
+                server.stats.streams_refused += 1
+                log.warning("refused xds stream peer=%s reason=%r", self.context.peer(), str(exc))
+                await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        first = await self.context.read()
+        if first is grpc.aio.EOF:
+            return
+        self.node_id = first.node.id
+        if not self.node_id:
+            server.stats.streams_refused += 1
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first xDS request carries no node.id")
+        if self.identity is not None:
+            try:
+                check_node(self.identity, self.node_id, _node_metadata(first.node))
+            except NodeMismatch as exc:
+                server.stats.streams_refused += 1
+                log.warning("refused xds stream node=%s reason=%r", self.node_id, str(exc))
+                await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        server.stats.streams_opened += 1
+        log.info("xds stream opened node=%s variant=%s identity=%s", self.node_id, self.variant, self.identity)
+        wake = self.cache.watch(self.node_id, self.identity)
+        self.queue.append(first)
+        wake.set()
+        reader = asyncio.create_task(self._read(wake), name=f"xds-read-{self.node_id}")
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while self.queue:
+                    request = self.queue.popleft()
+                    if request is None:
+                        return
+                    self.handle(request)
+                await self.push()
+        finally:
+            self.closed = True
+            reader.cancel()
+            self.cache.unwatch(self.node_id, wake)
+            log.info("xds stream closed node=%s variant=%s", self.node_id, self.variant)
+
+    async def _read(self, wake: asyncio.Event) -> None:
+        try:
+            while True:
+                request = await self.context.read()
+                if request is grpc.aio.EOF:
+                    break
+                self.queue.append(request)
+                wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke: end it
+            log.debug("xds stream read ended node=%s error=%r", self.node_id, exc)
+        self.queue.append(None)
+        wake.set()
+
+    variant = "?"
+
+    def handle(self, request: Any) -> None:
+        raise NotImplementedError
+
+    async def push(self) -> None:
+        raise NotImplementedError
+
+    def nonce(self) -> str:
+        return self.server.next_nonce()
+
+
+class _SotwStream(_Stream):
+    variant = "sotw"
+
+    def __init__(self, server: AdsServer, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        super().__init__(server, context)
+        self.types: dict[str, _SotwType] = {}
+
+    def handle(self, request: Any) -> None:
+        type_url = request.type_url
+        if not type_url:
+            log.warning("xds request without type_url ignored node=%s", self.node_id)
+            return
+        st = self.types.setdefault(type_url, _SotwType())
+        nonce = request.response_nonce
+        if nonce and nonce != st.nonce:
+            log.debug("stale nonce ignored node=%s type=%s nonce=%s current=%s", self.node_id, type_url, nonce,
+                      st.nonce)
+            return
+        if request.HasField("error_detail"):
+            self.cache.record_nack(self.node_id, type_url, version=st.sent_version, nonce=nonce,
+                                   error=request.error_detail.message)
+        elif nonce:
+            st.acked = request.version_info == st.sent_version
+            self.cache.record_ack(self.node_id, type_url, version=request.version_info, nonce=nonce)
+        names = frozenset(request.resource_names)
+        wildcard = "*" in names or (not names and type_url in WILDCARD_TYPES and (not st.subscribed or st.wildcard))
+        st.subscribed, st.wildcard, st.names = True, wildcard, names - {"*"}
+
+    async def push(self) -> None:
+        snapshot = self.cache.get(self.node_id)
+        if snapshot is None:
+            return
+        for type_url in _ordered(self.types):
+            if self.closed:
+                return
+            await self._push_type(snapshot, type_url, self.types[type_url])
+
+    async def _push_type(self, snapshot: Snapshot, type_url: str, st: _SotwType) -> None:
+        if not st.subscribed:
+            return
+        version = snapshot.version(type_url)
+        entries = snapshot.entries(type_url)
+        selected: list[Entry]
+        key: tuple[object, ...]
+        if st.wildcard:
+            key = (True, version)
+            if key == st.sent_key:
+                return
+            selected = [entries[n] for n in sorted(entries)]
+        else:
+            selected = [entries[n] for n in sorted(st.names) if n in entries]
+            key = (False, st.names, tuple(e.version for e in selected))
+            if key == st.sent_key or not selected:
+                # Same content as last sent (or nothing the proxy asked for exists yet: an empty answer would read as
+                # "deleted"). If the proxy ACKed that content, it is current at this type version as well.
+                if selected and st.acked and version != st.sent_version:
+                    st.sent_version = version
+                    self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.nonce)
+                    self.cache.record_ack(self.node_id, type_url, version=version, nonce=st.nonce)
+                return
+        nonce = self.nonce()
+        response = DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
+                                     resources=[e.packed for e in selected])
+        st.sent_key, st.sent_version, st.nonce, st.acked = key, version, nonce, False
+        self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
+        stats = self.server.stats
+        stats.sotw_responses += 1
+        stats.sotw_resources += len(selected)
+        stats.sotw_bytes += response.ByteSize()
+        await self.context.write(response)
+
+
+class _DeltaStream(_Stream):
+    variant = "delta"
+
+    def __init__(self, server: AdsServer, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        super().__init__(server, context)
+        self.types: dict[str, _DeltaType] = {}
+
+    def handle(self, request: Any) -> None:
+        type_url = request.type_url
+        if not type_url:
+            log.warning("delta xds request without type_url ignored node=%s", self.node_id)
+            return
+        st = self.types.setdefault(type_url, _DeltaType())
+        nonce = request.response_nonce
+        if nonce:
+            version = st.nonces.pop(nonce, None)
+            if version is None:
+                log.debug("unknown delta nonce node=%s type=%s nonce=%s", self.node_id, type_url, nonce)
+            elif request.HasField("error_detail"):
+                st.last_ok = False
+                self.cache.record_nack(self.node_id, type_url, version=version, nonce=nonce,
+                                       error=request.error_detail.message)
+            else:
+                st.last_ok = True
+                self.cache.record_ack(self.node_id, type_url, version=version, nonce=nonce)
+        subscribe = list(request.resource_names_subscribe)
+        unsubscribe = list(request.resource_names_unsubscribe)
+        if not st.subscribed:
+            st.subscribed = True
+            st.known.update(request.initial_resource_versions)
+            if type_url in WILDCARD_TYPES and not subscribe:
+                st.wildcard = True
+        for name in subscribe:
+            if name == "*":
+                st.wildcard = True
+            else:
+                st.names.add(name)
+        for name in unsubscribe:
+            if name == "*":
+                st.wildcard = False
+                st.known = {n: v for n, v in st.known.items() if n in st.names}
+            else:
+                st.names.discard(name)
+                if not st.wildcard:
+                    st.known.pop(name, None)
+        if subscribe or unsubscribe or not st.responded:
+            st.dirty = True
+
+    async def push(self) -> None:
+        snapshot = self.cache.get(self.node_id)
+        if snapshot is None:
+            return
+        for type_url in _ordered(self.types):
+            if self.closed:
+                return
+            await self._push_type(snapshot, type_url, self.types[type_url])
+
+    async def _push_type(self, snapshot: Snapshot, type_url: str, st: _DeltaType) -> None:
+        if not st.subscribed:
+            return
+        version = snapshot.version(type_url)
+        if not st.dirty and st.checked_version == version:
+            return
+        entries = snapshot.entries(type_url)
+        known = st.known
+        changed: list[Entry] = []
+        removed: list[str] = []
+        if st.wildcard:
+            for name, entry in entries.items():
+                if known.get(name) != entry.version:
+                    changed.append(entry)
+            removed = [n for n in known if n not in entries]
+        else:
+            for name in st.names:
+                found = entries.get(name)
+                if found is None:
+                    if name in known:
+                        removed.append(name)
+                elif known.get(name) != found.version:
+                    changed.append(found)
+            removed.extend(n for n in known if n not in st.names and n not in entries)
+        st.dirty, st.checked_version = False, version
+        if not changed and not removed and st.responded:
+            if not st.nonces and st.last_ok:  # nothing of interest changed: the proxy is current at this version
+                self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.last_nonce)
+                self.cache.record_ack(self.node_id, type_url, version=version, nonce=st.last_nonce)
+            return
+        if not changed and not removed and not st.wildcard and not any(n in entries for n in st.names):
+            return  # named subscription to resources that do not exist (yet)
+        for entry in changed:
+            known[entry.name] = entry.version
+        for name in removed:
+            known.pop(name, None)
+        nonce = self.nonce()
+        response = DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce,
+                                          resources=[e.delta_resource for e in changed], removed_resources=removed)
+        st.responded, st.last_nonce = True, nonce
+        st.nonces[nonce] = version
+        if len(st.nonces) > _MAX_PENDING_NONCES:
+            del st.nonces[next(iter(st.nonces))]
+        self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
+        stats = self.server.stats
+        stats.delta_responses += 1
+        stats.delta_resources += len(changed)
+        stats.delta_bytes += response.ByteSize()
+        await self.context.write(response)
+
+
+class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    def __init__(self, server: AdsServer) -> None:
+        self._server = server
+
+    async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> None:
+        await _SotwStream(self._server, context).run()
+
+    async def DeltaAggregatedResources(self, request_iterator: Any, context: Any) -> None:
+        await _DeltaStream(self._server, context).run()
+
+
+class AdsServer:
+    """The ADS gRPC server, as an async context manager::
+
+        async with AdsServer(cache=cache, authenticator=auth, host="127.0.0.1", port=0) as srv:
+            ...  # srv.port is the bound port
+
+    ``authenticator=None`` turns authentication off (tests and benchmarks only; logged as a warning).
+    ``server_credentials`` (grpc.ssl_server_credentials) serves TLS instead of plaintext.
+    """
+
+    def __init__(self, *, cache: SnapshotCache, authenticator: Authenticator | None, host: str = "127.0.0.1",
+                 port: int = 0, server_credentials: grpc.ServerCredentials | None = None,
+                 grace: float = 1.0) -> None:
+        self.cache = cache
+        self.authenticator = authenticator
+        self.host = host
+        self._port = port
+        self._credentials = server_credentials
+        self._grace = grace
+        self._server: grpc.aio.Server | None = None
+        self._nonces = itertools.count(1)
+        self.stats = XdsStats()
+
+    def next_nonce(self) -> str:
+        return str(next(self._nonces))
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("AdsServer is not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    async def __aenter__(self) -> Self:
+        if self.authenticator is None:
+            log.warning("xds authentication is disabled: any client may fetch any node's snapshot")
+        server = grpc.aio.server(options=[
+            ("grpc.max_concurrent_streams", 100_000),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ])
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
+        target = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"
+        if self._credentials is not None:
+            bound = server.add_secure_port(target, self._credentials)
+        else:
+            bound = server.add_insecure_port(target)
+        if not bound:
+            raise OSError(f"ADS server could not bind {target}")
+        self._port = bound
+        await server.start()
+        self._server = server
+        log.info("ads server listening address=%s:%d tls=%s", self.host, bound, self._credentials is not None)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._server is not None:
+            await self._server.stop(self._grace)
+            log.info("ads server stopped address=%s:%d", self.host, self._port)

@@ -1,0 +1,213 @@
+"""Who is this xDS client? Authenticating ADS streams and binding them to their node id.
+
+Every ADS stream carries ``authorization: Bearer <token>`` in its gRPC metadata. An ``Authenticator`` turns the
+token into a ``ProxyIdentity`` (namespace, service account, cluster), or raises ``AuthenticationError``:
+
+- ``TokenTableAuthenticator``: per-workload bootstrap tokens for local runs (the runner writes one token per proxy
+  into its bootstrap file, mode 0600); tokens are compared in constant time.
+- ``TokenReviewAuthenticator``: Kubernetes projected service-account tokens, checked by POSTing a TokenReview to
+  the API server (``authentication.k8s.io/v1``) with the audience the tokens were minted for.
+
+Then ``check_node`` binds the identity to the node id the proxy claims. Node ids follow Istio's convention::
+
+    <kind>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>
+    e.g. sidecar~10.0.0.5~reviews-1.default~default.svc.cluster.local
+
+where kind is ``sidecar`` (Envoy sidecar), ``router`` (east-west gateway) or ``proxyless`` (gRPC's xDS client).
+The node's namespace must be the identity's namespace, and if the node's metadata names a ``SERVICE_ACCOUNT`` it
+must be the identity's. A proxy thus only ever receives the snapshot of a node id in its own namespace, and SDS
+only issues certificates for the identity the token proved (never one the node claims).
+
+Errors: ``AuthenticationError`` (no/invalid token; the server answers UNAUTHENTICATED) and its subclass
+``NodeMismatch`` (valid token, node id of another namespace or service account; PERMISSION_DENIED).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from gateway.snapshot import XdsError
+
+log = logging.getLogger("meshfed.xds.auth")
+
+
+class AuthenticationError(XdsError):
+    """The xDS client could not be authenticated (missing, unknown or rejected token)."""
+
+
+class NodeMismatch(AuthenticationError):
+    """The token is valid, but the node id or metadata claims a different namespace or service account."""
+
+
+@dataclass(frozen=True)
+class ProxyIdentity:
+    """The workload identity an xDS client proved: the SPIFFE identity its certificate will carry."""
+
+    namespace: str
+    service_account: str
+    cluster: str
+
+
+class NodeKind(enum.StrEnum):
+    SIDECAR = "sidecar"
+    ROUTER = "router"
+    PROXYLESS = "proxyless"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A parsed node id."""
+
+    kind: NodeKind
+    ip: str
+    pod: str
+    namespace: str
+    domain: str
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.kind}~{self.ip}~{self.pod}.{self.namespace}~{self.namespace}.svc.{self.domain}"
+
+
+def make_node_id(*, kind: NodeKind | str, ip: str, pod: str, namespace: str, domain: str = "cluster.local") -> str:
+    """The node id a proxy's bootstrap carries (see the module docstring)."""
+    return NodeInfo(NodeKind(kind), ip, pod, namespace, domain).node_id
+
+
+def parse_node_id(node_id: str) -> NodeInfo:
+    """Parse ``kind~ip~pod.ns~ns.svc.domain``; raises NodeMismatch naming the node id if it does not fit."""
+    parts = node_id.split("~")
+    if len(parts) != 4:
+        raise NodeMismatch(f"node id {node_id!r} is not <kind>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>")
+    kind, ip, pod_ns, dns = parts
+    try:
+        node_kind = NodeKind(kind)
+    except ValueError:
+        raise NodeMismatch(f"node id {node_id!r}: kind {kind!r} is not one of {[k.value for k in NodeKind]}") from None
+    pod, _, namespace = pod_ns.rpartition(".")
+    dns_ns, sep, domain = dns.partition(".svc.")
+    if not pod or not namespace or not ip or not sep or dns_ns != namespace or not domain:
+        raise NodeMismatch(f"node id {node_id!r} is not <kind>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>")
+    return NodeInfo(node_kind, ip, pod, namespace, domain)
+
+
+def check_node(identity: ProxyIdentity, node_id: str, metadata: Mapping[str, Any]) -> NodeInfo:
+    """Raise NodeMismatch unless ``node_id`` (and the node metadata's SERVICE_ACCOUNT) belong to ``identity``."""
+    info = parse_node_id(node_id)
+    if info.namespace != identity.namespace:
+        raise NodeMismatch(f"node {node_id!r} is in namespace {info.namespace!r} but the token is for "
+                           f"{identity.namespace}/{identity.service_account}")
+    claimed = metadata.get("SERVICE_ACCOUNT")
+    if claimed not in (None, "", identity.service_account):
+        raise NodeMismatch(f"node {node_id!r} claims service account {claimed!r} but the token is for "
+                           f"{identity.namespace}/{identity.service_account}")
+    return info
+
+
+def bearer_token(metadata: Mapping[str, str]) -> str:
+    """The token of an ``authorization: Bearer <token>`` header; raises AuthenticationError without one."""
+    value = metadata.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("no 'authorization: Bearer <token>' metadata on the xDS stream")
+    return token.strip()
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, *, metadata: Mapping[str, str]) -> ProxyIdentity:
+        """The identity the stream's bearer token proves; raises AuthenticationError."""
+        ...
+
+
+def new_token() -> str:
+    """A fresh bootstrap token (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+class TokenTableAuthenticator:
+    """Per-workload bootstrap tokens for local runs. Only digests are kept; lookups compare every entry in
+    constant time, so neither timing nor an early exit reveals which tokens exist."""
+
+    def __init__(self, tokens: Mapping[str, ProxyIdentity] | None = None) -> None:
+        self._table: list[tuple[bytes, ProxyIdentity]] = []
+        for token, identity in (tokens or {}).items():
+            self.add(token, identity)
+
+    def add(self, token: str, identity: ProxyIdentity) -> None:
+        if len(token) < 16:
+            raise ValueError(f"bootstrap token for {identity.namespace}/{identity.service_account} is shorter than "
+                             "16 characters")
+        self._table.append((hashlib.sha256(token.encode()).digest(), identity))
+
+    def issue(self, identity: ProxyIdentity) -> str:
+        """Make, remember and return a new token for ``identity``."""
+        token = new_token()
+        self.add(token, identity)
+        return token
+
+    async def authenticate(self, *, metadata: Mapping[str, str]) -> ProxyIdentity:
+        digest = hashlib.sha256(bearer_token(metadata).encode()).digest()
+        found: ProxyIdentity | None = None
+        for known, identity in self._table:
+            if hmac.compare_digest(known, digest):
+                found = identity
+        if found is None:
+            raise AuthenticationError("unknown bootstrap token")
+        return found
+
+
+class TokenReviewAuthenticator:
+    """Kubernetes service-account tokens checked with a TokenReview against the API server.
+
+    ``api_url`` is the API server (``https://...``); ``credential`` is this control plane's own bearer token (its
+    service account needs ``create`` on ``tokenreviews``); ``audience`` is the audience the projected tokens are
+    minted for (e.g. ``meshfed``); ``cluster`` is the cluster name put into identities.
+    """
+
+    def __init__(self, *, api_url: str, credential: str, audience: str, cluster: str,
+                 ssl_context: ssl.SSLContext | bool | None = None, timeout: float = 5.0) -> None:
+        self._url = api_url.rstrip("/") + "/apis/authentication.k8s.io/v1/tokenreviews"
+        self._credential = credential
+        self._audience = audience
+        self._cluster = cluster
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def authenticate(self, *, metadata: Mapping[str, str]) -> ProxyIdentity:
+        token = bearer_token(metadata)
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                  "spec": {"token": token, "audiences": [self._audience]}}
+        headers = {"Authorization": f"Bearer {self._credential}", "Content-Type": "application/json",
+                   "Accept": "application/json"}
+        try:
+            async with aiohttp.ClientSession(timeout=self._timeout) as session, session.post(
+                    self._url, data=json.dumps(review), headers=headers,
+                    ssl=self._ssl if self._ssl is not None else True) as resp:
+                text = await resp.text()
+                if resp.status >= 300:
+                    raise AuthenticationError(f"TokenReview POST {self._url} answered {resp.status}: {text[:200]}")
+                body = json.loads(text)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise AuthenticationError(f"TokenReview POST {self._url} failed: {exc}") from exc
+        status = body.get("status") or {}
+        if not status.get("authenticated"):
+            raise AuthenticationError(f"TokenReview refused the token: {status.get('error') or 'not authenticated'}")
+        audiences = status.get("audiences")
+        if audiences is not None and self._audience not in audiences:
+            raise AuthenticationError(f"token audiences {audiences} do not include {self._audience!r}")
+        username = str((status.get("user") or {}).get("username", ""))
+        parts = username.split(":")
+        if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"] or not parts[2] or not parts[3]:
+            raise AuthenticationError(f"token user {username!r} is not a service account")
+        return ProxyIdentity(namespace=parts[2], service_account=parts[3], cluster=self._cluster)

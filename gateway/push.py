@@ -1,0 +1,120 @@
+"""Debounced pushes: watchers describe what changed, one updater regenerates.
+
+Watchers (the registry, the federation agent, policy files, certificate rotation) never call the ADS server. They
+``submit`` a ``PushRequest`` saying what changed: some proxies, some services, or everything (``full``). Requests
+merge; the ``PushDebouncer`` waits until no request has arrived for ``quiet`` seconds, or until ``max_delay``
+seconds passed since the first unserved request (so a steady trickle of changes cannot starve pushes), then calls
+``regenerate(merged_request)`` once. Requests that arrive while ``regenerate`` runs are merged into the next round.
+
+``regenerate`` builds new snapshots and hands them to the SnapshotCache; the cache wakes only the streams whose
+snapshot versions changed, so a push reaches only the proxies whose configuration actually differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+log = logging.getLogger("meshfed.xds.push")
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    """What changed. ``full`` means regenerate every proxy; otherwise ``proxies`` (node ids) and ``services``
+    (whatever keys the generators use, e.g. discovery.model.ServiceKey) name what to look at."""
+
+    full: bool = False
+    proxies: frozenset[str] = frozenset()
+    services: frozenset[Hashable] = frozenset()
+    reasons: frozenset[str] = frozenset()
+    count: int = 1  # how many submitted requests were merged into this one
+    first_at: float = field(default_factory=time.monotonic)  # when the oldest merged request was submitted
+
+    def merge(self, other: PushRequest) -> PushRequest:
+        return PushRequest(
+            full=self.full or other.full,
+            proxies=self.proxies | other.proxies,
+            services=self.services | other.services,
+            reasons=self.reasons | other.reasons,
+            count=self.count + other.count,
+            first_at=min(self.first_at, other.first_at),
+        )
+
+
+Regenerate = Callable[[PushRequest], Awaitable[None]]
+
+
+class PushDebouncer:
+    """Merge push requests and call ``regenerate`` after a quiet period or a maximum delay::
+
+        async with PushDebouncer(regenerate=regen, quiet=0.1, max_delay=1.0) as pushes:
+            pushes.submit(PushRequest(services=frozenset({key}), reasons=frozenset({"endpoints"})))
+    """
+
+    def __init__(self, *, regenerate: Regenerate, quiet: float = 0.1, max_delay: float = 1.0) -> None:
+        if quiet < 0 or max_delay < quiet:
+            raise ValueError(f"push debounce needs 0 <= quiet ({quiet}) <= max_delay ({max_delay})")
+        self._regenerate = regenerate
+        self.quiet = quiet
+        self.max_delay = max_delay
+        self._pending: PushRequest | None = None
+        self._last_at = 0.0
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.pushes = 0  # how many times regenerate ran
+
+    def submit(self, request: PushRequest) -> None:
+        """Queue a change (never blocks; call from the event loop)."""
+        self._pending = request if self._pending is None else self._pending.merge(request)
+        self._last_at = time.monotonic()
+        self._idle.clear()
+        self._arrived.set()
+
+    async def flush(self) -> None:
+        """Wait until every request submitted so far has been regenerated (bound it with asyncio.timeout)."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        while True:
+            await self._arrived.wait()
+            while True:  # debounce: wait for quiet, bounded by max_delay since the first request
+                assert self._pending is not None
+                now = time.monotonic()
+                wait = min(self._last_at + self.quiet, self._pending.first_at + self.max_delay) - now
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            request, self._pending = self._pending, None
+            self._arrived.clear()
+            started = time.monotonic()
+            try:
+                await self._regenerate(request)
+            except Exception:
+                log.exception("push failed full=%s proxies=%d services=%d", request.full, len(request.proxies),
+                              len(request.services))
+            self.pushes += 1
+            log.info("push done merged=%d full=%s proxies=%d services=%d waited=%.3fs took=%.3fs reasons=%s",
+                     request.count, request.full, len(request.proxies), len(request.services),
+                     started - request.first_at, time.monotonic() - started, ",".join(sorted(request.reasons)))
+            if self._pending is None:
+                self._idle.set()
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._run(), name="xds-push-debouncer")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

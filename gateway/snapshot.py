@@ -1,0 +1,199 @@
+"""Immutable, versioned xDS snapshots: the whole configuration one proxy should have.
+
+A snapshot maps an xDS type URL to the named resources of that type (protobuf messages). It is built once,
+never changed, and replaced whole. Every resource gets a content version (a hash of its deterministic
+serialisation) and every type gets a version computed from its resources' names and versions, so two snapshots
+with the same content have the same versions. Versions are opaque: compare them for equality only.
+
+Each resource is serialised and packed into ``Any`` once, when the snapshot is built; the ADS server reuses those
+packed messages for every stream and every response.
+
+Exceptions (the xDS serving domain)::
+
+    XdsError
+     +-- SnapshotError       a resource is of the wrong type, unnamed, or named differently from its key
+     +-- AuthenticationError (gateway.auth)  an xDS client could not be authenticated or claims another node
+     +-- SdsError            (gateway.sds)   a workload certificate could not be issued
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+from typing import Any as TypingAny
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+_PREFIX = "type.googleapis.com/"
+
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+#: The types served, in the order a proxy should apply them (clusters before endpoints, listeners before routes).
+TYPE_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+
+#: Types whose empty subscription means "everything" (wildcard) in the xDS protocol.
+WILDCARD_TYPES: frozenset[str] = frozenset({LISTENER, CLUSTER})
+
+
+class XdsError(Exception):
+    """Root of the xDS serving errors."""
+
+
+class SnapshotError(XdsError, ValueError):
+    """A snapshot was given a resource it cannot serve (names the type URL and the resource)."""
+
+
+def resource_name(message: Message) -> str:
+    """The xDS name of a resource: ``cluster_name`` for a ClusterLoadAssignment, ``name`` for the others."""
+    desc = message.DESCRIPTOR
+    if desc.full_name == "envoy.config.endpoint.v3.ClusterLoadAssignment":
+        return str(getattr(message, "cluster_name"))  # noqa: B009 - generated attribute, typed as Any
+    if "name" in desc.fields_by_name:
+        return str(getattr(message, "name"))  # noqa: B009
+    raise SnapshotError(f"{desc.full_name} has no name field; it cannot be served as an xDS resource")
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One resource as served: the message, its content version and its packed ``Any``."""
+
+    name: str
+    message: Message
+    version: str
+    packed: any_pb2.Any
+    size: int
+
+    @cached_property
+    def delta_resource(self) -> discovery_pb2.Resource:
+        """The resource wrapped for a delta response (built once, on first use)."""
+        return discovery_pb2.Resource(name=self.name, version=self.version, resource=self.packed)
+
+
+def _entry(type_url: str, name: str, message: Message) -> Entry:
+    if not isinstance(message, Message):
+        raise SnapshotError(f"{type_url}: resource {name!r} is a {type(message).__name__}, not a protobuf message")
+    full_name = message.DESCRIPTOR.full_name
+    if _PREFIX + full_name != type_url:
+        raise SnapshotError(f"{type_url}: resource {name!r} is a {full_name}, which belongs under {_PREFIX}{full_name}")
+    own = resource_name(message)
+    if own != name:
+        raise SnapshotError(f"{type_url}: resource keyed {name!r} names itself {own!r}")
+    if not name:
+        raise SnapshotError(f"{type_url}: a resource has an empty name")
+    data = message.SerializeToString(deterministic=True)
+    return Entry(name=name, message=message, version=_hash(data), packed=any_pb2.Any(type_url=type_url, value=data),
+                 size=len(data))
+
+
+def _type_version(entries: Mapping[str, Entry]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(entries):
+        h.update(name.encode())
+        h.update(b"\0")
+        h.update(entries[name].version.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+_EMPTY_VERSION = _type_version({})
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A proxy's whole configuration: ``resources[type_url][name] -> message``; versions derive from content."""
+
+    resources: Mapping[str, Mapping[str, Message]]
+    _entries: Mapping[str, Mapping[str, Entry]] = field(default_factory=dict, compare=False, repr=False)
+    _versions: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._entries:
+            return
+        entries: dict[str, Mapping[str, Entry]] = {}
+        for type_url, by_name in self.resources.items():
+            if not type_url.startswith(_PREFIX):
+                raise SnapshotError(f"{type_url!r} is not a type URL (expected {_PREFIX}<message name>)")
+            entries[type_url] = MappingProxyType({n: _entry(type_url, n, m) for n, m in by_name.items()})
+        self._freeze(entries)
+
+    def _freeze(self, entries: Mapping[str, Mapping[str, Entry]]) -> None:
+        object.__setattr__(self, "_entries", MappingProxyType(dict(entries)))
+        object.__setattr__(self, "_versions", MappingProxyType({t: _type_version(e) for t, e in entries.items()}))
+        object.__setattr__(self, "resources", MappingProxyType(
+            {t: MappingProxyType({n: en.message for n, en in e.items()}) for t, e in entries.items()}))
+
+    @classmethod
+    def build(cls, resources: Mapping[str, Iterable[Message] | Mapping[str, Message]]) -> Snapshot:
+        """Build from ``type_url -> messages`` (a list, named by each message's own name) or ``-> {name: msg}``."""
+        normalised: dict[str, Mapping[str, Message]] = {}
+        for type_url, items in resources.items():
+            if isinstance(items, Mapping):
+                normalised[type_url] = dict(items)
+                continue
+            by_name: dict[str, Message] = {}
+            for message in items:
+                name = resource_name(message)
+                if name in by_name:
+                    raise SnapshotError(f"{type_url}: two resources are named {name!r}")
+                by_name[name] = message
+            normalised[type_url] = by_name
+        return cls(resources=normalised)
+
+    def replace(self, type_url: str, updates: Mapping[str, Message | None]) -> Snapshot:
+        """A new snapshot with some resources of one type added, replaced, or (``None``) removed.
+
+        Only the changed resources are serialised again; everything else is shared with this snapshot.
+        """
+        current = dict(self._entries.get(type_url, {}))
+        for name, message in updates.items():
+            if message is None:
+                current.pop(name, None)
+            else:
+                current[name] = _entry(type_url, name, message)
+        entries = dict(self._entries)
+        entries[type_url] = MappingProxyType(current)
+        new = object.__new__(Snapshot)
+        new._freeze(entries)
+        return new
+
+    def version(self, type_url: str) -> str:
+        """The version of one type's resources (the same for every snapshot with the same content of that type)."""
+        return self._versions.get(type_url, _EMPTY_VERSION)
+
+    def versions(self) -> Mapping[str, str]:
+        return self._versions
+
+    def entries(self, type_url: str) -> Mapping[str, Entry]:
+        return self._entries.get(type_url, MappingProxyType({}))
+
+    def names(self, type_url: str) -> frozenset[str]:
+        return frozenset(self._entries.get(type_url, ()))
+
+    def resource_version(self, type_url: str, name: str) -> str | None:
+        entry = self._entries.get(type_url, {}).get(name)
+        return entry.version if entry else None
+
+    def type_urls(self) -> frozenset[str]:
+        return frozenset(self._entries)
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self._versions.items())))
+
+    def __eq__(self, other: TypingAny) -> bool:
+        if not isinstance(other, Snapshot):
+            return NotImplemented
+        return {t: v for t, v in self._versions.items() if self._entries[t]} == {
+            t: v for t, v in other._versions.items() if other._entries[t]}

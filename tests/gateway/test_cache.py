@@ -1,0 +1,87 @@
+"""Snapshots (content versions, validation, replace) and the snapshot cache (notifications, status)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from xds_client import cla, eds_cluster, snapshot
+
+from gateway.cache import SnapshotCache, SyncState
+from gateway.snapshot import CLUSTER, ENDPOINT, LISTENER, Snapshot, SnapshotError
+
+
+def test_versions_are_content_hashes() -> None:
+    a = snapshot({"x": (1,), "y": (2,)})
+    b = Snapshot.build({ENDPOINT: [cla("y", 2), cla("x", 1)], CLUSTER: [eds_cluster("y"), eds_cluster("x")]})
+    assert a.version(CLUSTER) == b.version(CLUSTER) and a.version(ENDPOINT) == b.version(ENDPOINT)
+    assert a == b
+    c = snapshot({"x": (1,), "y": (3,)})
+    assert c.version(CLUSTER) == a.version(CLUSTER)  # clusters unchanged
+    assert c.version(ENDPOINT) != a.version(ENDPOINT)
+    assert c.resource_version(ENDPOINT, "x") == a.resource_version(ENDPOINT, "x")
+    assert c.resource_version(ENDPOINT, "y") != a.resource_version(ENDPOINT, "y")
+    assert a.version(LISTENER) == Snapshot.build({}).version(LISTENER)  # absent type: the empty version
+
+
+def test_replace_shares_unchanged_resources() -> None:
+    a = snapshot({"x": (1,), "y": (2,)})
+    b = a.replace(ENDPOINT, {"y": cla("y", 3), "z": cla("z", 4), "x": None})
+    assert b.names(ENDPOINT) == {"y", "z"}
+    assert b == Snapshot.build({CLUSTER: [eds_cluster("x"), eds_cluster("y")], ENDPOINT: [cla("y", 3), cla("z", 4)]})
+    assert a.names(ENDPOINT) == {"x", "y"}  # the original is untouched
+    assert b.entries(CLUSTER)["x"] is a.entries(CLUSTER)["x"]
+
+
+def test_bad_resources_are_named_in_errors() -> None:
+    with pytest.raises(SnapshotError, match=r"Listener: resource .c. is a envoy\.config\.cluster\.v3\.Cluster"):
+        Snapshot.build({LISTENER: [cluster_pb2.Cluster(name="c")]})
+    with pytest.raises(SnapshotError, match="keyed 'a' names itself 'b'"):
+        Snapshot.build({CLUSTER: {"a": cluster_pb2.Cluster(name="b")}})
+    with pytest.raises(SnapshotError, match="two resources are named 'l'"):
+        Snapshot.build({LISTENER: [listener_pb2.Listener(name="l"), listener_pb2.Listener(name="l")]})
+    with pytest.raises(SnapshotError, match="not a type URL"):
+        Snapshot.build({"Cluster": [cluster_pb2.Cluster(name="c")]})
+
+
+async def test_set_snapshot_wakes_only_on_change() -> None:
+    cache = SnapshotCache()
+    connected: list[str] = []
+    cache.on_connect(connected.append)
+    wake_a = cache.watch("a")
+    wake_b = cache.watch("b")
+    assert connected == ["a", "b"]
+    assert cache.set_snapshot("a", snapshot({"x": (1,)}))
+    assert wake_a.is_set() and not wake_b.is_set()
+    wake_a.clear()
+    assert not cache.set_snapshot("a", snapshot({"x": (1,)}))
+    assert not wake_a.is_set()
+    assert cache.set_snapshot("a", snapshot({"x": (2,)}))
+    assert wake_a.is_set()
+    cache.unwatch("a", wake_a)
+    assert cache.connected() == ["b"]
+    await asyncio.sleep(0)
+
+
+def test_status_states() -> None:
+    cache = SnapshotCache()
+    s = snapshot({"x": (1,)})
+    cache.set_snapshot("n", s)
+    v = s.version(CLUSTER)
+    cache.record_sent("n", CLUSTER, version=v, nonce="1")
+    assert cache.status()[0].state == SyncState.STALE
+    cache.record_ack("n", CLUSTER, version=v, nonce="1")
+    row = cache.status()[0]
+    assert row.state == SyncState.SYNCED and row.acked_version == v and row.current_version == v
+    assert not row.connected
+    s2 = snapshot({"x": (1,), "y": (1,)})
+    cache.set_snapshot("n", s2)
+    assert cache.status()[0].state == SyncState.STALE
+    cache.record_sent("n", CLUSTER, version=s2.version(CLUSTER), nonce="2")
+    cache.record_nack("n", CLUSTER, version=s2.version(CLUSTER), nonce="2", error="bad y")
+    row = cache.status()[0]
+    assert row.state == SyncState.NACKED and row.nack_error == "bad y" and row.acked_version == v
+    cache.clear("n")
+    assert cache.status() == [] and cache.get("n") is None
