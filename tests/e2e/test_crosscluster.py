@@ -165,6 +165,11 @@ async def test_call_crosses_clusters_and_callee_sees_callers_spiffe_id(xc: Cross
         xfcc = body["xfcc"]
         assert f"URI=spiffe://{TD}/ns/default/sa/productpage" in xfcc, xfcc
         assert f"By=spiffe://{TD}/ns/default/sa/ratings" in xfcc, xfcc
+    # The workload may also use its sidecar as an HTTP proxy (absolute URI), as HTTP_PROXY-aware clients do.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, session.get(
+            f"http://{RATINGS_HOST}:9080/via-proxy", proxy=f"http://127.0.0.1:{xc.client_outbound}") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["app"] == "ratings"
     # The request went through west's gateway (TLS passed through on the SNI chain) and nothing was rejected.
     gw_stats = await xc.west_gw.admin.stats(filter=r"tcp\..*downstream_cx_total$")
     assert gw_stats.get(f"tcp.{sni_name(RATINGS, 9080)}.downstream_cx_total", 0) >= 1, gw_stats

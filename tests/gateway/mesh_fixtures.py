@@ -106,13 +106,16 @@ class Mesh:
     pods: dict[tuple[ClusterId, ServiceKey], list[tuple[str, int]]] = field(default_factory=dict)
     service_port: int = 9080
     exports: dict[ClusterId, set[ServiceKey]] = field(default_factory=dict)
+    gateway_hosts: dict[ClusterId, str] = field(default_factory=dict)  # default 127.0.0.1
 
     def clusters(self) -> dict[ClusterId, ClusterInfo]:
         return {
             EAST: ClusterInfo(id=EAST, network=NetworkId("net-east"), region="eu", zone="eu-1",
-                              gateway_host="127.0.0.1", gateway_port=self.east_gateway_port),
+                              gateway_host=self.gateway_hosts.get(EAST, "127.0.0.1"),
+                              gateway_port=self.east_gateway_port),
             WEST: ClusterInfo(id=WEST, network=NetworkId("net-west"), region="us", zone="us-1",
-                              gateway_host="127.0.0.1", gateway_port=self.west_gateway_port),
+                              gateway_host=self.gateway_hosts.get(WEST, "127.0.0.1"),
+                              gateway_port=self.west_gateway_port),
         }
 
     def service(self, cluster: ClusterId, key: ServiceKey) -> Service:
