@@ -9,6 +9,7 @@ import sys
 import click
 
 from meshfed import cmd_ca, cmd_export, cmd_federation
+from meshfed.cmd_dns import dns_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +25,7 @@ cli.add_command(cmd_ca.ca)
 cli.add_command(cmd_federation.federation)
 cli.add_command(cmd_export.export_cmd)
 cli.add_command(cmd_export.unexport_cmd)
+cli.add_command(dns_cmd)
 
 
 def main() -> None:

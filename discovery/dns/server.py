@@ -155,12 +155,16 @@ class DnsServer:
         self._answers = table.answers
         log.info("dns.table serial=%d services=%d skipped=%d", table.serial, table.services, len(table.skipped))
 
-    async def update(self, registry: Registry, *, nameserver_addresses: Sequence[str] = ()) -> DnsTable:
+    async def update(
+        self, registry: Registry, *, serial: int | None = None, nameserver_addresses: Sequence[str] = ()
+    ) -> DnsTable:
         """Build the table for ``registry`` in a worker thread, then swap it in, unless a later update already
-        installed a newer one."""
+        installed a newer one. ``serial`` is the SOA serial (default: the registry's revision)."""
         self._generation += 1
         generation = self._generation
-        table = await asyncio.to_thread(build_table, registry, nameserver_addresses=nameserver_addresses)
+        table = await asyncio.to_thread(
+            build_table, registry, serial=serial, nameserver_addresses=nameserver_addresses
+        )
         if generation > self._installed:
             self._installed = generation
             self.set_table(table)
