@@ -1,0 +1,347 @@
+"""The control plane's side of the federation: publish local exports, hold the lease, follow the catalog.
+
+``FederationAgent`` (an async context manager) runs three loops over one ``FederationClient``:
+
+- lease: register, then heartbeat every ``lease_ttl / 3``; a 404 (the member was removed) registers again and
+  republishes;
+- publish: ``agent.publish(services, exports)`` turns the local discovery snapshot into an ``ExportSet`` with a
+  larger generation and hands it to the loop, which retries until the service acknowledges it (the same generation
+  on retry, so a retry after a lost answer is idempotent; a 409 moves past the stored generation);
+- watch: list the catalog, then follow ``/v1/catalog/watch`` from its revision; a 410 relists.
+
+When the federation is unreachable the agent keeps the last catalog it had: nothing is withdrawn because the
+federation is down, only because the federation said so. It reconnects with jittered exponential backoff (bounded
+by ``backoff_max_s``) and resumes from its revision.
+
+The control plane reads the result as ``agent.catalog`` / ``agent.apply(registry)``, or is pushed to through
+``on_update`` or ``async for catalog in agent.updates()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, replace
+from types import TracebackType
+
+from discovery.model import (
+    ClusterId,
+    ClusterInfo,
+    Endpoint,
+    Locality,
+    LocalitySummary,
+    Registry,
+    RemoteEndpoints,
+    Service,
+    ServiceExport,
+    ServiceKey,
+)
+from federation import catalog as cat
+from federation.client import BadRequest, FederationClient, Gone, NotRegistered, Refused, Unreachable
+from federation.records import ExportedService, ExportSet, FederationError, StaleGeneration
+
+log = logging.getLogger("meshfed.federation.agent")
+
+UpdateCallback = Callable[[cat.Catalog], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    heartbeat_interval_s: float | None = None  # default: a third of the lease TTL the service granted
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 5.0
+
+
+def locality_summaries(info: ClusterInfo, endpoints: Iterable[Endpoint]) -> tuple[LocalitySummary, ...]:
+    """Ready endpoints counted per zone (the endpoint's zone, else the cluster's); weight = ready count."""
+    counts: dict[str, int] = {}
+    for e in endpoints:
+        zone = e.zone or info.zone
+        counts.setdefault(zone, 0)
+        if e.ready and not e.terminating:
+            counts[zone] += 1
+    return tuple(
+        LocalitySummary(locality=Locality(region=info.region, zone=zone, cluster=info.id, network=info.network),
+                        ready=n, weight=n)
+        for zone, n in sorted(counts.items())
+    )
+
+
+def export_set(info: ClusterInfo, services: Iterable[Service], exports: Iterable[ServiceExport], *,
+               generation: int) -> ExportSet:
+    """The export set of cluster ``info.id`` from its discovery snapshot: every ServiceExport of that cluster whose
+    Service exists, with its ports, type, locality summary and ready pod addresses."""
+    by_key = {s.key: s for s in services if s.cluster == info.id}
+    out: list[ExportedService] = []
+    for e in exports:
+        if e.cluster != info.id:
+            continue
+        svc = by_key.get(e.key)
+        if svc is None:
+            continue
+        ready = tuple(ep for ep in svc.endpoints if ep.ready)
+        out.append(ExportedService(key=e.key, type=svc.type, ports=svc.ports, created=e.created,
+                                   localities=locality_summaries(info, svc.endpoints), endpoints=ready))
+    return ExportSet(cluster=info.id, generation=generation, services=tuple(sorted(out, key=lambda s: s.key)))
+
+
+def apply_catalog(registry: Registry, catalog: cat.Catalog) -> Registry:
+    """``registry`` with the federated view: each remote cluster's shard of ``RemoteEndpoints`` (``with_remote``;
+    pod addresses are present when that cluster is on our network), every member's ``ClusterInfo`` and the merged
+    ServiceImports (``with_catalog``). Clusters that left the catalog get an empty shard."""
+    local = registry.local
+    shards: dict[ClusterId, dict[ServiceKey, RemoteEndpoints]] = {}
+    for key, svc in catalog.services.items():
+        for r in svc.endpoints:
+            if r.cluster != local:
+                shards.setdefault(r.cluster, {})[key] = r
+    out = registry
+    for cluster in sorted(set(registry.remote) | set(shards)):
+        if cluster == local:
+            continue
+        entries = shards.get(cluster, {})
+        if dict(registry.remote.get(cluster, {})) != entries:
+            out = out.with_remote(cluster, sorted(entries.items()))
+    clusters = {c: m.info for c, m in catalog.members.items()}
+    imports = {k: s.import_ for k, s in catalog.services.items()}
+    if dict(out.clusters) != clusters or dict(out.imports) != imports:
+        out = out.with_catalog(clusters=clusters, imports=imports)
+    return out
+
+
+class FederationAgent:
+    """Publishes one cluster's exports, holds its lease and follows the merged catalog."""
+
+    def __init__(self, client: FederationClient, *, info: ClusterInfo, config: AgentConfig | None = None,
+                 on_update: UpdateCallback | None = None) -> None:
+        if client.cluster != info.id:
+            raise ValueError(f"client is for cluster {client.cluster}, agent for {info.id}")
+        self.client = client
+        self.info = info
+        self.config = config or AgentConfig()
+        self._on_update = on_update
+        self.catalog: cat.Catalog | None = None
+        self.trust_bundle_pem = ""
+        self.connected = False  # the watch is live
+        self.registered = asyncio.Event()
+        self._lease_ttl = 10.0
+        self._generation = 0
+        self._pending: ExportSet | None = None
+        self._acked: ExportSet | None = None
+        self._acked_revision = 0
+        self._publish_wake = asyncio.Event()
+        self._register_wake = asyncio.Event()
+        self._acked_cond = asyncio.Condition()
+        self._update_cond = asyncio.Condition()
+        self._updates = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self.relists = 0
+        self.reconnects = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> FederationAgent:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._lease_loop(), name=f"federation-lease-{self.info.id}"),
+            loop.create_task(self._publish_loop(), name=f"federation-publish-{self.info.id}"),
+            loop.create_task(self._watch_loop(), name=f"federation-watch-{self.info.id}"),
+        ]
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        for task in reversed(self._tasks):
+            task.cancel()
+        for task in reversed(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    # ---- publishing -----------------------------------------------------------------------------------------------
+
+    def publish(self, services: Iterable[Service], exports: Iterable[ServiceExport]) -> int:
+        """Queue the local snapshot for publishing; returns its generation (see ``wait_published``)."""
+        generation = max(self._generation + 1, time.time_ns() // 1000)
+        self._generation = generation
+        new = export_set(self.info, services, exports, generation=generation)
+        if self._acked is not None and self._pending is None and new.services == self._acked.services:
+            return self._acked.generation  # nothing changed since the last acknowledged publish
+        self._pending = new
+        self._publish_wake.set()
+        return generation
+
+    def publish_set(self, exports: ExportSet) -> int:
+        """Queue an already built export set (its generation is raised if not above the last one)."""
+        generation = max(exports.generation, self._generation + 1)
+        self._generation = generation
+        self._pending = replace(exports, generation=generation)
+        self._publish_wake.set()
+        return generation
+
+    @property
+    def acknowledged(self) -> ExportSet | None:
+        return self._acked
+
+    async def wait_published(self, generation: int) -> int:
+        """Wait until an export set of at least ``generation`` is stored; returns its store revision."""
+        async with self._acked_cond:
+            await self._acked_cond.wait_for(lambda: self._acked is not None and self._acked.generation >= generation)
+        return self._acked_revision
+
+    async def _publish_loop(self) -> None:
+        backoff = self.config.backoff_initial_s
+        while True:
+            await self._publish_wake.wait()
+            await self.registered.wait()
+            pending = self._pending
+            if pending is None:
+                self._publish_wake.clear()
+                continue
+            try:
+                revision = await self.client.publish(pending)
+            except StaleGeneration as exc:
+                log.info("publish stale cluster=%s generation=%d stored=%d: moving past it", self.info.id,
+                         exc.got, exc.stored)
+                self._generation = max(self._generation, exc.stored)
+                if self._pending is pending:
+                    self._generation += 1
+                    self._pending = replace(pending, generation=self._generation)
+                continue
+            except NotRegistered:
+                self.registered.clear()
+                self._register_wake.set()
+                continue
+            except (BadRequest, Refused) as exc:
+                log.error("publish rejected cluster=%s generation=%d error=%s field=%s", self.info.id,
+                          pending.generation, exc, exc.field)
+                if self._pending is pending:
+                    self._pending = None
+                    self._publish_wake.clear()
+                continue
+            except (Unreachable, FederationError) as exc:
+                log.warning("publish failed cluster=%s generation=%d error=%s retry_in=%.2fs", self.info.id,
+                            pending.generation, exc, backoff)
+                await asyncio.sleep(_jitter(backoff))
+                backoff = min(backoff * 2, self.config.backoff_max_s)
+                continue
+            backoff = self.config.backoff_initial_s
+            log.info("published cluster=%s generation=%d services=%d revision=%d", self.info.id, pending.generation,
+                     len(pending.services), revision)
+            async with self._acked_cond:
+                self._acked, self._acked_revision = pending, revision
+                self._acked_cond.notify_all()
+            if self._pending is pending:
+                self._pending = None
+                self._publish_wake.clear()
+
+    # ---- lease ----------------------------------------------------------------------------------------------------
+
+    async def _register(self) -> None:
+        member = await self.client.register(self.info)
+        self._lease_ttl = member.lease_ttl_s
+        log.info("registered cluster=%s lease_ttl=%.1fs", self.info.id, self._lease_ttl)
+        if self._acked is not None and self._pending is None:
+            # A removed member lost its exports: publish what we last had again, under a new generation.
+            self.publish_set(self._acked)
+        self.registered.set()
+
+    async def _lease_loop(self) -> None:
+        backoff = self.config.backoff_initial_s
+        while True:
+            try:
+                if not self.registered.is_set():
+                    await self._register()
+                else:
+                    await self.client.heartbeat()
+                backoff = self.config.backoff_initial_s
+                interval = self.config.heartbeat_interval_s or max(self._lease_ttl / 3, 0.05)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._register_wake.wait(), interval)
+                self._register_wake.clear()
+            except NotRegistered:
+                log.warning("federation forgot cluster=%s: registering again", self.info.id)
+                self.registered.clear()
+            except (Unreachable, FederationError) as exc:
+                log.warning("lease renewal failed cluster=%s error=%s retry_in=%.2fs", self.info.id, exc, backoff)
+                await asyncio.sleep(_jitter(backoff))
+                backoff = min(backoff * 2, self.config.backoff_max_s)
+
+    # ---- catalog --------------------------------------------------------------------------------------------------
+
+    async def _set_catalog(self, catalog: cat.Catalog) -> None:
+        self.catalog = catalog
+        if self._on_update is not None:
+            result = self._on_update(catalog)
+            if inspect.isawaitable(result):
+                await result
+        async with self._update_cond:
+            self._updates += 1
+            self._update_cond.notify_all()
+
+    async def _watch_loop(self) -> None:
+        backoff = self.config.backoff_initial_s
+        relist = True
+        while True:
+            try:
+                if relist or self.catalog is None:
+                    listing = await self.client.catalog()
+                    self.trust_bundle_pem = listing.trust_bundle_pem
+                    self.relists += 1
+                    await self._set_catalog(listing.catalog)
+                    relist = False
+                    log.info("catalog listed cluster=%s revision=%d services=%d members=%d", self.info.id,
+                             listing.catalog.revision, len(listing.catalog.services), len(listing.catalog.members))
+                assert self.catalog is not None
+                self.connected = True
+                async for revision, changes in self.client.watch(revision=self.catalog.revision):
+                    backoff = self.config.backoff_initial_s
+                    if changes or revision != self.catalog.revision:
+                        await self._set_catalog(cat.apply(self.catalog, revision, changes))
+            except Gone as exc:
+                log.info("catalog revision gone cluster=%s: relisting (%s)", self.info.id, exc)
+                relist = True
+            except (Unreachable, Refused, FederationError) as exc:
+                self.connected = False
+                self.reconnects += 1
+                log.warning("catalog watch lost cluster=%s revision=%s error=%s retry_in=%.2fs; keeping the last "
+                            "known catalog", self.info.id, self.catalog.revision if self.catalog else None, exc,
+                            backoff)
+                await asyncio.sleep(_jitter(backoff))
+                backoff = min(backoff * 2, self.config.backoff_max_s)
+            finally:
+                self.connected = False
+
+    async def updates(self) -> AsyncIterator[cat.Catalog]:
+        """Every new catalog (coalesced: a slow consumer gets the latest, never a stale one)."""
+        seen = -1
+
+        def fresh(last: int) -> Callable[[], bool]:
+            return lambda: self._updates != last and self.catalog is not None
+
+        while True:
+            async with self._update_cond:
+                await self._update_cond.wait_for(fresh(seen))
+                seen = self._updates
+            assert self.catalog is not None
+            yield self.catalog
+
+    async def wait_for(self, predicate: Callable[[cat.Catalog], bool]) -> cat.Catalog:
+        """Wait until the agent's catalog satisfies ``predicate`` (callers bound it with ``asyncio.timeout``)."""
+        async with self._update_cond:
+            await self._update_cond.wait_for(lambda: self.catalog is not None and predicate(self.catalog))
+        assert self.catalog is not None
+        return self.catalog
+
+    def apply(self, registry: Registry) -> Registry:
+        """``registry`` with the last known catalog applied (unchanged if none yet)."""
+        return registry if self.catalog is None else apply_catalog(registry, self.catalog)
+
+
+def _jitter(delay: float) -> float:
+    return delay * (0.5 + random.random())

@@ -1,0 +1,264 @@
+"""The federation API's client: async, mutual TLS, one cluster's view.
+
+``FederationClient(urls, ssl=..., cluster=...)`` talks to one or several service replicas (it moves to the next
+URL when one is unreachable). Every response is checked to come from the federation service's identity
+(``spiffe://<td>/meshfed/federation``) when a bundle is given. ``watch(revision=R)`` yields committed batches
+``(revision, changes)`` (a batch is committed by its bookmark line, so resuming from the last yielded revision never
+skips half a batch); a 410 raises ``Gone`` and the caller relists with ``catalog()``.
+
+Exception tree (this module)::
+
+    FederationError (federation.records)
+     +-- ClientError                 a call that did not succeed
+          +-- Unreachable            connection refused/reset, timeout, or 5xx: retry later (maybe another replica)
+          +-- Refused                401/403: this certificate may not do that
+          +-- BadRequest             400: ``field`` names what the service rejected
+          +-- NotRegistered          404 on a cluster route: register (again) first
+          +-- Gone                   410 on watch: relist
+     +-- StaleGeneration             409 on publish (``stored`` is the service's generation)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from discovery.model import ClusterId, ClusterInfo
+from federation import wire
+from federation.catalog import Catalog, Change
+from federation.records import ExportSet, FederationError, Member, StaleGeneration
+from federation.trust.bundle import TrustBundle
+from federation.trust.ca import issue_workload
+from federation.trust.errors import TrustError
+from federation.trust.identity import federation_server_of_peer
+from federation.trust.spiffe import SpiffeId
+from federation.trust.store import load_bundle, load_cluster_ca
+from federation.trust.tls import client_ssl_context, peer_chain_der
+
+log = logging.getLogger("meshfed.federation.client")
+
+
+class ClientError(FederationError):
+    def __init__(self, message: str, *, status: int = 0, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+class Unreachable(ClientError):
+    pass
+
+
+class Refused(ClientError):
+    pass
+
+
+class BadRequest(ClientError):
+    pass
+
+
+class NotRegistered(ClientError):
+    pass
+
+
+class Gone(ClientError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """``GET /v1/catalog``: the catalog as this cluster sees it, and the trust bundle's PEM."""
+
+    catalog: Catalog
+    trust_bundle_pem: str
+
+
+def cluster_credentials(ca_dir: Path, cluster: ClusterId, *, ttl: timedelta = timedelta(hours=24)
+                        ) -> tuple[ssl.SSLContext, TrustBundle]:
+    """A client TLS context for ``cluster`` from its CA directory: a fresh leaf for
+    ``spiffe://<td>/meshfed/cluster/<cluster>`` signed by the cluster's intermediate, trusting the bundle."""
+    ca = load_cluster_ca(ca_dir)
+    bundle = load_bundle(ca_dir)
+    key_pem, chain = issue_workload(ca, SpiffeId.cluster(bundle.trust_domain, cluster), ttl=ttl)
+    return client_ssl_context(b"".join(chain), key_pem, bundle), bundle
+
+
+def _error_of(status: int, body: Any, what: str) -> ClientError:
+    message = body.get("error", "") if isinstance(body, dict) else str(body)[:200]
+    field = body.get("field") if isinstance(body, dict) else None
+    text = f"{what}: HTTP {status}: {message}"
+    if status in (401, 403):
+        return Refused(text, status=status, field=field)
+    if status == 400:
+        return BadRequest(text, status=status, field=field)
+    if status == 404:
+        return NotRegistered(text, status=status, field=field)
+    if status == 410:
+        return Gone(text, status=status, field=field)
+    if status >= 500:
+        return Unreachable(text, status=status, field=field)
+    return ClientError(text, status=status, field=field)
+
+
+class FederationClient:
+    """One cluster's client of the federation API (an async context manager owning an HTTP session)."""
+
+    def __init__(self, urls: str | Sequence[str], *, ssl_context: ssl.SSLContext, cluster: ClusterId,
+                 bundle: TrustBundle | None = None, request_timeout_s: float = 15.0,
+                 watch_idle_timeout_s: float = 20.0) -> None:
+        self.urls = [urls] if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise ValueError("at least one federation URL is required")
+        self.cluster = cluster
+        self._ssl = ssl_context
+        self._bundle = bundle
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, connect=min(5.0, request_timeout_s))
+        self._watch_timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=watch_idle_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._current = 0
+        self._verified: dict[int, bool] = {}
+
+    async def __aenter__(self) -> FederationClient:
+        connector = aiohttp.TCPConnector(ssl=self._ssl, limit=16, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: json.dumps(v))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def url(self) -> str:
+        return self.urls[self._current % len(self.urls)]
+
+    def _failover(self) -> None:
+        if len(self.urls) > 1:
+            self._current = (self._current + 1) % len(self.urls)
+            log.info("federation unreachable, trying next replica url=%s", self.url)
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("FederationClient used outside 'async with'")
+        return self._session
+
+    def _check_server(self, resp: aiohttp.ClientResponse) -> None:
+        if self._bundle is None or resp.connection is None or resp.connection.transport is None:
+            return
+        transport = resp.connection.transport
+        if self._verified.get(id(transport)):
+            return
+        ssl_object = transport.get_extra_info("ssl_object")
+        try:
+            federation_server_of_peer(peer_chain_der(ssl_object), self._bundle)
+        except TrustError as exc:
+            raise Refused(f"{self.url} is not the federation service: {exc}") from exc
+        if len(self._verified) > 64:
+            self._verified.clear()
+        self._verified[id(transport)] = True
+
+    async def _call(self, method: str, path: str, *, body: Any = None, what: str) -> Any:
+        url = self.url + path
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            async with self._http().request(method, url, data=data, headers=headers, timeout=self._timeout) as resp:
+                self._check_server(resp)
+                raw = await resp.read()
+                try:
+                    payload = json.loads(raw) if raw else None
+                except ValueError:
+                    payload = raw.decode(errors="replace")
+                if resp.status >= 400:
+                    if resp.status == 409 and isinstance(payload, dict) and "storedGeneration" in payload:
+                        raise StaleGeneration(self.cluster, int(payload.get("generation", 0)),
+                                              int(payload["storedGeneration"]))
+                    err = _error_of(resp.status, payload, what)
+                    if isinstance(err, Unreachable):
+                        self._failover()
+                    raise err
+                return payload
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._failover()
+            raise Unreachable(f"{what}: {url}: {type(exc).__name__}: {exc}") from exc
+
+    # ---- calls ----------------------------------------------------------------------------------------------------
+
+    async def register(self, info: ClusterInfo) -> Member:
+        body = await self._call("PUT", f"/v1/clusters/{self.cluster}", body=wire.registration_json(info),
+                                what="register")
+        return wire.member_from_json(body["member"], "member")
+
+    async def deregister(self) -> int:
+        body = await self._call("DELETE", f"/v1/clusters/{self.cluster}", what="deregister")
+        return int(body["revision"])
+
+    async def heartbeat(self) -> Member:
+        body = await self._call("POST", f"/v1/clusters/{self.cluster}/heartbeat", what="heartbeat")
+        return wire.member_from_json(body["member"], "member")
+
+    async def publish(self, exports: ExportSet) -> int:
+        """Store ``exports`` durably; returns the store revision. Safe to retry with the same generation."""
+        body = await self._call("PUT", f"/v1/clusters/{self.cluster}/exports", body=wire.export_set_json(exports),
+                                what="publish")
+        return int(body["revision"])
+
+    async def catalog(self) -> Listing:
+        body = await self._call("GET", "/v1/catalog", what="catalog")
+        return Listing(catalog=wire.catalog_from_json(body), trust_bundle_pem=str(body.get("trustBundle", "")))
+
+    async def trust_bundle(self) -> dict[str, Any]:
+        body: dict[str, Any] = await self._call("GET", "/v1/trust-bundle", what="trust bundle")
+        return body
+
+    async def watch(self, *, revision: int) -> AsyncIterator[tuple[int, list[Change]]]:
+        """Committed change batches after ``revision``, until the stream ends (then ``Unreachable``)."""
+        url = f"{self.url}/v1/catalog/watch?revision={revision}"
+        try:
+            async with self._http().get(url, timeout=self._watch_timeout) as resp:
+                self._check_server(resp)
+                if resp.status >= 400:
+                    raw = await resp.read()
+                    try:
+                        payload = json.loads(raw)
+                    except ValueError:
+                        payload = raw.decode(errors="replace")
+                    err = _error_of(resp.status, payload, "watch")
+                    if isinstance(err, Unreachable):
+                        self._failover()
+                    raise err
+                buffer = b""
+                pending: list[Change] = []
+                async for chunk in resp.content.iter_any():
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if not line.strip():
+                            continue
+                        rev, change = wire.change_from_json(json.loads(line))
+                        if change is None:
+                            yield rev, pending
+                            pending = []
+                        else:
+                            pending.append(change)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            self._failover()
+            raise Unreachable(f"watch: {url}: {type(exc).__name__}: {exc}") from exc
+        self._failover()
+        raise Unreachable(f"watch: {url}: stream ended")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

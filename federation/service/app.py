@@ -1,0 +1,443 @@
+"""The federation service's aiohttp application: routes, the authentication middleware, and its lifecycle.
+
+``create_app(store=..., bundle=..., config=...)`` builds the app over an open store; ``serve(...)`` (an async
+context manager) runs it on an HTTPS listener whose TLS context requires a client certificate. Every route under
+``/v1/`` except ``/v1/openapi.json`` needs the caller's cluster identity (401 without one); routes on
+``/v1/clusters/{cluster}`` act only for the caller's own cluster (403 otherwise, logged). Errors are JSON:
+``{"error": "...", "field": "services[2].ports[0].port" | null}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from discovery.mcs import DEFAULT_CIDR
+from discovery.model import ClusterId, DiscoveryError, NetworkId, cluster_id
+from federation import catalog as cat
+from federation import wire
+from federation.records import FederationError, Member, RevisionCompacted, StaleGeneration, UnknownCluster
+from federation.service.auth import Identify, Unauthenticated, bundle_identify, peer_chain
+from federation.service.metrics import Metrics
+from federation.service.openapi import document
+from federation.service.state import CatalogState
+from federation.store.base import Store
+from federation.trust.bundle import TrustBundle
+from federation.trust.errors import TrustError
+
+log = logging.getLogger("meshfed.federation.service")
+
+PUBLIC = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json"})
+NDJSON = "application/x-ndjson"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    lease_ttl_s: float = 10.0
+    cidr: str = DEFAULT_CIDR
+    bookmark_interval_s: float = 5.0
+    history: int = 4096
+    max_body_bytes: int = 256 * 1024 * 1024
+    reap_interval_s: float = 0.0  # 0: the store expires leases itself; > 0: also call store.expire_leases()
+
+
+class _Keys:
+    state = web.AppKey("state", CatalogState)
+    store = web.AppKey("store", object)
+    metrics = web.AppKey("metrics", Metrics)
+    config = web.AppKey("config", ServiceConfig)
+    bundle = web.AppKey("bundle", object)
+    identify = web.AppKey("identify", object)
+    cache = web.AppKey("cache", dict)
+    cluster = web.RequestKey("cluster", str)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_dumps(value), status=status, content_type="application/json")
+
+
+def _error(status: int, message: str, *, field: str | None = None, **extra: Any) -> web.Response:
+    return _json({"error": message, "field": field, **extra}, status)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _store(request: web.Request) -> Store:
+    store = request.app[_Keys.store]
+    return store  # type: ignore[return-value]
+
+
+def _state(request: web.Request) -> CatalogState:
+    return request.app[_Keys.state]
+
+
+def _caller(request: web.Request) -> ClusterId:
+    return ClusterId(request[_Keys.cluster])
+
+
+class _Refused(Exception):
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+def _own_cluster(request: web.Request) -> ClusterId:
+    """The path's cluster, which must be the caller's (403 otherwise)."""
+    raw = request.match_info["cluster"]
+    try:
+        target = cluster_id(raw)
+    except DiscoveryError as exc:
+        raise _Refused(_error(400, str(exc), field="cluster")) from exc
+    caller = _caller(request)
+    if target != caller:
+        request.app[_Keys.metrics].auth_failures.labels(reason="wrong_cluster").inc()
+        log.warning("forbidden caller=%s target=%s method=%s path=%s", caller, target, request.method, request.path)
+        raise _Refused(_error(403, f"cluster {caller} may not act for cluster {target}", field="cluster"))
+    return target
+
+
+async def _body(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _Refused(_error(400, f"request body is not JSON: {exc}", field="")) from exc
+
+
+def _route_name(request: web.Request) -> str:
+    info = request.match_info
+    route = info.route if info is not None else None
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def _middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+    metrics = request.app[_Keys.metrics]
+    route = _route_name(request)
+    started = time.perf_counter()
+    response: web.StreamResponse
+    try:
+        if request.path not in PUBLIC:
+            try:
+                chain = peer_chain(request.transport.get_extra_info("ssl_object") if request.transport else None)
+                identify: Identify = request.app[_Keys.identify]  # type: ignore[assignment]
+                request[_Keys.cluster] = identify(chain)
+            except (Unauthenticated, TrustError, ValueError) as exc:
+                metrics.auth_failures.labels(reason="unauthenticated").inc()
+                log.warning("unauthenticated method=%s path=%s remote=%s error=%s", request.method, request.path,
+                            request.remote, exc)
+                raise _Refused(_error(401, f"client certificate does not identify a member cluster: {exc}")) from exc
+        response = await handler(request)
+    except _Refused as refused:
+        response = refused.response
+    except web.HTTPException as exc:
+        response = _error(exc.status, exc.reason)
+    except wire.WireError as exc:
+        response = _error(400, exc.reason, field=exc.field)
+    except FederationError as exc:
+        log.warning("store error method=%s path=%s error=%s", request.method, request.path, exc)
+        response = _error(503, f"store unavailable: {exc}")
+    metrics.requests.labels(method=request.method, route=route, code=str(response.status)).inc()
+    if not isinstance(response, web.Response) or response.content_type != NDJSON:
+        metrics.request_seconds.labels(route=route).observe(time.perf_counter() - started)
+    return response
+
+
+# ---- routes -------------------------------------------------------------------------------------------------------
+
+
+async def put_cluster(request: web.Request) -> web.Response:
+    cluster = _own_cluster(request)
+    info = wire.registration_from_json(await _body(request), cluster)
+    now = _now()
+    existing = _state(request).members().get(cluster)
+    member = Member(info=info, registered_at=existing.registered_at if existing else now, renewed_at=now,
+                    lease_ttl_s=request.app[_Keys.config].lease_ttl_s)
+    revision = await _store(request).put_member(member)
+    log.info("registered cluster=%s network=%s gateway=%s:%d revision=%d", cluster, info.network, info.gateway_host,
+             info.gateway_port, revision)
+    return _json({"member": wire.member_json(member, now=now), "revision": revision})
+
+
+async def delete_cluster(request: web.Request) -> web.Response:
+    cluster = _own_cluster(request)
+    try:
+        revision = await _store(request).remove_member(cluster)
+    except UnknownCluster as exc:
+        return _error(404, str(exc), field="cluster")
+    log.info("deregistered cluster=%s revision=%d", cluster, revision)
+    return _json({"cluster": cluster, "revision": revision})
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    cluster = _own_cluster(request)
+    now = _now()
+    try:
+        member = await _store(request).renew(cluster, now=now)
+    except UnknownCluster as exc:
+        return _error(404, f"{exc}; register again", field="cluster")
+    return _json({"member": wire.member_json(member, now=now)})
+
+
+async def put_exports(request: web.Request) -> web.Response:
+    cluster = _own_cluster(request)
+    metrics = request.app[_Keys.metrics]
+    started = time.perf_counter()
+    exports = wire.export_set_from_json(await _body(request), cluster)
+    try:
+        revision = await _store(request).put_exports(exports)
+    except StaleGeneration as exc:
+        metrics.publishes.labels(outcome="stale").inc()
+        return _error(409, str(exc), field="generation", generation=exc.got, storedGeneration=exc.stored)
+    except UnknownCluster as exc:
+        metrics.publishes.labels(outcome="unregistered").inc()
+        return _error(404, f"{exc}", field="cluster")
+    metrics.publishes.labels(outcome="stored").inc()
+    metrics.publish_seconds.observe(time.perf_counter() - started)
+    log.info("published cluster=%s generation=%d services=%d revision=%d", cluster, exports.generation,
+             len(exports.services), revision)
+    return _json({"cluster": cluster, "generation": exports.generation, "services": len(exports.services),
+                  "revision": revision})
+
+
+def _viewer_network(request: web.Request) -> NetworkId | None:
+    member = _state(request).members().get(_caller(request))
+    return member.info.network if member is not None else None
+
+
+def _bundle(request: web.Request) -> TrustBundle:
+    source: Callable[[], TrustBundle] = request.app[_Keys.bundle]  # type: ignore[assignment]
+    return source()
+
+
+async def get_catalog(request: web.Request) -> web.Response:
+    state = _state(request)
+    if not state.started.is_set():
+        return _error(503, "catalog not loaded yet: the store has not answered")
+    network = _viewer_network(request)
+    catalog = state.catalog
+    cache: dict[tuple[int, str | None], bytes] = request.app[_Keys.cache]
+    body = cache.get((catalog.revision, network))
+    if body is None:
+        doc = wire.catalog_json(cat.view(catalog, network=network))
+        doc["trustBundle"] = _bundle(request).to_pem().decode()
+        body = _dumps(doc)
+        if len(cache) > 16:
+            cache.clear()
+        cache[(catalog.revision, network)] = body
+    return web.Response(body=body, content_type="application/json")
+
+
+def _gone(state: CatalogState, revision: int) -> web.Response:
+    return _error(410, f"revision {revision} is too old or unknown to this replica (oldest {state.oldest}): relist",
+                  field="revision", revision=revision, oldest=state.oldest, current=state.revision)
+
+
+async def watch_catalog(request: web.Request) -> web.StreamResponse:
+    state = _state(request)
+    config = request.app[_Keys.config]
+    metrics = request.app[_Keys.metrics]
+    raw = request.query.get("revision")
+    try:
+        revision = int(raw) if raw is not None else -1
+    except ValueError:
+        return _error(400, f"revision {raw!r} is not an integer", field="revision")
+    if revision < 0:
+        return _error(400, "revision is required (from GET /v1/catalog)", field="revision")
+    if not state.started.is_set():
+        return _error(503, "catalog not loaded yet: the store has not answered")
+    if revision > state.revision and not await state.wait_beyond(revision - 1, wait_s=config.bookmark_interval_s):
+        return _gone(state, revision)
+    try:
+        batches = state.batches_after(revision)
+    except RevisionCompacted:
+        return _gone(state, revision)
+    caller = _caller(request)
+    response = web.StreamResponse(headers={"Content-Type": NDJSON, "Cache-Control": "no-store"})
+    await response.prepare(request)
+    metrics.watch_streams.inc()
+    log.info("watch open cluster=%s revision=%d", caller, revision)
+    try:
+        while True:
+            network = _viewer_network(request)
+            now = _now()
+            for rev, changes in batches:
+                lines = [_dumps(wire.change_json(rev, _view_change(c, network), now=now)) for c in changes]
+                lines.append(_dumps(wire.bookmark_json(rev)))
+                await response.write(b"\n".join(lines) + b"\n")
+                metrics.watch_events.inc(len(changes))
+                revision = rev
+            if not await state.wait_beyond(revision, wait_s=config.bookmark_interval_s):
+                await response.write(_dumps(wire.bookmark_json(revision)) + b"\n")
+            try:
+                batches = state.batches_after(revision)
+            except RevisionCompacted:
+                log.info("watch fell behind the history cluster=%s revision=%d: closing", caller, revision)
+                break
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        metrics.watch_streams.dec()
+        log.info("watch closed cluster=%s revision=%d", caller, revision)
+    return response
+
+
+def _view_change(change: cat.Change, network: NetworkId | None) -> cat.Change:
+    if isinstance(change, cat.ServiceChange) and change.service is not None:
+        return cat.ServiceChange(key=change.key, service=cat.view_service(change.service, network))
+    return change
+
+
+async def get_trust_bundle(request: web.Request) -> web.Response:
+    bundle = _bundle(request)
+    return _json({"trustDomain": bundle.trust_domain.name, "sequence": bundle.sequence,
+                  "pem": bundle.to_pem().decode(), "jwks": bundle.to_jwks()})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = _state(request)
+    if not state.started.is_set():
+        return _json({"status": "unready", "error": state.last_error or "catalog not loaded yet"}, 503)
+    if not state.healthy:
+        return _json({"status": "unready", "error": f"store unreachable: {state.last_error}"}, 503)
+    return _json({"status": "ready", "revision": state.revision})
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    _refresh_gauges(request.app)
+    body = generate_latest(request.app[_Keys.metrics].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    return _json(document())
+
+
+def _refresh_gauges(app: web.Application) -> None:
+    state, metrics = app[_Keys.state], app[_Keys.metrics]
+    members = state.members()
+    connected = sum(1 for m in members.values() if m.unreachable_since is None)
+    metrics.members.labels(state="connected").set(connected)
+    metrics.members.labels(state="unreachable").set(len(members) - connected)
+    metrics.services.set(len(state.catalog.services))
+    metrics.revision.set(state.revision)
+
+
+ROUTES: tuple[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamResponse]]], ...] = (
+    ("PUT", "/v1/clusters/{cluster}", put_cluster),
+    ("DELETE", "/v1/clusters/{cluster}", delete_cluster),
+    ("POST", "/v1/clusters/{cluster}/heartbeat", heartbeat),
+    ("PUT", "/v1/clusters/{cluster}/exports", put_exports),
+    ("GET", "/v1/catalog", get_catalog),
+    ("GET", "/v1/catalog/watch", watch_catalog),
+    ("GET", "/v1/trust-bundle", get_trust_bundle),
+    ("GET", "/v1/openapi.json", get_openapi),
+    ("GET", "/healthz", healthz),
+    ("GET", "/readyz", readyz),
+    ("GET", "/metrics", get_metrics),
+)
+
+
+# ---- lifecycle ----------------------------------------------------------------------------------------------------
+
+
+async def _grace_leases(store: Store, state: CatalogState) -> None:
+    """After a (re)start, give every connected member one fresh lease: the service being down is no reason to
+    declare clusters unreachable."""
+    await state.started.wait()
+    now = _now()
+    for cluster, member in sorted(state.members().items()):
+        if member.unreachable_since is None:
+            with contextlib.suppress(FederationError):
+                await store.renew(cluster, now=now)
+
+
+async def _reap(store: Store, interval: float) -> None:
+    expire = getattr(store, "expire_leases", None)
+    if expire is None:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await expire(now=_now())
+        except FederationError as exc:
+            log.warning("lease reaper: store error=%s", exc)
+
+
+def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: ServiceConfig | None = None,
+               identify: Identify | None = None) -> web.Application:
+    """The federation API over an open ``store``. ``identify`` maps a verified client chain to its cluster (by
+    default ``cluster_of_peer`` against ``bundle()``)."""
+    config = config or ServiceConfig()
+    metrics = Metrics()
+    app = web.Application(middlewares=[_middleware], client_max_size=config.max_body_bytes)
+    state = CatalogState(store, cidr=config.cidr, history=config.history)
+    app[_Keys.state] = state
+    app[_Keys.store] = store
+    app[_Keys.metrics] = metrics
+    app[_Keys.config] = config
+    app[_Keys.bundle] = bundle
+    app[_Keys.identify] = identify or bundle_identify(bundle)
+    app[_Keys.cache] = {}
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await state.start()
+        tasks = [asyncio.get_running_loop().create_task(_grace_leases(store, state), name="federation-grace")]
+        if config.reap_interval_s > 0:
+            tasks.append(asyncio.get_running_loop().create_task(_reap(store, config.reap_interval_s)))
+        yield
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await state.stop()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def state_of(app: web.Application) -> CatalogState:
+    return app[_Keys.state]
+
+
+def metrics_of(app: web.Application) -> Metrics:
+    return app[_Keys.metrics]
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext,
+                shutdown_timeout: float = 2.0) -> AsyncIterator[web.AppRunner]:
+    """Run ``app`` on ``host:port`` over TLS until the block exits."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        await site.start()
+        log.info("federation service listening on https://%s:%d", host, port)
+        yield runner
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,240 @@
+"""The service's view of the store: the merged catalog, kept current from the store's events, and its history.
+
+Nothing here is authoritative: the catalog is rebuilt from ``store.snapshot()`` at start and then follows
+``store.watch(after=...)``, so several replicas over one store (etcd) compute the same catalog at the same revision.
+Events that arrive together are applied as one batch (one catalog rebuild, only the keys they touch). Each batch
+becomes one entry of the history: ``(revision, changes)``; a watcher resumes from any batch boundary still in the
+history, anything older (or a revision this replica never stopped at) answers ``RevisionCompacted`` (HTTP 410) and
+the client relists.
+
+If the store's watch breaks, the follower retries with backoff from its last revision; if the store compacted past
+it, it takes a fresh snapshot and emits the difference as one batch, so watchers see no gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from discovery.mcs import DEFAULT_CIDR
+from discovery.model import ClusterId, ServiceKey
+from federation import catalog as cat
+from federation.records import (
+    EventKind,
+    ExportSet,
+    FederationError,
+    Member,
+    RevisionCompacted,
+    StoreEvent,
+    StoreUnavailable,
+)
+from federation.store.base import Store
+
+log = logging.getLogger("meshfed.federation.service")
+
+DEFAULT_HISTORY = 4096  # batches kept for watch resume
+
+
+class CatalogState:
+    """The merged catalog following the store, with a bounded history of change batches for watchers."""
+
+    def __init__(self, store: Store, *, cidr: str = DEFAULT_CIDR, history: int = DEFAULT_HISTORY,
+                 on_batch: Callable[[cat.Catalog, int], None] | None = None) -> None:
+        self._store = store
+        self._cidr = cidr
+        self._history_limit = history
+        self._on_batch = on_batch
+        self._members: dict[ClusterId, Member] = {}
+        self._exports: dict[ClusterId, ExportSet] = {}
+        self.catalog = cat.Catalog(revision=0)
+        self.oldest = 0  # every batch after this revision is in the history
+        self._history: deque[tuple[int, list[cat.Change]]] = deque()
+        self._boundaries: set[int] = set()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.healthy = False
+        self.last_error: str = ""
+        self.started = asyncio.Event()
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start following the store in the background (``started`` is set once the first snapshot is in)."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="federation-catalog-follow")
+
+    async def _run(self) -> None:
+        await self._retry_resync(first=True)
+        await self._follow()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        async with self._changed:
+            self._changed.notify_all()
+
+    # ---- reading --------------------------------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        return self.catalog.revision
+
+    def members(self) -> dict[ClusterId, Member]:
+        return dict(self._members)
+
+    def can_resume(self, revision: int) -> bool:
+        return revision == self.oldest or revision in self._boundaries
+
+    def batches_after(self, revision: int) -> list[tuple[int, list[cat.Change]]]:
+        """The batches after ``revision`` (a boundary this replica stopped at), or ``RevisionCompacted``."""
+        if revision > self.catalog.revision:
+            return []
+        if not self.can_resume(revision):
+            raise RevisionCompacted(revision, self.oldest)
+        if revision == self.catalog.revision:
+            return []
+        out: list[tuple[int, list[cat.Change]]] = []
+        for rev, changes in reversed(self._history):
+            if rev <= revision:
+                break
+            out.append((rev, changes))
+        out.reverse()
+        return out
+
+    async def wait_beyond(self, revision: int, *, wait_s: float) -> bool:
+        """Wait until the catalog moves past ``revision`` (True) or ``wait_s`` passes (False)."""
+        if self.catalog.revision > revision:
+            return True
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.catalog.revision > revision), wait_s)
+        return self.catalog.revision > revision
+
+    # ---- following the store ----------------------------------------------------------------------------------------
+
+    async def _resync(self, *, first: bool = False) -> None:
+        snap = await self._store.snapshot()
+        self._members = {m.info.id: m for m in snap.members}
+        self._exports = {e.cluster: e for e in snap.exports}
+        new = cat.build(revision=snap.revision, members=self._members, exports=self._exports.values(), cidr=self._cidr)
+        if first:
+            self.catalog = new
+            self.oldest = snap.revision
+            self._boundaries = {snap.revision}
+        else:
+            await self._publish(new, cat.diff(self.catalog, new))
+        self.healthy = True
+        self.started.set()
+        log.info("catalog snapshot revision=%d members=%d services=%d", snap.revision, len(self._members),
+                 len(new.services))
+
+    async def _follow(self) -> None:
+        backoff = 0.1
+        while True:
+            queue: asyncio.Queue[StoreEvent | BaseException] = asyncio.Queue()
+            reader = asyncio.get_running_loop().create_task(self._read(queue, self.catalog.revision))
+            try:
+                while True:
+                    item = await queue.get()
+                    batch: list[StoreEvent] = []
+                    while True:
+                        if isinstance(item, BaseException):
+                            raise item
+                        batch.append(item)
+                        if queue.empty():
+                            break
+                        item = queue.get_nowait()
+                    await self._apply(batch)
+                    self.healthy = True
+                    backoff = 0.1
+            except RevisionCompacted as exc:
+                log.warning("store compacted past the catalog revision=%d oldest=%d: resnapshot", exc.requested,
+                            exc.oldest)
+                await self._retry_resync()
+            except (FederationError, OSError) as exc:
+                self.healthy = False
+                self.last_error = str(exc)
+                log.warning("store watch failed revision=%d error=%s retry_in=%.2fs", self.catalog.revision, exc,
+                            backoff)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+
+    async def _retry_resync(self, *, first: bool = False) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._resync(first=first)
+                return
+            except (FederationError, OSError) as exc:
+                self.healthy = False
+                self.last_error = str(exc)
+                log.warning("store snapshot failed error=%s retry_in=%.2fs", exc, backoff)
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, 5.0)
+
+    async def _read(self, queue: asyncio.Queue[StoreEvent | BaseException], after: int) -> None:
+        try:
+            async for event in self._store.watch(after=after):
+                queue.put_nowait(event)
+            queue.put_nowait(StoreUnavailable("store watch ended"))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the follower, which decides
+            queue.put_nowait(exc)
+
+    async def _apply(self, events: list[StoreEvent]) -> None:
+        started = time.perf_counter()
+        dirty: set[ServiceKey] = set()
+        revision = self.catalog.revision
+        for ev in events:
+            if ev.revision <= revision:
+                continue  # already applied (a watch re-delivering after a reconnect)
+            revision = ev.revision
+            old_exports = self._exports.get(ev.cluster)
+            if ev.kind == EventKind.EXPORTS and ev.exports is not None:
+                self._exports[ev.cluster] = ev.exports
+                dirty.update(s.key for s in ev.exports.services)
+            elif ev.kind == EventKind.MEMBER and ev.member is not None:
+                self._members[ev.cluster] = ev.member
+            elif ev.kind == EventKind.MEMBER_REMOVED:
+                self._members.pop(ev.cluster, None)
+                self._exports.pop(ev.cluster, None)
+            if old_exports is not None:
+                dirty.update(s.key for s in old_exports.services)
+        if revision == self.catalog.revision:
+            return
+        new = cat.build(revision=revision, members=self._members, exports=self._exports.values(), cidr=self._cidr,
+                        previous=self.catalog, dirty=dirty)
+        await self._publish(new, cat.diff(self.catalog, new))
+        log.debug("catalog batch revision=%d events=%d dirty=%d took=%.1fms", revision, len(events), len(dirty),
+                  (time.perf_counter() - started) * 1000)
+
+    async def _publish(self, new: cat.Catalog, changes: list[cat.Change]) -> None:
+        self.catalog = new
+        self._history.append((new.revision, changes))
+        self._boundaries.add(new.revision)
+        while len(self._history) > self._history_limit:
+            rev, _ = self._history.popleft()
+            self._boundaries.discard(self.oldest)
+            self.oldest = rev
+        if self._on_batch is not None:
+            self._on_batch(new, len(changes))
+        async with self._changed:
+            self._changed.notify_all()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

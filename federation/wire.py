@@ -1,0 +1,482 @@
+"""The federation API's JSON form: records <-> plain JSON values, validated field by field.
+
+Everything that crosses HTTP goes through here, in both directions: the service decodes request bodies and
+encodes responses, the client does the reverse, with the same functions. A body that breaks a rule raises
+``WireError`` naming the offending field as a path (``services[2].ports[0].port``), which the service answers
+with 400 and ``{"error": ..., "field": ...}``.
+
+Exception tree (this module)::
+
+    FederationError (federation.records)
+     +-- WireError        a JSON value that does not decode; ``field`` is the path of the offending value
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from discovery.model import (
+    ClusterId,
+    ClusterInfo,
+    Condition,
+    ConditionStatus,
+    DiscoveryError,
+    Endpoint,
+    Locality,
+    LocalitySummary,
+    NetworkId,
+    Protocol,
+    RemoteEndpoints,
+    ServiceImport,
+    ServiceKey,
+    ServicePort,
+    ServiceType,
+    cluster_id,
+    namespace,
+    network_id,
+    service_name,
+)
+from federation.catalog import Catalog, CatalogService, Change, MemberChange, ServiceChange
+from federation.records import ExportedService, ExportSet, FederationError, Member
+
+Json = Any
+T = TypeVar("T")
+
+MAX_SERVICES = 100_000
+MAX_ENDPOINTS = 100_000
+
+
+class WireError(FederationError, ValueError):
+    """A JSON value that does not decode; ``field`` names where (``services[2].ports[0].port``)."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.reason = message
+
+
+# --- decoding helpers -------------------------------------------------------------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _obj(value: Json, path: str) -> Mapping[str, Json]:
+    if not isinstance(value, dict):
+        raise WireError("must be a JSON object", field=path)
+    return value
+
+
+def _list(value: Json, path: str, *, limit: int = MAX_ENDPOINTS) -> Sequence[Json]:
+    if not isinstance(value, list):
+        raise WireError("must be a JSON array", field=path)
+    if len(value) > limit:
+        raise WireError(f"has {len(value)} items, more than the limit {limit}", field=path)
+    return value
+
+
+def _req(obj: Mapping[str, Json], key: str, path: str) -> Json:
+    if key not in obj:
+        raise WireError("is required", field=_join(path, key))
+    return obj[key]
+
+
+def _str(obj: Mapping[str, Json], key: str, path: str, *, default: str | None = None) -> str:
+    if key not in obj or obj[key] is None:
+        if default is None:
+            raise WireError("is required", field=_join(path, key))
+        return default
+    value = obj[key]
+    if not isinstance(value, str):
+        raise WireError("must be a string", field=_join(path, key))
+    return value
+
+
+def _int(obj: Mapping[str, Json], key: str, path: str, *, default: int | None = None, low: int | None = None,
+         high: int | None = None) -> int:
+    if key not in obj or obj[key] is None:
+        if default is None:
+            raise WireError("is required", field=_join(path, key))
+        return default
+    value = obj[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise WireError("must be an integer", field=_join(path, key))
+    if low is not None and value < low:
+        raise WireError(f"must be at least {low}", field=_join(path, key))
+    if high is not None and value > high:
+        raise WireError(f"must be at most {high}", field=_join(path, key))
+    return value
+
+
+def _float(obj: Mapping[str, Json], key: str, path: str, *, default: float | None = None) -> float:
+    if key not in obj or obj[key] is None:
+        if default is None:
+            raise WireError("is required", field=_join(path, key))
+        return default
+    value = obj[key]
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise WireError("must be a number", field=_join(path, key))
+    return float(value)
+
+
+def _bool(obj: Mapping[str, Json], key: str, path: str, *, default: bool) -> bool:
+    if key not in obj or obj[key] is None:
+        return default
+    value = obj[key]
+    if not isinstance(value, bool):
+        raise WireError("must be true or false", field=_join(path, key))
+    return value
+
+
+def _checked(fn: Callable[[str], T], value: str, path: str) -> T:
+    try:
+        return fn(value)
+    except (DiscoveryError, ValueError) as exc:
+        raise WireError(str(exc), field=path) from exc
+
+
+def _time(obj: Mapping[str, Json], key: str, path: str, *, optional: bool = False) -> datetime | None:
+    if key not in obj or obj[key] is None:
+        if optional:
+            return None
+        raise WireError("is required", field=_join(path, key))
+    text = obj[key]
+    if not isinstance(text, str):
+        raise WireError("must be an RFC 3339 time string", field=_join(path, key))
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise WireError(f"{text!r} is not an RFC 3339 time", field=_join(path, key)) from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _req_time(obj: Mapping[str, Json], key: str, path: str) -> datetime:
+    value = _time(obj, key, path)
+    assert value is not None
+    return value
+
+
+def time_json(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _enum(obj: Mapping[str, Json], key: str, path: str, kind: type[T], default: T) -> T:
+    if key not in obj or obj[key] is None:
+        return default
+    value = obj[key]
+    try:
+        return kind(value)  # type: ignore[call-arg]
+    except ValueError as exc:
+        allowed = ", ".join(str(v) for v in kind)  # type: ignore[attr-defined]
+        raise WireError(f"{value!r} is not one of {allowed}", field=_join(path, key)) from exc
+
+
+# --- small values ---------------------------------------------------------------------------------------------------
+
+
+def port_json(p: ServicePort) -> Json:
+    return {"port": p.port, "protocol": str(p.protocol), "name": p.name, "appProtocol": p.app_protocol,
+            "targetPort": p.target_port}
+
+
+def port_from_json(value: Json, path: str) -> ServicePort:
+    o = _obj(value, path)
+    port = _int(o, "port", path, low=1, high=65535)
+    protocol = _enum(o, "protocol", path, Protocol, Protocol.TCP)
+    name = _str(o, "name", path, default="")
+    target = o.get("targetPort", 0)
+    if target is None:
+        target = 0
+    if isinstance(target, bool) or not isinstance(target, int | str):
+        raise WireError("must be a port number or a port name", field=_join(path, "targetPort"))
+    if isinstance(target, int) and not 0 <= target <= 65535:
+        raise WireError("must be in 0..65535", field=_join(path, "targetPort"))
+    try:
+        return ServicePort(port=port, protocol=protocol, name=name,
+                           app_protocol=_str(o, "appProtocol", path, default=""), target_port=target)
+    except DiscoveryError as exc:
+        raise WireError(str(exc), field=_join(path, "name")) from exc
+
+
+def endpoint_json(e: Endpoint) -> Json:
+    return {
+        "address": e.address, "ready": e.ready, "serving": e.serving, "terminating": e.terminating,
+        "hostname": e.hostname, "zone": e.zone, "node": e.node,
+        "ports": [{"name": n, "port": p} for n, p in e.ports],
+        "labels": dict(e.labels), "serviceAccount": e.service_account,
+    }
+
+
+def endpoint_from_json(value: Json, path: str) -> Endpoint:
+    o = _obj(value, path)
+    address = _str(o, "address", path)
+    ports: list[tuple[str, int]] = []
+    for i, item in enumerate(_list(o.get("ports", []), _join(path, "ports"))):
+        ip = f"{_join(path, 'ports')}[{i}]"
+        po = _obj(item, ip)
+        ports.append((_str(po, "name", ip, default=""), _int(po, "port", ip, low=1, high=65535)))
+    labels_raw = _obj(o.get("labels", {}) or {}, _join(path, "labels"))
+    labels: list[tuple[str, str]] = []
+    for k, v in sorted(labels_raw.items()):
+        if not isinstance(v, str):
+            raise WireError("must be a string", field=_join(_join(path, "labels"), k))
+        labels.append((k, v))
+    hostname = _str(o, "hostname", path, default="")
+    try:
+        return Endpoint(
+            address=address, ready=_bool(o, "ready", path, default=True),
+            serving=_bool(o, "serving", path, default=True),
+            terminating=_bool(o, "terminating", path, default=False), hostname=hostname,
+            zone=_str(o, "zone", path, default=""), node=_str(o, "node", path, default=""),
+            ports=tuple(ports), labels=tuple(labels), service_account=_str(o, "serviceAccount", path, default=""),
+        )
+    except DiscoveryError as exc:
+        field = "hostname" if hostname and "hostname" in str(exc) else "address"
+        raise WireError(str(exc), field=_join(path, field)) from exc
+
+
+def locality_summary_json(s: LocalitySummary) -> Json:
+    loc = s.locality
+    return {"region": loc.region, "zone": loc.zone, "cluster": loc.cluster, "network": loc.network,
+            "ready": s.ready, "weight": s.weight}
+
+
+def locality_summary_from_json(value: Json, path: str) -> LocalitySummary:
+    o = _obj(value, path)
+    loc = Locality(region=_str(o, "region", path, default=""), zone=_str(o, "zone", path, default=""),
+                   cluster=_str(o, "cluster", path, default=""), network=_str(o, "network", path, default=""))
+    return LocalitySummary(locality=loc, ready=_int(o, "ready", path, low=0),
+                           weight=_int(o, "weight", path, default=1, low=0, high=1_000_000))
+
+
+def condition_json(c: Condition) -> Json:
+    return {"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message}
+
+
+def condition_from_json(value: Json, path: str) -> Condition:
+    o = _obj(value, path)
+    return Condition(type=_str(o, "type", path), status=_enum(o, "status", path, ConditionStatus,
+                                                               ConditionStatus.UNKNOWN),
+                     reason=_str(o, "reason", path, default=""), message=_str(o, "message", path, default=""))
+
+
+def gateway_json(host: str, port: int) -> Json:
+    return {"host": host, "port": port}
+
+
+# --- members ------------------------------------------------------------------------------------------------------
+
+
+def registration_json(info: ClusterInfo) -> Json:
+    """The body of ``PUT /v1/clusters/{cluster}``."""
+    return {"network": info.network, "region": info.region, "zone": info.zone,
+            "gateway": gateway_json(info.gateway_host, info.gateway_port)}
+
+
+def registration_from_json(value: Json, cluster: ClusterId) -> ClusterInfo:
+    o = _obj(value, "")
+    net = _checked(network_id, _str(o, "network", ""), "network")
+    gw = _obj(o.get("gateway", {}) or {}, "gateway")
+    host = _str(gw, "host", "gateway", default="")
+    port = _int(gw, "port", "gateway", default=15443, low=1, high=65535)
+    return ClusterInfo(id=cluster, network=net, region=_str(o, "region", "", default=""),
+                       zone=_str(o, "zone", "", default=""), gateway_host=host, gateway_port=port)
+
+
+def member_json(m: Member, *, now: datetime | None = None) -> Json:
+    now = now or datetime.now(UTC)
+    return {
+        "cluster": m.info.id, "network": m.info.network, "region": m.info.region, "zone": m.info.zone,
+        "gateway": gateway_json(m.info.gateway_host, m.info.gateway_port),
+        "registeredAt": time_json(m.registered_at), "renewedAt": time_json(m.renewed_at),
+        "leaseTtlSeconds": m.lease_ttl_s,
+        "leaseAgeSeconds": round(max(0.0, (now - m.renewed_at).total_seconds()), 3),
+        "connected": m.unreachable_since is None,
+        "unreachableSince": time_json(m.unreachable_since) if m.unreachable_since else None,
+    }
+
+
+def member_from_json(value: Json, path: str = "") -> Member:
+    o = _obj(value, path)
+    cluster = _checked(cluster_id, _str(o, "cluster", path), _join(path, "cluster"))
+    info = _registration_at(o, cluster, path)
+    return Member(info=info, registered_at=_req_time(o, "registeredAt", path),
+                  renewed_at=_req_time(o, "renewedAt", path), lease_ttl_s=_float(o, "leaseTtlSeconds", path),
+                  unreachable_since=_time(o, "unreachableSince", path, optional=True))
+
+
+def _registration_at(o: Mapping[str, Json], cluster: ClusterId, path: str) -> ClusterInfo:
+    try:
+        return registration_from_json(o, cluster)
+    except WireError as exc:
+        raise WireError(exc.reason, field=_join(path, exc.field)) from exc
+
+
+# --- exports --------------------------------------------------------------------------------------------------------
+
+
+def exported_service_json(s: ExportedService) -> Json:
+    return {
+        "namespace": s.key.namespace, "name": s.key.name, "type": str(s.type),
+        "ports": [port_json(p) for p in s.ports], "created": time_json(s.created),
+        "localities": [locality_summary_json(x) for x in s.localities],
+        "endpoints": [endpoint_json(e) for e in s.endpoints],
+    }
+
+
+def exported_service_from_json(value: Json, path: str, *, cluster: ClusterId) -> ExportedService:
+    o = _obj(value, path)
+    ns = _checked(namespace, _str(o, "namespace", path), _join(path, "namespace"))
+    name = _checked(service_name, _str(o, "name", path), _join(path, "name"))
+    ports_raw = _list(_req(o, "ports", path), _join(path, "ports"), limit=1000)
+    ports = tuple(port_from_json(p, f"{_join(path, 'ports')}[{i}]") for i, p in enumerate(ports_raw))
+    seen: dict[int, int] = {}
+    for i, p in enumerate(ports):
+        if p.port in seen:
+            raise WireError(f"port {p.port} is listed twice", field=f"{_join(path, 'ports')}[{i}].port")
+        seen[p.port] = i
+    localities = tuple(
+        locality_summary_from_json(x, f"{_join(path, 'localities')}[{i}]")
+        for i, x in enumerate(_list(o.get("localities", []), _join(path, "localities"), limit=10_000))
+    )
+    for i, loc in enumerate(localities):
+        if loc.locality.cluster and loc.locality.cluster != cluster:
+            raise WireError(f"names cluster {loc.locality.cluster!r}, not the publisher {cluster!r}",
+                            field=f"{_join(path, 'localities')}[{i}].cluster")
+    endpoints = tuple(
+        endpoint_from_json(x, f"{_join(path, 'endpoints')}[{i}]")
+        for i, x in enumerate(_list(o.get("endpoints", []), _join(path, "endpoints")))
+    )
+    return ExportedService(key=ServiceKey(namespace=ns, name=name),
+                           type=_enum(o, "type", path, ServiceType, ServiceType.CLUSTER_SET_IP), ports=ports,
+                           created=_req_time(o, "created", path), localities=localities, endpoints=endpoints)
+
+
+def export_set_json(e: ExportSet) -> Json:
+    """The body of ``PUT /v1/clusters/{cluster}/exports``."""
+    return {"generation": e.generation, "services": [exported_service_json(s) for s in e.services]}
+
+
+def export_set_from_json(value: Json, cluster: ClusterId) -> ExportSet:
+    o = _obj(value, "")
+    generation = _int(o, "generation", "", low=1, high=2**63 - 1)
+    raw = _list(_req(o, "services", ""), "services", limit=MAX_SERVICES)
+    services = [exported_service_from_json(s, f"services[{i}]", cluster=cluster) for i, s in enumerate(raw)]
+    seen: dict[ServiceKey, int] = {}
+    for i, s in enumerate(services):
+        if s.key in seen:
+            raise WireError(f"service {s.key} is listed twice (first at services[{seen[s.key]}])",
+                            field=f"services[{i}].name")
+        seen[s.key] = i
+    return ExportSet(cluster=cluster, generation=generation, services=tuple(sorted(services, key=lambda s: s.key)))
+
+
+# --- catalog --------------------------------------------------------------------------------------------------------
+
+
+def remote_endpoints_json(r: RemoteEndpoints) -> Json:
+    return {"cluster": r.cluster, "network": r.network, "gateway": gateway_json(r.gateway_host, r.gateway_port),
+            "localities": [locality_summary_json(x) for x in r.localities],
+            "endpoints": [endpoint_json(e) for e in r.endpoints]}
+
+
+def remote_endpoints_from_json(value: Json, path: str) -> RemoteEndpoints:
+    o = _obj(value, path)
+    gw = _obj(o.get("gateway", {}) or {}, _join(path, "gateway"))
+    return RemoteEndpoints(
+        cluster=_checked(cluster_id, _str(o, "cluster", path), _join(path, "cluster")),
+        network=NetworkId(_str(o, "network", path, default="")),
+        gateway_host=_str(gw, "host", _join(path, "gateway"), default=""),
+        gateway_port=_int(gw, "port", _join(path, "gateway"), default=15443, low=1, high=65535),
+        localities=tuple(locality_summary_from_json(x, f"{_join(path, 'localities')}[{i}]")
+                         for i, x in enumerate(_list(o.get("localities", []), _join(path, "localities")))),
+        endpoints=tuple(endpoint_from_json(x, f"{_join(path, 'endpoints')}[{i}]")
+                        for i, x in enumerate(_list(o.get("endpoints", []), _join(path, "endpoints")))),
+    )
+
+
+def catalog_service_json(s: CatalogService) -> Json:
+    imp = s.import_
+    return {
+        "namespace": imp.key.namespace, "name": imp.key.name, "type": str(imp.type),
+        "ports": [port_json(p) for p in imp.ports], "ips": list(imp.ips), "clusters": list(imp.clusters),
+        "conditions": [dict(condition_json(c), cluster=cl) for cl, c in s.conditions],
+        "endpoints": [remote_endpoints_json(r) for r in s.endpoints],
+    }
+
+
+def catalog_service_from_json(value: Json, path: str) -> CatalogService:
+    o = _obj(value, path)
+    key = ServiceKey(namespace=_checked(namespace, _str(o, "namespace", path), _join(path, "namespace")),
+                     name=_checked(service_name, _str(o, "name", path), _join(path, "name")))
+    ports = tuple(port_from_json(p, f"{_join(path, 'ports')}[{i}]")
+                  for i, p in enumerate(_list(o.get("ports", []), _join(path, "ports"))))
+    ips = tuple(str(x) for x in _list(o.get("ips", []), _join(path, "ips")))
+    clusters = tuple(_checked(cluster_id, str(x), f"{_join(path, 'clusters')}[{i}]")
+                     for i, x in enumerate(_list(o.get("clusters", []), _join(path, "clusters"))))
+    conditions: list[tuple[ClusterId, Condition]] = []
+    for i, c in enumerate(_list(o.get("conditions", []), _join(path, "conditions"))):
+        cp = f"{_join(path, 'conditions')}[{i}]"
+        conditions.append((_checked(cluster_id, _str(_obj(c, cp), "cluster", cp), _join(cp, "cluster")),
+                           condition_from_json(c, cp)))
+    endpoints = tuple(remote_endpoints_from_json(x, f"{_join(path, 'endpoints')}[{i}]")
+                      for i, x in enumerate(_list(o.get("endpoints", []), _join(path, "endpoints"))))
+    imp = ServiceImport(key=key, type=_enum(o, "type", path, ServiceType, ServiceType.CLUSTER_SET_IP), ports=ports,
+                        clusters=clusters, ips=ips)
+    return CatalogService(import_=imp, conditions=tuple(conditions), endpoints=endpoints)
+
+
+def catalog_json(c: Catalog, *, now: datetime | None = None) -> Json:
+    """The body of ``GET /v1/catalog`` without the trust bundle (the service adds ``trustBundle``)."""
+    now = now or datetime.now(UTC)
+    return {"revision": c.revision,
+            "members": [member_json(m, now=now) for _, m in sorted(c.members.items())],
+            "services": [catalog_service_json(s) for _, s in sorted(c.services.items())]}
+
+
+def catalog_from_json(value: Json) -> Catalog:
+    o = _obj(value, "")
+    members = [member_from_json(m, f"members[{i}]") for i, m in enumerate(_list(_req(o, "members", ""), "members"))]
+    services = [catalog_service_from_json(s, f"services[{i}]")
+                for i, s in enumerate(_list(_req(o, "services", ""), "services", limit=MAX_SERVICES * 10))]
+    return Catalog(revision=_int(o, "revision", "", low=0), members={m.info.id: m for m in members},
+                   services={s.import_.key: s for s in services})
+
+
+# --- watch events ---------------------------------------------------------------------------------------------------
+
+
+def change_json(revision: int, change: Change, *, now: datetime | None = None) -> Json:
+    if isinstance(change, ServiceChange):
+        return {"revision": revision, "type": "service", "namespace": change.key.namespace, "name": change.key.name,
+                "service": catalog_service_json(change.service) if change.service else None}
+    return {"revision": revision, "type": "member", "cluster": change.cluster,
+            "member": member_json(change.member, now=now) if change.member else None}
+
+
+def bookmark_json(revision: int) -> Json:
+    return {"revision": revision, "type": "bookmark"}
+
+
+def change_from_json(value: Json) -> tuple[int, Change | None]:
+    """One watch line: ``(revision, change)``; ``change`` is None for a bookmark (the batch up to it is complete)."""
+    o = _obj(value, "")
+    revision = _int(o, "revision", "", low=0)
+    kind = _str(o, "type", "")
+    if kind == "bookmark":
+        return revision, None
+    if kind == "service":
+        key = ServiceKey(namespace=_checked(namespace, _str(o, "namespace", ""), "namespace"),
+                         name=_checked(service_name, _str(o, "name", ""), "name"))
+        raw = o.get("service")
+        return revision, ServiceChange(key=key, service=catalog_service_from_json(raw, "service") if raw else None)
+    if kind == "member":
+        cluster = _checked(cluster_id, _str(o, "cluster", ""), "cluster")
+        raw = o.get("member")
+        return revision, MemberChange(cluster=cluster, member=member_from_json(raw, "member") if raw else None)
+    raise WireError(f"unknown change type {kind!r}", field="type")
