@@ -45,6 +45,9 @@ def load_assignment(name: str, endpoints: list[UpstreamEndpoint]) -> Any:
             endpoint_components_pb2.LocalityLbEndpoints(
                 locality=_locality(loc),
                 lb_endpoints=[_lb_endpoint(e) for e in sorted(groups[loc], key=lambda e: (e.address, e.port))],
+                # Envoy ignores locality weights unless locality-weighted LB is on; gRPC's xDS client drops a
+                # locality without one. The sum of its endpoints' weights keeps both consistent.
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=sum(max(1, e.weight) for e in groups[loc])),
             )
             for loc in sorted(groups)
         ],

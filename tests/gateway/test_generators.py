@@ -148,6 +148,7 @@ def test_sidecar_endpoints_local_pods_plus_remote_gateway_weighted_with_locality
         ("eu", "eu-1", "east"): [("127.0.0.5", 21002, 1, False)],
         ("us", "us-1", "west"): [("127.0.0.1", 16443, 2, True)],  # west's gateway, weight = 2 ready pods
     }
+    assert [loc.load_balancing_weight.value for loc in cla.endpoints] == [1, 2]
 
 
 def test_remote_with_no_ready_endpoints_is_left_out_and_same_network_uses_pods(ca: MeshCA) -> None:
