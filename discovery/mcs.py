@@ -197,9 +197,12 @@ def _conflict_condition(
         reasons.append(REASON_TYPE_CONFLICT)
         mine_t = next(svc.type for e, svc in members if e.cluster == me.cluster)
         if mine_t == import_type:
-            others_t = type_losers
-            detail = f"type conflict: this cluster's {mine_t} service disagrees with " + ", ".join(
-                f"{c}" for c in others_t
+            other_type = (
+                ServiceType.HEADLESS if import_type == ServiceType.CLUSTER_SET_IP else ServiceType.CLUSTER_SET_IP
+            )
+            detail = (
+                f"type conflict with {_plural(len(type_losers), 'cluster', 'clusters')} {', '.join(type_losers)} "
+                f"({other_type})"
             )
         else:
             detail = f"type conflict: this cluster's service is {mine_t}, the oldest export's is {import_type}"

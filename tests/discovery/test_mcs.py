@@ -145,6 +145,7 @@ def test_type_conflict_oldest_wins() -> None:
     msg = cond(r, "west", "Conflict")[2]
     assert "this cluster's service is ClusterSetIP, the oldest export's is Headless" in msg
     assert "2 of 3 clusters disagree" in msg
+    assert "type conflict with clusters north, west (ClusterSetIP)" in cond(r, "east", "Conflict")[2]
 
 
 def test_both_conflicts_are_combined() -> None:
