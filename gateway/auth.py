@@ -13,7 +13,8 @@ Then ``check_node`` binds the identity to the node id the proxy claims. Node ids
     <kind>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>
     e.g. sidecar~10.0.0.5~reviews-1.default~default.svc.cluster.local
 
-where kind is ``sidecar`` (Envoy sidecar), ``router`` (east-west gateway) or ``proxyless`` (gRPC's xDS client).
+where kind is ``sidecar`` (Envoy sidecar), ``router`` or ``gateway`` (east-west gateway), ``grpc`` or
+``proxyless`` (gRPC's xDS client).
 The node's namespace must be the identity's namespace, and if the node's metadata names a ``SERVICE_ACCOUNT`` it
 must be the identity's. A proxy thus only ever receives the snapshot of a node id in its own namespace, and SDS
 only issues certificates for the identity the token proved (never one the node claims).
@@ -24,7 +25,6 @@ Errors: ``AuthenticationError`` (no/invalid token; the server answers UNAUTHENTI
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import hmac
 import json
@@ -59,17 +59,14 @@ class ProxyIdentity:
     cluster: str
 
 
-class NodeKind(enum.StrEnum):
-    SIDECAR = "sidecar"
-    ROUTER = "router"
-    PROXYLESS = "proxyless"
+NODE_KINDS = frozenset({"sidecar", "router", "gateway", "proxyless", "grpc"})
 
 
 @dataclass(frozen=True)
 class NodeInfo:
     """A parsed node id."""
 
-    kind: NodeKind
+    kind: str
     ip: str
     pod: str
     namespace: str
@@ -80,9 +77,11 @@ class NodeInfo:
         return f"{self.kind}~{self.ip}~{self.pod}.{self.namespace}~{self.namespace}.svc.{self.domain}"
 
 
-def make_node_id(*, kind: NodeKind | str, ip: str, pod: str, namespace: str, domain: str = "cluster.local") -> str:
+def make_node_id(*, kind: str, ip: str, pod: str, namespace: str, domain: str = "cluster.local") -> str:
     """The node id a proxy's bootstrap carries (see the module docstring)."""
-    return NodeInfo(NodeKind(kind), ip, pod, namespace, domain).node_id
+    if kind not in NODE_KINDS:
+        raise ValueError(f"node kind {kind!r} is not one of {sorted(NODE_KINDS)}")
+    return NodeInfo(kind, ip, pod, namespace, domain).node_id
 
 
 def parse_node_id(node_id: str) -> NodeInfo:
@@ -91,15 +90,13 @@ def parse_node_id(node_id: str) -> NodeInfo:
     if len(parts) != 4:
         raise NodeMismatch(f"node id {node_id!r} is not <kind>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>")
     kind, ip, pod_ns, dns = parts
-    try:
-        node_kind = NodeKind(kind)
-    except ValueError:
-        raise NodeMismatch(f"node id {node_id!r}: kind {kind!r} is not one of {[k.value for k in NodeKind]}") from None
+    if kind not in NODE_KINDS:
+        raise NodeMismatch(f"node id {node_id!r}: kind {kind!r} is not one of {sorted(NODE_KINDS)}")
     pod, _, namespace = pod_ns.rpartition(".")
     dns_ns, sep, domain = dns.partition(".svc.")
     if not pod or not namespace or not ip or not sep or dns_ns != namespace or not domain:
         raise NodeMismatch(f"node id {node_id!r} is not <kind>~<ip>~<pod>.<namespace>~<namespace>.svc.<domain>")
-    return NodeInfo(node_kind, ip, pod, namespace, domain)
+    return NodeInfo(kind, ip, pod, namespace, domain)
 
 
 def check_node(identity: ProxyIdentity, node_id: str, metadata: Mapping[str, Any]) -> NodeInfo:
