@@ -26,13 +26,14 @@ from discovery.model import (
     Endpoint,
     Locality,
     LocalitySummary,
-    Namespace,
-    NetworkId,
     Protocol,
     ServiceKey,
-    ServiceName,
     ServicePort,
     ServiceType,
+    cluster_id,
+    namespace,
+    network_id,
+    service_name,
 )
 from federation.records import (
     EventKind,
@@ -90,8 +91,8 @@ def member_from_json(obj: Mapping[str, Any]) -> Member:
     unreachable = obj.get("unreachable_since")
     return Member(
         info=ClusterInfo(
-            id=ClusterId(str(info["id"])),
-            network=NetworkId(str(info["network"])),
+            id=cluster_id(str(info["id"])),
+            network=network_id(str(info["network"])),
             region=str(info.get("region", "")),
             zone=str(info.get("zone", "")),
             gateway_host=str(info.get("gateway_host", "")),
@@ -199,7 +200,7 @@ def _service_to_json(s: ExportedService) -> Json:
 def _service_from_json(o: Mapping[str, Any]) -> ExportedService:
     key = o["key"]
     return ExportedService(
-        key=ServiceKey(namespace=Namespace(str(key["namespace"])), name=ServiceName(str(key["name"]))),
+        key=ServiceKey(namespace=namespace(str(key["namespace"])), name=service_name(str(key["name"]))),
         type=ServiceType(o["type"]),
         ports=tuple(_port_from_json(p) for p in o.get("ports", ())),
         created=_parse_ts(o["created"], "created"),
@@ -218,7 +219,7 @@ def exports_to_json(exports: ExportSet) -> Json:
 
 def exports_from_json(obj: Mapping[str, Any]) -> ExportSet:
     return ExportSet(
-        cluster=ClusterId(str(obj["cluster"])),
+        cluster=cluster_id(str(obj["cluster"])),
         generation=int(obj["generation"]),
         services=tuple(_service_from_json(s) for s in obj.get("services", ())),
     )

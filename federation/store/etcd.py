@@ -190,12 +190,18 @@ class EtcdStore:
 
     async def _txn(self, what: str, compare: Sequence[Any], success: Sequence[Any],
                    failure: Sequence[Any] = ()) -> Any:
-        client = await self._client()
         request = rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure))
-        try:
-            return await client.kvstub.Txn(request, timeout=self._timeout, metadata=client.metadata)
-        except _ERRORS as exc:
-            raise await self._unavailable(what, exc) from exc
+        # With several endpoints, a refused connection moves to the next one and tries again (each once). A
+        # retried write is safe: every write here either compares first or re-puts the same value.
+        for attempt in range(len(self._endpoints)):
+            client = await self._client()
+            try:
+                return await client.kvstub.Txn(request, timeout=self._timeout, metadata=client.metadata)
+            except _ERRORS as exc:
+                error = await self._unavailable(what, exc)
+                if attempt == len(self._endpoints) - 1:
+                    raise error from exc
+        raise AssertionError("unreachable")
 
     async def _read(self, what: str, *keys: bytes) -> tuple[int, list[Any]]:
         """Read several keys at one revision: (revision, [KeyValue or None per key])."""
@@ -377,13 +383,11 @@ class EtcdStore:
         return base
 
     async def snapshot(self) -> StoreSnapshot:
-        client = await self._client()
-        try:
-            result = await client.get_prefix(self._prefix.encode())
-        except _ERRORS as exc:
-            raise await self._unavailable("snapshot", exc) from exc
+        prefix = self._prefix.encode()
+        whole = rpc.RangeRequest(key=prefix, range_end=aetcd.utils.prefix_range_end(prefix))
+        result = await self._txn("snapshot", [], [rpc.RequestOp(request_range=whole)])
         tables: dict[str, dict[str, Any]] = {"members": {}, "renewed": {}, "alive": {}, "exports": {}}
-        for kv in result.kvs:
+        for kv in result.responses[0].response_range.kvs:
             kind, _, cluster = bytes(kv.key).decode()[len(self._prefix):].partition("/")
             if kind in tables:
                 tables[kind][cluster] = kv

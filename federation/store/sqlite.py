@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -126,6 +127,9 @@ class SqliteStore:
         """Open the file and create the schema (runs on the store thread)."""
         if self._conn is not None:
             return self._conn
+        if not self.path.exists():
+            # Create the file 0600 before SQLite does: its WAL and shm files then inherit the same mode.
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -142,10 +146,6 @@ class SqliteStore:
         except BaseException:
             conn.close()
             raise
-        try:
-            self.path.chmod(0o600)
-        except OSError:
-            pass
         self._conn = conn
         return conn
 
