@@ -124,7 +124,7 @@ class FederationAgent:
         self.client = client
         self.info = info
         self.config = config or AgentConfig()
-        self._on_update = on_update
+        self.on_update = on_update
         self.catalog: cat.Catalog | None = None
         self.trust_bundle_pem = ""
         self.connected = False  # the watch is live
@@ -276,8 +276,8 @@ class FederationAgent:
 
     async def _set_catalog(self, catalog: cat.Catalog) -> None:
         self.catalog = catalog
-        if self._on_update is not None:
-            result = self._on_update(catalog)
+        if self.on_update is not None:
+            result = self.on_update(catalog)
             if inspect.isawaitable(result):
                 await result
         async with self._update_cond:

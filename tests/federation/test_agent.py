@@ -1,0 +1,198 @@
+"""Agents against a real service on SQLite: propagation both ways into the registry, three clusters, lease expiry
+withdrawing and return restoring, a federation outage withdrawing nothing, and kill -9 of the service process
+mid-stream with no acknowledged export lost."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from discovery.model import ClusterId, Registry
+from federation import catalog as cat
+from federation.agent import AgentConfig
+from federation.service import ServiceConfig, state_of
+from federation.store.sqlite import SqliteStore
+from tests.federation.fedkit import Pki, ServiceProcess, agent, eventually, has, in_process, key, lacks, snapshot
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return Pki.create()
+
+
+async def test_two_agents_propagate_both_ways_into_registry(pki: Pki, tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "fed.db"))
+    try:
+        async with in_process(pki, store) as (url, _app), agent(pki, "east", url) as east, \
+                agent(pki, "west", url) as west:
+            east.publish(*snapshot("east", ["reviews"], addr_base=1))
+            west.publish(*snapshot("west", ["ratings"], addr_base=2))
+            async with asyncio.timeout(20):
+                await west.wait_for(has("east", "reviews"))
+                await east.wait_for(has("west", "ratings"))
+            registry = east.apply(Registry(local=ClusterId("east")))
+            remote = registry.remote[ClusterId("west")][key("ratings")]
+            assert remote.gateway_host == "127.0.0.1" and remote.ready == 1
+            assert [e.address for e in remote.endpoints] == ["10.2.0.1"]  # same network: pod addresses
+            assert ClusterId("east") not in registry.remote  # our own services are not remote
+            assert set(registry.imports) == {key("reviews"), key("ratings")}
+            assert registry.clusters[ClusterId("west")].network == "net1"
+            # A change replaces the shard; withdrawing an export removes it elsewhere.
+            west.publish(*snapshot("west", ["details"], addr_base=2))
+            async with asyncio.timeout(20):
+                await east.wait_for(lambda c: has("west", "details")(c) and lacks("west", "ratings")(c))
+            registry = east.apply(registry)
+            assert set(registry.remote[ClusterId("west")]) == {key("details")}
+    finally:
+        await store.close()
+
+
+async def test_three_agents_lease_expiry_and_return(pki: Pki, tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "fed.db"), reap_interval_s=0.2)
+    config = ServiceConfig(lease_ttl_s=1.0, bookmark_interval_s=0.5)
+    try:
+        async with in_process(pki, store, config=config) as (url, _app), agent(pki, "east", url) as east, \
+                agent(pki, "west", url, network="net2") as west:
+            async with agent(pki, "north", url) as north:
+                north.publish(*snapshot("north", ["inventory"], addr_base=3))
+                async with asyncio.timeout(20):
+                    await east.wait_for(has("north", "inventory"))
+                    await west.wait_for(has("north", "inventory"))
+                west_view = west.catalog
+                assert west_view is not None
+                shard = west_view.services[key("inventory")].shard(ClusterId("north"))
+                assert shard is not None and shard.endpoints == ()  # other network: summary only
+            # north's agent is gone: no heartbeats, the lease expires, its export is withdrawn everywhere.
+            async with asyncio.timeout(20):
+                c = await east.wait_for(lacks("north", "inventory"))
+                await west.wait_for(lacks("north", "inventory"))
+            assert c.members[ClusterId("north")].unreachable_since is not None
+            # It comes back: its exports are restored from the store without publishing again.
+            async with agent(pki, "north", url):
+                async with asyncio.timeout(20):
+                    c = await east.wait_for(has("north", "inventory"))
+                    await west.wait_for(has("north", "inventory"))
+                assert c.members[ClusterId("north")].unreachable_since is None
+    finally:
+        await store.close()
+
+
+async def test_federation_outage_withdraws_nothing(pki: Pki, tmp_path: Path) -> None:
+    db = str(tmp_path / "fed.db")
+    config = ServiceConfig(lease_ttl_s=1.0, bookmark_interval_s=0.5)
+    withdrawals: list[str] = []
+
+    def watch_for_withdrawal(c: cat.Catalog) -> None:
+        if not has("west", "ratings")(c) and seen_once:
+            withdrawals.append(f"revision {c.revision}")
+
+    seen_once = False
+    store = SqliteStore(db, reap_interval_s=0.2)
+    port_holder: dict[str, Any] = {}
+    async with in_process(pki, store, config=config) as (url, _app):
+        port_holder["url"] = url
+    await store.close()
+    url = port_holder["url"]
+    port = int(url.rsplit(":", 1)[1])
+    from federation.service import create_app, serve
+
+    async def service() -> Any:
+        s = SqliteStore(db, reap_interval_s=0.2)
+        app = create_app(store=s, bundle=lambda: pki.bundle, config=config)
+        return s, serve(app, host="127.0.0.1", port=port, ssl_context=pki.server_ssl(), shutdown_timeout=0.2)
+
+    s1, running = await service()
+    await running.__aenter__()
+    async with agent(pki, "east", url) as east, agent(pki, "west", url) as west:
+        west.publish(*snapshot("west", ["ratings"]))
+        async with asyncio.timeout(20):
+            await east.wait_for(has("west", "ratings"))
+        seen_once = True
+        east.on_update = watch_for_withdrawal  # every later catalog east applies is checked
+        await running.__aexit__(None, None, None)
+        await s1.close()
+        # The federation is down for several lease TTLs; both agents keep trying.
+        await asyncio.sleep(3.0)
+        assert east.catalog is not None and has("west", "ratings")(east.catalog)
+        reconnects = east.reconnects
+        assert reconnects > 0
+        s2, running = await service()
+        await running.__aenter__()
+        try:
+            east.publish(*snapshot("east", ["reviews"]))
+            async with asyncio.timeout(20):
+                await west.wait_for(has("east", "reviews"))
+                await east.wait_for(lambda c: c.revision > 0 and east.connected)
+            assert has("west", "ratings")(east.catalog) if east.catalog else False
+        finally:
+            await running.__aexit__(None, None, None)
+            await s2.close()
+    assert withdrawals == []
+
+
+async def test_kill9_service_loses_no_acknowledged_export(pki: Pki, tmp_path: Path) -> None:
+    svc = ServiceProcess(pki, tmp_path, f"sqlite:{tmp_path / 'fed.db'}", lease_ttl=3.0)
+    svc.start()
+    try:
+        config = AgentConfig(backoff_initial_s=0.05, backoff_max_s=0.3)
+        async with agent(pki, "east", svc.url, config=config) as east, \
+                agent(pki, "west", svc.url, config=config) as west:
+            acked: list[int] = []
+            names: list[str] = []
+
+            async def publisher() -> None:
+                for i in range(40):
+                    names.append(f"svc{i}")
+                    gen = east.publish(*snapshot("east", list(names)))
+                    try:
+                        async with asyncio.timeout(0.3):
+                            await east.wait_published(gen)
+                        acked.append(i)
+                    except TimeoutError:
+                        pass
+                    await asyncio.sleep(0.05)
+
+            task = asyncio.create_task(publisher())
+            await eventually(lambda: len(acked) >= 5, within=20, what="first publishes acknowledged")
+            svc.kill9()
+            killed_after = list(acked)
+            await asyncio.sleep(0.5)
+            svc.start()
+            await asyncio.wait_for(task, 60)
+            assert east.acknowledged is not None
+            last = east.acknowledged
+            # Everything acknowledged before the kill (and after) is in what west ends up seeing.
+            async with asyncio.timeout(30):
+                c = await west.wait_for(lambda c: all(has("east", f"svc{i}")(c) for i in range(40)))
+            for i in killed_after:
+                assert has("east", f"svc{i}")(c)
+            assert len(last.services) == 40
+            assert west.reconnects > 0 and east.reconnects > 0  # both really lost the stream and resumed
+    finally:
+        svc.stop()
+
+
+async def test_agent_apply_drops_departed_cluster(pki: Pki, tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "fed.db"))
+    try:
+        async with in_process(pki, store) as (url, app), agent(pki, "east", url) as east:
+            async with agent(pki, "west", url) as west:
+                west.publish(*snapshot("west", ["ratings"]))
+                async with asyncio.timeout(20):
+                    await east.wait_for(has("west", "ratings"))
+                registry = east.apply(Registry(local=ClusterId("east")))
+                assert key("ratings") in registry.remote[ClusterId("west")]
+            async with pki.client("west", url) as leaving:
+                await leaving.deregister()
+            async with asyncio.timeout(20):
+                c = await east.wait_for(lambda c: ClusterId("west") not in c.members)
+            registry = east.apply(registry)
+            assert registry.remote[ClusterId("west")] == {} and key("ratings") not in registry.imports
+            assert state_of(app).catalog.services == c.services
+    finally:
+        await store.close()
