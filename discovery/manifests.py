@@ -203,7 +203,9 @@ class ManifestSource:
             entries = list(self.directory.iterdir())
         except FileNotFoundError:
             return []
-        return sorted(p for p in entries if p.suffix in MANIFEST_SUFFIXES and p.is_file())
+        return sorted(
+            p for p in entries if p.suffix in MANIFEST_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        )
 
     def signature(self) -> tuple[Any, ...]:
         """What the poller compares: names, sizes, inodes and mtimes (ns) of the manifest files."""
@@ -220,9 +222,14 @@ class ManifestSource:
         """Read every manifest file; accept good files, keep the last good version of bad ones."""
         problems: list[ManifestProblem] = []
         if not self.directory.is_dir():
+            # A folder that vanished (or is being replaced) is an error, not "everything was deleted".
+            kept = "; the last good state stays in force" if self._good else ""
             problems.append(
-                ManifestProblem(str(self.directory), 0, "", f"no manifest folder for cluster {self.cluster}")
+                ManifestProblem(str(self.directory), 0, "", f"no manifest folder for cluster {self.cluster}{kept}")
             )
+            loaded = LoadResult(snapshot=self._last.snapshot, problems=tuple(problems))
+            self._last = loaded
+            return loaded
         seen_files: set[str] = set()
         for path in self.files():
             name = str(path)

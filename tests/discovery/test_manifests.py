@@ -212,6 +212,24 @@ def test_missing_folder_is_an_error_not_a_crash(tmp_path: Path) -> None:
     assert res.snapshot.services == {} and len(res.errors) == 1
 
 
+def test_a_vanished_folder_keeps_the_last_good_state(demo: Path) -> None:
+    src = ManifestSource(demo / "east", "east")
+    good = src.load().snapshot
+    (demo / "east").rename(demo / "east-moved")
+    res = src.load()
+    assert res.snapshot == good and "last good state" in res.errors[0].message
+    (demo / "east-moved").rename(demo / "east")
+    for p in (demo / "east").glob("*.yaml"):
+        p.unlink()
+    assert src.load().snapshot.services == {}  # an existing, empty folder: everything was really deleted
+
+
+def test_hidden_and_other_files_are_ignored(demo: Path) -> None:
+    (demo / "east" / ".reviews.yaml.swp").write_text("garbage: [")
+    (demo / "east" / "notes.txt").write_text("garbage: [")
+    assert ManifestSource(demo / "east", "east").load().problems == ()
+
+
 def test_orphan_slices_warn(demo: Path) -> None:
     (demo / "east" / "details.yaml").write_text((demo / "east" / "details.yaml").read_text().split("---\n", 1)[1])
     res = ManifestSource(demo / "east", "east").load()
