@@ -1,0 +1,115 @@
+"""xDS client authentication: bootstrap token table and Kubernetes TokenReview (against the API test double),
+alone and through the ADS server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from xds_client import SotwClient, names_of, snapshot
+
+from gateway.ads import AdsServer
+from gateway.auth import (
+    AuthenticationError,
+    NodeMismatch,
+    ProxyIdentity,
+    TokenReviewAuthenticator,
+    TokenTableAuthenticator,
+    check_node,
+    make_node_id,
+    parse_node_id,
+)
+from gateway.cache import SnapshotCache
+from gateway.snapshot import CLUSTER
+from tests.support.kubeapi import KubeApiDouble
+
+AUD = "meshfed"
+
+
+@pytest.fixture
+def kube() -> Iterator[KubeApiDouble]:
+    with KubeApiDouble() as api:
+        yield api
+
+
+def reviewer(api: KubeApiDouble, credential: str | None = None) -> TokenReviewAuthenticator:
+    return TokenReviewAuthenticator(api_url=api.url, credential=credential or api.admin_token, audience=AUD,
+                                    cluster="east")
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+async def test_token_review_accepts_a_service_account_token(kube: KubeApiDouble) -> None:
+    token = kube.issue_token("shop", "web", audiences=[AUD])
+    identity = await reviewer(kube).authenticate(metadata=bearer(token))
+    assert identity == ProxyIdentity(namespace="shop", service_account="web", cluster="east")
+    assert ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") in [(m, p.split("?")[0]) for m, p in kube.requests]
+
+
+async def test_token_review_refusals(kube: KubeApiDouble) -> None:
+    wrong_audience = kube.issue_token("shop", "web", audiences=["something-else"])
+    with pytest.raises(AuthenticationError, match="audience"):
+        await reviewer(kube).authenticate(metadata=bearer(wrong_audience))
+    revoked = kube.issue_token("shop", "web", audiences=[AUD])
+    kube.revoke_token(revoked)
+    with pytest.raises(AuthenticationError, match="refused"):
+        await reviewer(kube).authenticate(metadata=bearer(revoked))
+    good = kube.issue_token("shop", "web", audiences=[AUD])
+    with pytest.raises(AuthenticationError, match="401"):
+        await reviewer(kube, credential="not-the-admin").authenticate(metadata=bearer(good))
+    with pytest.raises(AuthenticationError, match="Bearer"):
+        await reviewer(kube).authenticate(metadata={})
+
+
+async def test_token_table_is_exact() -> None:
+    auth = TokenTableAuthenticator()
+    ident = ProxyIdentity("shop", "web", "east")
+    token = auth.issue(ident)
+    assert await auth.authenticate(metadata=bearer(token)) == ident
+    for bad in (token[:-1], token + "x", "", "Basic " + token):
+        with pytest.raises(AuthenticationError):
+            await auth.authenticate(metadata={"authorization": bad} if bad.startswith("Basic") else bearer(bad))
+    with pytest.raises(ValueError, match="shorter"):
+        auth.add("short", ident)
+
+
+def test_node_ids_bind_to_identities() -> None:
+    ident = ProxyIdentity("shop", "web", "east")
+    node = make_node_id(kind="sidecar", ip="10.1.2.3", pod="web-7f9", namespace="shop")
+    assert node == "sidecar~10.1.2.3~web-7f9.shop~shop.svc.cluster.local"
+    info = check_node(ident, node, {"SERVICE_ACCOUNT": "web"})
+    assert (info.kind, info.ip, info.pod, info.namespace, info.domain) == ("sidecar", "10.1.2.3", "web-7f9", "shop",
+                                                                           "cluster.local")
+    with pytest.raises(NodeMismatch, match="namespace 'other'"):
+        check_node(ident, make_node_id(kind="router", ip="10.1.2.3", pod="gw", namespace="other"), {})
+    with pytest.raises(NodeMismatch, match="service account 'admin'"):
+        check_node(ident, node, {"SERVICE_ACCOUNT": "admin"})
+    for bad in ("sidecar~1.2.3.4~pod~shop.svc.cluster.local", "x~1~p.shop~shop.svc.c", "sidecar~1~p.a~b.svc.c", "a"):
+        with pytest.raises(NodeMismatch):
+            parse_node_id(bad)
+
+
+async def test_ads_with_token_review(kube: KubeApiDouble) -> None:
+    cache = SnapshotCache()
+    node = make_node_id(kind="sidecar", ip="127.0.0.1", pod="web-1", namespace="shop")
+    cache.set_snapshot(node, snapshot({"a": (1,)}))
+    async with AdsServer(cache=cache, authenticator=reviewer(kube)) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        client = SotwClient(channel, node, kube.issue_token("shop", "web", audiences=[AUD]))
+        await client.request(CLUSTER)
+        assert names_of(await client.recv()) == ["a"]
+        assert cache.identity(node) == ProxyIdentity("shop", "web", "east")
+        await client.close()
+        intruder = SotwClient(channel, node, kube.issue_token("other", "web", audiences=[AUD]))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await intruder.request(CLUSTER)
+            await intruder.recv()
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        stranger = SotwClient(channel, node, "not-a-kubernetes-token")
+        with pytest.raises(grpc.aio.AioRpcError) as err2:
+            await stranger.request(CLUSTER)
+            await stranger.recv()
+        assert err2.value.code() == grpc.StatusCode.UNAUTHENTICATED
