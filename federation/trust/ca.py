@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from discovery.model import ClusterId
+from federation.trust import _der
 from federation.trust.errors import (
     BadCSR,
     CANotReady,
@@ -254,6 +255,7 @@ class IntermediateCA:
 
     __slots__ = (
         "_aki",
+        "_fast",
         "_hash",
         "_issuer",
         "authority",
@@ -308,6 +310,9 @@ class IntermediateCA:
         ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
         self._hash = _hash_for(key)
+        self._fast: _LeafTemplate | None = None
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            self._fast = _LeafTemplate.of(self)
 
     @property
     def cluster(self) -> ClusterId | None:
@@ -414,7 +419,7 @@ def _check_csr_key(pub: object) -> ec.EllipticCurvePublicKey | rsa.RSAPublicKey:
     raise BadCSR(f"CSR key type {type(pub).__name__} is not supported (ECDSA P-256/P-384 or RSA)")
 
 
-def _csr_identity(csr: x509.CertificateSigningRequest) -> SpiffeId:
+def _csr_identity(csr: x509.CertificateSigningRequest, expected_text: str, expected: SpiffeId) -> SpiffeId:
     try:
         san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as exc:
@@ -426,6 +431,8 @@ def _csr_identity(csr: x509.CertificateSigningRequest) -> SpiffeId:
         raise BadCSR(f"CSR has {len(uris)} URI SANs; exactly one SPIFFE ID is required")
     if len(san) != 1:
         raise BadCSR("CSR has SANs other than its SPIFFE ID (DNS, IP or e-mail names are not signed)")
+    if uris[0] == expected_text:
+        return expected  # the same text as an ID already validated: no need to parse it again
     try:
         return SpiffeId.parse(uris[0])
     except InvalidSpiffeId as exc:
@@ -469,7 +476,7 @@ def sign_csr(
         pub = _check_csr_key(csr.public_key())
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise BadCSR(f"CSR public key cannot be read: {exc}") from exc
-    requested = _csr_identity(csr)
+    requested = _csr_identity(csr, str(identity), identity)
     if requested.trust_domain != ca.trust_domain:
         raise ForeignTrustDomain(f"CSR asks for {requested}, outside trust domain {ca.trust_domain}")
     if requested != identity:
@@ -480,22 +487,95 @@ def sign_csr(
     not_before = now - CLOCK_SKEW
     if not_before < ca.not_before:
         not_before = ca.not_before
-    leaf = (
+    serial = x509.random_serial_number()
+    if ca._fast is not None:
+        return [ca._fast.leaf_pem(ca, pub, str(identity), serial, not_before, not_after), ca.cert_pem]
+    leaf = _leaf_with_builder(ca, pub, str(identity), serial, not_before, not_after)
+    return [leaf.public_bytes(_PEM), ca.cert_pem]
+
+
+def _leaf_with_builder(
+    ca: IntermediateCA,
+    pub: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+    uri: str,
+    serial: int,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.Certificate:
+    """The reference leaf, made by ``cryptography``'s builder (also used for non-EC intermediates)."""
+    return (
         x509.CertificateBuilder()
         .subject_name(_EMPTY_NAME)
         .issuer_name(ca._issuer)
         .public_key(pub)
-        .serial_number(x509.random_serial_number())
+        .serial_number(serial)
         .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(_LEAF_BC, critical=True)
         .add_extension(_LEAF_KEY_USAGE, critical=True)
         .add_extension(_LEAF_EKU, critical=False)
         .add_extension(ca._aki, critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
         .sign(ca.key, ca._hash)
     )
-    return [leaf.public_bytes(_PEM), ca.cert_pem]
+
+
+_SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+
+
+@dataclass(frozen=True)
+class _LeafTemplate:
+    """The constant DER pieces of this CA's leaves, cut from one builder-made template certificate.
+
+    A leaf is then: version, serial, algorithm, issuer, validity, empty subject, the CSR's key, the fixed
+    extensions and the SAN, signed with one ECDSA call. ``tests`` check it equals the builder's output byte for
+    byte (to-be-signed part)."""
+
+    version: bytes
+    tbs_algorithm: bytes
+    issuer: bytes
+    subject: bytes
+    fixed_extensions: bytes
+    outer_algorithm: bytes
+
+    @classmethod
+    def of(cls, ca: IntermediateCA) -> _LeafTemplate:
+        t = ca.cert.not_valid_before_utc
+        tmpl = _leaf_with_builder(ca, ca.key.public_key(), "spiffe://template.invalid/x", 1, t, t + timedelta(hours=1))
+        parts = _der.elements(tmpl.tbs_certificate_bytes)
+        if len(parts) != 8 or parts[0][0] != 0xA0 or parts[7][0] != 0xA3:
+            raise CANotReady("unexpected leaf template layout")
+        exts = _der.elements(_der.elements(parts[7])[0])
+        if _der.OID_SAN not in exts[-1][:8]:
+            raise CANotReady("leaf template does not end with its SAN")
+        outer = _der.elements(tmpl.public_bytes(_DER))
+        return cls(parts[0], parts[2], parts[3], parts[5], b"".join(exts[:-1]), outer[1])
+
+    def tbs(self, spki: bytes, uri: str, serial: int, not_before: datetime, not_after: datetime) -> bytes:
+        exts = _der.tlv(0xA3, _der.tlv(_der.SEQUENCE, self.fixed_extensions + _der.san_uri_extension(uri)))
+        validity = _der.tlv(_der.SEQUENCE, _der.time(not_before) + _der.time(not_after))
+        return _der.tlv(
+            _der.SEQUENCE,
+            self.version + _der.integer(serial) + self.tbs_algorithm + self.issuer + validity + self.subject
+            + spki + exts,
+        )
+
+    def leaf_pem(
+        self,
+        ca: IntermediateCA,
+        pub: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+        uri: str,
+        serial: int,
+        not_before: datetime,
+        not_after: datetime,
+    ) -> bytes:
+        tbs = self.tbs(pub.public_bytes(_DER, _SPKI), uri, serial, not_before, not_after)
+        key = ca.key
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        sig = key.sign(tbs, _ECDSA_SHA256)
+        der = _der.tlv(_der.SEQUENCE, tbs + self.outer_algorithm + _der.tlv(_der.BIT_STRING, b"\x00" + sig))
+        return _der.pem_certificate(der)
 
 
 def issue_workload(

@@ -329,3 +329,30 @@ def test_bundle_rejects_tampered_jwks(root: RootCA) -> None:
         TrustBundle.from_jwks(TD, doc)
     with pytest.raises(BundleError, match="keys"):
         TrustBundle.from_jwks(TD, b'{"nokeys": 1}')
+
+
+def test_fast_leaf_equals_the_builders_leaf(east: IntermediateCA) -> None:
+    """The template fast path makes the same to-be-signed bytes as cryptography's builder, for EC and RSA keys,
+    for dates on both sides of the UTCTime/GeneralizedTime switch and for serials with the high bit set."""
+    from cryptography.hazmat.primitives.serialization import PublicFormat
+
+    from federation.trust.ca import _leaf_with_builder
+
+    assert east._fast is not None
+    keys = [ec.generate_private_key(ec.SECP256R1()).public_key(), ec.generate_private_key(ec.SECP384R1()).public_key(),
+            rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()]
+    times = [
+        (datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 1, 3, 3, 4, 5, tzinfo=UTC)),
+        (datetime(2049, 12, 31, 23, 0, 0, tzinfo=UTC), datetime(2050, 1, 1, 1, 0, 0, tzinfo=UTC)),
+    ]
+    for pub in keys:
+        for serial in (1, 0x7F, 0x80, (1 << 158) | 12345):
+            for nb, na in times:
+                uri = "spiffe://example.org/ns/" + "n" * 60 + "/sa/reviews"
+                ref = _leaf_with_builder(east, pub, uri, serial, nb, na)
+                spki = pub.public_bytes(serialization.Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+                assert east._fast.tbs(spki, uri, serial, nb, na) == ref.tbs_certificate_bytes
+    # and a real fast-path leaf parses back to what was asked
+    leaf = x509.load_pem_x509_certificate(east._fast.leaf_pem(east, keys[0], str(REVIEWS), 77, *times[0]))
+    assert leaf.serial_number == 77 and leaf.not_valid_before_utc == times[0][0]
+    leaf.verify_directly_issued_by(east.cert)
