@@ -49,7 +49,7 @@ existence checks, finalizers and cascading deletion, field managers, consistent 
 is true, standing in for the controller manager.
 
 Test-side helpers (thread-safe, callable from any thread or coroutine): ``put_object``, ``get_object``,
-``delete_object``, ``objects``, ``compact``, ``close_watches``, ``send_bookmarks``, ``inject_error``,
+``delete_object``, ``objects``, ``compact``, ``close_watches``, ``atomically``, ``send_bookmarks``, ``inject_error``,
 ``register_token``, ``issue_token``, ``requests`` (a log of ``(method, path?query)``), and
 ``write_kubeconfig``. Use it as a context manager::
 
@@ -61,6 +61,7 @@ Test-side helpers (thread-safe, callable from any thread or coroutine): ``put_ob
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import http.server
 import json
@@ -568,7 +569,15 @@ class KubeApiDouble:
         with self._cond:
             self._history.clear()
             self._compacted = self._rv
+            self._cond.notify_all()
             return self._compacted
+
+    @contextlib.contextmanager
+    def atomically(self) -> Iterator[None]:
+        """Hold the double's lock: no request is served and no watch event sent until the block ends, so a test
+        can make several changes (and ``compact()``/``close_watches()``) that clients observe all at once."""
+        with self._cond:
+            yield
 
     def close_watches(self) -> None:
         """End every open watch stream, as an API server restart does; clients must reconnect."""
@@ -863,8 +872,8 @@ class KubeApiDouble:
             self.stats.watches_open += 1
             self.stats.watches_started += 1
         try:
-            if out:
-                write(b"".join(out))
+            # Like the real server, answer 200 with headers at once, before any event.
+            write(b"".join(out))
             next_bookmark = time.monotonic() + self.bookmark_interval
             while True:
                 out = []
@@ -873,6 +882,7 @@ class KubeApiDouble:
                         now = time.monotonic()
                         newest = self._history[-1].rv if self._history else 0
                         if (self._closing or self._watch_epoch != epoch or now >= deadline or newest > cursor
+                                or cursor < self._compacted
                                 or (bookmarks and (now >= next_bookmark or self._bookmark_epoch != bm_epoch))):
                             break
                         self._cond.wait(timeout=min(deadline, next_bookmark if bookmarks else deadline) - now)
@@ -1026,6 +1036,13 @@ class _Server(http.server.ThreadingHTTPServer):
         with self._conns_lock:
             self._conns.discard(request)
         super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client hanging up mid-response (a stopped watch) is normal here; anything else is printed.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError | OSError):
+            super().handle_error(request, client_address)
 
     def close_connections(self) -> None:
         with self._conns_lock:

@@ -1,0 +1,746 @@
+"""The Kubernetes source: one cluster's Services, EndpointSlices and ServiceExports, listed and watched through
+the official ``kubernetes`` client, converted at the boundary by ``discovery.convert``.
+
+The client is blocking, so each watched kind runs a *reflector* on its own worker thread: list (which gives a
+resourceVersion), then watch from that version with bookmarks, resume from the newest version seen when a watch
+ends, relist when the server answers 410 Gone (an ``ERROR`` event or an HTTP 410), and back off with jitter on
+any other failure (bounded, and cut short at once when the source stops). Reflectors convert each object on
+their thread and hand the converted values to the event loop with ``call_soon_threadsafe``; the loop only keeps
+the latest value per object and, when something changed, assembles a whole :class:`ClusterSnapshot` (in a
+thread) and yields it. Nothing here blocks the event loop.
+
+:class:`KubeSource` has the same shape as :class:`discovery.manifests.ManifestSource`: ``watch()`` is an async
+iterator of :class:`discovery.manifests.LoadResult` (the snapshot in force plus the problems found), so the
+control plane consumes either through the :class:`Source` protocol. An object that fails conversion is reported
+as a problem naming the object and field, and the last good version of that object stays in force.
+
+Exception tree (this module; ``DiscoveryError`` lives in ``discovery.model``)::
+
+    DiscoveryError
+     +-- KubeError                 anything at the Kubernetes API edge
+          +-- KubeConfigError      kubeconfig missing or unreadable, or the context is not in it
+          +-- KubeUnavailable      the API server could not be reached (refused, reset, timed out)
+          +-- KubeApiError         the API server answered a failure Status (.status, .reason, .message)
+               +-- KubeNotFound        404 NotFound
+               +-- KubeAlreadyExists   409 AlreadyExists
+               +-- KubeGone            410 Gone/Expired (reflectors handle it by relisting)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.watch.watch import iter_resp_lines
+
+from discovery import convert
+from discovery.manifests import ERROR, ClusterSnapshot, LoadResult, ManifestProblem
+from discovery.model import ClusterId, DiscoveryError, ServiceKey, cluster_id
+
+log = logging.getLogger("meshfed.discovery.kube")
+
+MCS_GROUP = convert.MCS_GROUP
+MCS_VERSION = convert.MCS_VERSION
+SERVICE_EXPORTS = "serviceexports"
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+
+
+class KubeError(DiscoveryError):
+    """Root of the errors at the Kubernetes API edge."""
+
+
+class KubeConfigError(KubeError):
+    """The kubeconfig is missing or unreadable, or it has no such context."""
+
+
+class KubeUnavailable(KubeError):
+    """The API server could not be reached."""
+
+
+class KubeApiError(KubeError):
+    """The API server answered with a failure ``Status``."""
+
+    def __init__(self, status: int, reason: str, message: str, *, request: str = "") -> None:
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.request = request
+        where = f"{request}: " if request else ""
+        super().__init__(f"{where}{status} {reason}: {message}")
+
+
+class KubeNotFound(KubeApiError):
+    """404: the object does not exist."""
+
+
+class KubeAlreadyExists(KubeApiError):
+    """409 AlreadyExists: the object exists already."""
+
+
+class KubeGone(KubeApiError):
+    """410: the resource version asked for is older than the server's history; relist."""
+
+
+def api_error(exc: k8s_client.ApiException, *, request: str = "") -> KubeApiError:
+    """Turn the client's ApiException into our typed error, reading the ``Status`` body when there is one."""
+    status = int(exc.status or 0)
+    reason = str(exc.reason or "")
+    message = ""
+    if exc.body:
+        try:
+            body = json.loads(exc.body)
+        except (TypeError, ValueError):
+            message = str(exc.body)[:200]
+        else:
+            if isinstance(body, dict):
+                reason = str(body.get("reason") or reason)
+                message = str(body.get("message") or "")
+    if status == 404:
+        return KubeNotFound(status, reason or "NotFound", message, request=request)
+    if status == 409 and reason == "AlreadyExists":
+        return KubeAlreadyExists(status, reason, message, request=request)
+    if status == 410:
+        return KubeGone(status, reason or "Gone", message, request=request)
+    return KubeApiError(status, reason, message, request=request)
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+def load_api_client(*, kubeconfig: Path | str | None = None, context: str | None = None) -> k8s_client.ApiClient:
+    """An ApiClient for ``context`` in ``kubeconfig`` (the client's defaults, ``$KUBECONFIG`` or
+    ``~/.kube/config``, when None). Reads files: call it from a thread inside async code."""
+    try:
+        api: k8s_client.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig) if kubeconfig is not None else None, context=context
+        )
+        return api
+    except (ConfigException, OSError, ValueError) as exc:
+        where = str(kubeconfig) if kubeconfig is not None else "the default kubeconfig"
+        ctx = f" context {context!r}" if context else ""
+        raise KubeConfigError(f"{where}{ctx}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------------------ kinds
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedKind:
+    """One kind a reflector lists and watches: how to call the client for it."""
+
+    name: str  # "Service", "EndpointSlice", "ServiceExport"
+    list_call: Callable[[k8s_client.ApiClient, str | None], Callable[..., Any]]
+
+    def bind(self, api: k8s_client.ApiClient, namespace: str | None) -> Callable[..., Any]:
+        return self.list_call(api, namespace)
+
+
+def _services(api: k8s_client.ApiClient, ns: str | None) -> Callable[..., Any]:
+    core = k8s_client.CoreV1Api(api)
+    if ns is None:
+        return core.list_service_for_all_namespaces
+    return lambda **kw: core.list_namespaced_service(ns, **kw)
+
+
+def _slices(api: k8s_client.ApiClient, ns: str | None) -> Callable[..., Any]:
+    disc = k8s_client.DiscoveryV1Api(api)
+    if ns is None:
+        return disc.list_endpoint_slice_for_all_namespaces
+    return lambda **kw: disc.list_namespaced_endpoint_slice(ns, **kw)
+
+
+def _exports(api: k8s_client.ApiClient, ns: str | None) -> Callable[..., Any]:
+    custom = k8s_client.CustomObjectsApi(api)
+    if ns is None:
+        return lambda **kw: custom.list_cluster_custom_object(MCS_GROUP, MCS_VERSION, SERVICE_EXPORTS, **kw)
+    return lambda **kw: custom.list_namespaced_custom_object(MCS_GROUP, MCS_VERSION, ns, SERVICE_EXPORTS, **kw)
+
+
+KINDS: tuple[WatchedKind, ...] = (
+    WatchedKind("Service", _services),
+    WatchedKind("EndpointSlice", _slices),
+    WatchedKind("ServiceExport", _exports),
+)
+
+
+# ------------------------------------------------------------------------------------------------------ backoff
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with equal jitter: the n-th consecutive failure waits between d/2 and d, where
+    d = min(cap, base * 2**n). ``reset()`` after a success."""
+
+    base: float = 0.2
+    cap: float = 30.0
+    failures: int = 0
+    rng: random.Random | None = None
+
+    def next_delay(self) -> float:
+        d = min(self.cap, self.base * float(1 << min(self.failures, 30)))
+        self.failures += 1
+        r = (self.rng or random).random()
+        return d / 2 + r * d / 2
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+# ------------------------------------------------------------------------------------------------------ reflector
+
+
+@dataclass(frozen=True, slots=True)
+class _Replace:
+    """A (re)list: the kind's whole state, replacing what the loop held."""
+
+    kind: str
+    objects: dict[tuple[str, str], Any]  # (ns, name) -> converted value or _Bad
+    resource_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Upsert:
+    kind: str
+    ns: str
+    name: str
+    value: Any
+    resource_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Delete:
+    kind: str
+    ns: str
+    name: str
+    resource_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Bad:
+    """An object that failed conversion: the problem to report (the last good value stays in force)."""
+
+    problem: ManifestProblem
+    object_rv: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Converted:
+    value: Any
+    object_rv: str
+
+
+Message = _Replace | _Upsert | _Delete
+
+
+@dataclass
+class ReflectorStats:
+    """Counters a test or ``status`` can read (written by the reflector thread only)."""
+
+    lists: int = 0
+    watches: int = 0
+    events: int = 0
+    bookmarks: int = 0
+    gone: int = 0
+    errors: int = 0
+    last_error: str = ""
+
+
+class Reflector:
+    """List-then-watch one kind on a worker thread; hand converted values to ``sink`` (thread-safe)."""
+
+    def __init__(
+        self,
+        *,
+        kind: WatchedKind,
+        api: k8s_client.ApiClient,
+        cluster: ClusterId,
+        sink: Callable[[Message], None],
+        namespace: str | None = None,
+        watch_timeout: int = 300,
+        request_timeout: float = 30.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.kind = kind
+        self.cluster = cluster
+        self._list = kind.bind(api, namespace)
+        self._sink = sink
+        self._watch_timeout = watch_timeout
+        self._request_timeout = request_timeout
+        self._backoff = backoff or Backoff()
+        self._stop = threading.Event()
+        self._resp: Any = None
+        self._resp_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.resource_version: str = ""
+        self.stats = ReflectorStats()
+        self.synced = threading.Event()
+        self._gone_streak = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name=f"meshfed-kube-{self.cluster}-{self.kind.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end and unblock its read at once (shut the watch socket down)."""
+        self._stop.set()
+        with self._resp_lock:
+            resp = self._resp
+        if resp is not None:
+            _shutdown_socket(resp)
+
+    def join(self, timeout: float) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log.info("reflector_start cluster=%s kind=%s", self.cluster, self.kind.name)
+        while not self._stop.is_set():
+            try:
+                if not self.resource_version:
+                    self._relist()
+                    self._backoff.reset()
+                if self._watch_once():
+                    self._backoff.reset()
+                    self._gone_streak = 0
+            except KubeGone as exc:
+                self.stats.gone += 1
+                log.info("reflector_gone cluster=%s kind=%s rv=%s detail=%r; relisting",
+                         self.cluster, self.kind.name, self.resource_version, exc.message)
+                self.resource_version = ""
+                self._gone_streak += 1
+                # A 410 right after a fresh list means something is wrong with the server: back off then.
+                if self._gone_streak > 1 and self._wait(self._backoff.next_delay()):
+                    break
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                self.stats.errors += 1
+                self.stats.last_error = str(exc)
+                delay = self._backoff.next_delay()
+                log.warning("reflector_error cluster=%s kind=%s rv=%s retry_in=%.2fs error=%s",
+                            self.cluster, self.kind.name, self.resource_version or "-", delay,
+                            _describe(exc))
+                if self._wait(delay):
+                    break
+        log.info("reflector_stop cluster=%s kind=%s", self.cluster, self.kind.name)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds`` unless stopped; True when stopped."""
+        return self._stop.wait(seconds)
+
+    def _call(self, **kwargs: Any) -> Any:
+        try:
+            return self._list(_preload_content=False, **kwargs)
+        except k8s_client.ApiException as exc:
+            raise api_error(exc, request=f"list {self.kind.name}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeUnavailable(f"list {self.kind.name}: {_describe(exc)}") from exc
+
+    def _relist(self) -> None:
+        resp = self._call(_request_timeout=self._request_timeout)
+        try:
+            body = json.loads(resp.data)
+        finally:
+            resp.release_conn()
+        items = body.get("items") or []
+        rv = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        if not rv:
+            raise KubeApiError(0, "BadResponse", "list response has no metadata.resourceVersion",
+                               request=f"list {self.kind.name}")
+        objects = {}
+        for item in items:
+            if isinstance(item, dict):
+                # List items lack apiVersion/kind on the real server; the converters dispatch on them.
+                item.setdefault("apiVersion", body.get("apiVersion", ""))
+                item.setdefault("kind", self.kind.name)
+                ident, value = self._convert(item)
+                objects[ident] = value
+        self.stats.lists += 1
+        self.resource_version = rv
+        self._sink(_Replace(self.kind.name, objects, rv))
+        self.synced.set()
+        log.info("reflector_listed cluster=%s kind=%s objects=%d rv=%s",
+                 self.cluster, self.kind.name, len(objects), rv)
+
+    def _watch_once(self) -> bool:
+        """One watch request from ``resource_version``; True when it delivered anything or ended cleanly."""
+        timeout = random.randint(max(1, self._watch_timeout // 2), max(1, self._watch_timeout))
+        resp = self._call(
+            watch=True,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            _request_timeout=(self._request_timeout, timeout + self._request_timeout),
+        )
+        with self._resp_lock:
+            self._resp = resp
+        self.stats.watches += 1
+        try:
+            if self._stop.is_set():
+                return False
+            for line in _lines(resp):
+                if self._stop.is_set():
+                    return False
+                self._event(line)
+            return True
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            if self._stop.is_set():
+                return False
+            raise KubeUnavailable(f"watch {self.kind.name}: {_describe(exc)}") from exc
+        finally:
+            with self._resp_lock:
+                self._resp = None
+            with contextlib.suppress(Exception):
+                resp.release_conn()
+
+    def _event(self, line: str) -> None:
+        if not line.strip():
+            return
+        try:
+            event = json.loads(line)
+            type_, obj = event["type"], event["object"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KubeApiError(0, "BadResponse", f"watch event is not JSON with type and object: {line[:120]!r}",
+                               request=f"watch {self.kind.name}") from exc
+        if type_ == "ERROR":
+            status = obj if isinstance(obj, dict) else {}
+            code = int(status.get("code") or 0)
+            reason, message = str(status.get("reason") or ""), str(status.get("message") or "")
+            if code == 410:
+                raise KubeGone(code, reason or "Expired", message, request=f"watch {self.kind.name}")
+            raise KubeApiError(code, reason, message, request=f"watch {self.kind.name}")
+        rv = str(((obj or {}).get("metadata") or {}).get("resourceVersion") or "")
+        if type_ == "BOOKMARK":
+            self.stats.bookmarks += 1
+            if rv:
+                self.resource_version = rv
+            return
+        self.stats.events += 1
+        meta = obj.get("metadata") or {}
+        ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+        if type_ in ("ADDED", "MODIFIED"):
+            (ns, name), value = self._convert(obj)
+            self._sink(_Upsert(self.kind.name, ns, name, value, rv))
+        elif type_ == "DELETED":
+            self._sink(_Delete(self.kind.name, ns, name, rv))
+        else:
+            log.warning("reflector_unknown_event cluster=%s kind=%s type=%s", self.cluster, self.kind.name, type_)
+        if rv:
+            self.resource_version = rv
+
+    def _convert(self, obj: dict[str, Any]) -> tuple[tuple[str, str], _Converted | _Bad]:
+        meta = obj.get("metadata") or {}
+        ident = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        object_rv = str(meta.get("resourceVersion") or "")
+        ref = f"{self.kind.name} {ident[0]}/{ident[1]}" if ident[0] else f"{self.kind.name} {ident[1]}"
+        try:
+            return ident, _Converted(convert.convert(obj, cluster=self.cluster), object_rv)
+        except convert.ConversionError as exc:
+            problem = ManifestProblem(f"kubernetes:{self.cluster}", 0, exc.field, f"{ref}: {exc.reason}", ERROR)
+            log.warning("object_rejected cluster=%s %s", self.cluster, problem)
+            return ident, _Bad(problem, object_rv)
+
+
+def _lines(resp: Any) -> Iterator[str]:
+    yield from iter_resp_lines(resp)  # type: ignore[no-untyped-call]
+
+
+def _shutdown_socket(resp: Any) -> None:
+    """Unblock a thread reading ``resp`` (a urllib3 response) by shutting its socket down."""
+    conn = getattr(resp, "connection", None) or getattr(resp, "_connection", None)
+    sock = getattr(conn, "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).replace("\n", " ")
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+# ------------------------------------------------------------------------------------------------------ source
+
+
+class Source(Protocol):
+    """What a discovery source offers the control plane: one cluster, and an async iterator of whole
+    snapshots (with the problems found), the first as soon as the initial state is known."""
+
+    cluster: ClusterId
+
+    def watch(self) -> AsyncIterator[LoadResult]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    value: Any  # the converted model value in force (None while the object never converted)
+    object_rv: str
+    problem: ManifestProblem | None = None
+
+
+class KubeSource:
+    """The Kubernetes API as a :class:`Source`. Use as an async context manager, then iterate ``watch()``::
+
+        async with KubeSource(api=load_api_client(context="east"), cluster=cluster_id("east")) as source:
+            async for result in source.watch():
+                registry = registry.with_shard(source.cluster, result.snapshot.services.values(), ...)
+    """
+
+    def __init__(
+        self,
+        *,
+        api: k8s_client.ApiClient,
+        cluster: ClusterId | str,
+        namespace: str | None = None,
+        watch_timeout: int = 300,
+        request_timeout: float = 30.0,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 30.0,
+    ) -> None:
+        self.cluster = cluster_id(cluster)
+        self._api = api
+        self._namespace = namespace
+        self._watch_timeout = watch_timeout
+        self._request_timeout = request_timeout
+        self._backoff = (backoff_base, backoff_cap)
+        self._state: dict[str, dict[tuple[str, str], _Entry]] = {k.name: {} for k in KINDS}
+        self._synced: set[str] = set()
+        self._changed = asyncio.Event()
+        self._dirty = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.reflectors: dict[str, Reflector] = {}
+        self._last: LoadResult | None = None
+
+    @classmethod
+    async def from_kubeconfig(
+        cls, *, cluster: ClusterId | str, kubeconfig: Path | str | None = None, context: str | None = None,
+        **kwargs: Any,
+    ) -> KubeSource:
+        api = await asyncio.to_thread(load_api_client, kubeconfig=kubeconfig, context=context)
+        return cls(api=api, cluster=cluster, **kwargs)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> KubeSource:
+        self._loop = asyncio.get_running_loop()
+        for kind in KINDS:
+            reflector = Reflector(
+                kind=kind,
+                api=self._api,
+                cluster=self.cluster,
+                sink=self._post,
+                namespace=self._namespace,
+                watch_timeout=self._watch_timeout,
+                request_timeout=self._request_timeout,
+                backoff=Backoff(base=self._backoff[0], cap=self._backoff[1]),
+            )
+            self.reflectors[kind.name] = reflector
+            reflector.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for reflector in self.reflectors.values():
+            reflector.stop()
+        for name, reflector in self.reflectors.items():
+            if not await asyncio.to_thread(reflector.join, 10.0):
+                log.warning("reflector_stuck cluster=%s kind=%s", self.cluster, name)
+        self.reflectors = {}
+
+    @property
+    def last(self) -> LoadResult | None:
+        """The last result ``watch()`` yielded."""
+        return self._last
+
+    def resource_version(self, kind: str) -> str:
+        """The newest resourceVersion the ``kind`` reflector has seen (lists, events and bookmarks)."""
+        return self.reflectors[kind].resource_version
+
+    # -- thread -> loop ---------------------------------------------------------------------------------
+
+    def _post(self, message: Message) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed under us: the source is going away
+            loop.call_soon_threadsafe(self._apply, message)
+
+    def _apply(self, message: Message) -> None:
+        state = self._state[message.kind]
+        if isinstance(message, _Replace):
+            fresh: dict[tuple[str, str], _Entry] = {}
+            for ident, item in message.objects.items():
+                fresh[ident] = self._entry(state.get(ident), item)
+            state.clear()
+            state.update(fresh)
+            self._synced.add(message.kind)
+        elif isinstance(message, _Upsert):
+            ident = (message.ns, message.name)
+            state[ident] = self._entry(state.get(ident), message.value)
+        else:
+            state.pop((message.ns, message.name), None)
+        self._dirty += 1
+        self._changed.set()
+
+    @staticmethod
+    def _entry(previous: _Entry | None, item: Any) -> _Entry:
+        if isinstance(item, _Bad):
+            # Keep the last good value of this object in force; report the problem.
+            return _Entry(previous.value if previous else None, previous.object_rv if previous else "", item.problem)
+        return _Entry(item.value, item.object_rv)
+
+    # -- snapshots ---------------------------------------------------------------------------------------
+
+    def _collect(self) -> tuple[list[Any], list[ManifestProblem], list[tuple[str, str, str, str]]]:
+        values: list[Any] = []
+        problems: list[ManifestProblem] = []
+        idents: list[tuple[str, str, str, str]] = []
+        for kind in (k.name for k in KINDS):
+            for (ns, name), entry in sorted(self._state[kind].items()):
+                if entry.value is not None:
+                    values.append(entry.value)
+                    idents.append((kind, ns, name, entry.object_rv))
+                if entry.problem is not None:
+                    problems.append(entry.problem)
+        return values, problems, idents
+
+    def _build(self, values: list[Any], problems: list[ManifestProblem],
+               idents: list[tuple[str, str, str, str]]) -> LoadResult:
+        core = convert.assemble(values)
+        digest = hashlib.sha256()
+        for ident in idents:
+            digest.update("\0".join(ident).encode() + b"\n")
+        for sl in core.orphan_slices:
+            problems.append(ManifestProblem(
+                f"kubernetes:{self.cluster}", 0, "",
+                f"EndpointSlice {sl.key.namespace}/{sl.name} names Service {sl.key.name}, which does not exist",
+                "warning"))
+        snapshot = ClusterSnapshot(
+            cluster=self.cluster,
+            services=core.services,
+            exports=core.exports,
+            unsupported=core.unsupported,
+            version=digest.hexdigest()[:16],
+        )
+        return LoadResult(snapshot=snapshot, problems=tuple(problems))
+
+    async def watch(self) -> AsyncIterator[LoadResult]:
+        """Yield the first whole snapshot once every kind has been listed, then a new one whenever the content
+        or the problems change. Changes that arrive while the consumer is busy are coalesced: the consumer
+        always gets the newest state, never a backlog. Runs until the consumer stops iterating."""
+        if self._loop is None:
+            raise RuntimeError("KubeSource.watch() needs `async with KubeSource(...)` first")
+        wanted = {k.name for k in KINDS}
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            if self._synced != wanted:
+                continue
+            values, problems, idents = self._collect()
+            result = await asyncio.to_thread(self._build, values, problems, idents)
+            last = self._last
+            if last is not None and (last.snapshot.version, last.problems) == (result.snapshot.version,
+                                                                                result.problems):
+                continue
+            self._last = result
+            log.info("kube_snapshot cluster=%s version=%s services=%d exports=%d problems=%d",
+                     self.cluster, result.snapshot.version, len(result.snapshot.services),
+                     len(result.snapshot.exports), len(result.problems))
+            yield result
+
+
+# ------------------------------------------------------------------------------------------------------ exports
+
+
+def _export_body(key: ServiceKey) -> dict[str, Any]:
+    body = convert.service_export_object(key, datetime.now(UTC))
+    body["metadata"].pop("creationTimestamp", None)  # the API server sets it
+    return body
+
+
+def create_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, exist_ok: bool = False) -> bool:
+    """Create the ServiceExport for ``key``; False when it existed already and ``exist_ok``."""
+    custom = k8s_client.CustomObjectsApi(api)
+    request = f"create ServiceExport {key.namespace}/{key.name}"
+    try:
+        custom.create_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace, SERVICE_EXPORTS,
+                                               _export_body(key))
+    except k8s_client.ApiException as exc:
+        err = api_error(exc, request=request)
+        if isinstance(err, KubeAlreadyExists) and exist_ok:
+            return False
+        raise err from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise KubeUnavailable(f"{request}: {_describe(exc)}") from exc
+    log.info("service_export_created namespace=%s name=%s", key.namespace, key.name)
+    return True
+
+
+def delete_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, missing_ok: bool = False) -> bool:
+    """Delete the ServiceExport for ``key``; False when there was none and ``missing_ok``."""
+    custom = k8s_client.CustomObjectsApi(api)
+    request = f"delete ServiceExport {key.namespace}/{key.name}"
+    try:
+        custom.delete_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace, SERVICE_EXPORTS, key.name)
+    except k8s_client.ApiException as exc:
+        err = api_error(exc, request=request)
+        if isinstance(err, KubeNotFound) and missing_ok:
+            return False
+        raise err from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise KubeUnavailable(f"{request}: {_describe(exc)}") from exc
+    log.info("service_export_deleted namespace=%s name=%s", key.namespace, key.name)
+    return True
+
+
+def get_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey) -> Mapping[str, Any] | None:
+    """The ServiceExport object for ``key`` as the API server holds it, or None."""
+    custom = k8s_client.CustomObjectsApi(api)
+    request = f"get ServiceExport {key.namespace}/{key.name}"
+    try:
+        obj = custom.get_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace, SERVICE_EXPORTS, key.name)
+    except k8s_client.ApiException as exc:
+        err = api_error(exc, request=request)
+        if isinstance(err, KubeNotFound):
+            return None
+        raise err from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise KubeUnavailable(f"{request}: {_describe(exc)}") from exc
+    return obj if isinstance(obj, Mapping) else None
+
+
+async def create_service_export(api: k8s_client.ApiClient, key: ServiceKey, *, exist_ok: bool = False) -> bool:
+    """Async form of :func:`create_service_export_sync` (runs in a thread)."""
+    return await asyncio.to_thread(create_service_export_sync, api, key, exist_ok=exist_ok)
+
+
+async def delete_service_export(api: k8s_client.ApiClient, key: ServiceKey, *, missing_ok: bool = False) -> bool:
+    """Async form of :func:`delete_service_export_sync` (runs in a thread)."""
+    return await asyncio.to_thread(delete_service_export_sync, api, key, missing_ok=missing_ok)
