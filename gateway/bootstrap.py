@@ -124,18 +124,21 @@ def render_bootstrap(
     }
 
 
-def render_grpc_bootstrap(proxy: ProxyInfo, *, xds_host: str, xds_port: int, token: str | None = None,
-                          locality: Locality | None = None) -> dict[str, Any]:
+def render_grpc_bootstrap(proxy: ProxyInfo, *, xds_host: str, xds_port: int, locality: Locality | None = None,
+                          cert_file: str | None = None, key_file: str | None = None, ca_file: str | None = None,
+                          refresh_s: int = 600) -> dict[str, Any]:
     """A bootstrap for gRPC's own xDS client (``GRPC_XDS_BOOTSTRAP``): plaintext to a loopback control plane.
 
-    gRPC's bootstrap format has no per-stream metadata; the control plane maps the node id to the workload."""
+    With ``cert_file``/``key_file``/``ca_file`` it declares the ``default`` certificate provider instance (gRPC's
+    ``file_watcher`` plugin) that the generated clusters' mTLS refers to. gRPC's bootstrap has no per-stream
+    metadata, so the bearer token of Envoy's bootstrap has no equivalent here."""
     if proxy.kind is not ProxyKind.GRPC:
         raise BootstrapError(f"proxy {proxy.node_id} is a {proxy.kind}, not a proxyless gRPC client")
     _check_port("xds port", xds_port)
     node: dict[str, Any] = {"id": proxy.node_id, "metadata": proxy.metadata()}
     if locality is not None:
         node["locality"] = {"region": locality.region, "zone": locality.zone, "sub_zone": locality.cluster}
-    return {
+    out: dict[str, Any] = {
         "xds_servers": [{
             "server_uri": f"{xds_host}:{xds_port}",
             "channel_creds": [{"type": "insecure"}],
@@ -143,6 +146,14 @@ def render_grpc_bootstrap(proxy: ProxyInfo, *, xds_host: str, xds_port: int, tok
         }],
         "node": node,
     }
+    files = (cert_file, key_file, ca_file)
+    if any(files):
+        if not all(files):
+            raise BootstrapError("a gRPC certificate provider needs cert_file, key_file and ca_file together")
+        out["certificate_providers"] = {"default": {"plugin_name": "file_watcher", "config": {
+            "certificate_file": cert_file, "private_key_file": key_file, "ca_certificate_file": ca_file,
+            "refresh_interval": f"{refresh_s}s"}}}
+    return out
 
 
 def to_yaml(bootstrap: dict[str, Any]) -> str:

@@ -74,11 +74,14 @@ class InboundPort:
     port: int
     app_port: int
     name: str = ""
+    protocol: str = "http"  # how the sidecar talks to the app: "http" (HTTP/1.1) or "grpc" (HTTP/2)
 
     def __post_init__(self) -> None:
         for what, value in (("inbound port", self.port), ("app port", self.app_port)):
             if not 1 <= value <= 65535:
                 raise ProxyInfoError(f"{what} {value} is out of range 1..65535")
+        if self.protocol not in ("http", "grpc"):
+            raise ProxyInfoError(f"inbound port {self.port}: protocol {self.protocol!r} is not 'http' or 'grpc'")
 
 
 # Node metadata keys written by gateway.bootstrap and read back by ProxyInfo.from_node (CLUSTER_ID, NAMESPACE and
@@ -136,7 +139,7 @@ class ProxyInfo:
             META_NAMESPACE: str(self.namespace),
             META_SERVICE_ACCOUNT: self.service_account,
             META_SERVICES: ",".join(str(k) for k in self.services),
-            META_INBOUND: ",".join(f"{p.port}:{p.app_port}:{p.name}" for p in self.inbound),
+            META_INBOUND: ",".join(f"{p.port}:{p.app_port}:{p.name}:{p.protocol}" for p in self.inbound),
             META_OUTBOUND_PORT: str(self.outbound_port),
             META_GATEWAY_PORT: str(self.gateway_port),
             META_IP: self.ip,
@@ -177,10 +180,11 @@ class ProxyInfo:
             parts = item.split(":")
             try:
                 inbound.append(InboundPort(port=int(parts[0]), app_port=int(parts[1]),
-                                           name=parts[2] if len(parts) > 2 else ""))
+                                           name=parts[2] if len(parts) > 2 else "",
+                                           protocol=parts[3] if len(parts) > 3 and parts[3] else "http"))
             except (ValueError, IndexError) as exc:
                 raise ProxyInfoError(f"node {node_id!r}: metadata field {META_INBOUND} entry {item!r} "
-                                     "is not PORT:APP_PORT[:NAME]") from exc
+                                     "is not PORT:APP_PORT[:NAME[:PROTOCOL]]") from exc
         return cls(
             kind=kind,
             cluster=cluster,

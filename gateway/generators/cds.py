@@ -23,7 +23,15 @@ from gateway.context import (
     outbound_cluster_name,
     sni_name,
 )
-from gateway.generators.common import TLS_TRANSPORT_SOCKET, ads_source, duration, pack, socket_address, upstream_tls
+from gateway.generators.common import (
+    TLS_TRANSPORT_SOCKET,
+    ads_source,
+    duration,
+    grpc_upstream_tls,
+    pack,
+    socket_address,
+    upstream_tls,
+)
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -71,9 +79,10 @@ def outbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
             cluster = _eds_cluster(name, ctx)
             # One SNI for local pods and remote gateways alike: gateways route on it, sidecars accept any SNI.
             cluster.transport_socket.name = TLS_TRANSPORT_SOCKET
-            cluster.transport_socket.typed_config.CopyFrom(
-                pack(upstream_tls(ctx, sni=sni_name(key, port.port), alpn=("h2",)))
-            )
+            sni = sni_name(key, port.port)
+            tls = (grpc_upstream_tls(ctx, sni=sni) if proxy.kind is ProxyKind.GRPC
+                   else upstream_tls(ctx, sni=sni, alpn=("h2",)))
+            cluster.transport_socket.typed_config.CopyFrom(pack(tls))
             cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http_options(http2=True))
             cluster.outlier_detection.CopyFrom(outlier_detection_pb2.OutlierDetection(
                 consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
@@ -101,7 +110,7 @@ def inbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
                     ))
                 ])],
             ),
-            typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _http_options(http2=False)},
+            typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _http_options(http2=inbound.protocol == "grpc")},
         )
     return out
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import ssl
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -20,6 +22,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -30,6 +33,8 @@ from google.protobuf import duration_pb2
 from discovery.model import ClusterId, namespace
 from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
+from gateway.ads import AdsServer
+from gateway.bootstrap import render_grpc_bootstrap, write_bootstrap
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert, sni_name
 from gateway.snapshot import CLUSTER, Snapshot
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
@@ -40,6 +45,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 PRODUCTPAGE = RATINGS.__class__.parse("productpage.default")
 RATINGS_HOST = "ratings.default.svc.clusterset.local"
+DETAILS = RATINGS.__class__.parse("details.default")
 
 
 async def echo_app(port: int, name: str) -> web.AppRunner:
@@ -272,11 +278,100 @@ async def test_bad_resource_is_nacked_recorded_and_traffic_keeps_flowing(xc: Cro
     await wait_until(synced, within=30, what="CDS synced again after the fix")
 
 
+GRPC_CLIENT = """
+import json, sys, grpc, grpc.experimental
+creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
+with grpc.secure_channel(sys.argv[1], creds) as channel:
+    call = channel.unary_unary("/meshfed.Echo/Call")
+    print(json.dumps({"reply": call(b"hello", timeout=30).decode()}))
+"""
+
+
+async def grpc_echo_server(port: int) -> grpc.aio.Server:
+    """A gRPC workload: ``/meshfed.Echo/Call`` answers with the x-forwarded-client-cert metadata it received."""
+
+    def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+        md = dict(context.invocation_metadata())
+        return json.dumps({"app": "details", "xfcc": md.get("x-forwarded-client-cert", "")}).encode()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "meshfed.Echo", {"Call": grpc.unary_unary_rpc_method_handler(call)})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
+
+
+async def test_proxyless_grpc_client_calls_across_clusters(xc: CrossCluster) -> None:
+    """gRPC's own xDS client in east (no Envoy) calls a gRPC service in west through west's gateway with mTLS
+    from its certificate provider; the callee's sidecar forwards the caller's SPIFFE ID."""
+    mesh = xc.mesh
+    details_in, details_app = free_port(), free_port()
+    mesh.pods[(WEST, DETAILS)] = [("127.0.0.1", details_in)]
+    mesh.exports[WEST] = {*mesh.exports[WEST], DETAILS}
+    server = await grpc_echo_server(details_app)
+    envoy = None
+    try:
+        details = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
+                            service_account="details",
+                            node_id="sidecar~127.0.0.1~details-1.default~default.svc.cluster.local",
+                            services=(DETAILS,), inbound=(InboundPort(details_in, details_app, "grpc", "grpc"),),
+                            outbound_port=free_port())
+        west_certs = workload_certs(xc.cas, "west", [("default", "details")])
+        xc.west.ctx = replace(xc.west.ctx, registry=mesh.registry(WEST),
+                              workload_certs={**xc.west.ctx.workload_certs, **west_certs})
+        for node_id in list(xc.west.proxies):
+            xc.west.publish(node_id)
+        envoy = start_envoy(xc.tmp, xc.west, details, delta=True)
+        await wait_ready(envoy)
+        xc.east.ctx = replace(xc.east.ctx, registry=mesh.registry(EAST))
+        for node_id in list(xc.east.proxies):
+            xc.east.publish(node_id)
+        client = ProxyInfo(kind=ProxyKind.GRPC, cluster=EAST, namespace=namespace("default"),
+                           service_account="grpc-client",
+                           node_id="proxyless~127.0.0.1~grpc-client-1.default~default.svc.cluster.local")
+        xc.east.proxies[client.node_id] = client
+        xc.east.publish(client.node_id)
+        cert = next(iter(workload_certs(xc.cas, "east", [("default", "grpc-client")]).values()))
+        files = {"cert": cert.chain_pem, "key": cert.key_pem, "ca": xc.bundle_pem}
+        for name, text in files.items():
+            (xc.tmp / f"grpc-{name}.pem").write_text(text)
+            (xc.tmp / f"grpc-{name}.pem").chmod(0o600)
+        # gRPC's bootstrap cannot carry the bearer token over a plaintext channel: proxyless clients use a
+        # second, unauthenticated ADS listener on loopback serving the same cache.
+        async with AdsServer(cache=xc.east.cache, authenticator=None, host="127.0.0.1", port=0) as open_ads:
+            boot = render_grpc_bootstrap(client, xds_host="127.0.0.1", xds_port=open_ads.port,
+                                         cert_file=str(xc.tmp / "grpc-cert.pem"),
+                                         key_file=str(xc.tmp / "grpc-key.pem"),
+                                         ca_file=str(xc.tmp / "grpc-ca.pem"))
+            boot_path = write_bootstrap(xc.tmp / "grpc-bootstrap.json", boot)
+            env = {**os.environ, "GRPC_XDS_BOOTSTRAP": str(boot_path), "GRPC_EXPERIMENTAL_XDS_SNI": "true"}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", GRPC_CLIENT, f"xds:///{DETAILS.clusterset_host}:9080", env=env,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        nacks = [r for r in xc.east.cache.status() if r.node_id == client.node_id and r.nack_error]
+        assert nacks == [], [(r.type_url, r.nack_error) for r in nacks]
+        assert proc.returncode == 0, err.decode()[-3000:]
+        reply = json.loads(json.loads(out.decode().strip().splitlines()[-1])["reply"])
+        assert reply["app"] == "details"
+        assert f"URI=spiffe://{TD}/ns/default/sa/grpc-client" in reply["xfcc"], reply
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        await server.stop(None)
+
+
 async def test_removing_the_export_in_west_withdraws_the_route_in_east(xc: CrossCluster) -> None:
     assert await _route_works(xc)
     rejected_before = await xc.client.admin.rejected()  # the NACK test above left its counter
     mesh = xc.mesh
-    mesh.exports[WEST] = set()
+    mesh.exports[WEST].discard(RATINGS)
     # West stops serving it at its gateway; east's federated view loses it (remote shard and import).
     xc.west.update(replace(xc.west.ctx, registry=mesh.registry(WEST)), "export removed")
     xc.east.update(replace(xc.east.ctx, registry=mesh.registry(EAST)), "remote export removed")
