@@ -15,6 +15,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import wrappers_pb2
 
+from discovery.model import ServiceKey, ServicePort
 from gateway.context import (
     ProxyInfo,
     ProxyKind,
@@ -62,6 +63,16 @@ def _http_options(http2: bool) -> Any:
     return pack(http_protocol_options_pb2.HttpProtocolOptions(explicit_http_config=explicit))
 
 
+def expected_peers(ctx: PushContext, key: ServiceKey, port: ServicePort) -> tuple[str, ...]:
+    """The SPIFFE IDs the service's endpoints may present, when every endpoint's service account is known (only
+    local pods, each naming its account); empty (any ID of the trust domain) as soon as one is not, e.g. behind a
+    remote gateway, whose summary does not list accounts."""
+    endpoints = ctx.upstream_endpoints(key, port)
+    if not endpoints or any(e.via_gateway or not e.service_account for e in endpoints):
+        return ()
+    return tuple(sorted({f"{ctx.spiffe_prefix}ns/{key.namespace}/sa/{e.service_account}" for e in endpoints}))
+
+
 def gateway_clusters(ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for service in ctx.exported_services():
@@ -80,8 +91,9 @@ def outbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
             # One SNI for local pods and remote gateways alike: gateways route on it, sidecars accept any SNI.
             cluster.transport_socket.name = TLS_TRANSPORT_SOCKET
             sni = sni_name(key, port.port)
-            tls = (grpc_upstream_tls(ctx, sni=sni) if proxy.kind is ProxyKind.GRPC
-                   else upstream_tls(ctx, sni=sni, alpn=("h2",)))
+            peers = expected_peers(ctx, key, port)
+            tls = (grpc_upstream_tls(ctx, sni=sni, exact_peers=peers) if proxy.kind is ProxyKind.GRPC
+                   else upstream_tls(ctx, sni=sni, exact_peers=peers, alpn=("h2",)))
             cluster.transport_socket.typed_config.CopyFrom(pack(tls))
             cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http_options(http2=True))
             cluster.outlier_detection.CopyFrom(outlier_detection_pb2.OutlierDetection(

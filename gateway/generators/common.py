@@ -72,7 +72,8 @@ def upstream_tls(ctx: PushContext, *, sni: str, exact_peers: tuple[str, ...] = (
     return tls_pb2.UpstreamTlsContext(common_tls_context=common_tls(ctx, exact_peers=exact_peers, alpn=alpn), sni=sni)
 
 
-def grpc_upstream_tls(ctx: PushContext, *, sni: str, instance: str = "default") -> Any:
+def grpc_upstream_tls(ctx: PushContext, *, sni: str, exact_peers: tuple[str, ...] = (),
+                      instance: str = "default") -> Any:
     """Upstream mTLS for proxyless gRPC, which takes certificates from the certificate provider instance its
     bootstrap declares (gRPC does not do SDS): identity ``default`` and roots ``ROOTCA`` of ``instance``."""
     return tls_pb2.UpstreamTlsContext(
@@ -83,7 +84,7 @@ def grpc_upstream_tls(ctx: PushContext, *, sni: str, instance: str = "default") 
                 default_validation_context=common_pb2.CertificateValidationContext(
                     ca_certificate_provider_instance=common_pb2.CertificateProviderPluginInstance(
                         instance_name=instance, certificate_name=ctx.root_secret),
-                    match_typed_subject_alt_names=spiffe_san_matchers(ctx),
+                    match_typed_subject_alt_names=spiffe_san_matchers(ctx, exact_peers),
                 ),
             ),
         ),

@@ -136,6 +136,26 @@ def test_sidecar_outbound_cluster_mtls_sni_spiffe_and_http2(ca: MeshCA) -> None:
     assert (addr.address, addr.port_value) == ("127.0.0.1", 8081)
 
 
+def test_exact_spiffe_ids_when_every_endpoint_is_a_local_pod_with_known_account(ca: MeshCA) -> None:
+    ctx = make_mesh().context(EAST, ca, {})
+    clusters = g.generate(g.CLUSTER_TYPE, sidecar(), None, ctx)
+    local_only = unpack(clusters["outbound|9080||reviews.default.svc.clusterset.local"].transport_socket.typed_config,
+                        tls_pb2.UpstreamTlsContext)
+    sans = local_only.common_tls_context.combined_validation_context.default_validation_context
+    assert [s.matcher.exact for s in sans.match_typed_subject_alt_names] == ["spiffe://meshfed.test/ns/default/sa/reviews"]
+    grpc_proxy = ProxyInfo(kind=ProxyKind.GRPC, cluster=EAST, node_id="proxyless~127.0.0.1~c.default~default.svc.x",
+                           namespace=namespace("default"))
+    grpc_cluster = g.generate(g.CLUSTER_TYPE, grpc_proxy, frozenset({OUT}), ctx)[OUT]
+    gtls = unpack(grpc_cluster.transport_socket.typed_config, tls_pb2.UpstreamTlsContext)
+    common = gtls.common_tls_context
+    assert not common.tls_certificate_sds_secret_configs, "gRPC does not do SDS"
+    assert common.tls_certificate_provider_instance.instance_name == "default"
+    vc = common.combined_validation_context.default_validation_context
+    assert vc.ca_certificate_provider_instance.certificate_name == "ROOTCA"
+    assert [s.matcher.prefix for s in vc.match_typed_subject_alt_names] == ["spiffe://meshfed.test/"]  # via gateway
+    assert gtls.sni == SNI
+
+
 def test_sidecar_endpoints_local_pods_plus_remote_gateway_weighted_with_locality(ca: MeshCA) -> None:
     ctx = make_mesh().context(EAST, ca, {})
     cla = g.generate(g.ENDPOINT_TYPE, sidecar(), None, ctx)[OUT]
