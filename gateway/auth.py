@@ -15,8 +15,9 @@ Then ``check_node`` binds the identity to the node id the proxy claims. Node ids
 
 where kind is ``sidecar`` (Envoy sidecar), ``router`` or ``gateway`` (east-west gateway), ``grpc`` or
 ``proxyless`` (gRPC's xDS client).
-The node's namespace must be the identity's namespace, and if the node's metadata names a ``SERVICE_ACCOUNT`` it
-must be the identity's. A proxy thus only ever receives the snapshot of a node id in its own namespace, and SDS
+The node's namespace must be the identity's namespace, and the node's metadata must name the identity's service
+account as ``SERVICE_ACCOUNT`` (the generators take the proxy's service account, hence its certificate, from it).
+A proxy thus only ever receives the snapshot of a node id in its own namespace, and SDS
 only issues certificates for the identity the token proved (never one the node claims).
 
 Errors: ``AuthenticationError`` (no/invalid token; the server answers UNAUTHENTICATED) and its subclass
@@ -106,7 +107,10 @@ def check_node(identity: ProxyIdentity, node_id: str, metadata: Mapping[str, Any
         raise NodeMismatch(f"node {node_id!r} is in namespace {info.namespace!r} but the token is for "
                            f"{identity.namespace}/{identity.service_account}")
     claimed = metadata.get("SERVICE_ACCOUNT")
-    if claimed not in (None, "", identity.service_account):
+    if not claimed:
+        # the generators read the service account from the node metadata: it must be there, and be the token's
+        raise NodeMismatch(f"node {node_id!r} carries no SERVICE_ACCOUNT in its metadata")
+    if claimed != identity.service_account:
         raise NodeMismatch(f"node {node_id!r} claims service account {claimed!r} but the token is for "
                            f"{identity.namespace}/{identity.service_account}")
     return info

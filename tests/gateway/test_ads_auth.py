@@ -87,6 +87,8 @@ def test_node_ids_bind_to_identities() -> None:
         check_node(ident, make_node_id(kind="router", ip="10.1.2.3", pod="gw", namespace="other"), {})
     with pytest.raises(NodeMismatch, match="service account 'admin'"):
         check_node(ident, node, {"SERVICE_ACCOUNT": "admin"})
+    with pytest.raises(NodeMismatch, match="no SERVICE_ACCOUNT"):
+        check_node(ident, node, {})
     for bad in ("sidecar~1.2.3.4~pod~shop.svc.cluster.local", "x~1~p.shop~shop.svc.c", "sidecar~1~p.a~b.svc.c", "a"):
         with pytest.raises(NodeMismatch):
             parse_node_id(bad)

@@ -19,6 +19,7 @@ READ_TIMEOUT = 10.0
 
 
 def node(node_id: str, **metadata: str) -> base_pb2.Node:
+    metadata = {"SERVICE_ACCOUNT": "web", **metadata}
     md = struct_pb2.Struct()
     md.update(metadata)
     return base_pb2.Node(id=node_id, cluster="test", metadata=md)
