@@ -40,7 +40,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import urllib3
 from kubernetes import client as k8s_client
@@ -494,6 +494,13 @@ class Source(Protocol):
     cluster: ClusterId
 
     def watch(self) -> AsyncIterator[LoadResult]: ...
+
+
+if TYPE_CHECKING:
+    from discovery.manifests import ManifestSource
+
+    def _both_are_sources(manifests: ManifestSource, kube: KubeSource) -> tuple[Source, Source]:
+        return manifests, kube  # mypy checks that both sources fit the protocol
 
 
 @dataclass(frozen=True, slots=True)

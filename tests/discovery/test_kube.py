@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from discovery.kube import (
+    Backoff,
     KubeAlreadyExists,
     KubeConfigError,
     KubeNotFound,
@@ -291,3 +292,50 @@ def test_unknown_context_is_a_config_error(kubeconfig: Path) -> None:
         load_api_client(kubeconfig=kubeconfig, context="nowhere")
     with pytest.raises(KubeConfigError):
         load_api_client(kubeconfig=kubeconfig.parent / "missing", context="east")
+
+
+async def test_http_410_on_a_watch_request_relists(api: KubeApiDouble, source: KubeSource) -> None:
+    api.put_object(service("a"))
+    results = source.watch()
+    await until(results, lambda r: key("a") in r.snapshot.services)
+    await wait_until(lambda: api.stats.watches_open >= 3, "three watches open")
+    lists = source.reflectors["Service"].stats.lists
+    # The reconnecting Service watch gets a plain HTTP 410 (as a list with an expired continue token would).
+    api.inject_error(1, code=410, path_prefix="/api/v1/services", method="GET")
+    api.close_watches()
+    api.put_object(service("b"))
+    got = await until(results, lambda r: key("b") in r.snapshot.services)
+    assert key("a") in got.snapshot.services
+    reflector = source.reflectors["Service"]
+    assert reflector.stats.gone == 1 and reflector.stats.lists == lists + 1 and reflector.stats.errors == 0
+
+
+async def test_namespaced_source_sees_only_its_namespace(api: KubeApiDouble, kubeconfig: Path) -> None:
+    api.put_object(service("a", ns="shop"))
+    api.put_object(export("a", ns="shop"))
+    api.put_object(service("b", ns="other"))
+    api.put_object(export("b", ns="other"))
+    src = await KubeSource.from_kubeconfig(cluster="east", kubeconfig=kubeconfig, context="east", namespace="shop")
+    async with src:
+        results = src.watch()
+        first = await until(results, lambda r: key("a", "shop") in r.snapshot.exports)
+        assert list(first.snapshot.services) == [key("a", "shop")]
+        assert list(first.snapshot.exports) == [key("a", "shop")]
+        api.put_object(service("c", ns="other"))
+        api.put_object(service("c", ns="shop"))
+        got = await until(results, lambda r: key("c", "shop") in r.snapshot.services)
+        assert key("c", "other") not in got.snapshot.services
+    assert any("/namespaces/shop/serviceexports" in p for _, p in api.requests)
+
+
+def test_backoff_is_jittered_bounded_and_resets() -> None:
+    import random
+
+    b = Backoff(base=0.1, cap=2.0, rng=random.Random(7))
+    delays = [b.next_delay() for _ in range(12)]
+    for n, d in enumerate(delays):
+        ceiling = min(2.0, 0.1 * 2**n)
+        assert ceiling / 2 <= d <= ceiling
+    assert max(delays) <= 2.0 and len(set(delays)) == len(delays)
+    b.reset()
+    assert b.next_delay() <= 0.1

@@ -2,8 +2,9 @@
 
 No real API server can be installed on the test machines, so tests run the official ``kubernetes`` client (and
 anything else that speaks the protocol) against this small server instead. It is a *double*, not a mock: it keeps
-objects, assigns resource versions and streams watch events over real HTTP on a free loopback port, and it
-reproduces these semantics of the real server:
+objects, assigns resource versions and streams watch events over real HTTP (or HTTPS with ``tls=True``: a
+throwaway CA whose certificate the emitted kubeconfig carries) on a free loopback port, and it reproduces these
+semantics of the real server:
 
 * **Paths.** ``/api/v1/...`` for the core group and ``/apis/{group}/{version}/...`` for every other group, with
   collection (``.../{resource}``), namespaced collection (``.../namespaces/{ns}/{resource}``), object
@@ -68,6 +69,8 @@ import json
 import re
 import secrets
 import socket
+import ssl
+import tempfile
 import threading
 import time
 import uuid
@@ -395,7 +398,10 @@ class KubeApiDouble:
         ready_deployments: bool = True,
         host: str = _LOOPBACK,
         port: int = 0,
+        tls: bool = False,
     ) -> None:
+        self.tls = tls
+        self.ca_pem = b""
         self.history_size = history_size
         self.bookmark_interval = bookmark_interval
         self.max_watch_seconds = max_watch_seconds
@@ -427,6 +433,18 @@ class KubeApiDouble:
     def start(self) -> KubeApiDouble:
         server = _Server((self._host, self._port), _Handler)
         server.double = self
+        if self.tls:
+            ca_pem, cert_pem, key_pem = _self_signed(self._host)
+            self.ca_pem = ca_pem
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            with tempfile.TemporaryDirectory() as tmp:
+                cert_file, key_file = Path(tmp) / "tls.crt", Path(tmp) / "tls.key"
+                cert_file.write_bytes(cert_pem)
+                key_file.touch(0o600)
+                key_file.write_bytes(key_pem)
+                ctx.load_cert_chain(cert_file, key_file)
+            # The handshake happens in the handler thread, on first read, not in the accept loop.
+            server.socket = ctx.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="kubeapi-double", daemon=True)
@@ -459,7 +477,8 @@ class KubeApiDouble:
 
     @property
     def url(self) -> str:
-        return f"http://{self._host}:{self.port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self._host}:{self.port}"
 
     def write_kubeconfig(
         self,
@@ -478,7 +497,7 @@ class KubeApiDouble:
             "kind": "Config",
             "preferences": {},
             "current-context": context,
-            "clusters": [{"name": n, "cluster": {"server": d.url}} for n, d in doubles.items()],
+            "clusters": [{"name": n, "cluster": d._cluster_entry()} for n, d in doubles.items()],
             "users": [
                 {"name": n, "user": {"token": token if (token and n == context) else d.admin_token}}
                 for n, d in doubles.items()
@@ -491,6 +510,12 @@ class KubeApiDouble:
         target.write_text(yaml.safe_dump(config, sort_keys=False))
         target.chmod(0o600)
         return target
+
+    def _cluster_entry(self) -> JSON:
+        entry: JSON = {"server": self.url}
+        if self.tls:
+            entry["certificate-authority-data"] = base64.b64encode(self.ca_pem).decode()
+        return entry
 
     # -- resource table -------------------------------------------------------------------------------------
 
@@ -1015,6 +1040,45 @@ class KubeApiDouble:
 
 
 # --------------------------------------------------------------------------------------------- HTTP plumbing
+
+
+def _self_signed(host: str) -> tuple[bytes, bytes, bytes]:
+    """A throwaway CA and a server certificate for ``host`` (an IP) and ``localhost``: (ca, cert, key) PEM."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubeapi-double-ca")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host)),
+                                                    x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return ca.public_bytes(pem), cert.public_bytes(pem), key_pem
 
 
 class _Server(http.server.ThreadingHTTPServer):

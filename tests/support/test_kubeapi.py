@@ -222,3 +222,16 @@ def test_real_client_through_kubeconfig(api: KubeApiDouble, tmp_path: Path) -> N
     assert client.VersionApi(c).get_code().major == "1"
     groups = client.ApisApi(c).get_api_versions()
     assert "multicluster.x-k8s.io" in [g.name for g in groups.groups]
+
+
+def test_https_and_multi_context_kubeconfig(tmp_path: Path) -> None:
+    with KubeApiDouble(tls=True) as east, KubeApiDouble() as west:
+        assert east.url.startswith("https://127.0.0.1:")
+        path = east.write_kubeconfig(tmp_path / "kubeconfig", context="east", others={"west": west})
+        east.put_object(SVC)
+        west.put_object({**SVC, "metadata": {"name": "w", "namespace": "default"}})
+        names = {}
+        for ctx in ("east", "west"):
+            c = config.new_client_from_config(config_file=str(path), context=ctx)
+            names[ctx] = [s.metadata.name for s in client.CoreV1Api(c).list_service_for_all_namespaces().items]
+        assert names == {"east": ["a"], "west": ["w"]}
