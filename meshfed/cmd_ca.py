@@ -211,8 +211,11 @@ def reissue_cmd(root_dir: Path, days: int, cluster_dirs: tuple[Path, ...]) -> No
 @rotate.command("retire-root")
 @click.option("--root", "root_dir", required=True, type=_EXISTING_DIR)
 @click.option("--force", is_flag=True, help="retire before old leaves could have expired")
+@click.option("--forget", multiple=True, metavar="SPIFFE_ID",
+              help="drop the record of a decommissioned cluster's intermediate (repeatable)")
 @click.argument("cluster_dirs", nargs=-1, type=_EXISTING_DIR)
-def retire_cmd(root_dir: Path, force: bool, cluster_dirs: tuple[Path, ...]) -> None:
+def retire_cmd(root_dir: Path, force: bool, forget: tuple[str, ...], cluster_dirs: tuple[Path, ...]) -> None:
     """Phase 4: drop the old root from the bundle (refused while anything still chains to it)."""
     with _trust_errors(hint="see `meshfed ca inspect` for the phase"):
-        _report(store.rotate_retire_root(root_dir, force=force, cluster_dirs=list(cluster_dirs) or None))
+        _report(store.rotate_retire_root(root_dir, force=force, forget=forget,
+                                         cluster_dirs=list(cluster_dirs) or None))

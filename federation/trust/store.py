@@ -29,7 +29,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -419,9 +419,7 @@ def rotate_reissue(
 
 
 def replace_active(state: RootState, fp: str) -> RootState:
-    return RootState(
-        state.trust_domain, fp, state.trusted, state.sequence, state.max_leaf_ttl, state.intermediates, state.retired
-    )
+    return replace(state, active=fp)
 
 
 def rotate_retire_root(
@@ -429,19 +427,31 @@ def rotate_retire_root(
     *,
     cluster_dirs: Sequence[Path] | None = None,
     force: bool = False,
+    forget: Sequence[str] = (),
     now: datetime | None = None,
 ) -> StepResult:
     """Phase 4: drop the old root from the bundle, refused while any known intermediate still chains to it (and,
-    unless ``force``, while leaves issued under an old intermediate may still be valid)."""
+    unless ``force``, while leaves issued under an old intermediate may still be valid).
+
+    ``forget`` lists authorities (SPIFFE IDs) of clusters that no longer exist: their records are dropped from the
+    state first, so a decommissioned cluster does not block the rotation forever."""
     now = now or utcnow()
     rd = load_root(root_dir)
+    if forget:
+        known = {r.authority for r in rd.state.intermediates}
+        unknown = [a for a in forget if a not in known]
+        if unknown:
+            raise RotationError(f"cannot forget {', '.join(unknown)}: no such intermediate in {root_dir / STATE}")
+        keep = tuple(r for r in rd.state.intermediates if r.authority not in set(forget))
+        _save_state(rd, replace(rd.state, intermediates=keep))
     if len(rd.state.trusted) == 1:
         _publish_root_dir(rd)
         return StepResult(False, Phase.STABLE, ("only one root is trusted; nothing to retire",))
     old = rd.state.old_root
     if old is None:
         raise RotationError(f"{root_dir}: the new root does not sign yet; run `meshfed ca rotate reissue` first")
-    blocking = [f"{r.authority} ({r.dir})" for r in rd.state.under(old)]
+    gone = ", directory gone: --forget it if the cluster is gone"
+    blocking = [f"{r.authority} ({r.dir}{'' if Path(r.dir).exists() else gone})" for r in rd.state.under(old)]
     old_root = rd.roots[old]
     for d in _cluster_dirs(rd, cluster_dirs):
         if (d / CA_CERT).exists() and _chains_to(_cert(d / CA_CERT), [old_root]) is not None:

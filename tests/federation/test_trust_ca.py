@@ -14,6 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spiffe import TrustDomain as PyTrustDomain
 from spiffe import X509Bundle, X509Svid
 
@@ -356,3 +358,20 @@ def test_fast_leaf_equals_the_builders_leaf(east: IntermediateCA) -> None:
     leaf = x509.load_pem_x509_certificate(east._fast.leaf_pem(east, keys[0], str(REVIEWS), 77, *times[0]))
     assert leaf.serial_number == 77 and leaf.not_valid_before_utc == times[0][0]
     leaf.verify_directly_issued_by(east.cert)
+
+
+
+_TD_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.-_"
+_SEG_CHARS = _TD_CHARS + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(_TD_CHARS, min_size=1, max_size=40),
+    st.lists(st.text(_SEG_CHARS, min_size=1, max_size=20).filter(lambda s: s not in (".", "..")), max_size=6),
+)
+def test_spiffe_id_round_trip_property(td: str, segs: list[str]) -> None:
+    text = "spiffe://" + td + "".join("/" + s for s in segs)
+    sid = SpiffeId.parse(text)
+    assert str(sid) == text and sid.trust_domain.name == td and sid.segments == tuple(segs)
+    assert SpiffeId.parse(str(sid)) == sid

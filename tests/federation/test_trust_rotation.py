@@ -180,3 +180,22 @@ def test_missing_and_broken_dirs_give_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(CAStoreError, match=r"state\.json"):
         store.load_root(tmp_path)
+
+
+def test_decommissioned_cluster_can_be_forgotten(dirs: tuple[Path, Path, Path]) -> None:
+    import shutil
+
+    root, _, west = dirs
+    t0 = datetime.now(UTC)
+    store.rotate_add_root(root, now=t0)
+    shutil.rmtree(west)  # west is decommissioned mid-rotation
+    store.rotate_reissue(root, now=t0)  # only east still exists
+    with pytest.raises(RotationError, match="directory gone"):
+        store.rotate_retire_root(root, force=True, now=t0)
+    with pytest.raises(RotationError, match="no such intermediate"):
+        store.rotate_retire_root(root, force=True, forget=["spiffe://example.org/meshfed/cluster/north"], now=t0)
+    res = store.rotate_retire_root(root, force=True, forget=["spiffe://example.org/meshfed/cluster/west"], now=t0)
+    assert res.phase == Phase.STABLE
+    assert [r.authority for r in store.load_root(root).state.intermediates] == [
+        "spiffe://example.org/meshfed/cluster/east"
+    ]
