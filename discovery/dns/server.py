@@ -57,6 +57,7 @@ T = TypeVar("T")
 
 TCP_IDLE_SECONDS = 10.0
 TCP_MAX_BUFFER = 65535 + 2
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 class DnsBindError(DnsError):
@@ -120,6 +121,7 @@ class DnsServer:
                     lambda: _UdpProtocol(self), local_addr=(self.host, self.port), family=family
                 )
                 port = int(udp.get_extra_info("sockname")[1])
+                _grow_buffers(udp.get_extra_info("socket"))
                 tcp = await loop.create_server(
                     lambda: _TcpProtocol(self), host=self.host, port=port, family=family, reuse_address=True
                 )
@@ -340,6 +342,17 @@ class _TcpProtocol(asyncio.Protocol):
         if self.idle is not None:
             self.idle.cancel()
         self.transport = None
+
+
+def _grow_buffers(sock: socket.socket | None) -> None:
+    """Bigger socket buffers absorb bursts from many clients (the kernel caps them at net.core.*mem_max)."""
+    if sock is None:
+        return
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
+        except OSError as exc:
+            log.debug("dns.socket_buffer option=%d error=%s", option, exc)
 
 
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
