@@ -15,9 +15,9 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.snapshot import TYPE_ORDER, Snapshot
 
@@ -67,6 +67,7 @@ class _Node:
     wakers: set[asyncio.Event] = field(default_factory=set)
     types: dict[str, _TypeStatus] = field(default_factory=dict)
     identity: ProxyIdentity | None = None
+    metadata: dict[str, Any] | None = None
 
 
 class SnapshotCache:
@@ -107,11 +108,15 @@ class SnapshotCache:
         return sorted(self._nodes)
 
     # -- streams (used by the ADS server) ------------------------------------------------------------------------
-    def watch(self, node_id: str, identity: ProxyIdentity | None = None) -> asyncio.Event:
-        """Register an open stream of ``node_id``; the event is set whenever that node's snapshot changes."""
+    def watch(self, node_id: str, identity: ProxyIdentity | None = None,
+              metadata: Mapping[str, Any] | None = None) -> asyncio.Event:
+        """Register an open stream of ``node_id``; the event is set whenever that node's snapshot changes.
+        ``metadata`` is the node metadata of the stream's first request (what the generators need to know)."""
         node = self._nodes.setdefault(node_id, _Node())
         if identity is not None:
             node.identity = identity
+        if metadata is not None:
+            node.metadata = dict(metadata)
         waker = asyncio.Event()
         node.wakers.add(waker)
         if len(node.wakers) == 1:
@@ -131,6 +136,11 @@ class SnapshotCache:
     def connected(self) -> list[str]:
         return sorted(n for n, node in self._nodes.items() if node.wakers)
 
+    def node_metadata(self, node_id: str) -> dict[str, Any] | None:
+        """The node metadata the node's latest stream opened with (None if it never connected)."""
+        node = self._nodes.get(node_id)
+        return node.metadata if node else None
+
     def identity(self, node_id: str) -> ProxyIdentity | None:
         """The identity the node last authenticated as (None if it never connected)."""
         node = self._nodes.get(node_id)
@@ -139,6 +149,12 @@ class SnapshotCache:
     def _type(self, node_id: str, type_url: str) -> _TypeStatus:
         node = self._nodes.setdefault(node_id, _Node())
         return node.types.setdefault(type_url, _TypeStatus())
+
+    def acked_version(self, node_id: str, type_url: str) -> str:
+        """The last version of ``type_url`` that ``node_id`` ACKed ("" if none)."""
+        node = self._nodes.get(node_id)
+        st = node.types.get(type_url) if node else None
+        return st.acked_version if st else ""
 
     def record_sent(self, node_id: str, type_url: str, *, version: str, nonce: str) -> None:
         st = self._type(node_id, type_url)
