@@ -39,6 +39,7 @@ from discovery.model import (
     RemoteEndpoints,
     Service,
     ServiceExport,
+    ServiceImport,
     ServiceKey,
 )
 from federation import catalog as cat
@@ -114,6 +115,82 @@ def apply_catalog(registry: Registry, catalog: cat.Catalog) -> Registry:
     return out
 
 
+class _RemoteIndex:
+    """The catalog's remote shards and imports, kept per cluster from change batches, so that applying them to a
+    registry touches only the clusters that changed (``with_remote`` per changed cluster)."""
+
+    def __init__(self, local: ClusterId) -> None:
+        self.local = local
+        self.shards: dict[ClusterId, dict[ServiceKey, RemoteEndpoints]] = {}
+        self.versions: dict[ClusterId, int] = {}
+        self.catalog_version = 0
+        self.imports: dict[ServiceKey, ServiceImport] = {}
+        self.clusters: dict[ClusterId, ClusterInfo] = {}
+        self._applied: dict[ClusterId, tuple[int, object]] = {}
+        self._applied_catalog: tuple[int, object] | None = None
+
+    def _bump(self, cluster: ClusterId) -> None:
+        self.versions[cluster] = self.versions.get(cluster, 0) + 1
+
+    def _add(self, svc: cat.CatalogService, sign: bool) -> None:
+        for r in svc.endpoints:
+            if r.cluster == self.local:
+                continue
+            shard = self.shards.setdefault(r.cluster, {})
+            if sign:
+                shard[svc.key] = r
+            else:
+                shard.pop(svc.key, None)
+            self._bump(r.cluster)
+
+    def reset(self, catalog: cat.Catalog) -> None:
+        for cluster in list(self.shards):
+            self.shards[cluster] = {}
+            self._bump(cluster)
+        for svc in catalog.services.values():
+            self._add(svc, True)
+        self.imports = {k: s.import_ for k, s in catalog.services.items()}
+        self.clusters = {c: m.info for c, m in catalog.members.items()}
+        self.catalog_version += 1
+
+    def update(self, before: cat.Catalog, changes: Iterable[cat.Change], after: cat.Catalog) -> None:
+        touched = False
+        for change in changes:
+            touched = True
+            if isinstance(change, cat.MemberChange):
+                if change.member is None:
+                    self.clusters.pop(change.cluster, None)
+                else:
+                    self.clusters[change.cluster] = change.member.info
+                continue
+            old = before.services.get(change.key)
+            if old is not None:
+                self._add(old, False)
+            if change.service is None:
+                self.imports.pop(change.key, None)
+            else:
+                self._add(change.service, True)
+                self.imports[change.key] = change.service.import_
+        if touched:
+            self.catalog_version += 1
+
+    def apply(self, registry: Registry) -> Registry:
+        out = registry
+        for cluster, version in sorted(self.versions.items()):
+            applied = self._applied.get(cluster)
+            if applied is not None and applied[0] == version and registry.remote.get(cluster) is applied[1]:
+                continue
+            if applied is None and not self.shards.get(cluster) and cluster not in registry.remote:
+                continue
+            out = out.with_remote(cluster, self.shards.get(cluster, {}).items())
+            self._applied[cluster] = (version, out.remote[cluster])
+        done = self._applied_catalog
+        if done is None or done[0] != self.catalog_version or registry.imports is not done[1]:
+            out = out.with_catalog(clusters=self.clusters, imports=self.imports)
+            self._applied_catalog = (self.catalog_version, out.imports)
+        return out
+
+
 class FederationAgent:
     """Publishes one cluster's exports, holds its lease and follows the merged catalog."""
 
@@ -140,6 +217,7 @@ class FederationAgent:
         self._update_cond = asyncio.Condition()
         self._updates = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._index = _RemoteIndex(info.id)
         self.relists = 0
         self.reconnects = 0
 
@@ -274,7 +352,11 @@ class FederationAgent:
 
     # ---- catalog --------------------------------------------------------------------------------------------------
 
-    async def _set_catalog(self, catalog: cat.Catalog) -> None:
+    async def _set_catalog(self, catalog: cat.Catalog, changes: list[cat.Change] | None = None) -> None:
+        if changes is None or self.catalog is None:
+            self._index.reset(catalog)
+        else:
+            self._index.update(self.catalog, changes, catalog)
         self.catalog = catalog
         if self.on_update is not None:
             result = self.on_update(catalog)
@@ -302,7 +384,7 @@ class FederationAgent:
                 async for revision, changes in self.client.watch(revision=self.catalog.revision):
                     backoff = self.config.backoff_initial_s
                     if changes or revision != self.catalog.revision:
-                        await self._set_catalog(cat.apply(self.catalog, revision, changes))
+                        await self._set_catalog(cat.apply(self.catalog, revision, changes), changes)
             except Gone as exc:
                 log.info("catalog revision gone cluster=%s: relisting (%s)", self.info.id, exc)
                 relist = True
@@ -339,8 +421,9 @@ class FederationAgent:
         return self.catalog
 
     def apply(self, registry: Registry) -> Registry:
-        """``registry`` with the last known catalog applied (unchanged if none yet)."""
-        return registry if self.catalog is None else apply_catalog(registry, self.catalog)
+        """``registry`` with the last known catalog applied (unchanged if none yet); equal to
+        ``apply_catalog(registry, agent.catalog)`` but touching only the remote clusters that changed."""
+        return registry if self.catalog is None else self._index.apply(registry)
 
 
 def _jitter(delay: float) -> float:

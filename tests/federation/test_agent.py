@@ -12,7 +12,7 @@ import pytest
 
 from discovery.model import ClusterId, Registry
 from federation import catalog as cat
-from federation.agent import AgentConfig
+from federation.agent import AgentConfig, apply_catalog
 from federation.service import ServiceConfig, state_of
 from federation.store.sqlite import SqliteStore
 from tests.federation.fedkit import Pki, ServiceProcess, agent, eventually, has, in_process, key, lacks, snapshot
@@ -48,6 +48,13 @@ async def test_two_agents_propagate_both_ways_into_registry(pki: Pki, tmp_path: 
                 await east.wait_for(lambda c: has("west", "details")(c) and lacks("west", "ratings")(c))
             registry = east.apply(registry)
             assert set(registry.remote[ClusterId("west")]) == {key("details")}
+            # The agent's incremental apply equals applying the whole catalog to an empty registry.
+            assert east.catalog is not None
+            whole = apply_catalog(Registry(local=ClusterId("east")), east.catalog)
+            mine = {c: dict(v) for c, v in registry.remote.items() if v}
+            assert mine == {c: dict(v) for c, v in whole.remote.items()}
+            assert dict(registry.imports) == dict(whole.imports) and dict(registry.clusters) == dict(whole.clusters)
+            assert east.apply(registry) is registry  # nothing new: nothing replaced
     finally:
         await store.close()
 
