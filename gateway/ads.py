@@ -145,7 +145,7 @@ class _Stream:
                 await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         server.stats.streams_opened += 1
         log.info("xds stream opened node=%s variant=%s identity=%s", self.node_id, self.variant, self.identity)
-        wake = self.cache.watch(self.node_id, self.identity)
+        wake = self.cache.watch(self.node_id, self.identity, _node_metadata(first.node))
         self.queue.append(first)
         wake.set()
         reader = asyncio.create_task(self._read(wake), name=f"xds-read-{self.node_id}")
