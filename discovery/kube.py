@@ -124,9 +124,19 @@ def api_error(exc: k8s_client.ApiException, *, request: str = "") -> KubeApiErro
 # ------------------------------------------------------------------------------------------------------ config
 
 
-def load_api_client(*, kubeconfig: Path | str | None = None, context: str | None = None) -> k8s_client.ApiClient:
+def load_api_client(
+    *, kubeconfig: Path | str | None = None, context: str | None = None, in_cluster: bool = False
+) -> k8s_client.ApiClient:
     """An ApiClient for ``context`` in ``kubeconfig`` (the client's defaults, ``$KUBECONFIG`` or
-    ``~/.kube/config``, when None). Reads files: call it from a thread inside async code."""
+    ``~/.kube/config``, when None), or, with ``in_cluster``, for the pod's service account. Reads files: call it
+    from a thread inside async code."""
+    if in_cluster:
+        try:
+            configuration = k8s_client.Configuration()
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except (ConfigException, OSError) as exc:
+            raise KubeConfigError(f"in-cluster configuration: {exc}") from exc
+        return k8s_client.ApiClient(configuration)
     try:
         api: k8s_client.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
             config_file=str(kubeconfig) if kubeconfig is not None else None, context=context
