@@ -105,24 +105,29 @@ class MemoryStore:
 
     # ---- writes ----
 
-    async def _append(self, kind: EventKind, cluster: ClusterId, *, member: Member | None = None,
-                      exports: ExportSet | None = None) -> int:
-        cond = self._start()
+    def _append(self, kind: EventKind, cluster: ClusterId, *, member: Member | None = None,
+                exports: ExportSet | None = None) -> int:
+        """Record one event (synchronously, so state and log change together); wake watchers with ``_wake``."""
         self._revision += 1
         self._events.append(StoreEvent(self._revision, kind, cluster, member=member, exports=exports))
         if len(self._events) > self._retain:
             drop = len(self._events) - self._retain
             self._compacted = self._events[drop - 1].revision
             del self._events[:drop]
+        return self._revision
+
+    async def _wake(self) -> None:
+        cond = self._start()
         async with cond:
             cond.notify_all()
-        return self._revision
 
     async def put_member(self, member: Member) -> int:
         self._start()
         cid = member.info.id
         self._members[cid] = member
-        return await self._append(EventKind.MEMBER, cid, member=member)
+        revision = self._append(EventKind.MEMBER, cid, member=member)
+        await self._wake()
+        return revision
 
     async def renew(self, cluster: ClusterId, *, now: datetime) -> Member:
         self._start()
@@ -132,7 +137,8 @@ class MemoryStore:
         renewed = replace(current, renewed_at=now, unreachable_since=None)
         self._members[cluster] = renewed
         if current.unreachable_since is not None:
-            await self._append(EventKind.MEMBER, cluster, member=renewed)
+            self._append(EventKind.MEMBER, cluster, member=renewed)
+            await self._wake()
         return renewed
 
     async def remove_member(self, cluster: ClusterId) -> int:
@@ -141,7 +147,9 @@ class MemoryStore:
             raise UnknownCluster(f"cluster {cluster} is not registered")
         del self._members[cluster]
         self._exports.pop(cluster, None)
-        return await self._append(EventKind.MEMBER_REMOVED, cluster)
+        revision = self._append(EventKind.MEMBER_REMOVED, cluster)
+        await self._wake()
+        return revision
 
     async def put_exports(self, exports: ExportSet) -> int:
         self._start()
@@ -155,8 +163,9 @@ class MemoryStore:
                 return revision
             if exports.generation <= old.generation:
                 raise StaleGeneration(cid, exports.generation, old.generation)
-        revision = await self._append(EventKind.EXPORTS, cid, exports=exports)
+        revision = self._append(EventKind.EXPORTS, cid, exports=exports)
         self._exports[cid] = (exports, revision)
+        await self._wake()
         return revision
 
     async def compact(self, *, keep: int) -> int:
@@ -177,9 +186,11 @@ class MemoryStore:
             if member.unreachable_since is None and lease_deadline(member) <= now:
                 unreachable = expired(member)
                 self._members[cid] = unreachable
-                await self._append(EventKind.MEMBER, cid, member=unreachable)
+                self._append(EventKind.MEMBER, cid, member=unreachable)
                 log.info("lease expired cluster=%s unreachable_since=%s", cid, unreachable.unreachable_since)
                 gone.append(cid)
+        if gone:
+            await self._wake()
         return gone
 
     async def _reap_loop(self) -> None:

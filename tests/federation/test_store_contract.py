@@ -46,7 +46,9 @@ EVENT_TIMEOUT = 20.0
 Opener = Callable[..., Awaitable[Store]]
 
 
-def member(name: str, *, ttl: float = 3600.0, at: datetime = T0, network: str = "net1") -> Member:
+def member(name: str, *, ttl: float = 3600.0, at: datetime | None = None, network: str = "net1") -> Member:
+    # Leases run on the wall clock in every store: a registration must be recent or the reaper expires it.
+    at = at or datetime.now(UTC)
     return Member(
         info=ClusterInfo(id=ClusterId(name), network=NetworkId(network), region="eu", zone="eu-1",
                          gateway_host="127.0.0.1", gateway_port=15443),
@@ -249,7 +251,7 @@ async def test_members_put_renew_remove(opener: Opener) -> None:
     store = await opener()
     r1 = await store.put_member(member("east"))
     await store.put_exports(export_set("east", 1, "reviews"))
-    later = T0 + timedelta(seconds=30)
+    later = datetime.now(UTC) + timedelta(seconds=30)
     renewed = await store.renew(ClusterId("east"), now=later)
     assert renewed.renewed_at == later and renewed.unreachable_since is None
     snap = await store.snapshot()
@@ -366,3 +368,37 @@ async def test_concurrent_publishers_never_regress_a_generation(opener: Opener) 
     generations = [e.exports.generation for e in events if e.exports]
     assert generations == sorted(generations) and len(set(generations)) == len(generations)
     assert sorted(generations) == sorted(got_a + got_b)
+
+
+async def test_one_event_per_mutation(opener: Opener) -> None:
+    """Each mutation is exactly one event (etcd writes several keys per mutation; only one becomes an event)."""
+    store = await opener()
+    now = datetime.now(UTC)
+    revs = [
+        await store.put_member(member("east", at=now)),
+        await store.put_exports(export_set("east", 1, "reviews")),
+        await store.put_member(replace(member("east", at=now), unreachable_since=now)),  # marked by the service
+        await store.remove_member(ClusterId("east")),
+        await store.put_member(member("west", at=now)),
+    ]
+    events = await collect(store, after=revs[0] - 1, until=up_to(revs[-1]))
+    assert [(e.revision, e.kind, e.cluster) for e in events] == list(zip(
+        revs,
+        [EventKind.MEMBER, EventKind.EXPORTS, EventKind.MEMBER, EventKind.MEMBER_REMOVED, EventKind.MEMBER],
+        ["east", "east", "east", "east", "west"], strict=True,
+    ))
+    assert events[2].member is not None and events[2].member.unreachable_since == now
+
+
+async def test_service_marked_unreachable_member_returns_by_renew(opener: Opener) -> None:
+    store = await opener()
+    now = datetime.now(UTC)
+    await store.put_member(member("east", at=now))
+    marked = await store.put_member(replace(member("east", at=now), unreachable_since=now))
+    snap = await store.snapshot()
+    assert snap.members[0].unreachable_since == now
+    back = await store.renew(ClusterId("east"), now=now + timedelta(seconds=1))
+    assert back.unreachable_since is None
+    events = await collect(store, after=marked, until=lambda es: True)
+    assert events[0].kind is EventKind.MEMBER and events[0].member == back
+    assert (await store.snapshot()).members == (back,)
