@@ -129,11 +129,20 @@ class Snapshot:
             entries[type_url] = MappingProxyType({n: _entry(type_url, n, m) for n, m in by_name.items()})
         self._freeze(entries)
 
-    def _freeze(self, entries: Mapping[str, Mapping[str, Entry]]) -> None:
+    def _freeze(self, entries: Mapping[str, Mapping[str, Entry]], base: Snapshot | None = None,
+                changed: str | None = None) -> None:
+        """Set the derived fields; with ``base``, types other than ``changed`` are shared with ``base``."""
         object.__setattr__(self, "_entries", MappingProxyType(dict(entries)))
-        object.__setattr__(self, "_versions", MappingProxyType({t: _type_version(e) for t, e in entries.items()}))
-        object.__setattr__(self, "resources", MappingProxyType(
-            {t: MappingProxyType({n: en.message for n, en in e.items()}) for t, e in entries.items()}))
+        if base is None:
+            versions = {t: _type_version(e) for t, e in entries.items()}
+            resources = {t: MappingProxyType({n: en.message for n, en in e.items()}) for t, e in entries.items()}
+        else:
+            assert changed is not None
+            versions, resources = dict(base._versions), dict(base.resources)
+            versions[changed] = _type_version(entries[changed])
+            resources[changed] = MappingProxyType({n: en.message for n, en in entries[changed].items()})
+        object.__setattr__(self, "_versions", MappingProxyType(versions))
+        object.__setattr__(self, "resources", MappingProxyType(resources))
 
     @classmethod
     def build(cls, resources: Mapping[str, Iterable[Message] | Mapping[str, Message]]) -> Snapshot:
@@ -152,19 +161,38 @@ class Snapshot:
             normalised[type_url] = by_name
         return cls(resources=normalised)
 
-    def replace(self, type_url: str, updates: Mapping[str, Message | None]) -> Snapshot:
+    def replace(self, type_url: str, updates: Mapping[str, Message | Entry | None]) -> Snapshot:
         """A new snapshot with some resources of one type added, replaced, or (``None``) removed.
 
-        Only the changed resources are serialised again; everything else is shared with this snapshot.
+        Only the changed resources are serialised again (an ``Entry`` taken from another snapshot is shared as it
+        is); everything else is shared with this snapshot.
         """
         current = dict(self._entries.get(type_url, {}))
         for name, message in updates.items():
             if message is None:
                 current.pop(name, None)
+            elif isinstance(message, Entry):
+                if message.name != name or message.packed.type_url != type_url:
+                    raise SnapshotError(f"{type_url}: entry {message.name!r} cannot replace {name!r}")
+                current[name] = message
             else:
                 current[name] = _entry(type_url, name, message)
         entries = dict(self._entries)
         entries[type_url] = MappingProxyType(current)
+        new = object.__new__(Snapshot)
+        new._freeze(entries, self, type_url)
+        return new
+
+    def select(self, names: Mapping[str, Iterable[str] | None]) -> Snapshot:
+        """A snapshot of some types of this one (``None``: all of that type's resources, else those names that
+        exist), sharing the serialised resources: how per-proxy snapshots are cut from one shared, full one."""
+        entries: dict[str, Mapping[str, Entry]] = {}
+        for type_url, wanted in names.items():
+            have = self._entries.get(type_url, MappingProxyType({}))
+            if wanted is None:
+                entries[type_url] = have
+            else:
+                entries[type_url] = MappingProxyType({n: have[n] for n in wanted if n in have})
         new = object.__new__(Snapshot)
         new._freeze(entries)
         return new

@@ -85,3 +85,14 @@ def test_status_states() -> None:
     assert row.state == SyncState.NACKED and row.nack_error == "bad y" and row.acked_version == v
     cache.clear("n")
     assert cache.status() == [] and cache.get("n") is None
+
+
+def test_select_cuts_per_proxy_snapshots_sharing_entries() -> None:
+    full = snapshot({"x": (1,), "y": (2,), "z": (3,)})
+    part = full.select({CLUSTER: ["x", "nope"], ENDPOINT: None})
+    assert part.names(CLUSTER) == {"x"} and part.names(ENDPOINT) == {"x", "y", "z"}
+    assert part.entries(CLUSTER)["x"] is full.entries(CLUSTER)["x"]
+    assert part == Snapshot.build({CLUSTER: [eds_cluster("x")], ENDPOINT: [cla("x", 1), cla("y", 2), cla("z", 3)]})
+    changed = part.replace(ENDPOINT, {"y": cla("y", 9)})
+    assert changed.version(CLUSTER) == part.version(CLUSTER) and changed.resources[CLUSTER] is part.resources[CLUSTER]
+    assert changed.version(ENDPOINT) == snapshot({"x": (1,), "y": (9,), "z": (3,)}).version(ENDPOINT)
