@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from meshfed import cmd_ca, cmd_export, cmd_federation
+from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_federation
 from meshfed.cmd_dns import dns_cmd
 
 
@@ -26,6 +26,7 @@ cli.add_command(cmd_federation.federation)
 cli.add_command(cmd_export.export_cmd)
 cli.add_command(cmd_export.unexport_cmd)
 cli.add_command(dns_cmd)
+cli.add_command(cmd_controlplane.controlplane)
 
 
 def main() -> None:

@@ -1,0 +1,76 @@
+"""``meshfed controlplane``: run one cluster's control plane (discovery, federation agent, DNS, xDS, SDS)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import click
+
+from discovery.clusterset import ClusterSetError, load_clusterset
+from discovery.model import DiscoveryError, cluster_id
+from federation.trust.errors import TrustError
+from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
+from meshfed.output import fail
+
+
+async def _serve(config: ControlPlaneConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with ControlPlane(config) as cp:
+        click.echo(f"control plane {config.cluster} ready: xds {config.xds.host}:{cp.ads.port if cp.ads else 0} "
+                   f"dns {config.dns.host}:{cp.dns.port if cp.dns else 0} admin {config.admin.host}:{cp.admin_port}",
+                   err=True)
+        await stop.wait()
+
+
+@click.command("controlplane")
+@click.option("--clusterset", "clusterset_dir", default="clusters/demo", show_default=True,
+              type=click.Path(path_type=Path), help="clusterset directory (holds clusterset.yaml)")
+@click.option("--cluster", required=True, help="this cluster's name in the clusterset")
+@click.option("--ca", "ca_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="this cluster's intermediate CA directory (Istio plug-in CA layout)")
+@click.option("--federation", "federation_urls", multiple=True, metavar="URL",
+              help="federation service URL (repeat for replicas); none: run unfederated")
+@click.option("--xds-listen", default="127.0.0.1:15010", show_default=True, metavar="HOST:PORT")
+@click.option("--dns-listen", default="127.0.0.1:5353", show_default=True, metavar="HOST:PORT")
+@click.option("--admin-listen", default="127.0.0.1:15014", show_default=True, metavar="HOST:PORT",
+              help="/healthz, /readyz, /status, /metrics")
+@click.option("--gateway-address", required=True, metavar="HOST:PORT",
+              help="where other clusters reach this cluster's east-west gateway")
+@click.option("--tokens", "tokens_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="per-workload xDS bootstrap tokens (JSON, 0600; local runs)")
+@click.option("--runtime", "runtime_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="endpoint port overrides written by the local runner")
+@click.option("--debounce-quiet", type=float, default=0.1, show_default=True, metavar="SECONDS")
+@click.option("--debounce-max", type=float, default=1.0, show_default=True, metavar="SECONDS")
+def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_urls: tuple[str, ...], xds_listen: str,
+                 dns_listen: str, admin_listen: str, gateway_address: str, tokens_file: Path | None,
+                 runtime_file: Path | None, debounce_quiet: float, debounce_max: float) -> None:
+    """Run one cluster's control plane until SIGTERM or Ctrl-C."""
+    try:
+        cs = load_clusterset(clusterset_dir)
+        cid = cluster_id(cluster)
+        cs.cluster(cid)
+        gateway = Listen.parse(gateway_address, what="--gateway-address")
+        config = ControlPlaneConfig(
+            clusterset=cs, cluster=cid, ca_dir=ca_dir, federation_urls=federation_urls,
+            xds=Listen.parse(xds_listen, what="--xds-listen"), dns=Listen.parse(dns_listen, what="--dns-listen"),
+            admin=Listen.parse(admin_listen, what="--admin-listen"), gateway_host=gateway.host,
+            gateway_port=gateway.port, tokens_file=tokens_file, runtime_file=runtime_file,
+            debounce_quiet_s=debounce_quiet, debounce_max_s=debounce_max,
+        )
+    except (ClusterSetError, DiscoveryError, ValueError, KeyError) as exc:
+        fail(str(exc), hint="check --clusterset and --cluster")
+        return
+    try:
+        asyncio.run(_serve(config))
+    except TrustError as exc:
+        fail(f"{ca_dir}: {exc}", hint="create the cluster CA with 'meshfed ca intermediate'")
+    except OSError as exc:
+        fail(f"cannot start the control plane: {exc}", hint="is another process using one of the listen ports?")

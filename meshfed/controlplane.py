@@ -1,0 +1,530 @@
+"""One cluster's control plane: discovery -> registry -> (federation agent, DNS, xDS) in one process.
+
+The composition::
+
+    manifest source (or Kubernetes source) --local shard--> registry <--remote shards-- federation agent
+                                                               |
+                          +------------------------------------+----------------------+
+                          v                                    v                      v
+                 DNS (clusterset.local)          push debouncer -> generators -> snapshot cache -> ADS
+                                                               ^
+                                         SDS: workload certificates signed by this cluster's intermediate
+
+Watchers never call the servers: each change replaces the registry value and submits a mergeable push request;
+the debouncer regenerates the snapshots of connected proxies, and the cache sends only what changed. The admin
+endpoint (``/healthz``, ``/readyz``, ``/status``, ``/metrics``) is how ``meshfed status`` and ``diagnose`` see it.
+
+Local runs (``meshfed up``) add two files the runner writes: ``tokens.json`` (per-workload bootstrap tokens, 0600)
+and ``runtime.json`` (the loopback ports the runner picked for each endpoint address, replacing the manifests'
+placeholder ports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from aiohttp import web
+from cryptography import x509
+
+from discovery.clusterset import ClusterSet
+from discovery.dns.server import DnsServer
+from discovery.manifests import ClusterSnapshot, LoadResult, ManifestSource
+from discovery.model import ClusterId, ClusterInfo, Endpoint, Registry, Service
+from federation.agent import AgentConfig, FederationAgent
+from federation.catalog import Catalog
+from federation.client import FederationClient
+from federation.trust.ca import issue_workload
+from federation.trust.spiffe import SpiffeId
+from federation.trust.store import load_bundle, load_cluster_ca
+from federation.trust.tls import client_ssl_context
+from gateway import generators
+from gateway.ads import AdsServer
+from gateway.auth import ProxyIdentity, TokenTableAuthenticator
+from gateway.cache import SnapshotCache
+from gateway.context import ProxyInfo, ProxyInfoError, PushContext
+from gateway.push import PushDebouncer, PushRequest
+from gateway.sds import WorkloadCertIssuer, bundle_pem, identities_of
+from gateway.snapshot import Snapshot
+from meshfed import telemetry
+
+log = logging.getLogger("meshfed.controlplane")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, *, what: str) -> Listen:
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"{what} {text!r}: expected HOST:PORT")
+        return cls(host=host.strip("[]") or "127.0.0.1", port=int(port))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneConfig:
+    clusterset: ClusterSet
+    cluster: ClusterId
+    ca_dir: Path
+    federation_urls: tuple[str, ...]
+    xds: Listen
+    dns: Listen
+    admin: Listen
+    gateway_host: str
+    gateway_port: int
+    tokens_file: Path | None = None
+    runtime_file: Path | None = None
+    debounce_quiet_s: float = 0.1
+    debounce_max_s: float = 1.0
+    manifest_poll_s: float = 0.5
+    workload_cert_ttl: timedelta = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointOverride:
+    """What a local run's ``runtime.json`` says of one endpoint address."""
+
+    ports: tuple[tuple[str, int], ...]
+    service_account: str = ""
+
+
+def load_runtime(path: Path | None) -> dict[str, EndpointOverride]:
+    """``runtime.json``: ``{"endpoints": {"127.0.2.10": {"ports": {"http": 40123}, "service_account": "x"}}}``."""
+    if path is None or not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    out: dict[str, EndpointOverride] = {}
+    for address, entry in data.get("endpoints", {}).items():
+        ports = tuple(sorted((str(k), int(v)) for k, v in entry.get("ports", {}).items()))
+        out[address] = EndpointOverride(ports=ports, service_account=str(entry.get("service_account", "")))
+    return out
+
+
+def apply_runtime(services: Mapping[Any, Service], runtime: Mapping[str, EndpointOverride]) -> list[Service]:
+    """The services with each endpoint's ports (and service account) replaced from the local run's overrides."""
+    if not runtime:
+        return list(services.values())
+    out: list[Service] = []
+    for svc in services.values():
+        endpoints: list[Endpoint] = []
+        for ep in svc.endpoints:
+            ov = runtime.get(ep.address)
+            if ov is not None:
+                ep = replace(ep, ports=ov.ports or ep.ports, service_account=ov.service_account or ep.service_account)
+            endpoints.append(ep)
+        out.append(replace(svc, endpoints=tuple(endpoints)))
+    return out
+
+
+def with_export_conditions(registry: Registry, catalog: Catalog) -> Registry:
+    """``registry`` with the local exports' MCS conditions (Valid, Ready, Conflict) as the federation computed them
+    centrally, so every cluster reports the same conflict resolution."""
+    local = registry.local
+    exports = registry.exports.get(local, {})
+    updated = []
+    changed = False
+    for key, export in sorted(exports.items()):
+        entry = catalog.services.get(key)
+        conditions = tuple(c for cid, c in entry.conditions if cid == local) if entry is not None else ()
+        if conditions and conditions != export.conditions:
+            export = replace(export, conditions=conditions)
+            changed = True
+        updated.append(export)
+    if not changed:
+        return registry
+    return registry.with_shard(local, registry.services(local), updated)
+
+
+def load_tokens(path: Path | None) -> dict[str, ProxyIdentity]:
+    """``tokens.json``: ``{TOKEN: {"namespace": ..., "service_account": ..., "cluster": ...}}`` (0600)."""
+    if path is None or not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {
+        token: ProxyIdentity(namespace=v["namespace"], service_account=v["service_account"], cluster=v["cluster"])
+        for token, v in data.items()
+    }
+
+
+@dataclass
+class _ReloadingTokens(TokenTableAuthenticator):
+    """The token table, re-read when ``tokens.json`` changes (the runner adds workloads while we run)."""
+
+    path: Path | None = None
+    mtime: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__init__({})
+        self.reload()
+
+    def reload(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        mtime = self.path.stat().st_mtime
+        if mtime == self.mtime:
+            return
+        self.mtime = mtime
+        for token, identity in load_tokens(self.path).items():
+            with contextlib.suppress(ValueError):
+                self.add(token, identity)
+
+    async def authenticate(self, *, metadata: Mapping[str, str]) -> ProxyIdentity:
+        self.reload()
+        return await super().authenticate(metadata=metadata)
+
+
+@dataclass
+class ControlPlane:
+    """One cluster's control plane (an async context manager); see the module docstring."""
+
+    config: ControlPlaneConfig
+    registry: Registry = field(init=False)
+    cache: SnapshotCache = field(default_factory=SnapshotCache)
+    proxies: dict[str, ProxyInfo] = field(default_factory=dict)
+    proxy_errors: dict[str, str] = field(default_factory=dict)
+    manifest_problems: list[dict[str, Any]] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    metrics: telemetry.ControlPlaneMetrics = field(default_factory=telemetry.ControlPlaneMetrics)
+    _stack: AsyncExitStack = field(default_factory=AsyncExitStack)
+    _local: ClusterSnapshot | None = None
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _dns_dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        info = self.info
+        self.registry = Registry(local=cfg.cluster).with_catalog(clusters={info.id: info}, imports={})
+        self.ca = load_cluster_ca(cfg.ca_dir)
+        self.bundle = load_bundle(cfg.ca_dir)
+        self.trust_domain = str(self.bundle.trust_domain)
+        self.auth = _ReloadingTokens(path=cfg.tokens_file)
+        self.issuer = WorkloadCertIssuer(ca=self.ca, ttl=cfg.workload_cert_ttl, on_rotate=self._rotated)
+        self.source = ManifestSource.for_cluster(cfg.clusterset, cfg.cluster)
+        self.ads: AdsServer | None = None
+        self.dns: DnsServer | None = None
+        self.pushes: PushDebouncer | None = None
+        self.agent: FederationAgent | None = None
+        self.admin_port = 0
+
+    @property
+    def info(self) -> ClusterInfo:
+        base = self.config.clusterset.cluster(self.config.cluster)
+        return replace(base, gateway_host=self.config.gateway_host, gateway_port=self.config.gateway_port)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        cfg = self.config
+        stack = self._stack
+        await stack.__aenter__()
+        try:
+            first = await asyncio.to_thread(self.source.load)
+            self._take_local(first)
+            self.dns = await stack.enter_async_context(DnsServer(host=cfg.dns.host, port=cfg.dns.port,
+                                                                  registry=self.registry))
+            self.pushes = await stack.enter_async_context(PushDebouncer(
+                regenerate=self._regenerate, quiet=cfg.debounce_quiet_s, max_delay=cfg.debounce_max_s))
+            self.cache.on_connect(self._on_connect)
+            self.ads = await stack.enter_async_context(AdsServer(cache=self.cache, authenticator=self.auth,
+                                                                  host=cfg.xds.host, port=cfg.xds.port))
+            await stack.enter_async_context(self.issuer)
+            if cfg.federation_urls:
+                sid = SpiffeId.cluster(self.bundle.trust_domain, cfg.cluster)
+                key_pem, chain = issue_workload(self.ca, sid, ttl=timedelta(hours=24))
+                ctx = client_ssl_context(b"".join(chain), key_pem, self.bundle)
+                client = await stack.enter_async_context(FederationClient(
+                    list(cfg.federation_urls), ssl_context=ctx, cluster=cfg.cluster, bundle=self.bundle))
+                agent_cfg = AgentConfig(heartbeat_interval_s=cfg.clusterset.federation.heartbeat_interval)
+                self.agent = await stack.enter_async_context(FederationAgent(
+                    client, info=self.info, config=agent_cfg, on_update=self._on_catalog))
+                self._publish()
+            await self._start_admin(stack)
+            self._tasks.append(asyncio.create_task(self._watch_manifests(), name="manifest-watch"))
+            self._tasks.append(asyncio.create_task(self._dns_loop(), name="dns-update"))
+            await self.dns.update(self.registry)
+            self._ready.set()
+            log.info("control plane ready cluster=%s xds=%s:%d dns=%s:%d admin=%s:%d", cfg.cluster, cfg.xds.host,
+                     self.ads.port, cfg.dns.host, self.dns.port, cfg.admin.host, self.admin_port)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self._stack.aclose()
+
+    # ---- watchers: each replaces the registry and submits a push ---------------------------------------------
+
+    def _take_local(self, result: LoadResult) -> None:
+        self.manifest_problems = [
+            {"file": p.file, "document": p.document, "field": p.field, "message": p.message, "severity": p.severity}
+            for p in result.problems
+        ]
+        for p in result.errors:
+            log.error("manifest error file=%s document=%d field=%s message=%s (last good state kept)", p.file,
+                      p.document, p.field, p.message)
+        snap = result.snapshot
+        self._local = snap
+        services = apply_runtime(snap.services, load_runtime(self.config.runtime_file))
+        self.registry = self.registry.with_shard(self.config.cluster, services, snap.exports.values())
+        if self.agent is not None and self.agent.catalog is not None:
+            self.registry = with_export_conditions(self.registry, self.agent.catalog)
+
+    def _publish(self) -> None:
+        if self.agent is None or self._local is None:
+            return
+        self.agent.publish(self.registry.services(self.config.cluster),
+                           self.registry.exports.get(self.config.cluster, {}).values())
+
+    async def _watch_manifests(self) -> None:
+        last = self._local.version if self._local else ""
+        runtime_mtime = self._runtime_mtime()
+        async for result in self.source.watch(interval=self.config.manifest_poll_s):
+            mtime = self._runtime_mtime()
+            if result.snapshot.version == last and mtime == runtime_mtime and not result.errors:
+                continue
+            last, runtime_mtime = result.snapshot.version, mtime
+            self._take_local(result)
+            self._publish()
+            self._changed("manifests")
+
+    def _runtime_mtime(self) -> float:
+        path = self.config.runtime_file
+        try:
+            return path.stat().st_mtime if path is not None else 0.0
+        except OSError:
+            return 0.0
+
+    async def _on_catalog(self, catalog: Catalog) -> None:
+        assert self.agent is not None
+        self.registry = with_export_conditions(self.agent.apply(self.registry), catalog)
+        self.metrics.mark_update()
+        self._changed("catalog")
+
+    def _changed(self, reason: str) -> None:
+        if self.pushes is not None:
+            self.pushes.submit(PushRequest(full=True, reasons=frozenset({reason})))
+        self._dns_dirty.set()
+
+    async def _dns_loop(self) -> None:
+        """Rebuild the DNS table off the hot path after changes (latest registry wins; bursts coalesce)."""
+        while True:
+            await self._dns_dirty.wait()
+            self._dns_dirty.clear()
+            if self.dns is not None:
+                await self.dns.update(self.registry)
+
+    def _rotated(self, identities: frozenset[ProxyIdentity]) -> None:
+        nodes = identities_of(self.cache.connected(), self.cache.identity, identities)
+        if self.pushes is not None and nodes:
+            self.pushes.submit(PushRequest(proxies=nodes, reasons=frozenset({"cert-rotation"})))
+
+    def _on_connect(self, node_id: str) -> None:
+        if self.pushes is not None:
+            self.pushes.submit(PushRequest(proxies=frozenset({node_id}), reasons=frozenset({"connect"})))
+
+    # ---- generation --------------------------------------------------------------------------------------------
+
+    def push_context(self) -> PushContext:
+        return PushContext(registry=self.registry, trust_domain=self.trust_domain,
+                           trust_bundle_pem=bundle_pem(self.bundle), workload_certs=self.issuer.certs())
+
+    def _proxy(self, node_id: str) -> ProxyInfo | None:
+        metadata = self.cache.node_metadata(node_id)
+        if metadata is None:
+            return self.proxies.get(node_id)
+        try:
+            proxy = ProxyInfo.from_node(node_id, metadata)
+        except ProxyInfoError as exc:
+            self.proxy_errors[node_id] = str(exc)
+            log.warning("proxy metadata rejected node=%s error=%s", node_id, exc)
+            return None
+        self.proxy_errors.pop(node_id, None)
+        self.proxies[node_id] = proxy
+        return proxy
+
+    async def _regenerate(self, request: PushRequest) -> None:
+        started = time.perf_counter()
+        targets = self.cache.connected() if request.full else sorted(request.proxies)
+        for node_id in targets:
+            identity = self.cache.identity(node_id)
+            if identity is not None:
+                self.issuer.ensure(identity)
+        ctx = self.push_context()
+        pushed = 0
+        for node_id in targets:
+            proxy = self._proxy(node_id)
+            if proxy is None:
+                continue
+            try:
+                snapshot = Snapshot.build(generators.generate_all(proxy, ctx))
+            except Exception as exc:  # a generator bug must not stop pushes to every other proxy
+                self.proxy_errors[node_id] = f"generation failed: {exc}"
+                log.exception("snapshot generation failed node=%s", node_id)
+                continue
+            if self.cache.set_snapshot(node_id, snapshot):
+                pushed += 1
+        self.metrics.pushes.inc(pushed)
+        self.metrics.push_seconds.observe(time.perf_counter() - started)
+        log.info("push reasons=%s proxies=%d changed=%d", ",".join(sorted(request.reasons)), len(targets), pushed)
+
+    # ---- admin: health, status, metrics -------------------------------------------------------------------------
+
+    async def _start_admin(self, stack: AsyncExitStack) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.config.admin.host, self.config.admin.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.admin_port = int(sockets[0].getsockname()[1]) if sockets else self.config.admin.port
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready = self._ready.is_set()
+        federated = self.agent is None or self.agent.catalog is not None
+        ok = ready and federated
+        return web.json_response({"ready": ok, "federation_synced": federated}, status=200 if ok else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics.refresh(self)
+        body, content_type = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status(), dumps=lambda v: json.dumps(v, default=str))
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``meshfed status`` and ``diagnose`` need from this control plane, JSON-shaped."""
+        return status_of(self)
+
+
+def _expiry(pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(pem)
+    return cert.not_valid_after_utc.isoformat()
+
+
+def status_of(cp: ControlPlane) -> dict[str, Any]:
+    reg = cp.registry
+    local = cp.config.cluster
+    exports = reg.exports.get(local, {})
+    services = []
+    for svc in reg.services(local):
+        export = exports.get(svc.key)
+        services.append({
+            "service": str(svc.key),
+            "type": str(svc.type),
+            "ports": [{"name": p.name, "port": p.port, "protocol": str(p.protocol)} for p in svc.ports],
+            "endpoints": len(svc.endpoints),
+            "ready": len(svc.ready_endpoints),
+            "exported": export is not None,
+            "conditions": [{"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message}
+                           for c in (export.conditions if export else ())],
+        })
+    imports = []
+    for key, imp in sorted(reg.imports.items()):
+        ready_by_cluster: dict[str, int] = {str(c): shard[key].ready for c, shard in reg.remote.items() if key in shard}
+        local_svc = reg.service(local, key)
+        if local_svc is not None:
+            ready_by_cluster[str(local)] = len(local_svc.ready_endpoints)
+        imports.append({
+            "service": str(key), "type": str(imp.type), "ips": list(imp.ips),
+            "clusters": [str(c) for c in imp.clusters],
+            "ports": [{"name": p.name, "port": p.port, "protocol": str(p.protocol)} for p in imp.ports],
+            "ready_by_cluster": ready_by_cluster,
+        })
+    proxies = [{**dataclasses.asdict(st), "state": str(st.state)} for st in cp.cache.status()]
+    agent = cp.agent
+    federation: dict[str, Any] = {"configured": agent is not None}
+    if agent is not None:
+        catalog = agent.catalog
+        federation.update({
+            "connected": agent.connected,
+            "revision": getattr(catalog, "revision", None),
+            "relists": agent.relists,
+            "reconnects": agent.reconnects,
+            "members": _members(catalog),
+        })
+    return {
+        "cluster": str(local),
+        "network": str(cp.info.network),
+        "region": cp.info.region,
+        "zone": cp.info.zone,
+        "gateway": f"{cp.config.gateway_host}:{cp.config.gateway_port}",
+        "xds": f"{cp.config.xds.host}:{cp.ads.port if cp.ads else cp.config.xds.port}",
+        "dns": f"{cp.config.dns.host}:{cp.dns.port if cp.dns else cp.config.dns.port}",
+        "admin": f"{cp.config.admin.host}:{cp.admin_port}",
+        "registry_revision": reg.revision,
+        "uptime_s": round(time.time() - cp.started_at, 1),
+        "services": services,
+        "imports": imports,
+        "proxies": proxies,
+        "proxy_errors": dict(cp.proxy_errors),
+        "manifest_problems": cp.manifest_problems,
+        "federation": federation,
+        "trust": {
+            "trust_domain": cp.trust_domain,
+            "intermediate_not_after": cp.ca.not_after.isoformat(),
+            "intermediate_fingerprint": cp.ca.fingerprint,
+            "roots": [{"fingerprint": fp, "not_after": root.not_valid_after_utc.isoformat()}
+                      for fp, root in zip(cp.bundle.fingerprints, cp.bundle.roots, strict=True)],
+            "workload_certs": [
+                {"spiffe_id": sid, "not_after": _expiry(cert.chain_pem.encode())}
+                for sid, cert in sorted(cp.issuer.certs().items())
+            ],
+        },
+        "now": datetime.now(UTC).isoformat(),
+    }
+
+
+def _members(catalog: Any) -> list[dict[str, Any]]:
+    if catalog is None:
+        return []
+    out = []
+    for cid, member in sorted(catalog.members.items()):
+        out.append({
+            "cluster": str(cid),
+            "network": str(member.info.network),
+            "unreachable_since": member.unreachable_since.isoformat() if member.unreachable_since else None,
+            "renewed_at": member.renewed_at.isoformat(),
+            "gateway": f"{member.info.gateway_host}:{member.info.gateway_port}",
+        })
+    return out
+
+
+async def run(config: ControlPlaneConfig, *, stop: asyncio.Event) -> None:
+    async with ControlPlane(config):
+        await stop.wait()

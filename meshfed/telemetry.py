@@ -1,0 +1,98 @@
+"""The control plane's own Prometheus metrics (one registry per control plane, served on its admin ``/metrics``).
+
+Counters move as things happen (pushes, federation updates); gauges that describe state (connections, NACKs,
+certificate expiry, federation lag) are refreshed from the live objects on each scrape.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from meshfed.controlplane import ControlPlane
+
+TYPE_SHORT = {
+    "type.googleapis.com/envoy.config.listener.v3.Listener": "lds",
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "rds",
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "cds",
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "eds",
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret": "sds",
+}
+
+
+class ControlPlaneMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.xds_connections = Gauge("meshfed_xds_connected_proxies", "Proxies with an open ADS stream", registry=r)
+        self.pushes = Counter("meshfed_xds_pushes", "Snapshots changed and pushed to a proxy", registry=r)
+        self.push_seconds = Histogram(
+            "meshfed_xds_push_duration_seconds", "Time to regenerate and install the snapshots of one push",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=r)
+        self.nacks = Gauge("meshfed_xds_nacked_proxies", "Proxies whose last response of a type was NACKed",
+                           ["type"], registry=r)
+        self.federation_updates = Counter("meshfed_federation_catalog_updates",
+                                          "Catalog updates received from the federation", registry=r)
+        self.federation_connected = Gauge("meshfed_federation_connected",
+                                          "1 while the catalog watch is live", registry=r)
+        self.federation_lag = Gauge("meshfed_federation_sync_lag_seconds",
+                                    "Seconds since the last catalog update from the federation", registry=r)
+        self.certs_issued = Gauge("meshfed_workload_certificates", "Workload certificates currently held",
+                                  registry=r)
+        self.cert_expiry = Gauge("meshfed_workload_certificate_expiry_seconds",
+                                 "Seconds until the soonest workload certificate expires", registry=r)
+        self.intermediate_expiry = Gauge("meshfed_intermediate_expiry_seconds",
+                                         "Seconds until this cluster's intermediate CA expires", registry=r)
+        self._last_update = time.monotonic()
+
+    def mark_update(self) -> None:
+        self._last_update = time.monotonic()
+        self.federation_updates.inc()
+
+    def refresh(self, cp: ControlPlane) -> None:
+        self.xds_connections.set(len(cp.cache.connected()))
+        nacked: dict[str, int] = dict.fromkeys(TYPE_SHORT.values(), 0)
+        for st in cp.cache.status():
+            if st.nack_error and str(st.state) == "nacked":
+                short = TYPE_SHORT.get(st.type_url, st.type_url.rsplit(".", 1)[-1])
+                nacked[short] = nacked.get(short, 0) + 1
+        for short, n in nacked.items():
+            self.nacks.labels(type=short).set(n)
+        agent = cp.agent
+        self.federation_connected.set(1 if agent is not None and agent.connected else 0)
+        self.federation_lag.set(time.monotonic() - self._last_update)
+        now = datetime.now(UTC)
+        issued = [cp.issuer.issued(i) for i in list(cp.issuer._issued)]
+        alive = [i for i in issued if i is not None]
+        self.certs_issued.set(len(alive))
+        if alive:
+            self.cert_expiry.set(min((i.not_after - now).total_seconds() for i in alive))
+        self.intermediate_expiry.set((cp.ca.not_after - now).total_seconds())
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def scrape_value(text: str, name: str, labels: dict[str, Any] | None = None) -> float | None:
+    """The value of one sample in Prometheus text format (tests and ``meshfed status`` read metrics with it)."""
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        if labels:
+            found = dict(
+                (kv.split("=", 1)[0], kv.split("=", 1)[1].strip('"'))
+                for kv in label_text.rstrip("}").split(",") if "=" in kv
+            )
+            if any(str(v) != found.get(k) for k, v in labels.items()):
+                continue
+        return float(value)
+    return None
