@@ -204,16 +204,22 @@ class CatalogState:
                 continue  # already applied (a watch re-delivering after a reconnect)
             revision = ev.revision
             old_exports = self._exports.get(ev.cluster)
+            old_keys = {x.key: x for x in old_exports.services} if old_exports is not None else {}
             if ev.kind == EventKind.EXPORTS and ev.exports is not None:
                 self._exports[ev.cluster] = ev.exports
-                dirty.update(s.key for s in ev.exports.services)
+                new_keys = {x.key: x for x in ev.exports.services}
+                # Only the services whose export changed need deriving again.
+                dirty.update(k for k in old_keys.keys() | new_keys.keys() if old_keys.get(k) != new_keys.get(k))
             elif ev.kind == EventKind.MEMBER and ev.member is not None:
+                before = self._members.get(ev.cluster)
                 self._members[ev.cluster] = ev.member
+                if before is None or before.info != ev.member.info or \
+                        (before.unreachable_since is None) != (ev.member.unreachable_since is None):
+                    dirty.update(old_keys)
             elif ev.kind == EventKind.MEMBER_REMOVED:
                 self._members.pop(ev.cluster, None)
                 self._exports.pop(ev.cluster, None)
-            if old_exports is not None:
-                dirty.update(s.key for s in old_exports.services)
+                dirty.update(old_keys)
         if revision == self.catalog.revision:
             return
         new = cat.build(revision=revision, members=self._members, exports=self._exports.values(), cidr=self._cidr,
