@@ -302,6 +302,7 @@ class Reflector:
         self.stats = ReflectorStats()
         self.synced = threading.Event()
         self._gone_streak = 0
+        self._missing = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -337,6 +338,22 @@ class Reflector:
                 if self._watch_once():
                     self._backoff.reset()
                     self._gone_streak = 0
+            except KubeNotFound as exc:
+                if self._stop.is_set():
+                    break
+                self.stats.errors += 1
+                self.stats.last_error = str(exc)
+                delay = self._backoff.next_delay()
+                if not self.resource_version and not self._missing:
+                    # The API server does not serve this kind at all (its CRD is not installed): then nothing of
+                    # it exists. Say so once, so the snapshot is not held back, and keep checking.
+                    self._missing = True
+                    self._sink(_Replace(self.kind.name, {}, ""))
+                    self.synced.set()
+                    log.warning("kind_not_served cluster=%s kind=%s retry_in=%.2fs error=%s (is its CRD installed?)",
+                                self.cluster, self.kind.name, delay, _describe(exc))
+                if self._wait(delay):
+                    break
             except KubeGone as exc:
                 self.stats.gone += 1
                 log.info("reflector_gone cluster=%s kind=%s rv=%s detail=%r; relisting",
@@ -391,6 +408,7 @@ class Reflector:
                 ident, value = self._convert(item)
                 objects[ident] = value
         self.stats.lists += 1
+        self._missing = False
         self.resource_version = rv
         self._sink(_Replace(self.kind.name, objects, rv))
         self.synced.set()
@@ -547,8 +565,9 @@ class KubeSource:
         self._backoff = (backoff_base, backoff_cap)
         self._state: dict[str, dict[tuple[str, str], _Entry]] = {k.name: {} for k in KINDS}
         self._synced: set[str] = set()
-        self._changed = asyncio.Event()
-        self._dirty = 0
+        self._gen = 0  # bumped on every change the reflectors report
+        self._wake = asyncio.Event()  # set (and replaced) on every change: wakes every watch() consumer
+        self._built: tuple[int, LoadResult] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reflectors: dict[str, Reflector] = {}
         self._last: LoadResult | None = None
@@ -623,8 +642,9 @@ class KubeSource:
             state[ident] = self._entry(state.get(ident), message.value)
         else:
             state.pop((message.ns, message.name), None)
-        self._dirty += 1
-        self._changed.set()
+        self._gen += 1
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
 
     @staticmethod
     def _entry(previous: _Entry | None, item: Any) -> _Entry:
@@ -671,26 +691,45 @@ class KubeSource:
     async def watch(self) -> AsyncIterator[LoadResult]:
         """Yield the first whole snapshot once every kind has been listed, then a new one whenever the content
         or the problems change. Changes that arrive while the consumer is busy are coalesced: the consumer
-        always gets the newest state, never a backlog. Runs until the consumer stops iterating."""
+        always gets the newest state, never a backlog. Several consumers may iterate at once; each gets every
+        distinct state it did not skip. Runs until the consumer stops iterating."""
         if self._loop is None:
             raise RuntimeError("KubeSource.watch() needs `async with KubeSource(...)` first")
         wanted = {k.name for k in KINDS}
+        seen = -1
+        yielded: LoadResult | None = None
         while True:
-            await self._changed.wait()
-            self._changed.clear()
+            if self._gen == seen:
+                await self._wake.wait()
+                continue
+            seen = self._gen
             if self._synced != wanted:
                 continue
-            values, problems, idents = self._collect()
-            result = await asyncio.to_thread(self._build, values, problems, idents)
-            last = self._last
-            if last is not None and (last.snapshot.version, last.problems) == (result.snapshot.version,
-                                                                                result.problems):
+            result = await self._snapshot(seen)
+            if yielded is not None and _same(yielded, result):
                 continue
+            yielded = result
+            yield result
+
+    async def _snapshot(self, gen: int) -> LoadResult:
+        """The snapshot of state generation ``gen`` (the current one when called), built once for every
+        consumer."""
+        if self._built is not None and self._built[0] == gen:
+            return self._built[1]
+        values, problems, idents = self._collect()  # synchronous: the state is still generation ``gen``
+        result = await asyncio.to_thread(self._build, values, problems, idents)
+        if self._built is None or self._built[0] < gen:
+            self._built = (gen, result)
+        if self._last is None or not _same(self._last, result):
             self._last = result
             log.info("kube_snapshot cluster=%s version=%s services=%d exports=%d problems=%d",
                      self.cluster, result.snapshot.version, len(result.snapshot.services),
                      len(result.snapshot.exports), len(result.problems))
-            yield result
+        return result
+
+
+def _same(a: LoadResult, b: LoadResult) -> bool:
+    return (a.snapshot.version, a.problems) == (b.snapshot.version, b.problems)
 
 
 # ------------------------------------------------------------------------------------------------------ exports

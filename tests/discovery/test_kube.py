@@ -339,3 +339,31 @@ def test_backoff_is_jittered_bounded_and_resets() -> None:
     assert max(delays) <= 2.0 and len(set(delays)) == len(delays)
     b.reset()
     assert b.next_delay() <= 0.1
+
+
+async def test_missing_serviceexport_crd_does_not_hold_back_services(api: KubeApiDouble, kubeconfig: Path) -> None:
+    api.put_object(service("a"))
+    api.put_object(export("a"))
+    # As on a cluster without the MCS CRDs: every request for serviceexports is a 404 for a while.
+    api.inject_error(5, code=404, path_prefix="/apis/multicluster.x-k8s.io/")
+    src = await KubeSource.from_kubeconfig(cluster="east", kubeconfig=kubeconfig, context="east",
+                                           backoff_base=0.05, backoff_cap=0.2)
+    async with src:
+        results = src.watch()
+        first = await until(results, lambda r: key("a") in r.snapshot.services)
+        assert first.snapshot.exports == {}
+        # Once the kind is served, its objects arrive without a restart.
+        got = await until(results, lambda r: key("a") in r.snapshot.exports)
+        assert key("a") in got.snapshot.services
+        assert src.reflectors["ServiceExport"].stats.errors == 5
+
+
+async def test_two_consumers_both_see_changes(api: KubeApiDouble, source: KubeSource) -> None:
+    one, two = source.watch(), source.watch()
+    api.put_object(service("a"))
+    r1 = await until(one, lambda r: key("a") in r.snapshot.services)
+    r2 = await until(two, lambda r: key("a") in r.snapshot.services)
+    assert r1.snapshot.version == r2.snapshot.version
+    api.put_object(service("b"))
+    assert key("b") in (await until(two, lambda r: key("b") in r.snapshot.services)).snapshot.services
+    assert key("b") in (await until(one, lambda r: key("b") in r.snapshot.services)).snapshot.services
