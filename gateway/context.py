@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from discovery.model import (
     ClusterId,
@@ -38,6 +38,8 @@ from discovery.model import (
     cluster_id,
     namespace,
 )
+
+T = TypeVar("T")
 
 
 class ProxyInfoError(ValueError):
@@ -233,6 +235,17 @@ class PushContext:
     # The trust bundle (PEM roots every cluster shares) and, per SPIFFE ID, the certificate SDS hands out.
     trust_bundle_pem: str = ""
     workload_certs: Mapping[str, WorkloadCert] = field(default_factory=dict)
+    # Results shared by many proxies (every sidecar's outbound clusters, endpoints, routes per namespace) are
+    # computed once per context. A changed input means a new context (``dataclasses.replace``), with an empty memo.
+    _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def memo(self, key: Hashable, build: Callable[[], T]) -> T:
+        """``build()`` once per context and ``key``; later calls return the same (never mutated) value."""
+        try:
+            return self._memo[key]  # type: ignore[no-any-return]
+        except KeyError:
+            value = self._memo[key] = build()
+            return value
 
     @property
     def local(self) -> ClusterId:
@@ -291,6 +304,9 @@ class PushContext:
                         network=info.network)
 
     def upstream_endpoints(self, key: ServiceKey, port: ServicePort) -> list[UpstreamEndpoint]:
+        return self.memo(("upstream", key, port), lambda: self._upstream_endpoints(key, port))
+
+    def _upstream_endpoints(self, key: ServiceKey, port: ServicePort) -> list[UpstreamEndpoint]:
         """Where a sidecar sends ``key``:``port``: ready local pods (weight 1 each), and per remote cluster that
         exports it either its pods (same network) or its gateway weighted by the ready endpoint count."""
         out: list[UpstreamEndpoint] = []

@@ -129,9 +129,10 @@ def inbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
 
 def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:
     if proxy.kind is ProxyKind.GATEWAY:
-        out = gateway_clusters(ctx)
-    elif proxy.kind is ProxyKind.SIDECAR:
-        out = outbound_clusters(proxy, ctx) | inbound_clusters(proxy, ctx)
+        out = dict(ctx.memo("cds-gateway", lambda: gateway_clusters(ctx)))
     else:
-        out = outbound_clusters(proxy, ctx)
+        grpc = proxy.kind is ProxyKind.GRPC
+        out = dict(ctx.memo(("cds-outbound", grpc), lambda: outbound_clusters(proxy, ctx)))
+        if not grpc:
+            out |= inbound_clusters(proxy, ctx)
     return out if names is None else {n: c for n, c in out.items() if n in names}

@@ -74,5 +74,10 @@ def outbound_assignments(ctx: PushContext) -> dict[str, Any]:
 
 
 def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:
-    out = gateway_assignments(ctx) if proxy.kind is ProxyKind.GATEWAY else outbound_assignments(ctx)
+    if proxy.kind is ProxyKind.GATEWAY:
+        out = ctx.memo("eds-gateway", lambda: gateway_assignments(ctx))
+    else:
+        out = ctx.memo("eds-outbound", lambda: outbound_assignments(ctx))
+    if names is None:
+        return dict(out)
     return out if names is None else {n: c for n, c in out.items() if n in names}

@@ -144,5 +144,5 @@ def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -
         for inbound in proxy.inbound:
             out[inbound_listener_name(inbound.port)] = inbound_listener(proxy, inbound.port, ctx)
     else:
-        out = api_listeners(ctx)
+        out = dict(ctx.memo("lds-api", lambda: api_listeners(ctx)))
     return out if names is None else {n: c for n, c in out.items() if n in names}

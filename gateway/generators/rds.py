@@ -69,5 +69,6 @@ def outbound_route(proxy: ProxyInfo, ctx: PushContext) -> Any:
 def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:
     if proxy.kind is ProxyKind.GATEWAY:
         return {}
-    out = {OUTBOUND_ROUTE: outbound_route(proxy, ctx)}
+    # The route depends on the proxy only through its namespace (the short ``<svc>`` names).
+    out = {OUTBOUND_ROUTE: ctx.memo(("rds-outbound", proxy.namespace), lambda: outbound_route(proxy, ctx))}
     return out if names is None else {n: c for n, c in out.items() if n in names}

@@ -285,3 +285,17 @@ def test_envoy_validates_generated_listeners_clusters_and_secrets(kind: str, ca:
     boot["static_resources"]["secrets"] = _as_json(res[g.SECRET_TYPE])
     path = write_bootstrap(tmp_path / f"{kind}.yaml", boot)
     assert "OK" in validate(path)
+
+
+def test_memo_is_per_context_and_a_replaced_context_starts_empty(ca: MeshCA) -> None:
+    from dataclasses import replace
+
+    mesh = make_mesh()
+    ctx = mesh.context(EAST, ca, {})
+    first = g.generate(g.ENDPOINT_TYPE, sidecar(), None, ctx)[OUT]
+    assert g.generate(g.ENDPOINT_TYPE, sidecar(), None, ctx)[OUT] is first  # shared, computed once
+    mesh.exports[WEST] = set()
+    changed = replace(ctx, registry=mesh.registry(EAST))
+    after = g.generate(g.ENDPOINT_TYPE, sidecar(), None, changed)[OUT]
+    assert [loc.locality.sub_zone for loc in after.endpoints] == ["east"]
+    assert [loc.locality.sub_zone for loc in first.endpoints] == ["east", "west"]
