@@ -399,10 +399,12 @@ def _headless_records(registry: Registry, imported: ServiceImport, host: str) ->
     members: dict[str, Endpoint] = {}
     for cluster, endpoint in endpoints:
         member = f"{endpoint_label(endpoint)}.{cluster}.{host}"
+        if len(member) > 253:  # longer than a DNS name may be: the address stays under the service name only
+            continue
         records.append(address_record(member, endpoint.address))
         members.setdefault(member, endpoint)
     ents: list[str] = []
-    weight = max(1, 100 // len(members))
+    weight = max(1, 100 // max(1, len(members)))
     for owner, port, parent in _srv_names(imported, host):
         name = owner.split(".", 1)[0][1:]
         for member, endpoint in members.items():

@@ -200,3 +200,18 @@ def test_endpoint_label_for_addresses_without_hostname() -> None:
     assert endpoint_label(Endpoint("10.3.0.100")) == "10-3-0-100"
     label = endpoint_label(Endpoint("fd00::1"))
     assert label == ipaddress.ip_address("fd00::1").exploded.replace(":", "-")
+
+
+def test_names_longer_than_dns_allows_are_left_out_not_fatal() -> None:
+    long_ns, long_name, long_host = "n" * 63, "s" * 63, "h" * 63
+    k = ServiceKey(namespace=namespace(long_ns), name=service_name(long_name))
+    cluster = cluster_id("c" * 63)
+    registry = Registry(local=cluster).with_shard(cluster, [Service(
+        cluster, k, (ServicePort(80, Protocol.TCP, "web"),), headless=True,
+        endpoints=(Endpoint("10.0.0.1", hostname=long_host),))])
+    registry = registry.with_catalog(clusters={}, imports={
+        k: ServiceImport(k, ServiceType.HEADLESS, (ServicePort(80, Protocol.TCP, "web"),), (cluster,))})
+    table = build_table(registry)
+    host = f"{long_name}.{long_ns}.svc.{APEX}"
+    assert rrset(table, host, "A") == {"10.0.0.1"}
+    assert not [r for r in table.records if r.name.startswith(long_host)]
