@@ -181,6 +181,10 @@ async def test_call_crosses_clusters_and_callee_sees_callers_spiffe_id(xc: Cross
     assert gw_stats.get(f"tcp.{sni_name(RATINGS, 9080)}.downstream_cx_total", 0) >= 1, gw_stats
     for envoy in (xc.client, xc.ratings, xc.east_gw, xc.west_gw):
         assert await envoy.admin.rejected() == {}, envoy.proxy.node_id
+    # West's Envoys were configured over delta xDS only, east's over state of the world only.
+    assert xc.west.server is not None and xc.east.server is not None
+    assert xc.west.server.stats.delta_responses > 0 and xc.west.server.stats.sotw_responses == 0
+    assert xc.east.server.stats.sotw_responses > 0 and xc.east.server.stats.delta_responses == 0
     # Unknown service: no virtual host, so Envoy answers 404 itself.
     status, _ = await xc.get("nope.default.svc.clusterset.local")
     assert status == 404
