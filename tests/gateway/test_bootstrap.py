@@ -16,8 +16,9 @@ from google.protobuf import json_format
 from discovery.model import Locality, namespace
 from gateway.bootstrap import BootstrapError, render_bootstrap, render_grpc_bootstrap, to_json, write_bootstrap
 from gateway.context import InboundPort, ProxyInfo, ProxyKind
-from gateway.envoy import EnvoyConfigInvalid, command, validate
-from tests.gateway.mesh_fixtures import EAST, REVIEWS
+from gateway.envoy import AdminError, EnvoyAdmin, EnvoyConfigInvalid, command, validate
+from tests.gateway.mesh_fixtures import EAST, REVIEWS, MeshCA
+from tests.support.procs import free_port
 
 TOKEN = "tok-" + "a" * 40
 # Registered so that json_format can resolve the typed_config Any values in the bootstrap.
@@ -101,3 +102,30 @@ def test_grpc_bootstrap_and_envoy_command_line() -> None:
     argv = command(Path("/tmp/b.yaml"))
     assert argv[argv.index("--concurrency") + 1] == "1"
     assert "--disable-hot-restart" in argv
+
+
+def test_bootstrap_with_tls_to_the_control_plane_validates(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(MeshCA().bundle_pem())
+    boot = render_bootstrap(sidecar(), xds_host="127.0.0.1", xds_port=18000, admin_port=19000, token=TOKEN,
+                            xds_tls_ca_file=str(ca))
+    assert boot["static_resources"]["clusters"][0]["transport_socket"]["name"] == "envoy.transport_sockets.tls"
+    assert "OK" in validate(write_bootstrap(tmp_path / "tls.yaml", boot))
+
+
+def test_grpc_bootstrap_certificate_provider_needs_all_three_files() -> None:
+    proxy = ProxyInfo(kind=ProxyKind.GRPC, cluster=EAST, node_id="proxyless~127.0.0.1~c.default~default.svc.x",
+                      namespace=namespace("default"))
+    boot = render_grpc_bootstrap(proxy, xds_host="127.0.0.1", xds_port=18000, cert_file="c", key_file="k",
+                                 ca_file="a")
+    cfg = boot["certificate_providers"]["default"]
+    assert cfg["plugin_name"] == "file_watcher"
+    assert (cfg["config"]["certificate_file"], cfg["config"]["ca_certificate_file"]) == ("c", "a")
+    with pytest.raises(BootstrapError, match="together"):
+        render_grpc_bootstrap(proxy, xds_host="127.0.0.1", xds_port=18000, cert_file="c")
+
+
+async def test_admin_ready_is_false_when_nothing_listens() -> None:
+    assert await EnvoyAdmin("127.0.0.1", free_port()).ready() is False
+    with pytest.raises(AdminError, match="config_dump"):
+        await EnvoyAdmin("127.0.0.1", free_port()).config_dump()
