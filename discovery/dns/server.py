@@ -97,7 +97,7 @@ class DnsServer:
         self._installed = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self.stats = {"queries": 0, "slow": 0, "dropped": 0, "errors": 0}
+        self.stats = {"slow": 0, "dropped": 0, "errors": 0}  # careful-path answers, responses ignored, bugs
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
