@@ -462,7 +462,8 @@ class EtcdStore:
                     await self._failover()
             finally:
                 if watch is not None:
-                    with contextlib.suppress(*_ERRORS):
+                    # AttributeError: aetcd's cancel reaches for a watcher that close() already dropped.
+                    with contextlib.suppress(*_ERRORS, AttributeError):
                         await watch.cancel()
             if self._closed:
                 return

@@ -402,3 +402,27 @@ async def test_service_marked_unreachable_member_returns_by_renew(opener: Opener
     events = await collect(store, after=marked, until=lambda es: True)
     assert events[0].kind is EventKind.MEMBER and events[0].member == back
     assert (await store.snapshot()).members == (back,)
+
+
+async def test_close_ends_open_watches(opener: Opener) -> None:
+    store = await opener()
+    r = await store.put_member(member("east"))
+    got: list[StoreEvent] = []
+
+    async def follow() -> None:
+        async for event in store.watch(after=r - 1):
+            got.append(event)
+
+    task = asyncio.create_task(follow())
+    await asyncio.wait_for(_until(lambda: bool(got)), EVENT_TIMEOUT)
+    await store.close()
+    await asyncio.wait_for(task, EVENT_TIMEOUT)  # ends without an error
+    assert [e.revision for e in got] == [r]
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    for _ in range(2000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")

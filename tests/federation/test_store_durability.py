@@ -16,6 +16,7 @@ from discovery.model import ClusterId, ClusterInfo, NetworkId
 from federation.records import EventKind, ExportSet, Member, StoreEvent, StoreUnavailable
 from federation.store.etcd import EtcdStore
 from federation.store.factory import open_store
+from federation.store.sqlite import SqliteStore
 from tests.federation.conftest import EtcdServer
 from tests.support.procs import Proc, wait_for
 
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from discovery.model import ClusterId, ClusterInfo, NetworkId
 from federation.records import ExportSet, Member
 from federation.store.factory import open_store
+from federation.store.sqlite import SqliteStore
 
 async def main(url: str) -> None:
     store = open_store(url)
@@ -190,5 +192,28 @@ async def test_sqlite_files_are_private(tmp_path: Path) -> None:
         )
         assert set(modes) >= {"private.db", "private.db-wal"}
         assert modes == {name: oct(0o600) for name in modes}
+    finally:
+        await store.close()
+
+
+async def test_sqlite_watch_sees_writes_of_another_process(tmp_path: Path, writer_factory: list[Proc]) -> None:
+    db = tmp_path / "shared.db"
+    store = SqliteStore(db, poll_interval_s=0.1, reap_interval_s=0)
+    try:
+        await store.snapshot()  # creates the file and schema
+        got: list[StoreEvent] = []
+
+        async def follow() -> None:
+            async for e in store.watch(after=0):
+                got.append(e)
+                if e.exports is not None and e.exports.generation >= 10:
+                    return
+
+        watcher = asyncio.create_task(follow())
+        proc = start_writer(writer_factory, f"sqlite:{db}", tmp_path / "writer.log")
+        await asyncio.wait_for(watcher, 60)
+        await asyncio.to_thread(proc.kill9)
+        assert got[0].kind is EventKind.MEMBER and got[0].cluster == "east"
+        assert [e.exports.generation for e in got if e.exports] == list(range(1, 11))
     finally:
         await store.close()
