@@ -97,6 +97,7 @@ class DnsServer:
         self._installed = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
+        self._connections: set[asyncio.Transport] = set()
         self.stats = {"slow": 0, "dropped": 0, "errors": 0}  # careful-path answers, responses ignored, bugs
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
@@ -138,6 +139,8 @@ class DnsServer:
     async def close(self) -> None:
         if self._tcp is not None:
             self._tcp.close()
+            for transport in list(self._connections):  # else wait_closed() waits for idle clients to leave
+                transport.close()
             await self._tcp.wait_closed()
             self._tcp = None
         if self._udp is not None:
@@ -310,6 +313,7 @@ class _TcpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.server._connections.add(self.transport)
         self._arm()
 
     def _arm(self) -> None:
@@ -341,6 +345,8 @@ class _TcpProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.idle is not None:
             self.idle.cancel()
+        if self.transport is not None:
+            self.server._connections.discard(self.transport)
         self.transport = None
 
 

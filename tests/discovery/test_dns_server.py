@@ -292,3 +292,16 @@ async def test_udp_and_tcp_share_the_port_chosen_by_the_server() -> None:
         with socket.create_connection((HOST, srv.port), timeout=2):
             pass
         assert answers(await ask(srv, REVIEWS, "A")) == {"10.42.0.10"}
+
+
+async def test_close_does_not_wait_for_idle_tcp_clients() -> None:
+    srv = DnsServer(host=HOST, port=0, table=build_table(sample_registry()))
+    await srv.start()
+    reader, writer = await asyncio.open_connection(HOST, srv.port)
+    query = dns.message.make_query(REVIEWS, "A").to_wire()
+    writer.write(struct.pack("!H", len(query)) + query)
+    await writer.drain()
+    await asyncio.wait_for(reader.readexactly(2), 5)
+    await asyncio.wait_for(srv.close(), 5)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed the idle connection itself
+    writer.close()
