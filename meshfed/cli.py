@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_federation
+from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_federation, cmd_local
 from meshfed.cmd_dns import dns_cmd
 
 
@@ -27,6 +27,8 @@ cli.add_command(cmd_export.export_cmd)
 cli.add_command(cmd_export.unexport_cmd)
 cli.add_command(dns_cmd)
 cli.add_command(cmd_controlplane.controlplane)
+cli.add_command(cmd_local.up_cmd)
+cli.add_command(cmd_local.down_cmd)
 
 
 def main() -> None:

@@ -28,7 +28,10 @@ output_option: Callable[[F], F] = click.option(
 
 
 def console(*, stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    """A rich console; when the output is not a terminal (a pipe, a file, CI) tables get room instead of being cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 220
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def print_json(data: Any) -> None:

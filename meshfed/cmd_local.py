@@ -1,0 +1,129 @@
+"""``meshfed up`` and ``meshfed down``: a whole federation on this machine, from a clusterset directory."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from discovery.clusterset import ClusterSetError
+from discovery.model import DiscoveryError
+from federation.trust.errors import TrustError
+from meshfed import local
+from meshfed.output import console, emit, fail, output_option
+
+RUN_DIR_OPTION = click.option(
+    "--run-dir", type=click.Path(file_okay=False, path_type=Path), default=local.DEFAULT_RUN_DIR, show_default=True,
+    help="where the run keeps its state, certificates and logs",
+)
+
+
+def summary_sections(state: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    fed = state.get("federation", {})
+    rows: list[list[Any]] = []
+    for name, c in state.get("clusters", {}).items():
+        cp = c["controlplane"]
+        rows.append([name, cp["xds"], cp["dns"], cp["admin"], c["gateway"]["address"], c["gateway"]["admin"]])
+    workloads: list[list[Any]] = []
+    for name, c in state.get("clusters", {}).items():
+        for w in c["workloads"]:
+            workloads.append([name, w["name"], w["service"] or "(client)", w["outbound"], w["sidecar_admin"],
+                              w["spiffe_id"]])
+    return [
+        ("Federation", ["url", "store", "log"], [[fed.get("url"), fed.get("store"), fed.get("log")]]),
+        ("Clusters", ["cluster", "xds", "dns", "admin (status, metrics)", "gateway", "gateway admin"], rows),
+        ("Workloads", ["cluster", "workload", "service", "sidecar outbound", "sidecar admin", "identity"], workloads),
+    ]
+
+
+@click.command("up")
+@click.argument("clusterset", required=False, default="clusters/demo",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@RUN_DIR_OPTION
+@click.option("--detach", is_flag=True, help="return once the federation is up and proven (stop with 'meshfed down')")
+@click.option("--lease-ttl", type=float, default=None, metavar="SECONDS",
+              help="federation lease TTL (default: the clusterset's)")
+@click.option("--timeout", type=float, default=90.0, show_default=True, metavar="SECONDS",
+              help="how long to wait for each part to become ready")
+@output_option
+def up_cmd(clusterset: Path, run_dir: Path, detach: bool, lease_ttl: float | None, timeout: float,
+           output: str) -> None:
+    """Start a whole federation on this machine from CLUSTERSET (default clusters/demo)."""
+    err = console(stderr=True)
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        err.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {message}")
+
+    run = local.LocalRun(clusterset_dir=clusterset, run_dir=run_dir, lease_ttl=lease_ttl, progress=progress,
+                         ready_timeout=timeout)
+    try:
+        state = run.start()
+        progress("proving the federation: a cross-cluster request through a sidecar")
+        proof = local.prove(state, timeout=timeout)
+    except local.LocalRunError as exc:
+        local.stop_run(run_dir)
+        fail(str(exc), hint=f"logs are under {run_dir}; 'meshfed up' stopped everything it started")
+        return
+    except (ClusterSetError, DiscoveryError, TrustError) as exc:
+        local.stop_run(run_dir)
+        fail(str(exc), hint="fix the clusterset definition or its manifests and run 'meshfed up' again")
+        return
+    state["proof"] = proof
+    local.write_json(run_dir / local.STATE_FILE, state)
+    answer = proof["answer"]
+    progress(f"[green]ok[/]: {proof['from']} -> {proof['host']} answered by {answer.get('workload')} in cluster "
+             f"{answer.get('cluster')}, caller seen as {answer.get('caller') or '(no identity)'}")
+    emit(output, state, summary_sections(state))
+    if output != "json":
+        out = console()
+        out.print("\nWhere to look:")
+        out.print(f"  meshfed status --run-dir {run_dir}            every address, sync state and health")
+        client = local.client_of(state, proof["from"])
+        out.print(f"  curl -H 'Host: {proof['host']}' http://{client['outbound']}/   a call through a sidecar")
+        first = next(iter(state["clusters"].values()))
+        dns_host, _, dns_port = first["controlplane"]["dns"].rpartition(":")
+        out.print(f"  dig @{dns_host} -p {dns_port} {proof['host']}   clusterset.local DNS")
+        target = proof["host"].split(".svc")[0]
+        out.print(f"  meshfed diagnose {target} --from {proof['from']}   walk the path hop by hop")
+    if detach:
+        return
+    err.print("running; Ctrl-C or 'meshfed down' stops everything")
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with contextlib.suppress(KeyboardInterrupt):
+        while not stop["now"]:
+            if not local.running(local.read_state(run_dir, missing_ok=True)):
+                err.print("every process has stopped ('meshfed down' was run)")
+                return
+            time.sleep(0.5)
+    stopped = local.stop_run(run_dir)
+    err.print(f"stopped {len(stopped)} processes")
+
+
+@click.command("down")
+@RUN_DIR_OPTION
+@output_option
+def down_cmd(run_dir: Path, output: str) -> None:
+    """Stop every process a local run started (by pid, newest first)."""
+    try:
+        local.read_state(run_dir)
+    except local.LocalRunError as exc:
+        fail(str(exc))
+        return
+    stopped = local.stop_run(run_dir)
+    left = [s for s in stopped if not s["stopped"]]
+    emit(output, {"stopped": stopped}, [("Stopped", ["process", "pid", "stopped"],
+                                         [[s["name"], s["pid"], "yes" if s["stopped"] else "NO"] for s in stopped])])
+    if left:
+        fail(f"{len(left)} processes did not stop: {', '.join(str(s['pid']) for s in left)}")

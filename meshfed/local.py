@@ -1,0 +1,484 @@
+"""The local multi-cluster runner behind ``meshfed up`` and ``meshfed down``.
+
+From a clusterset directory it starts, on loopback and with free ports, everything a federation needs and records
+every process and address in ``<run-dir>/state.json``::
+
+    <run-dir>/
+      state.json                 pids and addresses (what `meshfed status` and `meshfed down` read)
+      ca/root ca/federation ca/<cluster>     root, the federation service's CA, one intermediate per cluster
+      federation/                the federation service's SQLite store and log
+      <cluster>/                 control plane log, tokens.json (0600), runtime.json, Envoy bootstraps and logs
+
+The plan (which workloads to run and on which ports) is computed by pure functions from the clusterset and its
+manifests; the runner then starts processes in dependency order (federation, control planes, gateways,
+workloads), waits for each to be ready with bounded waits, and proves the path with one cross-cluster request.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from discovery.clusterset import ClusterSet, load_clusterset
+from discovery.manifests import load_clusterset_manifests
+from discovery.model import ClusterId, ServiceKey
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from federation.trust.store import init_root, issue_intermediate
+from gateway.auth import make_node_id
+from gateway.bootstrap import render_bootstrap, write_bootstrap
+from gateway.context import InboundPort, ProxyInfo, ProxyKind
+from gateway.envoy import command as envoy_command
+from meshfed import procs
+
+log = logging.getLogger("meshfed.local")
+
+STATE_FILE = "state.json"
+DEFAULT_RUN_DIR = Path(".meshfed/run")
+CLIENT_WORKLOAD = "sleep"
+
+
+class LocalRunError(Exception):
+    """A local run could not start or be found; the message says what to do next."""
+
+
+# ---- the plan (pure) ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadPlan:
+    """One demo workload: an app (unless it is the client) and its Envoy sidecar."""
+
+    cluster: ClusterId
+    name: str
+    namespace: str
+    service: str  # "" for the client workload
+    service_account: str
+    address: str  # the endpoint address the manifests list (loopback)
+    port_name: str = "http"
+    service_port: int = 9080
+
+
+def plan_workloads(cs: ClusterSet) -> list[WorkloadPlan]:
+    """A workload per ready endpoint of every non-headless service in the manifests, plus a client (``sleep``)
+    in every cluster that calls others through its sidecar."""
+    state = load_clusterset_manifests(cs)
+    if state.problems and any(p.severity == "error" for p in state.problems):
+        first = next(p for p in state.problems if p.severity == "error")
+        raise LocalRunError(f"{first.file} document {first.document} field {first.field}: {first.message}")
+    out: list[WorkloadPlan] = []
+    for info in cs.clusters:
+        snap = state.snapshots[info.id]
+        for key in sorted(snap.services):
+            svc = snap.services[key]
+            if svc.headless:
+                continue
+            port = svc.ports[0]
+            for i, ep in enumerate(e for e in svc.endpoints if e.ready):
+                out.append(WorkloadPlan(cluster=info.id, name=f"{key.name}-{info.id}-{i}", namespace=key.namespace,
+                                        service=key.name, service_account=key.name, address=ep.address,
+                                        port_name=port.name, service_port=port.port))
+        out.append(WorkloadPlan(cluster=info.id, name=f"{CLIENT_WORKLOAD}-{info.id}", namespace="default",
+                                service="", service_account=CLIENT_WORKLOAD, address="127.0.0.1"))
+    return out
+
+
+# ---- ports and files -----------------------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
+    """A port free on ``host`` now (for TCP, and UDP too when asked); bounded retries."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if not udp_too:
+            return port
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise LocalRunError(f"no free port on {host} after 50 tries")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a secret file with mode 0600 from the start (never world-readable, even briefly)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(path, 0o600)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+# ---- waiting -----------------------------------------------------------------------------------------------------
+
+
+def http_get(url: str, *, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return int(resp.status), resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode(errors="replace")
+
+
+def wait_until(what: str, check: Callable[[], bool], *, timeout: float, pids: Sequence[int] = (),
+               logs: Sequence[str] = ()) -> None:
+    """Poll ``check`` (bounded by ``timeout``); fail early, naming the log, if a process it depends on died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, ValueError):
+            pass
+        for pid, logfile in zip(pids, logs, strict=False):
+            if not procs.alive(pid):
+                raise LocalRunError(f"{what}: the process exited early; see {logfile}:\n{_tail(logfile)}")
+        time.sleep(0.1)
+    hint = f"; see {', '.join(logs)}" if logs else ""
+    raise LocalRunError(f"{what}: not ready after {timeout:.0f}s{hint}")
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def envoy_ready(admin: str) -> bool:
+    status, body = http_get(f"http://{admin}/ready", timeout=1.0)
+    return status == 200 and body.strip() == "LIVE"
+
+
+# ---- the runner ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalRun:
+    """Starts a whole federation from a clusterset; every process is recorded before the next one starts."""
+
+    clusterset_dir: Path
+    run_dir: Path = DEFAULT_RUN_DIR
+    lease_ttl: float | None = None
+    progress: Callable[[str], None] = lambda _msg: None
+    python: str = sys.executable
+    state: dict[str, Any] = field(default_factory=dict)
+    ready_timeout: float = 60.0
+
+    def meshfed(self, *args: str) -> list[str]:
+        return [self.python, "-m", "meshfed", *args]
+
+    def _record(self, rec: procs.ProcRecord) -> procs.ProcRecord:
+        self.state.setdefault("processes", []).append(asdict(rec))
+        self.save()
+        return rec
+
+    def save(self) -> None:
+        write_json(self.run_dir / STATE_FILE, self.state)
+
+    def start(self) -> dict[str, Any]:
+        existing = read_state(self.run_dir, missing_ok=True)
+        if existing and any(procs.alive(p["pid"]) for p in existing.get("processes", [])):
+            raise LocalRunError(f"a local run is already up in {self.run_dir}; stop it with 'meshfed down' first")
+        cs = load_clusterset(self.clusterset_dir)
+        plan = plan_workloads(cs)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = {
+            "clusterset": str(self.clusterset_dir.resolve()),
+            "name": cs.name,
+            "run_dir": str(self.run_dir.resolve()),
+            "trust_domain": str(cs.trust_domain),
+            "started_at": time.time(),
+            "processes": [],
+            "clusters": {},
+        }
+        self.save()
+        try:
+            self._ca(cs)
+            self._federation(cs)
+            for info in cs.clusters:
+                self._controlplane(cs, info.id, [w for w in plan if w.cluster == info.id])
+            for info in cs.clusters:
+                self._gateway(info.id)
+            for w in plan:
+                self._workload(w)
+            self._wait_envoys()
+            self.state["ready_at"] = time.time()
+            self.save()
+        except BaseException:
+            self.progress("start failed: stopping what was started")
+            stop_run(self.run_dir)
+            raise
+        return self.state
+
+    # -- steps --
+
+    def _ca(self, cs: ClusterSet) -> None:
+        self.progress("certificate authority: root, federation CA, one intermediate per cluster")
+        ca = self.run_dir / "ca"
+        td = TrustDomain.parse(str(cs.trust_domain))
+        init_root(ca / "root", td)
+        issue_intermediate(ca / "root", SpiffeId.federation(td), ca / "federation")
+        for info in cs.clusters:
+            issue_intermediate(ca / "root", SpiffeId.cluster(td, info.id), ca / str(info.id))
+        self.state["ca"] = {"root": str((ca / "root").resolve()), "federation": str((ca / "federation").resolve())}
+
+    def _federation(self, cs: ClusterSet) -> None:
+        port = free_port()
+        fed_dir = self.run_dir / "federation"
+        fed_dir.mkdir(parents=True, exist_ok=True)
+        lease = self.lease_ttl if self.lease_ttl is not None else cs.federation.lease_ttl
+        store = f"sqlite:{(fed_dir / 'federation.db').resolve()}"
+        argv = self.meshfed("federation", "serve", "--store", store, "--listen", f"127.0.0.1:{port}",
+                            "--ca", str(self.run_dir / "ca" / "federation"), "--lease-ttl", str(lease),
+                            "--cidr", cs.cidr)
+        self.progress(f"federation service on https://127.0.0.1:{port} (SQLite store)")
+        rec = self._record(procs.start("federation", argv, log_path=fed_dir / "federation.log"))
+        url = f"https://127.0.0.1:{port}"
+        self.state["federation"] = {"url": url, "pid": rec.pid, "log": rec.log, "store": store,
+                                    "lease_ttl_s": lease}
+        self.save()
+        wait_until("federation service", lambda: _port_open("127.0.0.1", port), timeout=self.ready_timeout,
+                   pids=[rec.pid], logs=[rec.log])
+
+    def _controlplane(self, cs: ClusterSet, cluster: ClusterId, workloads: list[WorkloadPlan]) -> None:
+        cdir = self.run_dir / str(cluster)
+        cdir.mkdir(parents=True, exist_ok=True)
+        xds, dns, admin = free_port(), free_port(udp_too=True), free_port()
+        gateway, gateway_admin = free_port(), free_port()
+        tokens: dict[str, dict[str, str]] = {}
+        runtime: dict[str, Any] = {"endpoints": {}}
+        wl_state: list[dict[str, Any]] = []
+        gw_token = secrets.token_urlsafe(24)
+        tokens[gw_token] = {"namespace": "meshfed-system", "service_account": "eastwest-gateway",
+                            "cluster": str(cluster)}
+        for w in workloads:
+            token = secrets.token_urlsafe(24)
+            tokens[token] = {"namespace": w.namespace, "service_account": w.service_account, "cluster": str(cluster)}
+            inbound = free_port(w.address) if w.service else 0
+            entry = {
+                "name": w.name, "cluster": str(cluster), "namespace": w.namespace, "service": w.service,
+                "service_account": w.service_account, "address": w.address, "token": token,
+                "inbound": f"{w.address}:{inbound}" if inbound else "",
+                "app": f"127.0.0.1:{free_port()}" if w.service else "",
+                "outbound": f"127.0.0.1:{free_port()}", "sidecar_admin": f"127.0.0.1:{free_port()}",
+                "port_name": w.port_name, "service_port": w.service_port,
+                "spiffe_id": str(SpiffeId.workload(TrustDomain.parse(str(cs.trust_domain)), w.namespace,
+                                                   w.service_account)),
+            }
+            if inbound:
+                runtime["endpoints"][w.address] = {"ports": {w.port_name: inbound},
+                                                   "service_account": w.service_account}
+            wl_state.append(entry)
+        write_private(cdir / "tokens.json", json.dumps(tokens, indent=2))
+        write_json(cdir / "runtime.json", runtime)
+        argv = self.meshfed(
+            "controlplane", "--clusterset", str(self.clusterset_dir), "--cluster", str(cluster),
+            "--ca", str(self.run_dir / "ca" / str(cluster)), "--federation", self.state["federation"]["url"],
+            "--xds-listen", f"127.0.0.1:{xds}", "--dns-listen", f"127.0.0.1:{dns}",
+            "--admin-listen", f"127.0.0.1:{admin}", "--gateway-address", f"127.0.0.1:{gateway}",
+            "--tokens", str(cdir / "tokens.json"), "--runtime", str(cdir / "runtime.json"),
+        )
+        self.progress(f"{cluster}: control plane (xds 127.0.0.1:{xds}, dns 127.0.0.1:{dns}, admin 127.0.0.1:{admin})")
+        rec = self._record(procs.start(f"{cluster}/controlplane", argv, log_path=cdir / "controlplane.log"))
+        self.state["clusters"][str(cluster)] = {
+            "controlplane": {"pid": rec.pid, "log": rec.log, "xds": f"127.0.0.1:{xds}", "dns": f"127.0.0.1:{dns}",
+                             "admin": f"127.0.0.1:{admin}"},
+            "gateway": {"address": f"127.0.0.1:{gateway}", "admin": f"127.0.0.1:{gateway_admin}",
+                        "token": gw_token},
+            "workloads": wl_state,
+            "ca": str((self.run_dir / "ca" / str(cluster)).resolve()),
+        }
+        self.save()
+        wait_until(f"{cluster} control plane", lambda: http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200,
+                   timeout=self.ready_timeout, pids=[rec.pid], logs=[rec.log])
+
+    def _envoy(self, cluster: str, name: str, proxy: ProxyInfo, *, admin: str, token: str) -> procs.ProcRecord:
+        cdir = self.run_dir / cluster / "envoy"
+        cdir.mkdir(parents=True, exist_ok=True)
+        cp = self.state["clusters"][cluster]["controlplane"]
+        xds_host, _, xds_port = cp["xds"].rpartition(":")
+        boot = render_bootstrap(proxy, xds_host=xds_host, xds_port=int(xds_port),
+                                admin_port=int(admin.rpartition(":")[2]), token=token)
+        path = write_bootstrap(cdir / f"{name}.yaml", boot)
+        os.chmod(path, 0o600)  # it carries the workload's bootstrap token
+        return self._record(procs.start(f"{cluster}/{name}", envoy_command(path, log_level="warning"),
+                                        log_path=cdir / f"{name}.log"))
+
+    def _gateway(self, cluster: ClusterId) -> None:
+        gw = self.state["clusters"][str(cluster)]["gateway"]
+        port = int(gw["address"].rpartition(":")[2])
+        proxy = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster,
+                          node_id=make_node_id(kind="gateway", ip="127.0.0.1", pod=f"eastwest-gateway-{cluster}",
+                                               namespace="meshfed-system"),
+                          namespace=_ns("meshfed-system"), service_account="eastwest-gateway",
+                          gateway_port=port, ip="127.0.0.1")
+        self.progress(f"{cluster}: east-west gateway on {gw['address']} (admin {gw['admin']})")
+        rec = self._envoy(str(cluster), "eastwest-gateway", proxy, admin=gw["admin"], token=gw["token"])
+        gw.update({"pid": rec.pid, "log": rec.log, "node_id": proxy.node_id})
+        self.save()
+
+    def _workload(self, w: WorkloadPlan) -> None:
+        cstate = self.state["clusters"][str(w.cluster)]
+        entry = next(e for e in cstate["workloads"] if e["name"] == w.name)
+        cdir = self.run_dir / str(w.cluster)
+        if w.service:
+            app_port = int(entry["app"].rpartition(":")[2])
+            argv = [self.python, "-m", "meshfed.demoapp", "--listen", entry["app"], "--service", w.service,
+                    "--cluster", str(w.cluster), "--workload", w.name]
+            rec = self._record(procs.start(f"{w.cluster}/{w.name}/app", argv, log_path=cdir / f"{w.name}.app.log"))
+            entry["app_pid"] = rec.pid
+            inbound_port = int(entry["inbound"].rpartition(":")[2])
+            inbound: tuple[InboundPort, ...] = (InboundPort(port=inbound_port, app_port=app_port, name=w.port_name),)
+            services: tuple[ServiceKey, ...] = (ServiceKey.parse(f"{w.service}.{w.namespace}"),)
+        else:
+            inbound, services = (), ()
+        proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=w.cluster,
+                          node_id=make_node_id(kind="sidecar", ip=w.address, pod=w.name, namespace=w.namespace),
+                          namespace=_ns(w.namespace), service_account=w.service_account, services=services,
+                          inbound=inbound, outbound_port=int(entry["outbound"].rpartition(":")[2]), ip=w.address)
+        what = f"{w.service} app {entry['app']}, " if w.service else "client, "
+        self.progress(f"{w.cluster}: workload {w.name} ({what}sidecar outbound {entry['outbound']})")
+        rec = self._envoy(str(w.cluster), w.name, proxy, admin=entry["sidecar_admin"], token=entry["token"])
+        entry.update({"sidecar_pid": rec.pid, "sidecar_log": rec.log, "node_id": proxy.node_id})
+        self.save()
+
+    def _wait_envoys(self) -> None:
+        self.progress("waiting for every Envoy to be ready")
+        for cluster, c in self.state["clusters"].items():
+            gw = c["gateway"]
+            admin: str = gw["admin"]
+            wait_until(f"{cluster} east-west gateway", functools.partial(envoy_ready, admin),
+                       timeout=self.ready_timeout, pids=[gw["pid"]], logs=[gw["log"]])
+            for e in c["workloads"]:
+                admin = e["sidecar_admin"]
+                wait_until(f"{cluster} sidecar {e['name']}", functools.partial(envoy_ready, admin),
+                           timeout=self.ready_timeout, pids=[e["sidecar_pid"]], logs=[e["sidecar_log"]])
+
+
+def _ns(value: str) -> Any:
+    from discovery.model import namespace
+
+    return namespace(value)
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+# ---- reading a run, calling through it, stopping it ---------------------------------------------------------------
+
+
+def read_state(run_dir: Path, *, missing_ok: bool = False) -> dict[str, Any]:
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        if missing_ok:
+            return {}
+        raise LocalRunError(f"no local run in {run_dir} ({STATE_FILE} missing); start one with 'meshfed up'")
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LocalRunError(f"{path} is not valid JSON ({exc}); remove {run_dir} and run 'meshfed up'") from exc
+    return data
+
+
+def client_of(state: dict[str, Any], cluster: str) -> dict[str, Any]:
+    """The client (``sleep``) workload of ``cluster`` in a run's state."""
+    try:
+        workloads = state["clusters"][cluster]["workloads"]
+    except KeyError as exc:
+        raise LocalRunError(f"no cluster {cluster!r} in this run (clusters: {', '.join(state['clusters'])})") from exc
+    for w in workloads:
+        if not w["service"]:
+            return dict(w)
+    raise LocalRunError(f"cluster {cluster} has no client workload")
+
+
+def call(outbound: str, host: str, path: str = "/", *, timeout: float = 5.0) -> tuple[int, str]:
+    """An HTTP request through a sidecar's outbound listener to ``host`` (the Host header picks the service)."""
+    return http_get(f"http://{outbound}{path}", timeout=timeout, headers={"Host": host})
+
+
+def prove(state: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
+    """Send a cross-cluster request from the first cluster's client to a service only another cluster has (or,
+    failing that, any imported service); returns what the callee answered. Bounded retries while xDS converges."""
+    clusters = list(state["clusters"])
+    origin = clusters[0]
+    target = _remote_only_service(state, origin)
+    client = client_of(state, origin)
+    host = f"{target}.svc.clusterset.local"
+    deadline = time.monotonic() + timeout
+    last: tuple[int, str] = (0, "")
+    while time.monotonic() < deadline:
+        try:
+            last = call(client["outbound"], host)
+            if last[0] == 200:
+                answer: dict[str, Any] = json.loads(last[1])
+                return {"from": origin, "host": host, "status": 200, "answer": answer}
+        except (OSError, ValueError) as exc:
+            last = (0, str(exc))
+        time.sleep(0.25)
+    raise LocalRunError(f"cross-cluster request {origin} -> {host} did not succeed in {timeout:.0f}s "
+                        f"(last: {last[0]} {last[1][:200]}); run 'meshfed diagnose {target} --from {origin}'")
+
+
+def _remote_only_service(state: dict[str, Any], origin: str) -> str:
+    local = {f"{w['service']}.{w['namespace']}" for w in state["clusters"][origin]["workloads"] if w["service"]}
+    for cluster, c in state["clusters"].items():
+        if cluster == origin:
+            continue
+        for w in c["workloads"]:
+            name = f"{w['service']}.{w['namespace']}"
+            if w["service"] and name not in local:
+                return name
+    for c in state["clusters"].values():
+        for w in c["workloads"]:
+            if w["service"]:
+                return f"{w['service']}.{w['namespace']}"
+    raise LocalRunError("the clusterset runs no service to call")
+
+
+def stop_run(run_dir: Path, *, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Stop the run's processes by pid, newest first (all, or those whose name starts with one of ``names``)."""
+    state = read_state(run_dir, missing_ok=True)
+    wanted = list(names) if names is not None else None
+    stopped: list[dict[str, Any]] = []
+    for rec in reversed(state.get("processes", [])):
+        if wanted is not None and not any(rec["name"].startswith(n) for n in wanted):
+            continue
+        gone = procs.stop(int(rec["pid"]))
+        stopped.append({"name": rec["name"], "pid": rec["pid"], "stopped": gone})
+    if wanted is None and state:
+        state["stopped_at"] = time.time()
+        write_json(run_dir / STATE_FILE, state)
+    return stopped
+
+
+def running(state: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in state.get("processes", []) if procs.alive(int(p["pid"]))]
