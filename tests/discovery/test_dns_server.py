@@ -301,7 +301,8 @@ async def test_close_does_not_wait_for_idle_tcp_clients() -> None:
     query = dns.message.make_query(REVIEWS, "A").to_wire()
     writer.write(struct.pack("!H", len(query)) + query)
     await writer.drain()
-    await asyncio.wait_for(reader.readexactly(2), 5)
+    length = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), 5))[0]
+    await reader.readexactly(length)
     await asyncio.wait_for(srv.close(), 5)
     assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed the idle connection itself
     writer.close()
