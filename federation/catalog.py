@@ -126,8 +126,8 @@ def build(*, revision: int, members: Mapping[ClusterId, Member], exports: Iterab
         merged[key] = CatalogService(import_=imp, conditions=tuple(conditions.get(key, ())), endpoints=tuple(shards))
     # ClusterSetIPs are a function of the whole set of ClusterSetIP keys.
     vip_keys = frozenset(k for k, s in merged.items() if s.import_.type == ServiceType.CLUSTER_SET_IP)
-    if previous is not None and wanted is not None and vip_keys == previous.vip_keys:
-        vips = previous.vips
+    if previous is not None and wanted is not None:
+        vips = _reallocate(previous, vip_keys, cidr)
     else:
         vips = allocate_ips(vip_keys, cidr)
     for key in vip_keys:
@@ -136,6 +136,29 @@ def build(*, revision: int, members: Mapping[ClusterId, Member], exports: Iterab
         if svc.import_.ips != want:
             merged[key] = replace(svc, import_=replace(svc.import_, ips=want))
     return Catalog(revision=revision, members=dict(members), services=merged, vips=vips, vip_keys=vip_keys)
+
+
+def _reallocate(previous: Catalog, vip_keys: frozenset[ServiceKey], cidr: str) -> Mapping[ServiceKey, str]:
+    """The ClusterSetIP allocation for ``vip_keys``, reusing ``previous``'s when that gives the same answer.
+
+    ``allocate_ips`` places keys in sorted order, each at the first free address of its probe sequence. A key
+    added at its first-choice address, which nobody holds, changes no other key: no key probed that address (it
+    would have taken it). So additions that land on a free first choice extend the old map; anything else
+    (removals, a first choice already held) allocates again from scratch.
+    """
+    if vip_keys == previous.vip_keys:
+        return previous.vips
+    if not previous.vip_keys <= vip_keys:
+        return allocate_ips(vip_keys, cidr)
+    vips = dict(previous.vips)
+    held = set(vips.values())
+    for key in sorted(vip_keys - previous.vip_keys):
+        first = allocate_ips([key], cidr)[key]
+        if first in held:
+            return allocate_ips(vip_keys, cidr)
+        vips[key] = first
+        held.add(first)
+    return vips
 
 
 def view_service(service: CatalogService, network: NetworkId | None) -> CatalogService:

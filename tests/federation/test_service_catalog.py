@@ -18,6 +18,7 @@ from federation.records import ExportSet, Member
 from tests.federation.fedkit import info, key, snapshot
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
+SMALL = "10.0.0.0/27"
 
 
 def _member(cluster: str, network: str = "net1", *, down: bool = False) -> Member:
@@ -61,23 +62,24 @@ def test_view_keeps_pod_addresses_only_on_the_same_network() -> None:
     assert same.endpoints and cat.view(c, network=None).services[key("a")].endpoints[0].endpoints == ()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["east", "west", "north"]),
                           st.lists(st.sampled_from([f"s{i}" for i in range(12)]), unique=True, max_size=8),
                           st.booleans()), min_size=1, max_size=12))
 def test_incremental_build_equals_full_build(steps: list[tuple[str, list[str], bool]]) -> None:
     members: dict[ClusterId, Member] = {ClusterId(c): _member(c) for c in ("east", "west", "north")}
     exports: dict[ClusterId, ExportSet] = {}
-    current = cat.build(revision=0, members=members, exports=[])
+    current = cat.build(revision=0, members=members, exports=[], cidr=SMALL)
     for rev, (cluster, names, down) in enumerate(steps, start=1):
         cid = ClusterId(cluster)
         dirty = {s.key for s in exports[cid].services} if cid in exports else set()
         exports[cid] = _exports(cluster, names, generation=rev)
         members[cid] = _member(cluster, down=down)
         dirty |= {s.key for s in exports[cid].services}
+        # A small ClusterSetIP range, so that first-choice addresses collide and re-allocation is exercised.
         incremental = cat.build(revision=rev, members=members, exports=exports.values(), previous=current,
-                                dirty=dirty)
-        full = cat.build(revision=rev, members=members, exports=exports.values())
+                                dirty=dirty, cidr=SMALL)
+        full = cat.build(revision=rev, members=members, exports=exports.values(), cidr=SMALL)
         assert incremental == full
         # The diff, applied on the client's side, reproduces the new catalog.
         assert cat.apply(current, rev, cat.diff(current, full)) == full

@@ -1,0 +1,299 @@
+"""Federation propagation: one cluster's publish -> every other agent's registry, at 10 clusters x 1,000 services.
+
+    .venv/bin/python bench/federation.py [--clusters 10] [--services 1000] [--rounds 30] [--store sqlite|etcd]
+
+Starts ``meshfed federation serve`` as a child process (SQLite store in a temporary directory, or a temporary etcd
+with ``--store etcd``), then ``--clusters`` agents in this process, each with a real mTLS client, each publishing
+``--services`` services (one ready endpoint each). Once every agent holds the whole catalog, each round picks the
+next cluster, adds one service to its export set and publishes the whole set again; the clock runs from just
+before the publish call to the moment each other agent's ``Registry`` (``agent.apply``, in the agent's update
+callback) contains the new service.
+
+Prints p50/p99 of that propagation (per receiving agent, and to the last agent of a round), the service's RSS
+(idle, loaded, and per cluster), and as a baseline measured in the same run, the raw store's write latency for the
+same export set (``SqliteStore.put_exports`` in this process, no HTTP, no catalog) with the ratio between them.
+Goal: p99 propagation under 500 ms.
+"""
+
+# ruff: noqa: E402 - the script's own directory must leave sys.path before the federation package is imported
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ is sys.path[0], and this file (federation.py) would shadow the federation package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from discovery.model import (
+    ClusterId,
+    ClusterInfo,
+    Endpoint,
+    NetworkId,
+    Registry,
+    Service,
+    ServiceExport,
+    ServiceKey,
+    ServicePort,
+)
+from federation import catalog as cat
+from federation.agent import AgentConfig, FederationAgent, export_set
+from federation.client import FederationClient
+from federation.records import Member
+from federation.store.sqlite import SqliteStore
+from federation.trust.bundle import TrustBundle
+from federation.trust.ca import RootCA, create_intermediate, create_root, issue_workload
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from federation.trust.store import write_cluster_dir
+from federation.trust.tls import client_ssl_context
+
+GOAL_P99_S = 0.5
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def local_snapshot(cluster: str, n: int, extra: int = 0) -> tuple[list[Service], list[ServiceExport]]:
+    cid = ClusterId(cluster)
+    services, exports = [], []
+    names = [f"{cluster}-s{i}" for i in range(n)] + [f"{cluster}-probe{j}" for j in range(extra)]
+    for i, name in enumerate(names):
+        key = ServiceKey.parse(f"{name}.default")
+        ep = Endpoint(address=f"10.{i // 62500 % 250}.{i // 250 % 250}.{i % 250 + 1}", zone="z1")
+        services.append(Service(cluster=cid, key=key, ports=(ServicePort(port=8080, name="http"),), endpoints=(ep,)))
+        exports.append(ServiceExport(cluster=cid, key=key, created=T0))
+    return services, exports
+
+
+def cluster_info(cluster: str, index: int) -> ClusterInfo:
+    # Two networks, so half the agents get pod addresses and half only summaries.
+    return ClusterInfo(id=ClusterId(cluster), network=NetworkId(f"net{index % 2}"), region="r1", zone="z1",
+                       gateway_host="127.0.0.1", gateway_port=15443)
+
+
+async def baseline_store_writes(tmp: Path, services: int, rounds: int) -> list[float]:
+    """Raw SQLite store: put_exports of the same export set, in-process (durable write, no HTTP, no catalog)."""
+    store = SqliteStore(str(tmp / "baseline.db"), reap_interval_s=0)
+    info = cluster_info("base", 0)
+    await store.put_member(Member(info=info, registered_at=T0, renewed_at=datetime.now(UTC), lease_ttl_s=3600))
+    times = []
+    for r in range(rounds):
+        es = export_set(info, *local_snapshot("base", services, extra=r + 1), generation=r + 1)
+        started = time.perf_counter()
+        await store.put_exports(es)
+        times.append(time.perf_counter() - started)
+    await store.close()
+    return times
+
+
+@dataclass
+class Setup:
+    tmp: Path
+    root: RootCA
+    td: TrustDomain
+    bundle: TrustBundle
+    url: str
+    port: int
+    service: subprocess.Popen[bytes]
+    etcd: subprocess.Popen[bytes] | None
+
+
+def start(args: argparse.Namespace) -> Setup:
+    """The federation service process (and etcd for --store etcd) on free loopback ports."""
+    tmp = Path(tempfile.mkdtemp(prefix="meshfed-bench-federation-"))
+    td = TrustDomain("bench.meshfed")
+    root = create_root(td)
+    bundle = TrustBundle(td, (root.cert,))
+    write_cluster_dir(tmp / "fed-ca", create_intermediate(root, SpiffeId.federation(td)), bundle)
+    etcd_proc = None
+    if args.store == "etcd":
+        etcd_port, peer_port = free_port(), free_port()
+        etcd_proc = subprocess.Popen(
+            [shutil.which("etcd") or "/usr/bin/etcd", "--data-dir", str(tmp / "etcd"),
+             "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+             "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+             "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+             "--initial-cluster", f"default=http://127.0.0.1:{peer_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        store_url = f"etcd://127.0.0.1:{etcd_port}"
+        time.sleep(2.0)
+    else:
+        store_url = f"sqlite:{tmp / 'fed.db'}"
+    port = free_port()
+    with open(tmp / "service.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "meshfed"), "federation", "serve", "--store", store_url,
+             "--listen", f"127.0.0.1:{port}", "--ca", str(tmp / "fed-ca"), "--lease-ttl", "60"],
+            stdout=log, stderr=subprocess.STDOUT)
+    return Setup(tmp, root, td, bundle, f"https://127.0.0.1:{port}", port, proc, etcd_proc)
+
+
+def stop(setup: Setup) -> None:
+    for p in (setup.service, setup.etcd):
+        if p is None:
+            continue
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    shutil.rmtree(setup.tmp, ignore_errors=True)
+
+
+async def run(args: argparse.Namespace, setup: Setup) -> None:
+    tmp, td, bundle, url, port, proc = setup.tmp, setup.td, setup.bundle, setup.url, setup.port, setup.service
+    root = setup.root
+    agents: list[FederationAgent] = []
+    clients: list[FederationClient] = []
+    try:
+        for _ in range(200):
+            try:
+                _r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        idle_rss = rss_mb(proc.pid)
+
+        names = [f"c{i}" for i in range(args.clusters)]
+        registries: dict[str, Registry] = {n: Registry(local=ClusterId(n)) for n in names}
+        waiting: dict[str, tuple[ServiceKey, float]] = {}
+        arrivals: list[float] = []
+        round_done = asyncio.Event()
+
+        def on_update_for(name: str, agent_ref: list[FederationAgent]) -> object:
+            def on_update(_c: cat.Catalog) -> None:
+                registries[name] = agent_ref[0].apply(registries[name])
+                want = waiting.get(name)
+                if want is None:
+                    return
+                key, started = want
+                owner = ClusterId(key.name.split("-")[0])
+                if key in registries[name].remote.get(owner, {}):
+                    arrivals.append(time.perf_counter() - started)
+                    del waiting[name]
+                    if not waiting:
+                        round_done.set()
+            return on_update
+
+        config = AgentConfig(backoff_initial_s=0.1, backoff_max_s=1.0)
+        for i, name in enumerate(names):
+            key_pem, chain = issue_workload(create_intermediate(root, SpiffeId.cluster(td, name)),
+                                            SpiffeId.cluster(td, name), ttl=timedelta(hours=2))
+            client = FederationClient(url, ssl_context=client_ssl_context(b"".join(chain), key_pem, bundle),
+                                      cluster=ClusterId(name), bundle=bundle, request_timeout_s=60,
+                                      watch_idle_timeout_s=60)
+            await client.__aenter__()
+            clients.append(client)
+            ref: list[FederationAgent] = []
+            agent = FederationAgent(client, info=cluster_info(name, i), config=config,
+                                    on_update=on_update_for(name, ref))  # type: ignore[arg-type]
+            ref.append(agent)
+            await agent.__aenter__()
+            agents.append(agent)
+
+        started = time.perf_counter()
+        gens = [a.publish(*local_snapshot(n, args.services)) for a, n in zip(agents, names, strict=True)]
+        for a, g in zip(agents, gens, strict=True):
+            await asyncio.wait_for(a.wait_published(g), 300)
+        total = args.clusters * args.services
+        for a in agents:
+            await asyncio.wait_for(a.wait_for(lambda c: len(c.services) >= total), 300)
+        load_s = time.perf_counter() - started
+        loaded_rss = rss_mb(proc.pid)
+
+        publish_acks: list[float] = []
+        per_agent: list[float] = []
+        round_max: list[float] = []
+        for r in range(args.rounds):
+            i = r % args.clusters
+            name, agent = names[i], agents[i]
+            extra = r // args.clusters + 1
+            snap = local_snapshot(name, args.services, extra=extra)
+            probe = ServiceKey.parse(f"{name}-probe{extra - 1}.default")
+            arrivals.clear()
+            round_done.clear()
+            t0 = time.perf_counter()
+            for other in names:
+                if other != name:
+                    waiting[other] = (probe, t0)
+            gen = agent.publish(*snap)
+            await asyncio.wait_for(agent.wait_published(gen), 60)
+            publish_acks.append(time.perf_counter() - t0)
+            await asyncio.wait_for(round_done.wait(), 60)
+            round_max.append(max(arrivals))
+            per_agent.extend(arrivals)
+            await asyncio.sleep(0.05)
+        final_rss = rss_mb(proc.pid)
+        base = await baseline_store_writes(tmp, args.services, max(args.rounds, 10))
+
+        print(f"federation bench: {args.clusters} clusters x {args.services} services, store={args.store}, "
+              f"{args.rounds} rounds (each: one cluster republishes {args.services}+ services with one new)")
+        print(f"  initial load: {total} services published and seen by every agent in {load_s:.2f} s")
+        print(f"  propagation publish -> other agent's registry: p50 {pct(per_agent, 50) * 1000:.1f} ms, "
+              f"p99 {pct(per_agent, 99) * 1000:.1f} ms  (n={len(per_agent)})")
+        print(f"  propagation to the last agent of a round:      p50 {pct(round_max, 50) * 1000:.1f} ms, "
+              f"p99 {pct(round_max, 99) * 1000:.1f} ms  (goal p99 < {GOAL_P99_S * 1000:.0f} ms: "
+              f"{'met' if pct(round_max, 99) < GOAL_P99_S else 'NOT met'})")
+        print(f"  publish acknowledged (HTTP PUT, durable):      p50 {pct(publish_acks, 50) * 1000:.1f} ms, "
+              f"p99 {pct(publish_acks, 99) * 1000:.1f} ms")
+        print(f"  baseline: raw SqliteStore.put_exports of the same set in-process: p50 {pct(base, 50) * 1000:.1f} "
+              f"ms, p99 {pct(base, 99) * 1000:.1f} ms")
+        print(f"  ratio propagation/raw store write: p50 {pct(per_agent, 50) / pct(base, 50):.1f}x, "
+              f"p99 {pct(round_max, 99) / pct(base, 99):.1f}x")
+        print(f"  service RSS: idle {idle_rss:.0f} MB, loaded {loaded_rss:.0f} MB, after rounds {final_rss:.0f} MB; "
+              f"per cluster {(final_rss - idle_rss) / args.clusters:.1f} MB "
+              f"({(final_rss - idle_rss) * 1024 / total:.1f} KB per exported service)")
+    finally:
+        for agent in reversed(agents):
+            await agent.__aexit__(None, None, None)
+        for client in clients:
+            await client.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--clusters", type=int, default=10)
+    ap.add_argument("--services", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--store", choices=["sqlite", "etcd"], default="sqlite")
+    args = ap.parse_args()
+    setup = start(args)
+    try:
+        asyncio.run(run(args, setup))
+    finally:
+        stop(setup)
+
+
+if __name__ == "__main__":
+    main()
