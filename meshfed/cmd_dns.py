@@ -22,7 +22,7 @@ import click
 
 from discovery.clusterset import ClusterSet, ClusterSetError, clusterset_file, load_clusterset
 from discovery.dns.server import DnsServer, run
-from discovery.dns.table import DnsError, DnsTable
+from discovery.dns.table import DnsError, DnsTable, build_table
 from discovery.manifests import ClusterSetState, ManifestProblem, ManifestSource, derive_clusterset
 from discovery.model import ClusterId, DiscoveryError, Registry
 from meshfed.output import fail
@@ -161,9 +161,22 @@ async def serve_clusterset(
 @click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
               help="seconds between checks for manifest changes")
 @click.option("--uvloop/--no-uvloop", default=True, show_default=True, help="run on uvloop when it is installed")
-def dns_cmd(directory: Path, cluster: str, listen: str, interval: float, uvloop: bool) -> None:
+@click.option("--zone", "print_zone", is_flag=True, help="print the records as a zone file and exit (no server)")
+def dns_cmd(directory: Path, cluster: str, listen: str, interval: float, uvloop: bool, print_zone: bool) -> None:
     """Serve clusterset.local (MCS DNS) for CLUSTER from the clusterset's manifests, reloading on change."""
     host, port = parse_listen(listen)
+    if print_zone:
+        try:
+            registry, problems = ClusterSetWatch.open(directory, cluster).load()
+        except ClusterSetError as exc:
+            fail(str(exc), hint="--clusterset names a folder holding clusterset.yaml; --cluster one of its members")
+        for problem in problems:
+            click.echo(f"warning: {problem}", err=True)
+        table = build_table(registry, serial=int(time.time()))
+        click.echo(table.zone_text(), nl=False)
+        for reason in table.skipped:
+            click.echo(f"; not published: {reason}")
+        return
 
     def ready(server: DnsServer) -> None:
         table = server.table

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.zone
 import pytest
 from click.testing import CliRunner
 
@@ -129,3 +130,12 @@ def test_unknown_cluster_and_bad_listen_are_clear_errors(clusterset: Path) -> No
     with pytest.raises(Exception, match="HOST:PORT"):
         parse_listen("localhost")
     assert parse_listen("[::1]:53") == ("::1", 53)
+
+
+def test_zone_option_prints_the_records_as_a_zone_file(clusterset: Path) -> None:
+    result = CliRunner().invoke(cli, ["dns", "--clusterset", str(clusterset), "--cluster", "west", "--zone"])
+    assert result.exit_code == 0, result.output
+    zone = dns.zone.from_text(result.output, origin="clusterset.local.", relativize=False)
+    assert zone.find_rdataset("db-0.west." + DB + ".", "A")[0].to_text() == "127.0.2.30"
+    assert zone.find_rdataset("dns-version.clusterset.local.", "TXT")[0].to_text() == '"1.0.0"'
+    assert zone.get_node("east." + DB + ".") is None
