@@ -362,7 +362,7 @@ def _grow_buffers(sock: socket.socket | None) -> None:
 
 
 def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
-    """Run ``main`` on uvloop when it is installed (about 2.5x the answers per second), else on asyncio's loop."""
+    """Run ``main`` on uvloop when it is installed (more answers per second, see bench/dns.py), else asyncio."""
     if use_uvloop:
         try:
             import uvloop
