@@ -41,6 +41,7 @@ from cryptography import x509
 from discovery.clusterset import ClusterSet
 from discovery.dns.server import DnsServer
 from discovery.manifests import ClusterSnapshot, LoadResult, ManifestSource
+from discovery.mcs import derive
 from discovery.model import ClusterId, ClusterInfo, Endpoint, Registry, Service
 from federation.agent import AgentConfig, FederationAgent
 from federation.catalog import Catalog
@@ -150,6 +151,17 @@ def with_export_conditions(registry: Registry, catalog: Catalog) -> Registry:
     if not changed:
         return registry
     return registry.with_shard(local, registry.services(local), updated)
+
+
+def derive_local(registry: Registry, snap: ClusterSnapshot, *, cidr: str) -> Registry:
+    """Without a federation, the clusterset is this cluster alone: derive imports and export conditions locally
+    with the same MCS rules the federation applies centrally."""
+    local = registry.local
+    result = derive({local: {s.key: s for s in registry.services(local)}}, snap.exports.values(), cidr=cidr,
+                    unsupported={local: snap.unsupported})
+    exports = result.exports_with_conditions(snap.exports.values())
+    registry = registry.with_shard(local, registry.services(local), exports)
+    return registry.with_catalog(clusters=registry.clusters, imports=result.imports)
 
 
 def load_tokens(path: Path | None) -> dict[str, ProxyIdentity]:
@@ -294,6 +306,8 @@ class ControlPlane:
         self.registry = self.registry.with_shard(self.config.cluster, services, snap.exports.values())
         if self.agent is not None and self.agent.catalog is not None:
             self.registry = with_export_conditions(self.registry, self.agent.catalog)
+        elif not self.config.federation_urls:
+            self.registry = derive_local(self.registry, snap, cidr=self.config.clusterset.cidr)
 
     def _publish(self) -> None:
         if self.agent is None or self._local is None:

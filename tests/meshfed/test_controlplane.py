@@ -1,0 +1,136 @@
+"""The control plane's pure pieces (runtime overrides, tokens, central export conditions) and one real process:
+a control plane without a federation serving DNS, status and xDS auth from the demo manifests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import grpc
+import pytest
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from discovery.clusterset import load_clusterset
+from discovery.model import (
+    ClusterId,
+    Condition,
+    ConditionStatus,
+    Endpoint,
+    Registry,
+    Service,
+    ServiceExport,
+    ServiceImport,
+    ServiceKey,
+    ServicePort,
+    ServiceType,
+    cluster_id,
+)
+from federation.catalog import Catalog, CatalogService
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from federation.trust.store import init_root, issue_intermediate
+from meshfed.controlplane import (
+    ControlPlane,
+    ControlPlaneConfig,
+    EndpointOverride,
+    Listen,
+    apply_runtime,
+    load_runtime,
+    load_tokens,
+    with_export_conditions,
+)
+from meshfed.local import http_get, write_private
+
+EAST = cluster_id("east")
+REVIEWS = ServiceKey.parse("reviews.default")
+DEMO = Path(__file__).resolve().parents[2] / "clusters" / "demo"
+
+
+def _service(*addresses: str) -> Service:
+    return Service(cluster=EAST, key=REVIEWS, ports=(ServicePort(port=9080, name="http"),),
+                   endpoints=tuple(Endpoint(address=a, ports=(("http", 9080),)) for a in addresses))
+
+
+def test_runtime_overrides_replace_placeholder_ports_and_service_accounts(tmp_path: Path) -> None:
+    path = tmp_path / "runtime.json"
+    path.write_text(json.dumps({"endpoints": {"127.0.1.10": {"ports": {"http": 41000},
+                                                             "service_account": "reviews"}}}))
+    runtime = load_runtime(path)
+    assert runtime == {"127.0.1.10": EndpointOverride(ports=(("http", 41000),), service_account="reviews")}
+    [svc] = apply_runtime({REVIEWS: _service("127.0.1.10", "127.0.1.11")}, runtime)
+    first, second = svc.endpoints
+    assert first.port_for("http", 0) == 41000 and first.service_account == "reviews"
+    assert second.port_for("http", 0) == 9080 and second.service_account == ""  # not in the overrides: untouched
+
+
+def test_missing_runtime_and_tokens_files_mean_none(tmp_path: Path) -> None:
+    assert load_runtime(tmp_path / "absent.json") == {}
+    assert load_tokens(None) == {}
+
+
+def test_tokens_file_maps_tokens_to_identities(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.json"
+    write_private(path, json.dumps({"t" * 20: {"namespace": "default", "service_account": "sleep",
+                                               "cluster": "east"}}))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    [(token, identity)] = load_tokens(path).items()
+    assert token == "t" * 20 and identity.service_account == "sleep" and identity.cluster == "east"
+
+
+def test_export_conditions_come_from_the_central_catalog() -> None:
+    export = ServiceExport(cluster=EAST, key=REVIEWS, created=datetime(2026, 1, 1, tzinfo=UTC))
+    registry = Registry(local=EAST).with_shard(EAST, [_service("127.0.1.10")], [export])
+    conflict = Condition(type="Conflict", status=ConditionStatus.TRUE, reason="PortConflict",
+                         message="conflict on port 9080 with cluster west")
+    other = Condition(type="Conflict", status=ConditionStatus.FALSE, reason="NoConflicts", message="")
+    imp = ServiceImport(key=REVIEWS, type=ServiceType.CLUSTER_SET_IP, ports=(ServicePort(port=9080),),
+                        clusters=(EAST, ClusterId("west")))
+    catalog = Catalog(revision=3, services={
+        REVIEWS: CatalogService(import_=imp, conditions=((EAST, conflict), (ClusterId("west"), other)))})
+    updated = with_export_conditions(registry, catalog)
+    assert updated.exports[EAST][REVIEWS].conditions == (conflict,)  # only this cluster's, not west's
+    assert with_export_conditions(updated, catalog) is updated  # nothing changed: the same value
+
+
+@pytest.fixture
+def east_ca(tmp_path: Path) -> Path:
+    td = TrustDomain.parse("demo.meshfed.local")
+    init_root(tmp_path / "root", td)
+    issue_intermediate(tmp_path / "root", SpiffeId.cluster(td, EAST), tmp_path / "east")
+    return tmp_path / "east"
+
+
+async def test_unfederated_control_plane_serves_dns_status_and_refuses_unauthenticated_xds(
+        east_ca: Path, tmp_path: Path) -> None:
+    cs = load_clusterset(DEMO)
+    config = ControlPlaneConfig(
+        clusterset=cs, cluster=EAST, ca_dir=east_ca, federation_urls=(), xds=Listen("127.0.0.1", 0),
+        dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0), gateway_host="127.0.0.1", gateway_port=15443,
+        tokens_file=tmp_path / "tokens.json")
+    async with ControlPlane(config) as cp:
+        assert cp.ads is not None and cp.dns is not None
+        status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{cp.admin_port}/status")
+        assert status == 200
+        data = json.loads(body)
+        assert data["cluster"] == "east" and data["federation"] == {"configured": False}
+        assert {s["service"] for s in data["services"]} >= {"reviews.default", "details.default"}
+        status, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{cp.admin_port}/readyz")
+        assert status == 200
+        # Headless db is exported by east: its ready pod addresses are answered from east's own shard.
+        query = dns.message.make_query("db.default.svc.clusterset.local", "A")
+        answer = await dns.asyncquery.udp(query, "127.0.0.1", port=cp.dns.port, timeout=3)
+        assert answer.rcode() == dns.rcode.NOERROR
+        assert {r.address for rrset in answer.answer for r in rrset} == {"127.0.1.30", "127.0.1.31"}
+        # An xDS stream without a bootstrap token is refused.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.ads.port}") as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources()
+            await call.write(discovery_pb2.DiscoveryRequest(type_url="x"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
