@@ -131,7 +131,7 @@ class ClusterClient:
         ref = object_ref(obj)
         try:
             if self._dynamic is None:
-                self._dynamic = dynamic.DynamicClient(self._api_client)
+                self._dynamic = dynamic.DynamicClient(self._api_client)  # type: ignore[no-untyped-call]
             try:
                 return self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
             except ResourceNotFoundError:

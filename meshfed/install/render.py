@@ -391,7 +391,8 @@ def federation_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOption
                 "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "selector": {"matchLabels": _selector(FEDERATION)},
             "template": {
-                "metadata": {"labels": _labels(FEDERATION, cid), "annotations": {"meshfed.io/config-hash": template_hash}},
+                "metadata": {"labels": _labels(FEDERATION, cid),
+                             "annotations": {"meshfed.io/config-hash": template_hash}},
                 "spec": {
                     "serviceAccountName": FEDERATION,
                     "automountServiceAccountToken": False,
@@ -512,17 +513,32 @@ def federation_url_for(cluster: ClusterInfo, federation_cluster: str, opts: Inst
     return opts.federation_url
 
 
-def controlplane_args(cluster: ClusterInfo, federation_url: str) -> list[str]:
+PENDING_CONTROLPLANE_FLAGS = frozenset({"--source", "--xds-token-audience"})
+"""Flags the Deployment passes that ``meshfed controlplane`` does not take yet (the local runner needs neither):
+``--source kubernetes`` (discover from the API server instead of manifest files) and ``--xds-token-audience``
+(check xDS clients' projected tokens with a TokenReview for this audience)."""
+
+
+def gateway_address(cluster: ClusterInfo, opts: InstallOptions) -> str:
+    """Where other clusters reach this cluster's east-west gateway: the clusterset's ``gateway.host`` when set,
+    else the gateway Service's in-cluster name (a placeholder until its LoadBalancer has an address)."""
+    if cluster.gateway_host:
+        return f"{cluster.gateway_host}:{cluster.gateway_port}"
+    return f"{opts.svc_host(GATEWAY)}:{GATEWAY_PORT}"
+
+
+def controlplane_args(cluster: ClusterInfo, federation_url: str, opts: InstallOptions) -> list[str]:
     """The ``meshfed controlplane`` command line the Deployment runs (the image's entrypoint is ``meshfed``)."""
     return [
         "controlplane",
         "--cluster", str(cluster.id),
-        "--clusterset-config", "/etc/meshfed/clusterset.yaml",
+        "--clusterset", "/etc/meshfed/clusterset.yaml",
         "--federation", federation_url,
         "--ca", "/etc/cacerts",
         "--xds-listen", f"0.0.0.0:{XDS_PORT}",
         "--dns-listen", f"0.0.0.0:{DNS_CONTAINER_PORT}",
         "--admin-listen", f"0.0.0.0:{ADMIN_PORT}",
+        "--gateway-address", gateway_address(cluster, opts),
         "--source", "kubernetes",
         "--xds-token-audience", XDS_AUDIENCE,
     ]
@@ -539,7 +555,7 @@ def controlplane_objects(
         "metadata": _meta(CLUSTERSET_CONFIGMAP, CONTROLPLANE, cid, ns),
         "data": {"clusterset.yaml": clusterset_yaml},
     }
-    args = controlplane_args(cluster, federation_url)
+    args = controlplane_args(cluster, federation_url, opts)
     container: Obj = {
         "name": "controlplane",
         "image": opts.image,
@@ -834,6 +850,12 @@ def render_clusterset(
             f"in-cluster name; give the address of Service {opts.namespace}/{FEDERATION} in {fed_name} (its "
             "LoadBalancer) and render again"
         )
+    for c in cs.clusters:
+        if not c.gateway_host:
+            warnings.append(
+                f"cluster {c.id} has no gateway.host in the clusterset: once Service {opts.namespace}/{GATEWAY} in "
+                f"{c.id} has a LoadBalancer address, write it into clusterset.yaml and render and apply again"
+            )
     manifests: list[Manifest] = []
     for cluster in cs.clusters:
         cid = cluster.id
