@@ -10,6 +10,7 @@ import click
 
 from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_federation, cmd_local
 from meshfed.cmd_dns import dns_cmd
+from meshfed.cmd_install import install_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,6 +27,7 @@ cli.add_command(cmd_federation.federation)
 cli.add_command(cmd_export.export_cmd)
 cli.add_command(cmd_export.unexport_cmd)
 cli.add_command(dns_cmd)
+cli.add_command(install_cmd)
 cli.add_command(cmd_controlplane.controlplane)
 cli.add_command(cmd_local.up_cmd)
 cli.add_command(cmd_local.down_cmd)

@@ -451,7 +451,7 @@ def test_bad_input_names_the_problem(tmp_path: Path) -> None:
     result = _install(str(DEMO), "--render", str(tmp_path / "o2"), "--federation-cluster", "north")
     assert result.exit_code != 0 and "north" in result.output and "east, west" in result.output
     other_root = tmp_path / "root"
-    assert CliRunner().invoke(cli, ["ca", "init", "--trust-domain", "other.local", "--out", str(other_root)]).exit_code \
-        == 0
+    made = CliRunner().invoke(cli, ["ca", "init", "--trust-domain", "other.local", "--out", str(other_root)])
+    assert made.exit_code == 0
     result = _install(str(DEMO), "--render", str(tmp_path / "o3"), "--root", str(other_root))
     assert result.exit_code != 0 and "other.local" in result.output and "demo.meshfed.local" in result.output
