@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from discovery.clusterset import ClusterSetError, load_clusterset
+from discovery.kube import KubeError
 from discovery.model import DiscoveryError, cluster_id
 from federation.trust.errors import TrustError
 from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
@@ -31,7 +32,7 @@ async def _serve(config: ControlPlaneConfig) -> None:
 
 @click.command("controlplane")
 @click.option("--clusterset", "clusterset_dir", default="clusters/demo", show_default=True,
-              type=click.Path(path_type=Path), help="clusterset directory (holds clusterset.yaml)")
+              type=click.Path(path_type=Path), help="clusterset directory (holds clusterset.yaml) or the file itself")
 @click.option("--cluster", required=True, help="this cluster's name in the clusterset")
 @click.option("--ca", "ca_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="this cluster's intermediate CA directory (Istio plug-in CA layout)")
@@ -47,11 +48,21 @@ async def _serve(config: ControlPlaneConfig) -> None:
               help="per-workload xDS bootstrap tokens (JSON, 0600; local runs)")
 @click.option("--runtime", "runtime_file", type=click.Path(dir_okay=False, path_type=Path),
               help="endpoint port overrides written by the local runner")
+@click.option("--source", type=click.Choice(["manifests", "kubernetes"]), default="manifests", show_default=True,
+              help="where this cluster's Services, EndpointSlices and ServiceExports come from")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path),
+              help="with --source kubernetes: kubeconfig file (default: in-cluster service account)")
+@click.option("--context", "kube_context", help="with --source kubernetes: kubeconfig context")
+@click.option("--xds-auth", type=click.Choice(["tokens", "tokenreview"]), default=None,
+              help="how xDS clients authenticate (default: tokenreview with --source kubernetes, else tokens)")
+@click.option("--xds-token-audience", default="meshfed", show_default=True,
+              help="audience the projected service-account tokens of proxies must carry")
 @click.option("--debounce-quiet", type=float, default=0.1, show_default=True, metavar="SECONDS")
 @click.option("--debounce-max", type=float, default=1.0, show_default=True, metavar="SECONDS")
 def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_urls: tuple[str, ...], xds_listen: str,
                  dns_listen: str, admin_listen: str, gateway_address: str, tokens_file: Path | None,
-                 runtime_file: Path | None, debounce_quiet: float, debounce_max: float) -> None:
+                 runtime_file: Path | None, source: str, kubeconfig: Path | None, kube_context: str | None,
+                 xds_auth: str | None, xds_token_audience: str, debounce_quiet: float, debounce_max: float) -> None:
     """Run one cluster's control plane until SIGTERM or Ctrl-C."""
     try:
         cs = load_clusterset(clusterset_dir)
@@ -63,7 +74,10 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
             xds=Listen.parse(xds_listen, what="--xds-listen"), dns=Listen.parse(dns_listen, what="--dns-listen"),
             admin=Listen.parse(admin_listen, what="--admin-listen"), gateway_host=gateway.host,
             gateway_port=gateway.port, tokens_file=tokens_file, runtime_file=runtime_file,
-            debounce_quiet_s=debounce_quiet, debounce_max_s=debounce_max,
+            debounce_quiet_s=debounce_quiet, debounce_max_s=debounce_max, source=source, kubeconfig=kubeconfig,
+            kube_context=kube_context, in_cluster=source == "kubernetes" and kubeconfig is None and not kube_context,
+            xds_auth=xds_auth or ("tokenreview" if source == "kubernetes" else "tokens"),
+            token_audience=xds_token_audience,
         )
     except (ClusterSetError, DiscoveryError, ValueError, KeyError) as exc:
         fail(str(exc), hint="check --clusterset and --cluster")
@@ -72,5 +86,7 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
         asyncio.run(_serve(config))
     except TrustError as exc:
         fail(f"{ca_dir}: {exc}", hint="create the cluster CA with 'meshfed ca intermediate'")
+    except KubeError as exc:
+        fail(str(exc), hint="check --kubeconfig/--context, or the pod's service account and RBAC")
     except OSError as exc:
         fail(f"cannot start the control plane: {exc}", hint="is another process using one of the listen ports?")

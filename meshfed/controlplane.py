@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import ssl
 import time
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
@@ -40,6 +41,7 @@ from cryptography import x509
 
 from discovery.clusterset import ClusterSet
 from discovery.dns.server import DnsServer
+from discovery.kube import KubeSource, Source, load_api_client
 from discovery.manifests import ClusterSnapshot, LoadResult, ManifestSource
 from discovery.mcs import derive
 from discovery.model import ClusterId, ClusterInfo, Endpoint, Registry, Service
@@ -52,7 +54,7 @@ from federation.trust.store import load_bundle, load_cluster_ca
 from federation.trust.tls import client_ssl_context
 from gateway import generators
 from gateway.ads import AdsServer
-from gateway.auth import ProxyIdentity, TokenTableAuthenticator
+from gateway.auth import Authenticator, ProxyIdentity, TokenReviewAuthenticator, TokenTableAuthenticator
 from gateway.cache import SnapshotCache
 from gateway.context import ProxyInfo, ProxyInfoError, PushContext
 from gateway.push import PushDebouncer, PushRequest
@@ -96,6 +98,16 @@ class ControlPlaneConfig:
     debounce_max_s: float = 1.0
     manifest_poll_s: float = 0.5
     workload_cert_ttl: timedelta = timedelta(hours=24)
+    # Where the cluster's objects come from: "manifests" (clusters/<set>/<cluster>/*.yaml) or "kubernetes".
+    source: str = "manifests"
+    kubeconfig: Path | None = None
+    kube_context: str | None = None
+    in_cluster: bool = False
+    # How xDS clients authenticate: "tokens" (per-workload bootstrap tokens) or "tokenreview" (projected
+    # service-account tokens checked with the Kubernetes TokenReview API).
+    xds_auth: str = "tokens"
+    token_audience: str = "meshfed"
+    first_sync_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +239,14 @@ class ControlPlane:
         self.ca = load_cluster_ca(cfg.ca_dir)
         self.bundle = load_bundle(cfg.ca_dir)
         self.trust_domain = str(self.bundle.trust_domain)
-        self.auth = _ReloadingTokens(path=cfg.tokens_file)
+        if cfg.source not in ("manifests", "kubernetes"):
+            raise ValueError(f"source {cfg.source!r} is not 'manifests' or 'kubernetes'")
+        if cfg.xds_auth not in ("tokens", "tokenreview"):
+            raise ValueError(f"xds auth {cfg.xds_auth!r} is not 'tokens' or 'tokenreview'")
+        self.auth: Authenticator = _ReloadingTokens(path=cfg.tokens_file)
         self.issuer = WorkloadCertIssuer(ca=self.ca, ttl=cfg.workload_cert_ttl, on_rotate=self._rotated)
-        self.source = ManifestSource.for_cluster(cfg.clusterset, cfg.cluster)
+        self.manifests = ManifestSource.for_cluster(cfg.clusterset, cfg.cluster)
+        self._first_local = asyncio.Event()
         self.ads: AdsServer | None = None
         self.dns: DnsServer | None = None
         self.pushes: PushDebouncer | None = None
@@ -248,8 +265,13 @@ class ControlPlane:
         stack = self._stack
         await stack.__aenter__()
         try:
-            first = await asyncio.to_thread(self.source.load)
-            self._take_local(first)
+            source = await self._open_source(stack)
+            self._tasks.append(asyncio.create_task(self._watch_local(source), name="local-source"))
+            try:
+                await asyncio.wait_for(self._first_local.wait(), cfg.first_sync_timeout_s)
+            except TimeoutError as exc:
+                raise RuntimeError(f"no first snapshot from the {cfg.source} source in "
+                                   f"{cfg.first_sync_timeout_s:.0f}s") from exc
             self.dns = await stack.enter_async_context(DnsServer(host=cfg.dns.host, port=cfg.dns.port,
                                                                   registry=self.registry))
             self.pushes = await stack.enter_async_context(PushDebouncer(
@@ -269,7 +291,6 @@ class ControlPlane:
                     client, info=self.info, config=agent_cfg, on_update=self._on_catalog))
                 self._publish()
             await self._start_admin(stack)
-            self._tasks.append(asyncio.create_task(self._watch_manifests(), name="manifest-watch"))
             self._tasks.append(asyncio.create_task(self._dns_loop(), name="dns-update"))
             await self.dns.update(self.registry)
             self._ready.set()
@@ -315,17 +336,41 @@ class ControlPlane:
         self.agent.publish(self.registry.services(self.config.cluster),
                            self.registry.exports.get(self.config.cluster, {}).values())
 
-    async def _watch_manifests(self) -> None:
-        last = self._local.version if self._local else ""
-        runtime_mtime = self._runtime_mtime()
-        async for result in self.source.watch(interval=self.config.manifest_poll_s):
+    async def _open_source(self, stack: AsyncExitStack) -> Source:
+        cfg = self.config
+        if cfg.source == "manifests":
+            return self.manifests
+        api = await asyncio.to_thread(load_api_client, kubeconfig=cfg.kubeconfig, context=cfg.kube_context,
+                                      in_cluster=cfg.in_cluster)
+        stack.callback(api.close)
+        if cfg.xds_auth == "tokenreview":
+            conf = api.configuration
+            credential = (conf.api_key or {}).get("authorization", "").removeprefix("Bearer ").strip()
+            ssl_ctx: ssl.SSLContext | bool = False
+            if conf.verify_ssl and conf.ssl_ca_cert:
+                ssl_ctx = ssl.create_default_context(cafile=conf.ssl_ca_cert)
+            elif conf.verify_ssl:
+                ssl_ctx = True
+            self.auth = TokenReviewAuthenticator(api_url=conf.host, credential=credential,
+                                                 audience=cfg.token_audience, cluster=str(cfg.cluster),
+                                                 ssl_context=ssl_ctx)
+        return await stack.enter_async_context(KubeSource(api=api, cluster=cfg.cluster))
+
+    async def _watch_local(self, source: Source) -> None:
+        """Follow the cluster's own objects: each accepted change replaces the local shard and is published."""
+        last = ""
+        runtime_mtime = -1.0
+        stream = (self.manifests.watch(interval=self.config.manifest_poll_s) if source is self.manifests
+                  else source.watch())
+        async for result in stream:
             mtime = self._runtime_mtime()
             if result.snapshot.version == last and mtime == runtime_mtime and not result.errors:
                 continue
             last, runtime_mtime = result.snapshot.version, mtime
             self._take_local(result)
             self._publish()
-            self._changed("manifests")
+            self._changed(self.config.source)
+            self._first_local.set()
 
     def _runtime_mtime(self) -> float:
         path = self.config.runtime_file
