@@ -6,7 +6,8 @@ Keys, under a prefix (default ``/meshfed/``), values are the canonical JSON of `
     renewed/<cluster>   the member with its latest renewed_at (rewritten by every heartbeat; never watched)
     alive/<cluster>     the same value, attached to an etcd lease of the member's TTL; etcd deletes it when the
                         lease runs out, and that deletion is the "lease expired" event every replica sees
-    exports/<cluster>   the cluster's ExportSet
+    exports/<cluster>   the cluster's ExportSet (zlib-compressed when its JSON exceeds 32 KiB: etcd refuses requests
+                        over ~1.5 MiB by default, and a 1,000-service set with pod addresses is bigger than that)
 
 Revisions are etcd's own: a mutation returns the revision of its etcd transaction, ``snapshot()`` reads the whole
 prefix at one revision, and ``watch(after=R)`` is an etcd watch from ``R + 1``. Every replica over one etcd thus
@@ -35,6 +36,7 @@ import contextlib
 import logging
 import math
 import time
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -64,6 +66,7 @@ from federation.store.memory import expired
 log = logging.getLogger("meshfed.federation.store")
 
 _CAS_ATTEMPTS = 20
+_COMPRESS_OVER = 32 * 1024
 _CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 200,
     "grpc.min_reconnect_backoff_ms": 200,
@@ -102,6 +105,29 @@ def _mod_is(key: bytes, mod_revision: int) -> Any:
 
 def _exists(key: bytes) -> Any:
     return rpc.Compare(key=key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0)
+
+
+def _pack(text: str) -> bytes:
+    """A stored value: the JSON, zlib-compressed when large (etcd refuses requests over ~1.5 MiB by default)."""
+    data = text.encode()
+    return zlib.compress(data, 6) if len(data) > _COMPRESS_OVER else data
+
+
+def _unpack(value: bytes, what: str) -> bytes:
+    if value[:1] == b"{":
+        return value
+    try:
+        return zlib.decompress(value)
+    except zlib.error as exc:
+        raise codec.CorruptRecord(f"{what}: neither JSON nor zlib-compressed JSON: {exc}") from exc
+
+
+def _connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, aetcd.exceptions.ConnectionFailedError | aetcd.exceptions.ConnectionTimeoutError):
+        return True
+    if isinstance(exc, rpc.AioRpcError):
+        return bool(exc.code() in (rpc.StatusCode.UNAVAILABLE, rpc.StatusCode.DEADLINE_EXCEEDED))
+    return isinstance(exc, OSError | asyncio.TimeoutError)
 
 
 def _ttl(member: Member) -> int:
@@ -145,7 +171,7 @@ class EtcdStore:
     # ---- connection ----
 
     async def __aenter__(self) -> EtcdStore:
-        await self._client()
+        await self._read("open", self._key("members", ""))  # fails now, with StoreUnavailable, if etcd is not there
         return self
 
     async def __aexit__(
@@ -178,7 +204,10 @@ class EtcdStore:
 
     async def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
         endpoint = self.endpoint
-        await self._failover()
+        if _connection_error(exc):
+            await self._failover()
+        elif "too large" in str(exc):
+            what += " (the value exceeds etcd's request size limit, see etcd --max-request-bytes)"
         return StoreUnavailable(f"etcd {endpoint}: {what}: {type(exc).__name__}: {exc}")
 
     async def close(self) -> None:
@@ -199,7 +228,7 @@ class EtcdStore:
                 return await client.kvstub.Txn(request, timeout=self._timeout, metadata=client.metadata)
             except _ERRORS as exc:
                 error = await self._unavailable(what, exc)
-                if attempt == len(self._endpoints) - 1:
+                if attempt == len(self._endpoints) - 1 or not _connection_error(exc):
                     raise error from exc
         raise AssertionError("unreachable")
 
@@ -325,8 +354,9 @@ class EtcdStore:
                 raise UnknownCluster(f"cluster {cid} is not registered: register before publishing exports")
             seen_mod = 0
             if ekv is not None:
-                stored = codec.decode_exports(ekv.value, what=f"exports of {cid}")
-                if exports.generation == stored.generation and bytes(ekv.value) == text.encode():
+                stored_text = _unpack(bytes(ekv.value), f"exports of {cid}")
+                stored = codec.decode_exports(stored_text, what=f"exports of {cid}")
+                if exports.generation == stored.generation and stored_text == text.encode():
                     return int(ekv.mod_revision)
                 if exports.generation <= stored.generation:
                     raise StaleGeneration(cid, exports.generation, stored.generation)
@@ -334,7 +364,7 @@ class EtcdStore:
             response = await self._txn(
                 what,
                 [_mod_is(self._key("exports", cid), seen_mod), _exists(self._key("members", cid))],
-                [_put(self._key("exports", cid), text)],
+                [_put(self._key("exports", cid), _pack(text))],
             )
             if response.succeeded:
                 revision = int(response.header.revision)
@@ -396,7 +426,8 @@ class EtcdStore:
             for c, kv in sorted(tables["members"].items())
         )
         exports = tuple(
-            codec.decode_exports(kv.value, what=f"exports of {c}") for c, kv in sorted(tables["exports"].items())
+            codec.decode_exports(_unpack(bytes(kv.value), f"exports of {c}"), what=f"exports of {c}")
+            for c, kv in sorted(tables["exports"].items())
         )
         return StoreSnapshot(revision=int(result.header.revision), members=members, exports=exports)
 
@@ -413,7 +444,8 @@ class EtcdStore:
                 return StoreEvent(revision, EventKind.MEMBER, cid, member=member)
             return StoreEvent(revision, EventKind.MEMBER_REMOVED, cid)
         if kind == "exports" and put:
-            exports = codec.decode_exports(event.kv.value, what=f"exports of {cluster} at revision {revision}")
+            what = f"exports of {cluster} at revision {revision}"
+            exports = codec.decode_exports(_unpack(bytes(event.kv.value), what), what=what)
             return StoreEvent(revision, EventKind.EXPORTS, cid, exports=exports)
         if kind == "alive" and not put and member_revs.get(cluster) != revision:
             prev = event.prev_kv

@@ -7,7 +7,13 @@ Accepted forms::
     memory:                          the in-process fake (tests, demos; nothing survives the process)
 
 Anything else raises ``InvalidStoreUrl`` (a ``ValueError``) naming the URL and the forms above. Opening is lazy:
-the file or the connection is opened by the first call, or eagerly with ``async with open_store(url) as store``.
+the file or the connection is opened by the first call (each concrete store is also an async context manager that
+opens eagerly); ``await store.close()`` releases it.
+
+Exception tree (this module)::
+
+    FederationError                (federation.records)
+     +-- InvalidStoreUrl           also a ValueError: the URL's scheme, host, port or path is not acceptable
 """
 
 from __future__ import annotations

@@ -426,3 +426,33 @@ async def _until(predicate: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached")
+
+
+def big_export_set(cluster: str, generation: int, services: int = 1000, endpoints: int = 8) -> ExportSet:
+    """Larger than etcd's default 1.5 MiB request limit once encoded as JSON."""
+    base = export_set(cluster, generation, "x")
+    template = base.services[0]
+    return replace(base, services=tuple(
+        replace(
+            template,
+            key=ServiceKey(namespace=Namespace("default"), name=ServiceName(f"svc-{i}")),
+            endpoints=tuple(Endpoint(address=f"10.{i // 250}.{i % 250}.{j}", ports=(("http", 9080),),
+                                     labels=(("app", f"svc-{i}"),), service_account=f"sa-{i}")
+                            for j in range(endpoints)),
+        )
+        for i in range(services)
+    ))
+
+
+async def test_a_thousand_service_export_set_round_trips(opener: Opener) -> None:
+    from federation.store import codec
+
+    store = await opener()
+    big = big_export_set("east", 1)
+    assert len(codec.encode_exports(big)) > 1_600_000
+    r0 = await store.put_member(member("east"))
+    r1 = await store.put_exports(big)
+    assert await store.put_exports(big_export_set("east", 1)) == r1  # idempotent, compared on content
+    assert (await store.snapshot()).exports == (big,)
+    events = await collect(store, after=r0, until=up_to(r1))
+    assert events[-1].exports == big
