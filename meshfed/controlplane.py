@@ -116,6 +116,9 @@ class EndpointOverride:
 
     ports: tuple[tuple[str, int], ...]
     service_account: str = ""
+    # False when the runner stopped the workload: its endpoint leaves the ready set, as a deleted pod leaves its
+    # EndpointSlice in Kubernetes. None keeps what the manifests say.
+    ready: bool | None = None
 
 
 def load_runtime(path: Path | None) -> dict[str, EndpointOverride]:
@@ -126,7 +129,9 @@ def load_runtime(path: Path | None) -> dict[str, EndpointOverride]:
     out: dict[str, EndpointOverride] = {}
     for address, entry in data.get("endpoints", {}).items():
         ports = tuple(sorted((str(k), int(v)) for k, v in entry.get("ports", {}).items()))
-        out[address] = EndpointOverride(ports=ports, service_account=str(entry.get("service_account", "")))
+        ready = entry.get("ready")
+        out[address] = EndpointOverride(ports=ports, service_account=str(entry.get("service_account", "")),
+                                        ready=None if ready is None else bool(ready))
     return out
 
 
@@ -141,6 +146,8 @@ def apply_runtime(services: Mapping[Any, Service], runtime: Mapping[str, Endpoin
             ov = runtime.get(ep.address)
             if ov is not None:
                 ep = replace(ep, ports=ov.ports or ep.ports, service_account=ov.service_account or ep.service_account)
+                if ov.ready is not None:
+                    ep = replace(ep, ready=ov.ready, serving=ov.ready)
             endpoints.append(ep)
         out.append(replace(svc, endpoints=tuple(endpoints)))
     return out
@@ -345,7 +352,8 @@ class ControlPlane:
         stack.callback(api.close)
         if cfg.xds_auth == "tokenreview":
             conf = api.configuration
-            credential = (conf.api_key or {}).get("authorization", "").removeprefix("Bearer ").strip()
+            auth = conf.auth_settings().get("BearerToken", {})
+            credential = str(auth.get("value", "")).removeprefix("Bearer ").strip()
             ssl_ctx: ssl.SSLContext | bool = False
             if conf.verify_ssl and conf.ssl_ca_cert:
                 ssl_ctx = ssl.create_default_context(cafile=conf.ssl_ca_cert)
@@ -496,6 +504,11 @@ def _expiry(pem: bytes) -> str:
     return cert.not_valid_after_utc.isoformat()
 
 
+def _issued(pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(pem)
+    return cert.not_valid_before_utc.isoformat()
+
+
 def status_of(cp: ControlPlane) -> dict[str, Any]:
     reg = cp.registry
     local = cp.config.cluster
@@ -557,11 +570,13 @@ def status_of(cp: ControlPlane) -> dict[str, Any]:
         "trust": {
             "trust_domain": cp.trust_domain,
             "intermediate_not_after": cp.ca.not_after.isoformat(),
+            "intermediate_not_before": cp.ca.cert.not_valid_before_utc.isoformat(),
             "intermediate_fingerprint": cp.ca.fingerprint,
             "roots": [{"fingerprint": fp, "not_after": root.not_valid_after_utc.isoformat()}
                       for fp, root in zip(cp.bundle.fingerprints, cp.bundle.roots, strict=True)],
             "workload_certs": [
-                {"spiffe_id": sid, "not_after": _expiry(cert.chain_pem.encode())}
+                {"spiffe_id": sid, "not_after": _expiry(cert.chain_pem.encode()),
+                 "not_before": _issued(cert.chain_pem.encode())}
                 for sid, cert in sorted(cp.issuer.certs().items())
             ],
         },

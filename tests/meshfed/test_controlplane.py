@@ -134,3 +134,68 @@ async def test_unfederated_control_plane_serves_dns_status_and_refuses_unauthent
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call.read()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _demo_objects() -> list[dict[str, object]]:
+    """East's demo objects as a Kubernetes API server would hold them (read from the demo manifests)."""
+    import yaml
+
+    docs: list[dict[str, object]] = []
+    for path in sorted((DEMO / "east").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+async def test_control_plane_on_the_kubernetes_api_with_tokenreview_auth(east_ca: Path, tmp_path: Path) -> None:
+    """The same control plane fed by the real ``kubernetes`` client against the API server test double
+    (tests/support/kubeapi.py), authenticating proxies with TokenReview."""
+    from gateway.auth import make_node_id
+    from gateway.context import ProxyInfo, ProxyKind
+    from tests.support.kubeapi import KubeApiDouble
+
+    with KubeApiDouble() as api:
+        for obj in _demo_objects():
+            api.put_object(obj)
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        config = ControlPlaneConfig(
+            clusterset=load_clusterset(DEMO), cluster=EAST, ca_dir=east_ca, federation_urls=(),
+            xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
+            gateway_host="127.0.0.1", gateway_port=15443, source="kubernetes", kubeconfig=kubeconfig,
+            xds_auth="tokenreview", token_audience="meshfed")
+        async with ControlPlane(config) as cp:
+            assert cp.ads is not None
+            assert {str(s.key) for s in cp.registry.services(EAST)} >= {"reviews.default", "details.default"}
+            # A change in the API server reaches the registry through the watch.
+            api.delete_object("v1", "Service", "details", "default")
+            for _ in range(100):
+                if "details.default" not in {str(s.key) for s in cp.registry.services(EAST)}:
+                    break
+                await asyncio.sleep(0.05)
+            assert "details.default" not in {str(s.key) for s in cp.registry.services(EAST)}
+            # A proxy with a projected service-account token for the right audience gets its configuration.
+            token = api.issue_token("default", "sleep", audiences=["meshfed"])
+            node = make_node_id(kind="sidecar", ip="127.0.0.1", pod="sleep-0", namespace="default")
+            proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, node_id=node,
+                              namespace=ProxyInfo.from_node(node, {"MESHFED_KIND": "sidecar", "CLUSTER_ID": "east",
+                                                                   "NAMESPACE": "default"}).namespace,
+                              service_account="sleep", outbound_port=15001)
+            request = discovery_pb2.DiscoveryRequest(
+                type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster")
+            request.node.id = node
+            for k, v in proxy.metadata().items():
+                request.node.metadata.fields[k].string_value = v
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.ads.port}") as channel:
+                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+                call = stub.StreamAggregatedResources(metadata=(("authorization", f"Bearer {token}"),))
+                await call.write(request)
+                response = await asyncio.wait_for(call.read(), 10)
+                assert response.type_url.endswith("Cluster") and len(response.resources) > 0
+                call.cancel()
+            wrong = api.issue_token("default", "sleep", audiences=["someone-else"])
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.ads.port}") as channel:
+                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+                call = stub.StreamAggregatedResources(metadata=(("authorization", f"Bearer {wrong}"),))
+                await call.write(request)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call.read()
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
