@@ -73,6 +73,8 @@ _CHANNEL_OPTIONS = {
     "grpc.max_reconnect_backoff_ms": 1000,
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
+    # A snapshot of many large export sets can pass gRPC's default 4 MiB receive limit.
+    "grpc.max_receive_message_length": 256 * 1024 * 1024,
 }
 _ERRORS: tuple[type[BaseException], ...] = (
     aetcd.exceptions.ClientError,
