@@ -75,7 +75,7 @@ def _content(der: bytes, pos: int) -> tuple[bytes, int]:
 
 
 def san_uri_extension(uri: str) -> bytes:
-    """Extension { subjectAltName, critical, [ URI ] } (critical because the leaf's subject is empty)."""
+    """Extension { subjectAltName, critical, [ URI ] } (critical for every leaf, whatever its subject)."""
     names = tlv(SEQUENCE, tlv(URI_TAG, uri.encode("ascii")))
     return tlv(SEQUENCE, OID_SAN + BOOLEAN_TRUE + tlv(OCTET_STRING, names))
 

@@ -494,6 +494,20 @@ def sign_csr(
     return [leaf.public_bytes(_PEM), ca.cert_pem]
 
 
+def leaf_subject(ca: IntermediateCA) -> x509.Name:
+    """The Subject of every leaf ``ca`` signs: ``O=<trust domain>, OU=<cluster>`` for a cluster CA (empty for the
+    federation authority's CA).
+
+    The cluster is always the CA's own, taken from its intermediate's root-signed URI SAN, never from the CSR (whose
+    subject is ignored). Sidecars authorize the caller's cluster on this OU (see docs/authorization.md)."""
+    if ca.cluster is None:
+        return _EMPTY_NAME
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ca.trust_domain.name),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, str(ca.cluster)),
+    ])
+
+
 def _leaf_with_builder(
     ca: IntermediateCA,
     pub: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
@@ -505,7 +519,7 @@ def _leaf_with_builder(
     """The reference leaf, made by ``cryptography``'s builder (also used for non-EC intermediates)."""
     return (
         x509.CertificateBuilder()
-        .subject_name(_EMPTY_NAME)
+        .subject_name(leaf_subject(ca))
         .issuer_name(ca._issuer)
         .public_key(pub)
         .serial_number(serial)
@@ -528,9 +542,9 @@ _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 class _LeafTemplate:
     """The constant DER pieces of this CA's leaves, cut from one builder-made template certificate.
 
-    A leaf is then: version, serial, algorithm, issuer, validity, empty subject, the CSR's key, the fixed
-    extensions and the SAN, signed with one ECDSA call. ``tests`` check it equals the builder's output byte for
-    byte (to-be-signed part)."""
+    A leaf is then: version, serial, algorithm, issuer, validity, the CA's fixed subject (O=<trust domain>,
+    OU=<cluster>), the CSR's key, the fixed extensions and the SAN, signed with one ECDSA call. ``tests`` check it
+    equals the builder's output byte for byte (to-be-signed part)."""
 
     version: bytes
     tbs_algorithm: bytes
