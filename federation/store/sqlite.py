@@ -165,8 +165,8 @@ class SqliteStore:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, call)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"sqlite store {self.path}: {what}: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"sqlite store {self.path}: {what}: {type(exc).__name__}: {exc}") from exc
 
     async def _notify(self) -> None:
         self._writes += 1
@@ -192,7 +192,7 @@ class SqliteStore:
                     self._conn = None
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False)  # the worker is idle now and exits on its own
 
     # ---- the write path (store thread) ----
 

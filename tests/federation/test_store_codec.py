@@ -163,3 +163,19 @@ def test_bad_store_urls_are_named(url: str, needle: str) -> None:
         open_store(url)
     assert repr(url) in str(info.value) and needle in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+async def test_sqlite_bad_paths_are_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "fed.db"
+    store = open_store(f"sqlite:{missing}")
+    with pytest.raises(StoreUnavailable, match=str(missing)):
+        await store.snapshot()
+    await store.close()
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database file, just text that is long enough to have a header" * 20)
+    store = open_store(f"sqlite:{junk}")
+    with pytest.raises(StoreUnavailable, match="not a database") as info:
+        await store.snapshot()
+    assert str(junk) in str(info.value)
+    await store.close()
+    assert junk.read_bytes().startswith(b"this is not a database")  # nothing overwritten
