@@ -37,7 +37,7 @@ import random
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,8 +49,8 @@ from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
 from discovery import convert
-from discovery.manifests import ERROR, ClusterSnapshot, LoadResult, ManifestProblem
-from discovery.model import ClusterId, DiscoveryError, ServiceKey, cluster_id
+from discovery.manifests import ERROR, WARNING, ClusterSnapshot, LoadResult, ManifestProblem
+from discovery.model import ClusterId, DiscoveryError, Service, ServiceExport, ServiceKey, cluster_id
 
 log = logging.getLogger("meshfed.discovery.kube")
 
@@ -568,6 +568,12 @@ class KubeSource:
         self._gen = 0  # bumped on every change the reflectors report
         self._wake = asyncio.Event()  # set (and replaced) on every change: wakes every watch() consumer
         self._built: tuple[int, LoadResult] | None = None
+        self._build_lock = asyncio.Lock()
+        self._core = _Core()
+        self._by_key: dict[ServiceKey, set[tuple[str, str, str]]] = {}
+        self._dirty: set[ServiceKey] = set()
+        self._problems: dict[tuple[str, str, str], ManifestProblem] = {}
+        self._version = 0  # XOR of a hash of (kind, namespace, name, resourceVersion) over every object in force
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reflectors: dict[str, Reflector] = {}
         self._last: LoadResult | None = None
@@ -629,22 +635,53 @@ class KubeSource:
             loop.call_soon_threadsafe(self._apply, message)
 
     def _apply(self, message: Message) -> None:
-        state = self._state[message.kind]
+        kind = message.kind
+        state = self._state[kind]
         if isinstance(message, _Replace):
-            fresh: dict[tuple[str, str], _Entry] = {}
+            for ident in [i for i in state if i not in message.objects]:
+                self._set(kind, ident, None)
             for ident, item in message.objects.items():
-                fresh[ident] = self._entry(state.get(ident), item)
-            state.clear()
-            state.update(fresh)
-            self._synced.add(message.kind)
+                self._set(kind, ident, self._entry(state.get(ident), item))
+            self._synced.add(kind)
         elif isinstance(message, _Upsert):
             ident = (message.ns, message.name)
-            state[ident] = self._entry(state.get(ident), message.value)
+            self._set(kind, ident, self._entry(state.get(ident), message.value))
         else:
-            state.pop((message.ns, message.name), None)
+            self._set(kind, (message.ns, message.name), None)
         self._gen += 1
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
+
+    def _set(self, kind: str, ident: tuple[str, str], new: _Entry | None) -> None:
+        """Replace one object's entry, keeping the key index, the dirty set, the problems and the version
+        accumulator in step."""
+        state = self._state[kind]
+        old = state.get(ident)
+        if old is not None and new is not None and old.object_rv and old.object_rv == new.object_rv \
+                and old.problem == new.problem:
+            return  # the same version of the object (a relist that found it unchanged)
+        full = (kind, ident[0], ident[1])
+        if old is not None and old.value is not None:
+            self._version ^= _ident_hash(full, old.object_rv)
+            old_key = old.value.key
+            members = self._by_key.get(old_key)
+            if members is not None:
+                members.discard(full)
+                if not members:
+                    del self._by_key[old_key]
+            self._dirty.add(old_key)
+        if new is not None and new.value is not None:
+            self._version ^= _ident_hash(full, new.object_rv)
+            self._by_key.setdefault(new.value.key, set()).add(full)
+            self._dirty.add(new.value.key)
+        if new is not None and new.problem is not None:
+            self._problems[full] = new.problem
+        else:
+            self._problems.pop(full, None)
+        if new is None:
+            state.pop(ident, None)
+        else:
+            state[ident] = new
 
     @staticmethod
     def _entry(previous: _Entry | None, item: Any) -> _Entry:
@@ -655,36 +692,29 @@ class KubeSource:
 
     # -- snapshots ---------------------------------------------------------------------------------------
 
-    def _collect(self) -> tuple[list[Any], list[ManifestProblem], list[tuple[str, str, str, str]]]:
-        values: list[Any] = []
-        problems: list[ManifestProblem] = []
-        idents: list[tuple[str, str, str, str]] = []
-        for kind in (k.name for k in KINDS):
-            for (ns, name), entry in sorted(self._state[kind].items()):
-                if entry.value is not None:
-                    values.append(entry.value)
-                    idents.append((kind, ns, name, entry.object_rv))
-                if entry.problem is not None:
-                    problems.append(entry.problem)
-        return values, problems, idents
+    def _take_dirty(self) -> dict[ServiceKey, list[Any]]:
+        """The current objects of every service key changed since the last build (and forget the changes)."""
+        order = {k.name: i for i, k in enumerate(KINDS)}
+        subset: dict[ServiceKey, list[Any]] = {}
+        for key in self._dirty:
+            members = sorted(self._by_key.get(key, ()), key=lambda f: (order[f[0]], f[1], f[2]))
+            subset[key] = [self._state[kind][(ns, name)].value for kind, ns, name in members]
+        self._dirty = set()
+        return subset
 
-    def _build(self, values: list[Any], problems: list[ManifestProblem],
-               idents: list[tuple[str, str, str, str]]) -> LoadResult:
-        core = convert.assemble(values)
-        digest = hashlib.sha256()
-        for ident in idents:
-            digest.update("\0".join(ident).encode() + b"\n")
-        for sl in core.orphan_slices:
-            problems.append(ManifestProblem(
-                f"kubernetes:{self.cluster}", 0, "",
-                f"EndpointSlice {sl.key.namespace}/{sl.name} names Service {sl.key.name}, which does not exist",
-                "warning"))
+    def _result(self, core: _Core, problems: list[ManifestProblem], version: str) -> LoadResult:
+        for key in sorted(core.orphans):
+            for sl in core.orphans[key]:
+                problems.append(ManifestProblem(
+                    f"kubernetes:{self.cluster}", 0, "",
+                    f"EndpointSlice {sl.key.namespace}/{sl.name} names Service {sl.key.name}, which does not exist",
+                    WARNING))
         snapshot = ClusterSnapshot(
             cluster=self.cluster,
             services=core.services,
             exports=core.exports,
             unsupported=core.unsupported,
-            version=digest.hexdigest()[:16],
+            version=version,
         )
         return LoadResult(snapshot=snapshot, problems=tuple(problems))
 
@@ -712,13 +742,20 @@ class KubeSource:
             yield result
 
     async def _snapshot(self, gen: int) -> LoadResult:
-        """The snapshot of state generation ``gen`` (the current one when called), built once for every
-        consumer."""
-        if self._built is not None and self._built[0] == gen:
-            return self._built[1]
-        values, problems, idents = self._collect()  # synchronous: the state is still generation ``gen``
-        result = await asyncio.to_thread(self._build, values, problems, idents)
-        if self._built is None or self._built[0] < gen:
+        """The snapshot of state generation ``gen`` or newer, built once for every consumer. Only the service
+        keys that changed since the last build are assembled again (in a thread); the rest is reused."""
+        async with self._build_lock:
+            if self._built is not None and self._built[0] >= gen:
+                return self._built[1]
+            # Read everything of generation ``gen`` before the first await: changes arriving while the build
+            # runs belong to the next generation (their keys stay dirty for the next build).
+            gen = self._gen
+            subset = self._take_dirty()
+            problems = [self._problems[f] for f in sorted(self._problems)]
+            version = f"{self._version:016x}"
+            core = await asyncio.to_thread(_rebuild, self._core, subset) if subset else self._core
+            self._core = core
+            result = self._result(core, problems, version)
             self._built = (gen, result)
         if self._last is None or not _same(self._last, result):
             self._last = result
@@ -726,6 +763,46 @@ class KubeSource:
                      self.cluster, result.snapshot.version, len(result.snapshot.services),
                      len(result.snapshot.exports), len(result.problems))
         return result
+
+
+@dataclass(frozen=True, slots=True)
+class _Core:
+    """The assembled state, per service key (immutable; each build makes a new one)."""
+
+    services: Mapping[ServiceKey, Service] = field(default_factory=dict)
+    exports: Mapping[ServiceKey, ServiceExport] = field(default_factory=dict)
+    unsupported: Mapping[ServiceKey, str] = field(default_factory=dict)
+    orphans: Mapping[ServiceKey, tuple[convert.EndpointSlice, ...]] = field(default_factory=dict)
+
+
+def _rebuild(previous: _Core, subset: Mapping[ServiceKey, list[Any]]) -> _Core:
+    """``previous`` with the keys in ``subset`` assembled again from their current objects (pure)."""
+    part = convert.assemble(v for key in sorted(subset) for v in subset[key])
+    orphans_by_key: dict[ServiceKey, list[convert.EndpointSlice]] = {}
+    for sl in part.orphan_slices:
+        orphans_by_key.setdefault(sl.key, []).append(sl)
+    services, exports = dict(previous.services), dict(previous.exports)
+    unsupported, orphans = dict(previous.unsupported), dict(previous.orphans)
+    part_orphans = {k: tuple(v) for k, v in orphans_by_key.items()}
+    added = False
+    targets: tuple[tuple[dict[ServiceKey, Any], Mapping[ServiceKey, Any]], ...] = (
+        (services, part.services), (exports, part.exports), (unsupported, part.unsupported), (orphans, part_orphans))
+    for key in subset:
+        for target, source in targets:
+            if key in source:
+                added = added or key not in target
+                target[key] = source[key]
+            else:
+                target.pop(key, None)
+    if added:  # keep every mapping in key order, as a full assembly would
+        services, exports = {k: services[k] for k in sorted(services)}, {k: exports[k] for k in sorted(exports)}
+        unsupported = {k: unsupported[k] for k in sorted(unsupported)}
+    return _Core(services=services, exports=exports, unsupported=unsupported, orphans=orphans)
+
+
+def _ident_hash(full: tuple[str, str, str], object_rv: str) -> int:
+    data = "\0".join((*full, object_rv)).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 def _same(a: LoadResult, b: LoadResult) -> bool:

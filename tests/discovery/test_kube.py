@@ -73,10 +73,15 @@ async def source(kubeconfig: Path) -> AsyncIterator[KubeSource]:
 
 async def until(results: AsyncIterator[LoadResult], pred: Callable[[LoadResult], bool]) -> LoadResult:
     """The first result satisfying ``pred`` (bounded by WAIT)."""
-    async with asyncio.timeout(WAIT):
-        async for result in results:
-            if pred(result):
-                return result
+    last: LoadResult | None = None
+    try:
+        async with asyncio.timeout(WAIT):
+            async for result in results:
+                last = result
+                if pred(result):
+                    return result
+    except TimeoutError:
+        raise AssertionError(f"no snapshot matched within {WAIT}s; the last was {last}") from None
     raise AssertionError("the source stopped before the expected snapshot")
 
 
@@ -367,3 +372,62 @@ async def test_two_consumers_both_see_changes(api: KubeApiDouble, source: KubeSo
     api.put_object(service("b"))
     assert key("b") in (await until(two, lambda r: key("b") in r.snapshot.services)).snapshot.services
     assert key("b") in (await until(one, lambda r: key("b") in r.snapshot.services)).snapshot.services
+
+
+async def test_incremental_snapshots_equal_a_full_assembly() -> None:
+    """Random changes fed straight into the source (no threads): every snapshot equals assembling the whole
+    current state from scratch, and the version changes exactly when the content does."""
+    import random
+
+    from discovery import convert
+    from discovery.kube import _Converted, _Delete, _Replace, _Upsert
+
+    rng = random.Random(1645)
+    src = KubeSource(api=None, cluster="east")
+    cluster = src.cluster
+    src._loop = asyncio.get_running_loop()
+    live: dict[tuple[str, str, str], dict[str, Any]] = {}  # (kind, namespace, name) -> object
+    rv = 0
+
+    def make(kind: str, i: int) -> dict[str, Any]:
+        nonlocal rv
+        rv += 1
+        if kind == "Service":
+            obj = service(f"s{i}", port=rng.choice([80, 81]))
+        elif kind == "EndpointSlice":
+            obj = endpoint_slice(f"s{i}", *[f"10.0.{i}.{j}" for j in range(rng.randint(0, 3))],
+                                 name=f"s{i}-{rng.randint(0, 1)}")
+        else:
+            obj = export(f"s{i}")
+            obj["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+        obj["metadata"]["resourceVersion"] = str(rv)
+        return obj
+
+    for kind in ("Service", "EndpointSlice", "ServiceExport"):
+        src._apply(_Replace(kind, {}, "1"))
+    versions: dict[str, str] = {}
+    for step in range(300):
+        kind = rng.choice(["Service", "EndpointSlice", "ServiceExport"])
+        i = rng.randint(0, 7)
+        obj = make(kind, i)
+        ident = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if rng.random() < 0.3 and (kind, *ident) in live:
+            live.pop((kind, *ident))
+            src._apply(_Delete(kind, ident[0], ident[1], str(rv)))
+        elif rng.random() < 0.05:
+            # A relist of this kind with what is live now.
+            objs = {(o["metadata"]["namespace"], o["metadata"]["name"]):
+                    _Converted(convert.convert(o, cluster=cluster), o["metadata"]["resourceVersion"])
+                    for (k, _, _), o in live.items() if k == kind}
+            src._apply(_Replace(kind, objs, str(rv)))
+        else:
+            live[(kind, *ident)] = obj
+            src._apply(_Upsert(kind, ident[0], ident[1],
+                               _Converted(convert.convert(obj, cluster=cluster), str(rv)), str(rv)))
+        if step % 7 == 0:
+            result = await src._snapshot(src._gen)
+            full = convert.assemble(convert.convert(o, cluster=cluster) for _, o in sorted(live.items()))
+            assert dict(result.snapshot.services) == dict(full.services)
+            assert dict(result.snapshot.exports) == dict(full.exports)
+            content = repr((sorted(full.services.items()), sorted(full.exports.items())))
+            assert versions.setdefault(result.snapshot.version, content) == content
