@@ -529,3 +529,8 @@ def service_export_object(key: ServiceKey, created: datetime) -> dict[str, Any]:
             "creationTimestamp": format_timestamp(created),
         },
     }
+
+
+# The Istio traffic kinds (VirtualService, DestinationRule) register themselves in their own module; importing it
+# here makes them known to every caller of convert().
+from discovery import policy as _traffic_policy  # noqa: E402, F401

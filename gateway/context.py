@@ -8,6 +8,7 @@ Naming used everywhere in the generated configuration (see ``docs/envoy-config.m
 
     SNI / gateway cluster   outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local
     sidecar outbound        outbound|<port>||<svc>.<ns>.svc.clusterset.local
+    sidecar subset          outbound|<port>|<subset>|<svc>.<ns>.svc.clusterset.local   (DestinationRule subsets)
     sidecar inbound         inbound|<port>
 
 Exception tree (this module)::
@@ -38,6 +39,7 @@ from discovery.model import (
     cluster_id,
     namespace,
 )
+from discovery.policy import TrafficPolicies
 
 T = TypeVar("T")
 
@@ -59,6 +61,11 @@ def sni_name(key: ServiceKey, port: int) -> str:
 
 def outbound_cluster_name(key: ServiceKey, port: int) -> str:
     return f"outbound|{port}||{key.clusterset_host}"
+
+
+def subset_cluster_name(key: ServiceKey, port: int, subset: str) -> str:
+    """The cluster of one DestinationRule subset (Istio's naming: the subset between the port and the host)."""
+    return f"outbound|{port}|{subset}|{key.clusterset_host}"
 
 
 def inbound_cluster_name(port: int) -> str:
@@ -212,6 +219,7 @@ class UpstreamEndpoint:
     cluster: ClusterId
     via_gateway: bool
     service_account: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # pod labels (local pods, same-network remote pods); none via gateways
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +232,7 @@ class WorkloadCert:
 
 @dataclass(frozen=True, slots=True)
 class PushContext:
-    """Everything generators read: the registry snapshot and the trust domain (policies later)."""
+    """Everything generators read: the registry snapshot, the trust domain and material, the traffic policies."""
 
     registry: Registry
     trust_domain: str
@@ -235,6 +243,10 @@ class PushContext:
     # The trust bundle (PEM roots every cluster shares) and, per SPIFFE ID, the certificate SDS hands out.
     trust_bundle_pem: str = ""
     workload_certs: Mapping[str, WorkloadCert] = field(default_factory=dict)
+    # This cluster's VirtualServices and DestinationRules (each cluster applies its own, like Istio multi-primary).
+    policies: TrafficPolicies = field(default_factory=TrafficPolicies)
+    # Active TCP (+mTLS handshake) health checks on remote gateway endpoints, every this many seconds; 0: off.
+    gateway_health_check_s: float = 2.0
     # Results shared by many proxies (every sidecar's outbound clusters, endpoints, routes per namespace) are
     # computed once per context. A changed input means a new context (``dataclasses.replace``), with an empty memo.
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -317,6 +329,7 @@ class PushContext:
                 out.append(UpstreamEndpoint(
                     address=ep.address, port=_endpoint_port(ep, local_port), locality=self._local_locality(ep),
                     weight=1, cluster=self.local, via_gateway=False, service_account=ep.service_account,
+                    labels=ep.labels,
                 ))
         network = self.local_network
         for shard in self.remote_shards(key):
@@ -332,6 +345,7 @@ class PushContext:
                         address=ep.address, port=_endpoint_port(ep, port),
                         locality=Locality(region=region, zone=ep.zone, cluster=shard.cluster, network=shard.network),
                         weight=1, cluster=shard.cluster, via_gateway=False, service_account=ep.service_account,
+                        labels=ep.labels,
                     ))
                 continue
             zones = sorted({s.locality.zone for s in shard.localities if s.ready > 0})

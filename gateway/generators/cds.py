@@ -1,15 +1,18 @@
 """CDS: the clusters a proxy needs.
 
 gateway   one EDS cluster per exported service port, named by its SNI, plain TCP (the TLS stream passes through)
-sidecar   one EDS cluster per callable service port (mTLS, SNI, HTTP/2) and one static cluster per inbound port
-grpc      the outbound clusters only
+sidecar   one EDS cluster per callable service port (mTLS, SNI, HTTP/2) and one static cluster per inbound port;
+          plus one per DestinationRule subset and port (``outbound|<port>|<subset>|<host>``). Outbound clusters
+          carry the traffic policy (``gateway.traffic``): outlier detection on by default, load balancing, circuit
+          breakers, connect timeout, and an active health check that only remote gateway endpoints take part in
+grpc      the outbound clusters only (no active health checks: gRPC's xDS client does not run them)
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
 from envoy.config.core.v3 import protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
@@ -23,6 +26,7 @@ from gateway.context import (
     inbound_cluster_name,
     outbound_cluster_name,
     sni_name,
+    subset_cluster_name,
 )
 from gateway.generators.common import (
     TLS_TRANSPORT_SOCKET,
@@ -33,6 +37,7 @@ from gateway.generators.common import (
     socket_address,
     upstream_tls,
 )
+from gateway.traffic import ClusterPolicy, apply_cluster_policy
 
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -82,27 +87,33 @@ def gateway_clusters(ctx: PushContext) -> dict[str, Any]:
     return out
 
 
+def _outbound_cluster(name: str, proxy: ProxyInfo, ctx: PushContext, key: ServiceKey, port: ServicePort,
+                      cp: ClusterPolicy) -> Any:
+    cluster = _eds_cluster(name, ctx)
+    # One SNI for local pods and remote gateways alike: gateways route on it, sidecars accept any SNI.
+    cluster.transport_socket.name = TLS_TRANSPORT_SOCKET
+    sni = sni_name(key, port.port)
+    peers = expected_peers(ctx, key, port)
+    grpc = proxy.kind is ProxyKind.GRPC
+    tls = (grpc_upstream_tls(ctx, sni=sni, exact_peers=peers) if grpc
+           else upstream_tls(ctx, sni=sni, exact_peers=peers, alpn=("h2",)))
+    cluster.transport_socket.typed_config.CopyFrom(pack(tls))
+    cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http_options(http2=True))
+    remote = any(e.via_gateway for e in ctx.upstream_endpoints(key, port))
+    return apply_cluster_policy(cluster, cp, default_connect_timeout_s=ctx.connect_timeout_s,
+                                health_check_s=ctx.gateway_health_check_s if remote and not grpc else 0.0)
+
+
 def outbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, ports in ctx.outbound_services():
+        rule = ctx.policies.destination_rule(key)
         for port in ports:
             name = outbound_cluster_name(key, port.port)
-            cluster = _eds_cluster(name, ctx)
-            # One SNI for local pods and remote gateways alike: gateways route on it, sidecars accept any SNI.
-            cluster.transport_socket.name = TLS_TRANSPORT_SOCKET
-            sni = sni_name(key, port.port)
-            peers = expected_peers(ctx, key, port)
-            tls = (grpc_upstream_tls(ctx, sni=sni, exact_peers=peers) if proxy.kind is ProxyKind.GRPC
-                   else upstream_tls(ctx, sni=sni, exact_peers=peers, alpn=("h2",)))
-            cluster.transport_socket.typed_config.CopyFrom(pack(tls))
-            cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http_options(http2=True))
-            cluster.outlier_detection.CopyFrom(outlier_detection_pb2.OutlierDetection(
-                consecutive_5xx=wrappers_pb2.UInt32Value(value=5),
-                interval=duration(10),
-                base_ejection_time=duration(30),
-                max_ejection_percent=wrappers_pb2.UInt32Value(value=100),
-            ))
-            out[name] = cluster
+            out[name] = _outbound_cluster(name, proxy, ctx, key, port, ClusterPolicy.of(rule))
+            for subset in rule.subsets if rule is not None else ():
+                sub_name = subset_cluster_name(key, port.port, subset.name)
+                out[sub_name] = _outbound_cluster(sub_name, proxy, ctx, key, port, ClusterPolicy.of(rule, subset.name))
     return out
 
 

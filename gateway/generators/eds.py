@@ -4,6 +4,12 @@ A gateway's cluster lists this cluster's ready pods of the service (their sideca
 outbound cluster lists the local pods plus, per remote cluster that exports the service, either that cluster's
 pods (same network) or its east-west gateway weighted by the ready endpoint count. Every endpoint carries its
 locality (region, zone, sub_zone = cluster id) and ``meshfed`` metadata saying where it is.
+
+Outbound endpoints are spread over priorities (``gateway.traffic.priorities``): by default 0 for the caller's own
+cluster, 1 for other clusters in its region, 2 for the rest, or as the DestinationRule's ``localityLbSetting``
+says; Envoy sends a priority's share to the next one as its endpoints become unhealthy or ejected (with the
+default overprovisioning factor 1.4). Subset clusters list the endpoints the subset's labels select. Only remote
+gateway endpoints take part in the cluster's active health check.
 """
 
 from __future__ import annotations
@@ -16,8 +22,17 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
 from discovery.model import Locality
-from gateway.context import ProxyInfo, ProxyKind, PushContext, UpstreamEndpoint, outbound_cluster_name, sni_name
+from gateway.context import (
+    ProxyInfo,
+    ProxyKind,
+    PushContext,
+    UpstreamEndpoint,
+    outbound_cluster_name,
+    sni_name,
+    subset_cluster_name,
+)
 from gateway.generators.common import socket_address
+from gateway.traffic import ClusterPolicy, priorities, subset_matches
 
 
 def _locality(loc: Locality) -> Any:
@@ -28,28 +43,35 @@ def _lb_endpoint(ep: UpstreamEndpoint) -> Any:
     meta = struct_pb2.Struct()
     meta.update({"cluster": str(ep.cluster), "via_gateway": ep.via_gateway})
     return endpoint_components_pb2.LbEndpoint(
-        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(ep.address, ep.port)),
+        endpoint=endpoint_components_pb2.Endpoint(
+            address=socket_address(ep.address, ep.port),
+            # Local (and same-network) pods: Kubernetes readiness already speaks for them.
+            health_check_config=endpoint_components_pb2.Endpoint.HealthCheckConfig(
+                disable_active_health_check=not ep.via_gateway),
+        ),
         load_balancing_weight=wrappers_pb2.UInt32Value(value=max(1, ep.weight)),
         metadata=base_pb2.Metadata(filter_metadata={"meshfed": meta}),
     )
 
 
-def load_assignment(name: str, endpoints: list[UpstreamEndpoint]) -> Any:
-    """Group endpoints by locality, in a stable order, into one ClusterLoadAssignment."""
-    groups: dict[Locality, list[UpstreamEndpoint]] = defaultdict(list)
-    for ep in endpoints:
-        groups[ep.locality].append(ep)
+def load_assignment(name: str, endpoints: list[UpstreamEndpoint], prios: list[int] | None = None) -> Any:
+    """Group endpoints by (priority, locality), in a stable order, into one ClusterLoadAssignment."""
+    groups: dict[tuple[int, Locality], list[UpstreamEndpoint]] = defaultdict(list)
+    for i, ep in enumerate(endpoints):
+        groups[(prios[i] if prios is not None else 0, ep.locality)].append(ep)
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
         endpoints=[
             endpoint_components_pb2.LocalityLbEndpoints(
                 locality=_locality(loc),
-                lb_endpoints=[_lb_endpoint(e) for e in sorted(groups[loc], key=lambda e: (e.address, e.port))],
+                priority=prio,
+                lb_endpoints=[_lb_endpoint(e) for e in sorted(groups[(prio, loc)], key=lambda e: (e.address, e.port))],
                 # Envoy ignores locality weights unless locality-weighted LB is on; gRPC's xDS client drops a
                 # locality without one. The sum of its endpoints' weights keeps both consistent.
-                load_balancing_weight=wrappers_pb2.UInt32Value(value=sum(max(1, e.weight) for e in groups[loc])),
+                load_balancing_weight=wrappers_pb2.UInt32Value(
+                    value=sum(max(1, e.weight) for e in groups[(prio, loc)])),
             )
-            for loc in sorted(groups)
+            for prio, loc in sorted(groups)
         ],
     )
 
@@ -64,12 +86,23 @@ def gateway_assignments(ctx: PushContext) -> dict[str, Any]:
     return out
 
 
+def _prioritised(name: str, endpoints: list[UpstreamEndpoint], cp: ClusterPolicy, ctx: PushContext) -> Any:
+    prios = priorities(endpoints, local=ctx.local_info, local_cluster=str(ctx.local), locality=cp.locality)
+    return load_assignment(name, endpoints, prios)
+
+
 def outbound_assignments(ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, ports in ctx.outbound_services():
+        rule = ctx.policies.destination_rule(key)
         for port in ports:
             name = outbound_cluster_name(key, port.port)
-            out[name] = load_assignment(name, ctx.upstream_endpoints(key, port))
+            endpoints = ctx.upstream_endpoints(key, port)
+            out[name] = _prioritised(name, endpoints, ClusterPolicy.of(rule), ctx)
+            for subset in rule.subsets if rule is not None else ():
+                sub_name = subset_cluster_name(key, port.port, subset.name)
+                selected = [e for e in endpoints if subset_matches(subset.labels, e)]
+                out[sub_name] = _prioritised(sub_name, selected, ClusterPolicy.of(rule, subset.name), ctx)
     return out
 
 

@@ -6,6 +6,10 @@ with ``:<port>``, and without a port on the service's default port (80 if it has
     <svc>.<ns>.svc.clusterset.local   <svc>.<ns>.svc.cluster.local   <svc>.<ns>.svc   <svc>.<ns>
     <svc>                              (only for a proxy in namespace <ns>)
     <ClusterSetIP>                     (when the ServiceImport has one)
+
+Without a VirtualService a virtual host has one catch-all route to the service's cluster. With one (this
+cluster's VirtualService naming the service in ``hosts``), its ``http[]`` entries become the routes, in order:
+matches, weighted destinations (subset clusters), retries and timeouts (``gateway.traffic``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from discovery.model import ServiceKey, ServicePort
 from gateway.context import ProxyInfo, ProxyKind, PushContext, outbound_cluster_name
 from gateway.generators.lds import OUTBOUND_ROUTE
+from gateway.traffic import virtual_service_routes
 
 
 def default_port(ports: tuple[ServicePort, ...]) -> int:
@@ -44,15 +49,17 @@ def virtual_host(proxy: ProxyInfo, key: ServiceKey, port: int, is_default: bool,
     domains = [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts]
     if is_default:
         domains.extend(hosts)
-    return route_components_pb2.VirtualHost(
-        name=f"{key.clusterset_host}:{port}",
-        domains=domains,
-        routes=[route_components_pb2.Route(
+    vs = ctx.policies.virtual_service(key)
+    if vs is not None:
+        ports = ctx.memo("service-ports", lambda: dict(ctx.outbound_services()))
+        routes = virtual_service_routes(vs, vhost_port=port, ports=ports)
+    else:
+        routes = [route_components_pb2.Route(
             name="default",
             match=route_components_pb2.RouteMatch(prefix="/"),
             route=route_components_pb2.RouteAction(cluster=outbound_cluster_name(key, port)),
-        )],
-    )
+        )]
+    return route_components_pb2.VirtualHost(name=f"{key.clusterset_host}:{port}", domains=domains, routes=routes)
 
 
 def outbound_route(proxy: ProxyInfo, ctx: PushContext) -> Any:
