@@ -45,6 +45,7 @@ from discovery.kube import KubeSource, Source, load_api_client
 from discovery.manifests import ClusterSnapshot, LoadResult, ManifestSource
 from discovery.mcs import derive
 from discovery.model import ClusterId, ClusterInfo, Endpoint, Registry, Service
+from discovery.policy import TrafficPolicies
 from federation.agent import AgentConfig, FederationAgent
 from federation.catalog import Catalog
 from federation.client import FederationClient
@@ -418,8 +419,11 @@ class ControlPlane:
     # ---- generation --------------------------------------------------------------------------------------------
 
     def push_context(self) -> PushContext:
+        # Traffic policies are this cluster's own (its manifests' VirtualServices and DestinationRules).
+        policies = TrafficPolicies.of(self._local.extras if self._local is not None else ())
         return PushContext(registry=self.registry, trust_domain=self.trust_domain,
-                           trust_bundle_pem=bundle_pem(self.bundle), workload_certs=self.issuer.certs())
+                           trust_bundle_pem=bundle_pem(self.bundle), workload_certs=self.issuer.certs(),
+                           policies=policies)
 
     def _proxy(self, node_id: str) -> ProxyInfo | None:
         metadata = self.cache.node_metadata(node_id)
