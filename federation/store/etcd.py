@@ -297,7 +297,7 @@ class EtcdStore:
             )
             if mkv is None:
                 raise UnknownCluster(f"cluster {cluster} is not registered")
-            base = codec.decode_member((rkv or mkv).value, what=f"member {cluster}")
+            base = codec.decode_member((rkv if rkv is not None else mkv).value, what=f"member {cluster}")
             renewed = replace(base, renewed_at=now, unreachable_since=None)
             text = codec.encode_member(renewed)
             if akv is not None and await self._keepalive(int(akv.lease), cluster):
@@ -409,7 +409,7 @@ class EtcdStore:
 
     def _member_from(self, renewed: Any, member: Any, alive: Any) -> Member:
         cluster = bytes(member.key).decode().rsplit("/", 1)[-1]
-        base = codec.decode_member((renewed or member).value, what=f"member {cluster}")
+        base = codec.decode_member((renewed if renewed is not None else member).value, what=f"member {cluster}")
         if alive is None and base.unreachable_since is None:
             return expired(base)
         return base
