@@ -11,6 +11,7 @@ import click
 from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_federation, cmd_local
 from meshfed.cmd_dns import dns_cmd
 from meshfed.cmd_install import install_cmd
+from meshfed.cmd_status import status_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +32,7 @@ cli.add_command(install_cmd)
 cli.add_command(cmd_controlplane.controlplane)
 cli.add_command(cmd_local.up_cmd)
 cli.add_command(cmd_local.down_cmd)
+cli.add_command(status_cmd)
 
 
 def main() -> None:

@@ -482,3 +482,26 @@ def stop_run(run_dir: Path, *, names: Iterable[str] | None = None) -> list[dict[
 
 def running(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in state.get("processes", []) if procs.alive(int(p["pid"]))]
+
+
+def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
+    """Stop one demo workload (its app and sidecar, by pid) the way Kubernetes sees a deleted pod: its endpoint
+    leaves the ready set (``ready: false`` in the cluster's ``runtime.json``, which the control plane re-reads), so
+    the cluster withdraws it from EDS and from the federation's ready counts."""
+    state = read_state(run_dir)
+    try:
+        entry = next(w for w in state["clusters"][cluster]["workloads"] if w["name"] == name)
+    except (KeyError, StopIteration) as exc:
+        raise LocalRunError(f"no workload {name!r} in cluster {cluster!r} of the run in {run_dir}") from exc
+    runtime_path = run_dir / cluster / "runtime.json"
+    if entry.get("service"):
+        runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {"endpoints": {}}
+        ep = runtime.setdefault("endpoints", {}).setdefault(entry["address"], {})
+        ep["ready"] = False
+        write_json(runtime_path, runtime)
+    stopped = {}
+    for key in ("sidecar_pid", "app_pid"):
+        if entry.get(key):
+            stopped[key] = procs.stop(int(entry[key]))
+    log.info("workload stopped cluster=%s name=%s", cluster, name)
+    return {"cluster": cluster, "workload": name, **stopped}

@@ -1,0 +1,589 @@
+"""``meshfed status``: what a federation looks like right now, and whether anything is unhealthy.
+
+Two halves, kept apart:
+
+- **Evaluation (pure)**: :func:`evaluate_local` and :func:`evaluate_remote` turn already-gathered inputs (a local
+  run's ``state.json``, each control plane's ``/status`` JSON, which pids are alive, ``inspect_dir`` of the run's
+  root; or a federation's catalog) into one report dict with the sections ``clusters``, ``services``, ``proxies``,
+  ``trust`` (and, for a local run, ``addresses``), plus ``problems`` and ``healthy``. No IO, so tests feed it
+  hand-made inputs and a fixed ``now``.
+- **Collection (IO)**: :func:`collect_local` (HTTP to each control plane's admin address, pids, CA directories) and
+  :func:`collect_remote` (the federation's ``GET /v1/catalog`` with mTLS through :class:`FederationClient`).
+
+Unhealthy means any of: a recorded process that is dead, a control plane that does not answer, a member whose lease
+lapsed (``unreachable_since``), a proxy that NACKed an xDS type, an export with ``Conflict=True`` or ``Valid=False``,
+a certificate with less than :data:`EXPIRY_FRACTION` of its lifetime left (or already expired).
+
+Errors (this module)::
+
+    StatusError            the inputs could not be gathered at all (no run, bad credentials); message says what to do
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from federation.trust.errors import TrustError
+
+log = logging.getLogger("meshfed.status")
+
+EXPIRY_FRACTION = 0.10  # a certificate with less than this share of its lifetime left is "expiring"
+
+TYPE_NAMES = {
+    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "CDS",
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "EDS",
+    "type.googleapis.com/envoy.config.listener.v3.Listener": "LDS",
+    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "RDS",
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret": "SDS",
+}
+
+
+class StatusError(Exception):
+    """The status could not be gathered at all; the message says what to do next."""
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LocalInputs:
+    """Everything gathered from a local run (see :func:`collect_local`)."""
+
+    state: Mapping[str, Any]
+    alive: Mapping[int, bool]
+    controlplanes: Mapping[str, Mapping[str, Any] | None]  # cluster -> /status JSON, None if it did not answer
+    errors: Mapping[str, str] = field(default_factory=dict)  # cluster -> why /status failed
+    root: Mapping[str, Any] | None = None  # inspect_dir(ca/root)
+    root_error: str = ""
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteInputs:
+    """A federation's catalog as JSON-shaped data (see :func:`collect_remote`)."""
+
+    url: str
+    members: Sequence[Mapping[str, Any]]
+    services: Sequence[Mapping[str, Any]]
+    roots: Sequence[Mapping[str, Any]]
+    revision: int
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+# ---- pure helpers ----------------------------------------------------------------------------------------------------
+
+
+def _ts(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def cert_health(not_before: str | None, not_after: str | None, now: datetime) -> tuple[str, float | None]:
+    """("ok" | "expiring" | "expired" | "unknown", share of lifetime left)."""
+    start, end = _ts(not_before), _ts(not_after)
+    if end is None:
+        return "unknown", None
+    if now >= end:
+        return "expired", 0.0
+    if start is None or end <= start:
+        return "ok", None
+    left = (end - now).total_seconds() / (end - start).total_seconds()
+    return ("expiring" if left < EXPIRY_FRACTION else "ok"), round(left, 3)
+
+
+def type_name(type_url: str) -> str:
+    return TYPE_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
+
+
+def cluster_of_node(node_id: str) -> str:
+    """The pod part of an Envoy node id (``sidecar~IP~POD.NS~...``) for display."""
+    parts = node_id.split("~")
+    return parts[2] if len(parts) > 2 else node_id
+
+
+def condition(conds: Sequence[Mapping[str, Any]], ctype: str) -> Mapping[str, Any] | None:
+    return next((c for c in conds if c.get("type") == ctype), None)
+
+
+def export_problems(cluster: str, service: str, conds: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The KEP messages of an export that is invalid or in conflict."""
+    out = []
+    valid = condition(conds, "Valid")
+    if valid is not None and str(valid.get("status")) == "False":
+        out.append(f"{service} exported from {cluster} is not valid ({valid.get('reason')}): {valid.get('message')}")
+    conflict = condition(conds, "Conflict")
+    if conflict is not None and str(conflict.get("status")) == "True":
+        out.append(f"{service} exported from {cluster} is in conflict ({conflict.get('reason')}): "
+                   f"{conflict.get('message')}")
+    return out
+
+
+def proxy_rows(cluster: str, proxies: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One entry per proxy (node) with its per-type state; problems for every NACK."""
+    by_node: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for row in proxies:
+        node = str(row.get("node_id", ""))
+        entry = by_node.setdefault(node, {"cluster": cluster, "node_id": node, "name": cluster_of_node(node),
+                                          "connected": bool(row.get("connected")), "types": {}})
+        state = str(row.get("state", ""))
+        tname = type_name(str(row.get("type_url", "")))
+        entry["types"][tname] = {"state": state, "acked_version": row.get("acked_version", ""),
+                                 "current_version": row.get("current_version", ""),
+                                 "nack_error": row.get("nack_error", "")}
+        if state == "nacked":
+            problems.append(f"{cluster}: proxy {entry['name']} NACKed {tname}: {row.get('nack_error')}")
+    for entry in by_node.values():
+        states = {t["state"] for t in entry["types"].values()}
+        entry["state"] = "nacked" if "nacked" in states else ("stale" if "stale" in states else "synced")
+    return list(by_node.values()), problems
+
+
+# ---- local evaluation ------------------------------------------------------------------------------------------------
+
+
+def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
+    """The report for a local run (pure)."""
+    state = inp.state
+    now = inp.now
+    problems: list[str] = []
+    clusters_state: Mapping[str, Any] = state.get("clusters", {})
+    statuses = inp.controlplanes
+
+    # processes
+    processes = []
+    for rec in state.get("processes", []):
+        up = bool(inp.alive.get(int(rec["pid"]), False))
+        processes.append({"name": rec["name"], "pid": rec["pid"], "alive": up, "log": rec.get("log", "")})
+        if not up:
+            problems.append(f"process {rec['name']} (pid {rec['pid']}) is not running; see {rec.get('log', '')}")
+    for cluster, why in inp.errors.items():
+        problems.append(f"{cluster}: control plane status unavailable: {why}")
+
+    # members as the federation reports them (from any control plane that answers; the newest renewal wins)
+    members: dict[str, Mapping[str, Any]] = {}
+    for st in statuses.values():
+        if not st:
+            continue
+        for m in st.get("federation", {}).get("members", []):
+            have = members.get(m["cluster"])
+            if have is None or (_ts(m.get("renewed_at")) or now) > (_ts(have.get("renewed_at")) or now):
+                members[m["cluster"]] = m
+    lease_ttl = state.get("federation", {}).get("lease_ttl_s")
+
+    clusters = []
+    for name, c in clusters_state.items():
+        st = statuses.get(name)
+        member = members.get(name)
+        cp_pid = int(c["controlplane"]["pid"])
+        cp_up = bool(inp.alive.get(cp_pid, False))
+        renewed = _ts(member.get("renewed_at")) if member else None
+        unreachable = member.get("unreachable_since") if member else None
+        fed = (st or {}).get("federation", {})
+        connected = bool(member) and not unreachable and (st is None or bool(fed.get("connected", True)))
+        if st is not None and not fed.get("connected", False) and fed.get("configured", False):
+            connected = False
+        clusters.append({
+            "cluster": name,
+            "connected": connected,
+            "unreachable_since": unreachable,
+            "lease_age_s": round((now - renewed).total_seconds(), 1) if renewed else None,
+            "lease_ttl_s": lease_ttl,
+            "network": (st or {}).get("network") or (member or {}).get("network"),
+            "locality": "/".join(x for x in ((st or {}).get("region", ""), (st or {}).get("zone", "")) if x),
+            "exports": sum(1 for s in (st or {}).get("services", []) if s.get("exported")) if st else None,
+            "imports": len(st.get("imports", [])) if st else None,
+            "gateway": c["gateway"]["address"],
+            "controlplane_up": cp_up,
+            "controlplane_answers": st is not None,
+        })
+        if member is None:
+            problems.append(f"{name}: not a member of the federation (never registered, or removed)")
+        elif unreachable:
+            problems.append(f"{name}: unreachable since {unreachable} (lease expired; its exports are withdrawn)")
+        elif st is not None and not connected:
+            problems.append(f"{name}: control plane is not connected to the federation")
+
+    services = _services(statuses, problems)
+    proxies: list[dict[str, Any]] = []
+    for name, st in statuses.items():
+        if not st:
+            continue
+        rows, nacks = proxy_rows(name, st.get("proxies", []))
+        proxies.extend(rows)
+        problems.extend(nacks)
+        for node, err in st.get("proxy_errors", {}).items():
+            problems.append(f"{name}: proxy {cluster_of_node(node)}: {err}")
+
+    trust = _trust_local(inp, problems)
+    report = {
+        "kind": "local",
+        "run_dir": state.get("run_dir"),
+        "now": now.isoformat(),
+        "clusters": clusters,
+        "services": services,
+        "proxies": proxies,
+        "trust": trust,
+        "processes": processes,
+        "addresses": addresses(state, statuses),
+    }
+    report["problems"] = problems
+    report["healthy"] = not problems
+    return report
+
+
+def _services(statuses: Mapping[str, Mapping[str, Any] | None], problems: list[str]) -> list[dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for cluster, st in statuses.items():
+        if not st:
+            continue
+        for s in st.get("services", []):
+            if not s.get("exported"):
+                continue
+            entry = out.setdefault(s["service"], _service_entry(s["service"], s.get("type", "")))
+            entry["exported_by"].append(cluster)
+            entry["conditions"][cluster] = s.get("conditions", [])
+            entry["ready"][cluster] = s.get("ready", 0)
+            msgs = export_problems(cluster, s["service"], s.get("conditions", []))
+            entry["problems"].extend(msgs)
+            problems.extend(msgs)
+            conflict = condition(s.get("conditions", []), "Conflict")
+            if conflict is not None and str(conflict.get("status")) == "True":
+                entry["conflict"] = str(conflict.get("message"))
+    for cluster, st in statuses.items():
+        if not st:
+            continue
+        for imp in st.get("imports", []):
+            entry = out.setdefault(imp["service"], _service_entry(imp["service"], imp.get("type", "")))
+            entry["imported_by"].append(cluster)
+            if imp.get("ips") and not entry["clusterset_ip"]:
+                entry["clusterset_ip"] = ",".join(imp["ips"])
+            entry["ports"] = [f"{p['name']}/{p['port']}" for p in imp.get("ports", [])]
+            for c, n in imp.get("ready_by_cluster", {}).items():
+                entry["ready"].setdefault(c, n)
+    return [out[k] for k in sorted(out)]
+
+
+def _service_entry(name: str, stype: str) -> dict[str, Any]:
+    return {"service": name, "type": stype, "exported_by": [], "imported_by": [], "clusterset_ip": "",
+            "ports": [], "ready": {}, "conditions": {}, "conflict": "", "problems": []}
+
+
+def _trust_local(inp: LocalInputs, problems: list[str]) -> dict[str, Any]:
+    now = inp.now
+    trust: dict[str, Any] = {"roots": [], "intermediates": [], "workload_certs": [], "phase": None,
+                             "next_step": None}
+    if inp.root is not None:
+        root = inp.root
+        trust["phase"] = root.get("phase")
+        trust["next_step"] = root.get("next_step")
+        trust["trust_domain"] = root.get("trust_domain")
+        for c in root.get("certificates", []):
+            health, left = cert_health(c.get("not_before"), c.get("not_after"), now)
+            trust["roots"].append({"fingerprint": c.get("fingerprint"), "role": c.get("role"),
+                                   "not_after": c.get("not_after"), "health": health, "lifetime_left": left})
+            if health != "ok":
+                problems.append(f"trust: {c.get('role')} {str(c.get('fingerprint'))[:16]} is {health} "
+                                f"(not after {c.get('not_after')})")
+    elif inp.root_error:
+        problems.append(f"trust: {inp.root_error}")
+    for cluster, st in inp.controlplanes.items():
+        if not st:
+            continue
+        t = st.get("trust", {})
+        health, left = cert_health(t.get("intermediate_not_before"), t.get("intermediate_not_after"), now)
+        trust["intermediates"].append({"cluster": cluster, "fingerprint": t.get("intermediate_fingerprint"),
+                                       "not_after": t.get("intermediate_not_after"), "health": health,
+                                       "lifetime_left": left})
+        if health not in ("ok", "unknown"):
+            problems.append(f"trust: {cluster} intermediate is {health} (not after {t.get('intermediate_not_after')})")
+        for w in t.get("workload_certs", []):
+            health, left = cert_health(w.get("not_before"), w.get("not_after"), now)
+            trust["workload_certs"].append({"cluster": cluster, "spiffe_id": w.get("spiffe_id"),
+                                            "not_after": w.get("not_after"), "health": health,
+                                            "lifetime_left": left})
+            if health not in ("ok", "unknown"):
+                problems.append(f"trust: {cluster} workload certificate {w.get('spiffe_id')} is {health} "
+                                f"(not after {w.get('not_after')})")
+    return trust
+
+
+def callable_names(st: Mapping[str, Any] | None) -> list[str]:
+    """The host names a sidecar in a cluster can call: every import (clusterset.local) and every local service."""
+    if not st:
+        return []
+    names = {f"{imp['service']}.svc.clusterset.local" for imp in st.get("imports", [])}
+    for s in st.get("services", []):
+        if f"{s['service']}.svc.clusterset.local" not in names:
+            names.add(f"{s['service']}.svc.cluster.local")
+    return sorted(names)
+
+
+def addresses(state: Mapping[str, Any], statuses: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """Every address a person or script needs to use a local run."""
+    clusters: dict[str, Any] = {}
+    workloads: list[dict[str, Any]] = []
+    for name, c in state.get("clusters", {}).items():
+        cp, gw = c["controlplane"], c["gateway"]
+        clusters[name] = {"xds": cp["xds"], "dns": cp["dns"], "admin": cp["admin"],
+                          "status_url": f"http://{cp['admin']}/status", "gateway": gw["address"],
+                          "gateway_admin": gw["admin"], "controlplane_log": cp.get("log", "")}
+        can_call = callable_names(statuses.get(name))
+        for w in c.get("workloads", []):
+            workloads.append({
+                "cluster": name, "workload": w["name"], "service": w["service"] or None,
+                "sidecar_outbound": w["outbound"], "sidecar_admin": w["sidecar_admin"], "app": w.get("app") or None,
+                "spiffe_id": w["spiffe_id"], "can_call": can_call,
+            })
+    return {"federation": state.get("federation", {}).get("url"), "clusters": clusters, "workloads": workloads}
+
+
+# ---- remote evaluation -----------------------------------------------------------------------------------------------
+
+
+def evaluate_remote(inp: RemoteInputs) -> dict[str, Any]:
+    """The report for a federation asked over its API (pure): clusters, services, the trust bundle's roots."""
+    now = inp.now
+    problems: list[str] = []
+    exports_by: dict[str, int] = {}
+    services = []
+    for s in inp.services:
+        entry = _service_entry(s["service"], s.get("type", ""))
+        entry["clusterset_ip"] = ",".join(s.get("ips", []))
+        entry["ports"] = [f"{p['name']}/{p['port']}" for p in s.get("ports", [])]
+        entry["exported_by"] = list(s.get("clusters", []))
+        entry["ready"] = dict(s.get("ready_by_cluster", {}))
+        for c in entry["exported_by"]:
+            exports_by[c] = exports_by.get(c, 0) + 1
+        conds: dict[str, list[Mapping[str, Any]]] = {}
+        for c, cond in s.get("conditions", []):
+            conds.setdefault(c, []).append(cond)
+        entry["conditions"] = conds
+        for c, cl in conds.items():
+            msgs = export_problems(c, s["service"], cl)
+            entry["problems"].extend(msgs)
+            problems.extend(msgs)
+            conflict = condition(cl, "Conflict")
+            if conflict is not None and str(conflict.get("status")) == "True":
+                entry["conflict"] = str(conflict.get("message"))
+        services.append(entry)
+    clusters = []
+    for m in inp.members:
+        renewed = _ts(m.get("renewed_at"))
+        unreachable = m.get("unreachable_since")
+        clusters.append({
+            "cluster": m["cluster"], "connected": not unreachable, "unreachable_since": unreachable,
+            "lease_age_s": round((now - renewed).total_seconds(), 1) if renewed else None,
+            "lease_ttl_s": m.get("lease_ttl_s"), "network": m.get("network"), "locality": m.get("locality", ""),
+            "exports": exports_by.get(m["cluster"], 0), "imports": len(inp.services), "gateway": m.get("gateway"),
+            "controlplane_up": None, "controlplane_answers": None,
+        })
+        if unreachable:
+            problems.append(f"{m['cluster']}: unreachable since {unreachable} (lease expired; exports withdrawn)")
+    roots = []
+    for r in inp.roots:
+        health, left = cert_health(r.get("not_before"), r.get("not_after"), now)
+        roots.append({**r, "health": health, "lifetime_left": left})
+        if health != "ok":
+            problems.append(f"trust: root {str(r.get('fingerprint'))[:16]} is {health}")
+    return {
+        "kind": "federation", "federation": inp.url, "revision": inp.revision, "now": now.isoformat(),
+        "clusters": clusters, "services": sorted(services, key=lambda s: s["service"]), "proxies": [],
+        "trust": {"roots": roots, "intermediates": [], "workload_certs": [], "phase": None, "next_step": None},
+        "problems": problems, "healthy": not problems,
+    }
+
+
+# ---- tables (pure) ---------------------------------------------------------------------------------------------------
+
+
+def _yes(value: Any) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
+
+
+def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """The report as (title, columns, rows) tables, in reading order; problems last."""
+    out: list[tuple[str, list[str], list[list[Any]]]] = []
+    rows = []
+    for c in report["clusters"]:
+        conn = "connected" if c["connected"] else (f"UNREACHABLE since {c['unreachable_since']}"
+                                                   if c["unreachable_since"] else "NOT CONNECTED")
+        rows.append([c["cluster"], conn, "" if c["lease_age_s"] is None else f"{c['lease_age_s']}s",
+                     c["network"], c["locality"], _dash(c["exports"]), _dash(c["imports"]), c["gateway"],
+                     _yes(c["controlplane_up"])])
+    out.append(("Clusters", ["cluster", "federation", "lease age", "network", "locality", "exports", "imports",
+                             "gateway", "control plane up"], rows))
+    rows = []
+    for s in report["services"]:
+        ready = ", ".join(f"{c}={n}" for c, n in sorted(s["ready"].items()))
+        note = "; ".join(s["problems"]) or (f"conflict: {s['conflict']}" if s["conflict"] else "ok")
+        rows.append([s["service"], s["type"], ", ".join(s["exported_by"]) or "-", s["clusterset_ip"] or "-",
+                     ready or "-", note])
+    out.append(("Services", ["service", "type", "exported by", "ClusterSetIP", "ready endpoints", "status"], rows))
+    if report["proxies"]:
+        rows = []
+        for p in report["proxies"]:
+            types = ", ".join(
+                f"{t} {v['state']}" + (f" ({v['nack_error']})" if v["state"] == "nacked" else "")
+                for t, v in sorted(p["types"].items()))
+            rows.append([p["cluster"], p["name"], "yes" if p["connected"] else "NO", p["state"], types])
+        out.append(("Proxies", ["cluster", "proxy", "connected", "state", "xDS types"], rows))
+    trust = report["trust"]
+    rows = [["root", r.get("role", "root"), str(r.get("fingerprint"))[:16], r.get("not_after"), r["health"]]
+            for r in trust["roots"]]
+    rows += [["intermediate", i["cluster"], str(i.get("fingerprint"))[:16], i["not_after"], i["health"]]
+             for i in trust["intermediates"]]
+    leaves = trust["workload_certs"]
+    if leaves:
+        soonest = min(leaves, key=lambda w: str(w["not_after"]))
+        bad = [w for w in leaves if w["health"] not in ("ok", "unknown")]
+        rows.append(["workload certs", f"{len(leaves)} issued", "", f"soonest {soonest['not_after']}",
+                     f"{len(bad)} expiring" if bad else "ok"])
+    title = "Trust" + (f" (rotation phase: {trust['phase']}; next: {trust['next_step']})" if trust["phase"] else "")
+    out.append((title, ["certificate", "of", "fingerprint", "not after", "health"], rows))
+    addr = report.get("addresses")
+    if addr:
+        rows = [[name, a["xds"], a["dns"], a["admin"], a["gateway"], a["gateway_admin"]]
+                for name, a in addr["clusters"].items()]
+        out.append((f"Addresses (federation {addr['federation']})",
+                    ["cluster", "xds", "dns", "admin (/status)", "gateway", "gateway admin"], rows))
+        rows = [[w["cluster"], w["workload"], w["service"] or "(client)", w["sidecar_outbound"], w["sidecar_admin"],
+                 ", ".join(n.replace(".svc.clusterset.local", "").replace(".svc.cluster.local", " (local only)")
+                           for n in w["can_call"])] for w in addr["workloads"]]
+        out.append(("Workloads", ["cluster", "workload", "service", "sidecar outbound", "sidecar admin",
+                                  "can call (<name>.svc.clusterset.local)"], rows))
+    if report["problems"]:
+        out.append(("Problems", ["#", "problem"], [[i + 1, p] for i, p in enumerate(report["problems"])]))
+    return out
+
+
+def _dash(value: Any) -> Any:
+    return "-" if value is None else value
+
+
+# ---- collection (IO) -------------------------------------------------------------------------------------------------
+
+
+def fetch_json(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
+    """GET a JSON document over plain HTTP on loopback (a control plane's admin address)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+    except urllib.error.HTTPError as exc:
+        raise StatusError(f"GET {url} answered {exc.code}") from exc
+    except (OSError, ValueError) as exc:
+        raise StatusError(f"GET {url} failed: {exc}") from exc
+
+
+def collect_local(run_dir: Path) -> LocalInputs:
+    """Read a local run: state.json, which pids live, each control plane's /status, the root's rotation state."""
+    from federation.trust.store import inspect_dir
+    from meshfed import local, procs
+
+    try:
+        state = local.read_state(run_dir)
+    except local.LocalRunError as exc:
+        raise StatusError(str(exc)) from exc
+    alive = {int(p["pid"]): procs.alive(int(p["pid"])) for p in state.get("processes", [])}
+    statuses: dict[str, Mapping[str, Any] | None] = {}
+    errors: dict[str, str] = {}
+    for name, c in state.get("clusters", {}).items():
+        try:
+            statuses[name] = fetch_json(f"http://{c['controlplane']['admin']}/status")
+        except StatusError as exc:
+            statuses[name] = None
+            errors[name] = str(exc)
+    root, root_error = None, ""
+    root_dir = state.get("ca", {}).get("root")
+    if root_dir:
+        try:
+            root = inspect_dir(Path(root_dir))
+        except (TrustError, OSError) as exc:
+            root_error = f"cannot read the root directory {root_dir}: {exc}"
+    return LocalInputs(state=state, alive=alive, controlplanes=statuses, errors=errors, root=root,
+                       root_error=root_error)
+
+
+def catalog_inputs(url: str, catalog: Any, bundle_pem: str, *, now: datetime | None = None) -> RemoteInputs:
+    """A :class:`federation.catalog.Catalog` as JSON-shaped inputs for :func:`evaluate_remote` (pure)."""
+    from cryptography import x509
+
+    from federation.trust.bundle import fingerprint, load_pem_certs
+
+    members = []
+    for cid, m in sorted(catalog.members.items()):
+        members.append({
+            "cluster": str(cid), "network": str(m.info.network),
+            "locality": "/".join(x for x in (m.info.region, m.info.zone) if x),
+            "gateway": f"{m.info.gateway_host}:{m.info.gateway_port}",
+            "renewed_at": m.renewed_at.isoformat(), "lease_ttl_s": m.lease_ttl_s,
+            "unreachable_since": m.unreachable_since.isoformat() if m.unreachable_since else None,
+        })
+    services = []
+    for key, s in sorted(catalog.services.items(), key=lambda kv: str(kv[0])):
+        imp = s.import_
+        services.append({
+            "service": str(key), "type": str(imp.type), "ips": list(imp.ips),
+            "clusters": [str(c) for c in imp.clusters],
+            "ports": [{"name": p.name, "port": p.port} for p in imp.ports],
+            "ready_by_cluster": {str(sh.cluster): sh.ready for sh in s.endpoints},
+            "conditions": [(str(c), {"type": cond.type, "status": str(cond.status), "reason": cond.reason,
+                                     "message": cond.message}) for c, cond in s.conditions],
+        })
+    roots: list[dict[str, Any]] = []
+    if bundle_pem:
+        certs: list[x509.Certificate] = load_pem_certs(bundle_pem.encode(), what="the federation's trust bundle")
+        roots = [{"fingerprint": fingerprint(c), "role": "root", "not_before": c.not_valid_before_utc.isoformat(),
+                  "not_after": c.not_valid_after_utc.isoformat()} for c in certs]
+    return RemoteInputs(url=url, members=members, services=services, roots=roots, revision=int(catalog.revision),
+                        now=now or datetime.now(UTC))
+
+
+async def _fetch_catalog(url: str, chain: bytes, key_pem: bytes, bundle_bytes: bytes, *, what: str) -> tuple[Any, str]:
+    from discovery.model import ClusterId
+    from federation.client import ClientError, FederationClient
+    from federation.trust.bundle import TrustBundle, load_pem_certs
+    from federation.trust.ca import spiffe_id_of
+    from federation.trust.tls import client_ssl_context
+
+    try:
+        leaf = load_pem_certs(chain, what="the client certificate")[0]
+        sid = spiffe_id_of(leaf, what="the client certificate")
+        bundle = TrustBundle.from_pem(sid.trust_domain, bundle_bytes, what="the CA bundle")
+        ctx = client_ssl_context(chain, key_pem, bundle)
+    except (TrustError, ValueError, IndexError) as exc:
+        raise StatusError(f"bad credentials ({what}): {exc}") from exc
+    cluster = ClusterId(sid.cluster_name or "status")
+    try:
+        async with FederationClient(url, ssl_context=ctx, cluster=cluster, bundle=bundle,
+                                    request_timeout_s=10.0) as client:
+            listing = await client.catalog()
+    except ClientError as exc:
+        raise StatusError(f"the federation at {url} did not answer the catalog: {exc}") from exc
+    return listing.catalog, listing.trust_bundle_pem
+
+
+def collect_remote(url: str, *, cert: Path, key: Path, ca_bundle: Path) -> RemoteInputs:
+    """Ask a real federation for its catalog (mTLS; the certificate must be a cluster's)."""
+    try:
+        chain, key_pem, bundle_bytes = cert.read_bytes(), key.read_bytes(), ca_bundle.read_bytes()
+    except OSError as exc:
+        raise StatusError(f"cannot read credentials: {exc}") from exc
+    catalog, bundle_pem = asyncio.run(_fetch_catalog(url, chain, key_pem, bundle_bytes,
+                                                     what=f"{cert}, {key}, {ca_bundle}"))
+    return catalog_inputs(url, catalog, bundle_pem)
