@@ -64,6 +64,8 @@ class LocalInputs:
     errors: Mapping[str, str] = field(default_factory=dict)  # cluster -> why /status failed
     root: Mapping[str, Any] | None = None  # inspect_dir(ca/root)
     root_error: str = ""
+    # The federation's own member list (lease renewals as the service saw them), when it answered.
+    members: Sequence[Mapping[str, Any]] | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -175,8 +177,8 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
         problems.append(f"{cluster}: control plane status unavailable: {why}")
 
     # members as the federation reports them (from any control plane that answers; the newest renewal wins)
-    members: dict[str, Mapping[str, Any]] = {}
-    for st in statuses.values():
+    members: dict[str, Mapping[str, Any]] = {m["cluster"]: m for m in inp.members or ()}
+    for st in statuses.values() if inp.members is None else ():
         if not st:
             continue
         for m in st.get("federation", {}).get("members", []):
@@ -425,7 +427,7 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
         rows.append([c["cluster"], conn, "" if c["lease_age_s"] is None else f"{c['lease_age_s']}s",
                      c["network"], c["locality"], _dash(c["exports"]), _dash(c["imports"]), c["gateway"],
                      _yes(c["controlplane_up"])])
-    out.append(("Clusters", ["cluster", "federation", "lease age", "network", "locality", "exports", "imports",
+    out.append(("Clusters", ["cluster", "federation", "last lease change", "network", "locality", "exports", "imports",
                              "gateway", "control plane up"], rows))
     rows = []
     for s in report["services"]:
@@ -515,8 +517,31 @@ def collect_local(run_dir: Path) -> LocalInputs:
             root = inspect_dir(Path(root_dir))
         except (TrustError, OSError) as exc:
             root_error = f"cannot read the root directory {root_dir}: {exc}"
+    members = None
+    fed_url = state.get("federation", {}).get("url")
+    first = next(iter(state.get("clusters", {}).items()), None)
+    if fed_url and first is not None and alive.get(int(state["federation"]["pid"]), False):
+        try:
+            members = list(asyncio.run(_local_catalog(fed_url, Path(first[1]["ca"]), first[0])).members)
+        except (StatusError, TrustError, OSError) as exc:
+            log.info("federation catalog unavailable, using the control planes' view: %s", exc)
     return LocalInputs(state=state, alive=alive, controlplanes=statuses, errors=errors, root=root,
-                       root_error=root_error)
+                       root_error=root_error, members=members)
+
+
+async def _local_catalog(url: str, ca_dir: Path, cluster: str) -> RemoteInputs:
+    """The federation's catalog, asked with a throwaway identity of one of the run's clusters."""
+    from discovery.model import ClusterId
+    from federation.client import ClientError, FederationClient, cluster_credentials
+
+    ctx, bundle = cluster_credentials(ca_dir, ClusterId(cluster))
+    try:
+        async with FederationClient(url, ssl_context=ctx, cluster=ClusterId(cluster), bundle=bundle,
+                                    request_timeout_s=5.0) as client:
+            listing = await client.catalog()
+    except ClientError as exc:
+        raise StatusError(str(exc)) from exc
+    return catalog_inputs(url, listing.catalog, listing.trust_bundle_pem)
 
 
 def catalog_inputs(url: str, catalog: Any, bundle_pem: str, *, now: datetime | None = None) -> RemoteInputs:
