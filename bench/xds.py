@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import statistics
@@ -116,6 +117,19 @@ async def _delta_stream(channel: grpc.aio.Channel, i: int, names: list[str], sto
         await call.write(discovery_pb2.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce))
 
 
+async def _retrying(stream: object, channel: grpc.aio.Channel, i: int, names: list[str],
+                    stop: asyncio.Event) -> None:
+    """Run one simulated proxy's stream; like Envoy, reconnect (a bounded number of times) if it breaks."""
+    for attempt in range(20):
+        try:
+            await stream(channel, i, names, stop)  # type: ignore[operator]
+            return
+        except grpc.aio.AioRpcError as exc:
+            print(f"{time.strftime('%H:%M:%S')} stream {i} attempt {attempt}: {exc.code()} {exc.details()}",
+                  file=sys.stderr, flush=True)
+            await asyncio.sleep(0.5)
+
+
 async def run_clients(port: int, first: int, last: int, services: int, watch: int, mode: str) -> None:
     stop = asyncio.Event()
     channels: list[grpc.aio.Channel] = []
@@ -125,7 +139,7 @@ async def run_clients(port: int, first: int, last: int, services: int, watch: in
         if (i - first) % STREAMS_PER_CONNECTION == 0:
             channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
                 ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]))
-        tasks.append(asyncio.create_task(stream(channels[-1], i, watched(i, services, watch), stop)))
+        tasks.append(asyncio.create_task(_retrying(stream, channels[-1], i, watched(i, services, watch), stop)))
     results = await asyncio.gather(*tasks, return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
     if errors:
@@ -307,12 +321,14 @@ async def main_async(args: argparse.Namespace) -> None:
     results = []
     for mode in ("sotw", "delta"):
         t = time.monotonic()
+        print(f"{time.strftime('%H:%M:%S')} {mode}: starting", flush=True)
         results.append(await run_variant(mode, args, full, by_service, watch_of, logdir))
         print(f"{mode}: done in {time.monotonic() - t:.1f}s", flush=True)
     report(results, args, rss_kb(), time.process_time() - cpu0)
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--streams", type=int, default=2000)

@@ -159,6 +159,12 @@ class _Stream:
                         return
                     self.handle(request)
                 await self.push()
+        except asyncio.CancelledError:
+            log.debug("xds stream cancelled node=%s variant=%s", self.node_id, self.variant)
+            raise
+        except Exception:
+            log.exception("xds stream failed node=%s variant=%s", self.node_id, self.variant)
+            raise
         finally:
             self.closed = True
             reader.cancel()
@@ -425,10 +431,15 @@ class AdsServer:
             log.warning("xds authentication is disabled: any client may fetch any node's snapshot")
         server = grpc.aio.server(options=[
             ("grpc.max_concurrent_streams", 100_000),
+            # thousands of proxies reconnect at once after a restart: queue their streams, do not shed them
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 100_000),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            # Envoy pings its ADS connection (bootstrap connection_keepalive); never GOAWAY it for "too many pings"
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ])
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_Servicer(self), server)
         target = f"[{self.host}]:{self._port}" if ":" in self.host else f"{self.host}:{self._port}"

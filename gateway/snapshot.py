@@ -135,7 +135,8 @@ class Snapshot:
         object.__setattr__(self, "_entries", MappingProxyType(dict(entries)))
         if base is None:
             versions = {t: _type_version(e) for t, e in entries.items()}
-            resources = {t: MappingProxyType({n: en.message for n, en in e.items()}) for t, e in entries.items()}
+            resources: dict[str, Mapping[str, Message]] = {
+                t: MappingProxyType({n: en.message for n, en in e.items()}) for t, e in entries.items()}
         else:
             assert changed is not None
             versions, resources = dict(base._versions), dict(base.resources)
