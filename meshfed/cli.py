@@ -9,6 +9,7 @@ import sys
 import click
 
 from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_federation, cmd_local
+from meshfed.cmd_diagnose import diagnose_cmd
 from meshfed.cmd_dns import dns_cmd
 from meshfed.cmd_install import install_cmd
 from meshfed.cmd_status import status_cmd
@@ -33,6 +34,7 @@ cli.add_command(cmd_controlplane.controlplane)
 cli.add_command(cmd_local.up_cmd)
 cli.add_command(cmd_local.down_cmd)
 cli.add_command(status_cmd)
+cli.add_command(diagnose_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,488 @@
+"""``meshfed diagnose SVC.NS --from CLUSTER``: walk the path a request takes and name the first hop that fails.
+
+The hops, in the order a request meets them::
+
+    1 export        the service is exported, valid and not in conflict in every exporting cluster
+    2 import        the calling cluster imports it (its control plane's /status)
+    3 dns           the caller's clusterset.local DNS answers <svc>.<ns>.svc.clusterset.local with the ClusterSetIP
+    4 xds           the caller's client sidecar ACKed every xDS type (no NACK) and has a route for the host
+    5 gateway       every remote exporting cluster's east-west gateway has the SNI filter chain for the service
+    6 endpoints     some cluster has ready endpoints, and the caller's sidecar sees healthy hosts for the service
+    7 certificates  every cluster's intermediate chains to a root of the bundle and is unexpired; the running control
+                    planes use those intermediates; the caller sidecar's certificates are unexpired
+    8 policy        authorization policy allows the call (hook: :func:`check_policy`)
+    9 request       a real request through the caller's client sidecar gets an answer
+
+Two halves: :func:`collect` gathers the evidence (HTTP to control planes and Envoy admins, a DNS query, trust
+checks on the run's CA directories, one request), and :func:`evaluate` turns an :class:`Evidence` into hops with no
+IO, one pure function per hop. Every hop is evaluated even after a failure, so the table shows the whole path;
+``first_failure`` names the first one that failed.
+
+Errors (this module)::
+
+    DiagnoseError          the diagnosis could not start (no run, unknown cluster, bad service name)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from meshfed.status import StatusError, fetch_json
+
+log = logging.getLogger("meshfed.diagnose")
+
+OK, FAIL, SKIPPED = "ok", "FAIL", "skipped"
+
+
+class DiagnoseError(Exception):
+    """The diagnosis could not start; the message says what to do next."""
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    number: int
+    name: str
+    status: str  # ok | FAIL | skipped
+    detail: str
+    next_step: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Everything the hops look at, gathered by :func:`collect` (or built by hand in tests)."""
+
+    service: str  # "ratings.default"
+    caller: str  # cluster name
+    statuses: Mapping[str, Mapping[str, Any] | None]  # cluster -> control plane /status (None: did not answer)
+    client: Mapping[str, Any]  # the caller's client workload entry of state.json
+    gateways: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)  # cluster -> gateway config_dump
+    gateway_errors: Mapping[str, str] = field(default_factory=dict)
+    dns_answer: Sequence[str] | None = None  # A records; None if the query failed
+    dns_error: str = ""
+    sidecar_config: Mapping[str, Any] | None = None  # caller sidecar config_dump
+    sidecar_clusters: str | None = None  # caller sidecar /clusters text
+    sidecar_certs: Mapping[str, Any] | None = None  # caller sidecar /certs
+    sidecar_error: str = ""
+    chain_errors: Mapping[str, str] = field(default_factory=dict)  # cluster -> "" (verified) or why not
+    disk_fingerprints: Mapping[str, str] = field(default_factory=dict)  # cluster -> on-disk intermediate fp
+    request: tuple[int, str] | None = None  # (HTTP status, body) of the real request; None if not sent
+    request_error: str = ""
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def host(self) -> str:
+        return f"{self.service}.svc.clusterset.local"
+
+    def caller_import(self) -> Mapping[str, Any] | None:
+        st = self.statuses.get(self.caller)
+        if not st:
+            return None
+        return next((i for i in st.get("imports", []) if i.get("service") == self.service), None)
+
+    def exporters(self) -> list[str]:
+        """Clusters exporting the service: by their own status, plus those the caller's import lists."""
+        out = [c for c, st in self.statuses.items() if st and any(
+            s.get("service") == self.service and s.get("exported") for s in st.get("services", []))]
+        imp = self.caller_import()
+        for c in (imp or {}).get("clusters", []):
+            if c not in out:
+                out.append(c)
+        return out
+
+    def port(self) -> int | None:
+        imp = self.caller_import()
+        ports = (imp or {}).get("ports") or []
+        return int(ports[0]["port"]) if ports else None
+
+
+# ---- the hops (pure) -------------------------------------------------------------------------------------------------
+
+
+def hop_export(ev: Evidence) -> Hop:
+    exporters = ev.exporters()
+    if not exporters:
+        return Hop(1, "export", FAIL, f"no cluster exports {ev.service}",
+                   f"create a ServiceExport for {ev.service} in the cluster that runs it (meshfed export)")
+    bad, notes = [], []
+    for c in exporters:
+        st = ev.statuses.get(c)
+        if not st:
+            notes.append(f"{c}: control plane not answering, conditions unknown")
+            continue
+        svc = next((s for s in st.get("services", []) if s.get("service") == ev.service), None)
+        if svc is None or not svc.get("exported"):
+            continue
+        for cond in svc.get("conditions", []):
+            if cond.get("type") == "Valid" and str(cond.get("status")) == "False":
+                bad.append(f"{c}: Valid=False ({cond.get('reason')}): {cond.get('message')}")
+            if cond.get("type") == "Conflict" and str(cond.get("status")) == "True":
+                bad.append(f"{c}: Conflict=True ({cond.get('reason')}): {cond.get('message')}")
+    if bad:
+        return Hop(1, "export", FAIL, "; ".join(bad),
+                   "make the exporting clusters agree on type and ports (the oldest export wins a conflict)")
+    return Hop(1, "export", OK, f"exported by {', '.join(exporters)}" + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def hop_import(ev: Evidence) -> Hop:
+    st = ev.statuses.get(ev.caller)
+    if not st:
+        return Hop(2, "import", FAIL, f"{ev.caller}'s control plane does not answer /status",
+                   f"check the {ev.caller} control plane process and its log")
+    imp = ev.caller_import()
+    if imp is None:
+        fed = st.get("federation", {})
+        why = "" if fed.get("connected", True) else f" ({ev.caller} is not connected to the federation)"
+        return Hop(2, "import", FAIL, f"{ev.caller} does not import {ev.service}{why}",
+                   "check that an exporting cluster is connected (meshfed status: unreachable members' exports "
+                   "are withdrawn after the lease TTL)")
+    ips = ", ".join(imp.get("ips", [])) or "(headless)"
+    return Hop(2, "import", OK, f"{imp.get('type')} {ips} from {', '.join(imp.get('clusters', [])) or ev.caller}")
+
+
+def hop_dns(ev: Evidence) -> Hop:
+    imp = ev.caller_import()
+    if ev.dns_answer is None:
+        return Hop(3, "dns", FAIL, f"no answer for {ev.host}: {ev.dns_error}",
+                   f"query it by hand: dig @<dns> {ev.host}; check the {ev.caller} control plane's DNS listener")
+    if imp is None:
+        if ev.dns_answer:
+            return Hop(3, "dns", FAIL, f"{ev.host} -> {', '.join(ev.dns_answer)} but it is not imported",
+                       "the DNS table is stale: check the control plane log")
+        return Hop(3, "dns", SKIPPED, f"{ev.host} has no records (not imported)", "fix the import hop first")
+    want = list(imp.get("ips", []))
+    got = sorted(ev.dns_answer)
+    if want and sorted(want) != got:
+        return Hop(3, "dns", FAIL, f"{ev.host} -> {', '.join(got) or 'NXDOMAIN'}, expected {', '.join(want)}",
+                   "the DNS table lags the registry: check the control plane log for DNS update errors")
+    if not got:
+        return Hop(3, "dns", FAIL, f"{ev.host} has no A records", "no ready endpoints behind a headless service?")
+    return Hop(3, "dns", OK, f"{ev.host} -> {', '.join(got)}")
+
+
+def _route_domains(config: Mapping[str, Any]) -> set[str]:
+    domains: set[str] = set()
+    for c in config.get("configs", []):
+        for rc in c.get("dynamic_route_configs", []):
+            for vh in rc.get("route_config", {}).get("virtual_hosts", []):
+                domains.update(vh.get("domains", []))
+    return domains
+
+
+def hop_xds(ev: Evidence) -> Hop:
+    st = ev.statuses.get(ev.caller)
+    node = str(ev.client.get("node_id", ""))
+    if not st:
+        return Hop(4, "xds", SKIPPED, f"{ev.caller}'s control plane does not answer", "fix the import hop first")
+    rows = [p for p in st.get("proxies", []) if p.get("node_id") == node]
+    if not rows:
+        return Hop(4, "xds", FAIL, f"sidecar {ev.client.get('name')} has no xDS stream to {ev.caller}",
+                   f"check the sidecar log {ev.client.get('sidecar_log', '')} (bootstrap, token, xDS address)")
+    nacks = [f"{r['type_url'].rsplit('.', 1)[-1]}: {r.get('nack_error')}" for r in rows if r.get("state") == "nacked"]
+    if nacks:
+        return Hop(4, "xds", FAIL, "NACKed " + "; ".join(nacks),
+                   "the control plane generated config Envoy rejects: see the error, then the generator")
+    stale = [r["type_url"].rsplit(".", 1)[-1] for r in rows if r.get("state") != "synced"]
+    if ev.sidecar_config is None:
+        return Hop(4, "xds", FAIL, f"sidecar admin unreachable: {ev.sidecar_error}",
+                   f"is the sidecar running? see {ev.client.get('sidecar_log', '')}")
+    domains = _route_domains(ev.sidecar_config)
+    if ev.host not in domains:
+        return Hop(4, "xds", FAIL, f"ACKed, but the sidecar has no route for {ev.host}"
+                   + (f" (still syncing: {', '.join(stale)})" if stale else ""),
+                   "the import is missing from this proxy's RDS: check the import hop and the push log")
+    note = f"; syncing {', '.join(stale)}" if stale else ""
+    return Hop(4, "xds", OK, f"{len(rows)} types ACKed, no NACK, route for {ev.host}{note}")
+
+
+def gateway_server_names(config: Mapping[str, Any]) -> set[str]:
+    names: set[str] = set()
+    for c in config.get("configs", []):
+        # a whole dump nests listeners under "dynamic_listeners"; ?resource=dynamic_listeners lists them directly
+        for item in c.get("dynamic_listeners", [c]):
+            listener = item.get("active_state", {}).get("listener", {})
+            for fc in listener.get("filter_chains", []):
+                names.update(fc.get("filter_chain_match", {}).get("server_names", []))
+    return names
+
+
+def hop_gateway(ev: Evidence) -> Hop:
+    remote = [c for c in ev.exporters() if c != ev.caller]
+    imp = ev.caller_import()
+    if imp is not None:
+        remote = [c for c in remote if c in imp.get("clusters", [])]
+    if not remote:
+        return Hop(5, "gateway", SKIPPED, "no remote cluster exports it: calls stay in the cluster")
+    port = ev.port()
+    sni = f"outbound_.{port}_._.{ev.host}" if port else ""
+    missing, seen = [], []
+    for c in remote:
+        cfg = ev.gateways.get(c)
+        if cfg is None:
+            missing.append(f"{c}: gateway admin unreachable ({ev.gateway_errors.get(c, 'not running')})")
+            continue
+        names = gateway_server_names(cfg)
+        if sni in names or (not port and any(ev.host in n for n in names)):
+            seen.append(c)
+        else:
+            missing.append(f"{c}: no filter chain for SNI {sni or ev.host}")
+    if missing:
+        return Hop(5, "gateway", FAIL, "; ".join(missing),
+                   "the exporting cluster's gateway lacks its config: check that gateway's xDS sync in "
+                   "meshfed status and its Envoy log")
+    return Hop(5, "gateway", OK, f"SNI {sni} present on {', '.join(seen)}")
+
+
+def healthy_hosts(clusters_text: str, port: int | None, host: str) -> tuple[int, int]:
+    """(healthy, total) hosts of the outbound cluster in an Envoy ``/clusters`` text dump."""
+    prefix = f"outbound|{port}||{host}::" if port else None
+    healthy = total = 0
+    for line in clusters_text.splitlines():
+        if "::health_flags::" not in line:
+            continue
+        if prefix is not None and not line.startswith(prefix):
+            continue
+        if prefix is None and f"||{host}::" not in line:
+            continue
+        total += 1
+        if line.rstrip().endswith("::healthy"):
+            healthy += 1
+    return healthy, total
+
+
+def hop_endpoints(ev: Evidence) -> Hop:
+    imp = ev.caller_import()
+    if imp is None:
+        return Hop(6, "endpoints", SKIPPED, "not imported", "fix the import hop first")
+    ready = {c: int(n) for c, n in imp.get("ready_by_cluster", {}).items()}
+    if sum(ready.values()) == 0:
+        return Hop(6, "endpoints", FAIL, f"no ready endpoint in any cluster ({ready or 'none'})",
+                   "start the workloads (or fix their readiness probes) in an exporting cluster")
+    if ev.sidecar_clusters is None:
+        return Hop(6, "endpoints", FAIL, f"cannot read the sidecar's /clusters: {ev.sidecar_error}",
+                   "is the sidecar running?")
+    healthy, total = healthy_hosts(ev.sidecar_clusters, ev.port(), ev.host)
+    counts = ", ".join(f"{c}={n}" for c, n in sorted(ready.items()))
+    if healthy == 0:
+        return Hop(6, "endpoints", FAIL, f"ready: {counts}; but the sidecar has {total} hosts, none healthy",
+                   "EDS has not reached the sidecar, or outlier detection ejected every host")
+    return Hop(6, "endpoints", OK, f"ready: {counts}; sidecar sees {healthy}/{total} healthy hosts")
+
+
+def _expired_certs(certs: Mapping[str, Any], now: datetime) -> list[str]:
+    out = []
+    for entry in certs.get("certificates", []):
+        for cert in entry.get("cert_chain", []) + entry.get("ca_cert", []):
+            exp = cert.get("expiration_time")
+            if not exp:
+                continue
+            try:
+                when = datetime.fromisoformat(str(exp).replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if when <= now:
+                sans = ",".join(s.get("uri", "") for s in cert.get("subject_alt_names", []))
+                out.append(f"{sans or cert.get('serial_number')} expired at {exp}")
+    return out
+
+
+def hop_certificates(ev: Evidence) -> Hop:
+    bad = [f"{c}: {err}" for c, err in sorted(ev.chain_errors.items()) if err]
+    for c, st in sorted(ev.statuses.items()):
+        disk = ev.disk_fingerprints.get(c)
+        running = (st or {}).get("trust", {}).get("intermediate_fingerprint")
+        if st and disk and running and disk != running:
+            bad.append(f"{c}: the control plane runs intermediate {running[:16]} but its CA directory holds "
+                       f"{disk[:16]} (restart it to load the new one)")
+    if ev.sidecar_certs is not None:
+        bad += [f"caller sidecar: {x}" for x in _expired_certs(ev.sidecar_certs, ev.now)]
+    if bad:
+        return Hop(7, "certificates", FAIL, "; ".join(bad),
+                   "re-issue the cluster's intermediate from the clusterset root (meshfed ca issue / ca rotate "
+                   "reissue), then restart that control plane; see docs/troubleshooting.md")
+    checked = ", ".join(sorted(ev.chain_errors)) or "no cluster"
+    return Hop(7, "certificates", OK, f"intermediates of {checked} chain to the root bundle and are unexpired")
+
+
+PolicyCheck = Callable[[Evidence], Hop]
+
+
+def check_policy(ev: Evidence) -> Hop:
+    """Hop 8. The hook for authorization policy: replace the body (or :data:`POLICY_CHECK`) once policies exist."""
+    return Hop(8, "policy", SKIPPED, "no AuthorizationPolicy support yet: every authenticated caller is allowed")
+
+
+POLICY_CHECK: PolicyCheck = check_policy
+
+
+def hop_request(ev: Evidence) -> Hop:
+    if ev.request is None:
+        return Hop(9, "request", FAIL, f"no answer through {ev.client.get('outbound')}: {ev.request_error}",
+                   "the sidecar's outbound listener is not answering; check the sidecar")
+    status, body = ev.request
+    if status != 200:
+        return Hop(9, "request", FAIL, f"HTTP {status} through {ev.client.get('outbound')}: {body[:200]}",
+                   "the earlier hops name the cause; 503 with no healthy upstream means no endpoint answered")
+    try:
+        answer = json.loads(body)
+        who = f"answered by {answer.get('workload')} in {answer.get('cluster')}, caller {answer.get('caller')}"
+    except ValueError:
+        who = "answered (not the demo app)"
+    return Hop(9, "request", OK, f"HTTP 200 via {ev.client.get('outbound')}: {who}")
+
+
+def evaluate(ev: Evidence) -> list[Hop]:
+    """Every hop, in path order (pure)."""
+    return [hop_export(ev), hop_import(ev), hop_dns(ev), hop_xds(ev), hop_gateway(ev), hop_endpoints(ev),
+            hop_certificates(ev), POLICY_CHECK(ev), hop_request(ev)]
+
+
+def report(ev: Evidence, hops: Sequence[Hop]) -> dict[str, Any]:
+    first = next((h for h in hops if h.status == FAIL), None)
+    return {
+        "service": ev.service, "from": ev.caller, "host": ev.host,
+        "ok": first is None,
+        "first_failure": None if first is None else {"hop": first.number, "name": first.name, "detail": first.detail,
+                                                     "next_step": first.next_step},
+        "hops": [{"hop": h.number, "name": h.name, "status": h.status, "detail": h.detail, "next_step": h.next_step}
+                 for h in hops],
+    }
+
+
+# ---- collection (IO) -------------------------------------------------------------------------------------------------
+
+
+def parse_service(text: str) -> str:
+    parts = text.removesuffix(".svc.clusterset.local").split(".")
+    if len(parts) != 2 or not all(parts):
+        raise DiagnoseError(f"service {text!r}: expected NAME.NAMESPACE, e.g. ratings.default")
+    return ".".join(parts)
+
+
+def chain_error(ca_dir: Path, cluster: str, root_dir: Path) -> tuple[str, str]:
+    """("" or why the cluster's intermediate does not verify, its fingerprint) — a throwaway leaf under the cluster's
+    intermediate is verified against the run's root bundle with the trust package's own peer check."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from federation.trust.ca import issue_workload
+    from federation.trust.errors import TrustError
+    from federation.trust.identity import cluster_of_peer
+    from federation.trust.spiffe import SpiffeId
+    from federation.trust.store import load_bundle, load_cluster_ca
+
+    try:
+        bundle = load_bundle(root_dir)
+        ca = load_cluster_ca(ca_dir)
+        _key, chain = issue_workload(ca, SpiffeId.cluster(bundle.trust_domain, cluster))
+        ders = [x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER) for pem in chain]
+        got = cluster_of_peer(ders, bundle)
+        if str(got) != cluster:
+            return f"intermediate in {ca_dir} belongs to cluster {got}, not {cluster}", ca.fingerprint
+        return "", ca.fingerprint
+    except TrustError as exc:
+        return f"{exc}", ""
+    except (OSError, ValueError) as exc:
+        return f"cannot read {ca_dir}: {exc}", ""
+
+
+async def _admin(admin: str) -> tuple[dict[str, Any] | None, str | None, dict[str, Any] | None, str]:
+    from gateway.envoy import AdminError, EnvoyAdmin
+
+    host, _, port = admin.rpartition(":")
+    env = EnvoyAdmin(host, int(port), timeout=3.0)
+    try:
+        config = await env.config_dump()
+        clusters = await env.clusters_text()
+        status, body = await env._get("/certs")
+        certs = json.loads(body) if status == 200 else None
+    except (AdminError, ValueError) as exc:
+        return None, None, None, str(exc)
+    return config, clusters, certs, ""
+
+
+async def _gateway_config(admin: str) -> tuple[dict[str, Any] | None, str]:
+    from gateway.envoy import AdminError, EnvoyAdmin
+
+    host, _, port = admin.rpartition(":")
+    try:
+        return await EnvoyAdmin(host, int(port), timeout=3.0).config_dump(resource="dynamic_listeners"), ""
+    except AdminError as exc:
+        return None, str(exc)
+
+
+async def _dns(server: str, name: str) -> tuple[list[str] | None, str]:
+    import dns.asyncquery
+    import dns.exception
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+
+    host, _, port = server.rpartition(":")
+    query = dns.message.make_query(name, dns.rdatatype.A)
+    try:
+        resp = await dns.asyncquery.udp(query, host, port=int(port), timeout=2.0)
+    except (dns.exception.DNSException, OSError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if resp.rcode() == dns.rcode.NXDOMAIN:
+        return [], ""
+    return [r.address for rrset in resp.answer for r in rrset if r.rdtype == dns.rdatatype.A], ""
+
+
+async def _gather(state: Mapping[str, Any], service: str, caller: str, client: Mapping[str, Any],
+                  statuses: Mapping[str, Mapping[str, Any] | None], exporters: Sequence[str]) -> dict[str, Any]:
+    cstate = state["clusters"][caller]
+    host = f"{service}.svc.clusterset.local"
+    remote = [c for c in exporters if c != caller and c in state["clusters"]]
+    results = await asyncio.gather(
+        _dns(cstate["controlplane"]["dns"], host),
+        _admin(client["sidecar_admin"]),
+        *(_gateway_config(state["clusters"][c]["gateway"]["admin"]) for c in remote),
+    )
+    dns_answer, dns_error = results[0]
+    config, clusters, certs, sidecar_error = results[1]
+    gateways = {c: r[0] for c, r in zip(remote, results[2:], strict=True)}
+    gateway_errors = {c: r[1] for c, r in zip(remote, results[2:], strict=True) if r[1]}
+    return {"dns_answer": dns_answer, "dns_error": dns_error, "sidecar_config": config, "sidecar_clusters": clusters,
+            "sidecar_certs": certs, "sidecar_error": sidecar_error, "gateways": gateways,
+            "gateway_errors": gateway_errors}
+
+
+def collect(run_dir: Path, service: str, caller: str, *, request_timeout: float = 5.0) -> Evidence:
+    """Gather the evidence for ``service`` called from ``caller``'s client workload in a local run."""
+    from meshfed import local
+
+    service = parse_service(service)
+    try:
+        state = local.read_state(run_dir)
+        client = local.client_of(state, caller)
+    except local.LocalRunError as exc:
+        raise DiagnoseError(str(exc)) from exc
+    statuses: dict[str, Mapping[str, Any] | None] = {}
+    for name, c in state["clusters"].items():
+        try:
+            statuses[name] = fetch_json(f"http://{c['controlplane']['admin']}/status")
+        except StatusError:
+            statuses[name] = None
+    partial = Evidence(service=service, caller=caller, statuses=statuses, client=client)
+    gathered = asyncio.run(_gather(state, service, caller, client, statuses, partial.exporters()))
+    chain_errors: dict[str, str] = {}
+    fingerprints: dict[str, str] = {}
+    root = Path(state["ca"]["root"])
+    for name, c in state["clusters"].items():
+        chain_errors[name], fingerprints[name] = chain_error(Path(c["ca"]), name, root)
+    request: tuple[int, str] | None = None
+    request_error = ""
+    try:
+        request = local.call(client["outbound"], partial.host, timeout=request_timeout)
+    except OSError as exc:
+        request_error = f"{type(exc).__name__}: {exc}"
+    return Evidence(service=service, caller=caller, statuses=statuses, client=client,
+                    chain_errors=chain_errors, disk_fingerprints=fingerprints, request=request,
+                    request_error=request_error, **gathered)
