@@ -531,6 +531,7 @@ def service_export_object(key: ServiceKey, created: datetime) -> dict[str, Any]:
     }
 
 
-# The Istio traffic kinds (VirtualService, DestinationRule) register themselves in their own module; importing it
-# here makes them known to every caller of convert().
+# The Istio traffic kinds (VirtualService, DestinationRule) and AuthorizationPolicy (discovery.authz) register
+# themselves in their own modules; importing them here makes them known to every caller of convert().
+from discovery import authz as _authz  # noqa: E402, F401
 from discovery import policy as _traffic_policy  # noqa: E402, F401

@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from discovery.authz import AuthorizationPolicy
 from discovery.model import (
     ClusterId,
     ClusterInfo,
@@ -243,6 +244,8 @@ class PushContext:
     # The trust bundle (PEM roots every cluster shares) and, per SPIFFE ID, the certificate SDS hands out.
     trust_bundle_pem: str = ""
     workload_certs: Mapping[str, WorkloadCert] = field(default_factory=dict)
+    # AuthorizationPolicies of the local cluster (gateway.rbac compiles those selecting a sidecar's workload).
+    authz: tuple[AuthorizationPolicy, ...] = ()
     # This cluster's VirtualServices and DestinationRules (each cluster applies its own, like Istio multi-primary).
     policies: TrafficPolicies = field(default_factory=TrafficPolicies)
     # Active TCP (+mTLS handshake) health checks on remote gateway endpoints, every this many seconds; 0: off.

@@ -39,6 +39,7 @@ from typing import Any, Self
 from aiohttp import web
 from cryptography import x509
 
+from discovery.authz import AuthorizationPolicy
 from discovery.clusterset import ClusterSet
 from discovery.dns.server import DnsServer
 from discovery.kube import KubeSource, Source, load_api_client
@@ -424,9 +425,12 @@ class ControlPlane:
     def push_context(self) -> PushContext:
         # Traffic policies are this cluster's own (its manifests' VirtualServices and DestinationRules).
         policies = TrafficPolicies.of(self._local.extras if self._local is not None else ())
+        # So are AuthorizationPolicies: each cluster's sidecars enforce the policies of their own cluster.
+        authz = tuple(o for o in (self._local.extras if self._local is not None else ())
+                      if isinstance(o, AuthorizationPolicy))
         return PushContext(registry=self.registry, trust_domain=self.trust_domain,
                            trust_bundle_pem=bundle_pem(self.bundle), workload_certs=self.issuer.certs(),
-                           policies=policies)
+                           policies=policies, authz=authz)
 
     def _proxy(self, node_id: str) -> ProxyInfo | None:
         metadata = self.cache.node_metadata(node_id)

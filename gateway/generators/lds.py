@@ -5,7 +5,8 @@ gateway   ``gateway`` on ip:gateway_port: TLS inspector, one filter chain per ex
           No default chain: plaintext or an unknown SNI matches nothing and the connection is closed. With nothing
           exported there is no listener at all (Envoy NACKs a listener without filter chains).
 sidecar   ``outbound`` on 127.0.0.1:outbound_port: HTTP, routes from RDS ``outbound``; and ``inbound|<port>`` on
-          ip:port per inbound port: mTLS required, XFCC set with the caller's URI SAN, then the workload.
+          ip:port per inbound port: mTLS required, XFCC set with the caller's URI SAN and Subject, RBAC from the
+          AuthorizationPolicies selecting the workload (``inbound_authz``), then the workload.
 grpc      one API listener per callable ``<host>:<port>`` (what a proxyless gRPC client asks for), RDS ``outbound``.
 """
 
@@ -20,8 +21,10 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from google.protobuf import wrappers_pb2
 
 from gateway.context import ProxyInfo, ProxyKind, PushContext, inbound_cluster_name, sni_name
+from gateway.generators import inbound_authz
 from gateway.generators.common import TLS_TRANSPORT_SOCKET, ads_source, downstream_tls, pack, socket_address
 
 OUTBOUND_ROUTE = "outbound"
@@ -94,7 +97,11 @@ def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
         stat_prefix=name.replace("|", "_"),
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE_SET,
-        set_current_client_cert_details=hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(uri=True),
+        # The Subject names the caller's cluster (OU, written by that cluster's CA); RBAC matches it here, and only
+        # here: SANITIZE_SET drops any x-forwarded-client-cert the caller sent (gateway.rbac, docs/authorization.md).
+        set_current_client_cert_details=hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(
+            uri=True, subject=wrappers_pb2.BoolValue(value=True)),
+        access_log=inbound_authz.access_logs(proxy, name, ctx),
         route_config=route_pb2.RouteConfiguration(
             name=name,
             virtual_hosts=[route_components_pb2.VirtualHost(
@@ -106,7 +113,7 @@ def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
                 )],
             )],
         ),
-        http_filters=[_router()],
+        http_filters=[*inbound_authz.http_filters(proxy, ctx), _router()],
     )
     return listener_pb2.Listener(
         name=name,

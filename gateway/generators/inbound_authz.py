@@ -1,0 +1,77 @@
+"""Authorization on a sidecar's inbound side: the RBAC filters and the access log line naming a denying policy.
+
+``lds.inbound_listener`` puts :func:`http_filters` ahead of the router and :func:`access_logs` on the connection
+manager. The policies come from ``PushContext.authz``; which ones apply to the sidecar's workload is decided by
+``gateway.rbac`` from the labels of the Services the sidecar serves (see docs/authorization.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+
+from discovery.authz import AuthorizationPolicy
+from gateway import rbac
+from gateway.context import ProxyInfo, PushContext
+from gateway.generators.common import pack
+
+STDOUT_LOGGER = "envoy.access_loggers.stdout"
+#: Every denied request's log line starts with this, then ``key=value`` fields.
+LOG_TAG = "meshfed-authz"
+
+
+def applicable(proxy: ProxyInfo, ctx: PushContext) -> tuple[tuple[AuthorizationPolicy, ...],
+                                                            tuple[AuthorizationPolicy, ...]]:
+    """``(deny, allow)`` policies selecting ``proxy``'s workload (memoized per context and workload)."""
+    if not ctx.authz:
+        return (), ()
+    key = ("authz", str(proxy.namespace), proxy.services)
+
+    def build() -> tuple[tuple[AuthorizationPolicy, ...], tuple[AuthorizationPolicy, ...]]:
+        selectors = {}
+        for service_key in proxy.services:
+            service = ctx.registry.service(ctx.local, service_key)
+            if service is not None:
+                selectors[service_key] = service.selector
+        labels = rbac.workload_labels(proxy.services, selectors)
+        return rbac.select(ctx.authz, str(proxy.namespace), labels)
+
+    return ctx.memo(key, build)
+
+
+def http_filters(proxy: ProxyInfo, ctx: PushContext) -> list[Any]:
+    """The RBAC HTTP filters for ``proxy``'s inbound listeners (DENY, then ALLOW; none without policies)."""
+    deny, allow = applicable(proxy, ctx)
+    return rbac.rbac_filters(deny, allow)
+
+
+def log_format(listener: str, allow: tuple[AuthorizationPolicy, ...]) -> str:
+    allow_ids = ",".join(p.policy_id for p in allow) or "-"
+    return (f"{LOG_TAG} denied listener={listener} code=%RESPONSE_CODE% details=%RESPONSE_CODE_DETAILS% "
+            f"allow_policies={allow_ids} source=%DOWNSTREAM_PEER_URI_SAN% "
+            "source_subject=\"%DOWNSTREAM_PEER_SUBJECT%\" method=%REQ(:METHOD)% path=%REQ(:PATH)%\n")
+
+
+def access_logs(proxy: ProxyInfo, listener: str, ctx: PushContext) -> list[Any]:
+    """An access log (Envoy's stdout) of every 403 on this listener while policies apply to the workload.
+
+    An RBAC denial reads ``details=rbac_access_denied_matched_policy[<ns>.<policy>]`` (``[none]``: no ALLOW policy
+    matched; ``allow_policies`` lists those in force); a 403 from the application reads ``details=via_upstream``.
+    """
+    deny, allow = applicable(proxy, ctx)
+    if not deny and not allow:
+        return []
+    logger = stream_pb2.StdoutAccessLog(log_format=substitution_format_string_pb2.SubstitutionFormatString(
+        text_format_source=base_pb2.DataSource(inline_string=log_format(listener, allow))))
+    return [accesslog_pb2.AccessLog(
+        name=STDOUT_LOGGER,
+        filter=accesslog_pb2.AccessLogFilter(status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(op=accesslog_pb2.ComparisonFilter.EQ,
+                                                      value=base_pb2.RuntimeUInt32(default_value=403,
+                                                                                   runtime_key="meshfed.authz.log")),
+        )),
+        typed_config=pack(logger),
+    )]

@@ -1,0 +1,380 @@
+"""Compile Istio AuthorizationPolicy (``discovery.authz``) into Envoy RBAC for a sidecar's inbound side (pure).
+
+Istio's evaluation, which the filters below reproduce for one workload:
+
+1. a request matching any DENY policy that selects the workload is denied;
+2. with no ALLOW policy selecting the workload, it is allowed;
+3. a request matching any ALLOW policy is allowed; anything else is denied.
+
+So the inbound HTTP connection manager gets up to two ``envoy.filters.http.rbac`` filters ahead of the router: one
+with action DENY holding the DENY policies, then one with action ALLOW holding the ALLOW policies (only if there
+is at least one; an ALLOW policy without rules matches nothing and so denies everything). Each Envoy policy is
+named ``<namespace>.<policy>`` (``<namespace>.<policy>:rules[<i>]`` when the policy has several rules), which
+Envoy reports in the response details of a denied request, ``rbac_access_denied_matched_policy[<name>]``
+(``[none]`` when no ALLOW policy matched); the inbound access log prints it.
+
+Principals are SPIFFE IDs from the caller's verified certificate (``authenticated.principal_name`` is the URI
+SAN). The caller's cluster (``when: source.cluster``) is the ``OU`` of that certificate's Subject, which the
+caller's cluster CA writes and nobody else can (docs/authorization.md): the inbound connection manager replaces
+any ``x-forwarded-client-cert`` the caller sent with its own, built from the verified certificate (SANITIZE_SET
+with the subject), and the RBAC principal matches the Subject inside that header.
+
+:func:`decide` is the same semantics evaluated in Python, for ``meshfed diagnose`` and for tests.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.route.v3 import route_components_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
+from google.protobuf import any_pb2
+
+from discovery.authz import (
+    Action,
+    AuthorizationPolicy,
+    Condition,
+    MatchKind,
+    Operation,
+    Rule,
+    Source,
+    StringMatch,
+)
+
+RBAC_FILTER = "envoy.filters.http.rbac"
+XFCC = "x-forwarded-client-cert"
+DENY_STAT_PREFIX = "meshfed_deny."
+ALLOW_STAT_PREFIX = "meshfed_allow."
+CLUSTER_LABEL = "topology.istio.io/cluster"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which policies apply to a workload
+
+
+def workload_labels(services: Iterable[Any], service_selectors: Mapping[Any, Sequence[tuple[str, str]]]
+                    ) -> dict[str, str]:
+    """The labels a sidecar's workload is known to carry: the selector labels of each Service it serves (a pod
+    a Service selects carries them), or ``app: <service name>`` for a Service without a selector."""
+    labels: dict[str, str] = {}
+    for key in services:
+        selector = service_selectors.get(key)
+        if selector:
+            labels.update(dict(selector))
+        else:
+            labels.setdefault("app", str(key.name))
+    return labels
+
+
+def select(policies: Iterable[AuthorizationPolicy], namespace: str, labels: Mapping[str, str]
+           ) -> tuple[tuple[AuthorizationPolicy, ...], tuple[AuthorizationPolicy, ...]]:
+    """``(deny, allow)``: the policies selecting a workload in ``namespace`` with ``labels``, sorted by id."""
+    chosen = sorted((p for p in policies if p.selects(namespace, labels)), key=lambda p: p.policy_id)
+    return (tuple(p for p in chosen if p.action is Action.DENY),
+            tuple(p for p in chosen if p.action is Action.ALLOW))
+
+
+def envoy_policy_names(policy: AuthorizationPolicy) -> list[str]:
+    """The Envoy RBAC policy name of each rule of ``policy``."""
+    if len(policy.rules) == 1:
+        return [policy.policy_id]
+    return [f"{policy.policy_id}:rules[{i}]" for i in range(len(policy.rules))]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Envoy RBAC
+
+
+def _string_matcher(m: StringMatch) -> Any:
+    if m.kind is MatchKind.ANY:
+        return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
+    if m.kind is MatchKind.PREFIX:
+        return string_pb2.StringMatcher(prefix=m.value)
+    if m.kind is MatchKind.SUFFIX:
+        return string_pb2.StringMatcher(suffix=m.value)
+    return string_pb2.StringMatcher(exact=m.value)
+
+
+def _pattern(m: StringMatch) -> str:
+    """An RE2 fragment for one path segment (no '/')."""
+    if m.kind is MatchKind.ANY:
+        return "[^/]+"
+    if m.kind is MatchKind.PREFIX:
+        return re.escape(m.value) + "[^/]*"
+    if m.kind is MatchKind.SUFFIX:
+        return "[^/]*" + re.escape(m.value)
+    return re.escape(m.value)
+
+
+def _any_of_principals(items: Sequence[Any]) -> Any:
+    return items[0] if len(items) == 1 else rbac_pb2.Principal(or_ids=rbac_pb2.Principal.Set(ids=list(items)))
+
+
+def _all_of_principals(items: Sequence[Any]) -> Any:
+    if not items:
+        return rbac_pb2.Principal(any=True)
+    return items[0] if len(items) == 1 else rbac_pb2.Principal(and_ids=rbac_pb2.Principal.Set(ids=list(items)))
+
+
+def _any_of_permissions(items: Sequence[Any]) -> Any:
+    return items[0] if len(items) == 1 else rbac_pb2.Permission(or_rules=rbac_pb2.Permission.Set(rules=list(items)))
+
+
+def _all_of_permissions(items: Sequence[Any]) -> Any:
+    if not items:
+        return rbac_pb2.Permission(any=True)
+    return items[0] if len(items) == 1 else rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=list(items)))
+
+
+def _principal_id(m: StringMatch) -> Any:
+    prefixed = StringMatch(m.kind, "spiffe://" + m.value) if m.kind in (MatchKind.EXACT, MatchKind.PREFIX) else m
+    return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(principal_name=_string_matcher(prefixed)))
+
+
+def _namespace_id(m: StringMatch) -> Any:
+    regex = rf"spiffe://[^/]+/ns/{_pattern(m)}/sa/[^/]+"
+    return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(
+        principal_name=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex))))
+
+
+def cluster_regex(cluster: StringMatch) -> str:
+    """RE2 (full match) for the sidecar-set XFCC header whose Subject names the caller's cluster as its OU."""
+    ou = "[^,\"]+" if cluster.kind is MatchKind.ANY else re.escape(cluster.value)
+    return rf'(.*;)?Subject="([^"]*,)?OU={ou}(,[^"]*)?"(;.*)?'
+
+
+def _cluster_id(m: StringMatch) -> Any:
+    return rbac_pb2.Principal(header=route_components_pb2.HeaderMatcher(
+        name=XFCC, string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=cluster_regex(m)))))
+
+
+def _header_id(name: str, m: StringMatch) -> Any:
+    if m.kind is MatchKind.ANY:
+        return rbac_pb2.Principal(header=route_components_pb2.HeaderMatcher(name=name, present_match=True))
+    return rbac_pb2.Principal(header=route_components_pb2.HeaderMatcher(name=name, string_match=_string_matcher(m)))
+
+
+def _not(p: Any) -> Any:
+    return rbac_pb2.Principal(not_id=p)
+
+
+def _source_principal(src: Source) -> Any:
+    parts = []
+    if src.principals:
+        parts.append(_any_of_principals([_principal_id(m) for m in src.principals]))
+    if src.not_principals:
+        parts.append(_not(_any_of_principals([_principal_id(m) for m in src.not_principals])))
+    if src.namespaces:
+        parts.append(_any_of_principals([_namespace_id(m) for m in src.namespaces]))
+    if src.not_namespaces:
+        parts.append(_not(_any_of_principals([_namespace_id(m) for m in src.not_namespaces])))
+    return _all_of_principals(parts)
+
+
+def _condition_principal(cond: Condition) -> Any:
+    if cond.key == "source.cluster":
+        make: Any = _cluster_id
+    elif cond.key == "source.namespace":
+        make = _namespace_id
+    elif cond.key == "source.principal":
+        make = _principal_id
+    else:
+        header = cond.header
+
+        def make(m: StringMatch) -> Any:
+            return _header_id(header, m)
+    parts = []
+    if cond.values:
+        parts.append(_any_of_principals([make(m) for m in cond.values]))
+    if cond.not_values:
+        parts.append(_not(_any_of_principals([make(m) for m in cond.not_values])))
+    return _all_of_principals(parts)
+
+
+def _path_perm(m: StringMatch) -> Any:
+    return rbac_pb2.Permission(url_path=path_pb2.PathMatcher(path=_string_matcher(m)))
+
+
+def _method_perm(m: StringMatch) -> Any:
+    if m.kind is MatchKind.ANY:
+        return rbac_pb2.Permission(any=True)
+    return rbac_pb2.Permission(header=route_components_pb2.HeaderMatcher(name=":method",
+                                                                         string_match=_string_matcher(m)))
+
+
+def _port_perm(port: int) -> Any:
+    return rbac_pb2.Permission(destination_port=port)
+
+
+def _not_perm(p: Any) -> Any:
+    return rbac_pb2.Permission(not_rule=p)
+
+
+def _operation_permission(op: Operation) -> Any:
+    groups: list[tuple[list[Any], list[Any]]] = [
+        ([_port_perm(p) for p in op.ports], [_port_perm(p) for p in op.not_ports]),
+        ([_method_perm(m) for m in op.methods], [_method_perm(m) for m in op.not_methods]),
+        ([_path_perm(m) for m in op.paths], [_path_perm(m) for m in op.not_paths]),
+    ]
+    parts = []
+    for values, negated in groups:
+        if values:
+            parts.append(_any_of_permissions(values))
+        if negated:
+            parts.append(_not_perm(_any_of_permissions(negated)))
+    return _all_of_permissions(parts)
+
+
+def rule_policy(rule: Rule) -> Any:
+    """One Istio rule as one Envoy RBAC policy: (any operation) AND (any source AND every condition)."""
+    permission = (_any_of_permissions([_operation_permission(o) for o in rule.operations]) if rule.operations
+                  else rbac_pb2.Permission(any=True))
+    principals = []
+    if rule.sources:
+        principals.append(_any_of_principals([_source_principal(s) for s in rule.sources]))
+    principals.extend(_condition_principal(c) for c in rule.conditions)
+    return rbac_pb2.Policy(permissions=[permission], principals=[_all_of_principals(principals)])
+
+
+def rbac_config(policies: Sequence[AuthorizationPolicy], action: Action) -> Any:
+    """The ``envoy.config.rbac.v3.RBAC`` of one action: every rule of every policy, named per rule."""
+    named: dict[str, Any] = {}
+    for policy in policies:
+        for name, rule in zip(envoy_policy_names(policy), policy.rules, strict=True):
+            named[name] = rule_policy(rule)
+    envoy_action = rbac_pb2.RBAC.ALLOW if action is Action.ALLOW else rbac_pb2.RBAC.DENY
+    return rbac_pb2.RBAC(action=envoy_action, policies=named)
+
+
+def rbac_filters(deny: Sequence[AuthorizationPolicy], allow: Sequence[AuthorizationPolicy]) -> list[Any]:
+    """The HTTP filters (before the router) enforcing ``deny`` then ``allow``; none when no policy applies."""
+    out = []
+    if deny:
+        out.append(_http_filter(rbac_config(deny, Action.DENY), DENY_STAT_PREFIX))
+    if allow:
+        out.append(_http_filter(rbac_config(allow, Action.ALLOW), ALLOW_STAT_PREFIX))
+    return out
+
+
+def _http_filter(rules: Any, stat_prefix: str) -> Any:
+    config = http_rbac_pb2.RBAC(rules=rules, rules_stat_prefix=stat_prefix, track_per_rule_stats=True)
+    wrapped = any_pb2.Any()
+    wrapped.Pack(config)
+    return hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=wrapped)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The same semantics in Python
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """What the callee's sidecar knows about one request: the caller's verified identity and cluster, and the
+    request itself. ``principal`` is the full SPIFFE ID (``spiffe://td/ns/x/sa/y``)."""
+
+    principal: str
+    cluster: str
+    port: int
+    method: str = "GET"
+    path: str = "/"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        parts = self.principal.removeprefix("spiffe://").split("/")
+        return parts[2] if len(parts) == 5 and parts[1] == "ns" else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``allowed``, and the Envoy policy name that decided (``none`` for "no ALLOW policy matched"; empty when no
+    policy applies)."""
+
+    allowed: bool
+    policy: str = ""
+
+    @property
+    def details(self) -> str:
+        """What Envoy writes as response code details for this decision (empty when allowed)."""
+        return "" if self.allowed else f"rbac_access_denied_matched_policy[{self.policy}]"
+
+
+def _any(ms: Sequence[StringMatch], value: str) -> bool:
+    return any(m.matches(value) for m in ms)
+
+
+def _ns_match(m: StringMatch, req: Request) -> bool:
+    return req.namespace != "" and m.matches(req.namespace)
+
+
+def _source_matches(src: Source, req: Request) -> bool:
+    bare = req.principal.removeprefix("spiffe://")
+    if src.principals and not _any(src.principals, bare):
+        return False
+    if src.not_principals and _any(src.not_principals, bare):
+        return False
+    if src.namespaces and not any(_ns_match(m, req) for m in src.namespaces):
+        return False
+    return not (src.not_namespaces and any(_ns_match(m, req) for m in src.not_namespaces))
+
+
+def _condition_matches(cond: Condition, req: Request) -> bool:
+    def one(m: StringMatch) -> bool:
+        if cond.key == "source.cluster":
+            return m.matches(req.cluster)
+        if cond.key == "source.namespace":
+            return _ns_match(m, req)
+        if cond.key == "source.principal":
+            return m.matches(req.principal.removeprefix("spiffe://"))
+        value = {k.lower(): v for k, v in req.headers.items()}.get(cond.header)
+        if value is None:
+            return False
+        return True if m.kind is MatchKind.ANY else m.matches(value)
+
+    if cond.values and not any(one(m) for m in cond.values):
+        return False
+    return not (cond.not_values and any(one(m) for m in cond.not_values))
+
+
+def _operation_matches(op: Operation, req: Request) -> bool:
+    path = req.path.split("?", 1)[0]
+
+    def method(m: StringMatch) -> bool:
+        return m.kind is MatchKind.ANY or m.matches(req.method)
+
+    checks = (
+        not op.ports or req.port in op.ports,
+        not op.not_ports or req.port not in op.not_ports,
+        not op.methods or any(method(m) for m in op.methods),
+        not op.not_methods or not any(method(m) for m in op.not_methods),
+        not op.paths or _any(op.paths, path),
+        not op.not_paths or not _any(op.not_paths, path),
+    )
+    return all(checks)
+
+
+def rule_matches(rule: Rule, req: Request) -> bool:
+    return ((not rule.sources or any(_source_matches(s, req) for s in rule.sources))
+            and (not rule.operations or any(_operation_matches(o, req) for o in rule.operations))
+            and all(_condition_matches(c, req) for c in rule.conditions))
+
+
+def decide(deny: Sequence[AuthorizationPolicy], allow: Sequence[AuthorizationPolicy], req: Request) -> Decision:
+    """Istio's decision for ``req`` given the DENY and ALLOW policies selecting the workload."""
+    for policy in sorted(deny, key=lambda p: p.policy_id):
+        for name, rule in zip(envoy_policy_names(policy), policy.rules, strict=True):
+            if rule_matches(rule, req):
+                return Decision(False, name)
+    if not allow:
+        return Decision(True)
+    for policy in sorted(allow, key=lambda p: p.policy_id):
+        for name, rule in zip(envoy_policy_names(policy), policy.rules, strict=True):
+            if rule_matches(rule, req):
+                return Decision(True, name)
+    return Decision(False, "none")
