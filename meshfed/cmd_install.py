@@ -31,7 +31,7 @@ class RichReporter:
     def __init__(self, out: Console) -> None:
         self._out = out
         self._status: Status | None = None
-        self._last_line = -10.0
+        self._last_line: dict[str, float] = {}
 
     def _stop(self) -> None:
         if self._status is not None:
@@ -54,13 +54,12 @@ class RichReporter:
                 self._status.start()
             else:
                 self._status.update(text)
-        elif elapsed - self._last_line >= 10.0:
-            self._last_line = elapsed
+        elif elapsed - self._last_line.get(ref, -10.0) >= 10.0:
+            self._last_line[ref] = elapsed
             self._out.print(text)
 
     def ready(self, cluster: str, ref: str) -> None:
         self._stop()
-        self._last_line = -10.0
         self._out.print(f"  {cluster:<12} [green]ready[/]     {ref}")
 
 
@@ -127,13 +126,16 @@ def _clients(kubeconfig: str | None, contexts: dict[str, str]) -> dict[str, Clus
 @click.option("--cluster", "only", multiple=True, metavar="NAME", help="apply only to these clusters (repeatable)")
 @click.option("--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True, metavar="SECONDS",
               help="readiness wait per phase")
+@click.option("--poll-interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True, metavar="SECONDS",
+              help="how often readiness is checked")
 @click.option("--no-wait", is_flag=True, help="apply without waiting for readiness between phases")
 @output_option
 def install_cmd(source: Path, render_dir: Path | None, do_apply: bool, image: str, federation_store: str,
                 federation_cluster: str | None, federation_url: str | None, root_dir: Path | None,
                 storage_class: str | None, storage_size: str, gateway_replicas: int, etcd_image: str,
                 cluster_domain: str, kubeconfig: str | None, context_map: tuple[str, ...], context_prefix: str,
-                only: tuple[str, ...], timeout: float, no_wait: bool, output: str) -> None:
+                only: tuple[str, ...], timeout: float, poll_interval: float, no_wait: bool,
+                output: str) -> None:
     """Render (--render DIR) and/or apply (--apply) meshfed on every cluster of a clusterset.
 
     SOURCE is a clusterset (its directory or clusterset.yaml), or a directory rendered earlier (with --apply)."""
@@ -207,7 +209,8 @@ def install_cmd(source: Path, render_dir: Path | None, do_apply: bool, image: st
         clients = _clients(kubeconfig, {c: contexts[c] for c in targets})
         started = time.monotonic()
         try:
-            outcomes = apply_plan(plan, clients, reporter=RichReporter(err), timeout=timeout, wait=not no_wait)
+            outcomes = apply_plan(plan, clients, reporter=RichReporter(err), timeout=timeout,
+                                  poll=poll_interval, wait=not no_wait)
         except InstallError as exc:
             fail(str(exc), hint="fix the cause and run the same command again: applying is safe to repeat")
         counts = {a: sum(1 for o in outcomes if o.action == a) for a in ("created", "replaced", "unchanged", "kept")}

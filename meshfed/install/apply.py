@@ -4,8 +4,9 @@ create-or-replace, and bounded readiness waits.
 Semantics, per object:
 
 * absent: **create** it;
-* present and carrying our ``meshfed.io/applied-hash`` annotation equal to the desired object's hash:
-  **unchanged** (nothing is sent), which is what makes a re-run a no-op;
+* present, carrying our ``meshfed.io/applied-hash`` annotation equal to the desired object's hash, and still
+  holding every field we set (server defaults aside): **unchanged** (nothing is sent), which is what makes a
+  re-run a no-op;
 * otherwise **replace** it (PUT with the live ``resourceVersion``; a Service keeps its allocated cluster IPs and
   node ports); a PersistentVolumeClaim is never replaced (its spec is immutable): it is **kept**.
 
@@ -80,6 +81,33 @@ def with_hash(obj: Mapping[str, Any]) -> dict[str, Any]:
     digest = content_hash(desired)
     meta.setdefault("annotations", {})[HASH_ANNOTATION] = digest
     return desired
+
+
+def _contains(want: Any, have: Any) -> bool:
+    """Whether ``have`` holds everything ``want`` says (extra keys in ``have`` are server defaults)."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(k in have and _contains(v, have[k]) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(
+            _contains(w, h) for w, h in zip(want, have, strict=True))
+    return bool(want == have)
+
+
+def drifted(desired: Mapping[str, Any], live: Mapping[str, Any]) -> bool:
+    """Whether someone changed a live object that still carries our hash (e.g. ``kubectl edit``): every field we
+    set must still be there with our value; fields the server added (defaults, status) do not count."""
+    for key, value in desired.items():
+        if key == "status":
+            continue
+        if key == "metadata":
+            meta = live.get("metadata") or {}
+            for part in ("labels", "annotations"):
+                if not _contains(value.get(part) or {}, meta.get(part) or {}):
+                    return True
+            continue
+        if key not in live or not _contains(value, live[key]):
+            return True
+    return False
 
 
 def _api_reason(exc: Exception) -> str:
@@ -174,7 +202,7 @@ class ClusterClient:
                     res.create(body=desired, namespace=ns)
                     return Outcome(self.cluster, ref, "created")
                 have = ((live.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
-                if have == desired["metadata"]["annotations"][HASH_ANNOTATION]:
+                if have == desired["metadata"]["annotations"][HASH_ANNOTATION] and not drifted(desired, live):
                     return Outcome(self.cluster, ref, "unchanged")
                 if obj["kind"] == "PersistentVolumeClaim":
                     return Outcome(self.cluster, ref, "kept")
@@ -256,19 +284,26 @@ def apply_plan(
         if not wait:
             continue
         start = clock()
-        for cluster, obj in workloads:
-            ref = object_ref(obj)
-            while True:
+        pending = list(workloads)
+        while pending:
+            waiting: list[tuple[str, dict[str, Any], str]] = []
+            for cluster, obj in pending:
                 ok, detail = clients[cluster].readiness(obj)
-                elapsed = clock() - start
                 if ok:
-                    rep.ready(cluster, ref)
-                    break
-                if elapsed >= timeout:
-                    raise ApplyError(cluster, ref, "waiting for",
-                                     f"not ready after {timeout:g}s ({detail}); see `kubectl --context ... -n "
-                                     f"{obj['metadata'].get('namespace', '')} describe "
-                                     f"{obj['kind'].lower()} {obj['metadata']['name']}`")
-                rep.waiting(cluster, ref, detail, elapsed)
-                sleep(poll)
+                    rep.ready(cluster, object_ref(obj))
+                else:
+                    waiting.append((cluster, obj, detail))
+            if not waiting:
+                break
+            elapsed = clock() - start
+            if elapsed >= timeout:
+                cluster, obj, detail = waiting[0]
+                raise ApplyError(cluster, object_ref(obj), "waiting for",
+                                 f"not ready after {timeout:g}s ({detail}); see `kubectl --context ... -n "
+                                 f"{obj['metadata'].get('namespace', '')} describe "
+                                 f"{obj['kind'].lower()} {obj['metadata']['name']}`")
+            for cluster, obj, detail in waiting:
+                rep.waiting(cluster, object_ref(obj), detail, elapsed)
+            pending = [(c, o) for c, o, _ in waiting]
+            sleep(poll)
     return outcomes
