@@ -124,6 +124,7 @@ class Setup:
     port: int
     service: subprocess.Popen[bytes]
     etcd: subprocess.Popen[bytes] | None
+    keep_log: bool = False
 
 
 def start(args: argparse.Namespace) -> Setup:
@@ -151,10 +152,11 @@ def start(args: argparse.Namespace) -> Setup:
     port = free_port()
     with open(tmp / "service.log", "wb") as log:
         proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "meshfed"), "federation", "serve", "--store", store_url,
+            [str(Path(sys.executable).parent / "meshfed"), *(["-vv"] if args.service_log else []),
+             "federation", "serve", "--store", store_url,
              "--listen", f"127.0.0.1:{port}", "--ca", str(tmp / "fed-ca"), "--lease-ttl", "60"],
             stdout=log, stderr=subprocess.STDOUT)
-    return Setup(tmp, root, td, bundle, f"https://127.0.0.1:{port}", port, proc, etcd_proc)
+    return Setup(tmp, root, td, bundle, f"https://127.0.0.1:{port}", port, proc, etcd_proc, args.service_log)
 
 
 def stop(setup: Setup) -> None:
@@ -167,7 +169,10 @@ def stop(setup: Setup) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
-    shutil.rmtree(setup.tmp, ignore_errors=True)
+    if setup.keep_log:
+        print(f"  service log kept: {setup.tmp / 'service.log'}")
+    else:
+        shutil.rmtree(setup.tmp, ignore_errors=True)
 
 
 async def run(args: argparse.Namespace, setup: Setup) -> None:
@@ -234,6 +239,7 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
 
         publish_acks: list[float] = []
         per_agent: list[float] = []
+        after_ack: list[float] = []
         round_max: list[float] = []
         for r in range(args.rounds):
             i = r % args.clusters
@@ -249,8 +255,10 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
                     waiting[other] = (probe, t0)
             gen = agent.publish(*snap)
             await asyncio.wait_for(agent.wait_published(gen), 60)
-            publish_acks.append(time.perf_counter() - t0)
+            ack = time.perf_counter() - t0
+            publish_acks.append(ack)
             await asyncio.wait_for(round_done.wait(), 60)
+            after_ack.extend(max(0.0, a - ack) for a in arrivals)
             round_max.append(max(arrivals))
             per_agent.extend(arrivals)
             await asyncio.sleep(0.05)
@@ -267,6 +275,8 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
               f"{'met' if pct(round_max, 99) < GOAL_P99_S else 'NOT met'})")
         print(f"  publish acknowledged (HTTP PUT, durable):      p50 {pct(publish_acks, 50) * 1000:.1f} ms, "
               f"p99 {pct(publish_acks, 99) * 1000:.1f} ms")
+        print(f"  from acknowledgement to other agent's registry: p50 {pct(after_ack, 50) * 1000:.1f} ms, "
+              f"p99 {pct(after_ack, 99) * 1000:.1f} ms")
         print(f"  baseline: raw SqliteStore.put_exports of the same set in-process: p50 {pct(base, 50) * 1000:.1f} "
               f"ms, p99 {pct(base, 99) * 1000:.1f} ms")
         print(f"  ratio propagation/raw store write: p50 {pct(per_agent, 50) / pct(base, 50):.1f}x, "
@@ -287,6 +297,7 @@ def main() -> None:
     ap.add_argument("--services", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--store", choices=["sqlite", "etcd"], default="sqlite")
+    ap.add_argument("--service-log", action="store_true", help="run the service with -vv and keep its log")
     args = ap.parse_args()
     setup = start(args)
     try:

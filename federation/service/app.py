@@ -27,7 +27,15 @@ from discovery.mcs import DEFAULT_CIDR
 from discovery.model import ClusterId, DiscoveryError, NetworkId, cluster_id
 from federation import catalog as cat
 from federation import wire
-from federation.records import FederationError, Member, RevisionCompacted, StaleGeneration, UnknownCluster
+from federation.records import (
+    EventKind,
+    FederationError,
+    Member,
+    RevisionCompacted,
+    StaleGeneration,
+    StoreEvent,
+    UnknownCluster,
+)
 from federation.service.auth import Identify, Unauthenticated, bundle_identify, peer_chain
 from federation.service.metrics import Metrics
 from federation.service.openapi import document
@@ -211,6 +219,8 @@ async def put_exports(request: web.Request) -> web.Response:
         return _error(404, f"{exc}", field="cluster")
     metrics.publishes.labels(outcome="stored").inc()
     metrics.publish_seconds.observe(time.perf_counter() - started)
+    await _state(request).offer(StoreEvent(revision=revision, kind=EventKind.EXPORTS, cluster=cluster,
+                                           exports=exports))
     log.info("published cluster=%s generation=%d services=%d revision=%d", cluster, exports.generation,
              len(exports.services), revision)
     return _json({"cluster": cluster, "generation": exports.generation, "services": len(exports.services),

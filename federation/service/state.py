@@ -57,6 +57,7 @@ class CatalogState:
         self._history: deque[tuple[int, list[cat.Change]]] = deque()
         self._boundaries: set[int] = set()
         self._changed = asyncio.Condition()
+        self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self.healthy = False
@@ -195,7 +196,18 @@ class CatalogState:
         except BaseException as exc:  # handed to the follower, which decides
             queue.put_nowait(exc)
 
+    async def offer(self, event: StoreEvent) -> None:
+        """A write this replica just made (its revision from the store): applied now if it is the very next
+        revision, instead of waiting for the store's watch to deliver it back (which it still does; the repeat is
+        skipped). Any gap means other writes may sit in between, so then it waits for the watch as usual."""
+        if self.started.is_set() and event.revision == self.catalog.revision + 1:
+            await self._apply([event])
+
     async def _apply(self, events: list[StoreEvent]) -> None:
+        async with self._lock:
+            await self._apply_locked(events)
+
+    async def _apply_locked(self, events: list[StoreEvent]) -> None:
         started = time.perf_counter()
         dirty: set[ServiceKey] = set()
         revision = self.catalog.revision
