@@ -32,6 +32,7 @@ import json
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -173,11 +174,16 @@ class TokenReviewAuthenticator:
 
     ``api_url`` is the API server (``https://...``); ``credential`` is this control plane's own bearer token (its
     service account needs ``create`` on ``tokenreviews``); ``audience`` is the audience the projected tokens are
-    minted for (e.g. ``meshfed``); ``cluster`` is the cluster name put into identities.
+    minted for (e.g. ``meshfed``); ``cluster`` is the cluster name put into identities. A successful review is
+    remembered for ``cache_seconds`` (keyed by the token's digest), so a burst of reconnecting proxies does not
+    become a burst of TokenReviews; refusals are never cached.
     """
 
     def __init__(self, *, api_url: str, credential: str, audience: str, cluster: str,
-                 ssl_context: ssl.SSLContext | bool | None = None, timeout: float = 5.0) -> None:
+                 ssl_context: ssl.SSLContext | bool | None = None, timeout: float = 5.0,
+                 cache_seconds: float = 30.0) -> None:
+        self._cache: dict[bytes, tuple[ProxyIdentity, float]] = {}
+        self._cache_seconds = cache_seconds
         self._url = api_url.rstrip("/") + "/apis/authentication.k8s.io/v1/tokenreviews"
         self._credential = credential
         self._audience = audience
@@ -187,6 +193,19 @@ class TokenReviewAuthenticator:
 
     async def authenticate(self, *, metadata: Mapping[str, str]) -> ProxyIdentity:
         token = bearer_token(metadata)
+        digest = hashlib.sha256(token.encode()).digest()
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        identity = await self._review(token)
+        if self._cache_seconds > 0:
+            if len(self._cache) > 10_000:
+                self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
+            self._cache[digest] = (identity, now + self._cache_seconds)
+        return identity
+
+    async def _review(self, token: str) -> ProxyIdentity:
         review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                   "spec": {"token": token, "audiences": [self._audience]}}
         headers = {"Authorization": f"Bearer {self._credential}", "Content-Type": "application/json",

@@ -46,7 +46,22 @@ async def test_token_review_accepts_a_service_account_token(kube: KubeApiDouble)
     token = kube.issue_token("shop", "web", audiences=[AUD])
     identity = await reviewer(kube).authenticate(metadata=bearer(token))
     assert identity == ProxyIdentity(namespace="shop", service_account="web", cluster="east")
-    assert ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") in [(m, p.split("?")[0]) for m, p in kube.requests]
+    reviews = [(m, p) for m, p in kube.requests if p.startswith("/apis/authentication.k8s.io/v1/tokenreviews")]
+    assert [m for m, _ in reviews] == ["POST"]
+
+
+async def test_token_review_results_are_cached_briefly(kube: KubeApiDouble) -> None:
+    token = kube.issue_token("shop", "web", audiences=[AUD])
+    auth = reviewer(kube)
+    for _ in range(3):
+        assert (await auth.authenticate(metadata=bearer(token))).service_account == "web"
+    assert sum(1 for _, p in kube.requests if "tokenreviews" in p) == 1
+    uncached = TokenReviewAuthenticator(api_url=kube.url, credential=kube.admin_token, audience=AUD, cluster="east",
+                                        cache_seconds=0)
+    await uncached.authenticate(metadata=bearer(token))
+    kube.revoke_token(token)
+    with pytest.raises(AuthenticationError):
+        await uncached.authenticate(metadata=bearer(token))
 
 
 async def test_token_review_refusals(kube: KubeApiDouble) -> None:
