@@ -1,0 +1,245 @@
+"""Acceptance: AuthorizationPolicy enforced by real Envoy sidecars on cross-cluster (and local) calls.
+
+ratings runs in west. Callers: ``sleep`` and ``other`` in east (through west's east-west gateway, TLS passed
+through) and a ``sleep`` in west with the same namespace and service account as east's. West holds two policies
+on ratings, converted from manifests by the real converter:
+
+- ALLOW ``ratings-from-east-sleep``: principal ``<td>/ns/default/sa/sleep`` when ``source.cluster`` is east;
+- DENY ``ratings-no-admin``: paths ``/admin*``.
+
+East's sleep gets 200 (and 403 on /admin, naming the DENY policy); east's other and west's sleep get 403 with no
+ALLOW policy matched; a forged ``x-forwarded-client-cert`` claiming east does not help west's sleep. Every denial
+leaves a log line on ratings' sidecar naming the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import yaml
+from aiohttp import web
+
+from discovery.authz import AuthorizationPolicy
+from discovery.convert import convert
+from discovery.model import ClusterId, namespace
+from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
+from tests.gateway.mesh_fixtures import EAST, RATINGS, TD, WEST, Mesh
+from tests.support.procs import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+RATINGS_HOST = "ratings.default.svc.clusterset.local"
+POLICIES = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ratings-from-east-sleep, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: ratings}}}}
+  action: ALLOW
+  rules:
+    - from: [{{source: {{principals: ["{TD}/ns/default/sa/sleep"]}}}}]
+      when: [{{key: source.cluster, values: [east]}}]
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata: {{name: ratings-no-admin, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: ratings}}}}
+  action: DENY
+  rules:
+    - to: [{{operation: {{paths: ["/admin*"]}}}}]
+"""
+
+
+def policies() -> tuple[AuthorizationPolicy, ...]:
+    out = []
+    for doc in yaml.safe_load_all(POLICIES):
+        converted = convert(doc, cluster=WEST)
+        assert isinstance(converted, AuthorizationPolicy)
+        out.append(converted)
+    return tuple(out)
+
+
+async def echo_app(port: int) -> web.AppRunner:
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response({"app": "ratings", "xfcc": request.headers.get("x-forwarded-client-cert", "")})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@dataclass
+class Authz:
+    ratings: EnvoyProc
+    outbound: dict[str, int]  # caller name -> its sidecar's outbound port
+    envoys: list[EnvoyProc]
+
+    async def call(self, caller: str, path: str = "/ratings/1", headers: dict[str, str] | None = None
+                   ) -> tuple[int, str]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, session.get(
+                f"http://127.0.0.1:{self.outbound[caller]}{path}",
+                headers={"Host": RATINGS_HOST, **(headers or {})}) as resp:
+            return resp.status, await resp.text()
+
+
+def certs(cas: dict[str, IntermediateCA], cluster: str, sas: list[str]) -> dict[str, WorkloadCert]:
+    out = {}
+    for sa in sas:
+        sid = SpiffeId.workload(TrustDomain(TD), "default", sa)
+        key, chain = issue_workload(cas[cluster], sid, ttl=timedelta(hours=1))
+        out[str(sid)] = WorkloadCert(key_pem=key.decode(), chain_pem=b"".join(chain).decode())
+    return out
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def authz() -> AsyncIterator[Authz]:
+    td = TrustDomain(TD)
+    root = create_root(td)
+    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
+    bundle = root.cert_pem.decode()
+    ports = {n: free_port() for n in ("east_gw", "west_gw", "ratings_in", "ratings_app")}
+    mesh = Mesh(east_gateway_port=ports["east_gw"], west_gateway_port=ports["west_gw"])
+    mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["ratings_in"])]
+    mesh.exports[WEST] = {RATINGS}
+
+    def context(cluster: ClusterId, sas: list[str]) -> PushContext:
+        return PushContext(registry=mesh.registry(cluster), trust_domain=TD, trust_bundle_pem=bundle,
+                           workload_certs=certs(cas, str(cluster), sas),
+                           authz=policies() if cluster == WEST else ())
+
+    tmp = Path(tempfile.mkdtemp(prefix="meshfed-authz-"))
+    app = await echo_app(ports["ratings_app"])
+    envoys: list[EnvoyProc] = []
+    ns = namespace("default")
+
+    def sidecar(cluster: ClusterId, sa: str, out_port: int) -> ProxyInfo:
+        return ProxyInfo(kind=ProxyKind.SIDECAR, cluster=cluster, namespace=ns, service_account=sa,
+                         node_id=f"sidecar~127.0.0.1~{sa}-{cluster}.default~default.svc.cluster.local",
+                         outbound_port=out_port)
+
+    outbound = {"east-sleep": free_port(), "east-other": free_port(), "west-sleep": free_port()}
+    try:
+        async with ControlPlane(ctx=context(EAST, ["sleep", "other"])) as east, \
+                ControlPlane(ctx=context(WEST, ["ratings", "sleep"])) as west:
+            ratings = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=ns, service_account="ratings",
+                                node_id="sidecar~127.0.0.1~ratings-1.default~default.svc.cluster.local",
+                                services=(RATINGS,), inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
+                                outbound_port=free_port())
+            gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
+                                service_account="eastwest", gateway_port=ports["west_gw"],
+                                node_id="router~127.0.0.1~eastwest-west.meshfed~meshfed.svc.cluster.local")
+            envoys.append(ratings_env := start_envoy(tmp, west, ratings))
+            envoys.append(start_envoy(tmp, west, gateway))
+            envoys.append(start_envoy(tmp, west, sidecar(WEST, "sleep", outbound["west-sleep"])))
+            envoys.append(start_envoy(tmp, east, sidecar(EAST, "sleep", outbound["east-sleep"])))
+            envoys.append(start_envoy(tmp, east, sidecar(EAST, "other", outbound["east-other"])))
+            for e in envoys:
+                await wait_ready(e)
+            yield Authz(ratings=ratings_env, outbound=outbound, envoys=envoys)
+    finally:
+        for e in envoys:
+            e.stop()
+        await app.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _reachable(authz: Authz) -> bool:
+    try:
+        status, _ = await authz.call("east-sleep")
+    except aiohttp.ClientError:
+        return False
+    return status == 200
+
+
+def _denials(authz: Authz) -> list[str]:
+    return [line for line in authz.ratings.proc.output().splitlines() if line.startswith("meshfed-authz denied")]
+
+
+async def test_allowed_caller_in_east_gets_200_and_its_cluster_in_the_subject(authz: Authz) -> None:
+    await wait_until(lambda: _reachable(authz), within=30, what="ratings reachable from east's sleep")
+    status, body = await authz.call("east-sleep")
+    assert status == 200, body
+    xfcc = json.loads(body)["xfcc"]
+    assert f"URI=spiffe://{TD}/ns/default/sa/sleep" in xfcc, xfcc
+    assert f'Subject="OU=east,O={TD}"' in xfcc, xfcc
+
+
+async def test_deny_policy_wins_and_the_log_names_it(authz: Authz) -> None:
+    await wait_until(lambda: _reachable(authz), within=30, what="ratings reachable from east's sleep")
+    status, body = await authz.call("east-sleep", "/admin/users")
+    assert status == 403, body
+    assert "RBAC: access denied" in body
+
+    async def logged() -> bool:
+        return any("path=/admin/users" in line for line in _denials(authz))
+
+    await wait_until(logged, within=10, what="the denial's log line on ratings' sidecar")
+    line = next(line for line in _denials(authz) if "path=/admin/users" in line)
+    assert "details=rbac_access_denied_matched_policy[default.ratings-no-admin]" in line, line
+    assert f"source=spiffe://{TD}/ns/default/sa/sleep" in line, line
+    stats = await authz.ratings.admin.stats(filter=r"rbac\.")
+    denied = {k: v for k, v in stats.items() if k.endswith("denied") and "shadow" not in k and v}
+    assert any("meshfed_deny." in k for k in denied), stats
+
+
+async def test_other_service_account_in_east_is_denied_by_default(authz: Authz) -> None:
+    await wait_until(lambda: _reachable(authz), within=30, what="ratings reachable from east's sleep")
+    status, body = await authz.call("east-other", "/ratings/other")
+    assert status == 403, body
+
+    async def logged() -> bool:
+        return any("path=/ratings/other" in line for line in _denials(authz))
+
+    await wait_until(logged, within=10, what="the denial's log line on ratings' sidecar")
+    line = next(line for line in _denials(authz) if "path=/ratings/other" in line)
+    assert "details=rbac_access_denied_matched_policy[none]" in line, line
+    assert "allow_policies=default.ratings-from-east-sleep" in line, line
+    assert f"source=spiffe://{TD}/ns/default/sa/other" in line, line
+
+
+async def test_same_identity_in_another_cluster_is_denied_by_source_cluster(authz: Authz) -> None:
+    await wait_until(lambda: _reachable(authz), within=30, what="ratings reachable from east's sleep")
+
+    async def west_answers() -> bool:
+        try:
+            status, _ = await authz.call("west-sleep", "/probe")
+        except aiohttp.ClientError:
+            return False
+        return status in (200, 403)
+
+    await wait_until(west_answers, within=30, what="ratings reachable from west's sleep")
+    status, body = await authz.call("west-sleep", "/ratings/from-west")
+    assert status == 403, body
+    # A forged XFCC (the east Subject, east's principal) is dropped by the callee's sidecar before RBAC.
+    forged = f'By=spiffe://{TD}/ns/default/sa/ratings;Subject="OU=east,O={TD}";URI=spiffe://{TD}/ns/default/sa/sleep'
+    status, body = await authz.call("west-sleep", "/ratings/forged", headers={"x-forwarded-client-cert": forged})
+    assert status == 403, body
+
+    async def logged() -> bool:
+        return any("path=/ratings/forged" in line for line in _denials(authz))
+
+    await wait_until(logged, within=10, what="the forged request's log line")
+    line = next(line for line in _denials(authz) if "path=/ratings/forged" in line)
+    assert "rbac_access_denied_matched_policy[none]" in line, line
+    assert f'source_subject="OU=west,O={TD}"' in line, line
+    # Same identity, from east: allowed (the rule is about the cluster, not the principal).
+    status, _ = await authz.call("east-sleep", "/ratings/forged")
+    assert status == 200
+    for envoy in authz.envoys:
+        assert await envoy.admin.rejected() == {}, envoy.proxy.node_id
