@@ -241,8 +241,15 @@ def hop_gateway(ev: Evidence) -> Hop:
 
 def healthy_hosts(clusters_text: str, port: int | None, host: str) -> tuple[int, int]:
     """(healthy, total) hosts of the outbound cluster in an Envoy ``/clusters`` text dump."""
+    healthy, total, _ = host_health(clusters_text, port, host)
+    return healthy, total
+
+
+def host_health(clusters_text: str, port: int | None, host: str) -> tuple[int, int, list[str]]:
+    """(healthy, total, ["ADDR flags" of each unhealthy host]) of the outbound cluster in a ``/clusters`` dump."""
     prefix = f"outbound|{port}||{host}::" if port else None
     healthy = total = 0
+    bad: list[str] = []
     for line in clusters_text.splitlines():
         if "::health_flags::" not in line:
             continue
@@ -253,7 +260,10 @@ def healthy_hosts(clusters_text: str, port: int | None, host: str) -> tuple[int,
         total += 1
         if line.rstrip().endswith("::healthy"):
             healthy += 1
-    return healthy, total
+        else:
+            parts = line.rstrip().split("::")
+            bad.append(f"{parts[1]} {parts[-1]}" if len(parts) > 2 else line.strip())
+    return healthy, total, bad
 
 
 def hop_endpoints(ev: Evidence) -> Hop:
@@ -267,11 +277,14 @@ def hop_endpoints(ev: Evidence) -> Hop:
     if ev.sidecar_clusters is None:
         return Hop(6, "endpoints", FAIL, f"cannot read the sidecar's /clusters: {ev.sidecar_error}",
                    "is the sidecar running?")
-    healthy, total = healthy_hosts(ev.sidecar_clusters, ev.port(), ev.host)
+    healthy, total, bad = host_health(ev.sidecar_clusters, ev.port(), ev.host)
     counts = ", ".join(f"{c}={n}" for c, n in sorted(ready.items()))
     if healthy == 0:
-        return Hop(6, "endpoints", FAIL, f"ready: {counts}; but the sidecar has {total} hosts, none healthy",
-                   "EDS has not reached the sidecar, or outlier detection ejected every host")
+        flags = f" ({'; '.join(bad)})" if bad else ""
+        return Hop(6, "endpoints", FAIL, f"ready: {counts}; but the sidecar has {total} hosts, none healthy{flags}",
+                   "EDS has not reached the sidecar (no hosts), the health check of the remote gateway fails "
+                   "(/failed_active_hc: is the gateway up?), or outlier detection ejected every host "
+                   "(/failed_outlier_check)")
     return Hop(6, "endpoints", OK, f"ready: {counts}; sidecar sees {healthy}/{total} healthy hosts")
 
 
