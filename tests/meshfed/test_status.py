@@ -1,0 +1,224 @@
+"""meshfed status: the pure evaluation (every unhealthy condition is named and flips the exit) and the CLI's errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from click.testing import CliRunner
+
+from meshfed.cli import cli
+from meshfed.status import (
+    EXPIRY_FRACTION,
+    LocalInputs,
+    RemoteInputs,
+    cert_health,
+    evaluate_local,
+    evaluate_remote,
+    sections,
+)
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+
+
+def iso(delta: timedelta) -> str:
+    return (NOW + delta).isoformat()
+
+
+def cond(ctype: str, status: str, reason: str, message: str) -> dict[str, str]:
+    return {"type": ctype, "status": status, "reason": reason, "message": message}
+
+
+GOOD_CONDS = [cond("Valid", "True", "Valid", "ok"), cond("Conflict", "False", "NoConflicts", "agree")]
+
+
+def run_state() -> dict[str, Any]:
+    clusters = {}
+    pid = 100
+    processes = [{"name": "federation", "pid": 1, "log": "/run/federation.log"}]
+    for name in ("east", "west"):
+        pid += 1
+        processes.append({"name": f"{name}/controlplane", "pid": pid, "log": f"/run/{name}/controlplane.log"})
+        clusters[name] = {
+            "controlplane": {"pid": pid, "xds": f"127.0.0.1:{pid}1", "dns": f"127.0.0.1:{pid}2",
+                             "admin": f"127.0.0.1:{pid}3", "log": f"/run/{name}/controlplane.log"},
+            "gateway": {"address": f"127.0.0.1:{pid}4", "admin": f"127.0.0.1:{pid}5"},
+            "workloads": [{"name": f"sleep-{name}", "service": "", "outbound": f"127.0.0.1:{pid}6",
+                           "sidecar_admin": f"127.0.0.1:{pid}7", "app": "",
+                           "spiffe_id": "spiffe://demo.meshfed.local/ns/default/sa/sleep"}],
+        }
+    return {"run_dir": "/run", "federation": {"url": "https://127.0.0.1:4000", "pid": 1, "lease_ttl_s": 3},
+            "processes": processes, "clusters": clusters}
+
+
+def cp_status(name: str) -> dict[str, Any]:
+    members = [{"cluster": c, "network": f"net-{c}", "unreachable_since": None, "renewed_at": iso(timedelta(0)),
+                "gateway": "x"} for c in ("east", "west")]
+    services = [{"service": "reviews.default", "type": "ClusterSetIP", "exported": True, "ready": 2,
+                 "conditions": copy.deepcopy(GOOD_CONDS)}]
+    if name == "west":
+        services.append({"service": "ratings.default", "type": "ClusterSetIP", "exported": True, "ready": 1,
+                         "conditions": copy.deepcopy(GOOD_CONDS)})
+    return {
+        "cluster": name, "network": f"net-{name}", "region": "r", "zone": "z",
+        "services": services,
+        "imports": [{"service": "ratings.default", "type": "ClusterSetIP", "ips": ["127.241.0.9"],
+                     "clusters": ["west"], "ports": [{"name": "http", "port": 9080}],
+                     "ready_by_cluster": {"west": 1}}],
+        "proxies": [{"node_id": f"sidecar~127.0.0.1~sleep-{name}.default~x", "type_url": t, "state": "synced",
+                     "connected": True, "nack_error": ""} for t in (CDS, LDS)],
+        "proxy_errors": {},
+        "federation": {"configured": True, "connected": True, "members": members},
+        "trust": {"intermediate_fingerprint": f"{name}fp", "intermediate_not_before": iso(-timedelta(days=1)),
+                  "intermediate_not_after": iso(timedelta(days=364)),
+                  "workload_certs": [{"spiffe_id": "spiffe://demo.meshfed.local/ns/default/sa/sleep",
+                                      "not_before": iso(-timedelta(hours=1)), "not_after": iso(timedelta(hours=23))}]},
+    }
+
+
+def root() -> dict[str, Any]:
+    return {"phase": "stable", "next_step": "nothing to do", "trust_domain": "demo.meshfed.local",
+            "certificates": [{"role": "root (active)", "fingerprint": "abc", "not_before": iso(-timedelta(days=1)),
+                              "not_after": iso(timedelta(days=3650))}]}
+
+
+def inputs(**changes: Any) -> LocalInputs:
+    state = run_state()
+    base: dict[str, Any] = {
+        "state": state,
+        "alive": {p["pid"]: True for p in state["processes"]},
+        "controlplanes": {"east": cp_status("east"), "west": cp_status("west")},
+        "root": root(),
+        "now": NOW,
+    }
+    base.update(changes)
+    return LocalInputs(**base)
+
+
+def test_healthy_run_reports_every_section_and_address() -> None:
+    report = evaluate_local(inputs())
+    assert report["problems"] == [] and report["healthy"] is True
+    assert [c["cluster"] for c in report["clusters"]] == ["east", "west"]
+    assert all(c["connected"] and c["controlplane_up"] for c in report["clusters"])
+    ratings = next(s for s in report["services"] if s["service"] == "ratings.default")
+    assert ratings["exported_by"] == ["west"] and ratings["clusterset_ip"] == "127.241.0.9"
+    assert ratings["imported_by"] == ["east", "west"] and ratings["ready"] == {"west": 1}
+    assert {p["state"] for p in report["proxies"]} == {"synced"}
+    assert report["trust"]["phase"] == "stable"
+    addr = report["addresses"]
+    assert addr["federation"] == "https://127.0.0.1:4000"
+    assert set(addr["clusters"]["east"]) >= {"xds", "dns", "admin", "gateway", "gateway_admin"}
+    sleep = next(w for w in addr["workloads"] if w["workload"] == "sleep-east")
+    assert "ratings.default.svc.clusterset.local" in sleep["can_call"]
+    json.dumps(report)  # JSON-able as is
+    titles = [t for t, _, _ in sections(report)]
+    assert titles[:3] == ["Clusters", "Services", "Proxies"] and "Problems" not in titles
+
+
+def test_dead_process_is_named_with_its_log() -> None:
+    inp = inputs()
+    alive = dict(inp.alive)
+    alive[102] = False  # west/controlplane
+    report = evaluate_local(inputs(alive=alive))
+    assert report["healthy"] is False
+    assert any("west/controlplane (pid 102) is not running" in p and "controlplane.log" in p
+               for p in report["problems"])
+    assert next(c for c in report["clusters"] if c["cluster"] == "west")["controlplane_up"] is False
+
+
+def test_unreachable_member_and_silent_control_plane() -> None:
+    east = cp_status("east")
+    east["federation"]["members"][1]["unreachable_since"] = iso(-timedelta(seconds=5))
+    report = evaluate_local(inputs(controlplanes={"east": east, "west": None},
+                                   errors={"west": "GET http://x/status failed: refused"}))
+    assert report["healthy"] is False
+    west = next(c for c in report["clusters"] if c["cluster"] == "west")
+    assert west["connected"] is False and west["unreachable_since"] and west["exports"] is None
+    assert any(p.startswith("west: unreachable since") for p in report["problems"])
+    assert any("west: control plane status unavailable" in p for p in report["problems"])
+
+
+def test_the_federations_member_list_wins_over_the_control_planes_view() -> None:
+    members = [{"cluster": "east", "unreachable_since": None, "renewed_at": iso(timedelta(0))},
+               {"cluster": "west", "unreachable_since": iso(-timedelta(seconds=1)), "renewed_at": iso(timedelta(0))}]
+    report = evaluate_local(inputs(members=members))
+    assert any(p.startswith("west: unreachable since") for p in report["problems"])
+
+
+def test_nack_names_the_type_and_error() -> None:
+    east = cp_status("east")
+    east["proxies"][1].update(state="nacked", nack_error="listener 'x': duplicate filter chain")
+    report = evaluate_local(inputs(controlplanes={"east": east, "west": cp_status("west")}))
+    assert report["healthy"] is False
+    assert any("NACKed LDS: listener 'x': duplicate filter chain" in p for p in report["problems"])
+    proxy = next(p for p in report["proxies"] if p["cluster"] == "east")
+    assert proxy["state"] == "nacked"
+    rows = next(r for t, _, r in sections(report) if t == "Proxies")
+    assert any("LDS nacked (listener 'x'" in row[4] for row in rows)
+
+
+def test_conflict_and_invalid_exports_carry_the_kep_message() -> None:
+    west = cp_status("west")
+    west["services"][0]["conditions"] = [cond("Valid", "True", "Valid", "ok"),
+                                         cond("Conflict", "True", "PortConflict",
+                                              "port 9080 differs: east has http, west has grpc")]
+    west["services"][1]["conditions"] = [cond("Valid", "False", "NoService", "Service default/ratings not found")]
+    report = evaluate_local(inputs(controlplanes={"east": cp_status("east"), "west": west}))
+    reviews = next(s for s in report["services"] if s["service"] == "reviews.default")
+    assert reviews["conflict"] == "port 9080 differs: east has http, west has grpc"
+    assert any("PortConflict" in p for p in report["problems"])
+    assert any("ratings.default exported from west is not valid (NoService)" in p for p in report["problems"])
+
+
+def test_expiring_certificates_are_unhealthy() -> None:
+    east = cp_status("east")
+    # 24 h leaf with 2 h left: 8% of its lifetime
+    east["trust"]["workload_certs"][0].update(not_before=iso(-timedelta(hours=22)), not_after=iso(timedelta(hours=2)))
+    report = evaluate_local(inputs(controlplanes={"east": east, "west": cp_status("west")}))
+    assert any("workload certificate" in p and "expiring" in p for p in report["problems"])
+
+
+def test_cert_health_boundaries() -> None:
+    start = iso(-timedelta(hours=90))
+    assert cert_health(start, iso(timedelta(hours=10)), NOW)[0] == "ok"  # exactly 10% left is not < 10%
+    assert cert_health(start, iso(timedelta(hours=9)), NOW)[0] == "expiring"
+    assert cert_health(start, iso(-timedelta(seconds=1)), NOW) == ("expired", 0.0)
+    assert cert_health(None, None, NOW) == ("unknown", None)
+    assert EXPIRY_FRACTION == 0.10
+
+
+def test_remote_report_from_a_catalog() -> None:
+    inp = RemoteInputs(
+        url="https://fed:443",
+        members=[{"cluster": "east", "renewed_at": iso(-timedelta(seconds=2)), "unreachable_since": None},
+                 {"cluster": "west", "renewed_at": iso(-timedelta(seconds=60)),
+                  "unreachable_since": iso(-timedelta(seconds=50))}],
+        services=[{"service": "reviews.default", "type": "ClusterSetIP", "ips": ["241.0.0.1"],
+                   "clusters": ["east"], "ports": [{"name": "http", "port": 9080}],
+                   "ready_by_cluster": {"east": 2},
+                   "conditions": [["east", cond("Conflict", "True", "TypeConflict", "east says Headless")]]}],
+        roots=[{"fingerprint": "r1", "not_before": iso(-timedelta(days=1)), "not_after": iso(timedelta(days=9))}],
+        revision=7, now=NOW)
+    report = evaluate_remote(inp)
+    assert report["healthy"] is False
+    assert report["clusters"][0]["lease_age_s"] == 2.0 and report["clusters"][0]["exports"] == 1
+    assert any(p.startswith("west: unreachable since") for p in report["problems"])
+    assert any("TypeConflict" in p for p in report["problems"])
+    assert report["trust"]["roots"][0]["health"] == "ok"
+
+
+def test_cli_without_a_run_exits_2_with_what_to_do(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["status", "--run-dir", str(tmp_path / "none")])
+    assert result.exit_code == 2
+    assert "meshfed up" in result.output
+
+
+def test_cli_federation_needs_credentials() -> None:
+    result = CliRunner().invoke(cli, ["status", "--federation", "https://127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "--cert" in result.output
