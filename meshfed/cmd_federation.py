@@ -50,6 +50,7 @@ class _BundleFile:
         self._dir = ca_dir
         self._mtime = 0.0
         self._bundle = load_bundle(ca_dir)
+        self.tls: ssl.SSLContext | None = None  # roots added to the bundle are added to its verify store too
 
     def __call__(self) -> TrustBundle:
         try:
@@ -58,9 +59,14 @@ class _BundleFile:
             return self._bundle
         if mtime != self._mtime:
             try:
-                self._bundle = load_bundle(self._dir)
+                bundle = load_bundle(self._dir)
                 self._mtime = mtime
-            except TrustError as exc:
+                if bundle != self._bundle:
+                    log.info("trust bundle reloaded dir=%s roots=%d", self._dir, len(bundle.roots))
+                    if self.tls is not None:
+                        self.tls.load_verify_locations(cadata=bundle.to_pem().decode())
+                self._bundle = bundle
+            except (TrustError, ssl.SSLError) as exc:
                 log.warning("bundle reload failed dir=%s error=%s; keeping the previous bundle", self._dir, exc)
         return self._bundle
 
@@ -109,6 +115,7 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
                                    f"({identity}); create it with 'meshfed ca' for the federation authority")
     key_pem, chain = issue_workload(ca, identity, ttl=leaf_ttl)
     ctx = server_ssl_context(b"".join(chain), key_pem, bundle())
+    bundle.tls = ctx
     store = open_store(store_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
