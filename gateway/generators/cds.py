@@ -19,6 +19,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import wrappers_pb2
 
 from discovery.model import ServiceKey, ServicePort
+from gateway import telemetry
 from gateway.context import (
     ProxyInfo,
     ProxyKind,
@@ -99,6 +100,7 @@ def _outbound_cluster(name: str, proxy: ProxyInfo, ctx: PushContext, key: Servic
            else upstream_tls(ctx, sni=sni, exact_peers=peers, alpn=("h2",)))
     cluster.transport_socket.typed_config.CopyFrom(pack(tls))
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http_options(http2=True))
+    cluster.metadata.CopyFrom(telemetry.cluster_metadata(key, port.port))  # destination_service label
     remote = any(e.via_gateway for e in ctx.upstream_endpoints(key, port))
     return apply_cluster_policy(cluster, cp, default_connect_timeout_s=ctx.connect_timeout_s,
                                 health_check_s=ctx.gateway_health_check_s if remote and not grpc else 0.0)

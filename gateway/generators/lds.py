@@ -23,6 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
+from gateway import telemetry
 from gateway.context import ProxyInfo, ProxyKind, PushContext, inbound_cluster_name, sni_name
 from gateway.generators import inbound_authz
 from gateway.generators.common import TLS_TRANSPORT_SOCKET, ads_source, downstream_tls, pack, socket_address
@@ -56,7 +57,9 @@ def gateway_listener(proxy: ProxyInfo, ctx: PushContext) -> Any:
                 ),
                 filters=[listener_components_pb2.Filter(
                     name=TCP_PROXY_FILTER,
-                    typed_config=pack(tcp_proxy_pb2.TcpProxy(stat_prefix=sni, cluster=sni)),
+                    typed_config=pack(tcp_proxy_pb2.TcpProxy(
+                        stat_prefix=sni, cluster=sni, access_log=telemetry.gateway_access_logs(
+                            cluster=str(ctx.local), service=telemetry.service_label(service.key)))),
                 )],
             ))
     return listener_pb2.Listener(
@@ -79,12 +82,15 @@ def _outbound_hcm(stat_prefix: str) -> Any:
     )
 
 
-def outbound_listener(proxy: ProxyInfo) -> Any:
+def outbound_listener(proxy: ProxyInfo, ctx: PushContext | None = None) -> Any:
+    hcm = _outbound_hcm("outbound")
+    if ctx is not None:  # request metrics and JSON access logs (gateway.telemetry)
+        telemetry.instrument_outbound(hcm, cluster=str(proxy.cluster), spiffe_id=proxy.spiffe_id(ctx.trust_domain))
     return listener_pb2.Listener(
         name=OUTBOUND_LISTENER,
         address=socket_address("127.0.0.1", proxy.outbound_port),
         filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
-            name=HCM_FILTER, typed_config=pack(_outbound_hcm("outbound"))
+            name=HCM_FILTER, typed_config=pack(hcm)
         )])],
         traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
     )
@@ -115,6 +121,8 @@ def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
         ),
         http_filters=[*inbound_authz.http_filters(proxy, ctx), _router()],
     )
+    telemetry.instrument_inbound(hcm, cluster=str(proxy.cluster), service=telemetry.inbound_service(proxy, port, ctx),
+                                 spiffe_id=proxy.spiffe_id(ctx.trust_domain))
     return listener_pb2.Listener(
         name=name,
         address=socket_address(proxy.ip, port),
@@ -147,7 +155,7 @@ def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -
         if listener.filter_chains:  # Envoy rejects a listener without filter chains ("no filter chains specified")
             out[GATEWAY_LISTENER] = listener
     elif proxy.kind is ProxyKind.SIDECAR:
-        out[OUTBOUND_LISTENER] = outbound_listener(proxy)
+        out[OUTBOUND_LISTENER] = outbound_listener(proxy, ctx)
         for inbound in proxy.inbound:
             out[inbound_listener_name(inbound.port)] = inbound_listener(proxy, inbound.port, ctx)
     else:
