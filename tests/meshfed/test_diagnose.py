@@ -1,0 +1,197 @@
+"""meshfed diagnose: each hop's verdict from evidence (pure), the first failure, and the certificate check against
+real CA directories (a foreign root's intermediate is refused)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from federation.trust.store import init_root, issue_intermediate
+from meshfed import diagnose
+from meshfed.cli import cli
+from meshfed.diagnose import FAIL, OK, SKIPPED, Evidence, chain_error, evaluate, parse_service, report
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+HOST = "ratings.default.svc.clusterset.local"
+NODE = "sidecar~127.0.0.1~sleep-east.default~default.svc.cluster.local"
+SNI = f"outbound_.9080_._.{HOST}"
+TYPES = ["Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration", "Secret"]
+
+
+def status(name: str) -> dict[str, Any]:
+    st: dict[str, Any] = {"services": [], "imports": [], "proxies": [], "federation": {"connected": True},
+                          "trust": {"intermediate_fingerprint": f"{name}fp"}}
+    if name == "west":
+        st["services"] = [{"service": "ratings.default", "exported": True, "conditions": [
+            {"type": "Valid", "status": "True", "reason": "Valid", "message": "ok"},
+            {"type": "Conflict", "status": "False", "reason": "NoConflicts", "message": "agree"}]}]
+    else:
+        st["imports"] = [{"service": "ratings.default", "type": "ClusterSetIP", "ips": ["127.241.0.9"],
+                          "clusters": ["west"], "ports": [{"name": "http", "port": 9080}],
+                          "ready_by_cluster": {"west": 1}}]
+        st["proxies"] = [{"node_id": NODE, "type_url": f"type.googleapis.com/x.{t}", "state": "synced"}
+                         for t in TYPES]
+    return st
+
+
+def evidence(**changes: Any) -> Evidence:
+    base: dict[str, Any] = {
+        "service": "ratings.default", "caller": "east",
+        "statuses": {"east": status("east"), "west": status("west")},
+        "client": {"name": "sleep-east", "node_id": NODE, "outbound": "127.0.0.1:5000"},
+        "gateways": {"west": {"configs": [{"dynamic_listeners": [{"active_state": {"listener": {"filter_chains": [
+            {"filter_chain_match": {"server_names": [SNI]}}]}}}]}]}},
+        "dns_answer": ["127.241.0.9"],
+        "sidecar_config": {"configs": [{"dynamic_route_configs": [{"route_config": {"virtual_hosts": [
+            {"domains": [HOST, "ratings"]}]}}]}]},
+        "sidecar_clusters": f"outbound|9080||{HOST}::127.0.0.1:7000::health_flags::healthy\n",
+        "sidecar_certs": {"certificates": [{"cert_chain": [{"expiration_time": "2026-11-27T00:00:00Z"}]}]},
+        "chain_errors": {"east": "", "west": ""},
+        "disk_fingerprints": {"east": "eastfp", "west": "westfp"},
+        "request": (200, json.dumps({"workload": "ratings-west-0", "cluster": "west", "caller": "spiffe://x"})),
+        "now": NOW,
+    }
+    base.update(changes)
+    return Evidence(**base)
+
+
+def verdicts(ev: Evidence) -> dict[str, str]:
+    return {h.name: h.status for h in evaluate(ev)}
+
+
+def first(ev: Evidence) -> str | None:
+    failure = report(ev, evaluate(ev))["first_failure"]
+    return None if failure is None else str(failure["name"])
+
+
+def test_a_healthy_path_is_all_ok_with_the_policy_hook_skipped() -> None:
+    ev = evidence()
+    assert verdicts(ev) == {"export": OK, "import": OK, "dns": OK, "xds": OK, "gateway": OK, "endpoints": OK,
+                            "certificates": OK, "policy": SKIPPED, "request": OK}
+    result = report(ev, evaluate(ev))
+    assert result["ok"] is True and result["first_failure"] is None
+    assert [h["hop"] for h in result["hops"]] == list(range(1, 10))
+
+
+def test_conflicting_export_is_hop_1() -> None:
+    west = status("west")
+    west["services"][0]["conditions"][1] = {"type": "Conflict", "status": "True", "reason": "PortConflict",
+                                            "message": "ports differ"}
+    ev = evidence(statuses={"east": status("east"), "west": west})
+    assert first(ev) == "export"
+    assert "PortConflict" in evaluate(ev)[0].detail
+
+
+def test_missing_import_is_hop_2_and_later_hops_say_why() -> None:
+    east = status("east")
+    east["imports"] = []
+    ev = evidence(statuses={"east": east, "west": status("west")}, dns_answer=[])
+    assert first(ev) == "import"
+    assert verdicts(ev)["dns"] == SKIPPED and verdicts(ev)["endpoints"] == SKIPPED
+
+
+def test_dns_answer_must_be_the_clusterset_ip() -> None:
+    assert first(evidence(dns_answer=["127.241.0.1"])) == "dns"
+    ev = evidence(dns_answer=None, dns_error="Timeout")
+    assert first(ev) == "dns" and "Timeout" in evaluate(ev)[2].detail
+
+
+def test_nack_or_missing_route_is_hop_4() -> None:
+    east = status("east")
+    east["proxies"][2].update(state="nacked", nack_error="bad listener")
+    ev = evidence(statuses={"east": east, "west": status("west")})
+    assert first(ev) == "xds" and "Listener: bad listener" in evaluate(ev)[3].detail
+    no_route = evidence(sidecar_config={"configs": []})
+    assert first(no_route) == "xds" and "no route" in evaluate(no_route)[3].detail
+    no_stream = evidence(client={"name": "sleep-east", "node_id": "other", "outbound": "x"})
+    assert first(no_stream) == "xds"
+
+
+def test_missing_sni_chain_on_the_remote_gateway_is_hop_5() -> None:
+    ev = evidence(gateways={"west": {"configs": []}})
+    assert first(ev) == "gateway" and SNI in evaluate(ev)[4].detail
+    down = evidence(gateways={"west": None}, gateway_errors={"west": "connection refused"})
+    assert first(down) == "gateway" and "connection refused" in evaluate(down)[4].detail
+
+
+def test_gateway_hop_reads_a_filtered_listener_dump_too() -> None:
+    flat = {"configs": [{"active_state": {"listener": {"filter_chains": [
+        {"filter_chain_match": {"server_names": [SNI]}}]}}}]}
+    assert verdicts(evidence(gateways={"west": flat}))["gateway"] == OK
+
+
+def test_no_ready_or_healthy_endpoint_is_hop_6() -> None:
+    east = status("east")
+    east["imports"][0]["ready_by_cluster"] = {"west": 0}
+    assert first(evidence(statuses={"east": east, "west": status("west")})) == "endpoints"
+    unhealthy = evidence(sidecar_clusters=f"outbound|9080||{HOST}::127.0.0.1:7000::health_flags::/failed_active_hc")
+    assert first(unhealthy) == "endpoints"
+    assert "/failed_active_hc" in evaluate(unhealthy)[5].detail
+
+
+def test_certificate_problems_are_hop_7() -> None:
+    ev = evidence(chain_errors={"east": "", "west": "intermediate does not chain to any root"})
+    assert first(ev) == "certificates" and "west: intermediate does not chain" in evaluate(ev)[6].detail
+    stale = evidence(disk_fingerprints={"east": "eastfp", "west": "newfp"})
+    assert first(stale) == "certificates" and "restart" in evaluate(stale)[6].detail
+    expired = evidence(sidecar_certs={"certificates": [{"cert_chain": [
+        {"expiration_time": "2026-11-26T11:00:00Z", "subject_alt_names": [{"uri": "spiffe://x/sleep"}]}]}]})
+    assert first(expired) == "certificates" and "spiffe://x/sleep expired" in evaluate(expired)[6].detail
+
+
+def test_policy_hook_can_be_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    def deny(ev: Evidence) -> diagnose.Hop:
+        return diagnose.Hop(8, "policy", FAIL, "denied by test policy")
+
+    monkeypatch.setattr(diagnose, "POLICY_CHECK", deny)
+    assert first(evidence()) == "policy"
+
+
+def test_failed_request_is_hop_9() -> None:
+    ev = evidence(request=(503, "no healthy upstream"))
+    assert first(ev) == "request" and "HTTP 503" in evaluate(ev)[8].detail
+    assert first(evidence(request=None, request_error="ConnectionRefusedError")) == "request"
+
+
+def test_first_failure_is_the_lowest_hop() -> None:
+    ev = dataclasses.replace(evidence(dns_answer=["1.2.3.4"]), request=(503, "x"))
+    assert first(ev) == "dns"
+
+
+def test_parse_service() -> None:
+    assert parse_service("ratings.default") == "ratings.default"
+    assert parse_service("ratings.default.svc.clusterset.local") == "ratings.default"
+    with pytest.raises(diagnose.DiagnoseError, match="NAME.NAMESPACE"):
+        parse_service("ratings")
+
+
+def test_chain_check_against_real_ca_directories(tmp_path: Path) -> None:
+    td = TrustDomain.parse("demo.meshfed.local")
+    init_root(tmp_path / "root", td)
+    issue_intermediate(tmp_path / "root", SpiffeId.cluster(td, "west"), tmp_path / "west")
+    err, fp = chain_error(tmp_path / "west", "west", tmp_path / "root")
+    assert err == "" and len(fp) == 64
+    # an intermediate of the same name from a foreign root
+    init_root(tmp_path / "foreign", td)
+    issue_intermediate(tmp_path / "foreign", SpiffeId.cluster(td, "west"), tmp_path / "foreign-west")
+    for name in ("ca-cert.pem", "ca-key.pem", "cert-chain.pem"):
+        shutil.copy2(tmp_path / "foreign-west" / name, tmp_path / "west" / name)
+    err, _ = chain_error(tmp_path / "west", "west", tmp_path / "root")
+    assert "does not chain to any root" in err
+    # a directory that holds another cluster's CA
+    err, _ = chain_error(tmp_path / "foreign-west", "east", tmp_path / "foreign")
+    assert "cluster/west may not sign" in err and "cluster/east" in err
+
+
+def test_cli_unknown_run_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["diagnose", "ratings.default", "--from", "east", "--run-dir",
+                                      str(tmp_path / "none")])
+    assert result.exit_code == 2 and "meshfed up" in result.output
