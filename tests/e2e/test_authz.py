@@ -189,7 +189,7 @@ async def test_deny_policy_wins_and_the_log_names_it(authz: Authz) -> None:
     async def logged() -> bool:
         return any("path=/admin/users" in line for line in _denials(authz))
 
-    await wait_until(logged, within=10, what="the denial's log line on ratings' sidecar")
+    await wait_until(logged, within=30, what="the denial's log line on ratings' sidecar")
     line = next(line for line in _denials(authz) if "path=/admin/users" in line)
     assert "details=rbac_access_denied_matched_policy[default.ratings-no-admin]" in line, line
     assert f"source=spiffe://{TD}/ns/default/sa/sleep" in line, line
@@ -206,7 +206,7 @@ async def test_other_service_account_in_east_is_denied_by_default(authz: Authz) 
     async def logged() -> bool:
         return any("path=/ratings/other" in line for line in _denials(authz))
 
-    await wait_until(logged, within=10, what="the denial's log line on ratings' sidecar")
+    await wait_until(logged, within=30, what="the denial's log line on ratings' sidecar")
     line = next(line for line in _denials(authz) if "path=/ratings/other" in line)
     assert "details=rbac_access_denied_matched_policy[none]" in line, line
     assert "allow_policies=default.ratings-from-east-sleep" in line, line
@@ -234,7 +234,7 @@ async def test_same_identity_in_another_cluster_is_denied_by_source_cluster(auth
     async def logged() -> bool:
         return any("path=/ratings/forged" in line for line in _denials(authz))
 
-    await wait_until(logged, within=10, what="the forged request's log line")
+    await wait_until(logged, within=30, what="the forged request's log line")
     line = next(line for line in _denials(authz) if "path=/ratings/forged" in line)
     assert "rbac_access_denied_matched_policy[none]" in line, line
     assert f'source_subject="OU=west,O={TD}"' in line, line
