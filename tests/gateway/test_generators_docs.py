@@ -49,7 +49,7 @@ def _stable(value: Any, *, in_struct: bool = False) -> Any:
     """Sort the keys of protobuf Struct values (their JSON order is not stable); keep field order elsewhere."""
     if isinstance(value, dict):
         items = sorted(value.items()) if in_struct else value.items()
-        return {k: _stable(v, in_struct=in_struct or k == "filter_metadata") for k, v in items}
+        return {k: _stable(v, in_struct=in_struct or k in ("filter_metadata", "json_format")) for k, v in items}
     if isinstance(value, list):
         return [_stable(v, in_struct=in_struct) for v in value]
     return value
