@@ -43,8 +43,17 @@ semantics of the real server:
 * **Discovery and health.** ``/api``, ``/api/v1``, ``/apis``, ``/apis/{group}/{version}`` from the resource
   table; ``/version``, ``/healthz``, ``/readyz``, ``/livez``.
 
+**Strict mode** (``strict=True``, off by default): objects can only be created in an existing Namespace
+(``default``, ``kube-system``, ``kube-public`` and ``kube-node-lease`` exist from the start), and a custom
+resource (any group the API server does not serve itself, e.g. ``multicluster.x-k8s.io``) is served only while a
+CustomResourceDefinition defines it, with the CRD's kind, scope, served versions and status subresource — so an
+installer that applies things in the wrong order fails here as it would on a real cluster. In both modes a CRD
+written through the API registers its resource, deleting a CRD deletes its objects, and deleting a Namespace
+deletes everything in it at once.
+
 What it does *not* do (tests must not rely on these): admission, validation against OpenAPI schemas, namespace
-existence checks, finalizers and cascading deletion, field managers, consistent snapshots for paginated lists
+existence checks outside strict mode, finalizers and graceful deletion, garbage collection by owner, field
+managers, consistent snapshots for paginated lists
 (later pages read the current state), ``resourceVersionMatch``/``sendInitialEvents``, protobuf, and authorization
 (the admin token may do everything). Deployments get a ready ``status`` on every write when ``ready_deployments``
 is true, standing in for the controller manager.
@@ -396,6 +405,7 @@ class KubeApiDouble:
         max_watch_seconds: float = 1800.0,
         api_audiences: Sequence[str] = ("https://kubernetes.default.svc.cluster.local",),
         ready_deployments: bool = True,
+        strict: bool = False,
         host: str = _LOOPBACK,
         port: int = 0,
         tls: bool = False,
@@ -407,6 +417,7 @@ class KubeApiDouble:
         self.max_watch_seconds = max_watch_seconds
         self.api_audiences = tuple(api_audiences)
         self.ready_deployments = ready_deployments
+        self.strict = strict
         self.admin_token = "admin-" + secrets.token_urlsafe(24)
         self._host, self._port = host, port
         self._lock = threading.RLock()
@@ -420,13 +431,18 @@ class KubeApiDouble:
         self._closing = False
         self._resources: dict[tuple[str, str], ResourceInfo] = {}  # (group, plural)
         for info in BUILTIN_RESOURCES:
-            self.register_resource(info)
+            if not strict or _builtin_group(info.group):
+                self.register_resource(info)
+        self._crd_versions: dict[tuple[str, str], set[str]] = {}  # (group, plural) -> served versions
         self._tokens: dict[str, _Token] = {}
         self._errors: list[_InjectedError] = []
         self.requests: list[tuple[str, str]] = []
         self.stats = _Stats()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        if strict:
+            for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
+                self.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
@@ -690,6 +706,9 @@ class KubeApiDouble:
             self._compacted = max(self._compacted, self._history[0].rv)
         self._history.append(_Event(rv, type_, info.group, info.plural, ns, copy.deepcopy(obj), old))
         self._cond.notify_all()
+        if info.group == "apiextensions.k8s.io" and info.plural == "customresourcedefinitions":
+            # After the CRD's own event, so the history stays in resourceVersion order.
+            self._crd_changed(obj, deleted=type_ == "DELETED")
 
     def _auto_status(self, info: ResourceInfo, obj: JSON) -> None:
         if self.ready_deployments and info.group == "apps" and info.plural == "deployments":
@@ -800,7 +819,50 @@ class KubeApiDouble:
         gone = copy.deepcopy(old)
         gone["metadata"]["resourceVersion"] = str(rv)
         self._record(info, key[2], "DELETED", gone, old, rv)
+        if info.group == "" and info.plural == "namespaces":
+            # The namespace controller's job, done at once: everything in the namespace goes with it.
+            for inner in [k for k in self._objects if k[2] == key[3] and k[2]]:
+                self._delete(self._known_info(inner[0], inner[1]), inner)
         return gone
+
+    def _known_info(self, group: str, plural: str) -> ResourceInfo:
+        info = self._resources.get((group, plural))
+        return info if info is not None else ResourceInfo(group, "v1", plural, plural.capitalize())
+
+    def _crd_changed(self, crd: JSON, *, deleted: bool) -> None:
+        """Serve (or stop serving) the resource a CustomResourceDefinition defines."""
+        spec = crd.get("spec") or {}
+        names = spec.get("names") or {}
+        group, plural, kind = spec.get("group", ""), names.get("plural", ""), names.get("kind", "")
+        if not group or not plural or not kind:
+            return
+        if deleted:
+            self._crd_versions.pop((group, plural), None)
+            if self.strict:
+                self._resources.pop((group, plural), None)
+            for key in [k for k in self._objects if k[0] == group and k[1] == plural]:
+                self._delete(self._known_info(group, plural), key)
+            return
+        served = [v for v in spec.get("versions") or [] if v.get("served", True)]
+        if not served:
+            return
+        storage = next((v for v in served if v.get("storage")), served[0])
+        self._crd_versions[(group, plural)] = {v.get("name", "") for v in served}
+        self._resources[(group, plural)] = ResourceInfo(
+            group, storage.get("name", "v1"), plural, kind, namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+            status_subresource="status" in (storage.get("subresources") or {}))
+
+    def _serves(self, group: str, version: str, plural: str) -> bool:
+        """In strict mode a custom resource is served only while a CRD defines it (with that version)."""
+        if not self.strict or _builtin_group(group):
+            return True
+        with self._lock:
+            return version in self._crd_versions.get((group, plural), set())
+
+    def _check_namespace(self, info: ResourceInfo, ns: str) -> None:
+        """In strict mode, creating a namespaced object needs its Namespace, as on the real server."""
+        if self.strict and info.namespaced and ("", "namespaces", "", ns) not in self._objects:
+            raise ApiError(404, f'namespaces "{ns}" not found', details={"name": ns, "kind": "namespaces"})
 
     # -- request handling (called from handler threads) ----------------------------------------------------
 
@@ -1214,6 +1276,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return _Route(special="token", namespace=ns, name=rest[1])
         if len(rest) > 3:
             raise ApiError(404, f"the server could not find the requested resource ({path})")
+        if not self.double._serves(group, version, rest[0]):
+            raise ApiError(404, f"the server could not find the requested resource ({path})")
         info = self.double.resource_info(group, version, rest[0], namespaced_hint=ns is not None)
         if ns is not None and not info.namespaced:
             raise ApiError(404, f"the server could not find the requested resource ({path})")
@@ -1303,6 +1367,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     raise ApiError(400, "the namespace of the provided object does not match the namespace sent "
                                    "on the request")
                 with double._cond:
+                    double._check_namespace(info, store_ns)
                     created = double._create(info, store_ns, body)
                 self._send_json(201, created)
                 return
@@ -1352,6 +1417,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         if not isinstance(body, dict):
                             raise ApiError(400, "an apply patch must be an object")
                         body.setdefault("metadata", {})["name"] = name
+                        double._check_namespace(info, store_ns)
                         created = double._create(info, store_ns, body)
                         self._send_json(201, created)
                         return

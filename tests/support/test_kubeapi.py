@@ -235,3 +235,37 @@ def test_https_and_multi_context_kubeconfig(tmp_path: Path) -> None:
             c = config.new_client_from_config(config_file=str(path), context=ctx)
             names[ctx] = [s.metadata.name for s in client.CoreV1Api(c).list_service_for_all_namespaces().items]
         assert names == {"east": ["a"], "west": ["w"]}
+
+
+MCS_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "serviceexports.multicluster.x-k8s.io"},
+    "spec": {"group": "multicluster.x-k8s.io", "scope": "Namespaced",
+             "names": {"plural": "serviceexports", "singular": "serviceexport", "kind": "ServiceExport"},
+             "versions": [{"name": "v1alpha1", "served": True, "storage": True, "subresources": {"status": {}},
+                           "schema": {"openAPIV3Schema": {"type": "object"}}}]},
+}
+
+
+def test_strict_mode_needs_namespaces_and_crds() -> None:
+    with KubeApiDouble(strict=True) as api:
+        se = "/apis/multicluster.x-k8s.io/v1alpha1/namespaces/shop/serviceexports"
+        export = {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport", "metadata": {"name": "a"}}
+        assert call(api, "GET", se)[0] == 404  # no CRD yet
+        assert call(api, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", MCS_CRD)[0] == 201
+        code, body = call(api, "POST", se, export)
+        assert (code, body["message"]) == (404, 'namespaces "shop" not found')
+        assert call(api, "POST", "/api/v1/namespaces/default/services", SVC)[0] == 201  # default exists
+        assert call(api, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                        "metadata": {"name": "shop"}})[0] == 201
+        assert call(api, "POST", se, export)[0] == 201
+        code, groups = call(api, "GET", "/apis")
+        assert "multicluster.x-k8s.io" in [g["name"] for g in groups["groups"]]
+        # Deleting the namespace takes its objects; deleting the CRD stops serving the kind.
+        assert call(api, "DELETE", "/api/v1/namespaces/shop")[0] == 200
+        assert api.objects("multicluster.x-k8s.io/v1alpha1", "ServiceExport") == []
+        assert call(api, "DELETE", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                                   "serviceexports.multicluster.x-k8s.io")[0] == 200
+        assert call(api, "GET", se)[0] == 404
+        events = watch_lines(api, "/api/v1/namespaces?watch=1&resourceVersion=1&timeoutSeconds=1")
+        assert [e["type"] for e in events][-2:] == ["ADDED", "DELETED"]
