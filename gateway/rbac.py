@@ -208,17 +208,22 @@ def _method_perm(m: StringMatch) -> Any:
                                                                          string_match=_string_matcher(m)))
 
 
-def _port_perm(port: int) -> Any:
-    return rbac_pb2.Permission(destination_port=port)
+def _port_perm(port: int, listener_ports: frozenset[int] | None) -> Any:
+    if listener_ports is None:
+        return rbac_pb2.Permission(destination_port=port)
+    # Resolved per inbound listener: the policy's port names this listener or it does not.
+    if port in listener_ports:
+        return rbac_pb2.Permission(any=True)
+    return rbac_pb2.Permission(not_rule=rbac_pb2.Permission(any=True))
 
 
 def _not_perm(p: Any) -> Any:
     return rbac_pb2.Permission(not_rule=p)
 
 
-def _operation_permission(op: Operation) -> Any:
+def _operation_permission(op: Operation, listener_ports: frozenset[int] | None) -> Any:
     groups: list[tuple[list[Any], list[Any]]] = [
-        ([_port_perm(p) for p in op.ports], [_port_perm(p) for p in op.not_ports]),
+        ([_port_perm(p, listener_ports) for p in op.ports], [_port_perm(p, listener_ports) for p in op.not_ports]),
         ([_method_perm(m) for m in op.methods], [_method_perm(m) for m in op.not_methods]),
         ([_path_perm(m) for m in op.paths], [_path_perm(m) for m in op.not_paths]),
     ]
@@ -231,10 +236,15 @@ def _operation_permission(op: Operation) -> Any:
     return _all_of_permissions(parts)
 
 
-def rule_policy(rule: Rule) -> Any:
-    """One Istio rule as one Envoy RBAC policy: (any operation) AND (any source AND every condition)."""
-    permission = (_any_of_permissions([_operation_permission(o) for o in rule.operations]) if rule.operations
-                  else rbac_pb2.Permission(any=True))
+def rule_policy(rule: Rule, listener_ports: frozenset[int] | None = None) -> Any:
+    """One Istio rule as one Envoy RBAC policy: (any operation) AND (any source AND every condition).
+
+    ``listener_ports``: the port numbers that denote the inbound listener the filter runs on (its own port and
+    the workload port the Service names for it); ``ports`` conditions are then decided here, so a policy written
+    against the workload's port holds whatever port the sidecar listens on. None: match Envoy's destination port.
+    """
+    permission = (_any_of_permissions([_operation_permission(o, listener_ports) for o in rule.operations])
+                  if rule.operations else rbac_pb2.Permission(any=True))
     principals = []
     if rule.sources:
         principals.append(_any_of_principals([_source_principal(s) for s in rule.sources]))
@@ -242,23 +252,25 @@ def rule_policy(rule: Rule) -> Any:
     return rbac_pb2.Policy(permissions=[permission], principals=[_all_of_principals(principals)])
 
 
-def rbac_config(policies: Sequence[AuthorizationPolicy], action: Action) -> Any:
+def rbac_config(policies: Sequence[AuthorizationPolicy], action: Action,
+                listener_ports: frozenset[int] | None = None) -> Any:
     """The ``envoy.config.rbac.v3.RBAC`` of one action: every rule of every policy, named per rule."""
     named: dict[str, Any] = {}
     for policy in policies:
         for name, rule in zip(envoy_policy_names(policy), policy.rules, strict=True):
-            named[name] = rule_policy(rule)
+            named[name] = rule_policy(rule, listener_ports)
     envoy_action = rbac_pb2.RBAC.ALLOW if action is Action.ALLOW else rbac_pb2.RBAC.DENY
     return rbac_pb2.RBAC(action=envoy_action, policies=named)
 
 
-def rbac_filters(deny: Sequence[AuthorizationPolicy], allow: Sequence[AuthorizationPolicy]) -> list[Any]:
+def rbac_filters(deny: Sequence[AuthorizationPolicy], allow: Sequence[AuthorizationPolicy], *,
+                 listener_ports: frozenset[int] | None = None) -> list[Any]:
     """The HTTP filters (before the router) enforcing ``deny`` then ``allow``; none when no policy applies."""
     out = []
     if deny:
-        out.append(_http_filter(rbac_config(deny, Action.DENY), DENY_STAT_PREFIX))
+        out.append(_http_filter(rbac_config(deny, Action.DENY, listener_ports), DENY_STAT_PREFIX))
     if allow:
-        out.append(_http_filter(rbac_config(allow, Action.ALLOW), ALLOW_STAT_PREFIX))
+        out.append(_http_filter(rbac_config(allow, Action.ALLOW, listener_ports), ALLOW_STAT_PREFIX))
     return out
 
 

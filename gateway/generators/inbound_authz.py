@@ -42,10 +42,30 @@ def applicable(proxy: ProxyInfo, ctx: PushContext) -> tuple[tuple[AuthorizationP
     return ctx.memo(key, build)
 
 
-def http_filters(proxy: ProxyInfo, ctx: PushContext) -> list[Any]:
-    """The RBAC HTTP filters for ``proxy``'s inbound listeners (DENY, then ALLOW; none without policies)."""
+def listener_ports(proxy: ProxyInfo, port: int, ctx: PushContext) -> frozenset[int]:
+    """The port numbers an AuthorizationPolicy may use for the inbound listener on ``port``: the listener's own
+    port and the target (workload) port of the Service port it serves (same name, or the Service's only port),
+    which is what Istio users write."""
+    out = {port}
+    inbound = next((p for p in proxy.inbound if p.port == port), None)
+    for key in proxy.services:
+        service = ctx.registry.service(ctx.local, key)
+        if service is None or inbound is None:
+            continue
+        for sp in service.ports:
+            if (inbound.name and sp.name == inbound.name) or len(service.ports) == 1:
+                out.add(sp.target_port if isinstance(sp.target_port, int) and sp.target_port else sp.port)
+    return frozenset(out)
+
+
+def http_filters(proxy: ProxyInfo, ctx: PushContext, port: int | None = None) -> list[Any]:
+    """The RBAC HTTP filters for ``proxy``'s inbound listener on ``port`` (DENY, then ALLOW; none without
+    policies). Without ``port``, ``ports`` conditions are left to Envoy's destination port."""
     deny, allow = applicable(proxy, ctx)
-    return rbac.rbac_filters(deny, allow)
+    if not deny and not allow:
+        return []
+    ports = listener_ports(proxy, port, ctx) if port is not None else None
+    return rbac.rbac_filters(deny, allow, listener_ports=ports)
 
 
 def log_format(listener: str, allow: tuple[AuthorizationPolicy, ...]) -> str:

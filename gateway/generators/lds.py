@@ -119,7 +119,7 @@ def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
                 )],
             )],
         ),
-        http_filters=[*inbound_authz.http_filters(proxy, ctx), _router()],
+        http_filters=[*inbound_authz.http_filters(proxy, ctx, port), _router()],
     )
     telemetry.instrument_inbound(hcm, cluster=str(proxy.cluster), service=telemetry.inbound_service(proxy, port, ctx),
                                  spiffe_id=proxy.spiffe_id(ctx.trust_domain))

@@ -251,3 +251,20 @@ spec:
     assert rbac.RBAC_FILTER not in [f.name for f in plain.http_filters]
     assert not [a for a in plain.access_log if a.filter.HasField("status_code_filter")]
     assert plain.set_current_client_cert_details.subject.value
+
+
+def test_ports_are_resolved_per_inbound_listener_to_the_workload_port() -> None:
+    mesh = Mesh(east_gateway_port=15443, west_gateway_port=15443)
+    mesh.pods[(WEST, RATINGS)] = [("10.0.0.1", 15006)]
+    only_9080 = policy({"rules": [{"to": [{"operation": {"ports": ["9080"]}}]}]}, name="on-9080")
+    ctx = PushContext(registry=mesh.registry(WEST), trust_domain=TD, authz=(only_9080,))
+    hcm = _sidecar_listener(ctx)  # listener 15006 for the Service port 9080 ("http")
+    perm = _unpack(hcm.http_filters[-2]).rules.policies["default.on-9080"].permissions[0]
+    assert perm.any  # 9080 names this listener, though it listens on 15006
+    other = policy({"rules": [{"to": [{"operation": {"ports": ["9443"], "notPorts": ["9080"]}}]}]}, name="x")
+    config = rbac.rbac_config([other], other.action, frozenset({15006, 9080}))
+    ports, not_ports = config.policies["default.x"].permissions[0].and_rules.rules
+    assert ports.not_rule.any and not_ports.not_rule.any
+    # Without a listener (unit use), the port is Envoy's destination port.
+    assert rbac.rbac_config([only_9080], only_9080.action).policies["default.on-9080"].permissions[0] \
+        .destination_port == 9080
