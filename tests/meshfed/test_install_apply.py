@@ -330,3 +330,33 @@ def test_render_and_apply_in_one_command(clusters: tuple[KubeApiDouble, KubeApiD
     assert west.get_object("apps/v1", "Deployment", "meshfed-eastwest-gateway", NS) is not None
     nothing = _run(str(tmp_path / "out"))
     assert nothing.returncode != 0 and "--apply" in nothing.stderr
+
+
+def test_readiness_and_drift_rules() -> None:
+    from meshfed.install.apply import HASH_ANNOTATION, drifted, with_hash, workload_ready
+
+    dep = {"metadata": {"generation": 2}, "spec": {"replicas": 2}}
+    assert workload_ready(dep) == (False, "0/2 ready")
+    dep["status"] = {"observedGeneration": 1, "readyReplicas": 2, "updatedReplicas": 2}
+    assert workload_ready(dep)[0] is False and "generation 2 not observed" in workload_ready(dep)[1]
+    dep["status"] = {"observedGeneration": 2, "readyReplicas": 2, "updatedReplicas": 1}
+    assert workload_ready(dep)[0] is False
+    dep["status"]["updatedReplicas"] = 2
+    assert workload_ready(dep) == (True, "2/2 ready")
+
+    desired = with_hash({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "labels": {"a": "1"}},
+                         "data": {"k": "v"}})
+    assert desired["metadata"]["annotations"][HASH_ANNOTATION] == with_hash(desired)["metadata"]["annotations"][
+        HASH_ANNOTATION], "the hash ignores its own annotation"
+    live = json.loads(json.dumps(desired))
+    live["metadata"].update({"uid": "u", "resourceVersion": "7", "labels": {"a": "1", "added": "by-someone"}})
+    live["data"]["extra"] = "server default"
+    assert not drifted(desired, live)
+    live["data"]["k"] = "edited"
+    assert drifted(desired, live)
+    pods = {"kind": "Deployment", "spec": {"template": {"spec": {"containers": [{"name": "a", "args": ["x"]}]}}}}
+    live_pods = json.loads(json.dumps(pods))
+    live_pods["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = "/dev/termination-log"
+    assert not drifted(pods, live_pods)
+    live_pods["spec"]["template"]["spec"]["containers"].append({"name": "injected"})
+    assert drifted(pods, live_pods)
