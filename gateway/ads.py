@@ -43,6 +43,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from gateway.auth import AuthenticationError, Authenticator, NodeMismatch, ProxyIdentity, check_node
 from gateway.cache import SnapshotCache
+from gateway.peerauth import PEER_CERT_KEY, peer_metadata
 from gateway.snapshot import TYPE_ORDER, WILDCARD_TYPES, Entry, Snapshot
 
 log = logging.getLogger("meshfed.xds.ads")
@@ -87,10 +88,12 @@ class _SotwType:
     subscribed: bool = False
     wildcard: bool = False
     names: frozenset[str] = frozenset()
+    dirty: bool = True  # the subscription changed since the last pass
     sent_key: tuple[object, ...] | None = None
     sent_version: str = ""
     nonce: str = ""
     acked: bool = False
+    seen: Mapping[str, Entry] | None = None  # the entries the last pass looked at
 
 
 @dataclass
@@ -105,6 +108,15 @@ class _DeltaType:
     responded: bool = False
     last_nonce: str = ""
     last_ok: bool = True
+    seen: Mapping[str, Entry] | None = None
+
+
+def _touched(new: Mapping[str, Entry], old: Mapping[str, Entry]) -> set[str]:
+    """Names added, changed or removed between two entry maps. Entries compare by identity and derived snapshots
+    share unchanged ones, so this is a set difference done in C rather than a loop over every name."""
+    touched = {name for name, _ in new.items() - old.items()}
+    touched.update(old.keys() - new.keys())
+    return touched
 
 
 class _Stream:
@@ -118,10 +130,13 @@ class _Stream:
         self.identity: ProxyIdentity | None = None
         self.queue: deque[Any] = deque()
         self.closed = False
+        self._slow: list[asyncio.Future[None]] = []
 
     async def run(self) -> None:
         server = self.server
         metadata = {m[0]: m[1] for m in self.context.invocation_metadata() or () if isinstance(m[1], str)}
+        metadata.pop(PEER_CERT_KEY, None)
+        metadata.update(peer_metadata(self.context))  # the verified TLS client certificate, if any (gateway.peerauth)
         if server.authenticator is not None:
             try:
                 self.identity = await server.authenticator.authenticate(metadata=metadata)
@@ -159,6 +174,7 @@ class _Stream:
                         return
                     self.handle(request)
                 await self.push()
+                await self.drain()
         except asyncio.CancelledError:
             log.debug("xds stream cancelled node=%s variant=%s", self.node_id, self.variant)
             raise
@@ -197,6 +213,23 @@ class _Stream:
     def nonce(self) -> str:
         return self.server.next_nonce()
 
+    async def write(self, response: Any) -> None:
+        """Write one response, holding the caller's push slot for at most ``push_slot_timeout`` seconds: a proxy
+        that stops reading keeps its own stream waiting, not everybody's pushes."""
+        write = asyncio.ensure_future(self.context.write(response))
+        done, _ = await asyncio.wait({write}, timeout=self.server.push_slot_timeout)
+        if not done:
+            log.warning("slow xds client node=%s: a response is not written after %.0fs", self.node_id,
+                        self.server.push_slot_timeout)
+            self._slow.append(write)
+        else:
+            write.result()
+
+    async def drain(self) -> None:
+        """Wait (outside any push slot) for writes that outlived their slot."""
+        while self._slow:
+            await self._slow.pop(0)
+
 
 class _SotwStream(_Stream):
     variant = "sotw"
@@ -217,6 +250,7 @@ class _SotwStream(_Stream):
                       st.nonce)
             return
         if request.HasField("error_detail"):
+            st.acked = False
             self.cache.record_nack(self.node_id, type_url, version=st.sent_version, nonce=nonce,
                                    error=request.error_detail.message)
         elif nonce:
@@ -224,7 +258,10 @@ class _SotwStream(_Stream):
             self.cache.record_ack(self.node_id, type_url, version=request.version_info, nonce=nonce)
         names = frozenset(request.resource_names)
         wildcard = "*" in names or (not names and type_url in WILDCARD_TYPES and (not st.subscribed or st.wildcard))
-        st.subscribed, st.wildcard, st.names = True, wildcard, names - {"*"}
+        names = names - {"*"}
+        if not st.subscribed or wildcard != st.wildcard or names != st.names:
+            st.dirty = True
+        st.subscribed, st.wildcard, st.names = True, wildcard, names
 
     async def push(self) -> None:
         snapshot = self.cache.get(self.node_id)
@@ -235,39 +272,49 @@ class _SotwStream(_Stream):
                 return
             await self._push_type(snapshot, type_url, self.types[type_url])
 
+    def _current_at(self, type_url: str, st: _SotwType, version: str) -> None:
+        """Nothing the proxy asked for changed: if it ACKed what it has, it is current at this type version."""
+        if st.acked and st.sent_key is not None and version != st.sent_version:
+            st.sent_version = version
+            self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.nonce)
+            self.cache.record_ack(self.node_id, type_url, version=version, nonce=st.nonce)
+
     async def _push_type(self, snapshot: Snapshot, type_url: str, st: _SotwType) -> None:
         if not st.subscribed:
             return
         version = snapshot.version(type_url)
         entries = snapshot.entries(type_url)
-        selected: list[Entry]
+        seen, st.seen = st.seen, entries
         key: tuple[object, ...]
         if st.wildcard:
             key = (True, version)
             if key == st.sent_key:
                 return
-            selected = [entries[n] for n in sorted(entries)]
+            names = sorted(entries)
         else:
-            selected = [entries[n] for n in sorted(st.names) if n in entries]
-            key = (False, st.names, tuple(e.version for e in selected))
-            if key == st.sent_key or not selected:
-                # Same content as last sent (or nothing the proxy asked for exists yet: an empty answer would read as
-                # "deleted"). If the proxy ACKed that content, it is current at this type version as well.
-                if selected and st.acked and version != st.sent_version:
-                    st.sent_version = version
-                    self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.nonce)
-                    self.cache.record_ack(self.node_id, type_url, version=version, nonce=st.nonce)
+            if not st.dirty and seen is not None and st.sent_key is not None and (
+                    seen is entries or _touched(entries, seen).isdisjoint(st.names)):
+                self._current_at(type_url, st, version)
+                return
+            st.dirty = False
+            names = sorted(n for n in st.names if n in entries)
+            key = (False, st.names, tuple(entries[n].version for n in names))
+            if key == st.sent_key or not names:
+                # Same content as last sent (or nothing the proxy asked for exists yet: an empty answer would read
+                # as "deleted").
+                self._current_at(type_url, st, version)
                 return
         nonce = self.nonce()
-        response = DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
-                                     resources=[e.packed for e in selected])
         st.sent_key, st.sent_version, st.nonce, st.acked = key, version, nonce, False
         self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
-        stats = self.server.stats
-        stats.sotw_responses += 1
-        stats.sotw_resources += len(selected)
-        stats.sotw_bytes += response.ByteSize()
-        await self.context.write(response)
+        async with self.server.push_slots:  # bounds how many responses are being built and written at once
+            response = DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
+                                         resources=[entries[n].packed for n in names])
+            stats = self.server.stats
+            stats.sotw_responses += 1
+            stats.sotw_resources += len(names)
+            stats.sotw_bytes += response.ByteSize()
+            await self.write(response)
 
 
 class _DeltaStream(_Stream):
@@ -334,13 +381,22 @@ class _DeltaStream(_Stream):
         if not st.dirty and st.checked_version == version:
             return
         entries = snapshot.entries(type_url)
+        seen, st.seen = st.seen, entries
         known = st.known
         changed: list[Entry] = []
         removed: list[str] = []
-        if st.wildcard:
-            for name, entry in entries.items():
-                if known.get(name) != entry.version:
+        if not st.dirty and seen is not None:
+            # Fast path: after a full pass, everything in scope is known at its version, so only the names that
+            # differ between the entries seen last time and now can need sending.
+            for name in _touched(entries, seen):
+                entry = entries.get(name)
+                if entry is None:
+                    if name in known:
+                        removed.append(name)
+                elif (st.wildcard or name in st.names) and known.get(name) != entry.version:
                     changed.append(entry)
+        elif st.wildcard:
+            changed = [e for n, e in entries.items() if known.get(n) != e.version]
             removed = [n for n in known if n not in entries]
         else:
             for name in st.names:
@@ -364,18 +420,20 @@ class _DeltaStream(_Stream):
         for name in removed:
             known.pop(name, None)
         nonce = self.nonce()
-        response = DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce,
-                                          resources=[e.delta_resource for e in changed], removed_resources=removed)
         st.responded, st.last_nonce = True, nonce
         st.nonces[nonce] = version
         if len(st.nonces) > _MAX_PENDING_NONCES:
             del st.nonces[next(iter(st.nonces))]
         self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
-        stats = self.server.stats
-        stats.delta_responses += 1
-        stats.delta_resources += len(changed)
-        stats.delta_bytes += response.ByteSize()
-        await self.context.write(response)
+        async with self.server.push_slots:
+            response = DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce,
+                                              resources=[e.delta_resource for e in changed],
+                                              removed_resources=removed)
+            stats = self.server.stats
+            stats.delta_responses += 1
+            stats.delta_resources += len(changed)
+            stats.delta_bytes += response.ByteSize()
+            await self.write(response)
 
 
 class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -396,12 +454,14 @@ class AdsServer:
             ...  # srv.port is the bound port
 
     ``authenticator=None`` turns authentication off (tests and benchmarks only; logged as a warning).
-    ``server_credentials`` (grpc.ssl_server_credentials) serves TLS instead of plaintext.
+    ``server_credentials`` (grpc.ssl_server_credentials) serves TLS instead of plaintext. At most
+    ``max_concurrent_pushes`` responses are built and written at once (a push to thousands of proxies then holds
+    a bounded amount of memory); a write holds its slot for at most ``push_slot_timeout`` seconds.
     """
 
     def __init__(self, *, cache: SnapshotCache, authenticator: Authenticator | None, host: str = "127.0.0.1",
                  port: int = 0, server_credentials: grpc.ServerCredentials | None = None,
-                 grace: float = 1.0) -> None:
+                 grace: float = 1.0, max_concurrent_pushes: int = 100, push_slot_timeout: float = 10.0) -> None:
         self.cache = cache
         self.authenticator = authenticator
         self.host = host
@@ -410,6 +470,8 @@ class AdsServer:
         self._grace = grace
         self._server: grpc.aio.Server | None = None
         self._nonces = itertools.count(1)
+        self.push_slots = asyncio.Semaphore(max_concurrent_pushes)
+        self.push_slot_timeout = push_slot_timeout
         self.stats = XdsStats()
 
     def next_nonce(self) -> str:

@@ -19,7 +19,7 @@ Exceptions (the xDS serving domain)::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
@@ -66,15 +66,21 @@ def _hash(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-@dataclass(frozen=True)
+_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True, eq=False)
 class Entry:
-    """One resource as served: the message, its content version and its packed ``Any``."""
+    """One resource as served: the message, its content version and its packed ``Any``. Entries compare by
+    identity: a snapshot derived with ``replace``/``select`` shares the unchanged ones, so the ADS server finds
+    what changed between two snapshots with a set difference of their entries."""
 
     name: str
     message: Message
     version: str
     packed: any_pb2.Any
     size: int
+    mix: int  # this (name, version)'s share of its type's version
 
     @cached_property
     def delta_resource(self) -> discovery_pb2.Resource:
@@ -94,21 +100,41 @@ def _entry(type_url: str, name: str, message: Message) -> Entry:
     if not name:
         raise SnapshotError(f"{type_url}: a resource has an empty name")
     data = message.SerializeToString(deterministic=True)
-    return Entry(name=name, message=message, version=_hash(data), packed=any_pb2.Any(type_url=type_url, value=data),
-                 size=len(data))
+    version = _hash(data)
+    mix = int.from_bytes(hashlib.blake2b(f"{name}\0{version}".encode(), digest_size=8).digest(), "big")
+    return Entry(name=name, message=message, version=version, packed=any_pb2.Any(type_url=type_url, value=data),
+                 size=len(data), mix=mix)
 
 
-def _type_version(entries: Mapping[str, Entry]) -> str:
-    h = hashlib.blake2b(digest_size=8)
-    for name in sorted(entries):
-        h.update(name.encode())
-        h.update(b"\0")
-        h.update(entries[name].version.encode())
-        h.update(b"\n")
-    return h.hexdigest()
+def _sum(entries: Mapping[str, Entry]) -> int:
+    return sum(e.mix for e in entries.values()) & _MASK
 
 
-_EMPTY_VERSION = _type_version({})
+def _type_version(total: int) -> str:
+    # A type's version is the sum (mod 2**64) of a hash of each (name, version): independent of order, and
+    # updated in O(changes) when a derived snapshot replaces a few resources.
+    return f"{total:016x}"
+
+
+_EMPTY_VERSION = _type_version(0)
+
+
+class _Messages(Mapping[str, Message]):
+    """The messages of one type, as a read-only view of its entries (made in O(1))."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Mapping[str, Entry]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, name: str) -> Message:
+        return self._entries[name].message
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,7 @@ class Snapshot:
     resources: Mapping[str, Mapping[str, Message]]
     _entries: Mapping[str, Mapping[str, Entry]] = field(default_factory=dict, compare=False, repr=False)
     _versions: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    _sums: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self._entries:
@@ -127,23 +154,13 @@ class Snapshot:
             if not type_url.startswith(_PREFIX):
                 raise SnapshotError(f"{type_url!r} is not a type URL (expected {_PREFIX}<message name>)")
             entries[type_url] = MappingProxyType({n: _entry(type_url, n, m) for n, m in by_name.items()})
-        self._freeze(entries)
+        self._freeze(entries, {t: _sum(e) for t, e in entries.items()})
 
-    def _freeze(self, entries: Mapping[str, Mapping[str, Entry]], base: Snapshot | None = None,
-                changed: str | None = None) -> None:
-        """Set the derived fields; with ``base``, types other than ``changed`` are shared with ``base``."""
+    def _freeze(self, entries: Mapping[str, Mapping[str, Entry]], sums: Mapping[str, int]) -> None:
         object.__setattr__(self, "_entries", MappingProxyType(dict(entries)))
-        if base is None:
-            versions = {t: _type_version(e) for t, e in entries.items()}
-            resources: dict[str, Mapping[str, Message]] = {
-                t: MappingProxyType({n: en.message for n, en in e.items()}) for t, e in entries.items()}
-        else:
-            assert changed is not None
-            versions, resources = dict(base._versions), dict(base.resources)
-            versions[changed] = _type_version(entries[changed])
-            resources[changed] = MappingProxyType({n: en.message for n, en in entries[changed].items()})
-        object.__setattr__(self, "_versions", MappingProxyType(versions))
-        object.__setattr__(self, "resources", MappingProxyType(resources))
+        object.__setattr__(self, "_sums", MappingProxyType(dict(sums)))
+        object.__setattr__(self, "_versions", MappingProxyType({t: _type_version(v) for t, v in sums.items()}))
+        object.__setattr__(self, "resources", MappingProxyType({t: _Messages(e) for t, e in entries.items()}))
 
     @classmethod
     def build(cls, resources: Mapping[str, Iterable[Message] | Mapping[str, Message]]) -> Snapshot:
@@ -166,36 +183,47 @@ class Snapshot:
         """A new snapshot with some resources of one type added, replaced, or (``None``) removed.
 
         Only the changed resources are serialised again (an ``Entry`` taken from another snapshot is shared as it
-        is); everything else is shared with this snapshot.
+        is); everything else is shared with this snapshot, and the type's version is updated in O(changes).
         """
         current = dict(self._entries.get(type_url, {}))
+        total = self._sums.get(type_url, 0)
         for name, message in updates.items():
             if message is None:
-                current.pop(name, None)
+                entry = None
             elif isinstance(message, Entry):
                 if message.name != name or message.packed.type_url != type_url:
                     raise SnapshotError(f"{type_url}: entry {message.name!r} cannot replace {name!r}")
-                current[name] = message
+                entry = message
             else:
-                current[name] = _entry(type_url, name, message)
+                entry = _entry(type_url, name, message)
+            old = current.pop(name, None)
+            if old is not None:
+                total -= old.mix
+            if entry is not None:
+                current[name] = entry
+                total += entry.mix
         entries = dict(self._entries)
         entries[type_url] = MappingProxyType(current)
+        sums = dict(self._sums)
+        sums[type_url] = total & _MASK
         new = object.__new__(Snapshot)
-        new._freeze(entries, self, type_url)
+        new._freeze(entries, sums)
         return new
 
     def select(self, names: Mapping[str, Iterable[str] | None]) -> Snapshot:
         """A snapshot of some types of this one (``None``: all of that type's resources, else those names that
         exist), sharing the serialised resources: how per-proxy snapshots are cut from one shared, full one."""
         entries: dict[str, Mapping[str, Entry]] = {}
+        sums: dict[str, int] = {}
         for type_url, wanted in names.items():
             have = self._entries.get(type_url, MappingProxyType({}))
             if wanted is None:
-                entries[type_url] = have
+                entries[type_url], sums[type_url] = have, self._sums.get(type_url, 0)
             else:
                 entries[type_url] = MappingProxyType({n: have[n] for n in wanted if n in have})
+                sums[type_url] = _sum(entries[type_url])
         new = object.__new__(Snapshot)
-        new._freeze(entries)
+        new._freeze(entries, sums)
         return new
 
     def version(self, type_url: str) -> str:

@@ -94,5 +94,5 @@ def test_select_cuts_per_proxy_snapshots_sharing_entries() -> None:
     assert part.entries(CLUSTER)["x"] is full.entries(CLUSTER)["x"]
     assert part == Snapshot.build({CLUSTER: [eds_cluster("x")], ENDPOINT: [cla("x", 1), cla("y", 2), cla("z", 3)]})
     changed = part.replace(ENDPOINT, {"y": cla("y", 9)})
-    assert changed.version(CLUSTER) == part.version(CLUSTER) and changed.resources[CLUSTER] is part.resources[CLUSTER]
+    assert changed.version(CLUSTER) == part.version(CLUSTER) and changed.entries(CLUSTER) is part.entries(CLUSTER)
     assert changed.version(ENDPOINT) == snapshot({"x": (1,), "y": (9,), "z": (3,)}).version(ENDPOINT)
