@@ -205,6 +205,7 @@ class TrafficPolicies:
     @classmethod
     def of(cls, objects: Iterable[Any]) -> TrafficPolicies:
         """Index the VirtualServices and DestinationRules among ``objects`` (other values are ignored)."""
+        objects = list(objects)
         drs = sorted((o for o in objects if isinstance(o, DestinationRule)), key=lambda d: (d.namespace, d.name))
         vss = sorted((o for o in objects if isinstance(o, VirtualService)), key=lambda v: (v.namespace, v.name))
         problems: list[str] = []

@@ -10,6 +10,9 @@ really happens (``docs/traffic-policy.md``):
 - outlier detection on: 3 consecutive gateway errors (502/503/504, connect failures) or 5 consecutive 5xx eject an
   endpoint for 15 s (growing with repeated ejections), checked every 2 s, up to 100 % of a priority's endpoints,
   so a priority whose endpoints all fail hands its traffic to the next one;
+- routes of sidecars retry twice (connect failures, refused streams, 503), each retry on another host and in the
+  next priority first, so a request that hits a failing cluster before outlier detection ejects it is answered
+  by the next cluster instead of failing;
 - remote gateway endpoints are checked actively (TCP connect plus the mTLS handshake through the gateway to a
   serving sidecar) every ``PushContext.gateway_health_check_s``; local pods are not (their readiness comes from
   Kubernetes).
@@ -25,6 +28,7 @@ from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_de
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
@@ -55,8 +59,8 @@ DEFAULT_BASE_EJECTION_S = 15.0
 DEFAULT_MAX_EJECTION_PERCENT = 100
 UNLIMITED = 4294967295
 DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+DEFAULT_RETRY_ATTEMPTS = 2
 HEALTH_CHECK_TIMEOUT_S = 1.0
-HEALTH_CHECK_NO_TRAFFIC_S = 10.0
 
 _LB = {
     LbAlgorithm.ROUND_ROBIN: cluster_pb2.Cluster.ROUND_ROBIN,
@@ -157,7 +161,10 @@ def gateway_health_check(interval_s: float) -> Any:
     return health_check_pb2.HealthCheck(
         timeout=_duration(HEALTH_CHECK_TIMEOUT_S),
         interval=_duration(interval_s),
-        no_traffic_interval=_duration(max(interval_s, HEALTH_CHECK_NO_TRAFFIC_S)),
+        # Same interval with or without traffic: a gateway that died while the cluster was idle (or that was not
+        # up yet when the cluster was created) is found within seconds, not at Envoy's 60 s no-traffic default.
+        no_traffic_interval=_duration(interval_s),
+        unhealthy_interval=_duration(interval_s),
         unhealthy_threshold=_u32(2),
         healthy_threshold=_u32(1),
         reuse_connection=wrappers_pb2.BoolValue(value=False),
@@ -282,21 +289,42 @@ def route_match(m: HttpMatch | None) -> Any:
     return match
 
 
-def retry_policy(retries: Retries) -> Any:
+def retry_policy(retries: Retries) -> Any | None:
+    """Envoy's retry policy for ``retries`` (``None`` for ``attempts: 0``, which turns retries off). Each retry
+    goes to a host not tried yet, in a priority not tried yet when there is one (failover within the request)."""
+    if retries.attempts <= 0:
+        return None
+    retry_on = retries.retry_on or DEFAULT_RETRY_ON
     policy = route_components_pb2.RetryPolicy(
-        retry_on=retries.retry_on or DEFAULT_RETRY_ON,
+        retry_on=retry_on,
         num_retries=_u32(retries.attempts),
         retry_host_predicate=[route_components_pb2.RetryPolicy.RetryHostPredicate(
             name="envoy.retry_host_predicates.previous_hosts",
             typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()),
         )],
         host_selection_retry_max_attempts=5,
+        retry_priority=route_components_pb2.RetryPolicy.RetryPriority(
+            name="envoy.retry_priorities.previous_priorities",
+            typed_config=_pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1)),
+        ),
     )
-    codes = [int(c) for c in (retries.retry_on or DEFAULT_RETRY_ON).split(",") if c.strip().isdigit()]
-    if "retriable-status-codes" in (retries.retry_on or DEFAULT_RETRY_ON):
+    conditions = [c.strip() for c in retry_on.split(",") if c.strip()]
+    codes = [int(c) for c in conditions if c.isdigit()]  # Istio lets retryOn list status codes
+    names = [c for c in conditions if not c.isdigit()]
+    if codes and "retriable-status-codes" not in names:
+        names.append("retriable-status-codes")
+    policy.retry_on = ",".join(names)
+    if "retriable-status-codes" in names:
         policy.retriable_status_codes.extend(codes or [503])
     if retries.per_try_timeout_s is not None:
         policy.per_try_timeout.CopyFrom(_duration(retries.per_try_timeout_s))
+    return policy
+
+
+def default_retry_policy() -> Any:
+    """What a sidecar's route does without a VirtualService saying otherwise."""
+    policy = retry_policy(Retries(attempts=DEFAULT_RETRY_ATTEMPTS))
+    assert policy is not None
     return policy
 
 
@@ -316,7 +344,8 @@ def destination_cluster(dest_key: ServiceKey, subset: str, port: int | None, *, 
     return subset_cluster_name(dest_key, port, subset) if subset else outbound_cluster_name(dest_key, port)
 
 
-def route_action(route: HttpRoute, *, vhost_port: int, ports: Mapping[ServiceKey, tuple[ServicePort, ...]]) -> Any:
+def route_action(route: HttpRoute, *, vhost_port: int, ports: Mapping[ServiceKey, tuple[ServicePort, ...]],
+                 default_retries: bool = True) -> Any:
     targets = [(destination_cluster(w.destination.host, w.destination.subset, w.destination.port,
                                     vhost_port=vhost_port, ports=ports), w.weight) for w in route.route if w.weight > 0]
     action = route_components_pb2.RouteAction()
@@ -330,17 +359,22 @@ def route_action(route: HttpRoute, *, vhost_port: int, ports: Mapping[ServiceKey
     if route.timeout_s is not None:
         action.timeout.CopyFrom(_duration(route.timeout_s))
     if route.retries is not None:
-        action.retry_policy.CopyFrom(retry_policy(route.retries))
+        policy = retry_policy(route.retries)
+    else:
+        policy = default_retry_policy() if default_retries else None
+    if policy is not None:
+        action.retry_policy.CopyFrom(policy)
     return action
 
 
 def virtual_service_routes(vs: VirtualService, *, vhost_port: int,
-                           ports: Mapping[ServiceKey, tuple[ServicePort, ...]]) -> list[Any]:
+                           ports: Mapping[ServiceKey, tuple[ServicePort, ...]], default_retries: bool = True
+                           ) -> list[Any]:
     """The routes of one virtual host from a VirtualService: each ``http[]`` entry in order, one Envoy route per
     ``match[]`` (or one catch-all). Requests no entry matches get Envoy's 404, as in Istio."""
     out = []
     for i, http in enumerate(vs.http):
-        action = route_action(http, vhost_port=vhost_port, ports=ports)
+        action = route_action(http, vhost_port=vhost_port, ports=ports, default_retries=default_retries)
         name = http.name or f"{vs.namespace}/{vs.name}/http[{i}]"
         for m in (http.matches or (None,)):
             out.append(route_components_pb2.Route(name=name, match=route_match(m), route=action))

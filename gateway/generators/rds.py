@@ -21,7 +21,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from discovery.model import ServiceKey, ServicePort
 from gateway.context import ProxyInfo, ProxyKind, PushContext, outbound_cluster_name
 from gateway.generators.lds import OUTBOUND_ROUTE
-from gateway.traffic import virtual_service_routes
+from gateway.traffic import default_retry_policy, virtual_service_routes
 
 
 def default_port(ports: tuple[ServicePort, ...]) -> int:
@@ -50,14 +50,19 @@ def virtual_host(proxy: ProxyInfo, key: ServiceKey, port: int, is_default: bool,
     if is_default:
         domains.extend(hosts)
     vs = ctx.policies.virtual_service(key)
+    # Sidecars retry by default (failover within the request); proxyless gRPC keeps its own retry semantics.
+    retries = proxy.kind is ProxyKind.SIDECAR
     if vs is not None:
         ports = ctx.memo("service-ports", lambda: dict(ctx.outbound_services()))
-        routes = virtual_service_routes(vs, vhost_port=port, ports=ports)
+        routes = virtual_service_routes(vs, vhost_port=port, ports=ports, default_retries=retries)
     else:
+        action = route_components_pb2.RouteAction(cluster=outbound_cluster_name(key, port))
+        if retries:
+            action.retry_policy.CopyFrom(default_retry_policy())
         routes = [route_components_pb2.Route(
             name="default",
             match=route_components_pb2.RouteMatch(prefix="/"),
-            route=route_components_pb2.RouteAction(cluster=outbound_cluster_name(key, port)),
+            route=action,
         )]
     return route_components_pb2.VirtualHost(name=f"{key.clusterset_host}:{port}", domains=domains, routes=routes)
 
@@ -76,6 +81,7 @@ def outbound_route(proxy: ProxyInfo, ctx: PushContext) -> Any:
 def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:
     if proxy.kind is ProxyKind.GATEWAY:
         return {}
-    # The route depends on the proxy only through its namespace (the short ``<svc>`` names).
-    out = {OUTBOUND_ROUTE: ctx.memo(("rds-outbound", proxy.namespace), lambda: outbound_route(proxy, ctx))}
+    # The route depends on the proxy only through its namespace (the short ``<svc>`` names) and its kind (retries).
+    out = {OUTBOUND_ROUTE: ctx.memo(("rds-outbound", proxy.namespace, proxy.kind),
+                                    lambda: outbound_route(proxy, ctx))}
     return out if names is None else {n: c for n, c in out.items() if n in names}

@@ -1,0 +1,309 @@
+"""Acceptance: cross-cluster traffic policy with real Envoy, driven by VirtualService and DestinationRule manifests.
+
+``reviews`` runs in east and in west (one pod each, each behind its own Envoy sidecar); ``productpage`` in east
+calls it through its sidecar. East's control plane reads the policy manifests through the real converters
+(``discovery.manifests.parse_file``) and hands them to the generators. West is reached through its east-west
+gateway (SNI passthrough). Every count the tests assert is stated next to it; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from discovery.manifests import parse_file
+from discovery.model import ClusterId, namespace
+from discovery.policy import TrafficPolicies
+from federation.trust.ca import create_intermediate, create_root
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext
+from tests.e2e.test_crosscluster import echo_app, workload_certs
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
+from tests.gateway.mesh_fixtures import EAST, REVIEWS, TD, WEST, Mesh
+from tests.support.procs import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+HOST = "reviews.default.svc.clusterset.local"
+PRODUCTPAGE = REVIEWS.__class__.parse("productpage.default")
+
+DESTINATION_RULE = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews.default.svc.clusterset.local
+  subsets:
+    - name: east
+      labels: {topology.istio.io/cluster: east}
+    - name: west
+      labels: {topology.istio.io/cluster: west}
+"""
+
+SPLIT_90_10 = DESTINATION_RULE + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+    - route:
+        - destination: {host: reviews, subset: east}
+          weight: 90
+        - destination: {host: reviews, subset: west}
+          weight: 10
+"""
+
+PIN_WEST = DESTINATION_RULE + """
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews.default.svc.clusterset.local]
+  http:
+    - name: pinned-west
+      route:
+        - destination: {host: reviews, subset: west, port: {number: 9080}}
+      timeout: 3s
+      retries: {attempts: 2, perTryTimeout: 1s, retryOn: "connect-failure,5xx"}
+"""
+
+NO_LOCALITY = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+      localityLbSetting: {enabled: false}
+"""
+
+
+def policies(text: str) -> TrafficPolicies:
+    """The policies of a manifest text, through the same conversion the manifest source uses."""
+    objects, problems = parse_file(text, file="policy.yaml", cluster=EAST)
+    assert problems == [], [str(p) for p in problems]
+    return TrafficPolicies.of(obj for _, obj in objects)
+
+
+@dataclass
+class Traffic:
+    mesh: Mesh
+    east: ControlPlane
+    client: EnvoyProc
+    west_gw: EnvoyProc
+    client_outbound: int
+    east_app_port: int
+    apps: dict[str, web.AppRunner]
+    tmp: Path
+
+    async def call(self, n: int) -> list[str]:
+        """``n`` sequential requests to reviews; each entry is the answering app, or ``HTTP <status>``."""
+        out: list[str] = []
+        timeout = aiohttp.ClientTimeout(total=15)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for _ in range(n):
+                async with session.get(f"http://127.0.0.1:{self.client_outbound}/reviews/1",
+                                       headers={"Host": HOST}) as resp:
+                    body = await resp.text()
+                    if resp.status == 200:
+                        out.append(str(json.loads(body)["app"]))
+                    else:
+                        out.append(f"HTTP {resp.status} {body[:80]}")
+        return out
+
+    async def apply(self, text: str, *, expect: str) -> None:
+        """Give east's control plane new policies and wait until the client's Envoy has the route ``expect``
+        names (a cluster or route name, or ``"default"`` for the policy-free route)."""
+        pol = policies(text) if text else TrafficPolicies()
+        self.east.update(replace(self.east.ctx, policies=pol), "policy")
+        assert self.east.pushes is not None
+        await self.east.pushes.flush()
+
+        async def in_force() -> bool:
+            dump = await self.client.admin.config_dump(resource="dynamic_route_configs")
+            return expect in json.dumps(dump)
+
+        await wait_until(in_force, within=30, what=f"route naming {expect!r} in force")
+        await self.gateway_healthy()
+
+    async def gateway_healthy(self) -> None:
+        """Wait until the client's Envoy has health-checked west's gateway (a new or changed cluster starts with
+        its remote gateway endpoint pending its first check)."""
+        port = self.mesh.west_gateway_port
+
+        async def healthy() -> bool:
+            text = await self.client.admin.clusters_text()
+            flags = [x for x in text.splitlines()
+                     if x.startswith(f"outbound|9080||{HOST}::127.0.0.1:{port}::health_flags::")]
+            return bool(flags) and all(x.endswith("::healthy") for x in flags)
+
+        await wait_until(healthy, within=30, what="west's gateway healthy in the client's Envoy")
+
+    async def both_answer(self) -> bool:
+        return set(await self.call(10)) == {"reviews-east", "reviews-west"}
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def tp() -> AsyncIterator[Traffic]:
+    td = TrustDomain(TD)
+    root = create_root(td)
+    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
+    bundle = root.cert_pem.decode()
+    ports = {n: free_port() for n in ("west_gw", "east_in", "east_app", "west_in", "west_app", "pp_out")}
+    mesh = Mesh(east_gateway_port=free_port(), west_gateway_port=ports["west_gw"])
+    mesh.pods[(EAST, REVIEWS)] = [("127.0.0.1", ports["east_in"])]
+    mesh.pods[(WEST, REVIEWS)] = [("127.0.0.1", ports["west_in"])]
+    mesh.exports[EAST] = {REVIEWS}
+    mesh.exports[WEST] = {REVIEWS}
+
+    def context(cluster: ClusterId) -> PushContext:
+        certs = workload_certs(cas, str(cluster), [("default", "productpage"), ("default", "reviews")])
+        return PushContext(registry=mesh.registry(cluster), trust_domain=TD, trust_bundle_pem=bundle,
+                           workload_certs=certs)
+
+    tmp = Path(tempfile.mkdtemp(prefix="meshfed-tp-"))
+    apps = {"east": await echo_app(ports["east_app"], "reviews-east"),
+            "west": await echo_app(ports["west_app"], "reviews-west")}
+    envoys: list[EnvoyProc] = []
+    ns = namespace("default")
+    try:
+        async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
+            client = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=ns, service_account="productpage",
+                               node_id="sidecar~127.0.0.1~productpage-1.default~default.svc.cluster.local",
+                               services=(PRODUCTPAGE,), outbound_port=ports["pp_out"])
+
+            def reviews(cluster: ClusterId, inbound: int, app: int) -> ProxyInfo:
+                return ProxyInfo(kind=ProxyKind.SIDECAR, cluster=cluster, namespace=ns, service_account="reviews",
+                                 node_id=f"sidecar~127.0.0.1~reviews-{cluster}.default~default.svc.cluster.local",
+                                 services=(REVIEWS,), inbound=(InboundPort(inbound, app, "http"),),
+                                 outbound_port=free_port())
+
+            west_gw_proxy = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
+                                      service_account="eastwest", gateway_port=ports["west_gw"],
+                                      node_id="router~127.0.0.1~eastwest-west.meshfed~meshfed.svc.cluster.local")
+            envoys.append(client_env := start_envoy(tmp, east, client))
+            envoys.append(start_envoy(tmp, east, reviews(EAST, ports["east_in"], ports["east_app"])))
+            envoys.append(start_envoy(tmp, west, reviews(WEST, ports["west_in"], ports["west_app"])))
+            envoys.append(west_gw := start_envoy(tmp, west, west_gw_proxy))
+            for e in envoys:
+                await wait_ready(e)
+            yield Traffic(mesh=mesh, east=east, client=client_env, west_gw=west_gw, client_outbound=ports["pp_out"],
+                          east_app_port=ports["east_app"], apps=apps, tmp=tmp)
+    finally:
+        for e in envoys:
+            e.stop()
+        for runner in apps.values():
+            await runner.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def test_default_locality_keeps_traffic_in_the_callers_cluster(tp: Traffic) -> None:
+    async def east_answers() -> bool:
+        return (await tp.call(1)) == ["reviews-east"]
+
+    await wait_until(east_answers, within=30, what="reviews reachable from east")
+    await tp.gateway_healthy()
+    # Priority 0 is east's own pod, west's gateway is priority 1: with east healthy, west gets nothing.
+    assert Counter(await tp.call(40)) == {"reviews-east": 40}
+    dump = await tp.client.admin.config_dump(include_eds=True)
+    text = json.dumps(dump)
+    assert '"priority": 1' in text  # the remote gateway endpoint sits one priority below the local pod
+    assert "consecutive_gateway_failure" in text  # outlier detection is on without any DestinationRule
+    assert "tcp_health_check" in text  # and the remote gateway is health-checked actively
+    assert await tp.client.admin.rejected() == {}
+
+
+async def test_virtual_service_splits_90_10_across_clusters(tp: Traffic) -> None:
+    await tp.apply(SPLIT_90_10, expect="outbound|9080|west|reviews.default.svc.clusterset.local")
+    await wait_until(tp.both_answer, within=30, what="both subsets answering")
+    n = 300
+    answers = Counter(await tp.call(n))
+    assert answers["reviews-east"] + answers["reviews-west"] == n, answers  # no failed request
+    # Each request goes west with p = 0.10 (binomial: sd = sqrt(300 * 0.1 * 0.9) = 5.2 requests). We accept
+    # 10 % +- 6 points, i.e. 12..48 of 300 (about 3.5 sd either side: a false failure about once in 2,000 runs).
+    assert 12 <= answers["reviews-west"] <= 48, answers
+    assert await tp.client.admin.rejected() == {}
+
+
+async def test_virtual_service_pins_to_one_cluster_with_retries_and_timeout(tp: Traffic) -> None:
+    await tp.apply(PIN_WEST, expect="pinned-west")
+    assert Counter(await tp.call(30)) == {"reviews-west": 30}
+    dump = await tp.client.admin.config_dump(resource="dynamic_route_configs")
+    vhost = next(v for rc in dump["configs"] for v in rc["route_config"]["virtual_hosts"]
+                 if v["name"] == f"{HOST}:9080")
+    route = vhost["routes"][0]["route"]
+    assert route["cluster"] == f"outbound|9080|west|{HOST}"
+    assert route["timeout"] == "3s"
+    assert route["retry_policy"]["retry_on"] == "connect-failure,5xx"
+    assert route["retry_policy"]["num_retries"] == 2
+    assert route["retry_policy"]["per_try_timeout"] == "1s"
+
+
+async def test_local_endpoint_failure_fails_over_to_the_other_cluster(tp: Traffic) -> None:
+    await tp.apply("", expect='"default"')
+    assert Counter(await tp.call(20)) == {"reviews-east": 20}
+    # East's app stops; its sidecar now answers 503 (connection refused behind it).
+    await tp.apps.pop("east").cleanup()
+    answers = await tp.call(40)
+    # A request that still reaches east's pod gets 503 there and is retried (default route retry policy) on a host
+    # and priority not tried yet: west. Meanwhile outlier detection ejects east's pod after 3 consecutive gateway
+    # errors, and priority 0's load moves to west. So: no failed request at all, and every answer from west.
+    assert Counter(answers) == {"reviews-west": 40}, answers
+    stats = await tp.client.admin.stats(filter=r"outbound\|9080\|\|reviews.*(retry|ejections_enforced_total)")
+    assert stats[f"cluster.outbound|9080||{HOST}.upstream_rq_retry"] >= 1, stats  # the 503s east answered
+    assert stats[f"cluster.outbound|9080||{HOST}.outlier_detection.ejections_enforced_total"] >= 1, stats
+    east_port = tp.mesh.pods[(EAST, REVIEWS)][0][1]
+
+    async def east_ejected() -> bool:
+        text = await tp.client.admin.clusters_text()
+        return any(x.startswith(f"outbound|9080||{HOST}::127.0.0.1:{east_port}::health_flags::")
+                   and "failed_outlier_check" in x for x in text.splitlines())
+
+    await wait_until(east_ejected, within=10, what="east's pod ejected by outlier detection")
+    # The same without retries (a VirtualService with attempts: 0): the failures are bounded by the ejection.
+    # Bring east's app back for the next test (same port).
+    tp.apps["east"] = await echo_app(tp.east_app_port, "reviews-east")
+
+
+async def test_remote_gateway_that_stops_answering_is_taken_out_of_rotation(tp: Traffic) -> None:
+    # One priority for both clusters, so both take traffic; the rule changes the cluster, so the ejection of the
+    # previous test does not carry over.
+    await tp.apply(NO_LOCALITY, expect='"default"')
+
+    async def one_priority() -> bool:
+        dump = json.dumps(await tp.client.admin.config_dump(include_eds=True))
+        return '"priority": 1' not in dump
+
+    await wait_until(one_priority, within=30, what="one priority for both clusters")
+    await wait_until(tp.both_answer, within=60, what="east and west both answering")
+    tp.west_gw.stop()
+    answers = await tp.call(40)
+    # Connect failures to west's gateway are retried on east (previous_hosts), and the gateway endpoint is
+    # ejected after 3 of them (fewer if the active health check marked it first): no request fails.
+    assert Counter(answers) == {"reviews-east": 40}, answers
+
+    async def gateway_failed_health_check() -> bool:
+        text = await tp.client.admin.clusters_text()
+        return any(x.startswith(f"outbound|9080||{HOST}::127.0.0.1:{tp.mesh.west_gateway_port}::health_flags::")
+                   and "failed_active_hc" in x for x in text.splitlines())
+
+    # The active health check (TCP connect + mTLS handshake through the gateway) marks it too, in seconds, with no
+    # lease involved (the federation still lists west as a member: the registry never changed).
+    await wait_until(gateway_failed_health_check, within=30, what="west gateway failing its active health check")
+    assert Counter(await tp.call(20)) == {"reviews-east": 20}
+    assert await tp.client.admin.rejected() == {}
