@@ -117,14 +117,15 @@ def _write(path: Path, text: str, *, private: bool, report: tuple[list[Path], li
 
 
 def write_render(out: Path, rendered: Rendered, *, clusterset_text: str) -> WriteReport:
-    """Write ``rendered`` into ``out`` (created 0700: it holds private keys)."""
+    """Write ``rendered`` into ``out`` (created 0700 when new: it holds private keys)."""
     written: list[Path] = []
     unchanged: list[Path] = []
     removed: list[Path] = []
     report = (written, unchanged)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        os.chmod(out, 0o700)
+        if not out.exists():  # a folder that already existed keeps its mode; the key files are 0600 anyway
+            out.mkdir(parents=True)
+            os.chmod(out, 0o700)
     except OSError as exc:
         raise PlanError(f"{out}: cannot create the render directory: {exc.strerror or exc}") from exc
     _write(out / CLUSTERSET_COPY, clusterset_text, private=False, report=report)
