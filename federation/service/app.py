@@ -243,15 +243,17 @@ async def get_catalog(request: web.Request) -> web.Response:
         return _error(503, "catalog not loaded yet: the store has not answered")
     network = _viewer_network(request)
     catalog = state.catalog
-    cache: dict[tuple[int, str | None], bytes] = request.app[_Keys.cache]
-    body = cache.get((catalog.revision, network))
+    # Cached per revision and viewer network, for at most a second (lease ages in it move with the clock).
+    cache: dict[tuple[int, str | None, int], bytes] = request.app[_Keys.cache]
+    slot = (catalog.revision, network, int(time.monotonic()))
+    body = cache.get(slot)
     if body is None:
         doc = wire.catalog_json(cat.view(catalog, network=network))
         doc["trustBundle"] = _bundle(request).to_pem().decode()
         body = _dumps(doc)
         if len(cache) > 16:
             cache.clear()
-        cache[(catalog.revision, network)] = body
+        cache[slot] = body
     return web.Response(body=body, content_type="application/json")
 
 
