@@ -36,6 +36,7 @@ import logging
 import random
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -335,16 +336,22 @@ class Reflector:
                 if not self.resource_version:
                     self._relist()
                     self._backoff.reset()
+                started = time.monotonic()
                 if self._watch_once():
                     self._backoff.reset()
                     self._gone_streak = 0
+                elif (time.monotonic() - started < 1.0 and not self._stop.is_set()
+                      and self._wait(self._backoff.next_delay())):
+                    # The server ended an empty watch at once: do not reconnect in a tight loop.
+                    break
             except KubeNotFound as exc:
                 if self._stop.is_set():
                     break
                 self.stats.errors += 1
                 self.stats.last_error = str(exc)
                 delay = self._backoff.next_delay()
-                if not self.resource_version and not self._missing:
+                listing, self.resource_version = not self.resource_version, ""  # a 404 watch: relist next time
+                if listing and not self._missing:
                     # The API server does not serve this kind at all (its CRD is not installed): then nothing of
                     # it exists. Say so once, so the snapshot is not held back, and keep checking.
                     self._missing = True
@@ -381,12 +388,13 @@ class Reflector:
         return self._stop.wait(seconds)
 
     def _call(self, **kwargs: Any) -> Any:
+        what = f"{'watch' if kwargs.get('watch') else 'list'} {self.kind.name}"
         try:
             return self._list(_preload_content=False, **kwargs)
         except k8s_client.ApiException as exc:
-            raise api_error(exc, request=f"list {self.kind.name}") from exc
+            raise api_error(exc, request=what) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise KubeUnavailable(f"list {self.kind.name}: {_describe(exc)}") from exc
+            raise KubeUnavailable(f"{what}: {_describe(exc)}") from exc
 
     def _relist(self) -> None:
         resp = self._call(_request_timeout=self._request_timeout)
@@ -416,7 +424,7 @@ class Reflector:
                  self.cluster, self.kind.name, len(objects), rv)
 
     def _watch_once(self) -> bool:
-        """One watch request from ``resource_version``; True when it delivered anything or ended cleanly."""
+        """One watch request from ``resource_version``; True when it delivered at least one event."""
         timeout = random.randint(max(1, self._watch_timeout // 2), max(1, self._watch_timeout))
         resp = self._call(
             watch=True,
@@ -428,6 +436,7 @@ class Reflector:
         with self._resp_lock:
             self._resp = resp
         self.stats.watches += 1
+        delivered = False
         try:
             if self._stop.is_set():
                 return False
@@ -435,7 +444,8 @@ class Reflector:
                 if self._stop.is_set():
                     return False
                 self._event(line)
-            return True
+                delivered = delivered or bool(line.strip())
+            return delivered
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if self._stop.is_set():
                 return False
