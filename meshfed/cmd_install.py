@@ -20,7 +20,7 @@ from discovery.clusterset import ClusterSetError, clusterset_file, load_clusters
 from meshfed.install import InstallError
 from meshfed.install.apply import ClusterClient, Outcome, apply_plan
 from meshfed.install.cafiles import prepare_ca
-from meshfed.install.output import PLAN, load_plan, write_render
+from meshfed.install.output import PLAN, ensure_render_dir, load_plan, write_render
 from meshfed.install.render import DEFAULT_ETCD_IMAGE, DEFAULT_IMAGE, InstallOptions, render_clusterset
 from meshfed.output import console, fail, output_option, print_json
 
@@ -168,6 +168,7 @@ def install_cmd(source: Path, render_dir: Path | None, do_apply: bool, image: st
             cluster_domain=cluster_domain,
         )
         try:
+            ensure_render_dir(render_dir)
             ca_root = root_dir if root_dir is not None else render_dir / "ca"
             report = prepare_ca(cs, ca_root, create_root=root_dir is None)
             rendered = render_clusterset(cs, report.ca, opts, clusterset_yaml=cs_text)

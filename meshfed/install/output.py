@@ -116,18 +116,24 @@ def _write(path: Path, text: str, *, private: bool, report: tuple[list[Path], li
     report[0].append(path)
 
 
+def ensure_render_dir(out: Path) -> None:
+    """Create the render folder 0700 (it will hold private keys); a folder that exists keeps its mode (the files
+    holding keys are 0600 anyway)."""
+    try:
+        if not out.exists():
+            out.mkdir(parents=True)
+            os.chmod(out, 0o700)
+    except OSError as exc:
+        raise PlanError(f"{out}: cannot create the render directory: {exc.strerror or exc}") from exc
+
+
 def write_render(out: Path, rendered: Rendered, *, clusterset_text: str) -> WriteReport:
     """Write ``rendered`` into ``out`` (created 0700 when new: it holds private keys)."""
     written: list[Path] = []
     unchanged: list[Path] = []
     removed: list[Path] = []
     report = (written, unchanged)
-    try:
-        if not out.exists():  # a folder that already existed keeps its mode; the key files are 0600 anyway
-            out.mkdir(parents=True)
-            os.chmod(out, 0o700)
-    except OSError as exc:
-        raise PlanError(f"{out}: cannot create the render directory: {exc.strerror or exc}") from exc
+    ensure_render_dir(out)
     _write(out / CLUSTERSET_COPY, clusterset_text, private=False, report=report)
     for cluster in rendered.clusterset.clusters:
         cdir = out / str(cluster.id)
