@@ -31,6 +31,10 @@ DOWNSTREAM_CONNECTIONS = (
 )
 
 
+# The listener names a gRPC xDS server asks for (gateway.generators.proxyless.SERVER_TEMPLATE is the same).
+GRPC_SERVER_TEMPLATE = "grpc/server?xds.resource.listening_address=%s"
+
+
 class BootstrapError(ValueError):
     """The bootstrap cannot be rendered from the given arguments."""
 
@@ -126,12 +130,16 @@ def render_bootstrap(
 
 def render_grpc_bootstrap(proxy: ProxyInfo, *, xds_host: str, xds_port: int, locality: Locality | None = None,
                           cert_file: str | None = None, key_file: str | None = None, ca_file: str | None = None,
-                          refresh_s: int = 600) -> dict[str, Any]:
+                          refresh_s: int = 600, xds_tls: bool = False) -> dict[str, Any]:
     """A bootstrap for gRPC's own xDS client (``GRPC_XDS_BOOTSTRAP``): plaintext to a loopback control plane.
 
     With ``cert_file``/``key_file``/``ca_file`` it declares the ``default`` certificate provider instance (gRPC's
     ``file_watcher`` plugin) that the generated clusters' mTLS refers to. gRPC's bootstrap has no per-stream
-    metadata, so the bearer token of Envoy's bootstrap has no equivalent here."""
+    metadata, so the bearer token of Envoy's bootstrap has no equivalent here. With ``xds_tls`` the control-plane
+    channel is mutual TLS with that same certificate (``channel_creds`` type ``tls``, gRFC A65), which the control
+    plane's certificate-authenticated ADS listener accepts as the workload's identity (``gateway.peerauth``).
+    ``server_listener_resource_name_template`` names the listeners a gRPC xDS server asks for
+    (``gateway.generators.proxyless``)."""
     if proxy.kind is not ProxyKind.GRPC:
         raise BootstrapError(f"proxy {proxy.node_id} is a {proxy.kind}, not a proxyless gRPC client")
     _check_port("xds port", xds_port)
@@ -145,11 +153,18 @@ def render_grpc_bootstrap(proxy: ProxyInfo, *, xds_host: str, xds_port: int, loc
             "server_features": ["xds_v3"],
         }],
         "node": node,
+        "server_listener_resource_name_template": GRPC_SERVER_TEMPLATE,
     }
     files = (cert_file, key_file, ca_file)
+    if xds_tls and not all(files):
+        raise BootstrapError("mutual TLS to the control plane (xds_tls) needs cert_file, key_file and ca_file")
     if any(files):
         if not all(files):
             raise BootstrapError("a gRPC certificate provider needs cert_file, key_file and ca_file together")
+        if xds_tls:
+            out["xds_servers"][0]["channel_creds"] = [{"type": "tls", "config": {
+                "certificate_file": cert_file, "private_key_file": key_file, "ca_certificate_file": ca_file,
+                "refresh_interval": f"{refresh_s}s"}}]
         out["certificate_providers"] = {"default": {"plugin_name": "file_watcher", "config": {
             "certificate_file": cert_file, "private_key_file": key_file, "ca_certificate_file": ca_file,
             "refresh_interval": f"{refresh_s}s"}}}

@@ -57,12 +57,17 @@ async def _serve(config: ControlPlaneConfig) -> None:
               help="how xDS clients authenticate (default: tokenreview with --source kubernetes, else tokens)")
 @click.option("--xds-token-audience", default="meshfed", show_default=True,
               help="audience the projected service-account tokens of proxies must carry")
+@click.option("--xds-mtls-listen", default=None, metavar="HOST:PORT",
+              help="also serve ADS over mutual TLS here, authenticating proxyless gRPC workloads by certificate")
+@click.option("--xds-mtls-host", "xds_mtls_hosts", multiple=True, metavar="NAME",
+              help="IP or DNS name the mTLS ADS certificate is valid for (repeatable; default: the listen host)")
 @click.option("--debounce-quiet", type=float, default=0.1, show_default=True, metavar="SECONDS")
 @click.option("--debounce-max", type=float, default=1.0, show_default=True, metavar="SECONDS")
 def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_urls: tuple[str, ...], xds_listen: str,
                  dns_listen: str, admin_listen: str, gateway_address: str, tokens_file: Path | None,
                  runtime_file: Path | None, source: str, kubeconfig: Path | None, kube_context: str | None,
-                 xds_auth: str | None, xds_token_audience: str, debounce_quiet: float, debounce_max: float) -> None:
+                 xds_auth: str | None, xds_token_audience: str, xds_mtls_listen: str | None,
+                 xds_mtls_hosts: tuple[str, ...], debounce_quiet: float, debounce_max: float) -> None:
     """Run one cluster's control plane until SIGTERM or Ctrl-C."""
     try:
         cs = load_clusterset(clusterset_dir)
@@ -78,6 +83,8 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
             kube_context=kube_context, in_cluster=source == "kubernetes" and kubeconfig is None and not kube_context,
             xds_auth=xds_auth or ("tokenreview" if source == "kubernetes" else "tokens"),
             token_audience=xds_token_audience,
+            xds_mtls=Listen.parse(xds_mtls_listen, what="--xds-mtls-listen") if xds_mtls_listen else None,
+            xds_mtls_hosts=xds_mtls_hosts,
         )
     except (ClusterSetError, DiscoveryError, ValueError, KeyError) as exc:
         fail(str(exc), hint="check --clusterset and --cluster")

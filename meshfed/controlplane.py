@@ -59,10 +59,11 @@ from gateway.ads import AdsServer
 from gateway.auth import Authenticator, ProxyIdentity, TokenReviewAuthenticator, TokenTableAuthenticator
 from gateway.cache import SnapshotCache
 from gateway.context import ProxyInfo, ProxyInfoError, PushContext
+from gateway.peerauth import PeerCertificateAuthenticator
 from gateway.push import PushDebouncer, PushRequest
 from gateway.sds import WorkloadCertIssuer, bundle_pem, identities_of
 from gateway.snapshot import Snapshot
-from meshfed import telemetry
+from meshfed import telemetry, xdstls
 
 log = logging.getLogger("meshfed.controlplane")
 
@@ -110,6 +111,11 @@ class ControlPlaneConfig:
     xds_auth: str = "tokens"
     token_audience: str = "meshfed"
     first_sync_timeout_s: float = 60.0
+    # A second ADS listener over mutual TLS for proxyless gRPC workloads, which authenticate with their workload
+    # certificate instead of a token (gateway.peerauth, docs/proxyless-grpc.md). None: not served.
+    xds_mtls: Listen | None = None
+    # Names (IPs or DNS) the mTLS listener's certificate is valid for; the listen host when empty.
+    xds_mtls_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +263,7 @@ class ControlPlane:
         self.manifests = ManifestSource.for_cluster(cfg.clusterset, cfg.cluster)
         self._first_local = asyncio.Event()
         self.ads: AdsServer | None = None
+        self.ads_mtls: AdsServer | None = None
         self.dns: DnsServer | None = None
         self.pushes: PushDebouncer | None = None
         self.agent: FederationAgent | None = None
@@ -288,6 +295,8 @@ class ControlPlane:
             self.cache.on_connect(self._on_connect)
             self.ads = await stack.enter_async_context(AdsServer(cache=self.cache, authenticator=self.auth,
                                                                   host=cfg.xds.host, port=cfg.xds.port))
+            if cfg.xds_mtls is not None:
+                self.ads_mtls = await stack.enter_async_context(self._mtls_ads(cfg.xds_mtls))
             await stack.enter_async_context(self.issuer)
             if cfg.federation_urls:
                 sid = SpiffeId.cluster(self.bundle.trust_domain, cfg.cluster)
@@ -322,6 +331,16 @@ class ControlPlane:
                 await task
         self._tasks.clear()
         await self._stack.aclose()
+
+    def _mtls_ads(self, listen: Listen) -> AdsServer:
+        """The certificate-authenticated ADS listener (same cache, same generators) for proxyless gRPC."""
+        sid = SpiffeId.workload(self.bundle.trust_domain, "meshfed-system", "meshfed-controlplane")
+        hosts = self.config.xds_mtls_hosts or (listen.host,)
+        key_pem, chain_pem = xdstls.serving_certificate(self.ca, sid, hosts)
+        creds = xdstls.server_credentials(key_pem, chain_pem, bundle_pem(self.bundle).encode())
+        auth = PeerCertificateAuthenticator(trust_domain=self.trust_domain, cluster=str(self.config.cluster))
+        return AdsServer(cache=self.cache, authenticator=auth, host=listen.host, port=listen.port,
+                         server_credentials=creds)
 
     # ---- watchers: each replaces the registry and submits a push ---------------------------------------------
 
@@ -568,6 +587,7 @@ def status_of(cp: ControlPlane) -> dict[str, Any]:
         "zone": cp.info.zone,
         "gateway": f"{cp.config.gateway_host}:{cp.config.gateway_port}",
         "xds": f"{cp.config.xds.host}:{cp.ads.port if cp.ads else cp.config.xds.port}",
+        "xds_mtls": f"{cp.config.xds_mtls.host}:{cp.ads_mtls.port}" if cp.config.xds_mtls and cp.ads_mtls else "",
         "dns": f"{cp.config.dns.host}:{cp.dns.port if cp.dns else cp.config.dns.port}",
         "admin": f"{cp.config.admin.host}:{cp.admin_port}",
         "registry_revision": reg.revision,

@@ -28,18 +28,21 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from discovery.clusterset import ClusterSet, load_clusterset
 from discovery.manifests import load_clusterset_manifests
 from discovery.model import ClusterId, ServiceKey
+from federation.trust.ca import issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
-from federation.trust.store import init_root, issue_intermediate
+from federation.trust.store import init_root, issue_intermediate, load_bundle, load_cluster_ca
 from gateway.auth import make_node_id
-from gateway.bootstrap import render_bootstrap, write_bootstrap
+from gateway.bootstrap import render_bootstrap, render_grpc_bootstrap, write_bootstrap
 from gateway.context import InboundPort, ProxyInfo, ProxyKind
 from gateway.envoy import command as envoy_command
+from gateway.sds import bundle_pem
 from meshfed import procs
 
 log = logging.getLogger("meshfed.local")
@@ -82,7 +85,7 @@ def plan_workloads(cs: ClusterSet) -> list[WorkloadPlan]:
         snap = state.snapshots[info.id]
         for key in sorted(snap.services):
             svc = snap.services[key]
-            if svc.headless:
+            if svc.headless or is_proxyless(svc.labels):
                 continue
             port = svc.ports[0]
             for i, ep in enumerate(e for e in svc.endpoints if e.ready):
@@ -91,6 +94,33 @@ def plan_workloads(cs: ClusterSet) -> list[WorkloadPlan]:
                                         port_name=port.name, service_port=port.port))
         out.append(WorkloadPlan(cluster=info.id, name=f"{CLIENT_WORKLOAD}-{info.id}", namespace="default",
                                 service="", service_account=CLIENT_WORKLOAD, address="127.0.0.1"))
+    return out
+
+
+PROXYLESS_LABEL = "meshfed.io/proxyless"
+GRPC_CLIENT = "grpc-client"
+
+
+def is_proxyless(labels: Iterable[tuple[str, str]]) -> bool:
+    """A Service labelled ``meshfed.io/proxyless: "true"`` runs as a gRPC xDS server, without a sidecar."""
+    return dict(labels).get(PROXYLESS_LABEL) == "true"
+
+
+def plan_proxyless(cs: ClusterSet) -> list[WorkloadPlan]:
+    """A proxyless gRPC server per ready endpoint of every Service labelled proxyless (docs/proxyless-grpc.md)."""
+    state = load_clusterset_manifests(cs)
+    out: list[WorkloadPlan] = []
+    for info in cs.clusters:
+        snap = state.snapshots[info.id]
+        for key in sorted(snap.services):
+            svc = snap.services[key]
+            if svc.headless or not is_proxyless(svc.labels):
+                continue
+            port = svc.ports[0]
+            for i, ep in enumerate(e for e in svc.endpoints if e.ready):
+                out.append(WorkloadPlan(cluster=info.id, name=f"{key.name}-{info.id}-{i}", namespace=key.namespace,
+                                        service=key.name, service_account=key.name, address=ep.address,
+                                        port_name=port.name, service_port=port.port))
     return out
 
 
@@ -224,7 +254,10 @@ class LocalRun:
                 self._gateway(info.id)
             for w in plan:
                 self._workload(w)
+            for info in cs.clusters:
+                self._proxyless(cs, str(info.id))
             self._wait_envoys()
+            self._wait_proxyless()
             self.state["ready_at"] = time.time()
             self.save()
         except BaseException:
@@ -267,6 +300,7 @@ class LocalRun:
         cdir = self.run_dir / str(cluster)
         cdir.mkdir(parents=True, exist_ok=True)
         xds, dns, admin = free_port(), free_port(udp_too=True), free_port()
+        xds_mtls = free_port()
         gateway, gateway_admin = free_port(), free_port()
         tokens: dict[str, dict[str, str]] = {}
         runtime: dict[str, Any] = {"endpoints": {}}
@@ -292,6 +326,19 @@ class LocalRun:
                 runtime["endpoints"][w.address] = {"ports": {w.port_name: inbound},
                                                    "service_account": w.service_account}
             wl_state.append(entry)
+        proxyless: list[dict[str, Any]] = []
+        for w in plan_proxyless(cs):
+            if w.cluster != cluster:
+                continue
+            port = free_port(w.address)
+            runtime["endpoints"][w.address] = {"ports": {w.port_name: port}, "service_account": w.service_account}
+            proxyless.append({
+                "name": w.name, "cluster": str(cluster), "namespace": w.namespace, "service": w.service,
+                "service_account": w.service_account, "address": f"{w.address}:{port}", "port_name": w.port_name,
+                "service_port": w.service_port,
+                "spiffe_id": str(SpiffeId.workload(TrustDomain.parse(str(cs.trust_domain)), w.namespace,
+                                                   w.service_account)),
+            })
         write_private(cdir / "tokens.json", json.dumps(tokens, indent=2))
         write_json(cdir / "runtime.json", runtime)
         argv = self.meshfed(
@@ -300,15 +347,17 @@ class LocalRun:
             "--xds-listen", f"127.0.0.1:{xds}", "--dns-listen", f"127.0.0.1:{dns}",
             "--admin-listen", f"127.0.0.1:{admin}", "--gateway-address", f"127.0.0.1:{gateway}",
             "--tokens", str(cdir / "tokens.json"), "--runtime", str(cdir / "runtime.json"),
+            "--xds-mtls-listen", f"127.0.0.1:{xds_mtls}",
         )
         self.progress(f"{cluster}: control plane (xds 127.0.0.1:{xds}, dns 127.0.0.1:{dns}, admin 127.0.0.1:{admin})")
         rec = self._record(procs.start(f"{cluster}/controlplane", argv, log_path=cdir / "controlplane.log"))
         self.state["clusters"][str(cluster)] = {
             "controlplane": {"pid": rec.pid, "log": rec.log, "xds": f"127.0.0.1:{xds}", "dns": f"127.0.0.1:{dns}",
-                             "admin": f"127.0.0.1:{admin}"},
+                             "admin": f"127.0.0.1:{admin}", "xds_mtls": f"127.0.0.1:{xds_mtls}"},
             "gateway": {"address": f"127.0.0.1:{gateway}", "admin": f"127.0.0.1:{gateway_admin}",
                         "token": gw_token},
             "workloads": wl_state,
+            "proxyless": proxyless,
             "ca": str((self.run_dir / "ca" / str(cluster)).resolve()),
         }
         self.save()
@@ -364,6 +413,64 @@ class LocalRun:
         rec = self._envoy(str(w.cluster), w.name, proxy, admin=entry["sidecar_admin"], token=entry["token"])
         entry.update({"sidecar_pid": rec.pid, "sidecar_log": rec.log, "node_id": proxy.node_id})
         self.save()
+
+    def _grpc_files(self, cs: ClusterSet, cluster: str, name: str, namespace: str, service_account: str,
+                    proxy: ProxyInfo) -> Path:
+        """Certificate, key and bundle for a proxyless workload (0600), and its gRPC xDS bootstrap: mutual TLS to
+        the control plane's certificate-authenticated ADS listener with that same certificate."""
+        ca_dir = self.run_dir / "ca" / cluster
+        gdir = self.run_dir / cluster / "grpc" / name
+        td = TrustDomain.parse(str(cs.trust_domain))
+        key_pem, chain = issue_workload(load_cluster_ca(ca_dir), SpiffeId.workload(td, namespace, service_account),
+                                        ttl=timedelta(hours=24))
+        write_private(gdir / "cert.pem", b"".join(chain).decode())
+        write_private(gdir / "key.pem", key_pem.decode())
+        write_private(gdir / "ca.pem", bundle_pem(load_bundle(ca_dir)))
+        host, _, port = self.state["clusters"][cluster]["controlplane"]["xds_mtls"].rpartition(":")
+        boot = render_grpc_bootstrap(proxy, xds_host=host, xds_port=int(port), cert_file=str(gdir / "cert.pem"),
+                                     key_file=str(gdir / "key.pem"), ca_file=str(gdir / "ca.pem"), xds_tls=True)
+        return write_bootstrap(gdir / "bootstrap.json", boot)
+
+    def _proxyless(self, cs: ClusterSet, cluster: str) -> None:
+        """Start the cluster's proxyless gRPC servers, and write a proxyless client identity (``grpc-client``)
+        whose bootstrap a person or a test uses to call with ``xds:///`` from this cluster."""
+        cstate = self.state["clusters"][cluster]
+        env_base = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+        for entry in cstate.get("proxyless", []):
+            host, _, port = entry["address"].rpartition(":")
+            proxy = ProxyInfo(
+                kind=ProxyKind.GRPC, cluster=ClusterId(cluster),
+                node_id=make_node_id(kind="grpc", ip=host, pod=entry["name"], namespace=entry["namespace"]),
+                namespace=_ns(entry["namespace"]), service_account=entry["service_account"],
+                services=(ServiceKey.parse(f"{entry['service']}.{entry['namespace']}"),),
+                inbound=(InboundPort(port=int(port), app_port=int(port), name=entry["port_name"], protocol="grpc"),),
+                ip=host)
+            boot = self._grpc_files(cs, cluster, entry["name"], entry["namespace"], entry["service_account"], proxy)
+            argv = [self.python, "-m", "meshfed.demogrpc", "serve", "--listen", entry["address"], "--service",
+                    entry["service"], "--cluster", cluster, "--workload", entry["name"]]
+            self.progress(f"{cluster}: proxyless gRPC {entry['name']} ({entry['service']} on {entry['address']})")
+            rec = self._record(procs.start(f"{cluster}/{entry['name']}/grpc", argv,
+                                           log_path=self.run_dir / cluster / f"{entry['name']}.grpc.log",
+                                           env={**env_base, "GRPC_XDS_BOOTSTRAP": str(boot)}))
+            entry.update({"pid": rec.pid, "log": rec.log, "bootstrap": str(boot), "node_id": proxy.node_id})
+            self.save()
+        client = ProxyInfo(kind=ProxyKind.GRPC, cluster=ClusterId(cluster),
+                           node_id=make_node_id(kind="grpc", ip="127.0.0.1", pod=f"{GRPC_CLIENT}-{cluster}",
+                                                namespace="default"),
+                           namespace=_ns("default"), service_account=GRPC_CLIENT)
+        boot = self._grpc_files(cs, cluster, GRPC_CLIENT, "default", GRPC_CLIENT, client)
+        cstate["grpc_client"] = {"bootstrap": str(boot), "node_id": client.node_id,
+                                 "env": {"GRPC_XDS_BOOTSTRAP": str(boot), "GRPC_EXPERIMENTAL_XDS_SNI": "true"}}
+        self.save()
+
+    def _wait_proxyless(self) -> None:
+        """A gRPC xDS server starts serving once the control plane sent its listener: wait for its port."""
+        for cluster, c in self.state["clusters"].items():
+            for e in c.get("proxyless", []):
+                host, _, port = e["address"].rpartition(":")
+                wait_until(f"{cluster} proxyless gRPC {e['name']}",
+                           functools.partial(_port_open, host, int(port)), timeout=self.ready_timeout,
+                           pids=[e["pid"]], logs=[e["log"]])
 
     def _wait_envoys(self) -> None:
         self.progress("waiting for every Envoy to be ready")

@@ -25,7 +25,7 @@ from google.protobuf import wrappers_pb2
 
 from gateway import telemetry
 from gateway.context import ProxyInfo, ProxyKind, PushContext, inbound_cluster_name, sni_name
-from gateway.generators import inbound_authz
+from gateway.generators import inbound_authz, proxyless
 from gateway.generators.common import TLS_TRANSPORT_SOCKET, ads_source, downstream_tls, pack, socket_address
 
 OUTBOUND_ROUTE = "outbound"
@@ -160,4 +160,5 @@ def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -
             out[inbound_listener_name(inbound.port)] = inbound_listener(proxy, inbound.port, ctx)
     else:
         out = dict(ctx.memo("lds-api", lambda: api_listeners(ctx)))
+        out |= proxyless.server_listeners(proxy, ctx)  # a gRPC xDS server's own listeners
     return out if names is None else {n: c for n, c in out.items() if n in names}
