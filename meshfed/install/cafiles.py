@@ -75,11 +75,10 @@ def prepare_ca(cs: ClusterSet, root: Path, *, create_root: bool) -> CAReport:
                        for c in cs.clusters]
         authorities.append((FEDERATION_DIR, SpiffeId.federation(td), root / INTERMEDIATES / FEDERATION_DIR))
         for name, authority, out in authorities:
-            ca, made = store.issue_intermediate(root, authority, out)
+            _ca, made = store.issue_intermediate(root, authority, out)
             if made:
                 created.append(str(out))
                 log.info("event=intermediate_created authority=%s dir=%s", authority, out)
-            del ca
             if name != FEDERATION_DIR:
                 clusters[name] = _read(out)
         federation = _read(root / INTERMEDIATES / FEDERATION_DIR)

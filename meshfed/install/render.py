@@ -27,8 +27,10 @@ import enum
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
+
+import yaml
 
 from discovery.clusterset import ClusterSet
 from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
@@ -165,7 +167,6 @@ class ClusterCA:
     clusters: Mapping[str, CAFiles]
     federation: CAFiles
     root_fingerprint: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -823,8 +824,6 @@ def gateway_objects(cluster: ClusterInfo, opts: InstallOptions, bootstrap_yaml: 
 
 
 def _yaml(data: Any) -> str:
-    import yaml
-
     return str(yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 
 
