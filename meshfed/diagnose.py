@@ -10,7 +10,7 @@ The hops, in the order a request meets them::
     6 endpoints     some cluster has ready endpoints, and the caller's sidecar sees healthy hosts for the service
     7 certificates  every cluster's intermediate chains to a root of the bundle and is unexpired; the running control
                     planes use those intermediates; the caller sidecar's certificates are unexpired
-    8 policy        authorization policy allows the call (hook: :func:`check_policy`)
+    8 policy        the exporting clusters' AuthorizationPolicies allow the call (:func:`check_policy`)
     9 request       a real request through the caller's client sidecar gets an answer
 
 Two halves: :func:`collect` gathers the evidence (HTTP to control planes and Envoy admins, a DNS query, trust
@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from meshfed.authz_check import ClusterPolicies, policy_evidence, policy_hop
 from meshfed.status import StatusError, fetch_json
 
 log = logging.getLogger("meshfed.diagnose")
@@ -75,6 +76,9 @@ class Evidence:
     request: tuple[int, str] | None = None  # (HTTP status, body) of the real request; None if not sent
     request_error: str = ""
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # AuthorizationPolicies selecting the service, per exporting cluster (meshfed.authz_check), and why not read.
+    policies: Mapping[str, ClusterPolicies] = field(default_factory=dict)
+    policy_error: str = ""
 
     @property
     def host(self) -> str:
@@ -327,8 +331,10 @@ PolicyCheck = Callable[[Evidence], Hop]
 
 
 def check_policy(ev: Evidence) -> Hop:
-    """Hop 8. The hook for authorization policy: replace the body (or :data:`POLICY_CHECK`) once policies exist."""
-    return Hop(8, "policy", SKIPPED, "no AuthorizationPolicy support yet: every authenticated caller is allowed")
+    """Hop 8. The exporting clusters' AuthorizationPolicies, evaluated for the request hop 9 sends."""
+    status, detail, next_step = policy_hop(ev.policies, principal=str(ev.client.get("spiffe_id", "")),
+                                           caller=ev.caller, service=ev.service, error=ev.policy_error)
+    return Hop(8, "policy", status, detail, next_step)
 
 
 POLICY_CHECK: PolicyCheck = check_policy
@@ -496,6 +502,7 @@ def collect(run_dir: Path, service: str, caller: str, *, request_timeout: float 
         request = local.call(client["outbound"], partial.host, timeout=request_timeout)
     except OSError as exc:
         request_error = f"{type(exc).__name__}: {exc}"
+    policies, policy_error = policy_evidence(state.get("clusterset", ""), service, partial.exporters())
     return Evidence(service=service, caller=caller, statuses=statuses, client=client,
                     chain_errors=chain_errors, disk_fingerprints=fingerprints, request=request,
-                    request_error=request_error, **gathered)
+                    request_error=request_error, policies=policies, policy_error=policy_error, **gathered)
