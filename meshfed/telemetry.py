@@ -1,7 +1,11 @@
 """The control plane's own Prometheus metrics (one registry per control plane, served on its admin ``/metrics``).
 
 Counters move as things happen (pushes, federation updates); gauges that describe state (connections, NACKs,
-certificate expiry, federation lag) are refreshed from the live objects on each scrape.
+certificate expiry, federation lag) are refreshed from the live objects on each scrape. A few counters are derived
+at scrape time from cumulative state the live objects keep (ADS stream counts, certificates issued and rotated,
+NACKs seen per type): each scrape adds what is new since the last one, so they only ever grow.
+
+Every series is listed, with its labels, in docs/observability.md.
 """
 
 from __future__ import annotations
@@ -48,14 +52,48 @@ class ControlPlaneMetrics:
                                  "Seconds until the soonest workload certificate expires", registry=r)
         self.intermediate_expiry = Gauge("meshfed_intermediate_expiry_seconds",
                                          "Seconds until this cluster's intermediate CA expires", registry=r)
+        self.connected_by_kind = Gauge("meshfed_xds_connected_proxies_by_kind",
+                                       "Proxies with an open ADS stream, by kind (sidecar, gateway, grpc)", ["kind"],
+                                       registry=r)
+        self.streams = Counter("meshfed_xds_streams", "ADS streams accepted or refused, per listener",
+                               ["listener", "result"], registry=r)
+        self.nack_events = Counter("meshfed_xds_nacks", "NACKs received, by xDS type", ["type"], registry=r)
+        self.certs_issued_total = Counter("meshfed_workload_certificates_issued",
+                                          "Workload certificates issued (first issue and rotations)", registry=r)
+        self.certs_expiring = Gauge("meshfed_workload_certificates_expiring",
+                                    "Workload certificates held that expire within an hour", registry=r)
+        self.federation_revision = Gauge("meshfed_federation_catalog_revision",
+                                         "Revision of the last catalog applied from the federation", registry=r)
         self._last_update = time.monotonic()
+        self._stream_counts: dict[tuple[str, str], int] = {}
+        self._nacks_seen: set[tuple[str, str, str, float | None]] = set()
+        self._issued_count = 0
 
     def mark_update(self) -> None:
         self._last_update = time.monotonic()
         self.federation_updates.inc()
 
     def refresh(self, cp: ControlPlane) -> None:
-        self.xds_connections.set(len(cp.cache.connected()))
+        connected = cp.cache.connected()
+        self.xds_connections.set(len(connected))
+        kinds: dict[str, int] = {"sidecar": 0, "gateway": 0, "grpc": 0}
+        for node_id in connected:
+            proxy = cp.proxies.get(node_id)
+            kind = str(proxy.kind) if proxy is not None else "unrecognised"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        for kind, n in kinds.items():
+            self.connected_by_kind.labels(kind=kind).set(n)
+        for listener, server in (("token", cp.ads), ("mtls", getattr(cp, "ads_mtls", None))):
+            if server is None:
+                continue
+            for result, value in (("accepted", server.stats.streams_opened), ("refused", server.stats.streams_refused)):
+                self._grow(self.streams.labels(listener=listener, result=result), (listener, result), value)
+        for st in cp.cache.status():
+            if st.nack_error:
+                key = (st.node_id, st.type_url, st.nack_version, st.nack_time)
+                if key not in self._nacks_seen:
+                    self._nacks_seen.add(key)
+                    self.nack_events.labels(type=TYPE_SHORT.get(st.type_url, st.type_url.rsplit(".", 1)[-1])).inc()
         nacked: dict[str, int] = dict.fromkeys(TYPE_SHORT.values(), 0)
         for st in cp.cache.status():
             if st.nack_error and str(st.state) == "nacked":
@@ -66,13 +104,28 @@ class ControlPlaneMetrics:
         agent = cp.agent
         self.federation_connected.set(1 if agent is not None and agent.connected else 0)
         self.federation_lag.set(time.monotonic() - self._last_update)
+        revision = getattr(agent.catalog, "revision", None) if agent is not None else None
+        if isinstance(revision, int):
+            self.federation_revision.set(revision)
         now = datetime.now(UTC)
         issued = [cp.issuer.issued(i) for i in list(cp.issuer._issued)]
         alive = [i for i in issued if i is not None]
         self.certs_issued.set(len(alive))
         if alive:
             self.cert_expiry.set(min((i.not_after - now).total_seconds() for i in alive))
+        self.certs_expiring.set(sum(1 for i in alive if (i.not_after - now).total_seconds() < 3600))
+        issued_total = len(alive) + int(getattr(cp.issuer, "rotations", 0))
+        if issued_total > self._issued_count:
+            self.certs_issued_total.inc(issued_total - self._issued_count)
+            self._issued_count = issued_total
         self.intermediate_expiry.set((cp.ca.not_after - now).total_seconds())
+
+    def _grow(self, counter: Any, key: tuple[str, str], value: int) -> None:
+        """Advance ``counter`` to the cumulative ``value`` a live object reports (never backwards)."""
+        last = self._stream_counts.get(key, 0)
+        if value > last:
+            counter.inc(value - last)
+            self._stream_counts[key] = value
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
