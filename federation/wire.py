@@ -180,8 +180,14 @@ def _enum(obj: Mapping[str, Json], key: str, path: str, kind: type[T], default: 
 
 
 def port_json(p: ServicePort) -> Json:
-    return {"port": p.port, "protocol": str(p.protocol), "name": p.name, "appProtocol": p.app_protocol,
-            "targetPort": p.target_port}
+    out: dict[str, Json] = {"port": p.port, "protocol": str(p.protocol)}
+    if p.name:
+        out["name"] = p.name
+    if p.app_protocol:
+        out["appProtocol"] = p.app_protocol
+    if p.target_port:
+        out["targetPort"] = p.target_port
+    return out
 
 
 def port_from_json(value: Json, path: str) -> ServicePort:
@@ -204,12 +210,23 @@ def port_from_json(value: Json, path: str) -> ServicePort:
 
 
 def endpoint_json(e: Endpoint) -> Json:
-    return {
-        "address": e.address, "ready": e.ready, "serving": e.serving, "terminating": e.terminating,
-        "hostname": e.hostname, "zone": e.zone, "node": e.node,
-        "ports": [{"name": n, "port": p} for n, p in e.ports],
-        "labels": dict(e.labels), "serviceAccount": e.service_account,
-    }
+    """An endpoint; fields at their default value are left out (the decoder restores them)."""
+    out: dict[str, Json] = {"address": e.address}
+    if not e.ready:
+        out["ready"] = False
+    if not e.serving:
+        out["serving"] = False
+    if e.terminating:
+        out["terminating"] = True
+    for name, value in (("hostname", e.hostname), ("zone", e.zone), ("node", e.node),
+                        ("serviceAccount", e.service_account)):
+        if value:
+            out[name] = value
+    if e.ports:
+        out["ports"] = [{"name": n, "port": p} for n, p in e.ports]
+    if e.labels:
+        out["labels"] = dict(e.labels)
+    return out
 
 
 def endpoint_from_json(value: Json, path: str) -> Endpoint:

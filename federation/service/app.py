@@ -208,7 +208,10 @@ async def put_exports(request: web.Request) -> web.Response:
     cluster = _own_cluster(request)
     metrics = request.app[_Keys.metrics]
     started = time.perf_counter()
-    exports = wire.export_set_from_json(await _body(request), cluster)
+    body = await _body(request)
+    read = time.perf_counter()
+    exports = wire.export_set_from_json(body, cluster)
+    decoded = time.perf_counter()
     try:
         revision = await _store(request).put_exports(exports)
     except StaleGeneration as exc:
@@ -217,12 +220,15 @@ async def put_exports(request: web.Request) -> web.Response:
     except UnknownCluster as exc:
         metrics.publishes.labels(outcome="unregistered").inc()
         return _error(404, f"{exc}", field="cluster")
+    stored = time.perf_counter()
     metrics.publishes.labels(outcome="stored").inc()
-    metrics.publish_seconds.observe(time.perf_counter() - started)
+    metrics.publish_seconds.observe(stored - started)
     await _state(request).offer(StoreEvent(revision=revision, kind=EventKind.EXPORTS, cluster=cluster,
                                            exports=exports))
-    log.info("published cluster=%s generation=%d services=%d revision=%d", cluster, exports.generation,
-             len(exports.services), revision)
+    log.info("published cluster=%s generation=%d services=%d revision=%d read_ms=%.1f decode_ms=%.1f "
+             "store_ms=%.1f catalog_ms=%.1f", cluster, exports.generation, len(exports.services), revision,
+             (read - started) * 1000, (decoded - read) * 1000, (stored - decoded) * 1000,
+             (time.perf_counter() - stored) * 1000)
     return _json({"cluster": cluster, "generation": exports.generation, "services": len(exports.services),
                   "revision": revision})
 
