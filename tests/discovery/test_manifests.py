@@ -172,7 +172,7 @@ def test_registered_extra_kinds_land_in_extras(demo: Path) -> None:
         cv.register(*marker)(lambda obj, cluster: ("thing", obj["metadata"]["name"]))
         bump(demo / "east" / "thing.yaml", f"apiVersion: {marker[0]}\nkind: {marker[1]}\nmetadata: {{name: t1}}\n")
         res = ManifestSource(demo / "east", "east").load()
-        assert res.snapshot.extras == (("thing", "t1"),)
+        assert ("thing", "t1") in res.snapshot.extras  # beside the demo's own policies
     finally:
         cv.CONVERTERS.pop(marker, None)
 
