@@ -67,6 +67,8 @@ class LocalInputs:
     # The federation's own member list (lease renewals as the service saw them), when it answered.
     members: Sequence[Mapping[str, Any]] | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Requests/s and error rate per cluster pair from the sidecars' stats (meshfed.traffic.collect).
+    traffic: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,6 +244,7 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
         "trust": trust,
         "processes": processes,
         "addresses": addresses(state, statuses),
+        "traffic": [dict(t) for t in inp.traffic],
     }
     report["problems"] = problems
     report["healthy"] = not problems
@@ -457,6 +460,10 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
                      f"{len(bad)} expiring" if bad else "ok"])
     title = "Trust" + (f" (rotation phase: {trust['phase']}; next: {trust['next_step']})" if trust["phase"] else "")
     out.append((title, ["certificate", "of", "fingerprint", "not after", "health"], rows))
+    if report.get("traffic"):
+        from meshfed.traffic import table as traffic_table
+
+        out.append(traffic_table(report["traffic"]))
     addr = report.get("addresses")
     if addr:
         rows = [[name, a["xds"], a["dns"], a["admin"], a["gateway"], a["gateway_admin"]]
@@ -525,8 +532,10 @@ def collect_local(run_dir: Path) -> LocalInputs:
             members = list(asyncio.run(_local_catalog(fed_url, Path(first[1]["ca"]), first[0])).members)
         except (StatusError, TrustError, OSError) as exc:
             log.info("federation catalog unavailable, using the control planes' view: %s", exc)
+    from meshfed import traffic
+
     return LocalInputs(state=state, alive=alive, controlplanes=statuses, errors=errors, root=root,
-                       root_error=root_error, members=members)
+                       root_error=root_error, members=members, traffic=traffic.collect(state))
 
 
 async def _local_catalog(url: str, ca_dir: Path, cluster: str) -> RemoteInputs:

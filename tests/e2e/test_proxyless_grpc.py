@@ -129,3 +129,17 @@ def test_proxyless_server_refuses_plaintext(run: dict[str, Any]) -> None:
     with grpc.insecure_channel(server["address"]) as channel, pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/meshfed.demo.Echo/Call")(b"plain", timeout=5)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]
+
+
+def test_status_traffic_section_shows_east_to_west(run: dict[str, Any]) -> None:
+    """After the calls above (the sidecar's gRPC call and `meshfed up`'s own proof), `meshfed status` reports the
+    east -> west pair from the callers' sidecars, with its request count and error rate."""
+    done = meshfed("status", "--run-dir", run["run_dir"], "-o", "json")
+    assert done.returncode in (0, 1), done.stderr
+    report = json.loads(done.stdout)
+    pairs = {(r["source_cluster"], r["destination_cluster"]): r for r in report["traffic"]}
+    east_west = pairs[("east", "west")]
+    assert east_west["requests"] >= 2 and 0 <= east_west["error_rate"] < 1, east_west
+    assert all("unknown" not in key for pair in pairs for key in pair)
+    text = meshfed("status", "--run-dir", run["run_dir"])
+    assert "Traffic" in text.stdout, text.stdout
