@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import logging
 import os
+import pstats
 import random
 import statistics
 import subprocess
@@ -232,6 +234,9 @@ async def run_variant(mode: str, args: argparse.Namespace, full: Snapshot, by_se
             res.sync_s = time.monotonic() - t0
             res.initial_bytes = srv.stats.sotw_bytes + srv.stats.delta_bytes
             rnd = random.Random(SEED)
+            profiler = cProfile.Profile() if args.profile else None
+            if profiler is not None:
+                profiler.enable()
             for change in range(args.changes):
                 await asyncio.sleep(0.2)
                 j = rnd.randrange(args.services)
@@ -254,6 +259,9 @@ async def run_variant(mode: str, args: argparse.Namespace, full: Snapshot, by_se
                 res.bytes_per_change.append(srv.stats.sotw_bytes + srv.stats.delta_bytes - b0)
                 res.resources_per_change.append(srv.stats.sotw_resources + srv.stats.delta_resources - r0)
                 res.affected.append(len(affected))
+            if profiler is not None:
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         finally:
             for p, _ in procs:
                 p.terminate()
@@ -287,6 +295,8 @@ def report(results: list[Result], args: argparse.Namespace, rss: tuple[int, int]
     ]
     for label, fn in rows:
         print(f"{label:34}" + "".join(f"{fn(r):>14}" for r in results))
+    if len(results) != 2:
+        return
     sotw, delta = results
     print("\nratios SotW / delta (same changes, same proxies, same run):")
     b = statistics.mean(sotw.bytes_per_change) / max(1.0, statistics.mean(delta.bytes_per_change))
@@ -319,7 +329,7 @@ async def main_async(args: argparse.Namespace) -> None:
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-xds-{os.getpid()}"
     logdir.mkdir(parents=True, exist_ok=True)
     results = []
-    for mode in ("sotw", "delta"):
+    for mode in args.variants.split(","):
         t = time.monotonic()
         print(f"{time.strftime('%H:%M:%S')} {mode}: starting", flush=True)
         results.append(await run_variant(mode, args, full, by_service, watch_of, logdir))
@@ -337,6 +347,8 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=2)
     ap.add_argument("--quiet", type=float, default=0.05)
     ap.add_argument("--max-delay", type=float, default=0.5)
+    ap.add_argument("--variants", default="sotw,delta", help="comma-separated: sotw, delta")
+    ap.add_argument("--profile", action="store_true", help="cProfile the control plane during the changes")
     ap.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--first", type=int, help=argparse.SUPPRESS)

@@ -44,7 +44,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from gateway.auth import AuthenticationError, Authenticator, NodeMismatch, ProxyIdentity, check_node
 from gateway.cache import SnapshotCache
 from gateway.peerauth import PEER_CERT_KEY, peer_metadata
-from gateway.snapshot import TYPE_ORDER, WILDCARD_TYPES, Entry, Snapshot
+from gateway.snapshot import TYPE_ORDER, WILDCARD_TYPES, Entry, Snapshot, touched
 
 log = logging.getLogger("meshfed.xds.ads")
 
@@ -109,14 +109,6 @@ class _DeltaType:
     last_nonce: str = ""
     last_ok: bool = True
     seen: Mapping[str, Entry] | None = None
-
-
-def _touched(new: Mapping[str, Entry], old: Mapping[str, Entry]) -> set[str]:
-    """Names added, changed or removed between two entry maps. Entries compare by identity and derived snapshots
-    share unchanged ones, so this is a set difference done in C rather than a loop over every name."""
-    touched = {name for name, _ in new.items() - old.items()}
-    touched.update(old.keys() - new.keys())
-    return touched
 
 
 class _Stream:
@@ -293,7 +285,7 @@ class _SotwStream(_Stream):
             names = sorted(entries)
         else:
             if not st.dirty and seen is not None and st.sent_key is not None and (
-                    seen is entries or _touched(entries, seen).isdisjoint(st.names)):
+                    seen is entries or touched(entries, seen).isdisjoint(st.names)):
                 self._current_at(type_url, st, version)
                 return
             st.dirty = False
@@ -388,7 +380,7 @@ class _DeltaStream(_Stream):
         if not st.dirty and seen is not None:
             # Fast path: after a full pass, everything in scope is known at its version, so only the names that
             # differ between the entries seen last time and now can need sending.
-            for name in _touched(entries, seen):
+            for name in touched(entries, seen):
                 entry = entries.get(name)
                 if entry is None:
                     if name in known:

@@ -19,11 +19,11 @@ Exceptions (the xDS serving domain)::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any as TypingAny
+from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
@@ -119,6 +119,67 @@ def _type_version(total: int) -> str:
 _EMPTY_VERSION = _type_version(0)
 
 
+_EPOCH_CHANGES = 64
+
+
+class EntryMap(Mapping[str, Entry]):
+    """The entries of one type in one snapshot (read-only).
+
+    ``epoch`` and ``changed`` describe lineage: a map made by ``Snapshot.replace`` from another keeps that map's
+    epoch and adds the replaced names to ``changed``, so any two maps of one epoch differ at most in the union of
+    their ``changed`` sets, and a stream finds what changed between the snapshot it last saw and the current one
+    in O(changes). A map built from scratch, or whose ``changed`` would grow past 64 names, starts a new epoch.
+    """
+
+    __slots__ = ("_d", "changed", "epoch")
+
+    def __init__(self, d: dict[str, Entry], *, epoch: object | None = None,
+                 changed: frozenset[str] = frozenset()) -> None:
+        self._d = d
+        self.epoch = epoch if epoch is not None else object()
+        self.changed = changed
+
+    def __getitem__(self, name: str) -> Entry:
+        return self._d[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._d
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._d.get(name, default)
+
+    def items(self) -> ItemsView[str, Entry]:
+        return self._d.items()
+
+    def keys(self) -> KeysView[str]:
+        return self._d.keys()
+
+    def values(self) -> ValuesView[Entry]:
+        return self._d.values()
+
+    def copy(self) -> dict[str, Entry]:
+        return dict(self._d)
+
+
+def touched(new: Mapping[str, Entry], old: Mapping[str, Entry]) -> set[str]:
+    """Names added, changed or removed between two entry maps: from lineage when both share an epoch, else by a
+    set difference of their (identity-compared) entries."""
+    if isinstance(new, EntryMap) and isinstance(old, EntryMap) and new.epoch is old.epoch:
+        return set(new.changed | old.changed)
+    names = {name for name, _ in new.items() - old.items()}
+    names.update(old.keys() - new.keys())
+    return names
+
+
+_EMPTY_MAP = EntryMap({})
+
+
 class _Messages(Mapping[str, Message]):
     """The messages of one type, as a read-only view of its entries (made in O(1))."""
 
@@ -153,7 +214,7 @@ class Snapshot:
         for type_url, by_name in self.resources.items():
             if not type_url.startswith(_PREFIX):
                 raise SnapshotError(f"{type_url!r} is not a type URL (expected {_PREFIX}<message name>)")
-            entries[type_url] = MappingProxyType({n: _entry(type_url, n, m) for n, m in by_name.items()})
+            entries[type_url] = EntryMap({n: _entry(type_url, n, m) for n, m in by_name.items()})
         self._freeze(entries, {t: _sum(e) for t, e in entries.items()})
 
     def _freeze(self, entries: Mapping[str, Mapping[str, Entry]], sums: Mapping[str, int]) -> None:
@@ -185,7 +246,8 @@ class Snapshot:
         Only the changed resources are serialised again (an ``Entry`` taken from another snapshot is shared as it
         is); everything else is shared with this snapshot, and the type's version is updated in O(changes).
         """
-        current = dict(self._entries.get(type_url, {}))
+        parent = self._entries.get(type_url, _EMPTY_MAP)
+        current = parent.copy() if isinstance(parent, EntryMap) else dict(parent)
         total = self._sums.get(type_url, 0)
         for name, message in updates.items():
             if message is None:
@@ -203,7 +265,10 @@ class Snapshot:
                 current[name] = entry
                 total += entry.mix
         entries = dict(self._entries)
-        entries[type_url] = MappingProxyType(current)
+        if isinstance(parent, EntryMap) and len(parent.changed) + len(updates) <= _EPOCH_CHANGES:
+            entries[type_url] = EntryMap(current, epoch=parent.epoch, changed=parent.changed | frozenset(updates))
+        else:
+            entries[type_url] = EntryMap(current)
         sums = dict(self._sums)
         sums[type_url] = total & _MASK
         new = object.__new__(Snapshot)
@@ -216,11 +281,11 @@ class Snapshot:
         entries: dict[str, Mapping[str, Entry]] = {}
         sums: dict[str, int] = {}
         for type_url, wanted in names.items():
-            have = self._entries.get(type_url, MappingProxyType({}))
+            have = self._entries.get(type_url, _EMPTY_MAP)
             if wanted is None:
                 entries[type_url], sums[type_url] = have, self._sums.get(type_url, 0)
             else:
-                entries[type_url] = MappingProxyType({n: have[n] for n in wanted if n in have})
+                entries[type_url] = EntryMap({n: have[n] for n in wanted if n in have})
                 sums[type_url] = _sum(entries[type_url])
         new = object.__new__(Snapshot)
         new._freeze(entries, sums)
@@ -234,7 +299,7 @@ class Snapshot:
         return self._versions
 
     def entries(self, type_url: str) -> Mapping[str, Entry]:
-        return self._entries.get(type_url, MappingProxyType({}))
+        return self._entries.get(type_url, _EMPTY_MAP)
 
     def names(self, type_url: str) -> frozenset[str]:
         return frozenset(self._entries.get(type_url, ()))
@@ -249,7 +314,7 @@ class Snapshot:
     def __hash__(self) -> int:
         return hash(tuple(sorted(self._versions.items())))
 
-    def __eq__(self, other: TypingAny) -> bool:
+    def __eq__(self, other: Any) -> bool:
         if not isinstance(other, Snapshot):
             return NotImplemented
         return {t: v for t, v in self._versions.items() if self._entries[t]} == {

@@ -96,3 +96,20 @@ def test_select_cuts_per_proxy_snapshots_sharing_entries() -> None:
     changed = part.replace(ENDPOINT, {"y": cla("y", 9)})
     assert changed.version(CLUSTER) == part.version(CLUSTER) and changed.entries(CLUSTER) is part.entries(CLUSTER)
     assert changed.version(ENDPOINT) == snapshot({"x": (1,), "y": (9,), "z": (3,)}).version(ENDPOINT)
+
+
+def test_touched_follows_lineage_and_falls_back_to_a_diff() -> None:
+    from gateway.snapshot import touched
+
+    base = snapshot({"x": (1,), "y": (2,), "z": (3,)})
+    a = base.replace(ENDPOINT, {"x": cla("x", 5)})
+    b = a.replace(ENDPOINT, {"y": None, "w": cla("w", 1)})
+    assert touched(b.entries(ENDPOINT), a.entries(ENDPOINT)) >= {"y", "w"}
+    assert "z" not in touched(b.entries(ENDPOINT), base.entries(ENDPOINT))
+    rebuilt = snapshot({"x": (5,), "z": (3,), "w": (1,)})  # same content as b, built from scratch: a new epoch
+    assert touched(rebuilt.entries(ENDPOINT), b.entries(ENDPOINT)) == {"x", "z", "w"}  # identities differ
+    assert rebuilt.version(ENDPOINT) == b.version(ENDPOINT)
+    far = base
+    for i in range(70):  # past 64 changed names a map starts a new epoch; diffs stay exact
+        far = far.replace(ENDPOINT, {f"n{i}": cla(f"n{i}", i + 1)})
+    assert touched(far.entries(ENDPOINT), base.entries(ENDPOINT)) == {f"n{i}" for i in range(70)}
