@@ -380,9 +380,9 @@ class FederationAgent:
                     log.info("catalog listed cluster=%s revision=%d services=%d members=%d", self.info.id,
                              listing.catalog.revision, len(listing.catalog.services), len(listing.catalog.members))
                 assert self.catalog is not None
-                self.connected = True
                 async for revision, changes in self.client.watch(revision=self.catalog.revision):
                     backoff = self.config.backoff_initial_s
+                    self.connected = True
                     if changes or revision != self.catalog.revision:
                         await self._set_catalog(cat.apply(self.catalog, revision, changes), changes)
             except Gone as exc:

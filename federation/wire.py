@@ -13,6 +13,8 @@ Exception tree (this module)::
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -300,9 +302,23 @@ def registration_from_json(value: Json, cluster: ClusterId) -> ClusterInfo:
     net = _checked(network_id, _str(o, "network", ""), "network")
     gw = _obj(o.get("gateway", {}) or {}, "gateway")
     host = _str(gw, "host", "gateway", default="")
+    if host and not _is_host(host):
+        raise WireError(f"{host!r} is neither an IP address nor a DNS name", field="gateway.host")
     port = _int(gw, "port", "gateway", default=15443, low=1, high=65535)
     return ClusterInfo(id=cluster, network=net, region=_str(o, "region", "", default=""),
                        zone=_str(o, "zone", "", default=""), gateway_host=host, gateway_port=port)
+
+
+_DNS_LABEL = r"[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_DNS_LABEL}(\.{_DNS_LABEL})*$")
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return bool(_DNS_NAME.match(text))
 
 
 def member_json(m: Member, *, now: datetime | None = None) -> Json:

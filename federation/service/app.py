@@ -56,7 +56,7 @@ class ServiceConfig:
     cidr: str = DEFAULT_CIDR
     bookmark_interval_s: float = 5.0
     history: int = 4096
-    max_body_bytes: int = 256 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024
     reap_interval_s: float = 0.0  # 0: the store expires leases itself; > 0: also call store.expire_leases()
 
 

@@ -147,8 +147,11 @@ async def test_malformed_bodies_name_the_field(pki: Pki, store: Any) -> None:
             status, payload = await _raw(url, ctx, "PUT", "/v1/clusters/east/exports", body)
             assert status == 400, payload
             assert payload["field"] == field, payload
-        status, payload = await _raw(url, ctx, "PUT", "/v1/clusters/east", {"network": "Bad Net"})
-        assert status == 400 and payload["field"] == "network"
+        for body, field in (({"network": "Bad Net"}, "network"),
+                            ({"network": "n1", "gateway": {"host": "bad host"}}, "gateway.host"),
+                            ({"network": "n1", "gateway": {"host": "gw.example", "port": 0}}, "gateway.port")):
+            status, payload = await _raw(url, ctx, "PUT", "/v1/clusters/east", body)
+            assert status == 400 and payload["field"] == field, payload
         async with aiohttp.ClientSession() as http, http.put(url + "/v1/clusters/east/exports", data=b"{nope",
                                                              ssl=ctx) as resp:
             assert resp.status == 400 and "not JSON" in (await resp.json())["error"]
