@@ -152,15 +152,29 @@ async def run_clients(port: int, first: int, last: int, services: int, watch: in
 
 
 class TimedCache(SnapshotCache):
-    """The real cache, plus the arrival time of every ACK (for the change -> ACK latency)."""
+    """The real cache, plus the arrival time of every ACK (for the change -> ACK latency) and an event set when
+    every awaited (node, version) has been ACKed, so waiting costs the control plane no polling."""
 
     def __init__(self) -> None:
         super().__init__()
         self.acks: dict[tuple[str, str], float] = {}
+        self._awaited: set[tuple[str, str]] = set()
+        self.all_acked = asyncio.Event()
+
+    def expect(self, targets: dict[str, str]) -> None:
+        self._awaited = {(n, v) for n, v in targets.items() if self.acked_version(n, ENDPOINT) != v}
+        if self._awaited:
+            self.all_acked.clear()
+        else:
+            self.all_acked.set()
 
     def record_ack(self, node_id: str, type_url: str, *, version: str, nonce: str) -> None:
         super().record_ack(node_id, type_url, version=version, nonce=nonce)
         self.acks[(node_id, version)] = time.monotonic()
+        if type_url == ENDPOINT and self._awaited:
+            self._awaited.discard((node_id, version))
+            if not self._awaited:
+                self.all_acked.set()
 
 
 def rss_kb() -> tuple[int, int]:
@@ -187,15 +201,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def wait_all(cache: TimedCache, targets: dict[str, str], *, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    pending = dict(targets)
-    while pending:
-        pending = {n: v for n, v in pending.items() if cache.acked_version(n, ENDPOINT) != v}
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: {len(pending)} streams did not ACK within {within}s")
-        await asyncio.sleep(0.002)
+    cache.expect(targets)
+    try:
+        await asyncio.wait_for(cache.all_acked.wait(), within)
+    except TimeoutError:
+        missing = sum(1 for n, v in targets.items() if cache.acked_version(n, ENDPOINT) != v)
+        raise TimeoutError(f"{what}: {missing} streams did not ACK within {within}s") from None
 
 
 async def run_variant(mode: str, args: argparse.Namespace, full: Snapshot, by_service: dict[str, list[str]],
