@@ -374,7 +374,7 @@ def create_intermediate(
     root_ski = root.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     not_before = max(now - CLOCK_SKEW, root.cert.not_valid_before_utc)
     not_after = min(now + timedelta(days=days), root.not_after)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(root.cert.subject)
@@ -387,9 +387,14 @@ def create_intermediate(
         .add_extension(_ski(pub), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(authority))]), critical=False)
-        .sign(root.key, _hash_for(root.key))
     )
-    return IntermediateCA(cert, key, chain=(root.cert,), max_ttl=max_ttl)
+    if authority.cluster_name is not None:
+        # The leaves under a cluster's intermediate may only name that cluster in their Subject: even a stolen
+        # intermediate key cannot mint a leaf that claims another cluster (TLS stacks enforce name constraints).
+        subtree = x509.DirectoryName(cluster_subject(root.trust_domain.name, authority.cluster_name))
+        builder = builder.add_extension(x509.NameConstraints(permitted_subtrees=[subtree], excluded_subtrees=None),
+                                        critical=True)
+    return IntermediateCA(builder.sign(root.key, _hash_for(root.key)), key, chain=(root.cert,), max_ttl=max_ttl)
 
 
 # -- workload certificates --------------------------------------------------------------------------------------------
@@ -494,6 +499,14 @@ def sign_csr(
     return [leaf.public_bytes(_PEM), ca.cert_pem]
 
 
+def cluster_subject(trust_domain: str, cluster: str) -> x509.Name:
+    """``O=<trust domain>, OU=<cluster>``: the Subject of a cluster's leaves, and its intermediate's name constraint."""
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster),
+    ])
+
+
 def leaf_subject(ca: IntermediateCA) -> x509.Name:
     """The Subject of every leaf ``ca`` signs: ``O=<trust domain>, OU=<cluster>`` for a cluster CA (empty for the
     federation authority's CA).
@@ -502,10 +515,7 @@ def leaf_subject(ca: IntermediateCA) -> x509.Name:
     subject is ignored). Sidecars authorize the caller's cluster on this OU (see docs/authorization.md)."""
     if ca.cluster is None:
         return _EMPTY_NAME
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ca.trust_domain.name),
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, str(ca.cluster)),
-    ])
+    return cluster_subject(ca.trust_domain.name, str(ca.cluster))
 
 
 def _leaf_with_builder(

@@ -14,7 +14,7 @@ import ssl
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -22,11 +22,15 @@ import pytest
 import pytest_asyncio
 import yaml
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from discovery.authz import AuthorizationPolicy
 from discovery.convert import convert
 from discovery.model import namespace
-from federation.trust.ca import create_intermediate, create_root, issue_workload
+from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from gateway import rbac
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert
@@ -109,6 +113,9 @@ class Sidecar:
     envoy: EnvoyProc
     port: int
     contexts: dict[tuple[str, str, str], ssl.SSLContext]
+    west_ca: IntermediateCA
+    root_pem: str
+    tmp: Path
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -154,7 +161,8 @@ async def sidecar() -> AsyncIterator[Sidecar]:
                               inbound=(InboundPort(ports["in"], ports["app"]),), outbound_port=free_port())
             envoy = start_envoy(tmp, cp, proxy)
             await wait_ready(envoy)
-            yield Sidecar(envoy=envoy, port=ports["in"], contexts=contexts)
+            yield Sidecar(envoy=envoy, port=ports["in"], contexts=contexts, west_ca=cas["west"],
+                          root_pem=root.cert_pem.decode(), tmp=tmp)
     finally:
         if envoy is not None:
             envoy.stop()
@@ -196,3 +204,43 @@ async def test_every_request_gets_the_decision_istio_semantics_give(sidecar: Sid
     assert mismatches == []
     assert outcomes[True] >= 10 and outcomes[False] >= 10, outcomes  # both outcomes exercised
     assert await sidecar.envoy.admin.rejected() == {}
+
+
+async def test_a_leaf_claiming_another_cluster_is_refused_in_the_handshake(sidecar: Sidecar) -> None:
+    """Even with west's intermediate key, a leaf whose Subject says OU=east does not pass Envoy's chain check: the
+    intermediate's name constraint permits only OU=west (docs/authorization.md)."""
+    td = TrustDomain(TD)
+    now = datetime.now(UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_key = sidecar.west_ca.key
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+
+    def leaf(ou: str) -> ssl.SSLContext:
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, TD),
+                                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou)]))
+                .issuer_name(sidecar.west_ca.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(str(SpiffeId.workload(td, "default", "sleep")))]), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+        cert_file, key_file = sidecar.tmp / f"rogue-{ou}.pem", sidecar.tmp / f"rogue-{ou}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + sidecar.west_ca.cert_pem)
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        os.chmod(key_file, 0o600)
+        ctx = ssl.create_default_context(cadata=sidecar.root_pem)
+        ctx.check_hostname = False
+        ctx.load_cert_chain(cert_file, key_file)
+        return ctx
+
+    url = f"https://127.0.0.1:{sidecar.port}/api/x"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        # Control: the same hand-made leaf naming its own cluster is accepted (and, from west, denied by RBAC).
+        async with session.get(url, ssl=leaf("west")) as resp:
+            assert resp.status == 403
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(url, ssl=leaf("east")) as resp:
+                pytest.fail(f"a leaf claiming east under west's intermediate got HTTP {resp.status}")
