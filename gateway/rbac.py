@@ -236,41 +236,58 @@ def _operation_permission(op: Operation, listener_ports: frozenset[int] | None) 
     return _all_of_permissions(parts)
 
 
-def rule_policy(rule: Rule, listener_ports: frozenset[int] | None = None) -> Any:
+def _cluster_unknowable(action: Action) -> Any:
+    """A ``source.cluster`` condition where the caller's cluster cannot be known safely (proxyless gRPC servers:
+    no connection manager sanitizes x-forwarded-client-cert, so the caller could write it). Fail closed, as Istio
+    does with conditions a proxy cannot check: the condition never holds in an ALLOW rule, always in a DENY rule."""
+    if action is Action.DENY:
+        return rbac_pb2.Principal(any=True)
+    return rbac_pb2.Principal(not_id=rbac_pb2.Principal(any=True))
+
+
+def rule_policy(rule: Rule, listener_ports: frozenset[int] | None = None, *,
+                cluster_known: bool = True, action: Action = Action.ALLOW) -> Any:
     """One Istio rule as one Envoy RBAC policy: (any operation) AND (any source AND every condition).
 
     ``listener_ports``: the port numbers that denote the inbound listener the filter runs on (its own port and
     the workload port the Service names for it); ``ports`` conditions are then decided here, so a policy written
     against the workload's port holds whatever port the sidecar listens on. None: match Envoy's destination port.
+    ``cluster_known`` False: see :func:`_cluster_unknowable` (``action`` says which way to fail closed).
     """
     permission = (_any_of_permissions([_operation_permission(o, listener_ports) for o in rule.operations])
                   if rule.operations else rbac_pb2.Permission(any=True))
     principals = []
     if rule.sources:
         principals.append(_any_of_principals([_source_principal(s) for s in rule.sources]))
-    principals.extend(_condition_principal(c) for c in rule.conditions)
+    principals.extend(_condition_principal(c) if cluster_known or c.key != "source.cluster"
+                      else _cluster_unknowable(action) for c in rule.conditions)
     return rbac_pb2.Policy(permissions=[permission], principals=[_all_of_principals(principals)])
 
 
 def rbac_config(policies: Sequence[AuthorizationPolicy], action: Action,
-                listener_ports: frozenset[int] | None = None) -> Any:
+                listener_ports: frozenset[int] | None = None, *, cluster_known: bool = True) -> Any:
     """The ``envoy.config.rbac.v3.RBAC`` of one action: every rule of every policy, named per rule."""
     named: dict[str, Any] = {}
     for policy in policies:
         for name, rule in zip(envoy_policy_names(policy), policy.rules, strict=True):
-            named[name] = rule_policy(rule, listener_ports)
+            named[name] = rule_policy(rule, listener_ports, cluster_known=cluster_known, action=action)
     envoy_action = rbac_pb2.RBAC.ALLOW if action is Action.ALLOW else rbac_pb2.RBAC.DENY
     return rbac_pb2.RBAC(action=envoy_action, policies=named)
 
 
 def rbac_filters(deny: Sequence[AuthorizationPolicy], allow: Sequence[AuthorizationPolicy], *,
-                 listener_ports: frozenset[int] | None = None) -> list[Any]:
-    """The HTTP filters (before the router) enforcing ``deny`` then ``allow``; none when no policy applies."""
+                 listener_ports: frozenset[int] | None = None, cluster_known: bool = True) -> list[Any]:
+    """The HTTP filters (before the router) enforcing ``deny`` then ``allow``; none when no policy applies.
+
+    ``cluster_known`` False for servers whose x-forwarded-client-cert is not set by a sanitizing connection manager
+    (proxyless gRPC): ``source.cluster`` conditions then fail closed (:func:`_cluster_unknowable`)."""
     out = []
     if deny:
-        out.append(_http_filter(rbac_config(deny, Action.DENY, listener_ports), DENY_STAT_PREFIX))
+        out.append(_http_filter(rbac_config(deny, Action.DENY, listener_ports, cluster_known=cluster_known),
+                                DENY_STAT_PREFIX))
     if allow:
-        out.append(_http_filter(rbac_config(allow, Action.ALLOW, listener_ports), ALLOW_STAT_PREFIX))
+        out.append(_http_filter(rbac_config(allow, Action.ALLOW, listener_ports, cluster_known=cluster_known),
+                                ALLOW_STAT_PREFIX))
     return out
 
 

@@ -15,7 +15,7 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 
 from discovery.authz import AuthorizationPolicy
 from gateway import rbac
-from gateway.context import ProxyInfo, PushContext
+from gateway.context import ProxyInfo, ProxyKind, PushContext
 from gateway.generators.common import pack
 
 STDOUT_LOGGER = "envoy.access_loggers.stdout"
@@ -65,7 +65,9 @@ def http_filters(proxy: ProxyInfo, ctx: PushContext, port: int | None = None) ->
     if not deny and not allow:
         return []
     ports = listener_ports(proxy, port, ctx) if port is not None else None
-    return rbac.rbac_filters(deny, allow, listener_ports=ports)
+    # Only an Envoy sidecar's connection manager replaces the caller's x-forwarded-client-cert before RBAC; a
+    # proxyless gRPC server passes it through, so there the caller's cluster is not knowable (fail closed).
+    return rbac.rbac_filters(deny, allow, listener_ports=ports, cluster_known=proxy.kind is ProxyKind.SIDECAR)
 
 
 def log_format(listener: str, allow: tuple[AuthorizationPolicy, ...]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import yaml
@@ -17,6 +18,7 @@ from discovery.model import ServiceKey, namespace
 from gateway import generators as g
 from gateway import rbac
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext
+from gateway.generators import inbound_authz
 from gateway.rbac import Decision, Request, decide
 from tests.gateway.mesh_fixtures import RATINGS, TD, WEST, Mesh
 
@@ -268,3 +270,27 @@ def test_ports_are_resolved_per_inbound_listener_to_the_workload_port() -> None:
     # Without a listener (unit use), the port is Envoy's destination port.
     assert rbac.rbac_config([only_9080], only_9080.action).policies["default.on-9080"].permissions[0] \
         .destination_port == 9080
+
+
+def test_proxyless_servers_fail_closed_on_source_cluster() -> None:
+    """A gRPC xDS server has no connection manager to replace a caller-sent x-forwarded-client-cert, so a
+    source.cluster condition never holds in an ALLOW rule and always holds in a DENY rule there."""
+    allow = policy({"rules": [{"from": [{"source": {"namespaces": ["default"]}}],
+                               "when": [{"key": "source.cluster", "values": ["east"]}]}]}, name="allow")
+    deny = policy({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/x"]}}],
+                                                "when": [{"key": "source.cluster", "notValues": ["east"]}]}]},
+                  name="deny")
+    d_filter, a_filter = rbac.rbac_filters(*split(allow, deny), cluster_known=False)
+    deny_ids = _unpack(d_filter).rules.policies["default.deny"].principals[0]
+    allow_ids = _unpack(a_filter).rules.policies["default.allow"].principals[0]
+    assert deny_ids.any  # the DENY rule applies whatever the cluster
+    never = rbac_pb2.Principal(not_id=rbac_pb2.Principal(any=True))
+    assert never in allow_ids.and_ids.ids  # the ALLOW rule cannot match
+    assert "x-forwarded-client-cert" not in str(d_filter) + str(a_filter)
+    mesh = Mesh(east_gateway_port=15443, west_gateway_port=15443)
+    ctx = PushContext(registry=mesh.registry(WEST), trust_domain=TD, authz=(allow,))
+    grpc_node = ProxyInfo(kind=ProxyKind.GRPC, cluster=WEST, namespace=namespace("default"), node_id="grpc-1",
+                          services=(RATINGS,), inbound=(InboundPort(50051, 50051, "grpc", "grpc"),))
+    sidecar = replace(grpc_node, kind=ProxyKind.SIDECAR)
+    assert "x-forwarded-client-cert" not in str(inbound_authz.http_filters(grpc_node, ctx, 50051))
+    assert "x-forwarded-client-cert" in str(inbound_authz.http_filters(sidecar, ctx, 50051))
