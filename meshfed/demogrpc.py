@@ -72,12 +72,13 @@ def make_server(*, listen: str, service: str, cluster: str, workload: str, xds: 
     return server, port
 
 
-def call(target: str, message: str = "hello", *, timeout: float = 10.0, xds: bool = True) -> dict[str, Any]:
+def call(target: str, message: str = "hello", *, timeout: float = 10.0, xds: bool = True,
+         method: str = METHOD) -> dict[str, Any]:
     """One unary call; the server's JSON answer."""
     creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials()) if xds else None
     try:
         with (grpc.secure_channel(target, creds) if creds is not None else grpc.insecure_channel(target)) as channel:
-            stub = channel.unary_unary(METHOD)
+            stub = channel.unary_unary(method)
             reply = stub(message.encode(), timeout=timeout, wait_for_ready=True)
     except grpc.RpcError as exc:
         raise DemoGrpcError(f"{target}: {exc.code().name}: {exc.details()}") from exc
@@ -99,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--message", default="hello")
     c.add_argument("--timeout", type=float, default=10.0)
     c.add_argument("--count", type=int, default=1)
+    c.add_argument("--method", default=METHOD, help="full method name (authorization tests call others)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "call":
         try:
             for _ in range(max(1, args.count)):
-                print(json.dumps(call(args.target, args.message, timeout=args.timeout)), flush=True)
+                print(json.dumps(call(args.target, args.message, timeout=args.timeout, method=args.method)),
+                      flush=True)
         except DemoGrpcError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

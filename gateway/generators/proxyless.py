@@ -73,7 +73,7 @@ def server_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
                 )],
             )],
         ),
-        http_filters=[*inbound_authz.http_filters(proxy, ctx),
+        http_filters=[*inbound_authz.http_filters(proxy, ctx, port),
                       hcm_pb2.HttpFilter(name=ROUTER, typed_config=pack(router_pb2.Router()))],
     )
     return listener_pb2.Listener(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,10 +41,35 @@ def meshfed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
                           timeout=timeout, check=False)
 
 
+POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: echo-grpc-callers
+  namespace: default
+spec:
+  selector:
+    matchLabels:
+      app: echo-grpc
+  action: ALLOW
+  rules:
+    - from:
+        - source:
+            principals: ["demo.meshfed.local/ns/default/sa/grpc-client", "demo.meshfed.local/ns/default/sa/sleep"]
+      to:
+        - operation:
+            paths: ["/meshfed.demo.Echo/Call"]
+"""
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    run_dir = tmp_path_factory.mktemp("meshfed-grpc") / "run"
-    done = meshfed("up", "clusters/demo", "--detach", "--run-dir", str(run_dir), timeout=240)
+    base = tmp_path_factory.mktemp("meshfed-grpc")
+    demo = base / "demo"
+    shutil.copytree(REPO / "clusters" / "demo", demo)
+    (demo / "west" / "authz-echo-grpc.yaml").write_text(POLICY)  # west's policy for its gRPC server
+    run_dir = base / "run"
+    done = meshfed("up", str(demo), "--detach", "--run-dir", str(run_dir), timeout=240)
     try:
         assert done.returncode == 0, f"meshfed up failed:\n{done.stdout}\n{done.stderr}"
         yield local.read_state(run_dir)
@@ -143,3 +169,12 @@ def test_status_traffic_section_shows_east_to_west(run: dict[str, Any]) -> None:
     assert all("unknown" not in key for pair in pairs for key in pair)
     text = meshfed("status", "--run-dir", run["run_dir"])
     assert "Traffic" in text.stdout, text.stdout
+
+
+def test_authorization_policy_applies_to_the_proxyless_server(run: dict[str, Any]) -> None:
+    """West's ALLOW policy (these principals, only /meshfed.demo.Echo/Call) is compiled into the gRPC server's
+    RBAC: the allowed method works (above); another method is refused by RBAC (PERMISSION_DENIED), not by the
+    application (which would answer UNIMPLEMENTED)."""
+    done = grpc_call(run, "east", TARGET, "--method", "/meshfed.demo.Echo/Other", "--timeout", "30")
+    assert done.returncode == 1
+    assert "PERMISSION_DENIED" in done.stderr, done.stderr[-2000:]
