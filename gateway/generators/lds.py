@@ -103,6 +103,9 @@ def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
         stat_prefix=name.replace("|", "_"),
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE_SET,
+        # RBAC matches paths after RFC 3986 normalization ("/./admin", "/x/../admin" are "/admin"), as Istio does by
+        # default, so a DENY on a path cannot be sidestepped by spelling it differently.
+        normalize_path=wrappers_pb2.BoolValue(value=True),
         # The Subject names the caller's cluster (OU, written by that cluster's CA); RBAC matches it here, and only
         # here: SANITIZE_SET drops any x-forwarded-client-cert the caller sent (gateway.rbac, docs/authorization.md).
         set_current_client_cert_details=hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(

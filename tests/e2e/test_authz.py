@@ -14,6 +14,7 @@ leaves a log line on ratings' sidecar naming the policy.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import tempfile
@@ -244,3 +245,24 @@ async def test_same_identity_in_another_cluster_is_denied_by_source_cluster(auth
     assert status == 200
     for envoy in authz.envoys:
         assert await envoy.admin.rejected() == {}, envoy.proxy.node_id
+
+
+async def _raw_get(port: int, path: str) -> int:
+    """GET ``path`` exactly as written (no client-side normalization) through a caller's sidecar."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {RATINGS_HOST}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_path_spellings_do_not_sidestep_the_deny(authz: Authz) -> None:
+    await wait_until(lambda: _reachable(authz), within=30, what="ratings reachable from east's sleep")
+    port = authz.outbound["east-sleep"]
+    assert await _raw_get(port, "/ratings/ok") == 200
+    for path in ("/admin", "/./admin/x", "/ratings/../admin/x", "/admin/?q=1"):
+        assert await _raw_get(port, path) == 403, path
