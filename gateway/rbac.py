@@ -371,8 +371,28 @@ def _condition_matches(cond: Condition, req: Request) -> bool:
     return not (cond.not_values and any(one(m) for m in cond.not_values))
 
 
+def normalize_path(path: str) -> str:
+    """The path RBAC sees: query dropped, dot segments removed (RFC 3986 section 5.2.4), as the sidecar normalizes."""
+    path = path.split("?", 1)[0]
+    out: list[str] = []
+    segments = path.split("/")
+    for i, seg in enumerate(segments[1:], start=1):
+        last = i == len(segments) - 1
+        if seg == ".":
+            if last:
+                out.append("")
+        elif seg == "..":
+            if out:
+                out.pop()
+            if last:
+                out.append("")
+        else:
+            out.append(seg)
+    return "/" + "/".join(out)
+
+
 def _operation_matches(op: Operation, req: Request) -> bool:
-    path = req.path.split("?", 1)[0]
+    path = normalize_path(req.path)
 
     def method(m: StringMatch) -> bool:
         return m.kind is MatchKind.ANY or m.matches(req.method)

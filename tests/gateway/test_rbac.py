@@ -294,3 +294,13 @@ def test_proxyless_servers_fail_closed_on_source_cluster() -> None:
     sidecar = replace(grpc_node, kind=ProxyKind.SIDECAR)
     assert "x-forwarded-client-cert" not in str(inbound_authz.http_filters(grpc_node, ctx, 50051))
     assert "x-forwarded-client-cert" in str(inbound_authz.http_filters(sidecar, ctx, 50051))
+
+
+def test_paths_are_normalized_like_the_sidecar_does() -> None:
+    assert rbac.normalize_path("/./admin/x") == "/admin/x"
+    assert rbac.normalize_path("/ratings/../admin") == "/admin"
+    assert rbac.normalize_path("/a/b/..") == "/a/"
+    assert rbac.normalize_path("/../../admin?x=/y") == "/admin"
+    assert rbac.normalize_path("/") == "/"
+    deny = policy({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}, name="no-admin")
+    assert not decide(*split(deny), req(path="/ratings/../admin/x")).allowed
