@@ -380,15 +380,37 @@ ROUTES: tuple[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespon
 # ---- lifecycle ----------------------------------------------------------------------------------------------------
 
 
-async def _grace_leases(store: Store, state: CatalogState) -> None:
-    """After a (re)start, give every connected member one fresh lease: the service being down is no reason to
-    declare clusters unreachable."""
-    await state.started.wait()
-    now = _now()
-    for cluster, member in sorted(state.members().items()):
-        if member.unreachable_since is None:
-            with contextlib.suppress(FederationError):
-                await store.renew(cluster, now=now)
+async def grace_after_outage(store: Store, *, now: datetime | None = None) -> list[ClusterId]:
+    """Run when a replica starts, before it serves: renew the lease of every member that was alive when the
+    federation went down, so the federation's own outage never withdraws anyone.
+
+    The last heartbeat any member got tells when the service stopped answering (healthy members renew every third
+    of their TTL). Members renewed within one TTL of that moment were alive then; if their lease ran out since
+    (a store with its own lease clock, like etcd, expires them while no replica runs), that was the federation's
+    fault, and they get a fresh lease. Members that had already stopped heartbeating before stay unreachable.
+    """
+    snap = await store.snapshot()
+    if not snap.members:
+        return []
+    now = now or _now()
+    last_seen = max(m.renewed_at for m in snap.members)
+    renewed: list[ClusterId] = []
+    for member in snap.members:
+        alive_then = (last_seen - member.renewed_at).total_seconds() <= member.lease_ttl_s
+        if member.unreachable_since is None or alive_then:
+            try:
+                await store.renew(member.info.id, now=now)
+            except UnknownCluster:
+                continue
+            renewed.append(member.info.id)
+    if renewed:
+        log.info("start: renewed leases of members alive when the federation stopped clusters=%s",
+                 ",".join(renewed))
+    return renewed
+
+
+async def _grace(store: Store) -> None:
+    await grace_after_outage(store)
 
 
 async def _reap(store: Store, interval: float) -> None:
@@ -422,8 +444,8 @@ def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: Servi
         app.router.add_route(method, path, handler)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await state.start()
-        tasks = [asyncio.get_running_loop().create_task(_grace_leases(store, state), name="federation-grace")]
+        await state.start(prepare=lambda: _grace(store))
+        tasks: list[asyncio.Task[None]] = []
         if config.reap_interval_s > 0:
             tasks.append(asyncio.get_running_loop().create_task(_reap(store, config.reap_interval_s)))
         yield

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from discovery.mcs import DEFAULT_CIDR
@@ -66,11 +66,23 @@ class CatalogState:
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start following the store in the background (``started`` is set once the first snapshot is in)."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="federation-catalog-follow")
+    async def start(self, *, prepare: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start following the store in the background (``started`` is set once the first snapshot is in).
+        ``prepare`` runs first (once the store answers), before anything is served from the catalog."""
+        self._task = asyncio.get_running_loop().create_task(self._run(prepare), name="federation-catalog-follow")
 
-    async def _run(self) -> None:
+    async def _run(self, prepare: Callable[[], Awaitable[None]] | None) -> None:
+        if prepare is not None:
+            backoff = 0.1
+            while True:
+                try:
+                    await prepare()
+                    break
+                except (FederationError, OSError) as exc:
+                    self.last_error = str(exc)
+                    log.warning("store not ready at start error=%s retry_in=%.2fs", exc, backoff)
+                    await asyncio.sleep(backoff * (0.5 + random.random()))
+                    backoff = min(backoff * 2, 5.0)
         await self._retry_resync(first=True)
         await self._follow()
 

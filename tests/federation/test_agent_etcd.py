@@ -120,3 +120,35 @@ async def test_etcd_restart_loses_nothing(pki: Pki, replicas: tuple[ServiceProce
         async with asyncio.timeout(60):
             await east.wait_published(gen)
             await west.wait_for(lambda c: has("east", "reviews")(c) and has("east", "details")(c))
+
+
+async def test_federation_outage_on_etcd_withdraws_nothing(pki: Pki,
+                                                           replicas: tuple[ServiceProcess, ServiceProcess]) -> None:
+    a, b = replicas
+    withdrawn: list[int] = []
+    armed = False
+
+    def check(c: Any) -> None:
+        if armed and not has("west", "ratings")(c):
+            withdrawn.append(c.revision)
+
+    async with agent(pki, "east", [a.url, b.url]) as east, agent(pki, "west", [b.url, a.url]) as west:
+        west.publish(*snapshot("west", ["ratings"]))
+        async with asyncio.timeout(30):
+            await east.wait_for(has("west", "ratings"))
+        armed = True
+        east.on_update = check
+        # Every replica down for more than twice the lease TTL: etcd expires the leases meanwhile.
+        a.kill9()
+        b.kill9()
+        await asyncio.sleep(5.0)
+        assert east.catalog is not None and has("west", "ratings")(east.catalog)
+        a.start()
+        b.start()
+        east.publish(*snapshot("east", ["reviews"]))
+        async with asyncio.timeout(60):
+            await west.wait_for(has("east", "reviews"))
+            c = await east.wait_for(lambda c: c.members[ClusterId("west")].unreachable_since is None
+                                    and has("west", "ratings")(c))
+        assert c.members[ClusterId("west")].unreachable_since is None
+    assert withdrawn == []
