@@ -196,7 +196,8 @@ class VirtualService:
 @dataclass(frozen=True, slots=True)
 class TrafficPolicies:
     """One cluster's traffic policies, by the service they govern. When two objects claim one service, the first
-    by (namespace, name) wins and ``problems`` says which one was ignored."""
+    by (namespace, name) wins and ``problems`` says which one was ignored; ``problems`` also names routes to
+    subsets that no DestinationRule defines."""
 
     destination_rules: Mapping[ServiceKey, DestinationRule] = field(default_factory=dict)
     virtual_services: Mapping[ServiceKey, VirtualService] = field(default_factory=dict)
@@ -226,6 +227,14 @@ class TrafficPolicies:
                                     f"VirtualService {seen_vs.namespace}/{seen_vs.name}; ignored for that host")
                     continue
                 by_vs[host] = vs
+        for vs in vss:
+            for i, http in enumerate(vs.http):
+                for j, dest in enumerate(w.destination for w in http.route):
+                    rule = by_dr.get(dest.host)
+                    if dest.subset and (rule is None or rule.subset(dest.subset) is None):
+                        problems.append(f"VirtualService {vs.namespace}/{vs.name}: spec.http[{i}].route[{j}] names "
+                                        f"subset {dest.subset!r} of {dest.host}, which no DestinationRule defines; "
+                                        "requests routed there get 503")
         return cls(destination_rules=by_dr, virtual_services=by_vs, problems=tuple(problems))
 
     def destination_rule(self, key: ServiceKey) -> DestinationRule | None:

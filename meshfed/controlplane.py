@@ -354,6 +354,10 @@ class ControlPlane:
                       p.document, p.field, p.message)
         snap = result.snapshot
         self._local = snap
+        for problem in TrafficPolicies.of(snap.extras).problems:  # conflicts, routes to undefined subsets
+            log.warning("traffic policy problem cluster=%s %s", self.config.cluster, problem)
+            self.manifest_problems.append({"file": "", "document": 0, "field": "", "message": problem,
+                                           "severity": "warning"})
         services = apply_runtime(snap.services, load_runtime(self.config.runtime_file))
         self.registry = self.registry.with_shard(self.config.cluster, services, snap.exports.values())
         if self.agent is not None and self.agent.catalog is not None:

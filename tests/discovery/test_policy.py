@@ -277,8 +277,13 @@ def test_index_by_service_first_wins_and_reports_the_shadowed_one() -> None:
     assert index.destination_rule(REVIEWS) is dr
     assert index.virtual_service(ServiceKey.parse("ratings.default")) is vs
     assert index.virtual_service(ServiceKey.parse("details.default")) is None
-    assert len(index.problems) == 1 and "zz-reviews" in index.problems[0]
+    shadowed, missing = index.problems
+    assert "zz-reviews" in shadowed and "ignored" in shadowed
+    # FULL_VS routes to subset "east", which FULL_DR (subsets west, v2) does not define: reported with the path.
+    assert "spec.http[0].route[0] names subset 'east' of reviews.default" in missing and "503" in missing
     assert not TrafficPolicies() and index
+    with_east = load(FULL_DR.replace("name: v2", "name: east"))
+    assert TrafficPolicies.of([vs, with_east]).problems == ()
 
 
 def test_manifest_file_with_an_unsupported_field_is_rejected_whole_and_last_good_stays(tmp_path: Path) -> None:
