@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from discovery.authz import convert_authorization_policy
 from discovery.model import ServiceKey, namespace
 from federation.trust.ca import IntermediateCA, create_intermediate, create_root
 from federation.trust.spiffe import SpiffeId, TrustDomain
@@ -87,10 +88,17 @@ async def rig() -> AsyncIterator[Rig]:
     mesh.exports[WEST] = {RATINGS}
     mesh.exports[EAST] = {PRODUCTPAGE}
 
+    # West denies /denied to everyone: a 403 decided by the callee's RBAC, before its router.
+    deny = convert_authorization_policy({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                                         "metadata": {"name": "no-denied", "namespace": "default"},
+                                         "spec": {"action": "DENY",
+                                                  "rules": [{"to": [{"operation": {"paths": ["/denied"]}}]}]}},
+                                        WEST)
+
     def context(cluster: str) -> PushContext:
         certs = workload_certs(cas, cluster, [("default", "productpage"), ("default", "ratings")])
         return PushContext(registry=mesh.registry(EAST if cluster == "east" else WEST), trust_domain=TD,
-                           trust_bundle_pem=bundle, workload_certs=certs)
+                           trust_bundle_pem=bundle, workload_certs=certs, authz=(deny,) if cluster == "west" else ())
 
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-tel-"))
     app = await status_app(ports["r_app"])
@@ -134,6 +142,7 @@ async def _traffic(rig: Rig) -> None:
     for _ in range(3):
         assert await rig.get(RATINGS_HOST, "/ratings/1") == 200
     assert await rig.get(RATINGS_HOST, "/status/503") == 503
+    assert await rig.get(RATINGS_HOST, "/denied") == 403
     assert await rig.get("nope.default.svc.clusterset.local") == 404
     # A raw TCP (TLS) connection through the gateway's SNI chain, closed at once.
     cert = next(iter(workload_certs(rig.cas, "east", [("default", "productpage")]).values()))
@@ -177,17 +186,17 @@ async def test_request_metrics_carry_both_clusters_on_every_proxy(rig: Rig) -> N
     assert no_route["source_cluster"] == "east" and no_route["response_flags"] == "NR", no_route
     # The callee's series (reporter=destination): the caller's cluster from its verified certificate's OU.
     callee = _series(await _prometheus(rig.ratings), REQUESTS)
-    for code in ("200", "503"):
+    for code in ("200", "503", "403"):  # 403: denied by the callee's RBAC, still labelled with both clusters
         s = _one(callee, reporter="destination", response_code=code)
         assert (s["source_cluster"], s["destination_cluster"], s["destination_service"]) == (
             "east", "west", ratings), s
         assert s["connection_security_policy"] == "mutual_tls"
     # The gateway's series (reporter=gateway): destination service and cluster per closed TCP connection.
     async def gateway_counted() -> bool:
-        return bool(_series(await _prometheus(rig.west_gw), TCP))
+        return any(s["response_flags"] == "-" for s in _series(await _prometheus(rig.west_gw), TCP))
 
     await wait_until(gateway_counted, within=10, what="gateway TCP series")
-    gw = _one(_series(await _prometheus(rig.west_gw), TCP), reporter="gateway")
+    gw = _one(_series(await _prometheus(rig.west_gw), TCP), reporter="gateway", response_flags="-")
     assert (gw["destination_cluster"], gw["destination_service"]) == ("west", ratings), gw
     assert gw["connection_security_policy"] == "tls_passthrough"
     # No label anywhere says "unknown"; the only empty destination is the request that matched no route.
