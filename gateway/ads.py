@@ -33,7 +33,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -122,7 +122,6 @@ class _Stream:
         self.identity: ProxyIdentity | None = None
         self.queue: deque[Any] = deque()
         self.closed = False
-        self._slow: list[asyncio.Future[None]] = []
 
     async def run(self) -> None:
         server = self.server
@@ -166,7 +165,6 @@ class _Stream:
                         return
                     self.handle(request)
                 await self.push()
-                await self.drain()
         except asyncio.CancelledError:
             log.debug("xds stream cancelled node=%s variant=%s", self.node_id, self.variant)
             raise
@@ -205,22 +203,10 @@ class _Stream:
     def nonce(self) -> str:
         return self.server.next_nonce()
 
-    async def write(self, response: Any) -> None:
-        """Write one response, holding the caller's push slot for at most ``push_slot_timeout`` seconds: a proxy
-        that stops reading keeps its own stream waiting, not everybody's pushes."""
-        write = asyncio.ensure_future(self.context.write(response))
-        done, _ = await asyncio.wait({write}, timeout=self.server.push_slot_timeout)
-        if not done:
-            log.warning("slow xds client node=%s: a response is not written after %.0fs", self.node_id,
-                        self.server.push_slot_timeout)
-            self._slow.append(write)
-        else:
-            write.result()
-
-    async def drain(self) -> None:
-        """Wait (outside any push slot) for writes that outlived their slot."""
-        while self._slow:
-            await self._slow.pop(0)
+    async def send(self, build: Callable[[], Any]) -> None:
+        """Build and write one response. grpc queues it at once (a proxy that stops reading holds up only its own
+        stream), so one proxy's slow reads never delay another's push."""
+        await self.context.write(build())
 
 
 class _SotwStream(_Stream):
@@ -299,14 +285,17 @@ class _SotwStream(_Stream):
         nonce = self.nonce()
         st.sent_key, st.sent_version, st.nonce, st.acked = key, version, nonce, False
         self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
-        async with self.server.push_slots:  # bounds how many responses are being built and written at once
-            response = DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
-                                         resources=[entries[n].packed for n in names])
-            stats = self.server.stats
-            stats.sotw_responses += 1
-            stats.sotw_resources += len(names)
-            stats.sotw_bytes += response.ByteSize()
-            await self.write(response)
+        selected = [entries[n] for n in names]
+        await self.send(lambda: self._response(version, type_url, nonce, selected))
+
+    def _response(self, version: str, type_url: str, nonce: str, selected: list[Entry]) -> Any:
+        response = DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
+                                     resources=[e.packed for e in selected])
+        stats = self.server.stats
+        stats.sotw_responses += 1
+        stats.sotw_resources += len(selected)
+        stats.sotw_bytes += response.ByteSize()
+        return response
 
 
 class _DeltaStream(_Stream):
@@ -417,15 +406,16 @@ class _DeltaStream(_Stream):
         if len(st.nonces) > _MAX_PENDING_NONCES:
             del st.nonces[next(iter(st.nonces))]
         self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
-        async with self.server.push_slots:
-            response = DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce,
-                                              resources=[e.delta_resource for e in changed],
-                                              removed_resources=removed)
-            stats = self.server.stats
-            stats.delta_responses += 1
-            stats.delta_resources += len(changed)
-            stats.delta_bytes += response.ByteSize()
-            await self.write(response)
+        await self.send(lambda: self._response(version, type_url, nonce, changed, removed))
+
+    def _response(self, version: str, type_url: str, nonce: str, changed: list[Entry], removed: list[str]) -> Any:
+        response = DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce,
+                                          resources=[e.delta_resource for e in changed], removed_resources=removed)
+        stats = self.server.stats
+        stats.delta_responses += 1
+        stats.delta_resources += len(changed)
+        stats.delta_bytes += response.ByteSize()
+        return response
 
 
 class _Servicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -446,14 +436,12 @@ class AdsServer:
             ...  # srv.port is the bound port
 
     ``authenticator=None`` turns authentication off (tests and benchmarks only; logged as a warning).
-    ``server_credentials`` (grpc.ssl_server_credentials) serves TLS instead of plaintext. At most
-    ``max_concurrent_pushes`` responses are built and written at once (a push to thousands of proxies then holds
-    a bounded amount of memory); a write holds its slot for at most ``push_slot_timeout`` seconds.
+    ``server_credentials`` (grpc.ssl_server_credentials) serves TLS instead of plaintext.
     """
 
     def __init__(self, *, cache: SnapshotCache, authenticator: Authenticator | None, host: str = "127.0.0.1",
                  port: int = 0, server_credentials: grpc.ServerCredentials | None = None,
-                 grace: float = 1.0, max_concurrent_pushes: int = 100, push_slot_timeout: float = 10.0) -> None:
+                 grace: float = 1.0) -> None:
         self.cache = cache
         self.authenticator = authenticator
         self.host = host
@@ -462,8 +450,6 @@ class AdsServer:
         self._grace = grace
         self._server: grpc.aio.Server | None = None
         self._nonces = itertools.count(1)
-        self.push_slots = asyncio.Semaphore(max_concurrent_pushes)
-        self.push_slot_timeout = push_slot_timeout
         self.stats = XdsStats()
 
     def next_nonce(self) -> str:

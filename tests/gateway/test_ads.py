@@ -291,3 +291,30 @@ async def test_no_node_id_is_invalid(env, auth) -> None:
         await client.request(CLUSTER)  # the refusal may already end the call here
         await client.recv()
     assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+
+
+async def test_a_client_that_stops_reading_does_not_hold_up_other_pushes() -> None:
+    cache = SnapshotCache()
+    async with AdsServer(cache=cache, authenticator=None) as srv:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}")
+        try:
+            big = snapshot({f"c{i:05d}-{'x' * 200}": (i + 1,) for i in range(6000)})  # ~2 MB of clusters
+            cache.set_snapshot(NODE_A, big)
+            cache.set_snapshot(NODE_B, snapshot({"a": (1,)}))
+            stuck = SotwClient(channel, NODE_A, None)
+            await stuck.request(CLUSTER)  # and never reads
+            healthy = SotwClient(channel, NODE_B, None)
+            await healthy.request(CLUSTER)
+            assert names_of(await healthy.recv()) == ["a"]
+            # a second big response to the stuck client cannot be written while the first sits unread
+            cache.set_snapshot(NODE_A, snapshot({f"d{i:05d}-{'x' * 200}": (i + 1,) for i in range(6000)}))
+            for n in range(3):  # meanwhile the healthy client keeps getting its pushes
+                cache.set_snapshot(NODE_B, snapshot({"a": (1,), f"b{n}": (2,)}))
+                assert names_of(await healthy.recv()) == ["a", f"b{n}"]
+            first = await stuck.recv()  # reading now lets the stuck writes finish
+            assert len(first.resources) == 6000
+            assert len((await stuck.recv()).resources) == 6000
+            stuck.call.cancel()
+            await healthy.close()
+        finally:
+            await channel.close()
