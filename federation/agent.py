@@ -382,7 +382,10 @@ class FederationAgent:
                 assert self.catalog is not None
                 async for revision, changes in self.client.watch(revision=self.catalog.revision):
                     backoff = self.config.backoff_initial_s
-                    self.connected = True
+                    if not self.connected:
+                        self.connected = True
+                        async with self._update_cond:
+                            self._update_cond.notify_all()  # wake wait_for() predicates that look at `connected`
                     if changes or revision != self.catalog.revision:
                         await self._set_catalog(cat.apply(self.catalog, revision, changes), changes)
             except Gone as exc:
