@@ -27,6 +27,7 @@ from discovery.policy import TrafficPolicies
 from federation.trust.ca import create_intermediate, create_root
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext
+from gateway.envoy import AdminError
 from tests.e2e.test_crosscluster import echo_app, workload_certs
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
 from tests.gateway.mesh_fixtures import EAST, REVIEWS, TD, WEST, Mesh
@@ -135,7 +136,10 @@ class Traffic:
         await self.east.pushes.flush()
 
         async def in_force() -> bool:
-            dump = await self.client.admin.config_dump(resource="dynamic_route_configs")
+            try:
+                dump = await self.client.admin.config_dump(resource="dynamic_route_configs")
+            except AdminError:  # no route configuration yet
+                return False
             return expect in json.dumps(dump)
 
         await wait_until(in_force, within=30, what=f"route naming {expect!r} in force")
