@@ -339,7 +339,27 @@ async def readyz(request: web.Request) -> web.Response:
         return _json({"status": "unready", "error": state.last_error or "catalog not loaded yet"}, 503)
     if not state.healthy:
         return _json({"status": "unready", "error": f"store unreachable: {state.last_error}"}, 503)
+    try:
+        await asyncio.wait_for(_probe(_store(request)), 2.0)
+    except (FederationError, OSError, TimeoutError) as exc:
+        return _json({"status": "unready", "error": f"store unreachable: {exc or type(exc).__name__}"}, 503)
     return _json({"status": "ready", "revision": state.revision})
+
+
+_PROBE = ClusterId("meshfed-readyz-probe")
+
+
+async def _probe(store: Store) -> None:
+    """One cheap round trip to the store: its revision if it has that call, else a lease renewal of a cluster
+    that does not exist (answered with UnknownCluster by a store that is up)."""
+    revision = getattr(store, "revision", None)
+    if callable(revision):
+        await revision()
+        return
+    try:
+        await store.renew(_PROBE, now=_now())
+    except UnknownCluster:
+        pass
 
 
 async def get_metrics(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from discovery.model import ClusterId
@@ -152,3 +153,32 @@ async def test_federation_outage_on_etcd_withdraws_nothing(pki: Pki,
                                     and has("west", "ratings")(c))
         assert c.members[ClusterId("west")].unreachable_since is None
     assert withdrawn == []
+
+
+async def test_readyz_follows_the_store(pki: Pki, replicas: tuple[ServiceProcess, ServiceProcess], etcd: Any) -> None:
+    a, _b = replicas
+    ctx = pki.client_ssl("east")
+
+    async def ready() -> int:
+        async with aiohttp.ClientSession() as http, http.get(f"{a.url}/readyz", ssl=ctx) as resp:
+            return resp.status
+
+    for _ in range(100):
+        if await ready() == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert await ready() == 200
+    etcd.stop()
+    try:
+        for _ in range(100):
+            if await ready() == 503:
+                break
+            await asyncio.sleep(0.1)
+        assert await ready() == 503
+    finally:
+        etcd.start()
+    for _ in range(200):
+        if await ready() == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert await ready() == 200
