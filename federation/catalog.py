@@ -110,9 +110,13 @@ def build(*, revision: int, members: Mapping[ClusterId, Member], exports: Iterab
     conditions: dict[ServiceKey, list[tuple[ClusterId, Condition]]] = {}
     for (cluster, key), conds in sorted(result.conditions.items()):
         conditions.setdefault(key, []).extend((cluster, c) for c in conds)
-    merged: dict[ServiceKey, CatalogService] = {}
+    merged: dict[ServiceKey, CatalogService]
     if previous is not None and wanted is not None:
-        merged = {k: v for k, v in previous.services.items() if k not in wanted}
+        merged = dict(previous.services)
+        for k in wanted:
+            merged.pop(k, None)
+    else:
+        merged = {}
     for key, imp in result.imports.items():
         shards: list[RemoteEndpoints] = []
         for cluster in imp.clusters:
@@ -125,12 +129,17 @@ def build(*, revision: int, members: Mapping[ClusterId, Member], exports: Iterab
                                           endpoints=pub.endpoints))
         merged[key] = CatalogService(import_=imp, conditions=tuple(conditions.get(key, ())), endpoints=tuple(shards))
     # ClusterSetIPs are a function of the whole set of ClusterSetIP keys.
-    vip_keys = frozenset(k for k, s in merged.items() if s.import_.type == ServiceType.CLUSTER_SET_IP)
+    check: Iterable[ServiceKey]
     if previous is not None and wanted is not None:
-        vips = _reallocate(previous, vip_keys, cidr)
+        vip_keys = (previous.vip_keys - wanted) | frozenset(
+            k for k in wanted if k in merged and merged[k].import_.type == ServiceType.CLUSTER_SET_IP)
+        vips, full = _reallocate(previous, vip_keys, cidr)
+        check = vip_keys if full else wanted & vip_keys
     else:
+        vip_keys = frozenset(k for k, s in merged.items() if s.import_.type == ServiceType.CLUSTER_SET_IP)
         vips = allocate_ips(vip_keys, cidr)
-    for key in vip_keys:
+        check = vip_keys
+    for key in check:
         svc = merged[key]
         want = (vips[key],)
         if svc.import_.ips != want:
@@ -138,27 +147,28 @@ def build(*, revision: int, members: Mapping[ClusterId, Member], exports: Iterab
     return Catalog(revision=revision, members=dict(members), services=merged, vips=vips, vip_keys=vip_keys)
 
 
-def _reallocate(previous: Catalog, vip_keys: frozenset[ServiceKey], cidr: str) -> Mapping[ServiceKey, str]:
+def _reallocate(previous: Catalog, vip_keys: frozenset[ServiceKey], cidr: str
+                ) -> tuple[Mapping[ServiceKey, str], bool]:
     """The ClusterSetIP allocation for ``vip_keys``, reusing ``previous``'s when that gives the same answer.
 
     ``allocate_ips`` places keys in sorted order, each at the first free address of its probe sequence. A key
     added at its first-choice address, which nobody holds, changes no other key: no key probed that address (it
     would have taken it). So additions that land on a free first choice extend the old map; anything else
-    (removals, a first choice already held) allocates again from scratch.
+    (removals, a first choice already held) allocates again from scratch. Returns ``(vips, from_scratch)``.
     """
     if vip_keys == previous.vip_keys:
-        return previous.vips
+        return previous.vips, False
     if not previous.vip_keys <= vip_keys:
-        return allocate_ips(vip_keys, cidr)
+        return allocate_ips(vip_keys, cidr), True
     vips = dict(previous.vips)
     held = set(vips.values())
     for key in sorted(vip_keys - previous.vip_keys):
         first = allocate_ips([key], cidr)[key]
         if first in held:
-            return allocate_ips(vip_keys, cidr)
+            return allocate_ips(vip_keys, cidr), True
         vips[key] = first
         held.add(first)
-    return vips
+    return vips, False
 
 
 def view_service(service: CatalogService, network: NetworkId | None) -> CatalogService:
@@ -180,10 +190,14 @@ def diff(old: Catalog, new: Catalog) -> list[Change]:
         before, after = old.members.get(cluster), new.members.get(cluster)
         if before != after:
             changes.append(MemberChange(cluster=cluster, member=after))
-    for key in sorted(old.services.keys() | new.services.keys()):
-        before_s, after_s = old.services.get(key), new.services.get(key)
-        if before_s != after_s:
-            changes.append(ServiceChange(key=key, service=after_s))
+    changed: list[ServiceKey] = []
+    old_services, new_services = old.services, new.services
+    for key, after_s in new_services.items():
+        before_s = old_services.get(key)
+        if before_s is not after_s and before_s != after_s:
+            changed.append(key)
+    changed.extend(key for key in old_services if key not in new_services)
+    changes.extend(ServiceChange(key=key, service=new_services.get(key)) for key in sorted(changed))
     return changes
 
 
