@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,45 @@ class _DeltaType:
     seen: Mapping[str, Entry] | None = None
 
 
+class InflightBudget:
+    """Bytes of responses written but not yet answered (ACK or NACK), across all streams.
+
+    grpc queues a written response at once, so without a bound a burst (thousands of proxies connecting after a
+    restart, each owed its whole configuration) would sit in memory all at once. A stream reserves a response's
+    estimated size before building it and gets it back when the proxy answers that nonce (or a later one of the
+    same type), when the stream ends, or after ``answer_timeout`` seconds (a proxy that never answers cannot keep
+    it). One response always fits, however large.
+    """
+
+    def __init__(self, limit: int, *, answer_timeout: float = 30.0) -> None:
+        self.limit = limit
+        self.answer_timeout = answer_timeout
+        self.used = 0
+        self._held: dict[str, tuple[int, float]] = {}  # nonce -> (bytes, deadline)
+        self._freed = asyncio.Event()
+
+    async def reserve(self, nonce: str, size: int) -> None:
+        while self.used and self.used + size > self.limit:
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), 1.0)
+            except TimeoutError:
+                self._expire()
+        self.used += size
+        self._held[nonce] = (size, time.monotonic() + self.answer_timeout)
+
+    def release(self, nonce: str) -> None:
+        held = self._held.pop(nonce, None)
+        if held is not None:
+            self.used -= held[0]
+            self._freed.set()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for nonce in [n for n, (_, deadline) in self._held.items() if deadline < now]:
+            self.release(nonce)
+
+
 class _Stream:
     """Shared plumbing of one ADS stream: authentication, the reader task and the wake-up loop."""
 
@@ -122,6 +162,7 @@ class _Stream:
         self.identity: ProxyIdentity | None = None
         self.queue: deque[Any] = deque()
         self.closed = False
+        self.held: dict[str, list[str]] = {}  # type URL -> nonces sent and not yet answered, oldest first
 
     async def run(self) -> None:
         server = self.server
@@ -173,6 +214,9 @@ class _Stream:
             raise
         finally:
             self.closed = True
+            for nonces in self.held.values():
+                for nonce in nonces:
+                    self.server.inflight.release(nonce)
             reader.cancel()
             self.cache.unwatch(self.node_id, wake)
             log.info("xds stream closed node=%s variant=%s", self.node_id, self.variant)
@@ -183,6 +227,10 @@ class _Stream:
                 request = await self.context.read()
                 if request is grpc.aio.EOF:
                     break
+                if request.response_nonce:
+                    # Returned to the in-flight budget here, not when the main loop handles the request: that loop
+                    # may itself be waiting for budget, which this answer frees.
+                    self.answered(request.type_url, request.response_nonce)
                 self.queue.append(request)
                 wake.set()
         except asyncio.CancelledError:
@@ -203,10 +251,23 @@ class _Stream:
     def nonce(self) -> str:
         return self.server.next_nonce()
 
-    async def send(self, build: Callable[[], Any]) -> None:
-        """Build and write one response. grpc queues it at once (a proxy that stops reading holds up only its own
-        stream), so one proxy's slow reads never delay another's push."""
+    async def send(self, type_url: str, nonce: str, size: int, build: Callable[[], Any]) -> None:
+        """Reserve ``size`` bytes of the server's in-flight budget, then build and write one response. grpc queues
+        it at once, so a proxy that stops reading holds up only its own stream."""
+        await self.server.inflight.reserve(nonce, size + 64)
+        self.held.setdefault(type_url, []).append(nonce)
         await self.context.write(build())
+
+    def answered(self, type_url: str, nonce: str) -> None:
+        """The proxy answered ``nonce``: it and every earlier response of that type are no longer in flight."""
+        nonces = self.held.get(type_url)
+        if not nonces or nonce not in nonces:
+            return
+        while nonces:
+            done = nonces.pop(0)
+            self.server.inflight.release(done)
+            if done == nonce:
+                break
 
 
 class _SotwStream(_Stream):
@@ -286,7 +347,8 @@ class _SotwStream(_Stream):
         st.sent_key, st.sent_version, st.nonce, st.acked = key, version, nonce, False
         self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
         selected = [entries[n] for n in names]
-        await self.send(lambda: self._response(version, type_url, nonce, selected))
+        await self.send(type_url, nonce, sum(e.size for e in selected),
+                        lambda: self._response(version, type_url, nonce, selected))
 
     def _response(self, version: str, type_url: str, nonce: str, selected: list[Entry]) -> Any:
         response = DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce,
@@ -406,7 +468,8 @@ class _DeltaStream(_Stream):
         if len(st.nonces) > _MAX_PENDING_NONCES:
             del st.nonces[next(iter(st.nonces))]
         self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
-        await self.send(lambda: self._response(version, type_url, nonce, changed, removed))
+        await self.send(type_url, nonce, sum(e.size for e in changed),
+                        lambda: self._response(version, type_url, nonce, changed, removed))
 
     def _response(self, version: str, type_url: str, nonce: str, changed: list[Entry], removed: list[str]) -> Any:
         response = DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce,
@@ -436,12 +499,14 @@ class AdsServer:
             ...  # srv.port is the bound port
 
     ``authenticator=None`` turns authentication off (tests and benchmarks only; logged as a warning).
-    ``server_credentials`` (grpc.ssl_server_credentials) serves TLS instead of plaintext.
+    ``server_credentials`` (grpc.ssl_server_credentials) serves TLS instead of plaintext. ``inflight_bytes``
+    bounds the responses written but not yet answered by their proxies (see InflightBudget); ``answer_timeout``
+    is how long an unanswered response counts against it.
     """
 
     def __init__(self, *, cache: SnapshotCache, authenticator: Authenticator | None, host: str = "127.0.0.1",
                  port: int = 0, server_credentials: grpc.ServerCredentials | None = None,
-                 grace: float = 1.0) -> None:
+                 grace: float = 1.0, inflight_bytes: int = 256 * 1024 * 1024, answer_timeout: float = 30.0) -> None:
         self.cache = cache
         self.authenticator = authenticator
         self.host = host
@@ -450,6 +515,7 @@ class AdsServer:
         self._grace = grace
         self._server: grpc.aio.Server | None = None
         self._nonces = itertools.count(1)
+        self.inflight = InflightBudget(inflight_bytes, answer_timeout=answer_timeout)
         self.stats = XdsStats()
 
     def next_nonce(self) -> str:

@@ -3,13 +3,14 @@ delta, reconnects and authentication."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from xds_client import DeltaClient, SotwClient, names_of, snapshot
 
-from gateway.ads import AdsServer
+from gateway.ads import AdsServer, InflightBudget
 from gateway.auth import ProxyIdentity, TokenTableAuthenticator, make_node_id
 from gateway.cache import SnapshotCache, SyncState
 from gateway.snapshot import CLUSTER, ENDPOINT
@@ -316,5 +317,42 @@ async def test_a_client_that_stops_reading_does_not_hold_up_other_pushes() -> No
             assert len((await stuck.recv()).resources) == 6000
             stuck.call.cancel()
             await healthy.close()
+        finally:
+            await channel.close()
+
+
+async def test_inflight_budget_waits_for_answers_and_expires_unanswered() -> None:
+    budget = InflightBudget(100, answer_timeout=0.3)
+    await budget.reserve("1", 80)
+    second = asyncio.create_task(budget.reserve("2", 50))
+    await asyncio.sleep(0.05)
+    assert not second.done() and budget.used == 80  # it cannot fit until "1" is answered
+    budget.release("1")
+    await asyncio.wait_for(second, 5)
+    assert budget.used == 50
+    await asyncio.wait_for(budget.reserve("3", 80), 5)  # "2" is never answered: it stops counting after 0.3 s
+    assert budget.used == 80
+    await asyncio.wait_for(budget.reserve("4", 1000), 5)  # one response always fits, however large
+    budget.release("3")
+    budget.release("4")
+    assert budget.used == 0
+
+
+async def test_a_full_budget_delays_pushes_until_proxies_answer() -> None:
+    cache = SnapshotCache()
+    async with AdsServer(cache=cache, authenticator=None, inflight_bytes=1) as srv:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}")
+        try:
+            cache.set_snapshot(NODE_A, snapshot({"a": (1,)}))
+            cache.set_snapshot(NODE_B, snapshot({"b": (1,)}))
+            ca, cb = SotwClient(channel, NODE_A, None), SotwClient(channel, NODE_B, None)
+            await ca.request(CLUSTER)
+            ra = await ca.recv()
+            assert srv.inflight.used > 0  # A's response is in flight until A answers it
+            await cb.request(CLUSTER)  # B's response has to wait for budget...
+            await ca.ack(ra)  # ...which A's ACK frees
+            assert names_of(await cb.recv()) == ["b"]
+            await ca.close()
+            await cb.close()
         finally:
             await channel.close()
