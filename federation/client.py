@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -108,6 +108,25 @@ def _error_of(status: int, body: Any, what: str) -> ClientError:
     return ClientError(text, status=status, field=field)
 
 
+class _VerifyingConnector(aiohttp.TCPConnector):
+    """A connector that checks each new TLS connection's server identity before any request is sent on it."""
+
+    def __init__(self, *, check: Callable[[Any], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._check = check
+
+    async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:  # noqa: ASYNC109 - aiohttp
+        protocol = await super()._create_connection(req, traces, timeout)
+        transport = protocol.transport
+        try:
+            self._check(transport.get_extra_info("ssl_object") if transport is not None else None)
+        except BaseException:
+            if transport is not None:
+                transport.close()
+            raise
+        return protocol
+
+
 class FederationClient:
     """One cluster's client of the federation API (an async context manager owning an HTTP session)."""
 
@@ -124,10 +143,10 @@ class FederationClient:
         self._watch_timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=watch_idle_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._current = 0
-        self._verified: dict[int, bool] = {}
 
     async def __aenter__(self) -> FederationClient:
-        connector = aiohttp.TCPConnector(ssl=self._ssl, limit=16, enable_cleanup_closed=True)
+        connector = _VerifyingConnector(check=self._check_server, ssl=self._ssl, limit=16,
+                                        enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: json.dumps(v))
         return self
 
@@ -154,20 +173,16 @@ class FederationClient:
             raise RuntimeError("FederationClient used outside 'async with'")
         return self._session
 
-    def _check_server(self, resp: aiohttp.ClientResponse) -> None:
-        if self._bundle is None or resp.connection is None or resp.connection.transport is None:
+    def _check_server(self, ssl_object: Any) -> None:
+        """The server must prove ``spiffe://<td>/meshfed/federation`` (checked once per connection)."""
+        if self._bundle is None:
             return
-        transport = resp.connection.transport
-        if self._verified.get(id(transport)):
-            return
-        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            raise Refused(f"{self.url}: not a TLS connection")
         try:
             federation_server_of_peer(peer_chain_der(ssl_object), self._bundle)
         except TrustError as exc:
             raise Refused(f"{self.url} is not the federation service: {exc}") from exc
-        if len(self._verified) > 64:
-            self._verified.clear()
-        self._verified[id(transport)] = True
 
     async def _call(self, method: str, path: str, *, body: Any = None, what: str) -> Any:
         url = self.url + path
@@ -175,7 +190,6 @@ class FederationClient:
         headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
             async with self._http().request(method, url, data=data, headers=headers, timeout=self._timeout) as resp:
-                self._check_server(resp)
                 raw = await resp.read()
                 try:
                     payload = json.loads(raw) if raw else None
@@ -228,7 +242,6 @@ class FederationClient:
         url = f"{self.url}/v1/catalog/watch?revision={revision}"
         try:
             async with self._http().get(url, timeout=self._watch_timeout) as resp:
-                self._check_server(resp)
                 if resp.status >= 400:
                     raw = await resp.read()
                     try:

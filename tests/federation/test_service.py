@@ -269,3 +269,26 @@ async def test_refused_errors_surface_in_client(pki: Pki, store: Any) -> None:
             with pytest.raises(Refused) as err:
                 await client.register(info("west"))
             assert err.value.status == 403
+
+
+async def test_client_refuses_a_server_that_is_not_the_federation(pki: Pki, store: Any) -> None:
+    # A server presenting a valid certificate of the trust domain, but a cluster's, not the federation's.
+    from datetime import timedelta
+
+    from aiohttp import web
+
+    from federation.service import create_app, serve
+    from federation.trust.ca import issue_workload
+    from federation.trust.tls import server_ssl_context
+    from tests.support.procs import free_port
+
+    key_pem, chain = issue_workload(pki.cluster_ca("mallory"), SpiffeId.cluster(TD, "mallory"),
+                                    ttl=timedelta(hours=1))
+    impostor_ctx = server_ssl_context(b"".join(chain), key_pem, pki.bundle)
+    app: web.Application = create_app(store=store, bundle=lambda: pki.bundle)
+    port = free_port()
+    async with serve(app, host="127.0.0.1", port=port, ssl_context=impostor_ctx, shutdown_timeout=0.2), \
+            pki.client("east", f"https://127.0.0.1:{port}") as east:
+        with pytest.raises(Refused) as err:
+            await east.register(info("east"))
+        assert "not the federation service" in str(err.value)
