@@ -9,6 +9,7 @@ Exception tree (this module)::
 
     FederationError (federation.records)
      +-- WireError        a JSON value that does not decode; ``field`` is the path of the offending value
+          +-- ForeignCluster  a body naming another cluster than the caller's (403)
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class WireError(FederationError, ValueError):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.reason = message
+
+
+class ForeignCluster(WireError):
+    """A body that speaks for a cluster other than the one in the path (the service answers 403)."""
 
 
 # --- decoding helpers -------------------------------------------------------------------------------------------
@@ -379,8 +384,8 @@ def exported_service_from_json(value: Json, path: str, *, cluster: ClusterId) ->
     )
     for i, loc in enumerate(localities):
         if loc.locality.cluster and loc.locality.cluster != cluster:
-            raise WireError(f"names cluster {loc.locality.cluster!r}, not the publisher {cluster!r}",
-                            field=f"{_join(path, 'localities')}[{i}].cluster")
+            raise ForeignCluster(f"names cluster {loc.locality.cluster!r}, not the publisher {cluster!r}",
+                                 field=f"{_join(path, 'localities')}[{i}].cluster")
     endpoints = tuple(
         endpoint_from_json(x, f"{_join(path, 'endpoints')}[{i}]")
         for i, x in enumerate(_list(o.get("endpoints", []), _join(path, "endpoints")))

@@ -157,6 +157,11 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
         response = refused.response
     except web.HTTPException as exc:
         response = _error(exc.status, exc.reason)
+    except wire.ForeignCluster as exc:
+        metrics.auth_failures.labels(reason="wrong_cluster").inc()
+        log.warning("forbidden caller=%s body names another cluster method=%s path=%s field=%s",
+                    request.get(_Keys.cluster), request.method, request.path, exc.field)
+        response = _error(403, exc.reason, field=exc.field)
     except wire.WireError as exc:
         response = _error(400, exc.reason, field=exc.field)
     except FederationError as exc:

@@ -93,11 +93,16 @@ async def test_east_cannot_act_as_west(pki: Pki, store: Any) -> None:
             status, payload = await _raw(url, ctx, method, path, body)
             assert status == 403, (method, path, payload)
             assert "east may not act for cluster west" in payload["error"]
+        # A body that speaks for west on east's own path is refused the same way.
+        body = _publish_body("east", ["reviews"], 1)
+        body["services"][0]["localities"][0]["cluster"] = "west"
+        status, payload = await _raw(url, ctx, "PUT", "/v1/clusters/east/exports", body)
+        assert status == 403 and payload["field"] == "services[0].localities[0].cluster"
         snap = await store.snapshot()
         assert [m.info.id for m in snap.members] == ["east"] and snap.exports == ()
         text = metrics_of(app).registry.get_sample_value("meshfed_federation_auth_failures_total",
                                                          {"reason": "wrong_cluster"})
-        assert text == 4
+        assert text == 5
 
 
 async def test_leaf_claiming_another_cluster_is_refused(pki: Pki, store: Any) -> None:
