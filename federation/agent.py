@@ -88,7 +88,8 @@ def export_set(info: ClusterInfo, services: Iterable[Service], exports: Iterable
         ready = tuple(ep for ep in svc.endpoints if ep.ready)
         out.append(ExportedService(key=e.key, type=svc.type, ports=svc.ports, created=e.created,
                                    localities=locality_summaries(info, svc.endpoints), endpoints=ready))
-    return ExportSet(cluster=info.id, generation=generation, services=tuple(sorted(out, key=lambda s: s.key)))
+    out.sort(key=lambda s: (s.key.namespace, s.key.name))
+    return ExportSet(cluster=info.id, generation=generation, services=tuple(out))
 
 
 def apply_catalog(registry: Registry, catalog: cat.Catalog) -> Registry:
@@ -107,7 +108,7 @@ def apply_catalog(registry: Registry, catalog: cat.Catalog) -> Registry:
             continue
         entries = shards.get(cluster, {})
         if dict(registry.remote.get(cluster, {})) != entries:
-            out = out.with_remote(cluster, sorted(entries.items()))
+            out = out.with_remote(cluster, sorted(entries.items(), key=lambda kv: (kv[0].namespace, kv[0].name)))
     clusters = {c: m.info for c, m in catalog.members.items()}
     imports = {k: s.import_ for k, s in catalog.services.items()}
     if dict(out.clusters) != clusters or dict(out.imports) != imports:

@@ -108,7 +108,8 @@ def build(*, revision: int, members: Mapping[ClusterId, Member], exports: Iterab
             published[(export_set.cluster, s.key)] = s
     result = derive(services, service_exports, cidr=cidr)
     conditions: dict[ServiceKey, list[tuple[ClusterId, Condition]]] = {}
-    for (cluster, key), conds in sorted(result.conditions.items()):
+    for (cluster, key), conds in sorted(result.conditions.items(), key=lambda kv: (kv[0][1].namespace, kv[0][1].name,
+                                                                                   kv[0][0])):
         conditions.setdefault(key, []).extend((cluster, c) for c in conds)
     merged: dict[ServiceKey, CatalogService]
     if previous is not None and wanted is not None:
@@ -197,7 +198,8 @@ def diff(old: Catalog, new: Catalog) -> list[Change]:
         if before_s is not after_s and before_s != after_s:
             changed.append(key)
     changed.extend(key for key in old_services if key not in new_services)
-    changes.extend(ServiceChange(key=key, service=new_services.get(key)) for key in sorted(changed))
+    changed.sort(key=lambda k: (k.namespace, k.name))
+    changes.extend(ServiceChange(key=key, service=new_services.get(key)) for key in changed)
     return changes
 
 

@@ -411,7 +411,16 @@ def export_set_from_json(value: Json, cluster: ClusterId) -> ExportSet:
             raise WireError(f"service {s.key} is listed twice (first at services[{seen[s.key]}])",
                             field=f"services[{i}].name")
         seen[s.key] = i
-    return ExportSet(cluster=cluster, generation=generation, services=tuple(sorted(services, key=lambda s: s.key)))
+    return ExportSet(cluster=cluster, generation=generation, services=tuple(sorted(services, key=_service_order)))
+
+
+def _service_order(s: ExportedService) -> tuple[str, str]:
+    # The order of ServiceKey, on plain strings (comparing the dataclasses builds tuples on every comparison).
+    return (s.key.namespace, s.key.name)
+
+
+def _item_order(item: tuple[ServiceKey, CatalogService]) -> tuple[str, str]:
+    return (item[0].namespace, item[0].name)
 
 
 # --- catalog --------------------------------------------------------------------------------------------------------
@@ -474,7 +483,7 @@ def catalog_json(c: Catalog, *, now: datetime | None = None) -> Json:
     now = now or datetime.now(UTC)
     return {"revision": c.revision,
             "members": [member_json(m, now=now) for _, m in sorted(c.members.items())],
-            "services": [catalog_service_json(s) for _, s in sorted(c.services.items())]}
+            "services": [catalog_service_json(s) for _, s in sorted(c.services.items(), key=_item_order)]}
 
 
 def catalog_from_json(value: Json) -> Catalog:
