@@ -506,7 +506,7 @@ class AdsServer:
 
     def __init__(self, *, cache: SnapshotCache, authenticator: Authenticator | None, host: str = "127.0.0.1",
                  port: int = 0, server_credentials: grpc.ServerCredentials | None = None,
-                 grace: float = 1.0, inflight_bytes: int = 256 * 1024 * 1024, answer_timeout: float = 30.0) -> None:
+                 grace: float = 1.0, inflight_bytes: int = 64 * 1024 * 1024, answer_timeout: float = 30.0) -> None:
         self.cache = cache
         self.authenticator = authenticator
         self.host = host
