@@ -32,10 +32,10 @@ from typing import Any
 
 import aiohttp
 
-from discovery.model import ClusterId, ClusterInfo
+from discovery.model import ClusterId, ClusterInfo, ServiceKey
 from federation import wire
 from federation.catalog import Catalog, Change
-from federation.records import ExportSet, FederationError, Member, StaleGeneration
+from federation.records import ExportedService, ExportSet, FederationError, Member, StaleGeneration
 from federation.trust.bundle import TrustBundle
 from federation.trust.ca import issue_workload
 from federation.trust.errors import TrustError
@@ -143,6 +143,7 @@ class FederationClient:
         self._watch_timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=watch_idle_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._current = 0
+        self._encoded: dict[ServiceKey, tuple[ExportedService, bytes]] = {}
 
     async def __aenter__(self) -> FederationClient:
         connector = _VerifyingConnector(check=self._check_server, ssl=self._ssl, limit=16,
@@ -184,9 +185,9 @@ class FederationClient:
         except TrustError as exc:
             raise Refused(f"{self.url} is not the federation service: {exc}") from exc
 
-    async def _call(self, method: str, path: str, *, body: Any = None, what: str) -> Any:
+    async def _call(self, method: str, path: str, *, body: Any = None, raw: bytes | None = None, what: str) -> Any:
         url = self.url + path
-        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        data = raw if raw is not None else None if body is None else json.dumps(body, separators=(",", ":")).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
         try:
             async with self._http().request(method, url, data=data, headers=headers, timeout=self._timeout) as resp:
@@ -225,9 +226,24 @@ class FederationClient:
 
     async def publish(self, exports: ExportSet) -> int:
         """Store ``exports`` durably; returns the store revision. Safe to retry with the same generation."""
-        body = await self._call("PUT", f"/v1/clusters/{self.cluster}/exports", body=wire.export_set_json(exports),
+        body = await self._call("PUT", f"/v1/clusters/{self.cluster}/exports", raw=self._export_body(exports),
                                 what="publish")
         return int(body["revision"])
+
+    def _export_body(self, exports: ExportSet) -> bytes:
+        """The publish body; each service's JSON is kept and reused while the service is unchanged."""
+        parts: list[bytes] = []
+        fresh: dict[ServiceKey, tuple[ExportedService, bytes]] = {}
+        for s in exports.services:
+            hit = self._encoded.get(s.key)
+            if hit is not None and hit[0] == s:
+                part = hit[1]
+            else:
+                part = json.dumps(wire.exported_service_json(s), separators=(",", ":")).encode()
+            fresh[s.key] = (s, part)
+            parts.append(part)
+        self._encoded = fresh
+        return b'{"generation":%d,"services":[' % exports.generation + b",".join(parts) + b"]}"
 
     async def catalog(self) -> Listing:
         body = await self._call("GET", "/v1/catalog", what="catalog")

@@ -400,17 +400,49 @@ def export_set_json(e: ExportSet) -> Json:
     return {"generation": e.generation, "services": [exported_service_json(s) for s in e.services]}
 
 
-def export_set_from_json(value: Json, cluster: ClusterId) -> ExportSet:
+class DecodeCache:
+    """Each cluster's last decoded services by their raw JSON: a republished service whose JSON is unchanged is
+    taken from here instead of being decoded and validated again (the result depends only on the JSON and the
+    cluster). Holds one entry per exported service."""
+
+    def __init__(self) -> None:
+        self._by_cluster: dict[ClusterId, dict[tuple[str, str], tuple[Json, ExportedService]]] = {}
+
+    def lookup(self, cluster: ClusterId) -> dict[tuple[str, str], tuple[Json, ExportedService]]:
+        return self._by_cluster.get(cluster, {})
+
+    def store(self, cluster: ClusterId, entries: dict[tuple[str, str], tuple[Json, ExportedService]]) -> None:
+        self._by_cluster[cluster] = entries
+
+    def forget(self, cluster: ClusterId) -> None:
+        self._by_cluster.pop(cluster, None)
+
+
+def export_set_from_json(value: Json, cluster: ClusterId, *, cache: DecodeCache | None = None) -> ExportSet:
     o = _obj(value, "")
     generation = _int(o, "generation", "", low=1, high=2**63 - 1)
     raw = _list(_req(o, "services", ""), "services", limit=MAX_SERVICES)
-    services = [exported_service_from_json(s, f"services[{i}]", cluster=cluster) for i, s in enumerate(raw)]
+    previous = cache.lookup(cluster) if cache is not None else {}
+    entries: dict[tuple[str, str], tuple[Json, ExportedService]] = {}
+    services: list[ExportedService] = []
+    for i, s in enumerate(raw):
+        ident: tuple[str, str] | None = None
+        if isinstance(s, dict) and isinstance(s.get("namespace"), str) and isinstance(s.get("name"), str):
+            ident = (s["namespace"], s["name"])
+        hit = previous.get(ident) if ident is not None else None
+        svc = hit[1] if hit is not None and hit[0] == s else \
+            exported_service_from_json(s, f"services[{i}]", cluster=cluster)
+        if ident is not None:
+            entries[ident] = (s, svc)
+        services.append(svc)
     seen: dict[ServiceKey, int] = {}
     for i, s in enumerate(services):
         if s.key in seen:
             raise WireError(f"service {s.key} is listed twice (first at services[{seen[s.key]}])",
                             field=f"services[{i}].name")
         seen[s.key] = i
+    if cache is not None:
+        cache.store(cluster, entries)
     return ExportSet(cluster=cluster, generation=generation, services=tuple(sorted(services, key=_service_order)))
 
 

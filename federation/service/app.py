@@ -68,6 +68,7 @@ class _Keys:
     bundle = web.AppKey("bundle", object)
     identify = web.AppKey("identify", object)
     cache = web.AppKey("cache", dict)
+    decoded = web.AppKey("decoded", wire.DecodeCache)
     cluster = web.RequestKey("cluster", str)
 
 
@@ -195,6 +196,7 @@ async def delete_cluster(request: web.Request) -> web.Response:
         revision = await _store(request).remove_member(cluster)
     except UnknownCluster as exc:
         return _error(404, str(exc), field="cluster")
+    request.app[_Keys.decoded].forget(cluster)
     log.info("deregistered cluster=%s revision=%d", cluster, revision)
     return _json({"cluster": cluster, "revision": revision})
 
@@ -215,7 +217,7 @@ async def put_exports(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await _body(request)
     read = time.perf_counter()
-    exports = wire.export_set_from_json(body, cluster)
+    exports = wire.export_set_from_json(body, cluster, cache=request.app[_Keys.decoded])
     decoded = time.perf_counter()
     try:
         revision = await _store(request).put_exports(exports)
@@ -465,6 +467,7 @@ def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: Servi
     app[_Keys.bundle] = bundle
     app[_Keys.identify] = identify or bundle_identify(bundle)
     app[_Keys.cache] = {}
+    app[_Keys.decoded] = wire.DecodeCache()
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
 

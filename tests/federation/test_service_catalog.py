@@ -137,3 +137,31 @@ def test_random_catalog_diff_is_minimal() -> None:
     assert sorted(str(c.key) for c in changes if isinstance(c, cat.ServiceChange)) == sorted(
         f"{n}.default" for n in changed)
     assert all(c.service is None for c in changes if isinstance(c, cat.ServiceChange))
+
+
+def test_decode_cache_reuses_unchanged_services_and_still_validates_changed_ones() -> None:
+    cache = wire.DecodeCache()
+    east = ClusterId("east")
+    body = wire.export_set_json(_exports("east", ["a", "b", "c"]))
+    first = wire.export_set_from_json(body, east, cache=cache)
+    again = wire.export_set_from_json(wire.export_set_json(_exports("east", ["a", "b", "c"])), east, cache=cache)
+    assert all(x is y for x, y in zip(first.services, again.services, strict=True))
+    bad = wire.export_set_json(_exports("east", ["a", "b", "c"]))
+    bad["services"][1]["ports"][0]["port"] = 0
+    try:
+        wire.export_set_from_json(bad, east, cache=cache)
+    except wire.WireError as exc:
+        assert exc.field == "services[1].ports[0].port"
+    else:
+        raise AssertionError("a changed, invalid service was accepted from the cache")
+    # Another cluster's identical JSON is decoded for that cluster, not taken from east's entries.
+    west = wire.export_set_from_json(wire.export_set_json(_exports("west", ["a"])), ClusterId("west"), cache=cache)
+    assert west.cluster == "west"
+    odd = wire.export_set_json(_exports("east", ["a"]))
+    odd["services"][0]["namespace"] = ["not", "a", "string"]
+    try:
+        wire.export_set_from_json(odd, east, cache=cache)
+    except wire.WireError as exc:
+        assert exc.field == "services[0].namespace"
+    else:
+        raise AssertionError("a list namespace was accepted")
