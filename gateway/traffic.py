@@ -9,7 +9,8 @@ really happens (``docs/traffic-policy.md``):
 - priorities: 0 the caller's own cluster, 1 other clusters in the caller's region, 2 the rest;
 - outlier detection on: 3 consecutive gateway errors (502/503/504, connect failures) or 5 consecutive 5xx eject an
   endpoint for 15 s (growing with repeated ejections), checked every 2 s, up to 100 % of a priority's endpoints,
-  so a priority whose endpoints all fail hands its traffic to the next one;
+  so a priority whose endpoints all fail hands its traffic to the next one; host changes apply at once
+  (``update_merge_window`` 0, not Envoy's 1 s batching, during which an ejected endpoint keeps its traffic);
 - routes of sidecars retry twice (connect failures, refused streams, 503), each retry on another host and in the
   next priority first, so a request that hits a failing cluster before outlier detection ejects it is answered
   by the next cluster instead of failing;
@@ -179,6 +180,9 @@ def apply_cluster_policy(cluster: Any, cp: ClusterPolicy, *, default_connect_tim
     cluster.lb_policy = lb_policy(cp)
     cluster.connect_timeout.CopyFrom(_duration(connect_timeout_s(cp, default_connect_timeout_s)))
     cluster.circuit_breakers.CopyFrom(circuit_breakers(cp))
+    # Apply host health changes (an ejection, a failed health check) at once: Envoy's default batches them for 1 s,
+    # during which an ejected endpoint keeps its whole share of traffic.
+    cluster.common_lb_config.update_merge_window.CopyFrom(_duration(0))
     od = outlier_detection(cp)
     if od is not None:
         cluster.outlier_detection.CopyFrom(od)

@@ -28,6 +28,7 @@ from federation.trust.ca import create_intermediate, create_root
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext
 from gateway.envoy import AdminError
+from gateway.traffic import DEFAULT_CONSECUTIVE_GATEWAY_ERRORS
 from tests.e2e.test_crosscluster import echo_app, workload_certs
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
 from tests.gateway.mesh_fixtures import EAST, REVIEWS, TD, WEST, Mesh
@@ -79,6 +80,28 @@ spec:
         - destination: {host: reviews, subset: west, port: {number: 9080}}
       timeout: 3s
       retries: {attempts: 2, perTryTimeout: 1s, retryOn: "connect-failure,5xx"}
+"""
+
+NO_RETRIES = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: {connectTimeout: 3s}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+    - name: no-retries
+      route:
+        - destination: {host: reviews}
+      retries: {attempts: 0}
 """
 
 NO_LOCALITY = """
@@ -279,8 +302,27 @@ async def test_local_endpoint_failure_fails_over_to_the_other_cluster(tp: Traffi
                    and "failed_outlier_check" in x for x in text.splitlines())
 
     await wait_until(east_ejected, within=10, what="east's pod ejected by outlier detection")
-    # The same without retries (a VirtualService with attempts: 0): the failures are bounded by the ejection.
     # Bring east's app back for the next test (same port).
+    tp.apps["east"] = await echo_app(tp.east_app_port, "reviews-east")
+
+
+async def test_without_retries_failover_costs_the_ejection_threshold(tp: Traffic) -> None:
+    # A changed rule makes a new Envoy cluster (no ejection carried over); the route turns retries off.
+    await tp.apply(NO_RETRIES, expect="no-retries")
+
+    async def east_answers() -> bool:
+        return (await tp.call(1)) == ["reviews-east"]
+
+    await wait_until(east_answers, within=60, what="east's pod back in rotation")
+    await tp.apps.pop("east").cleanup()
+    answers = await tp.call(40)
+    failed = [a for a in answers if a.startswith("HTTP")]
+    # Each request reaches east's pod until 3 consecutive gateway errors (the default consecutiveGatewayErrors)
+    # eject it; the ejection reaches the worker asynchronously, so one more request may still be on its way there.
+    # After that, every request goes to west.
+    assert DEFAULT_CONSECUTIVE_GATEWAY_ERRORS <= len(failed) <= DEFAULT_CONSECUTIVE_GATEWAY_ERRORS + 1, answers
+    assert answers[: len(failed)] == failed, answers
+    assert set(answers[len(failed):]) == {"reviews-west"}, answers
     tp.apps["east"] = await echo_app(tp.east_app_port, "reviews-east")
 
 
