@@ -67,7 +67,11 @@ def http_filters(proxy: ProxyInfo, ctx: PushContext, port: int | None = None) ->
     ports = listener_ports(proxy, port, ctx) if port is not None else None
     # Only an Envoy sidecar's connection manager replaces the caller's x-forwarded-client-cert before RBAC; a
     # proxyless gRPC server passes it through, so there the caller's cluster is not knowable (fail closed).
-    return rbac.rbac_filters(deny, allow, listener_ports=ports, cluster_known=proxy.kind is ProxyKind.SIDECAR)
+    known = proxy.kind is ProxyKind.SIDECAR
+    # Shared by every replica of the workload (never mutated: the connection manager copies them).
+    key = ("authz-filters", str(proxy.namespace), proxy.services, ports, known)
+    return list(ctx.memo(key, lambda: tuple(rbac.rbac_filters(deny, allow, listener_ports=ports,
+                                                               cluster_known=known))))
 
 
 def log_format(listener: str, allow: tuple[AuthorizationPolicy, ...]) -> str:
