@@ -23,6 +23,7 @@ REVIEWS = ServiceKey.parse("reviews.default")
 RATINGS = ServiceKey.parse("ratings.default")
 DETAILS = ServiceKey.parse("details.default")
 DB = ServiceKey.parse("db.default")
+ECHO_GRPC = ServiceKey.parse("echo-grpc.default")
 
 
 @pytest.fixture
@@ -76,11 +77,11 @@ def test_demo_content() -> None:
     assert state.problems == ()
     east, west = state.snapshots[ClusterId("east")], state.snapshots[ClusterId("west")]
     assert set(east.services) == {REVIEWS, DETAILS, DB}
-    assert set(west.services) == {REVIEWS, RATINGS, DB}
-    assert set(east.exports) == {REVIEWS, DB} and set(west.exports) == {REVIEWS, RATINGS, DB}
+    assert set(west.services) == {REVIEWS, RATINGS, DB, ECHO_GRPC}
+    assert set(east.exports) == {REVIEWS, DB} and set(west.exports) == {REVIEWS, RATINGS, DB, ECHO_GRPC}
     assert all(ep.address.startswith("127.") for s in (east, west) for v in s.services.values() for ep in v.endpoints)
     imports = state.mcs.imports
-    assert set(imports) == {REVIEWS, RATINGS, DB}  # details is local only
+    assert set(imports) == {REVIEWS, RATINGS, DB, ECHO_GRPC}  # details is local only
     assert imports[REVIEWS].clusters == ("east", "west") and imports[RATINGS].clusters == ("west",)
     assert imports[DB].type == ServiceType.HEADLESS and imports[DB].ips == ()
     assert imports[REVIEWS].ips[0].startswith("127.241.")

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from xds_client import DeltaClient, SotwClient, names_of, snapshot
 
 from gateway.ads import AdsServer, InflightBudget
 from gateway.auth import ProxyIdentity, TokenTableAuthenticator, make_node_id
 from gateway.cache import SnapshotCache, SyncState
 from gateway.snapshot import CLUSTER, ENDPOINT
+from tests.gateway.xds_client import DeltaClient, SotwClient, names_of, snapshot
 
 NODE_A = make_node_id(kind="sidecar", ip="10.0.0.1", pod="a-1", namespace="shop")
 NODE_B = make_node_id(kind="sidecar", ip="10.0.0.2", pod="b-1", namespace="shop")

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from xds_client import SotwClient, names_of, snapshot
 
 from gateway.ads import AdsServer
 from gateway.auth import (
@@ -22,6 +21,7 @@ from gateway.auth import (
 )
 from gateway.cache import SnapshotCache
 from gateway.snapshot import CLUSTER
+from tests.gateway.xds_client import SotwClient, names_of, snapshot
 from tests.support.kubeapi import KubeApiDouble
 
 AUD = "meshfed"

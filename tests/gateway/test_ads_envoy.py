@@ -17,12 +17,12 @@ from envoy.config.core.v3 import address_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import any_pb2
-from xds_client import cla
 
 from gateway.ads import AdsServer
 from gateway.auth import ProxyIdentity, TokenTableAuthenticator, make_node_id
 from gateway.cache import SnapshotCache, SyncState
 from gateway.snapshot import CLUSTER, ENDPOINT, LISTENER, Snapshot
+from tests.gateway.xds_client import cla
 from tests.support.procs import Proc, envoy_binary, free_port
 
 NODE = make_node_id(kind="sidecar", ip="127.0.0.1", pod="smoke-1", namespace="default")

@@ -13,7 +13,6 @@ import pytest
 from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from spiffe import X509Svid
-from xds_client import SotwClient
 
 from federation.trust import SpiffeId, TrustBundle, TrustDomain, create_intermediate, create_root
 from gateway.ads import AdsServer
@@ -23,6 +22,7 @@ from gateway.generators.sds import bundle_secret, certificate_secret
 from gateway.push import PushDebouncer, PushRequest
 from gateway.sds import CERT_SECRET, ROOT_SECRET, WorkloadCertIssuer, bundle_pem, identities_of
 from gateway.snapshot import SECRET, Snapshot
+from tests.gateway.xds_client import SotwClient
 
 TD = TrustDomain.parse("meshfed.test")
 WEB = ProxyIdentity(namespace="shop", service_account="web", cluster="east")

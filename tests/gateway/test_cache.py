@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
-from xds_client import cla, eds_cluster, snapshot
 
 from gateway.cache import SnapshotCache, SyncState
 from gateway.snapshot import CLUSTER, ENDPOINT, LISTENER, Snapshot, SnapshotError
+from tests.gateway.xds_client import cla, eds_cluster, snapshot
 
 
 def test_versions_are_content_hashes() -> None:

@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from xds_client import SotwClient, names_of, snapshot
 
 from gateway.ads import AdsServer
 from gateway.cache import SnapshotCache
 from gateway.push import PushDebouncer, PushRequest
 from gateway.snapshot import CLUSTER
+from tests.gateway.xds_client import SotwClient, names_of, snapshot
 
 
 async def test_requests_in_the_quiet_period_merge_into_one_push() -> None:
