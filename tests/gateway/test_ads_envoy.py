@@ -160,3 +160,46 @@ async def test_envoy_acks_then_nacks_and_keeps_last_good(plane, tmp_path: Path, 
         assert {"smoke", "second"} <= set(listeners)
     finally:
         envoy.stop()
+
+
+async def test_delta_reconnect_resends_nothing_envoy_already_has(tmp_path: Path) -> None:
+    """Envoy reconnects to a restarted server with initial_resource_versions; only what changed is sent."""
+    cache = SnapshotCache()
+    auth = TokenTableAuthenticator()
+    token = auth.issue(ProxyIdentity(namespace="default", service_account="web", cluster="east"))
+    listen_port, admin_port = free_port(), free_port()
+    good = world(listen_port)
+    cache.set_snapshot(NODE, good)
+    async with AdsServer(cache=cache, authenticator=auth) as first:
+        port = first.port
+        path = bootstrap(tmp_path / "envoy.json", ads_port=port, admin_port=admin_port, token=token, delta=True)
+        envoy = Proc([envoy_binary(), "-c", str(path), "--concurrency", "1", "--disable-hot-restart",
+                      "--log-level", "info", "--drain-time-s", "1"], log=tmp_path / "envoy.log")
+
+        async def acked(type_url: str, version: str) -> bool:
+            if not envoy.alive():
+                raise AssertionError(f"envoy exited:\n{envoy.output()[-3000:]}")
+            return cache.acked_version(NODE, type_url) == version
+
+        try:
+            for t in (CLUSTER, ENDPOINT, LISTENER):
+                await until(lambda t=t: acked(t, good.version(t)), what=f"envoy to ACK {t}")
+        except BaseException:
+            envoy.stop()
+            raise
+    try:
+        async with AdsServer(cache=cache, authenticator=auth, port=port) as second:
+            await until(lambda: _opened(second), what="envoy to reconnect")
+            changed = good.replace(ENDPOINT, {"backend": cla("backend", 10)})
+            cache.set_snapshot(NODE, changed)
+            await until(lambda: acked(ENDPOINT, changed.version(ENDPOINT)), what="envoy to ACK the new endpoints")
+            # the one changed assignment is all the new server ever sent: the cluster and the listener Envoy
+            # already held (named in initial_resource_versions) were not sent again
+            assert second.stats.delta_resources == 1
+            assert not [r for r in cache.status() if r.node_id == NODE and r.state != SyncState.SYNCED]
+    finally:
+        envoy.stop()
+
+
+async def _opened(server: AdsServer) -> bool:
+    return server.stats.streams_opened >= 1
