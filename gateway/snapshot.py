@@ -311,11 +311,14 @@ class Snapshot:
     def type_urls(self) -> frozenset[str]:
         return frozenset(self._entries)
 
+    def _content(self) -> dict[str, str]:
+        """Versions of the types that have resources (a type present but empty is the same as one absent)."""
+        return {t: v for t, v in self._versions.items() if self._entries[t]}
+
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self._versions.items())))
+        return hash(tuple(sorted(self._content().items())))
 
     def __eq__(self, other: Any) -> bool:
         if not isinstance(other, Snapshot):
             return NotImplemented
-        return {t: v for t, v in self._versions.items() if self._entries[t]} == {
-            t: v for t, v in other._versions.items() if other._entries[t]}
+        return self._content() == other._content()

@@ -113,3 +113,10 @@ def test_touched_follows_lineage_and_falls_back_to_a_diff() -> None:
     for i in range(70):  # past 64 changed names a map starts a new epoch; diffs stay exact
         far = far.replace(ENDPOINT, {f"n{i}": cla(f"n{i}", i + 1)})
     assert touched(far.entries(ENDPOINT), base.entries(ENDPOINT)) == {f"n{i}" for i in range(70)}
+
+
+def test_an_empty_type_equals_an_absent_one() -> None:
+    a = snapshot({"x": (1,)})
+    b = Snapshot.build({CLUSTER: [eds_cluster("x")], ENDPOINT: [cla("x", 1)], LISTENER: []})
+    assert a == b and hash(a) == hash(b)
+    assert b.version(LISTENER) == a.version(LISTENER)
