@@ -16,7 +16,7 @@ import enum
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import NewType
 
@@ -285,13 +285,19 @@ class RemoteEndpoints:
 class Registry:
     """An immutable snapshot of what one control plane knows, sharded per cluster.
 
-    ``shards[cluster]`` holds that cluster's services; ``exports[cluster]`` its ServiceExports. A cluster's
-    update replaces only its own shard (``with_shard``); the snapshot is never mutated in place.
+    ``shards[cluster]`` holds that cluster's services; ``exports[cluster]`` its ServiceExports. For remote
+    clusters the federation agent fills ``remote[cluster]`` (the per-locality summary and gateway of each service
+    that cluster exports) and ``clusters`` (every member's network, locality and gateway); ``imports`` is the
+    merged ServiceImport set the federation computed. A cluster's update replaces only its own shard
+    (``with_shard``, ``with_remote``); the snapshot is never mutated in place.
     """
 
     local: ClusterId
     shards: Mapping[ClusterId, Mapping[ServiceKey, Service]] = field(default_factory=dict)
     exports: Mapping[ClusterId, Mapping[ServiceKey, ServiceExport]] = field(default_factory=dict)
+    remote: Mapping[ClusterId, Mapping[ServiceKey, RemoteEndpoints]] = field(default_factory=dict)
+    clusters: Mapping[ClusterId, ClusterInfo] = field(default_factory=dict)
+    imports: Mapping[ServiceKey, ServiceImport] = field(default_factory=dict)
     revision: int = 0
 
     def with_shard(
@@ -304,12 +310,24 @@ class Registry:
         shards[cluster] = {s.key: s for s in services}
         all_exports = dict(self.exports)
         all_exports[cluster] = {e.key: e for e in exports}
-        return Registry(local=self.local, shards=shards, exports=all_exports, revision=self.revision + 1)
+        return replace(self, shards=shards, exports=all_exports, revision=self.revision + 1)
 
     def without_shard(self, cluster: ClusterId) -> Registry:
         shards = {c: s for c, s in self.shards.items() if c != cluster}
         exports = {c: e for c, e in self.exports.items() if c != cluster}
-        return Registry(local=self.local, shards=shards, exports=exports, revision=self.revision + 1)
+        remote = {c: r for c, r in self.remote.items() if c != cluster}
+        return replace(self, shards=shards, exports=exports, remote=remote, revision=self.revision + 1)
+
+    def with_remote(self, cluster: ClusterId, entries: Iterable[tuple[ServiceKey, RemoteEndpoints]]) -> Registry:
+        """Replace remote cluster ``cluster``'s shard of federated endpoint summaries."""
+        remote = dict(self.remote)
+        remote[cluster] = dict(entries)
+        return replace(self, remote=remote, revision=self.revision + 1)
+
+    def with_catalog(
+        self, *, clusters: Mapping[ClusterId, ClusterInfo], imports: Mapping[ServiceKey, ServiceImport]
+    ) -> Registry:
+        return replace(self, clusters=dict(clusters), imports=dict(imports), revision=self.revision + 1)
 
     def services(self, cluster: ClusterId | None = None) -> list[Service]:
         clusters = [cluster] if cluster is not None else sorted(self.shards)
