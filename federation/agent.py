@@ -303,7 +303,7 @@ class FederationAgent:
                     self._pending = None
                     self._publish_wake.clear()
                 continue
-            except (Unreachable, FederationError) as exc:
+            except (Unreachable, FederationError, ValueError) as exc:
                 log.warning("publish failed cluster=%s generation=%d error=%s retry_in=%.2fs", self.info.id,
                             pending.generation, exc, backoff)
                 await asyncio.sleep(_jitter(backoff))
@@ -346,7 +346,7 @@ class FederationAgent:
             except NotRegistered:
                 log.warning("federation forgot cluster=%s: registering again", self.info.id)
                 self.registered.clear()
-            except (Unreachable, FederationError) as exc:
+            except (Unreachable, FederationError, ValueError) as exc:
                 log.warning("lease renewal failed cluster=%s error=%s retry_in=%.2fs", self.info.id, exc, backoff)
                 await asyncio.sleep(_jitter(backoff))
                 backoff = min(backoff * 2, self.config.backoff_max_s)
@@ -360,9 +360,12 @@ class FederationAgent:
             self._index.update(self.catalog, changes, catalog)
         self.catalog = catalog
         if self.on_update is not None:
-            result = self.on_update(catalog)
-            if inspect.isawaitable(result):
-                await result
+            try:
+                result = self.on_update(catalog)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # the consumer's bug must not stop the agent following the catalog
+                log.exception("on_update callback failed cluster=%s revision=%d", self.info.id, catalog.revision)
         async with self._update_cond:
             self._updates += 1
             self._update_cond.notify_all()
@@ -392,7 +395,7 @@ class FederationAgent:
             except Gone as exc:
                 log.info("catalog revision gone cluster=%s: relisting (%s)", self.info.id, exc)
                 relist = True
-            except (Unreachable, Refused, FederationError) as exc:
+            except (Unreachable, Refused, FederationError, ValueError, KeyError) as exc:
                 self.connected = False
                 self.reconnects += 1
                 log.warning("catalog watch lost cluster=%s revision=%s error=%s retry_in=%.2fs; keeping the last "

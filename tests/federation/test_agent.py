@@ -203,3 +203,26 @@ async def test_agent_apply_drops_departed_cluster(pki: Pki, tmp_path: Path) -> N
             assert state_of(app).catalog.services == c.services
     finally:
         await store.close()
+
+
+async def test_failing_update_callback_does_not_stop_the_agent(pki: Pki, tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "fed.db"))
+    calls: list[int] = []
+
+    def broken(c: cat.Catalog) -> None:
+        calls.append(c.revision)
+        raise RuntimeError("consumer bug")
+
+    try:
+        async with in_process(pki, store) as (url, _app), agent(pki, "east", url) as east, \
+                agent(pki, "west", url) as west:
+            east.on_update = broken
+            west.publish(*snapshot("west", ["one"]))
+            async with asyncio.timeout(20):
+                await east.wait_for(has("west", "one"))
+            west.publish(*snapshot("west", ["one", "two"]))
+            async with asyncio.timeout(20):
+                await east.wait_for(has("west", "two"))
+            assert len(calls) >= 2
+    finally:
+        await store.close()
