@@ -1,5 +1,6 @@
-"""The Kubernetes source: one cluster's Services, EndpointSlices and ServiceExports, listed and watched through
-the official ``kubernetes`` client, converted at the boundary by ``discovery.convert``.
+"""The Kubernetes source: one cluster's Services, EndpointSlices and ServiceExports, and its Istio traffic and
+authorization policies (VirtualService, DestinationRule, AuthorizationPolicy), listed and watched through the
+official ``kubernetes`` client, converted at the boundary by ``discovery.convert``.
 
 The client is blocking, so each watched kind runs a *reflector* on its own worker thread: list (which gives a
 resourceVersion), then watch from that version with bookmarks, resume from the newest version seen when a watch
@@ -8,6 +9,12 @@ any other failure (bounded, and cut short at once when the source stops). Reflec
 their thread and hand the converted values to the event loop with ``call_soon_threadsafe``; the loop only keeps
 the latest value per object and, when something changed, assembles a whole :class:`ClusterSnapshot` (in a
 thread) and yields it. Nothing here blocks the event loop.
+
+The core kinds are indexed by service key, so a change rebuilds only the services it touches. The policy kinds
+are not per service: they land in ``ClusterSnapshot.extras``, sorted by (kind, namespace, name), rebuilt only when
+one of them changed. Custom kinds (ServiceExport, the Istio kinds) may not be served at all (CRD not installed):
+then the reflector reports no objects of that kind, so the snapshot is not held back, and keeps checking until the
+kind appears. The Istio kinds are tried at each served version in turn (``v1`` first, then the older betas).
 
 :class:`KubeSource` has the same shape as :class:`discovery.manifests.ManifestSource`: ``watch()`` is an async
 iterator of :class:`discovery.manifests.LoadResult` (the snapshot in force plus the problems found), so the
@@ -58,6 +65,10 @@ log = logging.getLogger("meshfed.discovery.kube")
 MCS_GROUP = convert.MCS_GROUP
 MCS_VERSION = convert.MCS_VERSION
 SERVICE_EXPORTS = "serviceexports"
+NETWORKING_ISTIO_GROUP = "networking.istio.io"
+SECURITY_ISTIO_GROUP = "security.istio.io"
+NETWORKING_ISTIO_VERSIONS = ("v1", "v1beta1")
+SECURITY_ISTIO_VERSIONS = ("v1", "v1beta1")
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -154,41 +165,57 @@ def load_api_client(
 
 @dataclass(frozen=True, slots=True)
 class WatchedKind:
-    """One kind a reflector lists and watches: how to call the client for it."""
+    """One kind a reflector lists and watches: how to call the client for it, at which API versions (tried in
+    order while the kind is not served), and whether its values are per service or snapshot ``extras``."""
 
-    name: str  # "Service", "EndpointSlice", "ServiceExport"
-    list_call: Callable[[k8s_client.ApiClient, str | None], Callable[..., Any]]
+    name: str  # "Service", "EndpointSlice", "ServiceExport", "VirtualService", ...
+    list_call: Callable[[k8s_client.ApiClient, str | None, str], Callable[..., Any]]
+    versions: tuple[str, ...] = ("v1",)
+    extra: bool = False  # True: not indexed by service key; the values go to ClusterSnapshot.extras
 
-    def bind(self, api: k8s_client.ApiClient, namespace: str | None) -> Callable[..., Any]:
-        return self.list_call(api, namespace)
+    def bind(self, api: k8s_client.ApiClient, namespace: str | None, version: str | None = None) -> Callable[..., Any]:
+        return self.list_call(api, namespace, version or self.versions[0])
 
 
-def _services(api: k8s_client.ApiClient, ns: str | None) -> Callable[..., Any]:
+def _services(api: k8s_client.ApiClient, ns: str | None, version: str = "v1") -> Callable[..., Any]:
     core = k8s_client.CoreV1Api(api)
     if ns is None:
         return core.list_service_for_all_namespaces
     return lambda **kw: core.list_namespaced_service(ns, **kw)
 
 
-def _slices(api: k8s_client.ApiClient, ns: str | None) -> Callable[..., Any]:
+def _slices(api: k8s_client.ApiClient, ns: str | None, version: str = "v1") -> Callable[..., Any]:
     disc = k8s_client.DiscoveryV1Api(api)
     if ns is None:
         return disc.list_endpoint_slice_for_all_namespaces
     return lambda **kw: disc.list_namespaced_endpoint_slice(ns, **kw)
 
 
-def _exports(api: k8s_client.ApiClient, ns: str | None) -> Callable[..., Any]:
-    custom = k8s_client.CustomObjectsApi(api)
-    if ns is None:
-        return lambda **kw: custom.list_cluster_custom_object(MCS_GROUP, MCS_VERSION, SERVICE_EXPORTS, **kw)
-    return lambda **kw: custom.list_namespaced_custom_object(MCS_GROUP, MCS_VERSION, ns, SERVICE_EXPORTS, **kw)
+def _custom(group: str, plural: str) -> Callable[[k8s_client.ApiClient, str | None, str], Callable[..., Any]]:
+    """The list call of a custom resource ``plural.group`` at a given version."""
+
+    def bind(api: k8s_client.ApiClient, ns: str | None, version: str) -> Callable[..., Any]:
+        custom = k8s_client.CustomObjectsApi(api)
+        if ns is None:
+            return lambda **kw: custom.list_cluster_custom_object(group, version, plural, **kw)
+        return lambda **kw: custom.list_namespaced_custom_object(group, version, ns, plural, **kw)
+
+    return bind
 
 
 KINDS: tuple[WatchedKind, ...] = (
     WatchedKind("Service", _services),
     WatchedKind("EndpointSlice", _slices),
-    WatchedKind("ServiceExport", _exports),
+    WatchedKind("ServiceExport", _custom(MCS_GROUP, SERVICE_EXPORTS), versions=(MCS_VERSION,)),
+    WatchedKind("AuthorizationPolicy", _custom(SECURITY_ISTIO_GROUP, "authorizationpolicies"),
+                versions=SECURITY_ISTIO_VERSIONS, extra=True),
+    WatchedKind("DestinationRule", _custom(NETWORKING_ISTIO_GROUP, "destinationrules"),
+                versions=NETWORKING_ISTIO_VERSIONS, extra=True),
+    WatchedKind("VirtualService", _custom(NETWORKING_ISTIO_GROUP, "virtualservices"),
+                versions=NETWORKING_ISTIO_VERSIONS, extra=True),
 )
+EXTRA_KINDS = frozenset(k.name for k in KINDS if k.extra)
+"""The kinds whose values are snapshot ``extras`` (the Istio policy kinds), not per service."""
 
 
 # ------------------------------------------------------------------------------------------------------ backoff
@@ -290,7 +317,10 @@ class Reflector:
     ) -> None:
         self.kind = kind
         self.cluster = cluster
-        self._list = kind.bind(api, namespace)
+        self._api = api
+        self._namespace = namespace
+        self._version_at = 0  # index into kind.versions of the version listed and watched
+        self._list = kind.bind(api, namespace, kind.versions[0])
         self._sink = sink
         self._watch_timeout = watch_timeout
         self._request_timeout = request_timeout
@@ -304,6 +334,16 @@ class Reflector:
         self.synced = threading.Event()
         self._gone_streak = 0
         self._missing = False
+
+    @property
+    def version(self) -> str:
+        """The API version this reflector lists and watches now."""
+        return self.kind.versions[self._version_at]
+
+    def _use_version(self, index: int) -> None:
+        if index != self._version_at:
+            self._version_at = index
+            self._list = self.kind.bind(self._api, self._namespace, self.kind.versions[index])
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -347,6 +387,13 @@ class Reflector:
             except KubeNotFound as exc:
                 if self._stop.is_set():
                     break
+                if not self.resource_version and self._version_at + 1 < len(self.kind.versions):
+                    # Not served at this version: try the next (older) one at once.
+                    log.info("kind_version_not_served cluster=%s kind=%s version=%s; trying %s", self.cluster,
+                             self.kind.name, self.version, self.kind.versions[self._version_at + 1])
+                    self._use_version(self._version_at + 1)
+                    continue
+                self._use_version(0)  # the next attempt starts from the newest version again
                 self.stats.errors += 1
                 self.stats.last_error = str(exc)
                 delay = self._backoff.next_delay()
@@ -376,6 +423,14 @@ class Reflector:
                 self.stats.errors += 1
                 self.stats.last_error = str(exc)
                 delay = self._backoff.next_delay()
+                if (self.kind.extra and isinstance(exc, KubeApiError) and exc.status == 403
+                        and not self.synced.is_set()):
+                    # Policies we may not read (an older ClusterRole): run without them rather than hold every
+                    # snapshot back, say so, and keep trying.
+                    self.synced.set()
+                    self._sink(_Replace(self.kind.name, {}, ""))
+                    log.warning("kind_forbidden cluster=%s kind=%s retry_in=%.2fs error=%s (does the ClusterRole "
+                                "allow get/list/watch on it?)", self.cluster, self.kind.name, delay, _describe(exc))
                 log.warning("reflector_error cluster=%s kind=%s rv=%s retry_in=%.2fs error=%s",
                             self.cluster, self.kind.name, self.resource_version or "-", delay,
                             _describe(exc))
@@ -582,6 +637,8 @@ class KubeSource:
         self._core = _Core()
         self._by_key: dict[ServiceKey, set[tuple[str, str, str]]] = {}
         self._dirty: set[ServiceKey] = set()
+        self._extras_dirty = False  # a policy kind changed since the last build
+        self._extras: tuple[Any, ...] = ()
         self._problems: dict[tuple[str, str, str], ManifestProblem] = {}
         self._version = 0  # XOR of a hash of (kind, namespace, name, resourceVersion) over every object in force
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -671,7 +728,15 @@ class KubeSource:
                 and old.problem == new.problem:
             return  # the same version of the object (a relist that found it unchanged)
         full = (kind, ident[0], ident[1])
-        if old is not None and old.value is not None:
+        if kind in EXTRA_KINDS:
+            # Policies are not per service: no key index, just "the extras changed".
+            if old is not None and old.value is not None:
+                self._version ^= _ident_hash(full, old.object_rv)
+            if new is not None and new.value is not None:
+                self._version ^= _ident_hash(full, new.object_rv)
+            if (old.value if old is not None else None) is not (new.value if new is not None else None):
+                self._extras_dirty = True
+        elif old is not None and old.value is not None:
             self._version ^= _ident_hash(full, old.object_rv)
             old_key = old.value.key
             members = self._by_key.get(old_key)
@@ -680,7 +745,7 @@ class KubeSource:
                 if not members:
                     del self._by_key[old_key]
             self._dirty.add(old_key)
-        if new is not None and new.value is not None:
+        if kind not in EXTRA_KINDS and new is not None and new.value is not None:
             self._version ^= _ident_hash(full, new.object_rv)
             self._by_key.setdefault(new.value.key, set()).add(full)
             self._dirty.add(new.value.key)
@@ -712,7 +777,20 @@ class KubeSource:
         self._dirty = set()
         return subset
 
-    def _result(self, core: _Core, problems: list[ManifestProblem], version: str) -> LoadResult:
+    def _take_extras(self) -> tuple[Any, ...]:
+        """The policy values in force, sorted by (kind, namespace, name); rebuilt only after a policy changed."""
+        if self._extras_dirty:
+            self._extras = tuple(
+                entry.value
+                for kind in sorted(EXTRA_KINDS)
+                for _, entry in sorted(self._state[kind].items())
+                if entry.value is not None
+            )
+            self._extras_dirty = False
+        return self._extras
+
+    def _result(self, core: _Core, extras: tuple[Any, ...], problems: list[ManifestProblem],
+                version: str) -> LoadResult:
         for key in sorted(core.orphans):
             for sl in core.orphans[key]:
                 problems.append(ManifestProblem(
@@ -724,6 +802,7 @@ class KubeSource:
             services=core.services,
             exports=core.exports,
             unsupported=core.unsupported,
+            extras=extras,
             version=version,
         )
         return LoadResult(snapshot=snapshot, problems=tuple(problems))
@@ -761,17 +840,18 @@ class KubeSource:
             # runs belong to the next generation (their keys stay dirty for the next build).
             gen = self._gen
             subset = self._take_dirty()
+            extras = self._take_extras()
             problems = [self._problems[f] for f in sorted(self._problems)]
             version = f"{self._version:016x}"
             core = await asyncio.to_thread(_rebuild, self._core, subset) if subset else self._core
             self._core = core
-            result = self._result(core, problems, version)
+            result = self._result(core, extras, problems, version)
             self._built = (gen, result)
         if self._last is None or not _same(self._last, result):
             self._last = result
-            log.info("kube_snapshot cluster=%s version=%s services=%d exports=%d problems=%d",
+            log.info("kube_snapshot cluster=%s version=%s services=%d exports=%d policies=%d problems=%d",
                      self.cluster, result.snapshot.version, len(result.snapshot.services),
-                     len(result.snapshot.exports), len(result.problems))
+                     len(result.snapshot.exports), len(result.snapshot.extras), len(result.problems))
         return result
 
 
