@@ -172,6 +172,29 @@ async def test_control_plane_on_the_kubernetes_api_with_tokenreview_auth(east_ca
                     break
                 await asyncio.sleep(0.05)
             assert "details.default" not in {str(s.key) for s in cp.registry.services(EAST)}
+            # East's demo VirtualService and DestinationRule came from the API server into the push context.
+            policies = cp.push_context().policies
+            assert policies.virtual_service(REVIEWS) is not None and policies.destination_rule(REVIEWS) is not None
+            assert cp.push_context().authz == ()
+            # An AuthorizationPolicy written to the API server reaches the push context through the watch ...
+            api.put_object({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                            "metadata": {"name": "reviews-deny-admin", "namespace": "default"},
+                            "spec": {"selector": {"matchLabels": {"app": "reviews"}}, "action": "DENY",
+                                     "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}})
+            for _ in range(100):
+                if cp.push_context().authz:
+                    break
+                await asyncio.sleep(0.05)
+            [policy] = cp.push_context().authz
+            assert (policy.cluster, policy.policy_id, policy.action.value) == (EAST, "default.reviews-deny-admin",
+                                                                               "DENY")
+            # ... and leaves it when deleted.
+            api.delete_object("security.istio.io/v1", "AuthorizationPolicy", "reviews-deny-admin", "default")
+            for _ in range(100):
+                if not cp.push_context().authz:
+                    break
+                await asyncio.sleep(0.05)
+            assert cp.push_context().authz == ()
             # A proxy with a projected service-account token for the right audience gets its configuration.
             token = api.issue_token("default", "sleep", audiences=["meshfed"])
             node = make_node_id(kind="sidecar", ip="127.0.0.1", pod="sleep-0", namespace="default")
