@@ -303,7 +303,7 @@ class FederationAgent:
                     self._pending = None
                     self._publish_wake.clear()
                 continue
-            except (Unreachable, FederationError, ValueError) as exc:
+            except (Unreachable, FederationError, ValueError, KeyError, TypeError) as exc:
                 log.warning("publish failed cluster=%s generation=%d error=%s retry_in=%.2fs", self.info.id,
                             pending.generation, exc, backoff)
                 await asyncio.sleep(_jitter(backoff))
@@ -346,7 +346,7 @@ class FederationAgent:
             except NotRegistered:
                 log.warning("federation forgot cluster=%s: registering again", self.info.id)
                 self.registered.clear()
-            except (Unreachable, FederationError, ValueError) as exc:
+            except (Unreachable, FederationError, ValueError, KeyError, TypeError) as exc:
                 log.warning("lease renewal failed cluster=%s error=%s retry_in=%.2fs", self.info.id, exc, backoff)
                 await asyncio.sleep(_jitter(backoff))
                 backoff = min(backoff * 2, self.config.backoff_max_s)
@@ -395,7 +395,7 @@ class FederationAgent:
             except Gone as exc:
                 log.info("catalog revision gone cluster=%s: relisting (%s)", self.info.id, exc)
                 relist = True
-            except (Unreachable, Refused, FederationError, ValueError, KeyError) as exc:
+            except (Unreachable, Refused, FederationError, ValueError, KeyError, TypeError) as exc:
                 self.connected = False
                 self.reconnects += 1
                 log.warning("catalog watch lost cluster=%s revision=%s error=%s retry_in=%.2fs; keeping the last "
