@@ -172,6 +172,7 @@ class WatchedKind:
     list_call: Callable[[k8s_client.ApiClient, str | None, str], Callable[..., Any]]
     versions: tuple[str, ...] = ("v1",)
     extra: bool = False  # True: not indexed by service key; the values go to ClusterSnapshot.extras
+    resource: tuple[str, str] = ("", "")  # (API group, plural): what RBAC must allow to get, list and watch
 
     def bind(self, api: k8s_client.ApiClient, namespace: str | None, version: str | None = None) -> Callable[..., Any]:
         return self.list_call(api, namespace, version or self.versions[0])
@@ -203,16 +204,20 @@ def _custom(group: str, plural: str) -> Callable[[k8s_client.ApiClient, str | No
     return bind
 
 
+def _custom_kind(name: str, group: str, plural: str, versions: tuple[str, ...], *, extra: bool) -> WatchedKind:
+    return WatchedKind(name, _custom(group, plural), versions=versions, extra=extra, resource=(group, plural))
+
+
 KINDS: tuple[WatchedKind, ...] = (
-    WatchedKind("Service", _services),
-    WatchedKind("EndpointSlice", _slices),
-    WatchedKind("ServiceExport", _custom(MCS_GROUP, SERVICE_EXPORTS), versions=(MCS_VERSION,)),
-    WatchedKind("AuthorizationPolicy", _custom(SECURITY_ISTIO_GROUP, "authorizationpolicies"),
-                versions=SECURITY_ISTIO_VERSIONS, extra=True),
-    WatchedKind("DestinationRule", _custom(NETWORKING_ISTIO_GROUP, "destinationrules"),
-                versions=NETWORKING_ISTIO_VERSIONS, extra=True),
-    WatchedKind("VirtualService", _custom(NETWORKING_ISTIO_GROUP, "virtualservices"),
-                versions=NETWORKING_ISTIO_VERSIONS, extra=True),
+    WatchedKind("Service", _services, resource=("", "services")),
+    WatchedKind("EndpointSlice", _slices, resource=("discovery.k8s.io", "endpointslices")),
+    _custom_kind("ServiceExport", MCS_GROUP, SERVICE_EXPORTS, (MCS_VERSION,), extra=False),
+    _custom_kind("AuthorizationPolicy", SECURITY_ISTIO_GROUP, "authorizationpolicies", SECURITY_ISTIO_VERSIONS,
+                 extra=True),
+    _custom_kind("DestinationRule", NETWORKING_ISTIO_GROUP, "destinationrules", NETWORKING_ISTIO_VERSIONS,
+                 extra=True),
+    _custom_kind("VirtualService", NETWORKING_ISTIO_GROUP, "virtualservices", NETWORKING_ISTIO_VERSIONS,
+                 extra=True),
 )
 EXTRA_KINDS = frozenset(k.name for k in KINDS if k.extra)
 """The kinds whose values are snapshot ``extras`` (the Istio policy kinds), not per service."""

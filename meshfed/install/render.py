@@ -58,6 +58,7 @@ CLUSTERSET_CONFIGMAP = "meshfed-clusterset"
 GATEWAY_BOOTSTRAP = "meshfed-eastwest-gateway-bootstrap"
 
 XDS_PORT = 15010
+XDS_MTLS_PORT = 15012  # ADS over mutual TLS for proxyless gRPC workloads (certificate-authenticated)
 ADMIN_PORT = 15014
 DNS_PORT = 53
 DNS_CONTAINER_PORT = 5353
@@ -514,10 +515,18 @@ def federation_url_for(cluster: ClusterInfo, federation_cluster: str, opts: Inst
     return opts.federation_url
 
 
-PENDING_CONTROLPLANE_FLAGS = frozenset({"--source", "--xds-token-audience"})
-"""Flags the Deployment passes that ``meshfed controlplane`` does not take yet (the local runner needs neither):
-``--source kubernetes`` (discover from the API server instead of manifest files) and ``--xds-token-audience``
-(check xDS clients' projected tokens with a TokenReview for this audience)."""
+PENDING_CONTROLPLANE_FLAGS: frozenset[str] = frozenset()
+"""Flags the Deployment passes that ``meshfed controlplane`` does not take yet: none any more (``--source``,
+``--xds-token-audience`` and ``--xds-mtls-listen`` all exist); the test that parses the rendered command line with
+the real CLI allows exactly these."""
+
+
+def xds_mtls_hosts(opts: InstallOptions) -> list[str]:
+    """The names the control plane's mTLS ADS certificate is valid for: its Service's in-cluster names, short and
+    fully qualified (gRPC checks the name in the bootstrap's ``server_uri`` against them)."""
+    full = opts.svc_host(CONTROLPLANE)
+    short = f"{CONTROLPLANE}.{opts.namespace}.svc"
+    return [short, full] if short != full else [full]
 
 
 def gateway_address(cluster: ClusterInfo, opts: InstallOptions) -> str:
@@ -537,6 +546,8 @@ def controlplane_args(cluster: ClusterInfo, federation_url: str, opts: InstallOp
         "--federation", federation_url,
         "--ca", "/etc/cacerts",
         "--xds-listen", f"0.0.0.0:{XDS_PORT}",
+        "--xds-mtls-listen", f"0.0.0.0:{XDS_MTLS_PORT}",
+        *(arg for host in xds_mtls_hosts(opts) for arg in ("--xds-mtls-host", host)),
         "--dns-listen", f"0.0.0.0:{DNS_CONTAINER_PORT}",
         "--admin-listen", f"0.0.0.0:{ADMIN_PORT}",
         "--gateway-address", gateway_address(cluster, opts),
@@ -568,6 +579,7 @@ def controlplane_objects(
         ],
         "ports": [
             {"name": "grpc-xds", "containerPort": XDS_PORT, "protocol": "TCP"},
+            {"name": "grpc-xds-mtls", "containerPort": XDS_MTLS_PORT, "protocol": "TCP"},
             {"name": "dns", "containerPort": DNS_CONTAINER_PORT, "protocol": "UDP"},
             {"name": "dns-tcp", "containerPort": DNS_CONTAINER_PORT, "protocol": "TCP"},
             {"name": "http-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
@@ -620,6 +632,8 @@ def controlplane_objects(
             "selector": _selector(CONTROLPLANE),
             "ports": [
                 {"name": "grpc-xds", "port": XDS_PORT, "targetPort": "grpc-xds", "protocol": "TCP",
+                 "appProtocol": "grpc"},
+                {"name": "grpc-xds-mtls", "port": XDS_MTLS_PORT, "targetPort": "grpc-xds-mtls", "protocol": "TCP",
                  "appProtocol": "grpc"},
                 {"name": "dns", "port": DNS_PORT, "targetPort": "dns", "protocol": "UDP"},
                 {"name": "dns-tcp", "port": DNS_PORT, "targetPort": "dns-tcp", "protocol": "TCP"},

@@ -286,6 +286,12 @@ def test_controlplane_deployment(render: Path) -> None:
     assert flags["--cluster"] == "west"
     assert flags["--ca"] == "/etc/cacerts"
     assert flags["--source"] == "kubernetes"
+    # The certificate-authenticated ADS listener for proxyless gRPC, valid for the Service's names, exposed.
+    assert flags["--xds-mtls-listen"] == "0.0.0.0:15012"
+    mtls_hosts = [args[i + 1] for i, a in enumerate(args) if a == "--xds-mtls-host"]
+    assert mtls_hosts == ["meshfed-controlplane.meshfed-system.svc",
+                          "meshfed-controlplane.meshfed-system.svc.cluster.local"]
+    assert ("grpc-xds-mtls", 15012) in {(p["name"], p["containerPort"]) for p in c["ports"]}
     # west reaches the federation in east through --federation-url (here defaulted, with a warning)
     assert flags["--federation"] == "https://meshfed-federation.meshfed-system.svc.cluster.local:8443"
     assert "meshfed-federation" in (render / "README.txt").read_text()
@@ -300,8 +306,9 @@ def test_controlplane_deployment(render: Path) -> None:
     assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/etc/cacerts", "/etc/meshfed"}
     svc = _by_kind(render, "west", "06-controlplane.yaml", "Service")
     ports = {(p["name"], p["port"], p["protocol"]) for p in svc["spec"]["ports"]}
-    assert {("grpc-xds", 15010, "TCP"), ("dns", 53, "UDP"), ("dns-tcp", 53, "TCP"), ("http-admin", 15014, "TCP")} \
-        <= ports
+    assert {("grpc-xds", 15010, "TCP"), ("grpc-xds-mtls", 15012, "TCP"), ("dns", 53, "UDP"), ("dns-tcp", 53, "TCP"),
+            ("http-admin", 15014, "TCP")} <= ports
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= {p["name"] for p in c["ports"]}
     cports = {(p["name"], p["containerPort"]) for p in c["ports"]}
     assert ("dns", DNS_CONTAINER_PORT) in cports
     cm = _by_kind(render, "west", "06-controlplane.yaml", "ConfigMap")
@@ -320,6 +327,14 @@ def test_rbac_rules(render: Path) -> None:
                             ("networking.istio.io", "destinationrules"), ("security.istio.io",
                                                                           "authorizationpolicies")]:
         assert allowed(group, resource, "list") and allowed(group, resource, "watch"), resource
+    # Every kind the Kubernetes source lists and watches (discovery.kube.KINDS) is readable.
+    from discovery.kube import KINDS
+
+    for kind in KINDS:
+        group, resource = kind.resource
+        assert resource, kind.name
+        assert all(allowed(group, resource, verb) for verb in ("get", "list", "watch")), kind.name
+    assert allowed("networking.istio.io", "virtualservices", "watch")
     assert allowed("authentication.k8s.io", "tokenreviews", "create")
     assert not allowed("", "secrets", "get")  # the control plane reads no Secrets through the API
     binding = _by_kind(render, "east", "02-rbac.yaml", "ClusterRoleBinding")
@@ -394,6 +409,8 @@ def test_rendered_commands_parse_with_the_real_cli(render: Path) -> None:
         del args[i:i + 2]
     ctx = command.make_context("controlplane", args)
     assert ctx.params["cluster"] == "east"
+    assert ctx.params["source"] == "kubernetes" and ctx.params["xds_mtls_listen"] == "0.0.0.0:15012"
+    assert len(ctx.params["xds_mtls_hosts"]) == 2
 
 
 def test_dockerfile_builds_the_image_the_manifests_run(render: Path) -> None:
