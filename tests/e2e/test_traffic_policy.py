@@ -181,6 +181,13 @@ class Traffic:
 
         await wait_until(healthy, within=30, what="west's gateway healthy in the client's Envoy")
 
+    async def health(self) -> list[str]:
+        """The client's view of reviews' endpoints and its health-check and ejection counters (for messages)."""
+        text = await self.client.admin.clusters_text()
+        flags = [x for x in text.splitlines() if x.startswith(f"outbound|9080||{HOST}::") and "health_flags" in x]
+        stats = await self.client.admin.stats(filter=rf"outbound\|9080\|\|{HOST}\.(health_check|outlier)")
+        return flags + [f"{k.rsplit('.', 2)[-2]}.{k.rsplit('.', 1)[-1]}={v}" for k, v in stats.items() if v]
+
     async def both_answer(self) -> bool:
         return set(await self.call(10)) == {"reviews-east", "reviews-west"}
 
@@ -286,24 +293,20 @@ async def test_local_endpoint_failure_fails_over_to_the_other_cluster(tp: Traffi
     assert Counter(await tp.call(20)) == {"reviews-east": 20}
     # East's app stops; its sidecar now answers 503 (connection refused behind it).
     await tp.apps.pop("east").cleanup()
-    answers = await tp.call(40)
+    try:
+        answers = await tp.call(40)
+        why = (answers, await tp.health())
+        stats = await tp.client.admin.stats(filter=r"outbound\|9080\|\|reviews.*(retry|ejections_enforced_total)")
+    finally:  # east's app back (same port) for the next tests; its pod stays ejected for baseEjectionTime
+        tp.apps["east"] = await echo_app(tp.east_app_port, "reviews-east")
     # A request that still reaches east's pod gets 503 there and is retried (default route retry policy) on a host
     # and priority not tried yet: west. Meanwhile outlier detection ejects east's pod after 3 consecutive gateway
     # errors, and priority 0's load moves to west. So: no failed request at all, and every answer from west.
-    assert Counter(answers) == {"reviews-west": 40}, answers
-    stats = await tp.client.admin.stats(filter=r"outbound\|9080\|\|reviews.*(retry|ejections_enforced_total)")
+    assert Counter(answers) == {"reviews-west": 40}, why
     assert stats[f"cluster.outbound|9080||{HOST}.upstream_rq_retry"] >= 1, stats  # the 503s east answered
     assert stats[f"cluster.outbound|9080||{HOST}.outlier_detection.ejections_enforced_total"] >= 1, stats
     east_port = tp.mesh.pods[(EAST, REVIEWS)][0][1]
-
-    async def east_ejected() -> bool:
-        text = await tp.client.admin.clusters_text()
-        return any(x.startswith(f"outbound|9080||{HOST}::127.0.0.1:{east_port}::health_flags::")
-                   and "failed_outlier_check" in x for x in text.splitlines())
-
-    await wait_until(east_ejected, within=10, what="east's pod ejected by outlier detection")
-    # Bring east's app back for the next test (same port).
-    tp.apps["east"] = await echo_app(tp.east_app_port, "reviews-east")
+    assert any(f"::127.0.0.1:{east_port}::health_flags::" in x and "failed_outlier_check" in x for x in why[1]), why
 
 
 async def test_without_retries_failover_costs_the_ejection_threshold(tp: Traffic) -> None:
@@ -315,15 +318,18 @@ async def test_without_retries_failover_costs_the_ejection_threshold(tp: Traffic
 
     await wait_until(east_answers, within=60, what="east's pod back in rotation")
     await tp.apps.pop("east").cleanup()
-    answers = await tp.call(40)
+    try:
+        answers = await tp.call(40)
+    finally:
+        tp.apps["east"] = await echo_app(tp.east_app_port, "reviews-east")
     failed = [a for a in answers if a.startswith("HTTP")]
+    why = (answers, await tp.health())
     # Each request reaches east's pod until 3 consecutive gateway errors (the default consecutiveGatewayErrors)
     # eject it; the ejection reaches the worker asynchronously, so one more request may still be on its way there.
     # After that, every request goes to west.
-    assert DEFAULT_CONSECUTIVE_GATEWAY_ERRORS <= len(failed) <= DEFAULT_CONSECUTIVE_GATEWAY_ERRORS + 1, answers
-    assert answers[: len(failed)] == failed, answers
-    assert set(answers[len(failed):]) == {"reviews-west"}, answers
-    tp.apps["east"] = await echo_app(tp.east_app_port, "reviews-east")
+    assert DEFAULT_CONSECUTIVE_GATEWAY_ERRORS <= len(failed) <= DEFAULT_CONSECUTIVE_GATEWAY_ERRORS + 1, why
+    assert answers[: len(failed)] == failed, why
+    assert set(answers[len(failed):]) == {"reviews-west"}, why
 
 
 async def test_remote_gateway_that_stops_answering_is_taken_out_of_rotation(tp: Traffic) -> None:
