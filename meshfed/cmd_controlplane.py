@@ -49,7 +49,7 @@ async def _serve(config: ControlPlaneConfig) -> None:
 @click.option("--runtime", "runtime_file", type=click.Path(dir_okay=False, path_type=Path),
               help="endpoint port overrides written by the local runner")
 @click.option("--source", type=click.Choice(["manifests", "kubernetes"]), default="manifests", show_default=True,
-              help="where this cluster's Services, EndpointSlices and ServiceExports come from")
+              help="where this cluster's Services, EndpointSlices, ServiceExports and Istio policies come from")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False, path_type=Path),
               help="with --source kubernetes: kubeconfig file (default: in-cluster service account)")
 @click.option("--context", "kube_context", help="with --source kubernetes: kubeconfig context")
