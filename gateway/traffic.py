@@ -61,7 +61,8 @@ DEFAULT_MAX_EJECTION_PERCENT = 100
 UNLIMITED = 4294967295
 DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
 DEFAULT_RETRY_ATTEMPTS = 2
-HEALTH_CHECK_TIMEOUT_S = 1.0
+HEALTH_CHECK_TIMEOUT_S = 2.0
+HEALTH_CHECK_UNHEALTHY_THRESHOLD = 3
 
 _LB = {
     LbAlgorithm.ROUND_ROBIN: cluster_pb2.Cluster.ROUND_ROBIN,
@@ -166,7 +167,7 @@ def gateway_health_check(interval_s: float) -> Any:
         # up yet when the cluster was created) is found within seconds, not at Envoy's 60 s no-traffic default.
         no_traffic_interval=_duration(interval_s),
         unhealthy_interval=_duration(interval_s),
-        unhealthy_threshold=_u32(2),
+        unhealthy_threshold=_u32(HEALTH_CHECK_UNHEALTHY_THRESHOLD),
         healthy_threshold=_u32(1),
         reuse_connection=wrappers_pb2.BoolValue(value=False),
         tcp_health_check=health_check_pb2.HealthCheck.TcpHealthCheck(),
