@@ -351,8 +351,13 @@ def destination_cluster(dest_key: ServiceKey, subset: str, port: int | None, *, 
 
 def route_action(route: HttpRoute, *, vhost_port: int, ports: Mapping[ServiceKey, tuple[ServicePort, ...]],
                  default_retries: bool = True) -> Any:
-    targets = [(destination_cluster(w.destination.host, w.destination.subset, w.destination.port,
-                                    vhost_port=vhost_port, ports=ports), w.weight) for w in route.route if w.weight > 0]
+    weights: dict[str, int] = {}  # one entry per Envoy cluster (two destinations may name the same one)
+    for w in route.route:
+        if w.weight > 0:
+            name = destination_cluster(w.destination.host, w.destination.subset, w.destination.port,
+                                       vhost_port=vhost_port, ports=ports)
+            weights[name] = weights.get(name, 0) + w.weight
+    targets = list(weights.items())
     action = route_components_pb2.RouteAction()
     if len(targets) == 1:
         action.cluster = targets[0][0]

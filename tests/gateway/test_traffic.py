@@ -205,6 +205,16 @@ def test_virtual_service_routes_matches_split_retries_timeout() -> None:
     assert _vhost(routes, RATINGS.clusterset_host).routes[0].name == "canary"
 
 
+def test_destinations_naming_one_cluster_are_merged_and_zero_weights_dropped() -> None:
+    vs = FULL_VS.replace("subset: west}\n          weight: 10", "subset: east}\n          weight: 10")
+    assert vs != FULL_VS
+    first = _vhost(g.generate(g.ROUTE_TYPE, sidecar(), None, context(vs))).routes[0]
+    assert first.route.cluster == f"outbound|9080|east|{HOST}"  # 90 + 10 to one cluster: no split at all
+    vs0 = FULL_VS.replace("weight: 10", "weight: 0")
+    first = _vhost(g.generate(g.ROUTE_TYPE, sidecar(), None, context(vs0))).routes[0]
+    assert first.route.cluster == f"outbound|9080|east|{HOST}"
+
+
 def test_virtual_service_with_zero_attempts_has_no_retry_policy() -> None:
     vs = FULL_VS.replace("retries: {attempts: 3, perTryTimeout: 2s, retryOn: \"5xx,connect-failure,503\"}",
                          "retries: {attempts: 0}")
