@@ -101,7 +101,10 @@ def _outbound_cluster(name: str, proxy: ProxyInfo, ctx: PushContext, key: Servic
     cluster.transport_socket.typed_config.CopyFrom(pack(tls))
     cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http_options(http2=True))
     cluster.metadata.CopyFrom(telemetry.cluster_metadata(key, port.port))  # destination_service label
-    remote = any(e.via_gateway for e in ctx.upstream_endpoints(key, port))
+    # Health-check when the service is imported from another cluster, not only while one has ready endpoints: the
+    # check should not come and go (and the cluster be rebuilt) with a remote cluster's readiness.
+    imp = ctx.registry.imports.get(key)
+    remote = imp is not None and any(c != ctx.local for c in imp.clusters)
     return apply_cluster_policy(cluster, cp, default_connect_timeout_s=ctx.connect_timeout_s,
                                 health_check_s=ctx.gateway_health_check_s if remote and not grpc else 0.0)
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from discovery.convert import convert
-from discovery.model import ClusterId, Locality, namespace
+from discovery.model import ClusterId, Locality, ServiceKey, namespace
 from discovery.policy import Failover, LocalityLb, TrafficPolicies
 from gateway import generators as g
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, UpstreamEndpoint
@@ -116,8 +116,17 @@ def test_outlier_detection_is_on_by_default_with_health_checks_on_remote_cluster
     # ratings is only in west: also checked. A service with no remote endpoint has nothing to check.
     assert len(cds[f"outbound|9080||{RATINGS.clusterset_host}"].health_checks) == 1
     ctx = context()
-    only_local = replace(ctx, registry=ctx.registry.with_remote(WEST, []))
-    assert len(g.generate(g.CLUSTER_TYPE, sidecar(), None, only_local)[OUT].health_checks) == 0
+    # The check stays while west's reviews has no ready endpoint (it is still imported from west): the check
+    # does not come and go with remote readiness.
+    no_west_endpoints = replace(ctx, registry=ctx.registry.with_remote(WEST, []))
+    assert g.generate(g.CLUSTER_TYPE, sidecar(), None, no_west_endpoints)[OUT].health_checks == c.health_checks
+    # A service only this cluster has (not imported from anywhere) has nothing to check.
+    local_only = ServiceKey.parse("details.default")
+    mesh = mesh_with_reviews_everywhere()
+    mesh.pods[(EAST, local_only)] = [("127.0.0.8", 21003)]
+    ctx2 = PushContext(registry=mesh.registry(EAST), trust_domain=TD)
+    details = g.generate(g.CLUSTER_TYPE, sidecar(), None, ctx2)[f"outbound|9080||{local_only.clusterset_host}"]
+    assert len(details.health_checks) == 0 and details.HasField("outlier_detection")
     # gRPC's xDS client runs no active health checks: none is sent to it.
     grpc = g.generate(g.CLUSTER_TYPE, sidecar(ProxyKind.GRPC), None, context())
     assert len(grpc[OUT].health_checks) == 0 and grpc[OUT].HasField("outlier_detection")
