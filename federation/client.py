@@ -145,6 +145,10 @@ class FederationClient:
         self._current = 0
         self._encoded: dict[ServiceKey, tuple[ExportedService, bytes]] = {}
 
+    def set_bundle(self, bundle: TrustBundle) -> None:
+        """Use ``bundle`` to check the federation server's identity from the next connection on (root rotation)."""
+        self._bundle = bundle
+
     async def __aenter__(self) -> FederationClient:
         connector = _VerifyingConnector(check=self._check_server, ssl=self._ssl, limit=16,
                                         enable_cleanup_closed=True)

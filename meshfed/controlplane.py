@@ -51,9 +51,10 @@ from federation.agent import AgentConfig, FederationAgent
 from federation.catalog import Catalog
 from federation.client import FederationClient
 from federation.trust.ca import issue_workload
+from federation.trust.errors import TrustError
 from federation.trust.spiffe import SpiffeId
 from federation.trust.store import load_bundle, load_cluster_ca
-from federation.trust.tls import client_ssl_context
+from federation.trust.tls import client_ssl_context, reload_identity
 from gateway import generators
 from gateway.ads import AdsServer
 from gateway.auth import Authenticator, ProxyIdentity, TokenReviewAuthenticator, TokenTableAuthenticator
@@ -111,6 +112,8 @@ class ControlPlaneConfig:
     xds_auth: str = "tokens"
     token_audience: str = "meshfed"
     first_sync_timeout_s: float = 60.0
+    # How often the CA directory is checked for a new intermediate or bundle (root rotation).
+    trust_poll_s: float = 2.0
     # A second ADS listener over mutual TLS for proxyless gRPC workloads, which authenticate with their workload
     # certificate instead of a token (gateway.peerauth, docs/proxyless-grpc.md). None: not served.
     xds_mtls: Listen | None = None
@@ -191,6 +194,14 @@ def derive_local(registry: Registry, snap: ClusterSnapshot, *, cidr: str) -> Reg
     return registry.with_catalog(clusters=registry.clusters, imports=result.imports)
 
 
+LEAF_TTL = timedelta(hours=24)
+
+
+def _renew_at(ttl: timedelta) -> datetime:
+    """When a leaf issued now with ``ttl`` is renewed: at two thirds of its lifetime."""
+    return datetime.now(UTC) + ttl * 2 / 3
+
+
 def load_tokens(path: Path | None) -> dict[str, ProxyIdentity]:
     """``tokens.json``: ``{TOKEN: {"namespace": ..., "service_account": ..., "cluster": ...}}`` (0600)."""
     if path is None or not path.exists():
@@ -264,6 +275,12 @@ class ControlPlane:
         self._first_local = asyncio.Event()
         self.ads: AdsServer | None = None
         self.ads_mtls: AdsServer | None = None
+        self._mtls_creds: xdstls.RotatingServerCredentials | None = None
+        self._mtls_renew_at = datetime.max.replace(tzinfo=UTC)
+        self._fed_ctx: ssl.SSLContext | None = None
+        self._fed_client: FederationClient | None = None
+        self._fed_renew_at = datetime.max.replace(tzinfo=UTC)
+        self.metrics_ca_reloads = 0
         self.dns: DnsServer | None = None
         self.pushes: PushDebouncer | None = None
         self.agent: FederationAgent | None = None
@@ -299,11 +316,11 @@ class ControlPlane:
                 self.ads_mtls = await stack.enter_async_context(self._mtls_ads(cfg.xds_mtls))
             await stack.enter_async_context(self.issuer)
             if cfg.federation_urls:
-                sid = SpiffeId.cluster(self.bundle.trust_domain, cfg.cluster)
-                key_pem, chain = issue_workload(self.ca, sid, ttl=timedelta(hours=24))
-                ctx = client_ssl_context(b"".join(chain), key_pem, self.bundle)
+                chain, key_pem = self._federation_identity()
+                self._fed_ctx = client_ssl_context(chain, key_pem, self.bundle)
                 client = await stack.enter_async_context(FederationClient(
-                    list(cfg.federation_urls), ssl_context=ctx, cluster=cfg.cluster, bundle=self.bundle))
+                    list(cfg.federation_urls), ssl_context=self._fed_ctx, cluster=cfg.cluster, bundle=self.bundle))
+                self._fed_client = client
                 # Heartbeat at a third of the lease the service actually grants (the agent's default): the service
                 # may grant a shorter TTL than the clusterset's (``meshfed up --lease-ttl 3``), and a fixed interval
                 # longer than the lease makes the member flap between connected and unreachable.
@@ -313,6 +330,7 @@ class ControlPlane:
                 self._publish()
             await self._start_admin(stack)
             self._tasks.append(asyncio.create_task(self._dns_loop(), name="dns-update"))
+            self._tasks.append(asyncio.create_task(self._trust_loop(), name="trust"))
             await self.dns.update(self.registry)
             self._ready.set()
             log.info("control plane ready cluster=%s xds=%s:%d dns=%s:%d admin=%s:%d", cfg.cluster, cfg.xds.host,
@@ -336,11 +354,78 @@ class ControlPlane:
         """The certificate-authenticated ADS listener (same cache, same generators) for proxyless gRPC."""
         sid = SpiffeId.workload(self.bundle.trust_domain, "meshfed-system", "meshfed-controlplane")
         hosts = self.config.xds_mtls_hosts or (listen.host,)
-        key_pem, chain_pem = xdstls.serving_certificate(self.ca, sid, hosts)
-        creds = xdstls.server_credentials(key_pem, chain_pem, bundle_pem(self.bundle).encode())
+        key_pem, chain_pem = xdstls.serving_certificate(self.ca, sid, hosts, ttl=LEAF_TTL)
+        self._mtls_creds = xdstls.RotatingServerCredentials(key_pem, chain_pem, bundle_pem(self.bundle).encode())
+        self._mtls_renew_at = _renew_at(LEAF_TTL)
         auth = PeerCertificateAuthenticator(trust_domain=self.trust_domain, cluster=str(self.config.cluster))
         return AdsServer(cache=self.cache, authenticator=auth, host=listen.host, port=listen.port,
-                         server_credentials=creds)
+                         server_credentials=self._mtls_creds.credentials)
+
+    def _renew_mtls_serving_cert(self) -> None:
+        if self._mtls_creds is None or self.config.xds_mtls is None:
+            return
+        sid = SpiffeId.workload(self.bundle.trust_domain, "meshfed-system", "meshfed-controlplane")
+        hosts = self.config.xds_mtls_hosts or (self.config.xds_mtls.host,)
+        key_pem, chain_pem = xdstls.serving_certificate(self.ca, sid, hosts, ttl=LEAF_TTL)
+        self._mtls_creds.rotate(key_pem, chain_pem, bundle_pem(self.bundle).encode())
+        self._mtls_renew_at = _renew_at(LEAF_TTL)
+
+    # ---- credentials: the CA directory is re-read on change, leaves renewed before they expire ----------------
+
+    def _federation_identity(self) -> tuple[bytes, bytes]:
+        sid = SpiffeId.cluster(self.bundle.trust_domain, self.config.cluster)
+        key_pem, chain = issue_workload(self.ca, sid, ttl=LEAF_TTL)
+        self._fed_renew_at = _renew_at(LEAF_TTL)
+        return b"".join(chain), key_pem
+
+    def _ca_signature(self) -> tuple[tuple[str, float, int], ...]:
+        out = []
+        for name in ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"):
+            try:
+                st = (self.config.ca_dir / name).stat()
+                out.append((name, st.st_mtime, st.st_size))
+            except OSError:
+                out.append((name, 0.0, 0))
+        return tuple(out)
+
+    async def _trust_loop(self) -> None:
+        """Pick up a new intermediate or trust bundle (``meshfed ca rotate ...``) without a restart, and renew the
+        control plane's own leaves (federation client, mTLS xDS serving) at two thirds of their lifetime."""
+        last = self._ca_signature()
+        while True:
+            await asyncio.sleep(self.config.trust_poll_s)
+            changed = False
+            sig = self._ca_signature()
+            if sig != last:
+                last = sig
+                try:
+                    ca = await asyncio.to_thread(load_cluster_ca, self.config.ca_dir)
+                    bundle = await asyncio.to_thread(load_bundle, self.config.ca_dir)
+                except TrustError as exc:
+                    log.error("CA reload failed dir=%s error=%s; keeping the CA in force", self.config.ca_dir, exc)
+                else:
+                    changed = ca.fingerprint != self.ca.fingerprint or bundle.fingerprints != self.bundle.fingerprints
+                    self.ca, self.bundle = ca, bundle
+            now = datetime.now(UTC)
+            try:
+                if self._fed_ctx is not None and (changed or now >= self._fed_renew_at):
+                    chain, key = self._federation_identity()
+                    reload_identity(self._fed_ctx, chain, key, self.bundle)
+                    if self._fed_client is not None:
+                        self._fed_client.set_bundle(self.bundle)
+                    log.info("federation client certificate renewed cluster=%s", self.config.cluster)
+                if self._mtls_creds is not None and (changed or now >= self._mtls_renew_at):
+                    self._renew_mtls_serving_cert()
+                    log.info("mTLS xDS serving certificate renewed cluster=%s", self.config.cluster)
+                if changed:
+                    rotated = self.issuer.reissue_all(ca=self.ca)
+                    self.metrics_ca_reloads += 1
+                    log.info("CA reloaded cluster=%s intermediate=%s roots=%s workload_certs_reissued=%d",
+                             self.config.cluster, self.ca.fingerprint, ",".join(self.bundle.fingerprints),
+                             len(rotated))
+                    self._changed("trust")
+            except TrustError as exc:
+                log.error("certificate renewal failed cluster=%s error=%s; retrying", self.config.cluster, exc)
 
     # ---- watchers: each replaces the registry and submits a push ---------------------------------------------
 

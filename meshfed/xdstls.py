@@ -75,3 +75,25 @@ def server_credentials(key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> g
     """TLS for the certificate-authenticated ADS listener: client certificates required, chaining to the bundle."""
     return grpc.ssl_server_credentials([(key_pem, chain_pem)], root_certificates=bundle_pem,
                                        require_client_auth=True)
+
+
+class RotatingServerCredentials:
+    """gRPC server credentials whose certificate can be replaced while the server runs: gRPC asks the fetcher on
+    each new handshake, which hands over a replacement once (``rotate``) and otherwise keeps the current one."""
+
+    def __init__(self, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> None:
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.rotations = 0
+        initial = grpc.ssl_server_certificate_configuration([(key_pem, chain_pem)], root_certificates=bundle_pem)
+        self.credentials = grpc.dynamic_ssl_server_credentials(initial, self._fetch,
+                                                               require_client_authentication=True)
+
+    def rotate(self, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> None:
+        self._pending = grpc.ssl_server_certificate_configuration([(key_pem, chain_pem)],
+                                                                  root_certificates=bundle_pem)
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.rotations += 1
+        return pending

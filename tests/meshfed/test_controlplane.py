@@ -222,3 +222,77 @@ async def test_control_plane_on_the_kubernetes_api_with_tokenreview_auth(east_ca
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call.read()
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_root_rotation_reaches_proxies_without_a_restart(east_ca: Path, tmp_path: Path) -> None:
+    """`meshfed ca rotate add-root` then `reissue`: the running control plane re-reads its CA directory, hands
+    the connected proxy a trust bundle with both roots, then a workload certificate from the new intermediate."""
+    from cryptography import x509
+    from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+
+    from federation.trust.store import rotate_add_root, rotate_reissue
+    from gateway.auth import make_node_id
+    from gateway.context import ProxyInfo, ProxyKind
+    from tests.gateway.xds_client import SotwClient
+
+    secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    token = "t" * 24
+    write_private(tmp_path / "tokens.json", json.dumps(
+        {token: {"namespace": "default", "service_account": "sleep", "cluster": "east"}}))
+    config = ControlPlaneConfig(
+        clusterset=load_clusterset(DEMO), cluster=EAST, ca_dir=east_ca, federation_urls=(),
+        xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
+        gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tmp_path / "tokens.json", trust_poll_s=0.1)
+    node = make_node_id(kind="sidecar", ip="127.0.0.1", pod="sleep-0", namespace="default")
+    meta = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, node_id=node,
+                     namespace=ServiceKey.parse("sleep.default").namespace, service_account="sleep").metadata()
+
+    async def secrets(client: SotwClient, version: str = "", nonce: str = "") -> dict[str, secret_pb2.Secret]:
+        await client.request(secret_type, ["default", "ROOTCA"], version=version, nonce=nonce)
+        resp = await asyncio.wait_for(client.recv(), 10)
+        out = {}
+        for any_ in resp.resources:
+            s = secret_pb2.Secret()
+            any_.Unpack(s)
+            out[s.name] = s
+        secrets.last = (resp.version_info, resp.nonce)  # type: ignore[attr-defined]
+        return out
+
+    def issuer_of(s: secret_pb2.Secret) -> bytes:
+        source = s.tls_certificate.certificate_chain
+        chain = source.inline_bytes or source.inline_string.encode()
+        leaf = x509.load_pem_x509_certificates(chain)[0]
+        aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
+        assert aki is not None
+        return aki
+
+    def root_count(s: secret_pb2.Secret) -> int:
+        ca = s.validation_context.trusted_ca
+        return len(x509.load_pem_x509_certificates(ca.inline_bytes or ca.inline_string.encode()))
+
+    async with ControlPlane(config) as cp:
+        assert cp.ads is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.ads.port}") as channel:
+            client = SotwClient(channel, node, token, **meta)
+            first = await secrets(client)
+            old_intermediate = cp.ca.fingerprint
+            assert root_count(first["ROOTCA"]) == 1
+            root = east_ca.parent / "root"
+            await asyncio.to_thread(rotate_add_root, root, cluster_dirs=[east_ca])
+            got = first
+            for _ in range(50):  # bounded: the new bundle arrives as a push
+                version, nonce = secrets.last  # type: ignore[attr-defined]
+                got = await secrets(client, version, nonce)
+                if root_count(got["ROOTCA"]) == 2:
+                    break
+            assert root_count(got["ROOTCA"]) == 2
+            await asyncio.to_thread(rotate_reissue, root, cluster_dirs=[east_ca])
+            for _ in range(50):
+                version, nonce = secrets.last  # type: ignore[attr-defined]
+                got = await secrets(client, version, nonce)
+                if issuer_of(got["default"]) != issuer_of(first["default"]):
+                    break
+            assert cp.ca.fingerprint != old_intermediate
+            ski = cp.ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+            assert issuer_of(got["default"]) == ski  # signed by the re-issued intermediate, no restart
+            await client.close()
