@@ -33,7 +33,7 @@ import logging
 import secrets
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,13 +173,14 @@ class TokenReviewAuthenticator:
     """Kubernetes service-account tokens checked with a TokenReview against the API server.
 
     ``api_url`` is the API server (``https://...``); ``credential`` is this control plane's own bearer token (its
-    service account needs ``create`` on ``tokenreviews``); ``audience`` is the audience the projected tokens are
-    minted for (e.g. ``meshfed``); ``cluster`` is the cluster name put into identities. A successful review is
-    remembered for ``cache_seconds`` (keyed by the token's digest), so a burst of reconnecting proxies does not
-    become a burst of TokenReviews; refusals are never cached.
+    service account needs ``create`` on ``tokenreviews``), or a function returning the current one (kubelet
+    rotates a pod's projected token, so in a cluster it is re-read for each review); ``audience`` is the audience
+    the projected tokens are minted for (e.g. ``meshfed``); ``cluster`` is the cluster name put into identities.
+    A successful review is remembered for ``cache_seconds`` (keyed by the token's digest), so a burst of
+    reconnecting proxies does not become a burst of TokenReviews; refusals are never cached.
     """
 
-    def __init__(self, *, api_url: str, credential: str, audience: str, cluster: str,
+    def __init__(self, *, api_url: str, credential: str | Callable[[], str], audience: str, cluster: str,
                  ssl_context: ssl.SSLContext | bool | None = None, timeout: float = 5.0,
                  cache_seconds: float = 30.0) -> None:
         self._cache: dict[bytes, tuple[ProxyIdentity, float]] = {}
@@ -208,7 +209,8 @@ class TokenReviewAuthenticator:
     async def _review(self, token: str) -> ProxyIdentity:
         review = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                   "spec": {"token": token, "audiences": [self._audience]}}
-        headers = {"Authorization": f"Bearer {self._credential}", "Content-Type": "application/json",
+        credential = self._credential() if callable(self._credential) else self._credential
+        headers = {"Authorization": f"Bearer {credential}", "Content-Type": "application/json",
                    "Accept": "application/json"}
         try:
             async with aiohttp.ClientSession(timeout=self._timeout) as session, session.post(

@@ -195,6 +195,7 @@ def derive_local(registry: Registry, snap: ClusterSnapshot, *, cidr: str) -> Reg
 
 
 LEAF_TTL = timedelta(hours=24)
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
 def _renew_at(ttl: timedelta) -> datetime:
@@ -465,8 +466,13 @@ class ControlPlane:
         stack.callback(api.close)
         if cfg.xds_auth == "tokenreview":
             conf = api.configuration
-            auth = conf.auth_settings().get("BearerToken", {})
-            credential = str(auth.get("value", "")).removeprefix("Bearer ").strip()
+            def credential() -> str:
+                """The current bearer token: in a pod, the projected token file kubelet keeps rotating."""
+                if cfg.in_cluster and SERVICE_ACCOUNT_TOKEN.exists():
+                    return SERVICE_ACCOUNT_TOKEN.read_text().strip()
+                auth = conf.auth_settings().get("BearerToken", {})
+                return str(auth.get("value", "")).removeprefix("Bearer ").strip()
+
             ssl_ctx: ssl.SSLContext | bool = False
             if conf.verify_ssl and conf.ssl_ca_cert:
                 ssl_ctx = ssl.create_default_context(cafile=conf.ssl_ca_cert)
