@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -112,6 +112,9 @@ class _DeltaType:
     seen: Mapping[str, Entry] | None = None
 
 
+_TypeState = TypeVar("_TypeState")  # per type URL subscription state of one stream variant
+
+
 class InflightBudget:
     """Bytes of responses written but not yet answered (ACK or NACK), across all streams.
 
@@ -151,7 +154,7 @@ class InflightBudget:
             self.release(nonce)
 
 
-class _Stream:
+class _Stream(Generic[_TypeState]):
     """Shared plumbing of one ADS stream: authentication, the reader task and the wake-up loop."""
 
     def __init__(self, server: AdsServer, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -241,11 +244,32 @@ class _Stream:
         wake.set()
 
     variant = "?"
+    label = "xds"  # names the stream kind in log lines
+    types: dict[str, _TypeState]
+
+    def _new_type(self) -> _TypeState:
+        raise NotImplementedError
 
     def handle(self, request: Any) -> None:
+        type_url = request.type_url
+        if not type_url:
+            log.warning("%s request without type_url ignored node=%s", self.label, self.node_id)
+            return
+        self._handle(request, type_url, self.types.setdefault(type_url, self._new_type()))
+
+    def _handle(self, request: Any, type_url: str, st: _TypeState) -> None:
         raise NotImplementedError
 
     async def push(self) -> None:
+        snapshot = self.cache.get(self.node_id)
+        if snapshot is None:
+            return
+        for type_url in _ordered(self.types):
+            if self.closed:
+                return
+            await self._push_type(snapshot, type_url, self.types[type_url])
+
+    async def _push_type(self, snapshot: Snapshot, type_url: str, st: _TypeState) -> None:
         raise NotImplementedError
 
     def nonce(self) -> str:
@@ -270,19 +294,17 @@ class _Stream:
                 break
 
 
-class _SotwStream(_Stream):
+class _SotwStream(_Stream[_SotwType]):
     variant = "sotw"
 
     def __init__(self, server: AdsServer, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         super().__init__(server, context)
-        self.types: dict[str, _SotwType] = {}
+        self.types = {}
 
-    def handle(self, request: Any) -> None:
-        type_url = request.type_url
-        if not type_url:
-            log.warning("xds request without type_url ignored node=%s", self.node_id)
-            return
-        st = self.types.setdefault(type_url, _SotwType())
+    def _new_type(self) -> _SotwType:
+        return _SotwType()
+
+    def _handle(self, request: Any, type_url: str, st: _SotwType) -> None:
         nonce = request.response_nonce
         if nonce and nonce != st.nonce:
             log.debug("stale nonce ignored node=%s type=%s nonce=%s current=%s", self.node_id, type_url, nonce,
@@ -301,15 +323,6 @@ class _SotwStream(_Stream):
         if not st.subscribed or wildcard != st.wildcard or names != st.names:
             st.dirty = True
         st.subscribed, st.wildcard, st.names = True, wildcard, names
-
-    async def push(self) -> None:
-        snapshot = self.cache.get(self.node_id)
-        if snapshot is None:
-            return
-        for type_url in _ordered(self.types):
-            if self.closed:
-                return
-            await self._push_type(snapshot, type_url, self.types[type_url])
 
     def _current_at(self, type_url: str, st: _SotwType, version: str) -> None:
         """Nothing the proxy asked for changed: if it ACKed what it has, it is current at this type version."""
@@ -360,19 +373,18 @@ class _SotwStream(_Stream):
         return response
 
 
-class _DeltaStream(_Stream):
+class _DeltaStream(_Stream[_DeltaType]):
     variant = "delta"
+    label = "delta xds"
 
     def __init__(self, server: AdsServer, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         super().__init__(server, context)
-        self.types: dict[str, _DeltaType] = {}
+        self.types = {}
 
-    def handle(self, request: Any) -> None:
-        type_url = request.type_url
-        if not type_url:
-            log.warning("delta xds request without type_url ignored node=%s", self.node_id)
-            return
-        st = self.types.setdefault(type_url, _DeltaType())
+    def _new_type(self) -> _DeltaType:
+        return _DeltaType()
+
+    def _handle(self, request: Any, type_url: str, st: _DeltaType) -> None:
         nonce = request.response_nonce
         if nonce:
             version = st.nonces.pop(nonce, None)
@@ -407,15 +419,6 @@ class _DeltaStream(_Stream):
                     st.known.pop(name, None)
         if subscribe or unsubscribe or not st.responded:
             st.dirty = True
-
-    async def push(self) -> None:
-        snapshot = self.cache.get(self.node_id)
-        if snapshot is None:
-            return
-        for type_url in _ordered(self.types):
-            if self.closed:
-                return
-            await self._push_type(snapshot, type_url, self.types[type_url])
 
     async def _push_type(self, snapshot: Snapshot, type_url: str, st: _DeltaType) -> None:
         if not st.subscribed:
