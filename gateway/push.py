@@ -17,8 +17,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
+
+from gateway.background import BackgroundTask
 
 log = logging.getLogger("meshfed.xds.push")
 
@@ -49,12 +49,14 @@ class PushRequest:
 Regenerate = Callable[[PushRequest], Awaitable[None]]
 
 
-class PushDebouncer:
+class PushDebouncer(BackgroundTask):
     """Merge push requests and call ``regenerate`` after a quiet period or a maximum delay::
 
         async with PushDebouncer(regenerate=regen, quiet=0.1, max_delay=1.0) as pushes:
             pushes.submit(PushRequest(services=frozenset({key}), reasons=frozenset({"endpoints"})))
     """
+
+    task_name = "xds-push-debouncer"
 
     def __init__(self, *, regenerate: Regenerate, quiet: float = 0.1, max_delay: float = 1.0) -> None:
         if quiet < 0 or max_delay < quiet:
@@ -65,7 +67,6 @@ class PushDebouncer:
         self._pending: PushRequest | None = None
         self._last_at = 0.0
         self._arrived = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self.pushes = 0  # how many times regenerate ran
@@ -106,15 +107,3 @@ class PushDebouncer:
             if self._pending is None:
                 self._idle.set()
 
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run(), name="xds-push-debouncer")
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass

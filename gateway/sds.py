@@ -23,14 +23,14 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from types import MappingProxyType, TracebackType
-from typing import Self
+from types import MappingProxyType
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from federation.trust import IntermediateCA, SpiffeId, TrustBundle, TrustError, issue_workload
 from gateway.auth import ProxyIdentity
+from gateway.background import BackgroundTask
 from gateway.context import WorkloadCert
 from gateway.snapshot import XdsError
 
@@ -65,8 +65,10 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class WorkloadCertIssuer:
+class WorkloadCertIssuer(BackgroundTask):
     """Certificates for authenticated proxy identities, re-issued at ``rotate_fraction`` of their lifetime."""
+
+    task_name = "sds-rotation"
 
     def __init__(self, *, ca: IntermediateCA, ttl: timedelta = timedelta(hours=24), rotate_fraction: float = 0.8,
                  on_rotate: Callable[[frozenset[ProxyIdentity]], None] | None = None,
@@ -84,7 +86,6 @@ class WorkloadCertIssuer:
         self._max_sleep = max_sleep
         self._issued: dict[ProxyIdentity, IssuedCert] = {}
         self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self.rotations = 0
 
     def spiffe_id(self, identity: ProxyIdentity) -> str:
@@ -177,18 +178,6 @@ class WorkloadCertIssuer:
                 log.info("rotated workload certs count=%d", len(rotated))
             self._notify(rotated)
 
-    async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run(), name="sds-rotation")
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
 
 
 def identities_of(nodes: Iterable[str], identity_of: Callable[[str], ProxyIdentity | None],
