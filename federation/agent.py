@@ -2,8 +2,8 @@
 
 ``FederationAgent`` (an async context manager) runs three loops over one ``FederationClient``:
 
-- lease: register, then heartbeat every ``lease_ttl / 3``; a 404 (the member was removed) registers again and
-  republishes;
+- lease: register, then heartbeat every ``heartbeat_interval_s``, but at least every third of the lease TTL the
+  service granted (``heartbeat_interval``); a 404 (the member was removed) registers again and republishes;
 - publish: ``agent.publish(services, exports)`` turns the local discovery snapshot into an ``ExportSet`` with a
   larger generation and hands it to the loop, which retries until the service acknowledges it (the same generation
   on retry, so a retry after a lost answer is idempotent; a 409 moves past the stored generation);
@@ -53,9 +53,18 @@ UpdateCallback = Callable[[cat.Catalog], Awaitable[None] | None]
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    heartbeat_interval_s: float | None = None  # default: a third of the lease TTL the service granted
+    heartbeat_interval_s: float | None = None  # at most this; never longer than a third of the granted lease
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 5.0
+
+
+def heartbeat_interval(configured_s: float | None, lease_ttl_s: float) -> float:
+    """Seconds between heartbeats: the configured interval, but never longer than a third of the lease TTL the
+    service granted (it may grant a shorter lease than the clusterset asks for; a longer interval would let the
+    lease run out between heartbeats and the member flap). At least 50 ms."""
+    third = lease_ttl_s / 3
+    interval = third if configured_s is None or configured_s <= 0 else min(configured_s, third)
+    return max(interval, 0.05)
 
 
 def locality_summaries(info: ClusterInfo, endpoints: Iterable[Endpoint]) -> tuple[LocalitySummary, ...]:
@@ -339,7 +348,7 @@ class FederationAgent:
                 else:
                     await self.client.heartbeat()
                 backoff = self.config.backoff_initial_s
-                interval = self.config.heartbeat_interval_s or max(self._lease_ttl / 3, 0.05)
+                interval = heartbeat_interval(self.config.heartbeat_interval_s, self._lease_ttl)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._register_wake.wait(), interval)
                 self._register_wake.clear()

@@ -322,10 +322,9 @@ class ControlPlane:
                 client = await stack.enter_async_context(FederationClient(
                     list(cfg.federation_urls), ssl_context=self._fed_ctx, cluster=cfg.cluster, bundle=self.bundle))
                 self._fed_client = client
-                # Heartbeat at a third of the lease the service actually grants (the agent's default): the service
-                # may grant a shorter TTL than the clusterset's (``meshfed up --lease-ttl 3``), and a fixed interval
-                # longer than the lease makes the member flap between connected and unreachable.
-                agent_cfg = AgentConfig(heartbeat_interval_s=None)
+                # The clusterset's heartbeat interval; the agent shortens it to a third of the lease the service
+                # actually grants, which may be shorter than the clusterset's (``meshfed up --lease-ttl 3``).
+                agent_cfg = AgentConfig(heartbeat_interval_s=cfg.clusterset.federation.heartbeat_interval)
                 self.agent = await stack.enter_async_context(FederationAgent(
                     client, info=self.info, config=agent_cfg, on_update=self._on_catalog))
                 self._publish()
