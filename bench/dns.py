@@ -28,7 +28,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,7 @@ from discovery.model import (  # noqa: E402
     namespace,
     service_name,
 )
+from meshfed.local import free_port  # noqa: E402
 
 GOAL = 10_000
 UVLOOP, ASYNCIO, NSD = "meshfed (uvloop)", "meshfed (asyncio)", "nsd 4 (1 process)"
@@ -106,17 +106,7 @@ def query_lines(services: int) -> list[str]:
 
 
 def free_udp_tcp_port() -> int:
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind((HOST, 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port for UDP and TCP")
+    return free_port(HOST, udp_too=True)
 
 
 def wait_answering(port: int, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:

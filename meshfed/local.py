@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from discovery.clusterset import ClusterSet, load_clusterset
-from discovery.manifests import load_clusterset_manifests
+from discovery.manifests import ClusterSnapshot, load_clusterset_manifests
 from discovery.model import ClusterId, ServiceKey
 from federation.trust.ca import issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
@@ -82,16 +82,7 @@ def plan_workloads(cs: ClusterSet) -> list[WorkloadPlan]:
         raise LocalRunError(f"{first.file} document {first.document} field {first.field}: {first.message}")
     out: list[WorkloadPlan] = []
     for info in cs.clusters:
-        snap = state.snapshots[info.id]
-        for key in sorted(snap.services):
-            svc = snap.services[key]
-            if svc.headless or is_proxyless(svc.labels):
-                continue
-            port = svc.ports[0]
-            for i, ep in enumerate(e for e in svc.endpoints if e.ready):
-                out.append(WorkloadPlan(cluster=info.id, name=f"{key.name}-{info.id}-{i}", namespace=key.namespace,
-                                        service=key.name, service_account=key.name, address=ep.address,
-                                        port_name=port.name, service_port=port.port))
+        out.extend(_endpoint_workloads(info.id, state.snapshots[info.id], proxyless=False))
         out.append(WorkloadPlan(cluster=info.id, name=f"{CLIENT_WORKLOAD}-{info.id}", namespace="default",
                                 service="", service_account=CLIENT_WORKLOAD, address="127.0.0.1"))
     return out
@@ -109,18 +100,21 @@ def is_proxyless(labels: Iterable[tuple[str, str]]) -> bool:
 def plan_proxyless(cs: ClusterSet) -> list[WorkloadPlan]:
     """A proxyless gRPC server per ready endpoint of every Service labelled proxyless (docs/proxyless-grpc.md)."""
     state = load_clusterset_manifests(cs)
+    return [w for info in cs.clusters for w in _endpoint_workloads(info.id, state.snapshots[info.id], proxyless=True)]
+
+
+def _endpoint_workloads(cluster: ClusterId, snap: ClusterSnapshot, *, proxyless: bool) -> list[WorkloadPlan]:
+    """A workload per ready endpoint of each non-headless service of ``snap`` that is (or is not) proxyless."""
     out: list[WorkloadPlan] = []
-    for info in cs.clusters:
-        snap = state.snapshots[info.id]
-        for key in sorted(snap.services):
-            svc = snap.services[key]
-            if svc.headless or not is_proxyless(svc.labels):
-                continue
-            port = svc.ports[0]
-            for i, ep in enumerate(e for e in svc.endpoints if e.ready):
-                out.append(WorkloadPlan(cluster=info.id, name=f"{key.name}-{info.id}-{i}", namespace=key.namespace,
-                                        service=key.name, service_account=key.name, address=ep.address,
-                                        port_name=port.name, service_port=port.port))
+    for key in sorted(snap.services):
+        svc = snap.services[key]
+        if svc.headless or is_proxyless(svc.labels) != proxyless:
+            continue
+        port = svc.ports[0]
+        for i, ep in enumerate(e for e in svc.endpoints if e.ready):
+            out.append(WorkloadPlan(cluster=cluster, name=f"{key.name}-{cluster}-{i}", namespace=key.namespace,
+                                    service=key.name, service_account=key.name, address=ep.address,
+                                    port_name=port.name, service_port=port.port))
     return out
 
 
@@ -128,14 +122,16 @@ def plan_proxyless(cs: ClusterSet) -> list[WorkloadPlan]:
 
 
 def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
-    """A port free on ``host`` now (for TCP, and UDP too when asked); bounded retries."""
+    """A port free on ``host`` (IPv4 or IPv6) now, for TCP, and UDP too when asked; bounded retries. Tests and
+    benchmarks pick their ports with this as well."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
         if not udp_too:
             return port
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        with socket.socket(family, socket.SOCK_DGRAM) as u:
             try:
                 u.bind((host, port))
             except OSError:

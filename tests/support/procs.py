@@ -12,26 +12,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from meshfed.local import free_port
 
-def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
-    """A port that is free on ``host`` right now (TCP by default)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+__all__ = ["Proc", "envoy_binary", "etcd_binary", "free_port", "free_tcp_udp_port", "port_open", "wait_for"]
 
 
 def free_tcp_udp_port(host: str = "127.0.0.1") -> int:
     """A port free for both TCP and UDP (for DNS), tried a bounded number of times."""
-    for _ in range(50):
-        port = free_port(host)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no port free for both TCP and UDP after 50 tries")
+    return free_port(host, udp_too=True)
 
 
 def wait_for(predicate: Callable[[], bool], *, timeout: float = 20.0, interval: float = 0.05, what: str = "") -> None:
