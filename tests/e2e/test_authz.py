@@ -20,24 +20,31 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
-from aiohttp import web
 
 from discovery.authz import AuthorizationPolicy
 from discovery.convert import convert
-from discovery.model import ClusterId, namespace
-from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
-from federation.trust.spiffe import SpiffeId, TrustDomain
-from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert
+from discovery.model import ClusterId
+from gateway.context import InboundPort, ProxyInfo, PushContext
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import EAST, RATINGS, TD, WEST, Mesh
+from tests.gateway.mesh_fixtures import (
+    EAST,
+    RATINGS,
+    TD,
+    WEST,
+    Mesh,
+    cluster_cas,
+    eastwest_gateway,
+    sidecar_proxy,
+    workload_certs,
+)
 from tests.support.procs import free_port
+from tests.support.workloads import echo_app, http_get
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -73,18 +80,6 @@ def policies() -> tuple[AuthorizationPolicy, ...]:
     return tuple(out)
 
 
-async def echo_app(port: int) -> web.AppRunner:
-    async def handle(request: web.Request) -> web.Response:
-        return web.json_response({"app": "ratings", "xfcc": request.headers.get("x-forwarded-client-cert", "")})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
-
-
 @dataclass
 class Authz:
     ratings: EnvoyProc
@@ -93,27 +88,12 @@ class Authz:
 
     async def call(self, caller: str, path: str = "/ratings/1", headers: dict[str, str] | None = None
                    ) -> tuple[int, str]:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, session.get(
-                f"http://127.0.0.1:{self.outbound[caller]}{path}",
-                headers={"Host": RATINGS_HOST, **(headers or {})}) as resp:
-            return resp.status, await resp.text()
-
-
-def certs(cas: dict[str, IntermediateCA], cluster: str, sas: list[str]) -> dict[str, WorkloadCert]:
-    out = {}
-    for sa in sas:
-        sid = SpiffeId.workload(TrustDomain(TD), "default", sa)
-        key, chain = issue_workload(cas[cluster], sid, ttl=timedelta(hours=1))
-        out[str(sid)] = WorkloadCert(key_pem=key.decode(), chain_pem=b"".join(chain).decode())
-    return out
+        return await http_get(self.outbound[caller], path, headers={"Host": RATINGS_HOST, **(headers or {})})
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def authz() -> AsyncIterator[Authz]:
-    td = TrustDomain(TD)
-    root = create_root(td)
-    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
-    bundle = root.cert_pem.decode()
+    cas, bundle = cluster_cas()
     ports = {n: free_port() for n in ("east_gw", "west_gw", "ratings_in", "ratings_app")}
     mesh = Mesh(east_gateway_port=ports["east_gw"], west_gateway_port=ports["west_gw"])
     mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["ratings_in"])]
@@ -121,30 +101,24 @@ async def authz() -> AsyncIterator[Authz]:
 
     def context(cluster: ClusterId, sas: list[str]) -> PushContext:
         return PushContext(registry=mesh.registry(cluster), trust_domain=TD, trust_bundle_pem=bundle,
-                           workload_certs=certs(cas, str(cluster), sas),
+                           workload_certs=workload_certs(cas, str(cluster), [("default", sa) for sa in sas]),
                            authz=policies() if cluster == WEST else ())
 
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-authz-"))
-    app = await echo_app(ports["ratings_app"])
+    app = await echo_app(ports["ratings_app"], "ratings")
     envoys: list[EnvoyProc] = []
-    ns = namespace("default")
 
     def sidecar(cluster: ClusterId, sa: str, out_port: int) -> ProxyInfo:
-        return ProxyInfo(kind=ProxyKind.SIDECAR, cluster=cluster, namespace=ns, service_account=sa,
-                         node_id=f"sidecar~127.0.0.1~{sa}-{cluster}.default~default.svc.cluster.local",
-                         outbound_port=out_port)
+        return sidecar_proxy(cluster, sa, pod=f"{sa}-{cluster}", outbound_port=out_port)
 
     outbound = {"east-sleep": free_port(), "east-other": free_port(), "west-sleep": free_port()}
     try:
         async with ControlPlane(ctx=context(EAST, ["sleep", "other"])) as east, \
                 ControlPlane(ctx=context(WEST, ["ratings", "sleep"])) as west:
-            ratings = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=ns, service_account="ratings",
-                                node_id="sidecar~127.0.0.1~ratings-1.default~default.svc.cluster.local",
-                                services=(RATINGS,), inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
-                                outbound_port=free_port())
-            gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
-                                service_account="eastwest", gateway_port=ports["west_gw"],
-                                node_id="router~127.0.0.1~eastwest-west.meshfed~meshfed.svc.cluster.local")
+            ratings = sidecar_proxy(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+                                    inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
+                                    outbound_port=free_port())
+            gateway = eastwest_gateway(WEST, ports["west_gw"])
             envoys.append(ratings_env := start_envoy(tmp, west, ratings))
             envoys.append(start_envoy(tmp, west, gateway))
             envoys.append(start_envoy(tmp, west, sidecar(WEST, "sleep", outbound["west-sleep"])))

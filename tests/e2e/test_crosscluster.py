@@ -13,54 +13,46 @@ import asyncio
 import json
 import os
 import shutil
-import ssl
 import sys
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from cryptography import x509
 from envoy.config.cluster.v3 import cluster_pb2
 from google.protobuf import duration_pb2
 
 from discovery.model import ClusterId, namespace
-from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
-from federation.trust.spiffe import SpiffeId, TrustDomain
+from federation.trust.ca import IntermediateCA
 from gateway.ads import AdsServer
 from gateway.bootstrap import render_grpc_bootstrap, write_bootstrap
-from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert, sni_name
+from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, sni_name
 from gateway.snapshot import CLUSTER, Snapshot
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import EAST, RATINGS, TD, WEST, Mesh
+from tests.gateway.mesh_fixtures import (
+    EAST,
+    RATINGS,
+    TD,
+    WEST,
+    Mesh,
+    cluster_cas,
+    eastwest_gateway,
+    sidecar_proxy,
+    workload_certs,
+)
 from tests.support.procs import free_port
+from tests.support.workloads import echo_app, http_get, tls_handshake
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 PRODUCTPAGE = RATINGS.__class__.parse("productpage.default")
 RATINGS_HOST = "ratings.default.svc.clusterset.local"
 DETAILS = RATINGS.__class__.parse("details.default")
-
-
-async def echo_app(port: int, name: str) -> web.AppRunner:
-    """A workload: answers every request with its own name and the x-forwarded-client-cert it received."""
-
-    async def handle(request: web.Request) -> web.Response:
-        return web.json_response({"app": name, "xfcc": request.headers.get("x-forwarded-client-cert", ""),
-                                  "host": request.host})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
 
 
 @dataclass
@@ -78,33 +70,16 @@ class CrossCluster:
     tmp: Path
 
     async def get(self, host: str, path: str = "/") -> tuple[int, dict[str, str] | str]:
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(
-                f"http://127.0.0.1:{self.client_outbound}{path}", headers={"Host": host}) as resp:
-            body = await resp.text()
-            try:
-                return resp.status, json.loads(body)
-            except ValueError:
-                return resp.status, body
-
-
-def workload_certs(cas: dict[str, IntermediateCA], cluster: str, identities: list[tuple[str, str]]
-                   ) -> dict[str, WorkloadCert]:
-    td = TrustDomain(TD)
-    out = {}
-    for ns, sa in identities:
-        sid = SpiffeId.workload(td, ns, sa)
-        key, chain = issue_workload(cas[cluster], sid, ttl=timedelta(hours=1))
-        out[str(sid)] = WorkloadCert(key_pem=key.decode(), chain_pem=b"".join(chain).decode())
-    return out
+        status, body = await http_get(self.client_outbound, path, headers={"Host": host})
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            return status, body
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def xc() -> AsyncIterator[CrossCluster]:
-    td = TrustDomain(TD)
-    root = create_root(td)
-    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
-    bundle = root.cert_pem.decode()
+    cas, bundle = cluster_cas()
     ports = {n: free_port() for n in ("east_gw", "west_gw", "ratings_in", "ratings_app", "pp_in", "pp_app", "pp_out")}
     mesh = Mesh(east_gateway_port=ports["east_gw"], west_gateway_port=ports["west_gw"])
     mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["ratings_in"])]
@@ -122,24 +97,15 @@ async def xc() -> AsyncIterator[CrossCluster]:
     envoys: list[EnvoyProc] = []
     try:
         async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
-            ns = namespace("default")
-            client = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=ns, service_account="productpage",
-                               node_id="sidecar~127.0.0.1~productpage-1.default~default.svc.cluster.local",
-                               services=(PRODUCTPAGE,), inbound=(InboundPort(ports["pp_in"], ports["pp_app"]),),
-                               outbound_port=ports["pp_out"])
-            ratings = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=ns, service_account="ratings",
-                                node_id="sidecar~127.0.0.1~ratings-1.default~default.svc.cluster.local",
-                                services=(RATINGS,), inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
-                                outbound_port=free_port())
-
-            def gw(cluster: ClusterId, port: int) -> ProxyInfo:
-                return ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster, namespace=namespace("meshfed"),
-                                 service_account="eastwest", gateway_port=port,
-                                 node_id=f"router~127.0.0.1~eastwest-{cluster}.meshfed~meshfed.svc.cluster.local")
-
+            client = sidecar_proxy(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+                                   inbound=(InboundPort(ports["pp_in"], ports["pp_app"]),),
+                                   outbound_port=ports["pp_out"])
+            ratings = sidecar_proxy(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+                                    inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
+                                    outbound_port=free_port())
             envoys.append(client_env := start_envoy(tmp, east, client))
-            envoys.append(east_gw := start_envoy(tmp, east, gw(EAST, ports["east_gw"])))
-            envoys.append(west_gw := start_envoy(tmp, west, gw(WEST, ports["west_gw"]), delta=True))
+            envoys.append(east_gw := start_envoy(tmp, east, eastwest_gateway(EAST, ports["east_gw"])))
+            envoys.append(west_gw := start_envoy(tmp, west, eastwest_gateway(WEST, ports["west_gw"]), delta=True))
             envoys.append(ratings_env := start_envoy(tmp, west, ratings, delta=True))
             for e in envoys:
                 await wait_ready(e)
@@ -190,35 +156,6 @@ async def test_call_crosses_clusters_and_callee_sees_callers_spiffe_id(xc: Cross
     assert status == 404
 
 
-async def _tls_handshake(port: int, sni: str, *, cert: WorkloadCert | None, bundle: str | None,
-                         tmp: Path) -> ssl.SSLObject | None:
-    """Try a TLS handshake to 127.0.0.1:port with ``sni``; the peer certificate on success, None if refused."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    if bundle is None:
-        ctx.verify_mode = ssl.CERT_NONE
-    else:
-        ctx.load_verify_locations(cadata=bundle)
-    if cert is not None:
-        (tmp / "c.pem").write_text(cert.chain_pem)
-        (tmp / "k.pem").write_text(cert.key_pem)
-        (tmp / "k.pem").chmod(0o600)
-        ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
-    ctx.set_alpn_protocols(["http/1.1"])
-    try:
-        _reader, writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=sni), timeout=10)
-    except (ssl.SSLError, ConnectionError, OSError, asyncio.IncompleteReadError):
-        return None
-    obj = writer.get_extra_info("ssl_object")
-    writer.close()
-    try:
-        await writer.wait_closed()
-    except (ssl.SSLError, ConnectionError, OSError):
-        pass
-    return obj  # type: ignore[no-any-return]
-
-
 async def test_gateway_refuses_plaintext_and_wrong_sni_and_passes_tls_through(xc: CrossCluster) -> None:
     port = xc.mesh.west_gateway_port
     # Plaintext HTTP: no TLS, so no filter chain matches; the gateway closes without answering.
@@ -233,14 +170,14 @@ async def test_gateway_refuses_plaintext_and_wrong_sni_and_passes_tls_through(xc
     assert data == b"", data
     # TLS with an SNI the gateway does not serve: the connection is closed during the handshake.
     client_cert = next(iter(workload_certs(xc.cas, "east", [("default", "productpage")]).values()))
-    wrong = await _tls_handshake(port, sni_name(PRODUCTPAGE, 9080), cert=client_cert, bundle=xc.bundle_pem,
+    wrong = await tls_handshake(port, sni_name(PRODUCTPAGE, 9080), cert=client_cert, bundle=xc.bundle_pem,
                                  tmp=xc.tmp)
     assert wrong is None
-    wrong = await _tls_handshake(port, "ratings.default.svc.cluster.local", cert=client_cert,
+    wrong = await tls_handshake(port, "ratings.default.svc.cluster.local", cert=client_cert,
                                  bundle=xc.bundle_pem, tmp=xc.tmp)
     assert wrong is None
     # The right SNI: the handshake is with ratings' own sidecar (passthrough), which presents ratings' SPIFFE ID.
-    ok = await _tls_handshake(port, sni_name(RATINGS, 9080), cert=client_cert, bundle=xc.bundle_pem, tmp=xc.tmp)
+    ok = await tls_handshake(port, sni_name(RATINGS, 9080), cert=client_cert, bundle=xc.bundle_pem, tmp=xc.tmp)
     assert ok is not None
     der = ok.getpeercert(binary_form=True)
     assert der is not None
@@ -316,11 +253,9 @@ async def test_proxyless_grpc_client_calls_across_clusters(xc: CrossCluster) -> 
     server = await grpc_echo_server(details_app)
     envoy = None
     try:
-        details = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
-                            service_account="details",
-                            node_id="sidecar~127.0.0.1~details-1.default~default.svc.cluster.local",
-                            services=(DETAILS,), inbound=(InboundPort(details_in, details_app, "grpc", "grpc"),),
-                            outbound_port=free_port())
+        details = sidecar_proxy(WEST, "details", pod="details-1", services=(DETAILS,),
+                                inbound=(InboundPort(details_in, details_app, "grpc", "grpc"),),
+                                outbound_port=free_port())
         west_certs = workload_certs(xc.cas, "west", [("default", "details")])
         xc.west.ctx = replace(xc.west.ctx, registry=mesh.registry(WEST),
                               workload_certs={**xc.west.ctx.workload_certs, **west_certs})
@@ -393,7 +328,7 @@ async def test_removing_the_export_in_west_withdraws_the_route_in_east(xc: Cross
     assert await xc.client.admin.rejected() == rejected_before
     # West's gateway no longer has a chain for it either (nothing exported: no listener at all).
     async def gateway_closed() -> bool:
-        return await _tls_handshake(mesh.west_gateway_port, sni_name(RATINGS, 9080), cert=None, bundle=None,
+        return await tls_handshake(mesh.west_gateway_port, sni_name(RATINGS, 9080), cert=None, bundle=None,
                                     tmp=xc.tmp) is None
 
     await wait_until(gateway_closed, within=30, what="west's gateway stops serving ratings")

@@ -22,15 +22,23 @@ import pytest_asyncio
 from aiohttp import web
 
 from discovery.authz import convert_authorization_policy
-from discovery.model import ServiceKey, namespace
-from federation.trust.ca import IntermediateCA, create_intermediate, create_root
-from federation.trust.spiffe import SpiffeId, TrustDomain
-from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, sni_name
+from discovery.model import ServiceKey
+from federation.trust.ca import IntermediateCA
+from gateway.context import InboundPort, PushContext, sni_name
 from gateway.telemetry import parse_prometheus
-from tests.e2e.test_crosscluster import _tls_handshake, workload_certs
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import EAST, TD, WEST, Mesh
+from tests.gateway.mesh_fixtures import (
+    EAST,
+    TD,
+    WEST,
+    Mesh,
+    cluster_cas,
+    eastwest_gateway,
+    sidecar_proxy,
+    workload_certs,
+)
 from tests.support.procs import free_port
+from tests.support.workloads import http_get, serve_app, tls_handshake
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -49,12 +57,7 @@ async def status_app(port: int) -> web.AppRunner:
         code = int(parts[1]) if len(parts) == 2 and parts[0] == "status" and parts[1].isdigit() else 200
         return web.json_response({"app": "ratings"}, status=code)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
+    return await serve_app(port, handle)
 
 
 @dataclass
@@ -69,18 +72,13 @@ class Rig:
     tmp: Path
 
     async def get(self, host: str, path: str = "/") -> int:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, session.get(
-                f"http://127.0.0.1:{self.outbound}{path}", headers={"Host": host}) as resp:
-            await resp.read()
-            return resp.status
+        status, _ = await http_get(self.outbound, path, headers={"Host": host})
+        return status
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def rig() -> AsyncIterator[Rig]:
-    td = TrustDomain(TD)
-    root = create_root(td)
-    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
-    bundle = root.cert_pem.decode()
+    cas, bundle = cluster_cas()
     ports = {n: free_port() for n in ("east_gw", "west_gw", "r_in", "r_app", "pp_in", "pp_out")}
     mesh = Mesh(east_gateway_port=ports["east_gw"], west_gateway_port=ports["west_gw"])
     mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["r_in"])]
@@ -103,20 +101,13 @@ async def rig() -> AsyncIterator[Rig]:
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-tel-"))
     app = await status_app(ports["r_app"])
     envoys: list[EnvoyProc] = []
-    ns = namespace("default")
     try:
         async with ControlPlane(ctx=context("east")) as east, ControlPlane(ctx=context("west")) as west:
-            client = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=ns, service_account="productpage",
-                               node_id="sidecar~127.0.0.1~productpage-1.default~default.svc.cluster.local",
-                               services=(PRODUCTPAGE,), inbound=(InboundPort(ports["pp_in"], free_port()),),
-                               outbound_port=ports["pp_out"])
-            ratings = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=ns, service_account="ratings",
-                                node_id="sidecar~127.0.0.1~ratings-1.default~default.svc.cluster.local",
-                                services=(RATINGS,), inbound=(InboundPort(ports["r_in"], ports["r_app"]),),
-                                outbound_port=free_port())
-            gw = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
-                           service_account="eastwest", gateway_port=ports["west_gw"],
-                           node_id="router~127.0.0.1~eastwest-west.meshfed~meshfed.svc.cluster.local")
+            client = sidecar_proxy(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+                                   inbound=(InboundPort(ports["pp_in"], free_port()),), outbound_port=ports["pp_out"])
+            ratings = sidecar_proxy(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+                                    inbound=(InboundPort(ports["r_in"], ports["r_app"]),), outbound_port=free_port())
+            gw = eastwest_gateway(WEST, ports["west_gw"])
             envoys.append(client_env := start_envoy(tmp, east, client))
             envoys.append(gw_env := start_envoy(tmp, west, gw))
             envoys.append(ratings_env := start_envoy(tmp, west, ratings))
@@ -146,14 +137,13 @@ async def _traffic(rig: Rig) -> None:
     assert await rig.get("nope.default.svc.clusterset.local") == 404
     # A raw TCP (TLS) connection through the gateway's SNI chain, closed at once.
     cert = next(iter(workload_certs(rig.cas, "east", [("default", "productpage")]).values()))
-    assert await _tls_handshake(rig.mesh.west_gateway_port, sni_name(RATINGS, 9080), cert=cert, bundle=rig.bundle,
+    assert await tls_handshake(rig.mesh.west_gateway_port, sni_name(RATINGS, 9080), cert=cert, bundle=rig.bundle,
                                 tmp=rig.tmp) is not None
 
 
 async def _prometheus(envoy: EnvoyProc) -> str:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session, session.get(
-            f"http://127.0.0.1:{envoy.admin_port}/stats/prometheus") as resp:
-        return await resp.text()
+    _, text = await http_get(envoy.admin_port, "/stats/prometheus")
+    return text
 
 
 def _series(text: str, name: str) -> list[dict[str, str]]:

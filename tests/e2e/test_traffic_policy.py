@@ -22,17 +22,25 @@ import pytest_asyncio
 from aiohttp import web
 
 from discovery.manifests import parse_file
-from discovery.model import ClusterId, namespace
+from discovery.model import ClusterId
 from discovery.policy import TrafficPolicies
-from federation.trust.ca import create_intermediate, create_root
-from federation.trust.spiffe import SpiffeId, TrustDomain
-from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext
+from gateway.context import InboundPort, ProxyInfo, PushContext
 from gateway.envoy import AdminError
 from gateway.traffic import DEFAULT_CONSECUTIVE_GATEWAY_ERRORS
-from tests.e2e.test_crosscluster import echo_app, workload_certs
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import EAST, REVIEWS, TD, WEST, Mesh
+from tests.gateway.mesh_fixtures import (
+    EAST,
+    REVIEWS,
+    TD,
+    WEST,
+    Mesh,
+    cluster_cas,
+    eastwest_gateway,
+    sidecar_proxy,
+    workload_certs,
+)
 from tests.support.procs import free_port
+from tests.support.workloads import echo_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -194,10 +202,7 @@ class Traffic:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def tp() -> AsyncIterator[Traffic]:
-    td = TrustDomain(TD)
-    root = create_root(td)
-    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
-    bundle = root.cert_pem.decode()
+    cas, bundle = cluster_cas()
     ports = {n: free_port() for n in ("west_gw", "east_in", "east_app", "west_in", "west_app", "pp_out")}
     mesh = Mesh(east_gateway_port=free_port(), west_gateway_port=ports["west_gw"])
     mesh.pods[(EAST, REVIEWS)] = [("127.0.0.1", ports["east_in"])]
@@ -214,22 +219,16 @@ async def tp() -> AsyncIterator[Traffic]:
     apps = {"east": await echo_app(ports["east_app"], "reviews-east"),
             "west": await echo_app(ports["west_app"], "reviews-west")}
     envoys: list[EnvoyProc] = []
-    ns = namespace("default")
     try:
         async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
-            client = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=ns, service_account="productpage",
-                               node_id="sidecar~127.0.0.1~productpage-1.default~default.svc.cluster.local",
-                               services=(PRODUCTPAGE,), outbound_port=ports["pp_out"])
+            client = sidecar_proxy(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+                                   outbound_port=ports["pp_out"])
 
             def reviews(cluster: ClusterId, inbound: int, app: int) -> ProxyInfo:
-                return ProxyInfo(kind=ProxyKind.SIDECAR, cluster=cluster, namespace=ns, service_account="reviews",
-                                 node_id=f"sidecar~127.0.0.1~reviews-{cluster}.default~default.svc.cluster.local",
-                                 services=(REVIEWS,), inbound=(InboundPort(inbound, app, "http"),),
-                                 outbound_port=free_port())
+                return sidecar_proxy(cluster, "reviews", pod=f"reviews-{cluster}", services=(REVIEWS,),
+                                     inbound=(InboundPort(inbound, app, "http"),), outbound_port=free_port())
 
-            west_gw_proxy = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
-                                      service_account="eastwest", gateway_port=ports["west_gw"],
-                                      node_id="router~127.0.0.1~eastwest-west.meshfed~meshfed.svc.cluster.local")
+            west_gw_proxy = eastwest_gateway(WEST, ports["west_gw"])
             envoys.append(client_env := start_envoy(tmp, east, client))
             envoys.append(start_envoy(tmp, east, reviews(EAST, ports["east_in"], ports["east_app"])))
             envoys.append(start_envoy(tmp, west, reviews(WEST, ports["west_in"], ports["west_app"])))

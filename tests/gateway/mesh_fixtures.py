@@ -25,8 +25,11 @@ from discovery.model import (
     ServiceKey,
     ServicePort,
     ServiceType,
+    namespace,
 )
-from gateway.context import PushContext, WorkloadCert
+from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
+from federation.trust.spiffe import SpiffeId, TrustDomain
+from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert
 
 TD = "meshfed.test"
 EAST = ClusterId("east")
@@ -159,3 +162,39 @@ class Mesh:
     def context(self, local: ClusterId, ca: MeshCA, certs: dict[str, WorkloadCert]) -> PushContext:
         return PushContext(registry=self.registry(local), trust_domain=ca.td, trust_bundle_pem=ca.bundle_pem(),
                            workload_certs=certs)
+
+
+def cluster_cas(trust_domain: str = TD) -> tuple[dict[str, IntermediateCA], str]:
+    """A fresh root (through the real CA code) and one intermediate for east and west; with the bundle PEM."""
+    td = TrustDomain(trust_domain)
+    root = create_root(td)
+    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
+    return cas, root.cert_pem.decode()
+
+
+def workload_certs(cas: dict[str, IntermediateCA], cluster: str, identities: list[tuple[str, str]]
+                   ) -> dict[str, WorkloadCert]:
+    """Workload certificates from ``cluster``'s intermediate, keyed by SPIFFE ID, one per (namespace, sa)."""
+    td = TrustDomain(TD)
+    out = {}
+    for ns, sa in identities:
+        sid = SpiffeId.workload(td, ns, sa)
+        key, chain = issue_workload(cas[cluster], sid, ttl=datetime.timedelta(hours=1))
+        out[str(sid)] = WorkloadCert(key_pem=key.decode(), chain_pem=b"".join(chain).decode())
+    return out
+
+
+def sidecar_proxy(cluster: ClusterId, service_account: str, *, pod: str, outbound_port: int,
+                  services: tuple[ServiceKey, ...] = (), inbound: tuple[InboundPort, ...] = ()) -> ProxyInfo:
+    """A workload's Envoy sidecar in namespace ``default``, its node named after ``pod``."""
+    return ProxyInfo(kind=ProxyKind.SIDECAR, cluster=cluster, namespace=namespace("default"),
+                     service_account=service_account,
+                     node_id=f"sidecar~127.0.0.1~{pod}.default~default.svc.cluster.local",
+                     services=services, inbound=inbound, outbound_port=outbound_port)
+
+
+def eastwest_gateway(cluster: ClusterId, port: int) -> ProxyInfo:
+    """``cluster``'s east-west gateway Envoy listening on ``port``."""
+    return ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster, namespace=namespace("meshfed"),
+                     service_account="eastwest", gateway_port=port,
+                     node_id=f"router~127.0.0.1~eastwest-{cluster}.meshfed~meshfed.svc.cluster.local")
