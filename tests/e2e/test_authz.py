@@ -32,17 +32,7 @@ from discovery.convert import convert
 from discovery.model import ClusterId
 from gateway.context import InboundPort, ProxyInfo, PushContext
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import (
-    EAST,
-    RATINGS,
-    TD,
-    WEST,
-    Mesh,
-    cluster_cas,
-    eastwest_gateway,
-    sidecar_proxy,
-    workload_certs,
-)
+from tests.gateway.mesh_fixtures import EAST, RATINGS, TD, WEST, Mesh, cluster_cas, workload_certs
 from tests.support.procs import free_port
 from tests.support.workloads import echo_app, http_get
 
@@ -109,16 +99,16 @@ async def authz() -> AsyncIterator[Authz]:
     envoys: list[EnvoyProc] = []
 
     def sidecar(cluster: ClusterId, sa: str, out_port: int) -> ProxyInfo:
-        return sidecar_proxy(cluster, sa, pod=f"{sa}-{cluster}", outbound_port=out_port)
+        return mesh.sidecar(cluster, sa, pod=f"{sa}-{cluster}", outbound_port=out_port)
 
     outbound = {"east-sleep": free_port(), "east-other": free_port(), "west-sleep": free_port()}
     try:
         async with ControlPlane(ctx=context(EAST, ["sleep", "other"])) as east, \
                 ControlPlane(ctx=context(WEST, ["ratings", "sleep"])) as west:
-            ratings = sidecar_proxy(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+            ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
                                     inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
                                     outbound_port=free_port())
-            gateway = eastwest_gateway(WEST, ports["west_gw"])
+            gateway = mesh.gateway(WEST)
             envoys.append(ratings_env := start_envoy(tmp, west, ratings))
             envoys.append(start_envoy(tmp, west, gateway))
             envoys.append(start_envoy(tmp, west, sidecar(WEST, "sleep", outbound["west-sleep"])))

@@ -34,17 +34,7 @@ from gateway.bootstrap import render_grpc_bootstrap, write_bootstrap
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, sni_name
 from gateway.snapshot import CLUSTER, Snapshot
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import (
-    EAST,
-    RATINGS,
-    TD,
-    WEST,
-    Mesh,
-    cluster_cas,
-    eastwest_gateway,
-    sidecar_proxy,
-    workload_certs,
-)
+from tests.gateway.mesh_fixtures import EAST, RATINGS, TD, WEST, Mesh, cluster_cas, workload_certs
 from tests.support.procs import free_port
 from tests.support.workloads import echo_app, http_get, tls_handshake
 
@@ -97,15 +87,15 @@ async def xc() -> AsyncIterator[CrossCluster]:
     envoys: list[EnvoyProc] = []
     try:
         async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
-            client = sidecar_proxy(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+            client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
                                    inbound=(InboundPort(ports["pp_in"], ports["pp_app"]),),
                                    outbound_port=ports["pp_out"])
-            ratings = sidecar_proxy(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+            ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
                                     inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
                                     outbound_port=free_port())
             envoys.append(client_env := start_envoy(tmp, east, client))
-            envoys.append(east_gw := start_envoy(tmp, east, eastwest_gateway(EAST, ports["east_gw"])))
-            envoys.append(west_gw := start_envoy(tmp, west, eastwest_gateway(WEST, ports["west_gw"]), delta=True))
+            envoys.append(east_gw := start_envoy(tmp, east, mesh.gateway(EAST)))
+            envoys.append(west_gw := start_envoy(tmp, west, mesh.gateway(WEST), delta=True))
             envoys.append(ratings_env := start_envoy(tmp, west, ratings, delta=True))
             for e in envoys:
                 await wait_ready(e)
@@ -253,7 +243,7 @@ async def test_proxyless_grpc_client_calls_across_clusters(xc: CrossCluster) -> 
     server = await grpc_echo_server(details_app)
     envoy = None
     try:
-        details = sidecar_proxy(WEST, "details", pod="details-1", services=(DETAILS,),
+        details = mesh.sidecar(WEST, "details", pod="details-1", services=(DETAILS,),
                                 inbound=(InboundPort(details_in, details_app, "grpc", "grpc"),),
                                 outbound_port=free_port())
         west_certs = workload_certs(xc.cas, "west", [("default", "details")])

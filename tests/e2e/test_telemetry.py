@@ -27,16 +27,7 @@ from federation.trust.ca import IntermediateCA
 from gateway.context import InboundPort, PushContext, sni_name
 from gateway.telemetry import parse_prometheus
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import (
-    EAST,
-    TD,
-    WEST,
-    Mesh,
-    cluster_cas,
-    eastwest_gateway,
-    sidecar_proxy,
-    workload_certs,
-)
+from tests.gateway.mesh_fixtures import EAST, TD, WEST, Mesh, cluster_cas, workload_certs
 from tests.support.procs import free_port
 from tests.support.workloads import http_get, serve_app, tls_handshake
 
@@ -103,11 +94,11 @@ async def rig() -> AsyncIterator[Rig]:
     envoys: list[EnvoyProc] = []
     try:
         async with ControlPlane(ctx=context("east")) as east, ControlPlane(ctx=context("west")) as west:
-            client = sidecar_proxy(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+            client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
                                    inbound=(InboundPort(ports["pp_in"], free_port()),), outbound_port=ports["pp_out"])
-            ratings = sidecar_proxy(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+            ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
                                     inbound=(InboundPort(ports["r_in"], ports["r_app"]),), outbound_port=free_port())
-            gw = eastwest_gateway(WEST, ports["west_gw"])
+            gw = mesh.gateway(WEST)
             envoys.append(client_env := start_envoy(tmp, east, client))
             envoys.append(gw_env := start_envoy(tmp, west, gw))
             envoys.append(ratings_env := start_envoy(tmp, west, ratings))

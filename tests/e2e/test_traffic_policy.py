@@ -28,17 +28,7 @@ from gateway.context import InboundPort, ProxyInfo, PushContext
 from gateway.envoy import AdminError
 from gateway.traffic import DEFAULT_CONSECUTIVE_GATEWAY_ERRORS
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import (
-    EAST,
-    REVIEWS,
-    TD,
-    WEST,
-    Mesh,
-    cluster_cas,
-    eastwest_gateway,
-    sidecar_proxy,
-    workload_certs,
-)
+from tests.gateway.mesh_fixtures import EAST, REVIEWS, TD, WEST, Mesh, cluster_cas, workload_certs
 from tests.support.procs import free_port
 from tests.support.workloads import echo_app
 
@@ -221,14 +211,14 @@ async def tp() -> AsyncIterator[Traffic]:
     envoys: list[EnvoyProc] = []
     try:
         async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
-            client = sidecar_proxy(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+            client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
                                    outbound_port=ports["pp_out"])
 
             def reviews(cluster: ClusterId, inbound: int, app: int) -> ProxyInfo:
-                return sidecar_proxy(cluster, "reviews", pod=f"reviews-{cluster}", services=(REVIEWS,),
+                return mesh.sidecar(cluster, "reviews", pod=f"reviews-{cluster}", services=(REVIEWS,),
                                      inbound=(InboundPort(inbound, app, "http"),), outbound_port=free_port())
 
-            west_gw_proxy = eastwest_gateway(WEST, ports["west_gw"])
+            west_gw_proxy = mesh.gateway(WEST)
             envoys.append(client_env := start_envoy(tmp, east, client))
             envoys.append(start_envoy(tmp, east, reviews(EAST, ports["east_in"], ports["east_app"])))
             envoys.append(start_envoy(tmp, west, reviews(WEST, ports["west_in"], ports["west_app"])))

@@ -163,6 +163,21 @@ class Mesh:
         return PushContext(registry=self.registry(local), trust_domain=ca.td, trust_bundle_pem=ca.bundle_pem(),
                            workload_certs=certs)
 
+    def sidecar(self, cluster: ClusterId, service_account: str, *, pod: str, outbound_port: int,
+                services: tuple[ServiceKey, ...] = (), inbound: tuple[InboundPort, ...] = ()) -> ProxyInfo:
+        """A workload's Envoy sidecar in namespace ``default`` of ``cluster``, its node named after ``pod``."""
+        return ProxyInfo(kind=ProxyKind.SIDECAR, cluster=cluster, namespace=namespace("default"),
+                         service_account=service_account,
+                         node_id=f"sidecar~127.0.0.1~{pod}.default~default.svc.cluster.local",
+                         services=services, inbound=inbound, outbound_port=outbound_port)
+
+    def gateway(self, cluster: ClusterId) -> ProxyInfo:
+        """``cluster``'s east-west gateway Envoy, listening on this mesh's gateway port for it."""
+        port = self.east_gateway_port if cluster == EAST else self.west_gateway_port
+        return ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster, namespace=namespace("meshfed"),
+                         service_account="eastwest", gateway_port=port,
+                         node_id=f"router~127.0.0.1~eastwest-{cluster}.meshfed~meshfed.svc.cluster.local")
+
 
 def cluster_cas(trust_domain: str = TD) -> tuple[dict[str, IntermediateCA], str]:
     """A fresh root (through the real CA code) and one intermediate for east and west; with the bundle PEM."""
@@ -183,18 +198,3 @@ def workload_certs(cas: dict[str, IntermediateCA], cluster: str, identities: lis
         out[str(sid)] = WorkloadCert(key_pem=key.decode(), chain_pem=b"".join(chain).decode())
     return out
 
-
-def sidecar_proxy(cluster: ClusterId, service_account: str, *, pod: str, outbound_port: int,
-                  services: tuple[ServiceKey, ...] = (), inbound: tuple[InboundPort, ...] = ()) -> ProxyInfo:
-    """A workload's Envoy sidecar in namespace ``default``, its node named after ``pod``."""
-    return ProxyInfo(kind=ProxyKind.SIDECAR, cluster=cluster, namespace=namespace("default"),
-                     service_account=service_account,
-                     node_id=f"sidecar~127.0.0.1~{pod}.default~default.svc.cluster.local",
-                     services=services, inbound=inbound, outbound_port=outbound_port)
-
-
-def eastwest_gateway(cluster: ClusterId, port: int) -> ProxyInfo:
-    """``cluster``'s east-west gateway Envoy listening on ``port``."""
-    return ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster, namespace=namespace("meshfed"),
-                     service_account="eastwest", gateway_port=port,
-                     node_id=f"router~127.0.0.1~eastwest-{cluster}.meshfed~meshfed.svc.cluster.local")

@@ -29,14 +29,14 @@ from cryptography.x509.oid import NameOID
 
 from discovery.authz import AuthorizationPolicy
 from discovery.convert import convert
-from discovery.model import namespace
-from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
+from federation.trust.ca import IntermediateCA, issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from gateway import rbac
-from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert
+from gateway.context import InboundPort, PushContext, WorkloadCert
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import RATINGS, TD, WEST, Mesh
+from tests.gateway.mesh_fixtures import RATINGS, TD, WEST, Mesh, cluster_cas
 from tests.support.procs import free_port
+from tests.support.workloads import serve_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -121,8 +121,7 @@ class Sidecar:
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def sidecar() -> AsyncIterator[Sidecar]:
     td = TrustDomain(TD)
-    root = create_root(td)
-    cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
+    cas, root_pem = cluster_cas()
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-rbac-"))
     contexts: dict[tuple[str, str, str], ssl.SSLContext] = {}
     for cluster, ns, sa in CALLERS:
@@ -131,15 +130,15 @@ async def sidecar() -> AsyncIterator[Sidecar]:
         cert_file.write_bytes(b"".join(chain))
         key_file.write_bytes(key)
         os.chmod(key_file, 0o600)
-        ctx = ssl.create_default_context(cadata=root.cert_pem.decode())
-        ctx.check_hostname = False  # the sidecar presents a SPIFFE ID (URI SAN), no DNS name
-        ctx.load_cert_chain(cert_file, key_file)
-        contexts[(cluster, ns, sa)] = ctx
+        tls = ssl.create_default_context(cadata=root_pem)
+        tls.check_hostname = False  # the sidecar presents a SPIFFE ID (URI SAN), no DNS name
+        tls.load_cert_chain(cert_file, key_file)
+        contexts[(cluster, ns, sa)] = tls
     ratings_key, ratings_chain = issue_workload(cas["west"], SpiffeId.workload(td, "default", "ratings"))
     ports = {n: free_port() for n in ("in", "app")}
     mesh = Mesh(east_gateway_port=free_port(), west_gateway_port=free_port())
     mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["in"])]
-    ctx = PushContext(registry=mesh.registry(WEST), trust_domain=TD, trust_bundle_pem=root.cert_pem.decode(),
+    ctx = PushContext(registry=mesh.registry(WEST), trust_domain=TD, trust_bundle_pem=root_pem,
                       workload_certs={f"spiffe://{TD}/ns/default/sa/ratings": WorkloadCert(
                           key_pem=ratings_key.decode(), chain_pem=b"".join(ratings_chain).decode())},
                       authz=policies())
@@ -147,22 +146,16 @@ async def sidecar() -> AsyncIterator[Sidecar]:
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", ports["app"]).start()
+    runner = await serve_app(ports["app"], ok)
     envoy: EnvoyProc | None = None
     try:
         async with ControlPlane(ctx=ctx) as cp:
-            proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
-                              service_account="ratings", services=(RATINGS,),
-                              node_id="sidecar~127.0.0.1~ratings-1.default~default.svc.cluster.local",
-                              inbound=(InboundPort(ports["in"], ports["app"]),), outbound_port=free_port())
+            proxy = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+                                 inbound=(InboundPort(ports["in"], ports["app"]),), outbound_port=free_port())
             envoy = start_envoy(tmp, cp, proxy)
             await wait_ready(envoy)
             yield Sidecar(envoy=envoy, port=ports["in"], contexts=contexts, west_ca=cas["west"],
-                          root_pem=root.cert_pem.decode(), tmp=tmp)
+                          root_pem=root_pem, tmp=tmp)
     finally:
         if envoy is not None:
             envoy.stop()
