@@ -76,19 +76,23 @@ def grpc_upstream_tls(ctx: PushContext, *, sni: str, exact_peers: tuple[str, ...
                       instance: str = "default") -> Any:
     """Upstream mTLS for proxyless gRPC, which takes certificates from the certificate provider instance its
     bootstrap declares (gRPC does not do SDS): identity ``default`` and roots ``ROOTCA`` of ``instance``."""
-    return tls_pb2.UpstreamTlsContext(
-        common_tls_context=tls_pb2.CommonTlsContext(
-            tls_certificate_provider_instance=common_pb2.CertificateProviderPluginInstance(
-                instance_name=instance, certificate_name=ctx.cert_secret),
-            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
-                default_validation_context=common_pb2.CertificateValidationContext(
-                    ca_certificate_provider_instance=common_pb2.CertificateProviderPluginInstance(
-                        instance_name=instance, certificate_name=ctx.root_secret),
-                    match_typed_subject_alt_names=spiffe_san_matchers(ctx, exact_peers),
-                ),
+    return tls_pb2.UpstreamTlsContext(common_tls_context=provider_tls(ctx, instance=instance, exact_peers=exact_peers),
+                                      sni=sni)
+
+
+def provider_tls(ctx: PushContext, *, instance: str, exact_peers: tuple[str, ...] = ()) -> Any:
+    """The TLS context of proxyless gRPC (client or server): its own certificate and the roots from the certificate
+    provider ``instance``, peers checked against the trust domain's SPIFFE IDs (or exactly ``exact_peers``)."""
+    return tls_pb2.CommonTlsContext(
+        tls_certificate_provider_instance=common_pb2.CertificateProviderPluginInstance(
+            instance_name=instance, certificate_name=ctx.cert_secret),
+        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            default_validation_context=common_pb2.CertificateValidationContext(
+                ca_certificate_provider_instance=common_pb2.CertificateProviderPluginInstance(
+                    instance_name=instance, certificate_name=ctx.root_secret),
+                match_typed_subject_alt_names=spiffe_san_matchers(ctx, exact_peers),
             ),
         ),
-        sni=sni,
     )
 
 

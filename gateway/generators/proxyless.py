@@ -22,12 +22,12 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import wrappers_pb2
 
 from gateway.context import ProxyInfo, PushContext
 from gateway.generators import inbound_authz
-from gateway.generators.common import TLS_TRANSPORT_SOCKET, pack, socket_address, spiffe_san_matchers
+from gateway.generators.common import TLS_TRANSPORT_SOCKET, pack, provider_tls, socket_address
 
 SERVER_TEMPLATE = "grpc/server?xds.resource.listening_address=%s"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
@@ -42,17 +42,7 @@ def server_listener_name(ip: str, port: int) -> str:
 def server_tls(ctx: PushContext, *, instance: str = "default") -> Any:
     """Downstream mTLS for a gRPC xDS server, from its bootstrap's certificate provider ``instance``."""
     return tls_pb2.DownstreamTlsContext(
-        common_tls_context=tls_pb2.CommonTlsContext(
-            tls_certificate_provider_instance=common_pb2.CertificateProviderPluginInstance(
-                instance_name=instance, certificate_name=ctx.cert_secret),
-            combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
-                default_validation_context=common_pb2.CertificateValidationContext(
-                    ca_certificate_provider_instance=common_pb2.CertificateProviderPluginInstance(
-                        instance_name=instance, certificate_name=ctx.root_secret),
-                    match_typed_subject_alt_names=spiffe_san_matchers(ctx),
-                ),
-            ),
-        ),
+        common_tls_context=provider_tls(ctx, instance=instance),
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
     )
 
