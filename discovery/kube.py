@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import urllib3
 from kubernetes import client as k8s_client
@@ -61,6 +61,7 @@ from discovery.manifests import ERROR, WARNING, ClusterSnapshot, LoadResult, Man
 from discovery.model import ClusterId, DiscoveryError, Service, ServiceExport, ServiceKey, cluster_id
 
 log = logging.getLogger("meshfed.discovery.kube")
+_T = TypeVar("_T")
 
 MCS_GROUP = convert.MCS_GROUP
 MCS_VERSION = convert.MCS_VERSION
@@ -449,12 +450,7 @@ class Reflector:
 
     def _call(self, **kwargs: Any) -> Any:
         what = f"{'watch' if kwargs.get('watch') else 'list'} {self.kind.name}"
-        try:
-            return self._list(_preload_content=False, **kwargs)
-        except k8s_client.ApiException as exc:
-            raise api_error(exc, request=what) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise KubeUnavailable(f"{what}: {_describe(exc)}") from exc
+        return _request(what, lambda: self._list(_preload_content=False, **kwargs))
 
     def _relist(self) -> None:
         resp = self._call(_request_timeout=self._request_timeout)
@@ -575,6 +571,16 @@ def _shutdown_socket(resp: Any) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+def _request(request: str, call: Callable[[], _T]) -> _T:
+    """Make one API request; its failures become this module's errors, named by ``request``."""
+    try:
+        return call()
+    except k8s_client.ApiException as exc:
+        raise api_error(exc, request=request) from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise KubeUnavailable(f"{request}: {_describe(exc)}") from exc
 
 
 def _describe(exc: BaseException) -> str:
@@ -918,15 +924,12 @@ def create_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, ex
     custom = k8s_client.CustomObjectsApi(api)
     request = f"create ServiceExport {key.namespace}/{key.name}"
     try:
-        custom.create_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace, SERVICE_EXPORTS,
-                                               _export_body(key))
-    except k8s_client.ApiException as exc:
-        err = api_error(exc, request=request)
-        if isinstance(err, KubeAlreadyExists) and exist_ok:
+        _request(request, lambda: custom.create_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
+                                                                         SERVICE_EXPORTS, _export_body(key)))
+    except KubeAlreadyExists:
+        if exist_ok:
             return False
-        raise err from exc
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise KubeUnavailable(f"{request}: {_describe(exc)}") from exc
+        raise
     log.info("service_export_created namespace=%s name=%s", key.namespace, key.name)
     return True
 
@@ -936,14 +939,12 @@ def delete_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, mi
     custom = k8s_client.CustomObjectsApi(api)
     request = f"delete ServiceExport {key.namespace}/{key.name}"
     try:
-        custom.delete_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace, SERVICE_EXPORTS, key.name)
-    except k8s_client.ApiException as exc:
-        err = api_error(exc, request=request)
-        if isinstance(err, KubeNotFound) and missing_ok:
+        _request(request, lambda: custom.delete_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
+                                                                         SERVICE_EXPORTS, key.name))
+    except KubeNotFound:
+        if missing_ok:
             return False
-        raise err from exc
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise KubeUnavailable(f"{request}: {_describe(exc)}") from exc
+        raise
     log.info("service_export_deleted namespace=%s name=%s", key.namespace, key.name)
     return True
 
@@ -953,14 +954,10 @@ def get_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey) -> Mappi
     custom = k8s_client.CustomObjectsApi(api)
     request = f"get ServiceExport {key.namespace}/{key.name}"
     try:
-        obj = custom.get_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace, SERVICE_EXPORTS, key.name)
-    except k8s_client.ApiException as exc:
-        err = api_error(exc, request=request)
-        if isinstance(err, KubeNotFound):
-            return None
-        raise err from exc
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise KubeUnavailable(f"{request}: {_describe(exc)}") from exc
+        obj = _request(request, lambda: custom.get_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
+                                                                            SERVICE_EXPORTS, key.name))
+    except KubeNotFound:
+        return None
     return obj if isinstance(obj, Mapping) else None
 
 
