@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from gateway.telemetry import parse_prometheus
+
 if TYPE_CHECKING:
     from meshfed.controlplane import ControlPlane
 
@@ -132,20 +134,10 @@ class ControlPlaneMetrics:
 
 
 def scrape_value(text: str, name: str, labels: dict[str, Any] | None = None) -> float | None:
-    """The value of one sample in Prometheus text format (tests and ``meshfed status`` read metrics with it)."""
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, label_text = head.partition("{")
-        if metric != name:
-            continue
-        if labels:
-            found = dict(
-                (kv.split("=", 1)[0], kv.split("=", 1)[1].strip('"'))
-                for kv in label_text.rstrip("}").split(",") if "=" in kv
-            )
-            if any(str(v) != found.get(k) for k, v in labels.items()):
-                continue
-        return float(value)
+    """The value of the first sample of ``name`` carrying ``labels`` in Prometheus text format (tests and
+    ``meshfed status`` read metrics with it); parsed by :func:`gateway.telemetry.parse_prometheus`."""
+    wanted = {k: str(v) for k, v in (labels or {}).items()}
+    for found, value in parse_prometheus(text, name):
+        if all(found.get(k) == v for k, v in wanted.items()):
+            return value
     return None
