@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from discovery.convert import ConversionError, register
+from discovery.convert import ConversionError, _list, _str, register
 from discovery.model import ClusterId, DiscoveryError, Namespace, ServiceKey, namespace, service_name
 
 NETWORKING_GROUP = "networking.istio.io"
@@ -266,24 +266,6 @@ def _obj(value: Any, path: str, allowed: Iterable[str], *, required: bool = Fals
     for key in value:
         if key not in ok:
             raise _unsupported(f"{path}.{key}" if path else str(key))
-    return value
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConversionError(path, f"must be a list, got {type(value).__name__}")
-    return value
-
-
-def _str(value: Any, path: str, *, required: bool = False) -> str:
-    if value is None or value == "":
-        if required:
-            raise ConversionError(path, "required (a non-empty string)")
-        return ""
-    if not isinstance(value, str):
-        raise ConversionError(path, f"must be a string, got {value!r}")
     return value
 
 
