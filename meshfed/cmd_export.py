@@ -19,9 +19,7 @@ Exception tree (this module)::
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +32,7 @@ from discovery.clusterset import DEFAULT_CLUSTERSET_DIR, ClusterSetError, load_c
 from discovery.convert import MCS_GROUP, MCS_VERSION, format_timestamp, service_export_object
 from discovery.manifests import ManifestSource
 from discovery.model import DiscoveryError, ServiceKey, namespace, service_name
+from federation.files import write_atomic
 from meshfed.output import console, fail, output_option, print_json
 
 PLURAL = "serviceexports"
@@ -82,15 +81,7 @@ def _cluster_dir(clusterset: Path, cluster: str) -> Path:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.encode("utf-8"), mode=0o644)
 
 
 def export_local(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -37,6 +36,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from federation.files import write_atomic
 from federation.trust.bundle import TrustBundle, load_pem_certs
 from federation.trust.ca import (
     DEFAULT_INTERMEDIATE_DAYS,
@@ -73,21 +73,10 @@ CERT_CHAIN = "cert-chain.pem"
 
 
 def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
-    """Write ``data`` atomically; 0600 when ``private`` (the temporary file is created 0600 from the start)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` atomically and durably; 0600 when ``private`` (the temporary file is created 0600 from the
+    start)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600 if private else 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data, mode=0o600 if private else 0o644, durable=True)
     except OSError as exc:
         raise CAStoreError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from federation.files import write_atomic
 from meshfed.install import PlanError
 from meshfed.install.render import PHASES, Manifest, Phase, Rendered
 
@@ -100,17 +100,7 @@ def _write(path: Path, text: str, *, private: bool, report: tuple[list[Path], li
                 os.chmod(path, mode)
             report[1].append(path)
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data, mode=mode)
     except OSError as exc:
         raise PlanError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     report[0].append(path)
