@@ -35,6 +35,7 @@ from typing import Any
 from discovery.clusterset import ClusterSet, load_clusterset
 from discovery.manifests import ClusterSnapshot, load_clusterset_manifests
 from discovery.model import ClusterId, ServiceKey
+from federation.files import write_atomic
 from federation.trust.ca import issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from federation.trust.store import init_root, issue_intermediate, load_bundle, load_cluster_ca
@@ -141,19 +142,12 @@ def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write a secret file with mode 0600 from the start (never world-readable, even briefly)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, 0o600)
+    """Write a secret file with mode 0600 from the start (never world-readable, even briefly), atomically."""
+    write_atomic(path, text.encode(), mode=0o600)
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 # ---- waiting -----------------------------------------------------------------------------------------------------
