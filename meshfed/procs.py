@@ -27,6 +27,28 @@ class ProcRecord:
     log: str
 
 
+def spawn(
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session, stdin from /dev/null, stdout and stderr appended to ``log_path``; the
+    caller owns the returned process (test fixtures keep it to read its exit status)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as fh:
+        return subprocess.Popen(
+            list(argv),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+
 def start(
     name: str,
     argv: Sequence[str],
@@ -36,17 +58,7 @@ def start(
     cwd: Path | None = None,
 ) -> ProcRecord:
     """Start ``argv`` in its own session (so Ctrl-C on the terminal does not reach it twice), output to a log."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as fh:
-        popen = subprocess.Popen(
-            list(argv),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(env) if env is not None else None,
-            cwd=cwd,
-            start_new_session=True,
-        )
+    popen = spawn(argv, log_path=log_path, env=env, cwd=cwd)
     log.info("started name=%s pid=%d argv0=%s", name, popen.pid, argv[0])
     return ProcRecord(name=name, pid=popen.pid, argv=tuple(argv), log=str(log_path))
 

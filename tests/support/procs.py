@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from meshfed.local import free_port
+from meshfed.procs import spawn
 
 __all__ = ["Proc", "envoy_binary", "etcd_binary", "free_port", "free_tcp_udp_port", "port_open", "wait_for"]
 
@@ -47,10 +48,7 @@ class Proc:
                  cwd: Path | None = None) -> None:
         self.argv = list(argv)
         self.log = log
-        self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            self.argv, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
-        )
+        self.popen = spawn(self.argv, log_path=log, env=env, cwd=cwd)
         self.pid = self.popen.pid
 
     def alive(self) -> bool:
@@ -69,7 +67,6 @@ class Proc:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self.popen.wait(timeout=timeout)
-        self._fh.close()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
