@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,26 +50,6 @@ def endpoint_slice(svc: str, *addresses: str, ns: str = "default", ready: bool =
 
 def export(name: str, ns: str = "default") -> dict[str, Any]:
     return {"apiVersion": MCS, "kind": "ServiceExport", "metadata": {"name": name, "namespace": ns}}
-
-
-@pytest.fixture
-def api() -> Iterator[KubeApiDouble]:
-    with KubeApiDouble() as double:
-        yield double
-
-
-@pytest.fixture
-def kubeconfig(api: KubeApiDouble, tmp_path: Path) -> Path:
-    return api.write_kubeconfig(tmp_path / "kubeconfig", context="east")
-
-
-@pytest.fixture
-async def source(kubeconfig: Path) -> AsyncIterator[KubeSource]:
-    src = await KubeSource.from_kubeconfig(cluster="east", kubeconfig=kubeconfig, context="east",
-                                           backoff_base=0.05, backoff_cap=0.5, watch_timeout=60)
-    async with src:
-        yield src
-    assert not any(t.name.startswith("meshfed-kube-east") for t in threading.enumerate())
 
 
 async def until(results: AsyncIterator[LoadResult], pred: Callable[[LoadResult], bool]) -> LoadResult:

@@ -4,12 +4,8 @@ server test double, through the real ``kubernetes`` client: they land in ``Clust
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from discovery import convert
 from discovery.authz import Action, AuthorizationPolicy
@@ -54,26 +50,6 @@ def policies(result: LoadResult) -> list[tuple[str, str, str]]:
 def weights(result: LoadResult) -> list[int]:
     vs = TrafficPolicies.of(result.snapshot.extras).virtual_service(key("reviews"))
     return [w.weight for w in vs.http[0].route] if vs is not None else []
-
-
-@pytest.fixture
-def api() -> Iterator[KubeApiDouble]:
-    with KubeApiDouble() as double:
-        yield double
-
-
-@pytest.fixture
-def kubeconfig(api: KubeApiDouble, tmp_path: Path) -> Path:
-    return api.write_kubeconfig(tmp_path / "kubeconfig", context="east")
-
-
-@pytest.fixture
-async def source(kubeconfig: Path) -> AsyncIterator[KubeSource]:
-    src = await KubeSource.from_kubeconfig(cluster="east", kubeconfig=kubeconfig, context="east",
-                                           backoff_base=0.05, backoff_cap=0.5, watch_timeout=60)
-    async with src:
-        yield src
-    assert not any(t.name.startswith("meshfed-kube-east") for t in threading.enumerate())
 
 
 async def test_policies_appear_change_and_disappear(api: KubeApiDouble, source: KubeSource) -> None:
