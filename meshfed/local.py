@@ -122,23 +122,50 @@ def _endpoint_workloads(cluster: ClusterId, snap: ClusterSnapshot, *, proxyless:
 # ---- ports and files -----------------------------------------------------------------------------------------------
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port returned in this process (each is planned for one listener)
+
+
+@functools.cache
+def _pick_range() -> tuple[int, int] | None:
+    """Ports below the kernel's ephemeral range (``ip_local_port_range``), where neither outgoing connections nor
+    listeners bound to port 0 take a port between our pick and its process binding it; None if there is no room."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if low <= 4096:
+        return None
+    return max(1024, low - 16384), low - 1
+
+
 def free_port(host: str = "127.0.0.1", *, udp_too: bool = False) -> int:
     """A port free on ``host`` (IPv4 or IPv6) now, for TCP, and UDP too when asked; bounded retries. Tests and
-    benchmarks pick their ports with this as well."""
+    benchmarks pick their ports with this as well.
+
+    A port is picked at random below the ephemeral range (so a client connection opened before the listener starts
+    cannot take it) and never twice in one process (``meshfed up`` plans every port before starting anything)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(50):
+    span = _pick_range()
+    rng = secrets.SystemRandom()
+    for attempt in range(200):
+        want = rng.randint(*span) if span is not None and attempt < 150 else 0
         with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if not udp_too:
-            return port
-        with socket.socket(family, socket.SOCK_DGRAM) as u:
             try:
-                u.bind((host, port))
+                s.bind((host, want))
             except OSError:
                 continue
-            return port
-    raise LocalRunError(f"no free port on {host} after 50 tries")
+            port = int(s.getsockname()[1])
+        if port in _HANDED_OUT:
+            continue
+        if udp_too:
+            with socket.socket(family, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((host, port))
+                except OSError:
+                    continue
+        _HANDED_OUT.add(port)
+        return port
+    raise LocalRunError(f"no free port on {host} after 200 tries")
 
 
 def write_private(path: Path, text: str) -> None:

@@ -95,6 +95,7 @@ def test_cross_cluster_call_carries_the_callers_identity(run: Path) -> None:
 
 def test_status_json_lists_every_address_and_is_healthy(run: Path) -> None:
     done = meshfed("status", "--run-dir", str(run), "-o", "json")
+    assert done.stdout, f"status printed nothing (exit {done.returncode}):\n{done.stderr}"
     report = json.loads(done.stdout)
     assert done.returncode == 0, report["problems"]
     assert report["healthy"] is True
