@@ -25,14 +25,21 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-import yaml
 
 from discovery.authz import AuthorizationPolicy
-from discovery.convert import convert
 from discovery.model import ClusterId
 from gateway.context import InboundPort, ProxyInfo, PushContext
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import EAST, RATINGS, TD, WEST, Mesh, cluster_cas, workload_certs
+from tests.gateway.mesh_fixtures import (
+    EAST,
+    RATINGS,
+    TD,
+    WEST,
+    Mesh,
+    authorization_policies,
+    cluster_cas,
+    workload_certs,
+)
 from tests.support.procs import free_port
 from tests.support.workloads import echo_app, http_get
 
@@ -62,12 +69,7 @@ spec:
 
 
 def policies() -> tuple[AuthorizationPolicy, ...]:
-    out = []
-    for doc in yaml.safe_load_all(POLICIES):
-        converted = convert(doc, cluster=WEST)
-        assert isinstance(converted, AuthorizationPolicy)
-        out.append(converted)
-    return tuple(out)
+    return authorization_policies(POLICIES, WEST)
 
 
 @dataclass

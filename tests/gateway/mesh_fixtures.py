@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass, field
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from discovery.authz import AuthorizationPolicy
+from discovery.convert import convert
 from discovery.model import (
     ClusterId,
     ClusterInfo,
@@ -185,6 +188,17 @@ def cluster_cas(trust_domain: str = TD) -> tuple[dict[str, IntermediateCA], str]
     root = create_root(td)
     cas = {c: create_intermediate(root, SpiffeId.cluster(td, c)) for c in ("east", "west")}
     return cas, root.cert_pem.decode()
+
+
+def authorization_policies(text: str, cluster: ClusterId) -> tuple[AuthorizationPolicy, ...]:
+    """The AuthorizationPolicies of a multi-document YAML text, through the real converter, as ``cluster`` holds
+    them."""
+    out = []
+    for doc in yaml.safe_load_all(text):
+        converted = convert(doc, cluster=cluster)
+        assert isinstance(converted, AuthorizationPolicy)
+        out.append(converted)
+    return tuple(out)
 
 
 def workload_certs(cas: dict[str, IntermediateCA], cluster: str, identities: list[tuple[str, str]]

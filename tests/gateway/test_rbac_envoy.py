@@ -20,7 +20,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import pytest_asyncio
-import yaml
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,13 +27,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from discovery.authz import AuthorizationPolicy
-from discovery.convert import convert
 from federation.trust.ca import IntermediateCA, issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from gateway import rbac
 from gateway.context import InboundPort, PushContext, WorkloadCert
 from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import RATINGS, TD, WEST, Mesh, cluster_cas
+from tests.gateway.mesh_fixtures import RATINGS, TD, WEST, Mesh, authorization_policies, cluster_cas
 from tests.support.procs import free_port
 from tests.support.workloads import serve_app
 
@@ -100,12 +98,7 @@ HEADERS: list[dict[str, str]] = [{}, {"x-tenant": "acme-1"}]
 
 
 def policies() -> tuple[AuthorizationPolicy, ...]:
-    out = []
-    for doc in yaml.safe_load_all(POLICIES):
-        p = convert(doc, cluster=WEST)
-        assert isinstance(p, AuthorizationPolicy)
-        out.append(p)
-    return tuple(out)
+    return authorization_policies(POLICIES, WEST)
 
 
 @dataclass
