@@ -118,8 +118,14 @@ class _VerifyingConnector(aiohttp.TCPConnector):
     async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:  # noqa: ASYNC109 - aiohttp
         protocol = await super()._create_connection(req, traces, timeout)
         transport = protocol.transport
+        if transport is None or transport.is_closing():
+            # The server closed the connection right after the handshake (it is stopping or restarting): that is
+            # an unreachable server to retry, not a refusal (a publish loop drops what was refused).
+            if transport is not None:
+                transport.close()
+            raise aiohttp.ServerDisconnectedError("connection closed before the server's identity was checked")
         try:
-            self._check(transport.get_extra_info("ssl_object") if transport is not None else None)
+            self._check(transport.get_extra_info("ssl_object"))
         except BaseException:
             if transport is not None:
                 transport.close()
