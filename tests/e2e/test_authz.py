@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -29,7 +26,7 @@ import pytest_asyncio
 from discovery.authz import AuthorizationPolicy
 from discovery.model import ClusterId
 from gateway.context import InboundPort, ProxyInfo, PushContext
-from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, envoy_workdir, start_envoy, wait_ready, wait_until
 from tests.gateway.mesh_fixtures import (
     EAST,
     RATINGS,
@@ -96,34 +93,30 @@ async def authz() -> AsyncIterator[Authz]:
                            workload_certs=workload_certs(cas, str(cluster), [("default", sa) for sa in sas]),
                            authz=policies() if cluster == WEST else ())
 
-    tmp = Path(tempfile.mkdtemp(prefix="meshfed-authz-"))
     app = await echo_app(ports["ratings_app"], "ratings")
-    envoys: list[EnvoyProc] = []
 
     def sidecar(cluster: ClusterId, sa: str, out_port: int) -> ProxyInfo:
         return mesh.sidecar(cluster, sa, pod=f"{sa}-{cluster}", outbound_port=out_port)
 
     outbound = {"east-sleep": free_port(), "east-other": free_port(), "west-sleep": free_port()}
     try:
-        async with ControlPlane(ctx=context(EAST, ["sleep", "other"])) as east, \
-                ControlPlane(ctx=context(WEST, ["ratings", "sleep"])) as west:
-            ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
-                                    inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
-                                    outbound_port=free_port())
-            gateway = mesh.gateway(WEST)
-            envoys.append(ratings_env := start_envoy(tmp, west, ratings))
-            envoys.append(start_envoy(tmp, west, gateway))
-            envoys.append(start_envoy(tmp, west, sidecar(WEST, "sleep", outbound["west-sleep"])))
-            envoys.append(start_envoy(tmp, east, sidecar(EAST, "sleep", outbound["east-sleep"])))
-            envoys.append(start_envoy(tmp, east, sidecar(EAST, "other", outbound["east-other"])))
-            for e in envoys:
-                await wait_ready(e)
-            yield Authz(ratings=ratings_env, outbound=outbound, envoys=envoys)
+        with envoy_workdir("meshfed-authz-") as (tmp, envoys):
+            async with ControlPlane(ctx=context(EAST, ["sleep", "other"])) as east, \
+                    ControlPlane(ctx=context(WEST, ["ratings", "sleep"])) as west:
+                ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+                                        inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
+                                        outbound_port=free_port())
+                gateway = mesh.gateway(WEST)
+                envoys.append(ratings_env := start_envoy(tmp, west, ratings))
+                envoys.append(start_envoy(tmp, west, gateway))
+                envoys.append(start_envoy(tmp, west, sidecar(WEST, "sleep", outbound["west-sleep"])))
+                envoys.append(start_envoy(tmp, east, sidecar(EAST, "sleep", outbound["east-sleep"])))
+                envoys.append(start_envoy(tmp, east, sidecar(EAST, "other", outbound["east-other"])))
+                for e in envoys:
+                    await wait_ready(e)
+                yield Authz(ratings=ratings_env, outbound=outbound, envoys=envoys)
     finally:
-        for e in envoys:
-            e.stop()
         await app.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _reachable(authz: Authz) -> bool:

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +31,7 @@ from gateway.ads import AdsServer
 from gateway.bootstrap import render_grpc_bootstrap, write_bootstrap
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, sni_name
 from gateway.snapshot import CLUSTER, Snapshot
-from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, envoy_workdir, start_envoy, wait_ready, wait_until
 from tests.gateway.mesh_fixtures import EAST, RATINGS, TD, WEST, Mesh, cluster_cas, workload_certs
 from tests.support.procs import free_port
 from tests.support.workloads import echo_app, http_get, tls_handshake
@@ -82,32 +80,28 @@ async def xc() -> AsyncIterator[CrossCluster]:
         return PushContext(registry=mesh.registry(cluster), trust_domain=TD, trust_bundle_pem=bundle,
                            workload_certs=certs)
 
-    tmp = Path(tempfile.mkdtemp(prefix="meshfed-xc-"))
     apps = [await echo_app(ports["ratings_app"], "ratings"), await echo_app(ports["pp_app"], "productpage")]
-    envoys: list[EnvoyProc] = []
     try:
-        async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
-            client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
-                                   inbound=(InboundPort(ports["pp_in"], ports["pp_app"]),),
-                                   outbound_port=ports["pp_out"])
-            ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
-                                    inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
-                                    outbound_port=free_port())
-            envoys.append(client_env := start_envoy(tmp, east, client))
-            envoys.append(east_gw := start_envoy(tmp, east, mesh.gateway(EAST)))
-            envoys.append(west_gw := start_envoy(tmp, west, mesh.gateway(WEST), delta=True))
-            envoys.append(ratings_env := start_envoy(tmp, west, ratings, delta=True))
-            for e in envoys:
-                await wait_ready(e)
-            yield CrossCluster(mesh=mesh, east=east, west=west, client=client_env, ratings=ratings_env,
-                               east_gw=east_gw, west_gw=west_gw, cas=cas, bundle_pem=bundle,
-                               client_outbound=ports["pp_out"], tmp=tmp)
+        with envoy_workdir("meshfed-xc-") as (tmp, envoys):
+            async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
+                client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+                                       inbound=(InboundPort(ports["pp_in"], ports["pp_app"]),),
+                                       outbound_port=ports["pp_out"])
+                ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+                                        inbound=(InboundPort(ports["ratings_in"], ports["ratings_app"]),),
+                                        outbound_port=free_port())
+                envoys.append(client_env := start_envoy(tmp, east, client))
+                envoys.append(east_gw := start_envoy(tmp, east, mesh.gateway(EAST)))
+                envoys.append(west_gw := start_envoy(tmp, west, mesh.gateway(WEST), delta=True))
+                envoys.append(ratings_env := start_envoy(tmp, west, ratings, delta=True))
+                for e in envoys:
+                    await wait_ready(e)
+                yield CrossCluster(mesh=mesh, east=east, west=west, client=client_env, ratings=ratings_env,
+                                   east_gw=east_gw, west_gw=west_gw, cas=cas, bundle_pem=bundle,
+                                   client_outbound=ports["pp_out"], tmp=tmp)
     finally:
-        for e in envoys:
-            e.stop()
         for runner in apps:
             await runner.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)  # bootstraps (tokens) and test keys, all 0600
 
 
 async def _route_works(xc: CrossCluster) -> bool:

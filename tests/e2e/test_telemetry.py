@@ -10,8 +10,6 @@ right ``source_cluster``/``destination_cluster``/``destination_service``/``respo
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from discovery.model import ServiceKey
 from federation.trust.ca import IntermediateCA
 from gateway.context import InboundPort, PushContext, sni_name
 from gateway.telemetry import parse_prometheus
-from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, envoy_workdir, start_envoy, wait_ready, wait_until
 from tests.gateway.mesh_fixtures import EAST, TD, WEST, Mesh, cluster_cas, workload_certs
 from tests.support.procs import free_port
 from tests.support.workloads import http_get, serve_app, tls_handshake
@@ -89,28 +87,26 @@ async def rig() -> AsyncIterator[Rig]:
         return PushContext(registry=mesh.registry(EAST if cluster == "east" else WEST), trust_domain=TD,
                            trust_bundle_pem=bundle, workload_certs=certs, authz=(deny,) if cluster == "west" else ())
 
-    tmp = Path(tempfile.mkdtemp(prefix="meshfed-tel-"))
     app = await status_app(ports["r_app"])
-    envoys: list[EnvoyProc] = []
     try:
-        async with ControlPlane(ctx=context("east")) as east, ControlPlane(ctx=context("west")) as west:
-            client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
-                                   inbound=(InboundPort(ports["pp_in"], free_port()),), outbound_port=ports["pp_out"])
-            ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
-                                    inbound=(InboundPort(ports["r_in"], ports["r_app"]),), outbound_port=free_port())
-            gw = mesh.gateway(WEST)
-            envoys.append(client_env := start_envoy(tmp, east, client))
-            envoys.append(gw_env := start_envoy(tmp, west, gw))
-            envoys.append(ratings_env := start_envoy(tmp, west, ratings))
-            for e in envoys:
-                await wait_ready(e)
-            yield Rig(client=client_env, ratings=ratings_env, west_gw=gw_env, outbound=ports["pp_out"], cas=cas,
-                      bundle=bundle, mesh=mesh, tmp=tmp)
+        with envoy_workdir("meshfed-tel-") as (tmp, envoys):
+            async with ControlPlane(ctx=context("east")) as east, ControlPlane(ctx=context("west")) as west:
+                client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+                                       inbound=(InboundPort(ports["pp_in"], free_port()),),
+                                       outbound_port=ports["pp_out"])
+                ratings = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+                                        inbound=(InboundPort(ports["r_in"], ports["r_app"]),),
+                                        outbound_port=free_port())
+                gw = mesh.gateway(WEST)
+                envoys.append(client_env := start_envoy(tmp, east, client))
+                envoys.append(gw_env := start_envoy(tmp, west, gw))
+                envoys.append(ratings_env := start_envoy(tmp, west, ratings))
+                for e in envoys:
+                    await wait_ready(e)
+                yield Rig(client=client_env, ratings=ratings_env, west_gw=gw_env, outbound=ports["pp_out"], cas=cas,
+                          bundle=bundle, mesh=mesh, tmp=tmp)
     finally:
-        for e in envoys:
-            e.stop()
         await app.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _traffic(rig: Rig) -> None:

@@ -9,8 +9,6 @@ gateway (SNI passthrough). Every count the tests assert is stated next to it; no
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -27,7 +25,7 @@ from discovery.policy import TrafficPolicies
 from gateway.context import InboundPort, ProxyInfo, PushContext
 from gateway.envoy import AdminError
 from gateway.traffic import DEFAULT_CONSECUTIVE_GATEWAY_ERRORS
-from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, envoy_workdir, start_envoy, wait_ready, wait_until
 from tests.gateway.mesh_fixtures import EAST, REVIEWS, TD, WEST, Mesh, cluster_cas, workload_certs
 from tests.support.procs import free_port
 from tests.support.workloads import echo_app
@@ -205,34 +203,30 @@ async def tp() -> AsyncIterator[Traffic]:
         return PushContext(registry=mesh.registry(cluster), trust_domain=TD, trust_bundle_pem=bundle,
                            workload_certs=certs)
 
-    tmp = Path(tempfile.mkdtemp(prefix="meshfed-tp-"))
     apps = {"east": await echo_app(ports["east_app"], "reviews-east"),
             "west": await echo_app(ports["west_app"], "reviews-west")}
-    envoys: list[EnvoyProc] = []
     try:
-        async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
-            client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
-                                   outbound_port=ports["pp_out"])
+        with envoy_workdir("meshfed-tp-") as (tmp, envoys):
+            async with ControlPlane(ctx=context(EAST)) as east, ControlPlane(ctx=context(WEST)) as west:
+                client = mesh.sidecar(EAST, "productpage", pod="productpage-1", services=(PRODUCTPAGE,),
+                                       outbound_port=ports["pp_out"])
 
-            def reviews(cluster: ClusterId, inbound: int, app: int) -> ProxyInfo:
-                return mesh.sidecar(cluster, "reviews", pod=f"reviews-{cluster}", services=(REVIEWS,),
-                                     inbound=(InboundPort(inbound, app, "http"),), outbound_port=free_port())
+                def reviews(cluster: ClusterId, inbound: int, app: int) -> ProxyInfo:
+                    return mesh.sidecar(cluster, "reviews", pod=f"reviews-{cluster}", services=(REVIEWS,),
+                                         inbound=(InboundPort(inbound, app, "http"),), outbound_port=free_port())
 
-            west_gw_proxy = mesh.gateway(WEST)
-            envoys.append(client_env := start_envoy(tmp, east, client))
-            envoys.append(start_envoy(tmp, east, reviews(EAST, ports["east_in"], ports["east_app"])))
-            envoys.append(start_envoy(tmp, west, reviews(WEST, ports["west_in"], ports["west_app"])))
-            envoys.append(west_gw := start_envoy(tmp, west, west_gw_proxy))
-            for e in envoys:
-                await wait_ready(e)
-            yield Traffic(mesh=mesh, east=east, client=client_env, west_gw=west_gw, client_outbound=ports["pp_out"],
-                          east_app_port=ports["east_app"], apps=apps, tmp=tmp)
+                west_gw_proxy = mesh.gateway(WEST)
+                envoys.append(client_env := start_envoy(tmp, east, client))
+                envoys.append(start_envoy(tmp, east, reviews(EAST, ports["east_in"], ports["east_app"])))
+                envoys.append(start_envoy(tmp, west, reviews(WEST, ports["west_in"], ports["west_app"])))
+                envoys.append(west_gw := start_envoy(tmp, west, west_gw_proxy))
+                for e in envoys:
+                    await wait_ready(e)
+                yield Traffic(mesh=mesh, east=east, client=client_env, west_gw=west_gw, client_outbound=ports["pp_out"],
+                              east_app_port=ports["east_app"], apps=apps, tmp=tmp)
     finally:
-        for e in envoys:
-            e.stop()
         for runner in apps.values():
             await runner.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def test_default_locality_keeps_traffic_in_the_callers_cluster(tp: Traffic) -> None:

@@ -4,9 +4,11 @@ and Envoy processes bootstrapped against it. Every Envoy is started here and sto
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -144,3 +146,17 @@ def dumped_names(dump: dict[str, Any]) -> dict[str, set[str]]:
             out["endpoints"] |= {e["endpoint_config"]["cluster_name"]
                                  for e in cfg.get("dynamic_endpoint_configs", [])}
     return out
+
+
+@contextmanager
+def envoy_workdir(prefix: str) -> Iterator[tuple[Path, list[EnvoyProc]]]:
+    """A scratch directory for bootstraps (they hold tokens), logs and test keys, and the list of Envoys a fixture
+    starts in it: on exit every Envoy in the list is stopped by pid and the directory removed."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    envoys: list[EnvoyProc] = []
+    try:
+        yield tmp, envoys
+    finally:
+        for e in envoys:
+            e.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
