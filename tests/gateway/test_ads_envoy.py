@@ -4,9 +4,7 @@ listener (status: nacked with Envoy's error text, the last good listener stays),
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -22,19 +20,11 @@ from gateway.ads import AdsServer
 from gateway.auth import ProxyIdentity, TokenTableAuthenticator, make_node_id
 from gateway.cache import SnapshotCache, SyncState
 from gateway.snapshot import CLUSTER, ENDPOINT, LISTENER, Snapshot
+from tests.gateway.envoy_fixtures import wait_until
 from tests.gateway.xds_client import cla
 from tests.support.procs import Proc, envoy_binary, free_port
 
 NODE = make_node_id(kind="sidecar", ip="127.0.0.1", pod="smoke-1", namespace="default")
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], *, within: float = 30.0, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise TimeoutError(f"timed out after {within}s waiting for {what}")
 
 
 def listener(name: str, port: int, cluster: str) -> listener_pb2.Listener:
@@ -128,7 +118,7 @@ async def test_envoy_acks_then_nacks_and_keeps_last_good(plane, tmp_path: Path, 
             return check
 
         for t in (CLUSTER, ENDPOINT, LISTENER):
-            await until(synced(t, good.version(t)), what=f"envoy to ACK {t}")
+            await wait_until(synced(t, good.version(t)), what=f"envoy to ACK {t}")
         dump = await config_dump(admin_port)
         listeners = dynamic_listeners(dump)
         assert "smoke" in listeners
@@ -146,7 +136,7 @@ async def test_envoy_acks_then_nacks_and_keeps_last_good(plane, tmp_path: Path, 
             st = cache.status_of(NODE, LISTENER)
             return st is not None and st.state == SyncState.NACKED
 
-        await until(nacked, what="envoy to NACK the invalid listener")
+        await wait_until(nacked, what="envoy to NACK the invalid listener")
         st = cache.status_of(NODE, LISTENER)
         assert st is not None and st.nack_version == bad.version(LISTENER) and "70000" in st.nack_error
         assert st.acked_version == good.version(LISTENER)
@@ -155,7 +145,7 @@ async def test_envoy_acks_then_nacks_and_keeps_last_good(plane, tmp_path: Path, 
 
         fixed = world(listen_port, extra="second")
         cache.set_snapshot(NODE, fixed)
-        await until(synced(LISTENER, fixed.version(LISTENER)), what="envoy to ACK the fixed listeners")
+        await wait_until(synced(LISTENER, fixed.version(LISTENER)), what="envoy to ACK the fixed listeners")
         listeners = dynamic_listeners(await config_dump(admin_port))
         assert {"smoke", "second"} <= set(listeners)
     finally:
@@ -183,16 +173,16 @@ async def test_delta_reconnect_resends_nothing_envoy_already_has(tmp_path: Path)
 
         try:
             for t in (CLUSTER, ENDPOINT, LISTENER):
-                await until(lambda t=t: acked(t, good.version(t)), what=f"envoy to ACK {t}")
+                await wait_until(lambda t=t: acked(t, good.version(t)), what=f"envoy to ACK {t}")
         except BaseException:
             envoy.stop()
             raise
     try:
         async with AdsServer(cache=cache, authenticator=auth, port=port) as second:
-            await until(lambda: _opened(second), what="envoy to reconnect")
+            await wait_until(lambda: _opened(second), what="envoy to reconnect")
             changed = good.replace(ENDPOINT, {"backend": cla("backend", 10)})
             cache.set_snapshot(NODE, changed)
-            await until(lambda: acked(ENDPOINT, changed.version(ENDPOINT)), what="envoy to ACK the new endpoints")
+            await wait_until(lambda: acked(ENDPOINT, changed.version(ENDPOINT)), what="envoy to ACK the new endpoints")
             # the one changed assignment is all the new server ever sent: the cluster and the listener Envoy
             # already held (named in initial_resource_versions) were not sent again
             assert second.stats.delta_resources == 1

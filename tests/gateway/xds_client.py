@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
@@ -16,6 +16,7 @@ from google.rpc import status_pb2
 from gateway.snapshot import CLUSTER, ENDPOINT, Snapshot
 
 READ_TIMEOUT = 10.0
+_Response = TypeVar("_Response")
 
 
 def node(node_id: str, **metadata: str) -> base_pb2.Node:
@@ -59,69 +60,63 @@ def names_of(response: Any) -> list[str]:
     return sorted(out)
 
 
-class SotwClient:
+class _Client(Generic[_Response]):
+    """What both ADS variants share: the node on the first request, NACKs as ``error_detail``, bounded reads."""
+
+    def __init__(self, call: Any, node_id: str, **metadata: str) -> None:
+        self.call = call
+        self.node = node(node_id, **metadata)
+        self.first = True
+
+    async def _send(self, req: Any, error: str | None) -> None:
+        if self.first:
+            req.node.CopyFrom(self.node)
+            self.first = False
+        if error is not None:
+            req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+        await self.call.write(req)
+
+    async def recv(self) -> _Response:
+        resp = await asyncio.wait_for(self.call.read(), READ_TIMEOUT)
+        assert resp is not grpc.aio.EOF, "stream ended"
+        return resp  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self.call.done_writing()
+        self.call.cancel()
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class SotwClient(_Client[discovery_pb2.DiscoveryResponse]):
     """One StreamAggregatedResources call; ``request`` writes, ``recv`` reads with a bounded wait."""
 
     def __init__(self, channel: grpc.aio.Channel, node_id: str, token: str | None, **metadata: str) -> None:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        md = (("authorization", f"Bearer {token}"),) if token else ()
-        self.call = stub.StreamAggregatedResources(metadata=md)
-        self.node = node(node_id, **metadata)
-        self.first = True
+        super().__init__(stub.StreamAggregatedResources(metadata=_metadata(token)), node_id, **metadata)
 
     async def request(self, type_url: str, names: list[str] | None = None, *, version: str = "", nonce: str = "",
                       error: str | None = None) -> None:
-        req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names or [], version_info=version,
-                                             response_nonce=nonce)
-        if self.first:
-            req.node.CopyFrom(self.node)
-            self.first = False
-        if error is not None:
-            req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        await self.call.write(req)
-
-    async def recv(self) -> discovery_pb2.DiscoveryResponse:
-        resp = await asyncio.wait_for(self.call.read(), READ_TIMEOUT)
-        assert resp is not grpc.aio.EOF, "stream ended"
-        return resp
+        await self._send(discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names or [],
+                                                        version_info=version, response_nonce=nonce), error)
 
     async def ack(self, resp: discovery_pb2.DiscoveryResponse, names: list[str] | None = None) -> None:
         await self.request(resp.type_url, names, version=resp.version_info, nonce=resp.nonce)
 
-    async def close(self) -> None:
-        await self.call.done_writing()
-        self.call.cancel()
 
-
-class DeltaClient:
+class DeltaClient(_Client[discovery_pb2.DeltaDiscoveryResponse]):
     def __init__(self, channel: grpc.aio.Channel, node_id: str, token: str | None) -> None:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        md = (("authorization", f"Bearer {token}"),) if token else ()
-        self.call = stub.DeltaAggregatedResources(metadata=md)
-        self.node = node(node_id)
-        self.first = True
+        super().__init__(stub.DeltaAggregatedResources(metadata=_metadata(token)), node_id)
 
     async def request(self, type_url: str, *, subscribe: list[str] | None = None,
                       unsubscribe: list[str] | None = None, nonce: str = "", error: str | None = None,
                       initial: dict[str, str] | None = None) -> None:
-        req = discovery_pb2.DeltaDiscoveryRequest(
+        await self._send(discovery_pb2.DeltaDiscoveryRequest(
             type_url=type_url, resource_names_subscribe=subscribe or [], resource_names_unsubscribe=unsubscribe or [],
-            response_nonce=nonce, initial_resource_versions=initial or {})
-        if self.first:
-            req.node.CopyFrom(self.node)
-            self.first = False
-        if error is not None:
-            req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        await self.call.write(req)
-
-    async def recv(self) -> discovery_pb2.DeltaDiscoveryResponse:
-        resp = await asyncio.wait_for(self.call.read(), READ_TIMEOUT)
-        assert resp is not grpc.aio.EOF, "stream ended"
-        return resp
+            response_nonce=nonce, initial_resource_versions=initial or {}), error)
 
     async def ack(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> None:
         await self.request(resp.type_url, nonce=resp.nonce)
-
-    async def close(self) -> None:
-        await self.call.done_writing()
-        self.call.cancel()
