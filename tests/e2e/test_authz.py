@@ -131,6 +131,21 @@ def _denials(authz: Authz) -> list[str]:
     return [line for line in authz.ratings.proc.output().splitlines() if line.startswith("meshfed-authz denied")]
 
 
+async def _denial(authz: Authz, path: str, *, what: str) -> str:
+    """The denial log line on ratings' sidecar for a request to ``path``, once it is written (bounded wait)."""
+
+    def found() -> str | None:
+        return next((line for line in _denials(authz) if f"path={path}" in line), None)
+
+    async def logged() -> bool:
+        return found() is not None
+
+    await wait_until(logged, within=30, what=what)
+    line = found()
+    assert line is not None
+    return line
+
+
 async def test_allowed_caller_in_east_gets_200_and_its_cluster_in_the_subject(authz: Authz) -> None:
     await wait_until(lambda: _reachable(authz), within=30, what="ratings reachable from east's sleep")
     status, body = await authz.call("east-sleep")
@@ -146,11 +161,7 @@ async def test_deny_policy_wins_and_the_log_names_it(authz: Authz) -> None:
     assert status == 403, body
     assert "RBAC: access denied" in body
 
-    async def logged() -> bool:
-        return any("path=/admin/users" in line for line in _denials(authz))
-
-    await wait_until(logged, within=30, what="the denial's log line on ratings' sidecar")
-    line = next(line for line in _denials(authz) if "path=/admin/users" in line)
+    line = await _denial(authz, "/admin/users", what="the denial's log line on ratings' sidecar")
     assert "details=rbac_access_denied_matched_policy[default.ratings-no-admin]" in line, line
     assert f"source=spiffe://{TD}/ns/default/sa/sleep" in line, line
     stats = await authz.ratings.admin.stats(filter=r"rbac\.")
@@ -164,11 +175,7 @@ async def test_other_service_account_in_east_is_denied_by_default(authz: Authz) 
     status, body = await authz.call("east-other", "/ratings/other")
     assert status == 403, body
 
-    async def logged() -> bool:
-        return any("path=/ratings/other" in line for line in _denials(authz))
-
-    await wait_until(logged, within=30, what="the denial's log line on ratings' sidecar")
-    line = next(line for line in _denials(authz) if "path=/ratings/other" in line)
+    line = await _denial(authz, "/ratings/other", what="the denial's log line on ratings' sidecar")
     assert "details=rbac_access_denied_matched_policy[none]" in line, line
     assert "allow_policies=default.ratings-from-east-sleep" in line, line
     assert f"source=spiffe://{TD}/ns/default/sa/other" in line, line
@@ -192,11 +199,7 @@ async def test_same_identity_in_another_cluster_is_denied_by_source_cluster(auth
     status, body = await authz.call("west-sleep", "/ratings/forged", headers={"x-forwarded-client-cert": forged})
     assert status == 403, body
 
-    async def logged() -> bool:
-        return any("path=/ratings/forged" in line for line in _denials(authz))
-
-    await wait_until(logged, within=30, what="the forged request's log line")
-    line = next(line for line in _denials(authz) if "path=/ratings/forged" in line)
+    line = await _denial(authz, "/ratings/forged", what="the forged request's log line")
     assert "rbac_access_denied_matched_policy[none]" in line, line
     assert f'source_subject="OU=west,O={TD}"' in line, line
     # Same identity, from east: allowed (the rule is about the cluster, not the principal).

