@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from discovery.convert import ConversionError, _list, _str, register
+from discovery.convert import ConversionError, _list, _mapping, _str, register
 from discovery.model import ClusterId, DiscoveryError, Namespace, ServiceKey, namespace, service_name
 
 NETWORKING_GROUP = "networking.istio.io"
@@ -256,17 +256,13 @@ def _unsupported(path: str) -> ConversionError:
 
 
 def _obj(value: Any, path: str, allowed: Iterable[str], *, required: bool = False) -> Mapping[str, Any]:
-    if value is None:
-        if required:
-            raise ConversionError(path, "required")
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConversionError(path, f"must be a mapping, got {type(value).__name__}")
+    """A mapping (``_mapping``) whose keys are all in ``allowed``; any other is reported as unsupported."""
+    obj = _mapping(value, path, required=required)
     ok = set(allowed)
-    for key in value:
+    for key in obj:
         if key not in ok:
             raise _unsupported(f"{path}.{key}" if path else str(key))
-    return value
+    return obj
 
 
 def _int(value: Any, path: str, *, minimum: int = 0, maximum: int | None = None) -> int | None:
