@@ -15,9 +15,9 @@ Exception tree (this module)::
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from discovery.model import (
     ClusterId,
@@ -45,6 +45,7 @@ from federation.records import (
 )
 
 Json = dict[str, Any]
+_R = TypeVar("_R")
 
 
 class CorruptRecord(StoreUnavailable):
@@ -242,12 +243,17 @@ def encode_member(member: Member) -> str:
     return dumps(member_to_json(member))
 
 
-def decode_member(text: str | bytes, *, what: str = "member record") -> Member:
+def _decode(text: str | bytes, what: str, from_json: Callable[[Mapping[str, Any]], _R]) -> _R:
+    """Parse one stored record; anything malformed is a CorruptRecord naming ``what``."""
     obj = _load(text, what)
     try:
-        return member_from_json(obj)
+        return from_json(obj)
     except (KeyError, TypeError, ValueError, DiscoveryError) as exc:
         raise CorruptRecord(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def decode_member(text: str | bytes, *, what: str = "member record") -> Member:
+    return _decode(text, what, member_from_json)
 
 
 def encode_exports(exports: ExportSet) -> str:
@@ -255,11 +261,7 @@ def encode_exports(exports: ExportSet) -> str:
 
 
 def decode_exports(text: str | bytes, *, what: str = "export set record") -> ExportSet:
-    obj = _load(text, what)
-    try:
-        return exports_from_json(obj)
-    except (KeyError, TypeError, ValueError, DiscoveryError) as exc:
-        raise CorruptRecord(f"{what}: {type(exc).__name__}: {exc}") from exc
+    return _decode(text, what, exports_from_json)
 
 
 def event_body(event: StoreEvent) -> str | None:
