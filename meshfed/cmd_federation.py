@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import signal
 import ssl
-import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +24,7 @@ from federation.trust.ca import IntermediateCA, issue_workload
 from federation.trust.errors import TrustError
 from federation.trust.spiffe import SpiffeId
 from federation.trust.store import load_bundle, load_cluster_ca
-from federation.trust.tls import server_ssl_context
+from federation.trust.tls import load_identity, server_ssl_context
 
 log = logging.getLogger("meshfed.federation.service")
 
@@ -73,16 +71,7 @@ class _BundleFile:
 
 def _load_leaf(ctx: ssl.SSLContext, ca: IntermediateCA, identity: SpiffeId, ttl: timedelta) -> None:
     key_pem, chain = issue_workload(ca, identity, ttl=ttl)
-    with tempfile.TemporaryDirectory(prefix="meshfed-federation-") as tmp:
-        os.chmod(tmp, 0o700)
-        paths = []
-        for name, data in (("chain.pem", b"".join(chain)), ("key.pem", key_pem)):
-            path = Path(tmp) / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            paths.append(str(path))
-        ctx.load_cert_chain(certfile=paths[0], keyfile=paths[1])
+    load_identity(ctx, b"".join(chain), key_pem)
 
 
 async def _rotate_leaf(ctx: ssl.SSLContext, ca: IntermediateCA, identity: SpiffeId, ttl: timedelta) -> None:

@@ -31,7 +31,7 @@ from federation.trust.errors import CAStoreError, ChainError
 PemSource = bytes | Path
 
 
-def _load_identity(ctx: ssl.SSLContext, cert_chain: PemSource, key: PemSource) -> None:
+def load_identity(ctx: ssl.SSLContext, cert_chain: PemSource, key: PemSource) -> None:
     """Load cert chain and key from paths, or from bytes through a private (0700 dir, 0600 files) temp copy."""
     try:
         if isinstance(cert_chain, Path) and isinstance(key, Path):
@@ -67,7 +67,7 @@ def server_ssl_context(cert_chain: PemSource, key: PemSource, bundle: TrustBundl
     """Server side: present ``cert_chain`` (leaf + intermediate), require a client certificate chaining to a root
     of ``bundle`` (CERT_REQUIRED)."""
     ctx = _base(ssl.PROTOCOL_TLS_SERVER, bundle)
-    _load_identity(ctx, cert_chain, key)
+    load_identity(ctx, cert_chain, key)
     return ctx
 
 
@@ -75,14 +75,14 @@ def client_ssl_context(cert_chain: PemSource, key: PemSource, bundle: TrustBundl
     """Client side: present ``cert_chain``, verify the server against ``bundle``; check the server's SPIFFE ID
     after the handshake with :func:`federation.trust.identity.federation_server_of_peer`."""
     ctx = _base(ssl.PROTOCOL_TLS_CLIENT, bundle)
-    _load_identity(ctx, cert_chain, key)
+    load_identity(ctx, cert_chain, key)
     return ctx
 
 
 def reload_identity(ctx: ssl.SSLContext, cert_chain: PemSource, key: PemSource, bundle: TrustBundle) -> None:
     """Swap the certificate an existing context presents (new connections use it) and add the bundle's roots
     (a root added by rotation is trusted at once; a retired one stays until the context is rebuilt)."""
-    _load_identity(ctx, cert_chain, key)
+    load_identity(ctx, cert_chain, key)
     ctx.load_verify_locations(cadata=bundle.to_pem().decode())
 
 
