@@ -4,7 +4,6 @@ with ``--context``, against the Kubernetes API test double (tests/support/kubeap
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,16 +21,8 @@ from meshfed.cli import cli
 from meshfed.cmd_export import export_local
 from tests.support.kubeapi import KubeApiDouble
 
-DEMO = Path(__file__).resolve().parents[2] / "clusters" / "demo"
 DETAILS = ServiceKey.parse("details.default")
 REVIEWS = ServiceKey.parse("reviews.default")
-
-
-@pytest.fixture
-def demo(tmp_path: Path) -> Path:
-    dest = tmp_path / "demo"
-    shutil.copytree(DEMO, dest)
-    return dest
 
 
 def run(*args: str) -> Result:

@@ -32,8 +32,6 @@ from discovery.model import (
     cluster_id,
 )
 from federation.catalog import Catalog, CatalogService
-from federation.trust.spiffe import SpiffeId, TrustDomain
-from federation.trust.store import init_root, issue_intermediate
 from meshfed.controlplane import (
     ControlPlane,
     ControlPlaneConfig,
@@ -95,14 +93,6 @@ def test_export_conditions_come_from_the_central_catalog() -> None:
     updated = with_export_conditions(registry, catalog)
     assert updated.exports[EAST][REVIEWS].conditions == (conflict,)  # only this cluster's, not west's
     assert with_export_conditions(updated, catalog) is updated  # nothing changed: the same value
-
-
-@pytest.fixture
-def east_ca(tmp_path: Path) -> Path:
-    td = TrustDomain.parse("demo.meshfed.local")
-    init_root(tmp_path / "root", td)
-    issue_intermediate(tmp_path / "root", SpiffeId.cluster(td, EAST), tmp_path / "east")
-    return tmp_path / "east"
 
 
 async def test_unfederated_control_plane_serves_dns_status_and_refuses_unauthenticated_xds(

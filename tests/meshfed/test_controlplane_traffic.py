@@ -4,20 +4,14 @@ problems in its status, and keeps the last good policy when a manifest breaks.""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from discovery.clusterset import load_clusterset
 from discovery.model import ClusterId, ServiceKey
-from federation.trust.spiffe import SpiffeId, TrustDomain
-from federation.trust.store import init_root, issue_intermediate
 from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
 
-DEMO = Path(__file__).resolve().parents[2] / "clusters" / "demo"
 EAST = ClusterId("east")
 REVIEWS = ServiceKey.parse("reviews.default")
 
@@ -43,21 +37,6 @@ spec:
     - route:
         - destination: {host: reviews, subset: canary}
 """
-
-
-@pytest.fixture
-def demo(tmp_path: Path) -> Path:
-    dest = tmp_path / "demo"
-    shutil.copytree(DEMO, dest)
-    return dest
-
-
-@pytest.fixture
-def east_ca(tmp_path: Path) -> Path:
-    td = TrustDomain.parse("demo.meshfed.local")
-    init_root(tmp_path / "root", td)
-    issue_intermediate(tmp_path / "root", SpiffeId.cluster(td, EAST), tmp_path / "east")
-    return tmp_path / "east"
 
 
 async def _until(check: Callable[[], bool], *, within: float = 20.0) -> None:
