@@ -193,7 +193,8 @@ def test_foreign_intermediate_is_named_by_diagnose(run: Path, tmp_path: Path) ->
     assert "west" in cert_hop["detail"] and "does not chain" in cert_hop["detail"]
     assert result["first_failure"]["name"] == "certificates", result["hops"]
     # east still serves reviews itself: the request hop still gets an answer, from east
-    assert next(h for h in result["hops"] if h["name"] == "request")["status"] == "ok"
+    request_hop = next(h for h in result["hops"] if h["name"] == "request")
+    assert request_hop["status"] == "ok", request_hop
 
 
 def test_down_leaves_no_process(run: Path) -> None:
