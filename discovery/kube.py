@@ -452,7 +452,25 @@ class Reflector:
         what = f"{'watch' if kwargs.get('watch') else 'list'} {self.kind.name}"
         return _request(what, lambda: self._list(_preload_content=False, **kwargs))
 
+    def _prefer_newest(self) -> None:
+        """Before listing at an older version, check once more that no newer one is served: a CRD installed
+        between two probes may serve both, and the newest should win."""
+        for index in range(self._version_at):
+            version = self.kind.versions[index]
+            call = self.kind.bind(self._api, self._namespace, version)
+            try:
+                resp = _request(f"list {self.kind.name}",
+                                lambda call=call: call(_preload_content=False, limit=1,  # type: ignore[misc]
+                                                       _request_timeout=self._request_timeout))
+            except KubeNotFound:
+                continue
+            resp.release_conn()
+            self._use_version(index)
+            return
+
     def _relist(self) -> None:
+        if self._version_at > 0:
+            self._prefer_newest()
         resp = self._call(_request_timeout=self._request_timeout)
         try:
             body = json.loads(resp.data)
