@@ -9,7 +9,16 @@ Prints, for one core (this process is single-threaded):
   * the ratios. Best of ``--rounds`` rounds, to dampen noise from other processes on the machine.
 """
 
+# ruff: noqa: E402 - the script's own directory must leave sys.path before the federation package is imported
+
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, bench/ is sys.path[0], and bench/federation.py would shadow the federation package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
 import os
