@@ -7,8 +7,9 @@ Both ADS variants of ``envoy.service.discovery.v3.AggregatedDiscoveryService`` a
   when the snapshot's version of that type or the subscription changed since the last response. Wildcard types
   (LDS, CDS with no names, or ``*``) get every resource of the type whenever the type's version changes; named
   types (EDS, RDS, SDS, and LDS/CDS as gRPC's client asks for them) get the requested names the snapshot has,
-  whenever one of those resources changes (not for changes to resources the proxy did not ask for), and nothing
-  while the snapshot has none of them.
+  whenever one of those resources changes (not for changes to resources the proxy did not ask for) or the
+  subscription changes (a client forgets what it unsubscribes from, so names dropped and requested again are
+  sent again), and nothing while the snapshot has none of them.
   A request whose ``response_nonce`` is not the last nonce sent for the type is stale and ignored. A request with
   the last nonce is an ACK (``version_info`` is then the version sent) or, with ``error_detail``, a NACK: the proxy
   keeps its last good configuration, the error text is recorded in the cache, and the rejected version is not sent
@@ -322,6 +323,9 @@ class _SotwStream(_Stream[_SotwType]):
         names = names - {"*"}
         if not st.subscribed or wildcard != st.wildcard or names != st.names:
             st.dirty = True
+            # The proxy drops the resources it unsubscribes from, so after any change of subscription the next
+            # response is due even if it equals the last one sent (names dropped and requested again).
+            st.sent_key = None
         st.subscribed, st.wildcard, st.names = True, wildcard, names
 
     def _current_at(self, type_url: str, st: _SotwType, version: str) -> None:

@@ -21,7 +21,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from concurrent import futures
 from typing import Any
 
@@ -73,31 +72,16 @@ def make_server(*, listen: str, service: str, cluster: str, workload: str, xds: 
     return server, port
 
 
-ATTEMPT_S = 8.0
-
-
 def call(target: str, message: str = "hello", *, timeout: float = 10.0, xds: bool = True,
          method: str = METHOD) -> dict[str, Any]:
-    """One unary call; the server's JSON answer.
-
-    Within ``timeout`` an attempt that gets no answer in ``attempt_s`` (or UNAVAILABLE) is retried on a fresh
-    channel: a fresh ``xds:///`` channel has been seen, rarely, to never connect (see docs/proxyless-grpc.md)."""
+    """One unary call; the server's JSON answer."""
     creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials()) if xds else None
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            with (grpc.secure_channel(target, creds) if creds is not None
-                  else grpc.insecure_channel(target)) as channel:
-                stub = channel.unary_unary(method)
-                reply = stub(message.encode(), timeout=max(0.1, min(remaining, ATTEMPT_S)), wait_for_ready=True)
-            break
-        except grpc.RpcError as exc:
-            retry = exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
-            if not retry or time.monotonic() >= deadline - 0.1:
-                raise DemoGrpcError(f"{target}: {exc.code().name}: {exc.details()}") from exc
-            log.warning("call attempt failed target=%s code=%s; retrying on a fresh channel", target,
-                        exc.code().name)
+    try:
+        with (grpc.secure_channel(target, creds) if creds is not None else grpc.insecure_channel(target)) as channel:
+            stub = channel.unary_unary(method)
+            reply = stub(message.encode(), timeout=timeout, wait_for_ready=True)
+    except grpc.RpcError as exc:
+        raise DemoGrpcError(f"{target}: {exc.code().name}: {exc.details()}") from exc
     answer: dict[str, Any] = json.loads(reply)
     return answer
 

@@ -151,6 +151,27 @@ async def test_named_subscription_gets_only_requested_names(env, auth) -> None:
     await client.close()
 
 
+async def test_named_subscription_dropped_and_requested_again_is_resent(env, auth) -> None:
+    """gRPC's XdsClient, shared by a process's channels, unsubscribes a cluster when one channel closes (an empty
+    CDS request: not wildcard once it named resources) and subscribes it again for the next channel; it forgot the
+    resource, so the unchanged content must be sent again (also when both requests are handled in one pass)."""
+    cache, _, channel = env
+    token = auth.issue(SHOP)
+    cache.set_snapshot(NODE_A, snapshot({"a": (1,), "b": (2,)}))
+    client = SotwClient(channel, NODE_A, token)
+    for type_url in (CLUSTER, ENDPOINT):
+        await client.request(type_url, ["a"])
+        r1 = await client.recv()
+        assert r1.type_url == type_url and names_of(r1) == ["a"]
+        await client.ack(r1, ["a"])
+        await client.request(type_url, [], version=r1.version_info, nonce=r1.nonce)  # unsubscribe everything
+        await client.request(type_url, ["a"], version=r1.version_info, nonce=r1.nonce)  # and subscribe again
+        r2 = await client.recv()
+        assert r2.type_url == type_url and names_of(r2) == ["a"] and r2.nonce != r1.nonce
+        await client.ack(r2, ["a"])
+    await client.close()
+
+
 async def test_delta_subscribe_change_remove_unsubscribe(env, auth) -> None:
     cache, _, channel = env
     token = auth.issue(SHOP)
