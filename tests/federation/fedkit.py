@@ -189,3 +189,20 @@ async def eventually(predicate: Callable[[], bool], *, within: float = 15.0, wha
         while not predicate():  # noqa: ASYNC110 - polling a plain predicate, bounded by the timeout
             await asyncio.sleep(0.02)
     assert predicate(), what
+
+
+async def publish_growing(east: FederationAgent, cluster: str, *, rounds: int, ack_within: float,
+                          acked: list[int]) -> None:
+    """Publish ``svc0..svcN`` one more service per round (every 50 ms), appending to ``acked`` each round the
+    service acknowledged within ``ack_within`` seconds (a round the outage swallowed is simply not recorded)."""
+    names: list[str] = []
+    for i in range(rounds):
+        names.append(f"svc{i}")
+        gen = east.publish(*snapshot(cluster, list(names)))
+        try:
+            async with asyncio.timeout(ack_within):
+                await east.wait_published(gen)
+            acked.append(i)
+        except TimeoutError:
+            pass
+        await asyncio.sleep(0.05)

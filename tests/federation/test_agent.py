@@ -15,7 +15,18 @@ from federation import catalog as cat
 from federation.agent import AgentConfig, apply_catalog
 from federation.service import ServiceConfig, state_of
 from federation.store.sqlite import SqliteStore
-from tests.federation.fedkit import Pki, ServiceProcess, agent, eventually, has, in_process, key, lacks, snapshot
+from tests.federation.fedkit import (
+    Pki,
+    ServiceProcess,
+    agent,
+    eventually,
+    has,
+    in_process,
+    key,
+    lacks,
+    publish_growing,
+    snapshot,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -152,21 +163,7 @@ async def test_kill9_service_loses_no_acknowledged_export(pki: Pki, tmp_path: Pa
         async with agent(pki, "east", svc.url, config=config) as east, \
                 agent(pki, "west", svc.url, config=config) as west:
             acked: list[int] = []
-            names: list[str] = []
-
-            async def publisher() -> None:
-                for i in range(40):
-                    names.append(f"svc{i}")
-                    gen = east.publish(*snapshot("east", list(names)))
-                    try:
-                        async with asyncio.timeout(0.3):
-                            await east.wait_published(gen)
-                        acked.append(i)
-                    except TimeoutError:
-                        pass
-                    await asyncio.sleep(0.05)
-
-            task = asyncio.create_task(publisher())
+            task = asyncio.create_task(publish_growing(east, "east", rounds=40, ack_within=0.3, acked=acked))
             await eventually(lambda: len(acked) >= 5, within=20, what="first publishes acknowledged")
             svc.kill9()
             killed_after = list(acked)

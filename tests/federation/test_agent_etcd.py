@@ -14,7 +14,7 @@ import pytest
 
 from discovery.model import ClusterId
 from federation.agent import AgentConfig
-from tests.federation.fedkit import Pki, ServiceProcess, agent, eventually, has, key, lacks, snapshot
+from tests.federation.fedkit import Pki, ServiceProcess, agent, eventually, has, key, lacks, publish_growing, snapshot
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -83,21 +83,7 @@ async def test_kill9_replica_agent_fails_over(pki: Pki, replicas: tuple[ServiceP
     async with agent(pki, "east", [a.url, b.url], config=config) as east, \
             agent(pki, "west", [b.url, a.url], config=config) as west:
         acked: list[int] = []
-        names: list[str] = []
-
-        async def publisher() -> None:
-            for i in range(30):
-                names.append(f"svc{i}")
-                gen = east.publish(*snapshot("east", list(names)))
-                try:
-                    async with asyncio.timeout(0.5):
-                        await east.wait_published(gen)
-                    acked.append(i)
-                except TimeoutError:
-                    pass
-                await asyncio.sleep(0.05)
-
-        task = asyncio.create_task(publisher())
+        task = asyncio.create_task(publish_growing(east, "east", rounds=30, ack_within=0.5, acked=acked))
         await eventually(lambda: len(acked) >= 5, within=30, what="first publishes acknowledged")
         a.kill9()
         before = list(acked)
