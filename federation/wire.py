@@ -5,18 +5,31 @@ encodes responses, the client does the reverse, with the same functions. A body 
 ``WireError`` naming the offending field as a path (``services[2].ports[0].port``), which the service answers
 with 400 and ``{"error": ..., "field": ...}``.
 
+Bodies are parsed with ``loads`` (never ``json.loads`` directly), which turns hostile JSON into ``WireError`` too:
+bytes that are not UTF-8 JSON (``field`` None: the body as a whole), nesting deeper than ``MAX_DEPTH`` (the path
+where it got too deep), and numbers no field can hold (integers longer than 20 digits, non-finite floats, ``NaN``):
+those parse into an ``Unrepresentable`` placeholder, so the decoder that meets it names the field
+(``generation: 1000...0 is out of range``). Request bodies are strict: a field this API does not know is rejected by
+name (a typo such as ``generaton`` must not be dropped silently). What the client decodes from the service's
+responses is lenient about unknown fields, so a newer service may add some.
+
 Exception tree (this module)::
 
     FederationError (federation.records)
-     +-- WireError        a JSON value that does not decode; ``field`` is the path of the offending value
+     +-- WireError        a JSON value that does not decode; ``field`` is the path of the offending value, or None
+          |               for the body as a whole (not JSON at all)
           +-- ForeignCluster  a body naming another cluster than the caller's (403)
+          +-- LimitExceeded   a well-formed body over one of the publish ``Limits`` (422; ``limit`` names it)
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -49,12 +62,30 @@ T = TypeVar("T")
 
 MAX_SERVICES = 100_000
 MAX_ENDPOINTS = 100_000
+MAX_DEPTH = 64  # nesting levels of a body (the API's own documents need fewer than 10)
+MAX_INT_DIGITS = 20  # 2**63 has 19; longer integer literals parse into Unrepresentable
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one member may publish (``meshfed federation serve --max-...``). A publish over a limit is answered 422
+    (413 for the body size) naming the limit; nothing already stored changes."""
+
+    services: int = 20_000  # services in one export set: --max-services
+    endpoints: int = 5_000  # pod addresses of one exported service: --max-endpoints
+    ports: int = 100  # ports of one exported service
+    localities: int = 1_000  # locality summaries of one exported service
+    body_bytes: int = 64 * 1024 * 1024  # one request body: --max-body-bytes (413)
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class WireError(FederationError, ValueError):
-    """A JSON value that does not decode; ``field`` names where (``services[2].ports[0].port``)."""
+    """A JSON value that does not decode; ``field`` names where (``services[2].ports[0].port``), None for the body
+    as a whole."""
 
-    def __init__(self, message: str, *, field: str) -> None:
+    def __init__(self, message: str, *, field: str | None) -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.reason = message
@@ -64,6 +95,109 @@ class ForeignCluster(WireError):
     """A body that speaks for a cluster other than the one in the path (the service answers 403)."""
 
 
+class LimitExceeded(WireError):
+    """A body over one of the publish ``Limits``: ``limit`` is its name (``maxServices``), ``maximum`` its value."""
+
+    def __init__(self, message: str, *, field: str | None, limit: str, maximum: int) -> None:
+        super().__init__(message, field=field)
+        self.limit, self.maximum = limit, maximum
+
+
+# --- parsing ----------------------------------------------------------------------------------------------------
+
+
+class Unrepresentable:
+    """A JSON number no field of this API can hold (a 5,000-digit integer, ``1e999``, ``NaN``): kept as its text
+    so that the decoder meeting it names the field, instead of the parser failing without one."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text if len(self.text) <= 24 else f"{self.text[:10]}...({len(self.text)} characters)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unrepresentable) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def _parse_int(text: str) -> int | Unrepresentable:
+    return Unrepresentable(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
+
+
+def _parse_float(text: str) -> float | Unrepresentable:
+    value = float(text)
+    return value if math.isfinite(value) else Unrepresentable(text)
+
+
+def loads(raw: bytes | str) -> Json:
+    """A request or response body as JSON values, every failure a ``WireError`` (see the module docstring)."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes | bytearray) else raw
+    except UnicodeDecodeError as exc:
+        raise WireError(f"body is not JSON: not UTF-8 at byte {exc.start}", field=None) from exc
+    try:
+        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=Unrepresentable)
+    except RecursionError as exc:
+        raise WireError(f"nested more than {MAX_DEPTH} levels deep", field=_deep_path(text)) from exc
+    except ValueError as exc:  # json.JSONDecodeError
+        raise WireError(f"body is not JSON: {exc}", field=None) from exc
+    path = _too_deep(value)
+    if path is not None:
+        raise WireError(f"nested more than {MAX_DEPTH} levels deep", field=path)
+    return value
+
+
+def _too_deep(value: Json) -> str | None:
+    """The path at which ``value`` nests deeper than ``MAX_DEPTH`` (iterative: no recursion on hostile input)."""
+    stack: list[tuple[Json, str, int]] = [(value, "", 1)]  # the body itself is level 1
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return path
+        if isinstance(item, dict):
+            stack.extend((v, _join(path, str(k)), depth + 1) for k, v in item.items() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(item) if isinstance(v, dict | list))
+    return None
+
+
+def _deep_path(text: str) -> str:
+    """Where ``text`` (too deep for the parser) first nests deeper than ``MAX_DEPTH``: a scan of brackets, keys and
+    indexes outside strings. Only runs on a body the parser refused."""
+    stack: list[list[Any]] = []  # [kind, key or index]
+    key = ""
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            key = text[i + 1:j]
+            i = j + 1
+            continue
+        if c in "[{":
+            stack.append(["[" if c == "[" else "{", 0 if c == "[" else ""])
+            if len(stack) > MAX_DEPTH:
+                break
+        elif c in "]}" and stack:
+            stack.pop()
+        elif c == "," and stack and stack[-1][0] == "[":
+            stack[-1][1] += 1
+        elif c == ":" and stack and stack[-1][0] == "{":
+            stack[-1][1] = key
+        i += 1
+    path = ""
+    for kind, at in stack[:-1]:
+        path = f"{path}[{at}]" if kind == "[" else _join(path, str(at))
+    return path
+
+
 # --- decoding helpers -------------------------------------------------------------------------------------------
 
 
@@ -71,17 +205,27 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _obj(value: Json, path: str) -> Mapping[str, Json]:
+def _obj(value: Json, path: str, known: frozenset[str] | None = None) -> Mapping[str, Json]:
+    """``value`` as a JSON object; with ``known`` (request bodies), a key outside it is refused by name."""
     if not isinstance(value, dict):
-        raise WireError("must be a JSON object", field=path)
+        raise WireError("must be a JSON object", field=path or None)
+    if known is not None and not known.issuperset(value):
+        unknown = sorted(k for k in value if k not in known)[0]
+        raise WireError(f"is not a field of this object (known: {', '.join(sorted(known))})",
+                        field=_join(path, unknown))
     return value
 
 
-def _list(value: Json, path: str, *, limit: int = MAX_ENDPOINTS) -> Sequence[Json]:
+def _list(value: Json, path: str, *, limit: int = MAX_ENDPOINTS, name: str = "") -> Sequence[Json]:
+    """``value`` as a JSON array of at most ``limit`` items; ``name`` (a ``Limits`` field's public name) makes an
+    overlong one a ``LimitExceeded`` (422) instead of a plain ``WireError``."""
     if not isinstance(value, list):
         raise WireError("must be a JSON array", field=path)
     if len(value) > limit:
-        raise WireError(f"has {len(value)} items, more than the limit {limit}", field=path)
+        message = f"has {len(value)} items, more than the limit {limit}"
+        if name:
+            raise LimitExceeded(f"{message} ({name})", field=path, limit=name, maximum=limit)
+        raise WireError(message, field=path)
     return value
 
 
@@ -109,8 +253,12 @@ def _int(obj: Mapping[str, Json], key: str, path: str, *, default: int | None = 
             raise WireError("is required", field=_join(path, key))
         return default
     value = obj[key]
+    if isinstance(value, Unrepresentable):
+        raise WireError(f"{value!r} is out of range", field=_join(path, key))
     if not isinstance(value, int) or isinstance(value, bool):
         raise WireError("must be an integer", field=_join(path, key))
+    if high is None:
+        high = 2**63 - 1
     if low is not None and value < low:
         raise WireError(f"must be at least {low}", field=_join(path, key))
     if high is not None and value > high:
@@ -124,6 +272,8 @@ def _float(obj: Mapping[str, Json], key: str, path: str, *, default: float | Non
             raise WireError("is required", field=_join(path, key))
         return default
     value = obj[key]
+    if isinstance(value, Unrepresentable):
+        raise WireError(f"{value!r} is out of range", field=_join(path, key))
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise WireError("must be a number", field=_join(path, key))
     return float(value)
@@ -197,8 +347,23 @@ def port_json(p: ServicePort) -> Json:
     return out
 
 
-def port_from_json(value: Json, path: str) -> ServicePort:
-    o = _obj(value, path)
+_PORT_FIELDS = frozenset({"port", "protocol", "name", "appProtocol", "targetPort"})
+_ENDPOINT_FIELDS = frozenset({"address", "ready", "serving", "terminating", "hostname", "zone", "node",
+                              "serviceAccount", "ports", "labels"})
+_ENDPOINT_PORT_FIELDS = frozenset({"name", "port"})
+_LOCALITY_FIELDS = frozenset({"region", "zone", "cluster", "network", "ready", "weight"})
+_REGISTRATION_FIELDS = frozenset({"network", "region", "zone", "gateway"})
+_GATEWAY_FIELDS = frozenset({"host", "port"})
+_EXPORTED_FIELDS = frozenset({"namespace", "name", "type", "ports", "created", "localities", "endpoints"})
+_EXPORT_SET_FIELDS = frozenset({"generation", "services"})
+
+
+def _known(fields: frozenset[str], strict: bool) -> frozenset[str] | None:
+    return fields if strict else None
+
+
+def port_from_json(value: Json, path: str, *, strict: bool = False) -> ServicePort:
+    o = _obj(value, path, _known(_PORT_FIELDS, strict))
     port = _int(o, "port", path, low=1, high=65535)
     protocol = _enum(o, "protocol", path, Protocol, Protocol.TCP)
     name = _str(o, "name", path, default="")
@@ -236,13 +401,13 @@ def endpoint_json(e: Endpoint) -> Json:
     return out
 
 
-def endpoint_from_json(value: Json, path: str) -> Endpoint:
-    o = _obj(value, path)
+def endpoint_from_json(value: Json, path: str, *, strict: bool = False) -> Endpoint:
+    o = _obj(value, path, _known(_ENDPOINT_FIELDS, strict))
     address = _str(o, "address", path)
     ports: list[tuple[str, int]] = []
-    for i, item in enumerate(_list(o.get("ports", []), _join(path, "ports"))):
+    for i, item in enumerate(_list(o.get("ports", []), _join(path, "ports"), limit=1000)):
         ip = f"{_join(path, 'ports')}[{i}]"
-        po = _obj(item, ip)
+        po = _obj(item, ip, _known(_ENDPOINT_PORT_FIELDS, strict))
         ports.append((_str(po, "name", ip, default=""), _int(po, "port", ip, low=1, high=65535)))
     labels_raw = _obj(o.get("labels", {}) or {}, _join(path, "labels"))
     labels: list[tuple[str, str]] = []
@@ -270,8 +435,8 @@ def locality_summary_json(s: LocalitySummary) -> Json:
             "ready": s.ready, "weight": s.weight}
 
 
-def locality_summary_from_json(value: Json, path: str) -> LocalitySummary:
-    o = _obj(value, path)
+def locality_summary_from_json(value: Json, path: str, *, strict: bool = False) -> LocalitySummary:
+    o = _obj(value, path, _known(_LOCALITY_FIELDS, strict))
     loc = Locality(region=_str(o, "region", path, default=""), zone=_str(o, "zone", path, default=""),
                    cluster=_str(o, "cluster", path, default=""), network=_str(o, "network", path, default=""))
     return LocalitySummary(locality=loc, ready=_int(o, "ready", path, low=0),
@@ -302,10 +467,11 @@ def registration_json(info: ClusterInfo) -> Json:
             "gateway": gateway_json(info.gateway_host, info.gateway_port)}
 
 
-def registration_from_json(value: Json, cluster: ClusterId) -> ClusterInfo:
-    o = _obj(value, "")
+def registration_from_json(value: Json, cluster: ClusterId, *, strict: bool = True) -> ClusterInfo:
+    """The body of ``PUT /v1/clusters/{cluster}`` (strict: unknown fields refused)."""
+    o = _obj(value, "", _known(_REGISTRATION_FIELDS, strict))
     net = _checked(network_id, _str(o, "network", ""), "network")
-    gw = _obj(o.get("gateway", {}) or {}, "gateway")
+    gw = _obj(o.get("gateway", {}) or {}, "gateway", _known(_GATEWAY_FIELDS, strict))
     host = _str(gw, "host", "gateway", default="")
     if host and not _is_host(host):
         raise WireError(f"{host!r} is neither an IP address nor a DNS name", field="gateway.host")
@@ -350,9 +516,9 @@ def member_from_json(value: Json, path: str = "") -> Member:
 
 def _registration_at(o: Mapping[str, Json], cluster: ClusterId, path: str) -> ClusterInfo:
     try:
-        return registration_from_json(o, cluster)
+        return registration_from_json(o, cluster, strict=False)
     except WireError as exc:
-        raise WireError(exc.reason, field=_join(path, exc.field)) from exc
+        raise WireError(exc.reason, field=_join(path, exc.field or "")) from exc
 
 
 # --- exports --------------------------------------------------------------------------------------------------------
@@ -367,28 +533,32 @@ def exported_service_json(s: ExportedService) -> Json:
     }
 
 
-def exported_service_from_json(value: Json, path: str, *, cluster: ClusterId) -> ExportedService:
-    o = _obj(value, path)
+def exported_service_from_json(value: Json, path: str, *, cluster: ClusterId,
+                               limits: Limits = DEFAULT_LIMITS) -> ExportedService:
+    """One service of a publish (a request body: strict, and bounded by ``limits``)."""
+    o = _obj(value, path, _EXPORTED_FIELDS)
     ns = _checked(namespace, _str(o, "namespace", path), _join(path, "namespace"))
     name = _checked(service_name, _str(o, "name", path), _join(path, "name"))
-    ports_raw = _list(_req(o, "ports", path), _join(path, "ports"), limit=1000)
-    ports = tuple(port_from_json(p, f"{_join(path, 'ports')}[{i}]") for i, p in enumerate(ports_raw))
+    ports_raw = _list(_req(o, "ports", path), _join(path, "ports"), limit=limits.ports, name="maxPorts")
+    ports = tuple(port_from_json(p, f"{_join(path, 'ports')}[{i}]", strict=True) for i, p in enumerate(ports_raw))
     seen: dict[int, int] = {}
     for i, p in enumerate(ports):
         if p.port in seen:
             raise WireError(f"port {p.port} is listed twice", field=f"{_join(path, 'ports')}[{i}].port")
         seen[p.port] = i
     localities = tuple(
-        locality_summary_from_json(x, f"{_join(path, 'localities')}[{i}]")
-        for i, x in enumerate(_list(o.get("localities", []), _join(path, "localities"), limit=10_000))
+        locality_summary_from_json(x, f"{_join(path, 'localities')}[{i}]", strict=True)
+        for i, x in enumerate(_list(o.get("localities", []), _join(path, "localities"), limit=limits.localities,
+                                    name="maxLocalities"))
     )
     for i, loc in enumerate(localities):
         if loc.locality.cluster and loc.locality.cluster != cluster:
             raise ForeignCluster(f"names cluster {loc.locality.cluster!r}, not the publisher {cluster!r}",
                                  field=f"{_join(path, 'localities')}[{i}].cluster")
     endpoints = tuple(
-        endpoint_from_json(x, f"{_join(path, 'endpoints')}[{i}]")
-        for i, x in enumerate(_list(o.get("endpoints", []), _join(path, "endpoints")))
+        endpoint_from_json(x, f"{_join(path, 'endpoints')}[{i}]", strict=True)
+        for i, x in enumerate(_list(o.get("endpoints", []), _join(path, "endpoints"), limit=limits.endpoints,
+                                    name="maxEndpoints"))
     )
     return ExportedService(key=ServiceKey(namespace=ns, name=name),
                            type=_enum(o, "type", path, ServiceType, ServiceType.CLUSTER_SET_IP), ports=ports,
@@ -418,10 +588,13 @@ class DecodeCache:
         self._by_cluster.pop(cluster, None)
 
 
-def export_set_from_json(value: Json, cluster: ClusterId, *, cache: DecodeCache | None = None) -> ExportSet:
-    o = _obj(value, "")
+def export_set_from_json(value: Json, cluster: ClusterId, *, cache: DecodeCache | None = None,
+                         limits: Limits = DEFAULT_LIMITS) -> ExportSet:
+    """The body of ``PUT /v1/clusters/{cluster}/exports``: strict (unknown fields refused) and within ``limits``
+    (``LimitExceeded`` naming the limit otherwise)."""
+    o = _obj(value, "", _EXPORT_SET_FIELDS)
     generation = _int(o, "generation", "", low=1, high=2**63 - 1)
-    raw = _list(_req(o, "services", ""), "services", limit=MAX_SERVICES)
+    raw = _list(_req(o, "services", ""), "services", limit=limits.services, name="maxServices")
     previous = cache.lookup(cluster) if cache is not None else {}
     entries: dict[tuple[str, str], tuple[Json, ExportedService]] = {}
     services: list[ExportedService] = []
@@ -431,7 +604,7 @@ def export_set_from_json(value: Json, cluster: ClusterId, *, cache: DecodeCache 
             ident = (s["namespace"], s["name"])
         hit = previous.get(ident) if ident is not None else None
         svc = hit[1] if hit is not None and hit[0] == s else \
-            exported_service_from_json(s, f"services[{i}]", cluster=cluster)
+            exported_service_from_json(s, f"services[{i}]", cluster=cluster, limits=limits)
         if ident is not None:
             entries[ident] = (s, svc)
         services.append(svc)

@@ -9,6 +9,7 @@ import logging
 import signal
 import ssl
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from federation.trust.errors import TrustError
 from federation.trust.spiffe import SpiffeId
 from federation.trust.store import load_bundle, load_cluster_ca
 from federation.trust.tls import load_identity, server_ssl_context
+from federation.wire import DEFAULT_LIMITS
 
 log = logging.getLogger("meshfed.federation.service")
 
@@ -141,13 +143,21 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
               help="Catalog change batches kept for watch resume (older revisions answer 410).")
 @click.option("--leaf-ttl", type=float, default=24.0, show_default=True, metavar="HOURS",
               help="Lifetime of the server certificate; it is renewed at half.")
+@click.option("--max-services", type=click.IntRange(min=1), default=DEFAULT_LIMITS.services, show_default=True,
+              help="Services one member may publish in its export set (more: 422, limit maxServices).")
+@click.option("--max-endpoints", type=click.IntRange(min=0), default=DEFAULT_LIMITS.endpoints, show_default=True,
+              help="Pod addresses one exported service may carry (more: 422, limit maxEndpoints).")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=DEFAULT_LIMITS.body_bytes,
+              show_default=True, help="Largest request body (larger: 413, limit maxBodyBytes).")
 def serve_cmd(store_url: str, listen: str, ca_dir: Path, lease_ttl: float, cidr: str, bookmark_interval: float,
-              history: int, leaf_ttl: float) -> None:
+              history: int, leaf_ttl: float, max_services: int, max_endpoints: int, max_body_bytes: int) -> None:
     """Run the federation service until SIGTERM/SIGINT."""
     host, port = _listen(listen)
     if lease_ttl <= 0:
         raise click.BadParameter("must be positive", param_hint="--lease-ttl")
-    config = ServiceConfig(lease_ttl_s=lease_ttl, cidr=cidr, bookmark_interval_s=bookmark_interval, history=history)
+    limits = replace(DEFAULT_LIMITS, services=max_services, endpoints=max_endpoints, body_bytes=max_body_bytes)
+    config = ServiceConfig(lease_ttl_s=lease_ttl, cidr=cidr, bookmark_interval_s=bookmark_interval, history=history,
+                           limits=limits)
     run: Callable[[], None] = lambda: asyncio.run(  # noqa: E731
         _serve(store_url=store_url, host=host, port=port, ca_dir=ca_dir, config=config,
                leaf_ttl=timedelta(hours=leaf_ttl)))

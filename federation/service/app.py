@@ -56,7 +56,7 @@ class ServiceConfig:
     cidr: str = DEFAULT_CIDR
     bookmark_interval_s: float = 5.0
     history: int = 4096
-    max_body_bytes: int = 64 * 1024 * 1024
+    limits: wire.Limits = wire.DEFAULT_LIMITS  # what one member may publish (413/422 beyond)
     reap_interval_s: float = 0.0  # 0: the store expires leases itself; > 0: also call store.expire_leases()
 
 
@@ -121,11 +121,30 @@ def _own_cluster(request: web.Request) -> ClusterId:
     return target
 
 
+def _too_large(limit: int, size: int | None) -> _Refused:
+    got = f" ({size} bytes)" if size is not None else ""
+    return _Refused(_error(413, f"request body is larger{got} than the limit of {limit} bytes (maxBodyBytes)",
+                           limit="maxBodyBytes", maximum=limit))
+
+
 async def _body(request: web.Request) -> Any:
+    """The request body as JSON (``wire.loads``: hostile JSON is a ``WireError``, answered 400 naming the field),
+    parsed off the event loop; a body over ``limits.body_bytes`` is 413 before it is read."""
+    limit = request.app[_Keys.config].limits.body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit, request.content_length)
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _Refused(_error(400, f"request body is not JSON: {exc}", field="")) from exc
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise _too_large(limit, None) from exc
+    if len(raw) > limit:
+        raise _too_large(limit, len(raw))
+    if len(raw) < _INLINE_BYTES:
+        return wire.loads(raw)
+    return await asyncio.to_thread(wire.loads, raw)
+
+
+_INLINE_BYTES = 64 * 1024  # smaller bodies are parsed in place (a thread hop costs more than that)
 
 
 def _route_name(request: web.Request) -> str:
@@ -162,9 +181,13 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
         metrics.auth_failures.labels(reason="wrong_cluster").inc()
         log.warning("forbidden caller=%s body names another cluster method=%s path=%s field=%s",
                     request.get(_Keys.cluster), request.method, request.path, exc.field)
-        response = _error(403, exc.reason, field=exc.field)
+        response = _error(403, exc.reason, field=exc.field or None)
+    except wire.LimitExceeded as exc:
+        log.warning("over a publish limit caller=%s method=%s path=%s limit=%s field=%s",
+                    request.get(_Keys.cluster), request.method, request.path, exc.limit, exc.field)
+        response = _error(422, exc.reason, field=exc.field or None, limit=exc.limit, maximum=exc.maximum)
     except wire.WireError as exc:
-        response = _error(400, exc.reason, field=exc.field)
+        response = _error(400, exc.reason, field=exc.field or None)
     except FederationError as exc:
         log.warning("store error method=%s path=%s error=%s", request.method, request.path, exc)
         response = _error(503, f"store unavailable: {exc}")
@@ -217,7 +240,10 @@ async def put_exports(request: web.Request) -> web.Response:
     started = time.perf_counter()
     body = await _body(request)
     read = time.perf_counter()
-    exports = wire.export_set_from_json(body, cluster, cache=request.app[_Keys.decoded])
+    # Decoding and validating thousands of services is CPU work: done on a worker thread, so heartbeats and
+    # watches of other members are served meanwhile.
+    exports = await asyncio.to_thread(wire.export_set_from_json, body, cluster, cache=request.app[_Keys.decoded],
+                                      limits=request.app[_Keys.config].limits)
     decoded = time.perf_counter()
     try:
         revision = await _store(request).put_exports(exports)
@@ -458,7 +484,8 @@ def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: Servi
     default ``cluster_of_peer`` against ``bundle()``)."""
     config = config or ServiceConfig()
     metrics = Metrics()
-    app = web.Application(middlewares=[_middleware], client_max_size=config.max_body_bytes)
+    # aiohttp's own cap sits above ours, so ``_body`` answers first, with the JSON error naming the limit.
+    app = web.Application(middlewares=[_middleware], client_max_size=config.limits.body_bytes + 1)
     state = CatalogState(store, cidr=config.cidr, history=config.history)
     app[_Keys.state] = state
     app[_Keys.store] = store

@@ -37,6 +37,10 @@ SCHEMAS: dict[str, Any] = {
     "Error": _obj({"error": _STR, "field": {"type": ["string", "null"],
                                             "description": "path of the offending field, e.g. services[2].ports[0]"}},
                   ["error", "field"]),
+    "LimitError": {"allOf": [_ref("Error"), _obj({
+        "limit": {"enum": ["maxServices", "maxEndpoints", "maxPorts", "maxLocalities", "maxBodyBytes"],
+                  "description": "the publish limit the body went over (meshfed federation serve --max-...)"},
+        "maximum": _INT}, ["limit", "maximum"])]},
     "Gateway": _obj({"host": _STR, "port": _PORT}, ["host", "port"]),
     "Registration": _obj({"network": _LABEL, "region": _STR, "zone": _STR, "gateway": _ref("Gateway")},
                          ["network"]),
@@ -122,6 +126,7 @@ _ERR = {
     "503": _resp("The store is unreachable", "Error"),
 }
 _FORBIDDEN = {"403": _resp("The caller's certificate belongs to another cluster", "Error")}
+_TOO_LARGE = {"413": _resp("The body is larger than maxBodyBytes", "LimitError")}
 _CLUSTER_PARAM = {"name": "cluster", "in": "path", "required": True, "schema": _LABEL,
                   "description": "The cluster id; must be the caller's own (from its client certificate)"}
 
@@ -143,7 +148,7 @@ def _op(summary: str, responses: dict[str, Any], *, body: str | None = None, par
 PATHS: dict[str, Any] = {
     "/v1/clusters/{cluster}": {
         "put": _op("Register a cluster (or update its network, locality and gateway) and start its lease",
-                   {"200": _resp("Registered", "RegisterResult"), **_FORBIDDEN}, body="Registration",
+                   {"200": _resp("Registered", "RegisterResult"), **_FORBIDDEN, **_TOO_LARGE}, body="Registration",
                    params=[_CLUSTER_PARAM]),
         "delete": _op("Leave the federation: remove the member and its exports",
                       {"200": _resp("Removed", "DeregisterResult"), "404": _resp("Not registered", "Error"),
@@ -160,7 +165,9 @@ PATHS: dict[str, Any] = {
                    "idempotent)",
                    {"200": _resp("Stored durably", "PublishResult"),
                     "404": _resp("Not registered: register first", "Error"),
-                    "409": _resp("Stale generation", "StaleGeneration"), **_FORBIDDEN},
+                    "409": _resp("Stale generation", "StaleGeneration"), **_FORBIDDEN, **_TOO_LARGE,
+                    "422": _resp("Over a publish limit (services per member, endpoints or ports per service); "
+                                 "nothing stored changes", "LimitError")},
                    body="ExportSet", params=[_CLUSTER_PARAM]),
     },
     "/v1/catalog": {
