@@ -13,6 +13,7 @@ Exception tree (this module)::
           +-- Unreachable            connection refused/reset, timeout, or 5xx: retry later (maybe another replica)
           +-- Refused                401/403: this certificate may not do that
           +-- BadRequest             400: ``field`` names what the service rejected
+               +-- OverLimit         413/422: over a publish limit (``limit`` names it, ``maximum`` its value)
           +-- NotRegistered          404 on a cluster route: register (again) first
           +-- Gone                   410 on watch: relist
      +-- StaleGeneration             409 on publish (``stored`` is the service's generation)
@@ -65,6 +66,12 @@ class BadRequest(ClientError):
     pass
 
 
+class OverLimit(BadRequest):
+    def __init__(self, message: str, *, status: int, field: str | None, limit: str, maximum: int) -> None:
+        super().__init__(message, status=status, field=field)
+        self.limit, self.maximum = limit, maximum
+
+
 class NotRegistered(ClientError):
     pass
 
@@ -99,6 +106,11 @@ def _error_of(status: int, body: Any, what: str) -> ClientError:
         return Refused(text, status=status, field=field)
     if status == 400:
         return BadRequest(text, status=status, field=field)
+    if status in (413, 422):
+        limit = body.get("limit", "") if isinstance(body, dict) else ""
+        maximum = body.get("maximum", 0) if isinstance(body, dict) else 0
+        return OverLimit(text, status=status, field=field, limit=str(limit),
+                         maximum=maximum if isinstance(maximum, int) else 0)
     if status == 404:
         return NotRegistered(text, status=status, field=field)
     if status == 410:

@@ -146,3 +146,16 @@ def test_loads_keeps_unrepresentable_numbers_for_the_decoder_to_name() -> None:
     for text in ("[" * 10_000, '{"a": [' * 5_000, "\ud800", "nul"):
         with pytest.raises(wire.WireError):
             wire.loads(text)
+
+
+async def test_client_reports_a_publish_over_a_limit_as_over_limit(pki: Pki, tmp_path: Path) -> None:
+    from federation.client import OverLimit
+
+    config = ServiceConfig(lease_ttl_s=5.0, limits=wire.Limits(services=2))
+    async with SqliteStore(tmp_path / "fed.db") as store, in_process(pki, store, config=config) as (url, _app), \
+            pki.client("east", url) as east:
+        await east.register(info("east"))
+        services, exports = snapshot("east", ["a", "b", "c"])
+        with pytest.raises(OverLimit) as caught:
+            await east.publish(export_set(info("east"), services, exports, generation=3))
+        assert caught.value.limit == "maxServices" and caught.value.maximum == 2 and caught.value.status == 422
