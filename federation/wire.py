@@ -711,8 +711,24 @@ def change_json(revision: int, change: Change, *, now: datetime | None = None) -
             "member": member_json(change.member, now=now) if change.member else None}
 
 
-def bookmark_json(revision: int) -> Json:
-    return {"revision": revision, "type": "bookmark"}
+def bookmark_json(revision: int, *, leases: Mapping[ClusterId, datetime] | None = None) -> Json:
+    """A bookmark line; ``leases`` (each connected member's last renewal) lets watchers follow heartbeats, which
+    make no revision."""
+    out: Json = {"revision": revision, "type": "bookmark"}
+    if leases:
+        out["leases"] = {c: time_json(at) for c, at in sorted(leases.items())}
+    return out
+
+
+def bookmark_leases_from_json(value: Json) -> dict[ClusterId, datetime]:
+    """The ``leases`` of a bookmark line (empty when it has none)."""
+    o = _obj(value, "")
+    raw = _obj(o.get("leases") or {}, "leases")
+    out: dict[ClusterId, datetime] = {}
+    for name in raw:
+        cluster = _checked(cluster_id, str(name), f"leases.{name}")
+        out[cluster] = _req_time(raw, name, "leases")
+    return out
 
 
 def change_from_json(value: Json) -> tuple[int, Change | None]:

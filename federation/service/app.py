@@ -67,7 +67,7 @@ class _Keys:
     config = web.AppKey("config", ServiceConfig)
     bundle = web.AppKey("bundle", object)
     identify = web.AppKey("identify", object)
-    cache = web.AppKey("cache", dict)
+    encoded = web.AppKey("encoded", object)
     decoded = web.AppKey("decoded", wire.DecodeCache)
     cluster = web.RequestKey("cluster", str)
 
@@ -231,6 +231,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         member = await _store(request).renew(cluster, now=now)
     except UnknownCluster as exc:
         return _error(404, f"{exc}; register again", field="cluster")
+    _state(request).renewed(cluster, member.renewed_at)
     return _json({"member": wire.member_json(member, now=now)})
 
 
@@ -281,19 +282,47 @@ async def get_catalog(request: web.Request) -> web.Response:
     if not state.started.is_set():
         return _error(503, "catalog not loaded yet: the store has not answered")
     network = _viewer_network(request)
-    catalog = state.catalog
-    # Cached per revision and viewer network, for at most a second (lease ages in it move with the clock).
-    cache: dict[tuple[int, str | None, int], bytes] = request.app[_Keys.cache]
-    slot = (catalog.revision, network, int(time.monotonic()))
-    body = cache.get(slot)
-    if body is None:
+    catalog = state.view(state.catalog)
+    bundle_pem = _bundle(request).to_pem().decode()
+
+    def encode() -> bytes:
         doc = wire.catalog_json(cat.view(catalog, network=network))
-        doc["trustBundle"] = _bundle(request).to_pem().decode()
-        body = _dumps(doc)
-        if len(cache) > 16:
-            cache.clear()
-        cache[slot] = body
+        doc["trustBundle"] = bundle_pem
+        return _dumps(doc)
+
+    # Shared per revision and viewer network, for at most a second (lease ages in it move with the clock); a big
+    # catalog is encoded on a worker thread.
+    shared: _Shared = request.app[_Keys.encoded]  # type: ignore[assignment]
+    slot = ("catalog", catalog.revision, network, int(time.monotonic()))
+    body = await shared.get(slot, encode, inline=len(catalog.services) < _INLINE_ITEMS)
     return web.Response(body=body, content_type="application/json")
+
+
+_INLINE_ITEMS = 64  # fewer services or changes than this are encoded in place (a thread hop costs more)
+
+
+class _Shared:
+    """Encoded bodies shared by every request that needs the same one (the same revision for the same network):
+    each is computed once, a large one on a worker thread, and the newest ``size`` are kept."""
+
+    def __init__(self, size: int = 32) -> None:
+        self._size = size
+        self._entries: dict[tuple[Any, ...], asyncio.Future[bytes]] = {}
+
+    async def get(self, slot: tuple[Any, ...], encode: Callable[[], bytes], *, inline: bool) -> bytes:
+        entry = self._entries.get(slot)
+        if entry is None:
+            if inline:
+                return encode()
+            entry = asyncio.ensure_future(asyncio.to_thread(encode))
+            self._entries[slot] = entry
+            while len(self._entries) > self._size:
+                del self._entries[next(iter(self._entries))]
+        try:
+            return await asyncio.shield(entry)
+        except Exception:
+            self._entries.pop(slot, None)
+            raise
 
 
 def _gone(state: CatalogState, revision: int) -> web.Response:
@@ -325,18 +354,18 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     metrics.watch_streams.inc()
     log.info("watch open cluster=%s revision=%d", caller, revision)
+    shared: _Shared = request.app[_Keys.encoded]  # type: ignore[assignment]
     try:
         while True:
             network = _viewer_network(request)
-            now = _now()
             for rev, changes in batches:
-                lines = [_dumps(wire.change_json(rev, _view_change(c, network), now=now)) for c in changes]
-                lines.append(_dumps(wire.bookmark_json(rev)))
-                await response.write(b"\n".join(lines) + b"\n")
+                lines = await shared.get(("watch", rev, network), _batch_encoder(rev, changes, network),
+                                         inline=len(changes) < _INLINE_ITEMS)
+                await response.write(lines + _dumps(wire.bookmark_json(rev, leases=state.leases())) + b"\n")
                 metrics.watch_events.inc(len(changes))
                 revision = rev
             if not await state.wait_beyond(revision, wait_s=config.bookmark_interval_s):
-                await response.write(_dumps(wire.bookmark_json(revision)) + b"\n")
+                await response.write(_dumps(wire.bookmark_json(revision, leases=state.leases())) + b"\n")
             try:
                 batches = state.batches_after(revision)
             except RevisionCompacted:
@@ -348,6 +377,15 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
         metrics.watch_streams.dec()
         log.info("watch closed cluster=%s revision=%d", caller, revision)
     return response
+
+
+def _batch_encoder(revision: int, changes: list[cat.Change], network: NetworkId | None) -> Callable[[], bytes]:
+    """The NDJSON lines of one batch as ``network`` sees it (without its bookmark)."""
+    def encode() -> bytes:
+        now = _now()
+        return b"".join(_dumps(wire.change_json(revision, _view_change(c, network), now=now)) + b"\n"
+                        for c in changes)
+    return encode
 
 
 def _view_change(change: cat.Change, network: NetworkId | None) -> cat.Change:
@@ -478,6 +516,16 @@ async def _reap(store: Store, interval: float) -> None:
             log.warning("lease reaper: store error=%s", exc)
 
 
+async def _follow_renewals(state: CatalogState, interval: float) -> None:
+    """Heartbeats answered by other replicas reach this one's ``renewedAt`` through the store every ``interval``."""
+    while True:
+        await asyncio.sleep(max(interval, 0.2))
+        try:
+            await state.refresh_renewals()
+        except FederationError as exc:
+            log.debug("renewals refresh: store error=%s", exc)
+
+
 def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: ServiceConfig | None = None,
                identify: Identify | None = None) -> web.Application:
     """The federation API over an open ``store``. ``identify`` maps a verified client chain to its cluster (by
@@ -493,7 +541,7 @@ def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: Servi
     app[_Keys.config] = config
     app[_Keys.bundle] = bundle
     app[_Keys.identify] = identify or bundle_identify(bundle)
-    app[_Keys.cache] = {}
+    app[_Keys.encoded] = _Shared()
     app[_Keys.decoded] = wire.DecodeCache()
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
@@ -503,6 +551,9 @@ def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: Servi
         tasks: list[asyncio.Task[None]] = []
         if config.reap_interval_s > 0:
             tasks.append(asyncio.get_running_loop().create_task(_reap(store, config.reap_interval_s)))
+        tasks.append(asyncio.get_running_loop().create_task(
+            _follow_renewals(state, min(config.bookmark_interval_s, config.lease_ttl_s / 3)),
+            name="federation-renewals"))
         yield
         for task in tasks:
             task.cancel()

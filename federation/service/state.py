@@ -9,6 +9,14 @@ the client relists.
 
 If the store's watch breaks, the follower retries with backoff from its last revision; if the store compacted past
 it, it takes a fresh snapshot and emits the difference as one batch, so watchers see no gap.
+
+Folding a batch into the catalog (the MCS derivation of every touched service, the diff) runs on a worker thread:
+a member publishing 20,000 services costs CPU there, not on the event loop that answers everyone's heartbeats.
+
+Heartbeats move a member's ``renewed_at`` without a revision (no catalog event). ``renewals`` keeps the newest
+renewal seen per member (from this replica's own heartbeat answers, and from ``store.leases()`` every few seconds
+for those renewed through other replicas); ``member_now`` and ``leases()`` present members with it, so
+``renewedAt`` and ``leaseAgeSeconds`` follow the heartbeats.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from discovery.mcs import DEFAULT_CIDR
@@ -32,6 +41,7 @@ from federation.records import (
     Member,
     RevisionCompacted,
     StoreEvent,
+    StoreSnapshot,
     StoreUnavailable,
 )
 from federation.store.base import Store
@@ -52,6 +62,7 @@ class CatalogState:
         self._on_batch = on_batch
         self._members: dict[ClusterId, Member] = {}
         self._exports: dict[ClusterId, ExportSet] = {}
+        self.renewals: dict[ClusterId, datetime] = {}
         self.catalog = cat.Catalog(revision=0)
         self.oldest = 0  # every batch after this revision is in the history
         self._history: deque[tuple[int, list[cat.Change]]] = deque()
@@ -104,6 +115,37 @@ class CatalogState:
     def members(self) -> dict[ClusterId, Member]:
         return dict(self._members)
 
+    # ---- lease renewals (no revisions) -------------------------------------------------------------------------------
+
+    def renewed(self, cluster: ClusterId, at: datetime) -> None:
+        """A heartbeat of ``cluster`` renewed its lease at ``at`` (kept if newer than what is known)."""
+        known = self.renewals.get(cluster)
+        if known is None or at > known:
+            self.renewals[cluster] = at
+
+    def member_now(self, member: Member) -> Member:
+        """``member`` with its newest known renewal (a connected member's ``renewed_at`` moves with heartbeats)."""
+        at = self.renewals.get(member.info.id)
+        if at is None or member.unreachable_since is not None or at <= member.renewed_at:
+            return member
+        return replace(member, renewed_at=at)
+
+    def leases(self) -> dict[ClusterId, datetime]:
+        """Every connected member's newest renewal (what watch bookmarks carry)."""
+        return {c: self.member_now(m).renewed_at for c, m in self._members.items() if m.unreachable_since is None}
+
+    def view(self, catalog: cat.Catalog) -> cat.Catalog:
+        """``catalog`` with its members' newest renewals."""
+        return replace(catalog, members={c: self.member_now(m) for c, m in catalog.members.items()})
+
+    async def refresh_renewals(self) -> None:
+        """Take the store's renewals (heartbeats other replicas answered) into ``renewals``."""
+        current: Mapping[ClusterId, datetime] = await self._store.leases()
+        for cluster, at in current.items():
+            self.renewed(cluster, at)
+        for cluster in [c for c in self.renewals if c not in current]:
+            del self.renewals[cluster]
+
     def can_resume(self, revision: int) -> bool:
         return revision == self.oldest or revision in self._boundaries
 
@@ -136,15 +178,23 @@ class CatalogState:
 
     async def _resync(self, *, first: bool = False) -> None:
         snap = await self._store.snapshot()
-        self._members = {m.info.id: m for m in snap.members}
-        self._exports = {e.cluster: e for e in snap.exports}
-        new = cat.build(revision=snap.revision, members=self._members, exports=self._exports.values(), cidr=self._cidr)
+        async with self._lock:
+            await self._resync_locked(snap, first=first)
+
+    async def _resync_locked(self, snap: StoreSnapshot, *, first: bool) -> None:
+        members = {m.info.id: m for m in snap.members}
+        exports = {e.cluster: e for e in snap.exports}
+        new = await asyncio.to_thread(cat.build, revision=snap.revision, members=members, exports=exports.values(),
+                                      cidr=self._cidr)
+        self._members, self._exports = members, exports
+        for m in snap.members:
+            self.renewed(m.info.id, m.renewed_at)
         if first:
             self.catalog = new
             self.oldest = snap.revision
             self._boundaries = {snap.revision}
         else:
-            await self._publish(new, cat.diff(self.catalog, new))
+            await self._publish(new, await asyncio.to_thread(cat.diff, self.catalog, new))
         self.healthy = True
         self.started.set()
         log.info("catalog snapshot revision=%d members=%d services=%d", snap.revision, len(self._members),
@@ -221,36 +271,17 @@ class CatalogState:
 
     async def _apply_locked(self, events: list[StoreEvent]) -> None:
         started = time.perf_counter()
-        dirty: set[ServiceKey] = set()
-        revision = self.catalog.revision
-        for ev in events:
-            if ev.revision <= revision:
-                continue  # already applied (a watch re-delivering after a reconnect)
-            revision = ev.revision
-            old_exports = self._exports.get(ev.cluster)
-            old_keys = {x.key: x for x in old_exports.services} if old_exports is not None else {}
-            if ev.kind == EventKind.EXPORTS and ev.exports is not None:
-                self._exports[ev.cluster] = ev.exports
-                new_keys = {x.key: x for x in ev.exports.services}
-                # Only the services whose export changed need deriving again.
-                dirty.update(k for k in old_keys.keys() | new_keys.keys() if old_keys.get(k) != new_keys.get(k))
-            elif ev.kind == EventKind.MEMBER and ev.member is not None:
-                before = self._members.get(ev.cluster)
-                self._members[ev.cluster] = ev.member
-                if before is None or before.info != ev.member.info or \
-                        (before.unreachable_since is None) != (ev.member.unreachable_since is None):
-                    dirty.update(old_keys)
-            elif ev.kind == EventKind.MEMBER_REMOVED:
-                self._members.pop(ev.cluster, None)
-                self._exports.pop(ev.cluster, None)
-                dirty.update(old_keys)
-        if revision == self.catalog.revision:
+        fresh = [ev for ev in events if ev.revision > self.catalog.revision]  # else re-delivered after a reconnect
+        if not fresh:
             return
-        new = cat.build(revision=revision, members=self._members, exports=self._exports.values(), cidr=self._cidr,
-                        previous=self.catalog, dirty=dirty)
-        await self._publish(new, cat.diff(self.catalog, new))
-        log.debug("catalog batch revision=%d events=%d dirty=%d took=%.1fms", revision, len(events), len(dirty),
-                  (time.perf_counter() - started) * 1000)
+        for ev in fresh:
+            if ev.member is not None:
+                self.renewed(ev.cluster, ev.member.renewed_at)
+        folded = await asyncio.to_thread(_fold, fresh, self._members, self._exports, self.catalog, self._cidr)
+        self._members, self._exports = folded.members, folded.exports
+        await self._publish(folded.catalog, folded.changes)
+        log.debug("catalog batch revision=%d events=%d dirty=%d took=%.1fms", folded.catalog.revision, len(events),
+                  folded.dirty, (time.perf_counter() - started) * 1000)
 
     async def _publish(self, new: cat.Catalog, changes: list[cat.Change]) -> None:
         self.catalog = new
@@ -264,6 +295,47 @@ class CatalogState:
             self._on_batch(new, len(changes))
         async with self._changed:
             self._changed.notify_all()
+
+
+@dataclass(frozen=True, slots=True)
+class _Folded:
+    members: dict[ClusterId, Member]
+    exports: dict[ClusterId, ExportSet]
+    catalog: cat.Catalog
+    changes: list[cat.Change]
+    dirty: int
+
+
+def _fold(events: list[StoreEvent], members: Mapping[ClusterId, Member], exports: Mapping[ClusterId, ExportSet],
+          catalog: cat.Catalog, cidr: str) -> _Folded:
+    """``events`` (all newer than ``catalog``) folded into new member and export tables, the catalog built
+    incrementally over the services they touch, and its diff. Pure: reads its arguments, returns new values (it
+    runs on a worker thread while the loop keeps serving the old ones)."""
+    members, exports = dict(members), dict(exports)
+    dirty: set[ServiceKey] = set()
+    revision = catalog.revision
+    for ev in events:
+        revision = ev.revision
+        old_exports = exports.get(ev.cluster)
+        old_keys = {x.key: x for x in old_exports.services} if old_exports is not None else {}
+        if ev.kind == EventKind.EXPORTS and ev.exports is not None:
+            exports[ev.cluster] = ev.exports
+            new_keys = {x.key: x for x in ev.exports.services}
+            # Only the services whose export changed need deriving again.
+            dirty.update(k for k in old_keys.keys() | new_keys.keys() if old_keys.get(k) != new_keys.get(k))
+        elif ev.kind == EventKind.MEMBER and ev.member is not None:
+            before = members.get(ev.cluster)
+            members[ev.cluster] = ev.member
+            if before is None or before.info != ev.member.info or \
+                    (before.unreachable_since is None) != (ev.member.unreachable_since is None):
+                dirty.update(old_keys)
+        elif ev.kind == EventKind.MEMBER_REMOVED:
+            members.pop(ev.cluster, None)
+            exports.pop(ev.cluster, None)
+            dirty.update(old_keys)
+    new = cat.build(revision=revision, members=members, exports=exports.values(), cidr=cidr, previous=catalog,
+                    dirty=dirty)
+    return _Folded(members=members, exports=exports, catalog=new, changes=cat.diff(catalog, new), dirty=len(dirty))
 
 
 def utcnow() -> datetime:

@@ -8,6 +8,8 @@ Semantics every implementation keeps (and ``tests/federation/test_store_contract
 - ``put_exports`` is last-writer-wins per cluster with a strictly increasing generation (``StaleGeneration``
   otherwise; re-sending the same generation with identical content is idempotent and returns the stored revision).
 - Several service replicas over one shared store (etcd) see one order of revisions.
+- ``renew`` moves the member's ``renewed_at`` in the store at once (no revision while it stays reachable), and
+  ``snapshot()`` and ``leases()`` read it back: the service shows heartbeats in ``renewedAt``/``leaseAgeSeconds``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class Store(Protocol):
         ...
 
     async def remove_member(self, cluster: ClusterId) -> int: ...
+
+    async def leases(self) -> dict[ClusterId, datetime]:
+        """Every registered member's latest ``renewed_at`` (heartbeats included): a cheap read, no export sets."""
+        ...
 
     async def put_exports(self, exports: ExportSet) -> int:
         """Replace a cluster's export set (generation must increase). Returns the revision."""

@@ -329,6 +329,24 @@ class EtcdStore:
             await self._revoke(lease_id)
         raise StoreUnavailable(f"etcd {self.endpoint}: {what}: gave up after {_CAS_ATTEMPTS} conflicting writes")
 
+    async def leases(self) -> dict[ClusterId, datetime]:
+        # renewed/<c> is rewritten by every heartbeat; members/<c> only by registration (and a lease coming back).
+        ranges = []
+        for kind in ("members", "renewed"):
+            start = self._key(kind)
+            ranges.append(rpc.RequestOp(request_range=rpc.RangeRequest(
+                key=start, range_end=aetcd.utils.prefix_range_end(start))))
+        result = await self._txn("leases", [], ranges)
+        tables: dict[str, dict[str, Any]] = {"members": {}, "renewed": {}}
+        for response in result.responses:
+            for kv in response.response_range.kvs:
+                kind, _, cluster = bytes(kv.key).decode()[len(self._prefix):].partition("/")
+                if kind in tables:
+                    tables[kind][cluster] = kv
+        return {ClusterId(c): codec.decode_member((tables["renewed"].get(c) or kv).value,
+                                                  what=f"member {c}").renewed_at
+                for c, kv in tables["members"].items()}
+
     async def remove_member(self, cluster: ClusterId) -> int:
         what = f"remove_member {cluster}"
         _, (mkv, akv) = await self._read(what, self._key("members", cluster), self._key("alive", cluster))

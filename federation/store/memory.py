@@ -141,6 +141,10 @@ class MemoryStore:
             await self._wake()
         return renewed
 
+    async def leases(self) -> dict[ClusterId, datetime]:
+        self._start()
+        return {c: m.renewed_at for c, m in self._members.items()}
+
     async def remove_member(self, cluster: ClusterId) -> int:
         self._start()
         if cluster not in self._members:

@@ -259,6 +259,13 @@ class SqliteStore:
             await self._notify()
         return renewed
 
+    async def leases(self) -> dict[ClusterId, datetime]:
+        def read(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return [(str(c), str(b)) for c, b in conn.execute("SELECT cluster, body FROM members").fetchall()]
+
+        rows = await self._run(read, what="leases")
+        return {ClusterId(c): codec.decode_member(b, what=f"member {c}").renewed_at for c, b in rows}
+
     async def remove_member(self, cluster: ClusterId) -> int:
         def body(conn: sqlite3.Connection) -> int:
             if conn.execute("SELECT 1 FROM members WHERE cluster=?", (cluster,)).fetchone() is None:

@@ -247,6 +247,23 @@ async def test_unknown_cluster_is_refused(opener: Opener) -> None:
     assert (await store.snapshot()).members == ()
 
 
+async def test_heartbeats_show_in_leases_and_snapshot(opener: Opener) -> None:
+    # A heartbeat makes no revision, but it is in the store at once: leases() (the service's cheap read for
+    # renewedAt and leaseAgeSeconds) and snapshot() both carry it, for every member, until it is removed.
+    store = await opener()
+    await store.put_member(member("east"))
+    await store.put_member(member("west"))
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    even_later = later + timedelta(seconds=5)
+    await store.renew(ClusterId("east"), now=later)
+    assert (await store.leases())[ClusterId("east")] == later
+    await store.renew(ClusterId("west"), now=even_later)
+    assert await store.leases() == {ClusterId("east"): later, ClusterId("west"): even_later}
+    assert {m.info.id: m.renewed_at for m in (await store.snapshot()).members} == await store.leases()
+    await store.remove_member(ClusterId("west"))
+    assert await store.leases() == {ClusterId("east"): later}
+
+
 async def test_members_put_renew_remove(opener: Opener) -> None:
     store = await opener()
     r1 = await store.put_member(member("east"))
