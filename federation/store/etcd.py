@@ -124,6 +124,22 @@ def _unpack(value: bytes, what: str) -> bytes:
         raise codec.CorruptRecord(f"{what}: neither JSON nor zlib-compressed JSON: {exc}") from exc
 
 
+def _encode_exports(exports: ExportSet) -> tuple[bytes, bytes]:
+    """(the canonical JSON, the stored value) of an export set."""
+    text = codec.encode_exports(exports)
+    return text.encode(), _pack(text)
+
+
+def _stored_generation(value: bytes, cluster: str) -> tuple[bytes, int]:
+    """(the JSON, the generation) of a stored export set."""
+    text = _unpack(value, f"exports of {cluster}")
+    return text, codec.decode_exports(text, what=f"exports of {cluster}").generation
+
+
+def _decode_exports(value: bytes, what: str) -> ExportSet:
+    return codec.decode_exports(_unpack(value, what), what=what)
+
+
 def _connection_error(exc: BaseException) -> bool:
     if isinstance(exc, aetcd.exceptions.ConnectionFailedError | aetcd.exceptions.ConnectionTimeoutError):
         return True
@@ -367,24 +383,24 @@ class EtcdStore:
     async def put_exports(self, exports: ExportSet) -> int:
         cid = exports.cluster
         what = f"put_exports {cid}"
-        text = codec.encode_exports(exports)
+        # Encoding, compressing and decoding export sets is CPU work that grows with the member: worker threads.
+        text, packed = await asyncio.to_thread(_encode_exports, exports)
         for _ in range(_CAS_ATTEMPTS):
             _, (mkv, ekv) = await self._read(what, self._key("members", cid), self._key("exports", cid))
             if mkv is None:
                 raise UnknownCluster(f"cluster {cid} is not registered: register before publishing exports")
             seen_mod = 0
             if ekv is not None:
-                stored_text = _unpack(bytes(ekv.value), f"exports of {cid}")
-                stored = codec.decode_exports(stored_text, what=f"exports of {cid}")
-                if exports.generation == stored.generation and stored_text == text.encode():
+                stored_text, stored_generation = await asyncio.to_thread(_stored_generation, bytes(ekv.value), cid)
+                if exports.generation == stored_generation and stored_text == text:
                     return int(ekv.mod_revision)
-                if exports.generation <= stored.generation:
-                    raise StaleGeneration(cid, exports.generation, stored.generation)
+                if exports.generation <= stored_generation:
+                    raise StaleGeneration(cid, exports.generation, stored_generation)
                 seen_mod = int(ekv.mod_revision)
             response = await self._txn(
                 what,
                 [_mod_is(self._key("exports", cid), seen_mod), _exists(self._key("members", cid))],
-                [_put(self._key("exports", cid), _pack(text))],
+                [_put(self._key("exports", cid), packed)],
             )
             if response.succeeded:
                 revision = int(response.header.revision)
@@ -445,10 +461,8 @@ class EtcdStore:
             self._member_from(tables["renewed"].get(c), kv, tables["alive"].get(c))
             for c, kv in sorted(tables["members"].items())
         )
-        exports = tuple(
-            codec.decode_exports(_unpack(bytes(kv.value), f"exports of {c}"), what=f"exports of {c}")
-            for c, kv in sorted(tables["exports"].items())
-        )
+        stored = [(bytes(kv.value), f"exports of {c}") for c, kv in sorted(tables["exports"].items())]
+        exports = tuple(await asyncio.to_thread(lambda: [_decode_exports(v, what) for v, what in stored]))
         return StoreSnapshot(revision=int(result.header.revision), members=members, exports=exports)
 
     def _translate(self, event: Any, member_revs: dict[str, int]) -> StoreEvent | None:
@@ -464,9 +478,8 @@ class EtcdStore:
                 return StoreEvent(revision, EventKind.MEMBER, cid, member=member)
             return StoreEvent(revision, EventKind.MEMBER_REMOVED, cid)
         if kind == "exports" and put:
-            what = f"exports of {cluster} at revision {revision}"
-            exports = codec.decode_exports(_unpack(bytes(event.kv.value), what), what=what)
-            return StoreEvent(revision, EventKind.EXPORTS, cid, exports=exports)
+            # Decoded by the caller (on a worker thread): an export set can be megabytes.
+            return StoreEvent(revision, EventKind.EXPORTS, cid)
         if kind == "alive" and not put and member_revs.get(cluster) != revision:
             prev = event.prev_kv
             if prev is None or not prev.key:
@@ -494,6 +507,12 @@ class EtcdStore:
                 async for event in watch:
                     store_event = self._translate(event, member_revs)
                     last = max(last, int(event.kv.mod_revision))
+                    if store_event is not None and store_event.kind == EventKind.EXPORTS:
+                        what = f"exports of {store_event.cluster} at revision {store_event.revision}"
+                        value = bytes(event.kv.value)
+                        decoded = await asyncio.to_thread(_decode_exports, value, what) \
+                            if len(value) > _COMPRESS_OVER else _decode_exports(value, what)
+                        store_event = replace(store_event, exports=decoded)
                     if store_event is not None:
                         yield store_event
             except aetcd.exceptions.RevisionCompactedError as exc:

@@ -13,8 +13,10 @@ after rows are deleted). ``synchronous=FULL``: the WAL is fsynced at every commi
 returned survives kill -9 of the process *and* a power loss (NORMAL would survive the first only).
 
 All SQLite calls run on one dedicated thread (a single-worker executor owning the connection), never on the event
-loop. Watchers are woken in-process by an ``asyncio.Condition`` after each commit, and also re-read the log every
-``poll_interval_s`` so that another process writing the same file is seen too.
+loop. Encoding and decoding export sets (CPU work that grows with a member's size) runs on other worker threads,
+never on the store thread: a heartbeat's ``renew`` waits at most for one SQL transaction, not behind the decoding of
+another member's 20,000 services. Watchers are woken in-process by an ``asyncio.Condition`` after each commit, and
+also re-read the log every ``poll_interval_s`` so that another process writing the same file is seen too.
 
 Errors: ``sqlite3.Error`` is wrapped into ``StoreUnavailable`` (``raise ... from exc``); the rest are the
 ``federation.records`` tree (``StaleGeneration``, ``UnknownCluster``, ``RevisionCompacted``).
@@ -35,7 +37,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from discovery.model import ClusterId
 from federation.records import (
@@ -83,6 +85,7 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('compacted', 0);
 """
 
 _WATCH_BATCH = 500
+_DECODE_INLINE_BYTES = 64 * 1024  # event bodies up to this are decoded in place, bigger ones on a worker thread
 
 
 class SqliteStore:
@@ -281,7 +284,7 @@ class SqliteStore:
 
     async def put_exports(self, exports: ExportSet) -> int:
         cid = exports.cluster
-        text = codec.encode_exports(exports)
+        text = await asyncio.to_thread(codec.encode_exports, exports)
 
         def body(conn: sqlite3.Connection) -> tuple[int, bool]:
             if conn.execute("SELECT 1 FROM members WHERE cluster=?", (cid,)).fetchone() is None:
@@ -373,7 +376,7 @@ class SqliteStore:
         return 0 if row is None else int(row[0])
 
     async def snapshot(self) -> StoreSnapshot:
-        def read(conn: sqlite3.Connection) -> StoreSnapshot:
+        def read(conn: sqlite3.Connection) -> tuple[int, list[Any], list[Any]]:
             conn.execute("BEGIN")
             try:
                 members = conn.execute("SELECT cluster, body FROM members ORDER BY cluster").fetchall()
@@ -381,19 +384,23 @@ class SqliteStore:
                 head = self._head(conn)
             finally:
                 conn.execute("COMMIT")
+            return head, members, exports
+
+        def decode(head: int, members: list[Any], exports: list[Any]) -> StoreSnapshot:
             return StoreSnapshot(
                 revision=head,
                 members=tuple(codec.decode_member(b, what=f"member {c}") for c, b in members),
                 exports=tuple(codec.decode_exports(b, what=f"exports of {c}") for c, b in exports),
             )
 
-        return await self._run(read, what="snapshot")
+        head, members, exports = await self._run(read, what="snapshot")
+        return await asyncio.to_thread(decode, head, members, exports)
 
     async def revision(self) -> int:
         """The newest revision in the file."""
         return await self._run(self._head, what="revision")
 
-    def _events_after(self, conn: sqlite3.Connection, *, after: int) -> list[StoreEvent]:
+    def _rows_after(self, conn: sqlite3.Connection, *, after: int) -> list[Any]:
         conn.execute("BEGIN")
         try:
             compacted = int(conn.execute("SELECT value FROM meta WHERE key='compacted'").fetchone()[0])
@@ -405,6 +412,10 @@ class SqliteStore:
             ).fetchall()
         finally:
             conn.execute("COMMIT")
+        return list(rows)
+
+    @staticmethod
+    def _decode_rows(rows: list[Any]) -> list[StoreEvent]:
         return [codec.decode_event(int(r), k, c, b) for r, k, c, b in rows]
 
     async def watch(self, *, after: int) -> AsyncIterator[StoreEvent]:
@@ -412,11 +423,13 @@ class SqliteStore:
         while not self._closed:
             seen = self._writes
             try:
-                events = await self._run(functools.partial(self._events_after, after=last), what=f"watch after {last}")
+                rows = await self._run(functools.partial(self._rows_after, after=last), what=f"watch after {last}")
             except StoreUnavailable:
                 if self._closed:
                     return
                 raise
+            big = sum(len(r[3] or "") for r in rows) > _DECODE_INLINE_BYTES
+            events = await asyncio.to_thread(self._decode_rows, rows) if big else self._decode_rows(rows)
             for event in events:
                 last = event.revision
                 yield event
