@@ -3,11 +3,19 @@
 ``FederationAgent`` (an async context manager) runs three loops over one ``FederationClient``:
 
 - lease: register, then heartbeat every ``heartbeat_interval_s``, but at least every third of the lease TTL the
-  service granted (``heartbeat_interval``); a 404 (the member was removed) registers again and republishes;
+  service granted (``heartbeat_interval``); a 404 (the member was removed) registers again and republishes. It runs
+  on a thread of its own, with its own event loop and connection (``client.fork()``): nothing the control plane's
+  loop does (applying a catalog of 20,000 services, regenerating every proxy's configuration) can delay a heartbeat
+  and cost the cluster its lease;
 - publish: ``agent.publish(services, exports)`` turns the local discovery snapshot into an ``ExportSet`` with a
   larger generation and hands it to the loop, which retries until the service acknowledges it (the same generation
   on retry, so a retry after a lost answer is idempotent; a 409 moves past the stored generation);
 - watch: list the catalog, then follow ``/v1/catalog/watch`` from its revision; a 410 relists.
+
+Decoding and applying a large catalog or watch batch runs on worker threads, so the control plane's loop (DNS, xDS)
+stays responsive while another cluster publishes thousands of services. Heartbeats make no catalog revision: the
+members' ``renewed_at`` in ``agent.catalog`` follows them (this cluster's from its own heartbeat answers, the others'
+from the watch's bookmarks) without an ``on_update`` call, since nothing routable changed.
 
 When the federation is unreachable the agent keeps the last catalog it had: nothing is withdrawn because the
 federation is down, only because the federation said so. It reconnects with jittered exponential backoff (bounded
@@ -24,9 +32,11 @@ import contextlib
 import inspect
 import logging
 import random
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import datetime
 from types import TracebackType
 
 from discovery.model import (
@@ -43,8 +53,9 @@ from discovery.model import (
     ServiceKey,
 )
 from federation import catalog as cat
+from federation import offload
 from federation.client import BadRequest, FederationClient, Gone, NotRegistered, Refused, Unreachable
-from federation.records import ExportedService, ExportSet, FederationError, StaleGeneration
+from federation.records import ExportedService, ExportSet, FederationError, Member, StaleGeneration
 
 log = logging.getLogger("meshfed.federation.agent")
 
@@ -56,6 +67,7 @@ class AgentConfig:
     heartbeat_interval_s: float | None = None  # at most this; never longer than a third of the granted lease
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 5.0
+    lease_thread: bool = True  # heartbeat from a thread of its own (False: a task on the caller's loop)
 
 
 def heartbeat_interval(configured_s: float | None, lease_ttl_s: float) -> float:
@@ -228,15 +240,26 @@ class FederationAgent:
         self._updates = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._index = _RemoteIndex(info.id)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lease: _LeaseThread | None = None
         self.relists = 0
         self.reconnects = 0
+        self.heartbeats = 0  # renewals the service acknowledged
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
     async def __aenter__(self) -> FederationAgent:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        fork = getattr(self.client, "fork", None)
+        if self.config.lease_thread and fork is not None:
+            self._lease = _LeaseThread(self, fork())
+            await asyncio.to_thread(self._lease.start)
+            lease_task: list[asyncio.Task[None]] = []
+        else:
+            lease_task = [loop.create_task(self._lease_loop(self.client, _LocalSignals(self)),
+                                           name=f"federation-lease-{self.info.id}")]
         self._tasks = [
-            loop.create_task(self._lease_loop(), name=f"federation-lease-{self.info.id}"),
+            *lease_task,
             loop.create_task(self._publish_loop(), name=f"federation-publish-{self.info.id}"),
             loop.create_task(self._watch_loop(), name=f"federation-watch-{self.info.id}"),
         ]
@@ -250,6 +273,17 @@ class FederationAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._lease is not None:
+            await asyncio.to_thread(self._lease.stop)
+            self._lease = None
+
+    def _register_again(self) -> None:
+        """The service forgot us (404): the lease loop registers again."""
+        self.registered.clear()
+        if self._lease is not None:
+            self._lease.wake()
+        else:
+            self._register_wake.set()
 
     # ---- publishing -----------------------------------------------------------------------------------------------
 
@@ -302,8 +336,7 @@ class FederationAgent:
                     self._pending = replace(pending, generation=self._generation)
                 continue
             except NotRegistered:
-                self.registered.clear()
-                self._register_wake.set()
+                self._register_again()
                 continue
             except (BadRequest, Refused) as exc:
                 log.error("publish rejected cluster=%s generation=%d error=%s field=%s", self.info.id,
@@ -330,31 +363,54 @@ class FederationAgent:
 
     # ---- lease ----------------------------------------------------------------------------------------------------
 
-    async def _register(self) -> None:
-        member = await self.client.register(self.info)
+    def _on_registered(self, member: Member) -> None:
+        """(On the agent's loop.) The service registered us."""
         self._lease_ttl = member.lease_ttl_s
         log.info("registered cluster=%s lease_ttl=%.1fs", self.info.id, self._lease_ttl)
         if self._acked is not None and self._pending is None:
             # A removed member lost its exports: publish what we last had again, under a new generation.
             self.publish_set(self._acked)
         self.registered.set()
+        self._on_renewals({member.info.id: member.renewed_at})
 
-    async def _lease_loop(self) -> None:
+    def _on_heartbeat(self, member: Member) -> None:
+        """(On the agent's loop.) A heartbeat was acknowledged."""
+        self.heartbeats += 1
+        self._lease_ttl = member.lease_ttl_s
+        self._on_renewals({member.info.id: member.renewed_at})
+
+    def _on_renewals(self, leases: Mapping[ClusterId, datetime]) -> None:
+        """Members' newer renewal times into ``catalog`` (no revision, no ``on_update``: nothing routable moved)."""
+        catalog = self.catalog
+        if catalog is None:
+            return
+        moved = {c: replace(m, renewed_at=leases[c]) for c, m in catalog.members.items()
+                 if c in leases and m.unreachable_since is None and leases[c] > m.renewed_at}
+        if moved:
+            self.catalog = replace(catalog, members={**catalog.members, **moved})
+
+    async def _lease_loop(self, client: FederationClient, signals: _Signals) -> None:
+        """Register, then heartbeat; runs on the lease thread's loop (or the agent's, see ``lease_thread``) and
+        reaches the agent only through ``signals``."""
         backoff = self.config.backoff_initial_s
+        registered = False
+        ttl = self._lease_ttl
         while True:
             try:
-                if not self.registered.is_set():
-                    await self._register()
+                if not registered or signals.must_register():
+                    member = await client.register(self.info)
+                    registered = True
+                    signals.registered(member)
                 else:
-                    await self.client.heartbeat()
+                    member = await client.heartbeat()
+                    signals.heartbeat(member)
+                ttl = member.lease_ttl_s
                 backoff = self.config.backoff_initial_s
-                interval = heartbeat_interval(self.config.heartbeat_interval_s, self._lease_ttl)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._register_wake.wait(), interval)
-                self._register_wake.clear()
+                await signals.sleep(heartbeat_interval(self.config.heartbeat_interval_s, ttl))
             except NotRegistered:
                 log.warning("federation forgot cluster=%s: registering again", self.info.id)
-                self.registered.clear()
+                registered = False
+                signals.forgotten()
             except (Unreachable, FederationError, ValueError, KeyError, TypeError) as exc:
                 log.warning("lease renewal failed cluster=%s error=%s retry_in=%.2fs", self.info.id, exc, backoff)
                 await asyncio.sleep(_jitter(backoff))
@@ -364,9 +420,9 @@ class FederationAgent:
 
     async def _set_catalog(self, catalog: cat.Catalog, changes: list[cat.Change] | None = None) -> None:
         if changes is None or self.catalog is None:
-            self._index.reset(catalog)
+            await offload.run(self._index.reset, catalog, items=len(catalog.services))
         else:
-            self._index.update(self.catalog, changes, catalog)
+            await offload.run(self._index.update, self.catalog, changes, catalog, items=len(changes))
         self.catalog = catalog
         if self.on_update is not None:
             try:
@@ -393,14 +449,18 @@ class FederationAgent:
                     log.info("catalog listed cluster=%s revision=%d services=%d members=%d", self.info.id,
                              listing.catalog.revision, len(listing.catalog.services), len(listing.catalog.members))
                 assert self.catalog is not None
-                async for revision, changes in self.client.watch(revision=self.catalog.revision):
+                async for revision, changes in self.client.watch(revision=self.catalog.revision,
+                                                                 on_renewals=self._on_renewals):
                     backoff = self.config.backoff_initial_s
                     if not self.connected:
                         self.connected = True
                         async with self._update_cond:
                             self._update_cond.notify_all()  # wake wait_for() predicates that look at `connected`
                     if changes or revision != self.catalog.revision:
-                        await self._set_catalog(cat.apply(self.catalog, revision, changes), changes)
+                        # A batch of thousands of services is applied on a worker thread (the index too, in
+                        # _set_catalog): the control plane's loop keeps answering DNS and xDS meanwhile.
+                        new = await offload.run(cat.apply, self.catalog, revision, changes, items=len(changes))
+                        await self._set_catalog(new, changes)
             except Gone as exc:
                 log.info("catalog revision gone cluster=%s: relisting (%s)", self.info.id, exc)
                 relist = True
@@ -440,6 +500,129 @@ class FederationAgent:
         """``registry`` with the last known catalog applied (unchanged if none yet); equal to
         ``apply_catalog(registry, agent.catalog)`` but touching only the remote clusters that changed."""
         return registry if self.catalog is None else self._index.apply(registry)
+
+
+class _Signals:
+    """How the lease loop reaches the agent (and is woken by it), wherever the loop runs."""
+
+    def must_register(self) -> bool:
+        raise NotImplementedError
+
+    def registered(self, member: Member) -> None:
+        raise NotImplementedError
+
+    def heartbeat(self, member: Member) -> None:
+        raise NotImplementedError
+
+    def forgotten(self) -> None:
+        raise NotImplementedError
+
+    async def sleep(self, interval: float) -> None:
+        raise NotImplementedError
+
+
+class _LocalSignals(_Signals):
+    """The lease loop as a task on the agent's own loop."""
+
+    def __init__(self, agent: FederationAgent) -> None:
+        self._agent = agent
+
+    def must_register(self) -> bool:
+        return not self._agent.registered.is_set()
+
+    def registered(self, member: Member) -> None:
+        self._agent._on_registered(member)
+
+    def heartbeat(self, member: Member) -> None:
+        self._agent._on_heartbeat(member)
+
+    def forgotten(self) -> None:
+        self._agent.registered.clear()
+
+    async def sleep(self, interval: float) -> None:
+        wake = self._agent._register_wake
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+        wake.clear()
+
+
+class _LeaseThread(_Signals):
+    """The lease loop on a thread of its own, with its own event loop and its own client (``client.fork()``): a
+    busy agent loop cannot delay a heartbeat. Results go back to the agent's loop with ``call_soon_threadsafe``."""
+
+    def __init__(self, agent: FederationAgent, client: FederationClient) -> None:
+        self._agent = agent
+        self._client = client
+        self._main = agent._loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._register = threading.Event()  # set by the agent (a 404 on publish): register again
+        self._thread = threading.Thread(target=self._main_thread, name=f"federation-lease-{agent.info.id}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+
+    def stop(self) -> None:
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stop.set)
+        self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        self._register.set()
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(wake.set)
+
+    def _main_thread(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except Exception:  # the loop must never die silently: the lease would run out without a word
+            log.exception("lease thread failed cluster=%s", self._agent.info.id)
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake, self._stop = asyncio.Event(), asyncio.Event()
+        self._ready.set()
+        async with self._client as client:
+            task = asyncio.get_running_loop().create_task(self._agent._lease_loop(client, self))
+            await self._stop.wait()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _to_agent(self, fn: Callable[..., None], *args: object) -> None:
+        if self._main is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the agent's loop is closed: the agent is gone
+            self._main.call_soon_threadsafe(fn, *args)
+
+    def must_register(self) -> bool:
+        if self._register.is_set():
+            self._register.clear()
+            return True
+        return False
+
+    def registered(self, member: Member) -> None:
+        self._to_agent(self._agent._on_registered, member)
+
+    def heartbeat(self, member: Member) -> None:
+        self._to_agent(self._agent._on_heartbeat, member)
+
+    def forgotten(self) -> None:
+        self._to_agent(self._agent.registered.clear)
+
+    async def sleep(self, interval: float) -> None:
+        assert self._wake is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), interval)
+        self._wake.clear()
 
 
 def _jitter(delay: float) -> float:

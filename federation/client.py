@@ -4,7 +4,10 @@
 URL when one is unreachable). Every response is checked to come from the federation service's identity
 (``spiffe://<td>/meshfed/federation``) when a bundle is given. ``watch(revision=R)`` yields committed batches
 ``(revision, changes)`` (a batch is committed by its bookmark line, so resuming from the last yielded revision never
-skips half a batch); a 410 raises ``Gone`` and the caller relists with ``catalog()``.
+skips half a batch); a 410 raises ``Gone`` and the caller relists with ``catalog()``; bookmarks' lease renewals go
+to ``on_renewals``. Decoding a large body (a catalog of thousands of services, a big watch batch) and encoding a
+large publish run on a worker thread, never on the caller's event loop. ``fork()`` makes a second client with the
+same identity and replicas, for a caller that needs its own connection (the agent's lease thread).
 
 Exception tree (this module)::
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,7 +37,7 @@ from typing import Any
 import aiohttp
 
 from discovery.model import ClusterId, ClusterInfo, ServiceKey
-from federation import wire
+from federation import offload, wire
 from federation.catalog import Catalog, Change
 from federation.records import ExportedService, ExportSet, FederationError, Member, StaleGeneration
 from federation.trust.bundle import TrustBundle
@@ -162,10 +165,26 @@ class FederationClient:
         self._session: aiohttp.ClientSession | None = None
         self._current = 0
         self._encoded: dict[ServiceKey, tuple[ExportedService, bytes]] = {}
+        self._request_timeout_s, self._watch_idle_timeout_s = request_timeout_s, watch_idle_timeout_s
+        self._parent: FederationClient | None = None
 
     def set_bundle(self, bundle: TrustBundle) -> None:
         """Use ``bundle`` to check the federation server's identity from the next connection on (root rotation)."""
         self._bundle = bundle
+
+    def fork(self) -> FederationClient:
+        """A new client (not yet entered) for the same cluster, replicas and TLS identity, with its own connections
+        (it may be entered on another thread's event loop). It follows this client's ``set_bundle``."""
+        other = FederationClient(self.urls, ssl_context=self._ssl, cluster=self.cluster, bundle=self._bundle,
+                                 request_timeout_s=self._request_timeout_s,
+                                 watch_idle_timeout_s=self._watch_idle_timeout_s)
+        other._parent = self
+        other._current = self._current
+        return other
+
+    @property
+    def bundle(self) -> TrustBundle | None:
+        return self._parent.bundle if self._parent is not None else self._bundle
 
     async def __aenter__(self) -> FederationClient:
         connector = _VerifyingConnector(check=self._check_server, ssl=self._ssl, limit=16,
@@ -198,12 +217,13 @@ class FederationClient:
 
     def _check_server(self, ssl_object: Any) -> None:
         """The server must prove ``spiffe://<td>/meshfed/federation`` (checked once per connection)."""
-        if self._bundle is None:
+        bundle = self.bundle
+        if bundle is None:
             return
         if ssl_object is None:
             raise Refused(f"{self.url}: not a TLS connection")
         try:
-            federation_server_of_peer(peer_chain_der(ssl_object), self._bundle)
+            federation_server_of_peer(peer_chain_der(ssl_object), bundle)
         except TrustError as exc:
             raise Refused(f"{self.url} is not the federation service: {exc}") from exc
 
@@ -215,8 +235,8 @@ class FederationClient:
             async with self._http().request(method, url, data=data, headers=headers, timeout=self._timeout) as resp:
                 raw = await resp.read()
                 try:
-                    payload = json.loads(raw) if raw else None
-                except ValueError:
+                    payload = await offload.run(wire.loads, raw, items=len(raw) // _BYTES_PER_ITEM) if raw else None
+                except wire.WireError:
                     payload = raw.decode(errors="replace")
                 if resp.status >= 400:
                     if resp.status == 409 and isinstance(payload, dict) and "storedGeneration" in payload:
@@ -248,8 +268,8 @@ class FederationClient:
 
     async def publish(self, exports: ExportSet) -> int:
         """Store ``exports`` durably; returns the store revision. Safe to retry with the same generation."""
-        body = await self._call("PUT", f"/v1/clusters/{self.cluster}/exports", raw=self._export_body(exports),
-                                what="publish")
+        raw = await offload.run(self._export_body, exports, items=len(exports.services))
+        body = await self._call("PUT", f"/v1/clusters/{self.cluster}/exports", raw=raw, what="publish")
         return int(body["revision"])
 
     def _export_body(self, exports: ExportSet) -> bytes:
@@ -269,14 +289,25 @@ class FederationClient:
 
     async def catalog(self) -> Listing:
         body = await self._call("GET", "/v1/catalog", what="catalog")
-        return Listing(catalog=wire.catalog_from_json(body), trust_bundle_pem=str(body.get("trustBundle", "")))
+        if not isinstance(body, dict):
+            raise Unreachable(f"catalog: {self.url}: the answer is not a JSON object")
+        services = body.get("services")
+        try:
+            catalog = await offload.run(wire.catalog_from_json, body,
+                                        items=len(services) if isinstance(services, list) else 0)
+        except wire.WireError as exc:
+            raise Unreachable(f"catalog: {self.url}: the answer does not decode: {exc}") from exc
+        return Listing(catalog=catalog, trust_bundle_pem=str(body.get("trustBundle", "")))
 
     async def trust_bundle(self) -> dict[str, Any]:
         body: dict[str, Any] = await self._call("GET", "/v1/trust-bundle", what="trust bundle")
         return body
 
-    async def watch(self, *, revision: int) -> AsyncIterator[tuple[int, list[Change]]]:
-        """Committed change batches after ``revision``, until the stream ends (then ``Unreachable``)."""
+    async def watch(self, *, revision: int,
+                    on_renewals: Callable[[Mapping[ClusterId, datetime]], None] | None = None
+                    ) -> AsyncIterator[tuple[int, list[Change]]]:
+        """Committed change batches after ``revision``, until the stream ends (then ``Unreachable``). Each
+        bookmark's lease renewals (heartbeats make no revision) are handed to ``on_renewals``."""
         url = f"{self.url}/v1/catalog/watch?revision={revision}"
         try:
             async with self._http().get(url, timeout=self._watch_timeout) as resp:
@@ -292,14 +323,20 @@ class FederationClient:
                     raise err
                 buffer = b""
                 pending: list[Change] = []
+                waiting: list[bytes] = []
                 async for chunk in resp.content.iter_any():
                     buffer += chunk
                     *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        if not line.strip():
-                            continue
-                        rev, change = wire.change_from_json(json.loads(line))
+                    waiting.extend(line for line in lines if line.strip())
+                    # Decoded a batch at a time (up to its bookmark), or _WATCH_JOB lines at a time: one big job
+                    # instead of many chunk-sized ones lets offload.run keep a big batch out of the GC's way.
+                    if not waiting or (len(waiting) < _WATCH_JOB and not _looks_like_bookmark(waiting[-1])):
+                        continue
+                    lines, waiting = waiting, []
+                    for rev, change, leases in await offload.run(_decode_lines, lines, items=len(lines)):
                         if change is None:
+                            if leases and on_renewals is not None:
+                                on_renewals(leases)
                             yield rev, pending
                             pending = []
                         else:
@@ -309,6 +346,27 @@ class FederationClient:
             raise Unreachable(f"watch: {url}: {type(exc).__name__}: {exc}") from exc
         self._failover()
         raise Unreachable(f"watch: {url}: stream ended")
+
+
+_BYTES_PER_ITEM = 256  # a body's size in bytes over this: about the number of values it holds (for offload.run)
+
+
+_WATCH_JOB = 2_000  # watch lines decoded in one job at most
+
+
+def _looks_like_bookmark(line: bytes) -> bool:
+    """A cheap guess (the service writes compact JSON); a wrong guess only delays decoding to the next chunk."""
+    return b'"type":"bookmark"' in line[:64]
+
+
+def _decode_lines(lines: list[bytes]) -> list[tuple[int, Change | None, dict[ClusterId, datetime]]]:
+    """Watch lines as ``(revision, change or None for a bookmark, the bookmark's lease renewals)``."""
+    out: list[tuple[int, Change | None, dict[ClusterId, datetime]]] = []
+    for line in lines:
+        value = wire.loads(line)
+        rev, change = wire.change_from_json(value)
+        out.append((rev, change, wire.bookmark_leases_from_json(value) if change is None else {}))
+    return out
 
 
 def utcnow() -> datetime:

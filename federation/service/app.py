@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from discovery.mcs import DEFAULT_CIDR
 from discovery.model import ClusterId, DiscoveryError, NetworkId, cluster_id
 from federation import catalog as cat
-from federation import wire
+from federation import offload, wire
 from federation.records import (
     EventKind,
     FederationError,
@@ -139,12 +139,10 @@ async def _body(request: web.Request) -> Any:
         raise _too_large(limit, None) from exc
     if len(raw) > limit:
         raise _too_large(limit, len(raw))
-    if len(raw) < _INLINE_BYTES:
-        return wire.loads(raw)
-    return await asyncio.to_thread(wire.loads, raw)
+    return await offload.run(wire.loads, raw, items=len(raw) // _BYTES_PER_ITEM)
 
 
-_INLINE_BYTES = 64 * 1024  # smaller bodies are parsed in place (a thread hop costs more than that)
+_BYTES_PER_ITEM = 256  # a body's size in bytes over this: about the number of values it holds (for offload.run)
 
 
 def _route_name(request: web.Request) -> str:
@@ -243,8 +241,10 @@ async def put_exports(request: web.Request) -> web.Response:
     read = time.perf_counter()
     # Decoding and validating thousands of services is CPU work: done on a worker thread, so heartbeats and
     # watches of other members are served meanwhile.
-    exports = await asyncio.to_thread(wire.export_set_from_json, body, cluster, cache=request.app[_Keys.decoded],
-                                      limits=request.app[_Keys.config].limits)
+    listed = body.get("services") if isinstance(body, dict) else None
+    exports = await offload.run(wire.export_set_from_json, body, cluster, cache=request.app[_Keys.decoded],
+                                limits=request.app[_Keys.config].limits,
+                                items=len(listed) if isinstance(listed, list) else 0)
     decoded = time.perf_counter()
     try:
         revision = await _store(request).put_exports(exports)
@@ -294,11 +294,8 @@ async def get_catalog(request: web.Request) -> web.Response:
     # catalog is encoded on a worker thread.
     shared: _Shared = request.app[_Keys.encoded]  # type: ignore[assignment]
     slot = ("catalog", catalog.revision, network, int(time.monotonic()))
-    body = await shared.get(slot, encode, inline=len(catalog.services) < _INLINE_ITEMS)
+    body = await shared.get(slot, encode, items=len(catalog.services))
     return web.Response(body=body, content_type="application/json")
-
-
-_INLINE_ITEMS = 64  # fewer services or changes than this are encoded in place (a thread hop costs more)
 
 
 class _Shared:
@@ -309,12 +306,12 @@ class _Shared:
         self._size = size
         self._entries: dict[tuple[Any, ...], asyncio.Future[bytes]] = {}
 
-    async def get(self, slot: tuple[Any, ...], encode: Callable[[], bytes], *, inline: bool) -> bytes:
+    async def get(self, slot: tuple[Any, ...], encode: Callable[[], bytes], *, items: int) -> bytes:
         entry = self._entries.get(slot)
         if entry is None:
-            if inline:
+            if items < offload.INLINE:
                 return encode()
-            entry = asyncio.ensure_future(asyncio.to_thread(encode))
+            entry = asyncio.ensure_future(offload.run(encode, items=items))
             self._entries[slot] = entry
             while len(self._entries) > self._size:
                 del self._entries[next(iter(self._entries))]
@@ -360,7 +357,7 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
             network = _viewer_network(request)
             for rev, changes in batches:
                 lines = await shared.get(("watch", rev, network), _batch_encoder(rev, changes, network),
-                                         inline=len(changes) < _INLINE_ITEMS)
+                                         items=len(changes))
                 await response.write(lines + _dumps(wire.bookmark_json(rev, leases=state.leases())) + b"\n")
                 metrics.watch_events.inc(len(changes))
                 revision = rev

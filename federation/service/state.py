@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from discovery.mcs import DEFAULT_CIDR
 from discovery.model import ClusterId, ServiceKey
 from federation import catalog as cat
+from federation import offload
 from federation.records import (
     EventKind,
     ExportSet,
@@ -184,8 +185,9 @@ class CatalogState:
     async def _resync_locked(self, snap: StoreSnapshot, *, first: bool) -> None:
         members = {m.info.id: m for m in snap.members}
         exports = {e.cluster: e for e in snap.exports}
-        new = await asyncio.to_thread(cat.build, revision=snap.revision, members=members, exports=exports.values(),
-                                      cidr=self._cidr)
+        size = sum(len(e.services) for e in snap.exports)
+        new = await offload.run(cat.build, revision=snap.revision, members=members, exports=exports.values(),
+                                cidr=self._cidr, items=size)
         self._members, self._exports = members, exports
         for m in snap.members:
             self.renewed(m.info.id, m.renewed_at)
@@ -194,7 +196,7 @@ class CatalogState:
             self.oldest = snap.revision
             self._boundaries = {snap.revision}
         else:
-            await self._publish(new, await asyncio.to_thread(cat.diff, self.catalog, new))
+            await self._publish(new, await offload.run(cat.diff, self.catalog, new, items=size))
         self.healthy = True
         self.started.set()
         log.info("catalog snapshot revision=%d members=%d services=%d", snap.revision, len(self._members),
@@ -277,7 +279,9 @@ class CatalogState:
         for ev in fresh:
             if ev.member is not None:
                 self.renewed(ev.cluster, ev.member.renewed_at)
-        folded = await asyncio.to_thread(_fold, fresh, self._members, self._exports, self.catalog, self._cidr)
+        size = sum(len(ev.exports.services) for ev in fresh if ev.exports is not None) + \
+            sum(len(self._exports[ev.cluster].services) for ev in fresh if ev.cluster in self._exports)
+        folded = await offload.run(_fold, fresh, self._members, self._exports, self.catalog, self._cidr, items=size)
         self._members, self._exports = folded.members, folded.exports
         await self._publish(folded.catalog, folded.changes)
         log.debug("catalog batch revision=%d events=%d dirty=%d took=%.1fms", folded.catalog.revision, len(events),

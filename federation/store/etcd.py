@@ -49,6 +49,7 @@ import aetcd.rpc as rpc
 import aetcd.utils
 
 from discovery.model import ClusterId
+from federation import offload
 from federation.records import (
     EventKind,
     ExportSet,
@@ -384,14 +385,16 @@ class EtcdStore:
         cid = exports.cluster
         what = f"put_exports {cid}"
         # Encoding, compressing and decoding export sets is CPU work that grows with the member: worker threads.
-        text, packed = await asyncio.to_thread(_encode_exports, exports)
+        text, packed = await offload.run(_encode_exports, exports, items=len(exports.services))
         for _ in range(_CAS_ATTEMPTS):
             _, (mkv, ekv) = await self._read(what, self._key("members", cid), self._key("exports", cid))
             if mkv is None:
                 raise UnknownCluster(f"cluster {cid} is not registered: register before publishing exports")
             seen_mod = 0
             if ekv is not None:
-                stored_text, stored_generation = await asyncio.to_thread(_stored_generation, bytes(ekv.value), cid)
+                value = bytes(ekv.value)
+                stored_text, stored_generation = await offload.run(_stored_generation, value, cid,
+                                                                   items=len(value) // 64)
                 if exports.generation == stored_generation and stored_text == text:
                     return int(ekv.mod_revision)
                 if exports.generation <= stored_generation:
@@ -462,7 +465,8 @@ class EtcdStore:
             for c, kv in sorted(tables["members"].items())
         )
         stored = [(bytes(kv.value), f"exports of {c}") for c, kv in sorted(tables["exports"].items())]
-        exports = tuple(await asyncio.to_thread(lambda: [_decode_exports(v, what) for v, what in stored]))
+        exports = tuple(await offload.run(lambda: [_decode_exports(v, what) for v, what in stored],
+                                          items=sum(len(v) for v, _ in stored) // 64))
         return StoreSnapshot(revision=int(result.header.revision), members=members, exports=exports)
 
     def _translate(self, event: Any, member_revs: dict[str, int]) -> StoreEvent | None:
@@ -510,8 +514,7 @@ class EtcdStore:
                     if store_event is not None and store_event.kind == EventKind.EXPORTS:
                         what = f"exports of {store_event.cluster} at revision {store_event.revision}"
                         value = bytes(event.kv.value)
-                        decoded = await asyncio.to_thread(_decode_exports, value, what) \
-                            if len(value) > _COMPRESS_OVER else _decode_exports(value, what)
+                        decoded = await offload.run(_decode_exports, value, what, items=len(value) // 64)
                         store_event = replace(store_event, exports=decoded)
                     if store_event is not None:
                         yield store_event

@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from discovery.model import ClusterId
+from federation import offload
 from federation.records import (
     EventKind,
     ExportSet,
@@ -85,7 +86,6 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('compacted', 0);
 """
 
 _WATCH_BATCH = 500
-_DECODE_INLINE_BYTES = 64 * 1024  # event bodies up to this are decoded in place, bigger ones on a worker thread
 
 
 class SqliteStore:
@@ -284,7 +284,7 @@ class SqliteStore:
 
     async def put_exports(self, exports: ExportSet) -> int:
         cid = exports.cluster
-        text = await asyncio.to_thread(codec.encode_exports, exports)
+        text = await offload.run(codec.encode_exports, exports, items=len(exports.services))
 
         def body(conn: sqlite3.Connection) -> tuple[int, bool]:
             if conn.execute("SELECT 1 FROM members WHERE cluster=?", (cid,)).fetchone() is None:
@@ -394,7 +394,7 @@ class SqliteStore:
             )
 
         head, members, exports = await self._run(read, what="snapshot")
-        return await asyncio.to_thread(decode, head, members, exports)
+        return await offload.run(decode, head, members, exports, items=sum(len(b) for _, b in exports) // 256)
 
     async def revision(self) -> int:
         """The newest revision in the file."""
@@ -428,8 +428,7 @@ class SqliteStore:
                 if self._closed:
                     return
                 raise
-            big = sum(len(r[3] or "") for r in rows) > _DECODE_INLINE_BYTES
-            events = await asyncio.to_thread(self._decode_rows, rows) if big else self._decode_rows(rows)
+            events = await offload.run(self._decode_rows, rows, items=sum(len(r[3] or "") for r in rows) // 256)
             for event in events:
                 last = event.revision
                 yield event

@@ -15,10 +15,11 @@ import pytest
 
 from discovery.model import ClusterId
 from federation import wire
+from federation.agent import AgentConfig
 from federation.service import ServiceConfig
 from federation.store.memory import MemoryStore
 from federation.store.sqlite import SqliteStore
-from tests.federation.fedkit import Pki, in_process, info
+from tests.federation.fedkit import Pki, agent, eventually, in_process, info
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -77,3 +78,33 @@ async def test_watch_bookmarks_carry_renewals(pki: Pki, store: Any) -> None:
                         if obj["leases"].get("east") == wire.time_json(beat.renewed_at):
                             break
         assert wire.bookmark_leases_from_json(seen[-1])[ClusterId("east")] == beat.renewed_at
+
+
+async def test_agent_catalog_follows_other_members_heartbeats(pki: Pki, store: Any) -> None:
+    config = AgentConfig(heartbeat_interval_s=0.2, backoff_initial_s=0.05, backoff_max_s=0.5)
+    async with in_process(pki, store, config=CONFIG) as (url, _app), \
+            agent(pki, "east", url, config=config) as east, agent(pki, "west", url, config=config) as west:
+        async with asyncio.timeout(20):
+            await east.registered.wait()
+            await west.registered.wait()
+        await eventually(lambda: west.catalog is not None and ClusterId("east") in west.catalog.members, within=20)
+        assert west.catalog is not None
+        first = west.catalog.members[ClusterId("east")].renewed_at
+        # Heartbeats make no revision; bookmarks carry them into west's catalog anyway, several times over.
+        moved: set[object] = set()
+
+        def renewed() -> bool:
+            assert west.catalog is not None
+            moved.add(west.catalog.members[ClusterId("east")].renewed_at)
+            return len(moved - {first}) >= 3
+
+        await eventually(renewed, within=30, what="east's renewals in west's catalog")
+        # ... and its own heartbeats in its own catalog.
+        own = set()
+
+        def own_renewed() -> bool:
+            assert east.catalog is not None
+            own.add(east.catalog.members[ClusterId("east")].renewed_at)
+            return len(own) >= 3
+
+        await eventually(own_renewed, within=30, what="east's own renewals in its catalog")
