@@ -245,6 +245,7 @@ class FederationAgent:
         self.relists = 0
         self.reconnects = 0
         self.heartbeats = 0  # renewals the service acknowledged
+        self.heartbeat_failures = 0  # renewals (or registrations) that failed and were retried
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -379,6 +380,9 @@ class FederationAgent:
         self._lease_ttl = member.lease_ttl_s
         self._on_renewals({member.info.id: member.renewed_at})
 
+    def _heartbeat_failed(self) -> None:
+        self.heartbeat_failures += 1
+
     def _on_renewals(self, leases: Mapping[ClusterId, datetime]) -> None:
         """Members' newer renewal times into ``catalog`` (no revision, no ``on_update``: nothing routable moved)."""
         catalog = self.catalog
@@ -413,6 +417,7 @@ class FederationAgent:
                 signals.forgotten()
             except (Unreachable, FederationError, ValueError, KeyError, TypeError) as exc:
                 log.warning("lease renewal failed cluster=%s error=%s retry_in=%.2fs", self.info.id, exc, backoff)
+                signals.failed()
                 await asyncio.sleep(_jitter(backoff))
                 backoff = min(backoff * 2, self.config.backoff_max_s)
 
@@ -517,6 +522,9 @@ class _Signals:
     def forgotten(self) -> None:
         raise NotImplementedError
 
+    def failed(self) -> None:
+        raise NotImplementedError
+
     async def sleep(self, interval: float) -> None:
         raise NotImplementedError
 
@@ -538,6 +546,9 @@ class _LocalSignals(_Signals):
 
     def forgotten(self) -> None:
         self._agent.registered.clear()
+
+    def failed(self) -> None:
+        self._agent.heartbeat_failures += 1
 
     async def sleep(self, interval: float) -> None:
         wake = self._agent._register_wake
@@ -617,6 +628,9 @@ class _LeaseThread(_Signals):
 
     def forgotten(self) -> None:
         self._to_agent(self._agent.registered.clear)
+
+    def failed(self) -> None:
+        self._to_agent(self._agent._heartbeat_failed)
 
     async def sleep(self, interval: float) -> None:
         assert self._wake is not None

@@ -1,0 +1,138 @@
+"""One member's huge publish must not cost another member its lease (issue 10, item 2).
+
+The service (SQLite store) and three agents with real mTLS clients share this process and its event loop, as on a
+small machine: east and west heartbeat every 0.3 s on a 3 s lease while north publishes 20,000 services. Asserted:
+north's publish is acknowledged and reaches east and west, east and west never go unreachable (no lease lost, no
+export withdrawn) and their heartbeats keep being acknowledged while it happens. Printed (not asserted: timing
+belongs to benchmarks): the event loop's longest stall and the heartbeat round trip, idle vs during the publish,
+measured side by side in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from discovery.model import ClusterId
+from federation.agent import AgentConfig, FederationAgent
+from federation.service import ServiceConfig, state_of
+from federation.store.sqlite import SqliteStore
+from tests.federation.fedkit import Pki, agent, eventually, in_process, info, snapshot
+
+pytestmark = pytest.mark.timeout(300)
+
+SERVICES = int(os.environ.get("MESHFED_BIG_PUBLISH", "20000"))
+
+
+class _Stalls:
+    """The longest gap between ticks of a task that asks to run every 10 ms."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last - 0.01)
+            last = now
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+async def _heartbeat_rtts(pki: Pki, url: str, until: asyncio.Event | None, *, count: int = 0) -> list[float]:
+    """Heartbeat round trips of a fourth member (its own client, on this loop), until ``until`` or ``count``."""
+    out: list[float] = []
+    async with pki.client("probe", url) as probe:
+        await probe.register(info("probe", "net9"))
+        while (until is not None and not until.is_set()) or len(out) < count:
+            started = time.perf_counter()
+            await probe.heartbeat()
+            out.append(time.perf_counter() - started)
+            await asyncio.sleep(0.05)
+    return out
+
+
+def _gone(a: FederationAgent, other: str) -> bool:
+    m = a.catalog.members.get(ClusterId(other)) if a.catalog is not None else None
+    return m is not None and m.unreachable_since is not None
+
+
+async def test_big_publish_costs_no_other_member_its_lease(tmp_path: Path) -> None:
+    pki = Pki.create()
+    config = ServiceConfig(lease_ttl_s=3.0, bookmark_interval_s=0.5)
+    fast = AgentConfig(heartbeat_interval_s=0.3, backoff_initial_s=0.05, backoff_max_s=0.3)
+    async with SqliteStore(tmp_path / "fed.db", reap_interval_s=0.2) as store, \
+            in_process(pki, store, config=config) as (url, app), \
+            agent(pki, "east", url, config=fast) as east, agent(pki, "west", url, config=fast) as west, \
+            agent(pki, "north", url, config=fast) as north:
+        state = state_of(app)
+        for a in (east, west, north):
+            async with asyncio.timeout(30):
+                await a.registered.wait()
+        east.publish(*snapshot("east", ["ratings"]))
+        west.publish(*snapshot("west", ["reviews"], addr_base=2))
+        await eventually(lambda: all(a.catalog is not None and len(a.catalog.services) == 2 for a in (east, west)),
+                         within=30, what="the small exports everywhere")
+        idle = await _heartbeat_rtts(pki, url, None, count=20)
+
+        # Every 20 ms: did the service ever see east or west unreachable?
+        lost: list[str] = []
+
+        async def watch_leases() -> None:
+            while True:
+                lost.extend(f"{c} at revision {state.revision}" for c, m in state.members().items()
+                            if c in ("east", "west") and m.unreachable_since is not None)
+                lost.extend(f"{c} in {a.info.id}'s catalog" for a in (east, west) for c in ("east", "west")
+                            if _gone(a, c))
+                await asyncio.sleep(0.02)
+
+        guard = asyncio.get_running_loop().create_task(watch_leases())
+        beats = {a.info.id: a.heartbeats for a in (east, west)}
+        failures = {a.info.id: a.heartbeat_failures for a in (east, west)}
+        stalls = _Stalls()
+        stalls.start()
+        done = asyncio.Event()
+        probing = asyncio.get_running_loop().create_task(_heartbeat_rtts(pki, url, done))
+        started = time.perf_counter()
+        generation = north.publish(*snapshot("north", [f"bulk{i}" for i in range(SERVICES)], addr_base=3))
+        async with asyncio.timeout(240):
+            await north.wait_published(generation)
+        acked = time.perf_counter() - started
+        await eventually(lambda: all(a.catalog is not None and len(a.catalog.services) == SERVICES + 2
+                                     for a in (east, west)), within=240, what="north's services at east and west")
+        seen = time.perf_counter() - started
+        beats_during = {a.info.id: a.heartbeats - beats[a.info.id] for a in (east, west)}
+        await asyncio.sleep(1.0)  # one more lease third: nothing expires late either
+        done.set()
+        busy = await probing
+        await stalls.stop()
+        guard.cancel()
+
+        print(f"\n{SERVICES} services from north: acknowledged in {acked:.1f}s, at east and west in {seen:.1f}s; "
+              f"event loop's longest stall {stalls.longest * 1000:.0f} ms; heartbeat round trip p50/max "
+              f"idle {statistics.median(idle) * 1000:.1f}/{max(idle) * 1000:.1f} ms, during the publish "
+              f"{statistics.median(busy) * 1000:.1f}/{max(busy) * 1000:.1f} ms "
+              f"(x{statistics.median(busy) / statistics.median(idle):.1f} at p50); heartbeats acknowledged "
+              f"meanwhile {beats_during}")
+        assert lost == [], lost[:5]
+        assert all(n >= 2 for n in beats_during.values()), beats_during
+        assert {a.info.id: a.heartbeat_failures for a in (east, west)} == failures
+        snap = await store.snapshot()
+        assert all(m.unreachable_since is None for m in snap.members), snap.members
