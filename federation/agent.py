@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 
 from discovery.model import (
@@ -54,7 +54,7 @@ from discovery.model import (
 )
 from federation import catalog as cat
 from federation import offload
-from federation.client import BadRequest, FederationClient, Gone, NotRegistered, Refused, Unreachable
+from federation.client import BadRequest, FederationClient, Gone, NotRegistered, Reconnect, Refused, Unreachable
 from federation.records import ExportedService, ExportSet, FederationError, Member, StaleGeneration
 
 log = logging.getLogger("meshfed.federation.agent")
@@ -246,6 +246,10 @@ class FederationAgent:
         self.reconnects = 0
         self.heartbeats = 0  # renewals the service acknowledged
         self.heartbeat_failures = 0  # renewals (or registrations) that failed and were retried
+        # The lease loop's last failure ("" after a success) and when failures began: what `meshfed status` names.
+        self.heartbeat_error = ""
+        self.heartbeat_failing_since: datetime | None = None
+        self.heartbeat_ok_at: datetime | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -409,6 +413,9 @@ class FederationAgent:
                     member = await client.heartbeat()
                     signals.heartbeat(member)
                 ttl = member.lease_ttl_s
+                # Set from the lease thread: plain attributes, read by /status (what `meshfed status` names).
+                self.heartbeat_error, self.heartbeat_failing_since = "", None
+                self.heartbeat_ok_at = datetime.now(UTC)
                 backoff = self.config.backoff_initial_s
                 await signals.sleep(heartbeat_interval(self.config.heartbeat_interval_s, ttl))
             except NotRegistered:
@@ -416,6 +423,8 @@ class FederationAgent:
                 registered = False
                 signals.forgotten()
             except (Unreachable, FederationError, ValueError, KeyError, TypeError) as exc:
+                self.heartbeat_error = str(exc) or type(exc).__name__
+                self.heartbeat_failing_since = self.heartbeat_failing_since or datetime.now(UTC)
                 log.warning("lease renewal failed cluster=%s error=%s retry_in=%.2fs", self.info.id, exc, backoff)
                 signals.failed()
                 await asyncio.sleep(_jitter(backoff))
@@ -444,6 +453,7 @@ class FederationAgent:
         backoff = self.config.backoff_initial_s
         relist = True
         while True:
+            reopening = False
             try:
                 if relist or self.catalog is None:
                     listing = await self.client.catalog()
@@ -469,6 +479,12 @@ class FederationAgent:
             except Gone as exc:
                 log.info("catalog revision gone cluster=%s: relisting (%s)", self.info.id, exc)
                 relist = True
+            except Reconnect:
+                # Not a loss: the stream is reopened at once from the same revision with the new certificate,
+                # so `connected` stays as it was.
+                self.reconnects += 1
+                log.info("catalog watch reopening cluster=%s: new client credentials", self.info.id)
+                reopening = True
             except (Unreachable, Refused, FederationError, ValueError, KeyError, TypeError) as exc:
                 self.connected = False
                 self.reconnects += 1
@@ -478,7 +494,8 @@ class FederationAgent:
                 await asyncio.sleep(_jitter(backoff))
                 backoff = min(backoff * 2, self.config.backoff_max_s)
             finally:
-                self.connected = False
+                if not reopening:
+                    self.connected = False
 
     async def updates(self) -> AsyncIterator[cat.Catalog]:
         """Every new catalog (coalesced: a slow consumer gets the latest, never a stale one)."""

@@ -24,6 +24,8 @@ Exception tree (this module)::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -77,6 +79,10 @@ class OverLimit(BadRequest):
 
 class NotRegistered(ClientError):
     pass
+
+
+class Reconnect(Unreachable):
+    """A stream ended because the client's credentials were replaced (root rotation): open it again at once."""
 
 
 class Gone(ClientError):
@@ -167,6 +173,9 @@ class FederationClient:
         self._encoded: dict[ServiceKey, tuple[ExportedService, bytes]] = {}
         self._request_timeout_s, self._watch_idle_timeout_s = request_timeout_s, watch_idle_timeout_s
         self._parent: FederationClient | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self.credential_changes = 0
+        self._grace_s = 2.0
 
     def set_bundle(self, bundle: TrustBundle) -> None:
         """Use ``bundle`` to check the federation server's identity from the next connection on (root rotation)."""
@@ -186,10 +195,40 @@ class FederationClient:
     def bundle(self) -> TrustBundle | None:
         return self._parent.bundle if self._parent is not None else self._bundle
 
-    async def __aenter__(self) -> FederationClient:
+    def set_credentials(self, ssl_context: ssl.SSLContext, bundle: TrustBundle, *, grace_s: float = 2.0) -> None:
+        """Present the certificate of ``ssl_context`` and check the server with ``bundle`` from now on (renewal,
+        root rotation). Pooled keep-alive connections authenticated with the old certificate must not outlive it
+        (the server re-checks every request's chain against its bundle, and retiring a root would turn them into
+        401s), so later calls go out on a new session and the old one is closed after ``grace_s`` (calls in
+        flight finish; a watch on it ends with :class:`Reconnect`). Forks follow on their next call, on their own
+        event loop. Call it on the loop this client was entered on."""
+        self._ssl = ssl_context
+        self._bundle = bundle
+        self.credential_changes += 1
+        self._grace_s = grace_s
+        self._renew_session()
+
+    def _renew_session(self) -> None:
+        old = self._session
+        if old is None:
+            return
+        self._session = self._new_session()
+
+        async def close_later() -> None:
+            await asyncio.sleep(self._grace_s)
+            await old.close()
+
+        task = asyncio.get_running_loop().create_task(close_later())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _new_session(self) -> aiohttp.ClientSession:
         connector = _VerifyingConnector(check=self._check_server, ssl=self._ssl, limit=16,
                                         enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: json.dumps(v))
+        return aiohttp.ClientSession(connector=connector, json_serialize=lambda v: json.dumps(v))
+
+    async def __aenter__(self) -> FederationClient:
+        self._session = self._new_session()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -197,6 +236,10 @@ class FederationClient:
         await self.close()
 
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -213,6 +256,12 @@ class FederationClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             raise RuntimeError("FederationClient used outside 'async with'")
+        parent = self._parent
+        if parent is not None and parent.credential_changes != self.credential_changes:
+            # The parent moved to new credentials (root rotation, renewal): so does this fork, on its own loop.
+            self.credential_changes = parent.credential_changes
+            self._ssl, self._grace_s = parent._ssl, parent._grace_s
+            self._renew_session()
         return self._session
 
     def _check_server(self, ssl_object: Any) -> None:
@@ -303,14 +352,20 @@ class FederationClient:
         body: dict[str, Any] = await self._call("GET", "/v1/trust-bundle", what="trust bundle")
         return body
 
+    async def trust_status(self) -> dict[str, Any]:
+        """``GET /v1/trust/status``: the federation's serving certificate and its members' connections."""
+        body: dict[str, Any] = await self._call("GET", "/v1/trust/status", what="trust status")
+        return body
+
     async def watch(self, *, revision: int,
                     on_renewals: Callable[[Mapping[ClusterId, datetime]], None] | None = None
                     ) -> AsyncIterator[tuple[int, list[Change]]]:
         """Committed change batches after ``revision``, until the stream ends (then ``Unreachable``). Each
         bookmark's lease renewals (heartbeats make no revision) are handed to ``on_renewals``."""
         url = f"{self.url}/v1/catalog/watch?revision={revision}"
+        session = self._http()
         try:
-            async with self._http().get(url, timeout=self._watch_timeout) as resp:
+            async with session.get(url, timeout=self._watch_timeout) as resp:
                 if resp.status >= 400:
                     raw = await resp.read()
                     try:
@@ -342,8 +397,12 @@ class FederationClient:
                         else:
                             pending.append(change)
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            if session is not self._session:
+                raise Reconnect(f"watch: {url}: new client credentials") from exc
             self._failover()
             raise Unreachable(f"watch: {url}: {type(exc).__name__}: {exc}") from exc
+        if session is not self._session:
+            raise Reconnect(f"watch: {url}: new client credentials")
         self._failover()
         raise Unreachable(f"watch: {url}: stream ended")
 

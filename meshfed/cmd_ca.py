@@ -20,6 +20,8 @@ from federation.trust import store
 from federation.trust.ca import DEFAULT_INTERMEDIATE_DAYS, DEFAULT_ROOT_DAYS, issue_workload, sign_csr
 from federation.trust.errors import TrustError
 from federation.trust.spiffe import SpiffeId, TrustDomain
+from meshfed import rotation
+from meshfed.local import LocalRunError
 from meshfed.output import emit, fail, output_option
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
@@ -133,11 +135,54 @@ def issue_cmd(ca_dir: Path, spiffe_id: str | None, out: Path, ttl: timedelta | N
     click.echo(f"issued {identity} into {out} (key.pem 0600, cert-chain.pem, root-cert.pem)")
 
 
+def _system_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the running system is, to ask what still depends on the old root (meshfed.rotation)."""
+    fn = click.option("--controlplane", "controlplanes", multiple=True, metavar="NAME=HOST:PORT",
+                      help="a control plane's admin address to ask (repeatable; instead of a local run)")(fn)
+    fn = click.option("--cluster-ca", type=_EXISTING_DIR, default=None,
+                      help="a cluster CA directory to authenticate to --federation with")(fn)
+    fn = click.option("--federation", "federation_url", metavar="URL", default=None,
+                      help="the federation service to ask (with --cluster-ca; instead of a local run)")(fn)
+    fn = click.option("--run-dir", type=_EXISTING_DIR, default=None,
+                      help="the local run to ask (default: the run this CA belongs to, else .meshfed/run)")(fn)
+    return fn
+
+
+def _ask_system(root_dir: Path, run_dir: Path | None, federation_url: str | None, cluster_ca: Path | None,
+                controlplanes: tuple[str, ...]) -> tuple[rotation.Convergence | None, str]:
+    """The running system's convergence, or ``(None, why not)`` when there is nothing to ask."""
+    info = store.inspect_dir(root_dir)
+    if federation_url or controlplanes:
+        cps: dict[str, str] = {}
+        for item in controlplanes:
+            name, sep, addr = item.partition("=")
+            if not sep or not name or ":" not in addr:
+                fail(f"--controlplane {item!r}: expected NAME=HOST:PORT (its admin address)")
+            cps[name] = addr
+        cluster = None
+        if cluster_ca is not None:
+            cluster = store.load_cluster_ca(cluster_ca).authority.cluster_name
+        reports = rotation.ask(controlplanes=cps, federation_url=federation_url, ca_dir=cluster_ca,
+                               cluster=str(cluster) if cluster else None)
+        return rotation.evaluate(info, reports), ""
+    run = rotation.local_run_dir(run_dir, root_dir)
+    if run is None:
+        return None, "no local run found and no --federation/--controlplane given"
+    try:
+        reports = rotation.ask_local(run)
+    except LocalRunError as exc:
+        return None, str(exc)
+    return rotation.evaluate(info, reports), ""
+
+
 @ca.command("inspect")
 @click.argument("directory", type=_EXISTING_DIR)
+@_system_options
 @output_option
-def inspect_cmd(directory: Path, output: str) -> None:
-    """Show a root or cluster CA directory: rotation phase, fingerprints, and what expires when."""
+def inspect_cmd(directory: Path, run_dir: Path | None, federation_url: str | None, cluster_ca: Path | None,
+                controlplanes: tuple[str, ...], output: str) -> None:
+    """Show a root or cluster CA directory: rotation phase, fingerprints, and what expires when; during a
+    rotation, also how far the running system has moved to the new root."""
     with _trust_errors():
         info = store.inspect_dir(directory)
     summary = [
@@ -160,6 +205,17 @@ def inspect_cmd(directory: Path, output: str) -> None:
         (f"CA directory {directory}", ["field", "value"], summary),
         ("certificates", ["role", "identity / subject", "sha256", "not after (UTC)", "days left"], cert_rows),
     ]
+    if info["kind"] == "root" and info["phase"] not in ("stable", "root-added"):
+        with _trust_errors():
+            conv, why = _ask_system(directory, run_dir, federation_url, cluster_ca, controlplanes)
+        if conv is None:
+            info["convergence"] = {"known": False, "why": why}
+            sections.append(("convergence (unknown)", ["#", "state"], [(1, why)]))
+        else:
+            info["convergence"] = {"known": True, **conv.to_json()}
+            verdict = "everything moved: retire-root may go ahead" if conv.done else "not converged"
+            sections.append((f"convergence ({verdict})", ["#", "state"],
+                             [(i + 1, line) for i, line in enumerate(rotation.describe(conv, limit=50))]))
     if info["kind"] == "root":
         sections.append(
             (
@@ -210,12 +266,37 @@ def reissue_cmd(root_dir: Path, days: int, cluster_dirs: tuple[Path, ...]) -> No
 
 @rotate.command("retire-root")
 @click.option("--root", "root_dir", required=True, type=_EXISTING_DIR)
-@click.option("--force", is_flag=True, help="retire before old leaves could have expired")
+@click.option("--force", is_flag=True,
+              help="retire without asking the running system (before old leaves could have expired)")
 @click.option("--forget", multiple=True, metavar="SPIFFE_ID",
               help="drop the record of a decommissioned cluster's intermediate (repeatable)")
+@_system_options
 @click.argument("cluster_dirs", nargs=-1, type=_EXISTING_DIR)
-def retire_cmd(root_dir: Path, force: bool, forget: tuple[str, ...], cluster_dirs: tuple[Path, ...]) -> None:
-    """Phase 4: drop the old root from the bundle (refused while anything still chains to it)."""
+def retire_cmd(root_dir: Path, force: bool, forget: tuple[str, ...], run_dir: Path | None,
+               federation_url: str | None, cluster_ca: Path | None, controlplanes: tuple[str, ...],
+               cluster_dirs: tuple[Path, ...]) -> None:
+    """Phase 4: drop the old root from the bundle. Refused while an intermediate still chains to it, and, before
+    the old leaves' lifetime is over, until the running system (a local run, or --federation and
+    --controlplane) reports that no proxy, control plane or federation certificate depends on it any more."""
+    converged: str | None = None
     with _trust_errors(hint="see `meshfed ca inspect` for the phase"):
-        _report(store.rotate_retire_root(root_dir, force=force, forget=forget,
+        info = store.inspect_dir(root_dir)
+        until = info.get("old_leaves_valid_until")
+        if not force and info["phase"] == "leaves-rolling" and until:
+            conv, why = _ask_system(root_dir, run_dir, federation_url, cluster_ca, controlplanes)
+            if conv is None:
+                fail(f"refusing to retire the old root: leaves issued under the old intermediates may be valid "
+                     f"until {until[:19]}Z, and the running system cannot be asked whether anything still uses "
+                     f"them ({why})",
+                     hint="pass --run-dir, or --federation URL --cluster-ca DIR and --controlplane NAME=ADMIN; "
+                          "or --force if you know every certificate has moved")
+                return
+            if not conv.done:
+                lines = rotation.describe(conv, limit=20)
+                fail("refusing to retire the old root: still in use:\n  " + "\n  ".join(lines),
+                     hint="wait a few seconds and retry (control planes pick a re-issued CA up within two "
+                          "seconds); `meshfed ca inspect` shows the same list")
+                return
+            converged = "the running system reports nothing uses the old root (" + "; ".join(conv.summary) + ")"
+        _report(store.rotate_retire_root(root_dir, force=force, converged=converged, forget=forget,
                                          cluster_dirs=list(cluster_dirs) or None))

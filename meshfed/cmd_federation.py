@@ -7,7 +7,6 @@ import contextlib
 import gc
 import logging
 import signal
-import ssl
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -19,13 +18,9 @@ from aiohttp import web
 from discovery.mcs import DEFAULT_CIDR
 from federation.records import FederationError
 from federation.service import ServiceConfig, create_app, serve, state_of
+from federation.service.credentials import ServingCredentials
 from federation.store.factory import open_store
-from federation.trust.bundle import TrustBundle
-from federation.trust.ca import IntermediateCA, issue_workload
-from federation.trust.errors import TrustError
-from federation.trust.spiffe import SpiffeId
-from federation.trust.store import load_bundle, load_cluster_ca
-from federation.trust.tls import load_identity, server_ssl_context
+from federation.trust.errors import CAStoreError, TrustError
 from federation.wire import DEFAULT_LIMITS
 
 log = logging.getLogger("meshfed.federation.service")
@@ -43,50 +38,6 @@ def _listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-class _BundleFile:
-    """The trust bundle of the CA directory, re-read when ``root-cert.pem`` changes (root rotation)."""
-
-    def __init__(self, ca_dir: Path) -> None:
-        self._dir = ca_dir
-        self._mtime = 0.0
-        self._bundle = load_bundle(ca_dir)
-        self.tls: ssl.SSLContext | None = None  # roots added to the bundle are added to its verify store too
-
-    def __call__(self) -> TrustBundle:
-        try:
-            mtime = (self._dir / "root-cert.pem").stat().st_mtime
-        except OSError:
-            return self._bundle
-        if mtime != self._mtime:
-            try:
-                bundle = load_bundle(self._dir)
-                self._mtime = mtime
-                if bundle != self._bundle:
-                    log.info("trust bundle reloaded dir=%s roots=%d", self._dir, len(bundle.roots))
-                    if self.tls is not None:
-                        self.tls.load_verify_locations(cadata=bundle.to_pem().decode())
-                self._bundle = bundle
-            except (TrustError, ssl.SSLError) as exc:
-                log.warning("bundle reload failed dir=%s error=%s; keeping the previous bundle", self._dir, exc)
-        return self._bundle
-
-
-def _load_leaf(ctx: ssl.SSLContext, ca: IntermediateCA, identity: SpiffeId, ttl: timedelta) -> None:
-    key_pem, chain = issue_workload(ca, identity, ttl=ttl)
-    load_identity(ctx, b"".join(chain), key_pem)
-
-
-async def _rotate_leaf(ctx: ssl.SSLContext, ca: IntermediateCA, identity: SpiffeId, ttl: timedelta) -> None:
-    """Re-issue the server's leaf at half its lifetime (new connections get the new one)."""
-    while True:
-        await asyncio.sleep(ttl.total_seconds() / 2)
-        try:
-            _load_leaf(ctx, ca, identity, ttl)
-            log.info("server certificate renewed identity=%s", identity)
-        except (TrustError, ssl.SSLError, OSError) as exc:
-            log.error("server certificate renewal failed error=%s", exc)
-
-
 async def _freeze_after_load(app: web.Application) -> None:
     """Once the catalog is loaded, move it out of the cyclic GC's sight: a large catalog is hundreds of thousands
     of long-lived objects, and full collections over them stall the event loop for tens of milliseconds."""
@@ -97,26 +48,21 @@ async def _freeze_after_load(app: web.Application) -> None:
 
 
 async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: ServiceConfig,
-                 leaf_ttl: timedelta) -> None:
-    bundle = _BundleFile(ca_dir)
-    ca = load_cluster_ca(ca_dir)
-    identity = SpiffeId.federation(bundle().trust_domain)
-    if ca.authority != identity:
-        raise click.ClickException(f"{ca_dir}: holds the CA of {ca.authority}, not of the federation service "
-                                   f"({identity}); create it with 'meshfed ca' for the federation authority")
-    key_pem, chain = issue_workload(ca, identity, ttl=leaf_ttl)
-    ctx = server_ssl_context(b"".join(chain), key_pem, bundle())
-    bundle.tls = ctx
+                 leaf_ttl: timedelta, trust_poll_s: float = 2.0) -> None:
+    try:
+        creds = ServingCredentials(ca_dir, leaf_ttl=leaf_ttl)
+    except CAStoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     store = open_store(store_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(store=store, bundle=bundle, config=config)
-    rotate = loop.create_task(_rotate_leaf(ctx, ca, identity, leaf_ttl))
+    app = create_app(store=store, bundle=creds.bundle, config=config, serving=creds.info)
+    rotate = loop.create_task(creds.run(interval_s=trust_poll_s))
     frozen = loop.create_task(_freeze_after_load(app))
     try:
-        async with serve(app, host=host, port=port, ssl_context=ctx):
+        async with serve(app, host=host, port=port, ssl_context=creds.context):
             click.echo(f"federation service listening on https://{host}:{port} store={store_url}", err=True)
             await stop.wait()
     finally:
@@ -142,7 +88,8 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
 @click.option("--history", type=int, default=4096, show_default=True,
               help="Catalog change batches kept for watch resume (older revisions answer 410).")
 @click.option("--leaf-ttl", type=float, default=24.0, show_default=True, metavar="HOURS",
-              help="Lifetime of the server certificate; it is renewed at half.")
+              help="Lifetime of the server certificate; it is renewed at half, and at once when the CA directory "
+                   "changes (root rotation: no restart needed).")
 @click.option("--max-services", type=click.IntRange(min=1), default=DEFAULT_LIMITS.services, show_default=True,
               help="Services one member may publish in its export set (more: 422, limit maxServices).")
 @click.option("--max-endpoints", type=click.IntRange(min=0), default=DEFAULT_LIMITS.endpoints, show_default=True,

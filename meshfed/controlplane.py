@@ -54,7 +54,7 @@ from federation.trust.ca import issue_workload
 from federation.trust.errors import TrustError
 from federation.trust.spiffe import SpiffeId
 from federation.trust.store import load_bundle, load_cluster_ca
-from federation.trust.tls import client_ssl_context, reload_identity
+from federation.trust.tls import client_ssl_context
 from gateway import generators
 from gateway.ads import AdsServer
 from gateway.auth import Authenticator, ProxyIdentity, TokenReviewAuthenticator, TokenTableAuthenticator
@@ -64,7 +64,7 @@ from gateway.peerauth import PeerCertificateAuthenticator
 from gateway.push import PushDebouncer, PushRequest
 from gateway.sds import WorkloadCertIssuer, bundle_pem, identities_of
 from gateway.snapshot import Snapshot
-from meshfed import telemetry, xdstls
+from meshfed import rotation, telemetry, xdstls
 
 log = logging.getLogger("meshfed.controlplane")
 
@@ -282,6 +282,8 @@ class ControlPlane:
         self._fed_client: FederationClient | None = None
         self._fed_renew_at = datetime.max.replace(tzinfo=UTC)
         self.metrics_ca_reloads = 0
+        self.fed_client_chain = b""  # the certificates the control plane itself presents (rotation reports them)
+        self.mtls_serving_chain = b""
         self.dns: DnsServer | None = None
         self.pushes: PushDebouncer | None = None
         self.agent: FederationAgent | None = None
@@ -357,6 +359,7 @@ class ControlPlane:
         key_pem, chain_pem = xdstls.serving_certificate(self.ca, sid, hosts, ttl=LEAF_TTL)
         self._mtls_creds = xdstls.RotatingServerCredentials(key_pem, chain_pem, bundle_pem(self.bundle).encode())
         self._mtls_renew_at = _renew_at(LEAF_TTL)
+        self.mtls_serving_chain = chain_pem
         auth = PeerCertificateAuthenticator(trust_domain=self.trust_domain, cluster=str(self.config.cluster))
         return AdsServer(cache=self.cache, authenticator=auth, host=listen.host, port=listen.port,
                          server_credentials=self._mtls_creds.credentials)
@@ -369,6 +372,7 @@ class ControlPlane:
         key_pem, chain_pem = xdstls.serving_certificate(self.ca, sid, hosts, ttl=LEAF_TTL)
         self._mtls_creds.rotate(key_pem, chain_pem, bundle_pem(self.bundle).encode())
         self._mtls_renew_at = _renew_at(LEAF_TTL)
+        self.mtls_serving_chain = chain_pem
 
     # ---- credentials: the CA directory is re-read on change, leaves renewed before they expire ----------------
 
@@ -376,7 +380,8 @@ class ControlPlane:
         sid = SpiffeId.cluster(self.bundle.trust_domain, self.config.cluster)
         key_pem, chain = issue_workload(self.ca, sid, ttl=LEAF_TTL)
         self._fed_renew_at = _renew_at(LEAF_TTL)
-        return b"".join(chain), key_pem
+        self.fed_client_chain = b"".join(chain)
+        return self.fed_client_chain, key_pem
 
     def _ca_signature(self) -> tuple[tuple[str, float, int], ...]:
         out = []
@@ -409,10 +414,13 @@ class ControlPlane:
             now = datetime.now(UTC)
             try:
                 if self._fed_ctx is not None and (changed or now >= self._fed_renew_at):
+                    # A fresh context (not the old one reloaded): it trusts exactly the new bundle, so a retired
+                    # root is gone; the client moves its calls and its watch onto it and closes the pooled
+                    # connections that authenticated with the previous certificate.
                     chain, key = self._federation_identity()
-                    reload_identity(self._fed_ctx, chain, key, self.bundle)
+                    self._fed_ctx = client_ssl_context(chain, key, self.bundle)
                     if self._fed_client is not None:
-                        self._fed_client.set_bundle(self.bundle)
+                        self._fed_client.set_credentials(self._fed_ctx, self.bundle)
                     log.info("federation client certificate renewed cluster=%s", self.config.cluster)
                 if self._mtls_creds is not None and (changed or now >= self._mtls_renew_at):
                     self._renew_mtls_serving_cert()
@@ -673,6 +681,10 @@ def status_of(cp: ControlPlane) -> dict[str, Any]:
             "relists": agent.relists,
             "reconnects": agent.reconnects,
             "members": _members(catalog),
+            "heartbeat_error": agent.heartbeat_error,
+            "heartbeat_failing_since": (agent.heartbeat_failing_since.isoformat()
+                                        if agent.heartbeat_failing_since else None),
+            "heartbeat_ok_at": agent.heartbeat_ok_at.isoformat() if agent.heartbeat_ok_at else None,
         })
     return {
         "cluster": str(local),
@@ -705,6 +717,7 @@ def status_of(cp: ControlPlane) -> dict[str, Any]:
                 for sid, cert in sorted(cp.issuer.certs().items())
             ],
         },
+        "rotation": rotation.controlplane_report(cp),
         "now": datetime.now(UTC).isoformat(),
     }
 

@@ -69,6 +69,9 @@ class LocalInputs:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     # Requests/s and error rate per cluster pair from the sidecars' stats (meshfed.traffic.collect).
     traffic: Sequence[Mapping[str, Any]] = ()
+    # During a root rotation: the federation's GET /v1/trust/status (None: not asked or no answer, see the error).
+    federation_trust: Mapping[str, Any] | None = None
+    federation_trust_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +224,9 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
             problems.append(f"{name}: unreachable since {unreachable} (lease expired; its exports are withdrawn)")
         elif st is not None and not connected:
             problems.append(f"{name}: control plane is not connected to the federation")
+        if fed.get("heartbeat_error"):
+            problems.append(f"{name}: heartbeats to the federation failing since {fed.get('heartbeat_failing_since')}"
+                            f": {fed['heartbeat_error']}")
 
     services = _services(statuses, problems)
     proxies: list[dict[str, Any]] = []
@@ -234,6 +240,7 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
             problems.append(f"{name}: proxy {cluster_of_node(node)}: {err}")
 
     trust = _trust_local(inp, problems)
+    trust["rotation"] = _rotation_local(inp)
     report = {
         "kind": "local",
         "run_dir": state.get("run_dir"),
@@ -325,6 +332,19 @@ def _trust_local(inp: LocalInputs, problems: list[str]) -> dict[str, Any]:
                 problems.append(f"trust: {cluster} workload certificate {w.get('spiffe_id')} is {health} "
                                 f"(not after {w.get('not_after')})")
     return trust
+
+
+def _rotation_local(inp: LocalInputs) -> dict[str, Any] | None:
+    """During a root rotation: how far the running system has moved to the new root (meshfed.rotation). Progress,
+    not a problem: what still depends on the old root is listed, and ``retire-root`` refuses until it is empty."""
+    from meshfed.rotation import SystemReports, describe, evaluate
+
+    if inp.root is None or inp.root.get("phase") in (None, "stable"):
+        return None
+    cps = {name: (st.get("rotation") if st else None) for name, st in inp.controlplanes.items()}
+    conv = evaluate(inp.root, SystemReports(controlplanes=cps, federation=inp.federation_trust,
+                                            errors=dict(inp.errors), federation_error=inp.federation_trust_error))
+    return {**conv.to_json(), "lines": describe(conv)}
 
 
 def callable_names(st: Mapping[str, Any] | None) -> list[str]:
@@ -460,6 +480,11 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
                      f"{len(bad)} expiring" if bad else "ok"])
     title = "Trust" + (f" (rotation phase: {trust['phase']}; next: {trust['next_step']})" if trust["phase"] else "")
     out.append((title, ["certificate", "of", "fingerprint", "not after", "health"], rows))
+    rot = trust.get("rotation")
+    if rot:
+        verdict = "everything moved: `retire-root` may go ahead" if rot["done"] else "not converged"
+        out.append((f"Rotation convergence ({verdict})", ["#", "state"],
+                    [[i + 1, line] for i, line in enumerate(rot["lines"])]))
     if report.get("traffic"):
         from meshfed.traffic import table as traffic_table
 
@@ -532,10 +557,20 @@ def collect_local(run_dir: Path) -> LocalInputs:
             members = list(asyncio.run(_local_catalog(fed_url, Path(first[1]["ca"]), first[0])).members)
         except (StatusError, TrustError, OSError) as exc:
             log.info("federation catalog unavailable, using the control planes' view: %s", exc)
+    fed_trust, fed_trust_error = None, ""
+    if root is not None and root.get("phase") not in (None, "stable") and fed_url and first is not None:
+        from federation.client import ClientError
+        from meshfed.rotation import federation_trust_status
+
+        try:
+            fed_trust = asyncio.run(federation_trust_status(fed_url, Path(first[1]["ca"]), first[0]))
+        except (ClientError, TrustError, OSError) as exc:
+            fed_trust_error = str(exc)
     from meshfed import traffic
 
     return LocalInputs(state=state, alive=alive, controlplanes=statuses, errors=errors, root=root,
-                       root_error=root_error, members=members, traffic=traffic.collect(state))
+                       root_error=root_error, members=members, traffic=traffic.collect(state),
+                       federation_trust=fed_trust, federation_trust_error=fed_trust_error)
 
 
 async def _local_catalog(url: str, ca_dir: Path, cluster: str) -> RemoteInputs:

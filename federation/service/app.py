@@ -69,6 +69,8 @@ class _Keys:
     identify = web.AppKey("identify", object)
     encoded = web.AppKey("encoded", object)
     decoded = web.AppKey("decoded", wire.DecodeCache)
+    peers = web.AppKey("peers", dict)
+    serving = web.AppKey("serving", object)
     cluster = web.RequestKey("cluster", str)
 
 
@@ -152,6 +154,51 @@ def _route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+@dataclass(slots=True)
+class _Peer:
+    """One open client connection and the certificate it authenticated with (for rotation convergence)."""
+
+    transport: Any
+    cluster: str
+    leaf_fingerprint: str
+    intermediate_fingerprint: str
+    root_fingerprint: str | None
+    since: datetime
+    last_request: datetime
+
+
+def _track_peer(request: web.Request, chain: list[bytes]) -> None:
+    """Remember which certificate each open connection presented (once per connection; closed ones are pruned
+    when read), so ``GET /v1/trust/status`` can say whether any member still talks with an old-root chain."""
+    transport = request.transport
+    if transport is None:
+        return
+    peers: dict[int, _Peer] = request.app[_Keys.peers]
+    now = _now()
+    have = peers.get(id(transport))
+    if have is not None and have.transport is transport:
+        have.last_request = now
+        return
+    from cryptography import x509
+
+    from federation.trust.bundle import fingerprint
+
+    certs = [x509.load_der_x509_certificate(der) for der in chain[:2]]
+    peers[id(transport)] = _Peer(transport=transport, cluster=request[_Keys.cluster],
+                                 leaf_fingerprint=fingerprint(certs[0]),
+                                 intermediate_fingerprint=fingerprint(certs[1]) if len(certs) > 1 else "",
+                                 root_fingerprint=_bundle(request).issuing_root(certs), since=now, last_request=now)
+    if len(peers) > 256:
+        _open_peers(request.app)
+
+
+def _open_peers(app: web.Application) -> list[_Peer]:
+    peers: dict[int, _Peer] = app[_Keys.peers]
+    for key in [k for k, p in peers.items() if p.transport.is_closing()]:
+        del peers[key]
+    return sorted(peers.values(), key=lambda p: (p.cluster, p.since))
+
+
 @web.middleware
 async def _middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:
@@ -165,6 +212,7 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
                 chain = peer_chain(request.transport.get_extra_info("ssl_object") if request.transport else None)
                 identify: Identify = request.app[_Keys.identify]  # type: ignore[assignment]
                 request[_Keys.cluster] = identify(chain)
+                _track_peer(request, chain)
             except (Unauthenticated, TrustError, ValueError) as exc:
                 metrics.auth_failures.labels(reason="unauthenticated").inc()
                 log.warning("unauthenticated method=%s path=%s remote=%s error=%s", request.method, request.path,
@@ -397,6 +445,22 @@ async def get_trust_bundle(request: web.Request) -> web.Response:
                   "pem": bundle.to_pem().decode(), "jwks": bundle.to_jwks()})
 
 
+async def get_trust_status(request: web.Request) -> web.Response:
+    """What the federation itself depends on during a root rotation: the certificate it serves, the bundle it
+    verifies clients with, and the chain every open member connection authenticated with."""
+    bundle = _bundle(request)
+    serving: Callable[[], Any] | None = request.app[_Keys.serving]  # type: ignore[assignment]
+    connections = [
+        {"cluster": p.cluster, "leaf_fingerprint": p.leaf_fingerprint,
+         "intermediate_fingerprint": p.intermediate_fingerprint, "root_fingerprint": p.root_fingerprint,
+         "since": p.since.isoformat(), "last_request": p.last_request.isoformat()}
+        for p in _open_peers(request.app)
+    ]
+    return _json({"trustDomain": bundle.trust_domain.name, "bundleSequence": bundle.sequence,
+                  "bundleFingerprints": list(bundle.fingerprints),
+                  "serving": serving() if serving is not None else None, "connections": connections})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -458,6 +522,7 @@ ROUTES: tuple[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespon
     ("GET", "/v1/catalog", get_catalog),
     ("GET", "/v1/catalog/watch", watch_catalog),
     ("GET", "/v1/trust-bundle", get_trust_bundle),
+    ("GET", "/v1/trust/status", get_trust_status),
     ("GET", "/v1/openapi.json", get_openapi),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
@@ -524,9 +589,11 @@ async def _follow_renewals(state: CatalogState, interval: float) -> None:
 
 
 def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: ServiceConfig | None = None,
-               identify: Identify | None = None) -> web.Application:
+               identify: Identify | None = None,
+               serving: Callable[[], dict[str, Any]] | None = None) -> web.Application:
     """The federation API over an open ``store``. ``identify`` maps a verified client chain to its cluster (by
-    default ``cluster_of_peer`` against ``bundle()``)."""
+    default ``cluster_of_peer`` against ``bundle()``); ``serving`` describes the certificate the service presents
+    (``ServingCredentials.info``, reported by ``GET /v1/trust/status``)."""
     config = config or ServiceConfig()
     metrics = Metrics()
     # aiohttp's own cap sits above ours, so ``_body`` answers first, with the JSON error naming the limit.
@@ -540,6 +607,8 @@ def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: Servi
     app[_Keys.identify] = identify or bundle_identify(bundle)
     app[_Keys.encoded] = _Shared()
     app[_Keys.decoded] = wire.DecodeCache()
+    app[_Keys.peers] = {}
+    app[_Keys.serving] = serving
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
 

@@ -108,6 +108,16 @@ SCHEMAS: dict[str, Any] = {
     "TrustBundle": _obj({"trustDomain": _STR, "sequence": _INT, "pem": _STR,
                          "jwks": _obj({"keys": {"type": "array", "items": {"type": "object"}}}, ["keys"])},
                         ["trustDomain", "pem", "jwks"]),
+    "TrustStatus": _obj({
+        "trustDomain": _STR, "bundleSequence": _INT, "bundleFingerprints": {"type": "array", "items": _STR},
+        "serving": {"type": ["object", "null"], "properties": {
+            "spiffe_id": _STR, "leaf_fingerprint": _STR, "intermediate_fingerprint": _STR,
+            "root_fingerprint": {"type": ["string", "null"]}, "not_after": _TIME, "issued_at": _TIME,
+            "bundle_fingerprints": {"type": "array", "items": _STR}, "bundle_sequence": _INT, "reloads": _INT}},
+        "connections": {"type": "array", "items": _obj({
+            "cluster": _STR, "leaf_fingerprint": _STR, "intermediate_fingerprint": _STR,
+            "root_fingerprint": {"type": ["string", "null"]}, "since": _TIME, "last_request": _TIME})},
+    }, ["trustDomain", "bundleFingerprints", "serving", "connections"]),
     "Health": _obj({"status": {"const": "ok"}}, ["status"]),
     "Ready": _obj({"status": {"enum": ["ready", "unready"]}, "revision": _INT, "error": _STR}, ["status"]),
 }
@@ -186,6 +196,11 @@ PATHS: dict[str, Any] = {
     },
     "/v1/trust-bundle": {
         "get": _op("The trust bundle: PEM roots and SPIFFE JWKS", {"200": _resp("Bundle", "TrustBundle")}),
+    },
+    "/v1/trust/status": {
+        "get": _op("Root rotation convergence as the federation sees it: the certificate it serves (and the root it "
+                   "chains to), the roots it verifies clients with, and the chain each open member connection "
+                   "authenticated with", {"200": _resp("Trust status", "TrustStatus")}),
     },
     "/v1/openapi.json": {
         "get": _op("This document", {"200": {"description": "OpenAPI 3.1 document",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -40,6 +41,14 @@ def load_pem_certs(data: bytes, *, what: str) -> list[x509.Certificate]:
     if not certs:
         raise BundleError(f"{what}: no certificate found")
     return certs
+
+
+def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _b64u(data: bytes) -> str:
@@ -109,6 +118,16 @@ class TrustBundle:
             if have == fp or (len(fp) >= 8 and have.startswith(fp)):
                 return cert
         raise BundleError(f"trust bundle for {self.trust_domain} has no root {fp[:16]}")
+
+    def issuing_root(self, chain: Iterable[x509.Certificate]) -> str | None:
+        """Fingerprint of the root of this bundle that signed a CA certificate of ``chain`` (leaf first; the leaf
+        itself is skipped when the chain has more), or None: which root a presented chain depends on."""
+        certs = list(chain)
+        for cert in certs[1:] or certs:
+            for root, fp in zip(self.roots, self._fingerprints, strict=True):
+                if cert.issuer == root.subject and _signed_by(cert, root):
+                    return fp
+        return None
 
     # -- changes (each returns a new bundle with sequence + 1) ------------------------------------------------------
     def with_root(self, cert: x509.Certificate) -> TrustBundle:

@@ -402,7 +402,8 @@ def rotate_reissue(
         write_cluster_dir(d, ca, rd.bundle)
         _save_state(rd, rd.state.with_intermediate(_record(ca, rd.active, d, now)))
         changed = True
-        msgs.append(f"{d}: re-issued {authority} under root {rd.active.fingerprint[:16]}; reload its control plane")
+        msgs.append(f"{d}: re-issued {authority} under root {rd.active.fingerprint[:16]} (its control plane or "
+                    "federation service picks it up within seconds; no restart)")
         log.info("event=intermediate_reissued authority=%s fingerprint=%s dir=%s", authority, ca.fingerprint, d)
     return StepResult(changed, rd.state.phase(now), tuple(msgs))
 
@@ -416,11 +417,15 @@ def rotate_retire_root(
     *,
     cluster_dirs: Sequence[Path] | None = None,
     force: bool = False,
+    converged: str | None = None,
     forget: Sequence[str] = (),
     now: datetime | None = None,
 ) -> StepResult:
     """Phase 4: drop the old root from the bundle, refused while any known intermediate still chains to it (and,
     unless ``force``, while leaves issued under an old intermediate may still be valid).
+
+    ``converged`` is the running system's word that nothing in use depends on the old root any more (what it
+    reported, see ``meshfed.rotation``): it lifts the time bound like ``force``, and is recorded in the messages.
 
     ``forget`` lists authorities (SPIFFE IDs) of clusters that no longer exist: their records are dropped from the
     state first, so a decommissioned cluster does not block the rotation forever."""
@@ -451,10 +456,12 @@ def rotate_retire_root(
             f"{', '.join(sorted(set(blocking)))}; run `meshfed ca rotate reissue` for them"
         )
     until = rd.state.old_leaves_valid_until()
-    if until is not None and now < until and not force:
+    early = until is not None and now < until
+    if early and not force and converged is None:
         raise RotationError(
             f"refusing to retire root {old[:16]}: leaves issued under the old intermediates may be valid until "
-            f"{until:%Y-%m-%dT%H:%M:%SZ}; wait, or pass --force if every workload has a new certificate"
+            f"{until:%Y-%m-%dT%H:%M:%SZ} and the running system could not confirm that nothing uses them; "
+            "wait, or pass --force if every workload has a new certificate"
         )
     state = RootState(
         rd.state.trust_domain,
@@ -469,6 +476,8 @@ def rotate_retire_root(
     del rd.roots[old]
     _publish_root_dir(rd)
     msgs = [f"retired root {old[:16]}; bundle now trusts only {rd.state.active[:16]}"]
+    if early and converged is not None:
+        msgs.insert(0, f"before T ({until:%Y-%m-%dT%H:%M:%SZ}): {converged}")
     for d in _cluster_dirs(rd, cluster_dirs):
         write_cluster_bundle(d, rd.bundle)
         msgs.append(f"{d}: root-cert.pem now holds only the new root")

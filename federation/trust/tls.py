@@ -79,6 +79,31 @@ def client_ssl_context(cert_chain: PemSource, key: PemSource, bundle: TrustBundl
     return ctx
 
 
+class SwappableServerContext:
+    """A server ``ssl.SSLContext`` whose certificate *and* trust can be replaced for new connections.
+
+    An ``SSLContext`` can add roots but never drop one, and a listening server (aiohttp's ``TCPSite``) keeps the
+    context it was started with. :attr:`context` is that outer context; its ``sni_callback`` (called for every
+    ClientHello, with ``None`` when the client sends no SNI) moves the connection onto the current inner context,
+    whose certificate and verify store OpenSSL then uses. :meth:`replace` builds a fresh inner context (so a retired
+    root really is gone) and swaps it in; connections already open keep theirs."""
+
+    def __init__(self, cert_chain: PemSource, key: PemSource, bundle: TrustBundle) -> None:
+        self._current = server_ssl_context(cert_chain, key, bundle)
+        self.context = server_ssl_context(cert_chain, key, bundle)
+        self.context.sni_callback = self._select
+        self.swaps = 0
+
+    def replace(self, cert_chain: PemSource, key: PemSource, bundle: TrustBundle) -> None:
+        """Serve ``cert_chain`` and trust exactly ``bundle`` from the next handshake on (raises, keeping the
+        current context, if they do not load)."""
+        self._current = server_ssl_context(cert_chain, key, bundle)
+        self.swaps += 1
+
+    def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        ssl_object.context = self._current
+
+
 def reload_identity(ctx: ssl.SSLContext, cert_chain: PemSource, key: PemSource, bundle: TrustBundle) -> None:
     """Swap the certificate an existing context presents (new connections use it) and add the bundle's roots
     (a root added by rotation is trusted at once; a retired one stays until the context is rebuilt)."""

@@ -8,6 +8,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import dns.asyncquery
 import dns.message
@@ -285,4 +286,17 @@ async def test_root_rotation_reaches_proxies_without_a_restart(east_ca: Path, tm
             assert cp.ca.fingerprint != old_intermediate
             ski = cp.ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
             assert issuer_of(got["default"]) == ski  # signed by the re-issued intermediate, no restart
+            # /status reports what the proxy holds by fingerprint once it ACKed it (rotation convergence).
+            new_root = cp.bundle.issuing_root([cp.ca.cert])
+            assert new_root is not None and cp.status()["rotation"]["intermediate"]["root_fingerprint"] == new_root
+            version, nonce = secrets.last  # type: ignore[attr-defined]
+            await client.request(secret_type, ["default", "ROOTCA"], version=version, nonce=nonce)  # the ACK
+            report: dict[str, Any] = {}
+            for _ in range(100):
+                report = next(p for p in cp.status()["rotation"]["proxies"] if p["node_id"] == node)
+                if report["state"] == "acked":
+                    break
+                await asyncio.sleep(0.05)
+            assert report["state"] == "acked" and report["leaf_root"] == new_root
+            assert new_root in report["bundle_roots"] and len(report["bundle_roots"]) == 2
             await client.close()

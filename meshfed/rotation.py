@@ -1,0 +1,286 @@
+"""Root rotation convergence: which certificates in use still depend on the old root.
+
+A root may be retired as soon as nothing in use depends on it; the time bound *T* (last re-issue + the longest
+leaf lifetime) is only the fallback when the running system cannot be asked. "In use" is:
+
+- every proxy's ACKed SDS secrets (its leaf and the bundle it validates peers with), as each control plane
+  reports them in ``/status`` (``rotation``): a proxy that has not ACKed the secrets it was last sent is counted
+  as not moved, whatever it holds;
+- each control plane's own leaves: its federation client certificate and its mTLS xDS serving certificate;
+- the federation service's serving certificate, and the chain every open member connection authenticated with
+  (``GET /v1/trust/status``).
+
+Three parts, kept apart: :func:`controlplane_report` (what one control plane puts in its ``/status``, from its
+live objects), :func:`evaluate` (pure: reports + the root directory's rotation state -> convergence), and the
+collection at the bottom (HTTP to a local run's control planes and federation, or to given URLs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+
+from federation.trust.bundle import TrustBundle, fingerprint, load_pem_certs
+from federation.trust.errors import TrustError
+
+if TYPE_CHECKING:
+    from meshfed.controlplane import ControlPlane
+
+log = logging.getLogger("meshfed.rotation")
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+# ---- what a control plane reports (from its live objects) -----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(pem: str) -> tuple[x509.Certificate, ...]:
+    return tuple(load_pem_certs(pem.encode(), what="certificate"))
+
+
+def chain_info(pem: str | bytes, bundle: TrustBundle) -> dict[str, Any] | None:
+    """Leaf fingerprint, and the fingerprint of the bundle root the chain depends on (None: none of them)."""
+    text = pem.decode() if isinstance(pem, bytes) else pem
+    if not text.strip():
+        return None
+    try:
+        certs = _parse(text)
+    except TrustError:
+        return None
+    return {"leaf_fingerprint": fingerprint(certs[0]), "root_fingerprint": bundle.issuing_root(certs),
+            "not_after": certs[0].not_valid_after_utc.isoformat()}
+
+
+def _bundle_roots(pem: str) -> list[str]:
+    try:
+        return [fingerprint(c) for c in _parse(pem)]
+    except TrustError:
+        return []
+
+
+def proxy_secrets(cp: ControlPlane, node_id: str, acked: str) -> dict[str, Any]:
+    """What one proxy holds: the secrets of its current snapshot if it ACKed them, else "pending"."""
+    snap = cp.cache.get(node_id)
+    current = snap.version(SECRET_TYPE) if snap is not None else ""
+    if not acked or acked != current or snap is None:
+        return {"state": "pending", "leaf_fingerprint": None, "leaf_root": None, "bundle_roots": []}
+    secrets = snap.resources.get(SECRET_TYPE, {})
+    leaf: dict[str, Any] | None = None
+    roots: list[str] = []
+    for name in secrets:
+        msg: Any = secrets[name]
+        if msg.HasField("tls_certificate"):
+            leaf = chain_info(msg.tls_certificate.certificate_chain.inline_string, cp.bundle)
+        elif msg.HasField("validation_context"):
+            roots = _bundle_roots(msg.validation_context.trusted_ca.inline_string)
+    return {"state": "acked", "leaf_fingerprint": leaf["leaf_fingerprint"] if leaf else None,
+            "leaf_root": leaf["root_fingerprint"] if leaf else None, "bundle_roots": roots}
+
+
+def controlplane_report(cp: ControlPlane) -> dict[str, Any]:
+    """The ``rotation`` section of a control plane's ``/status``."""
+    proxies = []
+    for row in cp.cache.status():
+        if row.type_url != SECRET_TYPE or not row.connected:
+            continue
+        proxies.append({"node_id": row.node_id, **proxy_secrets(cp, row.node_id, row.acked_version)})
+    inter_root = cp.bundle.issuing_root([cp.ca.cert])
+    return {
+        "intermediate": {"fingerprint": cp.ca.fingerprint, "root_fingerprint": inter_root},
+        "bundle_fingerprints": list(cp.bundle.fingerprints),
+        "federation_client": chain_info(cp.fed_client_chain, cp.bundle),
+        "xds_serving": chain_info(cp.mtls_serving_chain, cp.bundle),
+        "proxies": proxies,
+    }
+
+
+# ---- evaluation (pure) ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Convergence:
+    """Whether everything in use has moved off ``old_root`` (``done``), and what has not (``blocking``)."""
+
+    in_rotation: bool
+    old_root: str | None
+    new_root: str | None
+    done: bool
+    blocking: tuple[str, ...] = ()
+    summary: tuple[str, ...] = ()
+    proxies_total: int = 0
+    proxies_old: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"in_rotation": self.in_rotation, "old_root": self.old_root, "new_root": self.new_root,
+                "done": self.done, "blocking": list(self.blocking), "summary": list(self.summary),
+                "proxies_total": self.proxies_total, "proxies_old": self.proxies_old}
+
+
+@dataclass(frozen=True, slots=True)
+class SystemReports:
+    """What the running system said: each control plane's ``rotation`` section (None: it did not answer, with why
+    in ``errors``) and the federation's ``/v1/trust/status`` (None: not asked or did not answer)."""
+
+    controlplanes: Mapping[str, Mapping[str, Any] | None]
+    federation: Mapping[str, Any] | None
+    errors: Mapping[str, str] = field(default_factory=dict)
+    federation_error: str = ""
+
+
+def _short(fp: str | None) -> str:
+    return fp[:16] if fp else "none of the trusted roots"
+
+
+def evaluate(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
+    """Convergence from ``inspect_dir`` of the root directory and the system's reports (pure).
+
+    Outside a rotation, or before the new root signs (``root-added``), there is nothing to converge to."""
+    phase = str(root.get("phase", ""))
+    certs = root.get("certificates", [])
+    old = next((c["fingerprint"] for c in certs if c.get("role") == "root (old)"), None)
+    new = next((c["fingerprint"] for c in certs if c.get("role") == "root (active)"), None)
+    if phase in ("stable", "root-added") or old is None or new is None:
+        return Convergence(in_rotation=phase != "stable", old_root=old, new_root=new, done=False,
+                           summary=(f"phase {phase}: nothing to converge yet",))
+    blocking: list[str] = []
+    summary: list[str] = []
+    total = moved = 0
+    for cluster, rep in sorted(reports.controlplanes.items()):
+        if rep is None:
+            why = reports.errors.get(cluster, "no answer")
+            blocking.append(f"{cluster}: control plane did not report its certificates ({why})")
+            continue
+        inter = rep.get("intermediate") or {}
+        if inter.get("root_fingerprint") != new:
+            blocking.append(f"{cluster}: control plane still signs with intermediate "
+                            f"{str(inter.get('fingerprint'))[:16]} under root {_short(inter.get('root_fingerprint'))}")
+        for what, key in (("federation client certificate", "federation_client"),
+                          ("mTLS xDS serving certificate", "xds_serving")):
+            info = rep.get(key)
+            if info is not None and info.get("root_fingerprint") != new:
+                blocking.append(f"{cluster}: its {what} chains to root {_short(info.get('root_fingerprint'))}")
+        for p in rep.get("proxies", []):
+            total += 1
+            node = str(p.get("node_id"))
+            if p.get("state") != "acked":
+                blocking.append(f"{cluster}: proxy {node} has not ACKed its current certificates")
+            elif p.get("leaf_fingerprint") is not None and p.get("leaf_root") != new:
+                blocking.append(f"{cluster}: proxy {node} holds a leaf from root {_short(p.get('leaf_root'))}")
+            elif new not in p.get("bundle_roots", []):
+                blocking.append(f"{cluster}: proxy {node} does not trust the new root yet")
+            else:
+                moved += 1
+    if total:
+        summary.append(f"{total - moved} of {total} proxies still hold leaves from the old root" if moved < total
+                       else f"all {total} proxies hold leaves from the new root")
+    fed = reports.federation
+    if fed is None:
+        why = reports.federation_error or "not asked"
+        blocking.append(f"federation: did not report its certificates ({why})")
+    else:
+        serving = fed.get("serving")
+        if serving is None:
+            blocking.append("federation: does not report its serving certificate (an older version?)")
+        elif serving.get("root_fingerprint") != new:
+            blocking.append(f"federation: its serving certificate chains to root "
+                            f"{_short(serving.get('root_fingerprint'))}; it reloads its CA directory within two "
+                            "seconds of `reissue`")
+            summary.append("federation serving cert not renewed yet")
+        else:
+            summary.append("federation serving cert renewed")
+        if new not in fed.get("bundleFingerprints", []):
+            blocking.append("federation: does not trust the new root yet")
+        stale = [c for c in fed.get("connections", []) if c.get("root_fingerprint") != new]
+        for c in stale:
+            blocking.append(f"federation: a connection of {c.get('cluster')} authenticated with a certificate "
+                            f"from root {_short(c.get('root_fingerprint'))} (since {c.get('since')})")
+        conns = fed.get("connections", [])
+        summary.append(f"{len(conns) - len(stale)} of {len(conns)} member connections use the new root")
+    return Convergence(in_rotation=True, old_root=old, new_root=new, done=not blocking, blocking=tuple(blocking),
+                       summary=tuple(summary), proxies_total=total, proxies_old=total - moved)
+
+
+# ---- collection (IO) ------------------------------------------------------------------------------------------------
+
+
+async def federation_trust_status(url: str, ca_dir: Path, cluster: str) -> dict[str, Any]:
+    """``GET /v1/trust/status`` with a throwaway identity of ``cluster`` issued from its CA directory."""
+    from discovery.model import ClusterId
+    from federation.client import FederationClient, cluster_credentials
+
+    ctx, bundle = cluster_credentials(ca_dir, ClusterId(cluster))
+    async with FederationClient(url, ssl_context=ctx, cluster=ClusterId(cluster), bundle=bundle,
+                                request_timeout_s=5.0) as client:
+        return await client.trust_status()
+
+
+def ask(*, controlplanes: Mapping[str, str], federation_url: str | None, ca_dir: Path | None,
+        cluster: str | None) -> SystemReports:
+    """Ask control planes (name -> admin ``HOST:PORT``) for their ``/status`` rotation section and the federation
+    for its trust status (with an identity of ``cluster`` from ``ca_dir``)."""
+    from federation.client import ClientError
+    from meshfed.status import StatusError, fetch_json
+
+    reports: dict[str, Mapping[str, Any] | None] = {}
+    errors: dict[str, str] = {}
+    for name, admin in controlplanes.items():
+        try:
+            st = fetch_json(f"http://{admin}/status")
+            reports[name] = st.get("rotation")
+            if reports[name] is None:
+                errors[name] = "its /status has no rotation section (an older version?)"
+        except StatusError as exc:
+            reports[name], errors[name] = None, str(exc)
+    fed: dict[str, Any] | None = None
+    fed_error = ""
+    if federation_url and ca_dir is not None and cluster:
+        try:
+            fed = asyncio.run(federation_trust_status(federation_url, ca_dir, cluster))
+        except (ClientError, TrustError, OSError) as exc:
+            fed_error = str(exc)
+    elif federation_url:
+        fed_error = "no cluster CA directory to authenticate with"
+    return SystemReports(controlplanes=reports, federation=fed, errors=errors, federation_error=fed_error)
+
+
+def ask_local(run_dir: Path) -> SystemReports:
+    """Ask a local run (``meshfed up``): every control plane in its state.json and its federation."""
+    from meshfed import local
+
+    state = local.read_state(run_dir)
+    clusters: Mapping[str, Any] = state.get("clusters", {})
+    first = next(iter(clusters.items()), None)
+    return ask(controlplanes={n: c["controlplane"]["admin"] for n, c in clusters.items()},
+               federation_url=state.get("federation", {}).get("url"),
+               ca_dir=Path(first[1]["ca"]) if first else None, cluster=first[0] if first else None)
+
+
+def describe(conv: Convergence, *, limit: int = 8) -> list[str]:
+    """Lines for a person: the summary, then what still depends on the old root (at most ``limit``)."""
+    lines = list(conv.summary)
+    lines += [f"still on the old root: {b}" for b in conv.blocking[:limit]]
+    if len(conv.blocking) > limit:
+        lines.append(f"... and {len(conv.blocking) - limit} more")
+    return lines
+
+
+def local_run_dir(given: Path | None, root_dir: Path) -> Path | None:
+    """The run to ask: ``given``, else the run whose CA is ``root_dir`` (``<run>/ca/root``), else ``.meshfed/run``
+    when it exists."""
+    from meshfed import local
+
+    if given is not None:
+        return given
+    candidates: Sequence[Path] = (root_dir.resolve().parent.parent, local.DEFAULT_RUN_DIR)
+    for c in candidates:
+        if (c / local.STATE_FILE).exists():
+            return c
+    return None
