@@ -222,3 +222,74 @@ def test_cli_federation_needs_credentials() -> None:
     result = CliRunner().invoke(cli, ["status", "--federation", "https://127.0.0.1:1"])
     assert result.exit_code == 2
     assert "--cert" in result.output
+
+
+def test_failing_heartbeats_are_a_problem_naming_the_certificate_error() -> None:
+    """Issue 18: heartbeats failed with 401 for ~15 s while status still exited 0 (the lease had not run out)."""
+    east = cp_status("east")
+    error = ("heartbeat: HTTP 401: client certificate does not identify a member cluster: intermediate "
+             "'CN=east' does not chain to any root of the demo.meshfed.local bundle (abc)")
+    east["federation"].update(heartbeat_error=error, heartbeat_failing_since=iso(-timedelta(seconds=1)))
+    report = evaluate_local(inputs(controlplanes={"east": east, "west": cp_status("west")}))
+    assert report["healthy"] is False
+    assert any(p.startswith("east: heartbeats to the federation failing since") and "does not chain" in p
+               for p in report["problems"])
+
+
+def _rotation_root() -> dict[str, Any]:
+    certs = [{"role": "root (old)", "fingerprint": "old" * 5, "not_before": iso(-timedelta(days=1)),
+              "not_after": iso(timedelta(days=3650))},
+             {"role": "root (active)", "fingerprint": "new" * 5, "not_before": iso(-timedelta(hours=1)),
+              "not_after": iso(timedelta(days=3650))}]
+    return {**root(), "phase": "leaves-rolling", "certificates": certs}
+
+
+def _rotation_report(leaf_root: str, *, acked: bool = True) -> dict[str, Any]:
+    new = "new" * 5
+    return {"intermediate": {"fingerprint": "i", "root_fingerprint": new}, "bundle_fingerprints": ["old" * 5, new],
+            "federation_client": {"leaf_fingerprint": "l", "root_fingerprint": new},
+            "xds_serving": {"leaf_fingerprint": "x", "root_fingerprint": new},
+            "proxies": [{"node_id": "sidecar~a", "state": "acked" if acked else "pending",
+                         "leaf_fingerprint": "p", "leaf_root": leaf_root, "bundle_roots": ["old" * 5, new]}]}
+
+
+def test_rotation_convergence_is_shown_and_is_progress_not_a_problem() -> None:
+    new, old = "new" * 5, "old" * 5
+    east, west = cp_status("east"), cp_status("west")
+    east["rotation"], west["rotation"] = _rotation_report(old), _rotation_report(new)
+    fed = {"bundleFingerprints": [old, new], "serving": {"root_fingerprint": new},
+           "connections": [{"cluster": "east", "root_fingerprint": new}, {"cluster": "west", "root_fingerprint": new}]}
+    report = evaluate_local(inputs(controlplanes={"east": east, "west": west}, root=_rotation_root(),
+                                   federation_trust=fed))
+    rot = report["trust"]["rotation"]
+    assert rot["done"] is False and rot["proxies_total"] == 2 and rot["proxies_old"] == 1
+    assert "1 of 2 proxies still hold leaves from the old root" in rot["lines"]
+    assert "federation serving cert renewed" in rot["lines"]
+    assert any("east: proxy sidecar~a holds a leaf from root oldoldoldoldold" in b for b in rot["blocking"])
+    assert report["healthy"] is True  # a rotation in progress is not unhealthy
+    assert any(t.startswith("Rotation convergence (not converged)") for t, _, _ in sections(report))
+    east["rotation"] = _rotation_report(new)
+    report = evaluate_local(inputs(controlplanes={"east": east, "west": west}, root=_rotation_root(),
+                                   federation_trust=fed))
+    assert report["trust"]["rotation"]["done"] is True
+
+
+def test_rotation_blocks_on_what_cannot_be_seen() -> None:
+    """Unknown is not moved: a pending proxy, a silent control plane, an old-root federation connection."""
+    from meshfed.rotation import SystemReports, evaluate
+
+    new, old = "new" * 5, "old" * 5
+    fed = {"bundleFingerprints": [old, new], "serving": {"root_fingerprint": old},
+           "connections": [{"cluster": "west", "root_fingerprint": old, "since": "t"}]}
+    conv = evaluate(_rotation_root(), SystemReports(
+        controlplanes={"east": _rotation_report(new, acked=False), "west": None}, federation=fed,
+        errors={"west": "refused"}))
+    text = "\n".join(conv.blocking)
+    assert not conv.done
+    assert "east: proxy sidecar~a has not ACKed its current certificates" in text
+    assert "west: control plane did not report its certificates (refused)" in text
+    assert "federation: its serving certificate chains to root oldoldoldoldold" in text
+    assert "a connection of west authenticated with a certificate from root oldoldoldoldold" in text
+    assert not evaluate(_rotation_root(), SystemReports(controlplanes={}, federation=None)).done
+    stable = evaluate(root(), SystemReports(controlplanes={}, federation=None))
+    assert not stable.in_rotation and not stable.done
