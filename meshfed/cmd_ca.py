@@ -205,7 +205,7 @@ def inspect_cmd(directory: Path, run_dir: Path | None, federation_url: str | Non
         (f"CA directory {directory}", ["field", "value"], summary),
         ("certificates", ["role", "identity / subject", "sha256", "not after (UTC)", "days left"], cert_rows),
     ]
-    if info["kind"] == "root" and info["phase"] not in ("stable", "root-added"):
+    if info["kind"] == "root" and info["phase"] != "stable":
         with _trust_errors():
             conv, why = _ask_system(directory, run_dir, federation_url, cluster_ca, controlplanes)
         if conv is None:
@@ -213,7 +213,8 @@ def inspect_cmd(directory: Path, run_dir: Path | None, federation_url: str | Non
             sections.append(("convergence (unknown)", ["#", "state"], [(1, why)]))
         else:
             info["convergence"] = {"known": True, **conv.to_json()}
-            verdict = "everything moved: retire-root may go ahead" if conv.done else "not converged"
+            step = "reissue" if info["phase"] == "root-added" else "retire-root"
+            verdict = f"everything moved: {step} may go ahead" if conv.done else "not converged"
             sections.append((f"convergence ({verdict})", ["#", "state"],
                              [(i + 1, line) for i, line in enumerate(rotation.describe(conv, limit=50))]))
     if info["kind"] == "root":
@@ -254,13 +255,52 @@ def add_root_cmd(root_dir: Path, key_type: str, days: int, cluster_dirs: tuple[P
                                       cluster_dirs=list(cluster_dirs) or None))
 
 
+def _wait_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--wait", "wait", callback=_duration, default="60s", show_default=True,
+                        help="how long to wait for the running system to converge before refusing")(fn)
+
+
+def _converge(root_dir: Path, wait: timedelta | None, where: tuple[Any, ...]) -> tuple[rotation.Convergence | None,
+                                                                                     str]:
+    why: list[str] = [""]
+
+    def check() -> rotation.Convergence | None:
+        conv, why[0] = _ask_system(root_dir, *where)
+        return conv
+
+    conv = rotation.wait_converged(check, within_s=(wait or timedelta(0)).total_seconds())
+    return conv, why[0]
+
+
 @rotate.command("reissue")
 @click.option("--root", "root_dir", required=True, type=_EXISTING_DIR)
+@click.option("--force", is_flag=True, help="re-issue without checking that everything trusts the new root")
 @_days(DEFAULT_INTERMEDIATE_DAYS)
+@_system_options
+@_wait_option
 @click.argument("cluster_dirs", nargs=-1, type=_EXISTING_DIR)
-def reissue_cmd(root_dir: Path, days: int, cluster_dirs: tuple[Path, ...]) -> None:
-    """Phase 2: sign with the new root and re-issue the intermediates of CLUSTER_DIRS (default: all known)."""
+def reissue_cmd(root_dir: Path, force: bool, days: int, run_dir: Path | None, federation_url: str | None,
+                cluster_ca: Path | None, controlplanes: tuple[str, ...], wait: timedelta | None,
+                cluster_dirs: tuple[Path, ...]) -> None:
+    """Phase 2: sign with the new root and re-issue the intermediates of CLUSTER_DIRS (default: all known).
+    Right after add-root, it first waits (--wait) until the running system reports that every control plane,
+    proxy and the federation trust the new root: a leaf from the new root reaching a peer that does not trust it
+    yet would be refused."""
     with _trust_errors(hint="see `meshfed ca inspect` for the phase"):
+        if not force and store.inspect_dir(root_dir)["phase"] == "root-added":
+            conv, why = _converge(root_dir, wait, (run_dir, federation_url, cluster_ca, controlplanes))
+            if conv is None:
+                click.echo(f"note: cannot ask the running system whether it trusts the new root yet ({why}); "
+                           "make sure every cluster has the two-root bundle before clusters get new intermediates")
+            elif not conv.done:
+                fail("refusing to re-issue: not everything trusts the new root yet:\n  "
+                     + "\n  ".join(rotation.describe(conv, limit=20)),
+                     hint="control planes and the federation re-read their CA directory every two seconds; retry, "
+                          "or --force")
+                return
+            else:
+                click.echo("every control plane, proxy and the federation trust the new root ("
+                           + "; ".join(conv.summary) + ")")
         _report(store.rotate_reissue(root_dir, days=days, cluster_dirs=list(cluster_dirs) or None))
 
 
@@ -271,10 +311,11 @@ def reissue_cmd(root_dir: Path, days: int, cluster_dirs: tuple[Path, ...]) -> No
 @click.option("--forget", multiple=True, metavar="SPIFFE_ID",
               help="drop the record of a decommissioned cluster's intermediate (repeatable)")
 @_system_options
+@_wait_option
 @click.argument("cluster_dirs", nargs=-1, type=_EXISTING_DIR)
 def retire_cmd(root_dir: Path, force: bool, forget: tuple[str, ...], run_dir: Path | None,
                federation_url: str | None, cluster_ca: Path | None, controlplanes: tuple[str, ...],
-               cluster_dirs: tuple[Path, ...]) -> None:
+               wait: timedelta | None, cluster_dirs: tuple[Path, ...]) -> None:
     """Phase 4: drop the old root from the bundle. Refused while an intermediate still chains to it, and, before
     the old leaves' lifetime is over, until the running system (a local run, or --federation and
     --controlplane) reports that no proxy, control plane or federation certificate depends on it any more."""
@@ -283,7 +324,7 @@ def retire_cmd(root_dir: Path, force: bool, forget: tuple[str, ...], run_dir: Pa
         info = store.inspect_dir(root_dir)
         until = info.get("old_leaves_valid_until")
         if not force and info["phase"] == "leaves-rolling" and until:
-            conv, why = _ask_system(root_dir, run_dir, federation_url, cluster_ca, controlplanes)
+            conv, why = _converge(root_dir, wait, (run_dir, federation_url, cluster_ca, controlplanes))
             if conv is None:
                 fail(f"refusing to retire the old root: leaves issued under the old intermediates may be valid "
                      f"until {until[:19]}Z, and the running system cannot be asked whether anything still uses "
@@ -294,8 +335,8 @@ def retire_cmd(root_dir: Path, force: bool, forget: tuple[str, ...], run_dir: Pa
             if not conv.done:
                 lines = rotation.describe(conv, limit=20)
                 fail("refusing to retire the old root: still in use:\n  " + "\n  ".join(lines),
-                     hint="wait a few seconds and retry (control planes pick a re-issued CA up within two "
-                          "seconds); `meshfed ca inspect` shows the same list")
+                     hint="retry (control planes pick a re-issued CA up within two seconds), or a longer --wait; "
+                          "`meshfed ca inspect` shows the same list")
                 return
             converged = "the running system reports nothing uses the old root (" + "; ".join(conv.summary) + ")"
         _report(store.rotate_retire_root(root_dir, force=force, converged=converged, forget=forget,

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,9 +146,11 @@ def evaluate(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
     Outside a rotation, or before the new root signs (``root-added``), there is nothing to converge to."""
     phase = str(root.get("phase", ""))
     certs = root.get("certificates", [])
+    if phase == "root-added":
+        return _evaluate_bundles(root, reports)
     old = next((c["fingerprint"] for c in certs if c.get("role") == "root (old)"), None)
     new = next((c["fingerprint"] for c in certs if c.get("role") == "root (active)"), None)
-    if phase in ("stable", "root-added") or old is None or new is None:
+    if phase == "stable" or old is None or new is None:
         return Convergence(in_rotation=phase != "stable", old_root=old, new_root=new, done=False,
                            summary=(f"phase {phase}: nothing to converge yet",))
     blocking: list[str] = []
@@ -206,6 +209,54 @@ def evaluate(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
         summary.append(f"{len(conns) - len(stale)} of {len(conns)} member connections use the new root")
     return Convergence(in_rotation=True, old_root=old, new_root=new, done=not blocking, blocking=tuple(blocking),
                        summary=tuple(summary), proxies_total=total, proxies_old=total - moved)
+
+
+def _evaluate_bundles(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
+    """``root-added``: before the new root may sign (``reissue``), everything must already trust it: each
+    control plane's bundle, each proxy's ACKed validation bundle, the federation's client-verification bundle.
+    Otherwise a leaf re-issued under the new root would be refused by a peer that still trusts only the old one."""
+    certs = root.get("certificates", [])
+    old = next((c["fingerprint"] for c in certs if c.get("role") == "root (active)"), None)
+    new = next((c["fingerprint"] for c in certs if c.get("role") == "root (next)"), None)
+    blocking: list[str] = []
+    total = moved = 0
+    for cluster, rep in sorted(reports.controlplanes.items()):
+        if rep is None:
+            blocking.append(f"{cluster}: control plane did not report its bundle "
+                            f"({reports.errors.get(cluster, 'no answer')})")
+            continue
+        if new not in rep.get("bundle_fingerprints", []):
+            blocking.append(f"{cluster}: control plane does not trust the new root yet")
+        for p in rep.get("proxies", []):
+            total += 1
+            if p.get("state") != "acked":
+                blocking.append(f"{cluster}: proxy {p.get('node_id')} has not ACKed its current bundle")
+            elif new not in p.get("bundle_roots", []):
+                blocking.append(f"{cluster}: proxy {p.get('node_id')} does not trust the new root yet")
+            else:
+                moved += 1
+    summary = [f"{moved} of {total} proxies trust the new root"]
+    fed = reports.federation
+    if fed is None:
+        blocking.append(f"federation: did not report its bundle ({reports.federation_error or 'not asked'})")
+    elif new not in fed.get("bundleFingerprints", []):
+        blocking.append("federation: does not trust the new root yet (it re-reads its CA directory every two "
+                        "seconds)")
+    else:
+        summary.append("federation trusts the new root")
+    return Convergence(in_rotation=True, old_root=old, new_root=new, done=not blocking, blocking=tuple(blocking),
+                       summary=tuple(summary), proxies_total=total, proxies_old=total - moved)
+
+
+def wait_converged(check: Callable[[], Convergence | None], *, within_s: float,
+                   interval_s: float = 1.0) -> Convergence | None:
+    """Ask again until converged or ``within_s`` passed (bounded); the last answer."""
+    deadline = time.monotonic() + within_s
+    conv = check()
+    while conv is not None and not conv.done and time.monotonic() < deadline:
+        time.sleep(interval_s)
+        conv = check()
+    return conv
 
 
 # ---- collection (IO) ------------------------------------------------------------------------------------------------
@@ -273,14 +324,18 @@ def describe(conv: Convergence, *, limit: int = 8) -> list[str]:
 
 
 def local_run_dir(given: Path | None, root_dir: Path) -> Path | None:
-    """The run to ask: ``given``, else the run whose CA is ``root_dir`` (``<run>/ca/root``), else ``.meshfed/run``
-    when it exists."""
+    """The run to ask: ``given``, else the local run whose CA root is ``root_dir`` (``<run>/ca/root``, or
+    ``.meshfed/run``), else None. A run that belongs to another root is never asked."""
     from meshfed import local
 
     if given is not None:
         return given
-    candidates: Sequence[Path] = (root_dir.resolve().parent.parent, local.DEFAULT_RUN_DIR)
-    for c in candidates:
-        if (c / local.STATE_FILE).exists():
-            return c
+    want = root_dir.resolve()
+    for run in (want.parent.parent, local.DEFAULT_RUN_DIR):
+        try:
+            state = local.read_state(run)
+        except local.LocalRunError:
+            continue
+        if Path(str(state.get("ca", {}).get("root", ""))).resolve() == want:
+            return run
     return None

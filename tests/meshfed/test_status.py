@@ -293,3 +293,21 @@ def test_rotation_blocks_on_what_cannot_be_seen() -> None:
     assert not evaluate(_rotation_root(), SystemReports(controlplanes={}, federation=None)).done
     stable = evaluate(root(), SystemReports(controlplanes={}, federation=None))
     assert not stable.in_rotation and not stable.done
+
+
+def test_reissue_waits_until_everything_trusts_the_next_root() -> None:
+    """In root-added, the next root must be in every bundle before it signs: a proxy still validating with the
+    old bundle would refuse the first re-issued leaf it sees."""
+    from meshfed.rotation import SystemReports, evaluate
+
+    old, new = "old" * 5, "new" * 5
+    added = {**root(), "phase": "root-added", "certificates": [
+        {"role": "root (active)", "fingerprint": old}, {"role": "root (next)", "fingerprint": new}]}
+    behind = {**_rotation_report(old), "bundle_fingerprints": [old, new]}
+    behind["proxies"][0]["bundle_roots"] = [old]
+    fed = {"bundleFingerprints": [old, new], "serving": {"root_fingerprint": old}, "connections": []}
+    conv = evaluate(added, SystemReports(controlplanes={"east": behind}, federation=fed))
+    assert not conv.done and conv.blocking == ("east: proxy sidecar~a does not trust the new root yet",)
+    behind["proxies"][0]["bundle_roots"] = [old, new]
+    conv = evaluate(added, SystemReports(controlplanes={"east": behind}, federation=fed))
+    assert conv.done and conv.summary == ("1 of 1 proxies trust the new root", "federation trusts the new root")
