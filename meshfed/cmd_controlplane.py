@@ -61,13 +61,17 @@ async def _serve(config: ControlPlaneConfig) -> None:
               help="also serve ADS over mutual TLS here, authenticating proxyless gRPC workloads by certificate")
 @click.option("--xds-mtls-host", "xds_mtls_hosts", multiple=True, metavar="NAME",
               help="IP or DNS name the mTLS ADS certificate is valid for (repeatable; default: the listen host)")
+@click.option("--cert-files", "cert_files", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="certfiles.json listing directories of file-based workload certificates (proxyless gRPC) to "
+                   "keep renewed from this cluster's CA, also across root rotation (local runs)")
 @click.option("--debounce-quiet", type=float, default=0.1, show_default=True, metavar="SECONDS")
 @click.option("--debounce-max", type=float, default=1.0, show_default=True, metavar="SECONDS")
 def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_urls: tuple[str, ...], xds_listen: str,
                  dns_listen: str, admin_listen: str, gateway_address: str, tokens_file: Path | None,
                  runtime_file: Path | None, source: str, kubeconfig: Path | None, kube_context: str | None,
                  xds_auth: str | None, xds_token_audience: str, xds_mtls_listen: str | None,
-                 xds_mtls_hosts: tuple[str, ...], debounce_quiet: float, debounce_max: float) -> None:
+                 xds_mtls_hosts: tuple[str, ...], cert_files: Path | None, debounce_quiet: float,
+                 debounce_max: float) -> None:
     """Run one cluster's control plane until SIGTERM or Ctrl-C."""
     try:
         cs = load_clusterset(clusterset_dir)
@@ -84,7 +88,7 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
             xds_auth=xds_auth or ("tokenreview" if source == "kubernetes" else "tokens"),
             token_audience=xds_token_audience,
             xds_mtls=Listen.parse(xds_mtls_listen, what="--xds-mtls-listen") if xds_mtls_listen else None,
-            xds_mtls_hosts=xds_mtls_hosts,
+            xds_mtls_hosts=xds_mtls_hosts, cert_files=cert_files,
         )
     except (ClusterSetError, DiscoveryError, ValueError, KeyError) as exc:
         fail(str(exc), hint="check --clusterset and --cluster")

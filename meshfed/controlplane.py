@@ -65,6 +65,7 @@ from gateway.push import PushDebouncer, PushRequest
 from gateway.sds import WorkloadCertIssuer, bundle_pem, identities_of
 from gateway.snapshot import Snapshot
 from meshfed import rotation, telemetry, xdstls
+from meshfed.certfiles import CertFiles
 
 log = logging.getLogger("meshfed.controlplane")
 
@@ -119,6 +120,9 @@ class ControlPlaneConfig:
     xds_mtls: Listen | None = None
     # Names (IPs or DNS) the mTLS listener's certificate is valid for; the listen host when empty.
     xds_mtls_hosts: tuple[str, ...] = ()
+    # certfiles.json: directories of file-based workload certificates (proxyless gRPC) this control plane keeps
+    # current, as a node agent would (meshfed.certfiles). None: none.
+    cert_files: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +286,8 @@ class ControlPlane:
         self._fed_client: FederationClient | None = None
         self._fed_renew_at = datetime.max.replace(tzinfo=UTC)
         self.metrics_ca_reloads = 0
+        self.cert_files = CertFiles(cfg.cert_files)
+        self.cert_files = CertFiles(cfg.cert_files)
         self.fed_client_chain = b""  # the certificates the control plane itself presents (rotation reports them)
         self.mtls_serving_chain = b""
         self.dns: DnsServer | None = None
@@ -432,6 +438,8 @@ class ControlPlane:
                              self.config.cluster, self.ca.fingerprint, ",".join(self.bundle.fingerprints),
                              len(rotated))
                     self._changed("trust")
+                # File-based workload certificates (proxyless gRPC): rewritten when stale for this CA and bundle.
+                await asyncio.to_thread(self.cert_files.refresh, self.ca, self.bundle)
             except TrustError as exc:
                 log.error("certificate renewal failed cluster=%s error=%s; retrying", self.config.cluster, exc)
 

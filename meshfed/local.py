@@ -28,7 +28,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,21 +35,21 @@ from discovery.clusterset import ClusterSet, load_clusterset
 from discovery.manifests import ClusterSnapshot, load_clusterset_manifests
 from discovery.model import ClusterId, ServiceKey
 from federation.files import write_atomic
-from federation.trust.ca import issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from federation.trust.store import init_root, issue_intermediate, load_bundle, load_cluster_ca
 from gateway.auth import make_node_id
 from gateway.bootstrap import render_bootstrap, render_grpc_bootstrap, write_bootstrap
 from gateway.context import InboundPort, ProxyInfo, ProxyKind
 from gateway.envoy import command as envoy_command
-from gateway.sds import bundle_pem
-from meshfed import procs
+from meshfed import certfiles, procs
 
 log = logging.getLogger("meshfed.local")
 
 STATE_FILE = "state.json"
 DEFAULT_RUN_DIR = Path(".meshfed/run")
 CLIENT_WORKLOAD = "sleep"
+CERT_FILES = "certfiles.json"  # per cluster: the proxyless workloads' certificate directories its control plane renews
+GRPC_CERT_REFRESH_S = 5  # how often proxyless gRPC re-reads its certificate files
 
 
 class LocalRunError(Exception):
@@ -364,7 +363,7 @@ class LocalRun:
             "--xds-listen", f"127.0.0.1:{xds}", "--dns-listen", f"127.0.0.1:{dns}",
             "--admin-listen", f"127.0.0.1:{admin}", "--gateway-address", f"127.0.0.1:{gateway}",
             "--tokens", str(cdir / "tokens.json"), "--runtime", str(cdir / "runtime.json"),
-            "--xds-mtls-listen", f"127.0.0.1:{xds_mtls}",
+            "--xds-mtls-listen", f"127.0.0.1:{xds_mtls}", "--cert-files", str(cdir / CERT_FILES),
         )
         self.progress(f"{cluster}: control plane (xds 127.0.0.1:{xds}, dns 127.0.0.1:{dns}, admin 127.0.0.1:{admin})")
         rec = self._record(procs.start(f"{cluster}/controlplane", argv, log_path=cdir / "controlplane.log"))
@@ -438,14 +437,16 @@ class LocalRun:
         ca_dir = self.run_dir / "ca" / cluster
         gdir = self.run_dir / cluster / "grpc" / name
         td = TrustDomain.parse(str(cs.trust_domain))
-        key_pem, chain = issue_workload(load_cluster_ca(ca_dir), SpiffeId.workload(td, namespace, service_account),
-                                        ttl=timedelta(hours=24))
-        write_private(gdir / "cert.pem", b"".join(chain).decode())
-        write_private(gdir / "key.pem", key_pem.decode())
-        write_private(gdir / "ca.pem", bundle_pem(load_bundle(ca_dir)))
+        # Written here, then kept current by the cluster's control plane (registered in its certfiles.json):
+        # renewed before expiry and across root rotation; gRPC re-reads them every GRPC_CERT_REFRESH_S.
+        spec = certfiles.Spec(dir=gdir.resolve(), spiffe_id=str(SpiffeId.workload(td, namespace, service_account)),
+                              refresh_s=GRPC_CERT_REFRESH_S)
+        certfiles.write_files(spec, load_cluster_ca(ca_dir), load_bundle(ca_dir))
+        certfiles.register(self.run_dir / cluster / CERT_FILES, spec)
         host, _, port = self.state["clusters"][cluster]["controlplane"]["xds_mtls"].rpartition(":")
         boot = render_grpc_bootstrap(proxy, xds_host=host, xds_port=int(port), cert_file=str(gdir / "cert.pem"),
-                                     key_file=str(gdir / "key.pem"), ca_file=str(gdir / "ca.pem"), xds_tls=True)
+                                     key_file=str(gdir / "key.pem"), ca_file=str(gdir / "ca.pem"), xds_tls=True,
+                                     refresh_s=GRPC_CERT_REFRESH_S)
         return write_bootstrap(gdir / "bootstrap.json", boot)
 
     def _proxyless(self, cs: ClusterSet, cluster: str) -> None:

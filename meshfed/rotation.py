@@ -100,6 +100,7 @@ def controlplane_report(cp: ControlPlane) -> dict[str, Any]:
         "federation_client": chain_info(cp.fed_client_chain, cp.bundle),
         "xds_serving": chain_info(cp.mtls_serving_chain, cp.bundle),
         "proxies": proxies,
+        "files": cp.cert_files.report(cp.bundle),
     }
 
 
@@ -181,9 +182,23 @@ def evaluate(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
                 blocking.append(f"{cluster}: proxy {node} does not trust the new root yet")
             else:
                 moved += 1
+    files = files_moved = 0
+    for cluster, rep in sorted(reports.controlplanes.items()):
+        for f in (rep or {}).get("files", []):
+            files += 1
+            where = f"{cluster}: certificate files {f.get('dir')} ({f.get('spiffe_id')})"
+            if f.get("leaf_root") != new:
+                blocking.append(f"{where} hold a leaf from root {_short(f.get('leaf_root'))}")
+            elif not f.get("settled"):
+                blocking.append(f"{where} were rewritten {f.get('written_at')}; gRPC re-reads them every "
+                                f"{f.get('refresh_s')} s")
+            else:
+                files_moved += 1
     if total:
         summary.append(f"{total - moved} of {total} proxies still hold leaves from the old root" if moved < total
                        else f"all {total} proxies hold leaves from the new root")
+    if files:
+        summary.append(f"{files_moved} of {files} proxyless certificate files renewed and re-read")
     fed = reports.federation
     if fed is None:
         why = reports.federation_error or "not asked"
@@ -235,6 +250,10 @@ def _evaluate_bundles(root: Mapping[str, Any], reports: SystemReports) -> Conver
                 blocking.append(f"{cluster}: proxy {p.get('node_id')} does not trust the new root yet")
             else:
                 moved += 1
+        for f in rep.get("files", []):
+            if new not in f.get("bundle_roots", []) or not f.get("settled"):
+                blocking.append(f"{cluster}: certificate files {f.get('dir')} do not trust the new root yet (gRPC "
+                                f"re-reads them every {f.get('refresh_s')} s)")
     summary = [f"{moved} of {total} proxies trust the new root"]
     fed = reports.federation
     if fed is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from meshfed import local, procs
@@ -28,6 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[2]
 LEASE_TTL = 3
 TARGET = "ratings.default.svc.clusterset.local"  # exported by west only
+GRPC_TARGET = "xds:///echo-grpc.default.svc.clusterset.local:7070"  # proxyless, in west
 
 
 def meshfed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -143,6 +146,7 @@ def test_full_rotation_under_traffic_has_no_downtime(run: Path) -> None:
         assert conv.get("done"), conv
         assert info["phase"] == "leaves-rolling"  # long before T: only convergence allows retiring now
         assert conv["proxies_total"] > 0 and conv["proxies_old"] == 0
+        assert any("proxyless certificate files renewed" in line for line in conv["summary"]), conv
         assert any("federation serving cert renewed" in line for line in conv["summary"]), conv
         phases["reissue (waits for the bundle) -> converged"] = time.monotonic() - t
 
@@ -167,6 +171,23 @@ def test_full_rotation_under_traffic_has_no_downtime(run: Path) -> None:
     assert len(traffic.results) > 50
     assert fails == [], fails[:10]
     assert members.polls > 10 and members.unreachable == [], members.unreachable[:5]
+
+    # Proxyless gRPC moved too: its certificate files were renewed by the control planes and re-read by gRPC. A new
+    # proxyless client (east) reaches the long-running proxyless server (west) with new-root certificates, and an
+    # Envoy sidecar with a new-root leaf is accepted by that server.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    env.update(state["clusters"]["east"]["grpc_client"]["env"])
+    done = subprocess.run([sys.executable, "-m", "meshfed.demogrpc", "call", GRPC_TARGET, "--message", "rotated",
+                           "--timeout", "30"], cwd=REPO, env=env, capture_output=True, text=True, timeout=90,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = next(json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))
+    assert answer["cluster"] == "west" and answer["message"] == "rotated", answer
+    sleep = local.client_of(state, "east")
+    with grpc.insecure_channel(sleep["outbound"], options=[
+            ("grpc.default_authority", "echo-grpc.default.svc.clusterset.local:7070")]) as channel:
+        reply = channel.unary_unary("/meshfed.demo.Echo/Call")(b"via-envoy", timeout=30, wait_for_ready=True)
+    assert json.loads(reply)["cluster"] == "west"
 
     status = meshfed("status", "--run-dir", str(run), "-o", "json")
     report = json.loads(status.stdout)
