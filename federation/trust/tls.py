@@ -104,13 +104,6 @@ class SwappableServerContext:
         ssl_object.context = self._current
 
 
-def reload_identity(ctx: ssl.SSLContext, cert_chain: PemSource, key: PemSource, bundle: TrustBundle) -> None:
-    """Swap the certificate an existing context presents (new connections use it) and add the bundle's roots
-    (a root added by rotation is trusted at once; a retired one stays until the context is rebuilt)."""
-    load_identity(ctx, cert_chain, key)
-    ctx.load_verify_locations(cadata=bundle.to_pem().decode())
-
-
 def _ski(cert: x509.Certificate) -> bytes | None:
     try:
         return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
