@@ -10,7 +10,8 @@ bytes that are not UTF-8 JSON (``field`` None: the body as a whole), nesting dee
 where it got too deep), and numbers no field can hold (integers longer than 20 digits, non-finite floats, ``NaN``):
 those parse into an ``Unrepresentable`` placeholder, so the decoder that meets it names the field
 (``generation: 1000...0 is out of range``). Request bodies are strict: a field this API does not know is rejected by
-name (a typo such as ``generaton`` must not be dropped silently). What the client decodes from the service's
+name (a typo such as ``generaton`` must not be dropped silently), and so is a null (leave a field out for its
+default). What the client decodes from the service's
 responses is lenient about unknown fields, so a newer service may add some.
 
 Exception tree (this module)::
@@ -209,10 +210,14 @@ def _obj(value: Json, path: str, known: frozenset[str] | None = None) -> Mapping
     """``value`` as a JSON object; with ``known`` (request bodies), a key outside it is refused by name."""
     if not isinstance(value, dict):
         raise WireError("must be a JSON object", field=path or None)
-    if known is not None and not known.issuperset(value):
-        unknown = sorted(k for k in value if k not in known)[0]
-        raise WireError(f"is not a field of this object (known: {', '.join(sorted(known))})",
-                        field=_join(path, unknown))
+    if known is not None:
+        if not known.issuperset(value):
+            unknown = sorted(k for k in value if k not in known)[0]
+            raise WireError(f"is not a field of this object (known: {', '.join(sorted(known))})",
+                            field=_join(path, unknown))
+        for key in sorted(value):
+            if value[key] is None:
+                raise WireError("must not be null (leave the field out for its default)", field=_join(path, key))
     return value
 
 
@@ -227,6 +232,12 @@ def _list(value: Json, path: str, *, limit: int = MAX_ENDPOINTS, name: str = "")
             raise LimitExceeded(f"{message} ({name})", field=path, limit=name, maximum=limit)
         raise WireError(message, field=path)
     return value
+
+
+def _absent(obj: Mapping[str, Json], key: str, default: Json) -> Json:
+    """``obj[key]``, or ``default`` when it is missing or null (any other value is checked by the caller)."""
+    value = obj.get(key)
+    return default if value is None else value
 
 
 def _req(obj: Mapping[str, Json], key: str, path: str) -> Json:
@@ -409,7 +420,7 @@ def endpoint_from_json(value: Json, path: str, *, strict: bool = False) -> Endpo
         ip = f"{_join(path, 'ports')}[{i}]"
         po = _obj(item, ip, _known(_ENDPOINT_PORT_FIELDS, strict))
         ports.append((_str(po, "name", ip, default=""), _int(po, "port", ip, low=1, high=65535)))
-    labels_raw = _obj(o.get("labels", {}) or {}, _join(path, "labels"))
+    labels_raw = _obj(_absent(o, "labels", {}), _join(path, "labels"))
     labels: list[tuple[str, str]] = []
     for k, v in sorted(labels_raw.items()):
         if not isinstance(v, str):
@@ -471,7 +482,7 @@ def registration_from_json(value: Json, cluster: ClusterId, *, strict: bool = Tr
     """The body of ``PUT /v1/clusters/{cluster}`` (strict: unknown fields refused)."""
     o = _obj(value, "", _known(_REGISTRATION_FIELDS, strict))
     net = _checked(network_id, _str(o, "network", ""), "network")
-    gw = _obj(o.get("gateway", {}) or {}, "gateway", _known(_GATEWAY_FIELDS, strict))
+    gw = _obj(_absent(o, "gateway", {}), "gateway", _known(_GATEWAY_FIELDS, strict))
     host = _str(gw, "host", "gateway", default="")
     if host and not _is_host(host):
         raise WireError(f"{host!r} is neither an IP address nor a DNS name", field="gateway.host")
@@ -639,7 +650,7 @@ def remote_endpoints_json(r: RemoteEndpoints) -> Json:
 
 def remote_endpoints_from_json(value: Json, path: str) -> RemoteEndpoints:
     o = _obj(value, path)
-    gw = _obj(o.get("gateway", {}) or {}, _join(path, "gateway"))
+    gw = _obj(_absent(o, "gateway", {}), _join(path, "gateway"))
     return RemoteEndpoints(
         cluster=_checked(cluster_id, _str(o, "cluster", path), _join(path, "cluster")),
         network=NetworkId(_str(o, "network", path, default="")),
@@ -723,7 +734,7 @@ def bookmark_json(revision: int, *, leases: Mapping[ClusterId, datetime] | None 
 def bookmark_leases_from_json(value: Json) -> dict[ClusterId, datetime]:
     """The ``leases`` of a bookmark line (empty when it has none)."""
     o = _obj(value, "")
-    raw = _obj(o.get("leases") or {}, "leases")
+    raw = _obj(_absent(o, "leases", {}), "leases")
     out: dict[ClusterId, datetime] = {}
     for name in raw:
         cluster = _checked(cluster_id, str(name), f"leases.{name}")

@@ -223,6 +223,9 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
         response = refused.response
     except web.HTTPException as exc:
         response = _error(exc.status, exc.reason)
+        for name in ("Allow", "Location", "Retry-After"):  # a 405 lists the route's methods (RFC 9110)
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
     except wire.ForeignCluster as exc:
         metrics.auth_failures.labels(reason="wrong_cluster").inc()
         log.warning("forbidden caller=%s body names another cluster method=%s path=%s field=%s",
