@@ -19,6 +19,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from federation.files import write_atomic
 from federation.trust.bundle import TrustBundle, fingerprint, load_pem_certs
 from federation.trust.ca import IntermediateCA, issue_workload
@@ -81,6 +83,7 @@ class _State:
     not_before: datetime
     not_after: datetime
     written_at: datetime
+    chain: tuple[x509.Certificate, ...]
 
 
 def _read_state(spec: Spec) -> _State | None:
@@ -92,7 +95,7 @@ def _read_state(spec: Spec) -> _State | None:
         return None
     return _State(fingerprint(chain[0]), fingerprint(chain[1]) if len(chain) > 1 else "",
                   tuple(fingerprint(r) for r in roots), chain[0].not_valid_before_utc, chain[0].not_valid_after_utc,
-                  written)
+                  written, tuple(chain))
 
 
 class CertFiles:
@@ -158,11 +161,7 @@ class CertFiles:
                 out.append({"dir": str(spec.dir), "spiffe_id": spec.spiffe_id, "leaf_fingerprint": None,
                             "leaf_root": None, "bundle_roots": [], "settled": False})
                 continue
-            try:
-                chain = load_pem_certs((spec.dir / CERT).read_bytes(), what=str(spec.dir / CERT))
-                root = bundle.issuing_root(chain)
-            except (OSError, TrustError):
-                root = None
+            root = bundle.issuing_root(st.chain)  # from what was last read or written: no file IO here
             out.append({"dir": str(spec.dir), "spiffe_id": spec.spiffe_id, "leaf_fingerprint": st.leaf_fingerprint,
                         "leaf_root": root, "bundle_roots": list(st.bundle_fingerprints),
                         "written_at": st.written_at.isoformat(), "refresh_s": spec.refresh_s,

@@ -316,13 +316,18 @@ def hop_certificates(ev: Evidence) -> Hop:
         running = (st or {}).get("trust", {}).get("intermediate_fingerprint")
         if st and disk and running and disk != running:
             bad.append(f"{c}: the control plane runs intermediate {running[:16]} but its CA directory holds "
-                       f"{disk[:16]} (restart it to load the new one)")
+                       f"{disk[:16]} (it re-reads the directory every two seconds: if this stays, its log says "
+                       "why, `CA reload failed`; restart it to load the new one)")
+        heartbeat = (st or {}).get("federation", {}).get("heartbeat_error")
+        if heartbeat:
+            bad.append(f"{c}: its heartbeats to the federation are failing: {heartbeat}")
     if ev.sidecar_certs is not None:
         bad += [f"caller sidecar: {x}" for x in _expired_certs(ev.sidecar_certs, ev.now)]
     if bad:
         return Hop(7, "certificates", FAIL, "; ".join(bad),
-                   "re-issue the cluster's intermediate from the clusterset root (meshfed ca issue / ca rotate "
-                   "reissue), then restart that control plane; see docs/troubleshooting.md")
+                   "re-issue the cluster's intermediate from the clusterset root (meshfed ca intermediate / ca "
+                   "rotate reissue; running control planes pick it up by themselves); during a root rotation, "
+                   "`meshfed ca inspect` lists what still depends on the old root; see docs/troubleshooting.md")
     checked = ", ".join(sorted(ev.chain_errors)) or "no cluster"
     return Hop(7, "certificates", OK, f"intermediates of {checked} chain to the root bundle and are unexpired")
 

@@ -142,6 +142,12 @@ def test_certificate_problems_are_hop_7() -> None:
     assert first(ev) == "certificates" and "west: intermediate does not chain" in evaluate(ev)[6].detail
     stale = evidence(disk_fingerprints={"east": "eastfp", "west": "newfp"})
     assert first(stale) == "certificates" and "restart" in evaluate(stale)[6].detail
+    # Issue 18: heartbeats refused for a certificate reason while diagnose said ok.
+    east = status("east")
+    east["federation"]["heartbeat_error"] = "HTTP 401: client certificate does not identify a member cluster"
+    refused = evidence(statuses={"east": east, "west": status("west")})
+    assert first(refused) == "certificates"
+    assert "east: its heartbeats to the federation are failing: HTTP 401" in evaluate(refused)[6].detail
     expired = evidence(sidecar_certs={"certificates": [{"cert_chain": [
         {"expiration_time": "2026-11-26T11:00:00Z", "subject_alt_names": [{"uri": "spiffe://x/sleep"}]}]}]})
     assert first(expired) == "certificates" and "spiffe://x/sleep expired" in evaluate(expired)[6].detail
