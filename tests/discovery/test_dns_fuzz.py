@@ -156,3 +156,35 @@ def test_garbage_in_the_pure_responder_never_raises() -> None:
         for tcp in (False, True):
             check_reply(payload, server.respond(payload, tcp=tcp))
     assert server.stats["errors"] == 0
+
+
+def _name(labels: list[bytes]) -> bytes:
+    return b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+
+
+zone_labels = st.lists(st.sampled_from([b"reviews", b"default", b"svc", b"clusterset", b"local", b"ratings",
+                                        b"east", b"*", b"\x00", b"A" * 63, b"xn--"]), max_size=7)
+questions = st.builds(
+    lambda labels, qtype, qclass, pointer: (_name(labels) if not pointer else b"\xc0\x0c") + struct.pack(
+        "!HH", qtype, qclass),
+    zone_labels, st.sampled_from([0, 1, 5, 6, 12, 16, 28, 33, 41, 251, 252, 255, 65535]),
+    st.sampled_from([0, 1, 3, 254, 255, 65535]), st.booleans())
+opt = st.builds(
+    lambda size, version, options: b"\x00" + struct.pack("!HHBBHH", 41, size, 0, version, 0, len(options)) + options,
+    st.integers(0, 0xFFFF), st.integers(0, 255), st.binary(max_size=24))
+
+
+@settings(max_examples=400, deadline=None)
+@given(ident=st.integers(0, 0xFFFF), flags=st.integers(0, 0x7FFF), qs=st.lists(questions, max_size=3),
+       extra=st.lists(opt, max_size=2), qd_lie=st.integers(-1, 2), tcp=st.booleans())
+def test_hypothesis_structured_queries_in_the_pure_responder(ident: int, flags: int, qs: list[bytes],
+                                                             extra: list[bytes], qd_lie: int, tcp: bool) -> None:
+    # Well-formed and subtly wrong queries: zone names, every type and class, self-referencing compression
+    # pointers, OPT records with odd sizes and versions, counts that do not match the sections. Only questions
+    # (QR clear, flags < 0x8000) so every one must be answered; the answer must parse and echo the ID.
+    server = DnsServer(table=build_table(sample_registry()))
+    payload = header(ident, flags, (max(0, len(qs) + qd_lie), 0, 0, len(extra))) + b"".join(qs) + b"".join(extra)
+    reply = server.respond(payload, tcp=tcp)
+    assert reply is not None
+    check_reply(payload, reply)
+    assert server.stats["errors"] == 0
