@@ -336,7 +336,7 @@ def ask_local(run_dir: Path) -> SystemReports:
 def describe(conv: Convergence, *, limit: int = 8) -> list[str]:
     """Lines for a person: the summary, then what still depends on the old root (at most ``limit``)."""
     lines = list(conv.summary)
-    lines += [f"still on the old root: {b}" for b in conv.blocking[:limit]]
+    lines += [f"not moved yet: {b}" for b in conv.blocking[:limit]]
     if len(conv.blocking) > limit:
         lines.append(f"... and {len(conv.blocking) - limit} more")
     return lines

@@ -39,9 +39,10 @@ class Phase(enum.StrEnum):
 
 NEXT_STEP = {
     Phase.STABLE: "nothing to do (start a rotation with `meshfed ca rotate add-root`)",
-    Phase.ROOT_ADDED: "distribute the new bundle to every cluster, then `meshfed ca rotate reissue`",
+    Phase.ROOT_ADDED: "`meshfed ca rotate reissue` (it waits until every cluster trusts the new root)",
     Phase.REISSUING: "`meshfed ca rotate reissue` for the remaining clusters",
-    Phase.LEAVES_ROLLING: "wait until old leaves have expired, then `meshfed ca rotate retire-root`",
+    Phase.LEAVES_ROLLING: ("`meshfed ca rotate retire-root` once nothing uses the old root (it asks the running "
+                           "system), or after the old leaves have expired"),
     Phase.READY_TO_RETIRE: "`meshfed ca rotate retire-root`",
 }
 
