@@ -47,3 +47,40 @@ async def test_long_configured_interval_still_renews_a_short_granted_lease(tmp_p
                 await asyncio.sleep(0.05)
         assert state_of(app).members()[ClusterId("east")].lease_ttl_s == 1.5
         assert east.registered.is_set()
+
+
+async def test_a_refused_heartbeat_is_reported_at_once_and_cleared_by_the_next_success() -> None:
+    """Issue 18: heartbeats refused with 401 (a chain no root of the bundle accepts) went unnoticed until the lease
+    ran out. The agent keeps the last heartbeat error (what the control plane's /status and `meshfed status`
+    show) from the first failure on, and clears it when a heartbeat is accepted again."""
+    from collections.abc import Sequence
+
+    from federation.service import create_app, serve
+    from federation.trust.errors import ChainError
+    from federation.trust.identity import cluster_of_peer
+    from tests.federation.fedkit import eventually
+    from tests.support.procs import free_port
+
+    pki = Pki.create()
+    refuse = False
+
+    def identify(chain: Sequence[bytes]) -> ClusterId:
+        if refuse:
+            raise ChainError("intermediate 'east' does not chain to any root of the bundle")
+        return cluster_of_peer(chain, pki.bundle)
+
+    app = create_app(store=MemoryStore(), bundle=lambda: pki.bundle, identify=identify,
+                     config=ServiceConfig(lease_ttl_s=30.0, bookmark_interval_s=0.5))
+    port = free_port()
+    async with serve(app, host="127.0.0.1", port=port, ssl_context=pki.server_ssl(), shutdown_timeout=0.5), \
+            agent(pki, "east", f"https://127.0.0.1:{port}",
+                  config=AgentConfig(heartbeat_interval_s=0.1, backoff_initial_s=0.05, backoff_max_s=0.2)) as east:
+        await eventually(lambda: east.heartbeat_ok_at is not None, within=20, what="a first accepted heartbeat")
+        assert east.heartbeat_error == "" and east.heartbeat_failing_since is None
+        refuse = True
+        await eventually(lambda: bool(east.heartbeat_error), within=20, what="the refusal reported")
+        assert "401" in east.heartbeat_error and "does not chain" in east.heartbeat_error
+        assert east.heartbeat_failing_since is not None
+        refuse = False
+        await eventually(lambda: not east.heartbeat_error, within=20, what="the error cleared")
+        assert east.heartbeat_failing_since is None
