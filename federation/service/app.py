@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from cryptography import x509
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from discovery.mcs import DEFAULT_CIDR
@@ -41,7 +42,7 @@ from federation.service.metrics import Metrics
 from federation.service.openapi import document
 from federation.service.state import CatalogState
 from federation.store.base import Store
-from federation.trust.bundle import TrustBundle
+from federation.trust.bundle import TrustBundle, fingerprint
 from federation.trust.errors import TrustError
 
 log = logging.getLogger("meshfed.federation.service")
@@ -179,10 +180,6 @@ def _track_peer(request: web.Request, chain: list[bytes]) -> None:
     if have is not None and have.transport is transport:
         have.last_request = now
         return
-    from cryptography import x509
-
-    from federation.trust.bundle import fingerprint
-
     certs = [x509.load_der_x509_certificate(der) for der in chain[:2]]
     peers[id(transport)] = _Peer(transport=transport, cluster=request[_Keys.cluster],
                                  leaf_fingerprint=fingerprint(certs[0]),
