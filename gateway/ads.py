@@ -187,16 +187,17 @@ class _Stream(Generic[_TypeState]):
         if not self.node_id:
             server.stats.streams_refused += 1
             await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first xDS request carries no node.id")
-        if self.identity is not None:
-            try:
+        try:
+            if self.identity is not None:
                 check_node(self.identity, self.node_id, _node_metadata(first.node))
-            except NodeMismatch as exc:
-                server.stats.streams_refused += 1
-                log.warning("refused xds stream node=%s reason=%r", self.node_id, str(exc))
-                await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            # gateway.cache.NodeConflict when the node is already connected as another identity or configuration
+            wake = self.cache.watch(self.node_id, self.identity, _node_metadata(first.node))
+        except NodeMismatch as exc:
+            server.stats.streams_refused += 1
+            log.warning("refused xds stream node=%s reason=%r", self.node_id, str(exc))
+            await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         server.stats.streams_opened += 1
         log.info("xds stream opened node=%s variant=%s identity=%s", self.node_id, self.variant, self.identity)
-        wake = self.cache.watch(self.node_id, self.identity, _node_metadata(first.node))
         self.queue.append(first)
         wake.set()
         reader = asyncio.create_task(self._read(wake), name=f"xds-read-{self.node_id}")

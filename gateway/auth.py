@@ -16,9 +16,17 @@ Then ``check_node`` binds the identity to the node id the proxy claims. Node ids
 where kind is ``sidecar`` (Envoy sidecar), ``router`` or ``gateway`` (east-west gateway), ``grpc`` or
 ``proxyless`` (gRPC's xDS client).
 The node's namespace must be the identity's namespace, and the node's metadata must name the identity's service
-account as ``SERVICE_ACCOUNT`` (the generators take the proxy's service account, hence its certificate, from it).
-A proxy thus only ever receives the snapshot of a node id in its own namespace, and SDS
-only issues certificates for the identity the token proved (never one the node claims).
+account as ``SERVICE_ACCOUNT`` (the generators take the proxy's service account, hence its certificate, from it);
+metadata that names a namespace (``NAMESPACE``) or cluster (``CLUSTER_ID``) must name the identity's. A token that
+was issued to one workload binds the stream to it as well: a local run's bootstrap token names the exact node id
+it was written for (``ProxyIdentity.node_id``), and a Kubernetes projected token names its pod (TokenReview's
+``authentication.kubernetes.io/pod-name``, ``ProxyIdentity.pod``), so one workload can never open a stream as
+another workload of the same service account. A proxy thus only ever receives the snapshot of its own node, and
+SDS only issues certificates for the identity the token proved (never one the node claims).
+
+The snapshot cache (gateway.cache) adds the last rule: while a node has an open stream, a second stream for that
+node must authenticate as the same identity and carry the same metadata, or it is refused; it can never change
+what the first stream is served.
 
 Errors: ``AuthenticationError`` (no/invalid token; the server answers UNAUTHENTICATED) and its subclass
 ``NodeMismatch`` (valid token, node id of another namespace or service account; PERMISSION_DENIED).
@@ -34,11 +42,12 @@ import secrets
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 
+from gateway.context import META_CLUSTER, META_NAMESPACE, META_SERVICE_ACCOUNT
 from gateway.snapshot import XdsError
 
 log = logging.getLogger("meshfed.xds.auth")
@@ -59,6 +68,15 @@ class ProxyIdentity:
     namespace: str
     service_account: str
     cluster: str
+    # What the credential is bound to besides the SPIFFE identity (not part of equality: two workloads of one
+    # service account share an identity and its certificate). ``node_id``: the exact node id a local run's token
+    # was issued for; ``pod``: the pod a Kubernetes projected token was minted for. None: not bound.
+    node_id: str | None = field(default=None, compare=False)
+    pod: str | None = field(default=None, compare=False)
+
+    def __str__(self) -> str:
+        bound = f" bound to node {self.node_id}" if self.node_id else f" bound to pod {self.pod}" if self.pod else ""
+        return f"{self.cluster}/{self.namespace}/{self.service_account}{bound}"
 
 
 NODE_KINDS = frozenset({"sidecar", "router", "gateway", "proxyless", "grpc"})
@@ -102,18 +120,26 @@ def parse_node_id(node_id: str) -> NodeInfo:
 
 
 def check_node(identity: ProxyIdentity, node_id: str, metadata: Mapping[str, Any]) -> NodeInfo:
-    """Raise NodeMismatch unless ``node_id`` (and the node metadata's SERVICE_ACCOUNT) belong to ``identity``."""
+    """Raise NodeMismatch unless ``node_id`` and the node metadata belong to ``identity`` (module docstring)."""
     info = parse_node_id(node_id)
+    who = f"{identity.namespace}/{identity.service_account}"
+    if identity.node_id is not None and node_id != identity.node_id:
+        raise NodeMismatch(f"node {node_id!r}: the token was issued to node {identity.node_id!r} ({who})")
+    if identity.pod is not None and info.pod != identity.pod:
+        raise NodeMismatch(f"node {node_id!r} names pod {info.pod!r} but the token was minted for pod "
+                           f"{identity.pod!r} ({who})")
     if info.namespace != identity.namespace:
-        raise NodeMismatch(f"node {node_id!r} is in namespace {info.namespace!r} but the token is for "
-                           f"{identity.namespace}/{identity.service_account}")
-    claimed = metadata.get("SERVICE_ACCOUNT")
+        raise NodeMismatch(f"node {node_id!r} is in namespace {info.namespace!r} but the token is for {who}")
+    claimed = metadata.get(META_SERVICE_ACCOUNT)
     if not claimed:
         # the generators read the service account from the node metadata: it must be there, and be the token's
-        raise NodeMismatch(f"node {node_id!r} carries no SERVICE_ACCOUNT in its metadata")
+        raise NodeMismatch(f"node {node_id!r} carries no {META_SERVICE_ACCOUNT} in its metadata")
     if claimed != identity.service_account:
-        raise NodeMismatch(f"node {node_id!r} claims service account {claimed!r} but the token is for "
-                           f"{identity.namespace}/{identity.service_account}")
+        raise NodeMismatch(f"node {node_id!r} claims service account {claimed!r} but the token is for {who}")
+    for key, want in ((META_NAMESPACE, identity.namespace), (META_CLUSTER, identity.cluster)):
+        value = metadata.get(key)
+        if value is not None and value != want:
+            raise NodeMismatch(f"node {node_id!r}: metadata {key}={value!r} but the token is for {want!r} ({who})")
     return info
 
 
@@ -232,4 +258,9 @@ class TokenReviewAuthenticator:
         parts = username.split(":")
         if len(parts) != 4 or parts[:2] != ["system", "serviceaccount"] or not parts[2] or not parts[3]:
             raise AuthenticationError(f"token user {username!r} is not a service account")
-        return ProxyIdentity(namespace=parts[2], service_account=parts[3], cluster=self._cluster)
+        # A projected token bound to a pod names it (kube-apiserver adds it to the review's user.extra): the stream
+        # is then bound to that pod as well, so another pod of the same service account cannot use the token.
+        extra = (status.get("user") or {}).get("extra") or {}
+        pods = extra.get("authentication.kubernetes.io/pod-name") if isinstance(extra, dict) else None
+        pod = str(pods[0]) if isinstance(pods, list) and len(pods) == 1 and pods[0] else None
+        return ProxyIdentity(namespace=parts[2], service_account=parts[3], cluster=self._cluster, pod=pod)

@@ -19,12 +19,17 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gateway.auth import NodeMismatch
 from gateway.snapshot import TYPE_ORDER, Snapshot
 
 if TYPE_CHECKING:
     from gateway.auth import ProxyIdentity
 
 log = logging.getLogger("meshfed.xds.cache")
+
+
+class NodeConflict(NodeMismatch):
+    """A stream for a node that is already connected as another identity or with other node metadata."""
 
 
 class SyncState(enum.StrEnum):
@@ -111,12 +116,32 @@ class SnapshotCache:
     def watch(self, node_id: str, identity: ProxyIdentity | None = None,
               metadata: Mapping[str, Any] | None = None) -> asyncio.Event:
         """Register an open stream of ``node_id``; the event is set whenever that node's snapshot changes.
-        ``metadata`` is the node metadata of the stream's first request (what the generators need to know)."""
+        ``metadata`` is the node metadata of the stream's first request (what the generators need to know).
+
+        The first open stream of a node fixes who the node is: while it is open, another stream for the same node
+        id must have authenticated as the same identity and carry the same metadata, or ``NodeConflict`` is raised
+        (the ADS server refuses that stream), so a second stream can never change what the first is served. When
+        a node reconnects as another identity or with other metadata after all its streams closed, what was
+        generated for the old one is forgotten first, so none of it (its certificate above all) reaches the new
+        stream."""
         node = self._nodes.setdefault(node_id, _Node())
-        if identity is not None:
+        meta = dict(metadata) if metadata is not None else None
+        if node.wakers:
+            if identity != node.identity:
+                raise NodeConflict(f"node {node_id!r} is connected as {node.identity}; a second stream "
+                                   f"authenticated as {identity} is refused")
+            if meta is not None and node.metadata is not None and meta != node.metadata:
+                differ = sorted(k for k in meta.keys() | node.metadata.keys() if meta.get(k) != node.metadata.get(k))
+                raise NodeConflict(f"node {node_id!r} is connected with other node metadata (differs in "
+                                   f"{', '.join(differ)}); a second stream cannot change it")
+        else:
+            changed = (identity != node.identity) or (meta is not None and meta != node.metadata)
+            if changed and (node.snapshot is not None or node.types):
+                node.snapshot = None
+                node.types.clear()
             node.identity = identity
-        if metadata is not None:
-            node.metadata = dict(metadata)
+            if meta is not None:
+                node.metadata = meta
         waker = asyncio.Event()
         node.wakers.add(waker)
         if len(node.wakers) == 1:

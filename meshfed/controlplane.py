@@ -208,12 +208,14 @@ def _renew_at(ttl: timedelta) -> datetime:
 
 
 def load_tokens(path: Path | None) -> dict[str, ProxyIdentity]:
-    """``tokens.json``: ``{TOKEN: {"namespace": ..., "service_account": ..., "cluster": ...}}`` (0600)."""
+    """``tokens.json``: ``{TOKEN: {"namespace": ..., "service_account": ..., "cluster": ..., "node_id": ...}}``
+    (0600). ``node_id`` binds the token to the one proxy it was written for (gateway.auth.check_node)."""
     if path is None or not path.exists():
         return {}
     data = json.loads(path.read_text())
     return {
-        token: ProxyIdentity(namespace=v["namespace"], service_account=v["service_account"], cluster=v["cluster"])
+        token: ProxyIdentity(namespace=v["namespace"], service_account=v["service_account"], cluster=v["cluster"],
+                             node_id=v.get("node_id") or None)
         for token, v in data.items()
     }
 

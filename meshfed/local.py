@@ -37,7 +37,7 @@ from discovery.model import ClusterId, ServiceKey
 from federation.files import write_atomic
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from federation.trust.store import init_root, issue_intermediate, load_bundle, load_cluster_ca
-from gateway.auth import make_node_id
+from gateway.auth import make_node_id, new_token
 from gateway.bootstrap import render_bootstrap, render_grpc_bootstrap, write_bootstrap
 from gateway.context import InboundPort, ProxyInfo, ProxyKind
 from gateway.envoy import command as envoy_command
@@ -321,12 +321,14 @@ class LocalRun:
         tokens: dict[str, dict[str, str]] = {}
         runtime: dict[str, Any] = {"endpoints": {}}
         wl_state: list[dict[str, Any]] = []
-        gw_token = secrets.token_urlsafe(24)
+        # One 256-bit token per proxy, bound to the node id that proxy's bootstrap carries (gateway.auth).
+        gw_token = new_token()
         tokens[gw_token] = {"namespace": "meshfed-system", "service_account": "eastwest-gateway",
-                            "cluster": str(cluster)}
+                            "cluster": str(cluster), "node_id": _gateway_node_id(cluster)}
         for w in workloads:
-            token = secrets.token_urlsafe(24)
-            tokens[token] = {"namespace": w.namespace, "service_account": w.service_account, "cluster": str(cluster)}
+            token = new_token()
+            tokens[token] = {"namespace": w.namespace, "service_account": w.service_account, "cluster": str(cluster),
+                             "node_id": _sidecar_node_id(w)}
             inbound = free_port(w.address) if w.service else 0
             entry = {
                 "name": w.name, "cluster": str(cluster), "namespace": w.namespace, "service": w.service,
@@ -396,8 +398,7 @@ class LocalRun:
         gw = self.state["clusters"][str(cluster)]["gateway"]
         port = int(gw["address"].rpartition(":")[2])
         proxy = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster,
-                          node_id=make_node_id(kind="gateway", ip="127.0.0.1", pod=f"eastwest-gateway-{cluster}",
-                                               namespace="meshfed-system"),
+                          node_id=_gateway_node_id(cluster),
                           namespace=_ns("meshfed-system"), service_account="eastwest-gateway",
                           gateway_port=port, ip="127.0.0.1")
         self.progress(f"{cluster}: east-west gateway on {gw['address']} (admin {gw['admin']})")
@@ -421,7 +422,7 @@ class LocalRun:
         else:
             inbound, services = (), ()
         proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=w.cluster,
-                          node_id=make_node_id(kind="sidecar", ip=w.address, pod=w.name, namespace=w.namespace),
+                          node_id=_sidecar_node_id(w),
                           namespace=_ns(w.namespace), service_account=w.service_account, services=services,
                           inbound=inbound, outbound_port=int(entry["outbound"].rpartition(":")[2]), ip=w.address)
         what = f"{w.service} app {entry['app']}, " if w.service else "client, "
@@ -501,6 +502,14 @@ class LocalRun:
                 admin = e["sidecar_admin"]
                 wait_until(f"{cluster} sidecar {e['name']}", functools.partial(envoy_ready, admin),
                            timeout=self.ready_timeout, pids=[e["sidecar_pid"]], logs=[e["sidecar_log"]])
+
+
+def _gateway_node_id(cluster: ClusterId) -> str:
+    return make_node_id(kind="gateway", ip="127.0.0.1", pod=f"eastwest-gateway-{cluster}", namespace="meshfed-system")
+
+
+def _sidecar_node_id(w: WorkloadPlan) -> str:
+    return make_node_id(kind="sidecar", ip=w.address, pod=w.name, namespace=w.namespace)
 
 
 def _ns(value: str) -> Any:
