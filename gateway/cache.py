@@ -135,7 +135,8 @@ class SnapshotCache:
                 raise NodeConflict(f"node {node_id!r} is connected with other node metadata (differs in "
                                    f"{', '.join(differ)}); a second stream cannot change it")
         else:
-            changed = (identity != node.identity) or (meta is not None and meta != node.metadata)
+            changed = ((node.identity is not None and identity != node.identity)
+                       or (node.metadata is not None and meta is not None and meta != node.metadata))
             if changed and (node.snapshot is not None or node.types):
                 node.snapshot = None
                 node.types.clear()

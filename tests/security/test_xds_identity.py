@@ -184,8 +184,8 @@ def test_cache_forgets_what_was_generated_for_a_previous_identity() -> None:
     """A node id reconnecting as another identity after its streams closed never sees the old snapshot."""
     cache = SnapshotCache()
     old = ProxyIdentity("default", "reviews", "east")
-    waker = cache.watch(REVIEWS_NODE, old, {"SERVICE_ACCOUNT": "reviews"})
     cache.set_snapshot(REVIEWS_NODE, Snapshot.build({}))
+    waker = cache.watch(REVIEWS_NODE, old, {"SERVICE_ACCOUNT": "reviews"})
     with pytest.raises(NodeConflict, match="connected as"):
         cache.watch(REVIEWS_NODE, ProxyIdentity("default", "sleep", "east"), {"SERVICE_ACCOUNT": "sleep"})
     assert cache.get(REVIEWS_NODE) is not None
