@@ -23,8 +23,8 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from discovery.clusterset import load_clusterset
 from discovery.model import ClusterId, ServiceKey, cluster_id
-from federation.trust.store import init_root, issue_intermediate
 from federation.trust.spiffe import SpiffeId, TrustDomain
+from federation.trust.store import init_root, issue_intermediate
 from gateway.auth import NodeMismatch, ProxyIdentity, TokenReviewAuthenticator, check_node, make_node_id
 from gateway.cache import NodeConflict, SnapshotCache
 from gateway.context import InboundPort, ProxyInfo, ProxyKind
