@@ -174,6 +174,7 @@ class FederationClient:
         self._request_timeout_s, self._watch_idle_timeout_s = request_timeout_s, watch_idle_timeout_s
         self._parent: FederationClient | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        self._forks: list[FederationClient] = []
         self.credential_changes = 0
         self._grace_s = 2.0
 
@@ -189,7 +190,19 @@ class FederationClient:
                                  watch_idle_timeout_s=self._watch_idle_timeout_s)
         other._parent = self
         other._current = self._current
+        other.credential_changes = self.credential_changes
+        self._forks.append(other)
         return other
+
+    def old_sessions(self) -> int:
+        """Sessions (this client's and its forks') still open with credentials older than the current ones:
+        until 0, the federation may still see connections authenticated with the previous certificate."""
+        n = len(self._closing)
+        for fork in self._forks:
+            n += len(fork._closing)
+            if fork._session is not None and fork.credential_changes != self.credential_changes:
+                n += 1  # it moves on its next call
+        return n
 
     @property
     def bundle(self) -> TrustBundle | None:

@@ -384,6 +384,10 @@ class ControlPlane:
 
     # ---- credentials: the CA directory is re-read on change, leaves renewed before they expire ----------------
 
+    @property
+    def federation_client(self) -> FederationClient | None:
+        return self._fed_client
+
     def _federation_identity(self) -> tuple[bytes, bytes]:
         sid = SpiffeId.cluster(self.bundle.trust_domain, self.config.cluster)
         key_pem, chain = issue_workload(self.ca, sid, ttl=LEAF_TTL)

@@ -86,6 +86,14 @@ def proxy_secrets(cp: ControlPlane, node_id: str, acked: str) -> dict[str, Any]:
             "leaf_root": leaf["root_fingerprint"] if leaf else None, "bundle_roots": roots}
 
 
+def _client_info(cp: ControlPlane) -> dict[str, Any] | None:
+    info = chain_info(cp.fed_client_chain, cp.bundle)
+    client = cp.federation_client
+    if info is not None and client is not None:
+        info["old_sessions_open"] = client.old_sessions()
+    return info
+
+
 def controlplane_report(cp: ControlPlane) -> dict[str, Any]:
     """The ``rotation`` section of a control plane's ``/status``."""
     proxies = []
@@ -97,7 +105,7 @@ def controlplane_report(cp: ControlPlane) -> dict[str, Any]:
     return {
         "intermediate": {"fingerprint": cp.ca.fingerprint, "root_fingerprint": inter_root},
         "bundle_fingerprints": list(cp.bundle.fingerprints),
-        "federation_client": chain_info(cp.fed_client_chain, cp.bundle),
+        "federation_client": _client_info(cp),
         "xds_serving": chain_info(cp.mtls_serving_chain, cp.bundle),
         "proxies": proxies,
         "files": cp.cert_files.report(cp.bundle),
@@ -171,6 +179,9 @@ def evaluate(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
             info = rep.get(key)
             if info is not None and info.get("root_fingerprint") != new:
                 blocking.append(f"{cluster}: its {what} chains to root {_short(info.get('root_fingerprint'))}")
+            elif info is not None and info.get("old_sessions_open"):
+                blocking.append(f"{cluster}: {info['old_sessions_open']} federation connection pool(s) opened with "
+                                "its previous certificate are still closing")
         for p in rep.get("proxies", []):
             total += 1
             node = str(p.get("node_id"))

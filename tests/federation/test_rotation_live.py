@@ -78,8 +78,10 @@ async def test_service_and_client_follow_a_full_rotation_without_restart(tmp_pat
     try:
         async with serve(app, host="127.0.0.1", port=port, ssl_context=creds.context, shutdown_timeout=0.5):
             ctx, bundle = cluster_credentials(east_dir, EAST)
-            async with FederationClient(url, ssl_context=ctx, cluster=EAST, bundle=bundle) as client:
+            async with FederationClient(url, ssl_context=ctx, cluster=EAST, bundle=bundle) as client, \
+                    client.fork() as fork:  # the agent's lease thread heartbeats through a fork: it must follow too
                 await client.register(info("east"))
+                await fork.heartbeat()
                 status: dict[str, Any] = await client.trust_status()
                 assert status["serving"]["root_fingerprint"] == old_root
                 assert {c["root_fingerprint"] for c in status["connections"]} == {old_root}
@@ -87,6 +89,8 @@ async def test_service_and_client_follow_a_full_rotation_without_restart(tmp_pat
                 rotate_add_root(root)
                 assert creds.poll()  # the bundle now trusts both roots
                 assert len(creds.bundle().roots) == 2
+                client.set_credentials(*cluster_credentials(east_dir, EAST), grace_s=0.1)  # as the control plane does
+                await fork.heartbeat()
                 rotate_reissue(root)
                 new_root = load_root(root).state.active
                 assert new_root != old_root
@@ -95,10 +99,16 @@ async def test_service_and_client_follow_a_full_rotation_without_restart(tmp_pat
                 assert await _served_root(port, fed_dir) == new_root
                 assert (await client.trust_status())["serving"]["root_fingerprint"] == new_root
 
-                # The member moves onto a new-root certificate; its old pooled connection is closed after grace.
-                ctx2, bundle2 = cluster_credentials(east_dir, EAST)
-                client.set_credentials(ctx2, bundle2, grace_s=0.1)
+                # The member moves onto a new-root certificate; its old pooled connections are closed after grace.
+                client.set_credentials(*cluster_credentials(east_dir, EAST), grace_s=0.1)
+                assert client.old_sessions() >= 2  # its own old pool closing, the fork not moved yet
                 await client.heartbeat()
+                await fork.heartbeat()  # moves onto the new credentials
+                for _ in range(100):
+                    if client.old_sessions() == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                assert client.old_sessions() == 0
 
                 async def connections() -> set[str | None]:
                     return {c["root_fingerprint"] for c in (await client.trust_status())["connections"]}
