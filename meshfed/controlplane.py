@@ -55,15 +55,14 @@ from federation.trust.errors import TrustError
 from federation.trust.spiffe import SpiffeId
 from federation.trust.store import load_bundle, load_cluster_ca
 from federation.trust.tls import client_ssl_context
-from gateway import generators
 from gateway.ads import AdsServer
 from gateway.auth import Authenticator, ProxyIdentity, TokenReviewAuthenticator, TokenTableAuthenticator
 from gateway.cache import SnapshotCache
 from gateway.context import ProxyInfo, ProxyInfoError, PushContext
 from gateway.peerauth import PeerCertificateAuthenticator
-from gateway.push import PushDebouncer, PushRequest
+from gateway.pipeline import PushPipeline
+from gateway.push import ConfigKey, Kind, PushDebouncer, PushRequest
 from gateway.sds import WorkloadCertIssuer, bundle_pem, identities_of
-from gateway.snapshot import Snapshot
 from meshfed import rotation, telemetry, xdstls
 from meshfed.certfiles import CertFiles
 
@@ -198,6 +197,9 @@ def derive_local(registry: Registry, snap: ClusterSnapshot, *, cidr: str) -> Reg
     return registry.with_catalog(clusters=registry.clusters, imports=result.imports)
 
 
+#: What a push for a change of only this reason concerns (the others: everything).
+_REASON_CONFIGS: Mapping[str, frozenset[ConfigKey]] = {"trust": frozenset({ConfigKey(Kind.TRUST)})}
+
 LEAF_TTL = timedelta(hours=24)
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
@@ -264,6 +266,7 @@ class ControlPlane:
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _dns_dirty: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _generation_failed: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -294,6 +297,7 @@ class ControlPlane:
         self.mtls_serving_chain = b""
         self.dns: DnsServer | None = None
         self.pushes: PushDebouncer | None = None
+        self.pipeline = PushPipeline(cache=self.cache)
         self.agent: FederationAgent | None = None
         self.admin_port = 0
 
@@ -451,7 +455,10 @@ class ControlPlane:
 
     # ---- watchers: each replaces the registry and submits a push ---------------------------------------------
 
-    def _take_local(self, result: LoadResult) -> None:
+    def _take_local(self, result: LoadResult) -> frozenset[ConfigKey]:
+        """Take the cluster's own objects; returns what changed for the push pipeline (the local shard always,
+        which the pipeline compares key by key; policies and imports when they moved)."""
+        before, old_extras = self.registry, self._local.extras if self._local is not None else ()
         self.manifest_problems = [
             {"file": p.file, "document": p.document, "field": p.field, "message": p.message, "severity": p.severity}
             for p in result.problems
@@ -471,6 +478,21 @@ class ControlPlane:
             self.registry = with_export_conditions(self.registry, self.agent.catalog)
         elif not self.config.federation_urls:
             self.registry = derive_local(self.registry, snap, cidr=self.config.clusterset.cidr)
+        configs = {ConfigKey.shard(self.config.cluster)}
+        if before.imports is not self.registry.imports or before.clusters is not self.registry.clusters:
+            configs.add(ConfigKey(Kind.CATALOG))
+        if old_extras != snap.extras:
+            def authz(extras: tuple[Any, ...]) -> list[Any]:
+                return [o for o in extras if isinstance(o, AuthorizationPolicy)]
+
+            def others(extras: tuple[Any, ...]) -> list[Any]:
+                return [o for o in extras if not isinstance(o, AuthorizationPolicy)]
+
+            if authz(old_extras) != authz(snap.extras):
+                configs.add(ConfigKey(Kind.AUTHZ))
+            if others(old_extras) != others(snap.extras):
+                configs.add(ConfigKey(Kind.POLICY))
+        return frozenset(configs)
 
     def _publish(self) -> None:
         if self.agent is None or self._local is None:
@@ -515,9 +537,9 @@ class ControlPlane:
             if result.snapshot.version == last and mtime == runtime_mtime and not result.errors:
                 continue
             last, runtime_mtime = result.snapshot.version, mtime
-            self._take_local(result)
+            configs = self._take_local(result)
             self._publish()
-            self._changed(self.config.source)
+            self._changed(self.config.source, configs)
             self._first_local.set()
 
     def _runtime_mtime(self) -> float:
@@ -528,14 +550,31 @@ class ControlPlane:
             return 0.0
 
     async def _on_catalog(self, catalog: Catalog) -> None:
+        """The federation's catalog moved: take the shards that changed (O(1) per shard here: the agent shares
+        the unchanged ones) and say which for the pipeline, which compares them key by key off the loop."""
         assert self.agent is not None
-        self.registry = with_export_conditions(self.agent.apply(self.registry), catalog)
+        before = self.registry
+        self.registry = after = with_export_conditions(self.agent.apply(before), catalog)
         self.metrics.mark_update()
-        self._changed("catalog")
+        configs = {ConfigKey.shard(c) for c in set(before.remote) | set(after.remote)
+                   if before.remote.get(c) is not after.remote.get(c)}
+        if before.imports is not after.imports or before.clusters is not after.clusters:
+            configs.add(ConfigKey(Kind.CATALOG))
+        local = self.config.cluster
+        if before.exports.get(local) is not after.exports.get(local) or before.shards.get(local) is not \
+                after.shards.get(local):
+            configs.add(ConfigKey.shard(local))
+        self._changed("catalog", frozenset(configs))
 
-    def _changed(self, reason: str) -> None:
+    def _changed(self, reason: str, configs: frozenset[ConfigKey] | None = None) -> None:
+        """Submit a push for what changed (``configs``; without them, what ``reason`` implies, or everything)."""
+        if configs is None:
+            configs = _REASON_CONFIGS.get(reason)
         if self.pushes is not None:
-            self.pushes.submit(PushRequest(full=True, reasons=frozenset({reason})))
+            if configs is None:
+                self.pushes.submit(PushRequest(full=True, reasons=frozenset({reason})))
+            elif configs:
+                self.pushes.submit(PushRequest(configs=configs, reasons=frozenset({reason})))
         self._dns_dirty.set()
 
     async def _dns_loop(self) -> None:
@@ -549,7 +588,8 @@ class ControlPlane:
     def _rotated(self, identities: frozenset[ProxyIdentity]) -> None:
         nodes = identities_of(self.cache.connected(), self.cache.identity, identities)
         if self.pushes is not None and nodes:
-            self.pushes.submit(PushRequest(proxies=nodes, reasons=frozenset({"cert-rotation"})))
+            self.pushes.submit(PushRequest(proxies=nodes, configs=frozenset({ConfigKey(Kind.CERTS)}),
+                                           reasons=frozenset({"cert-rotation"})))
 
     def _on_connect(self, node_id: str) -> None:
         if self.pushes is not None:
@@ -582,29 +622,33 @@ class ControlPlane:
         return proxy
 
     async def _regenerate(self, request: PushRequest) -> None:
+        """The debouncer's callback: hand the merged request to the push pipeline (gateway.pipeline), which
+        rebuilds what it concerns for every connected proxy on a worker thread."""
         started = time.perf_counter()
-        targets = self.cache.connected() if request.full else sorted(request.proxies)
-        for node_id in targets:
+        connected = self.cache.connected()
+        renew = connected if request.full else sorted(request.proxies)
+        for node_id in renew:
             identity = self.cache.identity(node_id)
             if identity is not None:
                 self.issuer.ensure(identity)
-        ctx = self.push_context()
-        pushed = 0
-        for node_id in targets:
-            proxy = self._proxy(node_id)
-            if proxy is None:
-                continue
-            try:
-                snapshot = Snapshot.build(generators.generate_all(proxy, ctx))
-            except Exception as exc:  # a generator bug must not stop pushes to every other proxy
-                self.proxy_errors[node_id] = f"generation failed: {exc}"
-                log.exception("snapshot generation failed node=%s", node_id)
-                continue
-            if self.cache.set_snapshot(node_id, snapshot):
-                pushed += 1
-        self.metrics.pushes.inc(pushed)
+        proxies: dict[str, ProxyInfo] = {}
+        for node_id in connected:
+            # Node metadata is read when a node (re)connects (its id is then in ``request.proxies``).
+            known = self.proxies.get(node_id)
+            proxy = known if known is not None and not request.full and node_id not in request.proxies \
+                else self._proxy(node_id)
+            if proxy is not None:
+                proxies[node_id] = proxy
+        result = await self.pipeline.push(request, self.push_context(), proxies)
+        for node_id in self._generation_failed - set(result.errors):
+            if self.proxy_errors.get(node_id, "").startswith("generation failed"):
+                del self.proxy_errors[node_id]
+        self.proxy_errors.update(result.errors)
+        self._generation_failed = set(result.errors)
+        self.metrics.pushes.inc(len(result.changed))
         self.metrics.push_seconds.observe(time.perf_counter() - started)
-        log.info("push reasons=%s proxies=%d changed=%d", ",".join(sorted(request.reasons)), len(targets), pushed)
+        log.info("push reasons=%s proxies=%d changed=%d took=%.3fs", ",".join(sorted(request.reasons)),
+                 len(proxies), len(result.changed), result.seconds)
 
     # ---- admin: health, status, metrics -------------------------------------------------------------------------
 

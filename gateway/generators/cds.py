@@ -10,6 +10,7 @@ grpc      the outbound clusters only (no active health checks: gRPC's xDS client
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
@@ -18,7 +19,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import wrappers_pb2
 
-from discovery.model import ServiceKey, ServicePort
+from discovery.model import Service, ServiceKey, ServicePort
 from gateway import telemetry
 from gateway.context import (
     ProxyInfo,
@@ -79,23 +80,25 @@ def expected_peers(ctx: PushContext, key: ServiceKey, port: ServicePort) -> tupl
     return tuple(sorted({f"{ctx.spiffe_prefix}ns/{key.namespace}/sa/{e.service_account}" for e in endpoints}))
 
 
+def gateway_clusters_of(service: Service, ctx: PushContext) -> dict[str, Any]:
+    """The gateway's clusters of one exported service (one per port)."""
+    return {sni_name(service.key, p.port): _eds_cluster(sni_name(service.key, p.port), ctx) for p in service.ports}
+
+
 def gateway_clusters(ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for service in ctx.exported_services():
-        for port in service.ports:
-            name = sni_name(service.key, port.port)
-            out[name] = _eds_cluster(name, ctx)
+        out |= gateway_clusters_of(service, ctx)
     return out
 
 
-def _outbound_cluster(name: str, proxy: ProxyInfo, ctx: PushContext, key: ServiceKey, port: ServicePort,
+def _outbound_cluster(name: str, grpc: bool, ctx: PushContext, key: ServiceKey, port: ServicePort,
                       cp: ClusterPolicy) -> Any:
     cluster = _eds_cluster(name, ctx)
     # One SNI for local pods and remote gateways alike: gateways route on it, sidecars accept any SNI.
     cluster.transport_socket.name = TLS_TRANSPORT_SOCKET
     sni = sni_name(key, port.port)
     peers = expected_peers(ctx, key, port)
-    grpc = proxy.kind is ProxyKind.GRPC
     tls = (grpc_upstream_tls(ctx, sni=sni, exact_peers=peers) if grpc
            else upstream_tls(ctx, sni=sni, exact_peers=peers, alpn=("h2",)))
     cluster.transport_socket.typed_config.CopyFrom(pack(tls))
@@ -109,16 +112,33 @@ def _outbound_cluster(name: str, proxy: ProxyInfo, ctx: PushContext, key: Servic
                                 health_check_s=ctx.gateway_health_check_s if remote and not grpc else 0.0)
 
 
+def outbound_clusters_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext, *,
+                         grpc: bool) -> dict[str, Any]:
+    """The outbound clusters of one callable service: one per port, and one per DestinationRule subset and port."""
+    out: dict[str, Any] = {}
+    rule = ctx.policies.destination_rule(key)
+    for port in ports:
+        name = outbound_cluster_name(key, port.port)
+        out[name] = _outbound_cluster(name, grpc, ctx, key, port, ClusterPolicy.of(rule))
+        for subset in rule.subsets if rule is not None else ():
+            sub_name = subset_cluster_name(key, port.port, subset.name)
+            out[sub_name] = _outbound_cluster(sub_name, grpc, ctx, key, port, ClusterPolicy.of(rule, subset.name))
+    return out
+
+
+def outbound_cluster_inputs(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> Hashable:
+    """Everything ``outbound_clusters_of`` reads of the context for ``key`` beyond the context's fixed settings:
+    equal inputs, equal clusters (so an endpoint change that keeps the expected peers rebuilds no cluster)."""
+    imp = ctx.registry.imports.get(key)
+    return (ports, ctx.policies.destination_rule(key), tuple(expected_peers(ctx, key, p) for p in ports),
+            imp is not None and any(c != ctx.local for c in imp.clusters))
+
+
 def outbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    grpc = proxy.kind is ProxyKind.GRPC
     for key, ports in ctx.outbound_services():
-        rule = ctx.policies.destination_rule(key)
-        for port in ports:
-            name = outbound_cluster_name(key, port.port)
-            out[name] = _outbound_cluster(name, proxy, ctx, key, port, ClusterPolicy.of(rule))
-            for subset in rule.subsets if rule is not None else ():
-                sub_name = subset_cluster_name(key, port.port, subset.name)
-                out[sub_name] = _outbound_cluster(sub_name, proxy, ctx, key, port, ClusterPolicy.of(rule, subset.name))
+        out |= outbound_clusters_of(key, ports, ctx, grpc=grpc)
     return out
 
 

@@ -21,7 +21,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from discovery.model import Locality
+from discovery.model import Locality, Service, ServiceKey, ServicePort
 from gateway.context import (
     ProxyInfo,
     ProxyKind,
@@ -76,13 +76,20 @@ def load_assignment(name: str, endpoints: list[UpstreamEndpoint], prios: list[in
     )
 
 
+def gateway_assignments_of(service: Service, ctx: PushContext) -> dict[str, Any]:
+    """The gateway's endpoints of one exported service (its local pods, per port)."""
+    out: dict[str, Any] = {}
+    for port in service.ports:
+        name = sni_name(service.key, port.port)
+        eps = [e for e in ctx.upstream_endpoints(service.key, port) if e.cluster == ctx.local]
+        out[name] = load_assignment(name, eps)
+    return out
+
+
 def gateway_assignments(ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for service in ctx.exported_services():
-        for port in service.ports:
-            name = sni_name(service.key, port.port)
-            eps = [e for e in ctx.upstream_endpoints(service.key, port) if e.cluster == ctx.local]
-            out[name] = load_assignment(name, eps)
+        out |= gateway_assignments_of(service, ctx)
     return out
 
 
@@ -91,18 +98,25 @@ def _prioritised(name: str, endpoints: list[UpstreamEndpoint], cp: ClusterPolicy
     return load_assignment(name, endpoints, prios)
 
 
+def outbound_assignments_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> dict[str, Any]:
+    """The endpoints of one callable service's outbound clusters (per port, and per subset and port)."""
+    out: dict[str, Any] = {}
+    rule = ctx.policies.destination_rule(key)
+    for port in ports:
+        name = outbound_cluster_name(key, port.port)
+        endpoints = ctx.upstream_endpoints(key, port)
+        out[name] = _prioritised(name, endpoints, ClusterPolicy.of(rule), ctx)
+        for subset in rule.subsets if rule is not None else ():
+            sub_name = subset_cluster_name(key, port.port, subset.name)
+            selected = [e for e in endpoints if subset_matches(subset.labels, e)]
+            out[sub_name] = _prioritised(sub_name, selected, ClusterPolicy.of(rule, subset.name), ctx)
+    return out
+
+
 def outbound_assignments(ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, ports in ctx.outbound_services():
-        rule = ctx.policies.destination_rule(key)
-        for port in ports:
-            name = outbound_cluster_name(key, port.port)
-            endpoints = ctx.upstream_endpoints(key, port)
-            out[name] = _prioritised(name, endpoints, ClusterPolicy.of(rule), ctx)
-            for subset in rule.subsets if rule is not None else ():
-                sub_name = subset_cluster_name(key, port.port, subset.name)
-                selected = [e for e in endpoints if subset_matches(subset.labels, e)]
-                out[sub_name] = _prioritised(sub_name, selected, ClusterPolicy.of(rule, subset.name), ctx)
+        out |= outbound_assignments_of(key, ports, ctx)
     return out
 
 

@@ -23,6 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from google.protobuf import wrappers_pb2
 
+from discovery.model import Service, ServiceKey, ServicePort
 from gateway import telemetry
 from gateway.context import ProxyInfo, ProxyKind, PushContext, inbound_cluster_name, sni_name
 from gateway.generators import inbound_authz, proxyless
@@ -45,23 +46,30 @@ def _router() -> Any:
     return hcm_pb2.HttpFilter(name=ROUTER, typed_config=pack(router_pb2.Router()))
 
 
-def gateway_listener(proxy: ProxyInfo, ctx: PushContext) -> Any:
+def gateway_chains_of(service: Service, ctx: PushContext) -> list[Any]:
+    """The gateway listener's filter chains of one exported service: one per port, matching its SNI."""
     chains = []
-    for service in ctx.exported_services():
-        for port in service.ports:
-            sni = sni_name(service.key, port.port)
-            chains.append(listener_components_pb2.FilterChain(
-                name=sni,
-                filter_chain_match=listener_components_pb2.FilterChainMatch(
-                    server_names=[sni], transport_protocol="tls"
-                ),
-                filters=[listener_components_pb2.Filter(
-                    name=TCP_PROXY_FILTER,
-                    typed_config=pack(tcp_proxy_pb2.TcpProxy(
-                        stat_prefix=sni, cluster=sni, access_log=telemetry.gateway_access_logs(
-                            cluster=str(ctx.local), service=telemetry.service_label(service.key)))),
-                )],
-            ))
+    for port in service.ports:
+        sni = sni_name(service.key, port.port)
+        chains.append(listener_components_pb2.FilterChain(
+            name=sni,
+            filter_chain_match=listener_components_pb2.FilterChainMatch(
+                server_names=[sni], transport_protocol="tls"
+            ),
+            filters=[listener_components_pb2.Filter(
+                name=TCP_PROXY_FILTER,
+                typed_config=pack(tcp_proxy_pb2.TcpProxy(
+                    stat_prefix=sni, cluster=sni, access_log=telemetry.gateway_access_logs(
+                        cluster=str(ctx.local), service=telemetry.service_label(service.key)))),
+            )],
+        ))
+    return chains
+
+
+def gateway_listener(proxy: ProxyInfo, ctx: PushContext, chains: list[Any] | None = None) -> Any:
+    """The gateway's one listener (``chains``: its filter chains, if already built)."""
+    if chains is None:
+        chains = [c for service in ctx.exported_services() for c in gateway_chains_of(service, ctx)]
     return listener_pb2.Listener(
         name=GATEWAY_LISTENER,
         address=socket_address(proxy.ip, proxy.gateway_port),
@@ -139,15 +147,30 @@ def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
     )
 
 
+def api_listeners_of(key: ServiceKey, ports: tuple[ServicePort, ...]) -> dict[str, Any]:
+    """Proxyless gRPC's API listeners of one callable service (one per port)."""
+    out: dict[str, Any] = {}
+    for port in ports:
+        name = f"{key.clusterset_host}:{port.port}"
+        out[name] = listener_pb2.Listener(
+            name=name,
+            api_listener=api_listener_pb2.ApiListener(api_listener=pack(_outbound_hcm(name))),
+        )
+    return out
+
+
 def api_listeners(ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, ports in ctx.outbound_services():
-        for port in ports:
-            name = f"{key.clusterset_host}:{port.port}"
-            out[name] = listener_pb2.Listener(
-                name=name,
-                api_listener=api_listener_pb2.ApiListener(api_listener=pack(_outbound_hcm(name))),
-            )
+        out |= api_listeners_of(key, ports)
+    return out
+
+
+def sidecar_listeners(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
+    """A sidecar's own listeners: outbound, and one per inbound port."""
+    out = {OUTBOUND_LISTENER: outbound_listener(proxy, ctx)}
+    for inbound in proxy.inbound:
+        out[inbound_listener_name(inbound.port)] = inbound_listener(proxy, inbound.port, ctx)
     return out
 
 
@@ -158,9 +181,7 @@ def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -
         if listener.filter_chains:  # Envoy rejects a listener without filter chains ("no filter chains specified")
             out[GATEWAY_LISTENER] = listener
     elif proxy.kind is ProxyKind.SIDECAR:
-        out[OUTBOUND_LISTENER] = outbound_listener(proxy, ctx)
-        for inbound in proxy.inbound:
-            out[inbound_listener_name(inbound.port)] = inbound_listener(proxy, inbound.port, ctx)
+        out = sidecar_listeners(proxy, ctx)
     else:
         out = dict(ctx.memo("lds-api", lambda: api_listeners(ctx)))
         out |= proxyless.server_listeners(proxy, ctx)  # a gRPC xDS server's own listeners

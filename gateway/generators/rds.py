@@ -67,14 +67,18 @@ def virtual_host(proxy: ProxyInfo, key: ServiceKey, port: int, is_default: bool,
     return route_components_pb2.VirtualHost(name=f"{key.clusterset_host}:{port}", domains=domains, routes=routes)
 
 
-def outbound_route(proxy: ProxyInfo, ctx: PushContext) -> Any:
-    vhosts = []
-    for key, ports in ctx.outbound_services():
-        if not ports:
-            continue
-        dflt = default_port(ports)
-        for port in sorted({p.port for p in ports}):
-            vhosts.append(virtual_host(proxy, key, port, port == dflt, ctx))
+def virtual_hosts_of(proxy: ProxyInfo, key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> list[Any]:
+    """The virtual hosts of one callable service (one per port), as ``proxy``'s namespace and kind see them."""
+    if not ports:
+        return []
+    dflt = default_port(ports)
+    return [virtual_host(proxy, key, port, port == dflt, ctx) for port in sorted({p.port for p in ports})]
+
+
+def outbound_route(proxy: ProxyInfo, ctx: PushContext, vhosts: list[Any] | None = None) -> Any:
+    """The ``outbound`` route configuration (``vhosts``: its virtual hosts in service order, if already built)."""
+    if vhosts is None:
+        vhosts = [v for key, ports in ctx.outbound_services() for v in virtual_hosts_of(proxy, key, ports, ctx)]
     return route_pb2.RouteConfiguration(name=OUTBOUND_ROUTE, virtual_hosts=vhosts)
 
 

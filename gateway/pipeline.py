@@ -1,0 +1,486 @@
+"""The push pipeline: from what changed to the snapshots of the proxies it concerns, off the event loop.
+
+::
+
+    watchers --PushRequest(configs)--> PushDebouncer --merged request--> PushPipeline.push(request, ctx, proxies)
+                                                                            |
+      worker thread (one push at a time)                                    v
+        1. changes    ConfigKeys -> service keys whose definition changed / whose endpoints changed
+                      (a SHARD or CATALOG key is resolved by comparing that part of the registry: discovery.changes)
+        2. shared     per xDS type and scope, one table of the resources every proxy of that scope shares
+                      (SHARED_PARTS: sidecars' outbound clusters, their endpoints, routes per namespace, ...),
+                      built per service key: only dirty keys are generated and serialised, only for the types
+                      that depend on the change (an endpoints-only change touches EDS, and CDS only when the
+                      clusters' own inputs moved); an entry whose bytes did not change is kept as it was
+        3. per proxy  its own resources (inbound listeners and clusters, secrets) rebuilt only when their inputs
+                      changed; its entry map of a type *is* the shared table's map when it has nothing of its own,
+                      else derived from its previous map in O(changes) (gateway.snapshot lineage)
+      event loop
+        4. cache      set_snapshot per changed proxy, in slices that yield; the cache wakes only those streams
+
+Everything in steps 1-3 reads only the frozen ``PushContext`` and ``ProxyInfo`` values it was given, so it runs on
+a worker thread; the event loop keeps serving xDS, DNS and heartbeats meanwhile (a slice of Python in the thread
+holds the GIL for at most the interpreter's switch interval).
+
+The resources are the generators' (``gateway.generators``): their per-service functions build the shared tables,
+their per-proxy functions the rest; ``generate_all`` remains the reference, and tests check the pipeline's
+snapshots against it after every kind of change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import Message
+
+from discovery.changes import RegistryChanges, catalog_changes, shard_changes
+from discovery.model import ClusterId, Registry, ServiceKey
+from gateway.cache import SnapshotCache
+from gateway.context import ProxyInfo, ProxyKind, PushContext
+from gateway.generators import (
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    SECRET_TYPE,
+    cds,
+    eds,
+    lds,
+    proxyless,
+    rds,
+    sds,
+)
+from gateway.generators.lds import GATEWAY_LISTENER
+from gateway.push import Kind, PushRequest
+from gateway.snapshot import EntryMap, Snapshot, make_entry
+
+log = logging.getLogger("meshfed.xds.pipeline")
+
+TYPES: tuple[str, ...] = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE)
+_EMPTY = EntryMap({})
+
+
+# ---- what each type of each proxy kind is made of -------------------------------------------------------------------
+
+
+def _outbound_keys(ctx: PushContext) -> Mapping[ServiceKey, Any]:
+    return ctx.memo("pipeline-outbound", lambda: dict(ctx.outbound_services()))
+
+
+def _exported_keys(ctx: PushContext) -> Mapping[ServiceKey, Any]:
+    return ctx.memo("pipeline-exported", lambda: {s.key: s for s in ctx.exported_services()})
+
+
+def _gateway_listener(proxy: ProxyInfo, parts: list[Any], ctx: PushContext) -> dict[str, Message]:
+    listener = lds.gateway_listener(proxy, ctx, chains=[c for chains in parts for c in chains])
+    return {GATEWAY_LISTENER: listener} if listener.filter_chains else {}
+
+
+def _outbound_route(proxy: ProxyInfo, parts: list[Any], ctx: PushContext) -> dict[str, Message]:
+    return {lds.OUTBOUND_ROUTE: rds.outbound_route(proxy, ctx, vhosts=[v for vhosts in parts for v in vhosts])}
+
+
+def _virtual_service_keys(ctx: PushContext) -> Iterable[ServiceKey]:
+    return ctx.policies.virtual_services.keys()
+
+
+@dataclass(frozen=True)
+class SharedPart:
+    """Resources of one type that every proxy of one scope shares, built per service key.
+
+    ``scope(proxy)`` names the table a proxy takes them from; ``keys(ctx)`` maps every key the part covers to what
+    ``build(proxy, key, value, ctx)`` needs (``proxy`` is any proxy of the scope). With ``combine``, ``build``
+    returns a piece (virtual hosts, filter chains) and ``combine(proxy, pieces in key order, ctx)`` the resources.
+    ``inputs(key, value, ctx)``, when given, is everything ``build`` reads for the key: equal inputs, no rebuild.
+    ``endpoints``: whether an endpoints-only change of a key concerns the part; ``also`` names keys that depend on
+    other keys' definitions (routes of a VirtualService name other services' ports)."""
+
+    name: str
+    type_url: str
+    scope: Callable[[ProxyInfo], Hashable]
+    keys: Callable[[PushContext], Mapping[ServiceKey, Any]]
+    build: Callable[[ProxyInfo, ServiceKey, Any, PushContext], Any]
+    endpoints: bool
+    inputs: Callable[[ServiceKey, Any, PushContext], Hashable] | None = None
+    combine: Callable[[ProxyInfo, list[Any], PushContext], dict[str, Message]] | None = None
+    also: Callable[[PushContext], Iterable[ServiceKey]] | None = None
+
+
+@dataclass(frozen=True)
+class OwnPart:
+    """Resources of one type that are one proxy's own; rebuilt when ``inputs(proxy, ctx)`` changes."""
+
+    build: Callable[[ProxyInfo, PushContext], dict[str, Message]]
+    inputs: Callable[[ProxyInfo, PushContext], Hashable]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    shared: SharedPart | None = None
+    own: OwnPart | None = None
+
+
+def _own_services(proxy: ProxyInfo, ctx: PushContext) -> tuple[Any, ...]:
+    return tuple(ctx.registry.service(ctx.local, k) for k in proxy.services)
+
+
+CDS_GATEWAY = SharedPart("cds-gateway", CLUSTER_TYPE, lambda p: (), _exported_keys,
+                         lambda p, k, svc, ctx: cds.gateway_clusters_of(svc, ctx), endpoints=False,
+                         inputs=lambda k, svc, ctx: svc.ports)
+EDS_GATEWAY = SharedPart("eds-gateway", ENDPOINT_TYPE, lambda p: (), _exported_keys,
+                         lambda p, k, svc, ctx: eds.gateway_assignments_of(svc, ctx), endpoints=True)
+LDS_GATEWAY = SharedPart("lds-gateway", LISTENER_TYPE, lambda p: (p.ip, p.gateway_port), _exported_keys,
+                         lambda p, k, svc, ctx: lds.gateway_chains_of(svc, ctx), endpoints=False,
+                         combine=_gateway_listener)
+CDS_OUTBOUND = SharedPart("cds-outbound", CLUSTER_TYPE, lambda p: p.kind is ProxyKind.GRPC, _outbound_keys,
+                          lambda p, k, ports, ctx: cds.outbound_clusters_of(k, ports, ctx,
+                                                                            grpc=p.kind is ProxyKind.GRPC),
+                          endpoints=True, inputs=cds.outbound_cluster_inputs)
+EDS_OUTBOUND = SharedPart("eds-outbound", ENDPOINT_TYPE, lambda p: (), _outbound_keys,
+                          lambda p, k, ports, ctx: eds.outbound_assignments_of(k, ports, ctx), endpoints=True)
+RDS_OUTBOUND = SharedPart("rds-outbound", ROUTE_TYPE, lambda p: (p.namespace, p.kind), _outbound_keys,
+                          lambda p, k, ports, ctx: rds.virtual_hosts_of(p, k, ports, ctx), endpoints=False,
+                          combine=_outbound_route, also=_virtual_service_keys)
+LDS_API = SharedPart("lds-api", LISTENER_TYPE, lambda p: (), _outbound_keys,
+                     lambda p, k, ports, ctx: lds.api_listeners_of(k, ports), endpoints=False)
+
+SDS_OWN = OwnPart(lambda p, ctx: sds.generate(p, None, ctx),
+                  lambda p, ctx: (ctx.workload_certs.get(p.spiffe_id(ctx.trust_domain)), ctx.trust_bundle_pem,
+                                  ctx.cert_secret, ctx.root_secret))
+INBOUND_CLUSTERS = OwnPart(cds.inbound_clusters, lambda p, ctx: ctx.connect_timeout_s)
+SIDECAR_LISTENERS = OwnPart(lds.sidecar_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz))
+GRPC_SERVER_LISTENERS = OwnPart(proxyless.server_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz))
+
+#: What every type of every proxy kind is made of (the same resources ``generators.generate_all`` returns).
+RECIPES: Mapping[ProxyKind, Mapping[str, Recipe]] = {
+    ProxyKind.GATEWAY: {CLUSTER_TYPE: Recipe(CDS_GATEWAY), ENDPOINT_TYPE: Recipe(EDS_GATEWAY),
+                        LISTENER_TYPE: Recipe(LDS_GATEWAY), ROUTE_TYPE: Recipe(), SECRET_TYPE: Recipe()},
+    ProxyKind.SIDECAR: {CLUSTER_TYPE: Recipe(CDS_OUTBOUND, INBOUND_CLUSTERS), ENDPOINT_TYPE: Recipe(EDS_OUTBOUND),
+                        LISTENER_TYPE: Recipe(own=SIDECAR_LISTENERS), ROUTE_TYPE: Recipe(RDS_OUTBOUND),
+                        SECRET_TYPE: Recipe(own=SDS_OWN)},
+    ProxyKind.GRPC: {CLUSTER_TYPE: Recipe(CDS_OUTBOUND), ENDPOINT_TYPE: Recipe(EDS_OUTBOUND),
+                     LISTENER_TYPE: Recipe(LDS_API, GRPC_SERVER_LISTENERS), ROUTE_TYPE: Recipe(RDS_OUTBOUND),
+                     SECRET_TYPE: Recipe(own=SDS_OWN)},
+}
+
+
+# ---- state ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineStats:
+    """Work done, cumulative (tests count it; the benchmark prints it)."""
+
+    pushes: int = 0
+    serialized: int = 0  # resources serialised (each one an Entry made)
+    built: dict[str, int] = field(default_factory=dict)  # per type URL: resources generated
+    keys_built: int = 0  # (table, service key) pairs generated
+    proxies_built: int = 0  # (proxy, own part) rebuilds
+    snapshots_set: int = 0
+    thread_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What one push did: the proxies whose snapshot changed, and the proxies whose generation failed."""
+
+    changed: tuple[str, ...]
+    errors: Mapping[str, str]
+    seconds: float
+
+
+@dataclass
+class _Dirty:
+    all: bool = False
+    services: set[ServiceKey] = field(default_factory=set)
+    endpoints: set[ServiceKey] = field(default_factory=set)
+
+    def add(self, changes: RegistryChanges) -> None:
+        self.all = self.all or changes.clusters
+        self.services |= changes.services
+        self.endpoints |= changes.endpoints
+
+    def any(self) -> bool:
+        return self.all or bool(self.services or self.endpoints)
+
+
+class _Table:
+    """One shared part's resources for one scope."""
+
+    def __init__(self, part: SharedPart, scope: Hashable, proxy: ProxyInfo) -> None:
+        self.part = part
+        self.scope = scope
+        self.proxy = proxy  # a proxy of the scope (the builders read only what the scope has in common)
+        self.names: dict[ServiceKey, tuple[str, ...]] = {}
+        self.pieces: dict[ServiceKey, Any] = {}
+        self.inputs: dict[ServiceKey, Hashable] = {}
+        self.entries = _EMPTY
+        self.changed: frozenset[str] = frozenset()  # names changed by the current push
+        self.error = ""  # the last generation error of a key of this table ("" when the last push had none)
+        self.users = 0
+
+
+class _Proxy:
+    def __init__(self, proxy: ProxyInfo) -> None:
+        self.proxy = proxy
+        self.maps: dict[str, EntryMap] = {}
+        self.own: dict[str, dict[str, Any]] = {}  # type URL -> own entries
+        self.own_inputs: dict[str, Hashable] = {}
+        self.snapshot: Snapshot | None = None
+        self.tables: list[_Table] = []  # the shared tables it takes resources from
+
+
+def _settings(ctx: PushContext) -> Hashable:
+    """The context's fixed settings: when one changes, everything is rebuilt."""
+    return (ctx.trust_domain, ctx.connect_timeout_s, ctx.cert_secret, ctx.root_secret, ctx.gateway_health_check_s,
+            ctx.registry.local)
+
+
+class PushPipeline:
+    """The control plane's regeneration (see the module docstring)::
+
+        pipeline = PushPipeline(cache=cache)
+        result = await pipeline.push(request, ctx, proxies)   # proxies: node id -> ProxyInfo of every connected one
+    """
+
+    def __init__(self, *, cache: SnapshotCache, slice_size: int = 256, threaded: bool = True) -> None:
+        self.cache = cache
+        self.slice_size = slice_size
+        self.threaded = threaded
+        self.stats = PipelineStats()
+        self._tables: dict[tuple[str, Hashable], _Table] = {}
+        self._proxies: dict[str, _Proxy] = {}
+        self._registry: Registry | None = None
+        self._settings: Hashable = None
+        self._lock = asyncio.Lock()
+
+    async def push(self, request: PushRequest, ctx: PushContext, proxies: Mapping[str, ProxyInfo]) -> PushResult:
+        """Rebuild what ``request`` concerns for ``proxies`` (every connected proxy: those absent are forgotten)
+        and hand the changed snapshots to the cache. The building runs on a worker thread."""
+        started = time.perf_counter()
+        proxies = dict(proxies)
+        async with self._lock:  # one build at a time: the tables are the thread's alone while it runs
+            if self.threaded:
+                snapshots, errors = await asyncio.to_thread(self._build_or_reset, request, ctx, proxies)
+            else:
+                snapshots, errors = self._build_or_reset(request, ctx, proxies)
+        changed: list[str] = []
+        for i, (node_id, snapshot) in enumerate(snapshots):
+            if self.cache.set_snapshot(node_id, snapshot):
+                changed.append(node_id)
+            if (i + 1) % self.slice_size == 0:
+                await asyncio.sleep(0)  # let the streams woken so far run
+        self.stats.snapshots_set += len(snapshots)
+        self.stats.pushes += 1
+        return PushResult(changed=tuple(changed), errors=errors, seconds=time.perf_counter() - started)
+
+    # ---- the worker thread's part ----------------------------------------------------------------------------
+
+    def _build_or_reset(self, request: PushRequest, ctx: PushContext,
+                        proxies: dict[str, ProxyInfo]) -> tuple[list[tuple[str, Snapshot]], dict[str, str]]:
+        try:
+            return self._build(request, ctx, proxies)
+        except BaseException:
+            # What the tables hold is no longer known to match a registry: the next push rebuilds everything.
+            self._registry = None
+            raise
+
+    def _build(self, request: PushRequest, ctx: PushContext,
+               proxies: dict[str, ProxyInfo]) -> tuple[list[tuple[str, Snapshot]], dict[str, str]]:
+        t0 = time.perf_counter()
+        dirty = self._dirty(request, ctx)
+        self._registry, self._settings = ctx.registry, _settings(ctx)
+        for table in self._tables.values():
+            table.changed = frozenset()
+            table.users = 0
+            table.error = ""
+        fresh_tables: set[tuple[str, Hashable]] = set()
+        rebuilt: set[tuple[str, Hashable]] = set()
+        out: list[tuple[str, Snapshot]] = []
+        errors: dict[str, str] = {}
+        for node_id in list(self._proxies):
+            if node_id not in proxies:
+                del self._proxies[node_id]
+        for node_id, proxy in sorted(proxies.items()):
+            state = self._proxies.get(node_id)
+            if state is None or state.proxy != proxy or request.full or node_id in request.proxies:
+                state = self._proxies[node_id] = _Proxy(proxy)
+            try:
+                snapshot = self._proxy_snapshot(state, ctx, dirty, fresh_tables, rebuilt)
+            except Exception as exc:  # a generator bug must not stop pushes to every other proxy
+                log.exception("snapshot generation failed node=%s", node_id)
+                errors[node_id] = f"generation failed: {exc}"
+                del self._proxies[node_id]
+                continue
+            if snapshot is not None:
+                out.append((node_id, snapshot))
+            failed = [t.error for t in state.tables if t.error]
+            if failed:
+                errors[node_id] = "; ".join(failed)
+        for key in [k for k, t in self._tables.items() if t.users == 0]:
+            del self._tables[key]  # no proxy of that scope is connected any more
+        self.stats.thread_seconds += time.perf_counter() - t0
+        return out, errors
+
+    def _dirty(self, request: PushRequest, ctx: PushContext) -> _Dirty:
+        dirty = _Dirty()
+        old = self._registry
+        if request.full or old is None or self._settings != _settings(ctx):
+            dirty.all = True
+            return dirty
+        dirty.services.update(k for k in request.services if isinstance(k, ServiceKey))
+        new = ctx.registry
+        for config in request.configs:
+            if config.kind is Kind.SERVICE and isinstance(config.name, ServiceKey):
+                dirty.services.add(config.name)
+            elif config.kind is Kind.ENDPOINTS and isinstance(config.name, ServiceKey):
+                dirty.endpoints.add(config.name)
+            elif config.kind is Kind.SHARD:
+                dirty.add(shard_changes(old, new, ClusterId(str(config.name))))
+            elif config.kind is Kind.CATALOG:
+                dirty.add(catalog_changes(old, new))
+            elif config.kind is Kind.POLICY:
+                dirty.all = True
+            # AUTHZ, TRUST, CERTS: only proxies' own parts depend on them, and those compare their inputs.
+        dirty.endpoints -= dirty.services
+        return dirty
+
+    def _table(self, part: SharedPart, proxy: ProxyInfo, ctx: PushContext, dirty: _Dirty,
+               fresh: set[tuple[str, Hashable]], rebuilt: set[tuple[str, Hashable]]) -> _Table:
+        scope = part.scope(proxy)
+        key = (part.name, scope)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = _Table(part, scope, proxy)
+            fresh.add(key)
+            self._update_table(table, ctx, None)
+            rebuilt.add(key)
+        elif key not in rebuilt:
+            rebuilt.add(key)
+            if dirty.all:
+                self._update_table(table, ctx, None)
+            else:
+                keys = set(dirty.services)
+                if part.endpoints:
+                    keys |= dirty.endpoints
+                if part.also is not None and dirty.services:
+                    keys.update(part.also(ctx))
+                if keys:
+                    self._update_table(table, ctx, keys)
+        table.users += 1
+        return table
+
+    def _entry(self, type_url: str, name: str, message: Message, old: Any) -> Any:
+        entry = make_entry(type_url, name, message)
+        self.stats.serialized += 1
+        self.stats.built[type_url] = self.stats.built.get(type_url, 0) + 1
+        # The same bytes: keep the entry every snapshot already holds, so nothing downstream sees a change.
+        return old if old is not None and old.version == entry.version else entry
+
+    def _update_table(self, table: _Table, ctx: PushContext, keys: set[ServiceKey] | None) -> None:
+        part = table.part
+        values = part.keys(ctx)
+        todo: Iterable[ServiceKey] = values.keys() if keys is None else keys
+        gone = set(table.names) - set(values) if keys is None else set()
+        updates: dict[str, Any] = {}
+        pieces_changed = bool(gone)
+        for key in gone:
+            for name in table.names.pop(key, ()):
+                updates[name] = None
+            table.pieces.pop(key, None)
+            table.inputs.pop(key, None)
+        for key in todo:
+            value = values.get(key)
+            if value is None:
+                if key in table.names:
+                    for name in table.names.pop(key):
+                        updates[name] = None
+                    table.pieces.pop(key, None)
+                    table.inputs.pop(key, None)
+                    pieces_changed = True
+                continue
+            if part.inputs is not None:
+                inputs = part.inputs(key, value, ctx)
+                if key in table.names and table.inputs.get(key) == inputs:
+                    continue
+                table.inputs[key] = inputs
+            self.stats.keys_built += 1
+            try:
+                built = part.build(table.proxy, key, value, ctx)
+            except Exception as exc:  # keep the key's last good resources; the proxies of the scope report it
+                log.exception("generation failed part=%s scope=%s service=%s", part.name, table.scope, key)
+                table.inputs.pop(key, None)
+                table.error = f"generation failed: {part.name} {key}: {exc}"
+                continue
+            if part.combine is not None:
+                table.pieces[key] = built
+                table.names[key] = ()
+                pieces_changed = True
+                continue
+            old_names = table.names.get(key, ())
+            for name in old_names:
+                if name not in built:
+                    updates[name] = None
+            for name, message in built.items():
+                updates[name] = self._entry(part.type_url, name, message, table.entries.get(name))
+            table.names[key] = tuple(built)
+        if part.combine is not None and (pieces_changed or keys is None):
+            combined = part.combine(table.proxy, [table.pieces[k] for k in sorted(table.pieces)], ctx)
+            for name in table.entries:
+                if name not in combined:
+                    updates[name] = None
+            for name, message in combined.items():
+                updates[name] = self._entry(part.type_url, name, message, table.entries.get(name))
+        before = table.entries
+        table.entries = before.derive(updates)
+        table.changed = table.changed | frozenset(n for n, e in updates.items() if before.get(n) is not e)
+
+    def _proxy_snapshot(self, state: _Proxy, ctx: PushContext, dirty: _Dirty, fresh: set[tuple[str, Hashable]],
+                        rebuilt: set[tuple[str, Hashable]]) -> Snapshot | None:
+        proxy = state.proxy
+        recipes = RECIPES[proxy.kind]
+        changed = state.snapshot is None
+        state.tables = []
+        for type_url in TYPES:
+            recipe = recipes[type_url]
+            table = (self._table(recipe.shared, proxy, ctx, dirty, fresh, rebuilt)
+                     if recipe.shared is not None else None)
+            if table is not None:
+                state.tables.append(table)
+            own_updates: dict[str, Any] | None = None
+            if recipe.own is not None:
+                inputs = recipe.own.inputs(proxy, ctx)
+                if type_url not in state.own or state.own_inputs.get(type_url) != inputs:
+                    old_own = state.own.get(type_url, {})
+                    built = recipe.own.build(proxy, ctx)
+                    self.stats.proxies_built += 1
+                    new_own = {n: self._entry(type_url, n, m, old_own.get(n)) for n, m in built.items()}
+                    own_updates = {n: None for n in old_own if n not in new_own}
+                    own_updates.update({n: e for n, e in new_own.items() if old_own.get(n) is not e})
+                    state.own[type_url], state.own_inputs[type_url] = new_own, inputs
+            previous = state.maps.get(type_url)
+            if recipe.own is None:
+                current = table.entries if table is not None else _EMPTY
+            elif previous is None:
+                merged = dict(table.entries.items()) if table is not None else {}
+                merged.update(state.own[type_url])
+                current = EntryMap(merged)
+            else:
+                updates: dict[str, Any] = {}
+                if table is not None:
+                    updates.update({n: table.entries.get(n) for n in table.changed})
+                if own_updates:
+                    updates.update(own_updates)
+                current = previous.derive(updates) if updates else previous
+            if current is not previous:
+                state.maps[type_url] = current
+                changed = True
+        if not changed:
+            return None
+        state.snapshot = Snapshot.of({t: state.maps[t] for t in TYPES})
+        return state.snapshot
