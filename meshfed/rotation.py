@@ -162,7 +162,7 @@ def evaluate(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
     if phase == "stable" or old is None or new is None:
         return Convergence(in_rotation=phase != "stable", old_root=old, new_root=new, done=False,
                            summary=(f"phase {phase}: nothing to converge yet",))
-    blocking: list[str] = []
+    blocking: list[str] = _unasked(reports)
     summary: list[str] = []
     total = moved = 0
     for cluster, rep in sorted(reports.controlplanes.items()):
@@ -237,6 +237,13 @@ def evaluate(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
                        summary=tuple(summary), proxies_total=total, proxies_old=total - moved)
 
 
+def _unasked(reports: SystemReports) -> list[str]:
+    """Members of the federation whose control plane nobody asked: what they hold is unknown."""
+    members = (reports.federation or {}).get("members", [])
+    return [f"{m}: a member of the federation whose control plane was not asked (--controlplane {m}=ADMIN_ADDRESS)"
+            for m in members if m not in reports.controlplanes]
+
+
 def _evaluate_bundles(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
     """``root-added``: before the new root may sign (``reissue``), everything must already trust it: each
     control plane's bundle, each proxy's ACKed validation bundle, the federation's client-verification bundle.
@@ -244,7 +251,7 @@ def _evaluate_bundles(root: Mapping[str, Any], reports: SystemReports) -> Conver
     certs = root.get("certificates", [])
     old = next((c["fingerprint"] for c in certs if c.get("role") == "root (active)"), None)
     new = next((c["fingerprint"] for c in certs if c.get("role") == "root (next)"), None)
-    blocking: list[str] = []
+    blocking: list[str] = _unasked(reports)
     total = moved = 0
     for cluster, rep in sorted(reports.controlplanes.items()):
         if rep is None:

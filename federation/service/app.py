@@ -458,7 +458,8 @@ async def get_trust_status(request: web.Request) -> web.Response:
     ]
     return _json({"trustDomain": bundle.trust_domain.name, "bundleSequence": bundle.sequence,
                   "bundleFingerprints": list(bundle.fingerprints),
-                  "serving": serving() if serving is not None else None, "connections": connections})
+                  "serving": serving() if serving is not None else None, "connections": connections,
+                  "members": sorted(str(c) for c in _state(request).members())})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -122,7 +122,8 @@ SCHEMAS: dict[str, Any] = {
         "connections": {"type": "array", "items": _obj({
             "cluster": _STR, "leaf_fingerprint": _STR, "intermediate_fingerprint": _STR,
             "root_fingerprint": {"type": ["string", "null"]}, "since": _TIME, "last_request": _TIME})},
-    }, ["trustDomain", "bundleFingerprints", "serving", "connections"]),
+        "members": {"type": "array", "items": _STR},
+    }, ["trustDomain", "bundleFingerprints", "serving", "connections", "members"]),
     "Health": _obj({"status": {"const": "ok"}}, ["status"]),
     "Ready": _obj({"status": {"enum": ["ready", "unready"]}, "revision": _INT, "error": _STR}, ["status"]),
 }

@@ -193,3 +193,30 @@ def test_full_rotation_under_traffic_has_no_downtime(run: Path) -> None:
     report = json.loads(status.stdout)
     assert status.returncode == 0, report["problems"]
     assert report["trust"]["phase"] == "stable"
+
+
+def test_a_second_rotation_asks_explicit_addresses(run: Path) -> None:
+    """The same, asking the system by address (as on a real installation) instead of through the run's state:
+    --federation URL --cluster-ca DIR and one --controlplane NAME=ADMIN per cluster. Asking too little is refused
+    with what could not be seen."""
+    state = local.read_state(run)
+    root = str(state["ca"]["root"])
+    where = ["--federation", state["federation"]["url"], "--cluster-ca", state["clusters"]["west"]["ca"]]
+    for name, c in state["clusters"].items():
+        where += ["--controlplane", f"{name}={c['controlplane']['admin']}"]
+    done = meshfed("ca", "rotate", "add-root", "--root", root)
+    assert done.returncode == 0, done.stderr
+    done = meshfed("ca", "rotate", "reissue", "--root", root, *where)
+    assert done.returncode == 0 and "trust the new root" in done.stdout, done.stdout + done.stderr
+    east_only = ["--controlplane", f"east={state['clusters']['east']['controlplane']['admin']}"]
+    done = meshfed("ca", "rotate", "retire-root", "--root", root, *east_only, "--wait", "1s")
+    assert done.returncode == 1 and "federation: did not report" in " ".join(done.stderr.split()), done.stderr
+    east_only += where[:4]  # the federation, but not west's control plane: west is unknown
+    done = meshfed("ca", "rotate", "retire-root", "--root", root, *east_only, "--wait", "1s")
+    assert done.returncode == 1, done.stderr
+    assert "west: a member of the federation whose control plane was not asked" in " ".join(done.stderr.split())
+    done = meshfed("ca", "rotate", "retire-root", "--root", root, *where)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "reports nothing uses the old root" in done.stdout
+    status = meshfed("status", "--run-dir", str(run), "-o", "json")
+    assert status.returncode == 0, json.loads(status.stdout)["problems"]

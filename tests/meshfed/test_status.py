@@ -291,6 +291,12 @@ def test_rotation_blocks_on_what_cannot_be_seen() -> None:
     assert "federation: its serving certificate chains to root oldoldoldoldold" in text
     assert "a connection of west authenticated with a certificate from root oldoldoldoldold" in text
     assert not evaluate(_rotation_root(), SystemReports(controlplanes={}, federation=None)).done
+    # A member nobody asked about is unknown, hence not moved.
+    fine = {"bundleFingerprints": [old, new], "serving": {"root_fingerprint": new}, "connections": [],
+            "members": ["east", "west"]}
+    conv = evaluate(_rotation_root(), SystemReports(controlplanes={"east": _rotation_report(new)}, federation=fine))
+    assert conv.blocking == ("west: a member of the federation whose control plane was not asked "
+                             "(--controlplane west=ADMIN_ADDRESS)",)
     stable = evaluate(root(), SystemReports(controlplanes={}, federation=None))
     assert not stable.in_rotation and not stable.done
 
