@@ -418,13 +418,14 @@ class ControlPlane:
             changed = False
             sig = self._ca_signature()
             if sig != last:
-                last = sig
                 try:
                     ca = await asyncio.to_thread(load_cluster_ca, self.config.ca_dir)
                     bundle = await asyncio.to_thread(load_bundle, self.config.ca_dir)
                 except TrustError as exc:
+                    # Caught half-written, or broken: retried on the next tick until it loads.
                     log.error("CA reload failed dir=%s error=%s; keeping the CA in force", self.config.ca_dir, exc)
                 else:
+                    last = sig
                     changed = ca.fingerprint != self.ca.fingerprint or bundle.fingerprints != self.bundle.fingerprints
                     self.ca, self.bundle = ca, bundle
             now = datetime.now(UTC)
