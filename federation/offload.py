@@ -65,8 +65,8 @@ def quiet_gc(items: int) -> Iterator[None]:
                 gc.freeze()
                 if _was_enabled:
                     gc.enable()
-                log.debug("%d objects frozen out of the cyclic GC after a job of %d items", gc.get_freeze_count(),
-                          items)
+                # (not gc.get_freeze_count(): it walks every frozen object, holding the GIL)
+                log.debug("heap frozen out of the cyclic GC after a job of %d items", items)
 
 
 def _quietly(fn: Callable[..., T], items: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:

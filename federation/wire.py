@@ -142,7 +142,7 @@ def loads(raw: bytes | str) -> Json:
     except UnicodeDecodeError as exc:
         raise WireError(f"body is not JSON: not UTF-8 at byte {exc.start}", field=None) from exc
     try:
-        value = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=Unrepresentable)
+        value = _parse_in_pieces(text) if len(text) > _PIECES_OVER else _PARSER.decode(text)
     except RecursionError as exc:
         raise WireError(f"nested more than {MAX_DEPTH} levels deep", field=_deep_path(text)) from exc
     except ValueError as exc:  # json.JSONDecodeError
@@ -151,6 +151,65 @@ def loads(raw: bytes | str) -> Json:
     if path is not None:
         raise WireError(f"nested more than {MAX_DEPTH} levels deep", field=path)
     return value
+
+
+_PARSER = json.JSONDecoder(parse_int=_parse_int, parse_float=_parse_float, parse_constant=Unrepresentable)
+_PIECES_OVER = 256 * 1024  # characters; a larger body is parsed in pieces
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _parse_in_pieces(text: str) -> Json:
+    """``_PARSER.decode(text)``, but the top-level object's values and the items of top-level arrays (and of
+    arrays that are its values) are parsed one at a time: a single ``json.loads`` of megabytes holds the GIL for
+    its whole duration, and the thread waiting for it may be an event loop answering heartbeats."""
+
+    def skip(i: int) -> int:
+        match = _SPACE.match(text, i)
+        return match.end() if match else i
+
+    def value(i: int, depth: int) -> tuple[Json, int]:
+        i = skip(i)
+        if depth < 2 and text.startswith("[", i):
+            items: list[Json] = []
+            i = skip(i + 1)
+            if text.startswith("]", i):
+                return items, i + 1
+            while True:
+                item, i = value(i, depth + 1)
+                items.append(item)
+                i = skip(i)
+                if text.startswith(",", i):
+                    i += 1
+                elif text.startswith("]", i):
+                    return items, i + 1
+                else:
+                    raise ValueError(f"expected ',' or ']' at character {i}")
+        if depth < 1 and text.startswith("{", i):
+            members: dict[str, Json] = {}
+            i = skip(i + 1)
+            if text.startswith("}", i):
+                return members, i + 1
+            while True:
+                key, i = _PARSER.raw_decode(text, skip(i))
+                if not isinstance(key, str):
+                    raise ValueError(f"expected a key at character {i}")
+                i = skip(i)
+                if not text.startswith(":", i):
+                    raise ValueError(f"expected ':' at character {i}")
+                members[key], i = value(i + 1, depth + 1)
+                i = skip(i)
+                if text.startswith(",", i):
+                    i += 1
+                elif text.startswith("}", i):
+                    return members, i + 1
+                else:
+                    raise ValueError(f"expected ',' or '}}' at character {i}")
+        return _PARSER.raw_decode(text, i)
+
+    result, end = value(0, 0)
+    if skip(end) != len(text):
+        raise ValueError(f"extra data at character {skip(end)}")
+    return result
 
 
 def _too_deep(value: Json) -> str | None:

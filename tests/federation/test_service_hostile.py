@@ -159,3 +159,26 @@ async def test_client_reports_a_publish_over_a_limit_as_over_limit(pki: Pki, tmp
         with pytest.raises(OverLimit) as caught:
             await east.publish(export_set(info("east"), services, exports, generation=3))
         assert caught.value.limit == "maxServices" and caught.value.maximum == 2 and caught.value.status == 422
+
+
+def test_big_bodies_are_parsed_in_pieces_with_the_same_answers() -> None:
+    # Over wire._PIECES_OVER characters a body is parsed piece by piece (so no single json call holds the GIL for
+    # long): same values, same errors, same fields named.
+    body = _body([f"s{i}" for i in range(1500)], 7)
+    text = json.dumps(body, indent=1)
+    assert len(text) > wire._PIECES_OVER
+    assert wire.loads(text) == json.loads(text)
+    pad = " " * wire._PIECES_OVER
+    with pytest.raises(wire.WireError) as caught:
+        wire.export_set_from_json(wire.loads(pad + text.replace('"generation": 7', f'"generation": {HUGE}') + pad),
+                                  info("east").id)
+    assert caught.value.field == "generation"
+    deep = _deep(200_000)
+    assert len(deep) > wire._PIECES_OVER
+    with pytest.raises(wire.WireError) as caught:
+        wire.loads(deep)
+    assert caught.value.field == "services[0]" + "[0]" * (wire.MAX_DEPTH - 2)
+    for bad, field in ((text[:-1], None), (text + "x", None), (text.replace("[", "[,", 1), None)):
+        with pytest.raises(wire.WireError) as caught:
+            wire.loads(bad)
+        assert caught.value.field == field
