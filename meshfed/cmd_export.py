@@ -327,11 +327,26 @@ def _common(fn: Any) -> Any:
         help="local clusterset folder (holds clusterset.yaml)",
     )(fn)
     fn = click.option("--cluster", metavar="C", help="member cluster whose manifests to edit (local clusterset)")(fn)
-    fn = click.option("-n", "--namespace", "ns", default="default", show_default=True, help="the Service's namespace")(
-        fn
-    )
-    fn = click.argument("service")(fn)
+    fn = click.option(
+        "-n", "--namespace", "ns", default=None, help="the Service's namespace (default: default, or NS of SVC.NS)"
+    )(fn)
+    fn = click.argument("service", metavar="SERVICE|SVC.NS")(fn)
     return fn
+
+
+def split_service(service: str, ns: str | None) -> tuple[str, str]:
+    """``SERVICE`` with ``-n NS`` (default ``default``), or ``SVC.NS`` as ``diagnose`` and the docs write it (also
+    ``SVC.NS.svc.clusterset.local``); a namespace given both ways must agree."""
+    text = service.removesuffix(".svc.clusterset.local").removesuffix(".svc.cluster.local")
+    if "." not in text:
+        return text, ns or "default"
+    name, _, inner = text.partition(".")
+    if "." in inner or not name or not inner:
+        raise ExportError(f"service {service!r}: expected SERVICE or SVC.NS (e.g. details or details.default)")
+    if ns is not None and ns != inner:
+        raise ExportError(f"service {service!r} names namespace {inner!r} but -n says {ns!r}",
+                          hint="give the namespace once: SVC.NS, or SERVICE -n NS")
+    return name, inner
 
 
 def _report(outcome: ExportOutcome, output: str) -> None:
@@ -368,7 +383,7 @@ def _check_target(cluster: str | None, context: str | None) -> None:
 @output_option
 def export_cmd(
     service: str,
-    ns: str,
+    ns: str | None,
     cluster: str | None,
     clusterset: Path,
     context: str | None,
@@ -376,13 +391,14 @@ def export_cmd(
     force: bool,
     output: str,
 ) -> None:
-    """Export SERVICE to the clusterset (creates its ServiceExport).
+    """Export SERVICE (or SVC.NS) to the clusterset (creates its ServiceExport).
 
     Locally, writes <clusterset>/<cluster>/serviceexport-SERVICE-NS.yaml; with --context, creates the
     ServiceExport object in that cluster.
     """
     _check_target(cluster, context)
     try:
+        service, ns = split_service(service, ns)
         if context is not None:
             outcome = export_remote(kubeconfig=kubeconfig, context=context, service=service, ns=ns, force=force)
         else:
@@ -400,7 +416,7 @@ def export_cmd(
 @output_option
 def unexport_cmd(
     service: str,
-    ns: str,
+    ns: str | None,
     cluster: str | None,
     clusterset: Path,
     context: str | None,
@@ -408,13 +424,14 @@ def unexport_cmd(
     ignore_not_found: bool,
     output: str,
 ) -> None:
-    """Stop exporting SERVICE (removes its ServiceExport).
+    """Stop exporting SERVICE (or SVC.NS) (removes its ServiceExport).
 
     Locally, removes the ServiceExport manifest from <clusterset>/<cluster>/; with --context, deletes the
     ServiceExport object in that cluster.
     """
     _check_target(cluster, context)
     try:
+        service, ns = split_service(service, ns)
         if context is not None:
             outcome = unexport_remote(kubeconfig=kubeconfig, context=context, service=service, ns=ns)
         else:
@@ -425,8 +442,9 @@ def unexport_cmd(
             fail(str(exc), hint="pass --ignore-not-found to treat this as success")
             return
         where = context if context is not None else (cluster or "")
+        name, space = split_service(service, ns)
         outcome = ExportOutcome(
-            "not-exported", where, ns, service, f"context {context}" if context else str(clusterset)
+            "not-exported", where, space, name, f"context {context}" if context else str(clusterset)
         )
     except ExportError as exc:
         fail(str(exc), hint=exc.hint)

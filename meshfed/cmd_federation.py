@@ -1,4 +1,5 @@
-"""``meshfed federation serve``: run the federation service (HTTPS, mutual TLS) over a SQLite file or etcd."""
+"""``meshfed federation``: run the federation service (``serve``: HTTPS, mutual TLS, over a SQLite file or etcd) and
+inspect or change its membership (``members``, ``remove``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import click
 from aiohttp import web
@@ -22,13 +24,14 @@ from federation.service.credentials import ServingCredentials
 from federation.store.factory import open_store
 from federation.trust.errors import CAStoreError, TrustError
 from federation.wire import DEFAULT_LIMITS
+from meshfed.output import console, emit, fail, output_option, print_json
 
 log = logging.getLogger("meshfed.federation.service")
 
 
 @click.group()
 def federation() -> None:
-    """Run and inspect the federation service (membership, exports, merged catalog)."""
+    """Run the federation service (serve), list its members (members) and remove one (remove)."""
 
 
 def _listen(text: str) -> tuple[str, int]:
@@ -112,3 +115,130 @@ def serve_cmd(store_url: str, listen: str, ca_dir: Path, lease_ttl: float, cidr:
         run()
     except (TrustError, FederationError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+# ---- membership: list and remove members (a local run, or a federation given by URL) ---------------------------
+
+
+def _run_federation(run_dir: Path) -> tuple[str, dict[str, Any]]:
+    from meshfed import local
+
+    try:
+        state = local.read_state(run_dir)
+    except local.LocalRunError as exc:
+        raise click.ClickException(str(exc)) from exc
+    stopped = local.stopped_message(run_dir, state)
+    if stopped:
+        raise click.ClickException(stopped)
+    url = state.get("federation", {}).get("url")
+    if not url:
+        raise click.ClickException(f"the run in {run_dir} has no federation service recorded")
+    return str(url), state
+
+
+_TARGET = [
+    click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=Path(".meshfed/run"),
+                 show_default=True, help="a local run: its federation URL and CA directories (without --federation)"),
+    click.option("--federation", "federation_url", metavar="URL", default=None,
+                 help="a federation service's URL instead of a local run's"),
+]
+
+
+def _target(fn: Callable[..., None]) -> Callable[..., None]:
+    for opt in reversed(_TARGET):
+        fn = opt(fn)
+    return fn
+
+
+@federation.command("members")
+@_target
+@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="with --federation: a cluster's client certificate chain (meshfed ca issue)")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="with --federation: its private key")
+@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="with --federation: the trust bundle (PEM roots)")
+@output_option
+def members_cmd(run_dir: Path, federation_url: str | None, cert: Path | None, key: Path | None,
+                ca_bundle: Path | None, output: str) -> None:
+    """List the federation's members as the service sees them: network, gateway, lease, reachability."""
+    from meshfed import status
+
+    if federation_url:
+        if cert is None or key is None or ca_bundle is None:
+            fail("--federation needs --cert, --key and --ca-bundle", hint="e.g. from 'meshfed ca issue'", code=2)
+            return
+        try:
+            members = list(status.collect_remote(federation_url, cert=cert, key=key, ca_bundle=ca_bundle).members)
+        except status.StatusError as exc:
+            fail(str(exc), code=2)
+            return
+        in_run: set[str] = set()
+    else:
+        url, state = _run_federation(run_dir)
+        got = status.local_members(state)
+        if got is None:
+            fail(f"the federation service at {url} does not answer", hint=f"meshfed status --run-dir {run_dir}",
+                 code=2)
+            return
+        members, in_run = got, set(state.get("clusters", {}))
+    rows = [[m["cluster"], "UNREACHABLE since " + str(m["unreachable_since"]) if m.get("unreachable_since")
+             else "connected", m.get("network"), m.get("locality") or "-", m.get("gateway"), m.get("renewed_at"),
+             "yes" if m["cluster"] in in_run else ("no" if not federation_url else "-")] for m in members]
+    emit(output, {"members": [dict(m) for m in members]},
+         [("Members", ["cluster", "lease", "network", "locality", "gateway", "renewed at", "started by this run"],
+           rows)])
+
+
+@federation.command("remove")
+@click.argument("cluster")
+@_target
+@click.option("--ca", "ca_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="the cluster's CA directory (its intermediate): the removal is made as that cluster. Default for "
+                   "a local run: <run-dir>/ca/CLUSTER if it exists")
+@output_option
+def remove_cmd(cluster: str, run_dir: Path, federation_url: str | None, ca_dir: Path | None, output: str) -> None:
+    """Remove CLUSTER from the federation: its member record and every export it published.
+
+    Only a cluster can remove itself (the federation checks the caller's certificate), so this needs the cluster's
+    CA directory; a fresh client certificate for spiffe://TD/meshfed/cluster/CLUSTER is made from it."""
+    from discovery.model import ClusterId, DiscoveryError, cluster_id
+    from federation.client import ClientError, FederationClient, NotRegistered, cluster_credentials
+
+    try:
+        cid = cluster_id(cluster)
+    except DiscoveryError as exc:
+        raise click.BadParameter(str(exc), param_hint="CLUSTER") from exc
+    url = federation_url or _run_federation(run_dir)[0]
+    if ca_dir is None:
+        guess = run_dir / "ca" / cluster
+        if federation_url or not guess.is_dir():
+            fail(f"--ca is needed: the CA directory of cluster {cluster} (only a cluster can remove itself)",
+                 hint=f"e.g. meshfed federation remove {cluster} --ca ca/{cluster}")
+            return
+        ca_dir = guess
+    try:
+        ctx, bundle = cluster_credentials(ca_dir, ClusterId(cid))
+    except (TrustError, OSError) as exc:
+        fail(f"{ca_dir}: cannot make {cluster}'s client certificate: {exc}")
+        return
+
+    async def remove() -> int:
+        async with FederationClient(url, ssl_context=ctx, cluster=ClusterId(cid), bundle=bundle,
+                                    request_timeout_s=10.0) as client:
+            return await client.deregister()
+
+    try:
+        revision = asyncio.run(remove())
+    except NotRegistered:
+        fail(f"{cluster} is not a member of the federation at {url}",
+             hint="'meshfed federation members' lists the members")
+        return
+    except ClientError as exc:
+        fail(f"removing {cluster} from {url} failed: {exc}")
+        return
+    if output == "json":
+        print_json({"removed": cluster, "federation": url, "revision": revision})
+    else:
+        console().print(f"removed {cluster} from the federation at {url} (its exports are withdrawn; revision "
+                        f"{revision}). A control plane of {cluster} still running registers it again: stop it first.")

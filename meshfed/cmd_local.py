@@ -75,7 +75,7 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, lease_ttl: float | Non
         fail(str(exc), hint="fix the clusterset definition or its manifests and run 'meshfed up' again")
         return
     state["proof"] = proof
-    local.write_json(run_dir / local.STATE_FILE, state)
+    local.write_state(run_dir, state)
     answer = proof["answer"]
     progress(f"[green]ok[/]: {proof['from']} -> {proof['host']} answered by {answer.get('workload')} in cluster "
              f"{answer.get('cluster')}, caller seen as {answer.get('caller') or '(no identity)'}")
@@ -117,13 +117,24 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, lease_ttl: float | Non
 def down_cmd(run_dir: Path, output: str) -> None:
     """Stop every process a local run started (by pid, newest first)."""
     try:
-        local.read_state(run_dir)
+        before = local.read_state(run_dir)
     except local.LocalRunError as exc:
         fail(str(exc))
         return
     stopped = local.stop_run(run_dir)
+    was_running = [s for s in stopped if s["was_running"]]
     left = [s for s in stopped if not s["stopped"]]
-    emit(output, {"stopped": stopped}, [("Stopped", ["process", "pid", "stopped"],
-                                         [[s["name"], s["pid"], "yes" if s["stopped"] else "NO"] for s in stopped])])
+    if not was_running:
+        when = before.get("stopped_at")
+        since = f" (stopped at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))})" if when else ""
+        message = f"nothing is running in {run_dir}{since}; 'meshfed up' starts a new run"
+        if output == "json":
+            emit(output, {"stopped": [], "message": message}, [])
+        else:
+            console(stderr=True).print(message)
+        return
+    emit(output, {"stopped": was_running},
+         [("Stopped", ["process", "pid", "stopped"],
+           [[s["name"], s["pid"], "yes" if s["stopped"] else "NO"] for s in was_running])])
     if left:
         fail(f"{len(left)} processes did not stop: {', '.join(str(s['pid']) for s in left)}")

@@ -26,6 +26,8 @@ Errors (this module)::
 from __future__ import annotations
 
 import asyncio
+import difflib
+import http
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -79,6 +81,9 @@ class Evidence:
     # AuthorizationPolicies selecting the service, per exporting cluster (meshfed.authz_check), and why not read.
     policies: Mapping[str, ClusterPolicies] = field(default_factory=dict)
     policy_error: str = ""
+    # Clusters whose processes this run started (their gateways can be inspected); empty: every cluster in statuses.
+    # A member joined by hand (known from the federation's member list) is outside it.
+    run_clusters: Sequence[str] = ()
 
     @property
     def host(self) -> str:
@@ -100,6 +105,19 @@ class Evidence:
                 out.append(c)
         return out
 
+    def known_services(self) -> set[str]:
+        """Every Service name any answering control plane knows (its own, exported or not, and its imports)."""
+        names: set[str] = set()
+        for st in self.statuses.values():
+            for s in (st or {}).get("services", []):
+                names.add(str(s.get("service")))
+            for i in (st or {}).get("imports", []):
+                names.add(str(i.get("service")))
+        return names
+
+    def in_run(self, cluster: str) -> bool:
+        return not self.run_clusters or cluster in self.run_clusters
+
     def port(self) -> int | None:
         imp = self.caller_import()
         ports = (imp or {}).get("ports") or []
@@ -111,9 +129,20 @@ class Evidence:
 
 def hop_export(ev: Evidence) -> Hop:
     exporters = ev.exporters()
+    known = ev.known_services()
+    answering = sorted(c for c, st in ev.statuses.items() if st)
+    if not exporters and ev.service not in known and answering:
+        near = difflib.get_close_matches(ev.service, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]}? " if near else ""
+        return Hop(1, "export", FAIL, f"no Service {ev.service} exists in any cluster ({', '.join(answering)})",
+                   f"{hint}check the name and namespace (NAME.NAMESPACE); 'meshfed status' lists every service")
     if not exporters:
-        return Hop(1, "export", FAIL, f"no cluster exports {ev.service}",
-                   f"create a ServiceExport for {ev.service} in the cluster that runs it (meshfed export)")
+        runs = sorted(c for c, st in ev.statuses.items() if st and any(
+            s.get("service") == ev.service for s in st.get("services", [])))
+        return Hop(1, "export", FAIL, f"no cluster exports {ev.service}"
+                   + (f" (the Service exists in {', '.join(runs)})" if runs else ""),
+                   f"create a ServiceExport for {ev.service} in the cluster that runs it: meshfed export "
+                   f"{ev.service} --cluster {runs[0] if runs else 'CLUSTER'}")
     bad, notes = [], []
     for c in exporters:
         st = ev.statuses.get(c)
@@ -226,6 +255,11 @@ def hop_gateway(ev: Evidence) -> Hop:
     port = ev.port()
     sni = f"outbound_.{port}_._.{ev.host}" if port else ""
     missing, seen = [], []
+    outside = [c for c in remote if not ev.in_run(c)]
+    remote = [c for c in remote if ev.in_run(c)]
+    if outside and not remote:
+        return Hop(5, "gateway", SKIPPED, f"exported by {', '.join(outside)}, which this run did not start: its "
+                   "gateway's configuration cannot be read from here", "check that cluster's gateway by hand")
     for c in remote:
         cfg = ev.gateways.get(c)
         if cfg is None:
@@ -240,7 +274,8 @@ def hop_gateway(ev: Evidence) -> Hop:
         return Hop(5, "gateway", FAIL, "; ".join(missing),
                    "the exporting cluster's gateway lacks its config: check that gateway's xDS sync in "
                    "meshfed status and its Envoy log")
-    return Hop(5, "gateway", OK, f"SNI {sni} present on {', '.join(seen)}")
+    note = f" ({', '.join(outside)}: not in this run, not checked)" if outside else ""
+    return Hop(5, "gateway", OK, f"SNI {sni} present on {', '.join(seen)}{note}")
 
 
 def healthy_hosts(clusters_text: str, port: int | None, host: str) -> tuple[int, int]:
@@ -351,7 +386,7 @@ def hop_request(ev: Evidence) -> Hop:
                    "the sidecar's outbound listener is not answering; check the sidecar")
     status, body = ev.request
     if status != 200:
-        return Hop(9, "request", FAIL, f"HTTP {status} through {ev.client.get('outbound')}: {body[:200]}",
+        return Hop(9, "request", FAIL, f"HTTP {status} through {ev.client.get('outbound')}: {_why(status, body, ev)}",
                    "the earlier hops name the cause; 503 with no healthy upstream means no endpoint answered")
     try:
         answer = json.loads(body)
@@ -359,6 +394,20 @@ def hop_request(ev: Evidence) -> Hop:
     except ValueError:
         who = "answered (not the demo app)"
     return Hop(9, "request", OK, f"HTTP 200 via {ev.client.get('outbound')}: {who}")
+
+
+def _why(status: int, body: str, ev: Evidence) -> str:
+    """The answer's body, or (Envoy answers some errors with none) the status's meaning for this request."""
+    text = " ".join(body.split())[:200]
+    if text:
+        return text
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "unknown status"
+    if status == 404:
+        return f"{phrase}, empty body: the sidecar has no route for Host {ev.host} (see hop 4)"
+    return f"{phrase}, empty body"
 
 
 def evaluate(ev: Evidence) -> list[Hop]:
@@ -485,6 +534,21 @@ def collect(run_dir: Path, service: str, caller: str, *, request_timeout: float 
     service = parse_service(service)
     try:
         state = local.read_state(run_dir)
+    except local.LocalRunError as exc:
+        raise DiagnoseError(str(exc)) from exc
+    stopped = local.stopped_message(run_dir, state)
+    if stopped:
+        raise DiagnoseError(f"no run to diagnose: {stopped}")
+    if caller not in state.get("clusters", {}):
+        members = federation_members(state)
+        if caller in members:
+            raise DiagnoseError(
+                f"{caller} is a member of the federation that this run did not start (joined by hand): diagnose "
+                "needs its client sidecar and control plane, which only that cluster's operator has; diagnose from "
+                f"{' or '.join(state['clusters'])}, and see 'meshfed status' for {caller}'s lease")
+        known = sorted(set(state.get("clusters", {})) | set(members))
+        raise DiagnoseError(f"no cluster {caller!r} in this run or its federation (clusters: {', '.join(known)})")
+    try:
         client = local.client_of(state, caller)
     except local.LocalRunError as exc:
         raise DiagnoseError(str(exc)) from exc
@@ -510,4 +574,12 @@ def collect(run_dir: Path, service: str, caller: str, *, request_timeout: float 
     policies, policy_error = policy_evidence(state.get("clusterset", ""), service, partial.exporters())
     return Evidence(service=service, caller=caller, statuses=statuses, client=client,
                     chain_errors=chain_errors, disk_fingerprints=fingerprints, request=request,
-                    request_error=request_error, policies=policies, policy_error=policy_error, **gathered)
+                    request_error=request_error, policies=policies, policy_error=policy_error,
+                    run_clusters=tuple(state["clusters"]), **gathered)
+
+
+def federation_members(state: Mapping[str, Any]) -> list[str]:
+    """The cluster names the federation's member list holds (empty if it does not answer)."""
+    from meshfed.status import local_members
+
+    return [str(m["cluster"]) for m in local_members(state) or ()]

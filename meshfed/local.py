@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,8 +172,23 @@ def write_private(path: Path, text: str) -> None:
     write_atomic(path, text.encode(), mode=0o600)
 
 
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
+def write_json(path: Path, data: Any, *, private: bool = False) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True).encode()
+    write_atomic(path, text, mode=0o600 if private else 0o644)
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) and make it 0700: the run directory and everything under it that holds
+    tokens, keys or bootstraps is readable by the run's user only."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_state(run_dir: Path, state: Any) -> None:
+    """The run's ``state.json``: 0600 in a 0700 run directory (it holds every workload's xDS token)."""
+    private_dir(run_dir)
+    write_json(run_dir / STATE_FILE, state, private=True)
 
 
 # ---- waiting -----------------------------------------------------------------------------------------------------
@@ -242,15 +257,15 @@ class LocalRun:
         return rec
 
     def save(self) -> None:
-        write_json(self.run_dir / STATE_FILE, self.state)
+        write_state(self.run_dir, self.state)
 
     def start(self) -> dict[str, Any]:
         existing = read_state(self.run_dir, missing_ok=True)
-        if existing and any(procs.alive(p["pid"]) for p in existing.get("processes", [])):
+        if existing and running(existing):
             raise LocalRunError(f"a local run is already up in {self.run_dir}; stop it with 'meshfed down' first")
         cs = load_clusterset(self.clusterset_dir)
         plan = plan_workloads(cs)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.run_dir)
         self.state = {
             "clusterset": str(self.clusterset_dir.resolve()),
             "name": cs.name,
@@ -286,7 +301,7 @@ class LocalRun:
 
     def _ca(self, cs: ClusterSet) -> None:
         self.progress("certificate authority: root, federation CA, one intermediate per cluster")
-        ca = self.run_dir / "ca"
+        ca = private_dir(self.run_dir / "ca")
         td = TrustDomain.parse(str(cs.trust_domain))
         init_root(ca / "root", td)
         issue_intermediate(ca / "root", SpiffeId.federation(td), ca / "federation")
@@ -297,7 +312,7 @@ class LocalRun:
     def _federation(self, cs: ClusterSet) -> None:
         port = free_port()
         fed_dir = self.run_dir / "federation"
-        fed_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(fed_dir)
         lease = self.lease_ttl if self.lease_ttl is not None else cs.federation.lease_ttl
         store = f"sqlite:{(fed_dir / 'federation.db').resolve()}"
         argv = self.meshfed("federation", "serve", "--store", store, "--listen", f"127.0.0.1:{port}",
@@ -313,8 +328,7 @@ class LocalRun:
                    pids=[rec.pid], logs=[rec.log])
 
     def _controlplane(self, cs: ClusterSet, cluster: ClusterId, workloads: list[WorkloadPlan]) -> None:
-        cdir = self.run_dir / str(cluster)
-        cdir.mkdir(parents=True, exist_ok=True)
+        cdir = private_dir(self.run_dir / str(cluster))
         xds, dns, admin = free_port(), free_port(udp_too=True), free_port()
         xds_mtls = free_port()
         gateway, gateway_admin = free_port(), free_port()
@@ -383,8 +397,7 @@ class LocalRun:
                    timeout=self.ready_timeout, pids=[rec.pid], logs=[rec.log])
 
     def _envoy(self, cluster: str, name: str, proxy: ProxyInfo, *, admin: str, token: str) -> procs.ProcRecord:
-        cdir = self.run_dir / cluster / "envoy"
-        cdir.mkdir(parents=True, exist_ok=True)
+        cdir = private_dir(self.run_dir / cluster / "envoy")
         cp = self.state["clusters"][cluster]["controlplane"]
         xds_host, _, xds_port = cp["xds"].rpartition(":")
         boot = render_bootstrap(proxy, xds_host=xds_host, xds_port=int(xds_port),
@@ -437,6 +450,8 @@ class LocalRun:
         the control plane's certificate-authenticated ADS listener with that same certificate."""
         ca_dir = self.run_dir / "ca" / cluster
         gdir = self.run_dir / cluster / "grpc" / name
+        private_dir(gdir.parent)
+        private_dir(gdir)
         td = TrustDomain.parse(str(cs.trust_domain))
         # Written here, then kept current by the cluster's control plane (registered in its certfiles.json):
         # renewed before expiry and across root rotation; gRPC re-reads them every GRPC_CERT_REFRESH_S.
@@ -542,6 +557,16 @@ def read_state(run_dir: Path, *, missing_ok: bool = False) -> dict[str, Any]:
     return data
 
 
+def stopped_message(run_dir: Path, state: Mapping[str, Any]) -> str:
+    """What to tell someone asking about a run that 'meshfed down' stopped (nothing of it is running); "" for a run
+    that is up, or whose processes died by themselves (status then names each dead process and its log)."""
+    when = state.get("stopped_at")
+    if not when or running(state):
+        return ""
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(when)))
+    return f"the run in {run_dir} was stopped ('meshfed down' at {at}); nothing is running"
+
+
 def client_of(state: dict[str, Any], cluster: str) -> dict[str, Any]:
     """The client (``sleep``) workload of ``cluster`` in a run's state."""
     try:
@@ -598,24 +623,40 @@ def _remote_only_service(state: dict[str, Any], origin: str) -> str:
     raise LocalRunError("the clusterset runs no service to call")
 
 
+def is_running(rec: Mapping[str, Any]) -> bool:
+    """A process record of ``state.json`` still names a live process: same pid and same start time."""
+    start = rec.get("start_time")
+    return procs.is_running(int(rec["pid"]), None if start is None else int(start))
+
+
+def _start_of(state: Mapping[str, Any], pid: int) -> int | None:
+    rec = next((p for p in state.get("processes", []) if int(p["pid"]) == pid), None)
+    start = rec.get("start_time") if rec else None
+    return None if start is None else int(start)
+
+
 def stop_run(run_dir: Path, *, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Stop the run's processes by pid, newest first (all, or those whose name starts with one of ``names``)."""
+    """Stop the run's processes by pid, newest first (all, or those whose name starts with one of ``names``).
+
+    Each entry says ``was_running`` (the pid still belonged to the recorded process: same start time) and
+    ``stopped``; a process already gone, or whose pid now belongs to another process, is never signalled."""
     state = read_state(run_dir, missing_ok=True)
     wanted = list(names) if names is not None else None
     stopped: list[dict[str, Any]] = []
     for rec in reversed(state.get("processes", [])):
         if wanted is not None and not any(rec["name"].startswith(n) for n in wanted):
             continue
-        gone = procs.stop(int(rec["pid"]))
-        stopped.append({"name": rec["name"], "pid": rec["pid"], "stopped": gone})
-    if wanted is None and state:
+        was = is_running(rec)
+        gone = procs.stop(int(rec["pid"]), start=rec.get("start_time")) if was else True
+        stopped.append({"name": rec["name"], "pid": rec["pid"], "was_running": was, "stopped": gone})
+    if wanted is None and state and (any(s["was_running"] for s in stopped) or "stopped_at" not in state):
         state["stopped_at"] = time.time()
-        write_json(run_dir / STATE_FILE, state)
+        write_state(run_dir, state)
     return stopped
 
 
-def running(state: dict[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in state.get("processes", []) if procs.alive(int(p["pid"]))]
+def running(state: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [dict(p) for p in state.get("processes", []) if is_running(p)]
 
 
 def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
@@ -636,6 +677,7 @@ def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
     stopped = {}
     for key in ("sidecar_pid", "app_pid"):
         if entry.get(key):
-            stopped[key] = procs.stop(int(entry[key]))
+            pid = int(entry[key])
+            stopped[key] = procs.stop(pid, start=_start_of(state, pid))
     log.info("workload stopped cluster=%s name=%s", cluster, name)
     return {"cluster": cluster, "workload": name, **stopped}

@@ -12,7 +12,11 @@ Two halves, kept apart:
 
 Unhealthy means any of: a recorded process that is dead, a control plane that does not answer, a member whose lease
 lapsed (``unreachable_since``), a proxy that NACKed an xDS type, an export with ``Conflict=True`` or ``Valid=False``,
-a certificate with less than :data:`EXPIRY_FRACTION` of its lifetime left (or already expired).
+a problem a control plane reports with its manifests (a file that does not parse, a field out of range, a policy
+conflict), a certificate with less than :data:`EXPIRY_FRACTION` of its lifetime left (or already expired), a pair of
+clusters whose calls failed more than :data:`TRAFFIC_ERROR_RATE` of the time in the last window. A federation member
+the local run did not start (a cluster added by hand) is listed from the federation's member list and judged by its
+lease.
 
 Errors (this module)::
 
@@ -37,6 +41,7 @@ from federation.trust.errors import TrustError
 log = logging.getLogger("meshfed.status")
 
 EXPIRY_FRACTION = 0.10  # a certificate with less than this share of its lifetime left is "expiring"
+TRAFFIC_ERROR_RATE = 0.05  # a cluster pair whose calls failed more often than this in the last window is unhealthy
 
 TYPE_NAMES = {
     "type.googleapis.com/envoy.config.cluster.v3.Cluster": "CDS",
@@ -139,6 +144,46 @@ def export_problems(cluster: str, service: str, conds: Sequence[Mapping[str, Any
     return out
 
 
+def manifest_problems(cluster: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A control plane's manifest problems (``/status`` ``manifest_problems``), each naming file, document and
+    field as the control plane logged it."""
+    out = []
+    for p in rows:
+        where = ": ".join(x for x in (
+            str(p.get("file") or ""),
+            f"document {p['document']}" if p.get("document") else "",
+            str(p.get("field") or "")) if x)
+        sev = "" if p.get("severity", "error") == "error" else f" ({p.get('severity')})"
+        out.append(f"{cluster}: manifest{sev}: {where + ': ' if where else ''}{p.get('message')}")
+    return out
+
+
+def traffic_problems(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A cluster pair whose calls failed more than :data:`TRAFFIC_ERROR_RATE` of the time in the last window (the
+    window, not the totals since start: an outage that is over does not keep the run unhealthy)."""
+    out = []
+    for r in rows:
+        rate = r.get("window_error_rate")
+        if rate is not None and rate > TRAFFIC_ERROR_RATE:
+            out.append(f"traffic {r['source_cluster']} -> {r['destination_cluster']}: {100 * rate:.1f}% of calls "
+                       f"failed in the last {r.get('window_s', 0):g}s (5xx or no response; more than "
+                       f"{100 * TRAFFIC_ERROR_RATE:g}%); run 'meshfed diagnose SVC.NS --from {r['source_cluster']}'")
+    return out
+
+
+def _member_row(m: Mapping[str, Any], now: datetime, lease_ttl: Any) -> dict[str, Any]:
+    """A Clusters row for a member only the federation knows (its control plane is not part of this run)."""
+    renewed = _ts(m.get("renewed_at"))
+    return {
+        "cluster": m["cluster"], "connected": not m.get("unreachable_since"),
+        "unreachable_since": m.get("unreachable_since"),
+        "lease_age_s": round((now - renewed).total_seconds(), 1) if renewed else None,
+        "lease_ttl_s": m.get("lease_ttl_s", lease_ttl), "network": m.get("network"),
+        "locality": m.get("locality", ""), "exports": None, "imports": None, "gateway": m.get("gateway"),
+        "controlplane_up": None, "controlplane_answers": None, "in_run": False,
+    }
+
+
 def proxy_rows(cluster: str, proxies: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """One entry per proxy (node) with its per-type state; problems for every NACK."""
     by_node: dict[str, dict[str, Any]] = {}
@@ -217,6 +262,7 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
             "gateway": c["gateway"]["address"],
             "controlplane_up": cp_up,
             "controlplane_answers": st is not None,
+            "in_run": True,
         })
         if member is None:
             problems.append(f"{name}: not a member of the federation (never registered, or removed)")
@@ -227,6 +273,17 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
         if fed.get("heartbeat_error"):
             problems.append(f"{name}: heartbeats to the federation failing since {fed.get('heartbeat_failing_since')}"
                             f": {fed['heartbeat_error']}")
+
+    for name, m in sorted(members.items()):
+        if name in clusters_state:
+            continue
+        clusters.append(_member_row(m, now, lease_ttl))  # joined by hand: known only from the federation
+        if m.get("unreachable_since"):
+            problems.append(f"{name}: unreachable since {m['unreachable_since']} (lease expired; its exports are "
+                            "withdrawn); not started by this run: remove it with 'meshfed federation remove "
+                            f"{name}' if it left for good")
+    for name, st in statuses.items():
+        problems.extend(manifest_problems(name, (st or {}).get("manifest_problems", [])))
 
     services = _services(statuses, problems)
     proxies: list[dict[str, Any]] = []
@@ -241,6 +298,7 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
 
     trust = _trust_local(inp, problems)
     trust["rotation"] = _rotation_local(inp)
+    problems.extend(traffic_problems(inp.traffic))
     report = {
         "kind": "local",
         "run_dir": state.get("run_dir"),
@@ -447,9 +505,9 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
     for c in report["clusters"]:
         conn = "connected" if c["connected"] else (f"UNREACHABLE since {c['unreachable_since']}"
                                                    if c["unreachable_since"] else "NOT CONNECTED")
+        cp_up = _yes(c["controlplane_up"]) if c.get("in_run", True) else "- (not in this run)"
         rows.append([c["cluster"], conn, "" if c["lease_age_s"] is None else f"{c['lease_age_s']}s",
-                     c["network"], c["locality"], _dash(c["exports"]), _dash(c["imports"]), c["gateway"],
-                     _yes(c["controlplane_up"])])
+                     c["network"], c["locality"], _dash(c["exports"]), _dash(c["imports"]), c["gateway"], cp_up])
     out.append(("Clusters", ["cluster", "federation", "last lease change", "network", "locality", "exports", "imports",
                              "gateway", "control plane up"], rows))
     rows = []
@@ -496,10 +554,11 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
         out.append((f"Addresses (federation {addr['federation']})",
                     ["cluster", "xds", "dns", "admin (/status)", "gateway", "gateway admin"], rows))
         rows = [[w["cluster"], w["workload"], w["service"] or "(client)", w["sidecar_outbound"], w["sidecar_admin"],
-                 ", ".join(n.replace(".svc.clusterset.local", "").replace(".svc.cluster.local", " (local only)")
+                 ", ".join(n.replace(".svc.clusterset.local", "").replace(".svc.cluster.local", " (local)")
                            for n in w["can_call"])] for w in addr["workloads"]]
         out.append(("Workloads", ["cluster", "workload", "service", "sidecar outbound", "sidecar admin",
-                                  "can call (<name>.svc.clusterset.local)"], rows))
+                                  "can call (NAME.NS: NAME.NS.svc.clusterset.local; (local): "
+                                  "NAME.NS.svc.cluster.local only)"], rows))
     if report["problems"]:
         out.append(("Problems", ["#", "problem"], [[i + 1, p] for i, p in enumerate(report["problems"])]))
     return out
@@ -527,13 +586,16 @@ def fetch_json(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
 def collect_local(run_dir: Path) -> LocalInputs:
     """Read a local run: state.json, which pids live, each control plane's /status, the root's rotation state."""
     from federation.trust.store import inspect_dir
-    from meshfed import local, procs
+    from meshfed import local
 
     try:
         state = local.read_state(run_dir)
     except local.LocalRunError as exc:
         raise StatusError(str(exc)) from exc
-    alive = {int(p["pid"]): procs.alive(int(p["pid"])) for p in state.get("processes", [])}
+    stopped = local.stopped_message(run_dir, state)
+    if stopped:
+        raise StatusError(stopped)
+    alive = {int(p["pid"]): local.is_running(p) for p in state.get("processes", [])}
     statuses: dict[str, Mapping[str, Any] | None] = {}
     errors: dict[str, str] = {}
     for name, c in state.get("clusters", {}).items():
@@ -549,14 +611,9 @@ def collect_local(run_dir: Path) -> LocalInputs:
             root = inspect_dir(Path(root_dir))
         except (TrustError, OSError) as exc:
             root_error = f"cannot read the root directory {root_dir}: {exc}"
-    members = None
+    members = local_members(state) if alive.get(int(state.get("federation", {}).get("pid", 0)), False) else None
     fed_url = state.get("federation", {}).get("url")
     first = next(iter(state.get("clusters", {}).items()), None)
-    if fed_url and first is not None and alive.get(int(state["federation"]["pid"]), False):
-        try:
-            members = list(asyncio.run(_local_catalog(fed_url, Path(first[1]["ca"]), first[0])).members)
-        except (StatusError, TrustError, OSError) as exc:
-            log.info("federation catalog unavailable, using the control planes' view: %s", exc)
     fed_trust, fed_trust_error = None, ""
     if root is not None and root.get("phase") not in (None, "stable") and fed_url and first is not None:
         from federation.client import ClientError
@@ -571,6 +628,20 @@ def collect_local(run_dir: Path) -> LocalInputs:
     return LocalInputs(state=state, alive=alive, controlplanes=statuses, errors=errors, root=root,
                        root_error=root_error, members=members, traffic=traffic.collect(state),
                        federation_trust=fed_trust, federation_trust_error=fed_trust_error)
+
+
+def local_members(state: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
+    """The federation's member list of a local run (asked with one of the run's cluster identities); None when the
+    federation does not answer."""
+    fed_url = state.get("federation", {}).get("url")
+    first = next(iter(state.get("clusters", {}).items()), None)
+    if not fed_url or first is None:
+        return None
+    try:
+        return list(asyncio.run(_local_catalog(fed_url, Path(first[1]["ca"]), first[0])).members)
+    except (StatusError, TrustError, OSError) as exc:
+        log.info("federation catalog unavailable, using the control planes' view: %s", exc)
+        return None
 
 
 async def _local_catalog(url: str, ca_dir: Path, cluster: str) -> RemoteInputs:

@@ -183,7 +183,7 @@ def test_foreign_intermediate_is_named_by_diagnose(run: Path, tmp_path: Path) ->
     old = next(p for p in state["processes"] if p["name"] == "west/controlplane")
     rec = procs.start("west/controlplane", old["argv"], log_path=Path(old["log"]))
     state["processes"].append({"name": rec.name, "pid": rec.pid, "argv": list(rec.argv), "log": rec.log})
-    local.write_json(run / local.STATE_FILE, state)
+    local.write_state(run, state)
 
     done = meshfed("diagnose", "reviews.default", "--from", "east", "--run-dir", str(run), "-o", "json")
     result = json.loads(done.stdout)

@@ -192,3 +192,16 @@ def test_unknown_context_is_a_clear_error(kube: tuple[KubeApiDouble, Path]) -> N
     _, kubeconfig = kube
     res = run("export", "details", "--context", "nope", "--kubeconfig", str(kubeconfig))
     assert res.exit_code == 1 and "cannot use kubeconfig context 'nope'" in res.stderr
+
+
+def test_export_accepts_svc_ns_as_diagnose_and_the_docs_write_it(demo: Path) -> None:
+    """Issue 18 walk item 1: 'meshfed export details.default --cluster east' as docs/troubleshooting.md has it."""
+    res = run("export", "details.default", "--cluster", "east", "--clusterset", str(demo))
+    assert res.exit_code == 0, res.output
+    assert "exported details.default from cluster east" in res.stdout
+    assert (demo / "east" / "serviceexport-details-default.yaml").exists()
+    res = run("unexport", "details.default.svc.clusterset.local", "--cluster", "east", "--clusterset", str(demo))
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["export", "details.default", "-n", "other", "--cluster", "east",
+                                   "--clusterset", str(demo)])
+    assert res.exit_code != 0 and "names namespace 'default' but -n says 'other'" in res.output

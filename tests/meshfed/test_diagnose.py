@@ -201,3 +201,44 @@ def test_cli_unknown_run_exits_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["diagnose", "ratings.default", "--from", "east", "--run-dir",
                                       str(tmp_path / "none")])
     assert result.exit_code == 2 and "meshfed up" in result.output
+
+
+def test_a_service_no_cluster_has_is_named_with_the_nearest_name() -> None:
+    """Issue 18 walk item 4: a typo is not told to create a ServiceExport."""
+    ev = evidence(service="rating.default", request=(404, ""))
+    hop = evaluate(ev)[0]
+    assert hop.status == FAIL and "no Service rating.default exists in any cluster (east, west)" in hop.detail
+    assert "did you mean ratings.default?" in hop.next_step
+
+
+def test_an_unexported_service_is_told_how_to_export_it() -> None:
+    east = status("east")
+    east["services"] = [{"service": "details.default", "exported": False, "conditions": []}]
+    hop = evaluate(evidence(service="details.default", statuses={"east": east, "west": status("west")}))[0]
+    assert hop.status == FAIL and "the Service exists in east" in hop.detail
+    assert "meshfed export details.default --cluster east" in hop.next_step
+
+
+def test_request_hop_says_why_when_envoy_answers_with_no_body() -> None:
+    """Issue 18 walk item 4: 'HTTP 404 through ADDR:' had nothing after the colon."""
+    hop = evaluate(evidence(request=(404, "")))[8]
+    assert hop.status == FAIL
+    assert hop.detail == (f"HTTP 404 through 127.0.0.1:5000: Not Found, empty body: the sidecar has no route for "
+                          f"Host {HOST} (see hop 4)")
+    assert evaluate(evidence(request=(503, "")))[8].detail.endswith(": Service Unavailable, empty body")
+
+
+def test_an_exporter_outside_the_run_is_not_reported_as_a_broken_gateway() -> None:
+    east = status("east")
+    east["imports"][0]["clusters"] = ["north"]
+    hop = evaluate(evidence(statuses={"east": east, "west": status("west")}, gateways={},
+                            run_clusters=("east", "west")))[4]
+    assert hop.status == SKIPPED and "north, which this run did not start" in hop.detail
+
+
+def test_cli_after_down_says_there_is_no_run(tmp_path: Path) -> None:
+    from tests.meshfed.test_down import stopped_run
+
+    result = CliRunner().invoke(cli, ["diagnose", "ratings.default", "--from", "east", "--run-dir",
+                                      str(stopped_run(tmp_path))])
+    assert result.exit_code == 2 and "no run to diagnose" in result.output and "was stopped" in result.output

@@ -317,3 +317,77 @@ def test_reissue_waits_until_everything_trusts_the_next_root() -> None:
     behind["proxies"][0]["bundle_roots"] = [old, new]
     conv = evaluate(added, SystemReports(controlplanes={"east": behind}, federation=fed))
     assert conv.done and conv.summary == ("1 of 1 proxies trust the new root", "federation trusts the new root")
+
+
+def test_manifest_problems_of_a_control_plane_are_shown_and_unhealthy() -> None:
+    """Issue 10 item 5: a malformed YAML, a port out of range and an unknown policy field each reach the report."""
+    east = cp_status("east")
+    east["manifest_problems"] = [
+        {"file": "clusters/demo/east/bad.yaml", "document": 0, "field": "", "message": "not valid YAML: mapping",
+         "severity": "error"},
+        {"file": "clusters/demo/east/reviews.yaml", "document": 2, "field": "spec.ports[0].port",
+         "message": "must be an integer port 1..65535, got 70000", "severity": "error"},
+        {"file": "clusters/demo/east/authz.yaml", "document": 1, "field": "spec.rulez",
+         "message": "unknown field", "severity": "error"},
+        {"file": "", "document": 0, "field": "", "message": "route to undefined subset v9", "severity": "warning"},
+    ]
+    report = evaluate_local(inputs(controlplanes={"east": east, "west": cp_status("west")}))
+    assert report["healthy"] is False
+    mine = [p for p in report["problems"] if p.startswith("east: manifest")]
+    assert len(mine) == 4
+    assert "reviews.yaml: document 2: spec.ports[0].port: must be an integer port 1..65535, got 70000" in mine[1]
+    assert "spec.rulez: unknown field" in mine[2] and "(warning)" in mine[3]
+    problems = next(r for t, _, r in sections(report) if t == "Problems")
+    assert len(problems) == 4
+
+
+def test_a_member_the_run_did_not_start_is_listed_and_judged_by_its_lease() -> None:
+    """Issue 18 walk item 3: a cluster added by hand shows up; once its lease lapses the run is unhealthy."""
+    members = [{"cluster": c, "unreachable_since": None, "renewed_at": iso(timedelta(0)), "network": f"net-{c}",
+                "gateway": "127.0.0.1:1"} for c in ("east", "west", "north")]
+    report = evaluate_local(inputs(members=members))
+    assert report["healthy"] is True, report["problems"]
+    north = next(c for c in report["clusters"] if c["cluster"] == "north")
+    assert north["connected"] and north["in_run"] is False and north["network"] == "net-north"
+    row = next(r for t, _, rows in sections(report) if t == "Clusters" for r in rows if r[0] == "north")
+    assert row[-1] == "- (not in this run)"
+    members[2]["unreachable_since"] = iso(-timedelta(seconds=3))
+    report = evaluate_local(inputs(members=members))
+    assert report["healthy"] is False
+    assert any(p.startswith("north: unreachable since") and "meshfed federation remove north" in p
+               for p in report["problems"])
+
+
+def test_a_traffic_pair_failing_in_the_window_is_unhealthy() -> None:
+    """Issue 18 walk item 5: 14 % errors leave the exit code non-zero; an old outage (totals only) does not."""
+    row = {"source_cluster": "east", "destination_cluster": "west", "requests": 100, "errors": 14,
+           "error_rate": 0.14, "rps": 7.0, "window_error_rate": 0.14, "window_s": 1.0}
+    report = evaluate_local(inputs(traffic=[row]))
+    assert report["healthy"] is False
+    assert any(p.startswith("traffic east -> west: 14.0% of calls failed") for p in report["problems"])
+    calm = {**row, "window_error_rate": 0.0}
+    assert evaluate_local(inputs(traffic=[calm]))["healthy"] is True
+    idle = {**row, "window_error_rate": None, "rps": 0.0}
+    assert evaluate_local(inputs(traffic=[idle]))["healthy"] is True
+
+
+def test_the_workloads_header_names_both_kinds_of_names() -> None:
+    """Issue 18 walk item 5: the header promised clusterset.local names but listed cluster.local ones."""
+    east = cp_status("east")
+    east["services"].append({"service": "details.default", "type": "ClusterSetIP", "exported": False, "ready": 1,
+                             "conditions": []})
+    report = evaluate_local(inputs(controlplanes={"east": east, "west": cp_status("west")}))
+    _, columns, rows = next(s for s in sections(report) if s[0] == "Workloads")
+    sleep = next(r for r in rows if r[1] == "sleep-east")
+    assert "details.default (local)" in sleep[5] and "ratings.default" in sleep[5]
+    assert "svc.clusterset.local" in columns[5] and "(local): NAME.NS.svc.cluster.local" in columns[5]
+
+
+def test_cli_after_down_says_the_run_was_stopped(tmp_path: Path) -> None:
+    """Issue 18 walk item 5: after 'meshfed down' status says so (exit 2), not a list of dead processes."""
+    from tests.meshfed.test_down import stopped_run
+
+    run_dir = stopped_run(tmp_path)
+    result = CliRunner().invoke(cli, ["status", "--run-dir", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert "was stopped ('meshfed down' at" in result.output and "problem" not in result.output

@@ -1,0 +1,80 @@
+"""``meshfed down`` and the process records it reads: a recorded pid is signalled only while it still belongs to
+the recorded process (same start time), and a run that is already stopped says so instead of stopping it again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from meshfed import local, procs
+from meshfed.cli import cli
+
+
+def _exited_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def stopped_run(tmp_path: Path) -> Path:
+    """A run directory whose processes have all exited and that 'meshfed down' stopped."""
+    run_dir = tmp_path / "run"
+    pid = _exited_pid()
+    state = {"run_dir": str(run_dir), "clusters": {}, "federation": {"pid": pid, "url": "https://127.0.0.1:1"},
+             "processes": [{"name": "federation", "pid": pid, "argv": ["x"], "log": "f.log", "start_time": 1}],
+             "stopped_at": time.time()}
+    local.write_state(run_dir, state)
+    return run_dir
+
+
+def test_start_records_the_start_time_and_a_reused_pid_is_not_signalled(tmp_path: Path) -> None:
+    rec = procs.start("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], log_path=tmp_path / "s.log")
+    try:
+        assert rec.start_time is not None and rec.start_time == procs.start_time(rec.pid)
+        assert procs.is_running(rec.pid, rec.start_time)
+        # the same pid with another start time is another process: never signalled, counts as gone
+        assert procs.is_running(rec.pid, rec.start_time + 1) is False
+        assert procs.stop(rec.pid, start=rec.start_time + 1) is True
+        assert procs.alive(rec.pid), "a process whose start time differs from the record was signalled"
+        assert procs.stop(rec.pid, start=rec.start_time) is True
+        assert not procs.alive(rec.pid)
+    finally:
+        procs.kill9(rec.pid)
+
+
+def test_down_does_not_signal_a_pid_that_now_belongs_to_another_process(tmp_path: Path) -> None:
+    """The recorded pid is alive but started at another time (pid reuse): down leaves it alone."""
+    other = procs.start("other", [sys.executable, "-c", "import time; time.sleep(60)"], log_path=tmp_path / "o.log")
+    try:
+        run_dir = tmp_path / "run"
+        assert other.start_time is not None
+        local.write_state(run_dir, {"clusters": {}, "processes": [
+            {"name": "federation", "pid": other.pid, "argv": ["x"], "log": "f.log",
+             "start_time": other.start_time - 5}]})
+        result = CliRunner().invoke(cli, ["down", "--run-dir", str(run_dir)])
+        assert result.exit_code == 0, result.output
+        assert procs.alive(other.pid)
+        assert "nothing is running" in result.output
+    finally:
+        procs.stop(other.pid)
+
+
+def test_a_second_down_says_nothing_is_running(tmp_path: Path) -> None:
+    run_dir = stopped_run(tmp_path)
+    result = CliRunner().invoke(cli, ["down", "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "nothing is running in" in result.output and "stopped at" in result.output
+    assert "federation" not in result.output  # no table re-listing the old pids as stopped
+    result = CliRunner().invoke(cli, ["down", "--run-dir", str(run_dir), "-o", "json"])
+    assert json.loads(result.stdout)["stopped"] == []
+
+
+def test_state_and_run_dir_are_private(tmp_path: Path) -> None:
+    run_dir = stopped_run(tmp_path)
+    assert (run_dir.stat().st_mode & 0o777) == 0o700
+    assert ((run_dir / local.STATE_FILE).stat().st_mode & 0o777) == 0o600
