@@ -74,9 +74,11 @@ CERT_CHAIN = "cert-chain.pem"
 
 def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
     """Write ``data`` atomically and durably; 0600 when ``private`` (the temporary file is created 0600 from the
-    start)."""
+    start), and then its directory is made 0700 too (a key lives only where others cannot enter)."""
     try:
         write_atomic(path, data, mode=0o600 if private else 0o644, durable=True)
+        if private:
+            os.chmod(path.parent, 0o700)
     except OSError as exc:
         raise CAStoreError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
@@ -207,6 +209,7 @@ def _save_state(rd: RootDir, state: RootState) -> None:
 
 def write_cluster_dir(out: Path, ca: IntermediateCA, bundle: TrustBundle) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)  # it holds the intermediate's key (0600 too), like the root directory
     write_file(out / CA_KEY, _key_pem(ca), private=True)
     write_file(out / CA_CERT, ca.cert_pem)
     write_file(out / CERT_CHAIN, ca.chain_pem)
