@@ -113,6 +113,14 @@ def export_set(info: ClusterInfo, services: Iterable[Service], exports: Iterable
     return ExportSet(cluster=info.id, generation=generation, services=tuple(out))
 
 
+def _build_export_set(info: ClusterInfo, raw: tuple[list[Service], list[ServiceExport], int],
+                      acked: ExportSet | None) -> tuple[ExportSet, bool]:
+    """(the export set of a queued snapshot, whether its services equal ``acked``'s): on the worker thread."""
+    services, exports, generation = raw
+    new = export_set(info, services, exports, generation=generation)
+    return new, acked is not None and new.services == acked.services
+
+
 def apply_catalog(registry: Registry, catalog: cat.Catalog) -> Registry:
     """``registry`` with the federated view: each remote cluster's shard of ``RemoteEndpoints`` (``with_remote``;
     pod addresses are present when that cluster is on our network), every member's ``ClusterInfo`` and the merged
@@ -231,6 +239,8 @@ class FederationAgent:
         self._lease_ttl = 10.0
         self._generation = 0
         self._pending: ExportSet | None = None
+        # A large snapshot queued by publish(), built into ``_pending`` by the publish loop off the event loop.
+        self._pending_raw: tuple[list[Service], list[ServiceExport], int] | None = None
         self._acked: ExportSet | None = None
         self._acked_revision = 0
         self._publish_wake = asyncio.Event()
@@ -293,9 +303,16 @@ class FederationAgent:
     # ---- publishing -----------------------------------------------------------------------------------------------
 
     def publish(self, services: Iterable[Service], exports: Iterable[ServiceExport]) -> int:
-        """Queue the local snapshot for publishing; returns its generation (see ``wait_published``)."""
+        """Queue the local snapshot for publishing; returns its generation (see ``wait_published``). A snapshot of
+        ``offload.LARGE`` services or more is turned into its export set on the worker thread, not here."""
         generation = max(self._generation + 1, time.time_ns() // 1000)
         self._generation = generation
+        services, exports = list(services), list(exports)
+        if len(services) >= offload.LARGE:
+            self._pending_raw = (services, exports, generation)
+            self._publish_wake.set()
+            return generation
+        self._pending_raw = None
         new = export_set(self.info, services, exports, generation=generation)
         if self._acked is not None and self._pending is None and new.services == self._acked.services:
             return self._acked.generation  # nothing changed since the last acknowledged publish
@@ -307,6 +324,7 @@ class FederationAgent:
         """Queue an already built export set (its generation is raised if not above the last one)."""
         generation = max(exports.generation, self._generation + 1)
         self._generation = generation
+        self._pending_raw = None
         self._pending = replace(exports, generation=generation)
         self._publish_wake.set()
         return generation
@@ -326,9 +344,24 @@ class FederationAgent:
         while True:
             await self._publish_wake.wait()
             await self.registered.wait()
+            raw = self._pending_raw
+            if raw is not None:
+                acked = self._acked if self._pending is None else None
+                new, same = await offload.run(_build_export_set, self.info, raw, acked, items=len(raw[0]))
+                if self._pending_raw is not raw:
+                    continue  # a newer snapshot (or set) came meanwhile
+                self._pending_raw = None
+                if same and acked is not None and self._acked is acked:
+                    # Nothing changed since the last acknowledged publish: that acknowledgement covers this one.
+                    async with self._acked_cond:
+                        self._acked = replace(acked, generation=new.generation)
+                        self._acked_cond.notify_all()
+                    continue
+                self._pending = new
             pending = self._pending
             if pending is None:
-                self._publish_wake.clear()
+                if self._pending_raw is None:
+                    self._publish_wake.clear()
                 continue
             try:
                 revision = await self.client.publish(pending)
@@ -348,7 +381,8 @@ class FederationAgent:
                           pending.generation, exc, exc.field)
                 if self._pending is pending:
                     self._pending = None
-                    self._publish_wake.clear()
+                    if self._pending_raw is None:
+                        self._publish_wake.clear()
                 continue
             except (Unreachable, FederationError, ValueError, KeyError, TypeError) as exc:
                 log.warning("publish failed cluster=%s generation=%d error=%s retry_in=%.2fs", self.info.id,
@@ -364,7 +398,8 @@ class FederationAgent:
                 self._acked_cond.notify_all()
             if self._pending is pending:
                 self._pending = None
-                self._publish_wake.clear()
+                if self._pending_raw is None:
+                    self._publish_wake.clear()
 
     # ---- lease ----------------------------------------------------------------------------------------------------
 
@@ -372,7 +407,7 @@ class FederationAgent:
         """(On the agent's loop.) The service registered us."""
         self._lease_ttl = member.lease_ttl_s
         log.info("registered cluster=%s lease_ttl=%.1fs", self.info.id, self._lease_ttl)
-        if self._acked is not None and self._pending is None:
+        if self._acked is not None and self._pending is None and self._pending_raw is None:
             # A removed member lost its exports: publish what we last had again, under a new generation.
             self.publish_set(self._acked)
         self.registered.set()

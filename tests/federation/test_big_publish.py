@@ -158,3 +158,31 @@ async def _run(pki: Pki, url: str, fast: AgentConfig, tmp_path: Path) -> None:
         assert {a.info.id: a.heartbeat_failures for a in (east, west)} == failures
         snap = await store.snapshot()
         assert all(m.unreachable_since is None for m in snap.members), snap.members
+
+
+async def test_a_large_snapshot_is_built_off_the_loop_and_an_unchanged_one_is_not_sent_again(
+        tmp_path: Path) -> None:
+    from federation import offload
+    from federation.service import ServiceConfig
+    from tests.federation.fedkit import in_process
+
+    pki = Pki.create()
+    names = [f"s{i}" for i in range(offload.LARGE)]
+    async with SqliteStore(tmp_path / "fed.db") as store, \
+            in_process(pki, store, config=ServiceConfig(lease_ttl_s=10.0)) as (url, _app), \
+            agent(pki, "east", url) as east:
+        async with asyncio.timeout(60):
+            await east.registered.wait()
+            first = east.publish(*snapshot("east", names))
+            await east.wait_published(first)
+            (stored,) = (await store.snapshot()).exports
+            assert stored.generation == first and len(stored.services) == offload.LARGE
+            again = east.publish(*snapshot("east", names))  # the same services: acknowledged, not sent
+            await east.wait_published(again)
+            assert (await store.snapshot()).exports[0].generation == first
+            # Two snapshots in a row: only the newest counts.
+            east.publish(*snapshot("east", names[:-1]))
+            last = east.publish(*snapshot("east", names[1:]))
+            await east.wait_published(last)
+            (stored,) = (await store.snapshot()).exports
+            assert stored.generation == last and stored.services[0].key.name == names[1]
