@@ -1,4 +1,5 @@
-"""Federation test fixtures: a real etcd process on free loopback ports.
+"""Federation test fixtures: a real etcd process on free loopback ports; a PKI per module (``pki``); the memory and
+SQLite stores in turn (``store``).
 
 ``etcd`` (function scope) yields an :class:`EtcdServer`: ``client_url`` (``http://127.0.0.1:PORT``),
 ``store_url`` (``etcd://127.0.0.1:PORT``, what ``open_store`` and ``--store`` take), ``host``/``port``, and
@@ -8,12 +9,29 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from federation.store.memory import MemoryStore
+from federation.store.sqlite import SqliteStore
+from tests.federation.fedkit import Pki
 from tests.support.procs import Proc, etcd_binary, free_port, port_open, wait_for
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return Pki.create()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    s: Any = MemoryStore(reap_interval_s=0.2) if request.param == "memory" else \
+        SqliteStore(str(tmp_path / "fed.db"), reap_interval_s=0.2)
+    yield s
+    await s.close()
 
 
 class EtcdServer:

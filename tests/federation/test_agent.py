@@ -31,11 +31,6 @@ from tests.federation.fedkit import (
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.create()
-
-
 async def test_two_agents_propagate_both_ways_into_registry(pki: Pki, tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "fed.db"))
     try:

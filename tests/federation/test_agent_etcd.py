@@ -19,11 +19,6 @@ from tests.federation.fedkit import Pki, ServiceProcess, agent, eventually, has,
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.create()
-
-
 @pytest.fixture
 def replicas(pki: Pki, tmp_path: Path, etcd: Any) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     a = ServiceProcess(pki, tmp_path, etcd.store_url, lease_ttl=2.0, name="replica-a")

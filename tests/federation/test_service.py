@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,25 +17,10 @@ from federation.agent import export_set
 from federation.client import BadRequest, Gone, NotRegistered, Refused, Unreachable
 from federation.records import StaleGeneration
 from federation.service import ServiceConfig, metrics_of, state_of
-from federation.store.memory import MemoryStore
-from federation.store.sqlite import SqliteStore
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from tests.federation.fedkit import TD, Pki, eventually, in_process, info, key, snapshot
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.create()
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    s: Any = MemoryStore(reap_interval_s=0.2) if request.param == "memory" else \
-        SqliteStore(str(tmp_path / "fed.db"), reap_interval_s=0.2)
-    yield s
-    await s.close()
 
 
 async def _raw(url: str, ctx: ssl.SSLContext, method: str, path: str, body: Any = None) -> tuple[int, Any]:

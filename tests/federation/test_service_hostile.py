@@ -20,11 +20,6 @@ from tests.federation.fedkit import Pki, in_process, info, snapshot
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.create()
-
-
 async def _send(url: str, ctx: ssl.SSLContext, path: str, data: bytes, *, method: str = "PUT") -> tuple[int, Any]:
     async with aiohttp.ClientSession() as http, http.request(
         method, url + path, data=data, headers={"Content-Type": "application/json"}, ssl=ctx) as resp:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,24 +15,9 @@ from discovery.model import ClusterId
 from federation import wire
 from federation.agent import AgentConfig
 from federation.service import ServiceConfig
-from federation.store.memory import MemoryStore
-from federation.store.sqlite import SqliteStore
 from tests.federation.fedkit import Pki, agent, eventually, in_process, info
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.create()
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    s: Any = MemoryStore(reap_interval_s=0.2) if request.param == "memory" else \
-        SqliteStore(str(tmp_path / "fed.db"), reap_interval_s=0.2)
-    yield s
-    await s.close()
 
 
 CONFIG = ServiceConfig(lease_ttl_s=30.0, bookmark_interval_s=0.3)
