@@ -177,3 +177,13 @@ def test_big_bodies_are_parsed_in_pieces_with_the_same_answers() -> None:
         with pytest.raises(wire.WireError) as caught:
             wire.loads(bad)
         assert caught.value.field == field
+
+
+async def test_hostile_watch_revisions_are_400_naming_it(pki: Pki, tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "fed.db") as store, in_process(pki, store) as (url, _app):
+        ctx = pki.client_ssl("east")
+        for raw in (HUGE, "-1", "1e3", "NaN", ""):
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/catalog/watch?revision={raw}",
+                                                                 ssl=ctx) as resp:
+                assert resp.status == 400, (raw, await resp.text())
+                assert (await resp.json())["field"] == "revision"
