@@ -1,6 +1,6 @@
 """One member's huge publish must not cost another member its lease (issue 10, item 2).
 
-``meshfed federation serve`` runs as its own process (SQLite store, 3 s leases); three agents with real mTLS
+``meshfed federation serve`` runs as its own process (SQLite store, then etcd; 3 s leases); three agents with real mTLS
 clients share this process and its event loop, as control planes on a small machine: east and west heartbeat every
 0.3 s while north publishes 20,000 services. Asserted: north's publish is acknowledged and reaches east and west;
 east and west never go unreachable (a watch on the store's own event log sees no lease expire, no export is
@@ -21,10 +21,14 @@ from pathlib import Path
 import pytest
 
 from discovery.model import ClusterId
+from federation import offload
 from federation.agent import AgentConfig, FederationAgent
 from federation.records import EventKind
+from federation.service import ServiceConfig
+from federation.store.etcd import EtcdStore
 from federation.store.sqlite import SqliteStore
-from tests.federation.fedkit import Pki, ServiceProcess, agent, eventually, info, snapshot
+from tests.federation.conftest import EtcdServer
+from tests.federation.fedkit import Pki, ServiceProcess, agent, eventually, in_process, info, snapshot
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -76,21 +80,29 @@ def _gone(a: FederationAgent, other: str) -> bool:
     return m is not None and m.unreachable_since is not None
 
 
-async def test_big_publish_costs_no_other_member_its_lease(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", "etcd"])
+async def test_big_publish_costs_no_other_member_its_lease(tmp_path: Path, kind: str,
+                                                           request: pytest.FixtureRequest) -> None:
     pki = Pki.create()
-    service = ServiceProcess(pki, tmp_path, f"sqlite:{tmp_path / 'fed.db'}", lease_ttl=3.0)
+    reader: SqliteStore | EtcdStore
+    if kind == "etcd":
+        etcd: EtcdServer = request.getfixturevalue("etcd")
+        url_of_store, reader = etcd.store_url, EtcdStore(endpoints=[etcd.endpoint])
+    else:
+        url_of_store, reader = f"sqlite:{tmp_path / 'fed.db'}", SqliteStore(tmp_path / "fed.db", reap_interval_s=0)
+    service = ServiceProcess(pki, tmp_path, url_of_store, lease_ttl=3.0)
     service.start()
     url = service.url
     fast = AgentConfig(heartbeat_interval_s=0.3, backoff_initial_s=0.05, backoff_max_s=0.3)
     try:
-        await _run(pki, url, fast, tmp_path)
+        await _run(pki, url, fast, reader, kind)
     finally:
         service.stop()
 
 
-async def _run(pki: Pki, url: str, fast: AgentConfig, tmp_path: Path) -> None:
-    # The test reads the service's SQLite file too (WAL: a second reader is fine); it never writes.
-    async with SqliteStore(tmp_path / "fed.db", reap_interval_s=0) as store, \
+async def _run(pki: Pki, url: str, fast: AgentConfig, reader: SqliteStore | EtcdStore, kind: str) -> None:
+    # The test reads the service's store too (SQLite in WAL mode has room for a second reader); it never writes.
+    async with reader as store, \
             agent(pki, "east", url, config=fast) as east, agent(pki, "west", url, config=fast) as west, \
             agent(pki, "north", url, config=fast) as north:
         for a in (east, west, north):
@@ -147,7 +159,8 @@ async def _run(pki: Pki, url: str, fast: AgentConfig, tmp_path: Path) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await guard
 
-        print(f"\n{SERVICES} services from north: acknowledged in {acked:.1f}s, at east and west in {seen:.1f}s; "
+        print(f"\n[{kind}] {SERVICES} services from north: acknowledged in {acked:.1f}s, at east and west in "
+              f"{seen:.1f}s; "
               f"event loop's longest stall {stalls.longest * 1000:.0f} ms; heartbeat round trip p50/max "
               f"idle {statistics.median(idle) * 1000:.1f}/{max(idle) * 1000:.1f} ms, during the publish "
               f"{statistics.median(busy) * 1000:.1f}/{max(busy) * 1000:.1f} ms "
@@ -162,10 +175,6 @@ async def _run(pki: Pki, url: str, fast: AgentConfig, tmp_path: Path) -> None:
 
 async def test_a_large_snapshot_is_built_off_the_loop_and_an_unchanged_one_is_not_sent_again(
         tmp_path: Path) -> None:
-    from federation import offload
-    from federation.service import ServiceConfig
-    from tests.federation.fedkit import in_process
-
     pki = Pki.create()
     names = [f"s{i}" for i in range(offload.LARGE)]
     async with SqliteStore(tmp_path / "fed.db") as store, \
