@@ -31,6 +31,7 @@ type, in the order clusters, endpoints, listeners, routes, secrets.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -56,6 +57,9 @@ DeltaDiscoveryRequest = discovery_pb2.DeltaDiscoveryRequest
 DeltaDiscoveryResponse = discovery_pb2.DeltaDiscoveryResponse
 
 _MAX_PENDING_NONCES = 32
+_BIG_RESPONSE = 256 << 10  # bytes of resources from which a response is built in the server's build slot
+_DELTA_CHUNK = 1 << 20  # bytes of resources per delta response (a bigger change is sent in several)
+_YIELD_EVERY = 2048  # names a stream checks between two yields to the event loop
 
 
 @dataclass
@@ -279,10 +283,20 @@ class _Stream(Generic[_TypeState]):
 
     async def send(self, type_url: str, nonce: str, size: int, build: Callable[[], Any]) -> None:
         """Reserve ``size`` bytes of the server's in-flight budget, then build and write one response. grpc queues
-        it at once, so a proxy that stops reading holds up only its own stream."""
+        it at once, so a proxy that stops reading holds up only its own stream.
+
+        A big response (a catalog change sends thousands of resources to every wildcard stream) is built while
+        holding the server's build slot, one per event-loop iteration: the streams a push woke all at once would
+        otherwise build theirs back to back in one iteration and stall the loop for their sum."""
         await self.server.inflight.reserve(nonce, size + 64)
         self.held.setdefault(type_url, []).append(nonce)
-        await self.context.write(build())
+        if size < _BIG_RESPONSE:
+            await self.context.write(build())
+            return
+        async with self.server.build_slot:
+            response = build()
+            await asyncio.sleep(0)  # the next big build waits for the next loop iteration
+        await self.context.write(response)
 
     def answered(self, type_url: str, nonce: str) -> None:
         """The proxy answered ``nonce``: it and every earlier response of that type are no longer in flight."""
@@ -439,7 +453,9 @@ class _DeltaStream(_Stream[_DeltaType]):
         if not st.dirty and seen is not None:
             # Fast path: after a full pass, everything in scope is known at its version, so only the names that
             # differ between the entries seen last time and now can need sending.
-            for name in touched(entries, seen):
+            for i, name in enumerate(touched(entries, seen)):
+                if i % _YIELD_EVERY == _YIELD_EVERY - 1:
+                    await asyncio.sleep(0)  # a catalog change touches thousands of names: let the loop breathe
                 entry = entries.get(name)
                 if entry is None:
                     if name in known:
@@ -470,14 +486,29 @@ class _DeltaStream(_Stream[_DeltaType]):
             known[entry.name] = entry.version
         for name in removed:
             known.pop(name, None)
-        nonce = self.nonce()
-        st.responded, st.last_nonce = True, nonce
-        st.nonces[nonce] = version
-        if len(st.nonces) > _MAX_PENDING_NONCES:
-            del st.nonces[next(iter(st.nonces))]
-        self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
-        await self.send(type_url, nonce, sum(e.size for e in changed),
-                        lambda: self._response(version, type_url, nonce, changed, removed))
+        # A big change goes out in several responses of at most _DELTA_CHUNK bytes of resources (each one its own
+        # nonce, ACKed on its own): the event loop builds and serialises one at a time.
+        chunks: list[tuple[list[Entry], list[str]]] = []
+        current: list[Entry] = []
+        size = 0
+        for entry in changed:
+            if current and size + entry.size > _DELTA_CHUNK:
+                chunks.append((current, []))
+                current, size = [], 0
+            current.append(entry)
+            size += entry.size
+        chunks.append((current, removed))
+        for part, gone in chunks:
+            nonce = self.nonce()
+            st.responded, st.last_nonce = True, nonce
+            st.nonces[nonce] = version
+            if len(st.nonces) > _MAX_PENDING_NONCES:
+                del st.nonces[next(iter(st.nonces))]
+            self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
+            await self.send(type_url, nonce, sum(e.size for e in part),
+                            functools.partial(self._response, version, type_url, nonce, part, gone))
+            if self.closed:
+                return
 
     def _response(self, version: str, type_url: str, nonce: str, changed: list[Entry], removed: list[str]) -> Any:
         response = DeltaDiscoveryResponse(system_version_info=version, type_url=type_url, nonce=nonce,
@@ -524,6 +555,7 @@ class AdsServer:
         self._server: grpc.aio.Server | None = None
         self._nonces = itertools.count(1)
         self.inflight = InflightBudget(inflight_bytes, answer_timeout=answer_timeout)
+        self.build_slot = asyncio.Lock()  # one big response built per event-loop iteration (see _Stream.send)
         self.stats = XdsStats()
 
     def next_nonce(self) -> str:

@@ -63,6 +63,7 @@ log = logging.getLogger("meshfed.xds.pipeline")
 
 TYPES: tuple[str, ...] = (CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE)
 _EMPTY = EntryMap({})
+_YIELD_S = 0.001
 
 
 # ---- what each type of each proxy kind is made of -------------------------------------------------------------------
@@ -248,9 +249,9 @@ class PushPipeline:
         result = await pipeline.push(request, ctx, proxies)   # proxies: node id -> ProxyInfo of every connected one
     """
 
-    def __init__(self, *, cache: SnapshotCache, slice_size: int = 256, threaded: bool = True) -> None:
+    def __init__(self, *, cache: SnapshotCache, slice_names: int = 4096, threaded: bool = True) -> None:
         self.cache = cache
-        self.slice_size = slice_size
+        self.slice_names = slice_names
         self.threaded = threaded
         self.stats = PipelineStats()
         self._tables: dict[tuple[str, Hashable], _Table] = {}
@@ -258,6 +259,8 @@ class PushPipeline:
         self._registry: Registry | None = None
         self._settings: Hashable = None
         self._lock = asyncio.Lock()
+        self._changed_names = 0  # resource names the last build changed in the shared tables
+        self._last_yield = 0.0
 
     async def push(self, request: PushRequest, ctx: PushContext, proxies: Mapping[str, ProxyInfo]) -> PushResult:
         """Rebuild what ``request`` concerns for ``proxies`` (every connected proxy: those absent are forgotten)
@@ -270,10 +273,13 @@ class PushPipeline:
             else:
                 snapshots, errors = self._build_or_reset(request, ctx, proxies)
         changed: list[str] = []
+        # Wake the streams in slices: each woken stream works through the names that changed (a catalog change:
+        # thousands) in the next loop iteration, so a slice holds about ``slice_names`` names of work in all.
+        per_slice = max(1, self.slice_names // max(1, self._changed_names))
         for i, (node_id, snapshot) in enumerate(snapshots):
             if self.cache.set_snapshot(node_id, snapshot):
                 changed.append(node_id)
-            if (i + 1) % self.slice_size == 0:
+            if (i + 1) % per_slice == 0:
                 await asyncio.sleep(0)  # let the streams woken so far run
         self.stats.snapshots_set += len(snapshots)
         self.stats.pushes += 1
@@ -307,6 +313,7 @@ class PushPipeline:
             if node_id not in proxies:
                 del self._proxies[node_id]
         for node_id, proxy in sorted(proxies.items()):
+            self._yield()
             state = self._proxies.get(node_id)
             if state is None or state.proxy != proxy or request.full or node_id in request.proxies:
                 state = self._proxies[node_id] = _Proxy(proxy)
@@ -324,6 +331,7 @@ class PushPipeline:
                 errors[node_id] = "; ".join(failed)
         for key in [k for k, t in self._tables.items() if t.users == 0]:
             del self._tables[key]  # no proxy of that scope is connected any more
+        self._changed_names = sum(len(t.changed) for t in self._tables.values())
         self.stats.thread_seconds += time.perf_counter() - t0
         return out, errors
 
@@ -375,12 +383,24 @@ class PushPipeline:
         table.users += 1
         return table
 
+    def _yield(self) -> None:
+        """Hand the GIL to the event loop's thread every ``_YIELD_S`` of work. The interpreter's switch interval
+        alone is not enough: a loop thread coming back from ``epoll`` with I/O to do waits up to that interval for
+        every GIL hand-over, and a loop iteration needs several."""
+        now = time.perf_counter()
+        if now - self._last_yield >= _YIELD_S:
+            time.sleep(0)
+            self._last_yield = time.perf_counter()
+
     def _entry(self, type_url: str, name: str, message: Message, old: Any) -> Any:
         entry = make_entry(type_url, name, message)
         self.stats.serialized += 1
         self.stats.built[type_url] = self.stats.built.get(type_url, 0) + 1
         # The same bytes: keep the entry every snapshot already holds, so nothing downstream sees a change.
-        return old if old is not None and old.version == entry.version else entry
+        if old is not None and old.version == entry.version:
+            return old
+        entry.delta_resource  # noqa: B018 - built here, off the loop, once for every delta stream that sends it
+        return entry
 
     def _update_table(self, table: _Table, ctx: PushContext, keys: set[ServiceKey] | None) -> None:
         part = table.part
@@ -410,6 +430,7 @@ class PushPipeline:
                     continue
                 table.inputs[key] = inputs
             self.stats.keys_built += 1
+            self._yield()
             try:
                 built = part.build(table.proxy, key, value, ctx)
             except Exception as exc:  # keep the key's last good resources; the proxies of the scope report it

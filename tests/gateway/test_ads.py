@@ -382,3 +382,39 @@ async def test_a_full_budget_delays_pushes_until_proxies_answer() -> None:
             await cb.close()
         finally:
             await channel.close()
+
+
+async def test_a_big_delta_change_goes_out_in_several_responses_each_acked(env, auth, monkeypatch) -> None:
+    """A catalog change touches thousands of resources: each delta response carries at most _DELTA_CHUNK bytes
+    of them (the event loop builds one at a time), together exactly the change, and the proxy is synced once it
+    ACKed them."""
+    import gateway.ads as ads
+
+    cache, _, channel = env
+    token = auth.issue(SHOP)
+    cache.set_snapshot(NODE_A, snapshot({"a": (1,)}))
+    client = DeltaClient(channel, NODE_A, token)
+    await client.request(CLUSTER)
+    await client.ack(await client.recv())
+    big = snapshot({f"c{i}": (i,) for i in range(300)})
+    size = max(e.size for e in big.entries(CLUSTER).values())
+    monkeypatch.setattr(ads, "_DELTA_CHUNK", size * 100)  # about 100 clusters per response
+    cache.set_snapshot(NODE_A, big)
+    names: list[str] = []
+    removed: list[str] = []
+    responses = 0
+    while len(names) < 300:
+        r = await client.recv()
+        assert sum(len(x.resource.value) for x in r.resources) <= size * 100
+        assert r.system_version_info == big.version(CLUSTER)
+        names += names_of(r)
+        removed += list(r.removed_resources)
+        responses += 1
+        await client.ack(r)
+    assert responses >= 3
+    assert sorted(names) == sorted(f"c{i}" for i in range(300)) and removed == ["a"]
+    await client.request(ENDPOINT, subscribe=["c1"])  # handled after the ACKs above
+    await client.recv()
+    st = cache.status_of(NODE_A, CLUSTER)
+    assert st is not None and st.state == SyncState.SYNCED
+    await client.close()
