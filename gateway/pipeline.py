@@ -114,10 +114,14 @@ class SharedPart:
 
 @dataclass(frozen=True)
 class OwnPart:
-    """Resources of one type that are one proxy's own; rebuilt when ``inputs(proxy, ctx)`` changes."""
+    """Resources of one type that are one proxy's own; rebuilt when ``inputs(proxy, ctx)`` changes. The inputs
+    are looked at only when a change of a kind in ``on`` arrived, or (``services``) one of the proxy's own
+    services changed."""
 
     build: Callable[[ProxyInfo, PushContext], dict[str, Message]]
     inputs: Callable[[ProxyInfo, PushContext], Hashable]
+    on: frozenset[Kind] = frozenset()
+    services: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,10 +156,12 @@ LDS_API = SharedPart("lds-api", LISTENER_TYPE, lambda p: (), _outbound_keys,
 
 SDS_OWN = OwnPart(lambda p, ctx: sds.generate(p, None, ctx),
                   lambda p, ctx: (ctx.workload_certs.get(p.spiffe_id(ctx.trust_domain)), ctx.trust_bundle_pem,
-                                  ctx.cert_secret, ctx.root_secret))
+                                  ctx.cert_secret, ctx.root_secret), on=frozenset({Kind.TRUST, Kind.CERTS}))
 INBOUND_CLUSTERS = OwnPart(cds.inbound_clusters, lambda p, ctx: ctx.connect_timeout_s)
-SIDECAR_LISTENERS = OwnPart(lds.sidecar_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz))
-GRPC_SERVER_LISTENERS = OwnPart(proxyless.server_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz))
+SIDECAR_LISTENERS = OwnPart(lds.sidecar_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz),
+                            on=frozenset({Kind.AUTHZ}), services=True)
+GRPC_SERVER_LISTENERS = OwnPart(proxyless.server_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz),
+                                on=frozenset({Kind.AUTHZ}), services=True)
 
 #: What every type of every proxy kind is made of (the same resources ``generators.generate_all`` returns).
 RECIPES: Mapping[ProxyKind, Mapping[str, Recipe]] = {
@@ -200,6 +206,7 @@ class _Dirty:
     all: bool = False
     services: set[ServiceKey] = field(default_factory=set)
     endpoints: set[ServiceKey] = field(default_factory=set)
+    kinds: frozenset[Kind] = frozenset()
 
     def add(self, changes: RegistryChanges) -> None:
         self.all = self.all or changes.clusters
@@ -336,7 +343,7 @@ class PushPipeline:
         return out, errors
 
     def _dirty(self, request: PushRequest, ctx: PushContext) -> _Dirty:
-        dirty = _Dirty()
+        dirty = _Dirty(kinds=frozenset(c.kind for c in request.configs))
         old = self._registry
         if request.full or old is None or self._settings != _settings(ctx):
             dirty.all = True
@@ -474,11 +481,14 @@ class PushPipeline:
             if table is not None:
                 state.tables.append(table)
             own_updates: dict[str, Any] | None = None
-            if recipe.own is not None:
-                inputs = recipe.own.inputs(proxy, ctx)
+            own = recipe.own
+            if own is not None and (type_url not in state.own or dirty.all or not own.on.isdisjoint(dirty.kinds)
+                                    or (own.services and not dirty.services.isdisjoint(proxy.services))
+                                    or (own.services and not dirty.endpoints.isdisjoint(proxy.services))):
+                inputs = own.inputs(proxy, ctx)
                 if type_url not in state.own or state.own_inputs.get(type_url) != inputs:
                     old_own = state.own.get(type_url, {})
-                    built = recipe.own.build(proxy, ctx)
+                    built = own.build(proxy, ctx)
                     self.stats.proxies_built += 1
                     new_own = {n: self._entry(type_url, n, m, old_own.get(n)) for n, m in built.items()}
                     own_updates = {n: None for n in old_own if n not in new_own}
