@@ -232,6 +232,25 @@ class _Messages(Mapping[str, Message]):
         return len(self._entries)
 
 
+class _Resources(Mapping[str, Mapping[str, Message]]):
+    """``type URL -> name -> message`` as a read-only view of a snapshot's entries (made in O(1): the push pipeline
+    makes a snapshot per proxy per change, so the per-type views are made only when read)."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: Mapping[str, Mapping[str, Entry]]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, type_url: str) -> Mapping[str, Message]:
+        return _Messages(self._entries[type_url])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A proxy's whole configuration: ``resources[type_url][name] -> message``; versions derive from content."""
@@ -255,7 +274,7 @@ class Snapshot:
         object.__setattr__(self, "_entries", MappingProxyType(dict(entries)))
         object.__setattr__(self, "_sums", MappingProxyType(dict(sums)))
         object.__setattr__(self, "_versions", MappingProxyType({t: _type_version(v) for t, v in sums.items()}))
-        object.__setattr__(self, "resources", MappingProxyType({t: _Messages(e) for t, e in entries.items()}))
+        object.__setattr__(self, "resources", _Resources(self._entries))
 
     @classmethod
     def build(cls, resources: Mapping[str, Iterable[Message] | Mapping[str, Message]]) -> Snapshot:
