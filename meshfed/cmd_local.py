@@ -138,3 +138,20 @@ def down_cmd(run_dir: Path, output: str) -> None:
            [[s["name"], s["pid"], "yes" if s["stopped"] else "NO"] for s in was_running])])
     if left:
         fail(f"{len(left)} processes did not stop: {', '.join(str(s['pid']) for s in left)}")
+
+
+@click.command("restart")
+@click.argument("name")
+@RUN_DIR_OPTION
+@output_option
+def restart_cmd(name: str, run_dir: Path, output: str) -> None:
+    """Start one process of a running local run again, e.g. after it was killed: NAME as 'meshfed status -o json'
+    lists it under processes (federation, east/controlplane, west/eastwest-gateway, east/sleep-east, ...)."""
+    try:
+        result = local.restart(run_dir, name)
+    except local.LocalRunError as exc:
+        fail(str(exc))
+        return
+    what = "stopped and started again" if result["was_running"] else "started again"
+    emit(output, result, [(f"{name} {what}", ["process", "old pid", "pid", "restarts", "log"],
+                           [[name, result["old_pid"], result["pid"], result["restarts"], result["log"]]])])

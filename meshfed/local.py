@@ -272,6 +272,7 @@ class LocalRun:
             "run_dir": str(self.run_dir.resolve()),
             "trust_domain": str(cs.trust_domain),
             "started_at": time.time(),
+            "cwd": os.getcwd(),  # recorded paths are relative to it ('meshfed restart' starts from here too)
             "processes": [],
             "clusters": {},
         }
@@ -486,6 +487,7 @@ class LocalRun:
             rec = self._record(procs.start(f"{cluster}/{entry['name']}/grpc", argv,
                                            log_path=self.run_dir / cluster / f"{entry['name']}.grpc.log",
                                            env={**env_base, "GRPC_XDS_BOOTSTRAP": str(boot)}))
+            self.state["processes"][-1]["env"] = {"GRPC_XDS_BOOTSTRAP": str(boot)}  # for 'meshfed restart'
             entry.update({"pid": rec.pid, "log": rec.log, "bootstrap": str(boot), "node_id": proxy.node_id})
             self.save()
         client = ProxyInfo(kind=ProxyKind.GRPC, cluster=ClusterId(cluster),
@@ -657,6 +659,50 @@ def stop_run(run_dir: Path, *, names: Iterable[str] | None = None) -> list[dict[
 
 def running(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(p) for p in state.get("processes", []) if is_running(p)]
+
+
+def restart(run_dir: Path, name: str) -> dict[str, Any]:
+    """Start one recorded process of a running local run again, as it was first started (same argv, log, extra
+    environment, working directory): stop it first if it still runs (identity-checked), then record the new pid and
+    start time wherever the old pid was recorded, and count the restart."""
+    state = read_state(run_dir)
+    stopped = stopped_message(run_dir, state)
+    if stopped:
+        raise LocalRunError(f"{stopped}; start a new run with 'meshfed up'")
+    rec = next((p for p in state.get("processes", []) if p["name"] == name), None)
+    if rec is None:
+        names = ", ".join(p["name"] for p in state.get("processes", []))
+        raise LocalRunError(f"no process {name!r} in the run in {run_dir} (processes: {names})")
+    old = int(rec["pid"])
+    was_running = is_running(rec)
+    if was_running and not procs.stop(old, start=rec.get("start_time")):
+        raise LocalRunError(f"{name} (pid {old}) did not stop; see {rec.get('log')}")
+    env = None
+    if rec.get("env"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")} | dict(rec["env"])
+    cwd = Path(state["cwd"]) if state.get("cwd") else None
+    new = procs.start(name, rec["argv"], log_path=Path(rec["log"]) if cwd is None else cwd / rec["log"], env=env,
+                      cwd=cwd)
+    rec.update(pid=new.pid, start_time=new.start_time, restarts=int(rec.get("restarts", 0)) + 1,
+               restarted_at=time.time())
+    _replace_pid(state, old, new.pid)
+    write_state(run_dir, state)
+    log.info("restarted name=%s old_pid=%d pid=%d", name, old, new.pid)
+    return {"name": name, "old_pid": old, "was_running": was_running, "pid": new.pid, "restarts": rec["restarts"],
+            "log": rec["log"]}
+
+
+def _replace_pid(node: Any, old: int, new: int) -> None:
+    """Every ``pid``-like field of the state (``pid``, ``sidecar_pid``, ``app_pid``) that holds ``old``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key.endswith("pid") and value == old:
+                node[key] = new
+            else:
+                _replace_pid(value, old, new)
+    elif isinstance(node, list):
+        for item in node:
+            _replace_pid(item, old, new)
 
 
 def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:

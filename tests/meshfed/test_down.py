@@ -78,3 +78,31 @@ def test_state_and_run_dir_are_private(tmp_path: Path) -> None:
     run_dir = stopped_run(tmp_path)
     assert (run_dir.stat().st_mode & 0o777) == 0o700
     assert ((run_dir / local.STATE_FILE).stat().st_mode & 0o777) == 0o600
+
+
+def test_restart_starts_a_killed_process_again_and_records_it(tmp_path: Path) -> None:
+    """Issue 10 item 7: a killed component of a local run is started again with 'meshfed restart NAME'."""
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    rec = procs.start("federation", argv, log_path=tmp_path / "run" / "federation.log")
+    new_pid = 0
+    try:
+        run_dir = tmp_path / "run"
+        local.write_state(run_dir, {"cwd": str(tmp_path), "clusters": {}, "federation": {"pid": rec.pid},
+                                    "processes": [{"name": "federation", "pid": rec.pid, "argv": argv,
+                                                   "log": str(run_dir / "federation.log"),
+                                                   "start_time": rec.start_time}]})
+        procs.kill9(rec.pid)
+        assert procs.stop(rec.pid, timeout=5)
+        result = CliRunner().invoke(cli, ["restart", "federation", "--run-dir", str(run_dir), "-o", "json"])
+        assert result.exit_code == 0, result.output
+        out = json.loads(result.stdout)
+        new_pid = int(out["pid"])
+        assert out["was_running"] is False and out["restarts"] == 1 and new_pid != rec.pid
+        state = local.read_state(run_dir)
+        assert state["federation"]["pid"] == new_pid and local.running(state)
+        result = CliRunner().invoke(cli, ["restart", "nothing", "--run-dir", str(run_dir)])
+        assert result.exit_code == 1 and "processes: federation" in result.output
+    finally:
+        procs.kill9(rec.pid)
+        if new_pid:
+            procs.stop(new_pid)
