@@ -661,10 +661,11 @@ def running(state: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(p) for p in state.get("processes", []) if is_running(p)]
 
 
-def restart(run_dir: Path, name: str) -> dict[str, Any]:
+def restart(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any]:
     """Start one recorded process of a running local run again, as it was first started (same argv, log, extra
     environment, working directory): stop it first if it still runs (identity-checked), then record the new pid and
-    start time wherever the old pid was recorded, and count the restart."""
+    start time wherever the old pid was recorded, count the restart, and wait (bounded) until it is ready again
+    (the federation's port, a control plane's /readyz, an Envoy's /ready)."""
     state = read_state(run_dir)
     stopped = stopped_message(run_dir, state)
     if stopped:
@@ -687,9 +688,32 @@ def restart(run_dir: Path, name: str) -> dict[str, Any]:
                restarted_at=time.time())
     _replace_pid(state, old, new.pid)
     write_state(run_dir, state)
+    ready = _readiness(state, name)
+    if ready is not None:
+        wait_until(f"{name} after restart", ready, timeout=timeout, pids=[new.pid], logs=[new.log])
     log.info("restarted name=%s old_pid=%d pid=%d", name, old, new.pid)
     return {"name": name, "old_pid": old, "was_running": was_running, "pid": new.pid, "restarts": rec["restarts"],
             "log": rec["log"]}
+
+
+def _readiness(state: Mapping[str, Any], name: str) -> Callable[[], bool] | None:
+    if name == "federation":
+        url = state.get("federation", {}).get("url")
+        if not url:
+            return None
+        host, _, port = str(url).removeprefix("https://").rpartition(":")
+        return functools.partial(_port_open, host, int(port))
+    cluster, _, rest = name.partition("/")
+    c = state.get("clusters", {}).get(cluster)
+    if c is None:
+        return None
+    if rest == "controlplane":
+        admin = c["controlplane"]["admin"]
+        return lambda: http_get(f"http://{admin}/readyz")[0] == 200
+    if rest == "eastwest-gateway":
+        return functools.partial(envoy_ready, c["gateway"]["admin"])
+    w = next((w for w in c.get("workloads", []) if w["name"] == rest), None)
+    return functools.partial(envoy_ready, w["sidecar_admin"]) if w is not None else None
 
 
 def _replace_pid(node: Any, old: int, new: int) -> None:

@@ -9,6 +9,7 @@ checks what the walk found after ``down``: status says the run was stopped, a se
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -91,6 +92,14 @@ def test_page_runs_as_written(workspace: Workspace, page: str) -> None:
 def test_at_end_blocks_and_what_follows_down(workspace: Workspace) -> None:
     workspace.ensure_up()
     assert AT_END, "quickstart.md's 'meshfed down' should be marked at-end"
+    # operations.md's removal, on a real member (west's control plane registers it again afterwards)
+    members = subprocess.run(["meshfed", "federation", "members", "-o", "json"], cwd=workspace.root,
+                             env=workspace.env, capture_output=True, text=True, timeout=60, check=False)
+    assert members.returncode == 0, members.stderr
+    assert {m["cluster"] for m in json.loads(members.stdout)["members"]} >= {"east", "west"}
+    removed = subprocess.run(["meshfed", "federation", "remove", "west"], cwd=workspace.root, env=workspace.env,
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert removed.returncode == 0 and "removed west from the federation" in removed.stdout, removed.stderr
     for block in AT_END:
         docrun.run(block, block.text, cwd=workspace.root, env=workspace.env)
     assert not workspace.up()
