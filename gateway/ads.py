@@ -19,9 +19,12 @@ Both ADS variants of ``envoy.service.discovery.v3.AggregatedDiscoveryService`` a
   response carries only resources whose version differs and ``removed_resources`` for those that disappeared.
   ``system_version_info`` is the snapshot's type version, recorded for ACK/NACK status per nonce.
 
-Every stream authenticates first (see gateway.auth): no or a bad token ends it with UNAUTHENTICATED, a node id that
-is not the token's namespace/service account with PERMISSION_DENIED; a first request without a node id with
-INVALID_ARGUMENT.
+Every stream authenticates first (see gateway.auth): no or a bad token ends it with UNAUTHENTICATED; a node id or
+node metadata that is not the credential's (another node, pod, namespace, service account, cluster or proxy kind),
+or a node already connected as another identity or with other metadata (gateway.cache), with PERMISSION_DENIED
+naming what differs; a first request without a node id with INVALID_ARGUMENT. Every refusal is logged. Before a
+secret leaves, a certificate whose SPIFFE ID is not the stream's authenticated identity is withheld and logged
+(``own_secrets``), so SDS answers only for the identity the stream proved, whatever the snapshot holds.
 
 One ``asyncio.Event`` per stream is set both by the cache (the node's snapshot changed) and by the stream's
 reader task (a request arrived); the stream's loop then handles the queued requests and checks every subscribed
@@ -34,6 +37,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -42,12 +46,13 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
 import grpc
+from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from gateway.auth import AuthenticationError, Authenticator, NodeMismatch, ProxyIdentity, check_node
 from gateway.cache import SnapshotCache
 from gateway.peerauth import PEER_CERT_KEY, peer_metadata
-from gateway.snapshot import TYPE_ORDER, WILDCARD_TYPES, Entry, Snapshot, touched
+from gateway.snapshot import SECRET, TYPE_ORDER, WILDCARD_TYPES, Entry, Snapshot, touched
 
 log = logging.getLogger("meshfed.xds.ads")
 
@@ -74,6 +79,7 @@ class XdsStats:
     delta_resources: int = 0
     streams_opened: int = 0
     streams_refused: int = 0
+    secrets_withheld: int = 0  # certificates not sent because they were not the stream's identity's
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -82,6 +88,33 @@ class XdsStats:
 def _ordered(types: Mapping[str, Any]) -> list[str]:
     rank = {t: i for i, t in enumerate(TYPE_ORDER)}
     return sorted(types, key=lambda t: (rank.get(t, len(rank)), t))
+
+
+_SPIFFE_OF: dict[str, str | None] = {}  # entry version (a content hash) -> the certificate's SPIFFE ID
+
+
+def certificate_spiffe_id(entry: Entry) -> str | None:
+    """The URI SAN of the leaf in a ``tls_certificate`` secret (None: the secret holds no certificate, e.g. the
+    trust bundle). Remembered per content version, so each distinct certificate is parsed once."""
+    if entry.version in _SPIFFE_OF:
+        return _SPIFFE_OF[entry.version]
+    message: Any = entry.message
+    spiffe: str | None = None
+    if message.HasField("tls_certificate"):
+        chain = message.tls_certificate.certificate_chain
+        pem = chain.inline_bytes or chain.inline_string.encode()
+        spiffe = "(unreadable)"
+        try:
+            leaf = x509.load_pem_x509_certificates(pem)[0]
+            uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+                .get_values_for_type(x509.UniformResourceIdentifier)
+            spiffe = uris[0] if len(uris) == 1 else f"({len(uris)} URI SANs)"
+        except (ValueError, IndexError, x509.ExtensionNotFound):
+            pass
+    if len(_SPIFFE_OF) > 100_000:
+        _SPIFFE_OF.clear()
+    _SPIFFE_OF[entry.version] = spiffe
+    return spiffe
 
 
 def _node_metadata(node: Any) -> dict[str, Any]:
@@ -281,6 +314,25 @@ class _Stream(Generic[_TypeState]):
     def nonce(self) -> str:
         return self.server.next_nonce()
 
+    def own_secrets(self, type_url: str, entries: list[Entry]) -> list[Entry]:
+        """The last check before a secret leaves: a certificate whose SPIFFE ID is not the stream's authenticated
+        identity is withheld (and logged), whatever produced the snapshot (a regeneration that raced a node's
+        reconnection as another identity, a generator bug). SDS thus answers only for the proven identity."""
+        if type_url != SECRET or self.identity is None:
+            return entries
+        want = re.compile(r"spiffe://[^/]+/ns/" + re.escape(self.identity.namespace) + "/sa/"
+                          + re.escape(self.identity.service_account))
+        kept: list[Entry] = []
+        for entry in entries:
+            spiffe = certificate_spiffe_id(entry)
+            if spiffe is None or want.fullmatch(spiffe):
+                kept.append(entry)
+                continue
+            self.server.stats.secrets_withheld += 1
+            log.error("secret withheld node=%s secret=%s certificate=%s identity=%s", self.node_id, entry.name,
+                      spiffe, self.identity)
+        return kept
+
     async def send(self, type_url: str, nonce: str, size: int, build: Callable[[], Any]) -> None:
         """Reserve ``size`` bytes of the server's in-flight budget, then build and write one response. grpc queues
         it at once, so a proxy that stops reading holds up only its own stream.
@@ -378,7 +430,7 @@ class _SotwStream(_Stream[_SotwType]):
         nonce = self.nonce()
         st.sent_key, st.sent_version, st.nonce, st.acked = key, version, nonce, False
         self.cache.record_sent(self.node_id, type_url, version=version, nonce=nonce)
-        selected = [entries[n] for n in names]
+        selected = self.own_secrets(type_url, [entries[n] for n in names])
         await self.send(type_url, nonce, sum(e.size for e in selected),
                         lambda: self._response(version, type_url, nonce, selected))
 
@@ -475,6 +527,7 @@ class _DeltaStream(_Stream[_DeltaType]):
                     changed.append(found)
             removed.extend(n for n in known if n not in st.names and n not in entries)
         st.dirty, st.checked_version = False, version
+        changed = self.own_secrets(type_url, changed)
         if not changed and not removed and st.responded:
             if not st.nonces and st.last_ok:  # nothing of interest changed: the proxy is current at this version
                 self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.last_nonce)

@@ -47,7 +47,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from gateway.context import META_CLUSTER, META_NAMESPACE, META_SERVICE_ACCOUNT
+from gateway.context import META_CLUSTER, META_KIND, META_NAMESPACE, META_SERVICE_ACCOUNT
 from gateway.snapshot import XdsError
 
 log = logging.getLogger("meshfed.xds.auth")
@@ -73,13 +73,21 @@ class ProxyIdentity:
     # was issued for; ``pod``: the pod a Kubernetes projected token was minted for. None: not bound.
     node_id: str | None = field(default=None, compare=False)
     pod: str | None = field(default=None, compare=False)
+    # The node kinds (a node id's first field) the credential may open; None: any. A workload certificate on the
+    # mTLS listener opens proxyless gRPC nodes only (gateway.peerauth): it must not stand in for a sidecar's or a
+    # gateway's token, which binds its node.
+    node_kinds: frozenset[str] | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         bound = f" bound to node {self.node_id}" if self.node_id else f" bound to pod {self.pod}" if self.pod else ""
         return f"{self.cluster}/{self.namespace}/{self.service_account}{bound}"
 
 
-NODE_KINDS = frozenset({"sidecar", "router", "gateway", "proxyless", "grpc"})
+#: The node id kinds and the proxy kind (``MESHFED_KIND`` node metadata, gateway.context.ProxyKind) each names.
+KIND_OF_NODE: Mapping[str, str] = {"sidecar": "sidecar", "router": "gateway", "gateway": "gateway",
+                                   "proxyless": "grpc", "grpc": "grpc"}
+NODE_KINDS = frozenset(KIND_OF_NODE)
+PROXYLESS_NODE_KINDS = frozenset({"grpc", "proxyless"})
 
 
 @dataclass(frozen=True)
@@ -128,18 +136,25 @@ def check_node(identity: ProxyIdentity, node_id: str, metadata: Mapping[str, Any
     if identity.pod is not None and info.pod != identity.pod:
         raise NodeMismatch(f"node {node_id!r} names pod {info.pod!r} but the token was minted for pod "
                            f"{identity.pod!r} ({who})")
+    if identity.node_kinds is not None and info.kind not in identity.node_kinds:
+        raise NodeMismatch(f"node {node_id!r} is a {info.kind!r} node, but the credential ({who}) may only open "
+                           f"{sorted(identity.node_kinds)} nodes")
+    kind = metadata.get(META_KIND)
+    if kind is not None and kind != KIND_OF_NODE[info.kind]:
+        raise NodeMismatch(f"node {node_id!r}: metadata {META_KIND}={kind!r} but the node id names a {info.kind!r} "
+                           f"node ({KIND_OF_NODE[info.kind]!r})")
     if info.namespace != identity.namespace:
-        raise NodeMismatch(f"node {node_id!r} is in namespace {info.namespace!r} but the token is for {who}")
+        raise NodeMismatch(f"node {node_id!r} is in namespace {info.namespace!r} but the credential is for {who}")
     claimed = metadata.get(META_SERVICE_ACCOUNT)
     if not claimed:
         # the generators read the service account from the node metadata: it must be there, and be the token's
         raise NodeMismatch(f"node {node_id!r} carries no {META_SERVICE_ACCOUNT} in its metadata")
     if claimed != identity.service_account:
-        raise NodeMismatch(f"node {node_id!r} claims service account {claimed!r} but the token is for {who}")
+        raise NodeMismatch(f"node {node_id!r} claims service account {claimed!r} but the credential is for {who}")
     for key, want in ((META_NAMESPACE, identity.namespace), (META_CLUSTER, identity.cluster)):
         value = metadata.get(key)
         if value is not None and value != want:
-            raise NodeMismatch(f"node {node_id!r}: metadata {key}={value!r} but the token is for {want!r} ({who})")
+            raise NodeMismatch(f"node {node_id!r}: metadata {key}={value!r} but the credential is for {want!r} ({who})")
     return info
 
 
@@ -163,20 +178,66 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+TOKEN_FIELDS = ("namespace", "service_account", "cluster", "node_id")
+
+
+def parse_token_table(data: Any, *, source: str) -> dict[str, ProxyIdentity]:
+    """A local run's token table (``tokens.json``): ``{TOKEN: {"namespace", "service_account", "cluster",
+    "node_id"}}``. Every entry is bound to the node id it was written for: an entry without one (or with a node
+    id outside its namespace) is an error, so no token ever opens any node but its own. Raises ValueError naming
+    ``source`` and the entry (by position and identity, never by the token itself)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected an object mapping tokens to identities, not {type(data).__name__}")
+    out: dict[str, ProxyIdentity] = {}
+    for position, (token, entry) in enumerate(data.items()):
+        where = f"{source}: entry {position}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object with {', '.join(TOKEN_FIELDS)}")
+        for name in TOKEN_FIELDS:
+            if not isinstance(entry.get(name), str) or not entry[name]:
+                raise ValueError(f"{where}: field {name!r} is missing or not a non-empty string (every token is "
+                                 "bound to the one node it was issued for)")
+        unknown = sorted(set(entry) - set(TOKEN_FIELDS))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}")
+        identity = ProxyIdentity(namespace=entry["namespace"], service_account=entry["service_account"],
+                                 cluster=entry["cluster"], node_id=entry["node_id"])
+        try:
+            node = parse_node_id(identity.node_id or "")
+        except NodeMismatch as exc:
+            raise ValueError(f"{where} ({identity}): field 'node_id': {exc}") from exc
+        if node.namespace != identity.namespace:
+            raise ValueError(f"{where} ({identity}): field 'node_id' names namespace {node.namespace!r}")
+        if len(token) < 16:
+            raise ValueError(f"{where} ({identity}): the token is shorter than 16 characters")
+        out[token] = identity
+    return out
+
+
 class TokenTableAuthenticator:
     """Per-workload bootstrap tokens for local runs. Only digests are kept; lookups compare every entry in
     constant time, so neither timing nor an early exit reveals which tokens exist."""
 
     def __init__(self, tokens: Mapping[str, ProxyIdentity] | None = None) -> None:
         self._table: list[tuple[bytes, ProxyIdentity]] = []
-        for token, identity in (tokens or {}).items():
-            self.add(token, identity)
+        self.reset(tokens or {})
+
+    @staticmethod
+    def _entry(token: str, identity: ProxyIdentity) -> tuple[bytes, ProxyIdentity]:
+        if len(token) < 16:
+            raise ValueError(f"bootstrap token for {identity} is shorter than 16 characters")
+        return hashlib.sha256(token.encode()).digest(), identity
 
     def add(self, token: str, identity: ProxyIdentity) -> None:
-        if len(token) < 16:
-            raise ValueError(f"bootstrap token for {identity.namespace}/{identity.service_account} is shorter than "
-                             "16 characters")
-        self._table.append((hashlib.sha256(token.encode()).digest(), identity))
+        self._table.append(self._entry(token, identity))
+
+    def reset(self, tokens: Mapping[str, ProxyIdentity]) -> None:
+        """Replace the whole table: a token no longer listed stops working at once (a stream it opened before
+        stays open). Raises ValueError naming the identity of a bad entry, and then changes nothing."""
+        self._table = [self._entry(token, identity) for token, identity in tokens.items()]
+
+    def __len__(self) -> int:
+        return len(self._table)
 
     def issue(self, identity: ProxyIdentity) -> str:
         """Make, remember and return a new token for ``identity``."""

@@ -38,8 +38,8 @@ from discovery.model import (
     ServiceKey,
     ServicePort,
     cluster_id,
-    namespace,
 )
+from discovery.model import namespace as _namespace
 from discovery.policy import TrafficPolicies
 
 T = TypeVar("T")
@@ -156,11 +156,23 @@ class ProxyInfo:
         }
 
     @classmethod
-    def from_node(cls, node_id: str, metadata: Mapping[str, Any]) -> ProxyInfo:
-        """Rebuild a ProxyInfo from an xDS node's id and metadata (a Struct converted to a dict)."""
+    def from_node(cls, node_id: str, metadata: Mapping[str, Any], *, namespace: str | None = None,
+                  service_account: str | None = None, cluster: str | None = None) -> ProxyInfo:
+        """Rebuild a ProxyInfo from an xDS node's id and metadata (a Struct converted to a dict).
 
-        def get(key: str, default: str | None = None) -> str:
-            value = metadata.get(key, default)
+        ``namespace``, ``service_account`` and ``cluster``, when given, are the identity the node's stream
+        authenticated as (gateway.auth.ProxyIdentity): they are who the proxy is, and so whose certificate and
+        policies it is served, whatever its metadata says; metadata naming another is a ProxyInfoError."""
+
+        def get(key: str, default: str | None = None, *, bound: str | None = None) -> str:
+            value = metadata.get(key)
+            if bound is not None:
+                if value is not None and str(value) != bound:
+                    raise ProxyInfoError(f"node {node_id!r}: metadata field {key}={value!r} is not the "
+                                         f"authenticated identity's {bound!r}")
+                return bound
+            if value is None:
+                value = default
             if value is None:
                 raise ProxyInfoError(f"node {node_id!r}: metadata field {key} is missing")
             return str(value)
@@ -179,8 +191,8 @@ class ProxyInfo:
                                  f"{[k.value for k in ProxyKind]}") from exc
         try:
             services = tuple(ServiceKey.parse(s) for s in get(META_SERVICES, "").split(",") if s)
-            cluster = cluster_id(get(META_CLUSTER))
-            ns = namespace(get(META_NAMESPACE))
+            cluster_ = cluster_id(get(META_CLUSTER, bound=cluster))
+            ns = _namespace(get(META_NAMESPACE, bound=namespace))
         except ValueError as exc:
             raise ProxyInfoError(f"node {node_id!r}: {exc}") from exc
         inbound: list[InboundPort] = []
@@ -197,10 +209,10 @@ class ProxyInfo:
                                      "is not PORT:APP_PORT[:NAME[:PROTOCOL]]") from exc
         return cls(
             kind=kind,
-            cluster=cluster,
+            cluster=cluster_,
             node_id=node_id,
             namespace=ns,
-            service_account=get(META_SERVICE_ACCOUNT, "default"),
+            service_account=get(META_SERVICE_ACCOUNT, "default", bound=service_account),
             services=services,
             inbound=tuple(inbound),
             outbound_port=port(META_OUTBOUND_PORT, "15001"),

@@ -12,6 +12,10 @@ The ADS server copies the verified peer certificate (from gRPC's auth context, n
 stream's metadata under ``PEER_CERT_KEY``, a key no client can send: gRPC metadata keys cannot start with ``:``,
 and the server overwrites it anyway.
 
+A certificate names a service account, not a workload, so the identity it proves may open proxyless gRPC nodes
+only (``ProxyIdentity.node_kinds``): a sidecar's own SDS certificate presented here cannot open a sidecar's or a
+gateway's node, whose bootstrap token binds it to that one node (gateway.auth.check_node).
+
 Errors: ``gateway.auth.AuthenticationError`` (no certificate, not a SPIFFE workload ID, another cluster or trust
 domain).
 """
@@ -24,7 +28,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway.auth import AuthenticationError, Authenticator, ProxyIdentity
+from gateway.auth import PROXYLESS_NODE_KINDS, AuthenticationError, Authenticator, NodeMismatch, ProxyIdentity
 
 PEER_CERT_KEY = ":meshfed-peer-cert"
 
@@ -63,7 +67,8 @@ def identity_of_certificate(pem: str, *, trust_domain: str, cluster: str) -> Pro
     if units != [cluster]:
         raise AuthenticationError(f"{uris[0]} was issued for cluster {units or '(none)'} by its CA; this control "
                                   f"plane serves cluster {cluster!r}")
-    return ProxyIdentity(namespace=parts[0], service_account=parts[2], cluster=cluster)
+    return ProxyIdentity(namespace=parts[0], service_account=parts[2], cluster=cluster,
+                         node_kinds=PROXYLESS_NODE_KINDS)
 
 
 class PeerCertificateAuthenticator:
@@ -81,13 +86,21 @@ class PeerCertificateAuthenticator:
 
 
 class FirstOf:
-    """A client certificate when the stream has one, else the bearer token authenticator."""
+    """A client certificate or a bearer token, whichever the stream carries. With both, both must authenticate
+    and prove the same identity (the token's binding to its node then applies too); otherwise the stream is
+    refused, so a certificate can never lend its identity to someone else's token or the reverse."""
 
     def __init__(self, *, certificate: PeerCertificateAuthenticator, token: Authenticator) -> None:
         self._cert = certificate
         self._token = token
 
     async def authenticate(self, *, metadata: Mapping[str, str]) -> ProxyIdentity:
-        if metadata.get(PEER_CERT_KEY) and "authorization" not in metadata:
+        has_cert, has_token = bool(metadata.get(PEER_CERT_KEY)), "authorization" in metadata
+        if has_cert and not has_token:
             return await self._cert.authenticate(metadata=metadata)
-        return await self._token.authenticate(metadata=metadata)
+        by_token = await self._token.authenticate(metadata=metadata)
+        if has_cert:
+            by_cert = await self._cert.authenticate(metadata=metadata)
+            if by_cert != by_token:
+                raise NodeMismatch(f"the client certificate is {by_cert} but the bearer token is {by_token}")
+        return by_token

@@ -56,7 +56,13 @@ from federation.trust.spiffe import SpiffeId
 from federation.trust.store import load_bundle, load_cluster_ca
 from federation.trust.tls import client_ssl_context
 from gateway.ads import AdsServer
-from gateway.auth import Authenticator, ProxyIdentity, TokenReviewAuthenticator, TokenTableAuthenticator
+from gateway.auth import (
+    Authenticator,
+    ProxyIdentity,
+    TokenReviewAuthenticator,
+    TokenTableAuthenticator,
+    parse_token_table,
+)
 from gateway.cache import SnapshotCache
 from gateway.context import ProxyInfo, ProxyInfoError, PushContext
 from gateway.peerauth import PeerCertificateAuthenticator
@@ -211,38 +217,51 @@ def _renew_at(ttl: timedelta) -> datetime:
 
 def load_tokens(path: Path | None) -> dict[str, ProxyIdentity]:
     """``tokens.json``: ``{TOKEN: {"namespace": ..., "service_account": ..., "cluster": ..., "node_id": ...}}``
-    (0600). ``node_id`` binds the token to the one proxy it was written for (gateway.auth.check_node)."""
+    (0600). ``node_id`` binds the token to the one proxy it was written for (gateway.auth.check_node); an entry
+    without one is an error (gateway.auth.parse_token_table), as is a file that is not JSON."""
     if path is None or not path.exists():
         return {}
-    data = json.loads(path.read_text())
-    return {
-        token: ProxyIdentity(namespace=v["namespace"], service_account=v["service_account"], cluster=v["cluster"],
-                             node_id=v.get("node_id") or None)
-        for token, v in data.items()
-    }
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON: {exc}") from exc
+    return parse_token_table(data, source=str(path))
 
 
 @dataclass
 class _ReloadingTokens(TokenTableAuthenticator):
-    """The token table, re-read when ``tokens.json`` changes (the runner adds workloads while we run)."""
+    """The token table, re-read when ``tokens.json`` changes (the runner adds workloads while we run). Each read
+    replaces the whole table, so a token removed from the file stops working; a file that cannot be read keeps
+    the previous table (and is logged), except at start, where it is an error."""
 
     path: Path | None = None
-    mtime: float = 0.0
+    stamp: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime ns): the runner replaces the file atomically
 
     def __post_init__(self) -> None:
         super().__init__({})
-        self.reload()
+        if self.path is not None and self.path.exists():
+            self.stamp = self._stamp(self.path)
+            self.reset(load_tokens(self.path))
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int, int]:
+        st = path.stat()
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def reload(self) -> None:
-        if self.path is None or not self.path.exists():
+        if self.path is None:
             return
-        mtime = self.path.stat().st_mtime
-        if mtime == self.mtime:
+        try:
+            stamp = self._stamp(self.path)
+        except FileNotFoundError:
             return
-        self.mtime = mtime
-        for token, identity in load_tokens(self.path).items():
-            with contextlib.suppress(ValueError):
-                self.add(token, identity)
+        if stamp == self.stamp:
+            return
+        self.stamp = stamp
+        try:
+            self.reset(load_tokens(self.path))
+        except (OSError, ValueError) as exc:
+            log.error("xds token table not reloaded, keeping the previous one: %s", exc)
 
     async def authenticate(self, *, metadata: Mapping[str, str]) -> ProxyIdentity:
         self.reload()
@@ -609,13 +628,21 @@ class ControlPlane:
                            policies=policies, authz=authz)
 
     def _proxy(self, node_id: str) -> ProxyInfo | None:
+        """What a connected node is: its node metadata (fixed by its first stream, gateway.cache), with the
+        namespace, service account and cluster of the identity that stream authenticated as, so its certificate
+        and policies are always the authenticated identity's (gateway.auth)."""
         metadata = self.cache.node_metadata(node_id)
         if metadata is None:
             return self.proxies.get(node_id)
+        identity = self.cache.identity(node_id)
         try:
-            proxy = ProxyInfo.from_node(node_id, metadata)
+            proxy = ProxyInfo.from_node(node_id, metadata) if identity is None else ProxyInfo.from_node(
+                node_id, metadata, namespace=identity.namespace, service_account=identity.service_account,
+                cluster=identity.cluster)
         except ProxyInfoError as exc:
             self.proxy_errors[node_id] = str(exc)
+            # What the node was before (another identity, other metadata) must not be built for it again.
+            self.proxies.pop(node_id, None)
             log.warning("proxy metadata rejected node=%s error=%s", node_id, exc)
             return None
         self.proxy_errors.pop(node_id, None)

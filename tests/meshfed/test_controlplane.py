@@ -74,11 +74,13 @@ def test_missing_runtime_and_tokens_files_mean_none(tmp_path: Path) -> None:
 
 def test_tokens_file_maps_tokens_to_identities(tmp_path: Path) -> None:
     path = tmp_path / "tokens.json"
+    node = "sidecar~127.0.0.1~sleep-0.default~default.svc.cluster.local"
     write_private(path, json.dumps({"t" * 20: {"namespace": "default", "service_account": "sleep",
-                                               "cluster": "east"}}))
+                                               "cluster": "east", "node_id": node}}))
     assert os.stat(path).st_mode & 0o777 == 0o600
     [(token, identity)] = load_tokens(path).items()
     assert token == "t" * 20 and identity.service_account == "sleep" and identity.cluster == "east"
+    assert identity.node_id == node
 
 
 def test_export_conditions_come_from_the_central_catalog() -> None:
@@ -229,7 +231,8 @@ async def test_root_rotation_reaches_proxies_without_a_restart(east_ca: Path, tm
     secret_type = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
     token = "t" * 24
     write_private(tmp_path / "tokens.json", json.dumps(
-        {token: {"namespace": "default", "service_account": "sleep", "cluster": "east"}}))
+        {token: {"namespace": "default", "service_account": "sleep", "cluster": "east",
+                 "node_id": make_node_id(kind="sidecar", ip="127.0.0.1", pod="sleep-0", namespace="default")}}))
     config = ControlPlaneConfig(
         clusterset=load_clusterset(DEMO), cluster=EAST, ca_dir=east_ca, federation_urls=(),
         xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),

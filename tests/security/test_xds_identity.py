@@ -4,8 +4,12 @@ stream of its own node is served (issue: "a workload can take another workload's
 Every case runs against a real control plane (meshfed.controlplane.ControlPlane: token table, ADS, SDS issuer,
 generators) with gRPC clients speaking ADS, as a proxy would: a foreign node id with a valid token; a second
 workload of the same service account; node metadata naming another namespace, cluster or service account; a second
-stream of a connected node with other (minimal) metadata; and the Kubernetes variant, a projected token bound to
-one pod presented for another pod's node id.
+stream of a connected node with other (minimal) metadata; node metadata naming another kind of proxy than the node
+id; the Kubernetes variant, a projected token bound to one pod presented for another pod's node id; the mTLS listener
+for proxyless gRPC, where the identity comes from the client certificate (another service account, another
+cluster's certificate, a sidecar's own SDS certificate presented for a sidecar node, a second stream with other
+metadata); a token removed from the table; a token table entry bound to no node; and the serving edge's last check
+that no certificate but the stream's own identity's ever leaves over SDS.
 """
 
 from __future__ import annotations
@@ -23,13 +27,26 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from discovery.clusterset import load_clusterset
 from discovery.model import ClusterId, ServiceKey, cluster_id
+from federation.trust.ca import issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
-from federation.trust.store import init_root, issue_intermediate
-from gateway.auth import NodeMismatch, ProxyIdentity, TokenReviewAuthenticator, check_node, make_node_id
+from federation.trust.store import init_root, issue_intermediate, load_cluster_ca
+from gateway.auth import (
+    PROXYLESS_NODE_KINDS,
+    AuthenticationError,
+    NodeMismatch,
+    ProxyIdentity,
+    TokenReviewAuthenticator,
+    check_node,
+    make_node_id,
+)
 from gateway.cache import NodeConflict, SnapshotCache
 from gateway.context import InboundPort, ProxyInfo, ProxyKind
-from gateway.snapshot import LISTENER, SECRET, Snapshot
-from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
+from gateway.generators.sds import certificate_secret
+from gateway.peerauth import PEER_CERT_KEY, FirstOf, PeerCertificateAuthenticator
+from gateway.push import ConfigKey, Kind, PushRequest
+from gateway.sds import bundle_pem
+from gateway.snapshot import CLUSTER, LISTENER, SECRET, Snapshot
+from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen, load_tokens
 from meshfed.local import write_private
 from tests.gateway.xds_client import SotwClient
 from tests.support.kubeapi import KubeApiDouble
@@ -65,13 +82,15 @@ async def cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     td = TrustDomain.parse(TD)
     init_root(tmp_path / "root", td)
     issue_intermediate(tmp_path / "root", SpiffeId.cluster(td, ClusterId("east")), tmp_path / "east")
+    issue_intermediate(tmp_path / "root", SpiffeId.cluster(td, ClusterId("west")), tmp_path / "west")
     write_private(tmp_path / "tokens.json", json.dumps({
         token: {"namespace": "default", "service_account": sa, "cluster": "east", "node_id": node}
         for token, (sa, node) in TOKENS.items()}))
     config = ControlPlaneConfig(
         clusterset=load_clusterset(DEMO), cluster=EAST, ca_dir=tmp_path / "east", federation_urls=(),
         xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
-        gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tmp_path / "tokens.json")
+        gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tmp_path / "tokens.json",
+        xds_mtls=Listen("127.0.0.1", 0))
     async with ControlPlane(config) as plane:
         yield plane
 
@@ -205,3 +224,209 @@ async def test_a_pod_bound_projected_token_binds_the_stream_to_its_pod() -> None
     check_node(identity, SLEEP_NODE, sleep_meta())
     with pytest.raises(NodeMismatch, match="minted for pod 'sleep-0'"):
         check_node(identity, SLEEP_NODE_2, sleep_meta(SLEEP_NODE_2))
+
+
+# ---- node kind -----------------------------------------------------------------------------------------------------
+
+
+async def test_metadata_cannot_claim_another_kind_of_proxy(cp: ControlPlane) -> None:
+    """sleep's own token and node id, but MESHFED_KIND=gateway: it would be served the east-west gateway's
+    configuration (every exported service's SNI route and local endpoints). Refused."""
+    err = await refused(cp, SLEEP_NODE, SLEEP_TOKEN, type_url=LISTENER, **sleep_meta(MESHFED_KIND="gateway"))
+    assert "MESHFED_KIND='gateway'" in (err.details() or "")
+
+
+# ---- token table ---------------------------------------------------------------------------------------------------
+
+
+async def test_a_token_removed_from_the_table_stops_working(cp: ControlPlane, tmp_path: Path) -> None:
+    async with channel(cp) as ch:
+        await fetch(SotwClient(ch, SLEEP_NODE_2, SLEEP_TOKEN_2, **sleep_meta(SLEEP_NODE_2)), SECRET, ["default"])
+    write_private(tmp_path / "tokens.json", json.dumps({
+        token: {"namespace": "default", "service_account": sa, "cluster": "east", "node_id": node}
+        for token, (sa, node) in TOKENS.items() if token != SLEEP_TOKEN_2}))
+    async with channel(cp) as ch:
+        client = SotwClient(ch, SLEEP_NODE_2, SLEEP_TOKEN_2, **sleep_meta(SLEEP_NODE_2))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await fetch(client, SECRET, ["default"])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+        # the others still work
+        await fetch(SotwClient(ch, SLEEP_NODE, SLEEP_TOKEN, **sleep_meta()), SECRET, ["default"])
+
+
+@pytest.mark.parametrize(("entry", "field"), [
+    ({"namespace": "default", "service_account": "sleep", "cluster": "east"}, "'node_id'"),
+    ({"namespace": "default", "service_account": "sleep", "cluster": "east", "node_id": ""}, "'node_id'"),
+    ({"namespace": "default", "service_account": "sleep", "cluster": "east", "node_id": "sleep-0"}, "'node_id'"),
+    ({"namespace": "default", "service_account": "sleep", "cluster": "east",
+      "node_id": make_node_id(kind="sidecar", ip="127.0.0.2", pod="sleep-0", namespace="kube-system")}, "'node_id'"),
+    ({"service_account": "sleep", "cluster": "east", "node_id": SLEEP_NODE}, "'namespace'"),
+    ({"namespace": "default", "service_account": "sleep", "cluster": "east", "node_id": SLEEP_NODE, "admin": "yes"},
+     "'admin'"),
+])
+def test_every_token_table_entry_is_bound_to_its_node(tmp_path: Path, entry: dict[str, str], field: str) -> None:
+    """A token that names no node (or a node outside its namespace) would open any node of its service account:
+    the table refuses it, naming the file and the field, never the token."""
+    path = tmp_path / "tokens.json"
+    write_private(path, json.dumps({"secret-token-" + "x" * 32: entry}))
+    with pytest.raises(ValueError, match=field) as err:
+        load_tokens(path)
+    assert str(path) in str(err.value) and "secret-token" not in str(err.value)
+
+
+# ---- the serving edge ----------------------------------------------------------------------------------------------
+
+
+async def test_sds_never_sends_a_certificate_of_another_identity(cp: ControlPlane) -> None:
+    """Whatever lands in a node's snapshot (a regeneration racing a node's reconnection as another identity, a
+    generator bug), the ADS server sends a certificate only to a stream authenticated as its identity."""
+    async with channel(cp) as ch:
+        client = SotwClient(ch, SLEEP_NODE, SLEEP_TOKEN, **sleep_meta())
+        got = await fetch(client, SECRET, ["default", "ROOTCA"])
+        assert leaf_spiffe_ids(got["_resources"]) == [f"spiffe://{TD}/ns/default/sa/sleep"]
+        reviews = cp.issuer.ensure(ProxyIdentity("default", "reviews", "east"))
+        snap = cp.cache.get(SLEEP_NODE)
+        assert snap is not None
+        cp.cache.set_snapshot(SLEEP_NODE, snap.replace(SECRET, {"default": certificate_secret("default", reviews)}))
+        resp = await asyncio.wait_for(client.recv(), 20)
+        assert leaf_spiffe_ids(list(resp.resources)) == []
+        assert cp.ads is not None and cp.ads.stats.secrets_withheld == 1
+
+
+# ---- proxyless gRPC over the mTLS listener: the identity is the client certificate's ---------------------------------
+
+
+PROBE_NODE = make_node_id(kind="grpc", ip="127.0.0.1", pod="probe-0", namespace="default")
+
+
+def grpc_meta(node_id: str = PROBE_NODE, service_account: str = "probe", **overrides: str) -> dict[str, str]:
+    meta = ProxyInfo(kind=ProxyKind.GRPC, cluster=EAST, node_id=node_id, namespace=DEFAULT,
+                     service_account=service_account).metadata()
+    meta.update(overrides)
+    return meta
+
+
+def workload_cert(tmp_path: Path, service_account: str, cluster: str = "east") -> tuple[bytes, bytes]:
+    key, chain = issue_workload(load_cluster_ca(tmp_path / cluster), SpiffeId.workload(TrustDomain.parse(TD),
+                                                                                       "default", service_account))
+    return key, b"".join(chain)
+
+
+def mtls_channel(cp: ControlPlane, tmp_path: Path, cert: tuple[bytes, bytes]) -> grpc.aio.Channel:
+    assert cp.ads_mtls is not None
+    creds = grpc.ssl_channel_credentials(root_certificates=bundle_pem(cp.bundle).encode(), private_key=cert[0],
+                                         certificate_chain=cert[1])
+    return grpc.aio.secure_channel(f"127.0.0.1:{cp.ads_mtls.port}", creds)
+
+
+async def mtls_status(cp: ControlPlane, tmp_path: Path, cert: tuple[bytes, bytes], node_id: str,
+                      meta: dict[str, str], type_url: str = LISTENER) -> grpc.aio.AioRpcError | None:
+    async with mtls_channel(cp, tmp_path, cert) as ch:
+        client = SotwClient(ch, node_id, None, **meta)
+        try:
+            await client.request(type_url, ["default"] if type_url == SECRET else None)
+            await asyncio.wait_for(client.recv(), 20)
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        except TimeoutError:
+            return None  # accepted, nothing to send yet
+        return None
+
+
+async def test_mtls_stream_is_bound_to_the_certificates_identity(cp: ControlPlane, tmp_path: Path) -> None:
+    probe = workload_cert(tmp_path, "probe")
+    assert await mtls_status(cp, tmp_path, probe, PROBE_NODE, grpc_meta(), CLUSTER) is None
+    for meta in (grpc_meta(service_account="other"), grpc_meta(CLUSTER_ID="west"), grpc_meta(NAMESPACE="other")):
+        err = await mtls_status(cp, tmp_path, probe, PROBE_NODE, meta)
+        assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED, meta
+    other_ns = make_node_id(kind="grpc", ip="127.0.0.1", pod="probe-0", namespace="kube-system")
+    err = await mtls_status(cp, tmp_path, probe, other_ns, grpc_meta(other_ns, NAMESPACE="kube-system"))
+    assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED
+    # a certificate issued by another cluster's CA is not one of this cluster's workloads
+    err = await mtls_status(cp, tmp_path, workload_cert(tmp_path, "probe", "west"), PROBE_NODE, grpc_meta())
+    assert err is not None and err.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_sidecars_certificate_cannot_open_a_token_bound_node(cp: ControlPlane, tmp_path: Path) -> None:
+    """sleep-0 takes its own certificate and key from SDS and presents them on the mTLS listener for sleep-1's
+    sidecar node (whose token binds it): a certificate names a service account, not a workload, so it opens
+    proxyless gRPC nodes only. Before the fix it was served sleep-1's node and fixed its metadata."""
+    async with channel(cp) as ch:
+        got = await fetch(SotwClient(ch, SLEEP_NODE, SLEEP_TOKEN, **sleep_meta()), SECRET, ["default"])
+    secret = secret_pb2.Secret()
+    got["_resources"][0].Unpack(secret)
+    own = (secret.tls_certificate.private_key.inline_string.encode(),
+           secret.tls_certificate.certificate_chain.inline_string.encode())
+    for node_id in (SLEEP_NODE_2, SLEEP_NODE):
+        err = await mtls_status(cp, tmp_path, own, node_id, sleep_meta(node_id), SECRET)
+        assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "may only open" in (err.details() or "")
+    assert cp.cache.node_metadata(SLEEP_NODE_2) is None
+
+
+async def test_mtls_second_stream_cannot_change_what_the_first_is_served(cp: ControlPlane, tmp_path: Path) -> None:
+    probe = workload_cert(tmp_path, "probe")
+    async with mtls_channel(cp, tmp_path, probe) as ch:
+        real = SotwClient(ch, PROBE_NODE, None, **grpc_meta())
+        await real.request(CLUSTER)
+        await asyncio.wait_for(real.recv(), 20)
+        err = await mtls_status(cp, tmp_path, probe, PROBE_NODE, {"SERVICE_ACCOUNT": "probe"})
+        assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "other node metadata" in (err.details() or "")
+        other = workload_cert(tmp_path, "other")
+        err = await mtls_status(cp, tmp_path, other, PROBE_NODE, grpc_meta(service_account="other"))
+        assert err is not None and err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert cp.cache.node_metadata(PROBE_NODE) == grpc_meta()
+
+
+async def test_reconnecting_as_another_identity_is_never_served_the_previous_one(
+        cp: ControlPlane, tmp_path: Path) -> None:
+    """probe's node closes; a certificate of another service account of the namespace reopens the node id with
+    metadata that cannot describe a proxy. Nothing generated for probe may be kept for it (before the fix, the
+    control plane kept probe's ProxyInfo and the next partial push built probe's configuration for it)."""
+    async with mtls_channel(cp, tmp_path, workload_cert(tmp_path, "probe")) as ch:
+        real = SotwClient(ch, PROBE_NODE, None, **grpc_meta())
+        await real.request(CLUSTER)
+        await asyncio.wait_for(real.recv(), 20)
+        assert cp.proxies[PROBE_NODE].service_account == "probe"
+    await wait_until(lambda: PROBE_NODE not in cp.cache.connected())
+    async with mtls_channel(cp, tmp_path, workload_cert(tmp_path, "other")) as ch:
+        bad = grpc_meta(service_account="other", MESHFED_OUTBOUND_PORT="not-a-port")
+        client = SotwClient(ch, PROBE_NODE, None, **bad)
+        await client.request(CLUSTER)
+        await wait_until(lambda: PROBE_NODE in cp.proxy_errors)
+        assert cp.pushes is not None
+        cp.pushes.submit(PushRequest(configs=frozenset({ConfigKey(Kind.CATALOG)}), reasons=frozenset({"test"})))
+        await cp.pushes.flush()
+        assert PROBE_NODE not in cp.proxies
+        assert cp.cache.get(PROBE_NODE) is None
+
+
+def test_a_certificate_and_a_token_must_prove_the_same_identity() -> None:
+    """On a listener that takes both, a stream carrying both is refused unless they agree."""
+
+    class Tokens:
+        async def authenticate(self, *, metadata: Any) -> ProxyIdentity:
+            return ProxyIdentity("default", "sleep", "east", node_id=SLEEP_NODE)
+
+    class Certs(PeerCertificateAuthenticator):
+        def __init__(self, sa: str) -> None:
+            super().__init__(trust_domain=TD, cluster="east")
+            self.sa = sa
+
+        async def authenticate(self, *, metadata: Any) -> ProxyIdentity:
+            return ProxyIdentity("default", self.sa, "east", node_kinds=PROXYLESS_NODE_KINDS)
+
+    both = {PEER_CERT_KEY: "pem", "authorization": "Bearer t"}
+    with pytest.raises(AuthenticationError, match="client certificate is"):
+        asyncio.run(FirstOf(certificate=Certs("reviews"), token=Tokens()).authenticate(metadata=both))
+    got = asyncio.run(FirstOf(certificate=Certs("sleep"), token=Tokens()).authenticate(metadata=both))
+    assert got.node_id == SLEEP_NODE
+
+
+async def wait_until(predicate: Any, limit: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
