@@ -136,6 +136,58 @@ def test_diagnose_all_hops_ok(run: Path) -> None:
                        "endpoints": "ok", "certificates": "ok", "policy": "ok", "request": "ok"}
 
 
+def _register_by_hand(run: Path, cluster: str) -> None:
+    """Join the federation as ``cluster`` the way operations.md's "Add a cluster" does, with an intermediate from
+    the run's root, but with no control plane behind it (so it never heartbeats)."""
+    import asyncio
+
+    from discovery.model import ClusterId, ClusterInfo, NetworkId
+    from federation.client import FederationClient, cluster_credentials
+
+    done = meshfed("ca", "intermediate", "--root", str(run / "ca" / "root"), "--cluster", cluster, "--out",
+                   str(run / "ca" / cluster))
+    assert done.returncode == 0, done.stderr
+    ctx, bundle = cluster_credentials(run / "ca" / cluster, ClusterId(cluster))
+
+    async def register() -> None:
+        async with FederationClient(state_of(run)["federation"]["url"], ssl_context=ctx, cluster=ClusterId(cluster),
+                                    bundle=bundle) as fed:
+            await fed.register(ClusterInfo(id=ClusterId(cluster), network=NetworkId(f"net-{cluster}"),
+                                           gateway_host="127.0.0.1", gateway_port=1))
+
+    asyncio.run(register())
+
+
+def test_a_member_added_by_hand_is_seen_goes_unreachable_and_is_removed(run: Path) -> None:
+    """Issue 18 walk item 3: status sees a member the run did not start, turns unhealthy when its lease lapses, and
+    'meshfed federation remove' takes it out; diagnose --from it explains instead of 'no cluster'."""
+    _register_by_hand(run, "north")
+
+    def north_unreachable() -> dict[str, Any] | None:
+        done = meshfed("status", "--run-dir", str(run), "-o", "json")
+        report = json.loads(done.stdout)
+        north = next((c for c in report["clusters"] if c["cluster"] == "north"), None)
+        return report if done.returncode == 1 and north and north["unreachable_since"] else None
+
+    report = wait_for("north unreachable in status", north_unreachable, timeout=60)
+    assert any(p.startswith("north: unreachable since") and "meshfed federation remove north" in p
+               for p in report["problems"]), report["problems"]
+    members = meshfed("federation", "members", "--run-dir", str(run), "-o", "json")
+    assert "north" in {m["cluster"] for m in json.loads(members.stdout)["members"]}
+    diag = meshfed("diagnose", "ratings.default", "--from", "north", "--run-dir", str(run))
+    assert diag.returncode == 2 and "member of the federation that this run did not start" in diag.stderr
+    removed = meshfed("federation", "remove", "north", "--run-dir", str(run))
+    assert removed.returncode == 0 and "removed north" in removed.stdout, removed.stderr
+
+    def healthy_without_north() -> bool:
+        done = meshfed("status", "--run-dir", str(run), "-o", "json")
+        report = json.loads(done.stdout)
+        return done.returncode == 0 and "north" not in {c["cluster"] for c in report["clusters"]}
+
+    wait_for("status healthy again without north", healthy_without_north, timeout=60)
+    shutil.rmtree(run / "ca" / "north")
+
+
 def test_stopping_wests_reviews_fails_over_to_east(run: Path) -> None:
     host = "reviews.default.svc.clusterset.local"
     # Before: west's client prefers its own cluster's copy (locality weights), so some answers come from west.
