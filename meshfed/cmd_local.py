@@ -93,7 +93,8 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, lease_ttl: float | Non
         out.print(f"  meshfed diagnose {target} --from {proof['from']}   walk the path hop by hop")
     if detach:
         return
-    err.print("running; Ctrl-C or 'meshfed down' stops everything")
+    err.print("running; a process that dies is started again (backoff); Ctrl-C or 'meshfed down' stops everything")
+    supervisor = local.Supervisor(run_dir)
     stop = {"now": False}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -103,9 +104,12 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, lease_ttl: float | Non
     signal.signal(signal.SIGTERM, on_signal)
     with contextlib.suppress(KeyboardInterrupt):
         while not stop["now"]:
-            if not local.running(local.read_state(run_dir, missing_ok=True)):
-                err.print("every process has stopped ('meshfed down' was run)")
+            now = local.read_state(run_dir, missing_ok=True)
+            if now.get("stopping_at") or now.get("stopped_at") or not now:
+                err.print("the run is stopping ('meshfed down' was run)")
                 return
+            for name in supervisor.tick():
+                err.print(f"restarted {name} (it had exited; see its log)")
             time.sleep(0.5)
     stopped = local.stop_run(run_dir)
     err.print(f"stopped {len(stopped)} processes")

@@ -644,6 +644,9 @@ def stop_run(run_dir: Path, *, names: Iterable[str] | None = None) -> list[dict[
     ``stopped``; a process already gone, or whose pid now belongs to another process, is never signalled."""
     state = read_state(run_dir, missing_ok=True)
     wanted = list(names) if names is not None else None
+    if wanted is None and state and running(state):
+        state["stopping_at"] = time.time()  # a supervising 'meshfed up' restarts nothing from now on
+        write_state(run_dir, state)
     stopped: list[dict[str, Any]] = []
     for rec in reversed(state.get("processes", [])):
         if wanted is not None and not any(rec["name"].startswith(n) for n in wanted):
@@ -685,7 +688,7 @@ def restart(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any
     new = procs.start(name, rec["argv"], log_path=Path(rec["log"]) if cwd is None else cwd / rec["log"], env=env,
                       cwd=cwd)
     rec.update(pid=new.pid, start_time=new.start_time, restarts=int(rec.get("restarts", 0)) + 1,
-               restarted_at=time.time())
+               restarted_at=time.time(), held=False)
     _replace_pid(state, old, new.pid)
     write_state(run_dir, state)
     ready = _readiness(state, name)
@@ -694,6 +697,51 @@ def restart(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any
     log.info("restarted name=%s old_pid=%d pid=%d", name, old, new.pid)
     return {"name": name, "old_pid": old, "was_running": was_running, "pid": new.pid, "restarts": rec["restarts"],
             "log": rec["log"]}
+
+
+@dataclass
+class Supervisor:
+    """What a foreground ``meshfed up`` does while it waits: a recorded process that died (and was not stopped on
+    purpose, by ``meshfed down`` or :func:`stop_workload`) is started again with :func:`restart`, with exponential
+    backoff per process (``initial_backoff`` doubling to ``max_backoff``; back to the start once it has stayed up for
+    ``max_backoff``). Each restart is counted in the state (``restarts``), which ``meshfed status`` shows."""
+
+    run_dir: Path
+    initial_backoff: float = 1.0
+    max_backoff: float = 30.0
+    ready_timeout: float = 30.0
+    _next: dict[str, float] = field(default_factory=dict)
+    _backoff: dict[str, float] = field(default_factory=dict)
+    _since: dict[str, float] = field(default_factory=dict)
+
+    def tick(self, now: float | None = None) -> list[str]:
+        """One pass; returns the names restarted. Nothing happens once the run is stopping or stopped."""
+        state = read_state(self.run_dir, missing_ok=True)
+        if not state or state.get("stopping_at") or state.get("stopped_at"):
+            return []
+        now = time.monotonic() if now is None else now
+        done: list[str] = []
+        for rec in state.get("processes", []):
+            name = str(rec["name"])
+            if rec.get("held"):
+                continue
+            if is_running(rec):
+                if now - self._since.get(name, now) >= self.max_backoff:
+                    self._backoff.pop(name, None)
+                continue
+            if now < self._next.get(name, 0.0):
+                continue
+            wait = self._backoff.get(name, self.initial_backoff)
+            self._backoff[name] = min(wait * 2, self.max_backoff)
+            self._next[name] = now + wait
+            try:
+                restart(self.run_dir, name, timeout=self.ready_timeout)
+            except LocalRunError as exc:
+                log.warning("restart failed name=%s error=%s; next try in %.0fs", name, exc, wait)
+                continue
+            self._since[name] = now
+            done.append(name)
+        return done
 
 
 def _readiness(state: Mapping[str, Any], name: str) -> Callable[[], bool] | None:
@@ -745,6 +793,11 @@ def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
         ep["ready"] = False
         write_json(runtime_path, runtime)
     stopped = {}
+    pids = {int(entry[k]) for k in ("sidecar_pid", "app_pid") if entry.get(k)}
+    for rec in state.get("processes", []):
+        if int(rec["pid"]) in pids:
+            rec["held"] = True  # stopped on purpose: a supervising 'meshfed up' leaves it stopped
+    write_state(run_dir, state)
     for key in ("sidecar_pid", "app_pid"):
         if entry.get(key):
             pid = int(entry[key])

@@ -220,7 +220,8 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
     processes = []
     for rec in state.get("processes", []):
         up = bool(inp.alive.get(int(rec["pid"]), False))
-        processes.append({"name": rec["name"], "pid": rec["pid"], "alive": up, "log": rec.get("log", "")})
+        processes.append({"name": rec["name"], "pid": rec["pid"], "alive": up, "log": rec.get("log", ""),
+                          "restarts": int(rec.get("restarts", 0)), "held": bool(rec.get("held"))})
         if not up:
             problems.append(f"process {rec['name']} (pid {rec['pid']}) is not running; see {rec.get('log', '')}")
     for cluster, why in inp.errors.items():
@@ -559,6 +560,10 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
         out.append(("Workloads", ["cluster", "workload", "service", "sidecar outbound", "sidecar admin",
                                   "can call (NAME.NS: NAME.NS.svc.clusterset.local; (local): "
                                   "NAME.NS.svc.cluster.local only)"], rows))
+    restarted = [p for p in report.get("processes", []) if p.get("restarts")]
+    if restarted:
+        out.append(("Restarted processes", ["process", "pid", "restarts", "log"],
+                    [[p["name"], p["pid"], p["restarts"], p["log"]] for p in restarted]))
     if report["problems"]:
         out.append(("Problems", ["#", "problem"], [[i + 1, p] for i, p in enumerate(report["problems"])]))
     return out

@@ -106,3 +106,32 @@ def test_restart_starts_a_killed_process_again_and_records_it(tmp_path: Path) ->
         procs.kill9(rec.pid)
         if new_pid:
             procs.stop(new_pid)
+
+
+def test_supervisor_restarts_a_dead_process_with_backoff_and_not_after_down(tmp_path: Path) -> None:
+    """Issue 10 item 7: a foreground 'meshfed up' starts a killed child again (backoff), counts it, and leaves
+    processes stopped on purpose (held) or a run being stopped alone."""
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    run_dir = tmp_path / "run"
+    recs = [procs.start(n, argv, log_path=run_dir / f"{n}.log") for n in ("federation", "east/sleep-east")]
+    try:
+        local.write_state(run_dir, {"cwd": str(tmp_path), "clusters": {}, "processes": [
+            {"name": r.name, "pid": r.pid, "argv": argv, "log": r.log, "start_time": r.start_time,
+             "held": r.name == "east/sleep-east"} for r in recs]})
+        for r in recs:
+            procs.kill9(r.pid)
+            assert procs.stop(r.pid, timeout=5)
+        sup = local.Supervisor(run_dir, initial_backoff=10.0)
+        assert sup.tick(now=100.0) == ["federation"]  # the held one stays stopped
+        first = local.read_state(run_dir)["processes"][0]
+        assert first["restarts"] == 1 and local.is_running(first)
+        procs.kill9(int(first["pid"]))
+        assert procs.stop(int(first["pid"]), timeout=5)
+        assert sup.tick(now=105.0) == []  # within the backoff
+        assert sup.tick(now=111.0) == ["federation"]
+        assert local.read_state(run_dir)["processes"][0]["restarts"] == 2
+        local.stop_run(run_dir)  # 'meshfed down': nothing is restarted any more
+        assert sup.tick(now=1000.0) == [] and not local.running(local.read_state(run_dir))
+    finally:
+        for p in local.read_state(run_dir, missing_ok=True).get("processes", []):
+            procs.stop(int(p["pid"]))
