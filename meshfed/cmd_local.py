@@ -46,12 +46,15 @@ def summary_sections(state: dict[str, Any]) -> list[tuple[str, list[str], list[l
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @RUN_DIR_OPTION
 @click.option("--detach", is_flag=True, help="return once the federation is up and proven (stop with 'meshfed down')")
+@click.option("--supervise", is_flag=True,
+              help="with --detach: leave a supervisor that starts again any child that dies (backoff); the "
+                   "foreground mode always supervises")
 @click.option("--lease-ttl", type=float, default=None, metavar="SECONDS",
               help="federation lease TTL (default: the clusterset's)")
 @click.option("--timeout", type=float, default=90.0, show_default=True, metavar="SECONDS",
               help="how long to wait for each part to become ready")
 @output_option
-def up_cmd(clusterset: Path, run_dir: Path, detach: bool, lease_ttl: float | None, timeout: float,
+def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease_ttl: float | None, timeout: float,
            output: str) -> None:
     """Start a whole federation on this machine from CLUSTERSET (default clusters/demo)."""
     err = console(stderr=True)
@@ -92,6 +95,9 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, lease_ttl: float | Non
         target = proof["host"].split(".svc")[0]
         out.print(f"  meshfed diagnose {target} --from {proof['from']}   walk the path hop by hop")
     if detach:
+        if supervise:
+            rec = local.start_supervisor(run_dir)
+            progress(f"supervisor pid {rec['pid']} restarts any child that dies (log {rec['log']})")
         return
     err.print("running; a process that dies is started again (backoff); Ctrl-C or 'meshfed down' stops everything")
     supervisor = local.Supervisor(run_dir)
@@ -159,3 +165,24 @@ def restart_cmd(name: str, run_dir: Path, output: str) -> None:
     what = "stopped and started again" if result["was_running"] else "started again"
     emit(output, result, [(f"{name} {what}", ["process", "old pid", "pid", "restarts", "log"],
                            [[name, result["old_pid"], result["pid"], result["restarts"], result["log"]]])])
+
+
+@click.command("supervise", hidden=True)
+@RUN_DIR_OPTION
+def supervise_cmd(run_dir: Path) -> None:
+    """Restart the children of a detached run that die, until 'meshfed down' (started by 'up --detach --supervise')."""
+    supervisor = local.Supervisor(run_dir)
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop["now"]:
+        state = local.read_state(run_dir, missing_ok=True)
+        if not state or state.get("stopping_at") or state.get("stopped_at"):
+            return
+        for name in supervisor.tick():
+            click.echo(f"{time.strftime('%H:%M:%S')} restarted {name}", err=True)
+        time.sleep(0.5)

@@ -673,6 +673,8 @@ def restart(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any
     stopped = stopped_message(run_dir, state)
     if stopped:
         raise LocalRunError(f"{stopped}; start a new run with 'meshfed up'")
+    if state.get("stopping_at") and not state.get("stopped_at"):
+        raise LocalRunError(f"the run in {run_dir} is being stopped ('meshfed down')")
     rec = next((p for p in state.get("processes", []) if p["name"] == name), None)
     if rec is None:
         names = ", ".join(p["name"] for p in state.get("processes", []))
@@ -699,6 +701,19 @@ def restart(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any
             "log": rec["log"]}
 
 
+SUPERVISOR = "supervisor"  # the recorded process of 'meshfed up --detach --supervise'
+
+
+def start_supervisor(run_dir: Path, *, python: str = sys.executable) -> dict[str, Any]:
+    """Start ``meshfed supervise`` for a detached run, recorded last (so ``meshfed down`` stops it first)."""
+    argv = [python, "-m", "meshfed", "supervise", "--run-dir", str(run_dir.resolve())]
+    rec = procs.start(SUPERVISOR, argv, log_path=run_dir / "supervisor.log")
+    state = read_state(run_dir)
+    state.setdefault("processes", []).append(asdict(rec))
+    write_state(run_dir, state)
+    return asdict(rec)
+
+
 @dataclass
 class Supervisor:
     """What a foreground ``meshfed up`` does while it waits: a recorded process that died (and was not stopped on
@@ -723,7 +738,7 @@ class Supervisor:
         done: list[str] = []
         for rec in state.get("processes", []):
             name = str(rec["name"])
-            if rec.get("held"):
+            if rec.get("held") or name == SUPERVISOR:
                 continue
             if is_running(rec):
                 if now - self._since.get(name, now) >= self.max_backoff:
