@@ -60,6 +60,9 @@ class ControlPlaneMetrics:
         self.streams = Counter("meshfed_xds_streams", "ADS streams accepted or refused, per listener",
                                ["listener", "result"], registry=r)
         self.nack_events = Counter("meshfed_xds_nacks", "NACKs received, by xDS type", ["type"], registry=r)
+        self.secrets_withheld = Counter("meshfed_xds_secrets_withheld",
+                                        "Certificates not sent because they were not the stream's identity's",
+                                        ["listener"], registry=r)
         self.certs_issued_total = Counter("meshfed_workload_certificates_issued",
                                           "Workload certificates issued (first issue and rotations)", registry=r)
         self.certs_expiring = Gauge("meshfed_workload_certificates_expiring",
@@ -90,6 +93,8 @@ class ControlPlaneMetrics:
                 continue
             for result, value in (("accepted", server.stats.streams_opened), ("refused", server.stats.streams_refused)):
                 self._grow(self.streams.labels(listener=listener, result=result), (listener, result), value)
+            self._grow(self.secrets_withheld.labels(listener=listener), (listener, "withheld"),
+                       server.stats.secrets_withheld)
         for st in cp.cache.status():
             if st.nack_error:
                 key = (st.node_id, st.type_url, st.nack_version, st.nack_time)

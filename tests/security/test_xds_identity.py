@@ -291,6 +291,8 @@ async def test_sds_never_sends_a_certificate_of_another_identity(cp: ControlPlan
         resp = await asyncio.wait_for(client.recv(), 20)
         assert leaf_spiffe_ids(list(resp.resources)) == []
         assert cp.ads is not None and cp.ads.stats.secrets_withheld == 1
+        cp.metrics.refresh(cp)
+        assert cp.metrics.registry.get_sample_value("meshfed_xds_secrets_withheld_total", {"listener": "token"}) == 1
 
 
 # ---- proxyless gRPC over the mTLS listener: the identity is the client certificate's ---------------------------------
