@@ -5,6 +5,7 @@ ever applied here (the real thing runs in tests/meshfed/test_capture_netns.py, i
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -23,6 +24,7 @@ from meshfed.capture import (
     parse_save,
     plan_apply,
     plan_cleanup,
+    restore_text,
     rules_for,
 )
 from meshfed.cli import cli
@@ -230,3 +232,11 @@ def test_refuses_this_machines_root_namespace() -> None:
         pytest.skip("the tests run inside a network namespace of their own here")
     with pytest.raises(netfilter.RootNamespaceError, match="refusing"):
         netfilter.ensure_pod_namespace()
+
+
+def test_docs_show_the_generated_rules() -> None:
+    """docs/traffic-capture.md's chain listing is what --dry-run prints for the defaults, line for line."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "traffic-capture.md").read_text()
+    block = doc.split("```text\n*nat\n", 1)[1].split("```", 1)[0]
+    wanted = rules_for(CaptureConfig(), Family.V4)
+    assert "*nat\n" + block == restore_text([*(f":{c} - [0:0]" for c in wanted.chains), *wanted.lines()])
