@@ -133,6 +133,9 @@ def _cleanup(*, dry_run: bool) -> None:
     if not dry_run:
         netfilter.ensure_pod_namespace()
     for family in Family:
+        if family is Family.V6 and not netfilter.ipv6_enabled():
+            click.echo("ipv6: skipped (IPv6 is disabled here)")
+            continue
         if not netfilter.tool_available(family):
             if family is Family.V4:
                 raise netfilter.NetfilterError(

@@ -80,6 +80,11 @@ def ipv6_present() -> bool:
         return False  # IPv6 disabled in this kernel or namespace
 
 
+def ipv6_enabled() -> bool:
+    """Whether this kernel and namespace have IPv6 at all (without it ip6tables-save fails)."""
+    return IF_INET6.exists()
+
+
 def tool_available(family: Family) -> bool:
     return shutil.which(family.save_command) is not None and shutil.which(family.restore_command) is not None
 
