@@ -79,7 +79,7 @@ from discovery.model import (  # noqa: E402
 from gateway.ads import AdsServer  # noqa: E402
 from gateway.cache import SnapshotCache  # noqa: E402
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext  # noqa: E402
-from gateway.pipeline import PushPipeline  # noqa: E402
+from gateway.pipeline import PushPipeline, tune_gc  # noqa: E402
 from gateway.push import ConfigKey, Kind, PushDebouncer, PushRequest  # noqa: E402
 from gateway.snapshot import CLUSTER, ENDPOINT  # noqa: E402
 
@@ -543,6 +543,7 @@ def report(results: list[Result], catalog: CatalogResult | None, args: argparse.
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    tune_gc()  # as ``meshfed controlplane`` does
     cpu0 = time.process_time()
     logdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-xds-{os.getpid()}"
     logdir.mkdir(parents=True, exist_ok=True)

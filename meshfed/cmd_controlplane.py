@@ -13,6 +13,7 @@ from discovery.clusterset import ClusterSetError, load_clusterset
 from discovery.kube import KubeError
 from discovery.model import DiscoveryError, cluster_id
 from federation.trust.errors import TrustError
+from gateway.pipeline import tune_gc
 from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
 from meshfed.output import fail
 
@@ -24,6 +25,7 @@ async def _serve(config: ControlPlaneConfig) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with ControlPlane(config) as cp:
+        tune_gc()  # the collector's full passes would stall the event loop serving xDS, DNS and heartbeats
         click.echo(f"control plane {config.cluster} ready: xds {config.xds.host}:{cp.ads.port if cp.ads else 0} "
                    f"dns {config.dns.host}:{cp.dns.port if cp.dns else 0} admin {config.admin.host}:{cp.admin_port}",
                    err=True)
