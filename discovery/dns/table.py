@@ -3,12 +3,15 @@
 The table follows the MCS DNS specification (KEP-1645 ``specification.md``, schema 1.0.0):
 
 - ``dns-version.clusterset.local. TXT "1.0.0"``;
-- a ClusterSetIP service: ``<svc>.<ns>.svc.clusterset.local`` A/AAAA with its ClusterSetIP(s), one SRV
-  ``_<port>._<proto>.<svc>.<ns>.svc.clusterset.local`` per named port (target the service name), and a PTR for
+- a ClusterSetIP service: ``<svc>.<ns>.svc.clusterset.local`` A/AAAA with its ClusterSetIP(s); SRV on that bare
+  name with one record per distinct port number, named or not (what the mcs-api conformance suite asks of
+  ``nslookup -type=SRV <svc>.<ns>.svc.clusterset.local``), and one SRV
+  ``_<port>._<proto>.<svc>.<ns>.svc.clusterset.local`` per named port, all targeting the service name; a PTR for
   each ClusterSetIP (those addresses belong to the clusterset, so no cluster-local PTR exists for them);
 - a headless service: ``<svc>.<ns>.svc.clusterset.local`` A/AAAA with every ready endpoint of every exporting
-  cluster, ``<hostname>.<clusterid>.<svc>.<ns>.svc.clusterset.local`` A/AAAA per ready endpoint, and SRV per
-  named port and (cluster, hostname) pair targeting those names; with no ready endpoint the service has no name;
+  cluster, ``<hostname>.<clusterid>.<svc>.<ns>.svc.clusterset.local`` A/AAAA per ready endpoint; SRV on the bare
+  name with one record per (cluster, hostname) and distinct port number, and SRV per named port and (cluster,
+  hostname) pair, all targeting the per-endpoint names; with no ready endpoint the service has no name;
 - ``<clusterid>.<svc>.<ns>.svc.clusterset.local`` never exists (NXDOMAIN): the KEP forbids names that pick one
   cluster's backends. Other names that exist only as parents of records (``svc.clusterset.local``,
   ``<ns>.svc.clusterset.local``, ``_<proto>.<svc>...``) answer NOERROR with no data.
@@ -357,6 +360,19 @@ def _srv_names(imported: ServiceImport, host: str) -> list[tuple[str, int, str]]
     return out
 
 
+def _distinct_ports(imported: ServiceImport) -> list[int]:
+    """The service's port numbers, each once (a port served over TCP and UDP is one SRV target and port)."""
+    return sorted({port.port for port in imported.ports})
+
+
+def _port_names(imported: ServiceImport) -> dict[int, str]:
+    """For each distinct port number, the name of its first port (to find an endpoint's own port number)."""
+    names: dict[int, str] = {}
+    for port in sorted(imported.ports, key=lambda p: (p.port, p.protocol, p.name)):
+        names.setdefault(port.port, port.name)
+    return names
+
+
 def _cluster_set_ip_records(imported: ServiceImport, host: str) -> tuple[list[Record], list[str]] | str:
     ips: list[str] = []
     for ip in imported.ips:
@@ -368,6 +384,7 @@ def _cluster_set_ip_records(imported: ServiceImport, host: str) -> tuple[list[Re
         return "no ClusterSetIP allocated yet"
     records = [address_record(host, ip) for ip in ips]
     records += [name_record(reverse_name(ip), PTR, host, SERVICE_TTL) for ip in ips]
+    records += [srv_record(host, priority=0, weight=100, port=port, target=host) for port in _distinct_ports(imported)]
     ents: list[str] = []
     for owner, port, parent in _srv_names(imported, host):
         records.append(srv_record(owner, priority=0, weight=100, port=port, target=host))
@@ -405,6 +422,10 @@ def _headless_records(registry: Registry, imported: ServiceImport, host: str) ->
         members.setdefault(member, endpoint)
     ents: list[str] = []
     weight = max(1, 100 // max(1, len(members)))
+    for port, name in _port_names(imported).items():
+        for member, endpoint in members.items():
+            records.append(srv_record(host, priority=0, weight=weight, port=endpoint.port_for(name, port),
+                                      target=member))
     for owner, port, parent in _srv_names(imported, host):
         name = owner.split(".", 1)[0][1:]
         for member, endpoint in members.items():

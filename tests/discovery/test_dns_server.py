@@ -94,6 +94,17 @@ async def test_srv_for_named_ports_with_address_in_additional(server: DnsServer)
     assert {rd.to_text() for rrset in reply.additional for rd in rrset} == {"10.42.0.10", "fd00:42::a"}
 
 
+async def test_srv_on_the_bare_service_name(server: DnsServer) -> None:
+    """``dig <svc>.<ns>.svc.clusterset.local SRV``, what the mcs-api conformance suite asks: one record per distinct
+    port (named or not) targeting the service for a ClusterSetIP service, one per ready endpoint for a headless one."""
+    assert await dig_short(server, REVIEWS, "SRV") == {f"0 100 9080 {REVIEWS}", f"0 100 9090 {REVIEWS}"}
+    srv = await dig_short(server, DB, "SRV")
+    assert {line.split()[3] for line in srv} == {
+        f"db-0.east.{DB}", f"db-1.east.{DB}", f"db-0.west.{DB}", f"10-2-0-9.west.{DB}", f"db-2.west.{DB}"}
+    reply = await ask(server, DB, "SRV", tcp=True)
+    assert {rr.name.to_text() for rr in reply.additional} >= {f"db-0.east.{DB}", f"db-2.west.{DB}"}
+
+
 async def test_headless_addresses_hostnames_and_srv(server: DnsServer) -> None:
     assert await dig_short(server, DB, "A") == {"10.1.0.1", "10.1.0.2", "10.2.0.1", "10.2.0.9"}
     assert answers(await ask(server, DB, "AAAA")) == {"fd00::1:5"}
@@ -170,7 +181,7 @@ async def test_zone_apex_soa_ns_and_ptr_of_cluster_set_ip(server: DnsServer) -> 
 
 async def test_any_returns_every_record_of_the_name(server: DnsServer) -> None:
     reply = await ask(server, REVIEWS, "ANY", tcp=True)
-    assert answers(reply) == {"10.42.0.10", "fd00:42::a"}
+    assert answers(reply) == {"10.42.0.10", "fd00:42::a", f"0 100 9080 {REVIEWS}", f"0 100 9090 {REVIEWS}"}
 
 
 async def test_case_insensitive_and_the_question_comes_back_as_asked(server: DnsServer) -> None:

@@ -101,8 +101,10 @@ def test_cluster_set_ip_service_records() -> None:
     assert rrset(table, host, "A") == {"10.42.0.10"}
     assert rrset(table, host, "AAAA") == {"fd00:42::a"}
     assert rrset(table, "_http._tcp." + host, "SRV") == {f"0 100 9080 {host}"}
-    # the unnamed port 9090 has no SRV record; the ClusterSetIP has a PTR
-    assert not [r for r in table.records if r.type_name == "SRV" and " 9090 " in r.text]
+    # the unnamed port 9090 has no named-port SRV record, only one on the bare name; the ClusterSetIP has a PTR
+    assert not [r for r in table.records if r.type_name == "SRV" and " 9090 " in r.text and r.name != host]
+    # the bare name: one SRV per distinct port, named or not, targeting the service name (the conformance suite)
+    assert rrset(table, host, "SRV") == {f"0 100 9080 {host}", f"0 100 9090 {host}"}
     assert rrset(table, "10.0.42.10.in-addr.arpa.", "PTR") == {host}
     assert {r.ttl for r in table.records if r.name == host} == {SERVICE_TTL}
 
@@ -124,6 +126,8 @@ def test_headless_service_records_cover_every_exporting_cluster() -> None:
                                              ("db-0.east", "db-1.east", "db-0.west", "10-2-0-9.west", "db-2.west")}
         # the endpoint's own port number (db-1 listens on 15432) is what the SRV record names
         assert f"0 20 15432 db-1.east.{host}" in srv
+        # the bare name: one SRV per ready endpoint (and distinct port), targeting its per-endpoint name
+        assert rrset(table, host, "SRV") == srv
 
 
 def test_names_that_must_not_exist_and_empty_non_terminals() -> None:
@@ -187,6 +191,33 @@ def test_srv_answer_carries_target_addresses_in_additional_section() -> None:
     message = dns.message.from_wire(b"\0\0" + entry[0][0][0] + qkey + entry[0][1])
     additional = {(rr.name.to_text(), dns.rdatatype.to_text(rr.rdtype)) for rr in message.additional}
     assert additional == {(host, "A"), (host, "AAAA")}
+
+
+def test_bare_name_srv_one_per_distinct_port_and_endpoint() -> None:
+    """A port served over TCP and UDP is one bare-name SRV record; a headless service has one per endpoint and
+    port, with the endpoint's own port number."""
+    dns_tcp, dns_udp = ServicePort(53, Protocol.TCP, "dns-tcp"), ServicePort(53, Protocol.UDP, "dns")
+    metrics = ServicePort(9153, name="metrics")
+    vip, hl = key("resolver.kube"), key("peers.kube")
+    registry = Registry(local=EAST).with_shard(EAST, [
+        Service(EAST, vip, (dns_tcp, dns_udp, metrics)),
+        Service(EAST, hl, (dns_udp, metrics), headless=True, endpoints=(
+            Endpoint("10.1.0.1", hostname="p-0"), Endpoint("10.1.0.2", hostname="p-1", ports=(("dns", 5353),)))),
+    ]).with_catalog(clusters={}, imports={
+        vip: ServiceImport(vip, ServiceType.CLUSTER_SET_IP, (dns_tcp, dns_udp, metrics), (EAST,), ips=("10.42.0.5",)),
+        hl: ServiceImport(hl, ServiceType.HEADLESS, (dns_udp, metrics), (EAST,)),
+    })
+    table = build_table(registry)
+    vhost, hhost = "resolver.kube.svc." + APEX, "peers.kube.svc." + APEX
+    assert rrset(table, vhost, "SRV") == {f"0 100 53 {vhost}", f"0 100 9153 {vhost}"}
+    assert rrset(table, hhost, "SRV") == {f"0 50 53 p-0.east.{hhost}", f"0 50 5353 p-1.east.{hhost}",
+                                          f"0 50 9153 p-0.east.{hhost}", f"0 50 9153 p-1.east.{hhost}"}
+    entry = table.lookup(hhost, dns.rdatatype.SRV)
+    assert entry is not None
+    qkey = dns.message.make_query(hhost, "SRV").question[0].name.to_wire() + b"\x00\x21\x00\x01"
+    message = dns.message.from_wire(b"\0\0" + entry[1][0][0] + qkey + entry[1][1])
+    assert {(rr.name.to_text(), rd.to_text()) for rr in message.additional for rd in rr} == {
+        (f"p-0.east.{hhost}", "10.1.0.1"), (f"p-1.east.{hhost}", "10.1.0.2")}
 
 
 def test_zone_text_loads_as_a_zone() -> None:
