@@ -31,6 +31,9 @@ NETWORKING_VERSIONS = ("v1", "v1beta1", "v1alpha3")
 
 #: Annotation on a DestinationRule: ``"off"`` turns meshfed's default outlier detection off for its host.
 OUTLIER_ANNOTATION = "traffic.meshfed.io/outlier-detection"
+#: Annotation on a DestinationRule: ``"off"`` keeps each subset strictly to the endpoints its labels select (no
+#: failover to the service's other locations when they are all unhealthy; ``docs/traffic-policy.md``).
+SUBSET_FAILOVER_ANNOTATION = "traffic.meshfed.io/subset-failover"
 
 # Labels an endpoint carries by where it runs (derived from its locality), usable in subsets and failoverPriority.
 CLUSTER_LABEL = "topology.istio.io/cluster"
@@ -129,6 +132,7 @@ class DestinationRule:
     traffic_policy: TrafficPolicy = field(default_factory=TrafficPolicy)
     subsets: tuple[Subset, ...] = ()
     outlier_off: bool = False  # the OUTLIER_ANNOTATION says "off"
+    subset_failover_off: bool = False  # the SUBSET_FAILOVER_ANNOTATION says "off"
 
     def subset(self, name: str) -> Subset | None:
         return next((s for s in self.subsets if s.name == name), None)
@@ -485,11 +489,17 @@ def convert_destination_rule(obj: Mapping[str, Any], cluster: ClusterId) -> Dest
             if item.get("trafficPolicy") is not None else None
         subsets.append(Subset(name=sname, labels=_labels(item.get("labels"), f"{path}.labels"),
                               traffic_policy=sub_policy))
-    flag = annotations.get(OUTLIER_ANNOTATION)
-    if flag is not None and flag not in ("on", "off"):
-        raise ConversionError(f"metadata.annotations.{OUTLIER_ANNOTATION}", f"must be 'on' or 'off', got {flag!r}")
     return DestinationRule(cluster=cluster, namespace=ns, name=name, host=host, traffic_policy=policy,
-                           subsets=tuple(subsets), outlier_off=flag == "off")
+                           subsets=tuple(subsets), outlier_off=_switch(annotations, OUTLIER_ANNOTATION) == "off",
+                           subset_failover_off=_switch(annotations, SUBSET_FAILOVER_ANNOTATION) == "off")
+
+
+def _switch(annotations: Mapping[str, Any], name: str) -> str | None:
+    """An ``"on"``/``"off"`` annotation's value (``None`` when absent)."""
+    flag = annotations.get(name)
+    if flag is not None and flag not in ("on", "off"):
+        raise ConversionError(f"metadata.annotations.{name}", f"must be 'on' or 'off', got {flag!r}")
+    return flag if flag is None else str(flag)
 
 
 # --------------------------------------------------------------------------------------------------------------

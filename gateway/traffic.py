@@ -6,7 +6,9 @@ remote gateways), endpoint priorities (locality failover) and routes (matches, w
 retries, timeouts). Without any policy the defaults apply; they are chosen so that failover across clusters
 really happens (``docs/traffic-policy.md``):
 
-- priorities: 0 the caller's own cluster, 1 other clusters in the caller's region, 2 the rest;
+- priorities: 0 the caller's own cluster, 1 other clusters in the caller's region, 2 the rest; a subset cluster
+  (a split's destination) lists its own endpoints first and the service's other locations below them, so its share
+  fails over too (``subset_endpoints``);
 - outlier detection on: 3 consecutive gateway errors (502/503/504, connect failures) or 5 consecutive 5xx eject an
   endpoint for 15 s (growing with repeated ejections), checked every 2 s, up to 100 % of a priority's endpoints,
   so a priority whose endpoints all fail hands its traffic to the next one; host changes apply at once
@@ -38,6 +40,7 @@ from discovery.policy import (
     CLUSTER_LABEL,
     NETWORK_LABEL,
     REGION_LABEL,
+    TOPOLOGY_LABELS,
     ZONE_LABEL,
     DestinationRule,
     HttpMatch,
@@ -260,6 +263,30 @@ def priorities(endpoints: Sequence[UpstreamEndpoint], *, local: ClusterInfo | No
     ranks = [priority_rank(e, local=local, local_cluster=local_cluster, locality=locality) for e in endpoints]
     compact = {r: i for i, r in enumerate(sorted(set(ranks)))}
     return [compact[r] for r in ranks]
+
+
+def subset_endpoints(labels: Sequence[tuple[str, str]], endpoints: Sequence[UpstreamEndpoint], *,
+                     local: ClusterInfo | None, local_cluster: str, locality: LocalityLb | None,
+                     failover: bool = True) -> tuple[list[UpstreamEndpoint], list[int]]:
+    """A subset cluster's endpoints and the Envoy priority of each (``docs/traffic-policy.md``, "Splits and
+    failover").
+
+    A subset's topology labels (cluster, network, region, zone) say where its traffic should go, its pod labels
+    what must answer it. First come the subset's own endpoints (every label matches), by the caller's locality
+    priorities; then, unless ``failover`` is off, the service's endpoints in the other locations that still match
+    the pod labels, by the same priorities, below every priority of the subset's own. When the subset's locations
+    are all unhealthy (a remote gateway failing its health check, endpoints ejected), Envoy hands their share to
+    the next priority, so a weighted split keeps locality failover. A subset of pod labels only has no other
+    location to fail over to."""
+    own = [e for e in endpoints if subset_matches(labels, e)]
+    required = [(k, v) for k, v in labels if k not in TOPOLOGY_LABELS]
+    spare: list[UpstreamEndpoint] = []
+    if failover and len(required) < len(labels):
+        spare = [e for e in endpoints if subset_matches(required, e) and not subset_matches(labels, e)]
+    own_prios = priorities(own, local=local, local_cluster=local_cluster, locality=locality)
+    base = max(own_prios) + 1 if own_prios else 0
+    spare_prios = priorities(spare, local=local, local_cluster=local_cluster, locality=locality)
+    return own + spare, own_prios + [base + p for p in spare_prios]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ locality (region, zone, sub_zone = cluster id) and ``meshfed`` metadata saying w
 Outbound endpoints are spread over priorities (``gateway.traffic.priorities``): by default 0 for the caller's own
 cluster, 1 for other clusters in its region, 2 for the rest, or as the DestinationRule's ``localityLbSetting``
 says; Envoy sends a priority's share to the next one as its endpoints become unhealthy or ejected (with the
-default overprovisioning factor 1.4). Subset clusters list the endpoints the subset's labels select. Only remote
-gateway endpoints take part in the cluster's active health check.
+default overprovisioning factor 1.4). Subset clusters list the endpoints the subset's labels select, then (lower
+priorities) the service's endpoints in other locations that match the subset's pod labels, so that a split's
+share fails over when its locations are unreachable (``gateway.traffic.subset_endpoints``). Only remote gateway
+endpoints take part in the cluster's active health check.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from gateway.context import (
     subset_cluster_name,
 )
 from gateway.generators.common import socket_address
-from gateway.traffic import ClusterPolicy, priorities, subset_matches
+from gateway.traffic import ClusterPolicy, priorities, subset_endpoints
 
 
 def _locality(loc: Locality) -> Any:
@@ -102,14 +104,17 @@ def outbound_assignments_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx
     """The endpoints of one callable service's outbound clusters (per port, and per subset and port)."""
     out: dict[str, Any] = {}
     rule = ctx.policies.destination_rule(key)
+    failover = rule is None or not rule.subset_failover_off
     for port in ports:
         name = outbound_cluster_name(key, port.port)
         endpoints = ctx.upstream_endpoints(key, port)
         out[name] = _prioritised(name, endpoints, ClusterPolicy.of(rule), ctx)
         for subset in rule.subsets if rule is not None else ():
             sub_name = subset_cluster_name(key, port.port, subset.name)
-            selected = [e for e in endpoints if subset_matches(subset.labels, e)]
-            out[sub_name] = _prioritised(sub_name, selected, ClusterPolicy.of(rule, subset.name), ctx)
+            selected, prios = subset_endpoints(
+                subset.labels, endpoints, local=ctx.local_info, local_cluster=str(ctx.local),
+                locality=ClusterPolicy.of(rule, subset.name).locality, failover=failover)
+            out[sub_name] = load_assignment(sub_name, selected, prios)
     return out
 
 

@@ -99,7 +99,7 @@ def test_destination_rule_every_supported_field() -> None:
     dr = load(FULL_DR)
     assert isinstance(dr, DestinationRule)
     assert (dr.cluster, dr.namespace, dr.name, dr.host) == (EAST, "default", "reviews", REVIEWS)
-    assert dr.outlier_off is False
+    assert dr.outlier_off is False and dr.subset_failover_off is False
     lb = dr.traffic_policy.load_balancer
     assert lb is not None and lb.simple is LbAlgorithm.LEAST_REQUEST
     assert lb.locality is not None and lb.locality.enabled
@@ -125,7 +125,10 @@ def test_destination_rule_failover_priority_and_annotation_off() -> None:
     dr = load("""
 apiVersion: networking.istio.io/v1alpha3
 kind: DestinationRule
-metadata: {name: r, namespace: shop, annotations: {traffic.meshfed.io/outlier-detection: "off"}}
+metadata:
+  name: r
+  namespace: shop
+  annotations: {traffic.meshfed.io/outlier-detection: "off", traffic.meshfed.io/subset-failover: "off"}
 spec:
   host: reviews
   trafficPolicy:
@@ -134,7 +137,7 @@ spec:
         failoverPriority: [topology.kubernetes.io/region, topology.istio.io/cluster]
 """)
     assert dr.host == ServiceKey.parse("reviews.shop")  # short name: the rule's namespace
-    assert dr.outlier_off
+    assert dr.outlier_off and dr.subset_failover_off
     loc = dr.traffic_policy.load_balancer.locality
     assert loc.failover_priority == ("topology.kubernetes.io/region", "topology.istio.io/cluster")
 
@@ -256,6 +259,8 @@ BAD_VALUES = [
     (FULL_DR, ["spec", "subsets", 1, "labels"], {"version": 2}, "spec.subsets[1].labels.version", "strings"),
     (FULL_DR, ["metadata", "annotations"], {"traffic.meshfed.io/outlier-detection": "no"},
      "metadata.annotations.traffic.meshfed.io/outlier-detection", "'on' or 'off'"),
+    (FULL_DR, ["metadata", "annotations"], {"traffic.meshfed.io/subset-failover": "false"},
+     "metadata.annotations.traffic.meshfed.io/subset-failover", "'on' or 'off'"),
 ]
 
 

@@ -170,12 +170,51 @@ def test_one_zero_threshold_turns_off_only_that_kind_of_ejection() -> None:
 
 def test_subset_endpoints_cluster_label_matches_gateways_pod_labels_only_local_pods() -> None:
     eds = g.generate(g.ENDPOINT_TYPE, sidecar(), None, context(FULL_DR, labelled=True))
-    # By cluster label: west's subset is west's gateway (its pods stand behind it).
-    assert by_priority(eds[f"outbound|9080|west|{HOST}"]) == {0: ["127.0.0.1:16443"]}
+    # By cluster label: west's subset is west's gateway (its pods stand behind it), with east's pods one priority
+    # below as its failover.
+    assert by_priority(eds[f"outbound|9080|west|{HOST}"]) == {0: ["127.0.0.1:16443"],
+                                                              1: ["127.0.0.4:21001", "127.0.0.5:21001"]}
     # By pod label: only the local pod that carries it; never a remote gateway (pod labels are not federated).
     assert by_priority(eds[f"outbound|9080|v2|{HOST}"]) == {0: ["127.0.0.4:21001"]}
     # The whole service keeps its locality priorities (the rule's failover does not apply: us-east is not ours).
     assert by_priority(eds[OUT]) == {0: ["127.0.0.4:21001", "127.0.0.5:21001"], 1: ["127.0.0.1:16443"]}
+
+
+SPLIT_DR = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+    - {name: east, labels: {topology.istio.io/cluster: east}}
+    - {name: west, labels: {topology.istio.io/cluster: west}}
+    - {name: east-v2, labels: {topology.istio.io/cluster: east, version: v2}}
+    - {name: west-v2, labels: {topology.istio.io/cluster: west, version: v2}}
+"""
+
+
+def test_a_subset_by_location_fails_over_to_the_services_other_locations() -> None:
+    eds = g.generate(g.ENDPOINT_TYPE, sidecar(), None, context(SPLIT_DR, labelled=True))
+    # Each cluster's subset: its own endpoints first, the other cluster's below (the caller's locality order).
+    assert by_priority(eds[f"outbound|9080|east|{HOST}"]) == {0: ["127.0.0.4:21001", "127.0.0.5:21001"],
+                                                              1: ["127.0.0.1:16443"]}
+    assert by_priority(eds[f"outbound|9080|west|{HOST}"]) == {0: ["127.0.0.1:16443"],
+                                                              1: ["127.0.0.4:21001", "127.0.0.5:21001"]}
+    # Pod labels stay a requirement: east's v2 subset has no other v2 pod to fail over to (west's gateway does not
+    # federate pod labels), and west's v2 subset (no endpoint of its own) holds east's v2 pod only.
+    assert by_priority(eds[f"outbound|9080|east-v2|{HOST}"]) == {0: ["127.0.0.4:21001"]}
+    assert by_priority(eds[f"outbound|9080|west-v2|{HOST}"]) == {0: ["127.0.0.4:21001"]}
+
+
+def test_subset_failover_off_keeps_a_subset_to_its_own_endpoints() -> None:
+    rule = SPLIT_DR.replace("metadata: {name: reviews, namespace: default}",
+                            "metadata:\n  name: reviews\n  namespace: default\n"
+                            "  annotations: {traffic.meshfed.io/subset-failover: \"off\"}")
+    eds = g.generate(g.ENDPOINT_TYPE, sidecar(), None, context(rule, labelled=True))
+    assert by_priority(eds[f"outbound|9080|west|{HOST}"]) == {0: ["127.0.0.1:16443"]}
+    assert by_priority(eds[f"outbound|9080|east|{HOST}"]) == {0: ["127.0.0.4:21001", "127.0.0.5:21001"]}
+    assert f"outbound|9080|west-v2|{HOST}" in eds and not eds[f"outbound|9080|west-v2|{HOST}"].endpoints
 
 
 def _vhost(routes: dict[str, Any], key_host: str = HOST) -> Any:
