@@ -342,3 +342,29 @@ async def test_remote_gateway_that_stops_answering_is_taken_out_of_rotation(tp: 
     await wait_until(gateway_failed_health_check, within=30, what="west gateway failing its active health check")
     assert Counter(await tp.call(20)) == {"reviews-east": 20}
     assert await tp.client.admin.rejected() == {}
+
+
+async def test_a_split_share_fails_over_when_its_cluster_is_unreachable(tp: Traffic) -> None:
+    """The 90/10 split with west's gateway down (the previous test stopped it): once the west subset's gateway
+    endpoint fails its active health check, the west share goes to east's pods (the subset cluster's lower
+    priority), so no request fails. Before subsets carried a failover priority, about 10 % failed (UF,URX)."""
+    tp.east.update(replace(tp.east.ctx, policies=policies(SPLIT_90_10)), "policy")
+    assert tp.east.pushes is not None
+    await tp.east.pushes.flush()
+    subset = f"outbound|9080|west|{HOST}"
+
+    async def west_subset_marked_down() -> bool:
+        text = await tp.client.admin.clusters_text()
+        return any(x.startswith(f"{subset}::127.0.0.1:{tp.mesh.west_gateway_port}::health_flags::")
+                   and "failed_active_hc" in x for x in text.splitlines())
+
+    await wait_until(west_subset_marked_down, within=60, what="west subset's gateway failing its health check")
+    dump = json.dumps(await tp.client.admin.config_dump(include_eds=True))
+    assert subset in dump
+    n = 200
+    answers = Counter(await tp.call(n))
+    failed = n - answers["reviews-east"] - answers["reviews-west"]
+    print(f"\nsplit 90/10 with west unreachable: {answers['reviews-east']}/{n} answered by east, {failed} failed "
+          f"(success ratio {(n - failed) / n:.3f})")
+    assert answers == {"reviews-east": n}, answers
+    assert await tp.client.admin.rejected() == {}
