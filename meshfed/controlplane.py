@@ -44,8 +44,18 @@ from discovery.clusterset import ClusterSet
 from discovery.dns.server import DnsServer
 from discovery.kube import KubeSource, Source, load_api_client
 from discovery.manifests import ClusterSnapshot, LoadResult, ManifestSource
-from discovery.mcs import derive
-from discovery.model import ClusterId, ClusterInfo, Endpoint, Registry, Service
+from discovery.mcs import VALID, derive
+from discovery.model import (
+    ClusterId,
+    ClusterInfo,
+    Condition,
+    ConditionStatus,
+    Endpoint,
+    Registry,
+    Service,
+    ServiceExport,
+    ServiceKey,
+)
 from discovery.policy import TrafficPolicies
 from federation.agent import AgentConfig, FederationAgent
 from federation.catalog import Catalog
@@ -173,16 +183,34 @@ def apply_runtime(services: Mapping[Any, Service], runtime: Mapping[str, Endpoin
     return out
 
 
-def with_export_conditions(registry: Registry, catalog: Catalog) -> Registry:
+def with_export_conditions(registry: Registry, catalog: Catalog, *,
+                           unsupported: Mapping[ServiceKey, str] | None = None) -> Registry:
     """``registry`` with the local exports' MCS conditions (Valid, Ready, Conflict) as the federation computed them
-    centrally, so every cluster reports the same conflict resolution."""
+    centrally, so every cluster reports the same conflict resolution. An export the federation has no conditions
+    for because it is not valid here (no such Service: ``Valid=False, NoService``; an ExternalName Service, named
+    in ``unsupported``: ``InvalidServiceType``) gets them from the same MCS rules applied to this cluster alone:
+    such an export is never published, so only this cluster can say why."""
     local = registry.local
     exports = registry.exports.get(local, {})
+    central: dict[ServiceKey, tuple[Condition, ...]] = {}
+    missing: list[ServiceExport] = []
+    for key, export in exports.items():
+        entry = catalog.services.get(key)
+        conditions = tuple(c for cid, c in entry.conditions if cid == local) if entry is not None else ()
+        if conditions:
+            central[key] = conditions
+        else:
+            missing.append(export)
+    if missing:
+        alone = derive({local: {s.key: s for s in registry.services(local)}}, missing,
+                       unsupported={local: dict(unsupported or {})})
+        for export in alone.exports_with_conditions(missing):
+            if any(c.type == VALID and c.status is ConditionStatus.FALSE for c in export.conditions):
+                central[export.key] = export.conditions
     updated = []
     changed = False
     for key, export in sorted(exports.items()):
-        entry = catalog.services.get(key)
-        conditions = tuple(c for cid, c in entry.conditions if cid == local) if entry is not None else ()
+        conditions = central.get(key, ())
         if conditions and conditions != export.conditions:
             export = replace(export, conditions=conditions)
             changed = True
@@ -495,7 +523,8 @@ class ControlPlane:
         services = apply_runtime(snap.services, load_runtime(self.config.runtime_file))
         self.registry = self.registry.with_shard(self.config.cluster, services, snap.exports.values())
         if self.agent is not None and self.agent.catalog is not None:
-            self.registry = with_export_conditions(self.registry, self.agent.catalog)
+            self.registry = with_export_conditions(self.registry, self.agent.catalog,
+                                                   unsupported=snap.unsupported)
         elif not self.config.federation_urls:
             self.registry = derive_local(self.registry, snap, cidr=self.config.clusterset.cidr)
         configs = {ConfigKey.shard(self.config.cluster)}
@@ -574,7 +603,8 @@ class ControlPlane:
         the unchanged ones) and say which for the pipeline, which compares them key by key off the loop."""
         assert self.agent is not None
         before = self.registry
-        self.registry = after = with_export_conditions(self.agent.apply(before), catalog)
+        self.registry = after = with_export_conditions(
+            self.agent.apply(before), catalog, unsupported=self._local.unsupported if self._local else None)
         self.metrics.mark_update()
         configs = {ConfigKey.shard(c) for c in set(before.remote) | set(after.remote)
                    if before.remote.get(c) is not after.remote.get(c)}

@@ -98,6 +98,25 @@ def test_export_conditions_come_from_the_central_catalog() -> None:
     assert with_export_conditions(updated, catalog) is updated  # nothing changed: the same value
 
 
+def test_an_export_of_a_missing_service_is_reported_no_service_when_federated() -> None:
+    """The federation never sees an export whose Service does not exist (nothing is published for it), so the
+    control plane reports ``Valid=False, NoService`` itself, and ``InvalidServiceType`` for an ExternalName."""
+    ghost = ServiceExport(cluster=EAST, key=ServiceKey.parse("ghost.default"), created=datetime(2026, 1, 1, tzinfo=UTC))
+    external = ServiceExport(cluster=EAST, key=ServiceKey.parse("ext.default"),
+                             created=datetime(2026, 1, 1, tzinfo=UTC))
+    registry = Registry(local=EAST).with_shard(EAST, [_service("127.0.1.10")], [ghost, external])
+    updated = with_export_conditions(registry, Catalog(revision=1, services={}),
+                                     unsupported={external.key: "Service default/ext is of type ExternalName"})
+    by_type = {c.type: c for c in updated.exports[EAST][ghost.key].conditions}
+    assert (by_type["Valid"].status, by_type["Valid"].reason) == (ConditionStatus.FALSE, "NoService")
+    assert "ghost" in by_type["Valid"].message and by_type["Ready"].reason == "Failed"
+    ext = {c.type: c for c in updated.exports[EAST][external.key].conditions}
+    assert ext["Valid"].reason == "InvalidServiceType"
+    assert with_export_conditions(updated, Catalog(revision=1, services={}),
+                                  unsupported={external.key: "Service default/ext is of type ExternalName"}) \
+        is updated
+
+
 async def test_unfederated_control_plane_serves_dns_status_and_refuses_unauthenticated_xds(
         east_ca: Path, tmp_path: Path) -> None:
     cs = load_clusterset(DEMO)
