@@ -40,7 +40,9 @@ async def test_two_agents_propagate_both_ways_into_registry(pki: Pki, tmp_path: 
             west.publish(*snapshot("west", ["ratings"], addr_base=2))
             async with asyncio.timeout(20):
                 await west.wait_for(has("east", "reviews"))
-                await east.wait_for(has("west", "ratings"))
+                # east's catalog must hold both exports: the publishes may be merged in either order, so a catalog
+                # that already has west's ratings can still predate east's own reviews
+                await east.wait_for(lambda c: has("west", "ratings")(c) and has("east", "reviews")(c))
             registry = east.apply(Registry(local=ClusterId("east")))
             remote = registry.remote[ClusterId("west")][key("ratings")]
             assert remote.gateway_host == "127.0.0.1" and remote.ready == 1
