@@ -774,6 +774,15 @@ def status_of(cp: ControlPlane) -> dict[str, Any]:
             "conditions": [{"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message}
                            for c in (export.conditions if export else ())],
         })
+    # An export without a Service here (Valid=False, NoService) still has a row, so status can say why.
+    local_keys = {svc.key for svc in reg.services(local)}
+    for key, export in sorted(exports.items()):
+        if key not in local_keys:
+            services.append({
+                "service": str(key), "type": "", "ports": [], "endpoints": 0, "ready": 0, "exported": True,
+                "conditions": [{"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message}
+                               for c in export.conditions],
+            })
     imports = []
     for key, imp in sorted(reg.imports.items()):
         ready_by_cluster: dict[str, int] = {str(c): shard[key].ready for c, shard in reg.remote.items() if key in shard}

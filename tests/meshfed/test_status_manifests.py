@@ -21,6 +21,8 @@ BAD = {
                   "spec:\n  ports: [{name: http, port: 70000}]\n"),
     "authz.yaml": ("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
                    "metadata: {name: typo, namespace: default}\nspec:\n  action: ALLOW\n  rulez: []\n"),
+    "ghost.yaml": ("apiVersion: multicluster.x-k8s.io/v1alpha1\nkind: ServiceExport\n"
+                   "metadata: {name: ghost, namespace: default, creationTimestamp: \"2026-01-01T00:00:00Z\"}\n"),
 }
 
 
@@ -42,8 +44,11 @@ async def test_every_manifest_problem_of_a_control_plane_reaches_status(demo: Pa
              "processes": [{"name": "east/controlplane", "pid": 1, "log": "x"}]}
     report = evaluate_local(LocalInputs(state=state, alive={1: True}, controlplanes={"east": st},
                                         members=[{"cluster": "east", "renewed_at": datetime.now(UTC).isoformat()}]))
+    assert any("ghost.default" in p and "NoService" in p for p in report["problems"]), report["problems"]
     mine = [p for p in report["problems"] if p.startswith("east: manifest")]
     for name in BAD:
+        if name == "ghost.yaml":  # a valid manifest: the export of a missing Service, reported as NoService
+            continue
         assert any(name in p for p in mine), (name, mine)
     assert any("70000" in p for p in mine) and any("rulez" in p for p in mine), mine
     assert report["healthy"] is False
