@@ -19,7 +19,8 @@ from the watch's bookmarks) without an ``on_update`` call, since nothing routabl
 
 When the federation is unreachable the agent keeps the last catalog it had: nothing is withdrawn because the
 federation is down, only because the federation said so. It reconnects with jittered exponential backoff (bounded
-by ``backoff_max_s``) and resumes from its revision.
+by ``backoff_max_s``) and resumes from its revision; the lease loop retries at least every third of the lease TTL
+(as often as it heartbeats), so the lease a restarted federation renews for it is never lost to its own backoff.
 
 The control plane reads the result as ``agent.catalog`` / ``agent.apply(registry)``, or is pushed to through
 ``on_update`` or ``async for catalog in agent.updates()``.
@@ -460,9 +461,13 @@ class FederationAgent:
             except (Unreachable, FederationError, ValueError, KeyError, TypeError) as exc:
                 self.heartbeat_error = str(exc) or type(exc).__name__
                 self.heartbeat_failing_since = self.heartbeat_failing_since or datetime.now(UTC)
-                log.warning("lease renewal failed cluster=%s error=%s retry_in=%.2fs", self.info.id, exc, backoff)
+                # Retries never wait longer than a heartbeat would: when a federation comes back after an outage
+                # it renews the leases of everyone alive when it stopped (its grace), for one TTL; a retry backed
+                # off beyond that would lose the lease it was just given (withdraw, then restore, our exports).
+                retry = min(_jitter(backoff), heartbeat_interval(None, ttl))
+                log.warning("lease renewal failed cluster=%s error=%s retry_in=%.2fs", self.info.id, exc, retry)
                 signals.failed()
-                await asyncio.sleep(_jitter(backoff))
+                await asyncio.sleep(retry)
                 backoff = min(backoff * 2, self.config.backoff_max_s)
 
     # ---- catalog --------------------------------------------------------------------------------------------------
