@@ -34,6 +34,7 @@ from discovery.model import (
     Condition,
     ConditionStatus,
     InvalidValue,
+    Registry,
     Service,
     ServiceExport,
     ServiceImport,
@@ -342,3 +343,16 @@ def allocate_ips(keys: Iterable[ServiceKey], cidr: str = DEFAULT_CIDR) -> dict[S
         taken.add(offset)
         out[key] = str(ipaddress.ip_address(base + offset))
     return out
+
+
+def derive_local(registry: Registry, exports: Iterable[ServiceExport], *, unsupported: Mapping[ServiceKey, str],
+                 cidr: str) -> Registry:
+    """Without a federation, the clusterset is ``registry``'s local cluster alone: its ``exports`` get their
+    conditions, and the registry its imports, from the same rules the federation applies centrally (:func:`derive`
+    over this cluster only). ``unsupported`` as in :func:`derive`, for the local cluster."""
+    local = registry.local
+    exports = tuple(exports)
+    result = derive({local: {s.key: s for s in registry.services(local)}}, exports, cidr=cidr,
+                    unsupported={local: unsupported})
+    registry = registry.with_shard(local, registry.services(local), result.exports_with_conditions(exports))
+    return registry.with_catalog(clusters=registry.clusters, imports=result.imports)

@@ -7,7 +7,8 @@ member does. What one viewer sees is ``view(catalog, network=...)``: pod address
 publisher's network; everyone else gets the gateway and the per-locality summary.
 
 ``diff(old, new)`` lists what changed between two catalogs, per service and per member; the service streams those
-changes to watchers.
+changes to watchers. ``with_export_conditions(registry, catalog)`` is the member's side: its own exports with the
+conditions the federation computed for them.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from discovery.mcs import DEFAULT_CIDR, allocate_ips, derive
+from discovery.mcs import DEFAULT_CIDR, VALID, allocate_ips, derive
 from discovery.model import (
     ClusterId,
     Condition,
+    ConditionStatus,
     NetworkId,
+    Registry,
     RemoteEndpoints,
     Service,
     ServiceExport,
@@ -219,3 +222,39 @@ def apply(catalog: Catalog, revision: int, changes: Iterable[Change]) -> Catalog
             services[change.key] = change.service
     return Catalog(revision=revision, members=members, services=services)
 
+
+def with_export_conditions(registry: Registry, catalog: Catalog, *,
+                           unsupported: Mapping[ServiceKey, str] | None = None) -> Registry:
+    """``registry`` with the local exports' MCS conditions (Valid, Ready, Conflict) as the federation computed them
+    centrally, so every cluster reports the same conflict resolution. An export the federation has no conditions
+    for because it is not valid here (no such Service: ``Valid=False, NoService``; an ExternalName Service, named
+    in ``unsupported``: ``InvalidServiceType``) gets them from the same MCS rules applied to this cluster alone:
+    such an export is never published, so only this cluster can say why."""
+    local = registry.local
+    exports = registry.exports.get(local, {})
+    central: dict[ServiceKey, tuple[Condition, ...]] = {}
+    missing: list[ServiceExport] = []
+    for key, export in exports.items():
+        entry = catalog.services.get(key)
+        conditions = tuple(c for cid, c in entry.conditions if cid == local) if entry is not None else ()
+        if conditions:
+            central[key] = conditions
+        else:
+            missing.append(export)
+    if missing:
+        alone = derive({local: {s.key: s for s in registry.services(local)}}, missing,
+                       unsupported={local: dict(unsupported or {})})
+        for export in alone.exports_with_conditions(missing):
+            if any(c.type == VALID and c.status is ConditionStatus.FALSE for c in export.conditions):
+                central[export.key] = export.conditions
+    updated = []
+    changed = False
+    for key, export in sorted(exports.items()):
+        conditions = central.get(key, ())
+        if conditions and conditions != export.conditions:
+            export = replace(export, conditions=conditions)
+            changed = True
+        updated.append(export)
+    if not changed:
+        return registry
+    return registry.with_shard(local, registry.services(local), updated)

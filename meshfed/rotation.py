@@ -87,8 +87,8 @@ def proxy_secrets(cp: ControlPlane, node_id: str, acked: str) -> dict[str, Any]:
 
 
 def _client_info(cp: ControlPlane) -> dict[str, Any] | None:
-    info = chain_info(cp.fed_client_chain, cp.bundle)
-    client = cp.federation_client
+    info = chain_info(cp.trust.fed_client_chain, cp.bundle)
+    client = cp.trust.federation_client
     if info is not None and client is not None:
         info["old_sessions_open"] = client.old_sessions()
     return info
@@ -106,9 +106,9 @@ def controlplane_report(cp: ControlPlane) -> dict[str, Any]:
         "intermediate": {"fingerprint": cp.ca.fingerprint, "root_fingerprint": inter_root},
         "bundle_fingerprints": list(cp.bundle.fingerprints),
         "federation_client": _client_info(cp),
-        "xds_serving": chain_info(cp.mtls_serving_chain, cp.bundle),
+        "xds_serving": chain_info(cp.trust.mtls_serving_chain, cp.bundle),
         "proxies": proxies,
-        "files": cp.cert_files.report(cp.bundle),
+        "files": cp.trust.cert_files.report(cp.bundle),
     }
 
 
