@@ -8,12 +8,15 @@ Each test prints the requests sent, those that failed and the seconds to recover
   through `meshfed restart`;
 - west's gateway down: east's 90/10 split (the demo's VirtualService) loses only requests sent before the gateway
   failed its active health check; after that every request is answered by east.
-The 20,000-service publish by a third member is tests/federation/test_big_publish.py (its own process, leases
-watched in the store's event log).
+- a third member publishes 20,000 services (``MESHFED_BIG_PUBLISH`` sets the number): east and west keep their
+  leases (the federation's log shows no lease expired), the loop to west's ratings loses nothing, and east's
+  control plane imports all of them. tests/federation/test_big_publish.py checks the same on SQLite and etcd with
+  the leases watched in the store's event log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,16 +24,25 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from discovery.model import ClusterId
+from federation.agent import AgentConfig, FederationAgent
+from federation.client import FederationClient
+from federation.trust import SpiffeId, create_intermediate, issue_workload
+from federation.trust.store import load_root
+from federation.trust.tls import client_ssl_context
 from meshfed import local, procs
 from tests.e2e.test_local_run import LEASE_TTL, meshfed, recorded_pids, state_of, wait_for
+from tests.federation.fedkit import info, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
+BIG_PUBLISH = int(os.environ.get("MESHFED_BIG_PUBLISH", "20000"))
 RATINGS = "ratings.default.svc.clusterset.local"  # exported by west only: every answer crosses clusters
 REVIEWS = "reviews.default.svc.clusterset.local"  # both clusters; east splits 90/10 east/west
 
@@ -185,3 +197,55 @@ def test_killing_a_gateway_fails_the_split_over_within_the_health_check_window(r
     done = meshfed("restart", "west/eastwest-gateway", "--run-dir", str(run), timeout=120)
     assert done.returncode == 0, done.stderr
     wait_for("status healthy after west's gateway restarted", lambda: healthy(run), timeout=90)
+
+
+async def _publish_as_north(run: Path, services: int) -> tuple[int, float]:
+    """A third member, ``north``, joins the run's federation with a cluster certificate from the run's root (as
+    `meshfed ca intermediate` makes one), publishes ``services`` services, waits for the acknowledgement and until
+    east's control plane imports them all, then leaves (deregisters: its exports are withdrawn). Returns the
+    acknowledged generation and when east had imported them (monotonic)."""
+    root = load_root(run / "ca" / "root")
+    td = root.bundle.trust_domain
+    ca = create_intermediate(root.active, SpiffeId.cluster(td, "north"))
+    key, chain = issue_workload(ca, SpiffeId.cluster(td, "north"), ttl=timedelta(hours=1))
+    ssl = client_ssl_context(b"".join(chain), key, root.bundle)
+    url = state_of(run)["federation"]["url"]
+    async with FederationClient(url, ssl_context=ssl, cluster=ClusterId("north"), bundle=root.bundle,
+                                request_timeout_s=120.0) as client:
+        async with FederationAgent(client, info=info("north", "net3"), config=AgentConfig()) as north:
+            generation = north.publish(*snapshot("north", [f"big{i}" for i in range(services)], addr_base=30))
+            async with asyncio.timeout(300):
+                acked = await north.wait_published(generation)
+                last = f"big{services - 1}.default"
+                while not await asyncio.to_thread(lambda: last in east_imports(run)):  # noqa: ASYNC110 - bounded
+                    await asyncio.sleep(0.5)
+            imported = time.monotonic()
+        await client.deregister()
+    return acked, imported
+
+
+def test_a_big_publish_by_a_third_member_costs_no_lease_and_no_request(run: Path) -> None:
+    wait_for("healthy run", lambda: healthy(run), timeout=60)
+    fed_log = Path(state_of(run)["federation"]["log"])
+    log_from = fed_log.stat().st_size
+    with Loop(sleep_east(run)["outbound"], RATINGS) as loop:
+        wait_for("the request loop answered steadily", loop.steady, timeout=60)
+        started = time.monotonic()
+        acked, imported = asyncio.run(_publish_as_north(run, BIG_PUBLISH))
+        published = imported - started
+        wait_for("north's services withdrawn from east", lambda: not any(
+            s.startswith("big") for s in east_imports(run)), timeout=300)
+        settled = time.monotonic() - started
+        time.sleep(LEASE_TTL)
+    with fed_log.open("rb") as f:
+        f.seek(log_from)
+        log = f.read().decode(errors="replace")
+    expired = [line for line in log.splitlines() if "lease expired" in line]
+    report(f"{BIG_PUBLISH}-service publish by north (imported by east {published:.1f} s after it began, "
+           f"withdrawn {settled:.1f} s after)",
+           loop, settled, started)
+    assert acked >= 1
+    assert expired == [], expired[:5]
+    assert loop.failed(started) == [], loop.failed(started)[:5]
+    assert loop.sent(started) > 20
+    assert healthy(run)
