@@ -12,6 +12,7 @@ Exception tree (this module)::
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,16 @@ class ClusterSetError(DiscoveryError, ValueError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class OutboundTrafficMode(enum.StrEnum):
+    """What a capture-mode sidecar does with a connection to a destination the mesh does not know
+    (``outboundTrafficPolicy.mode``, as Istio's MeshConfig spells it)."""
+
+    ALLOW_ANY = "ALLOW_ANY"
+    """Pass it through to the address the workload dialled (the default)."""
+    REGISTRY_ONLY = "REGISTRY_ONLY"
+    """Refuse it: the connection is closed."""
+
+
 @dataclass(frozen=True, slots=True)
 class FederationSettings:
     """How a member talks to the federation service."""
@@ -62,6 +73,7 @@ class ClusterSet:
     clusters: tuple[ClusterInfo, ...]
     federation: FederationSettings = field(default_factory=FederationSettings)
     directory: Path | None = None
+    outbound_traffic_mode: OutboundTrafficMode = OutboundTrafficMode.ALLOW_ANY
 
     @property
     def cluster_ids(self) -> tuple[ClusterId, ...]:
@@ -106,7 +118,7 @@ def parse_clusterset(data: Any, *, file: str = CLUSTERSET_FILE, directory: Path 
     """Validate a parsed clusterset.yaml document; every error names ``file`` and the field path."""
     if not isinstance(data, Mapping):
         raise ClusterSetError("the file must hold one mapping (name, trustDomain, clusters, ...)", file=file)
-    known = {"name", "trustDomain", "clustersetCIDR", "federation", "clusters"}
+    known = {"name", "trustDomain", "clustersetCIDR", "federation", "clusters", "outboundTrafficPolicy"}
     for k in data:
         if k not in known:
             raise ClusterSetError(f"unknown field (known: {', '.join(sorted(known))})", file=file, field=str(k))
@@ -145,6 +157,7 @@ def parse_clusterset(data: Any, *, file: str = CLUSTERSET_FILE, directory: Path 
             file=file,
             field="federation.heartbeatIntervalSeconds",
         )
+    outbound_mode = _outbound_mode(data, file)
     raw_clusters = _get(data, "clusters", "clusters", list, required=True, file=file)
     if not raw_clusters:
         raise ClusterSetError("at least one cluster is required", file=file, field="clusters")
@@ -200,7 +213,24 @@ def parse_clusterset(data: Any, *, file: str = CLUSTERSET_FILE, directory: Path 
         clusters=tuple(clusters),
         federation=fed,
         directory=directory,
+        outbound_traffic_mode=outbound_mode,
     )
+
+
+def _outbound_mode(data: Mapping[str, Any], file: str) -> OutboundTrafficMode:
+    raw = _get(data, "outboundTrafficPolicy", "outboundTrafficPolicy", Mapping, required=False, file=file) or {}
+    for k in raw:
+        if k != "mode":
+            raise ClusterSetError("unknown field (known: mode)", file=file, field=f"outboundTrafficPolicy.{k}")
+    mode = _get(raw, "mode", "outboundTrafficPolicy.mode", str, required=False, file=file)
+    if mode is None:
+        return OutboundTrafficMode.ALLOW_ANY
+    try:
+        return OutboundTrafficMode(mode)
+    except ValueError:
+        known = ", ".join(m.value for m in OutboundTrafficMode)
+        raise ClusterSetError(f"{mode!r} is not an outbound traffic mode (known: {known})", file=file,
+                              field="outboundTrafficPolicy.mode") from None
 
 
 def clusterset_file(path: Path | str) -> Path:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from discovery.authz import AuthorizationPolicy
+from discovery.clusterset import OutboundTrafficMode
 from discovery.model import (
     ClusterId,
     ClusterInfo,
@@ -53,6 +54,19 @@ class ProxyKind(enum.StrEnum):
     GATEWAY = "gateway"
     SIDECAR = "sidecar"
     GRPC = "grpc"
+
+
+class CaptureMode(enum.StrEnum):
+    """How a sidecar's traffic reaches it (metadata ``MESHFED_CAPTURE``).
+
+    ``none``: the workload calls the sidecar's explicit outbound HTTP listener on 127.0.0.1 with a ``Host``
+    header, and callers reach the sidecar's inbound listeners directly (the loopback mode of ``meshfed up``).
+    ``redirect``: the pod's iptables rules (``meshfed proxy capture``) redirect every outbound TCP connection to
+    the virtual outbound listener and every inbound one to the virtual inbound listener
+    (``gateway.generators.capture``)."""
+
+    NONE = "none"
+    REDIRECT = "redirect"
 
 
 def sni_name(key: ServiceKey, port: int) -> str:
@@ -105,6 +119,10 @@ META_INBOUND = "MESHFED_INBOUND"
 META_OUTBOUND_PORT = "MESHFED_OUTBOUND_PORT"
 META_GATEWAY_PORT = "MESHFED_GATEWAY_PORT"
 META_IP = "MESHFED_IP"
+# Capture mode (docs/traffic-capture.md): written only when it is not "none", so loopback nodes are unchanged.
+META_CAPTURE = "MESHFED_CAPTURE"
+META_INBOUND_CAPTURE_PORT = "MESHFED_INBOUND_CAPTURE_PORT"
+META_CAPTURE_BIND = "MESHFED_CAPTURE_BIND"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +132,10 @@ class ProxyInfo:
     ``kind`` gateway: an east-west gateway listening on ``ip``:``gateway_port``. ``kind`` sidecar: a workload's
     Envoy with inbound listeners (``inbound``) and one outbound HTTP listener on 127.0.0.1:``outbound_port``.
     ``kind`` grpc: a proxyless gRPC client (API listeners per imported service port).
+
+    ``capture`` redirect (sidecars only): instead of those listeners, a virtual outbound listener on
+    ``capture_bind``:``outbound_port`` and a virtual inbound one on ``capture_bind``:``inbound_capture_port``,
+    fed by the pod's iptables rules.
     """
 
     kind: ProxyKind
@@ -126,17 +148,33 @@ class ProxyInfo:
     outbound_port: int = 15001
     gateway_port: int = 15443
     ip: str = "127.0.0.1"
+    capture: CaptureMode = CaptureMode.NONE
+    inbound_capture_port: int = 15006
+    capture_bind: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if not self.node_id:
             raise ProxyInfoError("node id is empty")
-        try:
-            ipaddress.ip_address(self.ip)
-        except ValueError as exc:
-            raise ProxyInfoError(f"proxy {self.node_id}: ip {self.ip!r} is not an IP address") from exc
-        for what, value in (("outbound port", self.outbound_port), ("gateway port", self.gateway_port)):
+        for what, address in (("ip", self.ip), ("capture bind address", self.capture_bind)):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError as exc:
+                raise ProxyInfoError(f"proxy {self.node_id}: {what} {address!r} is not an IP address") from exc
+        for what, value in (("outbound port", self.outbound_port), ("gateway port", self.gateway_port),
+                            ("inbound capture port", self.inbound_capture_port)):
             if not 1 <= value <= 65535:
                 raise ProxyInfoError(f"proxy {self.node_id}: {what} {value} is out of range 1..65535")
+        if self.captured and self.kind is not ProxyKind.SIDECAR:
+            raise ProxyInfoError(f"proxy {self.node_id}: capture mode {self.capture} is for sidecars only, "
+                                 f"not {self.kind}")
+        if self.captured and self.outbound_port == self.inbound_capture_port:
+            raise ProxyInfoError(f"proxy {self.node_id}: outbound port and inbound capture port are both "
+                                 f"{self.outbound_port}")
+
+    @property
+    def captured(self) -> bool:
+        """Whether the sidecar's traffic is redirected to it (virtual listeners, not the explicit ones)."""
+        return self.capture is not CaptureMode.NONE
 
     def spiffe_id(self, trust_domain: str) -> str:
         return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
@@ -153,7 +191,8 @@ class ProxyInfo:
             META_OUTBOUND_PORT: str(self.outbound_port),
             META_GATEWAY_PORT: str(self.gateway_port),
             META_IP: self.ip,
-        }
+        } | ({META_CAPTURE: str(self.capture), META_INBOUND_CAPTURE_PORT: str(self.inbound_capture_port),
+              META_CAPTURE_BIND: self.capture_bind} if self.captured else {})
 
     @classmethod
     def from_node(cls, node_id: str, metadata: Mapping[str, Any], *, namespace: str | None = None,
@@ -207,6 +246,11 @@ class ProxyInfo:
             except (ValueError, IndexError) as exc:
                 raise ProxyInfoError(f"node {node_id!r}: metadata field {META_INBOUND} entry {item!r} "
                                      "is not PORT:APP_PORT[:NAME[:PROTOCOL]]") from exc
+        try:
+            capture = CaptureMode(get(META_CAPTURE, "none").lower())
+        except ValueError as exc:
+            raise ProxyInfoError(f"node {node_id!r}: metadata field {META_CAPTURE} is not one of "
+                                 f"{[m.value for m in CaptureMode]}") from exc
         return cls(
             kind=kind,
             cluster=cluster_,
@@ -218,6 +262,9 @@ class ProxyInfo:
             outbound_port=port(META_OUTBOUND_PORT, "15001"),
             gateway_port=port(META_GATEWAY_PORT, "15443"),
             ip=get(META_IP, "127.0.0.1"),
+            capture=capture,
+            inbound_capture_port=port(META_INBOUND_CAPTURE_PORT, "15006"),
+            capture_bind=get(META_CAPTURE_BIND, "0.0.0.0"),
         )
 
 
@@ -262,6 +309,9 @@ class PushContext:
     policies: TrafficPolicies = field(default_factory=TrafficPolicies)
     # Active TCP (+mTLS handshake) health checks on remote gateway endpoints, every this many seconds; 0: off.
     gateway_health_check_s: float = 2.0
+    # What capture-mode sidecars do with connections to destinations the mesh does not know (clusterset.yaml's
+    # outboundTrafficPolicy.mode): pass them through (ALLOW_ANY) or refuse them (REGISTRY_ONLY).
+    outbound_mode: OutboundTrafficMode = OutboundTrafficMode.ALLOW_ANY
     # Results shared by many proxies (every sidecar's outbound clusters, endpoints, routes per namespace) are
     # computed once per context. A changed input means a new context (``dataclasses.replace``), with an empty memo.
     _memo: dict[Hashable, Any] = field(default_factory=dict, init=False, compare=False, repr=False)

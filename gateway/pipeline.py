@@ -49,6 +49,7 @@ from gateway.generators import (
     LISTENER_TYPE,
     ROUTE_TYPE,
     SECRET_TYPE,
+    capture,
     cds,
     eds,
     lds,
@@ -100,6 +101,15 @@ def _gateway_listener(proxy: ProxyInfo, parts: list[Any], ctx: PushContext) -> d
 
 def _outbound_route(proxy: ProxyInfo, parts: list[Any], ctx: PushContext) -> dict[str, Message]:
     return {lds.OUTBOUND_ROUTE: rds.outbound_route(proxy, ctx, vhosts=[v for vhosts in parts for v in vhosts])}
+
+
+def _virtual_outbound(proxy: ProxyInfo, parts: list[Any], ctx: PushContext) -> dict[str, Message]:
+    return {capture.VIRTUAL_OUTBOUND: capture.virtual_outbound(proxy, ctx, pieces=parts)}
+
+
+def _capture_scope(proxy: ProxyInfo) -> Hashable:
+    """Everything the virtual outbound listener reads of a proxy: its identity (telemetry) and where it listens."""
+    return (proxy.cluster, proxy.namespace, proxy.service_account, proxy.capture_bind, proxy.outbound_port)
 
 
 def _virtual_service_keys(ctx: PushContext) -> Iterable[ServiceKey]:
@@ -167,6 +177,9 @@ EDS_OUTBOUND = SharedPart("eds-outbound", ENDPOINT_TYPE, lambda p: (), _outbound
 RDS_OUTBOUND = SharedPart("rds-outbound", ROUTE_TYPE, lambda p: (p.namespace, p.kind), _outbound_keys,
                           lambda p, k, ports, ctx: rds.virtual_hosts_of(p, k, ports, ctx), endpoints=False,
                           combine=_outbound_route, also=_virtual_service_keys)
+LDS_CAPTURE = SharedPart("lds-capture", LISTENER_TYPE, _capture_scope, _outbound_keys,
+                         lambda p, k, ports, ctx: capture.outbound_chains_of(p, k, ports, ctx), endpoints=False,
+                         combine=_virtual_outbound)
 LDS_API = SharedPart("lds-api", LISTENER_TYPE, lambda p: (), _outbound_keys,
                      lambda p, k, ports, ctx: lds.api_listeners_of(k, ports), endpoints=False)
 
@@ -174,6 +187,9 @@ SDS_OWN = OwnPart(lambda p, ctx: sds.generate(p, None, ctx),
                   lambda p, ctx: (ctx.workload_certs.get(p.spiffe_id(ctx.trust_domain)), ctx.trust_bundle_pem,
                                   ctx.cert_secret, ctx.root_secret), on=frozenset({Kind.TRUST, Kind.CERTS}))
 INBOUND_CLUSTERS = OwnPart(cds.inbound_clusters, lambda p, ctx: ctx.connect_timeout_s)
+# In capture mode the Service ports' protocols decide how the sidecar talks to the app.
+CAPTURE_CLUSTERS = OwnPart(cds.inbound_clusters, lambda p, ctx: (ctx.connect_timeout_s, _own_services(p, ctx)),
+                           services=True)
 SIDECAR_LISTENERS = OwnPart(lds.sidecar_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz),
                             on=frozenset({Kind.AUTHZ}), services=True)
 GRPC_SERVER_LISTENERS = OwnPart(proxyless.server_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz),
@@ -190,6 +206,15 @@ RECIPES: Mapping[ProxyKind, Mapping[str, Recipe]] = {
                      LISTENER_TYPE: Recipe(LDS_API, GRPC_SERVER_LISTENERS), ROUTE_TYPE: Recipe(RDS_OUTBOUND),
                      SECRET_TYPE: Recipe(own=SDS_OWN)},
 }
+#: A sidecar in capture mode: the virtual outbound listener shared per identity, its own virtual inbound one.
+CAPTURE_RECIPE: Mapping[str, Recipe] = {
+    CLUSTER_TYPE: Recipe(CDS_OUTBOUND, CAPTURE_CLUSTERS), ENDPOINT_TYPE: Recipe(EDS_OUTBOUND),
+    LISTENER_TYPE: Recipe(LDS_CAPTURE, SIDECAR_LISTENERS), ROUTE_TYPE: Recipe(RDS_OUTBOUND),
+    SECRET_TYPE: Recipe(own=SDS_OWN)}
+
+
+def recipes_of(proxy: ProxyInfo) -> Mapping[str, Recipe]:
+    return CAPTURE_RECIPE if proxy.captured else RECIPES[proxy.kind]
 
 
 # ---- state ----------------------------------------------------------------------------------------------------------
@@ -262,7 +287,7 @@ class _Proxy:
 def _settings(ctx: PushContext) -> Hashable:
     """The context's fixed settings: when one changes, everything is rebuilt."""
     return (ctx.trust_domain, ctx.connect_timeout_s, ctx.cert_secret, ctx.root_secret, ctx.gateway_health_check_s,
-            ctx.registry.local)
+            ctx.registry.local, ctx.outbound_mode)
 
 
 class PushPipeline:
@@ -487,7 +512,7 @@ class PushPipeline:
     def _proxy_snapshot(self, state: _Proxy, ctx: PushContext, dirty: _Dirty, fresh: set[tuple[str, Hashable]],
                         rebuilt: set[tuple[str, Hashable]]) -> Snapshot | None:
         proxy = state.proxy
-        recipes = RECIPES[proxy.kind]
+        recipes = recipes_of(proxy)
         changed = state.snapshot is None
         state.tables = []
         for type_url in TYPES:

@@ -29,10 +29,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from envoy.config.listener.v3 import listener_components_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
 from google.protobuf import any_pb2
 
@@ -46,8 +48,11 @@ from discovery.authz import (
     Source,
     StringMatch,
 )
+from discovery.model import Service
+from discovery.protocols import NOT_TCP, is_http, port_protocol
 
 RBAC_FILTER = "envoy.filters.http.rbac"
+NETWORK_RBAC_FILTER = "envoy.filters.network.rbac"
 XFCC = "x-forwarded-client-cert"
 DENY_STAT_PREFIX = "meshfed_deny."
 ALLOW_STAT_PREFIX = "meshfed_allow."
@@ -154,6 +159,22 @@ def _cluster_id(m: StringMatch) -> Any:
         name=XFCC, string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=cluster_regex(m)))))
 
 
+def subject_cluster_regex(cluster: StringMatch) -> str:
+    """RE2 (full match) for the verified peer certificate's Subject (RFC 2253, as Envoy prints it) naming the
+    caller's cluster as its OU. A SPIFFE URI SAN never matches it (no ``OU=`` in an ID of RFC 1123 names)."""
+    ou = "[^,]+" if cluster.kind is MatchKind.ANY else re.escape(cluster.value)
+    return rf"(.*,)?OU={ou}(,.*)?"
+
+
+def _subject_cluster_id(m: StringMatch) -> Any:
+    """``source.cluster`` on a TCP port: there is no header, so match the certificate itself. Envoy's
+    ``authenticated.principal_name`` tries the URI SANs, then the DNS SANs, then the Subject; only the Subject
+    can match this regex."""
+    return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(
+        principal_name=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(
+            regex=subject_cluster_regex(m)))))
+
+
 def _header_id(name: str, m: StringMatch) -> Any:
     if m.kind is MatchKind.ANY:
         return rbac_pb2.Principal(header=route_components_pb2.HeaderMatcher(name=name, present_match=True))
@@ -177,9 +198,9 @@ def _source_principal(src: Source) -> Any:
     return _all_of_principals(parts)
 
 
-def _condition_principal(cond: Condition) -> Any:
+def _condition_principal(cond: Condition, *, l4: bool = False) -> Any:
     if cond.key == "source.cluster":
-        make: Any = _cluster_id
+        make: Any = _subject_cluster_id if l4 else _cluster_id
     elif cond.key == "source.namespace":
         make = _namespace_id
     elif cond.key == "source.principal":
@@ -246,30 +267,39 @@ def _cluster_unknowable(action: Action) -> Any:
 
 
 def rule_policy(rule: Rule, listener_ports: frozenset[int] | None = None, *,
-                cluster_known: bool = True, action: Action = Action.ALLOW) -> Any:
+                cluster_known: bool = True, action: Action = Action.ALLOW, l4: bool = False) -> Any:
     """One Istio rule as one Envoy RBAC policy: (any operation) AND (any source AND every condition).
 
     ``listener_ports``: the port numbers that denote the inbound listener the filter runs on (its own port and
     the workload port the Service names for it); ``ports`` conditions are then decided here, so a policy written
     against the workload's port holds whatever port the sidecar listens on. None: match Envoy's destination port.
     ``cluster_known`` False: see :func:`_cluster_unknowable` (``action`` says which way to fail closed).
+    ``l4``: for the network RBAC filter of a TCP port (``source.cluster`` from the certificate's Subject; the rule
+    must already be stripped of HTTP-only fields, :func:`tcp_rule`).
     """
     permission = (_any_of_permissions([_operation_permission(o, listener_ports) for o in rule.operations])
                   if rule.operations else rbac_pb2.Permission(any=True))
     principals = []
     if rule.sources:
         principals.append(_any_of_principals([_source_principal(s) for s in rule.sources]))
-    principals.extend(_condition_principal(c) if cluster_known or c.key != "source.cluster"
+    principals.extend(_condition_principal(c, l4=l4) if cluster_known or c.key != "source.cluster"
                       else _cluster_unknowable(action) for c in rule.conditions)
     return rbac_pb2.Policy(permissions=[permission], principals=[_all_of_principals(principals)])
 
 
 def rbac_config(policies: Sequence[AuthorizationPolicy], action: Action,
-                listener_ports: frozenset[int] | None = None, *, cluster_known: bool = True) -> Any:
-    """The ``envoy.config.rbac.v3.RBAC`` of one action: every rule of every policy, named per rule."""
+                listener_ports: frozenset[int] | None = None, *, cluster_known: bool = True,
+                l4: bool = False) -> Any:
+    """The ``envoy.config.rbac.v3.RBAC`` of one action: every rule of every policy, named per rule (``l4``: as a
+    TCP port enforces them, :func:`tcp_rule`)."""
     named: dict[str, Any] = {}
     for policy in policies:
         for name, rule in zip(envoy_policy_names(policy), policy.rules, strict=True):
+            if l4:
+                tcp = tcp_rule(rule, action)
+                named[name] = (_NEVER if tcp is None
+                               else rule_policy(tcp, listener_ports, action=action, l4=True))
+                continue
             named[name] = rule_policy(rule, listener_ports, cluster_known=cluster_known, action=action)
     envoy_action = rbac_pb2.RBAC.ALLOW if action is Action.ALLOW else rbac_pb2.RBAC.DENY
     return rbac_pb2.RBAC(action=envoy_action, policies=named)
@@ -288,6 +318,85 @@ def rbac_filters(deny: Sequence[AuthorizationPolicy], allow: Sequence[Authorizat
     if allow:
         out.append(_http_filter(rbac_config(allow, Action.ALLOW, listener_ports, cluster_known=cluster_known),
                                 ALLOW_STAT_PREFIX))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TCP ports: the network RBAC filter
+
+
+#: A policy that matches no connection (an ALLOW rule that a TCP port cannot evaluate).
+_NEVER = rbac_pb2.Policy(permissions=[rbac_pb2.Permission(not_rule=rbac_pb2.Permission(any=True))],
+                         principals=[rbac_pb2.Principal(any=True)])
+
+
+def http_only_fields(rule: Rule) -> list[str]:
+    """The fields of ``rule`` a TCP connection has no value for, as paths inside the rule (``to[0].operation.paths``,
+    ``when[1]``): methods, paths and request headers."""
+    out = []
+    for i, op in enumerate(rule.operations):
+        for field_name, values in (("methods", op.methods), ("notMethods", op.not_methods), ("paths", op.paths),
+                                   ("notPaths", op.not_paths)):
+            if values:
+                out.append(f"to[{i}].operation.{field_name}")
+    out.extend(f"when[{i}] ({c.key})" for i, c in enumerate(rule.conditions) if c.header)
+    return out
+
+
+def tcp_rule(rule: Rule, action: Action) -> Rule | None:
+    """``rule`` as a TCP port enforces it, failing closed as Istio does: an ALLOW rule with an HTTP-only field
+    matches nothing (None); a DENY rule loses its HTTP-only fields, so it denies more, never less."""
+    if not http_only_fields(rule):
+        return rule
+    if action is Action.ALLOW:
+        return None
+    operations = tuple(Operation(ports=o.ports, not_ports=o.not_ports) for o in rule.operations)
+    return Rule(sources=rule.sources, operations=operations,
+                conditions=tuple(c for c in rule.conditions if not c.header))
+
+
+def network_rbac_filters(deny: Sequence[AuthorizationPolicy], allow: Sequence[AuthorizationPolicy], *,
+                         listener_ports: frozenset[int] | None = None, stat_prefix: str) -> list[Any]:
+    """The network filters (before the TCP proxy) enforcing ``deny`` then ``allow`` on a TCP port; none when no
+    policy applies. A denied connection is closed; Envoy's connection termination details then read
+    ``rbac_access_denied_matched_policy[<name>]``."""
+    out = []
+    for policies, action, prefix in ((deny, Action.DENY, DENY_STAT_PREFIX), (allow, Action.ALLOW,
+                                                                             ALLOW_STAT_PREFIX)):
+        if not policies:
+            continue
+        config = network_rbac_pb2.RBAC(rules=rbac_config(policies, action, listener_ports, l4=True),
+                                       stat_prefix=f"{stat_prefix}.{prefix}")
+        wrapped = any_pb2.Any()
+        wrapped.Pack(config)
+        out.append(listener_components_pb2.Filter(name=NETWORK_RBAC_FILTER, typed_config=wrapped))
+    return out
+
+
+def tcp_port_problems(policies: Iterable[AuthorizationPolicy], services: Iterable[Service]) -> list[str]:
+    """One message per (policy, rule field) that a TCP port cannot evaluate: the policy selects the workload of a
+    local Service with a port whose protocol is TCP (``discovery.protocols``) and a rule names methods, paths or
+    request headers. Each names the policy, the field and the ports, and says what the port does instead."""
+    services = list(services)
+    out: list[str] = []
+    for policy in sorted(policies, key=lambda p: p.policy_id):
+        ports: list[str] = []
+        for service in services:
+            labels = workload_labels([service.key], {service.key: service.selector})
+            if not policy.selects(str(service.key.namespace), labels):
+                continue
+            for sp in service.ports:
+                protocol = port_protocol(sp)
+                if protocol != NOT_TCP and not is_http(protocol):
+                    ports.append(f"{service.key}:{sp.port} ({protocol})")
+        if not ports:
+            continue
+        effect = ("the rule matches no connection there" if policy.action is Action.ALLOW
+                  else "the field is ignored there, so the rule denies more")
+        for i, rule in enumerate(policy.rules):
+            for where in http_only_fields(rule):
+                out.append(f"AuthorizationPolicy {policy.namespace}/{policy.name}: spec.rules[{i}].{where} is "
+                           f"HTTP-only, but it selects TCP port(s) {', '.join(ports)}: {effect}")
     return out
 
 

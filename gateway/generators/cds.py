@@ -3,8 +3,11 @@
 gateway   one EDS cluster per exported service port, named by its SNI, plain TCP (the TLS stream passes through)
 sidecar   one EDS cluster per callable service port (mTLS, SNI, HTTP/2) and one static cluster per inbound port;
           plus one per DestinationRule subset and port (``outbound|<port>|<subset>|<host>``). Outbound clusters
-          carry the traffic policy (``gateway.traffic``): outlier detection on by default, load balancing, circuit
-          breakers, connect timeout, and an active health check that only remote gateway endpoints take part in
+          serve HTTP and TCP callers alike (a TCP caller's bytes ride the same mTLS). Capture mode: the Service
+          port's protocol picks HTTP/1.1, HTTP/2 or plain TCP to the app, and ``PassthroughCluster`` (ORIGINAL_DST)
+          and ``BlackHoleCluster`` (no endpoints) join them. Outbound clusters carry the traffic policy
+          (``gateway.traffic``): outlier detection on by default, load balancing, circuit breakers, connect
+          timeout, and an active health check that only remote gateway endpoints take part in
 grpc      the outbound clusters only (no active health checks: gRPC's xDS client does not run them)
 """
 
@@ -20,6 +23,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import wrappers_pb2
 
 from discovery.model import Service, ServiceKey, ServicePort
+from discovery.protocols import is_http, upstream_http2
 from gateway import telemetry
 from gateway.context import (
     ProxyInfo,
@@ -30,6 +34,7 @@ from gateway.context import (
     sni_name,
     subset_cluster_name,
 )
+from gateway.generators import capture
 from gateway.generators.common import (
     TLS_TRANSPORT_SOCKET,
     ads_source,
@@ -143,9 +148,18 @@ def outbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
 
 
 def inbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
+    """One static cluster per inbound port: the app on 127.0.0.1:<app port>, HTTP/2 for gRPC. In capture mode the
+    Service port's protocol decides (``capture.inbound_protocol``): HTTP/2 for grpc and http2, no HTTP options
+    for TCP ports; plus the outbound policy's clusters (:func:`capture_clusters`)."""
     out: dict[str, Any] = {}
     for inbound in proxy.inbound:
         name = inbound_cluster_name(inbound.port)
+        if proxy.captured:
+            protocol = capture.inbound_protocol(proxy, inbound, ctx)
+            options = ({} if not is_http(protocol)
+                       else {HTTP_PROTOCOL_OPTIONS: _http_options(http2=upstream_http2(protocol))})
+        else:
+            options = {HTTP_PROTOCOL_OPTIONS: _http_options(http2=inbound.protocol == "grpc")}
         out[name] = cluster_pb2.Cluster(
             name=name,
             type=cluster_pb2.Cluster.STATIC,
@@ -158,9 +172,30 @@ def inbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
                     ))
                 ])],
             ),
-            typed_extension_protocol_options={HTTP_PROTOCOL_OPTIONS: _http_options(http2=inbound.protocol == "grpc")},
+            typed_extension_protocol_options=options,
         )
+    if proxy.captured:
+        out |= capture_clusters(ctx)
     return out
+
+
+def capture_clusters(ctx: PushContext) -> dict[str, Any]:
+    """``PassthroughCluster`` (ORIGINAL_DST: the address the workload dialled, reached from the proxy's uid, which
+    is not captured) and ``BlackHoleCluster`` (no endpoints: connections are closed); the virtual outbound
+    listener's default chain uses one of them, as the outbound traffic policy says."""
+    return {
+        capture.PASSTHROUGH_CLUSTER: cluster_pb2.Cluster(
+            name=capture.PASSTHROUGH_CLUSTER,
+            type=cluster_pb2.Cluster.ORIGINAL_DST,
+            lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+            connect_timeout=duration(ctx.connect_timeout_s),
+        ),
+        capture.BLACKHOLE_CLUSTER: cluster_pb2.Cluster(
+            name=capture.BLACKHOLE_CLUSTER,
+            type=cluster_pb2.Cluster.STATIC,
+            connect_timeout=duration(ctx.connect_timeout_s),
+        ),
+    }
 
 
 def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -> dict[str, Any]:

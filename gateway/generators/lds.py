@@ -7,6 +7,7 @@ gateway   ``gateway`` on ip:gateway_port: TLS inspector, one filter chain per ex
 sidecar   ``outbound`` on 127.0.0.1:outbound_port: HTTP, routes from RDS ``outbound``; and ``inbound|<port>`` on
           ip:port per inbound port: mTLS required, XFCC set with the caller's URI SAN and Subject, RBAC from the
           AuthorizationPolicies selecting the workload (``inbound_authz``), then the workload.
+          Capture mode (``MESHFED_CAPTURE=redirect``): ``virtualOutbound`` and ``virtualInbound`` instead (``capture``).
 grpc      one API listener per callable ``<host>:<port>`` (what a proxyless gRPC client asks for), RDS ``outbound``.
 """
 
@@ -16,34 +17,35 @@ from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
-from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from google.protobuf import wrappers_pb2
 
 from discovery.model import Service, ServiceKey, ServicePort
 from gateway import telemetry
-from gateway.context import ProxyInfo, ProxyKind, PushContext, inbound_cluster_name, sni_name
-from gateway.generators import inbound_authz, proxyless
-from gateway.generators.common import TLS_TRANSPORT_SOCKET, ads_source, downstream_tls, pack, socket_address
+from gateway.context import ProxyInfo, ProxyKind, PushContext, sni_name
+from gateway.generators import capture, proxyless
+from gateway.generators.common import TLS_TRANSPORT_SOCKET, downstream_tls, pack, socket_address
+from gateway.generators.hcm import (
+    OUTBOUND_ROUTE,
+    TCP_PROXY_FILTER,
+    hcm_filter,
+    inbound_hcm,
+    outbound_hcm,
+    sidecar_outbound_hcm,
+)
 
-OUTBOUND_ROUTE = "outbound"
 GATEWAY_LISTENER = "gateway"
 OUTBOUND_LISTENER = "outbound"
-HCM_FILTER = "envoy.filters.network.http_connection_manager"
-TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 TLS_INSPECTOR = "envoy.filters.listener.tls_inspector"
-ROUTER = "envoy.filters.http.router"
+
+
+__all__ = ["GATEWAY_LISTENER", "OUTBOUND_LISTENER", "OUTBOUND_ROUTE", "TLS_INSPECTOR", "api_listeners",
+           "api_listeners_of", "gateway_chains_of", "gateway_listener", "generate", "inbound_listener",
+           "inbound_listener_name", "outbound_listener", "sidecar_listeners"]
 
 
 def inbound_listener_name(port: int) -> str:
     return f"inbound|{port}"
-
-
-def _router() -> Any:
-    return hcm_pb2.HttpFilter(name=ROUTER, typed_config=pack(router_pb2.Router()))
 
 
 def gateway_chains_of(service: Service, ctx: PushContext) -> list[Any]:
@@ -81,64 +83,22 @@ def gateway_listener(proxy: ProxyInfo, ctx: PushContext, chains: list[Any] | Non
     )
 
 
-def _outbound_hcm(stat_prefix: str) -> Any:
-    return hcm_pb2.HttpConnectionManager(
-        stat_prefix=stat_prefix,
-        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=OUTBOUND_ROUTE),
-        http_filters=[_router()],
-    )
-
-
 def outbound_listener(proxy: ProxyInfo, ctx: PushContext | None = None) -> Any:
-    hcm = _outbound_hcm("outbound")
-    if ctx is not None:  # request metrics and JSON access logs (gateway.telemetry)
-        telemetry.instrument_outbound(hcm, cluster=str(proxy.cluster), spiffe_id=proxy.spiffe_id(ctx.trust_domain))
     return listener_pb2.Listener(
         name=OUTBOUND_LISTENER,
         address=socket_address("127.0.0.1", proxy.outbound_port),
-        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
-            name=HCM_FILTER, typed_config=pack(hcm)
-        )])],
+        filter_chains=[listener_components_pb2.FilterChain(filters=[hcm_filter(sidecar_outbound_hcm(proxy, ctx))])],
         traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
     )
 
 
 def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
     name = inbound_listener_name(port)
-    cluster = inbound_cluster_name(port)
-    hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix=name.replace("|", "_"),
-        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-        forward_client_cert_details=hcm_pb2.HttpConnectionManager.SANITIZE_SET,
-        # RBAC matches paths after RFC 3986 normalization ("/./admin", "/x/../admin" are "/admin"), as Istio does by
-        # default, so a DENY on a path cannot be sidestepped by spelling it differently.
-        normalize_path=wrappers_pb2.BoolValue(value=True),
-        # The Subject names the caller's cluster (OU, written by that cluster's CA); RBAC matches it here, and only
-        # here: SANITIZE_SET drops any x-forwarded-client-cert the caller sent (gateway.rbac, docs/authorization.md).
-        set_current_client_cert_details=hcm_pb2.HttpConnectionManager.SetCurrentClientCertDetails(
-            uri=True, subject=wrappers_pb2.BoolValue(value=True)),
-        access_log=inbound_authz.access_logs(proxy, name, ctx),
-        route_config=route_pb2.RouteConfiguration(
-            name=name,
-            virtual_hosts=[route_components_pb2.VirtualHost(
-                name=name,
-                domains=["*"],
-                routes=[route_components_pb2.Route(
-                    match=route_components_pb2.RouteMatch(prefix="/"),
-                    route=route_components_pb2.RouteAction(cluster=cluster),
-                )],
-            )],
-        ),
-        http_filters=[*inbound_authz.http_filters(proxy, ctx, port), _router()],
-    )
-    telemetry.instrument_inbound(hcm, cluster=str(proxy.cluster), service=telemetry.inbound_service(proxy, port, ctx),
-                                 spiffe_id=proxy.spiffe_id(ctx.trust_domain))
     return listener_pb2.Listener(
         name=name,
         address=socket_address(proxy.ip, port),
         filter_chains=[listener_components_pb2.FilterChain(
-            filters=[listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))],
+            filters=[hcm_filter(inbound_hcm(proxy, port, ctx, name=name))],
             transport_socket=base_pb2.TransportSocket(
                 name=TLS_TRANSPORT_SOCKET, typed_config=pack(downstream_tls(ctx, alpn=("h2", "http/1.1")))
             ),
@@ -154,7 +114,7 @@ def api_listeners_of(key: ServiceKey, ports: tuple[ServicePort, ...]) -> dict[st
         name = f"{key.clusterset_host}:{port.port}"
         out[name] = listener_pb2.Listener(
             name=name,
-            api_listener=api_listener_pb2.ApiListener(api_listener=pack(_outbound_hcm(name))),
+            api_listener=api_listener_pb2.ApiListener(api_listener=pack(outbound_hcm(name))),
         )
     return out
 
@@ -167,7 +127,10 @@ def api_listeners(ctx: PushContext) -> dict[str, Any]:
 
 
 def sidecar_listeners(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
-    """A sidecar's own listeners: outbound, and one per inbound port."""
+    """A sidecar's own listeners: outbound, and one per inbound port (capture mode: the virtual inbound one; its
+    virtual outbound listener is shared by the sidecars of one identity, see ``capture``)."""
+    if proxy.captured:
+        return capture.inbound_listeners(proxy, ctx)
     out = {OUTBOUND_LISTENER: outbound_listener(proxy, ctx)}
     for inbound in proxy.inbound:
         out[inbound_listener_name(inbound.port)] = inbound_listener(proxy, inbound.port, ctx)
@@ -182,6 +145,8 @@ def generate(proxy: ProxyInfo, names: frozenset[str] | None, ctx: PushContext) -
             out[GATEWAY_LISTENER] = listener
     elif proxy.kind is ProxyKind.SIDECAR:
         out = sidecar_listeners(proxy, ctx)
+        if proxy.captured:
+            out |= capture.outbound_listeners(proxy, ctx)
     else:
         out = dict(ctx.memo("lds-api", lambda: api_listeners(ctx)))
         out |= proxyless.server_listeners(proxy, ctx)  # a gRPC xDS server's own listeners

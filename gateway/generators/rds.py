@@ -6,6 +6,7 @@ with ``:<port>``, and without a port on the service's default port (80 if it has
     <svc>.<ns>.svc.clusterset.local   <svc>.<ns>.svc.cluster.local   <svc>.<ns>.svc   <svc>.<ns>
     <svc>                              (only for a proxy in namespace <ns>)
     <ClusterSetIP>                     (when the ServiceImport has one)
+    <cluster IP>                       (when the local Service has one)
 
 Without a VirtualService a virtual host has one catch-all route to the service's cluster. With one (this
 cluster's VirtualService naming the service in ``hosts``), its ``http[]`` entries become the routes, in order:
@@ -20,7 +21,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 
 from discovery.model import ServiceKey, ServicePort
 from gateway.context import ProxyInfo, ProxyKind, PushContext, outbound_cluster_name
-from gateway.generators.lds import OUTBOUND_ROUTE
+from gateway.generators.hcm import OUTBOUND_ROUTE
 from gateway.traffic import default_retry_policy, virtual_service_routes
 
 
@@ -41,6 +42,9 @@ def service_hosts(proxy: ProxyInfo, key: ServiceKey, ctx: PushContext) -> list[s
     imp = ctx.registry.imports.get(key)
     if imp is not None:
         hosts.extend(imp.ips)
+    local = ctx.registry.service(ctx.local, key)
+    if local is not None and local.cluster_ip and not local.headless and local.cluster_ip not in hosts:
+        hosts.append(local.cluster_ip)  # what a captured workload dials for a local Service
     return hosts
 
 

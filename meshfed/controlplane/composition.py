@@ -34,6 +34,7 @@ from gateway.context import ProxyInfo, ProxyInfoError, PushContext
 from gateway.peerauth import PeerCertificateAuthenticator
 from gateway.pipeline import PushPipeline
 from gateway.push import ConfigKey, Kind, PushDebouncer, PushRequest
+from gateway.rbac import tcp_port_problems
 from gateway.sds import WorkloadCertIssuer, bundle_pem, identities_of
 from meshfed import telemetry
 from meshfed.certfiles import CertFiles
@@ -186,8 +187,11 @@ class ControlPlane:
                       p.document, p.field, p.message)
         snap = result.snapshot
         self._local = snap
-        for problem in TrafficPolicies.of(snap.extras).problems:  # conflicts, routes to undefined subsets
-            log.warning("traffic policy problem cluster=%s %s", self.config.cluster, problem)
+        authz_policies = [o for o in snap.extras if isinstance(o, AuthorizationPolicy)]
+        # Conflicts, routes to undefined subsets; HTTP-only AuthorizationPolicy fields on TCP ports (gateway.rbac).
+        for problem in (*TrafficPolicies.of(snap.extras).problems,
+                        *tcp_port_problems(authz_policies, snap.services.values())):
+            log.warning("policy problem cluster=%s %s", self.config.cluster, problem)
             self.manifest_problems.append({"file": "", "document": 0, "field": "", "message": problem,
                                            "severity": "warning"})
         services = apply_runtime(snap.services, load_runtime(self.config.runtime_file))
@@ -299,7 +303,8 @@ class ControlPlane:
                       if isinstance(o, AuthorizationPolicy))
         return PushContext(registry=self.registry, trust_domain=self.trust_domain,
                            trust_bundle_pem=bundle_pem(self.bundle), workload_certs=self.issuer.certs(),
-                           policies=policies, authz=authz)
+                           policies=policies, authz=authz,
+                           outbound_mode=self.config.clusterset.outbound_traffic_mode)
 
     def _proxy(self, node_id: str) -> ProxyInfo | None:
         """What a connected node is: its node metadata (fixed by its first stream, gateway.cache), with the

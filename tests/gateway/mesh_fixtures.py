@@ -113,6 +113,11 @@ class Mesh:
     service_port: int = 9080
     exports: dict[ClusterId, set[ServiceKey]] = field(default_factory=dict)
     gateway_hosts: dict[ClusterId, str] = field(default_factory=dict)  # default 127.0.0.1
+    # Captured traffic: the ClusterSetIP of each import, the cluster IP of each (cluster, service), and ports other
+    # than the single ``http`` one (endpoints then list the sidecar port under each port's name).
+    clusterset_ips: dict[ServiceKey, str] = field(default_factory=dict)
+    cluster_ips: dict[tuple[ClusterId, ServiceKey], str] = field(default_factory=dict)
+    service_ports: dict[ServiceKey, tuple[ServicePort, ...]] = field(default_factory=dict)
 
     def clusters(self) -> dict[ClusterId, ClusterInfo]:
         return {
@@ -127,10 +132,12 @@ class Mesh:
     def service(self, cluster: ClusterId, key: ServiceKey) -> Service:
         info = self.clusters()[cluster]
         sa = key.name
-        eps = tuple(Endpoint(address=addr, zone=info.zone, ports=(("http", port),), service_account=sa)
+        ports = self.service_ports.get(key, (ServicePort(port=self.service_port, name="http"),))
+        eps = tuple(Endpoint(address=addr, zone=info.zone, ports=tuple((p.name, port) for p in ports),
+                             service_account=sa)
                     for addr, port in self.pods.get((cluster, key), []))
-        return Service(cluster=cluster, key=key, ports=(ServicePort(port=self.service_port, name="http"),),
-                       endpoints=eps)
+        return Service(cluster=cluster, key=key, ports=ports, endpoints=eps,
+                       cluster_ip=self.cluster_ips.get((cluster, key), ""))
 
     def registry(self, local: ClusterId) -> Registry:
         """What ``local``'s control plane knows: its own shard, the other's exports as remote summaries."""
@@ -143,8 +150,9 @@ class Mesh:
             for key in sorted(self.exports.get(cluster, set())):
                 svc = self.service(cluster, key)
                 prev = imports.get(key)
+                ips = (self.clusterset_ips[key],) if key in self.clusterset_ips else ()
                 imports[key] = ServiceImport(key=key, type=ServiceType.CLUSTER_SET_IP, ports=svc.ports,
-                                             clusters=(*(prev.clusters if prev else ()), cluster))
+                                             clusters=(*(prev.clusters if prev else ()), cluster), ips=ips)
             if cluster == local:
                 continue
             info = infos[cluster]

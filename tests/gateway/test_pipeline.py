@@ -352,3 +352,45 @@ def test_changes_name_keys_by_what_changed() -> None:
     assert shard_changes(ported, remote, WEST).endpoints == {key}
     assert registry_changes(reg, remote).services == {key}
     assert registry_changes(reg, reg) == registry_changes(remote, remote)
+
+
+async def test_capture_sidecars_equal_the_generators_after_changes(ca: MeshCA) -> None:
+    """Capture-mode sidecars (virtual listeners shared per identity, own virtual inbound) next to loopback ones."""
+    from discovery.clusterset import OutboundTrafficMode
+    from gateway.context import CaptureMode
+
+    mesh = make_mesh()
+    mesh.clusterset_ips = {RATINGS: "241.0.0.1"}
+    mesh.cluster_ips = {(EAST, REVIEWS): "10.96.0.4"}
+    certs = dict([ca.issue("east", "default", "reviews")])
+    plane = Plane(mesh.context(EAST, ca, certs))
+    cap = dataclasses.replace(SIDECAR, node_id="sidecar~10.0.0.4~reviews-2.default~default.svc.cluster.local",
+                              capture=CaptureMode.REDIRECT, inbound=(InboundPort(21001, 21001, "http"),))
+    cap2 = dataclasses.replace(cap, node_id="sidecar~10.0.0.5~reviews-3.default~default.svc.cluster.local")
+    nodes = {**PROXIES, cap.node_id: cap, cap2.node_id: cap2}
+    assert set(await plane.push(full=True, nodes=nodes)) == set(nodes)
+    plane.check(nodes)
+    # A new TCP service with a cluster IP: a chain in both capture sidecars' virtual outbound listener.
+    db = Service(cluster=EAST, key=ServiceKey.parse("db.default"), cluster_ip="10.96.0.9",
+                 ports=(ServicePort(port=5432, name="tcp"),),
+                 endpoints=(Endpoint(address="10.0.0.9", ports=(("tcp", 5432),), service_account="db"),))
+    changed = await plane.push(with_service(plane.ctx, db), nodes=nodes, configs=frozenset({ConfigKey.shard(EAST)}))
+    assert {cap.node_id, cap2.node_id} <= set(changed)
+    plane.check(nodes)
+    # The outbound policy: every capture sidecar's default chain changes.
+    changed = await plane.push(dataclasses.replace(plane.ctx, outbound_mode=OutboundTrafficMode.REGISTRY_ONLY),
+                               nodes=nodes)
+    assert {cap.node_id, cap2.node_id} <= set(changed)
+    plane.check(nodes)
+    # Authorization on the capture sidecars' own inbound listener.
+    authz = authorization_policies("""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-allow, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  rules: [{from: [{source: {namespaces: [default]}}]}]
+""", EAST)
+    assert await plane.push(dataclasses.replace(plane.ctx, authz=authz), nodes=nodes,
+                            configs=frozenset({ConfigKey(Kind.AUTHZ)}))
+    plane.check(nodes)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from discovery.clusterset import load_clusterset
+from discovery.clusterset import OutboundTrafficMode, load_clusterset
 from discovery.model import ClusterId, ServiceKey
 from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
 
@@ -80,3 +80,33 @@ async def test_control_plane_applies_its_own_policies_and_reports_bad_ones(demo:
         vs_file.unlink()
         (demo / "east" / "destinationrule-reviews.yaml").unlink()
         await _until(lambda: not cp.push_context().policies)
+
+
+DB_POLICY = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-paths, namespace: default}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules:
+    - to: [{operation: {paths: [/admin]}}]
+"""
+
+
+async def test_http_only_policy_fields_on_a_tcp_port_are_reported_and_the_outbound_policy_is_applied(
+        demo: Path, east_ca: Path, tmp_path: Path) -> None:
+    (demo / "east" / "authorizationpolicy-db.yaml").write_text(DB_POLICY)
+    cs_file = demo / "clusterset.yaml"
+    cs_file.write_text(cs_file.read_text() + "outboundTrafficPolicy:\n  mode: REGISTRY_ONLY\n")
+    config = ControlPlaneConfig(
+        clusterset=load_clusterset(demo), cluster=EAST, ca_dir=east_ca, federation_urls=(),
+        xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
+        gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tmp_path / "tokens.json", manifest_poll_s=0.1)
+    async with ControlPlane(config) as cp:
+        assert cp.push_context().outbound_mode is OutboundTrafficMode.REGISTRY_ONLY
+        [problem] = cp.status()["manifest_problems"]
+        assert problem["severity"] == "warning"
+        assert "AuthorizationPolicy default/db-paths: spec.rules[0].to[0].operation.paths is HTTP-only" in \
+            problem["message"]
+        assert "db.default:5432 (tcp)" in problem["message"]

@@ -1,0 +1,235 @@
+"""LDS for sidecars in capture mode (``MESHFED_CAPTURE=redirect``): the virtual listeners that the pod's iptables
+rules (``meshfed proxy capture``, docs/traffic-capture.md) redirect every TCP connection to.
+
+``virtualOutbound`` on ``capture_bind``:``outbound_port`` (15001)
+    The ``original_dst`` listener filter restores the address the workload dialled, and a filter chain per
+    destination matches it (``prefix_ranges`` = the IP, ``destination_port`` = the port): every ClusterSetIP of a
+    ServiceImport and every cluster IP of a local Service, on each TCP port. The port's protocol
+    (``discovery.protocols``: ``appProtocol``, then the port name, else TCP) picks the chain's filter:
+
+    - HTTP (``http``, ``http2``, ``grpc``, ``grpc-web``): the sidecar's outbound HTTP connection manager, routes
+      from RDS ``outbound`` (the same routes, retries, splits and telemetry as the explicit listener);
+    - anything else: ``tcp_proxy`` to the service's outbound cluster ``outbound|<port>||<host>`` (the same mTLS,
+      SNI ``outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local``, endpoints and failover as HTTP).
+
+    Any other destination takes the default filter chain, as the clusterset's ``outboundTrafficPolicy.mode``
+    says: ``ALLOW_ANY`` relays it to ``PassthroughCluster`` (ORIGINAL_DST: where the workload wanted to go),
+    ``REGISTRY_ONLY`` to ``BlackHoleCluster`` (no endpoints: the connection is closed).
+    Chains are built per service and shared by the sidecars of one identity (the pipeline's ``lds-capture``).
+
+``virtualInbound`` on ``capture_bind``:``inbound_capture_port`` (15006)
+    ``original_dst`` again, and one filter chain per workload port (``destination_port``), each requiring mTLS
+    (client certificate checked against the trust bundle, SPIFFE ID in the trust domain, from SDS). HTTP ports:
+    the inbound connection manager of the explicit listeners (XFCC, RBAC, telemetry); TCP ports: the network RBAC
+    filter (``gateway.rbac.network_rbac_filters``) then ``tcp_proxy``; both to ``inbound|<port>``, the app on
+    127.0.0.1. No default chain: a connection to a port the sidecar does not serve is closed.
+
+The listener does not set ``use_original_dst``: that would hand a connection to another listener bound to the
+dialled address (a workload dialling anything on port 15006 would land on ``virtualInbound``); the filter chains
+match the restored address instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from envoy.config.accesslog.v3 import accesslog_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, substitution_format_string_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from google.protobuf import wrappers_pb2
+
+from discovery.clusterset import OutboundTrafficMode
+from discovery.model import ServiceKey, ServicePort
+from discovery.protocols import NOT_TCP, is_http, port_protocol
+from gateway import rbac
+from gateway.context import InboundPort, ProxyInfo, PushContext, inbound_cluster_name, outbound_cluster_name
+from gateway.generators import inbound_authz
+from gateway.generators.common import TLS_TRANSPORT_SOCKET, downstream_tls, pack, socket_address
+from gateway.generators.hcm import hcm_filter, inbound_hcm, sidecar_outbound_hcm, tcp_proxy_filter
+
+VIRTUAL_OUTBOUND = "virtualOutbound"
+VIRTUAL_INBOUND = "virtualInbound"
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
+
+
+def _original_dst() -> Any:
+    return listener_components_pb2.ListenerFilter(name=ORIGINAL_DST_FILTER,
+                                                  typed_config=pack(original_dst_pb2.OriginalDst()))
+
+
+def _host_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _u32(value: int) -> Any:
+    return wrappers_pb2.UInt32Value(value=value)
+
+
+def _prefix(ip: str) -> Any:
+    return address_pb2.CidrRange(address_prefix=ip, prefix_len=_u32(32 if ipaddress.ip_address(ip).version == 4
+                                                                    else 128))
+
+
+def service_ips(key: ServiceKey, ctx: PushContext) -> list[str]:
+    """The addresses a captured workload may dial for ``key``: its ClusterSetIPs (the ServiceImport), then the
+    local Service's cluster IP."""
+    out: list[str] = []
+    imp = ctx.registry.imports.get(key)
+    if imp is not None:
+        out.extend(imp.ips)
+    local = ctx.registry.service(ctx.local, key)
+    if local is not None and local.cluster_ip and not local.headless:
+        out.append(local.cluster_ip)
+    return list(dict.fromkeys(out))
+
+
+# ---- virtualOutbound ----------------------------------------------------------------------------------------------
+
+
+def outbound_chains_of(proxy: ProxyInfo, key: ServiceKey, ports: tuple[ServicePort, ...],
+                       ctx: PushContext) -> list[tuple[str, int, Any]]:
+    """The virtual outbound listener's filter chains of one callable service: ``(ip, port, chain)`` per address
+    and TCP port (``proxy``: any sidecar of the identity; the HTTP chains' telemetry names it)."""
+    out: list[tuple[str, int, Any]] = []
+    ips = service_ips(key, ctx)
+    if not ips:
+        return out
+    for port in sorted(ports):
+        protocol = port_protocol(port)
+        if protocol == NOT_TCP:
+            continue
+        http = is_http(protocol)
+        filters = ([hcm_filter(sidecar_outbound_hcm(proxy, ctx))] if http
+                   else [tcp_proxy_filter(outbound_cluster_name(key, port.port))])
+        for ip in ips:
+            out.append((ip, port.port, listener_components_pb2.FilterChain(
+                name=f"{_host_port(ip, port.port)}|{key.clusterset_host}|{protocol}",
+                filter_chain_match=listener_components_pb2.FilterChainMatch(
+                    prefix_ranges=[_prefix(ip)], destination_port=_u32(port.port)),
+                filters=filters,
+            )))
+    return out
+
+
+def default_outbound_chain(ctx: PushContext) -> Any:
+    """Where a connection to no known destination goes (the clusterset's outbound traffic policy)."""
+    target = PASSTHROUGH_CLUSTER if ctx.outbound_mode is OutboundTrafficMode.ALLOW_ANY else BLACKHOLE_CLUSTER
+    return listener_components_pb2.FilterChain(name=target, filters=[tcp_proxy_filter(target)])
+
+
+def virtual_outbound(proxy: ProxyInfo, ctx: PushContext, pieces: list[list[tuple[str, int, Any]]] | None = None
+                     ) -> Any:
+    """The virtual outbound listener (``pieces``: the chains of each service in service order, if already built).
+    A destination claimed by two services keeps the first's chain (Envoy rejects two chains with one match)."""
+    if pieces is None:
+        pieces = [outbound_chains_of(proxy, key, ports, ctx) for key, ports in ctx.outbound_services()]
+    seen: set[tuple[str, int]] = set()
+    chains = []
+    for piece in pieces:
+        for ip, port, chain in piece:
+            if (ip, port) not in seen:
+                seen.add((ip, port))
+                chains.append(chain)
+    return listener_pb2.Listener(
+        name=VIRTUAL_OUTBOUND,
+        address=socket_address(proxy.capture_bind, proxy.outbound_port),
+        listener_filters=[_original_dst()],
+        filter_chains=chains,
+        default_filter_chain=default_outbound_chain(ctx),
+        traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
+    )
+
+
+def outbound_listeners(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
+    return {VIRTUAL_OUTBOUND: virtual_outbound(proxy, ctx)}
+
+
+# ---- virtualInbound -----------------------------------------------------------------------------------------------
+
+
+def inbound_service_port(proxy: ProxyInfo, inbound: InboundPort, ctx: PushContext) -> ServicePort | None:
+    """The Service port an inbound port serves: among the proxy's local Services, the port of the same name, else
+    the one whose target (or own) port is the inbound port, else a Service's only port."""
+    candidates = [sp for key in proxy.services
+                  if (service := ctx.registry.service(ctx.local, key)) is not None for sp in service.ports]
+    if inbound.name:
+        named = [sp for sp in candidates if sp.name == inbound.name]
+        if named:
+            return named[0]
+    for sp in candidates:
+        target = sp.target_port if isinstance(sp.target_port, int) and sp.target_port else sp.port
+        if target == inbound.port:
+            return sp
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def inbound_protocol(proxy: ProxyInfo, inbound: InboundPort, ctx: PushContext) -> str:
+    """The protocol of a workload port as its Service declares it (so that callers and callee agree); without a
+    Service port, the inbound port's own (``http``, or ``grpc``)."""
+    sp = inbound_service_port(proxy, inbound, ctx)
+    if sp is None:
+        return inbound.protocol
+    protocol = port_protocol(sp)
+    return "tcp" if protocol == NOT_TCP else protocol
+
+
+def tcp_access_logs(proxy: ProxyInfo, name: str, ctx: PushContext) -> list[Any]:
+    """While AuthorizationPolicies select the workload: one line per connection to a TCP port, naming the policy
+    that closed it (``termination=rbac_access_denied_matched_policy[<ns>.<policy>]``; empty when allowed)."""
+    deny, allow = inbound_authz.applicable(proxy, ctx)
+    if not deny and not allow:
+        return []
+    allow_ids = ",".join(p.policy_id for p in allow) or "-"
+    line = (f"{inbound_authz.LOG_TAG} tcp chain={name} termination=%CONNECTION_TERMINATION_DETAILS% "
+            f"allow_policies={allow_ids} source=%DOWNSTREAM_PEER_URI_SAN% "
+            "source_subject=\"%DOWNSTREAM_PEER_SUBJECT%\" bytes_received=%BYTES_RECEIVED%\n")
+    logger = stream_pb2.StdoutAccessLog(log_format=substitution_format_string_pb2.SubstitutionFormatString(
+        text_format_source=base_pb2.DataSource(inline_string=line)))
+    return [accesslog_pb2.AccessLog(name=inbound_authz.STDOUT_LOGGER, typed_config=pack(logger))]
+
+
+def inbound_chain(proxy: ProxyInfo, inbound: InboundPort, ctx: PushContext) -> Any:
+    port = inbound.port
+    name = f"inbound|{port}"
+    protocol = inbound_protocol(proxy, inbound, ctx)
+    if is_http(protocol):
+        filters = [hcm_filter(inbound_hcm(proxy, port, ctx, name=name))]
+        alpn: tuple[str, ...] = ("h2", "http/1.1")
+    else:
+        deny, allow = inbound_authz.applicable(proxy, ctx)
+        filters = [*rbac.network_rbac_filters(deny, allow, listener_ports=inbound_authz.listener_ports(proxy, port,
+                                                                                                      ctx),
+                                              stat_prefix=f"inbound_{port}"),
+                   tcp_proxy_filter(inbound_cluster_name(port), access_log=tcp_access_logs(proxy, name, ctx))]
+        alpn = ()
+    return listener_components_pb2.FilterChain(
+        name=f"{name}|{protocol}",
+        filter_chain_match=listener_components_pb2.FilterChainMatch(destination_port=_u32(port)),
+        filters=filters,
+        transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET,
+                                                  typed_config=pack(downstream_tls(ctx, alpn=alpn))),
+    )
+
+
+def virtual_inbound(proxy: ProxyInfo, ctx: PushContext) -> Any | None:
+    """The virtual inbound listener; None without inbound ports (Envoy rejects a listener without filter chains)."""
+    ports = list({p.port: p for p in proxy.inbound}.values())
+    if not ports:
+        return None
+    return listener_pb2.Listener(
+        name=VIRTUAL_INBOUND,
+        address=socket_address(proxy.capture_bind, proxy.inbound_capture_port),
+        listener_filters=[_original_dst()],
+        filter_chains=[inbound_chain(proxy, p, ctx) for p in ports],
+        traffic_direction=base_pb2.TrafficDirection.INBOUND,
+    )
+
+
+def inbound_listeners(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
+    listener = virtual_inbound(proxy, ctx)
+    return {} if listener is None else {VIRTUAL_INBOUND: listener}
