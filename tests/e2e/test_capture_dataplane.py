@@ -1,0 +1,435 @@
+"""Captured traffic end to end, with real Envoy sidecars in capture mode inside network namespaces this test creates.
+
+Two "pods" joined by a veth pair (10.252.N.0/24, inside the two namespaces only): ``east`` runs a client with no
+idea of the mesh, ``west`` runs the applications (TCP echo on 127.0.0.1:5432 and :5433, an HTTP app on
+127.0.0.1:9080 that answers with the ``x-forwarded-client-cert`` it got, and a plain server on 0.0.0.0:7777 that
+is not in the registry). ``meshfed proxy capture`` installs the rules in both pods; each pod's Envoy runs there as
+uid 1337 with the capture-mode configuration of its own control plane (east's and west's, in this process),
+which it reaches over a unix socket (a namespace cannot reach the root namespace's loopback; a unix socket is a
+file, so nothing is added to the root namespace). The clusters share a network, so east's sidecar dials west's pod
+directly: the client's connection to the ClusterSetIP is redirected to east's ``virtualOutbound``, leaves as mTLS,
+is redirected on west to ``virtualInbound``, checked (certificate, network RBAC) and handed to the app in plain.
+
+Everything is stopped by pid and removed in ``finally`` blocks; the last test checks that nothing is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from discovery.clusterset import OutboundTrafficMode
+from discovery.model import (
+    ClusterId,
+    ClusterInfo,
+    Endpoint,
+    Locality,
+    LocalitySummary,
+    NetworkId,
+    Registry,
+    RemoteEndpoints,
+    Service,
+    ServiceExport,
+    ServiceImport,
+    ServiceKey,
+    ServicePort,
+    ServiceType,
+    namespace,
+)
+from gateway.bootstrap import render_bootstrap, write_bootstrap
+from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind, PushContext
+from gateway.envoy import AdminError, EnvoyAdmin, command
+from gateway.generators import capture
+from tests.gateway.envoy_fixtures import ControlPlane, wait_until
+from tests.gateway.mesh_fixtures import T0, TD, authorization_policies, cluster_cas, workload_certs
+from tests.support.procs import Proc
+
+REPO = Path(__file__).resolve().parents[2]
+PROXY_UID = 1337
+EAST, WEST = ClusterId("east"), ClusterId("west")
+ECHO = ServiceKey.parse("echo.default")
+CLUSTERSET_IP = "241.0.0.10"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and iptables need root"),
+    pytest.mark.skipif(shutil.which("ip") is None or shutil.which("setpriv") is None,
+                       reason="iproute2 and util-linux setpriv are needed"),
+    pytest.mark.skipif(shutil.which("iptables-restore") is None, reason="Debian's iptables package is not installed"),
+]
+
+# TCP echo on 127.0.0.1:5432 and :5433, HTTP on 127.0.0.1:9080 answering with the XFCC header it received, and
+# "direct" on 0.0.0.0:7777. Ends when stdin closes or after 300 s.
+APPS = r"""
+import http.server, select, socket, socketserver, sys, threading
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+class Direct(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.sendall(b"direct")
+class Http(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = (self.headers.get("x-forwarded-client-cert") or "-").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+for addr, handler in ((("127.0.0.1", 5432), Echo), (("127.0.0.1", 5433), Echo), (("0.0.0.0", 7777), Direct),
+                      (("127.0.0.1", 9080), Http)):
+    threading.Thread(target=Server(addr, handler).serve_forever, daemon=True).start()
+print("ready", flush=True)
+select.select([sys.stdin], [], [], 300)
+"""
+
+# echo HOST PORT NBYTES: send NBYTES random bytes, read as many back, print "ok" if identical, else what came back.
+# read HOST PORT: print what the server sends until it closes.  http HOST PORT HOSTHEADER: GET /, print status body.
+CLIENT = r"""
+import http.client, os, socket, sys
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "echo":
+    n = int(sys.argv[4]); data = os.urandom(n); got = b""
+    with socket.create_connection((host, port), timeout=20) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            while chunk := s.recv(65536):
+                got += chunk
+        except OSError as exc:
+            print(f"error {type(exc).__name__} after {len(got)} bytes"); sys.exit(0)
+    print("ok" if got == data else f"closed after {len(got)} bytes")
+elif mode == "read":
+    got = b""
+    try:
+        with socket.create_connection((host, port), timeout=20) as s:
+            while chunk := s.recv(4096):
+                got += chunk
+    except OSError as exc:
+        print(f"error {type(exc).__name__}"); sys.exit(0)
+    print(got.decode() or "closed")
+else:
+    conn = http.client.HTTPConnection(host, port, timeout=20)
+    conn.request("GET", "/", headers={"Host": sys.argv[4]})
+    resp = conn.getresponse()
+    print(resp.status, resp.read().decode())
+"""
+
+
+class UnixAdmin(EnvoyAdmin):
+    """Envoy's admin API on a unix socket (the Envoy runs in a namespace whose loopback the test cannot reach)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", 80)
+        self.path = path
+
+    async def _get(self, path: str, params: dict[str, str] | None = None) -> tuple[int, str]:
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.path)),
+                                             timeout=self._timeout) as session, \
+                    session.get("http://localhost" + path, params=params) as resp:
+                return resp.status, await resp.text()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise AdminError(f"GET {path} on {self.path} failed: {exc}") from exc
+
+
+@dataclasses.dataclass
+class Bed:
+    tag: str
+    n: int
+    tmp: Path
+    procs: list[Proc] = dataclasses.field(default_factory=list)
+    popens: list[subprocess.Popen[str]] = dataclasses.field(default_factory=list)
+    servers: list[asyncio.AbstractServer] = dataclasses.field(default_factory=list)
+
+    @property
+    def east(self) -> str:
+        return f"cdp-{self.tag}-east"
+
+    @property
+    def west(self) -> str:
+        return f"cdp-{self.tag}-west"
+
+    @property
+    def east_ip(self) -> str:
+        return f"10.252.{self.n}.1"
+
+    @property
+    def west_ip(self) -> str:
+        return f"10.252.{self.n}.2"
+
+
+CREATED: set[str] = set()
+
+
+def run(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)}: exit {done.returncode}: {done.stdout}{done.stderr}")
+    return done.stdout
+
+
+@contextlib.contextmanager
+def namespaces() -> Iterator[Bed]:
+    tag = secrets.token_hex(3)
+    tmp = Path(tempfile.mkdtemp(prefix="meshfed-cdp-"))
+    tmp.chmod(0o755)  # the Envoys run as uid 1337: they read bootstraps and create admin sockets here
+    bed = Bed(tag=tag, n=secrets.randbelow(250) + 1, tmp=tmp)
+    if_east, if_west = f"cdp{tag}a", f"cdp{tag}b"
+    try:
+        for ns in (bed.east, bed.west):
+            CREATED.add(ns)
+            run(["ip", "netns", "add", ns])
+            run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run(["ip", "-n", bed.east, "link", "add", if_east, "type", "veth", "peer", "name", if_west, "netns", bed.west])
+        for ns, ifname, ip in ((bed.east, if_east, bed.east_ip), (bed.west, if_west, bed.west_ip)):
+            run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname])
+            run(["ip", "-n", ns, "link", "set", ifname, "up"])
+        # The ClusterSetIP needs a route for connect() to start; the capture rules then redirect it to the sidecar.
+        run(["ip", "-n", bed.east, "route", "add", "default", "dev", if_east])
+        yield bed
+    finally:
+        for proc in bed.procs:
+            with contextlib.suppress(Exception):
+                proc.stop()
+        for popen in bed.popens:
+            with contextlib.suppress(Exception):
+                popen.kill()
+                popen.communicate(timeout=30)
+        for ns in (bed.east, bed.west):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60, check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def capture_rules(ns: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "meshfed", "proxy", "capture", *args],
+                          capture_output=True, text=True, timeout=120, env=env, check=False)
+    assert done.returncode == 0, f"meshfed proxy capture in {ns}: {done.stdout}{done.stderr}"
+    return done.stdout
+
+
+async def relay(bed: Bed, name: str, port: int) -> Path:
+    """A unix socket (in ``bed.tmp``) relayed to the control plane's ADS port on the root namespace's loopback."""
+    path = bed.tmp / f"{name}.sock"
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:  # the control plane is gone (teardown): the Envoy retries until it is stopped
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_unix_server(handle, path=str(path))
+    path.chmod(0o666)
+    bed.servers.append(server)
+    return path
+
+
+async def start_sidecar(bed: Bed, cp: ControlPlane, proxy: ProxyInfo, ns: str) -> UnixAdmin:
+    token = cp.add_proxy(proxy)
+    xds = await relay(bed, f"ads-{ns}", cp.port)
+    boot: dict[str, Any] = render_bootstrap(proxy, xds_host="127.0.0.1", xds_port=1, admin_port=1, token=token)
+    xds_cluster = boot["static_resources"]["clusters"][0]
+    xds_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = {
+        "pipe": {"path": str(xds)}}
+    own = bed.tmp / f"envoy-{ns}"  # the Envoy's own directory (uid 1337 creates its admin socket there)
+    own.mkdir()
+    os.chown(own, PROXY_UID, PROXY_UID)
+    admin = own / "admin.sock"
+    boot["admin"]["address"] = {"pipe": {"path": str(admin)}}
+    path = write_bootstrap(bed.tmp / f"{ns}.yaml", boot)
+    path.chmod(0o644)
+    argv = ["ip", "netns", "exec", ns, "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+            *command(path, log_level="info")]
+    proc = Proc(argv, log=bed.tmp / f"{ns}.log")
+    bed.procs.append(proc)
+    envoy = UnixAdmin(admin)
+
+    async def ready() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"envoy in {ns} exited:\n{proc.output()[-3000:]}")
+        return await envoy.ready()
+
+    await wait_until(ready, within=60, what=f"envoy in {ns} /ready")
+    return envoy
+
+
+def start_apps(bed: Bed) -> None:
+    popen = subprocess.Popen(["ip", "netns", "exec", bed.west, sys.executable, "-I", "-c", APPS],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bed.popens.append(popen)
+    assert popen.stdout is not None
+    line = popen.stdout.readline()  # bounded: the script prints "ready" at once or exits (EOF)
+    assert line.strip() == "ready", popen.stderr.read() if popen.stderr else line
+
+
+async def client(ns: str, *args: str) -> str:
+    proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", ns, sys.executable, "-I", "-c", CLIENT,
+                                                *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode()
+    return out.decode().strip()
+
+
+# ---- the mesh as each control plane sees it -------------------------------------------------------------------
+
+
+def registries(bed: Bed) -> tuple[Registry, Registry]:
+    net = NetworkId("net-1")  # one network: east's sidecar dials west's pod itself
+    infos = {EAST: ClusterInfo(id=EAST, network=net, region="r", zone="z1", gateway_host="127.0.0.1"),
+             WEST: ClusterInfo(id=WEST, network=net, region="r", zone="z2", gateway_host="127.0.0.1")}
+    ports = (ServicePort(port=5432, name="tcp-echo"), ServicePort(port=5433, name="tcp-other"),
+             ServicePort(port=9080, name="http"))
+    pod = Endpoint(address=bed.west_ip, zone="z2", ports=tuple((p.name, p.port) for p in ports),
+                   service_account="echo", labels=(("app", "echo"),))
+    echo = Service(cluster=WEST, key=ECHO, ports=ports, endpoints=(pod,), selector=(("app", "echo"),))
+    imports = {ECHO: ServiceImport(key=ECHO, type=ServiceType.CLUSTER_SET_IP, ports=ports, clusters=(WEST,),
+                                   ips=(CLUSTERSET_IP,))}
+    west = (Registry(local=WEST).with_shard(WEST, [echo], [ServiceExport(cluster=WEST, key=ECHO, created=T0)])
+            .with_catalog(clusters=infos, imports=imports))
+    shard = RemoteEndpoints(cluster=WEST, network=net, gateway_host="127.0.0.1", gateway_port=15443,
+                            localities=(LocalitySummary(locality=Locality(region="r", zone="z2", cluster=WEST,
+                                                                          network=net), ready=1, weight=1),),
+                            endpoints=(pod,))
+    east = (Registry(local=EAST).with_shard(EAST, []).with_remote(WEST, [(ECHO, shard)])
+            .with_catalog(clusters=infos, imports=imports))
+    return east, west
+
+
+POLICY = f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: echo, namespace: default}}
+spec:
+  selector: {{matchLabels: {{app: echo}}}}
+  rules:
+  - from: [{{source: {{principals: [{TD}/ns/default/sa/sleep]}}}}]
+    to: [{{operation: {{ports: [5432, 9080]}}}}]
+    when: [{{key: source.cluster, values: [east]}}]
+  - from: [{{source: {{principals: [{TD}/ns/default/sa/nobody]}}}}]
+    to: [{{operation: {{ports: [5433]}}}}]
+"""
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin]]:
+    cas, bundle = cluster_cas()
+    with namespaces() as bed:
+        east_reg, west_reg = registries(bed)
+        east_ctx = PushContext(registry=east_reg, trust_domain=TD, trust_bundle_pem=bundle,
+                               workload_certs=workload_certs(cas, "east", [("default", "sleep")]))
+        west_ctx = PushContext(registry=west_reg, trust_domain=TD, trust_bundle_pem=bundle,
+                               workload_certs=workload_certs(cas, "west", [("default", "echo")]),
+                               authz=authorization_policies(POLICY, WEST))
+        sleep = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=namespace("default"),
+                          service_account="sleep", ip=bed.east_ip, capture=CaptureMode.REDIRECT,
+                          node_id=f"sidecar~{bed.east_ip}~sleep-1.default~default.svc.cluster.local")
+        echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
+                         service_account="echo", ip=bed.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO,),
+                         inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
+                                  InboundPort(9080, 9080, "http")),
+                         node_id=f"sidecar~{bed.west_ip}~echo-1.default~default.svc.cluster.local")
+        async with ControlPlane(ctx=east_ctx) as east_cp, ControlPlane(ctx=west_ctx) as west_cp:
+            try:
+                start_apps(bed)
+                capture_rules(bed.east)
+                capture_rules(bed.west, "--exclude-inbound-ports", "7777")
+                east_admin = await start_sidecar(bed, east_cp, sleep, bed.east)
+                west_admin = await start_sidecar(bed, west_cp, echo, bed.west)
+                yield bed, east_cp, east_admin, west_admin
+                for admin in (east_admin, west_admin):
+                    assert await admin.rejected() == {}  # Envoy took every update meshfed sent
+                for cp in (east_cp, west_cp):
+                    assert all(row.nack_error == "" for row in cp.cache.status())
+            finally:
+                for proc in bed.procs:  # while the control planes still answer
+                    proc.stop()
+                for server in bed.servers:
+                    server.close()
+
+
+async def test_captured_tcp_and_http_through_both_sidecars(mesh: tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin]
+                                                           ) -> None:
+    bed, east_cp, east_admin, _ = mesh
+    # A plain TCP client dials the ClusterSetIP: 1 MiB comes back byte for byte, through both sidecars (the app
+    # listens on west's loopback only, so nothing but west's sidecar can have reached it).
+    assert await client(bed.east, "echo", CLUSTERSET_IP, "5432", str(1 << 20)) == "ok"
+    # HTTP to the ClusterSetIP by name: routed by the outbound routes, and the app sees the caller's SPIFFE ID.
+    status, _, xfcc = (await client(bed.east, "http", CLUSTERSET_IP, "9080",
+                                    "echo.default.svc.clusterset.local:9080")).partition(" ")
+    assert status == "200"
+    assert f"URI=spiffe://{TD}/ns/default/sa/sleep" in xfcc and f"By=spiffe://{TD}/ns/default/sa/echo" in xfcc
+
+    # Port 5433 allows only sa/nobody: sleep's connection is closed before the app echoes a byte, and logged.
+    denied = await client(bed.east, "echo", CLUSTERSET_IP, "5433", "4096")
+    assert denied.startswith(("closed after 0 bytes", "error")), denied
+    west_log = bed.tmp / f"{bed.west}.log"
+
+    async def logged() -> bool:
+        return "meshfed-authz tcp chain=inbound|5433 termination=rbac_access_denied_matched_policy[none]" in \
+            west_log.read_text(errors="replace")
+
+    await wait_until(logged, within=20, what="the denial in west's sidecar log")
+    stats = await mesh[3].stats(filter=r"rbac\.")
+    assert any(k.endswith("meshfed_allow.rbac.denied") and v >= 1 for k, v in stats.items()), stats
+
+    # Unknown destinations: ALLOW_ANY passes them through (west's port 7777 is not captured and not in the
+    # registry) ...
+    assert await client(bed.east, "read", bed.west_ip, "7777") == "direct"
+    # ... REGISTRY_ONLY refuses them, and known destinations still work.
+    east_cp.update(dataclasses.replace(east_cp.ctx, outbound_mode=OutboundTrafficMode.REGISTRY_ONLY), "policy")
+
+    async def blackholed() -> bool:
+        dump = await east_admin.config_dump()
+        for cfg in dump.get("configs", []):
+            for item in cfg.get("dynamic_listeners", []):
+                if item["name"] == capture.VIRTUAL_OUTBOUND and "active_state" in item:
+                    chain = item["active_state"]["listener"].get("default_filter_chain", {})
+                    return bool(chain.get("name") == capture.BLACKHOLE_CLUSTER)
+        return False
+
+    await wait_until(blackholed, within=30, what="REGISTRY_ONLY in force on east's sidecar")
+    assert await client(bed.east, "read", bed.west_ip, "7777") in ("closed", "error ConnectionResetError")
+    assert await client(bed.east, "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
+
+
+def test_nothing_left() -> None:
+    names = run(["ip", "netns", "list"])
+    assert not [n for n in CREATED if n in names]
+    assert not [line for line in run(["ip", "link", "show"]).splitlines() if "cdp" in line and "@" in line]
