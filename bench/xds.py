@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import logging
 import os
 import pstats
@@ -256,6 +257,36 @@ class LoopWatch:
             pass
 
 
+class GcWatch:
+    """CPython's cyclic collections while it is on: the longest pause and the total, for generation 2 and for all
+    (``gc.callbacks``; a collection stops whichever thread allocates, the event loop's included)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self.longest_full = 0.0
+        self.total = 0.0
+        self.full = 0
+        self._start = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        took = time.perf_counter() - self._start
+        self.total += took
+        self.longest = max(self.longest, took)
+        if info.get("generation") == 2:
+            self.full += 1
+            self.longest_full = max(self.longest_full, took)
+
+    def __enter__(self) -> GcWatch:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def reset_peak_rss() -> None:
     """Start a new peak-RSS measurement for this process (Linux: clear_refs 5 resets VmHWM)."""
     try:
@@ -285,6 +316,9 @@ class Result:
     initial_bytes: int = 0
     peak_rss_kb: int = 0
     loop_stall_s: float = 0.0
+    gc_longest_s: float = 0.0
+    gc_total_s: float = 0.0
+    gc_full: int = 0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -363,6 +397,7 @@ async def run_variant(mode: str, args: argparse.Namespace, logdir: Path) -> Resu
                 profiler.enable()
             await asyncio.sleep(0.5)
             loop.reset()
+            gcw = GcWatch().__enter__()
             for change in range(args.changes):
                 await asyncio.sleep(0.2)
                 j = rnd.randrange(args.services)
@@ -395,6 +430,8 @@ async def run_variant(mode: str, args: argparse.Namespace, logdir: Path) -> Resu
                 res.pipeline_per_change.append(pipeline.stats.thread_seconds - p0)
                 res.affected.append(len(affected))
             res.loop_stall_s = loop.worst
+            gcw.__exit__()
+            res.gc_longest_s, res.gc_total_s, res.gc_full = gcw.longest, gcw.total / max(1, args.changes), gcw.full
             if profiler is not None:
                 profiler.disable()
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
@@ -508,6 +545,9 @@ def report(results: list[Result], catalog: CatalogResult | None, args: argparse.
         ("control-plane CPU per change (ms)", lambda r: f"{statistics.mean(r.cpu_per_change) * 1000:.1f}"),
         ("  of which pipeline build (ms)", lambda r: f"{statistics.mean(r.pipeline_per_change) * 1000:.1f}"),
         ("longest event-loop stall (ms)", lambda r: f"{r.loop_stall_s * 1000:.0f}"),
+        ("longest GC pause (ms)", lambda r: f"{r.gc_longest_s * 1000:.0f}"),
+        ("GC time per change (ms)", lambda r: f"{r.gc_total_s * 1000:.0f}"),
+        ("full collections", lambda r: f"{r.gc_full}"),
         ("control-plane peak RSS (MB)", lambda r: f"{r.peak_rss_kb / 1024:.0f}"),
     ]
     for label, fn in rows:

@@ -204,6 +204,7 @@ class _Stream(Generic[_TypeState]):
         self.queue: deque[Any] = deque()
         self.closed = False
         self.held: dict[str, list[str]] = {}  # type URL -> nonces sent and not yet answered, oldest first
+        self._order: list[str] = []  # self.types' URLs in push order
 
     async def run(self) -> None:
         server = self.server
@@ -273,6 +274,8 @@ class _Stream(Generic[_TypeState]):
                     # Returned to the in-flight budget here, not when the main loop handles the request: that loop
                     # may itself be waiting for budget, which this answer frees.
                     self.answered(request.type_url, request.response_nonce)
+                    if not self.queue and self.plain_ack(request):
+                        continue  # recorded here: nothing for the main loop to do
                 self.queue.append(request)
                 wake.set()
         except asyncio.CancelledError:
@@ -299,11 +302,19 @@ class _Stream(Generic[_TypeState]):
     def _handle(self, request: Any, type_url: str, st: _TypeState) -> None:
         raise NotImplementedError
 
+    def plain_ack(self, request: Any) -> bool:
+        """Handle ``request`` at once if it only acknowledges a response (nothing to push follows from it), saving
+        the main loop a wake-up and a pass over every type for each of the thousands of ACKs a change brings.
+        Returns False when the main loop must handle it (in order, as everything else)."""
+        return False
+
     async def push(self) -> None:
         snapshot = self.cache.get(self.node_id)
         if snapshot is None:
             return
-        for type_url in _ordered(self.types):
+        if len(self._order) != len(self.types):  # types are only ever added
+            self._order = _ordered(self.types)
+        for type_url in self._order:
             if self.closed:
                 return
             await self._push_type(snapshot, type_url, self.types[type_url])
@@ -454,6 +465,14 @@ class _DeltaStream(_Stream[_DeltaType]):
 
     def _new_type(self) -> _DeltaType:
         return _DeltaType()
+
+    def plain_ack(self, request: Any) -> bool:
+        st = self.types.get(request.type_url)
+        if (st is None or not st.subscribed or st.dirty or not st.responded or request.resource_names_subscribe
+                or request.resource_names_unsubscribe or request.HasField("error_detail")):
+            return False
+        self._handle(request, request.type_url, st)  # records the ACK; marks nothing dirty
+        return True
 
     def _handle(self, request: Any, type_url: str, st: _DeltaType) -> None:
         nonce = request.response_nonce

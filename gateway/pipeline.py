@@ -297,9 +297,11 @@ class PushPipeline:
         result = await pipeline.push(request, ctx, proxies)   # proxies: node id -> ProxyInfo of every connected one
     """
 
-    def __init__(self, *, cache: SnapshotCache, slice_names: int = 4096, threaded: bool = True) -> None:
+    def __init__(self, *, cache: SnapshotCache, slice_names: int = 4096, slice_streams: int = 64,
+                 threaded: bool = True) -> None:
         self.cache = cache
         self.slice_names = slice_names
+        self.slice_streams = slice_streams
         self.threaded = threaded
         self.stats = PipelineStats()
         self._tables: dict[tuple[str, Hashable], _Table] = {}
@@ -322,13 +324,18 @@ class PushPipeline:
                 snapshots, errors = self._build_or_reset(request, ctx, proxies)
         changed: list[str] = []
         # Wake the streams in slices: each woken stream works through the names that changed (a catalog change:
-        # thousands) in the next loop iteration, so a slice holds about ``slice_names`` names of work in all.
-        per_slice = max(1, self.slice_names // max(1, self._changed_names))
-        for i, (node_id, snapshot) in enumerate(snapshots):
+        # thousands) in the next loop iteration, so a slice holds about ``slice_names`` names of work in all, and
+        # at most ``slice_streams`` streams (each costs its fixed share of building, writing and reading the ACK
+        # even for one name): whatever else the loop serves (DNS, other xDS, the admin server) runs between slices
+        # instead of waiting for every stream of the mesh.
+        per_slice = max(1, min(self.slice_streams, self.slice_names // max(1, self._changed_names)))
+        woken = 0
+        for node_id, snapshot in snapshots:
             if self.cache.set_snapshot(node_id, snapshot):
                 changed.append(node_id)
-            if (i + 1) % per_slice == 0:
-                await asyncio.sleep(0)  # let the streams woken so far run
+                woken += 1
+                if woken % per_slice == 0:
+                    await asyncio.sleep(0)  # let the streams woken so far run
         self.stats.snapshots_set += len(snapshots)
         self.stats.pushes += 1
         return PushResult(changed=tuple(changed), errors=errors, seconds=time.perf_counter() - started)
