@@ -1,7 +1,8 @@
 """The clusterset definition: ``clusters/<clusterset>/clusterset.yaml``.
 
 The file names the clusterset, its SPIFFE trust domain, the ClusterSetIP range, the member clusters (name,
-network, region, zone, optional east-west gateway address) and federation settings. The format is documented in
+network, region, zone, optional east-west gateway address), federation settings and the outbound traffic policy of
+capture-mode sidecars (``outboundTrafficPolicy.mode``). The format is documented in
 ``docs/exporting.md``; :func:`parse_clusterset` is pure, :func:`load_clusterset` reads the file.
 
 Exception tree (this module)::

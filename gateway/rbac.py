@@ -19,7 +19,13 @@ caller's cluster CA writes and nobody else can (docs/authorization.md): the inbo
 any ``x-forwarded-client-cert`` the caller sent with its own, built from the verified certificate (SANITIZE_SET
 with the subject), and the RBAC principal matches the Subject inside that header.
 
-:func:`decide` is the same semantics evaluated in Python, for ``meshfed diagnose`` and for tests.
+TCP ports of a capture-mode sidecar get the same policies as ``envoy.filters.network.rbac`` filters ahead of the
+TCP proxy (:func:`network_rbac_filters`): ``source.cluster`` is matched on the verified certificate's Subject itself
+(no header there), and HTTP-only fields fail closed as in Istio (:func:`tcp_rule`: an ALLOW rule naming methods,
+paths or request headers matches nothing, a DENY rule loses those fields); :func:`tcp_port_problems` says so, per
+policy and field, for the control plane's status.
+
+:func:`decide` is the same semantics evaluated in Python (HTTP ports), for ``meshfed diagnose`` and for tests.
 """
 
 from __future__ import annotations

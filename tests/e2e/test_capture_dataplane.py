@@ -71,7 +71,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("iptables-restore") is None, reason="Debian's iptables package is not installed"),
 ]
 
-# TCP echo on 127.0.0.1:5432 and :5433, HTTP on 127.0.0.1:9080 answering with the XFCC header it received, and
+# TCP echo on 127.0.0.1:5432, :5433 and :5434, HTTP on 127.0.0.1:9080 answering with the XFCC header it received, and
 # "direct" on 0.0.0.0:7777. Ends when stdin closes or after 300 s.
 APPS = r"""
 import http.server, select, socket, socketserver, sys, threading
@@ -94,7 +94,8 @@ class Http(http.server.BaseHTTPRequestHandler):
 class Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
-for addr, handler in ((("127.0.0.1", 5432), Echo), (("127.0.0.1", 5433), Echo), (("0.0.0.0", 7777), Direct),
+for addr, handler in ((("127.0.0.1", 5432), Echo), (("127.0.0.1", 5433), Echo), (("127.0.0.1", 5434), Echo),
+                      (("0.0.0.0", 7777), Direct),
                       (("127.0.0.1", 9080), Http)):
     threading.Thread(target=Server(addr, handler).serve_forever, daemon=True).start()
 print("ready", flush=True)
@@ -315,7 +316,7 @@ def registries(bed: Bed) -> tuple[Registry, Registry]:
     infos = {EAST: ClusterInfo(id=EAST, network=net, region="r", zone="z1", gateway_host="127.0.0.1"),
              WEST: ClusterInfo(id=WEST, network=net, region="r", zone="z2", gateway_host="127.0.0.1")}
     ports = (ServicePort(port=5432, name="tcp-echo"), ServicePort(port=5433, name="tcp-other"),
-             ServicePort(port=9080, name="http"))
+             ServicePort(port=5434, name="tcp-west"), ServicePort(port=9080, name="http"))
     pod = Endpoint(address=bed.west_ip, zone="z2", ports=tuple((p.name, p.port) for p in ports),
                    service_account="echo", labels=(("app", "echo"),))
     echo = Service(cluster=WEST, key=ECHO, ports=ports, endpoints=(pod,), selector=(("app", "echo"),))
@@ -344,6 +345,9 @@ spec:
     when: [{{key: source.cluster, values: [east]}}]
   - from: [{{source: {{principals: [{TD}/ns/default/sa/nobody]}}}}]
     to: [{{operation: {{ports: [5433]}}}}]
+  - from: [{{source: {{principals: [{TD}/ns/default/sa/sleep]}}}}]
+    to: [{{operation: {{ports: [5434]}}}}]
+    when: [{{key: source.cluster, values: [west]}}]
 """
 
 
@@ -363,7 +367,7 @@ async def mesh() -> AsyncIterator[tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin]
         echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
                          service_account="echo", ip=bed.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO,),
                          inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
-                                  InboundPort(9080, 9080, "http")),
+                                  InboundPort(5434, 5434, "tcp-west"), InboundPort(9080, 9080, "http")),
                          node_id=f"sidecar~{bed.west_ip}~echo-1.default~default.svc.cluster.local")
         async with ControlPlane(ctx=east_ctx) as east_cp, ControlPlane(ctx=west_ctx) as west_cp:
             try:
@@ -406,6 +410,9 @@ async def test_captured_tcp_and_http_through_both_sidecars(mesh: tuple[Bed, Cont
             west_log.read_text(errors="replace")
 
     await wait_until(logged, within=20, what="the denial in west's sidecar log")
+    # Port 5434 allows sleep only from cluster west: the Subject of sleep's certificate says east, so it is denied.
+    denied = await client(bed.east, "echo", CLUSTERSET_IP, "5434", "4096")
+    assert denied.startswith(("closed after 0 bytes", "error")), denied
     stats = await mesh[3].stats(filter=r"rbac\.")
     assert any(k.endswith("meshfed_allow.rbac.denied") and v >= 1 for k, v in stats.items()), stats
 
