@@ -35,6 +35,15 @@ from gateway.snapshot import Snapshot
 from tests.gateway.mesh_fixtures import EAST, RATINGS, REVIEWS, T0, WEST, Mesh, MeshCA, authorization_policies
 
 ECHO = ServiceKey.parse("echo.default")
+REVIEWS_ALLOW = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-allow, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: [default]}}]}]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -152,15 +161,7 @@ async def test_snapshots_equal_the_generators_after_every_kind_of_change(ca: Mes
     plane.check()
 
     # Authorization, traffic policy, trust bundle, certificates.
-    authz = authorization_policies("""
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: reviews-allow, namespace: default}
-spec:
-  selector: {matchLabels: {app: reviews}}
-  action: ALLOW
-  rules: [{from: [{source: {namespaces: [default]}}]}]
-""", EAST)
+    authz = authorization_policies(REVIEWS_ALLOW, EAST)
     assert await plane.push(dataclasses.replace(plane.ctx, authz=authz), configs=frozenset({ConfigKey(Kind.AUTHZ)}))
     plane.check()
     policies = TrafficPolicies.of(convert(doc, cluster=EAST) for doc in yaml.safe_load_all("""
@@ -383,14 +384,7 @@ async def test_capture_sidecars_equal_the_generators_after_changes(ca: MeshCA) -
     assert {cap.node_id, cap2.node_id} <= set(changed)
     plane.check(nodes)
     # Authorization on the capture sidecars' own inbound listener.
-    authz = authorization_policies("""
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: reviews-allow, namespace: default}
-spec:
-  selector: {matchLabels: {app: reviews}}
-  rules: [{from: [{source: {namespaces: [default]}}]}]
-""", EAST)
-    assert await plane.push(dataclasses.replace(plane.ctx, authz=authz), nodes=nodes,
+    assert await plane.push(dataclasses.replace(plane.ctx, authz=authorization_policies(REVIEWS_ALLOW, EAST)),
+                            nodes=nodes,
                             configs=frozenset({ConfigKey(Kind.AUTHZ)}))
     plane.check(nodes)
