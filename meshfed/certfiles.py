@@ -17,7 +17,6 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 
@@ -32,6 +31,23 @@ log = logging.getLogger("meshfed.certfiles")
 
 CERT, KEY, CA = "cert.pem", "key.pem", "ca.pem"
 DEFAULT_TTL = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
+class CertFileReport:
+    """What one directory holds (a row of a control plane's ``/status`` ``rotation.files``)."""
+
+    dir: str = ""
+    spiffe_id: str = ""
+    leaf_fingerprint: str | None = None
+    leaf_root: str | None = None  # the bundle root the leaf chains to
+    bundle_roots: tuple[str, ...] = ()
+    written_at: str | None = None  # ISO 8601; None (and left out of the JSON, with refresh_s): never written
+    refresh_s: float | None = None
+    settled: bool = False  # gRPC has had a refresh interval to read the last write
+
+    def json_omitted(self) -> tuple[str, ...]:
+        return ("written_at", "refresh_s") if self.written_at is None else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,20 +166,19 @@ class CertFiles:
                      spec.spiffe_id, ca.fingerprint[:16])
         return rewritten
 
-    def report(self, bundle: TrustBundle, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    def report(self, bundle: TrustBundle, *, now: datetime | None = None) -> list[CertFileReport]:
         """What each directory holds (for rotation convergence): its leaf's root, its bundle, and whether gRPC has
         had a refresh interval to read the last write (``settled``)."""
         now = now or datetime.now(UTC)
-        out: list[dict[str, Any]] = []
+        out: list[CertFileReport] = []
         for spec in self._specs:
             st = self._states.get(spec.dir)
             if st is None:
-                out.append({"dir": str(spec.dir), "spiffe_id": spec.spiffe_id, "leaf_fingerprint": None,
-                            "leaf_root": None, "bundle_roots": [], "settled": False})
+                out.append(CertFileReport(dir=str(spec.dir), spiffe_id=spec.spiffe_id))
                 continue
             root = bundle.issuing_root(st.chain)  # from what was last read or written: no file IO here
-            out.append({"dir": str(spec.dir), "spiffe_id": spec.spiffe_id, "leaf_fingerprint": st.leaf_fingerprint,
-                        "leaf_root": root, "bundle_roots": list(st.bundle_fingerprints),
-                        "written_at": st.written_at.isoformat(), "refresh_s": spec.refresh_s,
-                        "settled": (now - st.written_at).total_seconds() > spec.refresh_s + 1.0})
+            out.append(CertFileReport(
+                dir=str(spec.dir), spiffe_id=spec.spiffe_id, leaf_fingerprint=st.leaf_fingerprint, leaf_root=root,
+                bundle_roots=tuple(st.bundle_fingerprints), written_at=st.written_at.isoformat(),
+                refresh_s=spec.refresh_s, settled=(now - st.written_at).total_seconds() > spec.refresh_s + 1.0))
         return out

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from meshfed.authz_check import ClusterPolicies, policy_evidence, policy_hop
-from meshfed.status import StatusError, fetch_json
+from meshfed.controlplane.status import ControlPlaneStatus, ImportRow
+from meshfed.status import StatusError, fetch_status
 
 log = logging.getLogger("meshfed.diagnose")
 
@@ -63,7 +64,7 @@ class Evidence:
 
     service: str  # "ratings.default"
     caller: str  # cluster name
-    statuses: Mapping[str, Mapping[str, Any] | None]  # cluster -> control plane /status (None: did not answer)
+    statuses: Mapping[str, ControlPlaneStatus | None]  # cluster -> control plane /status (None: did not answer)
     client: Mapping[str, Any]  # the caller's client workload entry of state.json
     gateways: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)  # cluster -> gateway config_dump
     gateway_errors: Mapping[str, str] = field(default_factory=dict)
@@ -89,18 +90,16 @@ class Evidence:
     def host(self) -> str:
         return f"{self.service}.svc.clusterset.local"
 
-    def caller_import(self) -> Mapping[str, Any] | None:
+    def caller_import(self) -> ImportRow | None:
         st = self.statuses.get(self.caller)
-        if not st:
-            return None
-        return next((i for i in st.get("imports", []) if i.get("service") == self.service), None)
+        return st.import_of(self.service) if st else None
 
     def exporters(self) -> list[str]:
         """Clusters exporting the service: by their own status, plus those the caller's import lists."""
         out = [c for c, st in self.statuses.items() if st and any(
-            s.get("service") == self.service and s.get("exported") for s in st.get("services", []))]
+            s.service == self.service and s.exported for s in st.services)]
         imp = self.caller_import()
-        for c in (imp or {}).get("clusters", []):
+        for c in imp.clusters if imp else ():
             if c not in out:
                 out.append(c)
         return out
@@ -109,10 +108,9 @@ class Evidence:
         """Every Service name any answering control plane knows (its own, exported or not, and its imports)."""
         names: set[str] = set()
         for st in self.statuses.values():
-            for s in (st or {}).get("services", []):
-                names.add(str(s.get("service")))
-            for i in (st or {}).get("imports", []):
-                names.add(str(i.get("service")))
+            if st:
+                names.update(s.service for s in st.services)
+                names.update(i.service for i in st.imports)
         return names
 
     def in_run(self, cluster: str) -> bool:
@@ -120,8 +118,7 @@ class Evidence:
 
     def port(self) -> int | None:
         imp = self.caller_import()
-        ports = (imp or {}).get("ports") or []
-        return int(ports[0]["port"]) if ports else None
+        return imp.ports[0].port if imp and imp.ports else None
 
 
 # ---- the hops (pure) -------------------------------------------------------------------------------------------------
@@ -137,8 +134,7 @@ def hop_export(ev: Evidence) -> Hop:
         return Hop(1, "export", FAIL, f"no Service {ev.service} exists in any cluster ({', '.join(answering)})",
                    f"{hint}check the name and namespace (NAME.NAMESPACE); 'meshfed status' lists every service")
     if not exporters:
-        runs = sorted(c for c, st in ev.statuses.items() if st and any(
-            s.get("service") == ev.service for s in st.get("services", [])))
+        runs = sorted(c for c, st in ev.statuses.items() if st and any(s.service == ev.service for s in st.services))
         return Hop(1, "export", FAIL, f"no cluster exports {ev.service}"
                    + (f" (the Service exists in {', '.join(runs)})" if runs else ""),
                    f"create a ServiceExport for {ev.service} in the cluster that runs it: meshfed export "
@@ -149,14 +145,14 @@ def hop_export(ev: Evidence) -> Hop:
         if not st:
             notes.append(f"{c}: control plane not answering, conditions unknown")
             continue
-        svc = next((s for s in st.get("services", []) if s.get("service") == ev.service), None)
-        if svc is None or not svc.get("exported"):
+        svc = next((s for s in st.services if s.service == ev.service), None)
+        if svc is None or not svc.exported:
             continue
-        for cond in svc.get("conditions", []):
-            if cond.get("type") == "Valid" and str(cond.get("status")) == "False":
-                bad.append(f"{c}: Valid=False ({cond.get('reason')}): {cond.get('message')}")
-            if cond.get("type") == "Conflict" and str(cond.get("status")) == "True":
-                bad.append(f"{c}: Conflict=True ({cond.get('reason')}): {cond.get('message')}")
+        for cond in svc.conditions:
+            if cond.type == "Valid" and cond.status == "False":
+                bad.append(f"{c}: Valid=False ({cond.reason}): {cond.message}")
+            if cond.type == "Conflict" and cond.status == "True":
+                bad.append(f"{c}: Conflict=True ({cond.reason}): {cond.message}")
     if bad:
         return Hop(1, "export", FAIL, "; ".join(bad),
                    "make the exporting clusters agree on type and ports (the oldest export wins a conflict)")
@@ -170,13 +166,13 @@ def hop_import(ev: Evidence) -> Hop:
                    f"check the {ev.caller} control plane process and its log")
     imp = ev.caller_import()
     if imp is None:
-        fed = st.get("federation", {})
-        why = "" if fed.get("connected", True) else f" ({ev.caller} is not connected to the federation)"
+        fed = st.federation
+        why = "" if fed.connected or not fed.configured else f" ({ev.caller} is not connected to the federation)"
         return Hop(2, "import", FAIL, f"{ev.caller} does not import {ev.service}{why}",
                    "check that an exporting cluster is connected (meshfed status: unreachable members' exports "
                    "are withdrawn after the lease TTL)")
-    ips = ", ".join(imp.get("ips", [])) or "(headless)"
-    return Hop(2, "import", OK, f"{imp.get('type')} {ips} from {', '.join(imp.get('clusters', [])) or ev.caller}")
+    ips = ", ".join(imp.ips) or "(headless)"
+    return Hop(2, "import", OK, f"{imp.type} {ips} from {', '.join(imp.clusters) or ev.caller}")
 
 
 def hop_dns(ev: Evidence) -> Hop:
@@ -189,7 +185,7 @@ def hop_dns(ev: Evidence) -> Hop:
             return Hop(3, "dns", FAIL, f"{ev.host} -> {', '.join(ev.dns_answer)} but it is not imported",
                        "the DNS table is stale: check the control plane log")
         return Hop(3, "dns", SKIPPED, f"{ev.host} has no records (not imported)", "fix the import hop first")
-    want = list(imp.get("ips", []))
+    want = list(imp.ips)
     got = sorted(ev.dns_answer)
     if want and sorted(want) != got:
         return Hop(3, "dns", FAIL, f"{ev.host} -> {', '.join(got) or 'NXDOMAIN'}, expected {', '.join(want)}",
@@ -213,15 +209,15 @@ def hop_xds(ev: Evidence) -> Hop:
     node = str(ev.client.get("node_id", ""))
     if not st:
         return Hop(4, "xds", SKIPPED, f"{ev.caller}'s control plane does not answer", "fix the import hop first")
-    rows = [p for p in st.get("proxies", []) if p.get("node_id") == node]
+    rows = [p for p in st.proxies if p.node_id == node]
     if not rows:
         return Hop(4, "xds", FAIL, f"sidecar {ev.client.get('name')} has no xDS stream to {ev.caller}",
                    f"check the sidecar log {ev.client.get('sidecar_log', '')} (bootstrap, token, xDS address)")
-    nacks = [f"{r['type_url'].rsplit('.', 1)[-1]}: {r.get('nack_error')}" for r in rows if r.get("state") == "nacked"]
+    nacks = [f"{r.type_url.rsplit('.', 1)[-1]}: {r.nack_error}" for r in rows if r.state == "nacked"]
     if nacks:
         return Hop(4, "xds", FAIL, "NACKed " + "; ".join(nacks),
                    "the control plane generated config Envoy rejects: see the error, then the generator")
-    stale = [r["type_url"].rsplit(".", 1)[-1] for r in rows if r.get("state") != "synced"]
+    stale = [r.type_url.rsplit(".", 1)[-1] for r in rows if r.state != "synced"]
     if ev.sidecar_config is None:
         return Hop(4, "xds", FAIL, f"sidecar admin unreachable: {ev.sidecar_error}",
                    f"is the sidecar running? see {ev.client.get('sidecar_log', '')}")
@@ -249,7 +245,7 @@ def hop_gateway(ev: Evidence) -> Hop:
     remote = [c for c in ev.exporters() if c != ev.caller]
     imp = ev.caller_import()
     if imp is not None:
-        remote = [c for c in remote if c in imp.get("clusters", [])]
+        remote = [c for c in remote if c in imp.clusters]
     if not remote:
         return Hop(5, "gateway", SKIPPED, "no remote cluster exports it: calls stay in the cluster")
     port = ev.port()
@@ -309,7 +305,7 @@ def hop_endpoints(ev: Evidence) -> Hop:
     imp = ev.caller_import()
     if imp is None:
         return Hop(6, "endpoints", SKIPPED, "not imported", "fix the import hop first")
-    ready = {c: int(n) for c, n in imp.get("ready_by_cluster", {}).items()}
+    ready = dict(imp.ready_by_cluster)
     if sum(ready.values()) == 0:
         return Hop(6, "endpoints", FAIL, f"no ready endpoint in any cluster ({ready or 'none'})",
                    "start the workloads (or fix their readiness probes) in an exporting cluster")
@@ -348,12 +344,12 @@ def hop_certificates(ev: Evidence) -> Hop:
     bad = [f"{c}: {err}" for c, err in sorted(ev.chain_errors.items()) if err]
     for c, st in sorted(ev.statuses.items()):
         disk = ev.disk_fingerprints.get(c)
-        running = (st or {}).get("trust", {}).get("intermediate_fingerprint")
+        running = st.trust.intermediate_fingerprint if st else ""
         if st and disk and running and disk != running:
             bad.append(f"{c}: the control plane runs intermediate {running[:16]} but its CA directory holds "
                        f"{disk[:16]} (it re-reads the directory every two seconds: if this stays, its log says "
                        "why, `CA reload failed`; restart it to load the new one)")
-        heartbeat = (st or {}).get("federation", {}).get("heartbeat_error")
+        heartbeat = st.federation.heartbeat_error if st else None
         if heartbeat:
             bad.append(f"{c}: its heartbeats to the federation are failing: {heartbeat}")
     if ev.sidecar_certs is not None:
@@ -509,7 +505,7 @@ async def _dns(server: str, name: str) -> tuple[list[str] | None, str]:
 
 
 async def _gather(state: Mapping[str, Any], service: str, caller: str, client: Mapping[str, Any],
-                  statuses: Mapping[str, Mapping[str, Any] | None], exporters: Sequence[str]) -> dict[str, Any]:
+                  statuses: Mapping[str, ControlPlaneStatus | None], exporters: Sequence[str]) -> dict[str, Any]:
     cstate = state["clusters"][caller]
     host = f"{service}.svc.clusterset.local"
     remote = [c for c in exporters if c != caller and c in state["clusters"]]
@@ -552,10 +548,10 @@ def collect(run_dir: Path, service: str, caller: str, *, request_timeout: float 
         client = local.client_of(state, caller)
     except local.LocalRunError as exc:
         raise DiagnoseError(str(exc)) from exc
-    statuses: dict[str, Mapping[str, Any] | None] = {}
+    statuses: dict[str, ControlPlaneStatus | None] = {}
     for name, c in state["clusters"].items():
         try:
-            statuses[name] = fetch_json(f"http://{c['controlplane']['admin']}/status")
+            statuses[name] = fetch_status(c["controlplane"]["admin"], what=name)
         except StatusError:
             statuses[name] = None
     partial = Evidence(service=service, caller=caller, statuses=statuses, client=client)

@@ -22,7 +22,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from cryptography import x509
 
 from federation.trust.bundle import TrustBundle, fingerprint, load_pem_certs
 from federation.trust.errors import TrustError
+from meshfed.certfiles import CertFileReport
 
 if TYPE_CHECKING:
     from meshfed.controlplane import ControlPlane
@@ -42,12 +43,55 @@ SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Sec
 # ---- what a control plane reports (from its live objects) -----------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ChainInfo:
+    """A certificate chain in use: its leaf, and the bundle root it depends on (None: none of them)."""
+
+    leaf_fingerprint: str = ""
+    root_fingerprint: str | None = None
+    not_after: str = ""
+    # The federation client's only: connection pools opened with a previous certificate, still closing.
+    old_sessions_open: int | None = None
+
+    def json_omitted(self) -> tuple[str, ...]:
+        return ("old_sessions_open",) if self.old_sessions_open is None else ()
+
+
+@dataclass(frozen=True, slots=True)
+class IntermediateInfo:
+    fingerprint: str = ""
+    root_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySecrets:
+    """What one proxy holds: the secrets of its current snapshot if it ACKed them (``acked``), else ``pending``."""
+
+    node_id: str = ""
+    state: str = "pending"
+    leaf_fingerprint: str | None = None
+    leaf_root: str | None = None
+    bundle_roots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RotationReport:
+    """The ``rotation`` section of a control plane's ``/status``."""
+
+    intermediate: IntermediateInfo = IntermediateInfo()
+    bundle_fingerprints: tuple[str, ...] = ()
+    federation_client: ChainInfo | None = None
+    xds_serving: ChainInfo | None = None
+    proxies: tuple[ProxySecrets, ...] = ()
+    files: tuple[CertFileReport, ...] = ()
+
+
 @functools.lru_cache(maxsize=1024)
 def _parse(pem: str) -> tuple[x509.Certificate, ...]:
     return tuple(load_pem_certs(pem.encode(), what="certificate"))
 
 
-def chain_info(pem: str | bytes, bundle: TrustBundle) -> dict[str, Any] | None:
+def chain_info(pem: str | bytes, bundle: TrustBundle) -> ChainInfo | None:
     """Leaf fingerprint, and the fingerprint of the bundle root the chain depends on (None: none of them)."""
     text = pem.decode() if isinstance(pem, bytes) else pem
     if not text.strip():
@@ -56,60 +100,57 @@ def chain_info(pem: str | bytes, bundle: TrustBundle) -> dict[str, Any] | None:
         certs = _parse(text)
     except TrustError:
         return None
-    return {"leaf_fingerprint": fingerprint(certs[0]), "root_fingerprint": bundle.issuing_root(certs),
-            "not_after": certs[0].not_valid_after_utc.isoformat()}
+    return ChainInfo(leaf_fingerprint=fingerprint(certs[0]), root_fingerprint=bundle.issuing_root(certs),
+                     not_after=certs[0].not_valid_after_utc.isoformat())
 
 
-def _bundle_roots(pem: str) -> list[str]:
+def _bundle_roots(pem: str) -> tuple[str, ...]:
     try:
-        return [fingerprint(c) for c in _parse(pem)]
+        return tuple(fingerprint(c) for c in _parse(pem))
     except TrustError:
-        return []
+        return ()
 
 
-def proxy_secrets(cp: ControlPlane, node_id: str, acked: str) -> dict[str, Any]:
+def proxy_secrets(cp: ControlPlane, node_id: str, acked: str) -> ProxySecrets:
     """What one proxy holds: the secrets of its current snapshot if it ACKed them, else "pending"."""
     snap = cp.cache.get(node_id)
     current = snap.version(SECRET_TYPE) if snap is not None else ""
     if not acked or acked != current or snap is None:
-        return {"state": "pending", "leaf_fingerprint": None, "leaf_root": None, "bundle_roots": []}
+        return ProxySecrets(node_id=node_id)
     secrets = snap.resources.get(SECRET_TYPE, {})
-    leaf: dict[str, Any] | None = None
-    roots: list[str] = []
+    leaf: ChainInfo | None = None
+    roots: tuple[str, ...] = ()
     for name in secrets:
         msg: Any = secrets[name]
         if msg.HasField("tls_certificate"):
             leaf = chain_info(msg.tls_certificate.certificate_chain.inline_string, cp.bundle)
         elif msg.HasField("validation_context"):
             roots = _bundle_roots(msg.validation_context.trusted_ca.inline_string)
-    return {"state": "acked", "leaf_fingerprint": leaf["leaf_fingerprint"] if leaf else None,
-            "leaf_root": leaf["root_fingerprint"] if leaf else None, "bundle_roots": roots}
+    return ProxySecrets(node_id=node_id, state="acked", leaf_fingerprint=leaf.leaf_fingerprint if leaf else None,
+                        leaf_root=leaf.root_fingerprint if leaf else None, bundle_roots=roots)
 
 
-def _client_info(cp: ControlPlane) -> dict[str, Any] | None:
+def _client_info(cp: ControlPlane) -> ChainInfo | None:
     info = chain_info(cp.trust.fed_client_chain, cp.bundle)
     client = cp.trust.federation_client
     if info is not None and client is not None:
-        info["old_sessions_open"] = client.old_sessions()
+        info = replace(info, old_sessions_open=client.old_sessions())
     return info
 
 
-def controlplane_report(cp: ControlPlane) -> dict[str, Any]:
+def controlplane_report(cp: ControlPlane) -> RotationReport:
     """The ``rotation`` section of a control plane's ``/status``."""
-    proxies = []
-    for row in cp.cache.status():
-        if row.type_url != SECRET_TYPE or not row.connected:
-            continue
-        proxies.append({"node_id": row.node_id, **proxy_secrets(cp, row.node_id, row.acked_version)})
-    inter_root = cp.bundle.issuing_root([cp.ca.cert])
-    return {
-        "intermediate": {"fingerprint": cp.ca.fingerprint, "root_fingerprint": inter_root},
-        "bundle_fingerprints": list(cp.bundle.fingerprints),
-        "federation_client": _client_info(cp),
-        "xds_serving": chain_info(cp.trust.mtls_serving_chain, cp.bundle),
-        "proxies": proxies,
-        "files": cp.trust.cert_files.report(cp.bundle),
-    }
+    proxies = tuple(proxy_secrets(cp, row.node_id, row.acked_version) for row in cp.cache.status()
+                    if row.type_url == SECRET_TYPE and row.connected)
+    return RotationReport(
+        intermediate=IntermediateInfo(fingerprint=cp.ca.fingerprint, root_fingerprint=cp.bundle.issuing_root(
+            [cp.ca.cert])),
+        bundle_fingerprints=tuple(cp.bundle.fingerprints),
+        federation_client=_client_info(cp),
+        xds_serving=chain_info(cp.trust.mtls_serving_chain, cp.bundle),
+        proxies=proxies,
+        files=tuple(cp.trust.cert_files.report(cp.bundle)),
+    )
 
 
 # ---- evaluation (pure) ----------------------------------------------------------------------------------------------
@@ -139,7 +180,7 @@ class SystemReports:
     """What the running system said: each control plane's ``rotation`` section (None: it did not answer, with why
     in ``errors``) and the federation's ``/v1/trust/status`` (None: not asked or did not answer)."""
 
-    controlplanes: Mapping[str, Mapping[str, Any] | None]
+    controlplanes: Mapping[str, RotationReport | None]
     federation: Mapping[str, Any] | None
     errors: Mapping[str, str] = field(default_factory=dict)
     federation_error: str = ""
@@ -170,39 +211,38 @@ def evaluate(root: Mapping[str, Any], reports: SystemReports) -> Convergence:
             why = reports.errors.get(cluster, "no answer")
             blocking.append(f"{cluster}: control plane did not report its certificates ({why})")
             continue
-        inter = rep.get("intermediate") or {}
-        if inter.get("root_fingerprint") != new:
+        inter = rep.intermediate
+        if inter.root_fingerprint != new:
             blocking.append(f"{cluster}: control plane still signs with intermediate "
-                            f"{str(inter.get('fingerprint'))[:16]} under root {_short(inter.get('root_fingerprint'))}")
-        for what, key in (("federation client certificate", "federation_client"),
-                          ("mTLS xDS serving certificate", "xds_serving")):
-            info = rep.get(key)
-            if info is not None and info.get("root_fingerprint") != new:
-                blocking.append(f"{cluster}: its {what} chains to root {_short(info.get('root_fingerprint'))}")
-            elif info is not None and info.get("old_sessions_open"):
-                blocking.append(f"{cluster}: {info['old_sessions_open']} federation connection pool(s) opened with "
+                            f"{inter.fingerprint[:16]} under root {_short(inter.root_fingerprint)}")
+        for what, info in (("federation client certificate", rep.federation_client),
+                           ("mTLS xDS serving certificate", rep.xds_serving)):
+            if info is not None and info.root_fingerprint != new:
+                blocking.append(f"{cluster}: its {what} chains to root {_short(info.root_fingerprint)}")
+            elif info is not None and info.old_sessions_open:
+                blocking.append(f"{cluster}: {info.old_sessions_open} federation connection pool(s) opened with "
                                 "its previous certificate are still closing")
-        for p in rep.get("proxies", []):
+        for p in rep.proxies:
             total += 1
-            node = str(p.get("node_id"))
-            if p.get("state") != "acked":
+            node = p.node_id
+            if p.state != "acked":
                 blocking.append(f"{cluster}: proxy {node} has not ACKed its current certificates")
-            elif p.get("leaf_fingerprint") is not None and p.get("leaf_root") != new:
-                blocking.append(f"{cluster}: proxy {node} holds a leaf from root {_short(p.get('leaf_root'))}")
-            elif new not in p.get("bundle_roots", []):
+            elif p.leaf_fingerprint is not None and p.leaf_root != new:
+                blocking.append(f"{cluster}: proxy {node} holds a leaf from root {_short(p.leaf_root)}")
+            elif new not in p.bundle_roots:
                 blocking.append(f"{cluster}: proxy {node} does not trust the new root yet")
             else:
                 moved += 1
     files = files_moved = 0
     for cluster, rep in sorted(reports.controlplanes.items()):
-        for f in (rep or {}).get("files", []):
+        for f in rep.files if rep is not None else ():
             files += 1
-            where = f"{cluster}: certificate files {f.get('dir')} ({f.get('spiffe_id')})"
-            if f.get("leaf_root") != new:
-                blocking.append(f"{where} hold a leaf from root {_short(f.get('leaf_root'))}")
-            elif not f.get("settled"):
-                blocking.append(f"{where} were rewritten {f.get('written_at')}; gRPC re-reads them every "
-                                f"{f.get('refresh_s')} s")
+            where = f"{cluster}: certificate files {f.dir} ({f.spiffe_id})"
+            if f.leaf_root != new:
+                blocking.append(f"{where} hold a leaf from root {_short(f.leaf_root)}")
+            elif not f.settled:
+                blocking.append(f"{where} were rewritten {f.written_at}; gRPC re-reads them every "
+                                f"{f.refresh_s} s")
             else:
                 files_moved += 1
     if total:
@@ -258,20 +298,20 @@ def _evaluate_bundles(root: Mapping[str, Any], reports: SystemReports) -> Conver
             blocking.append(f"{cluster}: control plane did not report its bundle "
                             f"({reports.errors.get(cluster, 'no answer')})")
             continue
-        if new not in rep.get("bundle_fingerprints", []):
+        if new not in rep.bundle_fingerprints:
             blocking.append(f"{cluster}: control plane does not trust the new root yet")
-        for p in rep.get("proxies", []):
+        for p in rep.proxies:
             total += 1
-            if p.get("state") != "acked":
-                blocking.append(f"{cluster}: proxy {p.get('node_id')} has not ACKed its current bundle")
-            elif new not in p.get("bundle_roots", []):
-                blocking.append(f"{cluster}: proxy {p.get('node_id')} does not trust the new root yet")
+            if p.state != "acked":
+                blocking.append(f"{cluster}: proxy {p.node_id} has not ACKed its current bundle")
+            elif new not in p.bundle_roots:
+                blocking.append(f"{cluster}: proxy {p.node_id} does not trust the new root yet")
             else:
                 moved += 1
-        for f in rep.get("files", []):
-            if new not in f.get("bundle_roots", []) or not f.get("settled"):
-                blocking.append(f"{cluster}: certificate files {f.get('dir')} do not trust the new root yet (gRPC "
-                                f"re-reads them every {f.get('refresh_s')} s)")
+        for f in rep.files:
+            if new not in f.bundle_roots or not f.settled:
+                blocking.append(f"{cluster}: certificate files {f.dir} do not trust the new root yet (gRPC "
+                                f"re-reads them every {f.refresh_s} s)")
     summary = [f"{moved} of {total} proxies trust the new root"]
     fed = reports.federation
     if fed is None:
@@ -315,14 +355,13 @@ def ask(*, controlplanes: Mapping[str, str], federation_url: str | None, ca_dir:
     """Ask control planes (name -> admin ``HOST:PORT``) for their ``/status`` rotation section and the federation
     for its trust status (with an identity of ``cluster`` from ``ca_dir``)."""
     from federation.client import ClientError
-    from meshfed.status import StatusError, fetch_json
+    from meshfed.status import StatusError, fetch_status
 
-    reports: dict[str, Mapping[str, Any] | None] = {}
+    reports: dict[str, RotationReport | None] = {}
     errors: dict[str, str] = {}
     for name, admin in controlplanes.items():
         try:
-            st = fetch_json(f"http://{admin}/status")
-            reports[name] = st.get("rotation")
+            reports[name] = fetch_status(admin, what=name).rotation
             if reports[name] is None:
                 errors[name] = "its /status has no rotation section (an older version?)"
         except StatusError as exc:

@@ -37,6 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from federation.trust.errors import TrustError
+from meshfed.controlplane.status import (
+    ConditionRow,
+    ControlPlaneStatus,
+    ManifestProblemRow,
+    MemberRow,
+    ProxyRow,
+    decode_status,
+)
+from meshfed.jsondoc import DocumentError, decode, encode
 
 log = logging.getLogger("meshfed.status")
 
@@ -65,7 +74,7 @@ class LocalInputs:
 
     state: Mapping[str, Any]
     alive: Mapping[int, bool]
-    controlplanes: Mapping[str, Mapping[str, Any] | None]  # cluster -> /status JSON, None if it did not answer
+    controlplanes: Mapping[str, ControlPlaneStatus | None]  # cluster -> /status, None if it did not answer
     errors: Mapping[str, str] = field(default_factory=dict)  # cluster -> why /status failed
     root: Mapping[str, Any] | None = None  # inspect_dir(ca/root)
     root_error: str = ""
@@ -127,34 +136,30 @@ def cluster_of_node(node_id: str) -> str:
     return parts[2] if len(parts) > 2 else node_id
 
 
-def condition(conds: Sequence[Mapping[str, Any]], ctype: str) -> Mapping[str, Any] | None:
-    return next((c for c in conds if c.get("type") == ctype), None)
+def condition(conds: Sequence[ConditionRow], ctype: str) -> ConditionRow | None:
+    return next((c for c in conds if c.type == ctype), None)
 
 
-def export_problems(cluster: str, service: str, conds: Sequence[Mapping[str, Any]]) -> list[str]:
+def export_problems(cluster: str, service: str, conds: Sequence[ConditionRow]) -> list[str]:
     """The KEP messages of an export that is invalid or in conflict."""
     out = []
     valid = condition(conds, "Valid")
-    if valid is not None and str(valid.get("status")) == "False":
-        out.append(f"{service} exported from {cluster} is not valid ({valid.get('reason')}): {valid.get('message')}")
+    if valid is not None and valid.status == "False":
+        out.append(f"{service} exported from {cluster} is not valid ({valid.reason}): {valid.message}")
     conflict = condition(conds, "Conflict")
-    if conflict is not None and str(conflict.get("status")) == "True":
-        out.append(f"{service} exported from {cluster} is in conflict ({conflict.get('reason')}): "
-                   f"{conflict.get('message')}")
+    if conflict is not None and conflict.status == "True":
+        out.append(f"{service} exported from {cluster} is in conflict ({conflict.reason}): {conflict.message}")
     return out
 
 
-def manifest_problems(cluster: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+def manifest_problems(cluster: str, rows: Sequence[ManifestProblemRow]) -> list[str]:
     """A control plane's manifest problems (``/status`` ``manifest_problems``), each naming file, document and
     field as the control plane logged it."""
     out = []
     for p in rows:
-        where = ": ".join(x for x in (
-            str(p.get("file") or ""),
-            f"document {p['document']}" if p.get("document") else "",
-            str(p.get("field") or "")) if x)
-        sev = "" if p.get("severity", "error") == "error" else f" ({p.get('severity')})"
-        out.append(f"{cluster}: manifest{sev}: {where + ': ' if where else ''}{p.get('message')}")
+        where = ": ".join(x for x in (p.file, f"document {p.document}" if p.document else "", p.field) if x)
+        sev = "" if p.severity == "error" else f" ({p.severity})"
+        out.append(f"{cluster}: manifest{sev}: {where + ': ' if where else ''}{p.message}")
     return out
 
 
@@ -171,6 +176,13 @@ def traffic_problems(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def _member_json(row: MemberRow) -> dict[str, Any]:
+    """A member a control plane reports, in the shape of the federation's own member list (which may add
+    ``lease_ttl_s`` and ``locality``), so the two merge."""
+    data: dict[str, Any] = encode(row)
+    return data
+
+
 def _member_row(m: Mapping[str, Any], now: datetime, lease_ttl: Any) -> dict[str, Any]:
     """A Clusters row for a member only the federation knows (its control plane is not part of this run)."""
     renewed = _ts(m.get("renewed_at"))
@@ -184,21 +196,20 @@ def _member_row(m: Mapping[str, Any], now: datetime, lease_ttl: Any) -> dict[str
     }
 
 
-def proxy_rows(cluster: str, proxies: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+def proxy_rows(cluster: str, proxies: Sequence[ProxyRow]) -> tuple[list[dict[str, Any]], list[str]]:
     """One entry per proxy (node) with its per-type state; problems for every NACK."""
     by_node: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     for row in proxies:
-        node = str(row.get("node_id", ""))
+        node = row.node_id
         entry = by_node.setdefault(node, {"cluster": cluster, "node_id": node, "name": cluster_of_node(node),
-                                          "connected": bool(row.get("connected")), "types": {}})
-        state = str(row.get("state", ""))
-        tname = type_name(str(row.get("type_url", "")))
-        entry["types"][tname] = {"state": state, "acked_version": row.get("acked_version", ""),
-                                 "current_version": row.get("current_version", ""),
-                                 "nack_error": row.get("nack_error", "")}
+                                          "connected": row.connected, "types": {}})
+        state = row.state
+        tname = type_name(row.type_url)
+        entry["types"][tname] = {"state": state, "acked_version": row.acked_version,
+                                 "current_version": row.current_version, "nack_error": row.nack_error}
         if state == "nacked":
-            problems.append(f"{cluster}: proxy {entry['name']} NACKed {tname}: {row.get('nack_error')}")
+            problems.append(f"{cluster}: proxy {entry['name']} NACKed {tname}: {row.nack_error}")
     for entry in by_node.values():
         states = {t["state"] for t in entry["types"].values()}
         entry["state"] = "nacked" if "nacked" in states else ("stale" if "stale" in states else "synced")
@@ -232,10 +243,10 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
     for st in statuses.values() if inp.members is None else ():
         if not st:
             continue
-        for m in st.get("federation", {}).get("members", []):
-            have = members.get(m["cluster"])
-            if have is None or (_ts(m.get("renewed_at")) or now) > (_ts(have.get("renewed_at")) or now):
-                members[m["cluster"]] = m
+        for row in st.federation.members:
+            have = members.get(row.cluster)
+            if have is None or (_ts(row.renewed_at) or now) > (_ts(have.get("renewed_at")) or now):
+                members[row.cluster] = _member_json(row)
     lease_ttl = state.get("federation", {}).get("lease_ttl_s")
 
     clusters = []
@@ -246,20 +257,18 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
         cp_up = bool(inp.alive.get(cp_pid, False))
         renewed = _ts(member.get("renewed_at")) if member else None
         unreachable = member.get("unreachable_since") if member else None
-        fed = (st or {}).get("federation", {})
-        connected = bool(member) and not unreachable and (st is None or bool(fed.get("connected", True)))
-        if st is not None and not fed.get("connected", False) and fed.get("configured", False):
-            connected = False
+        fed = st.federation if st is not None else None
+        connected = bool(member) and not unreachable and (fed is None or not fed.configured or fed.connected)
         clusters.append({
             "cluster": name,
             "connected": connected,
             "unreachable_since": unreachable,
             "lease_age_s": round((now - renewed).total_seconds(), 1) if renewed else None,
             "lease_ttl_s": lease_ttl,
-            "network": (st or {}).get("network") or (member or {}).get("network"),
-            "locality": "/".join(x for x in ((st or {}).get("region", ""), (st or {}).get("zone", "")) if x),
-            "exports": sum(1 for s in (st or {}).get("services", []) if s.get("exported")) if st else None,
-            "imports": len(st.get("imports", [])) if st else None,
+            "network": (st.network if st else None) or (member or {}).get("network"),
+            "locality": "/".join(x for x in ((st.region, st.zone) if st else ()) if x),
+            "exports": sum(1 for s in st.services if s.exported) if st else None,
+            "imports": len(st.imports) if st else None,
             "gateway": c["gateway"]["address"],
             "controlplane_up": cp_up,
             "controlplane_answers": st is not None,
@@ -271,9 +280,9 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
             problems.append(f"{name}: unreachable since {unreachable} (lease expired; its exports are withdrawn)")
         elif st is not None and not connected:
             problems.append(f"{name}: control plane is not connected to the federation")
-        if fed.get("heartbeat_error"):
-            problems.append(f"{name}: heartbeats to the federation failing since {fed.get('heartbeat_failing_since')}"
-                            f": {fed['heartbeat_error']}")
+        if fed is not None and fed.heartbeat_error:
+            problems.append(f"{name}: heartbeats to the federation failing since {fed.heartbeat_failing_since}"
+                            f": {fed.heartbeat_error}")
 
     for name, m in sorted(members.items()):
         if name in clusters_state:
@@ -284,17 +293,17 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
                             "withdrawn); not started by this run: remove it with 'meshfed federation remove "
                             f"{name}' if it left for good")
     for name, st in statuses.items():
-        problems.extend(manifest_problems(name, (st or {}).get("manifest_problems", [])))
+        problems.extend(manifest_problems(name, st.manifest_problems if st else ()))
 
     services = _services(statuses, problems)
     proxies: list[dict[str, Any]] = []
     for name, st in statuses.items():
         if not st:
             continue
-        rows, nacks = proxy_rows(name, st.get("proxies", []))
+        rows, nacks = proxy_rows(name, st.proxies)
         proxies.extend(rows)
         problems.extend(nacks)
-        for node, err in st.get("proxy_errors", {}).items():
+        for node, err in st.proxy_errors.items():
             problems.append(f"{name}: proxy {cluster_of_node(node)}: {err}")
 
     trust = _trust_local(inp, problems)
@@ -317,34 +326,34 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
     return report
 
 
-def _services(statuses: Mapping[str, Mapping[str, Any] | None], problems: list[str]) -> list[dict[str, Any]]:
+def _services(statuses: Mapping[str, ControlPlaneStatus | None], problems: list[str]) -> list[dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for cluster, st in statuses.items():
         if not st:
             continue
-        for s in st.get("services", []):
-            if not s.get("exported"):
+        for s in st.services:
+            if not s.exported:
                 continue
-            entry = out.setdefault(s["service"], _service_entry(s["service"], s.get("type", "")))
+            entry = out.setdefault(s.service, _service_entry(s.service, s.type))
             entry["exported_by"].append(cluster)
-            entry["conditions"][cluster] = s.get("conditions", [])
-            entry["ready"][cluster] = s.get("ready", 0)
-            msgs = export_problems(cluster, s["service"], s.get("conditions", []))
+            entry["conditions"][cluster] = encode(s.conditions)
+            entry["ready"][cluster] = s.ready
+            msgs = export_problems(cluster, s.service, s.conditions)
             entry["problems"].extend(msgs)
             problems.extend(msgs)
-            conflict = condition(s.get("conditions", []), "Conflict")
-            if conflict is not None and str(conflict.get("status")) == "True":
-                entry["conflict"] = str(conflict.get("message"))
+            conflict = s.condition("Conflict")
+            if conflict is not None and conflict.status == "True":
+                entry["conflict"] = conflict.message
     for cluster, st in statuses.items():
         if not st:
             continue
-        for imp in st.get("imports", []):
-            entry = out.setdefault(imp["service"], _service_entry(imp["service"], imp.get("type", "")))
+        for imp in st.imports:
+            entry = out.setdefault(imp.service, _service_entry(imp.service, imp.type))
             entry["imported_by"].append(cluster)
-            if imp.get("ips") and not entry["clusterset_ip"]:
-                entry["clusterset_ip"] = ",".join(imp["ips"])
-            entry["ports"] = [f"{p['name']}/{p['port']}" for p in imp.get("ports", [])]
-            for c, n in imp.get("ready_by_cluster", {}).items():
+            if imp.ips and not entry["clusterset_ip"]:
+                entry["clusterset_ip"] = ",".join(imp.ips)
+            entry["ports"] = [f"{p.name}/{p.port}" for p in imp.ports]
+            for c, n in imp.ready_by_cluster.items():
                 entry["ready"].setdefault(c, n)
     return [out[k] for k in sorted(out)]
 
@@ -375,21 +384,21 @@ def _trust_local(inp: LocalInputs, problems: list[str]) -> dict[str, Any]:
     for cluster, st in inp.controlplanes.items():
         if not st:
             continue
-        t = st.get("trust", {})
-        health, left = cert_health(t.get("intermediate_not_before"), t.get("intermediate_not_after"), now)
-        trust["intermediates"].append({"cluster": cluster, "fingerprint": t.get("intermediate_fingerprint"),
-                                       "not_after": t.get("intermediate_not_after"), "health": health,
+        t = st.trust
+        health, left = cert_health(t.intermediate_not_before, t.intermediate_not_after, now)
+        trust["intermediates"].append({"cluster": cluster, "fingerprint": t.intermediate_fingerprint or None,
+                                       "not_after": t.intermediate_not_after or None, "health": health,
                                        "lifetime_left": left})
         if health not in ("ok", "unknown"):
-            problems.append(f"trust: {cluster} intermediate is {health} (not after {t.get('intermediate_not_after')})")
-        for w in t.get("workload_certs", []):
-            health, left = cert_health(w.get("not_before"), w.get("not_after"), now)
-            trust["workload_certs"].append({"cluster": cluster, "spiffe_id": w.get("spiffe_id"),
-                                            "not_after": w.get("not_after"), "health": health,
+            problems.append(f"trust: {cluster} intermediate is {health} (not after {t.intermediate_not_after})")
+        for w in t.workload_certs:
+            health, left = cert_health(w.not_before, w.not_after, now)
+            trust["workload_certs"].append({"cluster": cluster, "spiffe_id": w.spiffe_id,
+                                            "not_after": w.not_after or None, "health": health,
                                             "lifetime_left": left})
             if health not in ("ok", "unknown"):
-                problems.append(f"trust: {cluster} workload certificate {w.get('spiffe_id')} is {health} "
-                                f"(not after {w.get('not_after')})")
+                problems.append(f"trust: {cluster} workload certificate {w.spiffe_id} is {health} "
+                                f"(not after {w.not_after})")
     return trust
 
 
@@ -400,24 +409,24 @@ def _rotation_local(inp: LocalInputs) -> dict[str, Any] | None:
 
     if inp.root is None or inp.root.get("phase") in (None, "stable"):
         return None
-    cps = {name: (st.get("rotation") if st else None) for name, st in inp.controlplanes.items()}
+    cps = {name: (st.rotation if st else None) for name, st in inp.controlplanes.items()}
     conv = evaluate(inp.root, SystemReports(controlplanes=cps, federation=inp.federation_trust,
                                             errors=dict(inp.errors), federation_error=inp.federation_trust_error))
     return {**conv.to_json(), "lines": describe(conv)}
 
 
-def callable_names(st: Mapping[str, Any] | None) -> list[str]:
+def callable_names(st: ControlPlaneStatus | None) -> list[str]:
     """The host names a sidecar in a cluster can call: every import (clusterset.local) and every local service."""
     if not st:
         return []
-    names = {f"{imp['service']}.svc.clusterset.local" for imp in st.get("imports", [])}
-    for s in st.get("services", []):
-        if f"{s['service']}.svc.clusterset.local" not in names:
-            names.add(f"{s['service']}.svc.cluster.local")
+    names = {f"{imp.service}.svc.clusterset.local" for imp in st.imports}
+    for s in st.services:
+        if f"{s.service}.svc.clusterset.local" not in names:
+            names.add(f"{s.service}.svc.cluster.local")
     return sorted(names)
 
 
-def addresses(state: Mapping[str, Any], statuses: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+def addresses(state: Mapping[str, Any], statuses: Mapping[str, ControlPlaneStatus | None]) -> dict[str, Any]:
     """Every address a person or script needs to use a local run."""
     clusters: dict[str, Any] = {}
     workloads: list[dict[str, Any]] = []
@@ -458,12 +467,13 @@ def evaluate_remote(inp: RemoteInputs) -> dict[str, Any]:
             conds.setdefault(c, []).append(cond)
         entry["conditions"] = conds
         for c, cl in conds.items():
-            msgs = export_problems(c, s["service"], cl)
+            rows = [decode(ConditionRow, x, what=f"the catalog's {s['service']} conditions of {c}") for x in cl]
+            msgs = export_problems(c, s["service"], rows)
             entry["problems"].extend(msgs)
             problems.extend(msgs)
-            conflict = condition(cl, "Conflict")
-            if conflict is not None and str(conflict.get("status")) == "True":
-                entry["conflict"] = str(conflict.get("message"))
+            conflict = condition(rows, "Conflict")
+            if conflict is not None and conflict.status == "True":
+                entry["conflict"] = conflict.message
         services.append(entry)
     clusters = []
     for m in inp.members:
@@ -588,6 +598,16 @@ def fetch_json(url: str, *, timeout: float = 3.0) -> dict[str, Any]:
         raise StatusError(f"GET {url} failed: {exc}") from exc
 
 
+def fetch_status(admin: str, *, what: str) -> ControlPlaneStatus:
+    """GET a control plane's ``/status`` at its admin ``HOST:PORT`` (``what``: its name, for errors)."""
+    url = f"http://{admin}/status"
+    data = fetch_json(url)
+    try:
+        return decode_status(data, what=f"the /status of {what} ({url})")
+    except DocumentError as exc:
+        raise StatusError(str(exc)) from exc
+
+
 def collect_local(run_dir: Path) -> LocalInputs:
     """Read a local run: state.json, which pids live, each control plane's /status, the root's rotation state."""
     from federation.trust.store import inspect_dir
@@ -601,11 +621,11 @@ def collect_local(run_dir: Path) -> LocalInputs:
     if stopped:
         raise StatusError(stopped)
     alive = {int(p["pid"]): local.is_running(p) for p in state.get("processes", [])}
-    statuses: dict[str, Mapping[str, Any] | None] = {}
+    statuses: dict[str, ControlPlaneStatus | None] = {}
     errors: dict[str, str] = {}
     for name, c in state.get("clusters", {}).items():
         try:
-            statuses[name] = fetch_json(f"http://{c['controlplane']['admin']}/status")
+            statuses[name] = fetch_status(c["controlplane"]["admin"], what=name)
         except StatusError as exc:
             statuses[name] = None
             errors[name] = str(exc)

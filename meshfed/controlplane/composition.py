@@ -38,11 +38,11 @@ from gateway.rbac import tcp_port_problems
 from gateway.sds import WorkloadCertIssuer, bundle_pem, identities_of
 from meshfed import telemetry
 from meshfed.certfiles import CertFiles
-from meshfed.controlplane.admin import AdminEndpoints, Readiness, serve_admin
+from meshfed.controlplane.admin import AdminEndpoints, Readiness, serve_admin, status_of
 from meshfed.controlplane.config import ControlPlaneConfig, Listen, load_runtime
 from meshfed.controlplane.localrun import ReloadingTokens, apply_runtime, file_mtime
 from meshfed.controlplane.sources import open_source
-from meshfed.controlplane.status import status_of
+from meshfed.controlplane.status import ControlPlaneStatus, ManifestProblemRow
 from meshfed.controlplane.trust import TrustRenewal
 
 log = logging.getLogger("meshfed.controlplane")
@@ -61,7 +61,7 @@ class ControlPlane:
     cache: SnapshotCache = field(default_factory=SnapshotCache)
     proxies: dict[str, ProxyInfo] = field(default_factory=dict)
     proxy_errors: dict[str, str] = field(default_factory=dict)
-    manifest_problems: list[dict[str, Any]] = field(default_factory=list)
+    manifest_problems: tuple[ManifestProblemRow, ...] = ()
     started_at: float = field(default_factory=time.time)
     metrics: telemetry.ControlPlaneMetrics = field(default_factory=telemetry.ControlPlaneMetrics)
     _stack: AsyncExitStack = field(default_factory=AsyncExitStack)
@@ -178,10 +178,8 @@ class ControlPlane:
         """Take the cluster's own objects; returns what changed for the push pipeline (the local shard always,
         which the pipeline compares key by key; policies and imports when they moved)."""
         before, old_extras = self.registry, self._local.extras if self._local is not None else ()
-        self.manifest_problems = [
-            {"file": p.file, "document": p.document, "field": p.field, "message": p.message, "severity": p.severity}
-            for p in result.problems
-        ]
+        problems = [ManifestProblemRow(file=p.file, document=p.document, field=p.field, message=p.message,
+                                       severity=p.severity) for p in result.problems]
         for p in result.errors:
             log.error("manifest error file=%s document=%d field=%s message=%s (last good state kept)", p.file,
                       p.document, p.field, p.message)
@@ -192,8 +190,8 @@ class ControlPlane:
         for problem in (*TrafficPolicies.of(snap.extras).problems,
                         *tcp_port_problems(authz_policies, snap.services.values())):
             log.warning("policy problem cluster=%s %s", self.config.cluster, problem)
-            self.manifest_problems.append({"file": "", "document": 0, "field": "", "message": problem,
-                                           "severity": "warning"})
+            problems.append(ManifestProblemRow(message=problem, severity="warning"))
+        self.manifest_problems = tuple(problems)
         services = apply_runtime(snap.services, load_runtime(self.config.runtime_file))
         self.registry = self.registry.with_shard(self.config.cluster, services, snap.exports.values())
         if self.agent is not None and self.agent.catalog is not None:
@@ -367,8 +365,8 @@ class ControlPlane:
         self.metrics.refresh(self)
         return self.metrics.render()
 
-    def status(self) -> dict[str, Any]:
-        """Everything ``meshfed status`` and ``diagnose`` need from this control plane, JSON-shaped."""
+    def status(self) -> ControlPlaneStatus:
+        """Everything ``meshfed status`` and ``diagnose`` need from this control plane (``/status``)."""
         return status_of(self)
 
 

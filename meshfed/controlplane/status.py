@@ -1,131 +1,186 @@
-"""What the control plane serves at ``/status``: everything ``meshfed status`` and ``diagnose`` need from it, built
-from its live objects (registry, cache, federation agent, trust)."""
+"""What a control plane serves at ``/status``: one typed value, :class:`ControlPlaneStatus`, and its JSON codec
+(:func:`encode_status`, :func:`decode_status`; :mod:`meshfed.jsondoc`). The control plane builds it from its live
+objects (:func:`meshfed.controlplane.admin.status_of`); ``meshfed status``, ``diagnose`` and the rotation checks
+decode what they fetched and read the fields, never string keys.
+
+The JSON is the wire format other tools and the docs rely on (docs/operations.md): its field names and nesting
+are exactly the dataclasses' below, fields in this order. Decoding is strict (an unknown field or a value of the
+wrong type is an error naming its path); a field left out takes its default, so an older control plane's answer
+still decodes. Timestamps are ISO 8601 strings as the control plane wrote them.
+
+Errors: :class:`meshfed.jsondoc.DocumentError` (a ``ValueError``).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from cryptography import x509
-
-from meshfed import rotation
-
-if TYPE_CHECKING:
-    from meshfed.controlplane.composition import ControlPlane
+from meshfed import jsondoc
+from meshfed.rotation import RotationReport
 
 
-def _expiry(pem: bytes) -> str:
-    cert = x509.load_pem_x509_certificate(pem)
-    return cert.not_valid_after_utc.isoformat()
+@dataclass(frozen=True, slots=True)
+class PortRow:
+    name: str = ""
+    port: int = 0
+    protocol: str = ""
 
 
-def _issued(pem: bytes) -> str:
-    cert = x509.load_pem_x509_certificate(pem)
-    return cert.not_valid_before_utc.isoformat()
+@dataclass(frozen=True, slots=True)
+class ConditionRow:
+    """One MCS condition of an export (``Valid``, ``Ready``, ``Conflict``) as the control plane reports it."""
+
+    type: str = ""
+    status: str = ""  # "True", "False", "Unknown"
+    reason: str = ""
+    message: str = ""
 
 
-def status_of(cp: ControlPlane) -> dict[str, Any]:
-    reg = cp.registry
-    local = cp.config.cluster
-    exports = reg.exports.get(local, {})
-    services = []
-    for svc in reg.services(local):
-        export = exports.get(svc.key)
-        services.append({
-            "service": str(svc.key),
-            "type": str(svc.type),
-            "ports": [{"name": p.name, "port": p.port, "protocol": str(p.protocol)} for p in svc.ports],
-            "endpoints": len(svc.endpoints),
-            "ready": len(svc.ready_endpoints),
-            "exported": export is not None,
-            "conditions": [{"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message}
-                           for c in (export.conditions if export else ())],
-        })
-    # An export without a Service here (Valid=False, NoService) still has a row, so status can say why.
-    local_keys = {svc.key for svc in reg.services(local)}
-    for key, export in sorted(exports.items()):
-        if key not in local_keys:
-            services.append({
-                "service": str(key), "type": "", "ports": [], "endpoints": 0, "ready": 0, "exported": True,
-                "conditions": [{"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message}
-                               for c in export.conditions],
-            })
-    imports = []
-    for key, imp in sorted(reg.imports.items()):
-        ready_by_cluster: dict[str, int] = {str(c): shard[key].ready for c, shard in reg.remote.items() if key in shard}
-        local_svc = reg.service(local, key)
-        if local_svc is not None:
-            ready_by_cluster[str(local)] = len(local_svc.ready_endpoints)
-        imports.append({
-            "service": str(key), "type": str(imp.type), "ips": list(imp.ips),
-            "clusters": [str(c) for c in imp.clusters],
-            "ports": [{"name": p.name, "port": p.port, "protocol": str(p.protocol)} for p in imp.ports],
-            "ready_by_cluster": ready_by_cluster,
-        })
-    proxies = [{**dataclasses.asdict(st), "state": str(st.state)} for st in cp.cache.status()]
-    agent = cp.agent
-    federation: dict[str, Any] = {"configured": agent is not None}
-    if agent is not None:
-        catalog = agent.catalog
-        federation.update({
-            "connected": agent.connected,
-            "revision": getattr(catalog, "revision", None),
-            "relists": agent.relists,
-            "reconnects": agent.reconnects,
-            "members": _members(catalog),
-            "heartbeat_error": agent.heartbeat_error,
-            "heartbeat_failing_since": (agent.heartbeat_failing_since.isoformat()
-                                        if agent.heartbeat_failing_since else None),
-            "heartbeat_ok_at": agent.heartbeat_ok_at.isoformat() if agent.heartbeat_ok_at else None,
-        })
-    return {
-        "cluster": str(local),
-        "network": str(cp.info.network),
-        "region": cp.info.region,
-        "zone": cp.info.zone,
-        "gateway": f"{cp.config.gateway_host}:{cp.config.gateway_port}",
-        "xds": f"{cp.config.xds.host}:{cp.ads.port if cp.ads else cp.config.xds.port}",
-        "xds_mtls": f"{cp.config.xds_mtls.host}:{cp.ads_mtls.port}" if cp.config.xds_mtls and cp.ads_mtls else "",
-        "dns": f"{cp.config.dns.host}:{cp.dns.port if cp.dns else cp.config.dns.port}",
-        "admin": f"{cp.config.admin.host}:{cp.admin_port}",
-        "registry_revision": reg.revision,
-        "uptime_s": round(time.time() - cp.started_at, 1),
-        "services": services,
-        "imports": imports,
-        "proxies": proxies,
-        "proxy_errors": dict(cp.proxy_errors),
-        "manifest_problems": cp.manifest_problems,
-        "federation": federation,
-        "trust": {
-            "trust_domain": cp.trust_domain,
-            "intermediate_not_after": cp.ca.not_after.isoformat(),
-            "intermediate_not_before": cp.ca.cert.not_valid_before_utc.isoformat(),
-            "intermediate_fingerprint": cp.ca.fingerprint,
-            "roots": [{"fingerprint": fp, "not_after": root.not_valid_after_utc.isoformat()}
-                      for fp, root in zip(cp.bundle.fingerprints, cp.bundle.roots, strict=True)],
-            "workload_certs": [
-                {"spiffe_id": sid, "not_after": _expiry(cert.chain_pem.encode()),
-                 "not_before": _issued(cert.chain_pem.encode())}
-                for sid, cert in sorted(cp.issuer.certs().items())
-            ],
-        },
-        "rotation": rotation.controlplane_report(cp),
-        "now": datetime.now(UTC).isoformat(),
-    }
+@dataclass(frozen=True, slots=True)
+class ServiceRow:
+    """A Service of this cluster, or an export without one (``type`` empty, ``Valid=False, NoService``)."""
+
+    service: str = ""
+    type: str = ""
+    ports: tuple[PortRow, ...] = ()
+    endpoints: int = 0
+    ready: int = 0
+    exported: bool = False
+    conditions: tuple[ConditionRow, ...] = ()
+
+    def condition(self, ctype: str) -> ConditionRow | None:
+        return next((c for c in self.conditions if c.type == ctype), None)
 
 
-def _members(catalog: Any) -> list[dict[str, Any]]:
-    if catalog is None:
-        return []
-    out = []
-    for cid, member in sorted(catalog.members.items()):
-        out.append({
-            "cluster": str(cid),
-            "network": str(member.info.network),
-            "unreachable_since": member.unreachable_since.isoformat() if member.unreachable_since else None,
-            "renewed_at": member.renewed_at.isoformat(),
-            "gateway": f"{member.info.gateway_host}:{member.info.gateway_port}",
-        })
-    return out
+@dataclass(frozen=True, slots=True)
+class ImportRow:
+    """A ServiceImport this cluster holds (from the federation, or derived alone when unfederated)."""
+
+    service: str = ""
+    type: str = ""
+    ips: tuple[str, ...] = ()
+    clusters: tuple[str, ...] = ()
+    ports: tuple[PortRow, ...] = ()
+    ready_by_cluster: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRow:
+    """What one proxy holds of one xDS type (gateway.cache.ProxyStatus)."""
+
+    node_id: str = ""
+    type_url: str = ""
+    state: str = ""  # "synced", "stale", "nacked"
+    connected: bool = False
+    current_version: str = ""
+    sent_version: str = ""
+    sent_nonce: str = ""
+    acked_version: str = ""
+    nack_error: str = ""
+    nack_version: str = ""
+    nack_time: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestProblemRow:
+    """A problem with this cluster's manifests (or its traffic policies), naming file, document and field."""
+
+    file: str = ""
+    document: int = 0
+    field: str = ""
+    message: str = ""
+    severity: str = "error"  # "error" (the last good state is kept) or "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    """A federation member as the federation's catalog says (the agent's last catalog)."""
+
+    cluster: str = ""
+    network: str = ""
+    unreachable_since: str | None = None
+    renewed_at: str = ""
+    gateway: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FederationStatus:
+    """The federation agent's state; when ``configured`` is false (no federation) nothing else is in the JSON."""
+
+    configured: bool = False
+    connected: bool = False
+    revision: int | None = None
+    relists: int = 0
+    reconnects: int = 0
+    members: tuple[MemberRow, ...] = ()
+    heartbeat_error: str | None = None
+    heartbeat_failing_since: str | None = None
+    heartbeat_ok_at: str | None = None
+
+    def json_omitted(self) -> tuple[str, ...]:
+        return () if self.configured else tuple(n for n in self.__slots__ if n != "configured")
+
+
+@dataclass(frozen=True, slots=True)
+class RootRow:
+    fingerprint: str = ""
+    not_after: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadCertRow:
+    spiffe_id: str = ""
+    not_after: str = ""
+    not_before: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TrustStatus:
+    trust_domain: str = ""
+    intermediate_not_after: str = ""
+    intermediate_not_before: str = ""
+    intermediate_fingerprint: str = ""
+    roots: tuple[RootRow, ...] = ()
+    workload_certs: tuple[WorkloadCertRow, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneStatus:
+    """Everything ``meshfed status`` and ``diagnose`` need from one control plane (``GET /status``)."""
+
+    cluster: str = ""
+    network: str = ""
+    region: str = ""
+    zone: str = ""
+    gateway: str = ""  # HOST:PORT other clusters reach this cluster's east-west gateway at
+    xds: str = ""  # HOST:PORT of the token-authenticated ADS listener
+    xds_mtls: str = ""  # HOST:PORT of the certificate-authenticated one ("": not served)
+    dns: str = ""
+    admin: str = ""
+    registry_revision: int = 0
+    uptime_s: float = 0.0
+    services: tuple[ServiceRow, ...] = ()
+    imports: tuple[ImportRow, ...] = ()
+    proxies: tuple[ProxyRow, ...] = ()
+    proxy_errors: Mapping[str, str] = field(default_factory=dict)  # node id -> why its config is not built
+    manifest_problems: tuple[ManifestProblemRow, ...] = ()
+    federation: FederationStatus = FederationStatus()
+    trust: TrustStatus = TrustStatus()
+    rotation: RotationReport | None = None
+    now: str = ""
+
+    def import_of(self, service: str) -> ImportRow | None:
+        return next((i for i in self.imports if i.service == service), None)
+
+
+def encode_status(status: ControlPlaneStatus) -> dict[str, Any]:
+    """``status`` as the JSON ``/status`` serves."""
+    data: dict[str, Any] = jsondoc.encode(status)
+    return data
+
+
+def decode_status(data: Any, *, what: str = "control plane status") -> ControlPlaneStatus:
+    """Parsed ``/status`` JSON as the typed value; raises ``DocumentError`` naming ``what`` and the field."""
+    return jsondoc.decode(ControlPlaneStatus, data, what=what)

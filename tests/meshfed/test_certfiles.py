@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -36,13 +37,13 @@ def test_files_follow_add_root_and_reissue(tmp_path: Path) -> None:
     assert files.refresh(load_cluster_ca(east), load_bundle(east)) == 0  # adopted as written, nothing stale
     later = datetime.now(UTC) + timedelta(seconds=10)
     old_root = load_root(root).state.active
-    assert files.report(load_bundle(east), now=later)[0] | {"leaf_root": old_root, "settled": True} == \
+    assert replace(files.report(load_bundle(east), now=later)[0], leaf_root=old_root, settled=True) == \
         files.report(load_bundle(east), now=later)[0]
 
     rotate_add_root(root)
     assert files.refresh(load_cluster_ca(east), load_bundle(east)) == 1  # the bundle gained a root
     assert len(load_pem_certs((spec.dir / "ca.pem").read_bytes(), what="ca")) == 2
-    assert not files.report(load_bundle(east))[0]["settled"]  # gRPC has not had a refresh interval yet
+    assert not files.report(load_bundle(east))[0].settled  # gRPC has not had a refresh interval yet
     rotate_reissue(root)
     ca = load_cluster_ca(east)
     assert files.refresh(ca, load_bundle(east)) == 1  # the intermediate was re-issued
@@ -50,4 +51,4 @@ def test_files_follow_add_root_and_reissue(tmp_path: Path) -> None:
     chain = load_pem_certs((spec.dir / "cert.pem").read_bytes(), what="cert")
     assert chain[1] == ca.cert
     report = files.report(load_bundle(east), now=datetime.now(UTC) + timedelta(seconds=10))[0]
-    assert report["leaf_root"] == load_root(root).state.active and report["settled"]
+    assert report.leaf_root == load_root(root).state.active and report.settled

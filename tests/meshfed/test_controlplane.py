@@ -8,7 +8,6 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import dns.asyncquery
 import dns.message
@@ -43,7 +42,9 @@ from meshfed.controlplane import (
     load_tokens,
     with_export_conditions,
 )
+from meshfed.controlplane.status import decode_status, encode_status
 from meshfed.local import http_get, write_private
+from meshfed.rotation import ProxySecrets
 
 EAST = cluster_id("east")
 REVIEWS = ServiceKey.parse("reviews.default")
@@ -131,6 +132,9 @@ async def test_unfederated_control_plane_serves_dns_status_and_refuses_unauthent
         data = json.loads(body)
         assert data["cluster"] == "east" and data["federation"] == {"configured": False}
         assert {s["service"] for s in data["services"]} >= {"reviews.default", "details.default"}
+        # One codec: what was served decodes into the typed value and encodes back to the same JSON.
+        typed = decode_status(data)
+        assert typed.cluster == "east" and not typed.federation.configured and encode_status(typed) == data
         status, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{cp.admin_port}/readyz")
         assert status == 200
         # Headless db is exported by east: its ready pod addresses are answered from east's own shard.
@@ -310,15 +314,18 @@ async def test_root_rotation_reaches_proxies_without_a_restart(east_ca: Path, tm
             assert issuer_of(got["default"]) == ski  # signed by the re-issued intermediate, no restart
             # /status reports what the proxy holds by fingerprint once it ACKed it (rotation convergence).
             new_root = cp.bundle.issuing_root([cp.ca.cert])
-            assert new_root is not None and cp.status()["rotation"]["intermediate"]["root_fingerprint"] == new_root
+            rotation = cp.status().rotation
+            assert new_root is not None and rotation is not None and rotation.intermediate.root_fingerprint == new_root
             version, nonce = secrets.last  # type: ignore[attr-defined]
             await client.request(secret_type, ["default", "ROOTCA"], version=version, nonce=nonce)  # the ACK
-            report: dict[str, Any] = {}
+            report = ProxySecrets()
             for _ in range(100):
-                report = next(p for p in cp.status()["rotation"]["proxies"] if p["node_id"] == node)
-                if report["state"] == "acked":
+                rotation = cp.status().rotation
+                assert rotation is not None
+                report = next(p for p in rotation.proxies if p.node_id == node)
+                if report.state == "acked":
                     break
                 await asyncio.sleep(0.05)
-            assert report["state"] == "acked" and report["leaf_root"] == new_root
-            assert new_root in report["bundle_roots"] and len(report["bundle_roots"]) == 2
+            assert report.state == "acked" and report.leaf_root == new_root
+            assert new_root in report.bundle_roots and len(report.bundle_roots) == 2
             await client.close()

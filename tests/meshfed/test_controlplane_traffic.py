@@ -60,19 +60,19 @@ async def test_control_plane_applies_its_own_policies_and_reports_bad_ones(demo:
         rule, route = policies.destination_rule(REVIEWS), policies.virtual_service(REVIEWS)
         assert rule is not None and [s.name for s in rule.subsets] == ["east", "west"]
         assert route is not None and [w.weight for w in route.http[0].route] == [90, 10]
-        assert cp.status()["manifest_problems"] == []
+        assert cp.status().manifest_problems == ()
 
         # An unsupported field: the file is rejected with the field's path, the last good VirtualService stays.
         vs_file = demo / "east" / "virtualservice-reviews.yaml"
         vs_file.write_text(BROKEN)
-        await _until(lambda: any(p["field"] == "spec.http[0].mirror" for p in cp.status()["manifest_problems"]))
+        await _until(lambda: any(p.field == "spec.http[0].mirror" for p in cp.status().manifest_problems))
         assert cp.push_context().policies.virtual_service(REVIEWS) == route
 
         # A route to a subset no DestinationRule defines is accepted, and reported as a warning.
         vs_file.write_text(UNDEFINED_SUBSET)
-        await _until(lambda: any("'canary'" in p["message"] for p in cp.status()["manifest_problems"]))
-        [problem] = cp.status()["manifest_problems"]
-        assert problem["severity"] == "warning" and "503" in problem["message"]
+        await _until(lambda: any("'canary'" in p.message for p in cp.status().manifest_problems))
+        [problem] = cp.status().manifest_problems
+        assert problem.severity == "warning" and "503" in problem.message
         current = cp.push_context().policies.virtual_service(REVIEWS)
         assert current is not None and current.http[0].route[0].destination.subset == "canary"
 
@@ -105,8 +105,8 @@ async def test_http_only_policy_fields_on_a_tcp_port_are_reported_and_the_outbou
         gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tmp_path / "tokens.json", manifest_poll_s=0.1)
     async with ControlPlane(config) as cp:
         assert cp.push_context().outbound_mode is OutboundTrafficMode.REGISTRY_ONLY
-        [problem] = cp.status()["manifest_problems"]
-        assert problem["severity"] == "warning"
+        [problem] = cp.status().manifest_problems
+        assert problem.severity == "warning"
         assert "AuthorizationPolicy default/db-paths: spec.rules[0].to[0].operation.paths is HTTP-only" in \
-            problem["message"]
-        assert "db.default:5432 (tcp)" in problem["message"]
+            problem.message
+        assert "db.default:5432 (tcp)" in problem.message

@@ -17,6 +17,7 @@ from federation.trust.spiffe import SpiffeId, TrustDomain
 from federation.trust.store import init_root, issue_intermediate
 from meshfed import diagnose
 from meshfed.cli import cli
+from meshfed.controlplane.status import decode_status
 from meshfed.diagnose import FAIL, OK, SKIPPED, Evidence, chain_error, evaluate, parse_service, report
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -60,6 +61,8 @@ def evidence(**changes: Any) -> Evidence:
         "now": NOW,
     }
     base.update(changes)
+    # The statuses are written here as the JSON a control plane serves; the hops read them decoded.
+    base["statuses"] = {name: None if st is None else decode_status(st) for name, st in base["statuses"].items()}
     return Evidence(**base)
 
 

@@ -11,6 +11,9 @@ from typing import Any
 from click.testing import CliRunner
 
 from meshfed.cli import cli
+from meshfed.controlplane.status import decode_status
+from meshfed.jsondoc import decode
+from meshfed.rotation import RotationReport
 from meshfed.status import (
     EXPIRY_FRACTION,
     LocalInputs,
@@ -97,7 +100,16 @@ def inputs(**changes: Any) -> LocalInputs:
         "now": NOW,
     }
     base.update(changes)
+    # The statuses are written here as the JSON a control plane serves; the evaluation reads them decoded.
+    base["controlplanes"] = {name: None if st is None else decode_status(st)
+                             for name, st in base["controlplanes"].items()}
     return LocalInputs(**base)
+
+
+def reports(controlplanes: dict[str, Any]) -> dict[str, RotationReport | None]:
+    """``rotation`` sections written as JSON, decoded."""
+    return {name: None if rep is None else decode(RotationReport, rep, what=name)
+            for name, rep in controlplanes.items()}
 
 
 def test_healthy_run_reports_every_section_and_address() -> None:
@@ -282,7 +294,7 @@ def test_rotation_blocks_on_what_cannot_be_seen() -> None:
     fed = {"bundleFingerprints": [old, new], "serving": {"root_fingerprint": old},
            "connections": [{"cluster": "west", "root_fingerprint": old, "since": "t"}]}
     conv = evaluate(_rotation_root(), SystemReports(
-        controlplanes={"east": _rotation_report(new, acked=False), "west": None}, federation=fed,
+        controlplanes=reports({"east": _rotation_report(new, acked=False), "west": None}), federation=fed,
         errors={"west": "refused"}))
     text = "\n".join(conv.blocking)
     assert not conv.done
@@ -294,7 +306,8 @@ def test_rotation_blocks_on_what_cannot_be_seen() -> None:
     # A member nobody asked about is unknown, hence not moved.
     fine = {"bundleFingerprints": [old, new], "serving": {"root_fingerprint": new}, "connections": [],
             "members": ["east", "west"]}
-    conv = evaluate(_rotation_root(), SystemReports(controlplanes={"east": _rotation_report(new)}, federation=fine))
+    conv = evaluate(_rotation_root(), SystemReports(controlplanes=reports({"east": _rotation_report(new)}),
+                                                    federation=fine))
     assert conv.blocking == ("west: a member of the federation whose control plane was not asked "
                              "(--controlplane west=ADMIN_ADDRESS)",)
     stable = evaluate(root(), SystemReports(controlplanes={}, federation=None))
@@ -312,10 +325,10 @@ def test_reissue_waits_until_everything_trusts_the_next_root() -> None:
     behind = {**_rotation_report(old), "bundle_fingerprints": [old, new]}
     behind["proxies"][0]["bundle_roots"] = [old]
     fed = {"bundleFingerprints": [old, new], "serving": {"root_fingerprint": old}, "connections": []}
-    conv = evaluate(added, SystemReports(controlplanes={"east": behind}, federation=fed))
+    conv = evaluate(added, SystemReports(controlplanes=reports({"east": behind}), federation=fed))
     assert not conv.done and conv.blocking == ("east: proxy sidecar~a does not trust the new root yet",)
     behind["proxies"][0]["bundle_roots"] = [old, new]
-    conv = evaluate(added, SystemReports(controlplanes={"east": behind}, federation=fed))
+    conv = evaluate(added, SystemReports(controlplanes=reports({"east": behind}), federation=fed))
     assert conv.done and conv.summary == ("1 of 1 proxies trust the new root", "federation trusts the new root")
 
 

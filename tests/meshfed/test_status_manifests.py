@@ -12,6 +12,7 @@ from pathlib import Path
 from discovery.clusterset import load_clusterset
 from discovery.model import cluster_id
 from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
+from meshfed.controlplane.status import decode_status
 from meshfed.local import http_get
 from meshfed.status import LocalInputs, evaluate_local
 
@@ -37,7 +38,7 @@ async def test_every_manifest_problem_of_a_control_plane_reaches_status(demo: Pa
     async with ControlPlane(config) as cp:
         code, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{cp.admin_port}/status")
     assert code == 200
-    st = json.loads(body)
+    st = decode_status(json.loads(body))  # as meshfed status reads it
     addr = "127.0.0.1:1"
     state = {"clusters": {"east": {"controlplane": {"pid": 1, "admin": addr, "xds": addr, "dns": addr},
                                    "gateway": {"address": addr, "admin": addr}, "workloads": []}},
