@@ -1,14 +1,18 @@
 """Captured traffic end to end, with real Envoy sidecars in capture mode inside network namespaces this test creates.
 
-Two "pods" joined by a veth pair (10.252.N.0/24, inside the two namespaces only): ``east`` runs a client with no
-idea of the mesh, ``west`` runs the applications (TCP echo on 127.0.0.1:5432 and :5433, an HTTP app on
-127.0.0.1:9080 that answers with the ``x-forwarded-client-cert`` it got, and a plain server on 0.0.0.0:7777 that
-is not in the registry). ``meshfed proxy capture`` installs the rules in both pods; each pod's Envoy runs there as
-uid 1337 with the capture-mode configuration of its own control plane (east's and west's, in this process),
-which it reaches over a unix socket (a namespace cannot reach the root namespace's loopback; a unix socket is a
-file, so nothing is added to the root namespace). The clusters share a network, so east's sidecar dials west's pod
-directly: the client's connection to the ClusterSetIP is redirected to east's ``virtualOutbound``, leaves as mTLS,
-is redirected on west to ``virtualInbound``, checked (certificate, network RBAC) and handed to the app in plain.
+Three namespaces on two networks, joined by veth pairs (inside the namespaces only)::
+
+    east pod 10.252.N.1 ---- 10.252.N.2 west's east-west gateway 10.253.N.1 ---- 10.253.N.2 west pod
+
+``east`` runs a client with no idea of the mesh; the west pod runs the applications (TCP echo on 127.0.0.1:5432,
+:5433 and :5434, an HTTP app on 127.0.0.1:9080 that answers with the ``x-forwarded-client-cert`` it got); the
+gateway's namespace also runs a plain server on :7777 that is not in the registry. ``meshfed proxy capture``
+installs the rules in both pods. Each Envoy (both sidecars in capture mode, and the gateway) runs as uid 1337 with
+the configuration of its cluster's control plane (east's and west's, in this process), reached over a unix socket
+(a namespace cannot reach the root namespace's loopback; a unix socket is a file, so nothing is added to the root
+namespace). The client's connection to the ClusterSetIP is redirected to east's ``virtualOutbound``, leaves as
+mTLS with the service's SNI, passes west's gateway (SNI routing, TLS untouched), is redirected in the west pod to
+``virtualInbound``, checked (the caller's certificate, network RBAC) and handed to the app in plain.
 
 Everything is stopped by pid and removed in ``finally`` blocks; the last test checks that nothing is left.
 """
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -72,7 +77,7 @@ pytestmark = [
 ]
 
 # TCP echo on 127.0.0.1:5432, :5433 and :5434, HTTP on 127.0.0.1:9080 answering with the XFCC header it received, and
-# "direct" on 0.0.0.0:7777. Ends when stdin closes or after 300 s.
+# (argv[1] == "direct") only "direct" on 0.0.0.0:7777. Ends when stdin closes or after 300 s.
 APPS = r"""
 import http.server, select, socket, socketserver, sys, threading
 class Echo(socketserver.BaseRequestHandler):
@@ -94,9 +99,9 @@ class Http(http.server.BaseHTTPRequestHandler):
 class Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
-for addr, handler in ((("127.0.0.1", 5432), Echo), (("127.0.0.1", 5433), Echo), (("127.0.0.1", 5434), Echo),
-                      (("0.0.0.0", 7777), Direct),
-                      (("127.0.0.1", 9080), Http)):
+apps = ((("0.0.0.0", 7777), Direct),) if sys.argv[1:] == ["direct"] else (
+    (("127.0.0.1", 5432), Echo), (("127.0.0.1", 5433), Echo), (("127.0.0.1", 5434), Echo), (("127.0.0.1", 9080), Http))
+for addr, handler in apps:
     threading.Thread(target=Server(addr, handler).serve_forever, daemon=True).start()
 print("ready", flush=True)
 select.select([sys.stdin], [], [], 300)
@@ -166,6 +171,10 @@ class Bed:
         return f"cdp-{self.tag}-east"
 
     @property
+    def gateway(self) -> str:
+        return f"cdp-{self.tag}-gw"
+
+    @property
     def west(self) -> str:
         return f"cdp-{self.tag}-west"
 
@@ -174,11 +183,20 @@ class Bed:
         return f"10.252.{self.n}.1"
 
     @property
-    def west_ip(self) -> str:
+    def gateway_ip(self) -> str:
+        """The gateway's address on east's side (what east's sidecar dials)."""
         return f"10.252.{self.n}.2"
+
+    @property
+    def west_ip(self) -> str:
+        return f"10.253.{self.n}.2"
+
+    def names(self) -> tuple[str, str, str]:
+        return self.east, self.gateway, self.west
 
 
 CREATED: set[str] = set()
+Mesh = tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin, UnixAdmin]  # bed, east's plane, east, west, west's gateway
 
 
 def run(argv: list[str]) -> str:
@@ -194,18 +212,20 @@ def namespaces() -> Iterator[Bed]:
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-cdp-"))
     tmp.chmod(0o755)  # the Envoys run as uid 1337: they read bootstraps and create admin sockets here
     bed = Bed(tag=tag, n=secrets.randbelow(250) + 1, tmp=tmp)
-    if_east, if_west = f"cdp{tag}a", f"cdp{tag}b"
+    links = ((bed.east, f"cdp{tag}a", bed.east_ip, bed.gateway, f"cdp{tag}b", bed.gateway_ip),
+             (bed.gateway, f"cdp{tag}c", f"10.253.{bed.n}.1", bed.west, f"cdp{tag}d", bed.west_ip))
     try:
-        for ns in (bed.east, bed.west):
+        for ns in bed.names():
             CREATED.add(ns)
             run(["ip", "netns", "add", ns])
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        run(["ip", "-n", bed.east, "link", "add", if_east, "type", "veth", "peer", "name", if_west, "netns", bed.west])
-        for ns, ifname, ip in ((bed.east, if_east, bed.east_ip), (bed.west, if_west, bed.west_ip)):
-            run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname])
-            run(["ip", "-n", ns, "link", "set", ifname, "up"])
+        for ns_a, if_a, ip_a, ns_b, if_b, ip_b in links:  # both ends made inside the namespaces
+            run(["ip", "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b])
+            for ns, ifname, ip in ((ns_a, if_a, ip_a), (ns_b, if_b, ip_b)):
+                run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname])
+                run(["ip", "-n", ns, "link", "set", ifname, "up"])
         # The ClusterSetIP needs a route for connect() to start; the capture rules then redirect it to the sidecar.
-        run(["ip", "-n", bed.east, "route", "add", "default", "dev", if_east])
+        run(["ip", "-n", bed.east, "route", "add", "default", "dev", links[0][1]])
         yield bed
     finally:
         for proc in bed.procs:
@@ -215,7 +235,7 @@ def namespaces() -> Iterator[Bed]:
             with contextlib.suppress(Exception):
                 popen.kill()
                 popen.communicate(timeout=30)
-        for ns in (bed.east, bed.west):
+        for ns in bed.names():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60, check=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -256,7 +276,7 @@ async def relay(bed: Bed, name: str, port: int) -> Path:
     return path
 
 
-async def start_sidecar(bed: Bed, cp: ControlPlane, proxy: ProxyInfo, ns: str) -> UnixAdmin:
+async def start_envoy(bed: Bed, cp: ControlPlane, proxy: ProxyInfo, ns: str) -> UnixAdmin:
     token = cp.add_proxy(proxy)
     xds = await relay(bed, f"ads-{ns}", cp.port)
     boot: dict[str, Any] = render_bootstrap(proxy, xds_host="127.0.0.1", xds_port=1, admin_port=1, token=token)
@@ -285,8 +305,8 @@ async def start_sidecar(bed: Bed, cp: ControlPlane, proxy: ProxyInfo, ns: str) -
     return envoy
 
 
-def start_apps(bed: Bed) -> None:
-    popen = subprocess.Popen(["ip", "netns", "exec", bed.west, sys.executable, "-I", "-c", APPS],
+def start_apps(bed: Bed, ns: str, *args: str) -> None:
+    popen = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-I", "-c", APPS, *args],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     bed.popens.append(popen)
     assert popen.stdout is not None
@@ -312,9 +332,9 @@ async def client(ns: str, *args: str) -> str:
 
 
 def registries(bed: Bed) -> tuple[Registry, Registry]:
-    net = NetworkId("net-1")  # one network: east's sidecar dials west's pod itself
-    infos = {EAST: ClusterInfo(id=EAST, network=net, region="r", zone="z1", gateway_host="127.0.0.1"),
-             WEST: ClusterInfo(id=WEST, network=net, region="r", zone="z2", gateway_host="127.0.0.1")}
+    net = NetworkId("net-west")  # east is on another network: it reaches west's pods through west's gateway
+    infos = {EAST: ClusterInfo(id=EAST, network=NetworkId("net-east"), region="r", zone="z1"),
+             WEST: ClusterInfo(id=WEST, network=net, region="r", zone="z2", gateway_host=bed.gateway_ip)}
     ports = (ServicePort(port=5432, name="tcp-echo"), ServicePort(port=5433, name="tcp-other"),
              ServicePort(port=5434, name="tcp-west"), ServicePort(port=9080, name="http"))
     pod = Endpoint(address=bed.west_ip, zone="z2", ports=tuple((p.name, p.port) for p in ports),
@@ -324,10 +344,9 @@ def registries(bed: Bed) -> tuple[Registry, Registry]:
                                    ips=(CLUSTERSET_IP,))}
     west = (Registry(local=WEST).with_shard(WEST, [echo], [ServiceExport(cluster=WEST, key=ECHO, created=T0)])
             .with_catalog(clusters=infos, imports=imports))
-    shard = RemoteEndpoints(cluster=WEST, network=net, gateway_host="127.0.0.1", gateway_port=15443,
+    shard = RemoteEndpoints(cluster=WEST, network=net, gateway_host=bed.gateway_ip, gateway_port=15443,
                             localities=(LocalitySummary(locality=Locality(region="r", zone="z2", cluster=WEST,
-                                                                          network=net), ready=1, weight=1),),
-                            endpoints=(pod,))
+                                                                          network=net), ready=1, weight=1),))
     east = (Registry(local=EAST).with_shard(EAST, []).with_remote(WEST, [(ECHO, shard)])
             .with_catalog(clusters=infos, imports=imports))
     return east, west
@@ -352,12 +371,14 @@ spec:
 
 
 @pytest.fixture
-async def mesh() -> AsyncIterator[tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin]]:
+async def mesh() -> AsyncIterator[Mesh]:
     cas, bundle = cluster_cas()
     with namespaces() as bed:
         east_reg, west_reg = registries(bed)
+        # No active health checks of west's gateway: every connection west's sidecar sees is the client's.
         east_ctx = PushContext(registry=east_reg, trust_domain=TD, trust_bundle_pem=bundle,
-                               workload_certs=workload_certs(cas, "east", [("default", "sleep")]))
+                               workload_certs=workload_certs(cas, "east", [("default", "sleep")]),
+                               gateway_health_check_s=0.0)
         west_ctx = PushContext(registry=west_reg, trust_domain=TD, trust_bundle_pem=bundle,
                                workload_certs=workload_certs(cas, "west", [("default", "echo")]),
                                authz=authorization_policies(POLICY, WEST))
@@ -369,15 +390,20 @@ async def mesh() -> AsyncIterator[tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin]
                          inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
                                   InboundPort(5434, 5434, "tcp-west"), InboundPort(9080, 9080, "http")),
                          node_id=f"sidecar~{bed.west_ip}~echo-1.default~default.svc.cluster.local")
+        gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
+                            service_account="eastwest", ip="0.0.0.0", gateway_port=15443,
+                            node_id=f"router~{bed.gateway_ip}~eastwest-1.meshfed~meshfed.svc.cluster.local")
         async with ControlPlane(ctx=east_ctx) as east_cp, ControlPlane(ctx=west_ctx) as west_cp:
             try:
-                start_apps(bed)
+                start_apps(bed, bed.west)
+                start_apps(bed, bed.gateway, "direct")
                 capture_rules(bed.east)
-                capture_rules(bed.west, "--exclude-inbound-ports", "7777")
-                east_admin = await start_sidecar(bed, east_cp, sleep, bed.east)
-                west_admin = await start_sidecar(bed, west_cp, echo, bed.west)
-                yield bed, east_cp, east_admin, west_admin
-                for admin in (east_admin, west_admin):
+                capture_rules(bed.west)
+                east_admin = await start_envoy(bed, east_cp, sleep, bed.east)
+                west_admin = await start_envoy(bed, west_cp, echo, bed.west)
+                gateway_admin = await start_envoy(bed, west_cp, gateway, bed.gateway)
+                yield bed, east_cp, east_admin, west_admin, gateway_admin
+                for admin in (east_admin, west_admin, gateway_admin):
                     assert await admin.rejected() == {}  # Envoy took every update meshfed sent
                 for cp in (east_cp, west_cp):
                     assert all(row.nack_error == "" for row in cp.cache.status())
@@ -388,12 +414,14 @@ async def mesh() -> AsyncIterator[tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin]
                     server.close()
 
 
-async def test_captured_tcp_and_http_through_both_sidecars(mesh: tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin]
-                                                           ) -> None:
-    bed, east_cp, east_admin, _ = mesh
-    # A plain TCP client dials the ClusterSetIP: 1 MiB comes back byte for byte, through both sidecars (the app
-    # listens on west's loopback only, so nothing but west's sidecar can have reached it).
+async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) -> None:
+    bed, east_cp, east_admin, west_admin, gateway_admin = mesh
+    # A plain TCP client dials the ClusterSetIP: 1 MiB comes back byte for byte, through east's sidecar, west's
+    # gateway and west's sidecar (east has no route to west's pod, and the app listens on the pod's loopback only).
     assert await client(bed.east, "echo", CLUSTERSET_IP, "5432", str(1 << 20)) == "ok"
+    sni = "outbound_.5432_._.echo.default.svc.clusterset.local"
+    gw_stats = await gateway_admin.stats(filter=rf"^cluster\.{re.escape(sni)}\.upstream_cx_total$")
+    assert gw_stats.get(f"cluster.{sni}.upstream_cx_total", 0) >= 1, gw_stats  # it did pass the gateway
     # HTTP to the ClusterSetIP by name: routed by the outbound routes, and the app sees the caller's SPIFFE ID.
     status, _, xfcc = (await client(bed.east, "http", CLUSTERSET_IP, "9080",
                                     "echo.default.svc.clusterset.local:9080")).partition(" ")
@@ -413,12 +441,11 @@ async def test_captured_tcp_and_http_through_both_sidecars(mesh: tuple[Bed, Cont
     # Port 5434 allows sleep only from cluster west: the Subject of sleep's certificate says east, so it is denied.
     denied = await client(bed.east, "echo", CLUSTERSET_IP, "5434", "4096")
     assert denied.startswith(("closed after 0 bytes", "error")), denied
-    stats = await mesh[3].stats(filter=r"rbac\.")
+    stats = await west_admin.stats(filter=r"rbac\.")
     assert any(k.endswith("meshfed_allow.rbac.denied") and v >= 1 for k, v in stats.items()), stats
 
-    # Unknown destinations: ALLOW_ANY passes them through (west's port 7777 is not captured and not in the
-    # registry) ...
-    assert await client(bed.east, "read", bed.west_ip, "7777") == "direct"
+    # Unknown destinations: ALLOW_ANY passes them through (the gateway namespace's port 7777 is in no registry) ...
+    assert await client(bed.east, "read", bed.gateway_ip, "7777") == "direct"
     # ... REGISTRY_ONLY refuses them, and known destinations still work.
     east_cp.update(dataclasses.replace(east_cp.ctx, outbound_mode=OutboundTrafficMode.REGISTRY_ONLY), "policy")
 
@@ -432,7 +459,7 @@ async def test_captured_tcp_and_http_through_both_sidecars(mesh: tuple[Bed, Cont
         return False
 
     await wait_until(blackholed, within=30, what="REGISTRY_ONLY in force on east's sidecar")
-    assert await client(bed.east, "read", bed.west_ip, "7777") in ("closed", "error ConnectionResetError")
+    assert await client(bed.east, "read", bed.gateway_ip, "7777") in ("closed", "error ConnectionResetError")
     assert await client(bed.east, "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
 
 
