@@ -317,6 +317,8 @@ class Result:
     peak_rss_kb: int = 0
     loop_stall_s: float = 0.0
     gc_longest_s: float = 0.0
+    peak_build_kb: int = 0  # peak RSS when the build was done
+    peak_sync_kb: int = 0  # peak RSS when every stream had ACKed its first configuration
     gc_total_s: float = 0.0
     gc_full: int = 0
 
@@ -384,12 +386,14 @@ async def run_variant(mode: str, args: argparse.Namespace, logdir: Path) -> Resu
         t0 = time.monotonic()
         await pipeline.push(PushRequest(full=True), state["ctx"], proxies)
         res.build_s = time.monotonic() - t0
+        res.peak_build_kb = rss_kb()[1]
         procs = start_clients(mode, srv.port, args.streams, args.services, args.watch, args.client_procs, logdir,
                               "mesh")
         try:
             targets = {n: s.version(ENDPOINT) for n in proxies if (s := cache.get(n)) is not None}
             await wait_all(cache, targets, within=300, what=f"{mode} initial sync")
             res.sync_s = time.monotonic() - t0
+            res.peak_sync_kb = rss_kb()[1]
             res.initial_bytes = srv.stats.sotw_bytes + srv.stats.delta_bytes
             rnd = random.Random(SEED)
             profiler = cProfile.Profile() if args.profile else None
@@ -548,6 +552,8 @@ def report(results: list[Result], catalog: CatalogResult | None, args: argparse.
         ("longest GC pause (ms)", lambda r: f"{r.gc_longest_s * 1000:.0f}"),
         ("GC time per change (ms)", lambda r: f"{r.gc_total_s * 1000:.0f}"),
         ("full collections", lambda r: f"{r.gc_full}"),
+        ("  peak RSS after the build (MB)", lambda r: f"{r.peak_build_kb / 1024:.0f}"),
+        ("  peak RSS after the initial sync (MB)", lambda r: f"{r.peak_sync_kb / 1024:.0f}"),
         ("control-plane peak RSS (MB)", lambda r: f"{r.peak_rss_kb / 1024:.0f}"),
     ]
     for label, fn in rows:

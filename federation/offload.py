@@ -69,16 +69,24 @@ def quiet_gc(items: int) -> Iterator[None]:
                 log.debug("heap frozen out of the cyclic GC after a job of %d items", items)
 
 
-def _quietly(fn: Callable[..., T], items: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+@contextlib.contextmanager
+def worker_section(items: int) -> Iterator[None]:
+    """What a worker thread's job of ``items`` runs inside (``run`` uses it; so does a job on a thread of its own,
+    the xDS push pipeline's): a short GIL switch interval, and the cyclic GC paused for a ``LARGE`` job."""
     # While the worker computes, the event loop's thread must win the GIL back quickly each time it wants it
     # (after every select, recv and send): a short switch interval bounds each wait (the default is 5 ms).
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
     try:
         with quiet_gc(items):
-            return fn(*args, **kwargs)
+            yield
     finally:
         sys.setswitchinterval(interval)
+
+
+def _quietly(fn: Callable[..., T], items: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+    with worker_section(items):
+        return fn(*args, **kwargs)
 
 
 async def run(fn: Callable[..., T], *args: Any, items: int, **kwargs: Any) -> T:

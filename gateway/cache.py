@@ -173,8 +173,13 @@ class SnapshotCache:
         return node.identity if node else None
 
     def _type(self, node_id: str, type_url: str) -> _TypeStatus:
-        node = self._nodes.setdefault(node_id, _Node())
-        return node.types.setdefault(type_url, _TypeStatus())
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = _Node()
+        st = node.types.get(type_url)
+        if st is None:
+            st = node.types[type_url] = _TypeStatus()
+        return st
 
     def acked_version(self, node_id: str, type_url: str) -> str:
         """The last version of ``type_url`` that ``node_id`` ACKed ("" if none)."""

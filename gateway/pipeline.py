@@ -41,6 +41,7 @@ from google.protobuf.message import Message
 
 from discovery.changes import RegistryChanges, catalog_changes, shard_changes
 from discovery.model import ClusterId, Registry, ServiceKey
+from federation import offload
 from gateway.cache import SnapshotCache
 from gateway.context import ProxyInfo, ProxyKind, PushContext
 from gateway.generators import (
@@ -355,6 +356,16 @@ class PushPipeline:
                proxies: dict[str, ProxyInfo]) -> tuple[list[tuple[str, Snapshot]], dict[str, str]]:
         t0 = time.perf_counter()
         dirty = self._dirty(request, ctx)
+        # A big rebuild (everything, or a catalog of thousands of services) runs with the cyclic GC paused and the
+        # heap frozen after it, and gives the GIL back often: the event loop keeps serving meanwhile.
+        items = offload.LARGE if dirty.all else len(dirty.services) + len(dirty.endpoints)
+        with offload.worker_section(items if self.threaded else 0):
+            out, errors = self._build_dirty(request, ctx, proxies, dirty)
+        self.stats.thread_seconds += time.perf_counter() - t0
+        return out, errors
+
+    def _build_dirty(self, request: PushRequest, ctx: PushContext, proxies: dict[str, ProxyInfo],
+                     dirty: _Dirty) -> tuple[list[tuple[str, Snapshot]], dict[str, str]]:
         self._registry, self._settings = ctx.registry, _settings(ctx)
         for table in self._tables.values():
             table.changed = frozenset()
@@ -387,7 +398,6 @@ class PushPipeline:
         for key in [k for k, t in self._tables.items() if t.users == 0]:
             del self._tables[key]  # no proxy of that scope is connected any more
         self._changed_names = sum(len(t.changed) for t in self._tables.values())
-        self.stats.thread_seconds += time.perf_counter() - t0
         return out, errors
 
     def _dirty(self, request: PushRequest, ctx: PushContext) -> _Dirty:
@@ -454,7 +464,7 @@ class PushPipeline:
         # The same bytes: keep the entry every snapshot already holds, so nothing downstream sees a change.
         if old is not None and old.version == entry.version:
             return old
-        entry.delta_resource  # noqa: B018 - built here, off the loop, once for every delta stream that sends it
+        entry.delta_field  # noqa: B018 - built here, off the loop, once for every delta stream that sends it
         return entry
 
     def _update_table(self, table: _Table, ctx: PushContext, keys: set[ServiceKey] | None) -> None:

@@ -5,8 +5,8 @@ never changed, and replaced whole. Every resource gets a content version (a hash
 serialisation) and every type gets a version computed from its resources' names and versions, so two snapshots
 with the same content have the same versions. Versions are opaque: compare them for equality only.
 
-Each resource is serialised and packed into ``Any`` once, when the snapshot is built; the ADS server reuses those
-packed messages for every stream and every response.
+Each resource is serialised once, when the snapshot is built; the ADS server reuses those bytes (framed once as a
+response field) for every stream and every response.
 
 Exceptions (the xDS serving domain)::
 
@@ -25,7 +25,6 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import Any
 
-from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -69,23 +68,68 @@ def _hash(data: bytes) -> str:
 _MASK = (1 << 64) - 1
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def wire_field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (a string, bytes or embedded message) as it appears on the wire.
+    Serialised messages concatenate: a response is its header's fields followed by its resources' fields."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+#: The ``resources`` field of both DiscoveryResponse and DeltaDiscoveryResponse.
+RESOURCES_FIELD = 2
+
+
 @dataclass(frozen=True, eq=False)
 class Entry:
-    """One resource as served: the message, its content version and its packed ``Any``. Entries compare by
-    identity: a snapshot derived with ``replace``/``select`` shares the unchanged ones, so the ADS server finds
-    what changed between two snapshots with a set difference of their entries."""
+    """One resource as served: its serialised bytes and content version. Entries compare by identity: a snapshot
+    derived with ``replace``/``select`` shares the unchanged ones, so the ADS server finds what changed between two
+    snapshots with a set difference of their entries.
+
+    An entry keeps the bytes, not the message (2,000 proxies' snapshots hold millions of resources; a parsed
+    protobuf message costs several times its bytes): ``message`` parses them again when asked. What a response
+    carries (``sotw_field``, ``delta_field``: the resource wrapped in ``Any`` or ``Resource`` and framed as the
+    response's field) is built once, off the event loop by the push pipeline, and shared by every stream."""
 
     name: str
-    message: Message
     version: str
-    packed: any_pb2.Any
+    type_url: str
+    data: bytes
     size: int
     mix: int  # this (name, version)'s share of its type's version
+    kind: type[Message]
 
     @cached_property
-    def delta_resource(self) -> discovery_pb2.Resource:
-        """The resource wrapped for a delta response (built once, on first use)."""
-        return discovery_pb2.Resource(name=self.name, version=self.version, resource=self.packed)
+    def message(self) -> Message:
+        return self.kind.FromString(self.data)
+
+    @property
+    def packed(self) -> any_pb2.Any:
+        return any_pb2.Any(type_url=self.type_url, value=self.data)
+
+    def _any(self) -> bytes:
+        return wire_field(1, self.type_url.encode()) + wire_field(2, self.data)  # google.protobuf.Any
+
+    @cached_property
+    def sotw_field(self) -> bytes:
+        """The resource as a state-of-the-world response's ``resources`` entry (an ``Any``)."""
+        return wire_field(RESOURCES_FIELD, self._any())
+
+    @cached_property
+    def delta_field(self) -> bytes:
+        """The resource as a delta response's ``resources`` entry (a ``Resource``: version 1, resource 2, name 3)."""
+        return wire_field(RESOURCES_FIELD, wire_field(1, self.version.encode()) + wire_field(2, self._any())
+                          + wire_field(3, self.name.encode()))
 
 
 def make_entry(type_url: str, name: str, message: Message) -> Entry:
@@ -100,11 +144,14 @@ def make_entry(type_url: str, name: str, message: Message) -> Entry:
         raise SnapshotError(f"{type_url}: resource keyed {name!r} names itself {own!r}")
     if not name:
         raise SnapshotError(f"{type_url}: a resource has an empty name")
-    data = message.SerializeToString(deterministic=True)
+    return entry_of_bytes(type_url, name, message.SerializeToString(deterministic=True), type(message))
+
+
+def entry_of_bytes(type_url: str, name: str, data: bytes, kind: type[Message]) -> Entry:
+    """An ``Entry`` of a resource already serialised (deterministically) as ``data``."""
     version = _hash(data)
     mix = int.from_bytes(hashlib.blake2b(f"{name}\0{version}".encode(), digest_size=8).digest(), "big")
-    return Entry(name=name, message=message, version=version, packed=any_pb2.Any(type_url=type_url, value=data),
-                 size=len(data), mix=mix)
+    return Entry(name=name, version=version, type_url=type_url, data=data, size=len(data), mix=mix, kind=kind)
 
 
 def _sum(entries: Mapping[str, Entry]) -> int:
@@ -306,7 +353,7 @@ class Snapshot:
             if message is None:
                 entry = None
             elif isinstance(message, Entry):
-                if message.name != name or message.packed.type_url != type_url:
+                if message.name != name or message.type_url != type_url:
                     raise SnapshotError(f"{type_url}: entry {message.name!r} cannot replace {name!r}")
                 entry = message
             else:
