@@ -31,7 +31,7 @@ import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -439,7 +439,3 @@ def _decode_lines(lines: list[bytes]) -> list[tuple[int, Change | None, dict[Clu
         rev, change = wire.change_from_json(value)
         out.append((rev, change, wire.bookmark_leases_from_json(value) if change is None else {}))
     return out
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

@@ -22,12 +22,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from federation.clock import utcnow
 from federation.trust import IntermediateCA, SpiffeId, TrustBundle, TrustError, issue_workload
 from gateway.auth import ProxyIdentity
 from gateway.background import BackgroundTask
@@ -61,10 +62,6 @@ def bundle_pem(bundle: TrustBundle) -> str:
     return "".join(c.public_bytes(Encoding.PEM).decode() for c in bundle.roots)
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class WorkloadCertIssuer(BackgroundTask):
     """Certificates for authenticated proxy identities, re-issued at ``rotate_fraction`` of their lifetime."""
 
@@ -72,7 +69,7 @@ class WorkloadCertIssuer(BackgroundTask):
 
     def __init__(self, *, ca: IntermediateCA, ttl: timedelta = timedelta(hours=24), rotate_fraction: float = 0.8,
                  on_rotate: Callable[[frozenset[ProxyIdentity]], None] | None = None,
-                 clock: Callable[[], datetime] = _utcnow, max_sleep: float = 60.0) -> None:
+                 clock: Callable[[], datetime] = utcnow, max_sleep: float = 60.0) -> None:
         if not 0.0 < rotate_fraction < 1.0:
             raise ValueError(f"rotate_fraction must be between 0 and 1, got {rotate_fraction}")
         if ttl <= timedelta(0):

@@ -14,7 +14,8 @@ from discovery.kube import KubeError
 from discovery.model import DiscoveryError, cluster_id
 from federation.trust.errors import TrustError
 from gateway.pipeline import tune_gc
-from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
+from meshfed.controlplane import ControlPlane, ControlPlaneConfig
+from meshfed.controlplane.config import parse_listen
 from meshfed.output import fail
 
 
@@ -79,17 +80,17 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
         cs = load_clusterset(clusterset_dir)
         cid = cluster_id(cluster)
         cs.cluster(cid)
-        gateway = Listen.parse(gateway_address, what="--gateway-address")
+        gateway = parse_listen(gateway_address, what="--gateway-address")
         config = ControlPlaneConfig(
             clusterset=cs, cluster=cid, ca_dir=ca_dir, federation_urls=federation_urls,
-            xds=Listen.parse(xds_listen, what="--xds-listen"), dns=Listen.parse(dns_listen, what="--dns-listen"),
-            admin=Listen.parse(admin_listen, what="--admin-listen"), gateway_host=gateway.host,
+            xds=parse_listen(xds_listen, what="--xds-listen"), dns=parse_listen(dns_listen, what="--dns-listen"),
+            admin=parse_listen(admin_listen, what="--admin-listen"), gateway_host=gateway.host,
             gateway_port=gateway.port, tokens_file=tokens_file, runtime_file=runtime_file,
             debounce_quiet_s=debounce_quiet, debounce_max_s=debounce_max, source=source, kubeconfig=kubeconfig,
             kube_context=kube_context, in_cluster=source == "kubernetes" and kubeconfig is None and not kube_context,
             xds_auth=xds_auth or ("tokenreview" if source == "kubernetes" else "tokens"),
             token_audience=xds_token_audience,
-            xds_mtls=Listen.parse(xds_mtls_listen, what="--xds-mtls-listen") if xds_mtls_listen else None,
+            xds_mtls=parse_listen(xds_mtls_listen, what="--xds-mtls-listen") if xds_mtls_listen else None,
             xds_mtls_hosts=xds_mtls_hosts, cert_files=cert_files,
         )
     except (ClusterSetError, DiscoveryError, ValueError, KeyError) as exc:

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from discovery.addresses import InvalidAddress, parse_hostport
 from discovery.clusterset import ClusterSet, ClusterSetError, clusterset_file, load_clusterset
 from discovery.dns.server import DnsServer, run
 from discovery.dns.table import DnsError, DnsTable, build_table
@@ -32,10 +33,11 @@ log = logging.getLogger("meshfed.dns.standalone")
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[IPv6]:PORT``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise click.BadParameter(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:5353 or [::1]:5353)")
-    return host.strip("[]"), int(port)
+    try:
+        address = parse_hostport(text)
+    except InvalidAddress as exc:
+        raise click.BadParameter(f"{exc} (e.g. 127.0.0.1:5353 or [::1]:5353)") from exc
+    return address.host, address.port
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 import click
 from aiohttp import web
 
+from discovery.addresses import InvalidAddress, parse_hostport
 from discovery.mcs import DEFAULT_CIDR
 from federation.records import FederationError
 from federation.service import ServiceConfig, create_app, serve, state_of
@@ -35,10 +36,11 @@ def federation() -> None:
 
 
 def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise click.BadParameter(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:8443", param_hint="--listen")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        address = parse_hostport(text, default_host="0.0.0.0", min_port=1)
+    except InvalidAddress as exc:
+        raise click.BadParameter(f"{exc}, e.g. 127.0.0.1:8443", param_hint="--listen") from exc
+    return address.host, address.port
 
 
 async def _freeze_after_load(app: web.Application) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from discovery.addresses import parse_hostport
 from discovery.clusterset import ClusterSetError
 from discovery.model import DiscoveryError
 from federation.trust.errors import TrustError
@@ -90,8 +91,8 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease
         client = local.client_of(state, proof["from"])
         out.print(f"  curl -H 'Host: {proof['host']}' http://{client['outbound']}/   a call through a sidecar")
         first = next(iter(state["clusters"].values()))
-        dns_host, _, dns_port = first["controlplane"]["dns"].rpartition(":")
-        out.print(f"  dig @{dns_host} -p {dns_port} {proof['host']}   clusterset.local DNS")
+        dns = parse_hostport(first["controlplane"]["dns"])
+        out.print(f"  dig @{dns.host} -p {dns.port} {proof['host']}   clusterset.local DNS")
         target = proof["host"].split(".svc")[0]
         out.print(f"  meshfed diagnose {target} --from {proof['from']}   walk the path hop by hop")
     if detach:

@@ -16,6 +16,8 @@ import signal
 
 from aiohttp import web
 
+from discovery.addresses import parse_hostport
+
 
 def caller_identity(xfcc: str) -> str:
     """The ``URI=`` value of the last element of an ``x-forwarded-client-cert`` header ("" if none)."""
@@ -70,8 +72,9 @@ def main() -> None:
     parser.add_argument("--cluster", required=True)
     parser.add_argument("--workload", required=True)
     args = parser.parse_args()
-    host, _, port = args.listen.rpartition(":")
-    asyncio.run(serve(host=host, port=int(port), service=args.service, cluster=args.cluster, workload=args.workload))
+    listen = parse_hostport(args.listen)
+    asyncio.run(serve(host=listen.host, port=listen.port, service=args.service, cluster=args.cluster,
+                      workload=args.workload))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from discovery.addresses import parse_hostport
 from meshfed.authz_check import ClusterPolicies, policy_evidence, policy_hop
 from meshfed.controlplane.status import ControlPlaneStatus, ImportRow
 from meshfed.status import StatusError, fetch_status
@@ -464,8 +465,8 @@ def chain_error(ca_dir: Path, cluster: str, root_dir: Path) -> tuple[str, str]:
 async def _admin(admin: str) -> tuple[dict[str, Any] | None, str | None, dict[str, Any] | None, str]:
     from gateway.envoy import AdminError, EnvoyAdmin
 
-    host, _, port = admin.rpartition(":")
-    env = EnvoyAdmin(host, int(port), timeout=3.0)
+    address = parse_hostport(admin)
+    env = EnvoyAdmin(address.host, address.port, timeout=3.0)
     try:
         config = await env.config_dump()
         clusters = await env.clusters_text()
@@ -479,9 +480,9 @@ async def _admin(admin: str) -> tuple[dict[str, Any] | None, str | None, dict[st
 async def _gateway_config(admin: str) -> tuple[dict[str, Any] | None, str]:
     from gateway.envoy import AdminError, EnvoyAdmin
 
-    host, _, port = admin.rpartition(":")
+    address = parse_hostport(admin)
     try:
-        return await EnvoyAdmin(host, int(port), timeout=3.0).config_dump(resource="dynamic_listeners"), ""
+        return await EnvoyAdmin(address.host, address.port, timeout=3.0).config_dump(resource="dynamic_listeners"), ""
     except AdminError as exc:
         return None, str(exc)
 
@@ -493,10 +494,10 @@ async def _dns(server: str, name: str) -> tuple[list[str] | None, str]:
     import dns.rcode
     import dns.rdatatype
 
-    host, _, port = server.rpartition(":")
+    address = parse_hostport(server)
     query = dns.message.make_query(name, dns.rdatatype.A)
     try:
-        resp = await dns.asyncquery.udp(query, host, port=int(port), timeout=2.0)
+        resp = await dns.asyncquery.udp(query, address.host, port=address.port, timeout=2.0)
     except (dns.exception.DNSException, OSError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
     if resp.rcode() == dns.rcode.NXDOMAIN:

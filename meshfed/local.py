@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from discovery.addresses import parse_hostport
 from discovery.clusterset import ClusterSet, load_clusterset
 from discovery.manifests import ClusterSnapshot, load_clusterset_manifests
 from discovery.model import ClusterId, ServiceKey
@@ -400,9 +401,9 @@ class LocalRun:
     def _envoy(self, cluster: str, name: str, proxy: ProxyInfo, *, admin: str, token: str) -> procs.ProcRecord:
         cdir = private_dir(self.run_dir / cluster / "envoy")
         cp = self.state["clusters"][cluster]["controlplane"]
-        xds_host, _, xds_port = cp["xds"].rpartition(":")
-        boot = render_bootstrap(proxy, xds_host=xds_host, xds_port=int(xds_port),
-                                admin_port=int(admin.rpartition(":")[2]), token=token)
+        xds = parse_hostport(cp["xds"])
+        boot = render_bootstrap(proxy, xds_host=xds.host, xds_port=xds.port, admin_port=parse_hostport(admin).port,
+                                token=token)
         path = write_bootstrap(cdir / f"{name}.yaml", boot)
         os.chmod(path, 0o600)  # it carries the workload's bootstrap token
         return self._record(procs.start(f"{cluster}/{name}", envoy_command(path, log_level="warning"),
@@ -410,7 +411,7 @@ class LocalRun:
 
     def _gateway(self, cluster: ClusterId) -> None:
         gw = self.state["clusters"][str(cluster)]["gateway"]
-        port = int(gw["address"].rpartition(":")[2])
+        port = parse_hostport(gw["address"]).port
         proxy = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster,
                           node_id=_gateway_node_id(cluster),
                           namespace=_ns("meshfed-system"), service_account="eastwest-gateway",
@@ -425,12 +426,12 @@ class LocalRun:
         entry = next(e for e in cstate["workloads"] if e["name"] == w.name)
         cdir = self.run_dir / str(w.cluster)
         if w.service:
-            app_port = int(entry["app"].rpartition(":")[2])
+            app_port = parse_hostport(entry["app"]).port
             argv = [self.python, "-m", "meshfed.demoapp", "--listen", entry["app"], "--service", w.service,
                     "--cluster", str(w.cluster), "--workload", w.name]
             rec = self._record(procs.start(f"{w.cluster}/{w.name}/app", argv, log_path=cdir / f"{w.name}.app.log"))
             entry["app_pid"] = rec.pid
-            inbound_port = int(entry["inbound"].rpartition(":")[2])
+            inbound_port = parse_hostport(entry["inbound"]).port
             inbound: tuple[InboundPort, ...] = (InboundPort(port=inbound_port, app_port=app_port, name=w.port_name),)
             services: tuple[ServiceKey, ...] = (ServiceKey.parse(f"{w.service}.{w.namespace}"),)
         else:
@@ -438,7 +439,8 @@ class LocalRun:
         proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=w.cluster,
                           node_id=_sidecar_node_id(w),
                           namespace=_ns(w.namespace), service_account=w.service_account, services=services,
-                          inbound=inbound, outbound_port=int(entry["outbound"].rpartition(":")[2]), ip=w.address)
+                          inbound=inbound, outbound_port=parse_hostport(entry["outbound"]).port,
+                          ip=w.address)
         what = f"{w.service} app {entry['app']}, " if w.service else "client, "
         self.progress(f"{w.cluster}: workload {w.name} ({what}sidecar outbound {entry['outbound']})")
         rec = self._envoy(str(w.cluster), w.name, proxy, admin=entry["sidecar_admin"], token=entry["token"])
@@ -460,8 +462,8 @@ class LocalRun:
                               refresh_s=GRPC_CERT_REFRESH_S)
         certfiles.write_files(spec, load_cluster_ca(ca_dir), load_bundle(ca_dir))
         certfiles.register(self.run_dir / cluster / CERT_FILES, spec)
-        host, _, port = self.state["clusters"][cluster]["controlplane"]["xds_mtls"].rpartition(":")
-        boot = render_grpc_bootstrap(proxy, xds_host=host, xds_port=int(port), cert_file=str(gdir / "cert.pem"),
+        xds = parse_hostport(self.state["clusters"][cluster]["controlplane"]["xds_mtls"])
+        boot = render_grpc_bootstrap(proxy, xds_host=xds.host, xds_port=xds.port, cert_file=str(gdir / "cert.pem"),
                                      key_file=str(gdir / "key.pem"), ca_file=str(gdir / "ca.pem"), xds_tls=True,
                                      refresh_s=GRPC_CERT_REFRESH_S)
         return write_bootstrap(gdir / "bootstrap.json", boot)
@@ -472,13 +474,14 @@ class LocalRun:
         cstate = self.state["clusters"][cluster]
         env_base = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
         for entry in cstate.get("proxyless", []):
-            host, _, port = entry["address"].rpartition(":")
+            address = parse_hostport(entry["address"])
+            host, port = address.host, address.port
             proxy = ProxyInfo(
                 kind=ProxyKind.GRPC, cluster=ClusterId(cluster),
                 node_id=make_node_id(kind="grpc", ip=host, pod=entry["name"], namespace=entry["namespace"]),
                 namespace=_ns(entry["namespace"]), service_account=entry["service_account"],
                 services=(ServiceKey.parse(f"{entry['service']}.{entry['namespace']}"),),
-                inbound=(InboundPort(port=int(port), app_port=int(port), name=entry["port_name"], protocol="grpc"),),
+                inbound=(InboundPort(port=port, app_port=port, name=entry["port_name"], protocol="grpc"),),
                 ip=host)
             boot = self._grpc_files(cs, cluster, entry["name"], entry["namespace"], entry["service_account"], proxy)
             argv = [self.python, "-m", "meshfed.demogrpc", "serve", "--listen", entry["address"], "--service",
@@ -503,9 +506,9 @@ class LocalRun:
         """A gRPC xDS server starts serving once the control plane sent its listener: wait for its port."""
         for cluster, c in self.state["clusters"].items():
             for e in c.get("proxyless", []):
-                host, _, port = e["address"].rpartition(":")
+                address = parse_hostport(e["address"])
                 wait_until(f"{cluster} proxyless gRPC {e['name']}",
-                           functools.partial(_port_open, host, int(port)), timeout=self.ready_timeout,
+                           functools.partial(_port_open, address.host, address.port), timeout=self.ready_timeout,
                            pids=[e["pid"]], logs=[e["log"]])
 
     def _wait_envoys(self) -> None:
@@ -764,8 +767,8 @@ def _readiness(state: Mapping[str, Any], name: str) -> Callable[[], bool] | None
         url = state.get("federation", {}).get("url")
         if not url:
             return None
-        host, _, port = str(url).removeprefix("https://").rpartition(":")
-        return functools.partial(_port_open, host, int(port))
+        address = parse_hostport(str(url).removeprefix("https://"))
+        return functools.partial(_port_open, address.host, address.port)
     cluster, _, rest = name.partition("/")
     c = state.get("clusters", {}).get(cluster)
     if c is None:

@@ -30,6 +30,7 @@ from cryptography import x509
 
 from federation.trust.bundle import TrustBundle, fingerprint, load_pem_certs
 from federation.trust.errors import TrustError
+from gateway.snapshot import SECRET
 from meshfed.certfiles import CertFileReport
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshfed.rotation")
 
-SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
 
 
 # ---- what a control plane reports (from its live objects) -----------------------------------------------------------
@@ -114,10 +115,10 @@ def _bundle_roots(pem: str) -> tuple[str, ...]:
 def proxy_secrets(cp: ControlPlane, node_id: str, acked: str) -> ProxySecrets:
     """What one proxy holds: the secrets of its current snapshot if it ACKed them, else "pending"."""
     snap = cp.cache.get(node_id)
-    current = snap.version(SECRET_TYPE) if snap is not None else ""
+    current = snap.version(SECRET) if snap is not None else ""
     if not acked or acked != current or snap is None:
         return ProxySecrets(node_id=node_id)
-    secrets = snap.resources.get(SECRET_TYPE, {})
+    secrets = snap.resources.get(SECRET, {})
     leaf: ChainInfo | None = None
     roots: tuple[str, ...] = ()
     for name in secrets:
@@ -141,7 +142,7 @@ def _client_info(cp: ControlPlane) -> ChainInfo | None:
 def controlplane_report(cp: ControlPlane) -> RotationReport:
     """The ``rotation`` section of a control plane's ``/status``."""
     proxies = tuple(proxy_secrets(cp, row.node_id, row.acked_version) for row in cp.cache.status()
-                    if row.type_url == SECRET_TYPE and row.connected)
+                    if row.type_url == SECRET and row.connected)
     return RotationReport(
         intermediate=IntermediateInfo(fingerprint=cp.ca.fingerprint, root_fingerprint=cp.bundle.issuing_root(
             [cp.ca.cert])),

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.trust.errors import TrustError
+from gateway.xdstypes import short_name
 from meshfed.controlplane.status import (
     ConditionRow,
     ControlPlaneStatus,
@@ -51,14 +52,6 @@ log = logging.getLogger("meshfed.status")
 
 EXPIRY_FRACTION = 0.10  # a certificate with less than this share of its lifetime left is "expiring"
 TRAFFIC_ERROR_RATE = 0.05  # a cluster pair whose calls failed more often than this in the last window is unhealthy
-
-TYPE_NAMES = {
-    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "CDS",
-    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "EDS",
-    "type.googleapis.com/envoy.config.listener.v3.Listener": "LDS",
-    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "RDS",
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret": "SDS",
-}
 
 
 class StatusError(Exception):
@@ -124,10 +117,6 @@ def cert_health(not_before: str | None, not_after: str | None, now: datetime) ->
         return "ok", None
     left = (end - now).total_seconds() / (end - start).total_seconds()
     return ("expiring" if left < EXPIRY_FRACTION else "ok"), round(left, 3)
-
-
-def type_name(type_url: str) -> str:
-    return TYPE_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
 
 
 def cluster_of_node(node_id: str) -> str:
@@ -205,7 +194,7 @@ def proxy_rows(cluster: str, proxies: Sequence[ProxyRow]) -> tuple[list[dict[str
         entry = by_node.setdefault(node, {"cluster": cluster, "node_id": node, "name": cluster_of_node(node),
                                           "connected": row.connected, "types": {}})
         state = row.state
-        tname = type_name(row.type_url)
+        tname = short_name(row.type_url)
         entry["types"][tname] = {"state": state, "acked_version": row.acked_version,
                                  "current_version": row.current_version, "nack_error": row.nack_error}
         if state == "nacked":

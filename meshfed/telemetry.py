@@ -18,17 +18,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.telemetry import parse_prometheus
+from gateway.xdstypes import SHORT_NAMES, short_name
 
 if TYPE_CHECKING:
     from meshfed.controlplane import ControlPlane
 
-TYPE_SHORT = {
-    "type.googleapis.com/envoy.config.listener.v3.Listener": "lds",
-    "type.googleapis.com/envoy.config.route.v3.RouteConfiguration": "rds",
-    "type.googleapis.com/envoy.config.cluster.v3.Cluster": "cds",
-    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment": "eds",
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret": "sds",
-}
+#: The ``type`` label of the per-type metrics: the short name in lower case (``lds``, ``cds``, ...).
+TYPE_LABELS = {url: name.lower() for url, name in SHORT_NAMES.items()}
+
+
+def type_label(type_url: str) -> str:
+    return TYPE_LABELS.get(type_url, short_name(type_url))
 
 
 class ControlPlaneMetrics:
@@ -100,11 +100,11 @@ class ControlPlaneMetrics:
                 key = (st.node_id, st.type_url, st.nack_version, st.nack_time)
                 if key not in self._nacks_seen:
                     self._nacks_seen.add(key)
-                    self.nack_events.labels(type=TYPE_SHORT.get(st.type_url, st.type_url.rsplit(".", 1)[-1])).inc()
-        nacked: dict[str, int] = dict.fromkeys(TYPE_SHORT.values(), 0)
+                    self.nack_events.labels(type=type_label(st.type_url)).inc()
+        nacked: dict[str, int] = dict.fromkeys(TYPE_LABELS.values(), 0)
         for st in cp.cache.status():
             if st.nack_error and str(st.state) == "nacked":
-                short = TYPE_SHORT.get(st.type_url, st.type_url.rsplit(".", 1)[-1])
+                short = type_label(st.type_url)
                 nacked[short] = nacked.get(short, 0) + 1
         for short, n in nacked.items():
             self.nacks.labels(type=short).set(n)

@@ -17,7 +17,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +28,7 @@ from discovery.mcs import DEFAULT_CIDR
 from discovery.model import ClusterId, DiscoveryError, NetworkId, cluster_id
 from federation import catalog as cat
 from federation import offload, wire
+from federation.clock import utcnow
 from federation.records import (
     EventKind,
     FederationError,
@@ -85,10 +86,6 @@ def _json(value: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, message: str, *, field: str | None = None, **extra: Any) -> web.Response:
     return _json({"error": message, "field": field, **extra}, status)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _store(request: web.Request) -> Store:
@@ -175,7 +172,7 @@ def _track_peer(request: web.Request, chain: list[bytes]) -> None:
     if transport is None:
         return
     peers: dict[int, _Peer] = request.app[_Keys.peers]
-    now = _now()
+    now = utcnow()
     have = peers.get(id(transport))
     if have is not None and have.transport is transport:
         have.last_request = now
@@ -249,7 +246,7 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
 async def put_cluster(request: web.Request) -> web.Response:
     cluster = _own_cluster(request)
     info = wire.registration_from_json(await _body(request), cluster)
-    now = _now()
+    now = utcnow()
     existing = _state(request).members().get(cluster)
     member = Member(info=info, registered_at=existing.registered_at if existing else now, renewed_at=now,
                     lease_ttl_s=request.app[_Keys.config].lease_ttl_s)
@@ -272,7 +269,7 @@ async def delete_cluster(request: web.Request) -> web.Response:
 
 async def heartbeat(request: web.Request) -> web.Response:
     cluster = _own_cluster(request)
-    now = _now()
+    now = utcnow()
     try:
         member = await _store(request).renew(cluster, now=now)
     except UnknownCluster as exc:
@@ -435,7 +432,7 @@ _WRITE_SLICE = 256 * 1024  # bytes of a watch batch written at a time
 def _batch_encoder(revision: int, changes: list[cat.Change], network: NetworkId | None) -> Callable[[], bytes]:
     """The NDJSON lines of one batch as ``network`` sees it (without its bookmark)."""
     def encode() -> bytes:
-        now = _now()
+        now = utcnow()
         return b"".join(_dumps(wire.change_json(revision, _view_change(c, network), now=now)) + b"\n"
                         for c in changes)
     return encode
@@ -498,7 +495,7 @@ async def _probe(store: Store) -> None:
         await revision()
         return
     try:
-        await store.renew(_PROBE, now=_now())
+        await store.renew(_PROBE, now=utcnow())
     except UnknownCluster:
         pass
 
@@ -554,7 +551,7 @@ async def grace_after_outage(store: Store, *, now: datetime | None = None) -> li
     snap = await store.snapshot()
     if not snap.members:
         return []
-    now = now or _now()
+    now = now or utcnow()
     last_seen = max(m.renewed_at for m in snap.members)
     renewed: list[ClusterId] = []
     for member in snap.members:
@@ -582,7 +579,7 @@ async def _reap(store: Store, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await expire(now=_now())
+            await expire(now=utcnow())
         except FederationError as exc:
             log.warning("lease reaper: store error=%s", exc)
 

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 from discovery.mcs import DEFAULT_CIDR
 from discovery.model import ClusterId, ServiceKey
@@ -340,7 +340,3 @@ def _fold(events: list[StoreEvent], members: Mapping[ClusterId, Member], exports
     new = cat.build(revision=revision, members=members, exports=exports.values(), cidr=cidr, previous=catalog,
                     dirty=dirty)
     return _Folded(members=members, exports=exports, catalog=new, changes=cat.diff(catalog, new), dirty=len(dirty))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

@@ -18,6 +18,7 @@ Exception tree (this module)::
 
 from __future__ import annotations
 
+from discovery.addresses import InvalidAddress, parse_hostport
 from federation.records import FederationError
 from federation.store.base import Store
 
@@ -37,19 +38,11 @@ def parse_etcd_endpoints(url: str) -> tuple[list[tuple[str, int]], str]:
         part = part.strip()
         if not part:
             continue
-        if part.startswith("["):  # [::1]:2379
-            host, sep, port_text = part[1:].partition("]:")
-        else:
-            host, sep, port_text = part.rpartition(":")
-        if not sep or not host:
-            raise InvalidStoreUrl(f"store URL {url!r}: endpoint {part!r} must be HOST:PORT")
         try:
-            port = int(port_text)
-        except ValueError as exc:
-            raise InvalidStoreUrl(f"store URL {url!r}: port {port_text!r} of {part!r} is not a number") from exc
-        if not 1 <= port <= 65535:
-            raise InvalidStoreUrl(f"store URL {url!r}: port {port} of {part!r} is out of range 1..65535")
-        endpoints.append((host, port))
+            address = parse_hostport(part, min_port=1)
+        except InvalidAddress as exc:
+            raise InvalidStoreUrl(f"store URL {url!r}: endpoint {exc}") from exc
+        endpoints.append((address.host, address.port))
     if not endpoints:
         raise InvalidStoreUrl(f"store URL {url!r}: no etcd endpoint given (expected etcd://HOST:PORT)")
     key_prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/meshfed/"

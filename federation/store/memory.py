@@ -20,10 +20,11 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 
 from discovery.model import ClusterId
+from federation.clock import utcnow
 from federation.records import (
     EventKind,
     ExportSet,
@@ -49,10 +50,6 @@ def lease_deadline(member: Member) -> datetime:
 def expired(member: Member) -> Member:
     """The member as it looks once its lease ran out (the same value in every store and replica)."""
     return replace(member, unreachable_since=lease_deadline(member))
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class MemoryStore:

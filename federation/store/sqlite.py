@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 from discovery.model import ClusterId
 from federation import offload
+from federation.clock import utcnow
 from federation.records import (
     EventKind,
     ExportSet,
@@ -53,7 +54,7 @@ from federation.records import (
     UnknownCluster,
 )
 from federation.store import codec
-from federation.store.memory import DEFAULT_REAP_INTERVAL_S, DEFAULT_RETAIN, expired, lease_deadline, utcnow
+from federation.store.memory import DEFAULT_REAP_INTERVAL_S, DEFAULT_RETAIN, expired, lease_deadline
 
 log = logging.getLogger("meshfed.federation.store")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from cryptography import x509
@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from discovery.model import ClusterId
+from federation.clock import utcnow
 from federation.trust import _der
 from federation.trust.errors import (
     BadCSR,
@@ -57,10 +58,6 @@ MIN_RSA_BITS = 2048
 
 _PEM = serialization.Encoding.PEM
 _DER = serialization.Encoding.DER
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(now: datetime | None) -> datetime:

@@ -26,8 +26,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from discovery.model import ClusterId
+from federation.clock import utcnow
 from federation.trust.bundle import TrustBundle, fingerprint
-from federation.trust.ca import spiffe_id_of, utcnow
+from federation.trust.ca import spiffe_id_of
 from federation.trust.errors import ChainError, ForeignTrustDomain, InvalidSpiffeId, NotBound
 from federation.trust.spiffe import SpiffeId
 

@@ -36,6 +36,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from federation.clock import utcnow
 from federation.files import write_atomic
 from federation.trust.bundle import TrustBundle, load_pem_certs
 from federation.trust.ca import (
@@ -51,7 +52,6 @@ from federation.trust.ca import (
     load_private_key,
     private_key_pem,
     spiffe_id_of,
-    utcnow,
 )
 from federation.trust.errors import BundleError, CAStoreError, InvalidSpiffeId, RotationError
 from federation.trust.rotation import NEXT_STEP, IntermediateRecord, Phase, RootState

@@ -41,6 +41,7 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from google.protobuf import wrappers_pb2
 
+from discovery.addresses import join_hostport
 from discovery.clusterset import OutboundTrafficMode
 from discovery.model import ServiceKey, ServicePort
 from discovery.protocols import NOT_TCP, is_http, port_protocol
@@ -60,10 +61,6 @@ ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 def _original_dst() -> Any:
     return listener_components_pb2.ListenerFilter(name=ORIGINAL_DST_FILTER,
                                                   typed_config=pack(original_dst_pb2.OriginalDst()))
-
-
-def _host_port(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _u32(value: int) -> Any:
@@ -108,7 +105,7 @@ def outbound_chains_of(proxy: ProxyInfo, key: ServiceKey, ports: tuple[ServicePo
                    else [tcp_proxy_filter(outbound_cluster_name(key, port.port))])
         for ip in ips:
             out.append((ip, port.port, listener_components_pb2.FilterChain(
-                name=f"{_host_port(ip, port.port)}|{key.clusterset_host}|{protocol}",
+                name=f"{join_hostport(ip, port.port)}|{key.clusterset_host}|{protocol}",
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
                     prefix_ranges=[_prefix(ip)], destination_port=_u32(port.port)),
                 filters=filters,

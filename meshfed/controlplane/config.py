@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from discovery.addresses import HostPort, InvalidAddress, parse_hostport
 from discovery.clusterset import ClusterSet
 from discovery.model import ClusterId
 from gateway.auth import ProxyIdentity, parse_token_table
@@ -24,20 +25,16 @@ SOURCES = ("manifests", "kubernetes")
 XDS_AUTH = ("tokens", "tokenreview")
 
 
-@dataclass(frozen=True, slots=True)
-class Listen:
-    host: str
-    port: int
+#: A listen address (port 0: any free port).
+Listen = HostPort
 
-    @classmethod
-    def parse(cls, text: str, *, what: str) -> Listen:
-        host, sep, port = text.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"{what} {text!r}: expected HOST:PORT")
-        return cls(host=host.strip("[]") or "127.0.0.1", port=int(port))
 
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+def parse_listen(text: str, *, what: str) -> Listen:
+    """A ``HOST:PORT`` flag (an empty host is 127.0.0.1); ``ValueError`` naming the flag ``what``."""
+    try:
+        return parse_hostport(text, default_host="127.0.0.1")
+    except InvalidAddress as exc:
+        raise ValueError(f"{what} {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
