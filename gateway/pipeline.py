@@ -179,7 +179,7 @@ RDS_OUTBOUND = SharedPart("rds-outbound", ROUTE_TYPE, lambda p: (p.namespace, p.
                           lambda p, k, ports, ctx: rds.virtual_hosts_of(p, k, ports, ctx), endpoints=False,
                           combine=_outbound_route, also=_virtual_service_keys)
 LDS_CAPTURE = SharedPart("lds-capture", LISTENER_TYPE, _capture_scope, _outbound_keys,
-                         lambda p, k, ports, ctx: capture.outbound_chains_of(p, k, ports, ctx), endpoints=False,
+                         lambda p, k, ports, ctx: capture.outbound_chains_of(k, ports, ctx), endpoints=False,
                          combine=_virtual_outbound)
 LDS_API = SharedPart("lds-api", LISTENER_TYPE, lambda p: (), _outbound_keys,
                      lambda p, k, ports, ctx: lds.api_listeners_of(k, ports), endpoints=False)

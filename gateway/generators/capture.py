@@ -2,15 +2,17 @@
 rules (``meshfed proxy capture``, docs/traffic-capture.md) redirect every TCP connection to.
 
 ``virtualOutbound`` on ``capture_bind``:``outbound_port`` (15001)
-    The ``original_dst`` listener filter restores the address the workload dialled, and a filter chain per
-    destination matches it (``prefix_ranges`` = the IP, ``destination_port`` = the port): every ClusterSetIP of a
+    The ``original_dst`` listener filter restores the address the workload dialled, and filter chains match it
+    (``prefix_ranges`` = the IPs, ``destination_port`` = the port). The destinations are every ClusterSetIP of a
     ServiceImport and every cluster IP of a local Service, on each TCP port. The port's protocol
-    (``discovery.protocols``: ``appProtocol``, then the port name, else TCP) picks the chain's filter:
+    (``discovery.protocols``: ``appProtocol``, then the port name, else TCP) picks the chain:
 
-    - HTTP (``http``, ``http2``, ``grpc``, ``grpc-web``): the sidecar's outbound HTTP connection manager, routes
-      from RDS ``outbound`` (the same routes, retries, splits and telemetry as the explicit listener);
-    - anything else: ``tcp_proxy`` to the service's outbound cluster ``outbound|<port>||<host>`` (the same mTLS,
-      SNI ``outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local``, endpoints and failover as HTTP).
+    - HTTP (``http``, ``http2``, ``grpc``, ``grpc-web``): one chain per port, ``http:<port>``, holding every HTTP
+      destination on it, with the sidecar's outbound HTTP connection manager: routes from RDS ``outbound`` by
+      ``Host`` (the same routes, retries, splits and telemetry as the explicit listener);
+    - anything else: a chain per destination, ``tcp_proxy`` to the service's outbound cluster
+      ``outbound|<port>||<host>`` (the same mTLS, SNI ``outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local``,
+      endpoints and failover as HTTP).
 
     Any other destination takes the default filter chain, as the clusterset's ``outboundTrafficPolicy.mode``
     says: ``ALLOW_ANY`` relays it to ``PassthroughCluster`` (ORIGINAL_DST: where the workload wanted to go),
@@ -32,6 +34,7 @@ match the restored address instead.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from typing import Any
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -88,27 +91,34 @@ def service_ips(key: ServiceKey, ctx: PushContext) -> list[str]:
 # ---- virtualOutbound ----------------------------------------------------------------------------------------------
 
 
-def outbound_chains_of(proxy: ProxyInfo, key: ServiceKey, ports: tuple[ServicePort, ...],
-                       ctx: PushContext) -> list[tuple[str, int, Any]]:
-    """The virtual outbound listener's filter chains of one callable service: ``(ip, port, chain)`` per address
-    and TCP port (``proxy``: any sidecar of the identity; the HTTP chains' telemetry names it)."""
-    out: list[tuple[str, int, Any]] = []
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """One address and port a captured workload may dial for a service. ``chain``: its own filter chain (TCP
+    ports); None for an HTTP port, whose destinations share one chain per port (:func:`virtual_outbound`)."""
+
+    ip: str
+    port: int
+    chain: Any = None
+
+
+def outbound_chains_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> list[Destination]:
+    """The virtual outbound listener's destinations of one callable service: every address (:func:`service_ips`)
+    on every TCP port; a TCP port's destinations carry their ``tcp_proxy`` chain."""
+    out: list[Destination] = []
     ips = service_ips(key, ctx)
-    if not ips:
-        return out
     for port in sorted(ports):
         protocol = port_protocol(port)
         if protocol == NOT_TCP:
             continue
-        http = is_http(protocol)
-        filters = ([hcm_filter(sidecar_outbound_hcm(proxy, ctx))] if http
-                   else [tcp_proxy_filter(outbound_cluster_name(key, port.port))])
         for ip in ips:
-            out.append((ip, port.port, listener_components_pb2.FilterChain(
+            if is_http(protocol):
+                out.append(Destination(ip, port.port))
+                continue
+            out.append(Destination(ip, port.port, listener_components_pb2.FilterChain(
                 name=f"{join_hostport(ip, port.port)}|{key.clusterset_host}|{protocol}",
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
                     prefix_ranges=[_prefix(ip)], destination_port=_u32(port.port)),
-                filters=filters,
+                filters=[tcp_proxy_filter(outbound_cluster_name(key, port.port))],
             )))
     return out
 
@@ -119,24 +129,44 @@ def default_outbound_chain(ctx: PushContext) -> Any:
     return listener_components_pb2.FilterChain(name=target, filters=[tcp_proxy_filter(target)])
 
 
-def virtual_outbound(proxy: ProxyInfo, ctx: PushContext, pieces: list[list[tuple[str, int, Any]]] | None = None
-                     ) -> Any:
-    """The virtual outbound listener (``pieces``: the chains of each service in service order, if already built).
-    A destination claimed by two services keeps the first's chain (Envoy rejects two chains with one match)."""
+def http_chain_name(port: int) -> str:
+    return f"http:{port}"
+
+
+def virtual_outbound(proxy: ProxyInfo, ctx: PushContext, pieces: list[list[Destination]] | None = None) -> Any:
+    """The virtual outbound listener (``pieces``: the destinations of each service in service order, if already
+    built). HTTP destinations share one chain per port (``http:<port>``, every such address in its prefix ranges:
+    the connection manager routes by ``Host``), so the listener holds one connection manager per HTTP port, not
+    per service. A destination claimed by two services keeps the first's (Envoy rejects two chains with one
+    match)."""
     if pieces is None:
-        pieces = [outbound_chains_of(proxy, key, ports, ctx) for key, ports in ctx.outbound_services()]
+        pieces = [outbound_chains_of(key, ports, ctx) for key, ports in ctx.outbound_services()]
     seen: set[tuple[str, int]] = set()
-    chains = []
+    tcp_chains = []
+    http_ips: dict[int, list[str]] = {}
     for piece in pieces:
-        for ip, port, chain in piece:
-            if (ip, port) not in seen:
-                seen.add((ip, port))
-                chains.append(chain)
+        for dest in piece:
+            if (dest.ip, dest.port) in seen:
+                continue
+            seen.add((dest.ip, dest.port))
+            if dest.chain is None:
+                http_ips.setdefault(dest.port, []).append(dest.ip)
+            else:
+                tcp_chains.append(dest.chain)
+    chains = []
+    if http_ips:
+        hcm = hcm_filter(sidecar_outbound_hcm(proxy, ctx))  # telemetry names the identity: one per scope
+        chains = [listener_components_pb2.FilterChain(
+            name=http_chain_name(port),
+            filter_chain_match=listener_components_pb2.FilterChainMatch(
+                prefix_ranges=[_prefix(ip) for ip in ips], destination_port=_u32(port)),
+            filters=[hcm],
+        ) for port, ips in sorted(http_ips.items())]
     return listener_pb2.Listener(
         name=VIRTUAL_OUTBOUND,
         address=socket_address(proxy.capture_bind, proxy.outbound_port),
         listener_filters=[_original_dst()],
-        filter_chains=chains,
+        filter_chains=[*chains, *tcp_chains],
         default_filter_chain=default_outbound_chain(ctx),
         traffic_direction=base_pb2.TrafficDirection.OUTBOUND,
     )

@@ -104,7 +104,10 @@ async def test_envoy_accepts_the_capture_configuration(plane: ControlPlane, delt
         outbound = _listener(dump, capture.VIRTUAL_OUTBOUND)
         chain_names = {c["name"] for c in outbound["filter_chains"]}
         assert "241.0.0.2:5432|db.default.svc.clusterset.local|tcp" in chain_names
-        assert "10.96.0.3:9080|reviews.default.svc.clusterset.local|http" in chain_names
+        assert "http:9080" in chain_names
+        http = next(c for c in outbound["filter_chains"] if c["name"] == "http:9080")
+        assert {p["address_prefix"] for p in http["filter_chain_match"]["prefix_ranges"]} == {
+            "241.0.0.1", "241.0.0.3", "10.96.0.3"}
         assert outbound["default_filter_chain"]["name"] == capture.PASSTHROUGH_CLUSTER
         inbound = _listener(dump, capture.VIRTUAL_INBOUND)
         assert {c["name"] for c in inbound["filter_chains"]} == {"inbound|9080|http", "inbound|5432|tcp",

@@ -74,11 +74,14 @@ def unpack(any_msg: Any, cls: Any) -> Any:
 
 
 def chains_by_match(listener: Any) -> dict[tuple[str, int], Any]:
-    out = {}
+    """Each (destination IP, port) a chain matches, with that chain (no two chains match one destination)."""
+    out: dict[tuple[str, int], Any] = {}
     for chain in listener.filter_chains:
         m = chain.filter_chain_match
-        ip = m.prefix_ranges[0].address_prefix if m.prefix_ranges else ""
-        out[(ip, m.destination_port.value)] = chain
+        for prefix in m.prefix_ranges or [None]:
+            dest = (prefix.address_prefix if prefix is not None else "", m.destination_port.value)
+            assert dest not in out, dest
+            out[dest] = chain
     return out
 
 
@@ -132,9 +135,12 @@ def test_virtual_outbound_one_chain_per_address_and_tcp_port(ca: MeshCA) -> None
     chains = chains_by_match(out)
     # ClusterSetIPs of the imports and the local Service's cluster IP; the UDP port of db has no chain.
     assert set(chains) == {(RATINGS_IP, 9080), (DB_IP, 5432), (REVIEWS_CLUSTER_IP, 9080)}
-    assert all(c.filter_chain_match.prefix_ranges[0].prefix_len.value == 32 for c in chains.values())
+    assert all(p.prefix_len.value == 32 for c in out.filter_chains for p in c.filter_chain_match.prefix_ranges)
 
+    # HTTP destinations share one chain per port (one connection manager, routing by Host); TCP ones have their own.
     http = chains[(RATINGS_IP, 9080)]
+    assert http is chains[(REVIEWS_CLUSTER_IP, 9080)] and http.name == "http:9080"
+    assert [c.name for c in out.filter_chains] == ["http:9080", f"{DB_IP}:5432|db.default.svc.clusterset.local|tcp"]
     assert [f.name for f in http.filters] == ["envoy.filters.network.http_connection_manager"]
     hcm = unpack(http.filters[0].typed_config, hcm_pb2.HttpConnectionManager)
     assert hcm.rds.route_config_name == "outbound" and hcm.access_log  # the explicit listener's routes, telemetry
@@ -171,10 +177,14 @@ def test_a_destination_claimed_twice_keeps_one_chain(ca: MeshCA) -> None:
     mesh.cluster_ips[(EAST, REVIEWS)] = RATINGS_IP  # a stale cluster IP equal to a ClusterSetIP
     res = g.generate_all(captured(), context(ca, mesh))
     out = res[g.LISTENER_TYPE][capture.VIRTUAL_OUTBOUND]
-    matches = [(c.filter_chain_match.prefix_ranges[0].address_prefix, c.filter_chain_match.destination_port.value)
-               for c in out.filter_chains]
-    assert len(matches) == len(set(matches))
-    assert chains_by_match(out)[(RATINGS_IP, 9080)].name.endswith("ratings.default.svc.clusterset.local|http")
+    assert set(chains_by_match(out)) == {(RATINGS_IP, 9080), (DB_IP, 5432)}  # each once (chains_by_match checks)
+    # A TCP port claimed by a second service keeps the first service's chain (service key order: db < echo).
+    mesh.clusterset_ips[ServiceKey.parse("echo.default")] = DB_IP
+    mesh.service_ports[ServiceKey.parse("echo.default")] = (ServicePort(port=5432, name="tcp"),)
+    mesh.pods[(WEST, ServiceKey.parse("echo.default"))] = [("10.1.0.9", 5432)]
+    mesh.exports[WEST] = {RATINGS, DB, ServiceKey.parse("echo.default")}
+    out = g.generate_all(captured(), context(ca, mesh))[g.LISTENER_TYPE][capture.VIRTUAL_OUTBOUND]
+    assert chains_by_match(out)[(DB_IP, 5432)].name == f"{DB_IP}:5432|db.default.svc.clusterset.local|tcp"
 
 
 def test_loopback_sidecar_is_unchanged_by_capture(ca: MeshCA) -> None:
