@@ -134,8 +134,9 @@ class ProxyInfo:
     ``kind`` grpc: a proxyless gRPC client (API listeners per imported service port).
 
     ``capture`` redirect (sidecars only): instead of those listeners, a virtual outbound listener on
-    ``capture_bind``:``outbound_port`` and a virtual inbound one on ``capture_bind``:``inbound_capture_port``,
-    fed by the pod's iptables rules.
+    ``outbound_port`` and a virtual inbound one on ``inbound_capture_port``, each bound to every address of
+    ``capture_bind`` (``0.0.0.0``; add ``::`` for a pod with IPv6, whose ip6tables rules redirect too), fed by the
+    pod's iptables rules.
     """
 
     kind: ProxyKind
@@ -150,12 +151,15 @@ class ProxyInfo:
     ip: str = "127.0.0.1"
     capture: CaptureMode = CaptureMode.NONE
     inbound_capture_port: int = 15006
-    capture_bind: str = "0.0.0.0"
+    capture_bind: tuple[str, ...] = ("0.0.0.0",)
 
     def __post_init__(self) -> None:
         if not self.node_id:
             raise ProxyInfoError("node id is empty")
-        for what, address in (("ip", self.ip), ("capture bind address", self.capture_bind)):
+        if not self.capture_bind or len(set(self.capture_bind)) != len(self.capture_bind):
+            raise ProxyInfoError(f"proxy {self.node_id}: capture bind addresses {self.capture_bind!r} must be one or "
+                                 "more distinct IP addresses")
+        for what, address in (("ip", self.ip), *(("capture bind address", a) for a in self.capture_bind)):
             try:
                 ipaddress.ip_address(address)
             except ValueError as exc:
@@ -192,7 +196,7 @@ class ProxyInfo:
             META_GATEWAY_PORT: str(self.gateway_port),
             META_IP: self.ip,
         } | ({META_CAPTURE: str(self.capture), META_INBOUND_CAPTURE_PORT: str(self.inbound_capture_port),
-              META_CAPTURE_BIND: self.capture_bind} if self.captured else {})
+              META_CAPTURE_BIND: ",".join(self.capture_bind)} if self.captured else {})
 
     @classmethod
     def from_node(cls, node_id: str, metadata: Mapping[str, Any], *, namespace: str | None = None,
@@ -264,7 +268,7 @@ class ProxyInfo:
             ip=get(META_IP, "127.0.0.1"),
             capture=capture,
             inbound_capture_port=port(META_INBOUND_CAPTURE_PORT, "15006"),
-            capture_bind=get(META_CAPTURE_BIND, "0.0.0.0"),
+            capture_bind=tuple(a.strip() for a in get(META_CAPTURE_BIND, "0.0.0.0").split(",")),
         )
 
 

@@ -1,7 +1,7 @@
 """LDS for sidecars in capture mode (``MESHFED_CAPTURE=redirect``): the virtual listeners that the pod's iptables
 rules (``meshfed proxy capture``, docs/traffic-capture.md) redirect every TCP connection to.
 
-``virtualOutbound`` on ``capture_bind``:``outbound_port`` (15001)
+``virtualOutbound`` on ``outbound_port`` (15001) of every ``capture_bind`` address
     The ``original_dst`` listener filter restores the address the workload dialled, and filter chains match it
     (``prefix_ranges`` = the IPs, ``destination_port`` = the port). The destinations are every ClusterSetIP of a
     ServiceImport and every cluster IP of a local Service, on each TCP port. The port's protocol
@@ -19,7 +19,7 @@ rules (``meshfed proxy capture``, docs/traffic-capture.md) redirect every TCP co
     ``REGISTRY_ONLY`` to ``BlackHoleCluster`` (no endpoints: the connection is closed).
     Chains are built per service and shared by the sidecars of one identity (the pipeline's ``lds-capture``).
 
-``virtualInbound`` on ``capture_bind``:``inbound_capture_port`` (15006)
+``virtualInbound`` on ``inbound_capture_port`` (15006), likewise
     ``original_dst`` again, and one filter chain per workload port (``destination_port``), each requiring mTLS
     (client certificate checked against the trust bundle, SPIFFE ID in the trust domain, from SDS). HTTP ports:
     the inbound connection manager of the explicit listeners (XFCC, RBAC, telemetry); TCP ports: the network RBAC
@@ -64,6 +64,14 @@ ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
 def _original_dst() -> Any:
     return listener_components_pb2.ListenerFilter(name=ORIGINAL_DST_FILTER,
                                                   typed_config=pack(original_dst_pb2.OriginalDst()))
+
+
+def _bind(proxy: ProxyInfo, port: int) -> dict[str, Any]:
+    """A virtual listener's addresses: the first bind address, the others (``::`` beside ``0.0.0.0``) as additional
+    addresses, each its own socket (IPv6 ones v6-only, so ``0.0.0.0`` and ``::`` share the port)."""
+    first, *rest = proxy.capture_bind
+    return {"address": socket_address(first, port),
+            "additional_addresses": [listener_pb2.AdditionalAddress(address=socket_address(a, port)) for a in rest]}
 
 
 def _u32(value: int) -> Any:
@@ -164,7 +172,7 @@ def virtual_outbound(proxy: ProxyInfo, ctx: PushContext, pieces: list[list[Desti
         ) for port, ips in sorted(http_ips.items())]
     return listener_pb2.Listener(
         name=VIRTUAL_OUTBOUND,
-        address=socket_address(proxy.capture_bind, proxy.outbound_port),
+        **_bind(proxy, proxy.outbound_port),
         listener_filters=[_original_dst()],
         filter_chains=[*chains, *tcp_chains],
         default_filter_chain=default_outbound_chain(ctx),
@@ -250,7 +258,7 @@ def virtual_inbound(proxy: ProxyInfo, ctx: PushContext) -> Any | None:
         return None
     return listener_pb2.Listener(
         name=VIRTUAL_INBOUND,
-        address=socket_address(proxy.capture_bind, proxy.inbound_capture_port),
+        **_bind(proxy, proxy.inbound_capture_port),
         listener_filters=[_original_dst()],
         filter_chains=[inbound_chain(proxy, p, ctx) for p in ports],
         traffic_direction=base_pb2.TrafficDirection.INBOUND,

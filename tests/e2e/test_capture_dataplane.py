@@ -99,10 +99,15 @@ class Http(http.server.BaseHTTPRequestHandler):
 class Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
-apps = ((("0.0.0.0", 7777), Direct),) if sys.argv[1:] == ["direct"] else (
+class Server6(Server):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+apps = ((("0.0.0.0", 7777), Direct), (("::", 7777), Direct)) if sys.argv[1:] == ["direct"] else (
     (("127.0.0.1", 5432), Echo), (("127.0.0.1", 5433), Echo), (("127.0.0.1", 5434), Echo), (("127.0.0.1", 9080), Http))
 for addr, handler in apps:
-    threading.Thread(target=Server(addr, handler).serve_forever, daemon=True).start()
+    threading.Thread(target=(Server6 if ":" in addr[0] else Server)(addr, handler).serve_forever, daemon=True).start()
 print("ready", flush=True)
 select.select([sys.stdin], [], [], 300)
 """
@@ -191,6 +196,14 @@ class Bed:
     def west_ip(self) -> str:
         return f"10.253.{self.n}.2"
 
+    @property
+    def east_ip6(self) -> str:
+        return f"fdca:fc:{self.n:x}::1"
+
+    @property
+    def gateway_ip6(self) -> str:
+        return f"fdca:fc:{self.n:x}::2"
+
     def names(self) -> tuple[str, str, str]:
         return self.east, self.gateway, self.west
 
@@ -226,6 +239,9 @@ def namespaces() -> Iterator[Bed]:
                 run(["ip", "-n", ns, "link", "set", ifname, "up"])
         # The ClusterSetIP needs a route for connect() to start; the capture rules then redirect it to the sidecar.
         run(["ip", "-n", bed.east, "route", "add", "default", "dev", links[0][1]])
+        # East's pod is dual-stack: capture installs ip6tables rules too, and its sidecar listens on :: as well.
+        for ns, ifname, ip6 in ((bed.east, links[0][1], bed.east_ip6), (bed.gateway, links[0][4], bed.gateway_ip6)):
+            run(["ip", "-n", ns, "addr", "add", f"{ip6}/64", "dev", ifname, "nodad"])
         yield bed
     finally:
         for proc in bed.procs:
@@ -384,6 +400,7 @@ async def mesh() -> AsyncIterator[Mesh]:
                                authz=authorization_policies(POLICY, WEST))
         sleep = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=namespace("default"),
                           service_account="sleep", ip=bed.east_ip, capture=CaptureMode.REDIRECT,
+                          capture_bind=("0.0.0.0", "::"),
                           node_id=f"sidecar~{bed.east_ip}~sleep-1.default~default.svc.cluster.local")
         echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
                          service_account="echo", ip=bed.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO,),
@@ -397,7 +414,7 @@ async def mesh() -> AsyncIterator[Mesh]:
             try:
                 start_apps(bed, bed.west)
                 start_apps(bed, bed.gateway, "direct")
-                capture_rules(bed.east)
+                assert "ipv6: installed" in capture_rules(bed.east)
                 capture_rules(bed.west)
                 east_admin = await start_envoy(bed, east_cp, sleep, bed.east)
                 west_admin = await start_envoy(bed, west_cp, echo, bed.west)
@@ -446,6 +463,7 @@ async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) ->
 
     # Unknown destinations: ALLOW_ANY passes them through (the gateway namespace's port 7777 is in no registry) ...
     assert await client(bed.east, "read", bed.gateway_ip, "7777") == "direct"
+    assert await client(bed.east, "read", bed.gateway_ip6, "7777") == "direct"  # IPv6, through [::]:15001
     # ... REGISTRY_ONLY refuses them, and known destinations still work.
     east_cp.update(dataclasses.replace(east_cp.ctx, outbound_mode=OutboundTrafficMode.REGISTRY_ONLY), "policy")
 
@@ -460,6 +478,7 @@ async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) ->
 
     await wait_until(blackholed, within=30, what="REGISTRY_ONLY in force on east's sidecar")
     assert await client(bed.east, "read", bed.gateway_ip, "7777") in ("closed", "error ConnectionResetError")
+    assert await client(bed.east, "read", bed.gateway_ip6, "7777") in ("closed", "error ConnectionResetError")
     assert await client(bed.east, "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
 
 

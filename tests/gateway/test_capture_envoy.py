@@ -71,7 +71,7 @@ def captured_sidecar() -> ProxyInfo:
                      node_id="sidecar~127.0.0.1~reviews-1.default~default.svc.cluster.local", services=(REVIEWS,),
                      inbound=(InboundPort(9080, 9080, "http"), InboundPort(5432, 5432, "tcp-db"),
                               InboundPort(7070, 7070, "grpc", "grpc")),
-                     capture=CaptureMode.REDIRECT, capture_bind="127.0.0.1", outbound_port=free_port(),
+                     capture=CaptureMode.REDIRECT, capture_bind=("127.0.0.1",), outbound_port=free_port(),
                      inbound_capture_port=free_port())
 
 

@@ -108,10 +108,15 @@ def test_port_protocol_app_protocol_then_name_prefix_else_tcp(port: ServicePort,
 
 
 def test_capture_metadata_round_trip_and_errors() -> None:
-    proxy = captured(inbound_capture_port=15106, outbound_port=15101, capture_bind="127.0.0.1")
+    proxy = captured(inbound_capture_port=15106, outbound_port=15101, capture_bind=("0.0.0.0", "::"))
     meta = proxy.metadata()
     assert meta["MESHFED_CAPTURE"] == "redirect" and meta["MESHFED_INBOUND_CAPTURE_PORT"] == "15106"
+    assert meta["MESHFED_CAPTURE_BIND"] == "0.0.0.0,::"
     assert ProxyInfo.from_node(proxy.node_id, meta) == proxy
+    with pytest.raises(ProxyInfoError, match="capture bind address 'eth0' is not an IP"):
+        ProxyInfo.from_node(proxy.node_id, meta | {"MESHFED_CAPTURE_BIND": "0.0.0.0,eth0"})
+    with pytest.raises(ProxyInfoError, match="distinct"):
+        captured(capture_bind=("::", "::"))
     # A loopback sidecar's metadata is what it was: no capture keys at all.
     loopback = dataclasses.replace(proxy, capture=CaptureMode.NONE)
     assert not any(k.startswith("MESHFED_CAPTURE") or k == "MESHFED_INBOUND_CAPTURE_PORT" for k in loopback.metadata())
@@ -130,6 +135,11 @@ def test_virtual_outbound_one_chain_per_address_and_tcp_port(ca: MeshCA) -> None
     assert set(listeners) == {capture.VIRTUAL_OUTBOUND, capture.VIRTUAL_INBOUND}  # no explicit listeners
     out = listeners[capture.VIRTUAL_OUTBOUND]
     assert out.address.socket_address.address == "0.0.0.0" and out.address.socket_address.port_value == 15001
+    assert not out.additional_addresses
+    dual = g.generate_all(captured(capture_bind=("0.0.0.0", "::")), ctx)[g.LISTENER_TYPE]
+    for name, port in ((capture.VIRTUAL_OUTBOUND, 15001), (capture.VIRTUAL_INBOUND, 15006)):
+        assert [(a.address.socket_address.address, a.address.socket_address.port_value)
+                for a in dual[name].additional_addresses] == [("::", port)]
     assert [f.name for f in out.listener_filters] == [capture.ORIGINAL_DST_FILTER]
     assert not out.use_original_dst.value  # the chains match the restored address; no hand-off to other listeners
     chains = chains_by_match(out)
@@ -320,7 +330,7 @@ def test_envoy_validates_capture_listeners_and_clusters(ca: MeshCA, tmp_path: Pa
     mesh = make_mesh()
     mesh.service_ports[REVIEWS] = (ServicePort(port=9080, name="http"), ServicePort(port=5432, name="tcp-db"))
     proxy = captured(inbound=(InboundPort(9080, 9080, "http"), InboundPort(5432, 5432, "tcp-db")),
-                     capture_bind="127.0.0.1")
+                     capture_bind=("127.0.0.1", "::1"))
     res = g.generate_all(proxy, context(ca, mesh, authz=authorization_policies(POLICIES, EAST), outbound_mode=mode))
     boot = render_bootstrap(proxy, xds_host="127.0.0.1", xds_port=18000, admin_port=19000, token="t" * 24)
     boot["static_resources"]["clusters"] += _as_json(res[g.CLUSTER_TYPE])
