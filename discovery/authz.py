@@ -1,6 +1,6 @@
 """Istio ``AuthorizationPolicy`` (``security.istio.io/v1`` and ``v1beta1``): a pure model and its conversion.
 
-The converter is registered in ``discovery.convert``'s registry, so policies read from manifest files (and from the
+The converter is in ``discovery.convert``'s table of kinds, so policies read from manifest files (and from the
 Kubernetes source) land in ``ClusterSnapshot.extras`` as :class:`AuthorizationPolicy` values. ``gateway.rbac``
 compiles the policies that select a workload into Envoy RBAC for its sidecar's inbound side.
 
@@ -16,7 +16,7 @@ naming the field path, never silently ignored::
 
 String values match exactly, or by prefix (``abc*``), suffix (``*abc``) or presence (``*``), as in Istio.
 
-Exception tree: conversion errors are ``discovery.convert.ConversionError`` (``.field`` is the path).
+Exception tree: conversion errors are ``discovery.fields.ConversionError`` (``.field`` is the path).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from discovery.convert import ConversionError, _list, _mapping, _str, register
+from discovery.fields import ConversionError, as_list, as_mapping, as_str
 from discovery.model import ClusterId, DiscoveryError, Namespace, namespace
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
@@ -180,8 +180,8 @@ def _only(obj: Mapping[str, Any], path: str, allowed: tuple[str, ...], hint: str
 
 def _strings(value: Any, path: str) -> tuple[str, ...]:
     out = []
-    for i, item in enumerate(_list(value, path)):
-        out.append(_str(item, f"{path}[{i}]", required=True))
+    for i, item in enumerate(as_list(value, path)):
+        out.append(as_str(item, f"{path}[{i}]", required=True))
     return tuple(out)
 
 
@@ -212,7 +212,7 @@ def _methods(value: Any, path: str) -> tuple[StringMatch, ...]:
 
 def _ports(value: Any, path: str) -> tuple[int, ...]:
     out = []
-    for i, item in enumerate(_list(value, path)):
+    for i, item in enumerate(as_list(value, path)):
         text = str(item) if isinstance(item, int | str) and not isinstance(item, bool) else ""
         if not text.isdigit() or not 1 <= int(text) <= 65535:
             raise ConversionError(f"{path}[{i}]", f"must be a port number 1..65535 (Istio writes it as a string), "
@@ -230,9 +230,9 @@ def _paths(value: Any, path: str) -> tuple[StringMatch, ...]:
 
 
 def _source(raw: Any, path: str) -> Source:
-    item = _mapping(raw, path, required=True)
+    item = as_mapping(raw, path, required=True)
     _only(item, path, ("source",))
-    src = _mapping(item.get("source"), f"{path}.source", required=True)
+    src = as_mapping(item.get("source"), f"{path}.source", required=True)
     _only(src, f"{path}.source", ("principals", "notPrincipals", "namespaces", "notNamespaces"),
           "for the caller's cluster use when: [{key: source.cluster, values: [...]}]")
     out = Source(
@@ -247,9 +247,9 @@ def _source(raw: Any, path: str) -> Source:
 
 
 def _operation(raw: Any, path: str) -> Operation:
-    item = _mapping(raw, path, required=True)
+    item = as_mapping(raw, path, required=True)
     _only(item, path, ("operation",))
-    op = _mapping(item.get("operation"), f"{path}.operation", required=True)
+    op = as_mapping(item.get("operation"), f"{path}.operation", required=True)
     p = f"{path}.operation"
     _only(op, p, ("ports", "notPorts", "methods", "notMethods", "paths", "notPaths"))
     out = Operation(
@@ -266,9 +266,9 @@ def _operation(raw: Any, path: str) -> Operation:
 
 
 def _condition(raw: Any, path: str) -> Condition:
-    item = _mapping(raw, path, required=True)
+    item = as_mapping(raw, path, required=True)
     _only(item, path, ("key", "values", "notValues"))
-    key = _str(item.get("key"), f"{path}.key", required=True)
+    key = as_str(item.get("key"), f"{path}.key", required=True)
     if key not in WHEN_KEYS and not _HEADER_KEY.match(key):
         raise ConversionError(f"{path}.key", f"{key!r} is not supported by meshfed (supported: "
                                              f"{', '.join(WHEN_KEYS)}, request.headers[<name>])")
@@ -291,22 +291,22 @@ def _condition(raw: Any, path: str) -> Condition:
 
 
 def _rule(raw: Any, path: str) -> Rule:
-    rule = _mapping(raw, path)
+    rule = as_mapping(raw, path)
     _only(rule, path, ("from", "to", "when"))
     return Rule(
-        sources=tuple(_source(s, f"{path}.from[{i}]") for i, s in enumerate(_list(rule.get("from"), f"{path}.from"))),
-        operations=tuple(_operation(o, f"{path}.to[{i}]") for i, o in enumerate(_list(rule.get("to"), f"{path}.to"))),
+        sources=tuple(_source(s, f"{path}.from[{i}]") for i, s in enumerate(as_list(rule.get("from"), f"{path}.from"))),
+        operations=tuple(_operation(o, f"{path}.to[{i}]") for i, o in enumerate(as_list(rule.get("to"), f"{path}.to"))),
         conditions=tuple(_condition(c, f"{path}.when[{i}]")
-                         for i, c in enumerate(_list(rule.get("when"), f"{path}.when"))),
+                         for i, c in enumerate(as_list(rule.get("when"), f"{path}.when"))),
     )
 
 
 def _selector(raw: Any) -> tuple[tuple[str, str], ...] | None:
     if raw is None:
         return None
-    sel = _mapping(raw, "spec.selector")
+    sel = as_mapping(raw, "spec.selector")
     _only(sel, "spec.selector", ("matchLabels",))
-    labels = _mapping(sel.get("matchLabels"), "spec.selector.matchLabels")
+    labels = as_mapping(sel.get("matchLabels"), "spec.selector.matchLabels")
     out = []
     for k, v in labels.items():
         if not isinstance(k, str) or not isinstance(v, str) or not k:
@@ -318,27 +318,23 @@ def _selector(raw: Any) -> tuple[tuple[str, str], ...] | None:
 def convert_authorization_policy(obj: Mapping[str, Any], cluster: ClusterId) -> AuthorizationPolicy:
     """Convert one AuthorizationPolicy object; :class:`ConversionError` names the offending field path."""
     _only(obj, "", ("apiVersion", "kind", "metadata", "spec", "status"))
-    meta = _mapping(obj.get("metadata"), "metadata", required=True)
-    name = _str(meta.get("name"), "metadata.name", required=True)
+    meta = as_mapping(obj.get("metadata"), "metadata", required=True)
+    name = as_str(meta.get("name"), "metadata.name", required=True)
     if not _NAME.match(name) or len(name) > 253:
         raise ConversionError("metadata.name", f"{name!r} is not a DNS-1123 subdomain")
     try:
-        ns = namespace(_str(meta.get("namespace"), "metadata.namespace", default="default"))
+        ns = namespace(as_str(meta.get("namespace"), "metadata.namespace", default="default"))
     except DiscoveryError as exc:
         raise ConversionError("metadata.namespace", str(exc)) from None
-    spec = _mapping(obj.get("spec"), "spec")
+    spec = as_mapping(obj.get("spec"), "spec")
     _only(spec, "spec", ("selector", "action", "rules"),
           "targetRef/targetRefs (gateway attachment) and provider (CUSTOM) are outside meshfed's subset")
-    action_text = _str(spec.get("action"), "spec.action", default="ALLOW")
+    action_text = as_str(spec.get("action"), "spec.action", default="ALLOW")
     try:
         action = Action(action_text)
     except ValueError:
         raise ConversionError("spec.action", f"{action_text!r} is not supported by meshfed (supported: ALLOW, DENY;"
                                              " AUDIT and CUSTOM are not)") from None
-    rules = tuple(_rule(r, f"spec.rules[{i}]") for i, r in enumerate(_list(spec.get("rules"), "spec.rules")))
+    rules = tuple(_rule(r, f"spec.rules[{i}]") for i, r in enumerate(as_list(spec.get("rules"), "spec.rules")))
     return AuthorizationPolicy(cluster=cluster, namespace=ns, name=name, action=action,
                                selector=_selector(spec.get("selector")), rules=rules)
-
-
-for _api_version in API_VERSIONS:
-    register(_api_version, KIND)(convert_authorization_policy)

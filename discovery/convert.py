@@ -1,15 +1,13 @@
 """Pure conversion of Kubernetes objects (dicts, as parsed YAML or API JSON) into the discovery model.
 
 Nothing here does IO: the manifest source (``discovery.manifests``) and the Kubernetes API source feed objects in
-and get model values back. Every kind we understand is registered once, by ``(apiVersion, kind)``, in
-:data:`CONVERTERS`; adding a kind is one :func:`register` line. Conversion errors name the field path inside the
-object (``spec.ports[1].port``); callers add the file and document index, or the API object reference.
+and get model values back. Every kind meshfed understands is in one table, :data:`CONVERTERS` (by
+``(apiVersion, kind)``, as ``gateway.generators.GENERATORS`` is by type URL): the core kinds converted here, Istio's
+traffic kinds (``discovery.policy``) and AuthorizationPolicy (``discovery.authz``); adding a kind is one entry
+there. Conversion errors name the field path inside the object (``spec.ports[1].port``); callers add the file and
+document index, or the API object reference.
 
-Exception tree (this module; ``DiscoveryError`` lives in ``discovery.model``)::
-
-    DiscoveryError
-     +-- ConversionError       an object we understand but cannot convert; ``.field`` is the path inside it
-          +-- UnsupportedKind  an (apiVersion, kind) with no registered converter
+Exceptions: ``ConversionError`` and ``UnsupportedKind`` (``discovery.fields``, re-exported here).
 """
 
 from __future__ import annotations
@@ -18,8 +16,11 @@ import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from types import MappingProxyType
+from typing import Any
 
+from discovery import authz, policy
+from discovery.fields import ConversionError, UnsupportedKind, as_bool, as_list, as_mapping, as_str, object_ref, type_of
 from discovery.model import (
     ClusterId,
     DiscoveryError,
@@ -38,40 +39,6 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MCS_GROUP = "multicluster.x-k8s.io"
 MCS_VERSION = "v1alpha1"
 MCS_API_VERSION = f"{MCS_GROUP}/{MCS_VERSION}"
-
-
-class ConversionError(DiscoveryError, ValueError):
-    """A Kubernetes object that cannot be converted. ``field`` is the path inside the object (may be empty)."""
-
-    def __init__(self, field: str, message: str, *, obj: str = "") -> None:
-        self.field = field
-        self.reason = message
-        self.obj = obj
-        super().__init__(self._text())
-
-    def _text(self) -> str:
-        where = f"{self.obj}: " if self.obj else ""
-        at = f"{self.field}: " if self.field else ""
-        return f"{where}{at}{self.reason}"
-
-    def within(self, obj: str) -> ConversionError:
-        """The same error, naming the object it occurred in (kind namespace/name)."""
-        if self.obj:
-            return self
-        self.obj = obj
-        self.args = (self._text(),)
-        return self
-
-
-class UnsupportedKind(ConversionError):
-    """No converter is registered for the object's (apiVersion, kind)."""
-
-    def __init__(self, api_version: str, kind: str) -> None:
-        self.api_version = api_version
-        self.kind = kind
-        super().__init__(
-            "kind", f"apiVersion {api_version!r} kind {kind!r} is not a kind meshfed understands (skipped)"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -105,50 +72,10 @@ class ExternalNameService:
 
 Converted = Service | EndpointSlice | ServiceExport | ExternalNameService | Any
 ConverterFn = Callable[[Mapping[str, Any], ClusterId], Any]
-F = TypeVar("F", bound=ConverterFn)
-
-#: Every kind meshfed converts, by (apiVersion, kind). Later kinds (Istio VirtualService, DestinationRule,
-#: AuthorizationPolicy) register here too; unknown kinds raise :class:`UnsupportedKind`.
-CONVERTERS: dict[tuple[str, str], ConverterFn] = {}
-
-
-def register(api_version: str, kind: str) -> Callable[[F], F]:
-    """Register ``fn(obj, cluster)`` as the converter for ``(api_version, kind)``."""
-
-    def deco(fn: F) -> F:
-        CONVERTERS[(api_version, kind)] = fn
-        return fn
-
-    return deco
-
-
-def object_ref(obj: Mapping[str, Any]) -> str:
-    """A readable reference to a raw object: ``Service default/reviews`` (best effort, never raises)."""
-    kind = obj.get("kind") if isinstance(obj, Mapping) else None
-    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
-    name = ns = None
-    if isinstance(meta, Mapping):
-        name, ns = meta.get("name"), meta.get("namespace")
-    kind_s = kind if isinstance(kind, str) and kind else "object"
-    if isinstance(name, str) and name:
-        return f"{kind_s} {ns if isinstance(ns, str) and ns else 'default'}/{name}"
-    return kind_s
-
-
-def type_of(obj: Any) -> tuple[str, str]:
-    """``(apiVersion, kind)`` of a raw object; ConversionError when it is not an object with both fields."""
-    if not isinstance(obj, Mapping):
-        raise ConversionError("", f"expected a Kubernetes object (a mapping), got {type(obj).__name__}")
-    api_version, kind = obj.get("apiVersion"), obj.get("kind")
-    if not isinstance(api_version, str) or not api_version:
-        raise ConversionError("apiVersion", "required (a non-empty string)")
-    if not isinstance(kind, str) or not kind:
-        raise ConversionError("kind", "required (a non-empty string)")
-    return api_version, kind
 
 
 def is_known(obj: Mapping[str, Any]) -> bool:
-    """True when a converter is registered for the object's (apiVersion, kind)."""
+    """True when the object's (apiVersion, kind) is in :data:`CONVERTERS`."""
     try:
         return type_of(obj) in CONVERTERS
     except ConversionError:
@@ -156,7 +83,7 @@ def is_known(obj: Mapping[str, Any]) -> bool:
 
 
 def convert(obj: Any, *, cluster: ClusterId) -> Converted:
-    """Convert one raw Kubernetes object of any registered kind into its model value.
+    """Convert one raw Kubernetes object of any kind in :data:`CONVERTERS` into its model value.
 
     Raises :class:`UnsupportedKind` for kinds without a converter and :class:`ConversionError` (with the field
     path and the object's reference) for objects that break the rules.
@@ -177,42 +104,6 @@ def convert(obj: Any, *, cluster: ClusterId) -> Converted:
 # Field helpers: each takes the path so errors can name it
 
 
-def _mapping(value: Any, path: str, *, required: bool = False) -> Mapping[str, Any]:
-    if value is None:
-        if required:
-            raise ConversionError(path, "required")
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConversionError(path, f"must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _list(value: Any, path: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ConversionError(path, f"must be a list, got {type(value).__name__}")
-    return value
-
-
-def _str(value: Any, path: str, *, required: bool = False, default: str = "") -> str:
-    if value is None or value == "":
-        if required:
-            raise ConversionError(path, "required (a non-empty string)")
-        return default
-    if not isinstance(value, str):
-        raise ConversionError(path, f"must be a string, got {value!r}")
-    return value
-
-
-def _bool(value: Any, path: str, default: bool) -> bool:
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ConversionError(path, f"must be true or false, got {value!r}")
-    return value
-
-
 def _port_number(value: Any, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConversionError(path, f"must be an integer port 1..65535, got {value!r}")
@@ -222,7 +113,7 @@ def _port_number(value: Any, path: str) -> int:
 
 
 def _protocol(value: Any, path: str) -> Protocol:
-    text = _str(value, path, default="TCP")
+    text = as_str(value, path, default="TCP")
     try:
         return Protocol(text)
     except ValueError:
@@ -230,7 +121,7 @@ def _protocol(value: Any, path: str) -> Protocol:
 
 
 def _string_map(value: Any, path: str) -> tuple[tuple[str, str], ...]:
-    items = _mapping(value, path)
+    items = as_mapping(value, path)
     out = []
     for k, v in items.items():
         if not isinstance(k, str) or not isinstance(v, str):
@@ -240,9 +131,9 @@ def _string_map(value: Any, path: str) -> tuple[tuple[str, str], ...]:
 
 
 def _key(obj: Mapping[str, Any]) -> ServiceKey:
-    meta = _mapping(obj.get("metadata"), "metadata", required=True)
-    name = _str(meta.get("name"), "metadata.name", required=True)
-    ns = _str(meta.get("namespace"), "metadata.namespace", default="default")
+    meta = as_mapping(obj.get("metadata"), "metadata", required=True)
+    name = as_str(meta.get("name"), "metadata.name", required=True)
+    ns = as_str(meta.get("namespace"), "metadata.namespace", default="default")
     try:
         ns_v: Namespace = namespace(ns)
     except DiscoveryError as exc:
@@ -281,29 +172,28 @@ def format_timestamp(stamp: datetime) -> str:
 # The core kinds
 
 
-@register("v1", "Service")
 def convert_service(obj: Mapping[str, Any], cluster: ClusterId) -> Service | ExternalNameService:
     """A v1 Service (no endpoints yet; :func:`assemble` attaches its EndpointSlices)."""
     key = _key(obj)
-    meta = _mapping(obj.get("metadata"), "metadata")
-    spec = _mapping(obj.get("spec"), "spec")
-    svc_type = _str(spec.get("type"), "spec.type", default="ClusterIP")
+    meta = as_mapping(obj.get("metadata"), "metadata")
+    spec = as_mapping(obj.get("spec"), "spec")
+    svc_type = as_str(spec.get("type"), "spec.type", default="ClusterIP")
     if svc_type not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
         raise ConversionError(
             "spec.type", f"{svc_type!r} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
         )
     if svc_type == "ExternalName":
         return ExternalNameService(
-            cluster=cluster, key=key, external_name=_str(spec.get("externalName"), "spec.externalName")
+            cluster=cluster, key=key, external_name=as_str(spec.get("externalName"), "spec.externalName")
         )
-    cluster_ip = _str(spec.get("clusterIP"), "spec.clusterIP")
+    cluster_ip = as_str(spec.get("clusterIP"), "spec.clusterIP")
     headless = cluster_ip == "None"
     if cluster_ip and not headless:
         try:
             ipaddress.ip_address(cluster_ip)
         except ValueError:
             raise ConversionError("spec.clusterIP", f"{cluster_ip!r} is neither an IP address nor None") from None
-    raw_ports = _list(spec.get("ports"), "spec.ports")
+    raw_ports = as_list(spec.get("ports"), "spec.ports")
     if not raw_ports and not headless:
         raise ConversionError("spec.ports", "required: a Service that is not headless needs at least one port")
     ports: list[ServicePort] = []
@@ -311,10 +201,10 @@ def convert_service(obj: Mapping[str, Any], cluster: ClusterId) -> Service | Ext
     numbers: dict[tuple[int, Protocol], int] = {}
     for i, raw in enumerate(raw_ports):
         path = f"spec.ports[{i}]"
-        item = _mapping(raw, path, required=True)
+        item = as_mapping(raw, path, required=True)
         port = _port_number(item.get("port"), f"{path}.port")
         protocol = _protocol(item.get("protocol"), f"{path}.protocol")
-        name = _str(item.get("name"), f"{path}.name")
+        name = as_str(item.get("name"), f"{path}.name")
         if not name and len(raw_ports) > 1:
             raise ConversionError(f"{path}.name", "required when a Service has more than one port")
         if name:
@@ -326,7 +216,7 @@ def convert_service(obj: Mapping[str, Any], cluster: ClusterId) -> Service | Ext
                 f"{path}.port", f"duplicate port {port}/{protocol} (also spec.ports[{numbers[(port, protocol)]}])"
             )
         numbers[(port, protocol)] = i
-        app_protocol = _str(item.get("appProtocol"), f"{path}.appProtocol")
+        app_protocol = as_str(item.get("appProtocol"), f"{path}.appProtocol")
         target: int | str
         raw_target = item.get("targetPort")
         if raw_target is None or raw_target == "":
@@ -352,61 +242,60 @@ def convert_service(obj: Mapping[str, Any], cluster: ClusterId) -> Service | Ext
     )
 
 
-@register("discovery.k8s.io/v1", "EndpointSlice")
 def convert_endpoint_slice(obj: Mapping[str, Any], cluster: ClusterId) -> EndpointSlice:
     """A discovery.k8s.io/v1 EndpointSlice, linked to its Service by the ``kubernetes.io/service-name`` label."""
-    meta = _mapping(obj.get("metadata"), "metadata", required=True)
-    slice_name = _str(meta.get("name"), "metadata.name", required=True)
-    labels = _mapping(meta.get("labels"), "metadata.labels")
+    meta = as_mapping(obj.get("metadata"), "metadata", required=True)
+    slice_name = as_str(meta.get("name"), "metadata.name", required=True)
+    labels = as_mapping(meta.get("labels"), "metadata.labels")
     svc = labels.get(SERVICE_NAME_LABEL)
     label_path = f"metadata.labels.{SERVICE_NAME_LABEL}"
     if not isinstance(svc, str) or not svc:
         raise ConversionError(label_path, "required: it links the slice to its Service")
-    ns = _str(meta.get("namespace"), "metadata.namespace", default="default")
+    ns = as_str(meta.get("namespace"), "metadata.namespace", default="default")
     try:
         key = ServiceKey(namespace=namespace(ns), name=service_name(svc))
     except DiscoveryError as exc:
         raise ConversionError(label_path, str(exc)) from None
-    address_type = _str(obj.get("addressType"), "addressType", required=True)
+    address_type = as_str(obj.get("addressType"), "addressType", required=True)
     if address_type not in ("IPv4", "IPv6", "FQDN"):
         raise ConversionError("addressType", f"{address_type!r} is not one of IPv4, IPv6, FQDN")
     ports: list[tuple[str, int, Protocol]] = []
-    for i, raw in enumerate(_list(obj.get("ports"), "ports")):
+    for i, raw in enumerate(as_list(obj.get("ports"), "ports")):
         path = f"ports[{i}]"
-        item = _mapping(raw, path, required=True)
+        item = as_mapping(raw, path, required=True)
         if item.get("port") is None:  # nil port: "all ports", nothing to route to by number
             continue
         ports.append(
             (
-                _str(item.get("name"), f"{path}.name"),
+                as_str(item.get("name"), f"{path}.name"),
                 _port_number(item.get("port"), f"{path}.port"),
                 _protocol(item.get("protocol"), f"{path}.protocol"),
             )
         )
     port_map = tuple((name, number) for name, number, _ in ports)
     endpoints: list[Endpoint] = []
-    raw_endpoints = _list(obj.get("endpoints"), "endpoints")
+    raw_endpoints = as_list(obj.get("endpoints"), "endpoints")
     if address_type == "FQDN":
         raw_endpoints = []
     want_version = 4 if address_type == "IPv4" else 6
     for i, raw in enumerate(raw_endpoints):
         path = f"endpoints[{i}]"
-        item = _mapping(raw, path, required=True)
-        addresses = _list(item.get("addresses"), f"{path}.addresses")
+        item = as_mapping(raw, path, required=True)
+        addresses = as_list(item.get("addresses"), f"{path}.addresses")
         if not addresses:
             raise ConversionError(f"{path}.addresses", "required: at least one address")
-        address = _str(addresses[0], f"{path}.addresses[0]", required=True)
+        address = as_str(addresses[0], f"{path}.addresses[0]", required=True)
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
             raise ConversionError(f"{path}.addresses[0]", f"{address!r} is not an IP address") from None
         if ip.version != want_version:
             raise ConversionError(f"{path}.addresses[0]", f"{address!r} is not an {address_type} address")
-        cond = _mapping(item.get("conditions"), f"{path}.conditions")
-        ready = _bool(cond.get("ready"), f"{path}.conditions.ready", True)
-        serving = _bool(cond.get("serving"), f"{path}.conditions.serving", ready)
-        terminating = _bool(cond.get("terminating"), f"{path}.conditions.terminating", False)
-        hostname = _str(item.get("hostname"), f"{path}.hostname")
+        cond = as_mapping(item.get("conditions"), f"{path}.conditions")
+        ready = as_bool(cond.get("ready"), f"{path}.conditions.ready", True)
+        serving = as_bool(cond.get("serving"), f"{path}.conditions.serving", ready)
+        terminating = as_bool(cond.get("terminating"), f"{path}.conditions.terminating", False)
+        hostname = as_str(item.get("hostname"), f"{path}.hostname")
         try:
             endpoints.append(
                 Endpoint(
@@ -415,8 +304,8 @@ def convert_endpoint_slice(obj: Mapping[str, Any], cluster: ClusterId) -> Endpoi
                     serving=serving,
                     terminating=terminating,
                     hostname=hostname,
-                    zone=_str(item.get("zone"), f"{path}.zone"),
-                    node=_str(item.get("nodeName"), f"{path}.nodeName"),
+                    zone=as_str(item.get("zone"), f"{path}.zone"),
+                    node=as_str(item.get("nodeName"), f"{path}.nodeName"),
                     ports=port_map,
                 )
             )
@@ -432,12 +321,11 @@ def convert_endpoint_slice(obj: Mapping[str, Any], cluster: ClusterId) -> Endpoi
     )
 
 
-@register(MCS_API_VERSION, "ServiceExport")
 def convert_service_export(obj: Mapping[str, Any], cluster: ClusterId) -> ServiceExport:
     """A ServiceExport: its name and namespace name the exported Service; conditions are ours to compute, so any
     ``status`` in the object is ignored."""
     key = _key(obj)
-    meta = _mapping(obj.get("metadata"), "metadata")
+    meta = as_mapping(obj.get("metadata"), "metadata")
     created = parse_timestamp(meta.get("creationTimestamp"), "metadata.creationTimestamp")
     return ServiceExport(cluster=cluster, key=key, created=created)
 
@@ -531,7 +419,44 @@ def service_export_object(key: ServiceKey, created: datetime) -> dict[str, Any]:
     }
 
 
-# The Istio traffic kinds (VirtualService, DestinationRule) and AuthorizationPolicy (discovery.authz) register
-# themselves in their own modules; importing them here makes them known to every caller of convert().
-from discovery import authz as _authz  # noqa: E402, F401
-from discovery import policy as _traffic_policy  # noqa: E402, F401
+# --------------------------------------------------------------------------------------------------------------
+# The table
+
+#: Every kind meshfed converts, by (apiVersion, kind); any other kind raises :class:`UnsupportedKind`.
+CONVERTERS: Mapping[tuple[str, str], ConverterFn] = MappingProxyType({
+    ("v1", "Service"): convert_service,
+    ("discovery.k8s.io/v1", "EndpointSlice"): convert_endpoint_slice,
+    (MCS_API_VERSION, "ServiceExport"): convert_service_export,
+    **{(f"{policy.NETWORKING_GROUP}/{v}", "DestinationRule"): policy.convert_destination_rule
+       for v in policy.NETWORKING_VERSIONS},
+    **{(f"{policy.NETWORKING_GROUP}/{v}", "VirtualService"): policy.convert_virtual_service
+       for v in policy.NETWORKING_VERSIONS},
+    **{(v, authz.KIND): authz.convert_authorization_policy for v in authz.API_VERSIONS},
+})
+
+__all__ = [
+    "CONVERTERS",
+    "MCS_API_VERSION",
+    "MCS_GROUP",
+    "MCS_VERSION",
+    "SERVICE_NAME_LABEL",
+    "ClusterObjects",
+    "ConversionError",
+    "Converted",
+    "ConverterFn",
+    "EndpointSlice",
+    "ExternalNameService",
+    "UnsupportedKind",
+    "assemble",
+    "convert",
+    "convert_endpoint_slice",
+    "convert_service",
+    "convert_service_export",
+    "format_timestamp",
+    "is_known",
+    "merge_endpoints",
+    "object_ref",
+    "parse_timestamp",
+    "service_export_object",
+    "type_of",
+]

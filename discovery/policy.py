@@ -1,7 +1,8 @@
 """The supported subset of Istio's traffic API (VirtualService, DestinationRule) as a pure model, and its converters.
 
-Objects come in as the dicts Kubernetes (or a manifest file) gives; the converters registered here turn them into
-frozen dataclasses or raise :class:`discovery.convert.ConversionError` naming the field path. Every field outside
+Objects come in as the dicts Kubernetes (or a manifest file) gives; the converters here (listed in
+``discovery.convert.CONVERTERS``) turn them into frozen dataclasses or raise
+:class:`discovery.fields.ConversionError` naming the field path. Every field outside
 the supported subset is an error (``spec.http[0].mirror: is not supported by meshfed``), never silently dropped:
 the manifest source then rejects the whole file and keeps its last good version in force. The subset, field by
 field, is in ``docs/istio-api.md``.
@@ -9,7 +10,7 @@ field, is in ``docs/istio-api.md``.
 Policies are per cluster: each control plane reads its own cluster's objects and applies them to its own proxies
 (like Istio multi-primary). :class:`TrafficPolicies` indexes one cluster's objects by the service they govern.
 
-Exception tree: this module raises only ``ConversionError`` (see ``discovery.convert``)::
+Exception tree: this module raises only ``ConversionError`` (see ``discovery.fields``)::
 
     DiscoveryError
      +-- ConversionError     a field outside the subset, or a value that breaks its rules; ``.field`` is the path
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from discovery.convert import ConversionError, _list, _mapping, _str, register
+from discovery.fields import ConversionError, as_list, as_mapping, as_str
 from discovery.model import ClusterId, DiscoveryError, Namespace, ServiceKey, namespace, service_name
 
 NETWORKING_GROUP = "networking.istio.io"
@@ -261,7 +262,7 @@ def _unsupported(path: str) -> ConversionError:
 
 def _obj(value: Any, path: str, allowed: Iterable[str], *, required: bool = False) -> Mapping[str, Any]:
     """A mapping (``_mapping``) whose keys are all in ``allowed``; any other is reported as unsupported."""
-    obj = _mapping(value, path, required=required)
+    obj = as_mapping(value, path, required=required)
     ok = set(allowed)
     for key in obj:
         if key not in ok:
@@ -326,8 +327,8 @@ def _meta(obj: Mapping[str, Any]) -> tuple[Namespace, str, Mapping[str, Any]]:
     meta = obj.get("metadata")
     if not isinstance(meta, Mapping):
         raise ConversionError("metadata", "required")
-    name = _str(meta.get("name"), "metadata.name", required=True)
-    ns_text = _str(meta.get("namespace"), "metadata.namespace") or "default"
+    name = as_str(meta.get("name"), "metadata.name", required=True)
+    ns_text = as_str(meta.get("namespace"), "metadata.namespace") or "default"
     try:
         ns = namespace(ns_text)
     except DiscoveryError as exc:
@@ -344,7 +345,7 @@ _HOST_SUFFIXES = (".svc.clusterset.local", ".svc.cluster.local", ".svc")
 def service_host(text: Any, ns: Namespace, path: str) -> ServiceKey:
     """A service host as Istio users write it: ``reviews`` (in ``ns``), ``reviews.default``,
     ``reviews.default.svc``, ``reviews.default.svc.cluster.local`` or ``reviews.default.svc.clusterset.local``."""
-    host = _str(text, path, required=True)
+    host = as_str(text, path, required=True)
     if "*" in host:
         raise ConversionError(path, f"wildcard host {host!r} is not supported: name one service")
     base = host
@@ -363,7 +364,7 @@ def service_host(text: Any, ns: Namespace, path: str) -> ServiceKey:
 
 
 def _export_to(value: Any, path: str) -> None:
-    items = _list(value, path)
+    items = as_list(value, path)
     if any(item != "*" for item in items):
         raise ConversionError(path, "only ['*'] is supported: policies apply to every namespace of their cluster")
 
@@ -378,18 +379,18 @@ def _locality_lb(raw: Any, path: str) -> LocalityLb:
     if not isinstance(enabled, bool):
         raise ConversionError(f"{path}.enabled", f"must be true or false, got {enabled!r}")
     failover = []
-    for i, item in enumerate(_list(spec.get("failover"), f"{path}.failover")):
+    for i, item in enumerate(as_list(spec.get("failover"), f"{path}.failover")):
         p = f"{path}.failover[{i}]"
         f = _obj(item, p, ("from", "to"), required=True)
-        src, dst = _str(f.get("from"), f"{p}.from", required=True), _str(f.get("to"), f"{p}.to", required=True)
+        src, dst = as_str(f.get("from"), f"{p}.from", required=True), as_str(f.get("to"), f"{p}.to", required=True)
         if "/" in src or "/" in dst:
             raise ConversionError(p, "failover names regions only (no zone/sub-zone paths)")
         if src == dst:
             raise ConversionError(f"{p}.to", f"must differ from 'from' ({src!r})")
         failover.append(Failover(from_region=src, to_region=dst))
     priority = []
-    for i, item in enumerate(_list(spec.get("failoverPriority"), f"{path}.failoverPriority")):
-        label = _str(item, f"{path}.failoverPriority[{i}]", required=True)
+    for i, item in enumerate(as_list(spec.get("failoverPriority"), f"{path}.failoverPriority")):
+        label = as_str(item, f"{path}.failoverPriority[{i}]", required=True)
         if "=" in label:
             raise ConversionError(f"{path}.failoverPriority[{i}]", "label=value overrides are not supported")
         if label not in TOPOLOGY_LABELS:
@@ -406,7 +407,7 @@ def _load_balancer(raw: Any, path: str) -> LoadBalancer:
     spec = _obj(raw, path, ("simple", "localityLbSetting"))
     simple = None
     if spec.get("simple") is not None:
-        text = _str(spec.get("simple"), f"{path}.simple")
+        text = as_str(spec.get("simple"), f"{path}.simple")
         if text == "LEAST_CONN":  # Istio's deprecated spelling
             text = "LEAST_REQUEST"
         try:
@@ -447,7 +448,7 @@ def _connection_pool(raw: Any, path: str) -> ConnectionPool:
 
 def _tls(raw: Any, path: str) -> None:
     spec = _obj(raw, path, ("mode",))
-    mode = _str(spec.get("mode"), f"{path}.mode")
+    mode = as_str(spec.get("mode"), f"{path}.mode")
     if mode not in ("", "ISTIO_MUTUAL"):
         raise ConversionError(f"{path}.mode", f"{mode!r} is not supported: meshfed always uses mutual TLS with "
                                               "mesh certificates (ISTIO_MUTUAL)")
@@ -476,10 +477,10 @@ def convert_destination_rule(obj: Mapping[str, Any], cluster: ClusterId) -> Dest
     host = service_host(spec.get("host"), ns, "spec.host")
     policy = _traffic_policy(spec.get("trafficPolicy"), "spec.trafficPolicy")
     subsets: list[Subset] = []
-    for i, raw in enumerate(_list(spec.get("subsets"), "spec.subsets")):
+    for i, raw in enumerate(as_list(spec.get("subsets"), "spec.subsets")):
         path = f"spec.subsets[{i}]"
         item = _obj(raw, path, ("name", "labels", "trafficPolicy"), required=True)
-        sname = _str(item.get("name"), f"{path}.name", required=True)
+        sname = as_str(item.get("name"), f"{path}.name", required=True)
         if not _SUBSET_NAME.match(sname) or len(sname) > 63:
             raise ConversionError(f"{path}.name", f"{sname!r} is not an RFC 1123 label (it becomes part of an "
                                                   "Envoy cluster name)")
@@ -512,7 +513,7 @@ def _string_match(raw: Any, path: str, kinds: tuple[MatchKind, ...]) -> StringMa
     if len(given) != 1:
         raise ConversionError(path, f"needs exactly one of {', '.join(k.value for k in kinds)}")
     kind, value = given[0]
-    text = _str(value, f"{path}.{kind.value}")
+    text = as_str(value, f"{path}.{kind.value}")
     if kind is MatchKind.REGEX:
         try:
             re.compile(text)
@@ -547,14 +548,14 @@ def _destination(raw: Any, path: str, ns: Namespace) -> Destination:
     if spec.get("port") is not None:
         port_spec = _obj(spec["port"], f"{path}.port", ("number",))
         port = _int(port_spec.get("number"), f"{path}.port.number", minimum=1, maximum=65535)
-    subset = _str(spec.get("subset"), f"{path}.subset")
+    subset = as_str(spec.get("subset"), f"{path}.subset")
     return Destination(host=service_host(spec.get("host"), ns, f"{path}.host"), subset=subset, port=port)
 
 
 def _retries(raw: Any, path: str) -> Retries:
     spec = _obj(raw, path, ("attempts", "perTryTimeout", "retryOn"), required=True)
     attempts = _int(spec.get("attempts"), f"{path}.attempts")
-    retry_on = _str(spec.get("retryOn"), f"{path}.retryOn")
+    retry_on = as_str(spec.get("retryOn"), f"{path}.retryOn")
     for i, cond in enumerate(c.strip() for c in retry_on.split(",") if c.strip()):
         if not re.fullmatch(r"[a-z0-9-]+|\d{3}", cond):
             raise ConversionError(f"{path}.retryOn", f"condition {i} ({cond!r}) is not an Envoy retry condition "
@@ -566,9 +567,9 @@ def _retries(raw: Any, path: str) -> Retries:
 
 def _http_route(raw: Any, path: str, ns: Namespace) -> HttpRoute:
     spec = _obj(raw, path, ("name", "match", "route", "retries", "timeout"), required=True)
-    matches = tuple(_http_match(m, f"{path}.match[{i}]") for i, m in enumerate(_list(spec.get("match"),
+    matches = tuple(_http_match(m, f"{path}.match[{i}]") for i, m in enumerate(as_list(spec.get("match"),
                                                                                         f"{path}.match")))
-    raw_route = _list(spec.get("route"), f"{path}.route")
+    raw_route = as_list(spec.get("route"), f"{path}.route")
     if not raw_route:
         raise ConversionError(f"{path}.route", "required: at least one destination")
     route = []
@@ -586,7 +587,7 @@ def _http_route(raw: Any, path: str, ns: Namespace) -> HttpRoute:
     timeout = parse_duration(spec.get("timeout"), f"{path}.timeout")
     if timeout is not None and timeout < 0:
         raise ConversionError(f"{path}.timeout", "must not be negative")
-    return HttpRoute(name=_str(spec.get("name"), f"{path}.name"), matches=matches, route=tuple(route),
+    return HttpRoute(name=as_str(spec.get("name"), f"{path}.name"), matches=matches, route=tuple(route),
                      retries=retries, timeout_s=timeout)
 
 
@@ -594,10 +595,10 @@ def convert_virtual_service(obj: Mapping[str, Any], cluster: ClusterId) -> Virtu
     ns, name, _annotations = _meta(obj)
     spec = _obj(obj.get("spec"), "spec", ("hosts", "gateways", "http", "exportTo"), required=True)
     _export_to(spec.get("exportTo"), "spec.exportTo")
-    gateways = _list(spec.get("gateways"), "spec.gateways")
+    gateways = as_list(spec.get("gateways"), "spec.gateways")
     if any(g != "mesh" for g in gateways):
         raise ConversionError("spec.gateways", "only 'mesh' (the sidecars) is supported; ingress gateways are not")
-    raw_hosts = _list(spec.get("hosts"), "spec.hosts")
+    raw_hosts = as_list(spec.get("hosts"), "spec.hosts")
     if not raw_hosts:
         raise ConversionError("spec.hosts", "required: at least one service host")
     hosts: list[ServiceKey] = []
@@ -606,13 +607,8 @@ def convert_virtual_service(obj: Mapping[str, Any], cluster: ClusterId) -> Virtu
         if key in hosts:
             raise ConversionError(f"spec.hosts[{i}]", f"{h!r} names {key} again")
         hosts.append(key)
-    raw_http = _list(spec.get("http"), "spec.http")
+    raw_http = as_list(spec.get("http"), "spec.http")
     if not raw_http:
         raise ConversionError("spec.http", "required: at least one HTTP route (tcp and tls routes are not supported)")
     http = tuple(_http_route(r, f"spec.http[{i}]", ns) for i, r in enumerate(raw_http))
     return VirtualService(cluster=cluster, namespace=ns, name=name, hosts=tuple(hosts), http=http)
-
-
-for _version in NETWORKING_VERSIONS:
-    register(f"{NETWORKING_GROUP}/{_version}", "DestinationRule")(convert_destination_rule)
-    register(f"{NETWORKING_GROUP}/{_version}", "VirtualService")(convert_virtual_service)

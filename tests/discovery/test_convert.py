@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -239,14 +240,21 @@ def test_unknown_and_malformed_objects() -> None:
     assert cv.is_known(service())
 
 
-def test_registering_a_kind_is_one_line() -> None:
+def test_adding_a_kind_is_one_entry_in_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
     marker = ("example.meshfed.io/v1", "Thing")
-    try:
-        cv.register(*marker)(lambda obj, cluster: ("thing", cluster, obj["metadata"]["name"]))
-        got = cv.convert({"apiVersion": marker[0], "kind": marker[1], "metadata": {"name": "t"}}, cluster=EAST)
-        assert got == ("thing", "east", "t")
-    finally:
-        cv.CONVERTERS.pop(marker, None)
+    monkeypatch.setattr(cv, "CONVERTERS", MappingProxyType(
+        {**cv.CONVERTERS, marker: lambda obj, cluster: ("thing", cluster, obj["metadata"]["name"])}))
+    got = cv.convert({"apiVersion": marker[0], "kind": marker[1], "metadata": {"name": "t"}}, cluster=EAST)
+    assert got == ("thing", "east", "t")
+
+
+def test_the_table_lists_every_kind_meshfed_converts() -> None:
+    """One explicit table (no registration on import): the core kinds, Istio's traffic kinds, AuthorizationPolicy."""
+    kinds = {kind for _, kind in cv.CONVERTERS}
+    assert kinds == {"Service", "EndpointSlice", "ServiceExport", "DestinationRule", "VirtualService",
+                     "AuthorizationPolicy"}
+    assert ("security.istio.io/v1beta1", "AuthorizationPolicy") in cv.CONVERTERS
+    assert ("networking.istio.io/v1alpha3", "VirtualService") in cv.CONVERTERS
 
 
 def test_conversion_does_not_mutate_input() -> None:

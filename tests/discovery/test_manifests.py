@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import kubernetes_validate
@@ -167,15 +168,13 @@ def test_unknown_kinds_are_skipped_with_a_warning(demo: Path) -> None:
     assert ServiceKey.parse("extra.default") in res.snapshot.services
 
 
-def test_registered_extra_kinds_land_in_extras(demo: Path) -> None:
+def test_extra_kinds_in_the_table_land_in_extras(demo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     marker = ("example.meshfed.io/v1", "Thing")
-    try:
-        cv.register(*marker)(lambda obj, cluster: ("thing", obj["metadata"]["name"]))
-        bump(demo / "east" / "thing.yaml", f"apiVersion: {marker[0]}\nkind: {marker[1]}\nmetadata: {{name: t1}}\n")
-        res = ManifestSource(demo / "east", "east").load()
-        assert ("thing", "t1") in res.snapshot.extras  # beside the demo's own policies
-    finally:
-        cv.CONVERTERS.pop(marker, None)
+    monkeypatch.setattr(cv, "CONVERTERS", MappingProxyType(
+        {**cv.CONVERTERS, marker: lambda obj, cluster: ("thing", obj["metadata"]["name"])}))
+    bump(demo / "east" / "thing.yaml", f"apiVersion: {marker[0]}\nkind: {marker[1]}\nmetadata: {{name: t1}}\n")
+    res = ManifestSource(demo / "east", "east").load()
+    assert ("thing", "t1") in res.snapshot.extras  # beside the demo's own policies
 
 
 def test_v1_list_documents(demo: Path) -> None:

@@ -21,7 +21,7 @@ from discovery.manifests import parse_file
 from discovery.model import ClusterId, DiscoveryError
 from tests.security.fuzzkit import JSON, mutated
 
-assert discovery.authz and discovery.policy  # their converters register on import
+assert discovery.authz and discovery.policy  # their converters are in discovery.convert.CONVERTERS
 
 CLUSTER = ClusterId("east")
 DEMO = Path(__file__).resolve().parents[2] / "clusters" / "demo"
