@@ -198,9 +198,14 @@ def rules_for(config: CaptureConfig, family: Family) -> RuleSet:
     def add(chain: str, spec: str) -> None:
         out.append(Rule(chain, spec))
 
+    version = 4 if family is Family.V4 else 6
+    # The proxy calling its own pod's address (a service whose endpoint is this very pod) goes to its inbound side,
+    # like any caller's connection, instead of reaching the app with the mesh's TLS. Not 127.0.0.1 / ::1: that is
+    # where the inbound side hands connections to the app, so this cannot loop.
+    loopback = "127.0.0.1/32" if version == 4 else "::1/128"
+    add(OUTPUT_CHAIN, f"! -d {loopback} -o lo -m owner --uid-owner {config.proxy_uid} -j {INBOUND_CHAIN}")
     add(OUTPUT_CHAIN, f"-m owner --uid-owner {config.proxy_uid} -j RETURN")
     add(OUTPUT_CHAIN, "-o lo -j RETURN")
-    version = 4 if family is Family.V4 else 6
     for net in config.exclude_outbound_cidrs:
         if net.version == version:
             add(OUTPUT_CHAIN, f"-d {net.with_prefixlen} -j RETURN")

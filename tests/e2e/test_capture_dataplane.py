@@ -239,6 +239,7 @@ def namespaces() -> Iterator[Bed]:
                 run(["ip", "-n", ns, "link", "set", ifname, "up"])
         # The ClusterSetIP needs a route for connect() to start; the capture rules then redirect it to the sidecar.
         run(["ip", "-n", bed.east, "route", "add", "default", "dev", links[0][1]])
+        run(["ip", "-n", bed.west, "route", "add", "default", "dev", links[1][4]])
         # East's pod is dual-stack: capture installs ip6tables rules too, and its sidecar listens on :: as well.
         for ns, ifname, ip6 in ((bed.east, links[0][1], bed.east_ip6), (bed.gateway, links[0][4], bed.gateway_ip6)):
             run(["ip", "-n", ns, "addr", "add", f"{ip6}/64", "dev", ifname, "nodad"])
@@ -383,6 +384,8 @@ spec:
   - from: [{{source: {{principals: [{TD}/ns/default/sa/sleep]}}}}]
     to: [{{operation: {{ports: [5434]}}}}]
     when: [{{key: source.cluster, values: [west]}}]
+  - from: [{{source: {{principals: [{TD}/ns/default/sa/echo]}}}}]
+    to: [{{operation: {{ports: [5432]}}}}]
 """
 
 
@@ -460,6 +463,10 @@ async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) ->
     assert denied.startswith(("closed after 0 bytes", "error")), denied
     stats = await west_admin.stats(filter=r"rbac\.")
     assert any(k.endswith("meshfed_allow.rbac.denied") and v >= 1 for k, v in stats.items()), stats
+
+    # West's pod calling its own service: the only endpoint is the pod itself, so its sidecar dials its own address,
+    # which capture sends to the sidecar's inbound side (mTLS terminated there), not to the app.
+    assert await client(bed.west, "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
 
     # Unknown destinations: ALLOW_ANY passes them through (the gateway namespace's port 7777 is in no registry) ...
     assert await client(bed.east, "read", bed.gateway_ip, "7777") == "direct"

@@ -32,6 +32,7 @@ from meshfed.cli import cli
 DEFAULT_V4 = [
     "-A PREROUTING -p tcp -j MESHFED_INBOUND",
     "-A OUTPUT -p tcp -j MESHFED_OUTPUT",
+    "-A MESHFED_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 1337 -j MESHFED_INBOUND",
     "-A MESHFED_OUTPUT -m owner --uid-owner 1337 -j RETURN",
     "-A MESHFED_OUTPUT -o lo -j RETURN",
     "-A MESHFED_OUTPUT -j MESHFED_REDIRECT",
@@ -46,8 +47,9 @@ def test_default_rules_exact() -> None:
     wanted = rules_for(CaptureConfig(), Family.V4)
     assert wanted.lines() == DEFAULT_V4
     assert wanted.chains == ("MESHFED_INBOUND", "MESHFED_IN_REDIRECT", "MESHFED_OUTPUT", "MESHFED_REDIRECT")
-    # the same rules for IPv6 when nothing family-specific is asked
-    assert rules_for(CaptureConfig(), Family.V6).lines() == DEFAULT_V4
+    # the same rules for IPv6 when nothing family-specific is asked, but for the loopback address
+    assert rules_for(CaptureConfig(), Family.V6).lines() == [
+        line.replace("127.0.0.1/32", "::1/128") for line in DEFAULT_V4]
 
 
 def test_exclusions_and_ports_exact() -> None:
@@ -63,6 +65,7 @@ def test_exclusions_and_ports_exact() -> None:
     assert v4 == [
         "-A PREROUTING -p tcp -j MESHFED_INBOUND",
         "-A OUTPUT -p tcp -j MESHFED_OUTPUT",
+        "-A MESHFED_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 2000 -j MESHFED_INBOUND",
         "-A MESHFED_OUTPUT -m owner --uid-owner 2000 -j RETURN",
         "-A MESHFED_OUTPUT -o lo -j RETURN",
         "-A MESHFED_OUTPUT -d 10.96.0.0/12 -j RETURN",
