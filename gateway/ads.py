@@ -84,6 +84,7 @@ class XdsStats:
     streams_opened: int = 0
     streams_refused: int = 0
     secrets_withheld: int = 0  # certificates not sent because they were not the stream's identity's
+    wakeups_skipped: int = 0  # snapshot changes a stream was not woken for (nothing it holds or asked for changed)
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -241,7 +242,7 @@ class _Stream(Generic[_TypeState]):
             if self.identity is not None:
                 check_node(self.identity, self.node_id, _node_metadata(first.node))
             # gateway.cache.NodeConflict when the node is already connected as another identity or configuration
-            wake = self.cache.watch(self.node_id, self.identity, _node_metadata(first.node))
+            wake = self.cache.watch(self.node_id, self.identity, _node_metadata(first.node), interest=self.interested)
         except NodeMismatch as exc:
             server.stats.streams_refused += 1
             log.warning("refused xds stream node=%s reason=%r", self.node_id, str(exc))
@@ -313,6 +314,12 @@ class _Stream(Generic[_TypeState]):
 
     def _handle(self, request: Any, type_url: str, st: _TypeState) -> None:
         raise NotImplementedError
+
+    def interested(self, old: Snapshot, new: Snapshot) -> bool:
+        """(Called by the cache when the node's snapshot changes.) Whether this stream must wake: True unless every
+        subscribed type is unchanged for it, in which case it takes the new version as current at once, as its
+        own pass would have (so its status stays synced without a wake-up)."""
+        return True
 
     def plain_ack(self, request: Any) -> bool:
         """Handle ``request`` at once if it only acknowledges a response (nothing to push follows from it), saving
@@ -420,6 +427,33 @@ class _SotwStream(_Stream[_SotwType]):
             st.sent_key = None
         st.subscribed, st.wildcard, st.names = True, wildcard, names
 
+    def interested(self, old: Snapshot, new: Snapshot) -> bool:
+        quiet: list[tuple[str, _SotwType, str, Any]] = []
+        for type_url, st in self.types.items():
+            if not st.subscribed:
+                continue
+            version = new.version(type_url)
+            if st.wildcard:
+                if st.sent_key != (True, version):
+                    return True
+                continue
+            entries = new.entries(type_url)
+            seen = st.seen
+            if st.dirty or seen is None or st.sent_key is None:
+                return True
+            if seen is not entries:
+                for name in touched(entries, seen).intersection(st.names):
+                    before, after = seen.get(name), entries.get(name)
+                    if (before.version if before is not None else None) != (
+                            after.version if after is not None else None):
+                        return True
+            quiet.append((type_url, st, version, entries))
+        for type_url, st, version, entries in quiet:  # as _push_type does when nothing asked for changed
+            st.seen = entries
+            self._current_at(type_url, st, version)
+        self.server.stats.wakeups_skipped += 1
+        return False
+
     def _current_at(self, type_url: str, st: _SotwType, version: str) -> None:
         """Nothing the proxy asked for changed: if it ACKed what it has, it is current at this type version."""
         if st.acked and st.sent_key is not None and version != st.sent_version:
@@ -480,6 +514,32 @@ class _DeltaStream(_Stream[_DeltaType]):
 
     def _new_type(self) -> _DeltaType:
         return _DeltaType()
+
+    def interested(self, old: Snapshot, new: Snapshot) -> bool:
+        quiet: list[tuple[str, _DeltaType, str, Any]] = []
+        for type_url, st in self.types.items():
+            if not st.subscribed:
+                continue
+            version = new.version(type_url)
+            if not st.dirty and st.checked_version == version:
+                continue
+            if st.dirty or st.wildcard or st.seen is None or not st.responded:
+                return True
+            entries = new.entries(type_url)
+            known = st.known
+            for name in touched(entries, st.seen):
+                if name in st.names or name in known:
+                    entry = entries.get(name)
+                    if (entry.version if entry is not None else None) != known.get(name):
+                        return True  # a resource it asked for appeared, changed or went away
+            quiet.append((type_url, st, version, entries))
+        for type_url, st, version, entries in quiet:  # nothing it holds or asked for changed: as _push_type does
+            st.seen, st.checked_version = entries, version
+            if not st.nonces and st.last_ok:
+                self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.last_nonce)
+                self.cache.record_ack(self.node_id, type_url, version=version, nonce=st.last_nonce)
+        self.server.stats.wakeups_skipped += 1
+        return False
 
     def plain_ack(self, request: Any) -> bool:
         st = self.types.get(request.type_url)

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshfed.xds.cache")
 
+#: ``interest(old, new)``: whether a stream must wake for a node's snapshot going from ``old`` to ``new``.
+Interest = Callable[[Snapshot, Snapshot], bool]
+
 
 class NodeConflict(NodeMismatch):
     """A stream for a node that is already connected as another identity or with other node metadata."""
@@ -69,7 +72,7 @@ class _TypeStatus:
 @dataclass
 class _Node:
     snapshot: Snapshot | None = None
-    wakers: set[asyncio.Event] = field(default_factory=set)
+    wakers: dict[asyncio.Event, Interest | None] = field(default_factory=dict)
     types: dict[str, _TypeStatus] = field(default_factory=dict)
     identity: ProxyIdentity | None = None
     metadata: dict[str, Any] | None = None
@@ -90,8 +93,11 @@ class SnapshotCache:
         node.snapshot = snapshot
         if old is not None and old.versions() == snapshot.versions():
             return False
-        for waker in node.wakers:
-            waker.set()
+        for waker, interest in node.wakers.items():
+            # A stream that says nothing it holds or asked for changed is not woken (a Sidecar-scoped proxy among
+            # thousands, for a change of one service it does not watch); it records itself current instead.
+            if not waker.is_set() and (interest is None or old is None or interest(old, snapshot)):
+                waker.set()
         return True
 
     def get(self, node_id: str) -> Snapshot | None:
@@ -114,8 +120,9 @@ class SnapshotCache:
 
     # -- streams (used by the ADS server) ------------------------------------------------------------------------
     def watch(self, node_id: str, identity: ProxyIdentity | None = None,
-              metadata: Mapping[str, Any] | None = None) -> asyncio.Event:
-        """Register an open stream of ``node_id``; the event is set whenever that node's snapshot changes.
+              metadata: Mapping[str, Any] | None = None, *, interest: Interest | None = None) -> asyncio.Event:
+        """Register an open stream of ``node_id``; the event is set whenever that node's snapshot changes (and, with
+        ``interest``, only if ``interest(old, new)`` says the change concerns the stream).
         ``metadata`` is the node metadata of the stream's first request (what the generators need to know).
 
         The first open stream of a node fixes who the node is: while it is open, another stream for the same node
@@ -144,7 +151,7 @@ class SnapshotCache:
             if meta is not None:
                 node.metadata = meta
         waker = asyncio.Event()
-        node.wakers.add(waker)
+        node.wakers[waker] = interest
         if len(node.wakers) == 1:
             for listener in self._listeners:
                 listener(node_id)
@@ -153,7 +160,7 @@ class SnapshotCache:
     def unwatch(self, node_id: str, waker: asyncio.Event) -> None:
         node = self._nodes.get(node_id)
         if node is not None:
-            node.wakers.discard(waker)
+            node.wakers.pop(waker, None)
 
     def on_connect(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(node_id)`` when a node opens its first stream (so its snapshot can be generated)."""

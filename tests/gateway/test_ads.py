@@ -418,3 +418,41 @@ async def test_a_big_delta_change_goes_out_in_several_responses_each_acked(env, 
     st = cache.status_of(NODE_A, CLUSTER)
     assert st is not None and st.state == SyncState.SYNCED
     await client.close()
+
+
+async def test_a_change_a_stream_does_not_watch_wakes_it_not_and_leaves_it_synced(env, auth) -> None:
+    """Sidecar-scoped proxies: a change of a resource a stream neither holds nor asked for does not wake it (no
+    response, no pass over its types), and its status moves to the new version as synced; a change it watches does
+    reach it."""
+    cache, srv, channel = env
+    s1 = snapshot({"a": (1,), "b": (2,)})
+    cache.set_snapshot(NODE_A, s1)
+    cache.set_snapshot(NODE_B, s1)
+    delta = DeltaClient(channel, NODE_A, auth.issue(SHOP))
+    sotw = SotwClient(channel, NODE_B, auth.issue(SHOP))
+    await delta.request(ENDPOINT, subscribe=["a"])
+    await sotw.request(ENDPOINT, ["a"])
+    d1, o1 = await delta.recv(), await sotw.recv()
+    assert names_of(d1) == ["a"] and names_of(o1) == ["a"]
+    await delta.ack(d1)
+    await sotw.ack(o1, ["a"])  # a SotW ACK repeats the names it wants
+    for _ in range(200):  # bounded: until the server has both ACKs
+        states = [cache.status_of(n, ENDPOINT) for n in (NODE_A, NODE_B)]
+        if all(s is not None and s.state == SyncState.SYNCED for s in states):
+            break
+        await asyncio.sleep(0.01)
+    skipped = srv.stats.wakeups_skipped
+    s2 = snapshot({"a": (1,), "b": (2, 22)})  # only b changed
+    assert cache.set_snapshot(NODE_A, s2) and cache.set_snapshot(NODE_B, s2)
+    assert srv.stats.wakeups_skipped == skipped + 2
+    for n in (NODE_A, NODE_B):
+        st = cache.status_of(n, ENDPOINT)
+        assert st is not None and st.state == SyncState.SYNCED and st.acked_version == s2.version(ENDPOINT)
+    s3 = snapshot({"a": (1, 11), "b": (2, 22)})  # a changed: both streams get it, and only it
+    cache.set_snapshot(NODE_A, s3)
+    cache.set_snapshot(NODE_B, s3)
+    d3, o3 = await delta.recv(), await sotw.recv()
+    assert names_of(d3) == ["a"] and names_of(o3) == ["a"] and o3.version_info == s3.version(ENDPOINT)
+    assert srv.stats.wakeups_skipped == skipped + 2
+    await delta.close()
+    await sotw.close()
