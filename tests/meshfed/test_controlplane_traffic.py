@@ -48,6 +48,14 @@ spec:
 """
 
 
+def east_config(demo: Path, east_ca: Path, tmp_path: Path) -> ControlPlaneConfig:
+    """East's control plane on the demo copy, unfederated, every port free, manifests polled every 100 ms."""
+    return ControlPlaneConfig(
+        clusterset=load_clusterset(demo), cluster=EAST, ca_dir=east_ca, federation_urls=(),
+        xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
+        gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tmp_path / "tokens.json", manifest_poll_s=0.1)
+
+
 async def _until(check: Callable[[], bool], *, within: float = 20.0) -> None:
     """Poll ``check`` every 100 ms, at most ``within`` seconds (the control plane polls manifests every 100 ms)."""
     deadline = time.monotonic() + within
@@ -60,10 +68,7 @@ async def _until(check: Callable[[], bool], *, within: float = 20.0) -> None:
 
 async def test_control_plane_applies_its_own_policies_and_reports_bad_ones(demo: Path, east_ca: Path,
                                                                            tmp_path: Path) -> None:
-    config = ControlPlaneConfig(
-        clusterset=load_clusterset(demo), cluster=EAST, ca_dir=east_ca, federation_urls=(),
-        xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
-        gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tmp_path / "tokens.json", manifest_poll_s=0.1)
+    config = east_config(demo, east_ca, tmp_path)
     async with ControlPlane(config) as cp:
         policies = cp.push_context().policies
         rule, route = policies.destination_rule(REVIEWS), policies.virtual_service(REVIEWS)
@@ -115,10 +120,7 @@ async def test_http_only_policy_fields_on_a_tcp_port_are_reported_and_the_outbou
     node = make_node_id(kind="sidecar", ip="127.0.0.1", pod="sleep-0", namespace="default")
     write_private(tmp_path / "tokens.json", json.dumps(
         {token: {"namespace": "default", "service_account": "sleep", "cluster": "east", "node_id": node}}))
-    config = ControlPlaneConfig(
-        clusterset=load_clusterset(demo), cluster=EAST, ca_dir=east_ca, federation_urls=(),
-        xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
-        gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tmp_path / "tokens.json", manifest_poll_s=0.1)
+    config = east_config(demo, east_ca, tmp_path)
     meta = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, node_id=node, namespace=REVIEWS.namespace,
                      service_account="sleep", capture=CaptureMode.REDIRECT).metadata()
     async with ControlPlane(config) as cp:
