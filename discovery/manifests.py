@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,67 +42,13 @@ from discovery.model import (
     Registry,
     Service,
     ServiceExport,
-    ServiceKey,
     cluster_id,
 )
+from discovery.source import ERROR, WARNING, ClusterSnapshot, LoadResult, ManifestProblem
 
 log = logging.getLogger("meshfed.discovery.manifests")
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
-ERROR = "error"
-WARNING = "warning"
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestProblem:
-    """Something wrong in a manifest file. ``document`` is 1-based (0: the file as a whole)."""
-
-    file: str
-    document: int
-    field: str
-    message: str
-    severity: str = ERROR
-
-    def __str__(self) -> str:
-        where = self.file
-        if self.document:
-            where += f": document {self.document}"
-        if self.field:
-            where += f": {self.field}"
-        return f"{where}: {self.message}"
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterSnapshot:
-    """What one cluster's manifests hold right now, as model values. Replaced whole; ``version`` is opaque and
-    changes exactly when the accepted content changes."""
-
-    cluster: ClusterId
-    services: Mapping[ServiceKey, Service] = field(default_factory=dict)
-    exports: Mapping[ServiceKey, ServiceExport] = field(default_factory=dict)
-    unsupported: Mapping[ServiceKey, str] = field(default_factory=dict)
-    """Services that exist but cannot be exported (ExternalName), with why."""
-    extras: tuple[Any, ...] = ()
-    """Converted objects of other registered kinds (policies, routes), in file and document order."""
-    version: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class LoadResult:
-    """The snapshot in force after a load, and the problems found (errors keep the last good file in force)."""
-
-    snapshot: ClusterSnapshot
-    problems: tuple[ManifestProblem, ...] = ()
-
-    @property
-    def errors(self) -> tuple[ManifestProblem, ...]:
-        return tuple(p for p in self.problems if p.severity == ERROR)
-
-    @property
-    def warnings(self) -> tuple[ManifestProblem, ...]:
-        return tuple(p for p in self.problems if p.severity == WARNING)
-
-
 @dataclass(frozen=True, slots=True)
 class _FileResult:
     digest: str

@@ -24,8 +24,9 @@ from discovery.addresses import InvalidAddress, parse_hostport
 from discovery.clusterset import ClusterSet, ClusterSetError, clusterset_file, load_clusterset
 from discovery.dns.server import DnsServer, run
 from discovery.dns.table import DnsError, DnsTable, build_table
-from discovery.manifests import ClusterSetState, ManifestProblem, ManifestSource, derive_clusterset
+from discovery.manifests import ClusterSetState, ManifestSource, derive_clusterset
 from discovery.model import ClusterId, DiscoveryError, Registry
+from discovery.source import ManifestProblem
 from meshfed.output import fail
 
 log = logging.getLogger("meshfed.dns.standalone")

@@ -33,8 +33,9 @@ from typing import Any
 
 from discovery.addresses import parse_hostport
 from discovery.clusterset import ClusterSet, load_clusterset
-from discovery.manifests import ClusterSnapshot, load_clusterset_manifests
+from discovery.manifests import load_clusterset_manifests
 from discovery.model import ClusterId, ServiceKey
+from discovery.source import ClusterSnapshot
 from federation.files import write_atomic
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from federation.trust.store import init_root, issue_intermediate, load_bundle, load_cluster_ca

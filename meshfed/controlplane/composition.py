@@ -17,11 +17,11 @@ from typing import Any, Self
 
 from discovery.authz import AuthorizationPolicy
 from discovery.dns.server import DnsServer
-from discovery.kube import Source
-from discovery.manifests import ClusterSnapshot, LoadResult, ManifestSource
+from discovery.manifests import ManifestSource
 from discovery.mcs import derive_local
 from discovery.model import ClusterInfo, Registry
 from discovery.policy import TrafficPolicies
+from discovery.source import ClusterSnapshot, ClusterSource, LoadResult
 from federation.agent import AgentConfig, FederationAgent
 from federation.catalog import Catalog, with_export_conditions
 from federation.client import FederationClient
@@ -222,13 +222,13 @@ class ControlPlane:
         self.agent.publish(self.registry.services(self.config.cluster),
                            self.registry.exports.get(self.config.cluster, {}).values())
 
-    async def _open_source(self, stack: AsyncExitStack) -> Source:
+    async def _open_source(self, stack: AsyncExitStack) -> ClusterSource:
         source, auth = await open_source(self.config, self.manifests, stack)
         if auth is not None:
             self.auth = auth
         return source
 
-    async def _watch_local(self, source: Source) -> None:
+    async def _watch_local(self, source: ClusterSource) -> None:
         """Follow the cluster's own objects: each accepted change replaces the local shard and is published."""
         last = ""
         runtime_mtime = -1.0

@@ -9,8 +9,9 @@ import ssl
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from discovery.kube import KubeSource, Source, load_api_client
+from discovery.kube import KubeSource, load_api_client
 from discovery.manifests import ManifestSource
+from discovery.source import ClusterSource
 from gateway.auth import Authenticator, TokenReviewAuthenticator
 from meshfed.controlplane.config import ControlPlaneConfig
 
@@ -18,7 +19,7 @@ SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/toke
 
 
 async def open_source(config: ControlPlaneConfig, manifests: ManifestSource,
-                      stack: AsyncExitStack) -> tuple[Source, Authenticator | None]:
+                      stack: AsyncExitStack) -> tuple[ClusterSource, Authenticator | None]:
     """The source ``config`` names (``manifests`` is returned as it is; a Kubernetes source is entered on
     ``stack``), and the TokenReview authenticator when ``config.xds_auth`` asks for one (else None)."""
     cfg = config

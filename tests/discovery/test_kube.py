@@ -21,8 +21,8 @@ from discovery.kube import (
     get_service_export_sync,
     load_api_client,
 )
-from discovery.manifests import LoadResult
 from discovery.model import ServiceKey, namespace, service_name
+from discovery.source import LoadResult
 from tests.support.kubeapi import KubeApiDouble
 
 MCS = "multicluster.x-k8s.io/v1alpha1"
@@ -362,7 +362,7 @@ async def test_incremental_snapshots_equal_a_full_assembly() -> None:
     import random
 
     from discovery import convert
-    from discovery.kube import _Converted, _Delete, _Replace, _Upsert
+    from discovery.kube.reflector import _Converted, _Delete, _Replace, _Upsert
 
     rng = random.Random(1645)
     src = KubeSource(api=None, cluster="east")

@@ -9,10 +9,12 @@ from typing import Any
 
 from discovery import convert
 from discovery.authz import Action, AuthorizationPolicy
-from discovery.kube import KubeSource, _Converted, _Delete, _Replace, _Upsert
-from discovery.manifests import LoadResult, parse_file
+from discovery.kube import KubeSource
+from discovery.kube.reflector import _Converted, _Delete, _Replace, _Upsert
+from discovery.manifests import parse_file
 from discovery.model import cluster_id
 from discovery.policy import DestinationRule, TrafficPolicies, VirtualService
+from discovery.source import LoadResult
 from tests.discovery.test_kube import WAIT, endpoint_slice, key, service, until
 from tests.support.kubeapi import KubeApiDouble
 

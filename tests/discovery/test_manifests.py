@@ -16,8 +16,9 @@ from kubernetes_validate.utils import SchemaNotFoundError
 
 from discovery import convert as cv
 from discovery.clusterset import ClusterSetError, load_clusterset, parse_clusterset
-from discovery.manifests import ERROR, WARNING, LoadResult, ManifestSource, load_clusterset_manifests
+from discovery.manifests import ManifestSource, load_clusterset_manifests
 from discovery.model import ClusterId, ServiceKey, ServiceType
+from discovery.source import ERROR, WARNING, LoadResult
 
 DEMO = Path(__file__).resolve().parents[2] / "clusters" / "demo"
 REVIEWS = ServiceKey.parse("reviews.default")

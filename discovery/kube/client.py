@@ -1,0 +1,118 @@
+"""The API client and the writes meshfed makes: :func:`load_api_client` (kubeconfig and context, or the pod's
+service account: the one place kubeconfig is loaded) and the ServiceExport create, delete and get that the
+control plane and ``meshfed export --context`` use."""
+
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.config.config_exception import ConfigException
+
+from discovery import convert
+from discovery.kube.errors import KubeAlreadyExists, KubeConfigError, KubeNotFound, api_request
+from discovery.model import ServiceKey
+
+log = logging.getLogger("meshfed.discovery.kube")
+
+MCS_GROUP = convert.MCS_GROUP
+MCS_VERSION = convert.MCS_VERSION
+SERVICE_EXPORTS = "serviceexports"
+
+
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+def load_api_client(
+    *, kubeconfig: Path | str | None = None, context: str | None = None, in_cluster: bool = False
+) -> k8s_client.ApiClient:
+    """An ApiClient for ``context`` in ``kubeconfig`` (the client's defaults, ``$KUBECONFIG`` or
+    ``~/.kube/config``, when None), or, with ``in_cluster``, for the pod's service account. Reads files: call it
+    from a thread inside async code."""
+    if in_cluster:
+        try:
+            configuration = k8s_client.Configuration()
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except (ConfigException, OSError) as exc:
+            raise KubeConfigError(f"in-cluster configuration: {exc}") from exc
+        return k8s_client.ApiClient(configuration)
+    try:
+        api: k8s_client.ApiClient = k8s_config.new_client_from_config(  # type: ignore[no-untyped-call]
+            config_file=str(kubeconfig) if kubeconfig is not None else None, context=context
+        )
+        return api
+    except (ConfigException, OSError, ValueError) as exc:
+        where = str(kubeconfig) if kubeconfig is not None else "the default kubeconfig"
+        ctx = f" context {context!r}" if context else ""
+        raise KubeConfigError(f"{where}{ctx}: {exc}") from exc
+
+
+
+# ------------------------------------------------------------------------------------------------------ exports
+
+
+def _export_body(key: ServiceKey) -> dict[str, Any]:
+    body = convert.service_export_object(key, datetime.now(UTC))
+    body["metadata"].pop("creationTimestamp", None)  # the API server sets it
+    return body
+
+
+def create_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, exist_ok: bool = False) -> bool:
+    """Create the ServiceExport for ``key``; False when it existed already and ``exist_ok``."""
+    custom = k8s_client.CustomObjectsApi(api)
+    request = f"create ServiceExport {key.namespace}/{key.name}"
+    try:
+        api_request(request, lambda: custom.create_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
+                                                                         SERVICE_EXPORTS, _export_body(key)))
+    except KubeAlreadyExists:
+        if exist_ok:
+            return False
+        raise
+    log.info("service_export_created namespace=%s name=%s", key.namespace, key.name)
+    return True
+
+
+def delete_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, missing_ok: bool = False) -> bool:
+    """Delete the ServiceExport for ``key``; False when there was none and ``missing_ok``."""
+    custom = k8s_client.CustomObjectsApi(api)
+    request = f"delete ServiceExport {key.namespace}/{key.name}"
+    try:
+        api_request(request, lambda: custom.delete_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
+                                                                         SERVICE_EXPORTS, key.name))
+    except KubeNotFound:
+        if missing_ok:
+            return False
+        raise
+    log.info("service_export_deleted namespace=%s name=%s", key.namespace, key.name)
+    return True
+
+
+def get_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey) -> Mapping[str, Any] | None:
+    """The ServiceExport object for ``key`` as the API server holds it, or None."""
+    custom = k8s_client.CustomObjectsApi(api)
+    request = f"get ServiceExport {key.namespace}/{key.name}"
+    try:
+        obj = api_request(request, lambda: custom.get_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
+                                                                            SERVICE_EXPORTS, key.name))
+    except KubeNotFound:
+        return None
+    return obj if isinstance(obj, Mapping) else None
+
+
+async def create_service_export(api: k8s_client.ApiClient, key: ServiceKey, *, exist_ok: bool = False) -> bool:
+    """Async form of :func:`create_service_export_sync` (runs in a thread)."""
+    return await asyncio.to_thread(create_service_export_sync, api, key, exist_ok=exist_ok)
+
+
+async def delete_service_export(api: k8s_client.ApiClient, key: ServiceKey, *, missing_ok: bool = False) -> bool:
+    """Async form of :func:`delete_service_export_sync` (runs in a thread)."""
+    return await asyncio.to_thread(delete_service_export_sync, api, key, missing_ok=missing_ok)
