@@ -14,26 +14,19 @@ namespace). The client's connection to the ClusterSetIP is redirected to east's 
 mTLS with the service's SNI, passes west's gateway (SNI routing, TLS untouched), is redirected in the west pod to
 ``virtualInbound``, checked (the caller's certificate, network RBAC) and handed to the app in plain.
 
-Everything is stopped by pid and removed in ``finally`` blocks; the last test checks that nothing is left.
+The namespaces and processes are ``tests.support.netns_bed``'s: stopped by pid and removed also after a failure;
+the last test checks that nothing is left.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import os
 import re
 import secrets
 import shutil
-import subprocess
-import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
 
-import aiohttp
 import pytest
 
 from discovery.clusterset import OutboundTrafficMode
@@ -54,16 +47,23 @@ from discovery.model import (
     ServiceType,
     namespace,
 )
-from gateway.bootstrap import render_bootstrap, write_bootstrap
 from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind, PushContext
-from gateway.envoy import AdminError, EnvoyAdmin, command
 from gateway.generators import capture
 from tests.gateway.envoy_fixtures import ControlPlane, wait_until
 from tests.gateway.mesh_fixtures import T0, TD, authorization_policies, cluster_cas, workload_certs
-from tests.support.procs import Proc
+from tests.support.netns_bed import (
+    CREATED,
+    Bed,
+    Link,
+    UnixAdmin,
+    bed,
+    capture_rules,
+    run,
+    run_in,
+    start_envoy,
+    start_script,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-PROXY_UID = 1337
 EAST, WEST = ClusterId("east"), ClusterId("west")
 ECHO = ServiceKey.parse("echo.default")
 CLUSTERSET_IP = "241.0.0.10"
@@ -145,43 +145,9 @@ else:
 """
 
 
-class UnixAdmin(EnvoyAdmin):
-    """Envoy's admin API on a unix socket (the Envoy runs in a namespace whose loopback the test cannot reach)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__("localhost", 80)
-        self.path = path
-
-    async def _get(self, path: str, params: dict[str, str] | None = None) -> tuple[int, str]:
-        try:
-            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.path)),
-                                             timeout=self._timeout) as session, \
-                    session.get("http://localhost" + path, params=params) as resp:
-                return resp.status, await resp.text()
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AdminError(f"GET {path} on {self.path} failed: {exc}") from exc
-
-
-@dataclasses.dataclass
-class Bed:
-    tag: str
+@dataclasses.dataclass(frozen=True)
+class Addresses:
     n: int
-    tmp: Path
-    procs: list[Proc] = dataclasses.field(default_factory=list)
-    popens: list[subprocess.Popen[str]] = dataclasses.field(default_factory=list)
-    servers: list[asyncio.AbstractServer] = dataclasses.field(default_factory=list)
-
-    @property
-    def east(self) -> str:
-        return f"cdp-{self.tag}-east"
-
-    @property
-    def gateway(self) -> str:
-        return f"cdp-{self.tag}-gw"
-
-    @property
-    def west(self) -> str:
-        return f"cdp-{self.tag}-west"
 
     @property
     def east_ip(self) -> str:
@@ -204,151 +170,24 @@ class Bed:
     def gateway_ip6(self) -> str:
         return f"fdca:fc:{self.n:x}::2"
 
-    def names(self) -> tuple[str, str, str]:
-        return self.east, self.gateway, self.west
-
-
-CREATED: set[str] = set()
-Mesh = tuple[Bed, ControlPlane, UnixAdmin, UnixAdmin, UnixAdmin]  # bed, east's plane, east, west, west's gateway
-
-
-def run(argv: list[str]) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    if done.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)}: exit {done.returncode}: {done.stdout}{done.stderr}")
-    return done.stdout
-
-
-@contextlib.contextmanager
-def namespaces() -> Iterator[Bed]:
-    tag = secrets.token_hex(3)
-    tmp = Path(tempfile.mkdtemp(prefix="meshfed-cdp-"))
-    tmp.chmod(0o755)  # the Envoys run as uid 1337: they read bootstraps and create admin sockets here
-    bed = Bed(tag=tag, n=secrets.randbelow(250) + 1, tmp=tmp)
-    links = ((bed.east, f"cdp{tag}a", bed.east_ip, bed.gateway, f"cdp{tag}b", bed.gateway_ip),
-             (bed.gateway, f"cdp{tag}c", f"10.253.{bed.n}.1", bed.west, f"cdp{tag}d", bed.west_ip))
-    try:
-        for ns in bed.names():
-            CREATED.add(ns)
-            run(["ip", "netns", "add", ns])
-            run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        for ns_a, if_a, ip_a, ns_b, if_b, ip_b in links:  # both ends made inside the namespaces
-            run(["ip", "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b])
-            for ns, ifname, ip in ((ns_a, if_a, ip_a), (ns_b, if_b, ip_b)):
-                run(["ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", ifname])
-                run(["ip", "-n", ns, "link", "set", ifname, "up"])
-        # The ClusterSetIP needs a route for connect() to start; the capture rules then redirect it to the sidecar.
-        run(["ip", "-n", bed.east, "route", "add", "default", "dev", links[0][1]])
-        run(["ip", "-n", bed.west, "route", "add", "default", "dev", links[1][4]])
+    def links(self) -> list[Link]:
         # East's pod is dual-stack: capture installs ip6tables rules too, and its sidecar listens on :: as well.
-        for ns, ifname, ip6 in ((bed.east, links[0][1], bed.east_ip6), (bed.gateway, links[0][4], bed.gateway_ip6)):
-            run(["ip", "-n", ns, "addr", "add", f"{ip6}/64", "dev", ifname, "nodad"])
-        yield bed
-    finally:
-        for proc in bed.procs:
-            with contextlib.suppress(Exception):
-                proc.stop()
-        for popen in bed.popens:
-            with contextlib.suppress(Exception):
-                popen.kill()
-                popen.communicate(timeout=30)
-        for ns in bed.names():
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60, check=False)
-        shutil.rmtree(tmp, ignore_errors=True)
+        return [Link("east", (f"{self.east_ip}/24", f"{self.east_ip6}/64"),
+                     "gw", (f"{self.gateway_ip}/24", f"{self.gateway_ip6}/64")),
+                Link("gw", (f"10.253.{self.n}.1/24",), "west", (f"{self.west_ip}/24",))]
 
 
-def capture_rules(ns: str, *args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "meshfed", "proxy", "capture", *args],
-                          capture_output=True, text=True, timeout=120, env=env, check=False)
-    assert done.returncode == 0, f"meshfed proxy capture in {ns}: {done.stdout}{done.stderr}"
-    return done.stdout
+Mesh = tuple[Bed, Addresses, ControlPlane, UnixAdmin, UnixAdmin, UnixAdmin]  # + east's plane, east, west, gateway
 
 
-async def relay(bed: Bed, name: str, port: int) -> Path:
-    """A unix socket (in ``bed.tmp``) relayed to the control plane's ADS port on the root namespace's loopback."""
-    path = bed.tmp / f"{name}.sock"
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:  # the control plane is gone (teardown): the Envoy retries until it is stopped
-            writer.close()
-            return
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    server = await asyncio.start_unix_server(handle, path=str(path))
-    path.chmod(0o666)
-    bed.servers.append(server)
-    return path
-
-
-async def start_envoy(bed: Bed, cp: ControlPlane, proxy: ProxyInfo, ns: str) -> UnixAdmin:
-    token = cp.add_proxy(proxy)
-    xds = await relay(bed, f"ads-{ns}", cp.port)
-    boot: dict[str, Any] = render_bootstrap(proxy, xds_host="127.0.0.1", xds_port=1, admin_port=1, token=token)
-    xds_cluster = boot["static_resources"]["clusters"][0]
-    xds_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = {
-        "pipe": {"path": str(xds)}}
-    own = bed.tmp / f"envoy-{ns}"  # the Envoy's own directory (uid 1337 creates its admin socket there)
-    own.mkdir()
-    os.chown(own, PROXY_UID, PROXY_UID)
-    admin = own / "admin.sock"
-    boot["admin"]["address"] = {"pipe": {"path": str(admin)}}
-    path = write_bootstrap(bed.tmp / f"{ns}.yaml", boot)
-    path.chmod(0o644)
-    argv = ["ip", "netns", "exec", ns, "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
-            *command(path, log_level="info")]
-    proc = Proc(argv, log=bed.tmp / f"{ns}.log")
-    bed.procs.append(proc)
-    envoy = UnixAdmin(admin)
-
-    async def ready() -> bool:
-        if not proc.alive():
-            raise RuntimeError(f"envoy in {ns} exited:\n{proc.output()[-3000:]}")
-        return await envoy.ready()
-
-    await wait_until(ready, within=60, what=f"envoy in {ns} /ready")
-    return envoy
-
-
-def start_apps(bed: Bed, ns: str, *args: str) -> None:
-    popen = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-I", "-c", APPS, *args],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    bed.popens.append(popen)
-    assert popen.stdout is not None
-    line = popen.stdout.readline()  # bounded: the script prints "ready" at once or exits (EOF)
-    assert line.strip() == "ready", popen.stderr.read() if popen.stderr else line
-
-
-async def client(ns: str, *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", ns, sys.executable, "-I", "-c", CLIENT,
-                                                *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode == 0, err.decode()
-    return out.decode().strip()
+async def client(b: Bed, role: str, *args: str) -> str:
+    return await run_in(b, role, CLIENT, *args, within=60)
 
 
 # ---- the mesh as each control plane sees it -------------------------------------------------------------------
 
 
-def registries(bed: Bed) -> tuple[Registry, Registry]:
+def registries(bed: Addresses) -> tuple[Registry, Registry]:
     net = NetworkId("net-west")  # east is on another network: it reaches west's pods through west's gateway
     infos = {EAST: ClusterInfo(id=EAST, network=NetworkId("net-east"), region="r", zone="z1"),
              WEST: ClusterInfo(id=WEST, network=net, region="r", zone="z2", gateway_host=bed.gateway_ip)}
@@ -392,66 +231,64 @@ spec:
 @pytest.fixture
 async def mesh() -> AsyncIterator[Mesh]:
     cas, bundle = cluster_cas()
-    with namespaces() as bed:
-        east_reg, west_reg = registries(bed)
-        # No active health checks of west's gateway: every connection west's sidecar sees is the client's.
-        east_ctx = PushContext(registry=east_reg, trust_domain=TD, trust_bundle_pem=bundle,
-                               workload_certs=workload_certs(cas, "east", [("default", "sleep")]),
-                               gateway_health_check_s=0.0)
-        west_ctx = PushContext(registry=west_reg, trust_domain=TD, trust_bundle_pem=bundle,
-                               workload_certs=workload_certs(cas, "west", [("default", "echo")]),
-                               authz=authorization_policies(POLICY, WEST))
-        sleep = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=namespace("default"),
-                          service_account="sleep", ip=bed.east_ip, capture=CaptureMode.REDIRECT,
-                          capture_bind=("0.0.0.0", "::"),
-                          node_id=f"sidecar~{bed.east_ip}~sleep-1.default~default.svc.cluster.local")
-        echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
-                         service_account="echo", ip=bed.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO,),
-                         inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
-                                  InboundPort(5434, 5434, "tcp-west"), InboundPort(9080, 9080, "http")),
-                         node_id=f"sidecar~{bed.west_ip}~echo-1.default~default.svc.cluster.local")
-        gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
-                            service_account="eastwest", ip="0.0.0.0", gateway_port=15443,
-                            node_id=f"router~{bed.gateway_ip}~eastwest-1.meshfed~meshfed.svc.cluster.local")
+    ips = Addresses(secrets.randbelow(250) + 1)
+    east_reg, west_reg = registries(ips)
+    # No active health checks of west's gateway: every connection west's sidecar sees is the client's.
+    east_ctx = PushContext(registry=east_reg, trust_domain=TD, trust_bundle_pem=bundle,
+                           workload_certs=workload_certs(cas, "east", [("default", "sleep")]),
+                           gateway_health_check_s=0.0)
+    west_ctx = PushContext(registry=west_reg, trust_domain=TD, trust_bundle_pem=bundle,
+                           workload_certs=workload_certs(cas, "west", [("default", "echo")]),
+                           authz=authorization_policies(POLICY, WEST))
+    sleep = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=namespace("default"),
+                      service_account="sleep", ip=ips.east_ip, capture=CaptureMode.REDIRECT,
+                      capture_bind=("0.0.0.0", "::"),
+                      node_id=f"sidecar~{ips.east_ip}~sleep-1.default~default.svc.cluster.local")
+    echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
+                     service_account="echo", ip=ips.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO,),
+                     inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
+                              InboundPort(5434, 5434, "tcp-west"), InboundPort(9080, 9080, "http")),
+                     node_id=f"sidecar~{ips.west_ip}~echo-1.default~default.svc.cluster.local")
+    gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
+                        service_account="eastwest", ip="0.0.0.0", gateway_port=15443,
+                        node_id=f"router~{ips.gateway_ip}~eastwest-1.meshfed~meshfed.svc.cluster.local")
+    with bed("cdp", ("east", "gw", "west"), ips.links(), default_routes=(("east", "gw"), ("west", "gw"))) as b:
         async with ControlPlane(ctx=east_ctx) as east_cp, ControlPlane(ctx=west_ctx) as west_cp:
             try:
-                start_apps(bed, bed.west)
-                start_apps(bed, bed.gateway, "direct")
-                assert "ipv6: installed" in capture_rules(bed.east)
-                capture_rules(bed.west)
-                east_admin = await start_envoy(bed, east_cp, sleep, bed.east)
-                west_admin = await start_envoy(bed, west_cp, echo, bed.west)
-                gateway_admin = await start_envoy(bed, west_cp, gateway, bed.gateway)
-                yield bed, east_cp, east_admin, west_admin, gateway_admin
+                start_script(b, "west", APPS)
+                start_script(b, "gw", APPS, "direct")
+                assert "ipv6: installed" in capture_rules(b, "east")
+                capture_rules(b, "west")
+                east_admin = await start_envoy(b, east_cp, sleep, "east")
+                west_admin = await start_envoy(b, west_cp, echo, "west")
+                gateway_admin = await start_envoy(b, west_cp, gateway, "gw")
+                yield b, ips, east_cp, east_admin, west_admin, gateway_admin
                 for admin in (east_admin, west_admin, gateway_admin):
                     assert await admin.rejected() == {}  # Envoy took every update meshfed sent
                 for cp in (east_cp, west_cp):
                     assert all(row.nack_error == "" for row in cp.cache.status())
             finally:
-                for proc in bed.procs:  # while the control planes still answer
-                    proc.stop()
-                for server in bed.servers:
-                    server.close()
+                b.stop_processes()  # while the control planes still answer
 
 
 async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) -> None:
-    bed, east_cp, east_admin, west_admin, gateway_admin = mesh
+    b, ips, east_cp, east_admin, west_admin, gateway_admin = mesh
     # A plain TCP client dials the ClusterSetIP: 1 MiB comes back byte for byte, through east's sidecar, west's
     # gateway and west's sidecar (east has no route to west's pod, and the app listens on the pod's loopback only).
-    assert await client(bed.east, "echo", CLUSTERSET_IP, "5432", str(1 << 20)) == "ok"
+    assert await client(b, "east", "echo", CLUSTERSET_IP, "5432", str(1 << 20)) == "ok"
     sni = "outbound_.5432_._.echo.default.svc.clusterset.local"
     gw_stats = await gateway_admin.stats(filter=rf"^cluster\.{re.escape(sni)}\.upstream_cx_total$")
     assert gw_stats.get(f"cluster.{sni}.upstream_cx_total", 0) >= 1, gw_stats  # it did pass the gateway
     # HTTP to the ClusterSetIP by name: routed by the outbound routes, and the app sees the caller's SPIFFE ID.
-    status, _, xfcc = (await client(bed.east, "http", CLUSTERSET_IP, "9080",
+    status, _, xfcc = (await client(b, "east", "http", CLUSTERSET_IP, "9080",
                                     "echo.default.svc.clusterset.local:9080")).partition(" ")
     assert status == "200"
     assert f"URI=spiffe://{TD}/ns/default/sa/sleep" in xfcc and f"By=spiffe://{TD}/ns/default/sa/echo" in xfcc
 
     # Port 5433 allows only sa/nobody: sleep's connection is closed before the app echoes a byte, and logged.
-    denied = await client(bed.east, "echo", CLUSTERSET_IP, "5433", "4096")
+    denied = await client(b, "east", "echo", CLUSTERSET_IP, "5433", "4096")
     assert denied.startswith(("closed after 0 bytes", "error")), denied
-    west_log = bed.tmp / f"{bed.west}.log"
+    west_log = b.log("west")
 
     async def logged() -> bool:
         return "meshfed-authz tcp chain=inbound|5433 termination=rbac_access_denied_matched_policy[none]" in \
@@ -459,18 +296,18 @@ async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) ->
 
     await wait_until(logged, within=20, what="the denial in west's sidecar log")
     # Port 5434 allows sleep only from cluster west: the Subject of sleep's certificate says east, so it is denied.
-    denied = await client(bed.east, "echo", CLUSTERSET_IP, "5434", "4096")
+    denied = await client(b, "east", "echo", CLUSTERSET_IP, "5434", "4096")
     assert denied.startswith(("closed after 0 bytes", "error")), denied
     stats = await west_admin.stats(filter=r"rbac\.")
     assert any(k.endswith("meshfed_allow.rbac.denied") and v >= 1 for k, v in stats.items()), stats
 
     # West's pod calling its own service: the only endpoint is the pod itself, so its sidecar dials its own address,
     # which capture sends to the sidecar's inbound side (mTLS terminated there), not to the app.
-    assert await client(bed.west, "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
+    assert await client(b, "west", "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
 
     # Unknown destinations: ALLOW_ANY passes them through (the gateway namespace's port 7777 is in no registry) ...
-    assert await client(bed.east, "read", bed.gateway_ip, "7777") == "direct"
-    assert await client(bed.east, "read", bed.gateway_ip6, "7777") == "direct"  # IPv6, through [::]:15001
+    assert await client(b, "east", "read", ips.gateway_ip, "7777") == "direct"
+    assert await client(b, "east", "read", ips.gateway_ip6, "7777") == "direct"  # IPv6, through [::]:15001
     # ... REGISTRY_ONLY refuses them, and known destinations still work.
     east_cp.update(dataclasses.replace(east_cp.ctx, outbound_mode=OutboundTrafficMode.REGISTRY_ONLY), "policy")
 
@@ -484,12 +321,12 @@ async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) ->
         return False
 
     await wait_until(blackholed, within=30, what="REGISTRY_ONLY in force on east's sidecar")
-    assert await client(bed.east, "read", bed.gateway_ip, "7777") in ("closed", "error ConnectionResetError")
-    assert await client(bed.east, "read", bed.gateway_ip6, "7777") in ("closed", "error ConnectionResetError")
-    assert await client(bed.east, "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
+    assert await client(b, "east", "read", ips.gateway_ip, "7777") in ("closed", "error ConnectionResetError")
+    assert await client(b, "east", "read", ips.gateway_ip6, "7777") in ("closed", "error ConnectionResetError")
+    assert await client(b, "east", "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
 
 
 def test_nothing_left() -> None:
     names = run(["ip", "netns", "list"])
-    assert not [n for n in CREATED if n in names]
+    assert not [n for n in CREATED if n.startswith("cdp-") and n in names]
     assert not [line for line in run(["ip", "link", "show"]).splitlines() if "cdp" in line and "@" in line]
