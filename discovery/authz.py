@@ -49,7 +49,7 @@ class Action(enum.StrEnum):
     DENY = "DENY"
 
 
-class MatchKind(enum.StrEnum):
+class ValueMatchKind(enum.StrEnum):
     EXACT = "exact"
     PREFIX = "prefix"
     SUFFIX = "suffix"
@@ -57,44 +57,45 @@ class MatchKind(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class StringMatch:
+class ValueMatch:
     """One Istio string value: ``abc`` (exact), ``abc*`` (prefix), ``*abc`` (suffix) or ``*`` (any)."""
 
-    kind: MatchKind
+    kind: ValueMatchKind
     value: str = ""
 
     @classmethod
-    def parse(cls, text: str) -> StringMatch:
+    def parse(cls, text: str) -> ValueMatch:
         if text == "*":
-            return cls(MatchKind.ANY)
+            return cls(ValueMatchKind.ANY)
         if text.endswith("*"):
-            return cls(MatchKind.PREFIX, text[:-1])
+            return cls(ValueMatchKind.PREFIX, text[:-1])
         if text.startswith("*"):
-            return cls(MatchKind.SUFFIX, text[1:])
-        return cls(MatchKind.EXACT, text)
+            return cls(ValueMatchKind.SUFFIX, text[1:])
+        return cls(ValueMatchKind.EXACT, text)
 
     def matches(self, value: str) -> bool:
-        if self.kind is MatchKind.ANY:
+        if self.kind is ValueMatchKind.ANY:
             return value != ""
-        if self.kind is MatchKind.PREFIX:
+        if self.kind is ValueMatchKind.PREFIX:
             return value.startswith(self.value)
-        if self.kind is MatchKind.SUFFIX:
+        if self.kind is ValueMatchKind.SUFFIX:
             return value.endswith(self.value)
         return value == self.value
 
     def __str__(self) -> str:
-        return {MatchKind.ANY: "*", MatchKind.PREFIX: f"{self.value}*", MatchKind.SUFFIX: f"*{self.value}"}.get(
-            self.kind, self.value)
+        forms = {ValueMatchKind.ANY: "*", ValueMatchKind.PREFIX: f"{self.value}*",
+                 ValueMatchKind.SUFFIX: f"*{self.value}"}
+        return forms.get(self.kind, self.value)
 
 
 @dataclass(frozen=True, slots=True)
 class Source:
     """``from[].source``: every non-empty field must match (each list: any of its values)."""
 
-    principals: tuple[StringMatch, ...] = ()
-    not_principals: tuple[StringMatch, ...] = ()
-    namespaces: tuple[StringMatch, ...] = ()
-    not_namespaces: tuple[StringMatch, ...] = ()
+    principals: tuple[ValueMatch, ...] = ()
+    not_principals: tuple[ValueMatch, ...] = ()
+    namespaces: tuple[ValueMatch, ...] = ()
+    not_namespaces: tuple[ValueMatch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,22 +104,22 @@ class Operation:
 
     ports: tuple[int, ...] = ()
     not_ports: tuple[int, ...] = ()
-    methods: tuple[StringMatch, ...] = ()
-    not_methods: tuple[StringMatch, ...] = ()
-    paths: tuple[StringMatch, ...] = ()
-    not_paths: tuple[StringMatch, ...] = ()
+    methods: tuple[ValueMatch, ...] = ()
+    not_methods: tuple[ValueMatch, ...] = ()
+    paths: tuple[ValueMatch, ...] = ()
+    not_paths: tuple[ValueMatch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
-class Condition:
+class WhenCondition:
     """``when[]``: ``key`` has one of ``values`` (if any) and none of ``not_values``.
 
     ``header`` is the header name for ``request.headers[<name>]`` keys (lower case), else empty.
     """
 
     key: str
-    values: tuple[StringMatch, ...] = ()
-    not_values: tuple[StringMatch, ...] = ()
+    values: tuple[ValueMatch, ...] = ()
+    not_values: tuple[ValueMatch, ...] = ()
 
     @property
     def header(self) -> str:
@@ -133,7 +134,7 @@ class Rule:
 
     sources: tuple[Source, ...] = ()
     operations: tuple[Operation, ...] = ()
-    conditions: tuple[Condition, ...] = ()
+    conditions: tuple[WhenCondition, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,28 +186,28 @@ def _strings(value: Any, path: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _matches(value: Any, path: str) -> tuple[StringMatch, ...]:
+def _matches(value: Any, path: str) -> tuple[ValueMatch, ...]:
     out = []
     for i, text in enumerate(_strings(value, path)):
         if "{" in text or "}" in text:
             raise ConversionError(f"{path}[{i}]", f"path templates ({text!r}) are not supported")
         if "*" in text[1:-1] or text in ("**",):
             raise ConversionError(f"{path}[{i}]", f"{text!r}: '*' may only be the first or last character")
-        out.append(StringMatch.parse(text))
+        out.append(ValueMatch.parse(text))
     return tuple(out)
 
 
-def _principals(value: Any, path: str) -> tuple[StringMatch, ...]:
+def _principals(value: Any, path: str) -> tuple[ValueMatch, ...]:
     # Istio writes principals without the scheme ("<trust domain>/ns/<ns>/sa/<sa>"); accept it written with it.
-    return tuple(StringMatch(m.kind, m.value.removeprefix("spiffe://")) for m in _matches(value, path))
+    return tuple(ValueMatch(m.kind, m.value.removeprefix("spiffe://")) for m in _matches(value, path))
 
 
-def _methods(value: Any, path: str) -> tuple[StringMatch, ...]:
+def _methods(value: Any, path: str) -> tuple[ValueMatch, ...]:
     out = []
     for i, text in enumerate(_strings(value, path)):
         if not _METHOD.match(text):
             raise ConversionError(f"{path}[{i}]", f"{text!r} is not an HTTP method in upper case (GET, POST, ...)")
-        out.append(StringMatch.parse(text))
+        out.append(ValueMatch.parse(text))
     return tuple(out)
 
 
@@ -221,10 +222,10 @@ def _ports(value: Any, path: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _paths(value: Any, path: str) -> tuple[StringMatch, ...]:
+def _paths(value: Any, path: str) -> tuple[ValueMatch, ...]:
     out = _matches(value, path)
     for i, m in enumerate(out):
-        if m.kind in (MatchKind.EXACT, MatchKind.PREFIX) and not m.value.startswith("/"):
+        if m.kind in (ValueMatchKind.EXACT, ValueMatchKind.PREFIX) and not m.value.startswith("/"):
             raise ConversionError(f"{path}[{i}]", f"{m}: a path must start with '/' (or be '*' or '*<suffix>')")
     return out
 
@@ -265,7 +266,7 @@ def _operation(raw: Any, path: str) -> Operation:
     return out
 
 
-def _condition(raw: Any, path: str) -> Condition:
+def _condition(raw: Any, path: str) -> WhenCondition:
     item = as_mapping(raw, path, required=True)
     _only(item, path, ("key", "values", "notValues"))
     key = as_str(item.get("key"), f"{path}.key", required=True)
@@ -281,13 +282,13 @@ def _condition(raw: Any, path: str) -> Condition:
     if key == "source.cluster":
         for field_name, matches in (("values", values), ("notValues", not_values)):
             for i, m in enumerate(matches):
-                if m.kind is not MatchKind.ANY and not _CLUSTER.match(m.value):
+                if m.kind is not ValueMatchKind.ANY and not _CLUSTER.match(m.value):
                     raise ConversionError(f"{path}.{field_name}[{i}]",
                                           f"{m}: source.cluster values are cluster names (or '*')")
-                if m.kind in (MatchKind.PREFIX, MatchKind.SUFFIX):
+                if m.kind in (ValueMatchKind.PREFIX, ValueMatchKind.SUFFIX):
                     raise ConversionError(f"{path}.{field_name}[{i}]",
                                           f"{m}: source.cluster matches whole cluster names (or '*')")
-    return Condition(key=key, values=values, not_values=not_values)
+    return WhenCondition(key=key, values=values, not_values=not_values)
 
 
 def _rule(raw: Any, path: str) -> Rule:

@@ -47,12 +47,12 @@ from google.protobuf import any_pb2
 from discovery.authz import (
     Action,
     AuthorizationPolicy,
-    Condition,
-    MatchKind,
     Operation,
     Rule,
     Source,
-    StringMatch,
+    ValueMatch,
+    ValueMatchKind,
+    WhenCondition,
 )
 from discovery.model import Service
 from discovery.protocols import NOT_TCP, is_http, port_protocol
@@ -102,23 +102,23 @@ def envoy_policy_names(policy: AuthorizationPolicy) -> list[str]:
 # Envoy RBAC
 
 
-def _string_matcher(m: StringMatch) -> Any:
-    if m.kind is MatchKind.ANY:
+def _string_matcher(m: ValueMatch) -> Any:
+    if m.kind is ValueMatchKind.ANY:
         return string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=".+"))
-    if m.kind is MatchKind.PREFIX:
+    if m.kind is ValueMatchKind.PREFIX:
         return string_pb2.StringMatcher(prefix=m.value)
-    if m.kind is MatchKind.SUFFIX:
+    if m.kind is ValueMatchKind.SUFFIX:
         return string_pb2.StringMatcher(suffix=m.value)
     return string_pb2.StringMatcher(exact=m.value)
 
 
-def _pattern(m: StringMatch) -> str:
+def _pattern(m: ValueMatch) -> str:
     """An RE2 fragment for one path segment (no '/')."""
-    if m.kind is MatchKind.ANY:
+    if m.kind is ValueMatchKind.ANY:
         return "[^/]+"
-    if m.kind is MatchKind.PREFIX:
+    if m.kind is ValueMatchKind.PREFIX:
         return re.escape(m.value) + "[^/]*"
-    if m.kind is MatchKind.SUFFIX:
+    if m.kind is ValueMatchKind.SUFFIX:
         return "[^/]*" + re.escape(m.value)
     return re.escape(m.value)
 
@@ -143,36 +143,37 @@ def _all_of_permissions(items: Sequence[Any]) -> Any:
     return items[0] if len(items) == 1 else rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=list(items)))
 
 
-def _principal_id(m: StringMatch) -> Any:
-    prefixed = StringMatch(m.kind, "spiffe://" + m.value) if m.kind in (MatchKind.EXACT, MatchKind.PREFIX) else m
+def _principal_id(m: ValueMatch) -> Any:
+    spiffe = m.kind in (ValueMatchKind.EXACT, ValueMatchKind.PREFIX)
+    prefixed = ValueMatch(m.kind, "spiffe://" + m.value) if spiffe else m
     return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(principal_name=_string_matcher(prefixed)))
 
 
-def _namespace_id(m: StringMatch) -> Any:
+def _namespace_id(m: ValueMatch) -> Any:
     regex = rf"spiffe://[^/]+/ns/{_pattern(m)}/sa/[^/]+"
     return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(
         principal_name=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=regex))))
 
 
-def cluster_regex(cluster: StringMatch) -> str:
+def cluster_regex(cluster: ValueMatch) -> str:
     """RE2 (full match) for the sidecar-set XFCC header whose Subject names the caller's cluster as its OU."""
-    ou = "[^,\"]+" if cluster.kind is MatchKind.ANY else re.escape(cluster.value)
+    ou = "[^,\"]+" if cluster.kind is ValueMatchKind.ANY else re.escape(cluster.value)
     return rf'(.*;)?Subject="([^"]*,)?OU={ou}(,[^"]*)?"(;.*)?'
 
 
-def _cluster_id(m: StringMatch) -> Any:
+def _cluster_id(m: ValueMatch) -> Any:
     return rbac_pb2.Principal(header=route_components_pb2.HeaderMatcher(
         name=XFCC, string_match=string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=cluster_regex(m)))))
 
 
-def subject_cluster_regex(cluster: StringMatch) -> str:
+def subject_cluster_regex(cluster: ValueMatch) -> str:
     """RE2 (full match) for the verified peer certificate's Subject (RFC 2253, as Envoy prints it) naming the
     caller's cluster as its OU. A SPIFFE URI SAN never matches it (no ``OU=`` in an ID of RFC 1123 names)."""
-    ou = "[^,]+" if cluster.kind is MatchKind.ANY else re.escape(cluster.value)
+    ou = "[^,]+" if cluster.kind is ValueMatchKind.ANY else re.escape(cluster.value)
     return rf"(.*,)?OU={ou}(,.*)?"
 
 
-def _subject_cluster_id(m: StringMatch) -> Any:
+def _subject_cluster_id(m: ValueMatch) -> Any:
     """``source.cluster`` on a TCP port: there is no header, so match the certificate itself. Envoy's
     ``authenticated.principal_name`` tries the URI SANs, then the DNS SANs, then the Subject; only the Subject
     can match this regex."""
@@ -181,8 +182,8 @@ def _subject_cluster_id(m: StringMatch) -> Any:
             regex=subject_cluster_regex(m)))))
 
 
-def _header_id(name: str, m: StringMatch) -> Any:
-    if m.kind is MatchKind.ANY:
+def _header_id(name: str, m: ValueMatch) -> Any:
+    if m.kind is ValueMatchKind.ANY:
         return rbac_pb2.Principal(header=route_components_pb2.HeaderMatcher(name=name, present_match=True))
     return rbac_pb2.Principal(header=route_components_pb2.HeaderMatcher(name=name, string_match=_string_matcher(m)))
 
@@ -204,7 +205,7 @@ def _source_principal(src: Source) -> Any:
     return _all_of_principals(parts)
 
 
-def _condition_principal(cond: Condition, *, l4: bool = False) -> Any:
+def _condition_principal(cond: WhenCondition, *, l4: bool = False) -> Any:
     if cond.key == "source.cluster":
         make: Any = _subject_cluster_id if l4 else _cluster_id
     elif cond.key == "source.namespace":
@@ -214,7 +215,7 @@ def _condition_principal(cond: Condition, *, l4: bool = False) -> Any:
     else:
         header = cond.header
 
-        def make(m: StringMatch) -> Any:
+        def make(m: ValueMatch) -> Any:
             return _header_id(header, m)
     parts = []
     if cond.values:
@@ -224,12 +225,12 @@ def _condition_principal(cond: Condition, *, l4: bool = False) -> Any:
     return _all_of_principals(parts)
 
 
-def _path_perm(m: StringMatch) -> Any:
+def _path_perm(m: ValueMatch) -> Any:
     return rbac_pb2.Permission(url_path=path_pb2.PathMatcher(path=_string_matcher(m)))
 
 
-def _method_perm(m: StringMatch) -> Any:
-    if m.kind is MatchKind.ANY:
+def _method_perm(m: ValueMatch) -> Any:
+    if m.kind is ValueMatchKind.ANY:
         return rbac_pb2.Permission(any=True)
     return rbac_pb2.Permission(header=route_components_pb2.HeaderMatcher(name=":method",
                                                                          string_match=_string_matcher(m)))
@@ -449,11 +450,11 @@ class Decision:
         return "" if self.allowed else f"rbac_access_denied_matched_policy[{self.policy}]"
 
 
-def _any(ms: Sequence[StringMatch], value: str) -> bool:
+def _any(ms: Sequence[ValueMatch], value: str) -> bool:
     return any(m.matches(value) for m in ms)
 
 
-def _ns_match(m: StringMatch, req: Request) -> bool:
+def _ns_match(m: ValueMatch, req: Request) -> bool:
     return req.namespace != "" and m.matches(req.namespace)
 
 
@@ -468,8 +469,8 @@ def _source_matches(src: Source, req: Request) -> bool:
     return not (src.not_namespaces and any(_ns_match(m, req) for m in src.not_namespaces))
 
 
-def _condition_matches(cond: Condition, req: Request) -> bool:
-    def one(m: StringMatch) -> bool:
+def _condition_matches(cond: WhenCondition, req: Request) -> bool:
+    def one(m: ValueMatch) -> bool:
         if cond.key == "source.cluster":
             return m.matches(req.cluster)
         if cond.key == "source.namespace":
@@ -479,7 +480,7 @@ def _condition_matches(cond: Condition, req: Request) -> bool:
         value = {k.lower(): v for k, v in req.headers.items()}.get(cond.header)
         if value is None:
             return False
-        return True if m.kind is MatchKind.ANY else m.matches(value)
+        return True if m.kind is ValueMatchKind.ANY else m.matches(value)
 
     if cond.values and not any(one(m) for m in cond.values):
         return False
@@ -509,8 +510,8 @@ def normalize_path(path: str) -> str:
 def _operation_matches(op: Operation, req: Request) -> bool:
     path = normalize_path(req.path)
 
-    def method(m: StringMatch) -> bool:
-        return m.kind is MatchKind.ANY or m.matches(req.method)
+    def method(m: ValueMatch) -> bool:
+        return m.kind is ValueMatchKind.ANY or m.matches(req.method)
 
     checks = (
         not op.ports or req.port in op.ports,

@@ -27,7 +27,7 @@ import yaml
 
 from federation.files import write_atomic
 from meshfed.install import PlanError
-from meshfed.install.render import PHASES, Manifest, Phase, Rendered
+from meshfed.install.render import PHASES, ApplyPhase, Manifest, Rendered
 
 PLAN = "plan.json"
 README = "README.txt"
@@ -67,7 +67,7 @@ def readme_text(rendered: Rendered) -> str:
         "before starting the next phase:",
         "",
     ]
-    phase: Phase | None = None
+    phase: ApplyPhase | None = None
     for m in apply_order(rendered):
         if m.phase != phase:
             phase = m.phase

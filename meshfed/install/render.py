@@ -74,7 +74,7 @@ RUN_AS = 10001
 CA_KEYS = ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem", "bundle.json")
 
 
-class Phase(enum.StrEnum):
+class ApplyPhase(enum.StrEnum):
     """Apply phases, in order. Objects of one phase are applied in every cluster before the next phase starts."""
 
     BASE = "base"
@@ -84,7 +84,7 @@ class Phase(enum.StrEnum):
     GATEWAY = "gateway"
 
 
-PHASES: tuple[Phase, ...] = tuple(Phase)
+PHASES: tuple[ApplyPhase, ...] = tuple(ApplyPhase)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +141,7 @@ class Manifest:
 
     cluster: ClusterId
     filename: str
-    phase: Phase
+    phase: ApplyPhase
     objects: tuple[Obj, ...]
     secret: bool = False
     """Holds private keys: written 0600."""
@@ -877,27 +877,27 @@ def render_clusterset(
             raise RenderError(f"no CA material for cluster {cid}")
         is_fed = cid == fed_cluster.id
 
-        def add(filename: str, phase: Phase, objs: list[Obj], desc: str, *, secret: bool = False,
+        def add(filename: str, phase: ApplyPhase, objs: list[Obj], desc: str, *, secret: bool = False,
                 _cid: ClusterId = cid) -> None:
             manifests.append(Manifest(_cid, filename, phase, tuple(objs), secret, desc))
 
-        add("00-namespace.yaml", Phase.BASE, namespace_objects(cluster, opts), f"Namespace {opts.namespace}")
-        add("01-crds.yaml", Phase.BASE, crd_objects(), "MCS CRDs: ServiceExport, ServiceImport")
-        add("02-rbac.yaml", Phase.BASE, rbac_objects(cluster, opts, federation=is_fed),
+        add("00-namespace.yaml", ApplyPhase.BASE, namespace_objects(cluster, opts), f"Namespace {opts.namespace}")
+        add("01-crds.yaml", ApplyPhase.BASE, crd_objects(), "MCS CRDs: ServiceExport, ServiceImport")
+        add("02-rbac.yaml", ApplyPhase.BASE, rbac_objects(cluster, opts, federation=is_fed),
             "ServiceAccounts, ClusterRole and ClusterRoleBinding of the control plane")
-        add("03-cacerts.yaml", Phase.CA, [ca_secret(CACERTS, CONTROLPLANE, cid, files, opts)],
+        add("03-cacerts.yaml", ApplyPhase.CA, [ca_secret(CACERTS, CONTROLPLANE, cid, files, opts)],
             f"Secret {CACERTS}: the cluster's intermediate CA", secret=True)
         if is_fed:
-            add("04-federation-ca.yaml", Phase.FEDERATION,
+            add("04-federation-ca.yaml", ApplyPhase.FEDERATION,
                 [ca_secret(FEDERATION_CA, FEDERATION, cid, ca.federation, opts)],
                 f"Secret {FEDERATION_CA}: the federation service's CA", secret=True)
-            add("05-federation.yaml", Phase.FEDERATION, federation_objects(cs, cluster, opts, ca.federation),
+            add("05-federation.yaml", ApplyPhase.FEDERATION, federation_objects(cs, cluster, opts, ca.federation),
                 f"federation service ({opts.federation_store})")
-        add("06-controlplane.yaml", Phase.CONTROLPLANE,
+        add("06-controlplane.yaml", ApplyPhase.CONTROLPLANE,
             controlplane_objects(cs, cluster, opts, files, clusterset_yaml,
                                  federation_url_for(cluster, fed_cluster.id, opts)),
             "control plane: clusterset ConfigMap, Deployment, Service")
-        add("07-gateway.yaml", Phase.GATEWAY,
+        add("07-gateway.yaml", ApplyPhase.GATEWAY,
             gateway_objects(cluster, opts, _yaml(gateway_bootstrap(cluster, opts))),
             "east-west gateway: Envoy bootstrap ConfigMap, Deployment, LoadBalancer Service on 15443")
     return Rendered(cs, fed_cluster.id, tuple(manifests), tuple(warnings))

@@ -10,12 +10,12 @@ import yaml
 from discovery.authz import (
     Action,
     AuthorizationPolicy,
-    Condition,
-    MatchKind,
     Operation,
     Rule,
     Source,
-    StringMatch,
+    ValueMatch,
+    ValueMatchKind,
+    WhenCondition,
 )
 from discovery.convert import ConversionError, convert
 from discovery.manifests import ManifestSource, parse_file
@@ -76,26 +76,28 @@ def test_every_supported_field_converts() -> None:
     first, second = p.rules
     assert second == Rule()
     assert first.sources[0] == Source(
-        principals=(StringMatch(MatchKind.EXACT, "td/ns/shop/sa/sleep"), StringMatch(MatchKind.EXACT, "td/ns/a/sa/b"),
-                    StringMatch(MatchKind.SUFFIX, "/sa/admin"), StringMatch(MatchKind.PREFIX, "td/ns/x/"),
-                    StringMatch(MatchKind.ANY)),
-        not_principals=(StringMatch(MatchKind.EXACT, "td/ns/shop/sa/bad"),))
-    assert first.sources[1] == Source(namespaces=(StringMatch(MatchKind.EXACT, "shop"),
-                                                  StringMatch(MatchKind.PREFIX, "team-")),
-                                      not_namespaces=(StringMatch(MatchKind.SUFFIX, "-test"),))
+        principals=(ValueMatch(ValueMatchKind.EXACT, "td/ns/shop/sa/sleep"),
+                    ValueMatch(ValueMatchKind.EXACT, "td/ns/a/sa/b"),
+                    ValueMatch(ValueMatchKind.SUFFIX, "/sa/admin"), ValueMatch(ValueMatchKind.PREFIX, "td/ns/x/"),
+                    ValueMatch(ValueMatchKind.ANY)),
+        not_principals=(ValueMatch(ValueMatchKind.EXACT, "td/ns/shop/sa/bad"),))
+    assert first.sources[1] == Source(namespaces=(ValueMatch(ValueMatchKind.EXACT, "shop"),
+                                                  ValueMatch(ValueMatchKind.PREFIX, "team-")),
+                                      not_namespaces=(ValueMatch(ValueMatchKind.SUFFIX, "-test"),))
     assert first.operations == (Operation(
         ports=(9080, 9443), not_ports=(15000,),
-        methods=(StringMatch(MatchKind.EXACT, "GET"), StringMatch(MatchKind.EXACT, "HEAD")),
-        not_methods=(StringMatch(MatchKind.EXACT, "DELETE"),),
-        paths=(StringMatch(MatchKind.EXACT, "/ratings"), StringMatch(MatchKind.PREFIX, "/api/"),
-               StringMatch(MatchKind.SUFFIX, ".json"), StringMatch(MatchKind.ANY)),
-        not_paths=(StringMatch(MatchKind.PREFIX, "/api/private"),)),)
+        methods=(ValueMatch(ValueMatchKind.EXACT, "GET"), ValueMatch(ValueMatchKind.EXACT, "HEAD")),
+        not_methods=(ValueMatch(ValueMatchKind.EXACT, "DELETE"),),
+        paths=(ValueMatch(ValueMatchKind.EXACT, "/ratings"), ValueMatch(ValueMatchKind.PREFIX, "/api/"),
+               ValueMatch(ValueMatchKind.SUFFIX, ".json"), ValueMatch(ValueMatchKind.ANY)),
+        not_paths=(ValueMatch(ValueMatchKind.PREFIX, "/api/private"),)),)
     cluster, ns, principal, header = first.conditions
-    assert cluster == Condition("source.cluster", (StringMatch(MatchKind.EXACT, "east"), StringMatch(MatchKind.ANY)),
-                                (StringMatch(MatchKind.EXACT, "west"),))
-    assert ns.values == (StringMatch(MatchKind.EXACT, "shop"),)
-    assert principal.not_values == (StringMatch(MatchKind.EXACT, "td/ns/shop/sa/x"),)  # scheme stripped
-    assert header.header == "x-tenant" and header.values[1] == StringMatch(MatchKind.PREFIX, "beta")
+    assert cluster == WhenCondition("source.cluster",
+                                    (ValueMatch(ValueMatchKind.EXACT, "east"), ValueMatch(ValueMatchKind.ANY)),
+                                    (ValueMatch(ValueMatchKind.EXACT, "west"),))
+    assert ns.values == (ValueMatch(ValueMatchKind.EXACT, "shop"),)
+    assert principal.not_values == (ValueMatch(ValueMatchKind.EXACT, "td/ns/shop/sa/x"),)  # scheme stripped
+    assert header.header == "x-tenant" and header.values[1] == ValueMatch(ValueMatchKind.PREFIX, "beta")
 
 
 def test_defaults_and_v1beta1() -> None:

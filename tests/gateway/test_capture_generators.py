@@ -18,7 +18,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
-from discovery.authz import Action, Operation, Rule, StringMatch
+from discovery.authz import Action, Operation, Rule, ValueMatch
 from discovery.clusterset import ClusterSetError, OutboundTrafficMode, parse_clusterset
 from discovery.model import Protocol, ServiceKey, ServicePort, namespace
 from discovery.protocols import NOT_TCP, port_protocol
@@ -289,7 +289,7 @@ def test_tcp_port_enforces_authorization_with_network_rbac(ca: MeshCA) -> None:
 
 
 def test_tcp_rule_semantics_and_problems_name_policy_and_field() -> None:
-    rule = Rule(operations=(Operation(ports=(5432,), paths=(StringMatch.parse("/x"),)),))
+    rule = Rule(operations=(Operation(ports=(5432,), paths=(ValueMatch.parse("/x"),)),))
     assert rbac.tcp_rule(rule, Action.ALLOW) is None
     stripped = rbac.tcp_rule(rule, Action.DENY)
     assert stripped is not None and stripped.operations == (Operation(ports=(5432,)),)

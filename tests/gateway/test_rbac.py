@@ -12,7 +12,7 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
-from discovery.authz import AuthorizationPolicy, MatchKind, StringMatch
+from discovery.authz import AuthorizationPolicy, ValueMatch, ValueMatchKind
 from discovery.convert import convert
 from discovery.model import ServiceKey, namespace
 from gateway import generators as g
@@ -190,7 +190,7 @@ def test_allow_nothing_compiles_to_an_allow_filter_without_policies_and_no_polic
 
 
 def test_source_cluster_matches_the_sidecar_set_xfcc_subject() -> None:
-    regex = re.compile(rbac.cluster_regex(StringMatch(MatchKind.EXACT, "east")))
+    regex = re.compile(rbac.cluster_regex(ValueMatch(ValueMatchKind.EXACT, "east")))
     ok = f'By=spiffe://{TD}/ns/default/sa/ratings;Hash=ab12;Subject="OU=east,O={TD}";URI={SLEEP}'
     assert regex.fullmatch(ok)
     assert regex.fullmatch(f'Hash=ab;Subject="O={TD},OU=east";URI={SLEEP}')
@@ -202,7 +202,7 @@ def test_source_cluster_matches_the_sidecar_set_xfcc_subject() -> None:
     (f,) = rbac.rbac_filters(*split(p))
     header = _unpack(f).rules.policies["default.p"].principals[0].header
     assert header.name == "x-forwarded-client-cert"
-    assert header.string_match.safe_regex.regex == rbac.cluster_regex(StringMatch(MatchKind.EXACT, "east"))
+    assert header.string_match.safe_regex.regex == rbac.cluster_regex(ValueMatch(ValueMatchKind.EXACT, "east"))
 
 
 def _sidecar_listener(ctx: PushContext) -> Any:
