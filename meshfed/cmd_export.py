@@ -29,13 +29,11 @@ import click
 import yaml
 
 from discovery.clusterset import DEFAULT_CLUSTERSET_DIR, ClusterSetError, load_clusterset
-from discovery.convert import MCS_GROUP, MCS_VERSION, format_timestamp, service_export_object
+from discovery.convert import MCS_GROUP, format_timestamp, service_export_object
 from discovery.manifests import ManifestSource
 from discovery.model import DiscoveryError, ServiceKey, namespace, service_name
 from federation.files import write_atomic
 from meshfed.output import console, fail, output_option, print_json
-
-PLURAL = "serviceexports"
 
 
 class ExportError(Exception):
@@ -221,90 +219,63 @@ def unexport_local(*, clusterset: Path, cluster: str, service: str, ns: str) -> 
 
 
 def _api(kubeconfig: str | None, context: str) -> Any:
-    from kubernetes import config
-    from kubernetes.config.config_exception import ConfigException
+    from discovery.kube import KubeConfigError, load_api_client
 
     try:
-        return config.new_client_from_config(config_file=kubeconfig, context=context)  # type: ignore[no-untyped-call]
-    except (ConfigException, OSError, ValueError, TypeError) as exc:
+        return load_api_client(kubeconfig=kubeconfig, context=context)
+    except KubeConfigError as exc:
         raise ExportError(
             f"cannot use kubeconfig context {context!r}: {exc}",
             hint="check --kubeconfig and `kubectl config get-contexts`",
         ) from exc
 
 
-def _api_message(exc: Any) -> str:
-    import json
+def _api_failure(exc: Exception, context: str) -> ExportError:
+    """A Kubernetes error (``discovery.kube.KubeError``) as the command reports it."""
+    from discovery.kube import KubeApiError
 
-    try:
-        body = json.loads(exc.body)
-        return str(body.get("message") or exc.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(getattr(exc, "reason", exc))
+    if isinstance(exc, KubeApiError):
+        return ExportError(f"the API server of context {context} refused: {exc.status} {exc.message or exc.reason}")
+    return ExportError(f"cannot reach the API server of context {context}: {exc}")
 
 
 def export_remote(*, kubeconfig: str | None, context: str, service: str, ns: str, force: bool = False) -> ExportOutcome:
-    """Create the ServiceExport object in the cluster of kubeconfig ``context``."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
+    """Create the ServiceExport object in the cluster of kubeconfig ``context`` (through ``discovery.kube``'s
+    client: the one place kubeconfig is loaded and ServiceExports are written)."""
+    from discovery.kube import KubeError, create_service_export_sync, get_service_export_sync, service_exists_sync
 
     key = _key(service, ns)
     api = _api(kubeconfig, context)
     try:
-        if not force:
-            try:
-                client.CoreV1Api(api).read_namespaced_service(key.name, key.namespace)
-            except ApiException as exc:
-                if exc.status == 404:
-                    raise ExportError(
-                        f"Service {key.namespace}/{key.name} does not exist in context {context}",
-                        hint="create the Service first, or pass --force to export it ahead of the Service",
-                    ) from None
-                raise
-        custom = client.CustomObjectsApi(api)
-        body = {
-            "apiVersion": f"{MCS_GROUP}/{MCS_VERSION}",
-            "kind": "ServiceExport",
-            "metadata": {"name": key.name, "namespace": key.namespace},
-        }
-        try:
-            obj = custom.create_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace, PLURAL, body)
-            action = "exported"
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            obj = custom.get_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace, PLURAL, key.name)
-            action = "already-exported"
-    except ApiException as exc:
-        raise ExportError(f"the API server of context {context} refused: {exc.status} {_api_message(exc)}") from exc
-    except HTTPError as exc:
-        raise ExportError(f"cannot reach the API server of context {context}: {exc}") from exc
+        if not force and not service_exists_sync(api, key):
+            raise ExportError(
+                f"Service {key.namespace}/{key.name} does not exist in context {context}",
+                hint="create the Service first, or pass --force to export it ahead of the Service",
+            )
+        created = create_service_export_sync(api, key, exist_ok=True)
+        obj = get_service_export_sync(api, key)
+    except KubeError as exc:
+        raise _api_failure(exc, context) from exc
     finally:
         api.close()
-    meta = obj.get("metadata") if isinstance(obj, dict) else None
-    created = str(meta.get("creationTimestamp") or "") if isinstance(meta, dict) else ""
-    return ExportOutcome(action, context, key.namespace, key.name, f"context {context}", created)
+    meta = obj.get("metadata") if obj is not None else None
+    stamp = str(meta.get("creationTimestamp") or "") if isinstance(meta, dict) else ""
+    return ExportOutcome("exported" if created else "already-exported", context, key.namespace, key.name,
+                         f"context {context}", stamp)
 
 
 def unexport_remote(*, kubeconfig: str | None, context: str, service: str, ns: str) -> ExportOutcome:
     """Delete the ServiceExport object in the cluster of kubeconfig ``context``."""
-    from kubernetes import client
-    from kubernetes.client.exceptions import ApiException
-    from urllib3.exceptions import HTTPError
+    from discovery.kube import KubeError, KubeNotFound, delete_service_export_sync
 
     key = _key(service, ns)
     api = _api(kubeconfig, context)
     try:
-        client.CustomObjectsApi(api).delete_namespaced_custom_object(
-            MCS_GROUP, MCS_VERSION, key.namespace, PLURAL, key.name
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            raise NotExported(f"{key.namespace}/{key.name} is not exported in context {context}") from None
-        raise ExportError(f"the API server of context {context} refused: {exc.status} {_api_message(exc)}") from exc
-    except HTTPError as exc:
-        raise ExportError(f"cannot reach the API server of context {context}: {exc}") from exc
+        delete_service_export_sync(api, key)
+    except KubeNotFound:
+        raise NotExported(f"{key.namespace}/{key.name} is not exported in context {context}") from None
+    except KubeError as exc:
+        raise _api_failure(exc, context) from exc
     finally:
         api.close()
     return ExportOutcome("unexported", context, key.namespace, key.name, f"context {context}")

@@ -37,6 +37,7 @@ from discovery.kube.client import (
     delete_service_export_sync,
     get_service_export_sync,
     load_api_client,
+    service_exists_sync,
 )
 from discovery.kube.errors import (
     KubeAlreadyExists,
@@ -76,4 +77,5 @@ __all__ = [
     "delete_service_export_sync",
     "get_service_export_sync",
     "load_api_client",
+    "service_exists_sync",
 ]

@@ -50,7 +50,7 @@ def load_api_client(
             config_file=str(kubeconfig) if kubeconfig is not None else None, context=context
         )
         return api
-    except (ConfigException, OSError, ValueError) as exc:
+    except (ConfigException, OSError, ValueError, TypeError) as exc:
         where = str(kubeconfig) if kubeconfig is not None else "the default kubeconfig"
         ctx = f" context {context!r}" if context else ""
         raise KubeConfigError(f"{where}{ctx}: {exc}") from exc
@@ -93,6 +93,17 @@ def delete_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, mi
             return False
         raise
     log.info("service_export_deleted namespace=%s name=%s", key.namespace, key.name)
+    return True
+
+
+def service_exists_sync(api: k8s_client.ApiClient, key: ServiceKey) -> bool:
+    """Whether the API server holds the Service ``key``."""
+    core = k8s_client.CoreV1Api(api)
+    try:
+        api_request(f"get Service {key.namespace}/{key.name}",
+                    lambda: core.read_namespaced_service(key.name, key.namespace))
+    except KubeNotFound:
+        return False
     return True
 
 
