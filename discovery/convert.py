@@ -15,12 +15,23 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
 from discovery import authz, policy
-from discovery.fields import ConversionError, UnsupportedKind, as_bool, as_list, as_mapping, as_str, object_ref, type_of
+from discovery.fields import (
+    ConversionError,
+    UnsupportedKind,
+    as_bool,
+    as_list,
+    as_mapping,
+    as_str,
+    format_timestamp,
+    object_ref,
+    parse_timestamp,
+    type_of,
+)
 from discovery.model import (
     ClusterId,
     DiscoveryError,
@@ -142,30 +153,6 @@ def _key(obj: Mapping[str, Any]) -> ServiceKey:
         return ServiceKey(namespace=ns_v, name=service_name(name))
     except DiscoveryError as exc:
         raise ConversionError("metadata.name", str(exc)) from None
-
-
-def parse_timestamp(value: Any, path: str) -> datetime:
-    """An RFC 3339 timestamp (string, or the datetime YAML already made of it) as an aware UTC datetime."""
-    if isinstance(value, datetime):
-        stamp = value
-    elif isinstance(value, str) and value:
-        text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
-        try:
-            stamp = datetime.fromisoformat(text)
-        except ValueError:
-            raise ConversionError(path, f"{value!r} is not an RFC 3339 timestamp like 2026-01-01T00:00:00Z") from None
-    else:
-        raise ConversionError(path, "required (an RFC 3339 timestamp like 2026-01-01T00:00:00Z)")
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=UTC)
-    return stamp.astimezone(UTC)
-
-
-def format_timestamp(stamp: datetime) -> str:
-    """The Kubernetes form of a timestamp: RFC 3339, UTC, whole seconds, ``Z``."""
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=UTC)
-    return stamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --------------------------------------------------------------------------------------------------------------

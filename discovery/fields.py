@@ -1,6 +1,7 @@
 """Reading the fields of a raw Kubernetes object (a dict, as parsed YAML or API JSON), with the path of each field
-at hand so an error can name it (``spec.ports[1].port``); and the conversion errors every converter raises
-(``discovery.convert``, ``discovery.policy``, ``discovery.authz``).
+at hand so an error can name it (``spec.ports[1].port``); Kubernetes timestamps read and written
+(:func:`parse_timestamp`, :func:`format_timestamp`, also used for the MCS conflict messages); and the conversion
+errors every converter raises (``discovery.convert``, ``discovery.policy``, ``discovery.authz``).
 
 Exception tree (this module; ``DiscoveryError`` lives in ``discovery.model``)::
 
@@ -12,6 +13,7 @@ Exception tree (this module; ``DiscoveryError`` lives in ``discovery.model``)::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from discovery.model import DiscoveryError
@@ -113,3 +115,27 @@ def as_bool(value: Any, path: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise ConversionError(path, f"must be true or false, got {value!r}")
     return value
+
+
+def parse_timestamp(value: Any, path: str) -> datetime:
+    """An RFC 3339 timestamp (string, or the datetime YAML already made of it) as an aware UTC datetime."""
+    if isinstance(value, datetime):
+        stamp = value
+    elif isinstance(value, str) and value:
+        text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+        try:
+            stamp = datetime.fromisoformat(text)
+        except ValueError:
+            raise ConversionError(path, f"{value!r} is not an RFC 3339 timestamp like 2026-01-01T00:00:00Z") from None
+    else:
+        raise ConversionError(path, "required (an RFC 3339 timestamp like 2026-01-01T00:00:00Z)")
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp.astimezone(UTC)
+
+
+def format_timestamp(stamp: datetime) -> str:
+    """The Kubernetes form of a timestamp: RFC 3339, UTC, whole seconds, ``Z``."""
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

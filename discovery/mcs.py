@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from discovery.fields import format_timestamp
 from discovery.model import (
     ClusterId,
     Condition,
@@ -90,10 +91,6 @@ class McsResult:
 
 def _utc(stamp: datetime) -> datetime:
     return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
-
-
-def _stamp(stamp: datetime) -> str:
-    return _utc(stamp).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def rank(export: ServiceExport) -> tuple[datetime, str]:
@@ -165,7 +162,7 @@ def _conflict_condition(
     n = len(members)
     reasons: list[str] = []
     parts: list[str] = []
-    resolved = f"resolved by the oldest export ({winner.cluster}, {_stamp(winner.created)})"
+    resolved = f"resolved by the oldest export ({winner.cluster}, {format_timestamp(winner.created)})"
     if clashes:
         reasons.append(REASON_PORT_CONFLICT)
         disagree = len({c.loser for c in clashes})
