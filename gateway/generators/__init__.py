@@ -11,23 +11,18 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-
 from gateway.context import ProxyInfo, PushContext
 from gateway.generators import cds, eds, lds, rds, sds
-from gateway.generators.common import type_url
+from gateway.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 
 Generator = Callable[[ProxyInfo, frozenset[str] | None, PushContext], dict[str, Any]]
 
-CLUSTER_TYPE = type_url(cluster_pb2.Cluster)
-ENDPOINT_TYPE = type_url(endpoint_pb2.ClusterLoadAssignment)
-LISTENER_TYPE = type_url(listener_pb2.Listener)
-ROUTE_TYPE = type_url(route_pb2.RouteConfiguration)
-SECRET_TYPE = type_url(secret_pb2.Secret)
+# The type URLs are defined once, in gateway.snapshot (the names here are the generators' own spelling).
+CLUSTER_TYPE = CLUSTER
+ENDPOINT_TYPE = ENDPOINT
+LISTENER_TYPE = LISTENER
+ROUTE_TYPE = ROUTE
+SECRET_TYPE = SECRET
 
 GENERATORS: Mapping[str, Generator] = MappingProxyType({
     CLUSTER_TYPE: cds.generate,
