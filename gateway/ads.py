@@ -49,7 +49,7 @@ import grpc
 from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from gateway.auth import AuthenticationError, Authenticator, NodeMismatch, ProxyIdentity, check_node
+from gateway.auth import AuthenticationError, Authenticator, NodeMismatch, ProxyIdentity, binding, check_node
 from gateway.cache import SnapshotCache
 from gateway.peerauth import PEER_CERT_KEY, peer_metadata
 from gateway.snapshot import SECRET, TYPE_ORDER, WILDCARD_TYPES, Entry, Snapshot, touched, wire_field
@@ -84,6 +84,7 @@ class XdsStats:
     streams_opened: int = 0
     streams_refused: int = 0
     secrets_withheld: int = 0  # certificates not sent because they were not the stream's identity's
+    streams_revoked: int = 0  # streams closed because their identity's token was revoked
     wakeups_skipped: int = 0  # snapshot changes a stream was not woken for (nothing it holds or asked for changed)
 
     def snapshot(self) -> dict[str, int]:
@@ -217,6 +218,8 @@ class _Stream(Generic[_TypeState]):
         self.queue: deque[Any] = deque()
         self.closed = False
         self.held: dict[str, list[str]] = {}  # type URL -> nonces sent and not yet answered, oldest first
+        self.revoked = False  # the authenticator revoked the identity this stream authenticated as
+        self.wake: asyncio.Event | None = None
         self._order: list[str] = []  # self.types' URLs in push order
 
     async def run(self) -> None:
@@ -250,12 +253,20 @@ class _Stream(Generic[_TypeState]):
         server.stats.streams_opened += 1
         log.info("xds stream opened node=%s variant=%s identity=%s", self.node_id, self.variant, self.identity)
         self.queue.append(first)
+        self.wake = wake
         wake.set()
+        server.streams.add(self)
         reader = asyncio.create_task(self._read(wake), name=f"xds-read-{self.node_id}")
         try:
             while True:
                 await wake.wait()
                 wake.clear()
+                if self.revoked:
+                    server.stats.streams_revoked += 1
+                    log.warning("xds stream closed: its token was revoked node=%s identity=%s", self.node_id,
+                                self.identity)
+                    await self.context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                             f"the token this stream authenticated with ({self.identity}) was revoked")
                 while self.queue:
                     request = self.queue.popleft()
                     if request is None:
@@ -265,11 +276,14 @@ class _Stream(Generic[_TypeState]):
         except asyncio.CancelledError:
             log.debug("xds stream cancelled node=%s variant=%s", self.node_id, self.variant)
             raise
+        except grpc.aio.AbortError:
+            raise
         except Exception:
             log.exception("xds stream failed node=%s variant=%s", self.node_id, self.variant)
             raise
         finally:
             self.closed = True
+            server.streams.discard(self)
             for nonces in self.held.values():
                 for nonce in nonces:
                     self.server.inflight.release(nonce)
@@ -725,6 +739,18 @@ class AdsServer:
         self.inflight = InflightBudget(inflight_bytes, answer_timeout=answer_timeout)
         self.build_slot = asyncio.Lock()  # one big response built per event-loop iteration (see _Stream.send)
         self.stats = XdsStats()
+        self.streams: set[_Stream[Any]] = set()  # open, authenticated streams
+        revocations = getattr(authenticator, "on_revoke", None)
+        if callable(revocations):
+            revocations(self.revoke)
+
+    def revoke(self, identities: frozenset[ProxyIdentity]) -> None:
+        """Close every open stream authenticated as one of ``identities`` (their tokens were revoked)."""
+        revoked = {binding(i) for i in identities}
+        for stream in list(self.streams):
+            if stream.identity is not None and binding(stream.identity) in revoked and stream.wake is not None:
+                stream.revoked = True
+                stream.wake.set()
 
     def next_nonce(self) -> str:
         return str(next(self._nonces))

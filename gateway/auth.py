@@ -83,6 +83,12 @@ class ProxyIdentity:
         return f"{self.cluster}/{self.namespace}/{self.service_account}{bound}"
 
 
+def binding(identity: ProxyIdentity) -> tuple[ProxyIdentity, str | None, str | None]:
+    """An identity with what its credential is bound to (the node or pod), which its equality leaves out: two
+    workloads of one service account are one identity but two credentials, and revoking one keeps the other."""
+    return identity, identity.node_id, identity.pod
+
+
 #: The node id kinds and the proxy kind (``MESHFED_KIND`` node metadata, gateway.context.ProxyKind) each names.
 KIND_OF_NODE: Mapping[str, str] = {"sidecar": "sidecar", "router": "gateway", "gateway": "gateway",
                                    "proxyless": "grpc", "grpc": "grpc"}
@@ -220,7 +226,13 @@ class TokenTableAuthenticator:
 
     def __init__(self, tokens: Mapping[str, ProxyIdentity] | None = None) -> None:
         self._table: list[tuple[bytes, ProxyIdentity]] = []
+        self._revoked: list[Callable[[frozenset[ProxyIdentity]], None]] = []
         self.reset(tokens or {})
+
+    def on_revoke(self, listener: Callable[[frozenset[ProxyIdentity]], None]) -> None:
+        """Call ``listener(identities)`` when a reset leaves ``identities`` without any token: the ADS server
+        closes the streams they opened (a revoked workload keeps nothing it was served, and gets nothing new)."""
+        self._revoked.append(listener)
 
     @staticmethod
     def _entry(token: str, identity: ProxyIdentity) -> tuple[bytes, ProxyIdentity]:
@@ -233,8 +245,15 @@ class TokenTableAuthenticator:
 
     def reset(self, tokens: Mapping[str, ProxyIdentity]) -> None:
         """Replace the whole table: a token no longer listed stops working at once (a stream it opened before
-        stays open). Raises ValueError naming the identity of a bad entry, and then changes nothing."""
-        self._table = [self._entry(token, identity) for token, identity in tokens.items()]
+        is closed by the ADS server, see ``on_revoke``). Raises ValueError naming the identity of a bad entry, and
+        then changes nothing."""
+        table = [self._entry(token, identity) for token, identity in tokens.items()]
+        kept = {binding(i) for _, i in table}
+        gone = frozenset(i for _, i in self._table if binding(i) not in kept)
+        self._table = table
+        if gone:
+            for listener in self._revoked:
+                listener(gone)
 
     def __len__(self) -> int:
         return len(self._table)

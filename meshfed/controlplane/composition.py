@@ -144,6 +144,8 @@ class ControlPlane:
             self.admin_port = await serve_admin(stack, cfg.admin, AdminEndpoints(
                 readiness=self._readiness, status=self.status, metrics=self._metrics))
             self._tasks.append(asyncio.create_task(self._dns_loop(), name="dns-update"))
+            if isinstance(self.auth, ReloadingTokens):
+                self._tasks.append(asyncio.create_task(self._tokens_loop(self.auth), name="xds-tokens"))
             self._tasks.append(asyncio.create_task(
                 self.trust.run(issuer=self.issuer, on_reload=lambda: self._changed("trust")), name="trust"))
             await self.dns.update(self.registry)
@@ -243,6 +245,13 @@ class ControlPlane:
             self._publish()
             self._changed(self.config.source, configs)
             self._first_local.set()
+
+    async def _tokens_loop(self, tokens: ReloadingTokens) -> None:
+        """Re-read ``tokens.json`` as often as the manifests: a token the runner removed stops working, and the
+        streams it opened are closed (``TokenTableAuthenticator.on_revoke``), without waiting for a new stream."""
+        while True:
+            await asyncio.sleep(self.config.manifest_poll_s)
+            tokens.reload()
 
     async def _on_catalog(self, catalog: Catalog) -> None:
         """The federation's catalog moved: take the shards that changed (O(1) per shard here: the agent shares

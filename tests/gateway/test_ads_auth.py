@@ -130,3 +130,39 @@ async def test_ads_with_token_review(kube: KubeApiDouble) -> None:
             await stranger.request(CLUSTER)
             await stranger.recv()
         assert err2.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_revoked_token_closes_the_streams_it_opened_and_only_those() -> None:
+    """Removing a workload's token from the table ends its open stream with UNAUTHENTICATED (it would otherwise be
+    served, new certificates included, until it reconnected); another workload's stream stays open and served."""
+    web = ProxyIdentity(namespace="shop", service_account="web", cluster="east")
+    db = ProxyIdentity(namespace="shop", service_account="db", cluster="east")
+    node_web = make_node_id(kind="sidecar", ip="10.0.0.1", pod="web-1", namespace="shop")
+    node_db = make_node_id(kind="sidecar", ip="10.0.0.2", pod="db-1", namespace="shop")
+    web_token, db_token = "w" * 32, "d" * 32
+    table = TokenTableAuthenticator({web_token: web, db_token: db})
+    cache = SnapshotCache()
+    cache.set_snapshot(node_web, snapshot({"a": (1,)}))
+    cache.set_snapshot(node_db, snapshot({"a": (1,)}))
+    async with AdsServer(cache=cache, authenticator=table) as srv:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+            web_stream, db_stream = SotwClient(channel, node_web, web_token), SotwClient(
+                channel, node_db, db_token, SERVICE_ACCOUNT="db")
+            for client in (web_stream, db_stream):
+                await client.request(CLUSTER)
+                first = await client.recv()
+                assert names_of(first) == ["a"]
+                await client.ack(first)
+            table.reset({db_token: db})  # web's token is gone
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await web_stream.recv()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (err.value.details() or "")
+            assert srv.stats.streams_revoked == 1
+            cache.set_snapshot(node_db, snapshot({"a": (1,), "b": (2,)}))
+            assert names_of(await db_stream.recv()) == ["a", "b"]
+            refused = SotwClient(channel, node_web, web_token)  # and the token opens nothing new
+            await refused.request(CLUSTER)
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await refused.recv()
+            assert again.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            await db_stream.close()

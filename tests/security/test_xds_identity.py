@@ -432,3 +432,23 @@ async def wait_until(predicate: Any, limit: float = 20.0) -> None:
     while not predicate():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+async def test_a_token_removed_from_tokens_json_closes_its_open_stream(cp: ControlPlane, tmp_path: Path) -> None:
+    """The runner (or an operator) removes sleep's token from tokens.json: the control plane re-reads the file by
+    itself and closes the stream sleep opened with it (UNAUTHENTICATED), so a revoked workload is served nothing
+    more, no renewed certificate above all; reviews' stream is untouched."""
+    async with channel(cp) as ch:
+        sleep = SotwClient(ch, SLEEP_NODE, SLEEP_TOKEN, **sleep_meta())
+        reviews = SotwClient(ch, REVIEWS_NODE, REVIEWS_TOKEN, **reviews_meta())
+        assert leaf_spiffe_ids((await fetch(sleep, SECRET, ["default"]))["_resources"]) == [
+            f"spiffe://{TD}/ns/default/sa/sleep"]
+        await fetch(reviews, CLUSTER)
+        write_private(tmp_path / "tokens.json", json.dumps({
+            token: {"namespace": "default", "service_account": sa, "cluster": "east", "node_id": node}
+            for token, (sa, node) in TOKENS.items() if token != SLEEP_TOKEN}))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(sleep.recv(), 20)  # bounds only a hung test; the poll is every 0.5 s
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+        assert cp.ads is not None and cp.ads.stats.streams_revoked == 1
+        assert (await fetch(reviews, LISTENER))["_resources"]  # reviews is still served
