@@ -42,7 +42,6 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as network_rbac_pb2
 from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
-from google.protobuf import any_pb2
 
 from discovery.authz import (
     Action,
@@ -56,6 +55,7 @@ from discovery.authz import (
 )
 from discovery.model import Service
 from discovery.protocols import NOT_TCP, is_http, port_protocol
+from gateway.anypb import pack
 
 RBAC_FILTER = "envoy.filters.http.rbac"
 NETWORK_RBAC_FILTER = "envoy.filters.network.rbac"
@@ -374,9 +374,7 @@ def network_rbac_filters(deny: Sequence[AuthorizationPolicy], allow: Sequence[Au
             continue
         config = network_rbac_pb2.RBAC(rules=rbac_config(policies, action, listener_ports, l4=True),
                                        stat_prefix=f"{stat_prefix}.{prefix}")
-        wrapped = any_pb2.Any()
-        wrapped.Pack(config)
-        out.append(listener_components_pb2.Filter(name=NETWORK_RBAC_FILTER, typed_config=wrapped))
+        out.append(listener_components_pb2.Filter(name=NETWORK_RBAC_FILTER, typed_config=pack(config)))
     return out
 
 
@@ -409,9 +407,7 @@ def tcp_port_problems(policies: Iterable[AuthorizationPolicy], services: Iterabl
 
 def _http_filter(rules: Any, stat_prefix: str) -> Any:
     config = http_rbac_pb2.RBAC(rules=rules, rules_stat_prefix=stat_prefix, track_per_rule_stats=True)
-    wrapped = any_pb2.Any()
-    wrapped.Pack(config)
-    return hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=wrapped)
+    return hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=pack(config))
 
 
 # --------------------------------------------------------------------------------------------------------------

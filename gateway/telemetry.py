@@ -52,9 +52,10 @@ from envoy.extensions.access_loggers.stats.v3 import stats_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from google.protobuf import any_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import struct_pb2, wrappers_pb2
 
 from discovery.model import ServiceKey
+from gateway.anypb import pack
 from gateway.context import ProxyInfo, PushContext
 
 STATS_LOGGER = "envoy.access_loggers.stats"
@@ -118,12 +119,6 @@ ACCESS_LOG_FIELDS: Mapping[str, str] = {
 }
 
 
-def _pack(message: Any) -> Any:
-    wrapped = any_pb2.Any()
-    wrapped.Pack(message)
-    return wrapped
-
-
 def _literal(value: str) -> str:
     """A constant inside an access-log format string (``%`` is the only character the formatter interprets)."""
     return value.replace("%", "%%")
@@ -170,7 +165,7 @@ def _stats_logger(tags: Iterable[tuple[str, str]], *, duration: bool = True) -> 
         config.histograms.append(stats_pb2.Config.Histogram(
             stat=stats_pb2.Config.Stat(name=DURATION, tags=tag_list),
             unit=stats_pb2.Config.Histogram.Unit.Milliseconds, value_format="%DURATION%"))
-    return accesslog_pb2.AccessLog(name=STATS_LOGGER, typed_config=_pack(config))
+    return accesslog_pb2.AccessLog(name=STATS_LOGGER, typed_config=pack(config))
 
 
 def _json_logger(extra: Mapping[str, str]) -> Any:
@@ -178,7 +173,7 @@ def _json_logger(extra: Mapping[str, str]) -> Any:
     fields.update({**extra, **ACCESS_LOG_FIELDS})
     fmt = substitution_format_string_pb2.SubstitutionFormatString(json_format=fields)
     return accesslog_pb2.AccessLog(name=STDOUT_LOGGER,
-                                   typed_config=_pack(stream_pb2.StdoutAccessLog(log_format=fmt)))
+                                   typed_config=pack(stream_pb2.StdoutAccessLog(log_format=fmt)))
 
 
 def outbound_access_logs(*, cluster: str, spiffe_id: str) -> list[Any]:
@@ -235,14 +230,14 @@ def gateway_access_logs(*, cluster: str, service: str) -> list[Any]:
     fields = struct_pb2.Struct()
     fields.update(log)
     fmt = substitution_format_string_pb2.SubstitutionFormatString(json_format=fields)
-    return [accesslog_pb2.AccessLog(name=STATS_LOGGER, typed_config=_pack(config)),
-            accesslog_pb2.AccessLog(name=STDOUT_LOGGER, typed_config=_pack(stream_pb2.StdoutAccessLog(log_format=fmt)))]
+    return [accesslog_pb2.AccessLog(name=STATS_LOGGER, typed_config=pack(config)),
+            accesslog_pb2.AccessLog(name=STDOUT_LOGGER, typed_config=pack(stream_pb2.StdoutAccessLog(log_format=fmt)))]
 
 
 def source_cluster_filter() -> Any:
     """The inbound HTTP filter (first in the chain) that records the caller's cluster from its certificate."""
     lua = lua_pb2.Lua(default_source_code=base_pb2.DataSource(inline_string=SOURCE_CLUSTER_LUA))
-    return hcm_pb2.HttpFilter(name=LUA_FILTER, typed_config=_pack(lua))
+    return hcm_pb2.HttpFilter(name=LUA_FILTER, typed_config=pack(lua))
 
 
 def instrument_inbound(hcm: Any, *, cluster: str, service: str, spiffe_id: str) -> Any:

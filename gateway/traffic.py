@@ -33,7 +33,7 @@ from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.retry.priority.previous_priorities.v3 import previous_priorities_config_pb2
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
 from discovery.model import ClusterInfo, ServiceKey, ServicePort
 from discovery.policy import (
@@ -53,6 +53,7 @@ from discovery.policy import (
     TrafficPolicy,
     VirtualService,
 )
+from gateway.anypb import pack
 from gateway.context import UpstreamEndpoint, outbound_cluster_name, subset_cluster_name
 
 # Defaults (documented in docs/traffic-policy.md; a DestinationRule's outlierDetection overrides field by field).
@@ -332,12 +333,12 @@ def retry_policy(retries: Retries) -> Any | None:
         num_retries=_u32(retries.attempts),
         retry_host_predicate=[route_components_pb2.RetryPolicy.RetryHostPredicate(
             name="envoy.retry_host_predicates.previous_hosts",
-            typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()),
+            typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()),
         )],
         host_selection_retry_max_attempts=5,
         retry_priority=route_components_pb2.RetryPolicy.RetryPriority(
             name="envoy.retry_priorities.previous_priorities",
-            typed_config=_pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1)),
+            typed_config=pack(previous_priorities_config_pb2.PreviousPrioritiesConfig(update_frequency=1)),
         ),
     )
     conditions = [c.strip() for c in retry_on.split(",") if c.strip()]
@@ -358,12 +359,6 @@ def default_retry_policy() -> Any:
     policy = retry_policy(Retries(attempts=DEFAULT_RETRY_ATTEMPTS))
     assert policy is not None
     return policy
-
-
-def _pack(message: Any) -> Any:
-    wrapped = any_pb2.Any()
-    wrapped.Pack(message)
-    return wrapped
 
 
 def destination_cluster(dest_key: ServiceKey, subset: str, port: int | None, *, vhost_port: int,

@@ -7,22 +7,16 @@ from typing import Any
 from envoy.config.core.v3 import address_pb2, config_source_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 
+from gateway.anypb import pack as pack
+from gateway.anypb import type_url as type_url
 from gateway.context import PushContext
 
 TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
 
 
-def pack(message: Any) -> Any:
-    """Wrap ``message`` in a ``google.protobuf.Any`` (type URL ``type.googleapis.com/<full name>``)."""
-    wrapped = any_pb2.Any()
-    wrapped.Pack(message)
-    return wrapped
-
-
-def type_url(message_class: Any) -> str:
-    return f"type.googleapis.com/{message_class.DESCRIPTOR.full_name}"
+# pack and type_url are gateway.anypb's (imported here for the generators).
 
 
 def duration(seconds: float) -> Any:
