@@ -1,0 +1,253 @@
+"""The IO edge of a netns local run: builds a :class:`meshfed.netplan.NetPlan` with ``ip`` (bridges, veth pairs,
+network namespaces, routes, ``/etc/netns/<ns>/resolv.conf``) and iptables inside the namespaces it made, and
+removes exactly what it made.
+
+Every item is *recorded before it is created* (``record`` is called first, and the local runner writes it to the
+run's ``state.json`` at once), so :func:`teardown` removes everything also after ``meshfed up`` crashed halfway.
+Teardown deletes only recorded names that :func:`meshfed.netplan.is_ours` accepts for the run's id, and only those
+that still exist. iptables runs only through ``ip netns exec <one of our namespaces>``, never in the root
+namespace; the root namespace gets only the bridges (with one address each) and the host ends of the veth pairs.
+
+Exception tree (this module)::
+
+    NetnsError      an ``ip``/``iptables`` command failed, or the bed cannot be built here; the message has its
+                    stderr or the reason
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from meshfed.netplan import (
+    GW_CLUSTER_IF,
+    GW_PUBLIC_IF,
+    POD_IF,
+    NetPlan,
+    free_slot,
+    gateway_rules,
+    heal_rules,
+    is_ours,
+    partition_rules,
+    pod_filter_rules,
+    resolv_conf,
+)
+
+log = logging.getLogger("meshfed.netns")
+
+TIMEOUT = 60.0
+ETC_NETNS = Path("/etc/netns")
+TOOLS = ("ip", "iptables-restore", "setpriv", "sysctl")
+
+Record = Callable[[Mapping[str, str]], None]
+
+
+class NetnsError(Exception):
+    """A command building or removing the bed failed, or the bed cannot be built on this machine."""
+
+
+def available() -> tuple[bool, str]:
+    """Whether this machine can hold the netns bed, and why (or why not), in words for ``meshfed up``."""
+    if os.geteuid() != 0:
+        return False, "not root (network namespaces and iptables need root)"
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        return False, f"{', '.join(missing)} not found (Debian: iproute2, iptables, util-linux, procps)"
+    if not Path("/proc/self/ns/net").exists():
+        return False, "this kernel has no network namespaces"
+    return True, "root, with ip, iptables, setpriv and sysctl"
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(2)
+
+
+def run(argv: Sequence[str], *, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run one command (bounded); ``NetnsError`` with its stderr if it fails and ``check``."""
+    try:
+        done = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    except FileNotFoundError as exc:
+        raise NetnsError(f"{argv[0]} not found") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise NetnsError(f"{' '.join(argv)} did not finish within {TIMEOUT:.0f}s") from exc
+    if check and done.returncode != 0:
+        raise NetnsError(f"{' '.join(argv)} failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}")
+    return done
+
+
+def in_ns(netns: str, argv: Sequence[str]) -> list[str]:
+    """``argv`` run inside ``netns`` (``ip netns exec`` also bind-mounts its ``/etc/netns/<ns>/resolv.conf``)."""
+    return ["ip", "netns", "exec", netns, *argv]
+
+
+def root_prefixes() -> list[str]:
+    """Every IPv4 route destination (all tables) and address of the root namespace, as CIDRs."""
+    out: list[str] = []
+    routes = json.loads(run(["ip", "-4", "-j", "route", "show", "table", "all"]).stdout or "[]")
+    for r in routes:
+        dst = str(r.get("dst", ""))
+        if dst and dst != "default":
+            out.append(dst)
+    for link in json.loads(run(["ip", "-4", "-j", "addr", "show"]).stdout or "[]"):
+        for a in link.get("addr_info", []):
+            out.append(f"{a['local']}/{a.get('prefixlen', 32)}")
+    return out
+
+
+def pick_slot() -> int:
+    slot = free_slot(root_prefixes())
+    if slot is None:
+        raise NetnsError("every 10.x/12 slot overlaps a route or address of this machine; no room for the bed")
+    return slot
+
+
+def namespaces() -> set[str]:
+    done = run(["ip", "netns", "list"], check=False)
+    return {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+
+
+def links() -> set[str]:
+    done = run(["ip", "-o", "link", "show"], check=False)
+    names: set[str] = set()
+    for line in done.stdout.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) >= 2:
+            names.add(parts[1].strip().split("@")[0])
+    return names
+
+
+# ---- building ------------------------------------------------------------------------------------------------
+
+
+def build(plan: NetPlan, record: Record) -> None:
+    """Create the plan's bridges, gateway and pod namespaces, links, routes, resolv.conf files and rules. Each item
+    is passed to ``record`` before it is created; a failure raises ``NetnsError`` (the caller tears down)."""
+    _bridge(plan.public_bridge, f"{plan.public_root_ip}/{plan.public_cidr.split('/')[1]}", record)
+    for c in plan.clusters:
+        _bridge(c.bridge, f"{c.root_ip}/{c.cidr.split('/')[1]}", record)
+    for c in plan.clusters:
+        gw = c.gateway
+        _netns(gw.netns, record)
+        _veth(gw.cluster_host_if, gw.netns, GW_CLUSTER_IF, c.bridge, f"{gw.cluster_ip}/16", record)
+        _veth(gw.public_host_if, gw.netns, GW_PUBLIC_IF, plan.public_bridge,
+              f"{gw.public_ip}/{plan.public_cidr.split('/')[1]}", record)
+        run(in_ns(gw.netns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
+        run(in_ns(gw.netns, ["iptables-restore", "--noflush"]), stdin=gateway_rules(plan, c))
+    for pod in plan.pods:
+        _netns(pod.netns, record)
+        _veth(pod.host_if, pod.netns, POD_IF, pod.bridge, pod.cidr, record)
+        for dst in (plan.public_cidr, plan.vip_cidr):
+            run(["ip", "-n", pod.netns, "route", "add", dst, "via", pod.gateway_ip, "dev", POD_IF])
+        conf = ETC_NETNS / pod.netns
+        record({"kind": "dir", "name": pod.netns, "path": str(conf)})
+        conf.mkdir(parents=True, exist_ok=True)
+        (conf / "resolv.conf").write_text(resolv_conf(pod))
+        run(in_ns(pod.netns, ["iptables-restore", "--noflush"]), stdin=pod_filter_rules(pod))
+    log.info("netns bed built run=%s slot=%d namespaces=%d", plan.run_id, plan.slot, len(plan.namespaces()))
+
+
+def _bridge(name: str, address: str, record: Record) -> None:
+    record({"kind": "link", "name": name})
+    run(["ip", "link", "add", name, "type", "bridge"])
+    run(["ip", "addr", "add", address, "dev", name])
+    run(["ip", "link", "set", name, "up"])
+
+
+def _netns(name: str, record: Record) -> None:
+    record({"kind": "netns", "name": name})
+    run(["ip", "netns", "add", name])
+    run(["ip", "-n", name, "link", "set", "lo", "up"])
+
+
+def _veth(host_if: str, netns: str, inner: str, bridge: str, address: str, record: Record) -> None:
+    """A veth pair: ``host_if`` on ``bridge`` in the root namespace, ``inner`` with ``address`` inside ``netns``."""
+    record({"kind": "link", "name": host_if})
+    run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", inner, "netns", netns])
+    run(["ip", "link", "set", host_if, "master", bridge, "up"])
+    run(["ip", "-n", netns, "addr", "add", address, "dev", inner])
+    run(["ip", "-n", netns, "link", "set", inner, "up"])
+
+
+# ---- removing -------------------------------------------------------------------------------------------------
+
+
+def teardown(created: Iterable[Mapping[str, str]], run_id: str) -> list[str]:
+    """Remove every recorded item of run ``run_id`` that still exists (namespaces first, which takes their veth
+    ends along, then links, then resolv.conf directories); returns what could not be removed (empty: all gone).
+    Names that are not the run's own are never touched."""
+    items = list(created)
+    problems: list[str] = []
+    present_ns = namespaces()
+    for item in items:
+        name = item.get("name", "")
+        if item.get("kind") == "netns" and is_ours(name, run_id) and name in present_ns:
+            done = run(["ip", "netns", "del", name], check=False)
+            if done.returncode != 0:
+                problems.append(f"netns {name}: {done.stderr.strip()}")
+    present_links = links()
+    for item in reversed(items):
+        name = item.get("name", "")
+        if item.get("kind") == "link" and is_ours(name, run_id) and name in present_links:
+            done = run(["ip", "link", "del", name], check=False)
+            if done.returncode != 0 and name in links():
+                problems.append(f"link {name}: {done.stderr.strip()}")
+    for item in items:
+        name = item.get("name", "")
+        path = Path(item.get("path", ""))
+        if item.get("kind") == "dir" and is_ours(name, run_id) and path == ETC_NETNS / name:
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(path)
+    left_ns = namespaces() & {i["name"] for i in items if i.get("kind") == "netns" and is_ours(i["name"], run_id)}
+    left_links = links() & {i["name"] for i in items if i.get("kind") == "link" and is_ours(i["name"], run_id)}
+    problems += [f"netns {n} still exists" for n in sorted(left_ns)]
+    problems += [f"link {n} still exists" for n in sorted(left_links)]
+    log.info("netns bed removed run=%s items=%d problems=%d", run_id, len(items), len(problems))
+    return problems
+
+
+def leftovers(run_id: str) -> list[str]:
+    """Namespaces and links of run ``run_id`` that exist now (a test's check that teardown left nothing)."""
+    return sorted(n for n in namespaces() | links() if is_ours(n, run_id))
+
+
+# ---- faults -----------------------------------------------------------------------------------------------------
+
+
+def partition(plan: NetPlan, cluster: str) -> bool:
+    """Cut ``cluster`` off the public network (iptables DROP on its gateway's public leg, inside the gateway's
+    namespace); False if it already was."""
+    c = plan.cluster(cluster)
+    if partitioned(plan, cluster):
+        return False
+    run(in_ns(c.gateway.netns, ["iptables-restore", "--noflush"]), stdin=partition_rules(plan, c))
+    return True
+
+
+def heal(plan: NetPlan, cluster: str) -> bool:
+    """Undo :func:`partition`; False if ``cluster`` was not partitioned."""
+    c = plan.cluster(cluster)
+    if not partitioned(plan, cluster):
+        return False
+    run(in_ns(c.gateway.netns, ["iptables-restore", "--noflush"]), stdin=heal_rules())
+    return True
+
+
+def partitioned(plan: NetPlan, cluster: str) -> bool:
+    c = plan.cluster(cluster)
+    done = run(in_ns(c.gateway.netns, ["iptables-save", "-t", "filter"]))
+    return ":MESHFED_PARTITION" in done.stdout
+
+
+
+def describe(plan: NetPlan) -> dict[str, Any]:
+    """The plan in a few lines for ``meshfed up``'s progress and ``status``."""
+    return {"slot": plan.slot_cidr, "public": plan.public_cidr, "vips": plan.vip_cidr,
+            "clusters": {c.cluster: c.cidr for c in plan.clusters}}
