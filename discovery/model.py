@@ -86,10 +86,20 @@ class ServiceKey:
 
     namespace: Namespace
     name: ServiceName
+    # The hash, computed once: keys are hashed millions of times (catalogs, registries, the push pipeline's
+    # tables), and a dataclass's own __hash__ builds and hashes a tuple every time.
+    _hash: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _label("namespace", self.namespace)
         _label("service name", self.name)
+        object.__setattr__(self, "_hash", hash((self.namespace, self.name)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[ServiceKey], tuple[str, str]]:
+        return type(self), (self.namespace, self.name)  # the hash is per process: computed again, not copied
 
     def __str__(self) -> str:
         return f"{self.name}.{self.namespace}"

@@ -339,4 +339,5 @@ def _fold(events: list[StoreEvent], members: Mapping[ClusterId, Member], exports
             dirty.update(old_keys)
     new = cat.build(revision=revision, members=members, exports=exports.values(), cidr=cidr, previous=catalog,
                     dirty=dirty)
-    return _Folded(members=members, exports=exports, catalog=new, changes=cat.diff(catalog, new), dirty=len(dirty))
+    changes = cat.diff(catalog, new, keys=None if new.reallocated else dirty)
+    return _Folded(members=members, exports=exports, catalog=new, changes=changes, dirty=len(dirty))

@@ -83,6 +83,9 @@ def test_incremental_build_equals_full_build(steps: list[tuple[str, list[str], b
         assert incremental == full
         # The diff, applied on the client's side, reproduces the new catalog.
         assert cat.apply(current, rev, cat.diff(current, full)) == full
+        # The federation's diff over the dirty keys alone (when no ClusterSetIP moved) is the whole diff.
+        assert cat.diff(current, incremental, keys=None if incremental.reallocated else dirty) == \
+            cat.diff(current, full)
         current = incremental
 
 

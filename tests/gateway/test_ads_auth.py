@@ -144,25 +144,25 @@ async def test_a_revoked_token_closes_the_streams_it_opened_and_only_those() -> 
     cache = SnapshotCache()
     cache.set_snapshot(node_web, snapshot({"a": (1,)}))
     cache.set_snapshot(node_db, snapshot({"a": (1,)}))
-    async with AdsServer(cache=cache, authenticator=table) as srv:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
-            web_stream, db_stream = SotwClient(channel, node_web, web_token), SotwClient(
-                channel, node_db, db_token, SERVICE_ACCOUNT="db")
-            for client in (web_stream, db_stream):
-                await client.request(CLUSTER)
-                first = await client.recv()
-                assert names_of(first) == ["a"]
-                await client.ack(first)
-            table.reset({db_token: db})  # web's token is gone
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await web_stream.recv()
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (err.value.details() or "")
-            assert srv.stats.streams_revoked == 1
-            cache.set_snapshot(node_db, snapshot({"a": (1,), "b": (2,)}))
-            assert names_of(await db_stream.recv()) == ["a", "b"]
-            refused = SotwClient(channel, node_web, web_token)  # and the token opens nothing new
-            await refused.request(CLUSTER)
-            with pytest.raises(grpc.aio.AioRpcError) as again:
-                await refused.recv()
-            assert again.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            await db_stream.close()
+    async with AdsServer(cache=cache, authenticator=table) as srv, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        web_stream, db_stream = SotwClient(channel, node_web, web_token), SotwClient(
+            channel, node_db, db_token, SERVICE_ACCOUNT="db")
+        for client in (web_stream, db_stream):
+            await client.request(CLUSTER)
+            first = await client.recv()
+            assert names_of(first) == ["a"]
+            await client.ack(first)
+        table.reset({db_token: db})  # web's token is gone
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await web_stream.recv()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in (err.value.details() or "")
+        assert srv.stats.streams_revoked == 1
+        cache.set_snapshot(node_db, snapshot({"a": (1,), "b": (2,)}))
+        assert names_of(await db_stream.recv()) == ["a", "b"]
+        refused = SotwClient(channel, node_web, web_token)  # and the token opens nothing new
+        await refused.request(CLUSTER)
+        with pytest.raises(grpc.aio.AioRpcError) as again:
+            await refused.recv()
+        assert again.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await db_stream.close()
