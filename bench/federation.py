@@ -243,6 +243,11 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
         load_s = time.perf_counter() - started
         loaded_rss = rss_mb(proc.pid)
 
+        profiler = None
+        if args.profile:
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.enable()
         publish_acks: list[float] = []
         per_agent: list[float] = []
         after_ack: list[float] = []
@@ -268,6 +273,10 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
             round_max.append(max(arrivals))
             per_agent.extend(arrivals)
             await asyncio.sleep(0.05)
+        if profiler is not None:
+            import pstats
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         final_rss = rss_mb(proc.pid)
         base = await baseline_store_writes(setup, args.services, max(args.rounds, 10))
 
@@ -304,6 +313,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--store", choices=["sqlite", "etcd"], default="sqlite")
     ap.add_argument("--service-log", action="store_true", help="run the service with -vv and keep its log")
+    ap.add_argument("--profile", action="store_true", help="cProfile this process (the agents) during the rounds")
     args = ap.parse_args()
     setup = start(args)
     try:
