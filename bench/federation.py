@@ -3,8 +3,10 @@
     .venv/bin/python bench/federation.py [--clusters 10] [--services 1000] [--rounds 30] [--store sqlite|etcd]
 
 Starts ``meshfed federation serve`` as a child process (SQLite store in a temporary directory, or a temporary etcd
-with ``--store etcd``), then ``--clusters`` agents in this process, each with a real mTLS client, each publishing
-``--services`` services (one ready endpoint each). Once every agent holds the whole catalog, each round picks the
+with ``--store etcd``), then ``--clusters`` agents, each with a real mTLS client, each publishing
+``--services`` services (one ready endpoint each); the agents run in ``--agent-procs`` worker processes (a control
+plane is a process of its own: 50 agents in one process would measure one GIL's queue). Once every agent holds the
+whole catalog, each round picks the
 next cluster, adds one service to its export set and publishes the whole set again; the clock runs from just
 before the publish call to the moment each other agent's ``Registry`` (``agent.apply``, in the agent's update
 callback) contains the new service.
@@ -29,12 +31,15 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
 import asyncio
+import json
+import os
 import shutil
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from discovery.model import (
     ClusterId,
@@ -181,107 +186,222 @@ def stop(setup: Setup) -> None:
         shutil.rmtree(setup.tmp, ignore_errors=True)
 
 
+# ---- the agents: each cluster's agent in one of --agent-procs worker processes -------------------------------------
+#
+# A control plane is a process of its own; 50 agents in one process would serialise their work on one GIL and
+# measure that instead. The workers and this process share CLOCK_MONOTONIC (time.monotonic), so a time taken in
+# one is comparable with a time taken in another. Protocol: one JSON object per line, commands on the worker's
+# stdin, events on its stdout.
+
+
+def _emit(**event: object) -> None:
+    sys.stdout.write(json.dumps(event) + "\n")
+    sys.stdout.flush()
+
+
+async def worker(args: argparse.Namespace) -> None:
+    """(A worker process.) Run the agents of ``--names``; publish, report arrivals and acks as told."""
+    names = args.names.split(",")
+    creds = Path(args.creds)
+    bundle_pem = (creds / "bundle.pem").read_bytes()
+    td = TrustDomain(args.trust_domain)
+    from federation.trust.bundle import load_pem_certs
+    bundle = TrustBundle(td, tuple(load_pem_certs(bundle_pem, what="bundle")))
+    registries: dict[str, Registry] = {n: Registry(local=ClusterId(n)) for n in names}
+    expected: dict[str, ServiceKey] = {}  # probe (as text) -> key, reported once per agent
+    seen: set[tuple[str, str]] = set()
+    agents: dict[str, FederationAgent] = {}
+    clients: list[FederationClient] = []
+
+    def on_update_for(name: str) -> object:
+        def on_update(_c: cat.Catalog) -> None:
+            registries[name] = agents[name].apply(registries[name])
+            now = time.monotonic()
+            for text, key in list(expected.items()):
+                owner = ClusterId(key.name.split("-")[0])
+                if owner != name and (name, text) not in seen and key in registries[name].remote.get(owner, {}):
+                    seen.add((name, text))
+                    _emit(ev="arrive", cluster=name, probe=text, t=now)
+        return on_update
+
+    config = AgentConfig(backoff_initial_s=0.1, backoff_max_s=1.0)
+    try:
+        for name in names:
+            d = creds / name
+            client = FederationClient(args.url, ssl_context=client_ssl_context(
+                (d / "chain.pem").read_bytes(), (d / "key.pem").read_bytes(), bundle), cluster=ClusterId(name),
+                bundle=bundle, request_timeout_s=60, watch_idle_timeout_s=60)
+            await client.__aenter__()
+            clients.append(client)
+            agent = FederationAgent(client, info=cluster_info(name, int(name[1:])), config=config,
+                                    on_update=on_update_for(name))  # type: ignore[arg-type]
+            agents[name] = agent
+            await agent.__aenter__()
+        gens = {n: agents[n].publish(*local_snapshot(n, args.services)) for n in names}
+        for n, g in gens.items():
+            await asyncio.wait_for(agents[n].wait_published(g), 600)
+        for a in agents.values():
+            await asyncio.wait_for(a.wait_for(lambda c: len(c.services) >= args.total), 600)
+        _emit(ev="ready")
+        reader = asyncio.StreamReader()
+        await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                           sys.stdin)
+        while line := await reader.readline():
+            cmd = json.loads(line)
+            if cmd["cmd"] == "expect":
+                expected[cmd["probe"]] = ServiceKey.parse(cmd["probe"])
+                _emit(ev="expecting", probe=cmd["probe"])
+            elif cmd["cmd"] == "publish":
+                name = cmd["cluster"]
+                snap = local_snapshot(name, args.services, extra=cmd["extra"])
+                t0 = time.monotonic()
+                gen = agents[name].publish(*snap)
+                _emit(ev="start", cluster=name, t=t0)
+                await asyncio.wait_for(agents[name].wait_published(gen), 60)
+                _emit(ev="acked", cluster=name, t=time.monotonic())
+            elif cmd["cmd"] == "quit":
+                break
+        _emit(ev="rss", mb=rss_mb(os.getpid()), agents=len(names))
+    finally:
+        for agent in reversed(list(agents.values())):
+            await agent.__aexit__(None, None, None)
+        for client in clients:
+            await client.close()
+
+
+@dataclass
+class _Worker:
+    proc: subprocess.Popen[str]
+    names: list[str]
+    events: asyncio.Queue[dict[str, Any]]
+
+
+async def _read_events(w: _Worker) -> None:
+    assert w.proc.stdout is not None
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, w.proc.stdout.readline)
+        if not line:
+            await w.events.put({"ev": "exit"})
+            return
+        try:
+            await w.events.put(json.loads(line))
+        except ValueError:  # not an event (the profiler's report)
+            sys.stderr.write(line)
+
+
+async def _next(w: _Worker, kind: str, within: float) -> dict[str, Any]:
+    async with asyncio.timeout(within):
+        while True:
+            event = await w.events.get()
+            if event["ev"] == kind:
+                return event
+            if event["ev"] == "exit":
+                raise RuntimeError(f"agent worker {w.names[0]}.. exited (rc {w.proc.poll()})")
+
+
+def _send(w: _Worker, **cmd: object) -> None:
+    assert w.proc.stdin is not None
+    w.proc.stdin.write(json.dumps(cmd) + "\n")
+    w.proc.stdin.flush()
+
+
 async def run(args: argparse.Namespace, setup: Setup) -> None:
     td, bundle, url, port, proc = setup.td, setup.bundle, setup.url, setup.port, setup.service
     root = setup.root
-    agents: list[FederationAgent] = []
-    clients: list[FederationClient] = []
+    for _ in range(200):  # bounded: until the service listens
+        try:
+            _r, conn = await asyncio.open_connection("127.0.0.1", port)
+            conn.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    idle_rss = rss_mb(proc.pid)
+    names = [f"c{i}" for i in range(args.clusters)]
+    creds = setup.tmp / "agents"
+    (creds).mkdir(mode=0o700)
+    (creds / "bundle.pem").write_bytes(bundle.to_pem())
+    for name in names:
+        key_pem, chain = issue_workload(create_intermediate(root, SpiffeId.cluster(td, name)),
+                                        SpiffeId.cluster(td, name), ttl=timedelta(hours=2))
+        (creds / name).mkdir(mode=0o700)
+        (creds / name / "chain.pem").write_bytes(b"".join(chain))
+        (creds / name / "key.pem").write_bytes(key_pem)
+        (creds / name / "key.pem").chmod(0o600)
+    procs_n = max(1, min(args.agent_procs, args.clusters))
+    groups = [names[k::procs_n] for k in range(procs_n)]
+    total = args.clusters * args.services
+    workers: list[_Worker] = []
+    readers: list[asyncio.Task[None]] = []
     try:
-        for _ in range(200):
-            try:
-                _r, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        idle_rss = rss_mb(proc.pid)
-
-        names = [f"c{i}" for i in range(args.clusters)]
-        registries: dict[str, Registry] = {n: Registry(local=ClusterId(n)) for n in names}
-        waiting: dict[str, tuple[ServiceKey, float]] = {}
-        arrivals: list[float] = []
-        round_done = asyncio.Event()
-
-        def on_update_for(name: str, agent_ref: list[FederationAgent]) -> object:
-            def on_update(_c: cat.Catalog) -> None:
-                registries[name] = agent_ref[0].apply(registries[name])
-                want = waiting.get(name)
-                if want is None:
-                    return
-                key, started = want
-                owner = ClusterId(key.name.split("-")[0])
-                if key in registries[name].remote.get(owner, {}):
-                    arrivals.append(time.perf_counter() - started)
-                    del waiting[name]
-                    if not waiting:
-                        round_done.set()
-            return on_update
-
-        config = AgentConfig(backoff_initial_s=0.1, backoff_max_s=1.0)
-        for i, name in enumerate(names):
-            key_pem, chain = issue_workload(create_intermediate(root, SpiffeId.cluster(td, name)),
-                                            SpiffeId.cluster(td, name), ttl=timedelta(hours=2))
-            client = FederationClient(url, ssl_context=client_ssl_context(b"".join(chain), key_pem, bundle),
-                                      cluster=ClusterId(name), bundle=bundle, request_timeout_s=60,
-                                      watch_idle_timeout_s=60)
-            await client.__aenter__()
-            clients.append(client)
-            ref: list[FederationAgent] = []
-            agent = FederationAgent(client, info=cluster_info(name, i), config=config,
-                                    on_update=on_update_for(name, ref))  # type: ignore[arg-type]
-            ref.append(agent)
-            await agent.__aenter__()
-            agents.append(agent)
-
-        started = time.perf_counter()
-        gens = [a.publish(*local_snapshot(n, args.services)) for a, n in zip(agents, names, strict=True)]
-        for a, g in zip(agents, gens, strict=True):
-            await asyncio.wait_for(a.wait_published(g), 300)
-        total = args.clusters * args.services
-        for a in agents:
-            await asyncio.wait_for(a.wait_for(lambda c: len(c.services) >= total), 300)
-        load_s = time.perf_counter() - started
+        started = time.monotonic()
+        for k, group in enumerate(groups):
+            cmd = [sys.executable, __file__, "--worker", "--names", ",".join(group), "--url", url, "--creds",
+                   str(creds), "--trust-domain", str(td), "--services", str(args.services), "--total", str(total)]
+            if args.profile and k == 0:
+                cmd = [sys.executable, "-m", "cProfile", "-s", "tottime", *cmd[1:]]
+            wp = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,  # noqa: ASYNC220
+                                  start_new_session=True)
+            workers.append(_Worker(wp, group, asyncio.Queue()))
+            readers.append(asyncio.create_task(_read_events(workers[-1])))
+        for w in workers:
+            await _next(w, "ready", 900)
+        load_s = time.monotonic() - started
         loaded_rss = rss_mb(proc.pid)
+        owner_of = {n: w for w in workers for n in w.names}
 
-        profiler = None
-        if args.profile:
-            import cProfile
-            profiler = cProfile.Profile()
-            profiler.enable()
         publish_acks: list[float] = []
         per_agent: list[float] = []
         after_ack: list[float] = []
         round_max: list[float] = []
         for r in range(args.rounds):
-            i = r % args.clusters
-            name, agent = names[i], agents[i]
+            name = names[r % args.clusters]
             extra = r // args.clusters + 1
-            snap = local_snapshot(name, args.services, extra=extra)
-            probe = ServiceKey.parse(f"{name}-probe{extra - 1}.default")
-            arrivals.clear()
-            round_done.clear()
-            t0 = time.perf_counter()
-            for other in names:
-                if other != name:
-                    waiting[other] = (probe, t0)
-            gen = agent.publish(*snap)
-            await asyncio.wait_for(agent.wait_published(gen), 60)
-            ack = time.perf_counter() - t0
+            probe = f"{name}-probe{extra - 1}.default"
+            for w in workers:
+                _send(w, cmd="expect", probe=probe)
+            for w in workers:
+                await _next(w, "expecting", 30)
+            publisher = owner_of[name]
+            _send(publisher, cmd="publish", cluster=name, extra=extra)
+            arrivals: dict[str, float] = {}
+            t0 = acked = None
+            async with asyncio.timeout(60):
+                while len(arrivals) < args.clusters - 1 or acked is None:
+                    got = await asyncio.wait({asyncio.create_task(w.events.get()) for w in workers},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                    for task in got[1]:
+                        task.cancel()
+                    for task in got[0]:
+                        event = task.result()
+                        if event["ev"] == "arrive" and event["probe"] == probe:
+                            arrivals[event["cluster"]] = event["t"]
+                        elif event["ev"] == "start":
+                            t0 = event["t"]
+                        elif event["ev"] == "acked":
+                            acked = event["t"]
+                        elif event["ev"] == "exit":
+                            raise RuntimeError("an agent worker exited")
+            assert t0 is not None
+            ack = acked - t0
             publish_acks.append(ack)
-            await asyncio.wait_for(round_done.wait(), 60)
-            after_ack.extend(max(0.0, a - ack) for a in arrivals)
-            round_max.append(max(arrivals))
-            per_agent.extend(arrivals)
+            lat = [t - t0 for t in arrivals.values()]
+            per_agent.extend(lat)
+            after_ack.extend(max(0.0, x - ack) for x in lat)
+            round_max.append(max(lat))
             await asyncio.sleep(0.05)
-        if profiler is not None:
-            import pstats
-            profiler.disable()
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
         final_rss = rss_mb(proc.pid)
+        worker_rss: list[tuple[float, int]] = []
+        for w in workers:
+            _send(w, cmd="quit")
+        for w in workers:
+            ev = await _next(w, "rss", 60)
+            worker_rss.append((ev["mb"], ev["agents"]))
         base = await baseline_store_writes(setup, args.services, max(args.rounds, 10))
 
         print(f"federation bench: {args.clusters} clusters x {args.services} services, store={args.store}, "
-              f"{args.rounds} rounds (each: one cluster republishes {args.services}+ services with one new)")
+              f"{args.rounds} rounds (each: one cluster republishes {args.services}+ services with one new); "
+              f"the agents in {procs_n} processes; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         print(f"  initial load: {total} services published and seen by every agent in {load_s:.2f} s")
         print(f"  propagation publish -> other agent's registry: p50 {pct(per_agent, 50) * 1000:.1f} ms, "
               f"p99 {pct(per_agent, 99) * 1000:.1f} ms  (n={len(per_agent)})")
@@ -299,11 +419,20 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
         print(f"  service RSS: idle {idle_rss:.0f} MB, loaded {loaded_rss:.0f} MB, after rounds {final_rss:.0f} MB; "
               f"per cluster {(final_rss - idle_rss) / args.clusters:.1f} MB "
               f"({(final_rss - idle_rss) * 1024 / total:.1f} KB per exported service)")
+        per_agent_mb = sum(mb for mb, _ in worker_rss) / max(1, sum(n for _, n in worker_rss))
+        print(f"  agent RSS (the catalog of {total} services in each): {per_agent_mb:.0f} MB per agent on average "
+              f"({procs_n} processes, {sum(mb for mb, _ in worker_rss):.0f} MB in all)")
     finally:
-        for agent in reversed(agents):
-            await agent.__aexit__(None, None, None)
-        for client in clients:
-            await client.close()
+        for t in readers:
+            t.cancel()
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.terminate()
+            try:
+                w.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait(timeout=10)
 
 
 def main() -> None:
@@ -313,8 +442,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--store", choices=["sqlite", "etcd"], default="sqlite")
     ap.add_argument("--service-log", action="store_true", help="run the service with -vv and keep its log")
-    ap.add_argument("--profile", action="store_true", help="cProfile this process (the agents) during the rounds")
+    ap.add_argument("--agent-procs", type=int, default=10, help="worker processes the agents run in")
+    ap.add_argument("--profile", action="store_true", help="cProfile the first agent worker (printed at its end)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--names", help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--creds", help=argparse.SUPPRESS)
+    ap.add_argument("--trust-domain", help=argparse.SUPPRESS)
+    ap.add_argument("--total", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        asyncio.run(worker(args))
+        return
     setup = start(args)
     try:
         asyncio.run(run(args, setup))
