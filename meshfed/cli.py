@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_federation, cmd_local, cmd_proxy
+from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_fault, cmd_federation, cmd_local, cmd_proxy
 from meshfed.cmd_diagnose import diagnose_cmd
 from meshfed.cmd_dns import dns_cmd
 from meshfed.cmd_install import install_cmd
@@ -35,6 +35,8 @@ cli.add_command(cmd_local.up_cmd)
 cli.add_command(cmd_local.down_cmd)
 cli.add_command(cmd_local.restart_cmd)
 cli.add_command(cmd_local.supervise_cmd)
+cli.add_command(cmd_local.exec_cmd)
+cli.add_command(cmd_fault.fault)
 cli.add_command(status_cmd)
 cli.add_command(diagnose_cmd)
 cli.add_command(cmd_proxy.proxy)

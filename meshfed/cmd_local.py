@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
+import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -15,7 +19,7 @@ from discovery.addresses import parse_hostport
 from discovery.clusterset import ClusterSetError
 from discovery.model import DiscoveryError
 from federation.trust.errors import TrustError
-from meshfed import local
+from meshfed import local, netns
 from meshfed.output import console, emit, fail, output_option
 
 RUN_DIR_OPTION = click.option(
@@ -33,13 +37,42 @@ def summary_sections(state: dict[str, Any]) -> list[tuple[str, list[str], list[l
     workloads: list[list[Any]] = []
     for name, c in state.get("clusters", {}).items():
         for w in c["workloads"]:
-            workloads.append([name, w["name"], w["service"] or "(client)", w["outbound"], w["sidecar_admin"],
+            where = w["outbound"] or f"{w.get('pod_ip')} in {w.get('netns')}"
+            workloads.append([name, w["name"], w["service"] or "(client)", where, w["sidecar_admin"],
                               w["spiffe_id"]])
     return [
         ("Federation", ["url", "store", "log"], [[fed.get("url"), fed.get("store"), fed.get("log")]]),
         ("Clusters", ["cluster", "xds", "dns", "admin (status, metrics)", "gateway", "gateway admin"], rows),
-        ("Workloads", ["cluster", "workload", "service", "sidecar outbound", "sidecar admin", "identity"], workloads),
+        ("Workloads", ["cluster", "workload", "service", "sidecar outbound / pod", "sidecar admin", "identity"],
+         workloads),
     ]
+
+
+NETWORKS = ("auto", "netns", "loopback")
+
+
+def pick_network(asked: str) -> tuple[str, str]:
+    """The network mode for ``meshfed up --network ASKED`` and why: ``auto`` is netns where the bed can be built
+    (root, with ip, iptables, setpriv), else loopback; ``netns`` where it cannot is an error."""
+    ok, why = netns.available()
+    if asked == "loopback":
+        return "loopback", "asked for (--network loopback)"
+    if asked == "netns":
+        if not ok:
+            raise local.LocalRunError(f"--network netns: {why}; use --network loopback")
+        return "netns", f"asked for (--network netns); {why}"
+    return ("netns", f"auto: {why}") if ok else ("loopback", f"auto: {why}")
+
+
+def pod_call_example(state: dict[str, Any], client: str, url: str) -> str:
+    """A command a person can paste to call ``url`` from inside a pod: curl where it is installed, else Python."""
+    if shutil.which("curl"):
+        inner = f"curl -s {url}"
+    else:
+        script = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
+        inner = f"python3 -c {shlex.quote(script)}"
+    run_dir = state.get("run_dir", "")
+    return f"meshfed exec {client} --run-dir {run_dir} -- {inner}"
 
 
 @click.command("up")
@@ -54,9 +87,13 @@ def summary_sections(state: dict[str, Any]) -> list[tuple[str, list[str], list[l
               help="federation lease TTL (default: the clusterset's)")
 @click.option("--timeout", type=float, default=90.0, show_default=True, metavar="SECONDS",
               help="how long to wait for each part to become ready")
+@click.option("--network", type=click.Choice(NETWORKS), default=lambda: os.environ.get("MESHFED_NETWORK", "auto"),
+              show_default="auto, or $MESHFED_NETWORK",
+              help="netns: a network per cluster and a network namespace per workload (needs root, ip, iptables); "
+                   "loopback: everything on 127.0.0.0/8; auto: netns where it can be built, else loopback")
 @output_option
 def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease_ttl: float | None, timeout: float,
-           output: str) -> None:
+           network: str, output: str) -> None:
     """Start a whole federation on this machine from CLUSTERSET (default clusters/demo)."""
     err = console(stderr=True)
     started = time.monotonic()
@@ -64,11 +101,18 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease
     def progress(message: str) -> None:
         err.print(f"[dim]{time.monotonic() - started:5.1f}s[/] {message}")
 
+    try:
+        mode, why = pick_network(network)
+    except local.LocalRunError as exc:
+        fail(str(exc))
+        return
+    progress(f"network: {mode} ({why})")
     run = local.LocalRun(clusterset_dir=clusterset, run_dir=run_dir, lease_ttl=lease_ttl, progress=progress,
-                         ready_timeout=timeout)
+                         ready_timeout=timeout, network=mode, network_reason=why)
     try:
         state = run.start()
-        progress("proving the federation: a cross-cluster request through a sidecar")
+        progress("proving the federation: a cross-cluster request through a sidecar"
+                 + (" (from inside the client's pod, by DNS name)" if mode == "netns" else ""))
         proof = local.prove(state, timeout=timeout)
     except local.LocalRunError as exc:
         local.stop_run(run_dir)
@@ -89,9 +133,16 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease
         out.print("\nWhere to look:")
         out.print(f"  meshfed status --run-dir {run_dir}            every address, sync state and health")
         client = local.client_of(state, proof["from"])
-        out.print(f"  curl -H 'Host: {proof['host']}' http://{client['outbound']}/   a call through a sidecar")
         first = next(iter(state["clusters"].values()))
         dns = parse_hostport(first["controlplane"]["dns"])
+        if client.get("netns"):
+            url = f"http://{proof['host']}:{local.service_port(state, proof['host'].split('.svc.')[0])}/"
+            out.print(f"  {pod_call_example(state, client['name'], url)}   a call from inside a pod")
+            out.print(f"  meshfed exec {client['name']} --run-dir {run_dir} -- ip addr   the pod's own network")
+            out.print(f"  meshfed fault partition {list(state['clusters'])[-1]} --run-dir {run_dir}   cut a cluster "
+                      "off (then 'meshfed fault heal')")
+        else:
+            out.print(f"  curl -H 'Host: {proof['host']}' http://{client['outbound']}/   a call through a sidecar")
         out.print(f"  dig @{dns.host} -p {dns.port} {proof['host']}   clusterset.local DNS")
         target = proof["host"].split(".svc")[0]
         out.print(f"  meshfed diagnose {target} --from {proof['from']}   walk the path hop by hop")
@@ -187,3 +238,28 @@ def supervise_cmd(run_dir: Path) -> None:
         for name in supervisor.tick():
             click.echo(f"{time.strftime('%H:%M:%S')} restarted {name}", err=True)
         time.sleep(0.5)
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("workload")
+@RUN_DIR_OPTION
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_cmd(workload: str, run_dir: Path, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside WORKLOAD's network namespace (a netns run), as 'kubectl exec' does: its resolv.conf
+    points at the cluster's meshfed DNS and its TCP goes through its sidecar. WORKLOAD as 'meshfed status' lists
+    it (sleep-east, reviews-west-0, ...) or eastwest-gateway-CLUSTER. Put '--' before COMMAND:
+    meshfed exec sleep-east -- curl -s http://ratings.default.svc.clusterset.local:9080/"""
+    try:
+        state = local.read_state(run_dir)
+        stopped = local.stopped_message(run_dir, state)
+        if stopped:
+            raise local.LocalRunError(stopped)
+        pod = local.pod_of(state, workload)
+    except local.LocalRunError as exc:
+        fail(str(exc))
+        return
+    sys.stdout.flush()
+    try:
+        os.execvp("ip", netns.in_ns(pod, list(command)))
+    except OSError as exc:
+        fail(f"cannot run ip netns exec: {exc}")

@@ -379,18 +379,25 @@ POLICY_CHECK: PolicyCheck = check_policy
 
 def hop_request(ev: Evidence) -> Hop:
     if ev.request is None:
-        return Hop(9, "request", FAIL, f"no answer through {ev.client.get('outbound')}: {ev.request_error}",
+        return Hop(9, "request", FAIL, f"no answer through {_via(ev)}: {ev.request_error}",
                    "the sidecar's outbound listener is not answering; check the sidecar")
     status, body = ev.request
     if status != 200:
-        return Hop(9, "request", FAIL, f"HTTP {status} through {ev.client.get('outbound')}: {_why(status, body, ev)}",
+        return Hop(9, "request", FAIL, f"HTTP {status} through {_via(ev)}: {_why(status, body, ev)}",
                    "the earlier hops name the cause; 503 with no healthy upstream means no endpoint answered")
     try:
         answer = json.loads(body)
         who = f"answered by {answer.get('workload')} in {answer.get('cluster')}, caller {answer.get('caller')}"
     except ValueError:
         who = "answered (not the demo app)"
-    return Hop(9, "request", OK, f"HTTP 200 via {ev.client.get('outbound')}: {who}")
+    return Hop(9, "request", OK, f"HTTP 200 via {_via(ev)}: {who}")
+
+
+def _via(ev: Evidence) -> str:
+    """How the request hop called: the sidecar's outbound listener, or (netns run) from inside the client's pod."""
+    if ev.client.get("netns"):
+        return f"pod {ev.client['netns']} (captured by its sidecar)"
+    return str(ev.client.get("outbound"))
 
 
 def _why(status: int, body: str, ev: Evidence) -> str:
@@ -565,7 +572,7 @@ def collect(run_dir: Path, service: str, caller: str, *, request_timeout: float 
     request: tuple[int, str] | None = None
     request_error = ""
     try:
-        request = local.call(client["outbound"], partial.host, timeout=request_timeout)
+        request = local.request(state, client, partial.host, timeout=request_timeout)
     except OSError as exc:
         request_error = f"{type(exc).__name__}: {exc}"
     policies, policy_error = policy_evidence(state.get("clusterset", ""), service, partial.exporters())

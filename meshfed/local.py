@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -41,9 +42,9 @@ from federation.trust.spiffe import SpiffeId, TrustDomain
 from federation.trust.store import init_root, issue_intermediate, load_bundle, load_cluster_ca
 from gateway.auth import make_node_id, new_token
 from gateway.bootstrap import render_bootstrap, render_grpc_bootstrap, write_bootstrap
-from gateway.context import InboundPort, ProxyInfo, ProxyKind
+from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind
 from gateway.envoy import command as envoy_command
-from meshfed import certfiles, procs
+from meshfed import certfiles, netns, netplan, procs
 
 log = logging.getLogger("meshfed.local")
 
@@ -249,6 +250,9 @@ class LocalRun:
     python: str = sys.executable
     state: dict[str, Any] = field(default_factory=dict)
     ready_timeout: float = 60.0
+    network: str = "loopback"  # or "netns": a network per cluster, a namespace per workload (meshfed.netplan)
+    network_reason: str = ""
+    net: netplan.NetPlan | None = None
 
     def meshfed(self, *args: str) -> list[str]:
         return [self.python, "-m", "meshfed", *args]
@@ -265,6 +269,8 @@ class LocalRun:
         existing = read_state(self.run_dir, missing_ok=True)
         if existing and running(existing):
             raise LocalRunError(f"a local run is already up in {self.run_dir}; stop it with 'meshfed down' first")
+        if existing:
+            remove_network(self.run_dir, existing)  # what a crashed run left (namespaces, links), if anything
         cs = load_clusterset(self.clusterset_dir)
         plan = plan_workloads(cs)
         private_dir(self.run_dir)
@@ -277,9 +283,12 @@ class LocalRun:
             "cwd": os.getcwd(),  # recorded paths are relative to it ('meshfed restart' starts from here too)
             "processes": [],
             "clusters": {},
+            "network": {"mode": self.network, "reason": self.network_reason},
         }
         self.save()
         try:
+            if self.network == "netns":
+                self._network(cs, plan)
             self._ca(cs)
             self._federation(cs)
             for info in cs.clusters:
@@ -302,6 +311,37 @@ class LocalRun:
 
     # -- steps --
 
+    def _network(self, cs: ClusterSet, plan: list[WorkloadPlan]) -> None:
+        """Build the netns bed (meshfed.netns), recording every item in the state before it is created."""
+        run_id = netns.new_run_id()
+        try:
+            slot = netns.pick_slot()
+            workloads = [(str(w.cluster), w.name) for w in [*plan, *plan_proxyless(cs)]]
+            self.net = netplan.plan_network(run_id, slot, [str(c.id) for c in cs.clusters], workloads)
+        except (netns.NetnsError, netplan.NetPlanError) as exc:
+            raise LocalRunError(f"network: {exc}") from exc
+        net = self.state["network"]
+        net.update(run_id=run_id, plan=netplan.plan_to_json(self.net), created=[])
+        self.save()
+        described = netns.describe(self.net)
+        self.progress(f"network: netns bed {described['slot']} (public {described['public']}, "
+                      + ", ".join(f"{c} {cidr}" for c, cidr in described["clusters"].items())
+                      + f", ClusterSetIPs {described['vips']})")
+
+        def record(item: Mapping[str, str]) -> None:
+            net["created"].append(dict(item))
+            self.save()
+
+        try:
+            netns.build(self.net, record)
+            netns.make_proxy_dir(run_id, record)
+        except netns.NetnsError as exc:
+            raise LocalRunError(f"network: {exc}") from exc
+
+    def _pod(self, workload: str) -> netplan.PodNet:
+        assert self.net is not None
+        return self.net.pod(workload)
+
     def _ca(self, cs: ClusterSet) -> None:
         self.progress("certificate authority: root, federation CA, one intermediate per cluster")
         ca = private_dir(self.run_dir / "ca")
@@ -320,7 +360,7 @@ class LocalRun:
         store = f"sqlite:{(fed_dir / 'federation.db').resolve()}"
         argv = self.meshfed("federation", "serve", "--store", store, "--listen", f"127.0.0.1:{port}",
                             "--ca", str(self.run_dir / "ca" / "federation"), "--lease-ttl", str(lease),
-                            "--cidr", cs.cidr)
+                            "--cidr", cs.cidr if self.net is None else self.net.vip_cidr)
         self.progress(f"federation service on https://127.0.0.1:{port} (SQLite store)")
         rec = self._record(procs.start("federation", argv, log_path=fed_dir / "federation.log"))
         url = f"https://127.0.0.1:{port}"
@@ -332,65 +372,90 @@ class LocalRun:
 
     def _controlplane(self, cs: ClusterSet, cluster: ClusterId, workloads: list[WorkloadPlan]) -> None:
         cdir = private_dir(self.run_dir / str(cluster))
-        xds, dns, admin = free_port(), free_port(udp_too=True), free_port()
-        xds_mtls = free_port()
-        gateway, gateway_admin = free_port(), free_port()
+        cnet = self.net.cluster(str(cluster)) if self.net is not None else None
+        # Loopback: everything on 127.0.0.1. Netns: xDS and DNS on the root's address on the cluster's bridge (where
+        # the pods reach them; DNS on 53, as resolv.conf cannot name a port), admin on loopback, the gateway on its
+        # public address, every Envoy's admin on 15000 in its namespace.
+        host = cnet.root_ip if cnet is not None else "127.0.0.1"
+        xds, admin, xds_mtls = free_port(host), free_port(), free_port(host)
+        dns = netplan.DNS_PORT if cnet is not None else free_port(udp_too=True)
+        if cnet is not None:
+            gateway_address = f"{cnet.gateway.public_ip}:{netplan.GATEWAY_PORT}"
+            gateway_admin = f"{cnet.gateway.cluster_ip}:{netplan.ADMIN_PORT}"
+        else:
+            gateway_address, gateway_admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         tokens: dict[str, dict[str, str]] = {}
         runtime: dict[str, Any] = {"endpoints": {}}
         wl_state: list[dict[str, Any]] = []
         # One 256-bit token per proxy, bound to the node id that proxy's bootstrap carries (gateway.auth).
         gw_token = new_token()
         tokens[gw_token] = {"namespace": "meshfed-system", "service_account": "eastwest-gateway",
-                            "cluster": str(cluster), "node_id": _gateway_node_id(cluster)}
+                            "cluster": str(cluster), "node_id": self._gateway_node_id(cluster)}
+        td = TrustDomain.parse(str(cs.trust_domain))
         for w in workloads:
             token = new_token()
+            pod = self._pod(w.name) if cnet is not None else None
+            ip = pod.ip if pod is not None else w.address
             tokens[token] = {"namespace": w.namespace, "service_account": w.service_account, "cluster": str(cluster),
-                             "node_id": _sidecar_node_id(w)}
-            inbound = free_port(w.address) if w.service else 0
-            entry = {
+                             "node_id": _sidecar_node_id(w, ip)}
+            entry: dict[str, Any] = {
                 "name": w.name, "cluster": str(cluster), "namespace": w.namespace, "service": w.service,
-                "service_account": w.service_account, "address": w.address, "token": token,
-                "inbound": f"{w.address}:{inbound}" if inbound else "",
-                "app": f"127.0.0.1:{free_port()}" if w.service else "",
-                "outbound": f"127.0.0.1:{free_port()}", "sidecar_admin": f"127.0.0.1:{free_port()}",
+                "service_account": w.service_account, "address": ip, "token": token,
                 "port_name": w.port_name, "service_port": w.service_port,
-                "spiffe_id": str(SpiffeId.workload(TrustDomain.parse(str(cs.trust_domain)), w.namespace,
-                                                   w.service_account)),
+                "spiffe_id": str(SpiffeId.workload(td, w.namespace, w.service_account)),
             }
-            if inbound:
-                runtime["endpoints"][w.address] = {"ports": {w.port_name: inbound},
-                                                   "service_account": w.service_account}
+            if pod is not None:
+                # Captured: the app listens on its service port in the pod, the sidecar takes what iptables
+                # redirects (15001 out, 15006 in); the mesh reaches the pod at its IP and service port.
+                entry.update(netns=pod.netns, pod_ip=pod.ip, manifest_address=w.address, outbound="",
+                             inbound=f"{pod.ip}:{w.service_port}" if w.service else "",
+                             app=f"{pod.ip}:{w.service_port}" if w.service else "",
+                             sidecar_admin=f"{pod.ip}:{netplan.ADMIN_PORT}")
+                if w.service:
+                    runtime["endpoints"][w.address] = {"ports": {w.port_name: w.service_port}, "address": pod.ip,
+                                                       "service_account": w.service_account}
+            else:
+                inbound = free_port(w.address) if w.service else 0
+                entry.update(inbound=f"{w.address}:{inbound}" if inbound else "",
+                             app=f"127.0.0.1:{free_port()}" if w.service else "",
+                             outbound=f"127.0.0.1:{free_port()}", sidecar_admin=f"127.0.0.1:{free_port()}")
+                if inbound:
+                    runtime["endpoints"][w.address] = {"ports": {w.port_name: inbound},
+                                                       "service_account": w.service_account}
             wl_state.append(entry)
         proxyless: list[dict[str, Any]] = []
         for w in plan_proxyless(cs):
             if w.cluster != cluster:
                 continue
-            port = free_port(w.address)
-            runtime["endpoints"][w.address] = {"ports": {w.port_name: port}, "service_account": w.service_account}
+            pod = self._pod(w.name) if cnet is not None else None
+            ip = pod.ip if pod is not None else w.address
+            port = w.service_port if pod is not None else free_port(w.address)
+            runtime["endpoints"][w.address] = {"ports": {w.port_name: port}, "service_account": w.service_account,
+                                               **({"address": ip} if pod is not None else {})}
             proxyless.append({
                 "name": w.name, "cluster": str(cluster), "namespace": w.namespace, "service": w.service,
-                "service_account": w.service_account, "address": f"{w.address}:{port}", "port_name": w.port_name,
+                "service_account": w.service_account, "address": f"{ip}:{port}", "port_name": w.port_name,
                 "service_port": w.service_port,
-                "spiffe_id": str(SpiffeId.workload(TrustDomain.parse(str(cs.trust_domain)), w.namespace,
-                                                   w.service_account)),
+                "spiffe_id": str(SpiffeId.workload(td, w.namespace, w.service_account)),
+                **({"netns": pod.netns, "pod_ip": pod.ip, "manifest_address": w.address} if pod is not None else {}),
             })
         write_private(cdir / "tokens.json", json.dumps(tokens, indent=2))
         write_json(cdir / "runtime.json", runtime)
         argv = self.meshfed(
             "controlplane", "--clusterset", str(self.clusterset_dir), "--cluster", str(cluster),
             "--ca", str(self.run_dir / "ca" / str(cluster)), "--federation", self.state["federation"]["url"],
-            "--xds-listen", f"127.0.0.1:{xds}", "--dns-listen", f"127.0.0.1:{dns}",
-            "--admin-listen", f"127.0.0.1:{admin}", "--gateway-address", f"127.0.0.1:{gateway}",
+            "--xds-listen", f"{host}:{xds}", "--dns-listen", f"{host}:{dns}",
+            "--admin-listen", f"127.0.0.1:{admin}", "--gateway-address", gateway_address,
             "--tokens", str(cdir / "tokens.json"), "--runtime", str(cdir / "runtime.json"),
-            "--xds-mtls-listen", f"127.0.0.1:{xds_mtls}", "--cert-files", str(cdir / CERT_FILES),
+            "--xds-mtls-listen", f"{host}:{xds_mtls}", "--cert-files", str(cdir / CERT_FILES),
         )
-        self.progress(f"{cluster}: control plane (xds 127.0.0.1:{xds}, dns 127.0.0.1:{dns}, admin 127.0.0.1:{admin})")
+        self.progress(f"{cluster}: control plane (xds {host}:{xds}, dns {host}:{dns}, admin 127.0.0.1:{admin})")
         rec = self._record(procs.start(f"{cluster}/controlplane", argv, log_path=cdir / "controlplane.log"))
         self.state["clusters"][str(cluster)] = {
-            "controlplane": {"pid": rec.pid, "log": rec.log, "xds": f"127.0.0.1:{xds}", "dns": f"127.0.0.1:{dns}",
-                             "admin": f"127.0.0.1:{admin}", "xds_mtls": f"127.0.0.1:{xds_mtls}"},
-            "gateway": {"address": f"127.0.0.1:{gateway}", "admin": f"127.0.0.1:{gateway_admin}",
-                        "token": gw_token},
+            "controlplane": {"pid": rec.pid, "log": rec.log, "xds": f"{host}:{xds}", "dns": f"{host}:{dns}",
+                             "admin": f"127.0.0.1:{admin}", "xds_mtls": f"{host}:{xds_mtls}"},
+            "gateway": {"address": gateway_address, "admin": gateway_admin, "token": gw_token,
+                        **({"netns": cnet.gateway.netns} if cnet is not None else {})},
             "workloads": wl_state,
             "proxyless": proxyless,
             "ca": str((self.run_dir / "ca" / str(cluster)).resolve()),
@@ -399,26 +464,43 @@ class LocalRun:
         wait_until(f"{cluster} control plane", lambda: http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200,
                    timeout=self.ready_timeout, pids=[rec.pid], logs=[rec.log])
 
-    def _envoy(self, cluster: str, name: str, proxy: ProxyInfo, *, admin: str, token: str) -> procs.ProcRecord:
-        cdir = private_dir(self.run_dir / cluster / "envoy")
+    def _envoy(self, cluster: str, name: str, proxy: ProxyInfo, *, admin: str, token: str,
+               netns_name: str = "") -> procs.ProcRecord:
+        """An Envoy for ``proxy``: on loopback, or (``netns_name``) inside that namespace as the proxy uid, its
+        bootstrap in the run's proxy directory (readable by that uid only; the run directory stays 0700)."""
         cp = self.state["clusters"][cluster]["controlplane"]
         xds = parse_hostport(cp["xds"])
         boot = render_bootstrap(proxy, xds_host=xds.host, xds_port=xds.port, admin_port=parse_hostport(admin).port,
                                 token=token)
-        path = write_bootstrap(cdir / f"{name}.yaml", boot)
-        os.chmod(path, 0o600)  # it carries the workload's bootstrap token
-        return self._record(procs.start(f"{cluster}/{name}", envoy_command(path, log_level="warning"),
-                                        log_path=cdir / f"{name}.log"))
+        logs = private_dir(self.run_dir / cluster / "envoy")
+        if not netns_name:
+            path = write_bootstrap(logs / f"{name}.yaml", boot)
+            os.chmod(path, 0o600)  # it carries the workload's bootstrap token
+            return self._record(procs.start(f"{cluster}/{name}", envoy_command(path, log_level="warning"),
+                                            log_path=logs / f"{name}.log"))
+        assert self.net is not None
+        boot["admin"]["address"]["socket_address"]["address"] = "0.0.0.0"  # the namespace's rules guard it
+        path = write_bootstrap(netns.proxy_dir(self.net.run_id) / f"{cluster}-{name}.yaml", boot)
+        os.chmod(path, 0o600)
+        os.chown(path, netplan.PROXY_UID, netplan.PROXY_UID)
+        argv = netns.in_ns(netns_name, [*netns.as_proxy_uid(), *envoy_command(path, log_level="warning")])
+        return self._record(procs.start(f"{cluster}/{name}", argv, log_path=logs / f"{name}.log"))
+
+    def _gateway_node_id(self, cluster: ClusterId) -> str:
+        ip = self.net.cluster(str(cluster)).gateway.public_ip if self.net is not None else "127.0.0.1"
+        return make_node_id(kind="gateway", ip=ip, pod=f"eastwest-gateway-{cluster}", namespace="meshfed-system")
 
     def _gateway(self, cluster: ClusterId) -> None:
         gw = self.state["clusters"][str(cluster)]["gateway"]
-        port = parse_hostport(gw["address"]).port
+        address = parse_hostport(gw["address"])
         proxy = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster,
-                          node_id=_gateway_node_id(cluster),
+                          node_id=self._gateway_node_id(cluster),
                           namespace=_ns("meshfed-system"), service_account="eastwest-gateway",
-                          gateway_port=port, ip="127.0.0.1")
-        self.progress(f"{cluster}: east-west gateway on {gw['address']} (admin {gw['admin']})")
-        rec = self._envoy(str(cluster), "eastwest-gateway", proxy, admin=gw["admin"], token=gw["token"])
+                          gateway_port=address.port, ip=address.host)
+        where = f" in {gw['netns']}" if gw.get("netns") else ""
+        self.progress(f"{cluster}: east-west gateway on {gw['address']}{where} (admin {gw['admin']})")
+        rec = self._envoy(str(cluster), "eastwest-gateway", proxy, admin=gw["admin"], token=gw["token"],
+                          netns_name=gw.get("netns", ""))
         gw.update({"pid": rec.pid, "log": rec.log, "node_id": proxy.node_id})
         self.save()
 
@@ -426,27 +508,56 @@ class LocalRun:
         cstate = self.state["clusters"][str(w.cluster)]
         entry = next(e for e in cstate["workloads"] if e["name"] == w.name)
         cdir = self.run_dir / str(w.cluster)
+        pod_ns: str = entry.get("netns", "")
+        if pod_ns:
+            self._capture(entry)
         if w.service:
-            app_port = parse_hostport(entry["app"]).port
-            argv = [self.python, "-m", "meshfed.demoapp", "--listen", entry["app"], "--service", w.service,
+            if pod_ns:
+                listen = f"0.0.0.0:{w.service_port}"
+                app_port = w.service_port
+                inbound_port = w.service_port
+            else:
+                listen = entry["app"]
+                app_port = parse_hostport(entry["app"]).port
+                inbound_port = parse_hostport(entry["inbound"]).port
+            argv = [self.python, "-m", "meshfed.demoapp", "--listen", listen, "--service", w.service,
                     "--cluster", str(w.cluster), "--workload", w.name]
+            if pod_ns:
+                argv = netns.in_ns(pod_ns, argv)
             rec = self._record(procs.start(f"{w.cluster}/{w.name}/app", argv, log_path=cdir / f"{w.name}.app.log"))
             entry["app_pid"] = rec.pid
-            inbound_port = parse_hostport(entry["inbound"]).port
             inbound: tuple[InboundPort, ...] = (InboundPort(port=inbound_port, app_port=app_port, name=w.port_name),)
             services: tuple[ServiceKey, ...] = (ServiceKey.parse(f"{w.service}.{w.namespace}"),)
         else:
             inbound, services = (), ()
+        ip = entry["address"]
+        if pod_ns:
+            capture: dict[str, Any] = {"capture": CaptureMode.REDIRECT, "outbound_port": netns.CAPTURE_OUTBOUND,
+                                       "inbound_capture_port": netns.CAPTURE_INBOUND, "capture_bind": ("0.0.0.0",)}
+        else:
+            capture = {"outbound_port": parse_hostport(entry["outbound"]).port}
         proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=w.cluster,
-                          node_id=_sidecar_node_id(w),
+                          node_id=_sidecar_node_id(w, ip),
                           namespace=_ns(w.namespace), service_account=w.service_account, services=services,
-                          inbound=inbound, outbound_port=parse_hostport(entry["outbound"]).port,
-                          ip=w.address)
+                          inbound=inbound, ip=ip, **capture)
         what = f"{w.service} app {entry['app']}, " if w.service else "client, "
-        self.progress(f"{w.cluster}: workload {w.name} ({what}sidecar outbound {entry['outbound']})")
-        rec = self._envoy(str(w.cluster), w.name, proxy, admin=entry["sidecar_admin"], token=entry["token"])
+        where = f"pod {pod_ns} {ip}, traffic captured" if pod_ns else f"sidecar outbound {entry['outbound']}"
+        self.progress(f"{w.cluster}: workload {w.name} ({what}{where})")
+        rec = self._envoy(str(w.cluster), w.name, proxy, admin=entry["sidecar_admin"], token=entry["token"],
+                          netns_name=pod_ns)
         entry.update({"sidecar_pid": rec.pid, "sidecar_log": rec.log, "node_id": proxy.node_id})
         self.save()
+
+    def _capture(self, entry: Mapping[str, Any]) -> None:
+        """``meshfed proxy capture`` inside the workload's pod (its connections to the root's bridge address, the
+        control plane and DNS, are left alone)."""
+        pod = self._pod(entry["name"])
+        argv = netns.in_ns(pod.netns, [*self.meshfed("proxy", "capture", "--exclude-outbound-cidrs",
+                                                     f"{pod.root_ip}/32")])
+        try:
+            netns.run(argv)
+        except netns.NetnsError as exc:
+            raise LocalRunError(f"{entry['name']}: traffic capture failed: {exc}") from exc
 
     def _grpc_files(self, cs: ClusterSet, cluster: str, name: str, namespace: str, service_account: str,
                     proxy: ProxyInfo) -> Path:
@@ -487,6 +598,8 @@ class LocalRun:
             boot = self._grpc_files(cs, cluster, entry["name"], entry["namespace"], entry["service_account"], proxy)
             argv = [self.python, "-m", "meshfed.demogrpc", "serve", "--listen", entry["address"], "--service",
                     entry["service"], "--cluster", cluster, "--workload", entry["name"]]
+            if entry.get("netns"):
+                argv = netns.in_ns(entry["netns"], argv)
             self.progress(f"{cluster}: proxyless gRPC {entry['name']} ({entry['service']} on {entry['address']})")
             rec = self._record(procs.start(f"{cluster}/{entry['name']}/grpc", argv,
                                            log_path=self.run_dir / cluster / f"{entry['name']}.grpc.log",
@@ -525,12 +638,8 @@ class LocalRun:
                            timeout=self.ready_timeout, pids=[e["sidecar_pid"]], logs=[e["sidecar_log"]])
 
 
-def _gateway_node_id(cluster: ClusterId) -> str:
-    return make_node_id(kind="gateway", ip="127.0.0.1", pod=f"eastwest-gateway-{cluster}", namespace="meshfed-system")
-
-
-def _sidecar_node_id(w: WorkloadPlan) -> str:
-    return make_node_id(kind="sidecar", ip=w.address, pod=w.name, namespace=w.namespace)
+def _sidecar_node_id(w: WorkloadPlan, ip: str) -> str:
+    return make_node_id(kind="sidecar", ip=ip, pod=w.name, namespace=w.namespace)
 
 
 def _ns(value: str) -> Any:
@@ -585,9 +694,80 @@ def client_of(state: dict[str, Any], cluster: str) -> dict[str, Any]:
     raise LocalRunError(f"cluster {cluster} has no client workload")
 
 
+def pod_of(state: Mapping[str, Any], name: str) -> str:
+    """The network namespace of workload ``name`` (a sidecar workload, a proxyless one, or
+    ``eastwest-gateway-<cluster>``) in a netns run."""
+    if (state.get("network") or {}).get("mode") != "netns":
+        raise LocalRunError("this run is on loopback (no namespaces); 'meshfed up --network netns' makes one pod per "
+                            "workload")
+    names: list[str] = []
+    for cluster, c in state.get("clusters", {}).items():
+        gw_name = f"eastwest-gateway-{cluster}"
+        names.append(gw_name)
+        if name == gw_name and c["gateway"].get("netns"):
+            return str(c["gateway"]["netns"])
+        for w in [*c.get("workloads", []), *c.get("proxyless", [])]:
+            names.append(w["name"])
+            if w["name"] == name and w.get("netns"):
+                return str(w["netns"])
+    raise LocalRunError(f"no workload {name!r} in this run (workloads: {', '.join(names)})")
+
+
 def call(outbound: str, host: str, path: str = "/", *, timeout: float = 5.0) -> tuple[int, str]:
     """An HTTP request through a sidecar's outbound listener to ``host`` (the Host header picks the service)."""
     return http_get(f"http://{outbound}{path}", timeout=timeout, headers={"Host": host})
+
+
+#: Run inside a pod by :func:`pod_get`: GET argv[1] (timeout argv[2]), print {"status", "body"} as JSON; a
+#: connection that fails prints {"error"}. Standard library only (curl may not be installed).
+POD_GET = r"""
+import json, sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as resp:
+        out = {"status": resp.status, "body": resp.read().decode(errors="replace")}
+except urllib.error.HTTPError as exc:
+    out = {"status": exc.code, "body": exc.read().decode(errors="replace")}
+except (OSError, ValueError) as exc:
+    out = {"error": f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"}
+print(json.dumps(out))
+"""
+
+
+def pod_get(netns_name: str, url: str, *, timeout: float = 5.0, python: str = sys.executable) -> tuple[int, str]:
+    """GET ``url`` from inside a pod's namespace, as its application would (DNS from the pod's resolv.conf, the
+    connection captured by its sidecar); ``OSError`` if the connection failed."""
+    argv = netns.in_ns(netns_name, [python, "-I", "-c", POD_GET, url, str(timeout)])
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise OSError(f"GET {url} in {netns_name} did not finish") from exc
+    try:
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        raise OSError(f"GET {url} in {netns_name}: exit {done.returncode}: {done.stderr.strip()[-300:]}") from exc
+    if "error" in out:
+        raise OSError(str(out["error"]))
+    return int(out["status"]), str(out["body"])
+
+
+def service_port(state: Mapping[str, Any], service: str) -> int:
+    """The port of ``service`` (``NAME.NS``) as the run's workloads serve it (9080 for the demo's HTTP services)."""
+    for c in state.get("clusters", {}).values():
+        for w in c.get("workloads", []):
+            if w["service"] and f"{w['service']}.{w['namespace']}" == service:
+                return int(w.get("service_port", 9080))
+    return 9080
+
+
+def request(state: Mapping[str, Any], client: Mapping[str, Any], host: str, path: str = "/", *,
+            timeout: float = 5.0) -> tuple[int, str]:
+    """An HTTP request from a client workload to ``host`` (``NAME.NS.svc.clusterset.local``): on loopback through
+    its sidecar's outbound listener with that Host; in a netns run from inside its pod, by DNS name and the
+    service's port, as an application would."""
+    if client.get("netns"):
+        port = service_port(state, host.split(".svc.")[0])
+        return pod_get(client["netns"], f"http://{host}:{port}{path}", timeout=timeout)
+    return call(client["outbound"], host, path, timeout=timeout)
 
 
 def prove(state: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
@@ -602,7 +782,7 @@ def prove(state: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
     last: tuple[int, str] = (0, "")
     while time.monotonic() < deadline:
         try:
-            last = call(client["outbound"], host)
+            last = request(state, client, host)
             if last[0] == 200:
                 answer: dict[str, Any] = json.loads(last[1])
                 return {"from": origin, "host": host, "status": 200, "answer": answer}
@@ -661,7 +841,28 @@ def stop_run(run_dir: Path, *, names: Iterable[str] | None = None) -> list[dict[
     if wanted is None and state and (any(s["was_running"] for s in stopped) or "stopped_at" not in state):
         state["stopped_at"] = time.time()
         write_state(run_dir, state)
+    if wanted is None and state:
+        remove_network(run_dir, read_state(run_dir, missing_ok=True) or state)
     return stopped
+
+
+def remove_network(run_dir: Path, state: dict[str, Any]) -> list[str]:
+    """Remove what the run's netns bed created (its namespaces, links, resolv.conf and proxy directories; nothing
+    else) and note it in the state; returns what could not be removed. Nothing to do for a loopback run, or one
+    whose bed is already gone. Processes must be stopped first (a namespace outlives its name while one runs)."""
+    net = state.get("network") or {}
+    created = net.get("created") or []
+    if net.get("mode") != "netns" or not created:
+        return []
+    problems = netns.teardown(created, str(net.get("run_id", "")))
+    if not problems:
+        net["created"] = []
+        net["removed_at"] = time.time()
+    else:
+        net["teardown_problems"] = problems
+        log.warning("netns bed not fully removed: %s", "; ".join(problems))
+    write_state(run_dir, state)
+    return problems
 
 
 def running(state: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -808,7 +1009,7 @@ def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
     runtime_path = run_dir / cluster / "runtime.json"
     if entry.get("service"):
         runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {"endpoints": {}}
-        ep = runtime.setdefault("endpoints", {}).setdefault(entry["address"], {})
+        ep = runtime.setdefault("endpoints", {}).setdefault(entry.get("manifest_address") or entry["address"], {})
         ep["ready"] = False
         write_json(runtime_path, runtime)
     stopped = {}
@@ -823,3 +1024,100 @@ def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
             stopped[key] = procs.stop(pid, start=_start_of(state, pid))
     log.info("workload stopped cluster=%s name=%s", cluster, name)
     return {"cluster": cluster, "workload": name, **stopped}
+
+
+# ---- faults: partitions (netns runs) and stopped components --------------------------------------------------------
+
+
+def network_plan(state: Mapping[str, Any]) -> netplan.NetPlan:
+    """The recorded plan of a netns run whose bed is up; ``LocalRunError`` for a loopback run or a removed bed."""
+    net = state.get("network") or {}
+    if net.get("mode") != "netns":
+        raise LocalRunError("this run is on loopback: partitions need 'meshfed up --network netns'")
+    if not net.get("created"):
+        raise LocalRunError("this run's network is gone ('meshfed down' removed it)")
+    try:
+        return netplan.plan_from_json(net["plan"])
+    except (KeyError, netplan.NetPlanError) as exc:
+        raise LocalRunError(f"state.json: {exc}") from exc
+
+
+def partition(run_dir: Path, cluster: str, peers: Sequence[str] = (), *, heal: bool = False) -> bool:
+    """Cut ``cluster``'s gateway off the public network (from ``peers`` only, if given), or heal it; records the
+    partition in the state (``meshfed status`` shows it). True if something changed."""
+    state = read_state(run_dir)
+    plan = network_plan(state)
+    known = [c.cluster for c in plan.clusters]
+    for name in (cluster, *peers):
+        if name not in known:
+            raise LocalRunError(f"no cluster {name!r} in this run (clusters: {', '.join(known)})")
+    try:
+        changed = netns.heal(plan, cluster) if heal else netns.partition(plan, cluster, peers)
+    except netns.NetnsError as exc:
+        raise LocalRunError(str(exc)) from exc
+    parts = state["network"].setdefault("partitions", {})
+    if heal:
+        parts.pop(cluster, None)
+    else:
+        whole = not peers or parts.get(cluster) == []  # [] means cut off from every other cluster
+        parts[cluster] = [] if whole else sorted(set(parts.get(cluster, [])) | set(peers))
+    write_state(run_dir, state)
+    log.info("%s cluster=%s peers=%s changed=%s", "heal" if heal else "partition", cluster, ",".join(peers), changed)
+    return changed
+
+
+def _component(state: Mapping[str, Any], name: str) -> tuple[str, str]:
+    """(kind, canonical name) of a component: ``federation``, ``CLUSTER/controlplane``,
+    ``CLUSTER/eastwest-gateway`` (or ``eastwest-gateway-CLUSTER``), or a workload (``NAME`` or ``CLUSTER/NAME``)."""
+    procs_by_name = {p["name"] for p in state.get("processes", [])}
+    if name in procs_by_name and (name == "federation" or name.endswith(("/controlplane", "/eastwest-gateway"))):
+        return "process", name
+    for cluster, c in state.get("clusters", {}).items():
+        if name == f"eastwest-gateway-{cluster}":
+            return "process", f"{cluster}/eastwest-gateway"
+        for w in c.get("workloads", []):
+            if name in (w["name"], f"{cluster}/{w['name']}"):
+                return "workload", f"{cluster}/{w['name']}"
+    choices = sorted(n for n in procs_by_name if n == "federation" or n.endswith(("/controlplane",
+                                                                                  "/eastwest-gateway")))
+    workloads = [w["name"] for c in state.get("clusters", {}).values() for w in c.get("workloads", [])]
+    raise LocalRunError(f"no component {name!r} (components: {', '.join(choices + workloads)})")
+
+
+def stop_component(run_dir: Path, name: str) -> dict[str, Any]:
+    """Stop one component by pid and keep it stopped (a supervising ``meshfed up`` leaves it): a workload as
+    :func:`stop_workload` does (its endpoint leaves the ready set), anything else as its process dying."""
+    state = read_state(run_dir)
+    kind, full = _component(state, name)
+    if kind == "workload":
+        cluster, _, workload = full.partition("/")
+        return {"component": full, **stop_workload(run_dir, cluster, workload)}
+    rec = next(p for p in state["processes"] if p["name"] == full)
+    rec["held"] = True
+    write_state(run_dir, state)
+    was = is_running(rec)
+    stopped = procs.stop(int(rec["pid"]), start=rec.get("start_time")) if was else True
+    log.info("component stopped name=%s pid=%s", full, rec["pid"])
+    return {"component": full, "pid": rec["pid"], "was_running": was, "stopped": stopped}
+
+
+def start_component(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any]:
+    """Start a component :func:`stop_component` stopped (or that died) again, as it was first started."""
+    state = read_state(run_dir)
+    kind, full = _component(state, name)
+    if kind == "process":
+        return {"component": full, **restart(run_dir, full, timeout=timeout)}
+    cluster, _, workload = full.partition("/")
+    entry = next(w for w in state["clusters"][cluster]["workloads"] if w["name"] == workload)
+    started = []
+    for proc_name in (f"{cluster}/{workload}/app", f"{cluster}/{workload}"):
+        if any(p["name"] == proc_name for p in state["processes"]):
+            started.append(restart(run_dir, proc_name, timeout=timeout))
+    runtime_path = run_dir / cluster / "runtime.json"
+    if entry.get("service") and runtime_path.exists():
+        runtime = json.loads(runtime_path.read_text())
+        ep = runtime.setdefault("endpoints", {}).setdefault(entry.get("manifest_address") or entry["address"], {})
+        ep.pop("ready", None)
+        write_json(runtime_path, runtime)
+    log.info("component started name=%s", full)
+    return {"component": full, "restarted": [s["name"] for s in started]}

@@ -27,10 +27,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from meshfed.capture import DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT
 from meshfed.netplan import (
     GW_CLUSTER_IF,
     GW_PUBLIC_IF,
     POD_IF,
+    PROXY_UID,
+    RUN_ID,
     NetPlan,
     free_slot,
     gateway_rules,
@@ -45,6 +48,9 @@ log = logging.getLogger("meshfed.netns")
 
 TIMEOUT = 60.0
 ETC_NETNS = Path("/etc/netns")
+RUN_ROOT = Path("/run")  # the proxy directory of run <id>: /run/meshfed-<id> (owned by the proxy uid, 0700)
+CAPTURE_OUTBOUND = DEFAULT_OUTBOUND_PORT
+CAPTURE_INBOUND = DEFAULT_INBOUND_PORT
 TOOLS = ("ip", "iptables-restore", "setpriv", "sysctl")
 
 Record = Callable[[Mapping[str, str]], None]
@@ -86,6 +92,25 @@ def run(argv: Sequence[str], *, stdin: str | None = None, check: bool = True) ->
 def in_ns(netns: str, argv: Sequence[str]) -> list[str]:
     """``argv`` run inside ``netns`` (``ip netns exec`` also bind-mounts its ``/etc/netns/<ns>/resolv.conf``)."""
     return ["ip", "netns", "exec", netns, *argv]
+
+
+def as_proxy_uid() -> list[str]:
+    """The argv prefix that runs a command as the proxy uid (whose traffic the capture rules leave alone)."""
+    return ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups"]
+
+
+def proxy_dir(run_id: str) -> Path:
+    return RUN_ROOT / f"meshfed-{run_id}"
+
+
+def make_proxy_dir(run_id: str, record: Record) -> Path:
+    """The directory the run's Envoys (as the proxy uid) read their bootstraps from: owned by that uid, 0700."""
+    path = proxy_dir(run_id)
+    record({"kind": "dir", "name": path.name, "path": str(path)})
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chown(path, PROXY_UID, PROXY_UID)
+    os.chmod(path, 0o700)
+    return path
 
 
 def root_prefixes() -> list[str]:
@@ -202,7 +227,8 @@ def teardown(created: Iterable[Mapping[str, str]], run_id: str) -> list[str]:
     for item in items:
         name = item.get("name", "")
         path = Path(item.get("path", ""))
-        if item.get("kind") == "dir" and is_ours(name, run_id) and path == ETC_NETNS / name:
+        ours = (is_ours(name, run_id) and path == ETC_NETNS / name) or path == proxy_dir(run_id)
+        if item.get("kind") == "dir" and ours and RUN_ID.match(run_id):
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(path)
     left_ns = namespaces() & {i["name"] for i in items if i.get("kind") == "netns" and is_ours(i["name"], run_id)}
@@ -221,13 +247,22 @@ def leftovers(run_id: str) -> list[str]:
 # ---- faults -----------------------------------------------------------------------------------------------------
 
 
-def partition(plan: NetPlan, cluster: str) -> bool:
-    """Cut ``cluster`` off the public network (iptables DROP on its gateway's public leg, inside the gateway's
-    namespace); False if it already was."""
+def partition(plan: NetPlan, cluster: str, peers: Sequence[str] = ()) -> bool:
+    """Cut ``cluster`` off the public network, or (``peers``: other clusters) off those clusters' gateways only:
+    iptables DROP on its gateway's public leg, inside the gateway's namespace. False if nothing changed."""
     c = plan.cluster(cluster)
-    if partitioned(plan, cluster):
+    addresses = [plan.cluster(p).gateway.public_ip for p in peers]
+    current = _partition_rules_now(plan, cluster)
+    if current is not None and f"-A MESHFED_PARTITION -i {GW_PUBLIC_IF} -j DROP" in current:
+        return False  # already cut off from everyone
+    if not addresses and current is not None:
+        heal(plan, cluster)  # from some peers to all of them
+        current = None
+    new = [a for a in addresses if current is None or f"-s {a}/32" not in current]
+    if addresses and not new:
         return False
-    run(in_ns(c.gateway.netns, ["iptables-restore", "--noflush"]), stdin=partition_rules(plan, c))
+    run(in_ns(c.gateway.netns, ["iptables-restore", "--noflush"]),
+        stdin=partition_rules(c, new, new_chain=current is None))
     return True
 
 
@@ -240,10 +275,16 @@ def heal(plan: NetPlan, cluster: str) -> bool:
     return True
 
 
+def _partition_rules_now(plan: NetPlan, cluster: str) -> str | None:
+    """The partition chain's rules in ``cluster``'s gateway namespace, None if there is no partition."""
+    done = run(in_ns(plan.cluster(cluster).gateway.netns, ["iptables-save", "-t", "filter"]))
+    if ":MESHFED_PARTITION" not in done.stdout:
+        return None
+    return "\n".join(line for line in done.stdout.splitlines() if line.startswith("-A MESHFED_PARTITION"))
+
+
 def partitioned(plan: NetPlan, cluster: str) -> bool:
-    c = plan.cluster(cluster)
-    done = run(in_ns(c.gateway.netns, ["iptables-save", "-t", "filter"]))
-    return ":MESHFED_PARTITION" in done.stdout
+    return _partition_rules_now(plan, cluster) is not None
 
 
 

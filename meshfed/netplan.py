@@ -244,18 +244,22 @@ def gateway_rules(plan: NetPlan, c: ClusterNet) -> str:
         "COMMIT", ""])
 
 
-def partition_rules(plan: NetPlan, c: ClusterNet) -> str:
+def partition_rules(c: ClusterNet, peers: Sequence[str] = (), *, new_chain: bool = True) -> str:
     """``iptables-restore --noflush`` input for a partition of cluster ``c``: its gateway namespace drops every
-    packet on its public leg (in and out, forwarded or its own), so nothing crosses between ``c`` and the others."""
-    return "\n".join([
-        "*filter",
-        ":MESHFED_PARTITION - [0:0]",
-        f"-A MESHFED_PARTITION -i {GW_PUBLIC_IF} -j DROP",
-        f"-A MESHFED_PARTITION -o {GW_PUBLIC_IF} -j DROP",
-        "-I INPUT 1 -j MESHFED_PARTITION",
-        "-I OUTPUT 1 -j MESHFED_PARTITION",
-        "-I FORWARD 1 -j MESHFED_PARTITION",
-        "COMMIT", ""])
+    packet on its public leg (in and out, forwarded or its own), or with ``peers`` (other gateways' public
+    addresses) only what goes to or comes from them. ``new_chain``: also create the chain and the jumps to it
+    (False when adding peers to a partition already in place)."""
+    lines = ["*filter"]
+    if new_chain:
+        lines += [":MESHFED_PARTITION - [0:0]", "-I INPUT 1 -j MESHFED_PARTITION", "-I OUTPUT 1 -j MESHFED_PARTITION",
+                  "-I FORWARD 1 -j MESHFED_PARTITION"]
+    if peers:
+        for peer in peers:
+            lines += [f"-A MESHFED_PARTITION -i {GW_PUBLIC_IF} -s {peer}/32 -j DROP",
+                      f"-A MESHFED_PARTITION -o {GW_PUBLIC_IF} -d {peer}/32 -j DROP"]
+    else:
+        lines += [f"-A MESHFED_PARTITION -i {GW_PUBLIC_IF} -j DROP", f"-A MESHFED_PARTITION -o {GW_PUBLIC_IF} -j DROP"]
+    return "\n".join([*lines, "COMMIT", ""])
 
 
 def heal_rules() -> str:

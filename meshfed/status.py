@@ -428,8 +428,9 @@ def addresses(state: Mapping[str, Any], statuses: Mapping[str, ControlPlaneStatu
         for w in c.get("workloads", []):
             workloads.append({
                 "cluster": name, "workload": w["name"], "service": w["service"] or None,
-                "sidecar_outbound": w["outbound"], "sidecar_admin": w["sidecar_admin"], "app": w.get("app") or None,
-                "spiffe_id": w["spiffe_id"], "can_call": can_call,
+                "sidecar_outbound": w["outbound"] or None, "sidecar_admin": w["sidecar_admin"],
+                "app": w.get("app") or None, "spiffe_id": w["spiffe_id"], "can_call": can_call,
+                "pod_ip": w.get("pod_ip"), "netns": w.get("netns"),
             })
     return {"federation": state.get("federation", {}).get("url"), "clusters": clusters, "workloads": workloads}
 
@@ -553,10 +554,11 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
                 for name, a in addr["clusters"].items()]
         out.append((f"Addresses (federation {addr['federation']})",
                     ["cluster", "xds", "dns", "admin (/status)", "gateway", "gateway admin"], rows))
-        rows = [[w["cluster"], w["workload"], w["service"] or "(client)", w["sidecar_outbound"], w["sidecar_admin"],
+        rows = [[w["cluster"], w["workload"], w["service"] or "(client)",
+                 w["sidecar_outbound"] or f"pod {w.get('pod_ip')} (captured)", w["sidecar_admin"],
                  ", ".join(n.replace(".svc.clusterset.local", "").replace(".svc.cluster.local", " (local)")
                            for n in w["can_call"])] for w in addr["workloads"]]
-        out.append(("Workloads", ["cluster", "workload", "service", "sidecar outbound", "sidecar admin",
+        out.append(("Workloads", ["cluster", "workload", "service", "sidecar outbound / pod", "sidecar admin",
                                   "can call (NAME.NS: NAME.NS.svc.clusterset.local; (local): "
                                   "NAME.NS.svc.cluster.local only)"], rows))
     restarted = [p for p in report.get("processes", []) if p.get("restarts")]

@@ -92,10 +92,13 @@ class EndpointOverride:
     # False when the runner stopped the workload: its endpoint leaves the ready set, as a deleted pod leaves its
     # EndpointSlice in Kubernetes. None keeps what the manifests say.
     ready: bool | None = None
+    # The address the workload really has (a netns run's pod IP), replacing the manifests' placeholder; "" keeps it.
+    address: str = ""
 
 
 def load_runtime(path: Path | None) -> dict[str, EndpointOverride]:
-    """``runtime.json``: ``{"endpoints": {"127.0.2.10": {"ports": {"http": 40123}, "service_account": "x"}}}``."""
+    """``runtime.json``: ``{"endpoints": {"127.0.2.10": {"ports": {"http": 40123}, "service_account": "x"}}}``
+    (a netns run adds ``"address": "10.2.1.1"``, the pod's IP, per endpoint)."""
     if path is None or not path.exists():
         return {}
     data = json.loads(path.read_text())
@@ -104,7 +107,8 @@ def load_runtime(path: Path | None) -> dict[str, EndpointOverride]:
         ports = tuple(sorted((str(k), int(v)) for k, v in entry.get("ports", {}).items()))
         ready = entry.get("ready")
         out[address] = EndpointOverride(ports=ports, service_account=str(entry.get("service_account", "")),
-                                        ready=None if ready is None else bool(ready))
+                                        ready=None if ready is None else bool(ready),
+                                        address=str(entry.get("address", "")))
     return out
 
 

@@ -18,7 +18,8 @@ log = logging.getLogger("meshfed.controlplane")
 
 
 def apply_runtime(services: Mapping[Any, Service], runtime: Mapping[str, EndpointOverride]) -> list[Service]:
-    """The services with each endpoint's ports (and service account) replaced from the local run's overrides."""
+    """The services with each endpoint's ports (and service account, and in a netns run its address) replaced from
+    the local run's overrides."""
     if not runtime:
         return list(services.values())
     out: list[Service] = []
@@ -28,6 +29,8 @@ def apply_runtime(services: Mapping[Any, Service], runtime: Mapping[str, Endpoin
             ov = runtime.get(ep.address)
             if ov is not None:
                 ep = replace(ep, ports=ov.ports or ep.ports, service_account=ov.service_account or ep.service_account)
+                if ov.address:
+                    ep = replace(ep, address=ov.address)
                 if ov.ready is not None:
                     ep = replace(ep, ready=ov.ready, serving=ov.ready)
             endpoints.append(ep)

@@ -97,3 +97,17 @@ def test_teardown_never_touches_names_that_are_not_the_runs() -> None:
                            {"kind": "dir", "name": "x", "path": "/etc"}], "ab12") == []
     assert "eth0" in netns.links() or "lo" in netns.links()
     assert os.path.isdir("/etc") and shutil.which("ip")
+
+
+def test_partition_from_one_peer_only(built: tuple[netplan.NetPlan, list[Mapping[str, str]]]) -> None:
+    plan, _ = built
+    assert netns.partition(plan, "west", ["east"]) is True
+    assert netns.partition(plan, "west", ["east"]) is False
+    rules = netns.run(netns.in_ns(plan.cluster("west").gateway.netns, ["iptables-save", "-t", "filter"])).stdout
+    east_pub = plan.cluster("east").gateway.public_ip
+    assert f"-s {east_pub}/32" in rules and f"-d {east_pub}/32" in rules
+    assert netns.partition(plan, "west") is True  # then from everyone
+    assert netns.partition(plan, "west", ["east"]) is False
+    assert netns.heal(plan, "west") is True and netns.heal(plan, "west") is False
+    assert "MESHFED_PARTITION" not in netns.run(
+        netns.in_ns(plan.cluster("west").gateway.netns, ["iptables-save", "-t", "filter"])).stdout

@@ -76,5 +76,6 @@ def test_rules_stay_inside_the_pod_and_gateway() -> None:
     rules = netplan.pod_filter_rules(pod)
     assert f"-s {pod.root_ip} --dport 15000 -j ACCEPT" in rules and "--dports 15000,15001 -j DROP" in rules
     gw = netplan.gateway_rules(p, p.clusters[0])
+    assert "-o eth1 -d 10.16.0.11/32 -j DROP" in netplan.partition_rules(p.clusters[0], ["10.16.0.11"])
     assert "-A POSTROUTING -s 10.17.0.0/16 -o eth1 -j MASQUERADE" in gw
     assert ":FORWARD DROP" in gw and "-d 10.16.0.0/24 -j ACCEPT" in gw

@@ -1,0 +1,219 @@
+"""Acceptance for issue 13: `meshfed up --network netns` on the demo, each cluster its own network and each
+workload its own network namespace, then `meshfed down` leaving nothing behind and a second `up` in the same
+directory.
+
+One run for the module (tests in file order build on each other): a cross-cluster call by DNS name from inside
+east's sleep pod answered by west with the caller's identity; a direct connection from east's pod to a west pod's
+IP has no route; `status -o json` gives each workload's pod IP and is healthy; diagnose walks every hop; a
+partition of west fails east's calls over to east's own reviews (success ratio printed) and heals; `down` leaves
+no namespace, link or resolv.conf; a second `up` in the same run directory works and is taken down again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshfed import local, netns, procs
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(not netns.available()[0], reason=f"netns bed unavailable: {netns.available()[1]}"),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+RATINGS = "ratings.default.svc.clusterset.local"
+REVIEWS = "reviews.default.svc.clusterset.local"
+
+# Inside a pod: GET argv[1] with urllib (no curl needed); prints "STATUS BODY" or "error NAME ERRNO".
+GET = r"""
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as resp:
+        print(resp.status, resp.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode())
+except OSError as exc:
+    reason = getattr(exc, "reason", exc)
+    print("error", type(reason).__name__, getattr(reason, "errno", ""))
+"""
+
+
+def meshfed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meshfed", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def up(run_dir: Path) -> subprocess.CompletedProcess[str]:
+    return meshfed("up", "clusters/demo", "--network", "netns", "--detach", "--lease-ttl", "5", "--run-dir",
+                   str(run_dir), timeout=300)
+
+
+def run_id(run_dir: Path) -> str:
+    return str(local.read_state(run_dir)["network"]["run_id"])
+
+
+def cleanup(run_dir: Path) -> None:
+    """Down, then (should down have failed) stop recorded pids and remove the recorded bed."""
+    meshfed("down", "--run-dir", str(run_dir))
+    if not (run_dir / local.STATE_FILE).exists():
+        return
+    state = local.read_state(run_dir)
+    for rec in state.get("processes", []):
+        procs.stop(int(rec["pid"]), start=rec.get("start_time"))
+    local.remove_network(run_dir, state)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    run_dir = tmp_path_factory.mktemp("meshfed-netns") / "run"
+    done = up(run_dir)
+    try:
+        assert done.returncode == 0, f"meshfed up failed:\n{done.stdout}\n{done.stderr}"
+        assert "network: netns" in done.stderr
+        yield run_dir
+    finally:
+        cleanup(run_dir)
+
+
+def in_pod(run: Path, workload: str, url: str, timeout: float = 5) -> str:
+    done = meshfed("exec", workload, "--run-dir", str(run), "--", sys.executable, "-I", "-c", GET, url, str(timeout))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def answer(line: str) -> dict[str, Any]:
+    status, _, body = line.partition(" ")
+    assert status == "200", line
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def test_cross_cluster_call_by_dns_name_from_inside_easts_pod(run: Path) -> None:
+    got = answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))
+    assert got["cluster"] == "west" and got["workload"] == "ratings-west-0"
+    assert got["caller"] == "spiffe://demo.meshfed.local/ns/default/sa/sleep"
+    # the caller's certificate names its cluster: east's sidecar made the mTLS connection, west's checked it
+    assert 'Subject="OU=east' in got["headers"]["x-forwarded-client-cert"]
+
+
+def test_east_pod_has_no_route_to_a_west_pod(run: Path) -> None:
+    state = local.read_state(run)
+    west_ratings = next(w for w in state["clusters"]["west"]["workloads"] if w["name"] == "ratings-west-0")
+    assert in_pod(run, "sleep-east", f"http://{west_ratings['pod_ip']}:9080/") == "error OSError 101"  # ENETUNREACH
+    # ... and neither has the east-west gateway's cluster side, nor the root namespace an address in west's pods
+    gw = state["clusters"]["west"]["gateway"]["admin"].split(":")[0]
+    assert in_pod(run, "sleep-east", f"http://{gw}:15000/ready") == "error OSError 101"
+
+
+def test_status_gives_pod_ips_and_is_healthy(run: Path) -> None:
+    done = meshfed("status", "--run-dir", str(run), "-o", "json")
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, report["problems"]
+    state = local.read_state(run)
+    pods = {w["workload"]: w["pod_ip"] for w in report["addresses"]["workloads"]}
+    plan = state["network"]["plan"]
+    east_net, west_net = (c["cidr"].rsplit(".", 2)[0] for c in plan["clusters"])
+    assert pods["sleep-east"].startswith(east_net + ".") and pods["ratings-west-0"].startswith(west_net + ".")
+    assert len(set(pods.values())) == len(pods)
+    for name in ("east", "west"):
+        c = report["addresses"]["clusters"][name]
+        assert c["dns"].endswith(":53") and c["admin"].startswith("127.0.0.1:")
+
+
+def test_diagnose_walks_every_hop_from_the_pod(run: Path) -> None:
+    deadline = time.monotonic() + 60
+    result: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        done = meshfed("diagnose", "ratings.default", "--from", "east", "--run-dir", str(run), "-o", "json")
+        result = json.loads(done.stdout)
+        if done.returncode == 0:
+            break
+        time.sleep(1)
+    assert result.get("ok") is True, result
+    request = next(h for h in result["hops"] if h["name"] == "request")
+    assert "via pod" in request["detail"] and "ratings-west-0" in request["detail"]
+
+
+def test_partition_of_west_keeps_easts_local_traffic_and_heals(run: Path) -> None:
+    """East's VirtualService sends reviews 90/10 to its east and west subsets (clusters/demo/east): during a
+    partition of west the east subset keeps answering from east's own pods, the west share has nowhere to go
+    (its only endpoint is west's gateway) and fails, and west-only ratings fails until the heal."""
+    url = f"http://{REVIEWS}:9080/"
+    done = meshfed("fault", "partition", "west", "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    try:
+        assert not in_pod(run, "sleep-east", f"http://{RATINGS}:9080/", timeout=3).startswith("200 ")
+        outcomes: list[str] = []
+        for _ in range(20):
+            line = in_pod(run, "sleep-east", url, timeout=4)
+            outcomes.append(answer(line)["cluster"] if line.startswith("200 ") else "failed")
+        ok = outcomes.count("east")
+        print(f"\nreviews from east during west's partition: success ratio {ok / len(outcomes):.2f} ({ok}/"
+              f"{len(outcomes)} answered by east's own pods, {outcomes.count('failed')} failed: the 10% routed to "
+              "the west subset)")
+        assert "west" not in outcomes and ok > 0
+        status = json.loads(meshfed("status", "--run-dir", str(run), "-o", "json").stdout)
+        assert local.read_state(run)["network"]["partitions"] == {"west": []}, status.get("problems")
+    finally:
+        healed = meshfed("fault", "heal", "west", "--run-dir", str(run))
+    assert healed.returncode == 0, healed.stderr
+    assert "west" not in local.read_state(run)["network"]["partitions"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if in_pod(run, "sleep-east", f"http://{RATINGS}:9080/").startswith("200 "):
+            break
+        time.sleep(1)
+    assert answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))["cluster"] == "west"
+
+
+def test_fault_stop_and_start_a_component(run: Path) -> None:
+    stopped = meshfed("fault", "stop", "eastwest-gateway-west", "--run-dir", str(run), "-o", "json")
+    assert stopped.returncode == 0, stopped.stderr
+    state = local.read_state(run)
+    gw = next(p for p in state["processes"] if p["name"] == "west/eastwest-gateway")
+    assert gw["held"] is True and not local.is_running(gw)
+    assert not in_pod(run, "sleep-east", f"http://{RATINGS}:9080/", timeout=3).startswith("200 ")
+    started = meshfed("fault", "start", "eastwest-gateway-west", "--run-dir", str(run), "-o", "json")
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if in_pod(run, "sleep-east", f"http://{RATINGS}:9080/").startswith("200 "):
+            break
+        time.sleep(1)
+    assert answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))["cluster"] == "west"
+
+
+def test_down_leaves_nothing_and_a_second_up_works(run: Path) -> None:
+    first = run_id(run)
+    pids = [int(p["pid"]) for p in local.read_state(run)["processes"]]
+    done = meshfed("down", "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    assert [pid for pid in pids if procs.alive(pid)] == []
+    assert netns.leftovers(first) == []
+    assert not any(n.startswith(f"mf-{first}-") for n in os.listdir(netns.ETC_NETNS)) if netns.ETC_NETNS.exists() \
+        else True
+    assert not netns.proxy_dir(first).exists()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    assert f"mf-{first}-" not in listed and f"mf{first}" not in links
+
+    again = up(run)
+    try:
+        assert again.returncode == 0, f"second meshfed up failed:\n{again.stdout}\n{again.stderr}"
+        second = run_id(run)
+        assert second != first and netns.leftovers(second)
+        assert answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))["cluster"] == "west"
+    finally:
+        done = meshfed("down", "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    assert netns.leftovers(second) == []
