@@ -63,16 +63,22 @@ class RichReporter:
         self._out.print(f"  {cluster:<12} [green]ready[/]     {ref}")
 
 
+def _pairs(items: Sequence[str], option: str, form: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise click.BadParameter(f"{item!r}: expected {form}", param_hint=option)
+        out[key] = value
+    return out
+
+
 def _contexts(mapping: Sequence[str], prefix: str, clusters: Sequence[str]) -> dict[str, str]:
-    explicit: dict[str, str] = {}
-    for item in mapping:
-        cluster, sep, ctx = item.partition("=")
-        if not sep or not cluster or not ctx:
-            raise click.BadParameter(f"{item!r}: expected CLUSTER=CONTEXT", param_hint="--context")
+    explicit = _pairs(mapping, "--context", "CLUSTER=CONTEXT")
+    for cluster, ctx in explicit.items():
         if cluster not in clusters:
-            raise click.BadParameter(f"{item!r}: no cluster {cluster!r} (clusters: {', '.join(clusters)})",
+            raise click.BadParameter(f"'{cluster}={ctx}': no cluster {cluster!r} (clusters: {', '.join(clusters)})",
                                      param_hint="--context")
-        explicit[cluster] = ctx
     return {c: explicit.get(c, f"{prefix}{c}") for c in clusters}
 
 
@@ -119,6 +125,9 @@ def _clients(kubeconfig: str | None, contexts: dict[str, str]) -> dict[str, Clus
 @click.option("--gateway-replicas", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--etcd-image", default=DEFAULT_ETCD_IMAGE, show_default=True)
 @click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--dns-service-ip", "dns_ips", multiple=True, metavar="CLUSTER=IP",
+              help="cluster IP of the control plane Service in CLUSTER (repeatable): where the cluster DNS forwards "
+                   "clusterset.local (renders CLUSTER/cluster-dns/)")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), help="kubeconfig for --apply (default: $KUBECONFIG)")
 @click.option("--context", "context_map", multiple=True, metavar="CLUSTER=CONTEXT",
               help="kubeconfig context of a cluster (repeatable; default: the context named like the cluster)")
@@ -133,7 +142,8 @@ def _clients(kubeconfig: str | None, contexts: dict[str, str]) -> dict[str, Clus
 def install_cmd(source: Path, render_dir: Path | None, do_apply: bool, image: str, federation_store: str,
                 federation_cluster: str | None, federation_url: str | None, root_dir: Path | None,
                 storage_class: str | None, storage_size: str, gateway_replicas: int, etcd_image: str,
-                cluster_domain: str, kubeconfig: str | None, context_map: tuple[str, ...], context_prefix: str,
+                cluster_domain: str, dns_ips: tuple[str, ...], kubeconfig: str | None, context_map: tuple[str, ...],
+                context_prefix: str,
                 only: tuple[str, ...], timeout: float, poll_interval: float, no_wait: bool,
                 output: str) -> None:
     """Render (--render DIR) and/or apply (--apply) meshfed on every cluster of a clusterset.
@@ -165,7 +175,7 @@ def install_cmd(source: Path, render_dir: Path | None, do_apply: bool, image: st
             image=image, federation_store="etcd" if federation_store == "etcd" else "sqlite",
             federation_cluster=federation_cluster, federation_url=federation_url, etcd_image=etcd_image,
             storage_size=storage_size, storage_class=storage_class, gateway_replicas=gateway_replicas,
-            cluster_domain=cluster_domain,
+            cluster_domain=cluster_domain, dns_service_ips=_pairs(dns_ips, "--dns-service-ip", "CLUSTER=IP"),
         )
         try:
             ensure_render_dir(render_dir)
@@ -196,6 +206,7 @@ def install_cmd(source: Path, render_dir: Path | None, do_apply: bool, image: st
             "written": len(written.written),
             "unchanged": len(written.unchanged),
             "warnings": list(rendered.warnings),
+            "cluster_dns": [{"cluster": d.cluster, "forward": d.upstream} for d in rendered.cluster_dns],
         }
         plan_dir = render_dir
         if not do_apply:

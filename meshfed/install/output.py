@@ -7,6 +7,8 @@ Layout::
     DIR/clusterset.yaml          a copy of the clusterset the manifests were rendered from
     DIR/plan.json                the apply order, machine-readable (what ``--apply`` follows)
     DIR/<cluster>/NN-*.yaml      one cluster's manifests; files holding private keys are 0600
+    DIR/<cluster>/cluster-dns/   the clusterset.local forward for the cluster's own DNS (a CoreDNS server block,
+                                 a kube-dns stub domain): not in the plan, added to the cluster DNS by hand
     DIR/ca/                      the root CA, when ``--root`` was not given (keys 0600; move it offline)
 
 Files are written atomically and only when their content changes; manifests of an earlier render that this one
@@ -26,7 +28,7 @@ from typing import Any
 import yaml
 
 from federation.files import write_atomic
-from meshfed.install import PlanError
+from meshfed.install import PlanError, clusterdns
 from meshfed.install.render import PHASES, ApplyPhase, Manifest, Rendered
 
 PLAN = "plan.json"
@@ -75,6 +77,13 @@ def readme_text(rendered: Rendered) -> str:
         mode = "  (private keys, 0600)" if m.secret else ""
         lines.append(f"  kubectl --context {m.cluster} apply -f {m.cluster}/{m.filename}    # {m.description}{mode}")
     lines += ["", f"The federation service runs in cluster {rendered.federation_cluster}."]
+    if rendered.cluster_dns:
+        lines += ["", "Cluster DNS (not applied by meshfed: add it to each cluster's own DNS, see docs/install.md):"]
+        for dns in rendered.cluster_dns:
+            lines.append(f"  {dns.cluster}/{clusterdns.DIRECTORY}/{clusterdns.COREFILE_BLOCK}    # CoreDNS: forward "
+                         f"{clusterdns.ZONE} to {dns.upstream} (Service {dns.service})")
+            lines.append(f"  {dns.cluster}/{clusterdns.DIRECTORY}/{clusterdns.KUBE_DNS_STUB}    # the same for "
+                         "kube-dns (stubDomains)")
     for w in rendered.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines) + "\n"
@@ -140,9 +149,29 @@ def write_render(out: Path, rendered: Rendered, *, clusterset_text: str) -> Writ
             if _MANIFEST_FILE.match(stale.name) and stale.name not in keep:
                 stale.unlink()
                 removed.append(stale)
+        _write_cluster_dns(cdir / clusterdns.DIRECTORY, rendered.dns_for(str(cluster.id)), report, removed)
     _write(out / README, readme_text(rendered), private=False, report=report)
     _write(out / PLAN, plan_json(rendered), private=False, report=report)
     return WriteReport(tuple(written), tuple(unchanged), tuple(removed))
+
+
+def _write_cluster_dns(ddir: Path, dns: clusterdns.ClusterDns | None, report: tuple[list[Path], list[Path]],
+                       removed: list[Path]) -> None:
+    """The cluster's ``clusterset.local`` forward pieces, or none (and an earlier render's removed)."""
+    if dns is None:
+        for name in clusterdns.FILES:
+            if (ddir / name).exists():
+                (ddir / name).unlink()
+                removed.append(ddir / name)
+        if ddir.is_dir() and not any(ddir.iterdir()):
+            ddir.rmdir()
+        return
+    try:
+        ddir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise PlanError(f"{ddir}: cannot create: {exc.strerror or exc}") from exc
+    _write(ddir / clusterdns.COREFILE_BLOCK, dns.corefile_block(), private=False, report=report)
+    _write(ddir / clusterdns.KUBE_DNS_STUB, dns.kube_dns_text(), private=False, report=report)
 
 
 # --------------------------------------------------------------------------------------------- reading back

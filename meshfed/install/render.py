@@ -16,6 +16,9 @@ Per cluster the manifests are, in apply order (``Manifest.phase``)::
     06-controlplane.yaml      controlplane  ConfigMap clusterset, Deployment and Service meshfed-controlplane
     07-gateway.yaml           gateway       Envoy bootstrap ConfigMap, Deployment, PDB, LoadBalancer Service
 
+and, outside the apply plan, the cluster DNS pieces forwarding ``clusterset.local`` to the control plane Service's
+DNS port (:mod:`meshfed.install.clusterdns`), for clusters whose DNS Service IP was given (``dns_service_ips``).
+
 Across clusters the phases run in order: every cluster's base and CA, then the federation, then the control
 planes, then the gateways (see :data:`PHASES`).
 """
@@ -25,9 +28,10 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
+import ipaddress
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
@@ -37,6 +41,7 @@ from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
 from gateway.bootstrap import render_bootstrap
 from gateway.context import ProxyInfo, ProxyKind
 from meshfed.install import RenderError
+from meshfed.install.clusterdns import ClusterDns
 from meshfed.install.crds import CRDS
 
 Obj = dict[str, Any]
@@ -130,6 +135,9 @@ class InstallOptions:
     storage_class: str | None = None
     gateway_replicas: int = 2
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    dns_service_ips: Mapping[str, str] = field(default_factory=dict)
+    """Per cluster, the cluster IP the control plane Service gets (``spec.clusterIP``): where the cluster DNS
+    forwards ``clusterset.local``. A cluster without one gets no cluster DNS pieces (they need an address)."""
 
     def svc_host(self, name: str) -> str:
         return f"{name}.{self.namespace}.svc.{self.cluster_domain}"
@@ -156,6 +164,11 @@ class Rendered:
     federation_cluster: ClusterId
     manifests: tuple[Manifest, ...]
     warnings: tuple[str, ...] = ()
+    cluster_dns: tuple[ClusterDns, ...] = ()
+    """The ``clusterset.local`` forward of each cluster whose DNS Service IP is known (not in the apply plan)."""
+
+    def dns_for(self, cluster: str) -> ClusterDns | None:
+        return next((d for d in self.cluster_dns if d.cluster == cluster), None)
 
     def for_cluster(self, cluster: str) -> tuple[Manifest, ...]:
         return tuple(m for m in self.manifests if m.cluster == cluster)
@@ -557,7 +570,8 @@ def controlplane_args(cluster: ClusterInfo, federation_url: str, opts: InstallOp
 
 
 def controlplane_objects(
-    cs: ClusterSet, cluster: ClusterInfo, opts: InstallOptions, ca: CAFiles, clusterset_yaml: str, federation_url: str
+    cs: ClusterSet, cluster: ClusterInfo, opts: InstallOptions, ca: CAFiles, clusterset_yaml: str, federation_url: str,
+    dns: ClusterDns | None = None,
 ) -> list[Obj]:
     cid = cluster.id
     ns = opts.namespace
@@ -623,12 +637,15 @@ def controlplane_objects(
             },
         },
     }
+    service_spec: Obj = {"type": "ClusterIP"}
+    if dns is not None:  # the cluster DNS forwards clusterset.local here (an address, never a name)
+        service_spec["clusterIP"] = dns.ip
     service: Obj = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _meta(CONTROLPLANE, CONTROLPLANE, cid, ns),
         "spec": {
-            "type": "ClusterIP",
+            **service_spec,
             "selector": _selector(CONTROLPLANE),
             "ports": [
                 {"name": "grpc-xds", "port": XDS_PORT, "targetPort": "grpc-xds", "protocol": "TCP",
@@ -863,6 +880,7 @@ def render_clusterset(
             f"in-cluster name; give the address of Service {opts.namespace}/{FEDERATION} in {fed_name} (its "
             "LoadBalancer) and render again"
         )
+    cluster_dns = _cluster_dns(cs, opts, warnings)
     for c in cs.clusters:
         if not c.gateway_host:
             warnings.append(
@@ -895,12 +913,38 @@ def render_clusterset(
                 f"federation service ({opts.federation_store})")
         add("06-controlplane.yaml", ApplyPhase.CONTROLPLANE,
             controlplane_objects(cs, cluster, opts, files, clusterset_yaml,
-                                 federation_url_for(cluster, fed_cluster.id, opts)),
+                                 federation_url_for(cluster, fed_cluster.id, opts),
+                                 next((d for d in cluster_dns if d.cluster == cid), None)),
             "control plane: clusterset ConfigMap, Deployment, Service")
         add("07-gateway.yaml", ApplyPhase.GATEWAY,
             gateway_objects(cluster, opts, _yaml(gateway_bootstrap(cluster, opts))),
             "east-west gateway: Envoy bootstrap ConfigMap, Deployment, LoadBalancer Service on 15443")
-    return Rendered(cs, fed_cluster.id, tuple(manifests), tuple(warnings))
+    return Rendered(cs, fed_cluster.id, tuple(manifests), tuple(warnings), cluster_dns)
+
+
+def _cluster_dns(cs: ClusterSet, opts: InstallOptions, warnings: list[str]) -> tuple[ClusterDns, ...]:
+    """Each cluster's ``clusterset.local`` forward to its control plane Service, where its address is given."""
+    names = [str(c.id) for c in cs.clusters]
+    unknown = sorted(set(opts.dns_service_ips) - set(names))
+    if unknown:
+        raise RenderError(f"--dns-service-ip: no cluster {', '.join(unknown)} in clusterset {cs.name!r} "
+                          f"(clusters: {', '.join(names)})")
+    out: list[ClusterDns] = []
+    for name in names:
+        ip = opts.dns_service_ips.get(name)
+        if ip is None:
+            warnings.append(
+                f"cluster {name} has no --dns-service-ip: its cluster DNS pieces for clusterset.local are not "
+                f"rendered (CoreDNS forwards to addresses only); give the cluster IP Service "
+                f"{opts.namespace}/{CONTROLPLANE} has (or should get) in {name} as --dns-service-ip {name}=IP"
+            )
+            continue
+        try:
+            address = str(ipaddress.ip_address(ip))
+        except ValueError:
+            raise RenderError(f"--dns-service-ip {name}={ip}: {ip!r} is not an IP address") from None
+        out.append(ClusterDns(cluster=name, ip=address, port=DNS_PORT, service=f"{opts.namespace}/{CONTROLPLANE}"))
+    return tuple(out)
 
 
 def object_ref(obj: Mapping[str, Any]) -> str:

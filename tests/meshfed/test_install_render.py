@@ -3,7 +3,8 @@
 Every rendered document passes kubernetes-validate in strict mode (oldest and newest Kubernetes it knows that we
 support); the CRDs' schemas accept the demo's ServiceExports (jsonschema); private files are 0600; the cacerts
 chain verifies with ``openssl verify``; a re-render is byte-identical; the Dockerfile builds the image the
-manifests run; Envoy accepts the gateway's bootstrap (``--mode validate``).
+manifests run; Envoy accepts the gateway's bootstrap (``--mode validate``); the cluster DNS pieces forward
+``clusterset.local`` to the address and port of the rendered control plane Service.
 """
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ def render_etcd(tmp_path_factory: pytest.TempPathFactory, render: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def render_dns(tmp_path_factory: pytest.TempPathFactory, render: Path) -> Path:
+    out = tmp_path_factory.mktemp("render-dns") / "out"
+    result = _install(str(DEMO), "--render", str(out), "--root", str(render / "ca"),
+                      "--dns-service-ip", f"east={DNS_IPS['east']}", "--dns-service-ip", f"west={DNS_IPS['west']}")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+DNS_IPS = {"east": "10.96.0.53", "west": "fd00:10:96::35"}
+
+
 def test_layout_and_apply_order(render: Path) -> None:
     assert sorted(p.name for p in (render / "east").iterdir()) == [
         "00-namespace.yaml", "01-crds.yaml", "02-rbac.yaml", "03-cacerts.yaml", "04-federation-ca.yaml",
@@ -93,10 +106,11 @@ def test_layout_and_apply_order(render: Path) -> None:
     assert positions == sorted(positions)
 
 
-def test_every_document_passes_kubernetes_validate_strict(render: Path, render_etcd: Path) -> None:
+def test_every_document_passes_kubernetes_validate_strict(render: Path, render_etcd: Path,
+                                                          render_dns: Path) -> None:
     kinds: set[str] = set()
-    for out in (render, render_etcd):
-        objects = _all_objects(out)
+    for out in (render, render_etcd, render_dns):
+        objects = _all_objects(out) + [(f, d) for f in sorted(out.glob("*/cluster-dns/*.yaml")) for d in _docs(f)]
         assert len(objects) > 20
         for path, obj in objects:
             kinds.add(obj["kind"])
@@ -315,6 +329,82 @@ def test_controlplane_deployment(render: Path) -> None:
     assert cm["data"]["clusterset.yaml"] == (DEMO / "clusterset.yaml").read_text()
 
 
+def _server_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """A Corefile's server blocks as (keys, directive lines); fails on unbalanced braces or stray lines."""
+    blocks: list[tuple[str, list[str]]] = []
+    current: list[str] | None = None
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if current is None:
+            assert line.endswith("{"), f"not a server block opening: {raw!r}"
+            current = []
+            blocks.append((line[:-1].strip(), current))
+        elif line == "}":
+            current = None
+        else:
+            assert "{" not in line and "}" not in line, raw
+            current.append(line)
+    assert current is None, "unclosed server block"
+    return blocks
+
+
+def test_cluster_dns_forwards_clusterset_local_to_the_dns_service(render: Path, render_dns: Path) -> None:
+    for cluster, ip in DNS_IPS.items():
+        svc = _by_kind(render_dns, cluster, "06-controlplane.yaml", "Service", "meshfed-controlplane")
+        assert svc["spec"]["clusterIP"] == ip
+        [dns_port] = [p for p in svc["spec"]["ports"] if p["name"] == "dns"]
+        assert dns_port["protocol"] == "UDP"
+        # the Service's dns port reaches the container port the control plane's DNS listens on
+        dep = _by_kind(render_dns, cluster, "06-controlplane.yaml", "Deployment")
+        [c] = dep["spec"]["template"]["spec"]["containers"]
+        assert {p["name"]: p["containerPort"] for p in c["ports"]}[dns_port["targetPort"]] == DNS_CONTAINER_PORT
+        assert c["args"][c["args"].index("--dns-listen") + 1] == f"0.0.0.0:{DNS_CONTAINER_PORT}"
+
+        # One server block of its own for the zone (the user's `.:53` block is not rendered, so not replaced).
+        [(keys, directives)] = _server_blocks((render_dns / cluster / "cluster-dns" /
+                                               "coredns-clusterset.server").read_text())
+        assert keys == "clusterset.local:53"
+        [forward] = [d.split() for d in directives if d.startswith("forward ")]
+        assert forward[1] == "."
+        host, _, port = forward[2].rpartition(":")
+        assert host.strip("[]") == svc["spec"]["clusterIP"] and int(port) == dns_port["port"]
+        [cache] = [int(d.split()[1]) for d in directives if d.startswith("cache ")]
+        assert 0 < cache <= 5  # never longer than the records' TTL
+
+        [stub] = _docs(render_dns / cluster / "cluster-dns" / "kube-dns-stubdomains.yaml")
+        assert (stub["metadata"]["namespace"], stub["metadata"]["name"]) == ("kube-system", "kube-dns")
+        assert json.loads(stub["data"]["stubDomains"]) == {"clusterset.local": [svc["spec"]["clusterIP"]]}
+        assert f"{cluster}/cluster-dns/coredns-clusterset.server" in (render_dns / "README.txt").read_text()
+    # The pieces are not part of the apply plan, and without an address there are none (with a warning).
+    plan = json.loads((render_dns / "plan.json").read_text())
+    assert not [s for s in plan["steps"] if "cluster-dns" in s["file"]]
+    assert not (render / "east" / "cluster-dns").exists()
+    assert "clusterIP" not in _by_kind(render, "east", "06-controlplane.yaml", "Service")["spec"]
+    assert "--dns-service-ip east=IP" in (render / "README.txt").read_text()
+
+
+def test_cluster_dns_follows_the_option(render: Path, render_dns: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(render_dns, out)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    result = _install(str(DEMO), "--render", str(out), "--root", str(render / "ca"),
+                      "--dns-service-ip", "east=10.96.0.54", "--dns-service-ip", f"west={DNS_IPS['west']}")
+    assert result.exit_code == 0, result.output
+    after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {k for k in after if before.get(k) != after[k]} == {
+        "east/06-controlplane.yaml", "east/cluster-dns/coredns-clusterset.server",
+        "east/cluster-dns/kube-dns-stubdomains.yaml", "README.txt"}
+    assert "forward . 10.96.0.54:53" in after["east/cluster-dns/coredns-clusterset.server"].decode()
+    # dropped for west: its pieces go, and the Service no longer pins an address
+    result = _install(str(DEMO), "--render", str(out), "--root", str(render / "ca"),
+                      "--dns-service-ip", "east=10.96.0.54")
+    assert result.exit_code == 0, result.output
+    assert not (out / "west" / "cluster-dns").exists() and (out / "east" / "cluster-dns").is_dir()
+    assert "clusterIP" not in _by_kind(out, "west", "06-controlplane.yaml", "Service")["spec"]
+
+
 def test_rbac_rules(render: Path) -> None:
     role = _by_kind(render, "east", "02-rbac.yaml", "ClusterRole")
 
@@ -467,6 +557,12 @@ def test_bad_input_names_the_problem(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "--render DIR" in result.output
     result = _install(str(DEMO), "--render", str(tmp_path / "o2"), "--federation-cluster", "north")
     assert result.exit_code != 0 and "north" in result.output and "east, west" in result.output
+    result = _install(str(DEMO), "--render", str(tmp_path / "o2"), "--dns-service-ip", "north=10.96.0.53")
+    assert result.exit_code != 0 and "--dns-service-ip" in result.output and "north" in result.output
+    result = _install(str(DEMO), "--render", str(tmp_path / "o2"), "--dns-service-ip", "east=kube-dns")
+    assert result.exit_code != 0 and "'kube-dns' is not an IP address" in result.output
+    result = _install(str(DEMO), "--render", str(tmp_path / "o2"), "--dns-service-ip", "10.96.0.53")
+    assert result.exit_code != 0 and "CLUSTER=IP" in result.output
     other_root = tmp_path / "root"
     made = CliRunner().invoke(cli, ["ca", "init", "--trust-domain", "other.local", "--out", str(other_root)])
     assert made.exit_code == 0
