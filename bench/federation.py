@@ -273,31 +273,35 @@ async def worker(args: argparse.Namespace) -> None:
 class _Worker:
     proc: subprocess.Popen[str]
     names: list[str]
-    events: asyncio.Queue[dict[str, Any]]
 
 
-async def _read_events(w: _Worker) -> None:
+async def _read_events(w: _Worker, events: asyncio.Queue[dict[str, Any]]) -> None:
+    """Every worker's events go to one queue, in the order they arrive here."""
     assert w.proc.stdout is not None
     loop = asyncio.get_running_loop()
     while True:
         line = await loop.run_in_executor(None, w.proc.stdout.readline)
         if not line:
-            await w.events.put({"ev": "exit"})
+            await events.put({"ev": "exit", "worker": w.names[0], "rc": w.proc.poll()})
             return
         try:
-            await w.events.put(json.loads(line))
+            await events.put(json.loads(line))
         except ValueError:  # not an event (the profiler's report)
             sys.stderr.write(line)
 
 
-async def _next(w: _Worker, kind: str, within: float) -> dict[str, Any]:
+async def _collect(events: asyncio.Queue[dict[str, Any]], kind: str, count: int, within: float,
+                   **match: object) -> list[dict[str, Any]]:
+    """The next ``count`` events of ``kind`` (with the ``match`` fields); others are dropped."""
+    got: list[dict[str, Any]] = []
     async with asyncio.timeout(within):
-        while True:
-            event = await w.events.get()
-            if event["ev"] == kind:
-                return event
+        while len(got) < count:
+            event = await events.get()
             if event["ev"] == "exit":
-                raise RuntimeError(f"agent worker {w.names[0]}.. exited (rc {w.proc.poll()})")
+                raise RuntimeError(f"agent worker {event['worker']}.. exited (rc {event['rc']})")
+            if event["ev"] == kind and all(event.get(k) == v for k, v in match.items()):
+                got.append(event)
+    return got
 
 
 def _send(w: _Worker, **cmd: object) -> None:
@@ -333,6 +337,7 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
     total = args.clusters * args.services
     workers: list[_Worker] = []
     readers: list[asyncio.Task[None]] = []
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     try:
         started = time.monotonic()
         for k, group in enumerate(groups):
@@ -342,10 +347,9 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
                 cmd = [sys.executable, "-m", "cProfile", "-s", "tottime", *cmd[1:]]
             wp = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,  # noqa: ASYNC220
                                   start_new_session=True)
-            workers.append(_Worker(wp, group, asyncio.Queue()))
-            readers.append(asyncio.create_task(_read_events(workers[-1])))
-        for w in workers:
-            await _next(w, "ready", 900)
+            workers.append(_Worker(wp, group))
+            readers.append(asyncio.create_task(_read_events(workers[-1], events)))
+        await _collect(events, "ready", len(workers), 900)
         load_s = time.monotonic() - started
         loaded_rss = rss_mb(proc.pid)
         owner_of = {n: w for w in workers for n in w.names}
@@ -360,29 +364,21 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
             probe = f"{name}-probe{extra - 1}.default"
             for w in workers:
                 _send(w, cmd="expect", probe=probe)
-            for w in workers:
-                await _next(w, "expecting", 30)
-            publisher = owner_of[name]
-            _send(publisher, cmd="publish", cluster=name, extra=extra)
+            await _collect(events, "expecting", len(workers), 30, probe=probe)
+            _send(owner_of[name], cmd="publish", cluster=name, extra=extra)
             arrivals: dict[str, float] = {}
             t0 = acked = None
             async with asyncio.timeout(60):
-                while len(arrivals) < args.clusters - 1 or acked is None:
-                    got = await asyncio.wait({asyncio.create_task(w.events.get()) for w in workers},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                    for task in got[1]:
-                        task.cancel()
-                    for task in got[0]:
-                        event = task.result()
-                        if event["ev"] == "arrive" and event["probe"] == probe:
-                            arrivals[event["cluster"]] = event["t"]
-                        elif event["ev"] == "start":
-                            t0 = event["t"]
-                        elif event["ev"] == "acked":
-                            acked = event["t"]
-                        elif event["ev"] == "exit":
-                            raise RuntimeError("an agent worker exited")
-            assert t0 is not None
+                while len(arrivals) < args.clusters - 1 or acked is None or t0 is None:
+                    event = await events.get()
+                    if event["ev"] == "arrive" and event["probe"] == probe:
+                        arrivals[event["cluster"]] = event["t"]
+                    elif event["ev"] == "start" and event["cluster"] == name:
+                        t0 = event["t"]
+                    elif event["ev"] == "acked" and event["cluster"] == name:
+                        acked = event["t"]
+                    elif event["ev"] == "exit":
+                        raise RuntimeError(f"agent worker {event['worker']}.. exited (rc {event['rc']})")
             ack = acked - t0
             publish_acks.append(ack)
             lat = [t - t0 for t in arrivals.values()]
@@ -394,8 +390,7 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
         worker_rss: list[tuple[float, int]] = []
         for w in workers:
             _send(w, cmd="quit")
-        for w in workers:
-            ev = await _next(w, "rss", 60)
+        for ev in await _collect(events, "rss", len(workers), 60):
             worker_rss.append((ev["mb"], ev["agents"]))
         base = await baseline_store_writes(setup, args.services, max(args.rounds, 10))
 
