@@ -77,6 +77,9 @@ class DnsServer:
     """Serves ``clusterset.local`` on one host:port over UDP and TCP.
 
     Use as an async context manager; ``port=0`` picks a port free for both protocols (see :attr:`port`).
+    ``sockets`` serves on a UDP and a TCP socket bound elsewhere instead (inside another network namespace, say,
+    or handed over by a service manager); :attr:`host` and :attr:`port` are then theirs, and closing the server
+    closes them.
     """
 
     def __init__(
@@ -86,9 +89,16 @@ class DnsServer:
         port: int = 0,
         table: DnsTable | None = None,
         registry: Registry | None = None,
+        sockets: tuple[socket.socket, socket.socket] | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        if sockets is not None:
+            udp_sock, tcp_sock = sockets
+            if udp_sock.type != socket.SOCK_DGRAM or tcp_sock.type != socket.SOCK_STREAM:
+                raise DnsBindError(f"sockets must be (UDP, TCP), got ({udp_sock.type!r}, {tcp_sock.type!r})")
+            self.host, self.port = udp_sock.getsockname()[:2]
+        self._sockets = sockets
         if table is None:
             table = build_table(registry if registry is not None else Registry(local=cluster_id("local")))
         self._table = table
@@ -113,6 +123,14 @@ class DnsServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._sockets is not None:
+            udp_sock, tcp_sock = self._sockets
+            self._udp, _proto = await loop.create_datagram_endpoint(lambda: _UdpProtocol(self), sock=udp_sock)
+            _grow_buffers(udp_sock)
+            self._tcp = await loop.create_server(lambda: _TcpProtocol(self), sock=tcp_sock)
+            log.info("dns.listening host=%s port=%d services=%d (given sockets)", self.host, self.port,
+                     self._table.services)
+            return
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         last: OSError | None = None
         for _ in range(1 if self.port else 20):

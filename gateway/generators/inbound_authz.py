@@ -44,8 +44,9 @@ def applicable(proxy: ProxyInfo, ctx: PushContext) -> tuple[tuple[AuthorizationP
 
 def listener_ports(proxy: ProxyInfo, port: int, ctx: PushContext) -> frozenset[int]:
     """The port numbers an AuthorizationPolicy may use for the inbound listener on ``port``: the listener's own
-    port and the target (workload) port of the Service port it serves (same name, or the Service's only port),
-    which is what Istio users write."""
+    port and the target (workload) port of the Service port it serves (same name, or the Service's only port when
+    names cannot tell: one of the two is unnamed), which is what Istio users write. A pod behind several Services
+    does not get another Service's only port on every listener."""
     out = {port}
     inbound = next((p for p in proxy.inbound if p.port == port), None)
     for key in proxy.services:
@@ -53,7 +54,8 @@ def listener_ports(proxy: ProxyInfo, port: int, ctx: PushContext) -> frozenset[i
         if service is None or inbound is None:
             continue
         for sp in service.ports:
-            if (inbound.name and sp.name == inbound.name) or len(service.ports) == 1:
+            if (inbound.name and sp.name == inbound.name) or (
+                    len(service.ports) == 1 and not (inbound.name and sp.name)):
                 out.add(sp.target_port if isinstance(sp.target_port, int) and sp.target_port else sp.port)
     return frozenset(out)
 

@@ -23,7 +23,7 @@ import dns.rdatatype
 import dns.reversename
 import pytest
 
-from discovery.dns.server import DnsServer
+from discovery.dns.server import DnsBindError, DnsServer
 from discovery.dns.table import APEX, DNS_VERSION, build_table
 from discovery.model import Endpoint, Protocol, Service, ServiceImport, ServicePort, ServiceType
 from tests.discovery.test_dns_table import EAST, key, sample_registry
@@ -317,3 +317,19 @@ async def test_close_does_not_wait_for_idle_tcp_clients() -> None:
     await asyncio.wait_for(srv.close(), 5)
     assert await asyncio.wait_for(reader.read(), 5) == b""  # the server closed the idle connection itself
     writer.close()
+
+
+async def test_serves_on_sockets_bound_elsewhere() -> None:
+    """Given sockets (what a server in another network namespace gets): it answers on both and closes them."""
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    udp.bind((HOST, 0))
+    tcp.bind((HOST, udp.getsockname()[1]))
+    async with DnsServer(sockets=(udp, tcp), table=build_table(sample_registry())) as srv:
+        assert (srv.host, srv.port) == (HOST, udp.getsockname()[1])
+        assert answers(await ask(srv, REVIEWS, "A")) == {"10.42.0.10"}
+        assert answers(await ask(srv, REVIEWS, "A", tcp=True)) == {"10.42.0.10"}
+    await asyncio.sleep(0)  # the UDP transport closes its socket on the loop's next turn
+    assert udp.fileno() == -1 and tcp.fileno() == -1
+    with pytest.raises(DnsBindError, match="UDP, TCP"):
+        DnsServer(sockets=(socket.socket(socket.AF_INET, socket.SOCK_STREAM),) * 2)

@@ -1,18 +1,26 @@
 """Captured traffic end to end, with real Envoy sidecars in capture mode inside network namespaces this test creates.
 
-Three namespaces on two networks, joined by veth pairs (inside the namespaces only)::
+Five namespaces on two networks, joined by veth pairs (inside the namespaces only)::
 
     east pod 10.252.N.1 ---- 10.252.N.2 west's east-west gateway 10.253.N.1 ---- 10.253.N.2 west pod
+      10.250.N.1                                                                  10.251.N.1
+         |                                                                            |
+    east DNS 10.250.N.53                                                       west DNS 10.251.N.53
 
-``east`` runs a client with no idea of the mesh; the west pod runs the applications (TCP echo on 127.0.0.1:5432,
-:5433 and :5434, an HTTP app on 127.0.0.1:9080 that answers with the ``x-forwarded-client-cert`` it got); the
-gateway's namespace also runs a plain server on :7777 that is not in the registry. ``meshfed proxy capture``
+``east`` runs a client with no idea of the mesh: it calls ``http://ratings.default.svc.clusterset.local:9080/`` and
+``echo.default.svc.clusterset.local:5432`` by name, resolved by its cluster's meshfed DNS (the real
+:class:`discovery.dns.server.DnsServer` of this process, serving east's registry on sockets bound inside the "east
+DNS" namespace, which the pod's own ``/etc/netns/<ns>/resolv.conf`` names; west's likewise). The west pod, behind
+the services echo and ratings, runs the applications (TCP echo on 127.0.0.1:5432, :5433 and :5434, an HTTP app on
+127.0.0.1:9080 that answers with the ``x-forwarded-client-cert`` it got); the gateway's namespace also runs a plain
+server on :7777 that is not in the registry. ``meshfed proxy capture``
 installs the rules in both pods. Each Envoy (both sidecars in capture mode, and the gateway) runs as uid 1337 with
 the configuration of its cluster's control plane (east's and west's, in this process), reached over a unix socket
 (a namespace cannot reach the root namespace's loopback; a unix socket is a file, so nothing is added to the root
-namespace). The client's connection to the ClusterSetIP is redirected to east's ``virtualOutbound``, leaves as
-mTLS with the service's SNI, passes west's gateway (SNI routing, TLS untouched), is redirected in the west pod to
-``virtualInbound``, checked (the caller's certificate, network RBAC) and handed to the app in plain.
+namespace). The client's connection to the ClusterSetIP its name resolved to is redirected to east's
+``virtualOutbound``, leaves as mTLS with the service's SNI, passes west's gateway (SNI routing, TLS untouched), is
+redirected in the west pod to ``virtualInbound``, checked (the caller's certificate, network RBAC) and handed to the
+app in plain.
 
 The namespaces and processes are ``tests.support.netns_bed``'s: stopped by pid and removed also after a failure;
 the last test checks that nothing is left.
@@ -30,6 +38,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from discovery.clusterset import OutboundTrafficMode
+from discovery.dns.server import DnsServer
 from discovery.model import (
     ClusterId,
     ClusterInfo,
@@ -53,11 +62,14 @@ from tests.gateway.envoy_fixtures import ControlPlane, wait_until
 from tests.gateway.mesh_fixtures import T0, TD, authorization_policies, cluster_cas, workload_certs
 from tests.support.netns_bed import (
     CREATED,
+    NETNS_ETC,
     Bed,
     Link,
     UnixAdmin,
     bed,
+    bound_sockets,
     capture_rules,
+    resolver,
     run,
     run_in,
     start_envoy,
@@ -66,7 +78,11 @@ from tests.support.netns_bed import (
 
 EAST, WEST = ClusterId("east"), ClusterId("west")
 ECHO = ServiceKey.parse("echo.default")
+RATINGS = ServiceKey.parse("ratings.default")
 CLUSTERSET_IP = "241.0.0.10"
+RATINGS_IP = "241.0.0.11"
+ECHO_NAME = "echo.default.svc.clusterset.local"
+RATINGS_URL = "http://ratings.default.svc.clusterset.local:9080/"
 
 pytestmark = [
     pytest.mark.slow,
@@ -113,10 +129,25 @@ select.select([sys.stdin], [], [], 300)
 """
 
 # echo HOST PORT NBYTES: send NBYTES random bytes, read as many back, print "ok" if identical, else what came back.
-# read HOST PORT: print what the server sends until it closes.  http HOST PORT HOSTHEADER: GET /, print status body.
+# read HOST PORT: print what the server sends until it closes.  http URL: GET it, print status body.
+# resolve NAME: the addresses the system resolver gives for NAME, or "error <gaierror>". HOST may be a name.
 CLIENT = r"""
-import http.client, os, socket, sys
-mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+import http.client, os, socket, sys, urllib.parse
+mode = sys.argv[1]
+if mode == "resolve":
+    try:
+        print(" ".join(sorted({a[4][0] for a in socket.getaddrinfo(sys.argv[2], None, type=socket.SOCK_STREAM)})))
+    except socket.gaierror as exc:
+        print(f"error {exc.args[1]}")
+    sys.exit(0)
+if mode == "http":
+    url = urllib.parse.urlsplit(sys.argv[2])
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=20)  # Host: NAME:PORT, as any client sends
+    conn.request("GET", url.path or "/")
+    resp = conn.getresponse()
+    print(resp.status, resp.read().decode())
+    sys.exit(0)
+host, port = sys.argv[2], int(sys.argv[3])
 if mode == "echo":
     n = int(sys.argv[4]); data = os.urandom(n); got = b""
     with socket.create_connection((host, port), timeout=20) as s:
@@ -137,11 +168,6 @@ elif mode == "read":
     except OSError as exc:
         print(f"error {type(exc).__name__}"); sys.exit(0)
     print(got.decode() or "closed")
-else:
-    conn = http.client.HTTPConnection(host, port, timeout=20)
-    conn.request("GET", "/", headers={"Host": sys.argv[4]})
-    resp = conn.getresponse()
-    print(resp.status, resp.read().decode())
 """
 
 
@@ -163,6 +189,15 @@ class Addresses:
         return f"10.253.{self.n}.2"
 
     @property
+    def east_dns_ip(self) -> str:
+        """East's meshfed DNS, in its own namespace on a link to east's pod (the pod's resolv.conf names it)."""
+        return f"10.250.{self.n}.53"
+
+    @property
+    def west_dns_ip(self) -> str:
+        return f"10.251.{self.n}.53"
+
+    @property
     def east_ip6(self) -> str:
         return f"fdca:fc:{self.n:x}::1"
 
@@ -174,7 +209,9 @@ class Addresses:
         # East's pod is dual-stack: capture installs ip6tables rules too, and its sidecar listens on :: as well.
         return [Link("east", (f"{self.east_ip}/24", f"{self.east_ip6}/64"),
                      "gw", (f"{self.gateway_ip}/24", f"{self.gateway_ip6}/64")),
-                Link("gw", (f"10.253.{self.n}.1/24",), "west", (f"{self.west_ip}/24",))]
+                Link("gw", (f"10.253.{self.n}.1/24",), "west", (f"{self.west_ip}/24",)),
+                Link("east", (f"10.250.{self.n}.1/24",), "eastdns", (f"{self.east_dns_ip}/24",)),
+                Link("west", (f"10.251.{self.n}.1/24",), "westdns", (f"{self.west_dns_ip}/24",))]
 
 
 Mesh = tuple[Bed, Addresses, ControlPlane, UnixAdmin, UnixAdmin, UnixAdmin]  # + east's plane, east, west, gateway
@@ -191,19 +228,25 @@ def registries(bed: Addresses) -> tuple[Registry, Registry]:
     net = NetworkId("net-west")  # east is on another network: it reaches west's pods through west's gateway
     infos = {EAST: ClusterInfo(id=EAST, network=NetworkId("net-east"), region="r", zone="z1"),
              WEST: ClusterInfo(id=WEST, network=net, region="r", zone="z2", gateway_host=bed.gateway_ip)}
-    ports = (ServicePort(port=5432, name="tcp-echo"), ServicePort(port=5433, name="tcp-other"),
-             ServicePort(port=5434, name="tcp-west"), ServicePort(port=9080, name="http"))
-    pod = Endpoint(address=bed.west_ip, zone="z2", ports=tuple((p.name, p.port) for p in ports),
+    # One west pod behind two services: echo (plain TCP) and ratings (HTTP).
+    ports = {ECHO: (ServicePort(port=5432, name="tcp-echo"), ServicePort(port=5433, name="tcp-other"),
+                    ServicePort(port=5434, name="tcp-west")),
+             RATINGS: (ServicePort(port=9080, name="http"),)}
+    ips = {ECHO: CLUSTERSET_IP, RATINGS: RATINGS_IP}
+    pod = Endpoint(address=bed.west_ip, zone="z2",
+                   ports=tuple((p.name, p.port) for key_ports in ports.values() for p in key_ports),
                    service_account="echo", labels=(("app", "echo"),))
-    echo = Service(cluster=WEST, key=ECHO, ports=ports, endpoints=(pod,), selector=(("app", "echo"),))
-    imports = {ECHO: ServiceImport(key=ECHO, type=ServiceType.CLUSTER_SET_IP, ports=ports, clusters=(WEST,),
-                                   ips=(CLUSTERSET_IP,))}
-    west = (Registry(local=WEST).with_shard(WEST, [echo], [ServiceExport(cluster=WEST, key=ECHO, created=T0)])
+    services = [Service(cluster=WEST, key=key, ports=ports[key], endpoints=(pod,), selector=(("app", "echo"),))
+                for key in ports]
+    imports = {key: ServiceImport(key=key, type=ServiceType.CLUSTER_SET_IP, ports=ports[key], clusters=(WEST,),
+                                  ips=(ips[key],)) for key in ports}
+    west = (Registry(local=WEST).with_shard(WEST, services, [ServiceExport(cluster=WEST, key=key, created=T0)
+                                                             for key in ports])
             .with_catalog(clusters=infos, imports=imports))
     shard = RemoteEndpoints(cluster=WEST, network=net, gateway_host=bed.gateway_ip, gateway_port=15443,
                             localities=(LocalitySummary(locality=Locality(region="r", zone="z2", cluster=WEST,
                                                                           network=net), ready=1, weight=1),))
-    east = (Registry(local=EAST).with_shard(EAST, []).with_remote(WEST, [(ECHO, shard)])
+    east = (Registry(local=EAST).with_shard(EAST, []).with_remote(WEST, [(key, shard) for key in ports])
             .with_catalog(clusters=infos, imports=imports))
     return east, west
 
@@ -245,15 +288,23 @@ async def mesh() -> AsyncIterator[Mesh]:
                       capture_bind=("0.0.0.0", "::"),
                       node_id=f"sidecar~{ips.east_ip}~sleep-1.default~default.svc.cluster.local")
     echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
-                     service_account="echo", ip=ips.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO,),
+                     service_account="echo", ip=ips.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO, RATINGS),
                      inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
                               InboundPort(5434, 5434, "tcp-west"), InboundPort(9080, 9080, "http")),
                      node_id=f"sidecar~{ips.west_ip}~echo-1.default~default.svc.cluster.local")
     gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
                         service_account="eastwest", ip="0.0.0.0", gateway_port=15443,
                         node_id=f"router~{ips.gateway_ip}~eastwest-1.meshfed~meshfed.svc.cluster.local")
-    with bed("cdp", ("east", "gw", "west"), ips.links(), default_routes=(("east", "gw"), ("west", "gw"))) as b:
-        async with ControlPlane(ctx=east_ctx) as east_cp, ControlPlane(ctx=west_ctx) as west_cp:
+    with bed("cdp", ("east", "gw", "west", "eastdns", "westdns"), ips.links(),
+             default_routes=(("east", "gw"), ("west", "gw"))) as b:
+        # Each pod resolves through its own cluster's meshfed DNS, reachable only inside the bed.
+        resolver(b, "east", ips.east_dns_ip)
+        resolver(b, "west", ips.west_dns_ip)
+        async with ControlPlane(ctx=east_ctx) as east_cp, ControlPlane(ctx=west_ctx) as west_cp, \
+                DnsServer(sockets=bound_sockets(b, "eastdns", ips.east_dns_ip, 53), registry=east_reg) as east_dns, \
+                DnsServer(sockets=bound_sockets(b, "westdns", ips.west_dns_ip, 53), registry=west_reg) as west_dns:
+            await east_dns.update(east_reg)  # as the control plane does once its registry is in
+            await west_dns.update(west_reg)
             try:
                 start_script(b, "west", APPS)
                 start_script(b, "gw", APPS, "direct")
@@ -273,20 +324,24 @@ async def mesh() -> AsyncIterator[Mesh]:
 
 async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) -> None:
     b, ips, east_cp, east_admin, west_admin, gateway_admin = mesh
-    # A plain TCP client dials the ClusterSetIP: 1 MiB comes back byte for byte, through east's sidecar, west's
+    # The pod's resolver asks its cluster's meshfed DNS: the names are the ClusterSetIPs; unknown ones do not exist.
+    assert await client(b, "east", "resolve", ECHO_NAME) == CLUSTERSET_IP
+    assert await client(b, "east", "resolve", "ratings.default.svc.clusterset.local") == RATINGS_IP
+    assert await client(b, "west", "resolve", ECHO_NAME) == CLUSTERSET_IP
+    assert (await client(b, "east", "resolve", "nope.default.svc.clusterset.local")).startswith("error")
+    # A plain TCP client connects to echo by name: 1 MiB comes back byte for byte, through east's sidecar, west's
     # gateway and west's sidecar (east has no route to west's pod, and the app listens on the pod's loopback only).
-    assert await client(b, "east", "echo", CLUSTERSET_IP, "5432", str(1 << 20)) == "ok"
+    assert await client(b, "east", "echo", ECHO_NAME, "5432", str(1 << 20)) == "ok"
     sni = "outbound_.5432_._.echo.default.svc.clusterset.local"
     gw_stats = await gateway_admin.stats(filter=rf"^cluster\.{re.escape(sni)}\.upstream_cx_total$")
     assert gw_stats.get(f"cluster.{sni}.upstream_cx_total", 0) >= 1, gw_stats  # it did pass the gateway
-    # HTTP to the ClusterSetIP by name: routed by the outbound routes, and the app sees the caller's SPIFFE ID.
-    status, _, xfcc = (await client(b, "east", "http", CLUSTERSET_IP, "9080",
-                                    "echo.default.svc.clusterset.local:9080")).partition(" ")
+    # HTTP to ratings by name: routed by the outbound routes, and the app sees the caller's SPIFFE ID.
+    status, _, xfcc = (await client(b, "east", "http", RATINGS_URL)).partition(" ")
     assert status == "200"
     assert f"URI=spiffe://{TD}/ns/default/sa/sleep" in xfcc and f"By=spiffe://{TD}/ns/default/sa/echo" in xfcc
 
     # Port 5433 allows only sa/nobody: sleep's connection is closed before the app echoes a byte, and logged.
-    denied = await client(b, "east", "echo", CLUSTERSET_IP, "5433", "4096")
+    denied = await client(b, "east", "echo", ECHO_NAME, "5433", "4096")
     assert denied.startswith(("closed after 0 bytes", "error")), denied
     west_log = b.log("west")
 
@@ -296,14 +351,14 @@ async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) ->
 
     await wait_until(logged, within=20, what="the denial in west's sidecar log")
     # Port 5434 allows sleep only from cluster west: the Subject of sleep's certificate says east, so it is denied.
-    denied = await client(b, "east", "echo", CLUSTERSET_IP, "5434", "4096")
+    denied = await client(b, "east", "echo", ECHO_NAME, "5434", "4096")
     assert denied.startswith(("closed after 0 bytes", "error")), denied
     stats = await west_admin.stats(filter=r"rbac\.")
     assert any(k.endswith("meshfed_allow.rbac.denied") and v >= 1 for k, v in stats.items()), stats
 
     # West's pod calling its own service: the only endpoint is the pod itself, so its sidecar dials its own address,
     # which capture sends to the sidecar's inbound side (mTLS terminated there), not to the app.
-    assert await client(b, "west", "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
+    assert await client(b, "west", "echo", ECHO_NAME, "5432", "65536") == "ok"
 
     # Unknown destinations: ALLOW_ANY passes them through (the gateway namespace's port 7777 is in no registry) ...
     assert await client(b, "east", "read", ips.gateway_ip, "7777") == "direct"
@@ -323,10 +378,11 @@ async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) ->
     await wait_until(blackholed, within=30, what="REGISTRY_ONLY in force on east's sidecar")
     assert await client(b, "east", "read", ips.gateway_ip, "7777") in ("closed", "error ConnectionResetError")
     assert await client(b, "east", "read", ips.gateway_ip6, "7777") in ("closed", "error ConnectionResetError")
-    assert await client(b, "east", "echo", CLUSTERSET_IP, "5432", "65536") == "ok"
+    assert await client(b, "east", "echo", ECHO_NAME, "5432", "65536") == "ok"
 
 
 def test_nothing_left() -> None:
     names = run(["ip", "netns", "list"])
     assert not [n for n in CREATED if n.startswith("cdp-") and n in names]
     assert not [line for line in run(["ip", "link", "show"]).splitlines() if "cdp" in line and "@" in line]
+    assert not [n for n in CREATED if n.startswith("cdp-") and (NETNS_ETC / n).exists()]  # the resolv.confs

@@ -14,7 +14,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 
 from discovery.authz import AuthorizationPolicy, ValueMatch, ValueMatchKind
 from discovery.convert import convert
-from discovery.model import ServiceKey, namespace
+from discovery.model import Registry, Service, ServiceKey, ServicePort, namespace
 from gateway import generators as g
 from gateway import rbac
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext
@@ -304,3 +304,20 @@ def test_paths_are_normalized_like_the_sidecar_does() -> None:
     assert rbac.normalize_path("/") == "/"
     deny = policy({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin*"]}}]}]}, name="no-admin")
     assert not decide(*split(deny), req(path="/ratings/../admin/x")).allowed
+
+
+def test_a_pod_behind_two_services_gets_only_its_own_ports_per_listener() -> None:
+    """A one-port Service's port names its own listener, not every listener of a pod it shares with another."""
+    echo, ratings = ServiceKey.parse("echo.default"), ServiceKey.parse("ratings.default")
+    services = [Service(cluster=WEST, key=echo, ports=(ServicePort(port=5432, name="tcp-echo"),
+                                                       ServicePort(port=5433, name="tcp-other"))),
+                Service(cluster=WEST, key=ratings, ports=(ServicePort(port=80, target_port=9080, name="http"),))]
+    ctx = PushContext(registry=Registry(local=WEST).with_shard(WEST, services), trust_domain=TD)
+    proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"), service_account="echo",
+                      node_id="sidecar~10.0.0.1~echo-1.default~default.svc.cluster.local", services=(echo, ratings),
+                      inbound=(InboundPort(5433, 5433, "tcp-other"), InboundPort(15006, 9080, "http"),
+                               InboundPort(7000, 7000)))
+    assert inbound_authz.listener_ports(proxy, 5433, ctx) == {5433}
+    assert inbound_authz.listener_ports(proxy, 15006, ctx) == {15006, 9080}
+    # an unnamed listener: names cannot tell, so a one-port Service's port counts as the one it serves
+    assert inbound_authz.listener_ports(proxy, 7000, ctx) == {7000, 9080}

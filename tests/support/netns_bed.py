@@ -4,8 +4,10 @@ A :class:`Bed` is a set of namespaces this process creates (``<prefix>-<tag>-<ro
 two ends are created inside the namespaces (nothing appears in the root namespace), with the addresses and routes
 given. Envoys run inside them as the proxy uid (1337) and reach their control plane, which runs in this process on
 the root namespace's loopback, through a unix socket relayed here (a namespace cannot reach the root namespace's
-loopback, a socket file it can); their admin API is a unix socket too (:class:`UnixAdmin`). Everything is stopped
-by pid and removed when the ``bed`` context ends, also after a failure.
+loopback, a socket file it can); their admin API is a unix socket too (:class:`UnixAdmin`). A server of this
+process can also listen inside a namespace on sockets made there (:func:`bound_sockets`: the DNS server a pod's
+``/etc/netns/<ns>/resolv.conf`` names, :func:`resolver`). Everything is stopped by pid and removed when the ``bed``
+context ends, also after a failure.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +36,7 @@ from tests.support.procs import Proc
 
 REPO = Path(__file__).resolve().parents[2]
 PROXY_UID = 1337
+NETNS_ETC = Path("/etc/netns")  # `ip netns exec NAME` bind-mounts NETNS_ETC/NAME/* over /etc/*
 #: Every namespace a bed of this process made (a concurrent run's are not ours).
 CREATED: set[str] = set()
 
@@ -135,7 +139,45 @@ def bed(prefix: str, roles: Sequence[str], links: Sequence[Link],
         b.stop_processes()
         for ns in b.names():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=60, check=False)
+            shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)  # a resolver(); the name is this bed's own
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolver(b: Bed, role: str, nameserver: str) -> Path:
+    """``role``'s own ``/etc/resolv.conf`` (what every ``ip netns exec`` there sees): only ``nameserver``."""
+    etc = NETNS_ETC / b.ns(role)
+    etc.mkdir(parents=True, exist_ok=True)
+    path = etc / "resolv.conf"
+    path.write_text(f"nameserver {nameserver}\noptions timeout:2 attempts:3\n")
+    return path
+
+
+# Runs in the namespace: bind UDP and TCP on HOST:PORT there and pass both sockets back over the unix socket FD.
+BIND = r"""
+import socket, sys
+chan, host, port = socket.socket(fileno=int(sys.argv[1])), sys.argv[2], int(sys.argv[3])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+udp, tcp = socket.socket(family, socket.SOCK_DGRAM), socket.socket(family, socket.SOCK_STREAM)
+udp.bind((host, port))
+tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+tcp.bind((host, port))
+socket.send_fds(chan, [b"bound"], [udp.fileno(), tcp.fileno()])
+"""
+
+
+def bound_sockets(b: Bed, role: str, host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket bound to ``host:port`` inside ``role``'s namespace, for a server of this process
+    (a socket stays in the namespace it was made in): a short child made them there and passed them back."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with mine, theirs:
+        done = subprocess.run(["ip", "netns", "exec", b.ns(role), sys.executable, "-I", "-c", BIND,
+                               str(theirs.fileno()), host, str(port)], pass_fds=(theirs.fileno(),),
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, f"binding {host}:{port} in {role}: {done.stderr}"
+        mine.settimeout(10)
+        msg, fds, _flags, _addr = socket.recv_fds(mine, 16, 2)
+    assert msg == b"bound" and len(fds) == 2, (msg, fds)
+    return socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
 
 
 def capture_rules(b: Bed, role: str, *args: str) -> str:
