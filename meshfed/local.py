@@ -384,6 +384,8 @@ class LocalRun:
             gateway_admin = f"{cnet.gateway.cluster_ip}:{netplan.ADMIN_PORT}"
         else:
             gateway_address, gateway_admin = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        if cnet is not None:
+            _check_dns_port(host, dns)
         tokens: dict[str, dict[str, str]] = {}
         runtime: dict[str, Any] = {"endpoints": {}}
         wl_state: list[dict[str, Any]] = []
@@ -636,6 +638,18 @@ class LocalRun:
                 admin = e["sidecar_admin"]
                 wait_until(f"{cluster} sidecar {e['name']}", functools.partial(envoy_ready, admin),
                            timeout=self.ready_timeout, pids=[e["sidecar_pid"]], logs=[e["sidecar_log"]])
+
+
+def _check_dns_port(host: str, port: int) -> None:
+    """Fail clearly when the cluster's DNS cannot have ``host:port`` (UDP and TCP): another DNS server bound to
+    0.0.0.0:53 on this machine takes it from every address."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind((host, port))
+            except OSError as exc:
+                raise LocalRunError(f"network: the cluster DNS needs {host}:{port} ({exc}; is another DNS server "
+                                    "listening on 0.0.0.0:53?); stop it or use --network loopback") from exc
 
 
 def _sidecar_node_id(w: WorkloadPlan, ip: str) -> str:

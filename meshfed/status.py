@@ -226,6 +226,10 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
             problems.append(f"process {rec['name']} (pid {rec['pid']}) is not running; see {rec.get('log', '')}")
     for cluster, why in inp.errors.items():
         problems.append(f"{cluster}: control plane status unavailable: {why}")
+    network = state.get("network") or {}
+    for cluster, peers in sorted((network.get("partitions") or {}).items()):
+        what = f"from {', '.join(peers)}" if peers else "from every other cluster"
+        problems.append(f"{cluster}: partitioned {what} on purpose ('meshfed fault heal {cluster}' undoes it)")
 
     # members as the federation reports them (from any control plane that answers; the newest renewal wins)
     members: dict[str, Mapping[str, Any]] = {m["cluster"]: m for m in inp.members or ()}
@@ -432,7 +436,14 @@ def addresses(state: Mapping[str, Any], statuses: Mapping[str, ControlPlaneStatu
                 "app": w.get("app") or None, "spiffe_id": w["spiffe_id"], "can_call": can_call,
                 "pod_ip": w.get("pod_ip"), "netns": w.get("netns"),
             })
-    return {"federation": state.get("federation", {}).get("url"), "clusters": clusters, "workloads": workloads}
+    net = state.get("network") or {}
+    plan = net.get("plan") or {}
+    network = {"mode": net.get("mode", "loopback"), "run_id": net.get("run_id"), "public": plan.get("public_cidr"),
+               "clusterset_ips": plan.get("vip_cidr"),
+               "clusters": {c["cluster"]: c["cidr"] for c in plan.get("clusters", [])},
+               "partitions": net.get("partitions") or {}}
+    return {"federation": state.get("federation", {}).get("url"), "clusters": clusters, "workloads": workloads,
+            "network": network}
 
 
 # ---- remote evaluation -----------------------------------------------------------------------------------------------
