@@ -144,6 +144,19 @@ def _keep_allocated(desired: dict[str, Any], live: Mapping[str, Any]) -> None:
                 port["nodePort"] = node_port
 
 
+def _check_fixed_cluster_ip(cluster: str, ref: str, desired: Mapping[str, Any], live: Mapping[str, Any]) -> None:
+    """A Service whose render fixes ``spec.clusterIP`` (``--dns-service-ip``) against one that has another: the
+    API server would refuse the change (the field is immutable) with a less helpful message."""
+    if desired.get("kind") != "Service":
+        return
+    want = (desired.get("spec") or {}).get("clusterIP")
+    have = (live.get("spec") or {}).get("clusterIP")
+    if want and want != "None" and have and have != want:
+        raise ApplyError(cluster, ref, "replacing", f"it has cluster IP {have}, the render asks for {want} "
+                         f"(--dns-service-ip) and a Service's cluster IP cannot change: render with "
+                         f"--dns-service-ip {cluster}={have}, or delete the Service and apply again")
+
+
 class ClusterClient:
     """One cluster's API server through a ``kubernetes.client.ApiClient`` (from a kubeconfig context)."""
 
@@ -206,6 +219,7 @@ class ClusterClient:
                     return Outcome(self.cluster, ref, "unchanged")
                 if obj["kind"] == "PersistentVolumeClaim":
                     return Outcome(self.cluster, ref, "kept")
+                _check_fixed_cluster_ip(self.cluster, ref, desired, live)
                 body = copy.deepcopy(desired)
                 body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
                 _keep_allocated(body, live)

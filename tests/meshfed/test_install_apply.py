@@ -3,8 +3,9 @@ context for each), through the real ``kubernetes`` client, running the real ``me
 
 Covers: objects created phase by phase across clusters; readiness waits that end only when the test marks the
 Deployments ready (``status.readyReplicas``); a re-run that sends no writes and says "unchanged"; drift repaired
-while allocated Service fields are kept; an injected API error stopping the run with a message naming cluster,
-object and error (non-zero exit) and a re-run finishing the job; the wait's timeout; context mapping errors.
+while allocated Service fields are kept; a fixed control plane Service IP (``--dns-service-ip``) applied, and a
+different live one refused by name; an injected API error stopping the run with a message naming cluster, object
+and error (non-zero exit) and a re-run finishing the job; the wait's timeout; context mapping errors.
 """
 
 from __future__ import annotations
@@ -185,6 +186,34 @@ def test_drift_is_repaired_and_allocated_service_fields_kept(
     assert svc is not None
     assert svc["spec"]["clusterIP"] == "10.96.0.15" and svc["spec"]["ports"][0]["nodePort"] == 31443
     assert svc["metadata"]["annotations"]["meshfed.io/applied-hash"] != "stale"
+
+
+def test_a_fixed_dns_service_ip_is_applied_and_a_different_live_one_is_named(
+    rendered: Path, clusters: tuple[KubeApiDouble, KubeApiDouble, Path], tmp_path: Path
+) -> None:
+    east, west, kubeconfig = clusters
+    out = tmp_path / "dns"
+    made = CliRunner().invoke(cli, ["install", str(DEMO), "--render", str(out), "--root", str(rendered / "ca"),
+                                    "--federation-url", "https://fed.example.net:8443",
+                                    "--dns-service-ip", "east=10.96.0.53"])
+    assert made.exit_code == 0, made.output
+    assert _run(str(out), "--apply", "--kubeconfig", str(kubeconfig)).returncode == 0
+    svc = east.get_object("v1", "Service", "meshfed-controlplane", NS)
+    assert svc is not None and svc["spec"]["clusterIP"] == "10.96.0.53"
+    # west's Service got another address from the API server; asking for a fixed one there is refused by name
+    live = west.get_object("v1", "Service", "meshfed-controlplane", NS)
+    assert live is not None
+    live["spec"]["clusterIP"], live["spec"]["clusterIPs"] = "10.100.0.7", ["10.100.0.7"]
+    west.put_object(live)
+    made = CliRunner().invoke(cli, ["install", str(DEMO), "--render", str(out), "--root", str(rendered / "ca"),
+                                    "--federation-url", "https://fed.example.net:8443",
+                                    "--dns-service-ip", "east=10.96.0.53", "--dns-service-ip", "west=10.100.0.53"])
+    assert made.exit_code == 0, made.output
+    failed = _run(str(out), "--apply", "--kubeconfig", str(kubeconfig), "--no-wait")
+    assert failed.returncode != 0
+    assert f"cluster west: replacing Service {NS}/meshfed-controlplane: it has cluster IP 10.100.0.7" in \
+        " ".join(failed.stderr.split())
+    assert "--dns-service-ip west=10.100.0.7" in failed.stderr
 
 
 def _mark_ready(api: KubeApiDouble, name: str) -> None:
