@@ -115,6 +115,42 @@ def test_east_pod_has_no_route_to_a_west_pod(run: Path) -> None:
     assert in_pod(run, "sleep-east", f"http://{gw}:15000/ready") == "error OSError 101"
 
 
+def test_authorization_by_source_cluster(run: Path) -> None:
+    """West's policy on ratings allows the sleep principal from cluster east only (source.cluster, taken from the
+    caller's certificate): west's own sleep, the same principal, is refused."""
+    line = in_pod(run, "sleep-west", f"http://{RATINGS}:9080/")
+    assert line.split()[0] == "403", line
+    assert answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))["cluster"] == "west"
+
+
+# In a pod: a TLS handshake with SNI argv[3] to argv[1]:argv[2]; prints "handshake ok" or "refused NAME".
+TLS = r"""
+import socket, ssl, sys
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+try:
+    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=sys.argv[3]) as tls:
+            print("handshake ok")
+except (OSError, ssl.SSLError) as exc:
+    print("refused", type(exc).__name__)
+"""
+
+
+def test_unknown_sni_is_refused_at_the_gateway(run: Path) -> None:
+    """From east's pod as the proxy uid (not captured, as a sidecar dials): west's gateway passes a known SNI through
+    (the handshake reaches ratings' sidecar) and closes a connection whose SNI names no exported service."""
+    gw = local.read_state(run)["clusters"]["west"]["gateway"]["address"]
+    host, port = gw.rsplit(":", 1)
+
+    def handshake(sni: str) -> str:
+        done = meshfed("exec", "sleep-east", "--run-dir", str(run), "--", *netns.as_proxy_uid(), sys.executable,
+                       "-I", "-c", TLS, host, port, sni)
+        return done.stdout.strip() or done.stderr
+
+    assert handshake(f"outbound_.9080_._.{RATINGS}") == "handshake ok"
+    assert handshake("outbound_.9080_._.nothing.default.svc.clusterset.local").startswith("refused")
+
+
 def test_status_gives_pod_ips_and_is_healthy(run: Path) -> None:
     done = meshfed("status", "--run-dir", str(run), "-o", "json")
     report = json.loads(done.stdout)
@@ -220,3 +256,34 @@ def test_down_leaves_nothing_and_a_second_up_works(run: Path) -> None:
         done = meshfed("down", "--run-dir", str(run))
     assert done.returncode == 0, done.stderr
     assert netns.leftovers(second) == []
+
+
+def test_down_cleans_up_after_up_was_killed(tmp_path: Path) -> None:
+    """`meshfed up` killed (SIGKILL) halfway: what it had made is in state.json, and `meshfed down` removes it."""
+    run_dir = tmp_path / "run"
+    popen = subprocess.Popen([sys.executable, "-m", "meshfed", "up", "clusters/demo", "--network", "netns",
+                              "--run-dir", str(run_dir)], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and popen.poll() is None:
+            state = local.read_state(run_dir, missing_ok=True)
+            if any(p["name"].endswith("/controlplane") for p in state.get("processes", [])):
+                break
+            time.sleep(0.2)
+        assert popen.poll() is None, "meshfed up exited before it could be killed"
+        popen.kill()
+        popen.wait(timeout=30)
+        state = local.read_state(run_dir)
+        rid = str(state["network"]["run_id"])
+        assert netns.leftovers(rid), "the killed up had built its network"
+        assert local.running(state), "the killed up had started processes"
+        done = meshfed("down", "--run-dir", str(run_dir))
+        assert done.returncode == 0, done.stderr
+        assert netns.leftovers(rid) == []
+        assert local.running(local.read_state(run_dir)) == []
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait(timeout=30)
+        cleanup(run_dir)
