@@ -271,18 +271,18 @@ async def worker(args: argparse.Namespace) -> None:
 
 @dataclass
 class _Worker:
-    proc: subprocess.Popen[str]
+    proc: asyncio.subprocess.Process
     names: list[str]
 
 
 async def _read_events(w: _Worker, events: asyncio.Queue[dict[str, Any]]) -> None:
-    """Every worker's events go to one queue, in the order they arrive here."""
+    """Every worker's events go to one queue, in the order they arrive here (asyncio pipes: no thread per
+    worker, which a default executor of a few threads could not give ten workers)."""
     assert w.proc.stdout is not None
-    loop = asyncio.get_running_loop()
     while True:
-        line = await loop.run_in_executor(None, w.proc.stdout.readline)
+        line = (await w.proc.stdout.readline()).decode()
         if not line:
-            await events.put({"ev": "exit", "worker": w.names[0], "rc": w.proc.poll()})
+            await events.put({"ev": "exit", "worker": w.names[0], "rc": w.proc.returncode})
             return
         try:
             await events.put(json.loads(line))
@@ -306,8 +306,7 @@ async def _collect(events: asyncio.Queue[dict[str, Any]], kind: str, count: int,
 
 def _send(w: _Worker, **cmd: object) -> None:
     assert w.proc.stdin is not None
-    w.proc.stdin.write(json.dumps(cmd) + "\n")
-    w.proc.stdin.flush()
+    w.proc.stdin.write((json.dumps(cmd) + "\n").encode())  # a line: the pipe takes it at once
 
 
 async def run(args: argparse.Namespace, setup: Setup) -> None:
@@ -345,8 +344,8 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
                    str(creds), "--trust-domain", str(td), "--services", str(args.services), "--total", str(total)]
             if args.profile and k == 0:
                 cmd = [sys.executable, "-m", "cProfile", "-s", "tottime", *cmd[1:]]
-            wp = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,  # noqa: ASYNC220
-                                  start_new_session=True)
+            wp = await asyncio.create_subprocess_exec(*cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                      start_new_session=True, limit=1 << 20)
             workers.append(_Worker(wp, group))
             readers.append(asyncio.create_task(_read_events(workers[-1], events)))
         await _collect(events, "ready", len(workers), 900)
@@ -368,17 +367,22 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
             _send(owner_of[name], cmd="publish", cluster=name, extra=extra)
             arrivals: dict[str, float] = {}
             t0 = acked = None
-            async with asyncio.timeout(60):
-                while len(arrivals) < args.clusters - 1 or acked is None or t0 is None:
-                    event = await events.get()
-                    if event["ev"] == "arrive" and event["probe"] == probe:
-                        arrivals[event["cluster"]] = event["t"]
-                    elif event["ev"] == "start" and event["cluster"] == name:
-                        t0 = event["t"]
-                    elif event["ev"] == "acked" and event["cluster"] == name:
-                        acked = event["t"]
-                    elif event["ev"] == "exit":
-                        raise RuntimeError(f"agent worker {event['worker']}.. exited (rc {event['rc']})")
+            deadline = asyncio.get_running_loop().time() + 60
+            while len(arrivals) < args.clusters - 1 or acked is None or t0 is None:
+                try:
+                    event = await asyncio.wait_for(events.get(), deadline - asyncio.get_running_loop().time())
+                except TimeoutError:
+                    missing = sorted(set(names) - set(arrivals) - {name}, key=lambda n: int(n[1:]))
+                    raise RuntimeError(f"round {r}: {probe} not seen within 60 s by {missing} (started: "
+                                       f"{t0 is not None}, acknowledged: {acked is not None})") from None
+                if event["ev"] == "arrive" and event["probe"] == probe:
+                    arrivals[event["cluster"]] = event["t"]
+                elif event["ev"] == "start" and event["cluster"] == name:
+                    t0 = event["t"]
+                elif event["ev"] == "acked" and event["cluster"] == name:
+                    acked = event["t"]
+                elif event["ev"] == "exit":
+                    raise RuntimeError(f"agent worker {event['worker']}.. exited (rc {event['rc']})")
             ack = acked - t0
             publish_acks.append(ack)
             lat = [t - t0 for t in arrivals.values()]
@@ -421,13 +425,13 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
         for t in readers:
             t.cancel()
         for w in workers:
-            if w.proc.poll() is None:
+            if w.proc.returncode is None:
                 w.proc.terminate()
             try:
-                w.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
+                await asyncio.wait_for(w.proc.wait(), 20)
+            except TimeoutError:
                 w.proc.kill()
-                w.proc.wait(timeout=10)
+                await asyncio.wait_for(w.proc.wait(), 10)
 
 
 def main() -> None:
