@@ -360,7 +360,7 @@ class LocalRun:
         store = f"sqlite:{(fed_dir / 'federation.db').resolve()}"
         argv = self.meshfed("federation", "serve", "--store", store, "--listen", f"127.0.0.1:{port}",
                             "--ca", str(self.run_dir / "ca" / "federation"), "--lease-ttl", str(lease),
-                            "--cidr", cs.cidr if self.net is None else self.net.vip_cidr)
+                            "--cidr", cs.cidr if self.net is None else self.net.vip_alloc_cidr)
         self.progress(f"federation service on https://127.0.0.1:{port} (SQLite store)")
         rec = self._record(procs.start("federation", argv, log_path=fed_dir / "federation.log"))
         url = f"https://127.0.0.1:{port}"

@@ -156,6 +156,8 @@ def build(plan: NetPlan, record: Record) -> None:
     """Create the plan's bridges, gateway and pod namespaces, links, routes, resolv.conf files and rules. Each item
     is passed to ``record`` before it is created; a failure raises ``NetnsError`` (the caller tears down)."""
     _bridge(plan.public_bridge, f"{plan.public_root_ip}/{plan.public_cidr.split('/')[1]}", record)
+    if plan.vip_root_ip:
+        run(["ip", "addr", "add", f"{plan.vip_root_ip}/{plan.vip_cidr.split('/')[1]}", "dev", plan.public_bridge])
     for c in plan.clusters:
         _bridge(c.bridge, f"{c.root_ip}/{c.cidr.split('/')[1]}", record)
     for c in plan.clusters:
@@ -290,5 +292,5 @@ def partitioned(plan: NetPlan, cluster: str) -> bool:
 
 def describe(plan: NetPlan) -> dict[str, Any]:
     """The plan in a few lines for ``meshfed up``'s progress and ``status``."""
-    return {"slot": plan.slot_cidr, "public": plan.public_cidr, "vips": plan.vip_cidr,
+    return {"slot": plan.slot_cidr, "public": plan.public_cidr, "vips": plan.vip_alloc_cidr or plan.vip_cidr,
             "clusters": {c.cluster: c.cidr for c in plan.clusters}}

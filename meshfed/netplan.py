@@ -7,13 +7,16 @@ so two runs, or a host network in 10/8, never collide)::
 
     public   10.<b>.0.0/24        bridge mf<id>pub: root .1, gateway of cluster i .<10+i>
     cluster  10.<b+1+i>.0.0/16    bridge mf<id>b<i>: root .0.1, the cluster's gateway .0.2, pods .1.1, .1.2, ...
-    VIPs     10.<b+15>.0.0/16     ClusterSetIPs (never on an interface: the pods' capture rules redirect them)
+    VIPs     10.<b+15>.0.0/16     ClusterSetIPs, allocated from its lower /17 (never on a pod's interface: the pods'
+                                  capture rules redirect them); the root holds .255.254/16 of it on the public
+                                  bridge, so a ClusterSetIP dialled from the root namespace stays on our bridge
 
 where ``b = 16 * slot``. A pod has its own /16 on-link and routes to the public network and the VIP range via
 its cluster's gateway, and nothing else: no default route, so a packet to another cluster's pod has no route.
 The gateway namespace forwards (and masquerades) from its cluster to the public network only. The root namespace
 holds ``.0.1`` on each cluster's bridge, where the cluster's control plane (xDS) and DNS listen, and ``.1`` on the
-public bridge; it never forwards (its ``ip_forward`` is left as it is).
+public bridge (gateways do not forward to it); it never forwards (its ``ip_forward`` is left as it is). Every
+address of the slot the root namespace could dial is on one of our bridges: nothing of it leaves the machine.
 
 Names are ours and unique to the run (``<id>`` is random per run): namespaces ``mf-<id>-<workload>``, links
 ``mf<id>...`` (at most 15 characters, the kernel's limit). :func:`is_ours` is what teardown checks before it
@@ -102,6 +105,8 @@ class NetPlan:
     vip_cidr: str
     clusters: tuple[ClusterNet, ...]
     pods: tuple[PodNet, ...]
+    vip_alloc_cidr: str = ""  # where the federation allocates ClusterSetIPs (inside vip_cidr)
+    vip_root_ip: str = ""  # the root's address in vip_cidr, on the public bridge
 
     @property
     def slot_cidr(self) -> str:
@@ -204,7 +209,8 @@ def plan_network(run_id: str, slot: int, clusters: Sequence[str], workloads: Seq
                            gateway_ip=c.gateway.cluster_ip))
     return NetPlan(run_id=run_id, slot=slot, public_cidr=f"10.{base}.0.0/24",
                    public_bridge=link_name(run_id, "pub"), public_root_ip=f"10.{base}.0.1",
-                   vip_cidr=f"10.{base + 15}.0.0/16", clusters=tuple(nets), pods=tuple(pods))
+                   vip_cidr=f"10.{base + 15}.0.0/16", clusters=tuple(nets), pods=tuple(pods),
+                   vip_alloc_cidr=f"10.{base + 15}.0.0/17", vip_root_ip=f"10.{base + 15}.255.254")
 
 
 # ---- what goes inside the namespaces (text for iptables-restore, resolv.conf) ----------------------------------
@@ -237,6 +243,7 @@ def gateway_rules(plan: NetPlan, c: ClusterNet) -> str:
         "COMMIT",
         "*filter",
         ":FORWARD DROP [0:0]",
+        f"-A FORWARD -d {plan.public_root_ip}/32 -j DROP",
         f"-A FORWARD -i {GW_CLUSTER_IF} -o {GW_PUBLIC_IF} -s {c.cidr} -d {plan.public_cidr} -j ACCEPT",
         f"-A FORWARD -i {GW_PUBLIC_IF} -o {GW_CLUSTER_IF} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
         f"-A INPUT -p tcp -s {c.root_ip} --dport {ADMIN_PORT} -j ACCEPT",

@@ -439,7 +439,7 @@ def addresses(state: Mapping[str, Any], statuses: Mapping[str, ControlPlaneStatu
     net = state.get("network") or {}
     plan = net.get("plan") or {}
     network = {"mode": net.get("mode", "loopback"), "run_id": net.get("run_id"), "public": plan.get("public_cidr"),
-               "clusterset_ips": plan.get("vip_cidr"),
+               "clusterset_ips": plan.get("vip_alloc_cidr") or plan.get("vip_cidr"),
                "clusters": {c["cluster"]: c["cidr"] for c in plan.get("clusters", [])},
                "partitions": net.get("partitions") or {}}
     return {"federation": state.get("federation", {}).get("url"), "clusters": clusters, "workloads": workloads,

@@ -98,6 +98,16 @@ def answer(line: str) -> dict[str, Any]:
     return result
 
 
+def assert_ratings_answered_again(run: Path) -> None:
+    """East's calls to west-only ratings succeed again (bounded wait while health checks see west's gateway)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if in_pod(run, "sleep-east", f"http://{RATINGS}:9080/").startswith("200 "):
+            break
+        time.sleep(1)
+    assert answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))["cluster"] == "west"
+
+
 def test_cross_cluster_call_by_dns_name_from_inside_easts_pod(run: Path) -> None:
     got = answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))
     assert got["cluster"] == "west" and got["workload"] == "ratings-west-0"
@@ -207,12 +217,7 @@ def test_partition_of_west_keeps_easts_local_traffic_and_heals(run: Path) -> Non
         healed = meshfed("fault", "heal", "west", "--run-dir", str(run))
     assert healed.returncode == 0, healed.stderr
     assert "west" not in local.read_state(run)["network"]["partitions"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if in_pod(run, "sleep-east", f"http://{RATINGS}:9080/").startswith("200 "):
-            break
-        time.sleep(1)
-    assert answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))["cluster"] == "west"
+    assert_ratings_answered_again(run)
 
 
 def test_fault_stop_and_start_a_component(run: Path) -> None:
@@ -224,12 +229,7 @@ def test_fault_stop_and_start_a_component(run: Path) -> None:
     assert not in_pod(run, "sleep-east", f"http://{RATINGS}:9080/", timeout=3).startswith("200 ")
     started = meshfed("fault", "start", "eastwest-gateway-west", "--run-dir", str(run), "-o", "json")
     assert started.returncode == 0, started.stderr
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if in_pod(run, "sleep-east", f"http://{RATINGS}:9080/").startswith("200 "):
-            break
-        time.sleep(1)
-    assert answer(in_pod(run, "sleep-east", f"http://{RATINGS}:9080/"))["cluster"] == "west"
+    assert_ratings_answered_again(run)
 
 
 def test_down_leaves_nothing_and_a_second_up_works(run: Path) -> None:

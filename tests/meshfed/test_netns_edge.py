@@ -111,3 +111,18 @@ def test_partition_from_one_peer_only(built: tuple[netplan.NetPlan, list[Mapping
     assert netns.heal(plan, "west") is True and netns.heal(plan, "west") is False
     assert "MESHFED_PARTITION" not in netns.run(
         netns.in_ns(plan.cluster("west").gateway.netns, ["iptables-save", "-t", "filter"])).stdout
+
+
+def test_the_root_namespace_keeps_every_slot_address_on_our_bridges(
+        built: tuple[netplan.NetPlan, list[Mapping[str, str]]]) -> None:
+    """A ClusterSetIP or the public network dialled from the root namespace stays on our bridges (never the default
+    route), and pods cannot reach the root's public address through their gateway."""
+    plan, _ = built
+    vip = plan.vip_alloc_cidr.split("/")[0].rsplit(".", 1)[0] + ".7"
+    for target in (vip, plan.cluster("west").gateway.public_ip):
+        route = netns.run(["ip", "-4", "route", "get", target]).stdout
+        assert f"dev {plan.public_bridge}" in route, route
+    with socket.socket() as srv:
+        srv.bind((plan.public_root_ip, 0))
+        srv.listen()
+        assert connect(plan.pods[0].netns, plan.public_root_ip, srv.getsockname()[1]).startswith("TimeoutError")

@@ -29,6 +29,9 @@ def test_every_cluster_its_own_16_inside_the_slot_and_pods_numbered_per_cluster(
     clusters = [ipaddress.ip_network(c.cidr) for c in p.clusters]
     assert not clusters[0].overlaps(clusters[1])
     assert not ipaddress.ip_network(p.vip_cidr).overlaps(clusters[0])
+    alloc, vips = ipaddress.ip_network(p.vip_alloc_cidr), ipaddress.ip_network(p.vip_cidr)
+    assert alloc.subnet_of(vips) and ipaddress.ip_address(p.vip_root_ip) in vips  # type: ignore[arg-type]
+    assert ipaddress.ip_address(p.vip_root_ip) not in alloc  # never handed out as a ClusterSetIP
 
 
 def test_names_are_the_runs_own_and_fit_the_kernel() -> None:
@@ -79,3 +82,4 @@ def test_rules_stay_inside_the_pod_and_gateway() -> None:
     assert "-o eth1 -d 10.16.0.11/32 -j DROP" in netplan.partition_rules(p.clusters[0], ["10.16.0.11"])
     assert "-A POSTROUTING -s 10.17.0.0/16 -o eth1 -j MASQUERADE" in gw
     assert ":FORWARD DROP" in gw and "-d 10.16.0.0/24 -j ACCEPT" in gw
+    assert gw.index("-d 10.16.0.1/32 -j DROP") < gw.index("-j ACCEPT")  # pods never reach the root's public address
