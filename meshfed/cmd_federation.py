@@ -53,7 +53,7 @@ async def _freeze_after_load(app: web.Application) -> None:
 
 
 async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: ServiceConfig,
-                 leaf_ttl: timedelta, trust_poll_s: float = 2.0) -> None:
+                 leaf_ttl: timedelta, trust_poll_s: float = 2.0, also: tuple[tuple[str, int], ...] = ()) -> None:
     try:
         creds = ServingCredentials(ca_dir, leaf_ttl=leaf_ttl)
     except CAStoreError as exc:
@@ -67,8 +67,9 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
     rotate = loop.create_task(creds.run(interval_s=trust_poll_s))
     frozen = loop.create_task(_freeze_after_load(app))
     try:
-        async with serve(app, host=host, port=port, ssl_context=creds.context):
-            click.echo(f"federation service listening on https://{host}:{port} store={store_url}", err=True)
+        async with serve(app, host=host, port=port, ssl_context=creds.context, also=also):
+            where = ", ".join(f"https://{h}:{p}" for h, p in ((host, port), *also))
+            click.echo(f"federation service listening on {where} store={store_url}", err=True)
             await stop.wait()
     finally:
         for task in (rotate, frozen):
@@ -81,7 +82,8 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
 @federation.command("serve")
 @click.option("--store", "store_url", required=True, metavar="URL",
               help="sqlite:PATH (one file, the default kind) or etcd://HOST:PORT[,HOST:PORT...] (several replicas).")
-@click.option("--listen", default="127.0.0.1:8443", show_default=True, metavar="HOST:PORT")
+@click.option("--listen", "listens", multiple=True, default=("127.0.0.1:8443",), show_default=True,
+              metavar="HOST:PORT", help="where to serve (repeatable: every address is served)")
 @click.option("--ca", "ca_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The federation service's CA directory (its intermediate, for spiffe://TD/meshfed/federation, "
                    "and the bundle's root-cert.pem).")
@@ -101,10 +103,11 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
               help="Pod addresses one exported service may carry (more: 422, limit maxEndpoints).")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=DEFAULT_LIMITS.body_bytes,
               show_default=True, help="Largest request body (larger: 413, limit maxBodyBytes).")
-def serve_cmd(store_url: str, listen: str, ca_dir: Path, lease_ttl: float, cidr: str, bookmark_interval: float,
-              history: int, leaf_ttl: float, max_services: int, max_endpoints: int, max_body_bytes: int) -> None:
+def serve_cmd(store_url: str, listens: tuple[str, ...], ca_dir: Path, lease_ttl: float, cidr: str,
+              bookmark_interval: float, history: int, leaf_ttl: float, max_services: int, max_endpoints: int,
+              max_body_bytes: int) -> None:
     """Run the federation service until SIGTERM/SIGINT."""
-    host, port = _listen(listen)
+    (host, port), *also = [_listen(listen) for listen in listens]
     if lease_ttl <= 0:
         raise click.BadParameter("must be positive", param_hint="--lease-ttl")
     limits = replace(DEFAULT_LIMITS, services=max_services, endpoints=max_endpoints, body_bytes=max_body_bytes)
@@ -112,7 +115,7 @@ def serve_cmd(store_url: str, listen: str, ca_dir: Path, lease_ttl: float, cidr:
                            limits=limits)
     run: Callable[[], None] = lambda: asyncio.run(  # noqa: E731
         _serve(store_url=store_url, host=host, port=port, ca_dir=ca_dir, config=config,
-               leaf_ttl=timedelta(hours=leaf_ttl)))
+               leaf_ttl=timedelta(hours=leaf_ttl), also=tuple(also)))
     try:
         run()
     except (TrustError, FederationError, OSError) as exc:

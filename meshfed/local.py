@@ -358,14 +358,21 @@ class LocalRun:
         private_dir(fed_dir)
         lease = self.lease_ttl if self.lease_ttl is not None else cs.federation.lease_ttl
         store = f"sqlite:{(fed_dir / 'federation.db').resolve()}"
-        argv = self.meshfed("federation", "serve", "--store", store, "--listen", f"127.0.0.1:{port}",
+        # Netns runs: also on the root's address on each cluster's bridge, where that cluster's pods reach it.
+        bridges = [c.root_ip for c in self.net.clusters] if self.net is not None else []
+        for host in bridges:
+            _check_free(host, port)
+        also = [arg for host in bridges for arg in ("--listen", f"{host}:{port}")]
+        argv = self.meshfed("federation", "serve", "--store", store, "--listen", f"127.0.0.1:{port}", *also,
                             "--ca", str(self.run_dir / "ca" / "federation"), "--lease-ttl", str(lease),
                             "--cidr", cs.cidr if self.net is None else self.net.vip_alloc_cidr)
         self.progress(f"federation service on https://127.0.0.1:{port} (SQLite store)")
         rec = self._record(procs.start("federation", argv, log_path=fed_dir / "federation.log"))
         url = f"https://127.0.0.1:{port}"
         self.state["federation"] = {"url": url, "pid": rec.pid, "log": rec.log, "store": store,
-                                    "lease_ttl_s": lease}
+                                    "lease_ttl_s": lease,
+                                    **({"pod_urls": {c.cluster: f"https://{c.root_ip}:{port}"
+                                                     for c in self.net.clusters}} if self.net is not None else {})}
         self.save()
         wait_until("federation service", lambda: _port_open("127.0.0.1", port), timeout=self.ready_timeout,
                    pids=[rec.pid], logs=[rec.log])
@@ -638,6 +645,15 @@ class LocalRun:
                 admin = e["sidecar_admin"]
                 wait_until(f"{cluster} sidecar {e['name']}", functools.partial(envoy_ready, admin),
                            timeout=self.ready_timeout, pids=[e["sidecar_pid"]], logs=[e["sidecar_log"]])
+
+
+def _check_free(host: str, port: int) -> None:
+    """Fail clearly when ``host:port`` (TCP) is taken (a port picked free on loopback, wanted on a bridge too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise LocalRunError(f"{host}:{port} is taken ({exc}); run 'meshfed up' again") from exc
 
 
 def _check_dns_port(host: str, port: int) -> None:

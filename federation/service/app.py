@@ -15,7 +15,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -648,14 +648,15 @@ def metrics_of(app: web.Application) -> Metrics:
 
 @contextlib.asynccontextmanager
 async def serve(app: web.Application, *, host: str, port: int, ssl_context: ssl.SSLContext,
-                shutdown_timeout: float = 2.0) -> AsyncIterator[web.AppRunner]:
-    """Run ``app`` on ``host:port`` over TLS until the block exits."""
+                shutdown_timeout: float = 2.0, also: Sequence[tuple[str, int]] = ()) -> AsyncIterator[web.AppRunner]:
+    """Run ``app`` on ``host:port`` (and every ``(host, port)`` of ``also``) over TLS until the block exits."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
-        await site.start()
-        log.info("federation service listening on https://%s:%d", host, port)
+        for h, p in ((host, port), *also):
+            site = web.TCPSite(runner, h, p, ssl_context=ssl_context, reuse_address=True)
+            await site.start()
+            log.info("federation service listening on https://%s:%d", h, p)
         yield runner
     finally:
         await runner.cleanup()

@@ -161,6 +161,28 @@ def test_unknown_sni_is_refused_at_the_gateway(run: Path) -> None:
     assert handshake("outbound_.9080_._.nothing.default.svc.clusterset.local").startswith("refused")
 
 
+CONNECT = ("import socket, sys\n"
+           "try:\n"
+           "    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close(); print('ok')\n"
+           "except OSError as exc:\n"
+           "    print(type(exc).__name__, exc.errno)\n")
+
+
+def test_pods_reach_their_clusters_control_plane_dns_and_the_federation_on_the_bridge(run: Path) -> None:
+    state = local.read_state(run)
+    east, west = state["clusters"]["east"], state["clusters"]["west"]
+    fed = state["federation"]["pod_urls"]
+    targets = {"xds": east["controlplane"]["xds"], "federation": fed["east"].removeprefix("https://")}
+    for what, address in targets.items():
+        host, port = address.rsplit(":", 1)
+        done = meshfed("exec", "sleep-east", "--run-dir", str(run), "--", sys.executable, "-I", "-c", CONNECT, host,
+                       port)
+        assert done.stdout.strip() == "ok", (what, done.stdout, done.stderr)
+    host, port = west["controlplane"]["xds"].rsplit(":", 1)  # another cluster's control plane: no route
+    done = meshfed("exec", "sleep-east", "--run-dir", str(run), "--", sys.executable, "-I", "-c", CONNECT, host, port)
+    assert done.stdout.strip() == "OSError 101"
+
+
 def test_status_gives_pod_ips_and_is_healthy(run: Path) -> None:
     done = meshfed("status", "--run-dir", str(run), "-o", "json")
     report = json.loads(done.stdout)
