@@ -314,28 +314,26 @@ class LocalRun:
     def _network(self, cs: ClusterSet, plan: list[WorkloadPlan]) -> None:
         """Build the netns bed (meshfed.netns), recording every item in the state before it is created."""
         run_id = netns.new_run_id()
-        try:
-            slot = netns.pick_slot()
-            workloads = [(str(w.cluster), w.name) for w in [*plan, *plan_proxyless(cs)]]
-            self.net = netplan.plan_network(run_id, slot, [str(c.id) for c in cs.clusters], workloads)
-        except (netns.NetnsError, netplan.NetPlanError) as exc:
-            raise LocalRunError(f"network: {exc}") from exc
         net = self.state["network"]
-        net.update(run_id=run_id, plan=netplan.plan_to_json(self.net), created=[])
-        self.save()
-        described = netns.describe(self.net)
-        self.progress(f"network: netns bed {described['slot']} (public {described['public']}, "
-                      + ", ".join(f"{c} {cidr}" for c, cidr in described["clusters"].items())
-                      + f", ClusterSetIPs {described['vips']})")
 
         def record(item: Mapping[str, str]) -> None:
             net["created"].append(dict(item))
             self.save()
 
         try:
-            netns.build(self.net, record)
+            with netns.slot_lock():  # until our bridges hold the slot's addresses
+                slot = netns.pick_slot()
+                workloads = [(str(w.cluster), w.name) for w in [*plan, *plan_proxyless(cs)]]
+                self.net = netplan.plan_network(run_id, slot, [str(c.id) for c in cs.clusters], workloads)
+                net.update(run_id=run_id, plan=netplan.plan_to_json(self.net), created=[])
+                self.save()
+                described = netns.describe(self.net)
+                self.progress(f"network: netns bed {described['slot']} (public {described['public']}, "
+                              + ", ".join(f"{c} {cidr}" for c, cidr in described["clusters"].items())
+                              + f", ClusterSetIPs {described['vips']})")
+                netns.build(self.net, record)
             netns.make_proxy_dir(run_id, record)
-        except netns.NetnsError as exc:
+        except (netns.NetnsError, netplan.NetPlanError) as exc:
             raise LocalRunError(f"network: {exc}") from exc
 
     def _pod(self, workload: str) -> netplan.PodNet:

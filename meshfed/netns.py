@@ -17,13 +17,14 @@ Exception tree (this module)::
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,19 @@ def root_prefixes() -> list[str]:
         for a in link.get("addr_info", []):
             out.append(f"{a['local']}/{a.get('prefixlen', 32)}")
     return out
+
+
+@contextlib.contextmanager
+def slot_lock() -> Iterator[None]:
+    """Held while a run picks its slot and builds its bridges, so two runs starting together never pick the same
+    one (Linux would accept the same address on two bridges without complaint). An exclusive ``flock`` on the
+    ``/run`` directory itself: nothing is created, and the kernel releases it if the process dies."""
+    fd = os.open(RUN_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def pick_slot() -> int:

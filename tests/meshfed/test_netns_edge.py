@@ -126,3 +126,34 @@ def test_the_root_namespace_keeps_every_slot_address_on_our_bridges(
         srv.bind((plan.public_root_ip, 0))
         srv.listen()
         assert connect(plan.pods[0].netns, plan.public_root_ip, srv.getsockname()[1]).startswith("TimeoutError")
+
+
+def test_two_runs_building_at_once_get_different_slots() -> None:
+    import threading
+
+    plans: list[netplan.NetPlan] = []
+    created: dict[str, list[Mapping[str, str]]] = {}
+    errors: list[BaseException] = []
+
+    def build_one() -> None:
+        run_id = netns.new_run_id()
+        created[run_id] = []
+        try:
+            with netns.slot_lock():
+                plan = netplan.plan_network(run_id, netns.pick_slot(), ["east"], [("east", "a")])
+                plans.append(plan)
+                netns.build(plan, created[run_id].append)
+        except BaseException as exc:  # reported below, after both threads ended
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build_one) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert len({p.slot for p in plans}) == 2
+    finally:
+        for run_id, items in created.items():
+            assert netns.teardown(items, run_id) == []
