@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,8 +54,35 @@ def meshfed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
                           timeout=timeout, check=False)
 
 
-def up(run_dir: Path) -> subprocess.CompletedProcess[str]:
-    return meshfed("up", "clusters/demo", "--network", "netns", "--detach", "--lease-ttl", "5", "--run-dir",
+# Added to a copy of the demo: a west-only service on a plain TCP port (no appProtocol, a name that is not
+# http*), exported, so east's sidecar carries it with tcp_proxy (the demo app behind it speaks HTTP/1.0 anyway).
+TCP_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: ledger, namespace: default, labels: {app: ledger}}
+spec:
+  selector: {app: ledger}
+  ports: [{name: tcp-ledger, port: 7000, targetPort: 7000, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ledger-west-1, namespace: default, labels: {kubernetes.io/service-name: ledger}}
+addressType: IPv4
+ports: [{name: tcp-ledger, port: 7000, protocol: TCP}]
+endpoints:
+  - addresses: ["127.0.2.70"]
+    conditions: {ready: true, serving: true, terminating: false}
+    zone: eu-west-1a
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceExport
+metadata: {name: ledger, namespace: default, creationTimestamp: "2026-01-03T00:00:00Z"}
+"""
+LEDGER = "ledger.default.svc.clusterset.local"
+
+
+def up(run_dir: Path, clusterset: Path) -> subprocess.CompletedProcess[str]:
+    return meshfed("up", str(clusterset), "--network", "netns", "--detach", "--lease-ttl", "5", "--run-dir",
                    str(run_dir), timeout=300)
 
 
@@ -75,8 +103,11 @@ def cleanup(run_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    run_dir = tmp_path_factory.mktemp("meshfed-netns") / "run"
-    done = up(run_dir)
+    base = tmp_path_factory.mktemp("meshfed-netns")
+    run_dir, demo = base / "run", base / "demo"
+    shutil.copytree(REPO / "clusters" / "demo", demo)
+    (demo / "west" / "ledger.yaml").write_text(TCP_SERVICE)
+    done = up(run_dir, demo)
     try:
         assert done.returncode == 0, f"meshfed up failed:\n{done.stdout}\n{done.stderr}"
         assert "network: netns" in done.stderr
@@ -114,6 +145,27 @@ def test_cross_cluster_call_by_dns_name_from_inside_easts_pod(run: Path) -> None
     assert got["caller"] == "spiffe://demo.meshfed.local/ns/default/sa/sleep"
     # the caller's certificate names its cluster: east's sidecar made the mTLS connection, west's checked it
     assert 'Subject="OU=east' in got["headers"]["x-forwarded-client-cert"]
+
+
+# In a pod: a plain TCP connection to argv[1]:argv[2], an HTTP/1.0 request written by hand, the answer's body.
+RAW_TCP = r"""
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+    s.sendall(b"GET / HTTP/1.0\r\nHost: ledger\r\n\r\n")
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+print(data.split(b"\r\n\r\n", 1)[-1].decode())
+"""
+
+
+def test_cross_cluster_tcp_by_dns_name_from_inside_easts_pod(run: Path) -> None:
+    done = meshfed("exec", "sleep-east", "--run-dir", str(run), "--", sys.executable, "-I", "-c", RAW_TCP, LEDGER,
+                   "7000")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    assert got["cluster"] == "west" and got["service"] == "ledger"
+    assert "x-forwarded-client-cert" not in got["headers"]  # carried as TCP: no HTTP connection manager on the way
 
 
 def test_east_pod_has_no_route_to_a_west_pod(run: Path) -> None:
@@ -268,7 +320,7 @@ def test_down_leaves_nothing_and_a_second_up_works(run: Path) -> None:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     assert f"mf-{first}-" not in listed and f"mf{first}" not in links
 
-    again = up(run)
+    again = up(run, Path(local.read_state(run)["clusterset"]))
     try:
         assert again.returncode == 0, f"second meshfed up failed:\n{again.stdout}\n{again.stderr}"
         second = run_id(run)
