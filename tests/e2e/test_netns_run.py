@@ -264,24 +264,51 @@ def test_diagnose_walks_every_hop_from_the_pod(run: Path) -> None:
     assert "via pod" in request["detail"] and "ratings-west-0" in request["detail"]
 
 
-def test_partition_of_west_keeps_easts_local_traffic_and_heals(run: Path) -> None:
-    """East's VirtualService sends reviews 90/10 to its east and west subsets (clusters/demo/east): during a
-    partition of west the east subset keeps answering from east's own pods, the west share has nowhere to go
-    (its only endpoint is west's gateway) and fails, and west-only ratings fails until the heal."""
+# In a pod: GET argv[1] up to argv[2] times, stopping early once argv[3] answers in a row came from cluster argv[4]
+# (or, with argv[3] == "0", once one came from it); prints the answering clusters ("failed" for errors) as JSON.
+LOOP = r"""
+import json, sys, urllib.request
+url, most, run, want = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+out = []
+for _ in range(most):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            out.append(json.loads(resp.read())["cluster"])
+    except (OSError, ValueError):
+        out.append("failed")
+    if (run == 0 and out[-1] == want) or (run and out[-run:] == [want] * run):
+        break
+print(json.dumps(out))
+"""
+
+
+def loop_in_pod(run: Path, workload: str, url: str, most: int, streak: int, want: str) -> list[str]:
+    done = meshfed("exec", workload, "--run-dir", str(run), "--", sys.executable, "-I", "-c", LOOP, url, str(most),
+                   str(streak), want, timeout=900)
+    assert done.returncode == 0, done.stderr
+    result: list[str] = json.loads(done.stdout)
+    return result
+
+
+def test_partition_of_west_fails_over_to_easts_own_pods_and_heals(run: Path) -> None:
+    """East's VirtualService sends reviews 90/10 to its east and west subsets (clusters/demo/east). Partition west:
+    the west share fails until east's sidecar's health check gives up on west's gateway, then the subset falls
+    back to east's pods (docs/traffic-policy.md) and no request is lost; west-only ratings fails until the heal."""
     url = f"http://{REVIEWS}:9080/"
+    before = loop_in_pod(run, "sleep-east", url, 100, 0, "west")
+    assert before[-1] == "west", before  # the west share is in rotation before the partition
     done = meshfed("fault", "partition", "west", "--run-dir", str(run))
     assert done.returncode == 0, done.stderr
     try:
         assert not in_pod(run, "sleep-east", f"http://{RATINGS}:9080/", timeout=3).startswith("200 ")
-        outcomes: list[str] = []
-        for _ in range(20):
-            line = in_pod(run, "sleep-east", url, timeout=4)
-            outcomes.append(answer(line)["cluster"] if line.startswith("200 ") else "failed")
-        ok = outcomes.count("east")
-        print(f"\nreviews from east during west's partition: success ratio {ok / len(outcomes):.2f} ({ok}/"
-              f"{len(outcomes)} answered by east's own pods, {outcomes.count('failed')} failed; east's VirtualService "
-              "sends about 10% to the west subset, whose only endpoint is west's gateway)")
-        assert "west" not in outcomes and ok > 0
+        during = loop_in_pod(run, "sleep-east", url, 200, 20, "east")
+        ok = sum(1 for o in during if o == "east")
+        settled = next(i for i in range(len(during)) if all(o == "east" for o in during[i:]))
+        lost = f"all of them among the first {settled}" if settled else "none"
+        print(f"\nreviews from east during west's partition: success ratio {ok / len(during):.2f} ({ok}/{len(during)}"
+              f" answered by east's pods; {during.count('failed')} failed: {lost}; every request after that answered)")
+        assert "west" not in during
+        assert during[-20:] == ["east"] * 20, during  # after the health check window: nothing lost
         done = meshfed("status", "--run-dir", str(run), "-o", "json")
         status = json.loads(done.stdout)
         assert done.returncode == 1
