@@ -24,16 +24,21 @@ from discovery.fields import (
     ConversionError,
     UnsupportedKind,
     as_bool,
+    as_int,
     as_list,
     as_mapping,
     as_str,
+    as_string_map,
     format_timestamp,
     object_ref,
     parse_timestamp,
     type_of,
 )
 from discovery.model import (
+    DEFAULT_AFFINITY_TIMEOUT,
+    SESSION_AFFINITY_CLIENT_IP,
     ClusterId,
+    Condition,
     DiscoveryError,
     Endpoint,
     Namespace,
@@ -42,6 +47,7 @@ from discovery.model import (
     ServiceExport,
     ServiceKey,
     ServicePort,
+    ServiceTraits,
     namespace,
     service_name,
 )
@@ -50,6 +56,8 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MCS_GROUP = "multicluster.x-k8s.io"
 MCS_VERSION = "v1alpha1"
 MCS_API_VERSION = f"{MCS_GROUP}/{MCS_VERSION}"
+#: The MCS API versions meshfed reads, preferred first (v1beta1 is the storage version meshfed installs).
+MCS_VERSIONS = ("v1beta1", "v1alpha1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -129,16 +137,6 @@ def _protocol(value: Any, path: str) -> Protocol:
         return Protocol(text)
     except ValueError:
         raise ConversionError(path, f"protocol {text!r} is not one of TCP, UDP, SCTP") from None
-
-
-def _string_map(value: Any, path: str) -> tuple[tuple[str, str], ...]:
-    items = as_mapping(value, path)
-    out = []
-    for k, v in items.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise ConversionError(f"{path}.{k}", f"labels and selectors map strings to strings, got {v!r}")
-        out.append((k, v))
-    return tuple(sorted(out))
 
 
 def _key(obj: Mapping[str, Any]) -> ServiceKey:
@@ -224,8 +222,41 @@ def convert_service(obj: Mapping[str, Any], cluster: ClusterId) -> Service | Ext
         ports=tuple(ports),
         headless=headless,
         cluster_ip="" if headless else cluster_ip,
-        labels=_string_map(meta.get("labels"), "metadata.labels"),
-        selector=_string_map(spec.get("selector"), "spec.selector"),
+        labels=as_string_map(meta.get("labels"), "metadata.labels"),
+        selector=as_string_map(spec.get("selector"), "spec.selector"),
+        traits=_traits(spec, "" if headless else cluster_ip),
+    )
+
+
+def _traits(spec: Mapping[str, Any], cluster_ip: str) -> ServiceTraits:
+    """The Service fields the MCS API compares across clusters. ``ipFamilies`` left out of the object is the
+    family of its clusterIP when it has one (what the API server would fill in), else unknown."""
+    affinity = as_str(spec.get("sessionAffinity"), "spec.sessionAffinity", default="None")
+    if affinity not in ("None", SESSION_AFFINITY_CLIENT_IP):
+        raise ConversionError("spec.sessionAffinity", f"{affinity!r} is not one of None, ClientIP")
+    config = as_mapping(spec.get("sessionAffinityConfig"), "spec.sessionAffinityConfig")
+    client_ip = as_mapping(config.get("clientIP"), "spec.sessionAffinityConfig.clientIP")
+    timeout = as_int(client_ip.get("timeoutSeconds"), "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                     default=DEFAULT_AFFINITY_TIMEOUT, low=1, high=86400)
+    policy_ = as_str(spec.get("internalTrafficPolicy"), "spec.internalTrafficPolicy", default="Cluster")
+    if policy_ not in ("Cluster", "Local"):
+        raise ConversionError("spec.internalTrafficPolicy", f"{policy_!r} is not one of Cluster, Local")
+    families: list[str] = []
+    for i, raw in enumerate(as_list(spec.get("ipFamilies"), "spec.ipFamilies")):
+        fam = as_str(raw, f"spec.ipFamilies[{i}]", required=True)
+        if fam not in ("IPv4", "IPv6") or fam in families:
+            raise ConversionError(f"spec.ipFamilies[{i}]", f"{fam!r} is not IPv4 or IPv6 once each")
+        families.append(fam)
+    if len(families) > 2:
+        raise ConversionError("spec.ipFamilies", "at most two families")
+    if not families and cluster_ip:
+        families.append(f"IPv{ipaddress.ip_address(cluster_ip).version}")
+    return ServiceTraits(
+        session_affinity=affinity,
+        affinity_timeout=timeout if affinity == SESSION_AFFINITY_CLIENT_IP else 0,
+        internal_traffic_policy=policy_,
+        traffic_distribution=as_str(spec.get("trafficDistribution"), "spec.trafficDistribution"),
+        ip_families=tuple(families),
     )
 
 
@@ -309,12 +340,31 @@ def convert_endpoint_slice(obj: Mapping[str, Any], cluster: ClusterId) -> Endpoi
 
 
 def convert_service_export(obj: Mapping[str, Any], cluster: ClusterId) -> ServiceExport:
-    """A ServiceExport: its name and namespace name the exported Service; conditions are ours to compute, so any
-    ``status`` in the object is ignored."""
+    """A ServiceExport (v1alpha1 or v1beta1): its name and namespace name the exported Service; v1beta1's
+    ``spec.exportedLabels`` / ``spec.exportedAnnotations`` are what the ServiceImport carries. Conditions are
+    ours to compute, so any ``status`` in the object is ignored (the previous conditions, whose transition times
+    are kept, are the control plane's own: ``discovery.mcs.carry_conditions``)."""
     key = _key(obj)
     meta = as_mapping(obj.get("metadata"), "metadata")
+    spec = as_mapping(obj.get("spec"), "spec")
     created = parse_timestamp(meta.get("creationTimestamp"), "metadata.creationTimestamp")
-    return ServiceExport(cluster=cluster, key=key, created=created)
+    return ServiceExport(
+        cluster=cluster,
+        key=key,
+        created=created,
+        generation=as_int(meta.get("generation"), "metadata.generation", default=0, low=0, high=2**63 - 1),
+        exported_labels=as_string_map(spec.get("exportedLabels"), "spec.exportedLabels"),
+        exported_annotations=as_string_map(spec.get("exportedAnnotations"), "spec.exportedAnnotations"),
+    )
+
+
+def condition_object(c: Condition) -> dict[str, Any]:
+    """A condition as the Kubernetes ``metav1.Condition`` JSON of a ServiceExport's ``status.conditions``."""
+    out: dict[str, Any] = {"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message,
+                           "observedGeneration": c.observed_generation}
+    if c.last_transition_time is not None:
+        out["lastTransitionTime"] = format_timestamp(c.last_transition_time)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -413,7 +463,7 @@ def service_export_object(key: ServiceKey, created: datetime) -> dict[str, Any]:
 CONVERTERS: Mapping[tuple[str, str], ConverterFn] = MappingProxyType({
     ("v1", "Service"): convert_service,
     ("discovery.k8s.io/v1", "EndpointSlice"): convert_endpoint_slice,
-    (MCS_API_VERSION, "ServiceExport"): convert_service_export,
+    **{(f"{MCS_GROUP}/{v}", "ServiceExport"): convert_service_export for v in MCS_VERSIONS},
     **{(f"{policy.NETWORKING_GROUP}/{v}", "DestinationRule"): policy.convert_destination_rule
        for v in policy.NETWORKING_VERSIONS},
     **{(f"{policy.NETWORKING_GROUP}/{v}", "VirtualService"): policy.convert_virtual_service
@@ -426,6 +476,7 @@ __all__ = [
     "MCS_API_VERSION",
     "MCS_GROUP",
     "MCS_VERSION",
+    "MCS_VERSIONS",
     "SERVICE_NAME_LABEL",
     "ClusterObjects",
     "ConversionError",

@@ -109,6 +109,27 @@ def as_str(value: Any, path: str, *, required: bool = False, default: str = "") 
     return value
 
 
+def as_int(value: Any, path: str, *, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConversionError(path, f"must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ConversionError(path, f"{value} is out of range {low}..{high}")
+    return value
+
+
+def as_string_map(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """A map of strings to strings (labels, annotations, selectors) as sorted pairs."""
+    items = as_mapping(value, path)
+    out = []
+    for k, v in items.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ConversionError(f"{path}.{k}", f"must map strings to strings, got {v!r}")
+        out.append((k, v))
+    return tuple(sorted(out))
+
+
 def as_bool(value: Any, path: str, default: bool) -> bool:
     if value is None:
         return default

@@ -5,14 +5,22 @@ Every control plane runs :func:`derive` on the same inputs and must reach the sa
 on the order inputs arrive in: exports are ranked by (creation timestamp, cluster name) and the oldest wins every
 conflict; ClusterSetIPs are a hash of the service key, with collisions resolved over the sorted key set.
 
-Conditions follow the mcs-api ``ServiceExport`` condition types and reasons:
+Conditions follow the mcs-api v1beta1 ``ServiceExport`` condition types and reasons:
 
 * ``Valid``: True/``Valid``; False/``NoService`` (no such Service in the exporting cluster) or
   ``InvalidServiceType`` (ExternalName).
-* ``Ready``: True/``Exported`` (the cluster backs the ServiceImport); False/``Failed`` (the export is not valid).
-* ``Conflict``: False/``NoConflicts``; True with ``PortConflict``, ``TypeConflict`` or both joined by a comma.
-  As the KEP recommends, a conflict is raised on every export of the service, each with a message from its own
-  cluster's point of view naming the winner and how many clusters disagree.
+* ``Ready``: True/``Exported`` (the cluster backs the ServiceImport); False/``Failed`` (the export is not valid);
+  False/``Pending`` (valid, published, the federation has not answered yet: ``federation.catalog``).
+* ``Conflict``: False/``NoConflicts``; True with every reason that holds, joined by commas in this order:
+  ``PortConflict``, ``TypeConflict``, ``SessionAffinityConflict``, ``SessionAffinityConfigConflict``,
+  ``LabelsConflict``, ``AnnotationsConflict``, ``InternalTrafficPolicyConflict``, ``TrafficDistributionConflict``,
+  ``IPFamilyConflict``. The oldest export wins each: the ServiceImport takes its value. As the KEP recommends, a
+  conflict is raised on every export of the service, each with a message from its own cluster's point of view
+  naming the winner and how many clusters disagree.
+
+Every condition carries ``observedGeneration`` (the export's ``metadata.generation``) and, once stamped with a
+``now`` (:func:`stamp`; :func:`derive` with ``now``), ``lastTransitionTime``: kept from the export's previous
+condition of the same type while status and reason stay, ``now`` when either changes.
 
 Exception tree (this module)::
 
@@ -25,8 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from discovery.fields import format_timestamp
@@ -41,6 +49,7 @@ from discovery.model import (
     ServiceImport,
     ServiceKey,
     ServicePort,
+    ServiceTraits,
     ServiceType,
 )
 
@@ -57,10 +66,31 @@ REASON_VALID = "Valid"
 REASON_NO_SERVICE = "NoService"
 REASON_INVALID_SERVICE_TYPE = "InvalidServiceType"
 REASON_EXPORTED = "Exported"
+REASON_PENDING = "Pending"
 REASON_FAILED = "Failed"
 REASON_NO_CONFLICTS = "NoConflicts"
 REASON_PORT_CONFLICT = "PortConflict"
 REASON_TYPE_CONFLICT = "TypeConflict"
+REASON_SESSION_AFFINITY_CONFLICT = "SessionAffinityConflict"
+REASON_SESSION_AFFINITY_CONFIG_CONFLICT = "SessionAffinityConfigConflict"
+REASON_LABELS_CONFLICT = "LabelsConflict"
+REASON_ANNOTATIONS_CONFLICT = "AnnotationsConflict"
+REASON_INTERNAL_TRAFFIC_POLICY_CONFLICT = "InternalTrafficPolicyConflict"
+REASON_TRAFFIC_DISTRIBUTION_CONFLICT = "TrafficDistributionConflict"
+REASON_IP_FAMILY_CONFLICT = "IPFamilyConflict"
+
+#: Every Conflict=True reason v1beta1 defines, in the order a joined reason lists them.
+CONFLICT_REASONS = (
+    REASON_PORT_CONFLICT,
+    REASON_TYPE_CONFLICT,
+    REASON_SESSION_AFFINITY_CONFLICT,
+    REASON_SESSION_AFFINITY_CONFIG_CONFLICT,
+    REASON_LABELS_CONFLICT,
+    REASON_ANNOTATIONS_CONFLICT,
+    REASON_INTERNAL_TRAFFIC_POLICY_CONFLICT,
+    REASON_TRAFFIC_DISTRIBUTION_CONFLICT,
+    REASON_IP_FAMILY_CONFLICT,
+)
 
 
 class InvalidCidr(InvalidValue):
@@ -76,17 +106,23 @@ class McsResult:
 
     def exports_with_conditions(self, exports: Iterable[ServiceExport]) -> list[ServiceExport]:
         """``exports`` with their ``conditions`` filled in from this result (sorted by cluster, key)."""
-        out = []
-        for e in sorted(exports, key=lambda e: (e.cluster, e.key)):
-            out.append(
-                ServiceExport(
-                    cluster=e.cluster,
-                    key=e.key,
-                    created=e.created,
-                    conditions=self.conditions.get((e.cluster, e.key), ()),
-                )
-            )
-        return out
+        return [replace(e, conditions=self.conditions.get((e.cluster, e.key), ()))
+                for e in sorted(exports, key=lambda e: (e.cluster, e.key))]
+
+
+def stamp(conditions: Iterable[Condition], previous: Iterable[Condition], *, now: datetime | None,
+          generation: int) -> tuple[Condition, ...]:
+    """``conditions`` with ``observed_generation`` set and ``last_transition_time`` carried over from the
+    ``previous`` condition of the same type when its status and reason are unchanged, else ``now`` (None: leave
+    unstamped ones unstamped)."""
+    before = {c.type: c for c in previous}
+    out = []
+    for c in conditions:
+        p = before.get(c.type)
+        kept = p is not None and p.status == c.status and p.reason == c.reason and p.last_transition_time is not None
+        when = p.last_transition_time if kept and p is not None else now
+        out.append(replace(c, observed_generation=generation, last_transition_time=when))
+    return tuple(out)
 
 
 def _utc(stamp: datetime) -> datetime:
@@ -152,6 +188,79 @@ def _merge_ports(
     return ports, clashes
 
 
+def _pairs(items: tuple[tuple[str, str], ...]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in items) + "}" if items else "none"
+
+
+def _families(t: ServiceTraits) -> frozenset[str]:
+    return frozenset(t.ip_families)
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One compared property: its v1beta1 reason, its name in messages, and how to read and show it."""
+
+    reason: str
+    name: str
+    value: Callable[[ServiceExport, Service], object]
+    show: Callable[[ServiceExport, Service], str]
+    # Compared only when both exports set it (unset: nothing to disagree with).
+    only_when_set: bool = False
+
+
+def _trait(get: Callable[[ServiceTraits], object]) -> Callable[[ServiceExport, Service], object]:
+    return lambda _e, svc: get(svc.traits)
+
+
+def _shown(get: Callable[[ServiceTraits], object]) -> Callable[[ServiceExport, Service], str]:
+    return lambda _e, svc: str(get(svc.traits) or "unset")
+
+
+#: The properties compared besides ports and type, in the order of :data:`CONFLICT_REASONS`. IP families conflict
+#: only when both exports name theirs and the sets differ (an object that does not say takes the cluster's); the
+#: affinity config (its timeout) only when both use ClientIP affinity (else the difference is the affinity's).
+_FIELDS = (
+    _Field(REASON_SESSION_AFFINITY_CONFLICT, "sessionAffinity", _trait(lambda t: t.session_affinity),
+           _shown(lambda t: t.session_affinity)),
+    _Field(REASON_SESSION_AFFINITY_CONFIG_CONFLICT, "sessionAffinityConfig", _trait(lambda t: t.affinity_timeout),
+           lambda _e, svc: f"timeoutSeconds {svc.traits.affinity_timeout}" if svc.traits.affinity_timeout
+           else "unset", only_when_set=True),
+    _Field(REASON_LABELS_CONFLICT, "exportedLabels", lambda e, _s: e.exported_labels,
+           lambda e, _s: _pairs(e.exported_labels)),
+    _Field(REASON_ANNOTATIONS_CONFLICT, "exportedAnnotations", lambda e, _s: e.exported_annotations,
+           lambda e, _s: _pairs(e.exported_annotations)),
+    _Field(REASON_INTERNAL_TRAFFIC_POLICY_CONFLICT, "internalTrafficPolicy",
+           _trait(lambda t: t.internal_traffic_policy), _shown(lambda t: t.internal_traffic_policy)),
+    _Field(REASON_TRAFFIC_DISTRIBUTION_CONFLICT, "trafficDistribution", _trait(lambda t: t.traffic_distribution),
+           _shown(lambda t: t.traffic_distribution)),
+    _Field(REASON_IP_FAMILY_CONFLICT, "ipFamilies", _trait(_families),
+           lambda _e, svc: ",".join(svc.traits.ip_families) or "unset", only_when_set=True),
+)
+
+
+def _differs(f: _Field, a: tuple[ServiceExport, Service], b: tuple[ServiceExport, Service]) -> bool:
+    va, vb = f.value(*a), f.value(*b)
+    if f.only_when_set and (not va or not vb):
+        return False
+    return va != vb
+
+
+def _field_conflict(f: _Field, me: tuple[ServiceExport, Service], winner: tuple[ServiceExport, Service],
+                    members: list[tuple[ServiceExport, Service]], resolved: str) -> str | None:
+    """The message part of one property's conflict from ``me``'s point of view, None when every member agrees."""
+    losers = [m for m in members if _differs(f, m, winner)]
+    if not losers:
+        return None
+    n, k = len(members), len(losers)
+    theirs = f.show(*winner)
+    if any(m[0].cluster == me[0].cluster for m in losers):
+        detail = f"{f.name} conflict: this cluster's is {f.show(*me)}, the oldest export's is {theirs}"
+    else:
+        named = ", ".join(f"{e.cluster} ({f.show(e, svc)})" for e, svc in losers)
+        detail = f"{f.name} conflict with {_plural(k, 'cluster', 'clusters')} {named}"
+    return f"{detail}; {resolved}: the ServiceImport uses {theirs}; {k} of {n} clusters disagree"
+
+
 def _conflict_condition(
     me: ServiceExport,
     winner: ServiceExport,
@@ -207,11 +316,18 @@ def _conflict_condition(
         parts.append(
             f"{detail}; {resolved}: the ServiceImport is {import_type}; {len(type_losers)} of {n} clusters disagree"
         )
+    mine_m = next(m for m in members if m[0].cluster == me.cluster)
+    winner_m = next(m for m in members if m[0].cluster == winner.cluster)
+    for f in _FIELDS:
+        part = _field_conflict(f, mine_m, winner_m, members, resolved)
+        if part is not None:
+            reasons.append(f.reason)
+            parts.append(part)
     if not reasons:
         if n == 1:
             agree = f"the only exporting cluster ({me.cluster}): nothing to conflict with"
         else:
-            agree = f"all {n} exporting clusters agree on type and ports"
+            agree = f"all {n} exporting clusters agree on every compared property"
         return Condition(CONFLICT, ConditionStatus.FALSE, REASON_NO_CONFLICTS, agree)
     return Condition(CONFLICT, ConditionStatus.TRUE, ",".join(reasons), "; ".join(parts))
 
@@ -222,12 +338,17 @@ def derive(
     *,
     cidr: str = DEFAULT_CIDR,
     unsupported: Mapping[ClusterId, Mapping[ServiceKey, str]] | None = None,
+    now: datetime | None = None,
 ) -> McsResult:
     """Derive the clusterset's ServiceImports and every export's conditions.
 
     ``services[cluster][key]`` are each cluster's Services; ``exports`` every ServiceExport of every cluster (in
     any order; a duplicate (cluster, key) keeps the oldest). ``unsupported[cluster][key]`` names Services that
     exist but cannot be exported (ExternalName), which makes their exports ``Valid=False, InvalidServiceType``.
+
+    Each export's own ``conditions`` are its previous ones: with ``now``, the new conditions are stamped against
+    them (:func:`stamp`); without, they carry no transition time (the federation computes them unstamped, each
+    control plane stamps its own). ``observed_generation`` is the export's ``generation`` either way.
 
     The result depends only on the set of inputs, never on their order.
     """
@@ -248,13 +369,13 @@ def derive(
             else:
                 reason = REASON_NO_SERVICE
                 message = f"Service {key.namespace}/{key.name} does not exist in cluster {cluster}"
-            conditions[(cluster, key)] = (
+            conditions[(cluster, key)] = stamp((
                 Condition(VALID, ConditionStatus.FALSE, reason, message),
                 Condition(READY, ConditionStatus.FALSE, REASON_FAILED, f"not exported: {message}"),
                 Condition(
                     CONFLICT, ConditionStatus.FALSE, REASON_NO_CONFLICTS, "not evaluated: the export is not valid"
                 ),
-            )
+            ), e.conditions, now=now, generation=e.generation)
             continue
         valid.setdefault(key, []).append((e, svc))
 
@@ -265,10 +386,12 @@ def derive(
         import_type = winner_svc.type
         ports, clashes = _merge_ports(members)
         clusters = tuple(sorted(e.cluster for e, _ in members))
-        imports[key] = ServiceImport(key=key, type=import_type, ports=ports, clusters=clusters)
+        imports[key] = ServiceImport(key=key, type=import_type, ports=ports, clusters=clusters,
+                                     traits=winner_svc.traits, labels=winner.exported_labels,
+                                     annotations=winner.exported_annotations)
         for e, svc in members:
             n_ready = len(svc.ready_endpoints)
-            conditions[(e.cluster, key)] = (
+            conditions[(e.cluster, key)] = stamp((
                 Condition(
                     VALID,
                     ConditionStatus.TRUE,
@@ -285,13 +408,12 @@ def derive(
                     f"{n_ready} ready {_plural(n_ready, 'endpoint', 'endpoints')} here",
                 ),
                 _conflict_condition(e, winner, members, clashes, import_type),
-            )
+            ), e.conditions, now=now, generation=e.generation)
 
     vip_keys = [k for k, imp in imports.items() if imp.type == ServiceType.CLUSTER_SET_IP]
     ips = allocate_ips(vip_keys, cidr)
     for vk in vip_keys:
-        imp = imports[vk]
-        imports[vk] = ServiceImport(key=imp.key, type=imp.type, ports=imp.ports, clusters=imp.clusters, ips=(ips[vk],))
+        imports[vk] = replace(imports[vk], ips=(ips[vk],))
     return McsResult(imports=imports, conditions=conditions)
 
 
@@ -342,14 +464,29 @@ def allocate_ips(keys: Iterable[ServiceKey], cidr: str = DEFAULT_CIDR) -> dict[S
     return out
 
 
+def carry_conditions(exports: Iterable[ServiceExport], previous: Mapping[ServiceKey, ServiceExport]
+                     ) -> list[ServiceExport]:
+    """``exports`` that have no conditions of their own take those of the same key's export in ``previous`` (the
+    registry before a fresh snapshot replaced them), so :func:`stamp` can keep their transition times."""
+    out = []
+    for e in exports:
+        before = previous.get(e.key)
+        out.append(replace(e, conditions=before.conditions) if not e.conditions and before is not None else e)
+    return out
+
+
 def derive_local(registry: Registry, exports: Iterable[ServiceExport], *, unsupported: Mapping[ServiceKey, str],
-                 cidr: str) -> Registry:
+                 cidr: str, now: datetime | None = None,
+                 previous: Mapping[ServiceKey, ServiceExport] | None = None) -> Registry:
     """Without a federation, the clusterset is ``registry``'s local cluster alone: its ``exports`` get their
     conditions, and the registry its imports, from the same rules the federation applies centrally (:func:`derive`
-    over this cluster only). ``unsupported`` as in :func:`derive`, for the local cluster."""
+    over this cluster only). ``unsupported`` as in :func:`derive`, for the local cluster. The previous conditions
+    (for the transition times stamped with ``now``) are the exports' own, else ``previous``'s (default: the
+    registry's current exports)."""
     local = registry.local
-    exports = tuple(exports)
+    before = previous if previous is not None else registry.exports.get(local, {})
+    exports = tuple(carry_conditions(exports, before))
     result = derive({local: {s.key: s for s in registry.services(local)}}, exports, cidr=cidr,
-                    unsupported={local: unsupported})
+                    unsupported={local: unsupported}, now=now)
     registry = registry.with_shard(local, registry.services(local), result.exports_with_conditions(exports))
     return registry.with_catalog(clusters=registry.clusters, imports=result.imports)

@@ -180,6 +180,40 @@ class Endpoint:
         return default
 
 
+SESSION_AFFINITY_NONE = "None"
+SESSION_AFFINITY_CLIENT_IP = "ClientIP"
+#: Kubernetes' default ``sessionAffinityConfig.clientIP.timeoutSeconds`` when ``sessionAffinity`` is ClientIP.
+DEFAULT_AFFINITY_TIMEOUT = 10800
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTraits:
+    """The Service fields besides type and ports that the MCS API compares across exporting clusters (each one a
+    v1beta1 Conflict reason) and carries to the ServiceImport: ``sessionAffinity`` (``None`` or ``ClientIP``),
+    ``sessionAffinityConfig.clientIP.timeoutSeconds`` (0 when there is no config), ``internalTrafficPolicy``,
+    ``trafficDistribution`` ("" when unset) and ``ipFamilies`` (empty when the object does not say)."""
+
+    session_affinity: str = SESSION_AFFINITY_NONE
+    affinity_timeout: int = 0
+    internal_traffic_policy: str = "Cluster"
+    traffic_distribution: str = ""
+    ip_families: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.session_affinity not in (SESSION_AFFINITY_NONE, SESSION_AFFINITY_CLIENT_IP):
+            raise InvalidValue(f"sessionAffinity {self.session_affinity!r} is not one of None, ClientIP")
+        if not 0 <= self.affinity_timeout <= 86400:
+            raise InvalidValue(f"sessionAffinityConfig timeoutSeconds {self.affinity_timeout} is not in 1..86400")
+        if self.internal_traffic_policy not in ("Cluster", "Local"):
+            raise InvalidValue(f"internalTrafficPolicy {self.internal_traffic_policy!r} is not one of Cluster, Local")
+        if len(self.ip_families) > 2 or any(f not in ("IPv4", "IPv6") for f in self.ip_families) \
+                or len(set(self.ip_families)) != len(self.ip_families):
+            raise InvalidValue(f"ipFamilies {list(self.ip_families)} must be one or two distinct of IPv4, IPv6")
+
+
+DEFAULT_TRAITS = ServiceTraits()
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     """A Kubernetes Service in one cluster, with the endpoints its EndpointSlices list."""
@@ -192,6 +226,7 @@ class Service:
     endpoints: tuple[Endpoint, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
     selector: tuple[tuple[str, str], ...] = ()
+    traits: ServiceTraits = DEFAULT_TRAITS
 
     @property
     def type(self) -> ServiceType:
@@ -210,12 +245,18 @@ class ConditionStatus(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    """A ServiceExport condition (type Valid, Ready or Conflict) with the KEP's reason and a readable message."""
+    """A ServiceExport condition (type Valid, Ready or Conflict) with the KEP's reason and a readable message.
+
+    ``observed_generation`` is the ServiceExport's ``metadata.generation`` it was computed for (0: unknown);
+    ``last_transition_time`` when status or reason last changed (None until a control plane stamps it:
+    ``discovery.mcs.stamp``)."""
 
     type: str
     status: ConditionStatus
     reason: str
     message: str
+    observed_generation: int = 0
+    last_transition_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +267,10 @@ class ServiceExport:
     key: ServiceKey
     created: datetime
     conditions: tuple[Condition, ...] = ()
+    generation: int = 0
+    # v1beta1 ``spec.exportedLabels`` / ``spec.exportedAnnotations``: what the ServiceImport carries.
+    exported_labels: tuple[tuple[str, str], ...] = ()
+    exported_annotations: tuple[tuple[str, str], ...] = ()
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)
@@ -247,6 +292,10 @@ class ServiceImport:
     ports: tuple[ServicePort, ...]
     clusters: tuple[ClusterId, ...]
     ips: tuple[str, ...] = ()
+    traits: ServiceTraits = DEFAULT_TRAITS
+    # The oldest export's ``spec.exportedLabels`` / ``spec.exportedAnnotations``.
+    labels: tuple[tuple[str, str], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

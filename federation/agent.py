@@ -109,7 +109,9 @@ def export_set(info: ClusterInfo, services: Iterable[Service], exports: Iterable
             continue
         ready = tuple(ep for ep in svc.endpoints if ep.ready)
         out.append(ExportedService(key=e.key, type=svc.type, ports=svc.ports, created=e.created,
-                                   localities=locality_summaries(info, svc.endpoints), endpoints=ready))
+                                   localities=locality_summaries(info, svc.endpoints), endpoints=ready,
+                                   traits=svc.traits, exported_labels=e.exported_labels,
+                                   exported_annotations=e.exported_annotations))
     out.sort(key=lambda s: (s.key.namespace, s.key.name))
     return ExportSet(cluster=info.id, generation=generation, services=tuple(out))
 

@@ -15,8 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
-from discovery.mcs import DEFAULT_CIDR, VALID, allocate_ips, derive
+from discovery.mcs import (
+    DEFAULT_CIDR,
+    READY,
+    REASON_PENDING,
+    VALID,
+    allocate_ips,
+    carry_conditions,
+    derive,
+    stamp,
+)
 from discovery.model import (
     ClusterId,
     Condition,
@@ -83,7 +93,7 @@ Change = ServiceChange | MemberChange
 
 def _service_of(cluster: ClusterId, s: ExportedService) -> Service:
     return Service(cluster=cluster, key=s.key, ports=s.ports, headless=s.type == ServiceType.HEADLESS,
-                   endpoints=s.endpoints)
+                   endpoints=s.endpoints, traits=s.traits)
 
 
 def build(*, revision: int, members: Mapping[ClusterId, Member], exports: Iterable[ExportSet],
@@ -110,7 +120,9 @@ def build(*, revision: int, members: Mapping[ClusterId, Member], exports: Iterab
             if wanted is not None and s.key not in wanted:
                 continue
             shard[s.key] = _service_of(export_set.cluster, s)
-            service_exports.append(ServiceExport(cluster=export_set.cluster, key=s.key, created=s.created))
+            service_exports.append(ServiceExport(cluster=export_set.cluster, key=s.key, created=s.created,
+                                                 exported_labels=s.exported_labels,
+                                                 exported_annotations=s.exported_annotations))
             published[(export_set.cluster, s.key)] = s
     result = derive(services, service_exports, cidr=cidr)
     conditions: dict[ServiceKey, list[tuple[ClusterId, Condition]]] = {}
@@ -241,29 +253,42 @@ def apply(catalog: Catalog, revision: int, changes: Iterable[Change]) -> Catalog
 
 
 def with_export_conditions(registry: Registry, catalog: Catalog, *,
-                           unsupported: Mapping[ServiceKey, str] | None = None) -> Registry:
+                           unsupported: Mapping[ServiceKey, str] | None = None, now: datetime | None = None,
+                           previous: Mapping[ServiceKey, ServiceExport] | None = None) -> Registry:
     """``registry`` with the local exports' MCS conditions (Valid, Ready, Conflict) as the federation computed them
     centrally, so every cluster reports the same conflict resolution. An export the federation has no conditions
     for because it is not valid here (no such Service: ``Valid=False, NoService``; an ExternalName Service, named
     in ``unsupported``: ``InvalidServiceType``) gets them from the same MCS rules applied to this cluster alone:
-    such an export is never published, so only this cluster can say why."""
+    such an export is never published, so only this cluster can say why. A valid export the catalog does not hold
+    yet is ``Ready=False, Pending``.
+
+    The federation's conditions carry no transition time: they are stamped here with ``now`` against the export's
+    previous conditions (its own, else ``previous``'s, default the registry's), and with its generation."""
     local = registry.local
     exports = registry.exports.get(local, {})
+    before = previous if previous is not None else exports
     central: dict[ServiceKey, tuple[Condition, ...]] = {}
     missing: list[ServiceExport] = []
-    for key, export in exports.items():
-        entry = catalog.services.get(key)
+    for export in carry_conditions(exports.values(), before):
+        entry = catalog.services.get(export.key)
         conditions = tuple(c for cid, c in entry.conditions if cid == local) if entry is not None else ()
         if conditions:
-            central[key] = conditions
+            central[export.key] = stamp(conditions, export.conditions, now=now, generation=export.generation)
         else:
             missing.append(export)
     if missing:
         alone = derive({local: {s.key: s for s in registry.services(local)}}, missing,
-                       unsupported={local: dict(unsupported or {})})
-        for export in alone.exports_with_conditions(missing):
-            if any(c.type == VALID and c.status is ConditionStatus.FALSE for c in export.conditions):
-                central[export.key] = export.conditions
+                       unsupported={local: dict(unsupported or {})}, now=now)
+        for export, mine in zip(sorted(missing, key=lambda e: (e.cluster, e.key)),
+                                alone.exports_with_conditions(missing), strict=True):
+            valid = mine.condition(VALID)
+            if valid is not None and valid.status is ConditionStatus.FALSE:
+                central[export.key] = mine.conditions
+            elif valid is not None:
+                pending = Condition(READY, ConditionStatus.FALSE, REASON_PENDING,
+                                    "valid here; waiting for the federation's catalog to include this export")
+                central[export.key] = (valid, *stamp((pending,), export.conditions, now=now,
+                                                     generation=export.generation))
     updated = []
     changed = False
     for key, export in sorted(exports.items()):

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from discovery.model import (
+    DEFAULT_TRAITS,
     ClusterId,
     ClusterInfo,
     Endpoint,
     LocalitySummary,
     ServiceKey,
     ServicePort,
+    ServiceTraits,
     ServiceType,
 )
 
@@ -74,6 +76,10 @@ class ExportedService:
     localities: tuple[LocalitySummary, ...]
     # Pod addresses: served only to clusters on the same network as the publisher.
     endpoints: tuple[Endpoint, ...] = ()
+    # What the MCS conflict rules compare besides type and ports, and what the ServiceImport carries.
+    traits: ServiceTraits = DEFAULT_TRAITS
+    exported_labels: tuple[tuple[str, str], ...] = ()
+    exported_annotations: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from discovery.model import (
+    DEFAULT_TRAITS,
     ClusterId,
     ClusterInfo,
     Condition,
@@ -49,6 +50,7 @@ from discovery.model import (
     ServiceImport,
     ServiceKey,
     ServicePort,
+    ServiceTraits,
     ServiceType,
     cluster_id,
     namespace,
@@ -424,7 +426,10 @@ _ENDPOINT_PORT_FIELDS = frozenset({"name", "port"})
 _LOCALITY_FIELDS = frozenset({"region", "zone", "cluster", "network", "ready", "weight"})
 _REGISTRATION_FIELDS = frozenset({"network", "region", "zone", "gateway"})
 _GATEWAY_FIELDS = frozenset({"host", "port"})
-_EXPORTED_FIELDS = frozenset({"namespace", "name", "type", "ports", "created", "localities", "endpoints"})
+_TRAITS_FIELDS = frozenset({"sessionAffinity", "sessionAffinityTimeoutSeconds", "internalTrafficPolicy",
+                            "trafficDistribution", "ipFamilies"})
+_EXPORTED_FIELDS = frozenset({"namespace", "name", "type", "ports", "created", "localities", "endpoints",
+                              "exportedLabels", "exportedAnnotations"}) | _TRAITS_FIELDS
 _EXPORT_SET_FIELDS = frozenset({"generation", "services"})
 
 
@@ -514,14 +519,73 @@ def locality_summary_from_json(value: Json, path: str, *, strict: bool = False) 
 
 
 def condition_json(c: Condition) -> Json:
-    return {"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message}
+    out: Json = {"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message}
+    if c.observed_generation:
+        out["observedGeneration"] = c.observed_generation
+    if c.last_transition_time is not None:
+        out["lastTransitionTime"] = time_json(c.last_transition_time)
+    return out
 
 
 def condition_from_json(value: Json, path: str) -> Condition:
     o = _obj(value, path)
     return Condition(type=_str(o, "type", path), status=_enum(o, "status", path, ConditionStatus,
                                                                ConditionStatus.UNKNOWN),
-                     reason=_str(o, "reason", path, default=""), message=_str(o, "message", path, default=""))
+                     reason=_str(o, "reason", path, default=""), message=_str(o, "message", path, default=""),
+                     observed_generation=_int(o, "observedGeneration", path, default=0, low=0, high=2**63 - 1),
+                     last_transition_time=_time(o, "lastTransitionTime", path, optional=True))
+
+
+def traits_json(t: ServiceTraits) -> Json:
+    """A service's compared traits; fields at their default are left out (the decoder restores them), so a peer
+    that predates them sends and reads the same JSON as before."""
+    out: dict[str, Json] = {}
+    if t.session_affinity != DEFAULT_TRAITS.session_affinity:
+        out["sessionAffinity"] = t.session_affinity
+    if t.affinity_timeout:
+        out["sessionAffinityTimeoutSeconds"] = t.affinity_timeout
+    if t.internal_traffic_policy != DEFAULT_TRAITS.internal_traffic_policy:
+        out["internalTrafficPolicy"] = t.internal_traffic_policy
+    if t.traffic_distribution:
+        out["trafficDistribution"] = t.traffic_distribution
+    if t.ip_families:
+        out["ipFamilies"] = list(t.ip_families)
+    return out
+
+
+def traits_from_json(o: Mapping[str, Json], path: str) -> ServiceTraits:
+    """The traits fields of ``o`` (an exported or catalog service); missing ones take their defaults."""
+    families: list[str] = []
+    for i, x in enumerate(_list(o.get("ipFamilies", []), _join(path, "ipFamilies"), limit=2)):
+        if not isinstance(x, str):
+            raise WireError("must be IPv4 or IPv6", field=f"{_join(path, 'ipFamilies')}[{i}]")
+        families.append(x)
+    try:
+        return ServiceTraits(
+            session_affinity=_str(o, "sessionAffinity", path, default=DEFAULT_TRAITS.session_affinity),
+            affinity_timeout=_int(o, "sessionAffinityTimeoutSeconds", path, default=0, low=0, high=86400),
+            internal_traffic_policy=_str(o, "internalTrafficPolicy", path,
+                                         default=DEFAULT_TRAITS.internal_traffic_policy),
+            traffic_distribution=_str(o, "trafficDistribution", path, default=""),
+            ip_families=tuple(families))
+    except DiscoveryError as exc:
+        raise WireError(str(exc), field=path or None) from exc
+
+
+def pairs_json(pairs: tuple[tuple[str, str], ...]) -> Json:
+    return dict(pairs)
+
+
+def pairs_from_json(o: Mapping[str, Json], key: str, path: str) -> tuple[tuple[str, str], ...]:
+    """A JSON object of strings (labels, annotations) as sorted pairs; missing: none."""
+    raw = _obj(_absent(o, key, {}), _join(path, key))
+    out = []
+    for k in sorted(raw):
+        v = raw[k]
+        if not isinstance(v, str):
+            raise WireError("must be a string", field=_join(_join(path, key), k))
+        out.append((k, v))
+    return tuple(out)
 
 
 def gateway_json(host: str, port: int) -> Json:
@@ -600,7 +664,19 @@ def exported_service_json(s: ExportedService) -> Json:
         "ports": [port_json(p) for p in s.ports], "created": time_json(s.created),
         "localities": [locality_summary_json(x) for x in s.localities],
         "endpoints": [endpoint_json(e) for e in s.endpoints],
+        **traits_json(s.traits), **labels_json(s.exported_labels, s.exported_annotations, "exported"),
     }
+
+
+def labels_json(labels: tuple[tuple[str, str], ...], annotations: tuple[tuple[str, str], ...],
+                 prefix: str) -> Json:
+    """``labels`` / ``annotations`` under their (``prefix``ed) names, each left out when empty."""
+    out: dict[str, Json] = {}
+    if labels:
+        out[f"{prefix}Labels" if prefix else "labels"] = pairs_json(labels)
+    if annotations:
+        out[f"{prefix}Annotations" if prefix else "annotations"] = pairs_json(annotations)
+    return out
 
 
 def exported_service_from_json(value: Json, path: str, *, cluster: ClusterId,
@@ -632,7 +708,10 @@ def exported_service_from_json(value: Json, path: str, *, cluster: ClusterId,
     )
     return ExportedService(key=ServiceKey(namespace=ns, name=name),
                            type=_enum(o, "type", path, ServiceType, ServiceType.CLUSTER_SET_IP), ports=ports,
-                           created=_req_time(o, "created", path), localities=localities, endpoints=endpoints)
+                           created=_req_time(o, "created", path), localities=localities, endpoints=endpoints,
+                           traits=traits_from_json(o, path),
+                           exported_labels=pairs_from_json(o, "exportedLabels", path),
+                           exported_annotations=pairs_from_json(o, "exportedAnnotations", path))
 
 
 def export_set_json(e: ExportSet) -> Json:
@@ -729,6 +808,7 @@ def catalog_service_json(s: CatalogService) -> Json:
         "ports": [port_json(p) for p in imp.ports], "ips": list(imp.ips), "clusters": list(imp.clusters),
         "conditions": [dict(condition_json(c), cluster=cl) for cl, c in s.conditions],
         "endpoints": [remote_endpoints_json(r) for r in s.endpoints],
+        **traits_json(imp.traits), **labels_json(imp.labels, imp.annotations, ""),
     }
 
 
@@ -749,7 +829,9 @@ def catalog_service_from_json(value: Json, path: str) -> CatalogService:
     endpoints = tuple(remote_endpoints_from_json(x, f"{_join(path, 'endpoints')}[{i}]")
                       for i, x in enumerate(_list(o.get("endpoints", []), _join(path, "endpoints"))))
     imp = ServiceImport(key=key, type=_enum(o, "type", path, ServiceType, ServiceType.CLUSTER_SET_IP), ports=ports,
-                        clusters=clusters, ips=ips)
+                        clusters=clusters, ips=ips, traits=traits_from_json(o, path),
+                        labels=pairs_from_json(o, "labels", path),
+                        annotations=pairs_from_json(o, "annotations", path))
     return CatalogService(import_=imp, conditions=tuple(conditions), endpoints=endpoints)
 
 

@@ -30,6 +30,15 @@ _STR = {"type": "string"}
 _INT = {"type": "integer"}
 _BOOL = {"type": "boolean"}
 _TIME = {"type": "string", "format": "date-time"}
+_STRMAP = {"type": "object", "additionalProperties": _STR}
+# What the MCS conflict rules compare besides type and ports (each left out at its default; older peers send none).
+_TRAITS = {
+    "sessionAffinity": {"enum": ["None", "ClientIP"]},
+    "sessionAffinityTimeoutSeconds": {"type": "integer", "minimum": 0, "maximum": 86400},
+    "internalTrafficPolicy": {"enum": ["Cluster", "Local"]},
+    "trafficDistribution": _STR,
+    "ipFamilies": {"type": "array", "items": {"enum": ["IPv4", "IPv6"]}, "maxItems": 2},
+}
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
 _LABEL = {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
 
@@ -72,6 +81,8 @@ SCHEMAS: dict[str, Any] = {
         "localities": {"type": "array", "items": _ref("LocalitySummary")},
         "endpoints": {"type": "array", "items": _ref("Endpoint"),
                       "description": "pod addresses; served only to clusters on the publisher's network"},
+        **_TRAITS,
+        "exportedLabels": _STRMAP, "exportedAnnotations": _STRMAP,
     }, ["namespace", "name", "ports", "created"], extra=False),
     "ExportSet": _obj({"generation": {"type": "integer", "minimum": 1},
                        "services": {"type": "array", "items": _ref("ExportedService")}},
@@ -81,7 +92,8 @@ SCHEMAS: dict[str, Any] = {
     "StaleGeneration": {"allOf": [_ref("Error"), _obj({"generation": _INT, "storedGeneration": _INT},
                                                       ["generation", "storedGeneration"])]},
     "Condition": _obj({"cluster": _LABEL, "type": _STR, "status": {"enum": ["True", "False", "Unknown"]},
-                       "reason": _STR, "message": _STR}, ["cluster", "type", "status"]),
+                       "reason": _STR, "message": _STR, "observedGeneration": _INT, "lastTransitionTime": _TIME},
+                      ["cluster", "type", "status"]),
     "RemoteEndpoints": _obj({"cluster": _LABEL, "network": _STR, "gateway": _ref("Gateway"),
                              "localities": {"type": "array", "items": _ref("LocalitySummary")},
                              "endpoints": {"type": "array", "items": _ref("Endpoint")}},
@@ -92,6 +104,8 @@ SCHEMAS: dict[str, Any] = {
         "clusters": {"type": "array", "items": _LABEL},
         "conditions": {"type": "array", "items": _ref("Condition")},
         "endpoints": {"type": "array", "items": _ref("RemoteEndpoints")},
+        **_TRAITS,
+        "labels": _STRMAP, "annotations": _STRMAP,
     }, ["namespace", "name", "type", "ports", "ips", "clusters", "conditions", "endpoints"]),
     "Catalog": _obj({"revision": _INT, "members": {"type": "array", "items": _ref("Member")},
                      "services": {"type": "array", "items": _ref("CatalogService")},

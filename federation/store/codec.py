@@ -35,6 +35,7 @@ from discovery.model import (
     network_id,
     service_name,
 )
+from federation import wire
 from federation.records import (
     EventKind,
     ExportedService,
@@ -195,6 +196,8 @@ def _service_to_json(s: ExportedService) -> Json:
         "created": _ts(s.created),
         "localities": [_locality_to_json(loc) for loc in s.localities],
         "endpoints": [_endpoint_to_json(e) for e in s.endpoints],
+        # The wire's codec for what the MCS rules compare: left out at defaults, so older records still decode.
+        **wire.traits_json(s.traits), **wire.labels_json(s.exported_labels, s.exported_annotations, "exported"),
     }
 
 
@@ -207,6 +210,9 @@ def _service_from_json(o: Mapping[str, Any]) -> ExportedService:
         created=_parse_ts(o["created"], "created"),
         localities=tuple(_locality_from_json(loc) for loc in o.get("localities", ())),
         endpoints=tuple(_endpoint_from_json(e) for e in o.get("endpoints", ())),
+        traits=wire.traits_from_json(o, ""),
+        exported_labels=wire.pairs_from_json(o, "exportedLabels", ""),
+        exported_annotations=wire.pairs_from_json(o, "exportedAnnotations", ""),
     )
 
 

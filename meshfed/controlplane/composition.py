@@ -25,6 +25,7 @@ from discovery.source import ClusterSnapshot, ClusterSource, LoadResult
 from federation.agent import AgentConfig, FederationAgent
 from federation.catalog import Catalog, with_export_conditions
 from federation.client import FederationClient
+from federation.clock import utcnow
 from federation.trust.bundle import TrustBundle
 from federation.trust.ca import IntermediateCA
 from gateway.ads import AdsServer
@@ -196,12 +197,14 @@ class ControlPlane:
         self.manifest_problems = tuple(problems)
         services = apply_runtime(snap.services, load_runtime(self.config.runtime_file))
         self.registry = self.registry.with_shard(self.config.cluster, services, snap.exports.values())
+        # The conditions before this snapshot replaced the exports: their transition times are kept.
+        previous = before.exports.get(self.config.cluster, {})
         if self.agent is not None and self.agent.catalog is not None:
             self.registry = with_export_conditions(self.registry, self.agent.catalog,
-                                                   unsupported=snap.unsupported)
+                                                   unsupported=snap.unsupported, now=utcnow(), previous=previous)
         elif not self.config.federation_urls:
             self.registry = derive_local(self.registry, snap.exports.values(), unsupported=snap.unsupported,
-                                         cidr=self.config.clusterset.cidr)
+                                         cidr=self.config.clusterset.cidr, now=utcnow(), previous=previous)
         configs = {ConfigKey.shard(self.config.cluster)}
         if before.imports is not self.registry.imports or before.clusters is not self.registry.clusters:
             configs.add(ConfigKey(Kind.CATALOG))
@@ -259,7 +262,8 @@ class ControlPlane:
         assert self.agent is not None
         before = self.registry
         self.registry = after = with_export_conditions(
-            self.agent.apply(before), catalog, unsupported=self._local.unsupported if self._local else None)
+            self.agent.apply(before), catalog, unsupported=self._local.unsupported if self._local else None,
+            now=utcnow())
         self.metrics.mark_update()
         configs = {ConfigKey.shard(c) for c in set(before.remote) | set(after.remote)
                    if before.remote.get(c) is not after.remote.get(c)}

@@ -12,7 +12,16 @@ import pytest
 import yaml
 
 from discovery import convert as cv
-from discovery.model import ClusterId, Endpoint, Protocol, Service, ServiceExport, ServiceKey, ServicePort
+from discovery.model import (
+    ClusterId,
+    Endpoint,
+    Protocol,
+    Service,
+    ServiceExport,
+    ServiceKey,
+    ServicePort,
+    ServiceTraits,
+)
 
 EAST = ClusterId("east")
 KEY = ServiceKey.parse("reviews.default")
@@ -306,3 +315,48 @@ def test_service_export_object_round_trips() -> None:
     obj = cv.service_export_object(KEY, created)
     assert obj["metadata"]["creationTimestamp"] == "2026-03-04T05:06:07Z"
     assert cv.convert(obj, cluster=EAST) == ServiceExport(cluster=EAST, key=KEY, created=created)
+
+
+def test_service_traits_for_the_mcs_conflict_rules() -> None:
+    s = cv.convert(service(clusterIP="10.0.0.7", sessionAffinity="ClientIP", internalTrafficPolicy="Local",
+                           trafficDistribution="PreferClose"), cluster=EAST)
+    assert isinstance(s, Service)
+    # ClientIP without a config gets Kubernetes' default timeout; ipFamilies left out is the clusterIP's family
+    assert s.traits == ServiceTraits(session_affinity="ClientIP", affinity_timeout=10800,
+                                     internal_traffic_policy="Local", traffic_distribution="PreferClose",
+                                     ip_families=("IPv4",))
+    s2 = cv.convert(service(sessionAffinity="ClientIP", sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+                            ipFamilies=["IPv6", "IPv4"]), cluster=EAST)
+    assert isinstance(s2, Service)
+    assert (s2.traits.affinity_timeout, s2.traits.ip_families) == (60, ("IPv6", "IPv4"))
+    plain = cv.convert(service(), cluster=EAST)
+    assert isinstance(plain, Service) and plain.traits == ServiceTraits()
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"sessionAffinity": "Cookie"}, "spec.sessionAffinity"),
+    ({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 0}}},
+     "spec.sessionAffinityConfig.clientIP.timeoutSeconds"),
+    ({"internalTrafficPolicy": "Node"}, "spec.internalTrafficPolicy"),
+    ({"ipFamilies": ["IPv4", "IPv4"]}, "spec.ipFamilies[1]"),
+    ({"trafficDistribution": 3}, "spec.trafficDistribution"),
+])
+def test_bad_service_traits_name_the_field(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(cv.ConversionError) as info:
+        cv.convert(service(**spec), cluster=EAST)
+    assert info.value.field == field
+
+
+def test_service_export_v1beta1_spec() -> None:
+    obj = export()
+    obj["apiVersion"] = "multicluster.x-k8s.io/v1beta1"
+    obj["metadata"]["generation"] = 4
+    obj["spec"] = {"exportedLabels": {"tier": "gold", "a": "b"}, "exportedAnnotations": {"team": "x"}}
+    e = cv.convert(obj, cluster=EAST)
+    assert isinstance(e, ServiceExport)
+    assert e.exported_labels == (("a", "b"), ("tier", "gold")) and e.exported_annotations == (("team", "x"),)
+    assert e.generation == 4 and e.conditions == ()
+    obj["spec"]["exportedLabels"] = {"tier": 1}
+    with pytest.raises(cv.ConversionError) as info:
+        cv.convert(obj, cluster=EAST)
+    assert info.value.field == "spec.exportedLabels.tier"

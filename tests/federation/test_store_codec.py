@@ -22,6 +22,7 @@ from discovery.model import (
     ServiceKey,
     ServiceName,
     ServicePort,
+    ServiceTraits,
     ServiceType,
 )
 from federation.records import EventKind, ExportedService, ExportSet, Member, StoreEvent, StoreUnavailable
@@ -81,6 +82,13 @@ def export_sets(draw: st.DrawFn) -> ExportSet:
                          service_account=draw(labels))
                 for _ in range(draw(st.integers(0, 2)))
             ),
+            traits=draw(st.builds(ServiceTraits, session_affinity=st.sampled_from(["None", "ClientIP"]),
+                                  affinity_timeout=st.integers(0, 86400),
+                                  internal_traffic_policy=st.sampled_from(["Cluster", "Local"]),
+                                  traffic_distribution=st.sampled_from(["", "PreferClose"]),
+                                  ip_families=st.sampled_from([(), ("IPv6",), ("IPv4", "IPv6")]))),
+            exported_labels=draw(st.sampled_from([(), (("tier", "gold"),)])),
+            exported_annotations=draw(st.sampled_from([(), (("a", "1"), ("b", "2"))])),
         ))
     return ExportSet(cluster=ClusterId(cluster), generation=draw(st.integers(0, 2**53)), services=tuple(services))
 
