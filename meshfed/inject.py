@@ -1,0 +1,471 @@
+"""Sidecar injection, pure: a pod (or a pod template) as decoded JSON/YAML in, a JSON patch and the injected pod out.
+
+The mutating webhook (``meshfed.controlplane.webhook``) and ``meshfed inject`` (``meshfed.cmd_inject``) are the two
+edges; both hand this module the object as the API server or the file has it, and nothing here does IO. The pod is
+read once, at the top, into :class:`PodFacts` (the few things the rules look at); the rules decide on those, and
+:func:`inject` writes the additions as RFC 6902 operations (what the webhook returns) and applies the same
+additions to a copy (what ``meshfed inject`` prints). See docs/injection.md.
+
+What a pod gets (``initContainers`` run in order; the sidecar is a native sidecar, Kubernetes 1.29+)::
+
+    initContainers[0] meshfed-init    meshfed proxy capture ...   uid 0, only NET_ADMIN and NET_RAW, read-only root
+    initContainers[1] meshfed-proxy   meshfed proxy run           restartPolicy Always, uid 1337, read-only root,
+                                                                  startup/readiness on :15021/healthz/ready
+    volumes           meshfed-xds-token (projected service-account token, audience ``meshfed``),
+                      meshfed-run (memory), meshfed-xtables (memory, the capture's iptables lock)
+    metadata.annotations["meshfed.io/status"]   what was added (JSON); its presence makes a second run a no-op
+
+Exception tree (this module)::
+
+    InjectError (ValueError)   the pod cannot be injected; ``field`` names the offending field
+                               (``spec.hostNetwork``, ``metadata.annotations["meshfed.io/proxyCPU"]``, ...)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from meshfed.capture import (
+    DEFAULT_INBOUND_PORT,
+    DEFAULT_OUTBOUND_PORT,
+    DEFAULT_PROXY_UID,
+    CaptureError,
+    parse_cidrs,
+    parse_ports,
+)
+
+Obj = dict[str, Any]
+PatchOp = dict[str, Any]
+
+INIT_NAME = "meshfed-init"
+PROXY_NAME = "meshfed-proxy"
+TOKEN_VOLUME = "meshfed-xds-token"
+RUN_VOLUME = "meshfed-run"
+XTABLES_VOLUME = "meshfed-xtables"
+OUR_CONTAINERS = (INIT_NAME, PROXY_NAME)
+OUR_VOLUMES = (TOKEN_VOLUME, RUN_VOLUME, XTABLES_VOLUME)
+
+TOKEN_DIR = "/var/run/secrets/meshfed/xds"
+TOKEN_FILE = f"{TOKEN_DIR}/token"
+RUN_DIR = "/var/run/meshfed"
+TOKEN_SECONDS = 3600
+
+ENVOY_ADMIN_PORT = 15000
+AGENT_PORT = 15020
+HEALTH_PORT = 15021
+METRICS_PORT = 15090
+RESERVED_PORTS: tuple[int, ...] = (
+    ENVOY_ADMIN_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_INBOUND_PORT, AGENT_PORT, HEALTH_PORT, METRICS_PORT)
+"""Ports the proxy binds in the pod's network namespace: an application container may not declare them."""
+
+ANNOTATION_PREFIX = "meshfed.io/"
+INJECT = "meshfed.io/inject"
+STATUS = "meshfed.io/status"
+EXCLUDE_OUTBOUND_CIDRS = "meshfed.io/excludeOutboundIPRanges"
+EXCLUDE_OUTBOUND_PORTS = "meshfed.io/excludeOutboundPorts"
+EXCLUDE_INBOUND_PORTS = "meshfed.io/excludeInboundPorts"
+PROXY_CPU = "meshfed.io/proxyCPU"
+PROXY_MEMORY = "meshfed.io/proxyMemory"
+PROXY_CPU_LIMIT = "meshfed.io/proxyCPULimit"
+PROXY_MEMORY_LIMIT = "meshfed.io/proxyMemoryLimit"
+KNOWN_ANNOTATIONS = frozenset({
+    INJECT, STATUS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS,
+    PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT,
+})
+"""Every ``meshfed.io/`` pod annotation the injector reads or writes; another one is refused (a typo would
+otherwise be ignored silently)."""
+
+NAMESPACE_LABEL = "meshfed.io/inject"
+"""Namespaces whose pods the webhook injects carry this label with the value ``enabled``."""
+
+STATUS_VERSION = "1"
+
+# Kubernetes resource.Quantity, as the API server parses it.
+_QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[numkMGTPE])?")
+
+
+class InjectError(ValueError):
+    """The pod cannot be injected. ``field`` is the path of the field that says why (as ``kubectl explain``
+    spells it, with list indexes), ``reason`` the rest of the message."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class InjectConfig:
+    """What an injected pod points at and runs: from ``meshfed install``'s options for a cluster, or flags."""
+
+    cluster: str
+    image: str
+    xds_address: str
+    """``HOST:PORT`` of the control plane's plain ADS port (the stream authenticates with the projected token)."""
+    image_pull_policy: str = "IfNotPresent"
+    audience: str = "meshfed"
+    proxy_uid: int = DEFAULT_PROXY_UID
+    cpu: str = "100m"
+    memory: str = "128Mi"
+    memory_limit: str = "1Gi"
+    cpu_limit: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerPort:
+    field: str
+    port: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class PodFacts:
+    """What the rules look at, read from the pod once (``field`` paths kept for the messages)."""
+
+    prefix: str
+    annotations: Mapping[str, str]
+    host_network: bool
+    container_names: tuple[tuple[str, str], ...]
+    """(field, name) of every container and init container."""
+    volume_names: tuple[tuple[str, str], ...]
+    ports: tuple[ContainerPort, ...]
+    """Ports of the application's containers (and its own init containers), TCP only."""
+    run_as_proxy: tuple[str, ...]
+    """Fields that run an application container as the proxy's uid (its traffic would escape capture)."""
+    has_fs_group: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Nothing to do; ``reason`` says why (opted out, already injected)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Injected:
+    """The additions: ``patch`` (RFC 6902, relative to the pod object) and ``pod``, a copy with them applied."""
+
+    patch: tuple[PatchOp, ...]
+    pod: Obj
+
+
+Outcome = Skipped | Injected
+
+
+def _field(prefix: str, path: str) -> str:
+    return f"{prefix}{path}"
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InjectError(field, f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, field: str) -> Sequence[Any]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InjectError(field, f"must be a list, not {type(value).__name__}")
+    return value
+
+
+def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
+    """The pod's facts; ``prefix`` is prepended to field paths (``spec.template.`` for a Deployment)."""
+    pod = _mapping(pod, prefix.rstrip(".") or "pod")
+    meta = _mapping(pod.get("metadata"), _field(prefix, "metadata"))
+    raw_annotations = _mapping(meta.get("annotations"), _field(prefix, "metadata.annotations"))
+    annotations: dict[str, str] = {}
+    for key, value in raw_annotations.items():
+        if not isinstance(value, str):
+            raise InjectError(_field(prefix, f"metadata.annotations[{json.dumps(key)}]"), "must be a string")
+        annotations[str(key)] = value
+    spec = _mapping(pod.get("spec"), _field(prefix, "spec"))
+    if "spec" not in pod:
+        raise InjectError(_field(prefix, "spec"), "is missing: not a pod (template)")
+    containers = _list(spec.get("containers"), _field(prefix, "spec.containers"))
+    if not containers:
+        raise InjectError(_field(prefix, "spec.containers"), "a pod needs at least one container")
+    names: list[tuple[str, str]] = []
+    ports: list[ContainerPort] = []
+    as_proxy: list[str] = []
+    pod_sc = _mapping(spec.get("securityContext"), _field(prefix, "spec.securityContext"))
+    for kind in ("initContainers", "containers"):
+        for i, c in enumerate(_list(spec.get(kind), _field(prefix, f"spec.{kind}"))):
+            where = _field(prefix, f"spec.{kind}[{i}]")
+            c = _mapping(c, where)
+            names.append((f"{where}.name", str(c.get("name", ""))))
+            if c.get("name") in OUR_CONTAINERS:
+                continue
+            for j, p in enumerate(_list(c.get("ports"), f"{where}.ports")):
+                p = _mapping(p, f"{where}.ports[{j}]")
+                if p.get("protocol", "TCP") != "TCP":
+                    continue
+                number = p.get("containerPort")
+                if not isinstance(number, int):
+                    raise InjectError(f"{where}.ports[{j}].containerPort", "must be an integer port")
+                ports.append(ContainerPort(f"{where}.ports[{j}].containerPort", number, str(p.get("name", ""))))
+            sc = _mapping(c.get("securityContext"), f"{where}.securityContext")
+            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            if uid == DEFAULT_PROXY_UID:
+                as_proxy.append(f"{where}.securityContext.runAsUser" if "runAsUser" in sc
+                                else _field(prefix, "spec.securityContext.runAsUser"))
+    volumes = tuple(
+        (_field(prefix, f"spec.volumes[{i}].name"), str(_mapping(v, _field(prefix, f"spec.volumes[{i}]")).get("name")))
+        for i, v in enumerate(_list(spec.get("volumes"), _field(prefix, "spec.volumes"))))
+    return PodFacts(
+        prefix=prefix,
+        annotations=annotations,
+        host_network=spec.get("hostNetwork") is True,
+        container_names=tuple(names),
+        volume_names=volumes,
+        ports=tuple(ports),
+        run_as_proxy=tuple(as_proxy),
+        has_fs_group="fsGroup" in pod_sc,
+    )
+
+
+def _annotation_field(facts: PodFacts, key: str) -> str:
+    return _field(facts.prefix, f"metadata.annotations[{json.dumps(key)}]")
+
+
+def _injected_already(facts: PodFacts) -> bool:
+    ours = {name for _, name in facts.container_names if name in OUR_CONTAINERS}
+    return STATUS in facts.annotations and ours == set(OUR_CONTAINERS)
+
+
+def check(facts: PodFacts) -> None:
+    """Refuse a pod the sidecar cannot work in; the error names the field."""
+    for key in facts.annotations:
+        if key.startswith(ANNOTATION_PREFIX) and key not in KNOWN_ANNOTATIONS:
+            raise InjectError(_annotation_field(facts, key),
+                              f"unknown meshfed annotation (known: {', '.join(sorted(KNOWN_ANNOTATIONS))})")
+    inject = facts.annotations.get(INJECT)
+    if inject is not None and inject not in ("true", "false"):
+        raise InjectError(_annotation_field(facts, INJECT), f"{inject!r} must be \"true\" or \"false\"")
+    if facts.host_network:
+        raise InjectError(_field(facts.prefix, "spec.hostNetwork"),
+                          "a pod on the host's network cannot have its traffic captured (the rules would apply to "
+                          "the node); set meshfed.io/inject: \"false\" on it")
+    for field, name in facts.container_names:
+        if name in OUR_CONTAINERS:
+            raise InjectError(field, f"a container is already named {name!r}, which the injector adds "
+                                     f"(and the pod has no {STATUS} annotation saying it was injected)")
+    for field, name in facts.volume_names:
+        if name in OUR_VOLUMES:
+            raise InjectError(field, f"a volume is already named {name!r}, which the injector adds")
+    for port in facts.ports:
+        if port.port in RESERVED_PORTS:
+            raise InjectError(port.field, f"port {port.port} is the sidecar's (it uses "
+                                          f"{', '.join(map(str, RESERVED_PORTS))} in the pod's network namespace)")
+    if facts.run_as_proxy:
+        raise InjectError(facts.run_as_proxy[0], f"uid {DEFAULT_PROXY_UID} is the proxy's: a container running "
+                                                 "as it would bypass traffic capture")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The annotations' values, checked."""
+
+    capture_args: tuple[str, ...]
+    resources: Obj
+
+
+def settings(facts: PodFacts, config: InjectConfig) -> Settings:
+    args = ["proxy", "capture", "--proxy-uid", str(config.proxy_uid),
+            "--outbound-port", str(DEFAULT_OUTBOUND_PORT), "--inbound-port", str(DEFAULT_INBOUND_PORT)]
+    for key, flag, parse in ((EXCLUDE_OUTBOUND_CIDRS, "--exclude-outbound-cidrs", "cidrs"),
+                             (EXCLUDE_OUTBOUND_PORTS, "--exclude-outbound-ports", "ports"),
+                             (EXCLUDE_INBOUND_PORTS, "--exclude-inbound-ports", "ports")):
+        value = facts.annotations.get(key)
+        if value is None or not value.strip():
+            continue
+        try:
+            if parse == "cidrs":
+                normal = ",".join(n.with_prefixlen for n in parse_cidrs(value, flag=key))
+            else:
+                normal = ",".join(r.spec.replace(":", "-") for r in parse_ports(value, flag=key))
+        except CaptureError as exc:
+            raise InjectError(_annotation_field(facts, key), str(exc).removeprefix(f"{key}: ")) from exc
+        args += [flag, normal]
+    requests: Obj = {"cpu": config.cpu, "memory": config.memory}
+    limits: Obj = {"memory": config.memory_limit}
+    if config.cpu_limit:
+        limits["cpu"] = config.cpu_limit
+    for key, target, name in ((PROXY_CPU, requests, "cpu"), (PROXY_MEMORY, requests, "memory"),
+                              (PROXY_CPU_LIMIT, limits, "cpu"), (PROXY_MEMORY_LIMIT, limits, "memory")):
+        value = facts.annotations.get(key)
+        if value is None:
+            continue
+        if not _QUANTITY.fullmatch(value.strip()):
+            raise InjectError(_annotation_field(facts, key),
+                              f"{value!r} is not a Kubernetes quantity (e.g. 100m, 0.5, 128Mi, 1Gi)")
+        target[name] = value.strip()
+    return Settings(capture_args=tuple(args), resources={"requests": requests, "limits": limits})
+
+
+def inbound_metadata(facts: PodFacts) -> str:
+    """``MESHFED_INBOUND`` for the sidecar: each application TCP port once, ``PORT:PORT:NAME:PROTOCOL`` (in a pod
+    the app listens on the port itself; ``grpc`` when the port's name says so, as Istio's naming rule)."""
+    seen: dict[int, ContainerPort] = {}
+    for p in facts.ports:
+        seen.setdefault(p.port, p)
+    out = []
+    for port in sorted(seen):
+        name = seen[port].name
+        protocol = "grpc" if name == "grpc" or name.startswith("grpc-") else "http"
+        out.append(f"{port}:{port}:{name}:{protocol}")
+    return ",".join(out)
+
+
+def _env_field(name: str, path: str) -> Obj:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
+def _security(uid: int, *, add: Sequence[str] = ()) -> Obj:
+    sc: Obj = {
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "runAsNonRoot": uid != 0,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    if add:
+        sc["capabilities"] = {"add": list(add), "drop": ["ALL"]}
+    return sc
+
+
+def _probe(period: int, failures: int) -> Obj:
+    return {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT}, "periodSeconds": period,
+            "failureThreshold": failures, "timeoutSeconds": 3}
+
+
+def containers(facts: PodFacts, config: InjectConfig, s: Settings) -> tuple[Obj, Obj]:
+    """The capture init container and the native sidecar."""
+    init: Obj = {
+        "name": INIT_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": list(s.capture_args),
+        "securityContext": _security(0, add=("NET_ADMIN", "NET_RAW")),
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "volumeMounts": [{"name": XTABLES_VOLUME, "mountPath": "/run"}],
+    }
+    proxy: Obj = {
+        "name": PROXY_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "restartPolicy": "Always",
+        "args": ["proxy", "run"],
+        "env": [
+            _env_field("POD_NAME", "metadata.name"),
+            _env_field("POD_NAMESPACE", "metadata.namespace"),
+            _env_field("POD_IP", "status.podIP"),
+            _env_field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            _env_field("NODE_NAME", "spec.nodeName"),
+            {"name": "MESHFED_CLUSTER", "value": config.cluster},
+            {"name": "MESHFED_XDS_ADDRESS", "value": config.xds_address},
+            {"name": "MESHFED_XDS_TOKEN_FILE", "value": TOKEN_FILE},
+            {"name": "MESHFED_RUN_DIR", "value": RUN_DIR},
+            {"name": "MESHFED_CAPTURE", "value": "redirect"},
+            {"name": "MESHFED_OUTBOUND_PORT", "value": str(DEFAULT_OUTBOUND_PORT)},
+            {"name": "MESHFED_INBOUND_CAPTURE_PORT", "value": str(DEFAULT_INBOUND_PORT)},
+            {"name": "MESHFED_CAPTURE_BIND", "value": "0.0.0.0"},
+            {"name": "MESHFED_INBOUND", "value": inbound_metadata(facts)},
+        ],
+        "ports": [
+            {"name": "mf-health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+            {"name": "http-envoy-prom", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        # The startup probe holds the application's containers until Envoy has its configuration (native
+        # sidecars start in order, each after the previous one is started).
+        "startupProbe": _probe(1, 600),
+        "readinessProbe": _probe(5, 3),
+        "resources": s.resources,
+        "securityContext": _security(config.proxy_uid),
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": RUN_VOLUME, "mountPath": RUN_DIR},
+        ],
+    }
+    return init, proxy
+
+
+def volumes(config: InjectConfig) -> list[Obj]:
+    return [
+        {"name": TOKEN_VOLUME, "projected": {"defaultMode": 0o440, "sources": [{"serviceAccountToken": {
+            "audience": config.audience, "expirationSeconds": TOKEN_SECONDS, "path": "token"}}]}},
+        {"name": RUN_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+        {"name": XTABLES_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+    ]
+
+
+def _pointer(*parts: str) -> str:
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def inject(pod: Any, config: InjectConfig, *, prefix: str = "") -> Outcome:
+    """Inject ``pod`` (a Pod or a pod template, as decoded JSON), or say why not. ``prefix`` only changes the
+    field paths in messages. Raises :class:`InjectError` for a pod the sidecar cannot work in."""
+    facts = read_pod(pod, prefix=prefix)
+    if facts.annotations.get(INJECT) == "false":
+        return Skipped(f"{INJECT} is \"false\"")
+    if _injected_already(facts):
+        return Skipped(f"already injected ({STATUS} and containers {', '.join(OUR_CONTAINERS)} present)")
+    check(facts)
+    s = settings(facts, config)
+    init, proxy = containers(facts, config, s)
+    vols = volumes(config)
+    status = json.dumps({"version": STATUS_VERSION, "initContainers": list(OUR_CONTAINERS),
+                         "volumes": list(OUR_VOLUMES)}, separators=(",", ":"))
+    out: Obj = copy.deepcopy(dict(pod))
+    ops: list[PatchOp] = []
+
+    meta = out.get("metadata")
+    if not isinstance(meta, dict):
+        ops.append({"op": "add", "path": "/metadata", "value": {"annotations": {STATUS: status}}})
+        out["metadata"] = {"annotations": {STATUS: status}}
+    elif not isinstance(meta.get("annotations"), dict):
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {STATUS: status}})
+        meta["annotations"] = {STATUS: status}
+    else:
+        ops.append({"op": "add", "path": _pointer("metadata", "annotations", STATUS), "value": status})
+        meta["annotations"][STATUS] = status
+
+    spec: Obj = out["spec"]
+    if spec.get("initContainers"):
+        ops.append({"op": "add", "path": "/spec/initContainers/0", "value": init})
+        ops.append({"op": "add", "path": "/spec/initContainers/1", "value": proxy})
+        spec["initContainers"][0:0] = [copy.deepcopy(init), copy.deepcopy(proxy)]
+    else:
+        ops.append({"op": "add", "path": "/spec/initContainers", "value": [init, proxy]})
+        spec["initContainers"] = copy.deepcopy([init, proxy])
+
+    if spec.get("volumes"):
+        for v in vols:
+            ops.append({"op": "add", "path": "/spec/volumes/-", "value": v})
+        spec["volumes"].extend(copy.deepcopy(vols))
+    else:
+        ops.append({"op": "add", "path": "/spec/volumes", "value": vols})
+        spec["volumes"] = copy.deepcopy(vols)
+
+    # The projected token is readable by the pod's fsGroup (mode 0440); every container's processes have that
+    # group, the proxy's too. Without an fsGroup only root could read it.
+    if not facts.has_fs_group:
+        if isinstance(spec.get("securityContext"), dict):
+            ops.append({"op": "add", "path": "/spec/securityContext/fsGroup", "value": config.proxy_uid})
+            spec["securityContext"]["fsGroup"] = config.proxy_uid
+        else:
+            ops.append({"op": "add", "path": "/spec/securityContext", "value": {"fsGroup": config.proxy_uid}})
+            spec["securityContext"] = {"fsGroup": config.proxy_uid}
+    return Injected(patch=tuple(copy.deepcopy(ops)), pod=out)
