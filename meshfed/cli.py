@@ -11,6 +11,7 @@ import click
 from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_fault, cmd_federation, cmd_local, cmd_proxy
 from meshfed.cmd_diagnose import diagnose_cmd
 from meshfed.cmd_dns import dns_cmd
+from meshfed.cmd_inject import inject_cmd
 from meshfed.cmd_install import install_cmd
 from meshfed.cmd_status import status_cmd
 
@@ -40,6 +41,7 @@ cli.add_command(cmd_fault.fault)
 cli.add_command(status_cmd)
 cli.add_command(diagnose_cmd)
 cli.add_command(cmd_proxy.proxy)
+cli.add_command(inject_cmd)
 
 
 def main() -> None:

@@ -469,3 +469,63 @@ def inject(pod: Any, config: InjectConfig, *, prefix: str = "") -> Outcome:
             ops.append({"op": "add", "path": "/spec/securityContext", "value": {"fsGroup": config.proxy_uid}})
             spec["securityContext"] = {"fsGroup": config.proxy_uid}
     return Injected(patch=tuple(copy.deepcopy(ops)), pod=out)
+
+
+# --------------------------------------------------------------------------------------------- whole objects
+
+TEMPLATE_PATHS: Mapping[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "ReplicationController": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+"""Where each workload kind holds its pod (template); other kinds pass through unchanged."""
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectOutcome:
+    """One object after injection: ``obj`` (a new object, or a copy of the input when nothing changed) and, per
+    pod (template) in it, what happened (``"injected"``, ``"items[1]: not injected: ..."``)."""
+
+    obj: Obj
+    notes: tuple[str, ...]
+
+
+def inject_object(obj: Any, config: InjectConfig, *, prefix: str = "") -> ObjectOutcome:
+    """Inject every pod (template) in ``obj``: a workload, or a ``List`` of them (``items``). ``prefix`` goes
+    before field paths in errors (``items[2].``)."""
+    if not isinstance(obj, Mapping):
+        raise InjectError(prefix.rstrip(".") or "document", f"must be an object, not {type(obj).__name__}")
+    kind = obj.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise InjectError(f"{prefix}kind", "is missing")
+    if kind == "List" or (kind.endswith("List") and "items" in obj):
+        items = _list(obj.get("items"), f"{prefix}items")
+        outs = [inject_object(item, config, prefix=f"{prefix}items[{i}].") for i, item in enumerate(items)]
+        return ObjectOutcome({**obj, "items": [o.obj for o in outs]},
+                             tuple(f"items[{i}]: {n}" for i, o in enumerate(outs) for n in o.notes))
+    path = TEMPLATE_PATHS.get(kind)
+    if path is None:
+        return ObjectOutcome(dict(obj), ())
+    holder: Any = obj
+    for i, key in enumerate(path):
+        holder = _mapping(holder, prefix + ".".join(path[:i]) if i else prefix.rstrip(".") or "document")
+        if key not in holder:
+            raise InjectError(prefix + ".".join(path[: i + 1]), "is missing")
+        holder = holder[key]
+    where = prefix + "".join(f"{k}." for k in path)
+    outcome = inject(holder, config, prefix=where)
+    if isinstance(outcome, Skipped):
+        return ObjectOutcome(dict(obj), (f"not injected: {outcome.reason}",))
+    new: Obj = copy.deepcopy(dict(obj))
+    if not path:
+        return ObjectOutcome(outcome.pod, ("injected",))
+    target = new
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = outcome.pod
+    return ObjectOutcome(new, ("injected",))

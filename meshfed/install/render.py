@@ -40,6 +40,7 @@ from discovery.clusterset import ClusterSet
 from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
 from gateway.bootstrap import render_bootstrap
 from gateway.context import ProxyInfo, ProxyKind
+from meshfed.inject import InjectConfig
 from meshfed.install import RenderError
 from meshfed.install.clusterdns import ClusterDns
 from meshfed.install.crds import CRDS
@@ -693,6 +694,13 @@ wait "$pid"
 """The gateway container's program: put the projected service-account token into Envoy's bootstrap (Envoy's
 ``initial_metadata`` is static), run Envoy, and exit when kubelet refreshes the token so the container restarts
 with the new one (the ADS stream authenticates with it only when it opens)."""
+
+
+def inject_config(cluster: str, opts: InstallOptions) -> InjectConfig:
+    """What the sidecar injector gives a pod of ``cluster``: the install's image, its control plane Service's
+    plain ADS port, the xDS token audience the control plane checks."""
+    return InjectConfig(cluster=cluster, image=opts.image, image_pull_policy=opts.image_pull_policy,
+                        xds_address=f"{opts.svc_host(CONTROLPLANE)}:{XDS_PORT}", audience=XDS_AUDIENCE)
 
 
 def gateway_node_id(opts: InstallOptions) -> str:
