@@ -264,10 +264,11 @@ def test_diagnose_walks_every_hop_from_the_pod(run: Path) -> None:
     assert "via pod" in request["detail"] and "ratings-west-0" in request["detail"]
 
 
-# In a pod: GET argv[1] up to argv[2] times, stopping early once argv[3] answers in a row came from cluster argv[4]
-# (or, with argv[3] == "0", once one came from it); prints the answering clusters ("failed" for errors) as JSON.
+# In a pod: GET argv[1] up to argv[2] times, 0.2 s apart, stopping early once argv[3] answers in a row came from
+# cluster argv[4] (or, with argv[3] == "0", once one came from it); prints the answering clusters ("failed" for
+# errors) as JSON.
 LOOP = r"""
-import json, sys, urllib.request
+import json, sys, time, urllib.request
 url, most, run, want = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 out = []
 for _ in range(most):
@@ -278,6 +279,7 @@ for _ in range(most):
         out.append("failed")
     if (run == 0 and out[-1] == want) or (run and out[-run:] == [want] * run):
         break
+    time.sleep(0.2)
 print(json.dumps(out))
 """
 
@@ -331,6 +333,14 @@ def test_fault_stop_and_start_a_component(run: Path) -> None:
     started = meshfed("fault", "start", "eastwest-gateway-west", "--run-dir", str(run), "-o", "json")
     assert started.returncode == 0, started.stderr
     assert_ratings_answered_again(run)
+
+    # a workload: west's only reviews pod stops (its endpoint leaves the ready set), west's calls go to east, and
+    # back once it is started again (app and sidecar in its namespace, as first started)
+    url = f"http://{REVIEWS}:9080/"
+    assert meshfed("fault", "stop", "reviews-west-0", "--run-dir", str(run)).returncode == 0
+    assert loop_in_pod(run, "sleep-west", url, 100, 10, "east")[-10:] == ["east"] * 10
+    assert meshfed("fault", "start", "reviews-west-0", "--run-dir", str(run)).returncode == 0
+    assert loop_in_pod(run, "sleep-west", url, 100, 5, "west")[-5:] == ["west"] * 5
 
 
 def test_down_leaves_nothing_and_a_second_up_works(run: Path) -> None:
