@@ -443,10 +443,11 @@ def assemble(objects: Iterable[Any]) -> ClusterObjects:
     )
 
 
-def service_export_object(key: ServiceKey, created: datetime) -> dict[str, Any]:
-    """The Kubernetes ServiceExport object for ``key`` (what ``meshfed export`` writes or creates)."""
+def service_export_object(key: ServiceKey, created: datetime, *, version: str = MCS_VERSIONS[0]) -> dict[str, Any]:
+    """The Kubernetes ServiceExport object for ``key`` (what ``meshfed export`` writes or creates), at MCS API
+    ``version`` (v1beta1 unless the cluster serves only v1alpha1)."""
     return {
-        "apiVersion": MCS_API_VERSION,
+        "apiVersion": f"{MCS_GROUP}/{version}",
         "kind": "ServiceExport",
         "metadata": {
             "name": key.name,

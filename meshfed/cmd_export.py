@@ -6,7 +6,8 @@ Two targets:
   manifest ``<clusterset>/<cluster>/serviceexport-<service>-<namespace>.yaml``, which the manifest source of a
   running control plane picks up;
 * a real cluster (``--context CTX``, optionally ``--kubeconfig FILE``): the command creates or deletes the
-  ``multicluster.x-k8s.io/v1alpha1`` ServiceExport object through the Kubernetes API.
+  ServiceExport object through the Kubernetes API, at ``multicluster.x-k8s.io/v1beta1`` where the cluster serves it,
+  else ``v1alpha1``. A local folder gets v1beta1 (the manifest source reads both).
 
 Local file edits live in plain functions (:func:`export_local`, :func:`unexport_local`) that raise
 :class:`ExportError`; the click commands only print.

@@ -30,6 +30,7 @@ The files, one job each: ``errors`` (the exception tree, and the client's errors
 from discovery.kube.client import (
     MCS_GROUP,
     MCS_VERSION,
+    MCS_VERSIONS,
     SERVICE_EXPORTS,
     create_service_export,
     create_service_export_sync,
@@ -37,6 +38,7 @@ from discovery.kube.client import (
     delete_service_export_sync,
     get_service_export_sync,
     load_api_client,
+    served_mcs_version_sync,
     service_exists_sync,
 )
 from discovery.kube.errors import (
@@ -57,6 +59,7 @@ __all__ = [
     "KINDS",
     "MCS_GROUP",
     "MCS_VERSION",
+    "MCS_VERSIONS",
     "SERVICE_EXPORTS",
     "Backoff",
     "KubeAlreadyExists",
@@ -77,5 +80,6 @@ __all__ = [
     "delete_service_export_sync",
     "get_service_export_sync",
     "load_api_client",
+    "served_mcs_version_sync",
     "service_exists_sync",
 ]

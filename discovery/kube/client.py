@@ -24,6 +24,7 @@ log = logging.getLogger("meshfed.discovery.kube")
 
 MCS_GROUP = convert.MCS_GROUP
 MCS_VERSION = convert.MCS_VERSION
+MCS_VERSIONS = convert.MCS_VERSIONS
 SERVICE_EXPORTS = "serviceexports"
 
 
@@ -60,19 +61,34 @@ def load_api_client(
 # ------------------------------------------------------------------------------------------------------ exports
 
 
-def _export_body(key: ServiceKey) -> dict[str, Any]:
-    body = convert.service_export_object(key, datetime.now(UTC))
+def served_mcs_version_sync(api: k8s_client.ApiClient) -> str:
+    """The MCS API version to write: the newest of :data:`MCS_VERSIONS` the API server's discovery lists for the
+    group (v1beta1 where served, else v1alpha1); the newest when the group is not served at all (the request
+    that follows then fails naming the missing resource)."""
+    apis = k8s_client.ApisApi(api)
+    listing = api_request("discover the API groups", apis.get_api_versions)
+    served: set[str] = set()
+    for group in getattr(listing, "groups", None) or ():
+        if group.name == MCS_GROUP:
+            served = {v.version for v in group.versions or ()}
+    return next((v for v in MCS_VERSIONS if v in served), MCS_VERSIONS[0])
+
+
+def _export_body(key: ServiceKey, version: str) -> dict[str, Any]:
+    body = convert.service_export_object(key, datetime.now(UTC), version=version)
     body["metadata"].pop("creationTimestamp", None)  # the API server sets it
     return body
 
 
 def create_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, exist_ok: bool = False) -> bool:
-    """Create the ServiceExport for ``key``; False when it existed already and ``exist_ok``."""
+    """Create the ServiceExport for ``key``, at the MCS version the cluster serves (:func:`served_mcs_version_sync`);
+    False when it existed already and ``exist_ok``."""
     custom = k8s_client.CustomObjectsApi(api)
     request = f"create ServiceExport {key.namespace}/{key.name}"
+    version = served_mcs_version_sync(api)
     try:
-        api_request(request, lambda: custom.create_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
-                                                                         SERVICE_EXPORTS, _export_body(key)))
+        api_request(request, lambda: custom.create_namespaced_custom_object(MCS_GROUP, version, key.namespace,
+                                                                         SERVICE_EXPORTS, _export_body(key, version)))
     except KubeAlreadyExists:
         if exist_ok:
             return False
@@ -85,8 +101,9 @@ def delete_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey, *, mi
     """Delete the ServiceExport for ``key``; False when there was none and ``missing_ok``."""
     custom = k8s_client.CustomObjectsApi(api)
     request = f"delete ServiceExport {key.namespace}/{key.name}"
+    version = served_mcs_version_sync(api)
     try:
-        api_request(request, lambda: custom.delete_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
+        api_request(request, lambda: custom.delete_namespaced_custom_object(MCS_GROUP, version, key.namespace,
                                                                          SERVICE_EXPORTS, key.name))
     except KubeNotFound:
         if missing_ok:
@@ -111,8 +128,9 @@ def get_service_export_sync(api: k8s_client.ApiClient, key: ServiceKey) -> Mappi
     """The ServiceExport object for ``key`` as the API server holds it, or None."""
     custom = k8s_client.CustomObjectsApi(api)
     request = f"get ServiceExport {key.namespace}/{key.name}"
+    version = served_mcs_version_sync(api)
     try:
-        obj = api_request(request, lambda: custom.get_namespaced_custom_object(MCS_GROUP, MCS_VERSION, key.namespace,
+        obj = api_request(request, lambda: custom.get_namespaced_custom_object(MCS_GROUP, version, key.namespace,
                                                                             SERVICE_EXPORTS, key.name))
     except KubeNotFound:
         return None

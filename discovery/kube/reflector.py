@@ -22,7 +22,7 @@ from kubernetes import client as k8s_client
 from kubernetes.watch.watch import iter_resp_lines
 
 from discovery import convert
-from discovery.kube.client import MCS_GROUP, MCS_VERSION, SERVICE_EXPORTS
+from discovery.kube.client import MCS_GROUP, MCS_VERSIONS, SERVICE_EXPORTS
 from discovery.kube.errors import KubeApiError, KubeGone, KubeNotFound, KubeUnavailable, api_request, describe_error
 from discovery.model import ClusterId
 from discovery.source import ERROR, ManifestProblem
@@ -85,7 +85,8 @@ def _custom_kind(name: str, group: str, plural: str, versions: tuple[str, ...], 
 KINDS: tuple[WatchedKind, ...] = (
     WatchedKind("Service", _services, resource=("", "services")),
     WatchedKind("EndpointSlice", _slices, resource=("discovery.k8s.io", "endpointslices")),
-    _custom_kind("ServiceExport", MCS_GROUP, SERVICE_EXPORTS, (MCS_VERSION,), extra=False),
+    # v1beta1 where served, else v1alpha1 (the reflector moves down the list on 404).
+    _custom_kind("ServiceExport", MCS_GROUP, SERVICE_EXPORTS, MCS_VERSIONS, extra=False),
     _custom_kind("AuthorizationPolicy", SECURITY_ISTIO_GROUP, "authorizationpolicies", SECURITY_ISTIO_VERSIONS,
                  extra=True),
     _custom_kind("DestinationRule", NETWORKING_ISTIO_GROUP, "destinationrules", NETWORKING_ISTIO_VERSIONS,

@@ -1,10 +1,14 @@
-"""The Multi-Cluster Services API CRDs (``multicluster.x-k8s.io/v1alpha1``): ServiceExport and ServiceImport.
+"""The Multi-Cluster Services API CRDs (``multicluster.x-k8s.io``): ServiceExport and ServiceImport, each served
+at ``v1beta1`` (the storage version) and ``v1alpha1`` (for clients that predate it; conversion ``None``: the
+two differ only by fields added in v1beta1, which a v1alpha1 reader does not see).
 
 Written here as plain data (``apiextensions.k8s.io/v1`` CustomResourceDefinitions with structural
 ``openAPIV3Schema``), so the renderer needs no package data files. The schemas describe the fields that
-``discovery.mcs`` reads and writes: a ServiceExport has no spec, only ``status.conditions``; a ServiceImport has
-``spec.type`` (ClusterSetIP or Headless), ``spec.ports``, ``spec.ips``, session affinity, and
-``status.clusters`` (the member clusters that export the service).
+``discovery.mcs`` reads and writes: a ServiceExport has ``status.conditions`` and, in v1beta1,
+``spec.exportedLabels`` / ``spec.exportedAnnotations``; a ServiceImport has ``spec.type`` (ClusterSetIP or
+Headless), ``spec.ports``, ``spec.ips``, session affinity, in v1beta1 also ``ipFamilies``,
+``internalTrafficPolicy``, ``trafficDistribution`` and ``status.conditions``, and ``status.clusters`` (the member
+clusters that export the service).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 GROUP = "multicluster.x-k8s.io"
-VERSION = "v1alpha1"
+STORAGE_VERSION = "v1beta1"
+#: Every version served, the storage version first.
+VERSIONS = ("v1beta1", "v1alpha1")
 
 _CONDITION: dict[str, Any] = {
     "type": "object",
@@ -42,24 +48,29 @@ _PORT: dict[str, Any] = {
 }
 
 
-def _crd(kind: str, plural: str, short: list[str], schema: dict[str, Any], description: str,
+_STRING_MAP: dict[str, Any] = {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def _crd(kind: str, plural: str, short: list[str], schemas: dict[str, dict[str, Any]], description: str,
          columns: list[dict[str, Any]]) -> dict[str, Any]:
+    """A CRD serving ``schemas[version]`` at each of :data:`VERSIONS`."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": f"{plural}.{GROUP}",
-            "labels": {"app.kubernetes.io/part-of": "meshfed", "multicluster.x-k8s.io/api": "v1alpha1"},
+            "labels": {"app.kubernetes.io/part-of": "meshfed", "multicluster.x-k8s.io/api": STORAGE_VERSION},
         },
         "spec": {
             "group": GROUP,
             "scope": "Namespaced",
             "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
                       "shortNames": short, "categories": ["multicluster"]},
+            "conversion": {"strategy": "None"},
             "versions": [{
-                "name": VERSION,
+                "name": version,
                 "served": True,
-                "storage": True,
+                "storage": version == STORAGE_VERSION,
                 "subresources": {"status": {}},
                 "additionalPrinterColumns": columns,
                 "schema": {"openAPIV3Schema": {
@@ -69,59 +80,87 @@ def _crd(kind: str, plural: str, short: list[str], schema: dict[str, Any], descr
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},
                         "metadata": {"type": "object"},
-                        **schema,
+                        **schemas[version],
                     },
                 }},
-            }],
+            } for version in VERSIONS],
         },
     }
 
 
+def _conditions() -> dict[str, Any]:
+    return {"type": "array", "items": _CONDITION, "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"]}
+
+
+_EXPORT_STATUS: dict[str, Any] = {"status": {
+    "type": "object",
+    "description": "What the MCS controller concluded about this export.",
+    "properties": {"conditions": _conditions()},
+}}
+
 SERVICE_EXPORT_CRD: dict[str, Any] = _crd(
-    "ServiceExport", "serviceexports", ["svcex"],
-    {"status": {
-        "type": "object",
-        "description": "What the MCS controller concluded about this export.",
-        "properties": {"conditions": {
-            "type": "array",
-            "items": _CONDITION,
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        }},
-    }},
+    "ServiceExport", "serviceexports", ["svcex", "svcexport"],
+    {
+        "v1alpha1": _EXPORT_STATUS,
+        "v1beta1": {
+            "spec": {"type": "object", "properties": {"exportedLabels": _STRING_MAP,
+                                                      "exportedAnnotations": _STRING_MAP}},
+            **_EXPORT_STATUS,
+        },
+    },
     "Declares that the Service of the same name and namespace is exported to the clusterset.",
     [{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}],
 )
 
-SERVICE_IMPORT_CRD: dict[str, Any] = _crd(
-    "ServiceImport", "serviceimports", ["svcim"],
-    {
-        "spec": {
-            "type": "object",
-            "required": ["ports", "type"],
-            "properties": {
-                "type": {"type": "string", "enum": ["ClusterSetIP", "Headless"]},
-                "ports": {"type": "array", "items": _PORT, "x-kubernetes-list-type": "atomic"},
-                "ips": {"type": "array", "maxItems": 1, "items": {"type": "string"}},
-                "sessionAffinity": {"type": "string", "enum": ["None", "ClientIP"]},
-                "sessionAffinityConfig": {
+
+def _import_spec(max_ips: int, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["ports", "type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["ClusterSetIP", "Headless"]},
+            "ports": {"type": "array", "items": _PORT, "x-kubernetes-list-type": "atomic"},
+            "ips": {"type": "array", "maxItems": max_ips, "items": {"type": "string"}},
+            "sessionAffinity": {"type": "string", "enum": ["None", "ClientIP"]},
+            "sessionAffinityConfig": {
+                "type": "object",
+                "properties": {"clientIP": {
                     "type": "object",
-                    "properties": {"clientIP": {
-                        "type": "object",
-                        "properties": {"timeoutSeconds": {"type": "integer", "format": "int32",
-                                                          "minimum": 1, "maximum": 86400}},
-                    }},
-                },
+                    "properties": {"timeoutSeconds": {"type": "integer", "format": "int32",
+                                                      "minimum": 1, "maximum": 86400}},
+                }},
             },
+            **extra,
         },
-        "status": {
-            "type": "object",
-            "properties": {"clusters": {
-                "type": "array",
-                "items": {"type": "object", "required": ["cluster"],
-                          "properties": {"cluster": {"type": "string"}}},
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["cluster"],
+    }
+
+
+_CLUSTERS: dict[str, Any] = {
+    "type": "array",
+    "items": {"type": "object", "required": ["cluster"], "properties": {"cluster": {"type": "string"}}},
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["cluster"],
+}
+
+SERVICE_IMPORT_CRD: dict[str, Any] = _crd(
+    "ServiceImport", "serviceimports", ["svcim", "svcimport"],
+    {
+        "v1alpha1": {
+            "spec": _import_spec(1, {}),
+            "status": {"type": "object", "properties": {"clusters": _CLUSTERS}},
+        },
+        "v1beta1": {
+            "spec": _import_spec(2, {
+                "ipFamilies": {"type": "array", "maxItems": 2,
+                               "items": {"type": "string", "enum": ["IPv4", "IPv6"]}},
+                "internalTrafficPolicy": {"type": "string", "enum": ["Cluster", "Local"]},
+                "trafficDistribution": {"type": "string"},
+            }),
+            "status": {"type": "object", "properties": {
+                "clusters": _CLUSTERS,
+                "endpointSliceObjects": {"type": "string", "enum": ["Present", "Absent"]},
+                "conditions": _conditions(),
             }},
         },
     },

@@ -8,7 +8,7 @@ changes nothing.
 Per cluster the manifests are, in apply order (``Manifest.phase``)::
 
     00-namespace.yaml         base          Namespace meshfed-system
-    01-crds.yaml              base          ServiceExport and ServiceImport CRDs (multicluster.x-k8s.io/v1alpha1)
+    01-crds.yaml              base          ServiceExport, ServiceImport CRDs (multicluster.x-k8s.io v1beta1, v1alpha1)
     02-rbac.yaml              base          ServiceAccounts, ClusterRole, ClusterRoleBinding
     03-cacerts.yaml           ca            Secret cacerts: the cluster's intermediate CA (Istio plug-in layout)
     04-federation-ca.yaml     federation    Secret meshfed-federation-ca  (federation cluster only)

@@ -35,7 +35,7 @@ def test_export_writes_a_manifest_the_source_reads(demo: Path) -> None:
     path = demo / "east" / "serviceexport-details-default.yaml"
     assert "exported details.default from cluster east" in res.stdout and str(path) in res.stdout
     (doc,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    assert doc["apiVersion"] == "multicluster.x-k8s.io/v1alpha1" and doc["kind"] == "ServiceExport"
+    assert doc["apiVersion"] == "multicluster.x-k8s.io/v1beta1" and doc["kind"] == "ServiceExport"
     assert doc["metadata"]["name"] == "details" and doc["metadata"]["namespace"] == "default"
     assert doc["metadata"]["creationTimestamp"].endswith("Z")
     snap = ManifestSource(demo / "east", "east").load().snapshot

@@ -148,14 +148,28 @@ def test_crd_schemas_accept_the_demo_objects_and_refuse_bad_ones(render: Path) -
         assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
         assert crd["spec"]["group"] == "multicluster.x-k8s.io"
         assert crd["metadata"]["name"] == f"{crd['spec']['names']['plural']}.multicluster.x-k8s.io"
-        [version] = crd["spec"]["versions"]
-        assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
-    schema = {k: _without_k8s_extensions(c["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-              for k, c in crds.items()}
+        versions = {v["name"]: v for v in crd["spec"]["versions"]}
+        assert set(versions) == {"v1alpha1", "v1beta1"} and all(v["served"] for v in versions.values())
+        assert [n for n, v in versions.items() if v["storage"]] == ["v1beta1"]  # exactly one storage version
+    schemas = {(k, v["name"]): _without_k8s_extensions(v["schema"]["openAPIV3Schema"])
+               for k, c in crds.items() for v in c["spec"]["versions"]}
+    schema = {k: schemas[(k, "v1alpha1")] for k in crds}
     exports = [d for f in sorted(DEMO.glob("*/serviceexport-*.yaml")) for d in _docs(f)]
     assert len(exports) >= 4
     for obj in exports:
-        jsonschema.validate(obj, schema["ServiceExport"])
+        jsonschema.validate(obj, schemas[("ServiceExport", obj["apiVersion"].rsplit("/", 1)[1])])
+    beta_export = {"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceExport",
+                   "metadata": {"name": "reviews"}, "spec": {"exportedLabels": {"tier": "gold"}}}
+    jsonschema.validate(beta_export, schemas[("ServiceExport", "v1beta1")])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**beta_export, "spec": {"exportedLabels": {"tier": 1}}},
+                            schemas[("ServiceExport", "v1beta1")])
+    dual = {"apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport", "metadata": {"name": "r"},
+            "spec": {"type": "ClusterSetIP", "ips": ["241.0.0.1", "fd00::1"], "ipFamilies": ["IPv4", "IPv6"],
+                     "ports": [{"port": 80}]}}
+    jsonschema.validate(dual, schemas[("ServiceImport", "v1beta1")])
+    with pytest.raises(jsonschema.ValidationError):  # v1alpha1 holds one address
+        jsonschema.validate(dual, schemas[("ServiceImport", "v1alpha1")])
     good_import = {"apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
                    "metadata": {"name": "reviews", "namespace": "default"},
                    "spec": {"type": "ClusterSetIP", "ips": ["241.0.0.1"],

@@ -1066,9 +1066,15 @@ class KubeApiDouble:
             "status": {"token": token, "expirationTimestamp": expires},
         }
 
+    def _versions_of(self, info: ResourceInfo) -> list[str]:
+        """The versions a resource is served at: a CRD's served versions (storage first), else its one version."""
+        served = self._crd_versions.get((info.group, info.plural), set())
+        return [info.version, *sorted(v for v in served if v != info.version)]
+
     def _discovery(self, parts: list[str]) -> JSON | None:
         with self._lock:
             infos = list(self._resources.values())
+            versions_of = {(i.group, i.plural): self._versions_of(i) for i in infos}
         if parts == ["api"]:
             return {"kind": "APIVersions", "versions": ["v1"],
                     "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self._host}"}]}
@@ -1077,8 +1083,9 @@ class KubeApiDouble:
             for i in infos:
                 if i.group:
                     versions = groups.setdefault(i.group, [])
-                    if i.version not in versions:
-                        versions.append(i.version)
+                    for v in versions_of[(i.group, i.plural)]:
+                        if v not in versions:
+                            versions.append(v)
             return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
                 {"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
                  "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]}}
@@ -1087,7 +1094,7 @@ class KubeApiDouble:
             group, version = ("", "v1") if parts[0] == "api" else (parts[1], parts[2])
             resources = []
             for i in infos:
-                if i.group == group and i.version == version:
+                if i.group == group and version in versions_of[(i.group, i.plural)]:
                     resources.append({"name": i.plural, "singularName": i.kind.lower(), "namespaced": i.namespaced,
                                       "kind": i.kind, "verbs": ["create", "delete", "get", "list", "patch",
                                                                 "update", "watch"]})
