@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -61,15 +62,23 @@ class NetnsError(Exception):
     """A command building or removing the bed failed, or the bed cannot be built on this machine."""
 
 
+#: Run in a throw-away network namespace by :func:`available`: what the bed needs of the kernel and the tools.
+PROBE = "ip link set lo up && ip link add mfprobe type bridge && iptables-save -t nat >/dev/null"
+
+
+@functools.cache
 def available() -> tuple[bool, str]:
-    """Whether this machine can hold the netns bed, and why (or why not), in words for ``meshfed up``."""
+    """Whether this machine can hold the netns bed, and why (or why not), in words for ``meshfed up``. Besides
+    root and the tools, it tries what the bed does (a namespace, a bridge, iptables) in an anonymous namespace made
+    by ``unshare`` (a container without the capabilities fails here): nothing is named, nothing is left."""
     if os.geteuid() != 0:
         return False, "not root (network namespaces and iptables need root)"
-    missing = [t for t in TOOLS if shutil.which(t) is None]
+    missing = [t for t in (*TOOLS, "unshare") if shutil.which(t) is None]
     if missing:
         return False, f"{', '.join(missing)} not found (Debian: iproute2, iptables, util-linux, procps)"
-    if not Path("/proc/self/ns/net").exists():
-        return False, "this kernel has no network namespaces"
+    done = run(["unshare", "--net", "--mount", "sh", "-c", PROBE], check=False)
+    if done.returncode != 0:
+        return False, f"cannot make a network namespace here: {(done.stderr or done.stdout).strip()[:200]}"
     return True, "root, with ip, iptables, setpriv and sysctl"
 
 
