@@ -24,7 +24,8 @@ in force.
 
 The files, one job each: ``errors`` (the exception tree, and the client's errors mapped at the edge), ``client``
 (kubeconfig loading and the ServiceExport writes, also used by ``meshfed export --context``), ``reflector``
-(list and watch of one kind), ``source`` (:class:`KubeSource`). The exception tree is drawn in ``errors``.
+(list and watch of one kind), ``source`` (:class:`KubeSource`), ``status`` (the ServiceExport conditions written
+back). The exception tree is drawn in ``errors``.
 """
 
 from discovery.kube.client import (
@@ -53,6 +54,7 @@ from discovery.kube.errors import (
 )
 from discovery.kube.reflector import EXTRA_KINDS, KINDS, Backoff, Reflector, ReflectorStats, WatchedKind
 from discovery.kube.source import KubeSource
+from discovery.kube.status import ExportStatusWriter, export_status_body
 
 __all__ = [
     "EXTRA_KINDS",
@@ -62,6 +64,7 @@ __all__ = [
     "MCS_VERSIONS",
     "SERVICE_EXPORTS",
     "Backoff",
+    "ExportStatusWriter",
     "KubeAlreadyExists",
     "KubeApiError",
     "KubeConfigError",
@@ -78,6 +81,7 @@ __all__ = [
     "create_service_export_sync",
     "delete_service_export",
     "delete_service_export_sync",
+    "export_status_body",
     "get_service_export_sync",
     "load_api_client",
     "served_mcs_version_sync",

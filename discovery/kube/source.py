@@ -131,6 +131,18 @@ class KubeSource:
         self.reflectors = {}
 
     @property
+    def api(self) -> k8s_client.ApiClient:
+        """The API client the reflectors use (the status writer writes through it too)."""
+        return self._api
+
+    def mcs_version(self) -> str:
+        """The MCS API version the ServiceExport reflector reads (v1beta1 where served, else v1alpha1)."""
+        reflector = self.reflectors.get("ServiceExport")
+        if reflector is None:
+            return next(k for k in KINDS if k.name == "ServiceExport").versions[0]
+        return reflector.version
+
+    @property
     def last(self) -> LoadResult | None:
         """The last result ``watch()`` yielded."""
         return self._last

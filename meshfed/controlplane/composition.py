@@ -17,6 +17,7 @@ from typing import Any, Self
 
 from discovery.authz import AuthorizationPolicy
 from discovery.dns.server import DnsServer
+from discovery.kube import ExportStatusWriter, KubeSource
 from discovery.manifests import ManifestSource
 from discovery.mcs import derive_local
 from discovery.model import ClusterInfo, Registry
@@ -69,6 +70,8 @@ class ControlPlane:
     _local: ClusterSnapshot | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
     _dns_dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    _status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
+    status_writer: ExportStatusWriter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _generation_failed: set[str] = field(default_factory=set)
 
@@ -231,7 +234,18 @@ class ControlPlane:
         source, auth = await open_source(self.config, self.manifests, stack)
         if auth is not None:
             self.auth = auth
+        if isinstance(source, KubeSource):
+            # On a real cluster the control plane writes its exports' conditions back to their status.
+            self.status_writer = ExportStatusWriter(api=source.api, version=source.mcs_version, clock=utcnow)
+            self._tasks.append(asyncio.create_task(self._status_loop(self.status_writer), name="export-status"))
         return source
+
+    async def _status_loop(self, writer: ExportStatusWriter) -> None:
+        """Write the local exports' conditions after changes (latest registry wins; bursts coalesce)."""
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            await writer.sync(self.registry.exports.get(self.config.cluster, {}))
 
     async def _watch_local(self, source: ClusterSource) -> None:
         """Follow the cluster's own objects: each accepted change replaces the local shard and is published."""
@@ -285,6 +299,7 @@ class ControlPlane:
             elif configs:
                 self.pushes.submit(PushRequest(configs=configs, reasons=frozenset({reason})))
         self._dns_dirty.set()
+        self._status_dirty.set()
 
     async def _dns_loop(self) -> None:
         """Rebuild the DNS table off the hot path after changes (latest registry wins; bursts coalesce)."""

@@ -181,6 +181,19 @@ async def test_control_plane_on_the_kubernetes_api_with_tokenreview_auth(east_ca
         async with ControlPlane(config) as cp:
             assert cp.ads is not None
             assert {str(s.key) for s in cp.registry.services(EAST)} >= {"reviews.default", "details.default"}
+            # The control plane wrote its exports' conditions back to their status subresource (unfederated: the
+            # clusterset is east alone, so reviews is valid, exported and without conflicts).
+            def status_reasons() -> dict[str, str]:
+                obj = api.get_object("multicluster.x-k8s.io/v1alpha1", "ServiceExport", "reviews", "default")
+                conds = (obj or {}).get("status", {}).get("conditions", [])
+                return {c["type"]: c["reason"] for c in conds if c.get("lastTransitionTime")}
+            for _ in range(100):
+                if status_reasons():
+                    break
+                await asyncio.sleep(0.05)
+            assert status_reasons() == {"Valid": "Valid", "Ready": "Exported", "Conflict": "NoConflicts"}
+            assert cp.status_writer is not None and cp.status_writer.writes >= 2  # reviews and db
+            written = cp.status_writer.writes
             # A change in the API server reaches the registry through the watch.
             api.delete_object("v1", "Service", "details", "default")
             for _ in range(100):
@@ -188,6 +201,9 @@ async def test_control_plane_on_the_kubernetes_api_with_tokenreview_auth(east_ca
                     break
                 await asyncio.sleep(0.05)
             assert "details.default" not in {str(s.key) for s in cp.registry.services(EAST)}
+            # Nothing about the exports changed (only details, which is not exported): no status written again,
+            # though the status write itself came back through the watch as a change of the ServiceExport.
+            assert cp.status_writer.writes == written
             # East's demo VirtualService and DestinationRule came from the API server into the push context.
             policies = cp.push_context().policies
             assert policies.virtual_service(REVIEWS) is not None and policies.destination_rule(REVIEWS) is not None

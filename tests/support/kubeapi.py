@@ -1420,7 +1420,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     if not query.get("fieldManager"):
                         raise ApiError(422, "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required "
                                        "value: is required for apply patch")
-                    if current is None:
+                    if current is None and not status_only:  # the status subresource never creates
                         if not isinstance(body, dict):
                             raise ApiError(400, "an apply patch must be an object")
                         body.setdefault("metadata", {})["name"] = name

@@ -1,0 +1,90 @@
+"""Status written back: ExportStatusWriter applies a ServiceExport's conditions to its status subresource (server-
+side apply, field manager meshfed) against the API double in strict mode with the CRDs meshfed installs; only
+changes are written, a deleted export is skipped, a failure is retried at the next sync."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from discovery import mcs
+from discovery.kube import ExportStatusWriter, load_api_client
+from discovery.model import ClusterId, Condition, ConditionStatus, ServiceExport, ServiceKey
+from meshfed.install.crds import CRDS
+from tests.support.kubeapi import KubeApiDouble
+
+KEY = ServiceKey.parse("reviews.default")
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T1 = datetime(2026, 1, 2, tzinfo=UTC)
+BETA = "multicluster.x-k8s.io/v1beta1"
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[tuple[KubeApiDouble, Path]]:
+    with KubeApiDouble(strict=True) as double:
+        for crd in CRDS:
+            double.put_object(crd)
+        double.put_object({"apiVersion": BETA, "kind": "ServiceExport",
+                           "metadata": {"name": "reviews", "namespace": "default", "generation": 2}})
+        yield double, double.write_kubeconfig(tmp_path / "kubeconfig", context="east")
+
+
+def _export(*conditions: Condition) -> ServiceExport:
+    return ServiceExport(cluster=ClusterId("east"), key=KEY, created=T0, conditions=conditions, generation=2)
+
+
+VALID = Condition(mcs.VALID, ConditionStatus.TRUE, "Valid", "Service default/reviews exists", 2, T0)
+CONFLICT = Condition(mcs.CONFLICT, ConditionStatus.TRUE, "PortConflict,TypeConflict", "conflict on port 9080", 2)
+
+
+def _status_patches(double: KubeApiDouble) -> list[str]:
+    return [path for method, path in double.requests if method == "PATCH" and "/status" in path]
+
+
+async def test_conditions_are_applied_once_per_change(api: tuple[KubeApiDouble, Path]) -> None:
+    double, kubeconfig = api
+    writer = ExportStatusWriter(api=load_api_client(kubeconfig=kubeconfig, context="east"),
+                                version=lambda: "v1beta1", clock=lambda: T1)
+    assert await writer.sync({KEY: _export(VALID, CONFLICT)}) == 1
+    obj = double.get_object(BETA, "ServiceExport", "reviews")
+    assert obj is not None
+    assert obj["status"]["conditions"] == [
+        {"type": "Valid", "status": "True", "reason": "Valid", "message": "Service default/reviews exists",
+         "observedGeneration": 2, "lastTransitionTime": "2026-01-01T00:00:00Z"},
+        # not stamped yet: the writer's clock fills the time the CRD requires
+        {"type": "Conflict", "status": "True", "reason": "PortConflict,TypeConflict",
+         "message": "conflict on port 9080", "observedGeneration": 2, "lastTransitionTime": "2026-01-02T00:00:00Z"},
+    ]
+    [patch] = _status_patches(double)
+    assert "fieldManager=meshfed" in patch and "/apis/multicluster.x-k8s.io/v1beta1/" in patch
+    # The same conditions again: nothing written.
+    assert await writer.sync({KEY: _export(VALID, CONFLICT)}) == 0
+    assert len(_status_patches(double)) == 1
+    # A change is written.
+    resolved = replace(CONFLICT, status=ConditionStatus.FALSE, reason="NoConflicts", message="all agree",
+                       last_transition_time=T1)
+    assert await writer.sync({KEY: _export(VALID, resolved)}) == 1
+    obj = double.get_object(BETA, "ServiceExport", "reviews")
+    assert obj is not None and obj["status"]["conditions"][1]["reason"] == "NoConflicts"
+    assert writer.writes == 2
+
+
+async def test_deleted_export_is_skipped_and_failures_retry(api: tuple[KubeApiDouble, Path]) -> None:
+    double, kubeconfig = api
+    writer = ExportStatusWriter(api=load_api_client(kubeconfig=kubeconfig, context="east"),
+                                version=lambda: "v1beta1", clock=lambda: T1)
+    ghost = replace(_export(VALID), key=ServiceKey.parse("ghost.default"))
+    assert await writer.sync({ghost.key: ghost}) == 0  # no such object: 404, skipped
+    assert writer.failures == 0
+    double.inject_error(1, code=500, path_prefix="/apis/multicluster.x-k8s.io/")
+    assert await writer.sync({KEY: _export(VALID)}) == 0
+    assert writer.failures == 1
+    assert await writer.sync({KEY: _export(VALID)}) == 1  # not recorded as written: tried again
+    obj = double.get_object(BETA, "ServiceExport", "reviews")
+    assert obj is not None and [c["type"] for c in obj["status"]["conditions"]] == ["Valid"]
+    # An export without conditions yet (waiting for the federation) is left alone.
+    assert await writer.sync({KEY: _export()}) == 0
