@@ -67,13 +67,24 @@ async def _serve(config: ControlPlaneConfig) -> None:
 @click.option("--cert-files", "cert_files", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="certfiles.json listing directories of file-based workload certificates (proxyless gRPC) to "
                    "keep renewed from this cluster's CA, also across root rotation (local runs)")
+@click.option("--webhook-listen", default=None, metavar="HOST:PORT",
+              help="serve the sidecar injection webhook (HTTPS POST /inject) here")
+@click.option("--webhook-host", "webhook_hosts", multiple=True, metavar="NAME",
+              help="DNS name (or IP) the webhook's certificate is valid for (repeatable; default: the listen host)")
+@click.option("--inject-image", default="", metavar="IMAGE", help="the image injected pods' meshfed containers run")
+@click.option("--inject-image-pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]),
+              default="IfNotPresent", show_default=True)
+@click.option("--inject-xds-address", default="", metavar="HOST:PORT",
+              help="where injected sidecars reach this control plane's ADS (its Service name and port)")
 @click.option("--debounce-quiet", type=float, default=0.1, show_default=True, metavar="SECONDS")
 @click.option("--debounce-max", type=float, default=1.0, show_default=True, metavar="SECONDS")
 def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_urls: tuple[str, ...], xds_listen: str,
                  dns_listen: str, admin_listen: str, gateway_address: str, tokens_file: Path | None,
                  runtime_file: Path | None, source: str, kubeconfig: Path | None, kube_context: str | None,
                  xds_auth: str | None, xds_token_audience: str, xds_mtls_listen: str | None,
-                 xds_mtls_hosts: tuple[str, ...], cert_files: Path | None, debounce_quiet: float,
+                 xds_mtls_hosts: tuple[str, ...], cert_files: Path | None, webhook_listen: str | None,
+                 webhook_hosts: tuple[str, ...], inject_image: str, inject_image_pull_policy: str,
+                 inject_xds_address: str, debounce_quiet: float,
                  debounce_max: float) -> None:
     """Run one cluster's control plane until SIGTERM or Ctrl-C."""
     try:
@@ -92,7 +103,11 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
             token_audience=xds_token_audience,
             xds_mtls=parse_listen(xds_mtls_listen, what="--xds-mtls-listen") if xds_mtls_listen else None,
             xds_mtls_hosts=xds_mtls_hosts, cert_files=cert_files,
+            webhook=parse_listen(webhook_listen, what="--webhook-listen") if webhook_listen else None,
+            webhook_hosts=webhook_hosts, inject_image=inject_image, inject_image_pull_policy=inject_image_pull_policy,
+            inject_xds_address=inject_xds_address,
         )
+        config.check()
     except (ClusterSetError, DiscoveryError, ValueError, KeyError) as exc:
         fail(str(exc), hint="check --clusterset and --cluster")
         return

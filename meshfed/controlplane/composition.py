@@ -46,6 +46,8 @@ from meshfed.controlplane.localrun import ReloadingTokens, apply_runtime, file_m
 from meshfed.controlplane.sources import open_source
 from meshfed.controlplane.status import ControlPlaneStatus, ManifestProblemRow
 from meshfed.controlplane.trust import TrustRenewal
+from meshfed.controlplane.webhook import serve_webhook
+from meshfed.inject import InjectConfig
 
 log = logging.getLogger("meshfed.controlplane")
 
@@ -94,6 +96,7 @@ class ControlPlane:
         self.pipeline = PushPipeline(cache=self.cache)
         self.agent: FederationAgent | None = None
         self.admin_port = 0
+        self.webhook_port = 0
 
     # The CA and bundle in force (``self.trust`` also holds the control plane's own certificates).
 
@@ -145,6 +148,10 @@ class ControlPlane:
                 self.agent = await stack.enter_async_context(FederationAgent(
                     client, info=self.info, config=agent_cfg, on_update=self._on_catalog))
                 self._publish()
+            if cfg.webhook is not None:
+                self.webhook_port = await serve_webhook(
+                    stack, cfg.webhook, self.trust.webhook_context(cfg.webhook_hosts or (cfg.webhook.host,)),
+                    self.inject_config())
             self.admin_port = await serve_admin(stack, cfg.admin, AdminEndpoints(
                 readiness=self._readiness, status=self.status, metrics=self._metrics))
             self._tasks.append(asyncio.create_task(self._dns_loop(), name="dns-update"))
@@ -170,6 +177,13 @@ class ControlPlane:
                 await task
         self._tasks.clear()
         await self._stack.aclose()
+
+    def inject_config(self) -> InjectConfig:
+        """What the injection webhook gives pods of this cluster."""
+        cfg = self.config
+        return InjectConfig(cluster=str(cfg.cluster), image=cfg.inject_image,
+                            image_pull_policy=cfg.inject_image_pull_policy, xds_address=cfg.inject_xds_address,
+                            audience=cfg.token_audience)
 
     def _mtls_ads(self, listen: Listen) -> AdsServer:
         """The certificate-authenticated ADS listener (same cache, same generators) for proxyless gRPC."""

@@ -74,6 +74,15 @@ class ControlPlaneConfig:
     # certfiles.json: directories of file-based workload certificates (proxyless gRPC) this control plane keeps
     # current, as a node agent would (meshfed.certfiles). None: none.
     cert_files: Path | None = None
+    # The sidecar injection webhook (HTTPS, meshfed.controlplane.webhook). None: not served.
+    webhook: Listen | None = None
+    # DNS names (or IPs) its serving certificate is valid for: the webhook Service's names; the listen host when
+    # empty.
+    webhook_hosts: tuple[str, ...] = ()
+    # What injected pods run and where their sidecars find ADS (meshfed.inject.InjectConfig).
+    inject_image: str = ""
+    inject_image_pull_policy: str = "IfNotPresent"
+    inject_xds_address: str = ""
 
     def check(self) -> None:
         """Raise ``ValueError`` for a setting outside its choices."""
@@ -81,6 +90,9 @@ class ControlPlaneConfig:
             raise ValueError(f"source {self.source!r} is not 'manifests' or 'kubernetes'")
         if self.xds_auth not in XDS_AUTH:
             raise ValueError(f"xds auth {self.xds_auth!r} is not 'tokens' or 'tokenreview'")
+        if self.webhook is not None and not (self.inject_image and self.inject_xds_address):
+            raise ValueError("--webhook-listen needs --inject-image and --inject-xds-address (what injected pods run "
+                             "and where their sidecars reach ADS)")
 
 
 @dataclass(frozen=True, slots=True)

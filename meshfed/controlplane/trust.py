@@ -1,7 +1,8 @@
 """The control plane's trust: this cluster's intermediate CA and trust bundle, re-read from the CA directory when
 they change (``meshfed ca rotate ...``) without a restart, and the control plane's own leaves renewed before they
 expire: its federation client certificate (a fresh TLS context handed to the federation client) and the serving
-certificate of the mTLS ADS listener (rotated in place). Workload certificates are re-issued on a CA change, and
+certificate of the mTLS ADS listener (rotated in place) and that of the injection webhook (reloaded into its
+``ssl.SSLContext``, which new handshakes then use). Workload certificates are re-issued on a CA change, and
 file-based ones (proxyless gRPC, :mod:`meshfed.certfiles`) kept current."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from federation.trust.ca import IntermediateCA, issue_workload
 from federation.trust.errors import TrustError
 from federation.trust.spiffe import SpiffeId
 from federation.trust.store import load_bundle, load_cluster_ca
-from federation.trust.tls import client_ssl_context
+from federation.trust.tls import client_ssl_context, load_identity
 from gateway.sds import WorkloadCertIssuer, bundle_pem
 from meshfed import xdstls
 from meshfed.certfiles import CertFiles
@@ -61,6 +62,10 @@ class TrustRenewal:
         self._mtls_creds: xdstls.RotatingServerCredentials | None = None
         self._mtls_hosts: tuple[str, ...] = ()
         self._mtls_renew_at = datetime.max.replace(tzinfo=UTC)
+        self.webhook_serving_chain = b""
+        self._webhook_ctx: ssl.SSLContext | None = None
+        self._webhook_hosts: tuple[str, ...] = ()
+        self._webhook_renew_at = datetime.max.replace(tzinfo=UTC)
 
     # ---- the control plane's own leaves ---------------------------------------------------------------------
 
@@ -87,6 +92,23 @@ class TrustRenewal:
         self._mtls_renew_at = renew_at(LEAF_TTL)
         self.mtls_serving_chain = chain_pem
         return key_pem, chain_pem
+
+    def webhook_context(self, hosts: tuple[str, ...]) -> ssl.SSLContext:
+        """A server TLS context for the injection webhook (no client certificate: the API server presents none),
+        its certificate valid for ``hosts`` (the webhook Service's DNS names); renewed in place from now on."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._webhook_ctx, self._webhook_hosts = ctx, hosts
+        self._load_webhook_certificate()
+        return ctx
+
+    def _load_webhook_certificate(self) -> None:
+        assert self._webhook_ctx is not None
+        sid = SpiffeId.workload(self.bundle.trust_domain, "meshfed-system", "meshfed-controlplane")
+        key_pem, chain_pem = xdstls.serving_certificate(self.ca, sid, self._webhook_hosts, ttl=LEAF_TTL)
+        load_identity(self._webhook_ctx, chain_pem, key_pem)
+        self._webhook_renew_at = renew_at(LEAF_TTL)
+        self.webhook_serving_chain = chain_pem
 
     # ---- the CA directory ------------------------------------------------------------------------------------
 
@@ -133,6 +155,9 @@ class TrustRenewal:
                     key_pem, chain_pem = self._serving_certificate()
                     self._mtls_creds.rotate(key_pem, chain_pem, bundle_pem(self.bundle).encode())
                     log.info("mTLS xDS serving certificate renewed cluster=%s", self.cluster)
+                if self._webhook_ctx is not None and (changed or now >= self._webhook_renew_at):
+                    await asyncio.to_thread(self._load_webhook_certificate)
+                    log.info("injection webhook serving certificate renewed cluster=%s", self.cluster)
                 if changed:
                     rotated = issuer.reissue_all(ca=self.ca)
                     self.reloads += 1

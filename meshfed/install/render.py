@@ -13,7 +13,8 @@ Per cluster the manifests are, in apply order (``Manifest.phase``)::
     03-cacerts.yaml           ca            Secret cacerts: the cluster's intermediate CA (Istio plug-in layout)
     04-federation-ca.yaml     federation    Secret meshfed-federation-ca  (federation cluster only)
     05-federation.yaml        federation    federation service (+ PVC for SQLite, or an etcd StatefulSet)
-    06-controlplane.yaml      controlplane  ConfigMap clusterset, Deployment and Service meshfed-controlplane
+    06-controlplane.yaml      controlplane  ConfigMap clusterset, Deployment and Service meshfed-controlplane,
+                                            MutatingWebhookConfiguration meshfed-sidecar-injector
     07-gateway.yaml           gateway       Envoy bootstrap ConfigMap, Deployment, PDB, LoadBalancer Service
 
 and, outside the apply plan, the cluster DNS pieces forwarding ``clusterset.local`` to the control plane Service's
@@ -40,7 +41,7 @@ from discovery.clusterset import ClusterSet
 from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
 from gateway.bootstrap import render_bootstrap
 from gateway.context import ProxyInfo, ProxyKind
-from meshfed.inject import InjectConfig
+from meshfed.inject import NAMESPACE_LABEL, InjectConfig
 from meshfed.install import RenderError
 from meshfed.install.clusterdns import ClusterDns
 from meshfed.install.crds import CRDS
@@ -66,6 +67,11 @@ GATEWAY_BOOTSTRAP = "meshfed-eastwest-gateway-bootstrap"
 XDS_PORT = 15010
 XDS_MTLS_PORT = 15012  # ADS over mutual TLS for proxyless gRPC workloads (certificate-authenticated)
 ADMIN_PORT = 15014
+WEBHOOK_CONTAINER_PORT = 15017
+WEBHOOK_PORT = 443
+WEBHOOK_CONFIG = "meshfed-sidecar-injector"
+WEBHOOK_NAME = "inject.meshfed.io"
+WEBHOOK_TIMEOUT_SECONDS = 10
 DNS_PORT = 53
 DNS_CONTAINER_PORT = 5353
 GATEWAY_PORT = 15443
@@ -567,6 +573,11 @@ def controlplane_args(cluster: ClusterInfo, federation_url: str, opts: InstallOp
         "--gateway-address", gateway_address(cluster, opts),
         "--source", "kubernetes",
         "--xds-token-audience", XDS_AUDIENCE,
+        "--webhook-listen", f"0.0.0.0:{WEBHOOK_CONTAINER_PORT}",
+        *(arg for host in xds_mtls_hosts(opts) for arg in ("--webhook-host", host)),
+        "--inject-image", opts.image,
+        "--inject-image-pull-policy", opts.image_pull_policy,
+        "--inject-xds-address", inject_config(str(cluster.id), opts).xds_address,
     ]
 
 
@@ -598,6 +609,7 @@ def controlplane_objects(
             {"name": "dns", "containerPort": DNS_CONTAINER_PORT, "protocol": "UDP"},
             {"name": "dns-tcp", "containerPort": DNS_CONTAINER_PORT, "protocol": "TCP"},
             {"name": "http-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            {"name": "https-webhook", "containerPort": WEBHOOK_CONTAINER_PORT, "protocol": "TCP"},
         ],
         "startupProbe": _http_probe("/healthz", "http-admin", 2, 60),
         "livenessProbe": _http_probe("/healthz", "http-admin", 10, 3),
@@ -657,10 +669,47 @@ def controlplane_objects(
                 {"name": "dns-tcp", "port": DNS_PORT, "targetPort": "dns-tcp", "protocol": "TCP"},
                 {"name": "http-admin", "port": ADMIN_PORT, "targetPort": "http-admin", "protocol": "TCP",
                  "appProtocol": "http"},
+                {"name": "https-webhook", "port": WEBHOOK_PORT, "targetPort": "https-webhook", "protocol": "TCP",
+                 "appProtocol": "https"},
             ],
         },
     }
-    return [config, deployment, service]
+    return [config, deployment, service, webhook_configuration(cluster, opts, ca)]
+
+
+def webhook_configuration(cluster: ClusterInfo, opts: InstallOptions, ca: CAFiles) -> Obj:
+    """The MutatingWebhookConfiguration sending new pods of opted-in namespaces to the control plane's
+    ``/inject``: its ``caBundle`` is the cluster's root, which the webhook's serving certificate (issued by the
+    cluster's intermediate for the Service's names, ``--webhook-host``) chains to. meshfed's own pods and namespace
+    are never sent; ``failurePolicy: Fail`` therefore only holds back pods of namespaces that asked for the mesh."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": _meta(WEBHOOK_CONFIG, CONTROLPLANE, cluster.id, None),
+        "webhooks": [{
+            "name": WEBHOOK_NAME,
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": {
+                "service": {"name": CONTROLPLANE, "namespace": opts.namespace, "path": "/inject",
+                            "port": WEBHOOK_PORT},
+                "caBundle": base64.b64encode(ca.root_cert).decode("ascii"),
+            },
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"],
+                       "scope": "Namespaced"}],
+            "namespaceSelector": {
+                "matchLabels": {NAMESPACE_LABEL: "enabled"},
+                "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                                      "values": [opts.namespace, "kube-system"]}],
+            },
+            "objectSelector": {"matchExpressions": [
+                {"key": "app.kubernetes.io/part-of", "operator": "NotIn", "values": ["meshfed"]}]},
+            "failurePolicy": "Fail",
+            "matchPolicy": "Equivalent",
+            "reinvocationPolicy": "IfNeeded",
+            "sideEffects": "None",
+            "timeoutSeconds": WEBHOOK_TIMEOUT_SECONDS,
+        }],
+    }
 
 
 # --------------------------------------------------------------------------------------------- gateway
@@ -923,7 +972,7 @@ def render_clusterset(
             controlplane_objects(cs, cluster, opts, files, clusterset_yaml,
                                  federation_url_for(cluster, fed_cluster.id, opts),
                                  next((d for d in cluster_dns if d.cluster == cid), None)),
-            "control plane: clusterset ConfigMap, Deployment, Service")
+            "control plane: clusterset ConfigMap, Deployment, Service, sidecar injection webhook")
         add("07-gateway.yaml", ApplyPhase.GATEWAY,
             gateway_objects(cluster, opts, _yaml(gateway_bootstrap(cluster, opts))),
             "east-west gateway: Envoy bootstrap ConfigMap, Deployment, LoadBalancer Service on 15443")

@@ -582,3 +582,38 @@ def test_bad_input_names_the_problem(tmp_path: Path) -> None:
     assert made.exit_code == 0
     result = _install(str(DEMO), "--render", str(tmp_path / "o3"), "--root", str(other_root))
     assert result.exit_code != 0 and "other.local" in result.output and "demo.meshfed.local" in result.output
+
+
+def test_webhook_configuration_targets_the_control_plane_with_the_clusters_root(render: Path) -> None:
+    for cluster in ("east", "west"):
+        docs = _docs(render / cluster / "06-controlplane.yaml")
+        config = next(d for d in docs if d["kind"] == "MutatingWebhookConfiguration")
+        assert "namespace" not in config["metadata"]
+        [hook] = config["webhooks"]
+        assert hook["admissionReviewVersions"] == ["v1"]
+        assert hook["failurePolicy"] == "Fail" and hook["reinvocationPolicy"] == "IfNeeded"
+        assert hook["sideEffects"] == "None" and 1 <= hook["timeoutSeconds"] <= 15
+        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                                  "resources": ["pods"], "scope": "Namespaced"}]
+        assert hook["namespaceSelector"]["matchLabels"] == {"meshfed.io/inject": "enabled"}
+        assert {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
+                "values": ["meshfed-system", "kube-system"]} in hook["namespaceSelector"]["matchExpressions"]
+        assert hook["objectSelector"] == {"matchExpressions": [
+            {"key": "app.kubernetes.io/part-of", "operator": "NotIn", "values": ["meshfed"]}]}
+        # meshfed's own pods carry the label the object selector excludes.
+        dep = next(d for d in docs if d["kind"] == "Deployment")
+        assert dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "meshfed"
+        secret = _docs(render / cluster / "03-cacerts.yaml")[0]
+        assert hook["clientConfig"]["caBundle"] == secret["data"]["root-cert.pem"]
+        svc_ref = hook["clientConfig"]["service"]
+        service = next(d for d in docs if d["kind"] == "Service")
+        assert (svc_ref["name"], svc_ref["namespace"]) == (service["metadata"]["name"],
+                                                           service["metadata"]["namespace"])
+        port = next(p for p in service["spec"]["ports"] if p["port"] == svc_ref["port"])
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        target = next(p for p in container["ports"] if p["name"] == port["targetPort"])
+        args = container["args"]
+        listen = args[args.index("--webhook-listen") + 1]
+        assert listen == f"0.0.0.0:{target['containerPort']}"
+        hosts = [args[i + 1] for i, a in enumerate(args) if a == "--webhook-host"]
+        assert f"{svc_ref['name']}.{svc_ref['namespace']}.svc" in hosts

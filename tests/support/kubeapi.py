@@ -140,6 +140,8 @@ BUILTIN_RESOURCES: tuple[ResourceInfo, ...] = (
     _r("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False, True),
     _r("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
     _r("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
+    _r("admissionregistration.k8s.io", "v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration",
+       namespaced=False),
     _r("rbac.authorization.k8s.io", "v1", "roles", "Role"),
     _r("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
     _r("multicluster.x-k8s.io", "v1alpha1", "serviceexports", "ServiceExport", status=True),
