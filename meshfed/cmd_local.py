@@ -186,6 +186,13 @@ def down_cmd(run_dir: Path, output: str) -> None:
     stopped = local.stop_run(run_dir)
     was_running = [s for s in stopped if s["was_running"]]
     left = [s for s in stopped if not s["stopped"]]
+    net = local.read_state(run_dir, missing_ok=True).get("network") or {}
+    if net.get("teardown_problems"):
+        fail(f"the run's network was not fully removed: {'; '.join(net['teardown_problems'])}",
+             hint="run 'meshfed down' again as root; it removes only what the run recorded")
+        return
+    if net.get("removed_at") and not was_running and before.get("network", {}).get("created"):
+        console(stderr=True).print(f"removed the run's network (namespaces and links of run {net.get('run_id')})")
     if not was_running:
         when = before.get("stopped_at")
         since = f" (stopped at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))})" if when else ""
