@@ -128,6 +128,43 @@ def render_bootstrap(
     }
 
 
+def add_health_listener(bootstrap: dict[str, Any], *, port: int, admin_port: int,
+                        address: str = "0.0.0.0") -> dict[str, Any]:
+    """Add a static listener on ``address:port`` answering ``GET /healthz/ready`` from Envoy's own admin
+    ``/ready`` (200 once Envoy has its first listeners and clusters, 503 before and while draining), so that
+    kubelet can probe readiness while admin stays on loopback. Returns ``bootstrap``, changed in place."""
+    _check_port("health port", port)
+    router = {"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    static = bootstrap.setdefault("static_resources", {})
+    static.setdefault("listeners", []).append({
+        "name": "health",
+        "address": {"socket_address": {"address": address, "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                         ".HttpConnectionManager",
+                "stat_prefix": "health",
+                "route_config": {"name": "health", "virtual_hosts": [{
+                    "name": "health", "domains": ["*"],
+                    "routes": [{"match": {"path": "/healthz/ready"},
+                                "route": {"cluster": "envoy-admin", "prefix_rewrite": "/ready"}}],
+                }]},
+                "http_filters": [router],
+            },
+        }]}],
+    })
+    static.setdefault("clusters", []).append({
+        "name": "envoy-admin",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "envoy-admin", "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}}]}]},
+    })
+    return bootstrap
+
+
 def render_grpc_bootstrap(proxy: ProxyInfo, *, xds_host: str, xds_port: int, locality: Locality | None = None,
                           cert_file: str | None = None, key_file: str | None = None, ca_file: str | None = None,
                           refresh_s: int = 600, xds_tls: bool = False) -> dict[str, Any]:

@@ -4,15 +4,27 @@
 TCP traffic through its sidecar: outbound to ``--outbound-port``, inbound to ``--inbound-port``. The rules come
 from ``meshfed.capture`` (pure), the tables are read and written by ``meshfed.netfilter``; this module only
 decides per address family and prints. See docs/traffic-capture.md.
+
+``meshfed proxy run`` is the sidecar container's program: the Envoy bootstrap from the pod's environment
+(``meshfed.agent``, pure), Envoy started as the proxy uid, signals forwarded, Envoy restarted when the projected
+xDS token is refreshed (its ADS stream presents the token only when it opens). See docs/injection.md.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
+from gateway import envoy
+from gateway.bootstrap import write_bootstrap
 from meshfed import netfilter
+from meshfed.agent import AgentEnv, AgentError, agent_env, bootstrap, proxy_info
 from meshfed.capture import (
     DEFAULT_INBOUND_PORT,
     DEFAULT_OUTBOUND_PORT,
@@ -29,6 +41,8 @@ from meshfed.capture import (
     rules_for,
 )
 from meshfed.output import fail
+
+log = logging.getLogger("meshfed.proxy")
 
 
 @click.group("proxy")
@@ -150,3 +164,111 @@ def _cleanup(*, dry_run: bool) -> None:
         else:
             netfilter.restore(family, text)
             click.echo(f"{family.value}: removed meshfed's chains and the jumps to them")
+
+
+# --------------------------------------------------------------------------------------------- proxy run
+
+TOKEN_POLL_SECONDS = 30.0
+STOP_GRACE_SECONDS = 20.0
+
+
+@proxy.command("run")
+@click.option("--proxy-uid", type=int, default=DEFAULT_PROXY_UID, show_default=True,
+              help="uid Envoy runs as; started as root, the agent drops to it (its traffic is never captured)")
+@click.option("--token-poll", type=float, default=TOKEN_POLL_SECONDS, show_default=True, metavar="SECONDS",
+              help="how often the projected token is checked; a new one restarts Envoy with it")
+@click.option("--log-level", default="warning", show_default=True, help="Envoy's log level")
+def run_cmd(proxy_uid: int, token_poll: float, log_level: str) -> None:
+    """Run the pod's sidecar: write Envoy's bootstrap from the environment (downward API, MESHFED_*), start
+    Envoy as the proxy uid, forward SIGTERM/SIGINT to it and exit with it.
+
+    Envoy's ADS stream authenticates with the projected token in MESHFED_XDS_TOKEN_FILE; when the kubelet
+    refreshes it, Envoy is restarted with the new one. Readiness: GET :15021/healthz/ready (Envoy's /ready)."""
+    try:
+        agent = agent_env(os.environ)
+        proxy_info(agent)
+    except AgentError as exc:
+        fail(str(exc), code=2)
+    if proxy_uid != os.getuid() and os.getuid() != 0:
+        fail(f"--proxy-uid {proxy_uid}: running as uid {os.getuid()}, which can start Envoy only as itself")
+    raise SystemExit(_supervise(agent, proxy_uid=proxy_uid, token_poll=token_poll, log_level=log_level))
+
+
+def _read_token(agent: AgentEnv) -> str:
+    try:
+        return Path(agent.token_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise AgentError(f"MESHFED_XDS_TOKEN_FILE {agent.token_file}: {exc.strerror or exc}") from exc
+
+
+def _start(agent: AgentEnv, token: str, *, proxy_uid: int, log_level: str) -> subprocess.Popen[bytes]:
+    run_dir = Path(agent.run_dir)
+    path = write_bootstrap(run_dir / "envoy-bootstrap.json", bootstrap(agent, token))
+    drop = proxy_uid != os.getuid()
+    if drop:  # only root gets here: the bootstrap (0600, it holds the token) must be readable by Envoy
+        os.chown(path, proxy_uid, proxy_uid)
+    argv = envoy.command(path, log_level=log_level)
+    log.info("starting envoy node=%s xds=%s uid=%d", agent.node_id, agent.xds, proxy_uid)
+    return subprocess.Popen(argv, user=proxy_uid if drop else None, group=proxy_uid if drop else None,
+                            extra_groups=[] if drop else None)
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _supervise(agent: AgentEnv, *, proxy_uid: int, token_poll: float, log_level: str) -> int:
+    """Run Envoy until it exits or a signal arrives (forwarded to it at once); returns the exit status."""
+    received: list[int] = []
+    current: list[subprocess.Popen[bytes]] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        for proc in current:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        token = ""
+        while not received:  # one round per Envoy process: it exits, or is restarted for a new token
+            try:
+                token = _read_token(agent)
+                current[:] = [_start(agent, token, proxy_uid=proxy_uid, log_level=log_level)]
+            except (AgentError, OSError, envoy.EnvoyError) as exc:
+                click.echo(f"error: {exc}", err=True)
+                return 1
+            proc = current[0]
+            if received:  # a signal between the check and the start
+                proc.send_signal(received[0])
+            while True:
+                try:
+                    code: int | None = proc.wait(timeout=token_poll)
+                except subprocess.TimeoutExpired:
+                    code = None
+                if received:
+                    status = _stop(proc, received[0])
+                    log.info("envoy stopped on signal %d status=%d", received[0], status)
+                    return 0 if status in (0, -received[0]) else status
+                if code is not None:
+                    click.echo(f"envoy exited with status {code}", err=True)
+                    return code if code > 0 else 1
+                try:
+                    fresh = _read_token(agent)
+                except AgentError as exc:
+                    log.warning("token not readable, keeping the running envoy: %s", exc)
+                    continue
+                if fresh != token:
+                    log.info("xds token refreshed; restarting envoy so its next ADS stream presents it")
+                    _stop(proc)
+                    break
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -39,7 +39,7 @@ import yaml
 
 from discovery.clusterset import ClusterSet
 from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
-from gateway.bootstrap import render_bootstrap
+from gateway.bootstrap import add_health_listener, render_bootstrap
 from gateway.context import ProxyInfo, ProxyKind
 from meshfed.inject import NAMESPACE_LABEL, InjectConfig
 from meshfed.install import RenderError
@@ -779,34 +779,7 @@ def gateway_bootstrap(cluster: ClusterInfo, opts: InstallOptions) -> Obj:
         locality=Locality(region=cluster.region, zone=cluster.zone, cluster=str(cluster.id),
                           network=str(cluster.network)),
     )
-    router = {"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-    bootstrap["static_resources"]["listeners"] = [{
-        "name": "health",
-        "address": {"socket_address": {"address": "0.0.0.0", "port_value": GATEWAY_HEALTH_PORT}},
-        "filter_chains": [{"filters": [{
-            "name": "envoy.filters.network.http_connection_manager",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
-                         ".HttpConnectionManager",
-                "stat_prefix": "health",
-                "route_config": {"name": "health", "virtual_hosts": [{
-                    "name": "health", "domains": ["*"],
-                    "routes": [{"match": {"path": "/healthz/ready"},
-                                "route": {"cluster": "envoy-admin", "prefix_rewrite": "/ready"}}],
-                }]},
-                "http_filters": [router],
-            },
-        }]}],
-    }]
-    bootstrap["static_resources"]["clusters"].append({
-        "name": "envoy-admin",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "envoy-admin", "endpoints": [{"lb_endpoints": [{"endpoint": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": ENVOY_ADMIN_PORT}}}}]}]},
-    })
-    return bootstrap
+    return add_health_listener(bootstrap, port=GATEWAY_HEALTH_PORT, admin_port=ENVOY_ADMIN_PORT)
 
 
 def gateway_objects(cluster: ClusterInfo, opts: InstallOptions, bootstrap_yaml: str) -> list[Obj]:

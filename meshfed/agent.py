@@ -1,0 +1,146 @@
+"""The sidecar agent's pure part (``meshfed proxy run``): the pod's environment in, the Envoy bootstrap out.
+
+The injected sidecar container (``meshfed.inject``) gets its identity from the downward API and its settings as
+environment variables; :func:`agent_env` reads them into an :class:`AgentEnv` (an error names the variable),
+:func:`proxy_info` turns that into the node ``ProxyInfo`` (through ``ProxyInfo.from_node``, the control plane's
+own reader of node metadata, so the two cannot disagree) and :func:`bootstrap` renders Envoy's bootstrap: ADS to
+``MESHFED_XDS_ADDRESS`` with the projected token as the stream's bearer token, admin on loopback, and the health
+listener kubelet probes (``/healthz/ready``, answered from Envoy's ``/ready``). The process side (files, Envoy,
+signals) is ``meshfed.cmd_proxy``.
+
+Exception tree (this module)::
+
+    AgentError (ValueError)   an environment variable that is missing or unusable (names it)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from discovery.addresses import HostPort, InvalidAddress, parse_hostport
+from gateway.bootstrap import BootstrapError, add_health_listener, render_bootstrap
+from gateway.context import (
+    META_CAPTURE,
+    META_CAPTURE_BIND,
+    META_CLUSTER,
+    META_INBOUND,
+    META_INBOUND_CAPTURE_PORT,
+    META_IP,
+    META_KIND,
+    META_NAMESPACE,
+    META_OUTBOUND_PORT,
+    META_SERVICE_ACCOUNT,
+    ProxyInfo,
+    ProxyInfoError,
+    ProxyKind,
+)
+from meshfed.inject import ENVOY_ADMIN_PORT, HEALTH_PORT
+
+
+class AgentError(ValueError):
+    """The environment does not describe a sidecar; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEnv:
+    """What ``meshfed proxy run`` is told by its environment (docs/injection.md, the sidecar's environment)."""
+
+    pod_name: str
+    namespace: str
+    pod_ip: str
+    service_account: str
+    cluster: str
+    xds: HostPort
+    token_file: str
+    run_dir: str
+    capture: str = "redirect"
+    outbound_port: int = 15001
+    inbound_capture_port: int = 15006
+    capture_bind: str = "0.0.0.0"
+    inbound: str = ""
+    admin_port: int = ENVOY_ADMIN_PORT
+    health_port: int = HEALTH_PORT
+    cluster_domain: str = "cluster.local"
+
+    @property
+    def node_id(self) -> str:
+        """Istio's sidecar node id shape: ``sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN``."""
+        return f"sidecar~{self.pod_ip}~{self.pod_name}.{self.namespace}~{self.namespace}.svc.{self.cluster_domain}"
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise AgentError(f"{name}={text!r} is not a number") from None
+
+
+def agent_env(env: Mapping[str, str]) -> AgentEnv:
+    """Read the sidecar's environment; a missing or bad variable is an :class:`AgentError` naming it."""
+
+    def need(name: str) -> str:
+        value = env.get(name, "").strip()
+        if not value:
+            raise AgentError(f"{name} is not set (the injected sidecar gets it from the pod spec; "
+                             "see docs/injection.md)")
+        return value
+
+    address = need("MESHFED_XDS_ADDRESS")
+    try:
+        xds = parse_hostport(address, min_port=1)
+    except InvalidAddress as exc:
+        raise AgentError(f"MESHFED_XDS_ADDRESS: {exc}") from None
+    return AgentEnv(
+        pod_name=need("POD_NAME"),
+        namespace=need("POD_NAMESPACE"),
+        pod_ip=need("POD_IP"),
+        service_account=env.get("SERVICE_ACCOUNT", "").strip() or "default",
+        cluster=need("MESHFED_CLUSTER"),
+        xds=xds,
+        token_file=need("MESHFED_XDS_TOKEN_FILE"),
+        run_dir=need("MESHFED_RUN_DIR"),
+        capture=env.get("MESHFED_CAPTURE", "redirect").strip() or "redirect",
+        outbound_port=_int(env, "MESHFED_OUTBOUND_PORT", 15001),
+        inbound_capture_port=_int(env, "MESHFED_INBOUND_CAPTURE_PORT", 15006),
+        capture_bind=env.get("MESHFED_CAPTURE_BIND", "0.0.0.0").strip() or "0.0.0.0",
+        inbound=env.get("MESHFED_INBOUND", "").strip(),
+        admin_port=_int(env, "MESHFED_ADMIN_PORT", ENVOY_ADMIN_PORT),
+        health_port=_int(env, "MESHFED_HEALTH_PORT", HEALTH_PORT),
+        cluster_domain=env.get("MESHFED_CLUSTER_DOMAIN", "").strip() or "cluster.local",
+    )
+
+
+def proxy_info(agent: AgentEnv) -> ProxyInfo:
+    """The node this sidecar presents, read back the way the control plane reads it."""
+    metadata = {
+        META_KIND: str(ProxyKind.SIDECAR),
+        META_CLUSTER: agent.cluster,
+        META_NAMESPACE: agent.namespace,
+        META_SERVICE_ACCOUNT: agent.service_account,
+        META_INBOUND: agent.inbound,
+        META_OUTBOUND_PORT: str(agent.outbound_port),
+        META_IP: agent.pod_ip,
+        META_CAPTURE: agent.capture,
+        META_INBOUND_CAPTURE_PORT: str(agent.inbound_capture_port),
+        META_CAPTURE_BIND: agent.capture_bind,
+    }
+    try:
+        return ProxyInfo.from_node(agent.node_id, metadata)
+    except ProxyInfoError as exc:
+        raise AgentError(f"the sidecar's environment does not describe a proxy: {exc}") from exc
+
+
+def bootstrap(agent: AgentEnv, token: str) -> dict[str, Any]:
+    """Envoy's bootstrap for this sidecar, authenticating its ADS stream with ``token``."""
+    token = token.strip()
+    try:
+        out = render_bootstrap(proxy_info(agent), xds_host=agent.xds.host, xds_port=agent.xds.port,
+                               admin_port=agent.admin_port, token=token, delta=True)
+        return add_health_listener(out, port=agent.health_port, admin_port=agent.admin_port)
+    except BootstrapError as exc:
+        raise AgentError(f"cannot render the Envoy bootstrap: {exc} (token file {agent.token_file})") from exc

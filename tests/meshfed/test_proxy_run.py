@@ -1,0 +1,142 @@
+"""``meshfed proxy run``, the sidecar agent: its environment read (errors name the variable), its bootstrap
+accepted by Envoy (``--mode validate``), and the real thing: the agent started with an injected sidecar's
+environment against a real control plane, Envoy ready on the health port with the capture-mode listeners from
+ADS (authenticated with the token file), restarted with a refreshed token, and stopped by SIGTERM with the agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from discovery.clusterset import load_clusterset
+from discovery.model import cluster_id
+from gateway.envoy import validate
+from meshfed.agent import AgentError, agent_env, bootstrap, proxy_info
+from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
+from meshfed.inject import InjectConfig, Injected, inject
+from meshfed.local import free_port, http_get, write_private
+from tests.support.procs import port_open, wait_for
+
+DEMO = Path(__file__).resolve().parents[2] / "clusters" / "demo"
+NODE = "sidecar~127.0.0.1~sleep-0.default~default.svc.cluster.local"
+
+
+def injected_env(tmp_path: Path, xds: str) -> dict[str, str]:
+    """The sidecar's environment as the injector writes it, with the downward API's values filled in."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleep-0"},
+           "spec": {"containers": [{"name": "app", "image": "sleep", "ports": [{"containerPort": 9080}]}]}}
+    out = inject(pod, InjectConfig(cluster="east", image="x", xds_address=xds))
+    assert isinstance(out, Injected)
+    sidecar = out.pod["spec"]["initContainers"][1]
+    downward = {"metadata.name": "sleep-0", "metadata.namespace": "default", "status.podIP": "127.0.0.1",
+                "spec.serviceAccountName": "sleep", "spec.nodeName": "node-1"}
+    env = {e["name"]: e["value"] if "value" in e else downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
+           for e in sidecar["env"]}
+    env["MESHFED_XDS_TOKEN_FILE"] = str(tmp_path / "token")
+    env["MESHFED_RUN_DIR"] = str(tmp_path / "run")
+    return env
+
+
+def test_environment_errors_name_the_variable(tmp_path: Path) -> None:
+    env = injected_env(tmp_path, "meshfed-controlplane.meshfed-system.svc:15010")
+    for name in ("POD_NAME", "POD_IP", "MESHFED_CLUSTER", "MESHFED_XDS_ADDRESS"):
+        with pytest.raises(AgentError, match=name):
+            agent_env({k: v for k, v in env.items() if k != name})
+    with pytest.raises(AgentError, match="MESHFED_XDS_ADDRESS"):
+        agent_env({**env, "MESHFED_XDS_ADDRESS": "controlplane"})
+    with pytest.raises(AgentError, match="MESHFED_OUTBOUND_PORT"):
+        agent_env({**env, "MESHFED_OUTBOUND_PORT": "x"})
+    with pytest.raises(AgentError, match="MESHFED_INBOUND"):
+        proxy_info(agent_env({**env, "MESHFED_INBOUND": "nope"}))
+
+
+def test_bootstrap_from_the_injected_environment_is_accepted_by_envoy(tmp_path: Path) -> None:
+    agent = agent_env(injected_env(tmp_path, "meshfed-controlplane.meshfed-system.svc:15010"))
+    info = proxy_info(agent)
+    assert info.node_id == NODE and info.captured and info.service_account == "sleep"
+    assert [(p.port, p.app_port) for p in info.inbound] == [(9080, 9080)]
+    boot = bootstrap(agent, "tok-123\n")
+    meta = boot["node"]["metadata"]
+    assert meta["MESHFED_CAPTURE"] == "redirect" and meta["CLUSTER_ID"] == "east" and meta["NAMESPACE"] == "default"
+    assert boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["initial_metadata"] == [
+        {"key": "authorization", "value": "Bearer tok-123"}]
+    assert boot["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
+    health = next(x for x in boot["static_resources"]["listeners"] if x["name"] == "health")
+    assert health["address"]["socket_address"]["port_value"] == 15021
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(boot))
+    validate(path)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+async def test_proxy_run_against_a_real_control_plane(east_ca: Path, tmp_path: Path) -> None:
+    identity = {"namespace": "default", "service_account": "sleep", "cluster": "east", "node_id": NODE}
+    tokens = tmp_path / "tokens.json"
+    write_private(tokens, json.dumps({"a" * 24: identity, "b" * 24: identity}))
+    config = ControlPlaneConfig(
+        clusterset=load_clusterset(DEMO), cluster=cluster_id("east"), ca_dir=east_ca, federation_urls=(),
+        xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
+        gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tokens)
+    async with ControlPlane(config) as cp:
+        assert cp.ads is not None
+        env = injected_env(tmp_path, f"127.0.0.1:{cp.ads.port}")
+        (tmp_path / "run").mkdir()
+        (tmp_path / "token").write_text("a" * 24)
+        admin, health = free_port(), free_port()
+        env.update(MESHFED_ADMIN_PORT=str(admin), MESHFED_HEALTH_PORT=str(health),
+                   MESHFED_OUTBOUND_PORT=str(free_port()), MESHFED_INBOUND_CAPTURE_PORT=str(free_port()),
+                   MESHFED_CAPTURE_BIND="127.0.0.1")
+        agent = await asyncio.to_thread(
+            subprocess.Popen,
+            [sys.executable, "-m", "meshfed", "proxy", "run", "--proxy-uid", str(os.getuid()), "--token-poll",
+             "0.2"], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            def ready() -> bool:
+                assert agent.poll() is None, agent.stdout.read().decode() if agent.stdout else ""
+                try:
+                    return http_get(f"http://127.0.0.1:{health}/healthz/ready")[0] == 200
+                except OSError:
+                    return False
+
+            await asyncio.to_thread(wait_for, ready, timeout=60, what="the sidecar's readiness")
+            status, listeners = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/listeners")
+            assert status == 200 and "virtualOutbound" in listeners and "virtualInbound" in listeners
+            assert (tmp_path / "run" / "envoy-bootstrap.json").stat().st_mode & 0o077 == 0
+            [first] = _children(agent.pid)
+
+            # A refreshed token restarts Envoy with it (the ADS stream presents the token only when it opens).
+            (tmp_path / "token").write_text("b" * 24)
+            await asyncio.to_thread(wait_for, lambda: _children(agent.pid) not in ([], [first]), timeout=60,
+                                    what="a new envoy")
+            await asyncio.to_thread(wait_for, ready, timeout=60, what="readiness after the restart")
+            boot = json.loads((tmp_path / "run" / "envoy-bootstrap.json").read_text())
+            assert boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["initial_metadata"][0][
+                "value"] == "Bearer " + "b" * 24
+            [second] = _children(agent.pid)
+
+            agent.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(agent.wait, 30) == 0
+            assert await asyncio.to_thread(_gone, second)
+            assert not port_open("127.0.0.1", admin)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
