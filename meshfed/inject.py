@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from discovery.fields import ConversionError, as_list, as_mapping
 from meshfed.capture import (
     DEFAULT_INBOUND_PORT,
     DEFAULT_OUTBOUND_PORT,
@@ -163,19 +164,17 @@ def _field(prefix: str, path: str) -> str:
 
 
 def _mapping(value: Any, field: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InjectError(field, f"must be an object, not {type(value).__name__}")
-    return value
+    try:
+        return as_mapping(value, field)
+    except ConversionError as exc:
+        raise InjectError(exc.field, exc.reason) from None
 
 
 def _list(value: Any, field: str) -> Sequence[Any]:
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        raise InjectError(field, f"must be a list, not {type(value).__name__}")
-    return value
+    try:
+        return as_list(value, field)
+    except ConversionError as exc:
+        raise InjectError(exc.field, exc.reason) from None
 
 
 def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
