@@ -468,6 +468,8 @@ def sign_csr(
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError as exc:
         raise BadCSR(f"CSR is not a PEM PKCS#10 request: {exc}") from exc
+    except x509.InvalidVersion as exc:  # not a ValueError: a version field other than v1 (0)
+        raise BadCSR(f"CSR has an invalid version: {exc}") from exc
     try:
         valid = csr.is_signature_valid
     except (ValueError, UnsupportedAlgorithm, InvalidSignature) as exc:

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from federation.trust.ca import IntermediateCA, create_intermediate, create_root, generate_key, make_csr, sign_csr
-from federation.trust.errors import TrustError
+from federation.trust.errors import BadCSR, TrustError
 from federation.trust.spiffe import SpiffeId, TrustDomain
 
 TD = TrustDomain("meshfed.test")
@@ -99,3 +99,13 @@ def test_spliced_odd_csrs_raise_only_trust_errors(index: int, start: int, junk: 
     der = x509.load_pem_x509_csr(odd).public_bytes(Encoding.DER)
     at = min(start, len(der))
     _sign(_pem(der[:at] + junk + der[at + len(junk):]))
+
+
+def test_a_csr_with_another_version_is_a_bad_csr() -> None:
+    """Found by the splice fuzzer: cryptography raises InvalidVersion (not a ValueError) for a version field other
+    than 0, which escaped sign_csr as a third-party error (a 500 at the CA's edge)."""
+    der = bytearray(x509.load_pem_x509_csr(GOOD).public_bytes(Encoding.DER))
+    at = der.index(b"\x02\x01\x00")  # CertificationRequestInfo.version INTEGER 0
+    der[at + 2] = 1
+    with pytest.raises(BadCSR, match="version"):
+        sign_csr(CA, _pem(bytes(der)), identity=ME, ttl=timedelta(hours=1))
