@@ -45,6 +45,7 @@ from discovery.model import (
     Protocol,
     Service,
     ServiceExport,
+    ServiceImport,
     ServiceKey,
     ServicePort,
     ServiceTraits,
@@ -358,6 +359,43 @@ def convert_service_export(obj: Mapping[str, Any], cluster: ClusterId) -> Servic
     )
 
 
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "meshfed"
+
+
+def service_import_object(imp: ServiceImport, *, version: str) -> dict[str, Any]:
+    """The Kubernetes ServiceImport object of a derived import at MCS API ``version``: ``spec`` (type, ports, ips,
+    the oldest export's traits) and ``status.clusters``; its labels and annotations are the oldest export's
+    ``exportedLabels`` / ``exportedAnnotations``, plus the label that marks meshfed as the writer. v1alpha1 holds
+    one address and none of v1beta1's newer fields."""
+    ports = []
+    for p in imp.ports:
+        port: dict[str, Any] = {"port": p.port, "protocol": str(p.protocol)}
+        if p.name:
+            port["name"] = p.name
+        if p.app_protocol:
+            port["appProtocol"] = p.app_protocol
+        ports.append(port)
+    t = imp.traits
+    spec: dict[str, Any] = {"type": str(imp.type), "ports": ports, "sessionAffinity": t.session_affinity}
+    if imp.ips:
+        spec["ips"] = list(imp.ips[:1] if version == "v1alpha1" else imp.ips[:2])
+    if t.affinity_timeout:
+        spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": t.affinity_timeout}}
+    if version != "v1alpha1":
+        if t.ip_families:
+            spec["ipFamilies"] = list(t.ip_families)
+        spec["internalTrafficPolicy"] = t.internal_traffic_policy
+        if t.traffic_distribution:
+            spec["trafficDistribution"] = t.traffic_distribution
+    metadata: dict[str, Any] = {"name": imp.key.name, "namespace": imp.key.namespace,
+                                "labels": {**dict(imp.labels), MANAGED_BY_LABEL: MANAGED_BY}}
+    if imp.annotations:
+        metadata["annotations"] = dict(imp.annotations)
+    return {"apiVersion": f"{MCS_GROUP}/{version}", "kind": "ServiceImport", "metadata": metadata, "spec": spec,
+            "status": {"clusters": [{"cluster": c} for c in imp.clusters]}}
+
+
 def condition_object(c: Condition) -> dict[str, Any]:
     """A condition as the Kubernetes ``metav1.Condition`` JSON of a ServiceExport's ``status.conditions``."""
     out: dict[str, Any] = {"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message,
@@ -497,5 +535,6 @@ __all__ = [
     "object_ref",
     "parse_timestamp",
     "service_export_object",
+    "service_import_object",
     "type_of",
 ]

@@ -54,7 +54,7 @@ from discovery.kube.errors import (
 )
 from discovery.kube.reflector import EXTRA_KINDS, KINDS, Backoff, Reflector, ReflectorStats, WatchedKind
 from discovery.kube.source import KubeSource
-from discovery.kube.status import ExportStatusWriter, export_status_body
+from discovery.kube.status import ExportStatusWriter, ImportWriter, export_status_body
 
 __all__ = [
     "EXTRA_KINDS",
@@ -65,6 +65,7 @@ __all__ = [
     "SERVICE_EXPORTS",
     "Backoff",
     "ExportStatusWriter",
+    "ImportWriter",
     "KubeAlreadyExists",
     "KubeApiError",
     "KubeConfigError",

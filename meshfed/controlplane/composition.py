@@ -17,7 +17,7 @@ from typing import Any, Self
 
 from discovery.authz import AuthorizationPolicy
 from discovery.dns.server import DnsServer
-from discovery.kube import ExportStatusWriter, KubeSource
+from discovery.kube import ExportStatusWriter, ImportWriter, KubeSource
 from discovery.manifests import ManifestSource
 from discovery.mcs import derive_local
 from discovery.model import ClusterInfo, Registry
@@ -74,6 +74,7 @@ class ControlPlane:
     _dns_dirty: asyncio.Event = field(default_factory=asyncio.Event)
     _status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
     status_writer: ExportStatusWriter | None = None
+    import_writer: ImportWriter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _generation_failed: set[str] = field(default_factory=set)
 
@@ -251,15 +252,22 @@ class ControlPlane:
         if isinstance(source, KubeSource):
             # On a real cluster the control plane writes its exports' conditions back to their status.
             self.status_writer = ExportStatusWriter(api=source.api, version=source.mcs_version, clock=utcnow)
-            self._tasks.append(asyncio.create_task(self._status_loop(self.status_writer), name="export-status"))
+            self.import_writer = ImportWriter(api=source.api, version=source.mcs_version)
+            self._tasks.append(asyncio.create_task(self._status_loop(self.status_writer, self.import_writer),
+                                                   name="export-status"))
         return source
 
-    async def _status_loop(self, writer: ExportStatusWriter) -> None:
-        """Write the local exports' conditions after changes (latest registry wins; bursts coalesce)."""
+    async def _status_loop(self, writer: ExportStatusWriter, imports: ImportWriter) -> None:
+        """Write the local exports' conditions and the clusterset's ServiceImports after changes (latest registry
+        wins; bursts coalesce). Until the federation's first catalog, a federated control plane has no imports to
+        write (and none to delete by mistake)."""
         while True:
             await self._status_dirty.wait()
             self._status_dirty.clear()
-            await writer.sync(self.registry.exports.get(self.config.cluster, {}))
+            registry = self.registry
+            await writer.sync(registry.exports.get(self.config.cluster, {}))
+            if not self.config.federation_urls or (self.agent is not None and self.agent.catalog is not None):
+                await imports.sync(registry.imports)
 
     async def _watch_local(self, source: ClusterSource) -> None:
         """Follow the cluster's own objects: each accepted change replaces the local shard and is published."""

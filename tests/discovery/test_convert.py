@@ -360,3 +360,18 @@ def test_service_export_v1beta1_spec() -> None:
     with pytest.raises(cv.ConversionError) as info:
         cv.convert(obj, cluster=EAST)
     assert info.value.field == "spec.exportedLabels.tier"
+
+
+def test_service_import_object_per_version() -> None:
+    from discovery.model import ServiceImport, ServiceType
+
+    imp = ServiceImport(key=KEY, type=ServiceType.CLUSTER_SET_IP, ports=(ServicePort(port=9080, name="http"),),
+                        clusters=(EAST,), ips=("241.0.0.7", "fd00::7"),
+                        traits=ServiceTraits(ip_families=("IPv4", "IPv6"), traffic_distribution="PreferClose"))
+    beta = cv.service_import_object(imp, version="v1beta1")
+    assert beta["apiVersion"] == "multicluster.x-k8s.io/v1beta1"
+    assert beta["spec"]["ips"] == ["241.0.0.7", "fd00::7"] and beta["spec"]["trafficDistribution"] == "PreferClose"
+    alpha = cv.service_import_object(imp, version="v1alpha1")
+    assert alpha["spec"]["ips"] == ["241.0.0.7"]  # v1alpha1 holds one address and none of v1beta1's fields
+    assert not {"ipFamilies", "internalTrafficPolicy", "trafficDistribution"} & set(alpha["spec"])
+    assert alpha["status"] == {"clusters": [{"cluster": "east"}]}

@@ -12,8 +12,18 @@ from pathlib import Path
 import pytest
 
 from discovery import mcs
-from discovery.kube import ExportStatusWriter, load_api_client
-from discovery.model import ClusterId, Condition, ConditionStatus, ServiceExport, ServiceKey
+from discovery.kube import ExportStatusWriter, ImportWriter, load_api_client
+from discovery.model import (
+    ClusterId,
+    Condition,
+    ConditionStatus,
+    ServiceExport,
+    ServiceImport,
+    ServiceKey,
+    ServicePort,
+    ServiceTraits,
+    ServiceType,
+)
 from meshfed.install.crds import CRDS
 from tests.support.kubeapi import KubeApiDouble
 
@@ -88,3 +98,50 @@ async def test_deleted_export_is_skipped_and_failures_retry(api: tuple[KubeApiDo
     assert obj is not None and [c["type"] for c in obj["status"]["conditions"]] == ["Valid"]
     # An export without conditions yet (waiting for the federation) is left alone.
     assert await writer.sync({KEY: _export()}) == 0
+
+
+def _import(name: str = "reviews", ns: str = "default", **kw: object) -> ServiceImport:
+    return ServiceImport(key=ServiceKey.parse(f"{name}.{ns}"), type=ServiceType.CLUSTER_SET_IP,
+                         ports=(ServicePort(port=9080, name="http", app_protocol="http"),),
+                         clusters=(ClusterId("east"), ClusterId("west")), ips=("241.0.0.7",), **kw)  # type: ignore[arg-type]
+
+
+async def test_service_imports_are_written_changed_and_removed(api: tuple[KubeApiDouble, Path]) -> None:
+    double, kubeconfig = api
+    client = load_api_client(kubeconfig=kubeconfig, context="east")
+    # One left by an earlier run for a service no longer exported, and one somebody else owns.
+    double.put_object({"apiVersion": BETA, "kind": "ServiceImport",
+                       "metadata": {"name": "old", "namespace": "default",
+                                    "labels": {"app.kubernetes.io/managed-by": "meshfed"}},
+                       "spec": {"type": "ClusterSetIP", "ports": [{"port": 1}]}})
+    double.put_object({"apiVersion": BETA, "kind": "ServiceImport",
+                       "metadata": {"name": "theirs", "namespace": "default"},
+                       "spec": {"type": "ClusterSetIP", "ports": [{"port": 1}]}})
+    writer = ImportWriter(api=client, version=lambda: "v1beta1")
+    traits = ServiceTraits(session_affinity="ClientIP", affinity_timeout=60, ip_families=("IPv4",))
+    reviews = _import(traits=traits, labels=(("tier", "gold"),), annotations=(("team", "x"),))
+    elsewhere = _import("db", ns="prod")  # no namespace prod in this cluster: skipped
+    assert await writer.sync({reviews.key: reviews, elsewhere.key: elsewhere}) == 2  # old deleted, reviews written
+    names = {o["metadata"]["name"] for o in double.objects(BETA, "ServiceImport")}
+    assert names == {"reviews", "theirs"}
+    obj = double.get_object(BETA, "ServiceImport", "reviews")
+    assert obj is not None
+    assert obj["spec"] == {"type": "ClusterSetIP", "sessionAffinity": "ClientIP", "ips": ["241.0.0.7"],
+                           "ports": [{"port": 9080, "protocol": "TCP", "name": "http", "appProtocol": "http"}],
+                           "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}, "ipFamilies": ["IPv4"],
+                           "internalTrafficPolicy": "Cluster"}
+    assert obj["status"] == {"clusters": [{"cluster": "east"}, {"cluster": "west"}]}
+    assert obj["metadata"]["labels"] == {"tier": "gold", "app.kubernetes.io/managed-by": "meshfed"}
+    assert obj["metadata"]["annotations"] == {"team": "x"}
+    patches = [p for m, p in double.requests if m == "PATCH" and "/default/serviceimports/reviews" in p]
+    assert len(patches) == 2 and all("fieldManager=meshfed" in p for p in patches)  # the object, its status
+    # Unchanged: nothing written. Changed: written again.
+    assert await writer.sync({reviews.key: reviews, elsewhere.key: elsewhere}) == 0
+    west_only = replace(reviews, clusters=(ClusterId("west"),))
+    assert await writer.sync({reviews.key: west_only}) == 1
+    obj = double.get_object(BETA, "ServiceImport", "reviews")
+    assert obj is not None and obj["status"]["clusters"] == [{"cluster": "west"}]
+    # Unexported everywhere: removed; somebody else's stays.
+    assert await writer.sync({}) == 1
+    assert {o["metadata"]["name"] for o in double.objects(BETA, "ServiceImport")} == {"theirs"}
+    assert writer.failures == 0

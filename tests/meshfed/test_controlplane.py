@@ -187,13 +187,28 @@ async def test_control_plane_on_the_kubernetes_api_with_tokenreview_auth(east_ca
                 obj = api.get_object("multicluster.x-k8s.io/v1alpha1", "ServiceExport", "reviews", "default")
                 conds = (obj or {}).get("status", {}).get("conditions", [])
                 return {c["type"]: c["reason"] for c in conds if c.get("lastTransitionTime")}
+            assert cp.status_writer is not None
             for _ in range(100):
-                if status_reasons():
+                if status_reasons() and cp.status_writer.writes >= 2:  # reviews and db
                     break
                 await asyncio.sleep(0.05)
             assert status_reasons() == {"Valid": "Valid", "Ready": "Exported", "Conflict": "NoConflicts"}
-            assert cp.status_writer is not None and cp.status_writer.writes >= 2  # reviews and db
-            written = cp.status_writer.writes
+            assert cp.status_writer.writes >= 2
+            # ... and the clusterset's ServiceImports (east alone: reviews and db), spec and status.clusters.
+            for _ in range(100):
+                imported = api.objects("multicluster.x-k8s.io/v1alpha1", "ServiceImport")
+                if len(imported) == 2 and all(o.get("status") for o in imported) and cp.import_writer is not None \
+                        and cp.import_writer.writes == 2:
+                    break
+                await asyncio.sleep(0.05)
+            imports = {o["metadata"]["name"]: o for o in api.objects("multicluster.x-k8s.io/v1alpha1",
+                                                                     "ServiceImport")}
+            assert set(imports) == {"reviews", "db"}
+            assert imports["reviews"]["spec"]["type"] == "ClusterSetIP" and imports["reviews"]["spec"]["ips"]
+            assert imports["db"]["spec"]["type"] == "Headless" and "ips" not in imports["db"]["spec"]
+            assert imports["reviews"]["status"]["clusters"] == [{"cluster": "east"}]
+            assert imports["reviews"]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "meshfed"
+            status_writes = cp.status_writer.writes
             # A change in the API server reaches the registry through the watch.
             api.delete_object("v1", "Service", "details", "default")
             for _ in range(100):
@@ -203,7 +218,7 @@ async def test_control_plane_on_the_kubernetes_api_with_tokenreview_auth(east_ca
             assert "details.default" not in {str(s.key) for s in cp.registry.services(EAST)}
             # Nothing about the exports changed (only details, which is not exported): no status written again,
             # though the status write itself came back through the watch as a change of the ServiceExport.
-            assert cp.status_writer.writes == written
+            assert cp.status_writer.writes == status_writes
             # East's demo VirtualService and DestinationRule came from the API server into the push context.
             policies = cp.push_context().policies
             assert policies.virtual_service(REVIEWS) is not None and policies.destination_rule(REVIEWS) is not None
