@@ -196,6 +196,9 @@ def build(plan: NetPlan, record: Record) -> None:
         _veth(pod.host_if, pod.netns, POD_IF, pod.bridge, pod.cidr, record)
         for dst in (plan.public_cidr, plan.vip_cidr):
             run(["ip", "-n", pod.netns, "route", "add", dst, "via", pod.gateway_ip, "dev", POD_IF])
+        if not ETC_NETNS.exists():  # ours: removed again when empty
+            record({"kind": "etc-netns", "name": "", "path": str(ETC_NETNS)})
+            ETC_NETNS.mkdir(mode=0o755, exist_ok=True)
         conf = ETC_NETNS / pod.netns
         record({"kind": "dir", "name": pod.netns, "path": str(conf)})
         conf.mkdir(parents=True, exist_ok=True)
@@ -256,6 +259,9 @@ def teardown(created: Iterable[Mapping[str, str]], run_id: str) -> list[str]:
         if item.get("kind") == "dir" and ours and RUN_ID.match(run_id):
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(path)
+    if any(i.get("kind") == "etc-netns" for i in items):
+        with contextlib.suppress(OSError):  # only when empty: another run's (or anyone's) files keep it
+            ETC_NETNS.rmdir()
     left_ns = namespaces() & {i["name"] for i in items if i.get("kind") == "netns" and is_ours(i["name"], run_id)}
     left_links = links() & {i["name"] for i in items if i.get("kind") == "link" and is_ours(i["name"], run_id)}
     problems += [f"netns {n} still exists" for n in sorted(left_ns)]
