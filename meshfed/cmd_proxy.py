@@ -207,7 +207,7 @@ def _start(agent: AgentEnv, token: str, *, proxy_uid: int, log_level: str) -> su
     drop = proxy_uid != os.getuid()
     if drop:  # only root gets here: the bootstrap (0600, it holds the token) must be readable by Envoy
         os.chown(path, proxy_uid, proxy_uid)
-    argv = envoy.command(path, log_level=log_level)
+    argv = envoy.command(path, log_level=log_level, binary=envoy.real_binary() if drop else None)
     log.info("starting envoy node=%s xds=%s uid=%d", agent.node_id, agent.xds, proxy_uid)
     return subprocess.Popen(argv, user=proxy_uid if drop else None, group=proxy_uid if drop else None,
                             extra_groups=[] if drop else None)

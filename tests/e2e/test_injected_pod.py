@@ -1,0 +1,242 @@
+"""The injected spec runs: a pod spec goes through the webhook's ``review`` (AdmissionReview in, JSONPatch out,
+applied with ``jsonpatch``), and the containers it injected are run, in order, in east's pod namespace of the
+capture bed (``tests.e2e.test_capture_dataplane``'s layout, IPv4): ``meshfed-init``'s command line as it stands
+in the patch (``meshfed proxy capture ...``, as root), then ``meshfed-proxy``'s (``meshfed proxy run``, with the
+patch's environment and the downward API's values filled in; the agent drops to uid 1337 itself). Once the
+sidecar's ``/healthz/ready`` on :15021 answers 200, the pod's application, which knows nothing of the mesh, calls
+west's services by DNS name: plain TCP to echo and HTTP to ratings, through the injected sidecar, west's east-west
+gateway and west's sidecar. The sidecar's ADS reaches east's control plane (in this process) through a relay on the
+pod's own loopback, the way it would reach the control plane Service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from discovery.dns.server import DnsServer
+from discovery.model import namespace
+from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind, PushContext
+from meshfed.agent import agent_env, proxy_info
+from meshfed.controlplane.webhook import review
+from meshfed.inject import InjectConfig
+from tests.e2e.test_capture_dataplane import (
+    APPS,
+    CLIENT,
+    ECHO,
+    ECHO_NAME,
+    POLICY,
+    RATINGS,
+    RATINGS_URL,
+    WEST,
+    Addresses,
+    registries,
+)
+from tests.gateway.envoy_fixtures import ControlPlane, wait_until
+from tests.gateway.mesh_fixtures import TD, authorization_policies, cluster_cas, workload_certs
+from tests.support.netns_bed import (
+    CREATED,
+    REPO,
+    Bed,
+    Link,
+    bed,
+    bound_sockets,
+    capture_rules,
+    resolver,
+    run,
+    run_in,
+    start_envoy,
+    start_script,
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and iptables need root"),
+    pytest.mark.skipif(shutil.which("ip") is None or shutil.which("setpriv") is None,
+                       reason="iproute2 and util-linux setpriv are needed"),
+    pytest.mark.skipif(shutil.which("iptables-restore") is None, reason="Debian's iptables package is not installed"),
+]
+
+XDS_PORT = 15010  # inside the pod's namespace (its own loopback), relayed to east's control plane
+
+READY = r"""
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen("http://127.0.0.1:15021/healthz/ready", timeout=2).status)
+except Exception as exc:
+    print(f"error {exc}")
+"""
+
+
+def sleep_pod() -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleep-1", "namespace": "default"},
+            "spec": {"serviceAccountName": "sleep", "containers": [{"name": "sleep", "image": "sleep:1"}]}}
+
+
+def injected(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod as the API server stores it after the webhook answered."""
+    config = InjectConfig(cluster="east", image="registry.example/meshfed:test", xds_address=f"127.0.0.1:{XDS_PORT}")
+    body = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "1", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE",
+        "namespace": "default", "object": pod}}
+    status, out = review(json.dumps(body).encode(), config)
+    assert status == 200 and out["response"]["allowed"], out
+    patched: dict[str, Any] = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(out["response"]["patch"])))
+    return patched
+
+
+def downward(pod: dict[str, Any], container: dict[str, Any], pod_ip: str) -> dict[str, str]:
+    values = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"],
+              "status.podIP": pod_ip, "spec.serviceAccountName": pod["spec"]["serviceAccountName"],
+              "spec.nodeName": "node-1"}
+    return {e["name"]: e["value"] if "value" in e else values[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            for e in container.get("env", [])}
+
+
+async def serve_relay(b: Bed, role: str, port: int, target: int) -> None:
+    """A TCP listener on ``role``'s own 127.0.0.1:``port`` (made there, served here) relayed to ``target`` on the
+    root namespace's loopback."""
+    _, tcp = bound_sockets(b, role, "127.0.0.1", port)
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    tcp.listen(16)
+    b.servers.append(await asyncio.start_server(handle, sock=tcp))
+
+
+@pytest.fixture
+async def pod_mesh() -> AsyncIterator[tuple[Bed, subprocess.Popen[bytes]]]:
+    cas, bundle = cluster_cas()
+    ips = Addresses(secrets.randbelow(250) + 1)
+    east_reg, west_reg = registries(ips)
+    east_ctx = PushContext(registry=east_reg, trust_domain=TD, trust_bundle_pem=bundle,
+                           workload_certs=workload_certs(cas, "east", [("default", "sleep")]),
+                           gateway_health_check_s=0.0)
+    west_ctx = PushContext(registry=west_reg, trust_domain=TD, trust_bundle_pem=bundle,
+                           workload_certs=workload_certs(cas, "west", [("default", "echo")]),
+                           authz=authorization_policies(POLICY, WEST))
+    echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
+                     service_account="echo", ip=ips.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO, RATINGS),
+                     inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
+                              InboundPort(5434, 5434, "tcp-west"), InboundPort(9080, 9080, "http")),
+                     node_id=f"sidecar~{ips.west_ip}~echo-1.default~default.svc.cluster.local")
+    gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
+                        service_account="eastwest", ip="0.0.0.0", gateway_port=15443,
+                        node_id=f"router~{ips.gateway_ip}~eastwest-1.meshfed~meshfed.svc.cluster.local")
+    links = [Link("east", (f"{ips.east_ip}/24",), "gw", (f"{ips.gateway_ip}/24",)),
+             *ips.links()[1:]]
+    pod = injected(sleep_pod())
+    init, sidecar = pod["spec"]["initContainers"]
+    with bed("inj", ("east", "gw", "west", "eastdns", "westdns"), links,
+             default_routes=(("east", "gw"), ("west", "gw"))) as b:
+        resolver(b, "east", ips.east_dns_ip)
+        resolver(b, "west", ips.west_dns_ip)
+        async with ControlPlane(ctx=east_ctx) as east_cp, ControlPlane(ctx=west_ctx) as west_cp, \
+                DnsServer(sockets=bound_sockets(b, "eastdns", ips.east_dns_ip, 53), registry=east_reg) as east_dns, \
+                DnsServer(sockets=bound_sockets(b, "westdns", ips.west_dns_ip, 53), registry=west_reg) as west_dns:
+            await east_dns.update(east_reg)
+            await west_dns.update(west_reg)
+            agent: subprocess.Popen[bytes] | None = None
+            try:
+                start_script(b, "west", APPS)
+                capture_rules(b, "west")
+                await start_envoy(b, west_cp, echo, "west")
+                await start_envoy(b, west_cp, gateway, "gw")
+
+                pyenv = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+                # 1. the init container, as the patch has it (the image's entrypoint is `meshfed`)
+                done = await asyncio.to_thread(
+                    subprocess.run, ["ip", "netns", "exec", b.ns("east"), sys.executable, "-m", "meshfed",
+                                     *init["args"]], capture_output=True, text=True, timeout=120, env=pyenv,
+                    check=False)
+                assert done.returncode == 0, done.stdout + done.stderr
+                assert "ipv4: installed" in done.stdout
+                # 2. the native sidecar, with the patch's environment; the volumes' files where the env says
+                env = downward(pod, sidecar, ips.east_ip)
+                run_dir = b.tmp / "east-run"
+                run_dir.mkdir()
+                env["MESHFED_RUN_DIR"] = str(run_dir)
+                token_file = b.tmp / "east-token"
+                env["MESHFED_XDS_TOKEN_FILE"] = str(token_file)
+                token_file.write_text(east_cp.add_proxy(proxy_info(agent_env(env))))
+                await serve_relay(b, "east", XDS_PORT, east_cp.port)
+                agent = await asyncio.to_thread(
+                    subprocess.Popen, ["ip", "netns", "exec", b.ns("east"), sys.executable, "-m", "meshfed",
+                                       *sidecar["args"]], env={**pyenv, **env},
+                    stdout=b.log("east").open("wb"), stderr=subprocess.STDOUT)
+
+                async def ready() -> bool:
+                    assert agent is not None and agent.poll() is None, b.log("east").read_text(errors="replace")
+                    return await run_in(b, "east", READY, within=30) == "200"
+
+                await wait_until(ready, within=90, what="the injected sidecar's /healthz/ready")
+                yield b, agent
+            finally:
+                if agent is not None and agent.poll() is None:
+                    agent.send_signal(signal.SIGTERM)
+                    try:
+                        agent.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        agent.kill()
+                        agent.wait()
+                b.stop_processes()
+
+
+async def test_the_injected_containers_put_the_pod_in_the_mesh(pod_mesh: tuple[Bed, subprocess.Popen[bytes]]) -> None:
+    b, agent = pod_mesh
+    assert await run_in(b, "east", CLIENT, "resolve", ECHO_NAME, within=60) != ""
+    assert await run_in(b, "east", CLIENT, "echo", ECHO_NAME, "5432", str(1 << 16), within=60) == "ok"
+    status, _, xfcc = (await run_in(b, "east", CLIENT, "http", RATINGS_URL, within=60)).partition(" ")
+    assert status == "200"
+    assert f"URI=spiffe://{TD}/ns/default/sa/sleep" in xfcc  # the sidecar's identity: the injected pod's account
+    # Envoy runs as the proxy uid (the agent, root in the pod's namespace, dropped to it): the capture rules'
+    # exception for its own connections is what let the calls above leave without looping back into 15001.
+    [envoy_pid] = await asyncio.to_thread(_children, agent.pid)
+    status_text = await asyncio.to_thread(_read, f"/proc/{envoy_pid}/status")
+    assert "Uid:\t1337\t1337\t1337\t1337" in status_text, status_text
+    # The agent stops with SIGTERM and takes Envoy with it.
+    agent.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(agent.wait, 30) == 0
+    assert await run_in(b, "east", READY, within=30) != "200"
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in _read(f"/proc/{pid}/task/{pid}/children").split()]
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
+
+
+def test_nothing_left() -> None:
+    listed = set(run(["ip", "netns", "list"]).split())
+    assert not {ns for ns in CREATED if ns in listed}
