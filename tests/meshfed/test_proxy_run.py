@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from discovery.clusterset import load_clusterset
 from discovery.model import cluster_id
@@ -80,6 +81,35 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+async def start_agent(tmp_path: Path, xds_port: int) -> tuple[subprocess.Popen[bytes], int, int]:
+    """``meshfed proxy run`` with the injector's environment (ports moved to free ones on loopback)."""
+    env = injected_env(tmp_path, f"127.0.0.1:{xds_port}")
+    (tmp_path / "run").mkdir()
+    admin, health = free_port(), free_port()
+    env.update(MESHFED_ADMIN_PORT=str(admin), MESHFED_HEALTH_PORT=str(health),
+               MESHFED_OUTBOUND_PORT=str(free_port()), MESHFED_INBOUND_CAPTURE_PORT=str(free_port()),
+               MESHFED_CAPTURE_BIND="127.0.0.1")
+    agent = await asyncio.to_thread(
+        subprocess.Popen,
+        [sys.executable, "-m", "meshfed", "proxy", "run", "--proxy-uid", str(os.getuid()), "--token-poll", "0.2"],
+        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return agent, admin, health
+
+
+def agent_ready(agent: subprocess.Popen[bytes], health: int) -> bool:
+    assert agent.poll() is None, agent.stdout.read().decode() if agent.stdout else ""
+    try:
+        return http_get(f"http://127.0.0.1:{health}/healthz/ready")[0] == 200
+    except OSError:
+        return False
+
+
+def stop(agent: subprocess.Popen[bytes]) -> None:
+    if agent.poll() is None:
+        agent.kill()
+        agent.wait()
+
+
 def _gone(pid: int) -> bool:
     try:
         return "zombie" in Path(f"/proc/{pid}/status").read_text()
@@ -97,24 +127,11 @@ async def test_proxy_run_against_a_real_control_plane(east_ca: Path, tmp_path: P
         gateway_host="127.0.0.1", gateway_port=15443, tokens_file=tokens)
     async with ControlPlane(config) as cp:
         assert cp.ads is not None
-        env = injected_env(tmp_path, f"127.0.0.1:{cp.ads.port}")
-        (tmp_path / "run").mkdir()
         (tmp_path / "token").write_text("a" * 24)
-        admin, health = free_port(), free_port()
-        env.update(MESHFED_ADMIN_PORT=str(admin), MESHFED_HEALTH_PORT=str(health),
-                   MESHFED_OUTBOUND_PORT=str(free_port()), MESHFED_INBOUND_CAPTURE_PORT=str(free_port()),
-                   MESHFED_CAPTURE_BIND="127.0.0.1")
-        agent = await asyncio.to_thread(
-            subprocess.Popen,
-            [sys.executable, "-m", "meshfed", "proxy", "run", "--proxy-uid", str(os.getuid()), "--token-poll",
-             "0.2"], env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        agent, admin, health = await start_agent(tmp_path, cp.ads.port)
         try:
             def ready() -> bool:
-                assert agent.poll() is None, agent.stdout.read().decode() if agent.stdout else ""
-                try:
-                    return http_get(f"http://127.0.0.1:{health}/healthz/ready")[0] == 200
-                except OSError:
-                    return False
+                return agent_ready(agent, health)
 
             await asyncio.to_thread(wait_for, ready, timeout=60, what="the sidecar's readiness")
             status, listeners = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/listeners")
@@ -137,6 +154,36 @@ async def test_proxy_run_against_a_real_control_plane(east_ca: Path, tmp_path: P
             assert await asyncio.to_thread(_gone, second)
             assert not port_open("127.0.0.1", admin)
         finally:
-            if agent.poll() is None:
-                agent.kill()
-                agent.wait()
+            await asyncio.to_thread(stop, agent)
+
+
+async def test_proxy_run_with_a_projected_token_checked_by_tokenreview(east_ca: Path, tmp_path: Path) -> None:
+    """The production authentication: the control plane on the Kubernetes API (the test double) checks the
+    agent's token with TokenReview, for meshfed's audience and bound to the pod the node id names."""
+    from tests.support.kubeapi import KubeApiDouble
+
+    with KubeApiDouble() as api:
+        for path in sorted((DEMO / "east").glob("*.yaml")):
+            for doc in yaml.safe_load_all(path.read_text()):
+                if doc:
+                    api.put_object(doc)
+        api.register_token("c" * 24, namespace="default", service_account="sleep", audiences=["meshfed"],
+                           pod="sleep-0")
+        config = ControlPlaneConfig(
+            clusterset=load_clusterset(DEMO), cluster=cluster_id("east"), ca_dir=east_ca, federation_urls=(),
+            xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
+            gateway_host="127.0.0.1", gateway_port=15443, source="kubernetes",
+            kubeconfig=api.write_kubeconfig(tmp_path / "kubeconfig"), xds_auth="tokenreview",
+            token_audience="meshfed")
+        async with ControlPlane(config) as cp:
+            assert cp.ads is not None
+            (tmp_path / "token").write_text("c" * 24 + "\n")
+            agent, admin, health = await start_agent(tmp_path, cp.ads.port)
+            try:
+                await asyncio.to_thread(wait_for, lambda: agent_ready(agent, health), timeout=60,
+                                        what="the sidecar's readiness")
+                status, listeners = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/listeners")
+                assert status == 200 and "virtualOutbound" in listeners
+                assert any("tokenreviews" in path for _, path in api.requests)
+            finally:
+                await asyncio.to_thread(stop, agent)
