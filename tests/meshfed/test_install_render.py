@@ -525,6 +525,8 @@ def test_dockerfile_builds_the_image_the_manifests_run(render: Path) -> None:
     assert any(re.search(r"pip install .*\s\.$", ln) for ln in lines), "the image installs the package itself"
     for pkg in ("discovery", "federation", "gateway", "meshfed"):
         assert any(ln.startswith("COPY") and f" {pkg} " in f"{ln} " for ln in lines), pkg
+    # the injected init container runs `meshfed proxy capture`, which drives iptables-restore
+    assert re.search(r"apt-get install .*\biptables\b", text), "the image has iptables for meshfed proxy capture"
     [entry] = [ln for ln in lines if ln.startswith("ENTRYPOINT")]
     assert json.loads(entry.removeprefix("ENTRYPOINT")) == ["meshfed"]
     [user] = [ln for ln in lines if ln.startswith("USER")]
