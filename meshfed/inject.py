@@ -81,6 +81,10 @@ KNOWN_ANNOTATIONS = frozenset({
 """Every ``meshfed.io/`` pod annotation the injector reads or writes; another one is refused (a typo would
 otherwise be ignored silently)."""
 
+PART_OF_LABEL = "app.kubernetes.io/part-of"
+"""meshfed's own pods carry ``app.kubernetes.io/part-of: meshfed``; they are never injected (the webhook's object
+selector leaves them out, and the injector skips them)."""
+
 NAMESPACE_LABEL = "meshfed.io/inject"
 """Namespaces whose pods the webhook injects carry this label with the value ``enabled``."""
 
@@ -130,6 +134,7 @@ class PodFacts:
 
     prefix: str
     annotations: Mapping[str, str]
+    labels: Mapping[str, str]
     host_network: bool
     container_names: tuple[tuple[str, str], ...]
     """(field, name) of every container and init container."""
@@ -187,6 +192,7 @@ def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
         if not isinstance(value, str):
             raise InjectError(_field(prefix, f"metadata.annotations[{json.dumps(key)}]"), "must be a string")
         annotations[str(key)] = value
+    labels = {str(k): str(v) for k, v in _mapping(meta.get("labels"), _field(prefix, "metadata.labels")).items()}
     spec = _mapping(pod.get("spec"), _field(prefix, "spec"))
     if "spec" not in pod:
         raise InjectError(_field(prefix, "spec"), "is missing: not a pod (template)")
@@ -223,6 +229,7 @@ def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
     return PodFacts(
         prefix=prefix,
         annotations=annotations,
+        labels=labels,
         host_network=spec.get("hostNetwork") is True,
         container_names=tuple(names),
         volume_names=volumes,
@@ -257,7 +264,8 @@ def check(facts: PodFacts) -> None:
     for field, name in facts.container_names:
         if name in OUR_CONTAINERS:
             raise InjectError(field, f"a container is already named {name!r}, which the injector adds "
-                                     f"(and the pod has no {STATUS} annotation saying it was injected)")
+                                     f"(and the pod is not marked injected: {STATUS} and both "
+                                     f"{' and '.join(OUR_CONTAINERS)})")
     for field, name in facts.volume_names:
         if name in OUR_VOLUMES:
             raise InjectError(field, f"a volume is already named {name!r}, which the injector adds")
@@ -419,6 +427,8 @@ def inject(pod: Any, config: InjectConfig, *, prefix: str = "") -> Outcome:
     facts = read_pod(pod, prefix=prefix)
     if facts.annotations.get(INJECT) == "false":
         return Skipped(f"{INJECT} is \"false\"")
+    if facts.labels.get(PART_OF_LABEL) == "meshfed":
+        return Skipped(f"one of meshfed's own pods ({PART_OF_LABEL}: meshfed), which are never injected")
     if _injected_already(facts):
         return Skipped(f"already injected ({STATUS} and containers {', '.join(OUR_CONTAINERS)} present)")
     check(facts)

@@ -41,7 +41,7 @@ from discovery.clusterset import ClusterSet
 from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
 from gateway.bootstrap import add_health_listener, render_bootstrap
 from gateway.context import ProxyInfo, ProxyKind
-from meshfed.inject import NAMESPACE_LABEL, InjectConfig
+from meshfed.inject import NAMESPACE_LABEL, PART_OF_LABEL, InjectConfig
 from meshfed.install import RenderError
 from meshfed.install.clusterdns import ClusterDns
 from meshfed.install.crds import CRDS
@@ -702,7 +702,7 @@ def webhook_configuration(cluster: ClusterInfo, opts: InstallOptions, ca: CAFile
                                       "values": [opts.namespace, "kube-system"]}],
             },
             "objectSelector": {"matchExpressions": [
-                {"key": "app.kubernetes.io/part-of", "operator": "NotIn", "values": ["meshfed"]}]},
+                {"key": PART_OF_LABEL, "operator": "NotIn", "values": ["meshfed"]}]},
             "failurePolicy": "Fail",
             "matchPolicy": "Equivalent",
             "reinvocationPolicy": "IfNeeded",

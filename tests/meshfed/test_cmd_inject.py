@@ -119,3 +119,15 @@ def test_a_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("kind: Pod\n  spec: [\n")
     result = run("-f", str(bad))
     assert result.exit_code != 0 and "bad.yaml: not YAML or JSON" in result.output
+
+
+def test_meshfeds_own_rendered_manifests_pass_through_unchanged(tmp_path: Path) -> None:
+    out = tmp_path / "render"
+    demo = Path(__file__).resolve().parents[2] / "clusters" / "demo"
+    rendered = CliRunner().invoke(cli, ["install", str(demo), "--render", str(out)], catch_exceptions=False)
+    assert rendered.exit_code == 0, rendered.output
+    manifest = out / "east" / "06-controlplane.yaml"
+    result = run("-f", str(manifest))
+    assert result.exit_code == 0, result.output
+    assert list(yaml.safe_load_all(result.stdout)) == list(yaml.safe_load_all(manifest.read_text()))
+    assert "one of meshfed's own pods" in result.stderr
