@@ -396,6 +396,93 @@ def service_import_object(imp: ServiceImport, *, version: str) -> dict[str, Any]
             "status": {"clusters": [{"cluster": c} for c in imp.clusters]}}
 
 
+#: The labels of a multicluster EndpointSlice (KEP-1645 "Using EndpointSlice objects to track endpoints").
+MCS_SERVICE_NAME_LABEL = "multicluster.kubernetes.io/service-name"
+MCS_SOURCE_CLUSTER_LABEL = "multicluster.kubernetes.io/source-cluster"
+SLICE_MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
+#: meshfed's value of ``endpointslice.kubernetes.io/managed-by``: not the endpoint slice controller's, so that
+#: controller leaves the slices alone.
+SLICE_MANAGED_BY = "mcs-controller.meshfed.io"
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedSlice:
+    """One multicluster EndpointSlice meshfed writes into an importing cluster: the endpoints one source cluster
+    has for an imported service, of one address family. ``name`` is ``<svc>.<cluster>`` (``.ipv6`` appended for
+    the IPv6 slice); service names and cluster ids are DNS labels, so no two (service, cluster) pairs share it."""
+
+    key: ServiceKey
+    source: ClusterId
+    address_type: str
+    ports: tuple[tuple[str, int, Protocol, str], ...]  # (name, number, protocol, appProtocol)
+    endpoints: tuple[Endpoint, ...]
+
+    @property
+    def name(self) -> str:
+        base = f"{self.key.name}.{self.source}"
+        return base if self.address_type == "IPv4" else f"{base}.ipv6"
+
+
+def imported_slices(imports: Mapping[ServiceKey, ServiceImport],
+                    endpoints: Callable[[ClusterId, ServiceKey], Iterable[Endpoint]]) -> dict[tuple[ServiceKey, str],
+                                                                                             ImportedSlice]:
+    """The multicluster EndpointSlices of ``imports``, keyed by (service, slice name): one per source cluster
+    (an IPv4 one, even with no endpoints, so every source shows; an IPv6 one besides when that cluster has IPv6
+    endpoints), with ``endpoints(cluster, key)``'s endpoints and the import's ports at the numbers the endpoints
+    use."""
+    out: dict[tuple[ServiceKey, str], ImportedSlice] = {}
+    for key, imp in sorted(imports.items()):
+        for source in sorted(set(imp.clusters)):
+            eps = sorted(endpoints(source, key), key=lambda e: _address_sort_key(e.address))
+            for family, address_type in ((4, "IPv4"), (6, "IPv6")):
+                members = tuple(e for e in eps if e.ip_version == family)
+                if family == 6 and not members:
+                    continue
+                first = members[0] if members else None
+                ports = tuple((p.name, first.port_for(p.name, p.port) if first is not None else p.port, p.protocol,
+                               p.app_protocol) for p in imp.ports)
+                sl = ImportedSlice(key=key, source=source, address_type=address_type, ports=ports,
+                                   endpoints=members)
+                out[(key, sl.name)] = sl
+    return out
+
+
+def imported_slice_object(sl: ImportedSlice, *, owner: tuple[str, str]) -> dict[str, Any]:
+    """The ``discovery.k8s.io/v1`` EndpointSlice object of ``sl``, owned (not as controller) by the ServiceImport
+    ``owner`` = (apiVersion, uid), as KEP-1645 has it."""
+    ports = []
+    for name, number, protocol, app_protocol in sl.ports:
+        port: dict[str, Any] = {"name": name, "port": number, "protocol": str(protocol)}
+        if app_protocol:
+            port["appProtocol"] = app_protocol
+        ports.append(port)
+    endpoints = []
+    for e in sl.endpoints:
+        item: dict[str, Any] = {"addresses": [e.address],
+                                "conditions": {"ready": e.ready, "serving": e.serving, "terminating": e.terminating}}
+        if e.hostname:
+            item["hostname"] = e.hostname
+        if e.zone:
+            item["zone"] = e.zone
+        endpoints.append(item)
+    api_version, uid = owner
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": sl.name,
+            "namespace": sl.key.namespace,
+            "labels": {MCS_SERVICE_NAME_LABEL: sl.key.name, MCS_SOURCE_CLUSTER_LABEL: sl.source,
+                       SLICE_MANAGED_BY_LABEL: SLICE_MANAGED_BY},
+            "ownerReferences": [{"apiVersion": api_version, "kind": "ServiceImport", "name": sl.key.name,
+                                 "uid": uid, "controller": False, "blockOwnerDeletion": False}],
+        },
+        "addressType": sl.address_type,
+        "ports": ports,
+        "endpoints": endpoints,
+    }
+
+
 def condition_object(c: Condition) -> dict[str, Any]:
     """A condition as the Kubernetes ``metav1.Condition`` JSON of a ServiceExport's ``status.conditions``."""
     out: dict[str, Any] = {"type": c.type, "status": str(c.status), "reason": c.reason, "message": c.message,

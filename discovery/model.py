@@ -395,5 +395,14 @@ class Registry:
     def service(self, cluster: ClusterId, key: ServiceKey) -> Service | None:
         return self.shards.get(cluster, {}).get(key)
 
+    def source_endpoints(self, cluster: ClusterId, key: ServiceKey) -> tuple[Endpoint, ...]:
+        """The endpoints exporting ``cluster`` has for ``key``: its shard's when this registry holds it, else the
+        ones the federation shares (pod addresses of same-network remotes only; none otherwise)."""
+        service = self.service(cluster, key)
+        if service is not None:
+            return service.endpoints
+        remote = self.remote.get(cluster, {}).get(key)
+        return remote.endpoints if remote is not None else ()
+
     def all_exports(self) -> list[ServiceExport]:
         return [e for c in sorted(self.exports) for _, e in sorted(self.exports[c].items())]

@@ -397,12 +397,7 @@ def _ready_endpoints(registry: Registry, imported: ServiceImport) -> list[tuple[
     federation shares for it (same-network remotes only carry pod addresses)."""
     found: list[tuple[ClusterId, Endpoint]] = []
     for cluster in sorted(set(imported.clusters)):
-        service = registry.service(cluster, imported.key)
-        if service is not None:
-            endpoints: Iterable[Endpoint] = service.endpoints
-        else:
-            remote = registry.remote.get(cluster, {}).get(imported.key)
-            endpoints = remote.endpoints if remote is not None else ()
+        endpoints = registry.source_endpoints(cluster, imported.key)
         found += [(cluster, e) for e in sorted(endpoints, key=lambda e: (e.address, e.hostname)) if e.ready]
     return found
 

@@ -54,7 +54,7 @@ from discovery.kube.errors import (
 )
 from discovery.kube.reflector import EXTRA_KINDS, KINDS, Backoff, Reflector, ReflectorStats, WatchedKind
 from discovery.kube.source import KubeSource
-from discovery.kube.status import ExportStatusWriter, ImportWriter, export_status_body
+from discovery.kube.status import ExportStatusWriter, ImportWriter, SliceWriter, export_status_body
 
 __all__ = [
     "EXTRA_KINDS",
@@ -76,6 +76,7 @@ __all__ = [
     "KubeUnavailable",
     "Reflector",
     "ReflectorStats",
+    "SliceWriter",
     "WatchedKind",
     "api_error",
     "create_service_export",

@@ -59,11 +59,16 @@ def _services(api: k8s_client.ApiClient, ns: str | None, version: str = "v1") ->
     return lambda **kw: core.list_namespaced_service(ns, **kw)
 
 
+#: The cluster's own EndpointSlices only: the multicluster ones (meshfed's own, or another MCS implementation's)
+#: describe imported endpoints, not this cluster's Services.
+OWN_SLICES = f"!{convert.MCS_SERVICE_NAME_LABEL}"
+
+
 def _slices(api: k8s_client.ApiClient, ns: str | None, version: str = "v1") -> Callable[..., Any]:
     disc = k8s_client.DiscoveryV1Api(api)
     if ns is None:
-        return disc.list_endpoint_slice_for_all_namespaces
-    return lambda **kw: disc.list_namespaced_endpoint_slice(ns, **kw)
+        return lambda **kw: disc.list_endpoint_slice_for_all_namespaces(label_selector=OWN_SLICES, **kw)
+    return lambda **kw: disc.list_namespaced_endpoint_slice(ns, label_selector=OWN_SLICES, **kw)
 
 
 def _custom(group: str, plural: str) -> Callable[[k8s_client.ApiClient, str | None, str], Callable[..., Any]]:

@@ -16,8 +16,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from discovery.authz import AuthorizationPolicy
+from discovery.convert import imported_slices
 from discovery.dns.server import DnsServer
-from discovery.kube import ExportStatusWriter, ImportWriter, KubeSource
+from discovery.kube import ExportStatusWriter, ImportWriter, KubeSource, SliceWriter
 from discovery.manifests import ManifestSource
 from discovery.mcs import derive_local
 from discovery.model import ClusterInfo, Registry
@@ -75,6 +76,7 @@ class ControlPlane:
     _status_dirty: asyncio.Event = field(default_factory=asyncio.Event)
     status_writer: ExportStatusWriter | None = None
     import_writer: ImportWriter | None = None
+    slice_writer: SliceWriter | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _generation_failed: set[str] = field(default_factory=set)
 
@@ -253,14 +255,16 @@ class ControlPlane:
             # On a real cluster the control plane writes its exports' conditions back to their status.
             self.status_writer = ExportStatusWriter(api=source.api, version=source.mcs_version, clock=utcnow)
             self.import_writer = ImportWriter(api=source.api, version=source.mcs_version)
-            self._tasks.append(asyncio.create_task(self._status_loop(self.status_writer, self.import_writer),
-                                                   name="export-status"))
+            self.slice_writer = SliceWriter(api=source.api, imports=self.import_writer)
+            self._tasks.append(asyncio.create_task(
+                self._status_loop(self.status_writer, self.import_writer, self.slice_writer), name="export-status"))
         return source
 
-    async def _status_loop(self, writer: ExportStatusWriter, imports: ImportWriter) -> None:
-        """Write the local exports' conditions and the clusterset's ServiceImports after changes (latest registry
-        wins; bursts coalesce). Until the federation's first catalog, a federated control plane has no imports to
-        write (and none to delete by mistake)."""
+    async def _status_loop(self, writer: ExportStatusWriter, imports: ImportWriter, slices: SliceWriter) -> None:
+        """Write the local exports' conditions, the clusterset's ServiceImports and then their multicluster
+        EndpointSlices (owned by the imports) after changes (latest registry wins; bursts coalesce). Until the
+        federation's first catalog, a federated control plane has no imports to write (and none to delete by
+        mistake)."""
         while True:
             await self._status_dirty.wait()
             self._status_dirty.clear()
@@ -268,6 +272,7 @@ class ControlPlane:
             await writer.sync(registry.exports.get(self.config.cluster, {}))
             if not self.config.federation_urls or (self.agent is not None and self.agent.catalog is not None):
                 await imports.sync(registry.imports)
+                await slices.sync(await asyncio.to_thread(imported_slices, registry.imports, registry.source_endpoints))
 
     async def _watch_local(self, source: ClusterSource) -> None:
         """Follow the cluster's own objects: each accepted change replaces the local shard and is published."""

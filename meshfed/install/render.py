@@ -308,7 +308,7 @@ def controlplane_rules() -> list[Obj]:
     xDS clients' tokens, and read Istio networking and security policies."""
     return [
         _rule([""], ["services", "namespaces", "pods", "nodes"], READ),
-        _rule(["discovery.k8s.io"], ["endpointslices"], READ),
+        _rule(["discovery.k8s.io"], ["endpointslices"], [*READ, "create", "update", "patch", "delete"]),
         _rule(["multicluster.x-k8s.io"], ["serviceexports"], READ),
         _rule(["multicluster.x-k8s.io"], ["serviceexports/status"], ["get", "update", "patch"]),
         _rule(["multicluster.x-k8s.io"], ["serviceimports"], [*READ, "create", "update", "patch", "delete"]),

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from discovery import mcs
-from discovery.kube import ExportStatusWriter, ImportWriter, load_api_client
+from discovery import convert, mcs
+from discovery.kube import ExportStatusWriter, ImportWriter, SliceWriter, load_api_client
 from discovery.model import (
     ClusterId,
     Condition,
     ConditionStatus,
+    Endpoint,
     ServiceExport,
     ServiceImport,
     ServiceKey,
@@ -145,3 +146,80 @@ async def test_service_imports_are_written_changed_and_removed(api: tuple[KubeAp
     assert await writer.sync({}) == 1
     assert {o["metadata"]["name"] for o in double.objects(BETA, "ServiceImport")} == {"theirs"}
     assert writer.failures == 0
+
+
+SLICES = "discovery.k8s.io/v1"
+
+
+async def test_multicluster_endpoint_slices_follow_their_imports(api: tuple[KubeApiDouble, Path]) -> None:
+    """One EndpointSlice per source cluster (and an IPv6 one where a cluster has IPv6 endpoints), with the
+    KEP-1645 labels and an owner reference to the ServiceImport; written after it, changed with the endpoints,
+    deleted when the export goes (also a leftover from an earlier run); the cluster's own slices stay."""
+    double, kubeconfig = api
+    client = load_api_client(kubeconfig=kubeconfig, context="east")
+    double.put_object({"apiVersion": SLICES, "kind": "EndpointSlice", "addressType": "IPv4", "endpoints": [],
+                       "metadata": {"name": "reviews-abc", "namespace": "default",
+                                    "labels": {"kubernetes.io/service-name": "reviews"}}})
+    double.put_object({"apiVersion": SLICES, "kind": "EndpointSlice", "addressType": "IPv4", "endpoints": [],
+                       "metadata": {"name": "gone.west", "namespace": "default",
+                                    "labels": {convert.MCS_SERVICE_NAME_LABEL: "gone",
+                                               convert.SLICE_MANAGED_BY_LABEL: convert.SLICE_MANAGED_BY}}})
+    imports = ImportWriter(api=client, version=lambda: "v1beta1")
+    writer = SliceWriter(api=client, imports=imports)
+    reviews = _import()
+    east = (Endpoint(address="10.1.0.5", hostname="r-0", zone="z1", ports=(("http", 8080),)),
+            Endpoint(address="10.1.0.6", ready=False, serving=False, ports=(("http", 8080),)))
+    west = (Endpoint(address="fd00::7", ports=(("http", 9080),)),)
+    table = {(ClusterId("east"), reviews.key): east, (ClusterId("west"), reviews.key): west}
+
+    def endpoints(cluster: ClusterId, key: ServiceKey) -> tuple[Endpoint, ...]:
+        return table.get((cluster, key), ())
+
+    wanted = convert.imported_slices({reviews.key: reviews}, endpoints)
+    assert sorted(name for _, name in wanted) == ["reviews.east", "reviews.west", "reviews.west.ipv6"]
+    # Before its ServiceImport is written nothing can own a slice: only the leftover goes.
+    assert await writer.sync(wanted) == 1
+    assert [o["metadata"]["name"] for o in double.objects(SLICES, "EndpointSlice")] == ["reviews-abc"]
+    assert await imports.sync({reviews.key: reviews}) == 1
+    owner = double.get_object(BETA, "ServiceImport", "reviews")
+    assert owner is not None
+    assert await writer.sync(wanted) == 3
+    obj = double.get_object(SLICES, "EndpointSlice", "reviews.east")
+    assert obj is not None
+    assert obj["metadata"]["labels"] == {"multicluster.kubernetes.io/service-name": "reviews",
+                                         "multicluster.kubernetes.io/source-cluster": "east",
+                                         "endpointslice.kubernetes.io/managed-by": "mcs-controller.meshfed.io"}
+    assert obj["metadata"]["ownerReferences"] == [
+        {"apiVersion": BETA, "kind": "ServiceImport", "name": "reviews", "uid": owner["metadata"]["uid"],
+         "controller": False, "blockOwnerDeletion": False}]
+    assert obj["addressType"] == "IPv4"
+    assert obj["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP", "appProtocol": "http"}]
+    assert obj["endpoints"] == [
+        {"addresses": ["10.1.0.5"], "conditions": {"ready": True, "serving": True, "terminating": False},
+         "hostname": "r-0", "zone": "z1"},
+        {"addresses": ["10.1.0.6"], "conditions": {"ready": False, "serving": False, "terminating": False}}]
+    west4 = double.get_object(SLICES, "EndpointSlice", "reviews.west")
+    west6 = double.get_object(SLICES, "EndpointSlice", "reviews.west.ipv6")
+    assert west4 is not None and west4["endpoints"] == [] and west4["ports"][0]["port"] == 9080
+    assert west6 is not None and west6["addressType"] == "IPv6"
+    assert [e["addresses"] for e in west6["endpoints"]] == [["fd00::7"]]
+    assert west6["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"] == "west"
+    patches = [p for m, p in double.requests if m == "PATCH" and "/endpointslices/" in p]
+    assert len(patches) == 3 and all("fieldManager=meshfed" in p for p in patches)
+    # Unchanged: nothing written; an endpoint gone: that slice only.
+    assert await writer.sync(convert.imported_slices({reviews.key: reviews}, endpoints)) == 0
+    table[(ClusterId("east"), reviews.key)] = east[:1]
+    assert await writer.sync(convert.imported_slices({reviews.key: reviews}, endpoints)) == 1
+    obj = double.get_object(SLICES, "EndpointSlice", "reviews.east")
+    assert obj is not None and len(obj["endpoints"]) == 1
+    # West stops exporting: its slices go.
+    east_only = replace(reviews, clusters=(ClusterId("east"),))
+    assert await imports.sync({reviews.key: east_only}) == 1
+    assert await writer.sync(convert.imported_slices({reviews.key: east_only}, endpoints)) == 2
+    assert sorted(o["metadata"]["name"] for o in double.objects(SLICES, "EndpointSlice")) == [
+        "reviews-abc", "reviews.east"]
+    # Unexported everywhere: the ServiceImport and its slices go; the cluster's own slice stays.
+    assert await imports.sync({}) == 1
+    assert await writer.sync(convert.imported_slices({}, endpoints)) == 1
+    assert [o["metadata"]["name"] for o in double.objects(SLICES, "EndpointSlice")] == ["reviews-abc"]
+    assert writer.failures == 0 and imports.failures == 0

@@ -8,6 +8,7 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import dns.asyncquery
 import dns.message
@@ -208,6 +209,23 @@ async def test_control_plane_on_the_kubernetes_api_with_tokenreview_auth(east_ca
             assert imports["db"]["spec"]["type"] == "Headless" and "ips" not in imports["db"]["spec"]
             assert imports["reviews"]["status"]["clusters"] == [{"cluster": "east"}]
             assert imports["reviews"]["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "meshfed"
+            # ... and their multicluster EndpointSlices, owned by them, which the source does not read back as
+            # east's own endpoints.
+            def mcs_slices() -> dict[str, dict[str, Any]]:
+                return {o["metadata"]["name"]: o for o in api.objects("discovery.k8s.io/v1", "EndpointSlice")
+                        if "multicluster.kubernetes.io/service-name" in o["metadata"].get("labels", {})}
+            for _ in range(100):
+                if set(mcs_slices()) == {"reviews.east", "db.east"}:
+                    break
+                await asyncio.sleep(0.05)
+            slices = mcs_slices()
+            assert set(slices) == {"reviews.east", "db.east"}
+            assert slices["reviews.east"]["metadata"]["ownerReferences"][0]["uid"] == \
+                imports["reviews"]["metadata"]["uid"]
+            own = cp.registry.service(EAST, REVIEWS)
+            assert own is not None and own.endpoints
+            assert sorted(e["addresses"][0] for e in slices["reviews.east"]["endpoints"]) == \
+                sorted(e.address for e in own.endpoints)
             status_writes = cp.status_writer.writes
             # A change in the API server reaches the registry through the watch.
             api.delete_object("v1", "Service", "details", "default")
