@@ -32,6 +32,7 @@ from gateway.context import (
     META_NAMESPACE,
     META_OUTBOUND_PORT,
     META_SERVICE_ACCOUNT,
+    META_SERVICES,
     ProxyInfo,
     ProxyInfoError,
     ProxyKind,
@@ -61,7 +62,10 @@ class AgentEnv:
     capture_bind: str = "0.0.0.0"
     inbound: str = ""
     admin_port: int = ENVOY_ADMIN_PORT
+    admin_address: str = "127.0.0.1"
     health_port: int = HEALTH_PORT
+    services: str = ""
+    """``MESHFED_SERVICES``: the services the pod backs (``name.namespace``, comma-separated), when known."""
     cluster_domain: str = "cluster.local"
 
     @property
@@ -110,7 +114,9 @@ def agent_env(env: Mapping[str, str]) -> AgentEnv:
         capture_bind=env.get("MESHFED_CAPTURE_BIND", "0.0.0.0").strip() or "0.0.0.0",
         inbound=env.get("MESHFED_INBOUND", "").strip(),
         admin_port=_int(env, "MESHFED_ADMIN_PORT", ENVOY_ADMIN_PORT),
+        admin_address=env.get("MESHFED_ADMIN_ADDRESS", "").strip() or "127.0.0.1",
         health_port=_int(env, "MESHFED_HEALTH_PORT", HEALTH_PORT),
+        services=env.get("MESHFED_SERVICES", "").strip(),
         cluster_domain=env.get("MESHFED_CLUSTER_DOMAIN", "").strip() or "cluster.local",
     )
 
@@ -123,6 +129,7 @@ def proxy_info(agent: AgentEnv) -> ProxyInfo:
         META_NAMESPACE: agent.namespace,
         META_SERVICE_ACCOUNT: agent.service_account,
         META_INBOUND: agent.inbound,
+        META_SERVICES: agent.services,
         META_OUTBOUND_PORT: str(agent.outbound_port),
         META_IP: agent.pod_ip,
         META_CAPTURE: agent.capture,
@@ -135,12 +142,40 @@ def proxy_info(agent: AgentEnv) -> ProxyInfo:
         raise AgentError(f"the sidecar's environment does not describe a proxy: {exc}") from exc
 
 
+def sidecar_env(proxy: ProxyInfo, *, pod: str, xds: str, token_file: str, run_dir: str, admin_port: int,
+                admin_address: str = "127.0.0.1") -> dict[str, str]:
+    """The environment that makes :func:`agent_env` and :func:`proxy_info` give back ``proxy``: what the injected
+    pod spec sets (``meshfed.inject``), for a sidecar started by hand (the local netns bed)."""
+    meta = proxy.metadata()
+    env = {
+        "POD_NAME": pod,
+        "POD_NAMESPACE": str(proxy.namespace),
+        "POD_IP": proxy.ip,
+        "SERVICE_ACCOUNT": proxy.service_account,
+        "MESHFED_CLUSTER": str(proxy.cluster),
+        "MESHFED_XDS_ADDRESS": xds,
+        "MESHFED_XDS_TOKEN_FILE": token_file,
+        "MESHFED_RUN_DIR": run_dir,
+        "MESHFED_OUTBOUND_PORT": meta[META_OUTBOUND_PORT],
+        "MESHFED_INBOUND": meta[META_INBOUND],
+        "MESHFED_SERVICES": meta[META_SERVICES],
+        "MESHFED_ADMIN_PORT": str(admin_port),
+        "MESHFED_ADMIN_ADDRESS": admin_address,
+        "MESHFED_CAPTURE": meta.get(META_CAPTURE, "none"),
+    }
+    if proxy.captured:
+        env["MESHFED_INBOUND_CAPTURE_PORT"] = meta[META_INBOUND_CAPTURE_PORT]
+        env["MESHFED_CAPTURE_BIND"] = meta[META_CAPTURE_BIND]
+    return env
+
+
 def bootstrap(agent: AgentEnv, token: str) -> dict[str, Any]:
     """Envoy's bootstrap for this sidecar, authenticating its ADS stream with ``token``."""
     token = token.strip()
     try:
         out = render_bootstrap(proxy_info(agent), xds_host=agent.xds.host, xds_port=agent.xds.port,
                                admin_port=agent.admin_port, token=token, delta=True)
+        out["admin"]["address"]["socket_address"]["address"] = agent.admin_address
         return add_health_listener(out, port=agent.health_port, admin_port=agent.admin_port)
     except BootstrapError as exc:
         raise AgentError(f"cannot render the Envoy bootstrap: {exc} (token file {agent.token_file})") from exc

@@ -45,6 +45,7 @@ from gateway.bootstrap import render_bootstrap, render_grpc_bootstrap, write_boo
 from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind
 from gateway.envoy import command as envoy_command
 from meshfed import certfiles, netns, netplan, procs
+from meshfed.agent import sidecar_env
 
 log = logging.getLogger("meshfed.local")
 
@@ -486,11 +487,32 @@ class LocalRun:
             return self._record(procs.start(f"{cluster}/{name}", envoy_command(path, log_level="warning"),
                                             log_path=logs / f"{name}.log"))
         assert self.net is not None
+        if proxy.kind is ProxyKind.SIDECAR:
+            return self._sidecar_agent(cluster, name, proxy, admin=admin, token=token, netns_name=netns_name)
         boot["admin"]["address"]["socket_address"]["address"] = "0.0.0.0"  # the namespace's rules guard it
         path = write_bootstrap(netns.proxy_dir(self.net.run_id) / f"{cluster}-{name}.yaml", boot)
         os.chmod(path, 0o600)
         os.chown(path, netplan.PROXY_UID, netplan.PROXY_UID)
         argv = netns.in_ns(netns_name, [*netns.as_proxy_uid(), *envoy_command(path, log_level="warning")])
+        return self._record(procs.start(f"{cluster}/{name}", argv, log_path=logs / f"{name}.log"))
+
+    def _sidecar_agent(self, cluster: str, name: str, proxy: ProxyInfo, *, admin: str, token: str,
+                       netns_name: str) -> procs.ProcRecord:
+        """A pod's sidecar as a Kubernetes pod runs it: ``meshfed proxy run`` inside the pod's namespace with the
+        environment the injector gives the container (``meshfed.agent.sidecar_env``, put on the command line with
+        ``env`` so a restart replays it), which writes the bootstrap and starts Envoy as the proxy uid."""
+        assert self.net is not None
+        cp = self.state["clusters"][cluster]["controlplane"]
+        run_dir = netns.proxy_dir(self.net.run_id) / f"{cluster}-{name}"
+        run_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chown(run_dir, netplan.PROXY_UID, netplan.PROXY_UID)
+        token_file = run_dir / "xds-token"
+        write_private(token_file, token)
+        env = sidecar_env(proxy, pod=name, xds=cp["xds"], token_file=str(token_file), run_dir=str(run_dir),
+                          admin_port=parse_hostport(admin).port, admin_address="0.0.0.0")
+        argv = netns.in_ns(netns_name, ["env", *(f"{k}={v}" for k, v in env.items()),
+                                        *self.meshfed("proxy", "run", "--proxy-uid", str(netplan.PROXY_UID))])
+        logs = private_dir(self.run_dir / cluster / "envoy")
         return self._record(procs.start(f"{cluster}/{name}", argv, log_path=logs / f"{name}.log"))
 
     def _gateway_node_id(self, cluster: ClusterId) -> str:

@@ -17,9 +17,10 @@ import pytest
 import yaml
 
 from discovery.clusterset import load_clusterset
-from discovery.model import cluster_id
+from discovery.model import ServiceKey, cluster_id, namespace
+from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind
 from gateway.envoy import validate
-from meshfed.agent import AgentError, agent_env, bootstrap, proxy_info
+from meshfed.agent import AgentError, agent_env, bootstrap, proxy_info, sidecar_env
 from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
 from meshfed.inject import InjectConfig, Injected, inject
 from meshfed.local import free_port, http_get, write_private
@@ -187,3 +188,18 @@ async def test_proxy_run_with_a_projected_token_checked_by_tokenreview(east_ca: 
                 assert any("tokenreviews" in path for _, path in api.requests)
             finally:
                 await asyncio.to_thread(stop, agent)
+
+
+def test_sidecar_env_gives_back_the_proxy() -> None:
+    """What the local netns bed starts its sidecars with: the environment that reads back as the same node."""
+    proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=cluster_id("east"),
+                      node_id="sidecar~10.1.2.3~reviews-v1.default~default.svc.cluster.local",
+                      namespace=namespace("default"), service_account="reviews",
+                      services=(ServiceKey.parse("reviews.default"),), inbound=(InboundPort(9080, 9080, "http"),),
+                      ip="10.1.2.3", capture=CaptureMode.REDIRECT)
+    env = sidecar_env(proxy, pod="reviews-v1", xds="10.0.0.1:15010", token_file="/t", run_dir="/r",
+                      admin_port=15000, admin_address="0.0.0.0")
+    agent = agent_env(env)
+    assert proxy_info(agent) == proxy
+    assert bootstrap(agent, "tok")["admin"]["address"]["socket_address"] == {"address": "0.0.0.0",
+                                                                              "port_value": 15000}
