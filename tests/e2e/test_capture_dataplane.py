@@ -84,13 +84,14 @@ RATINGS_IP = "241.0.0.11"
 ECHO_NAME = "echo.default.svc.clusterset.local"
 RATINGS_URL = "http://ratings.default.svc.clusterset.local:9080/"
 
-pytestmark = [
+NETNS_MARKS = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and iptables need root"),
     pytest.mark.skipif(shutil.which("ip") is None or shutil.which("setpriv") is None,
                        reason="iproute2 and util-linux setpriv are needed"),
     pytest.mark.skipif(shutil.which("iptables-restore") is None, reason="Debian's iptables package is not installed"),
 ]
+pytestmark = NETNS_MARKS
 
 # TCP echo on 127.0.0.1:5432, :5433 and :5434, HTTP on 127.0.0.1:9080 answering with the XFCC header it received, and
 # (argv[1] == "direct") only "direct" on 0.0.0.0:7777. Ends when stdin closes or after 300 s.
@@ -271,10 +272,20 @@ spec:
 """
 
 
-@pytest.fixture
-async def mesh() -> AsyncIterator[Mesh]:
+@dataclasses.dataclass(frozen=True)
+class Planes:
+    """Both control planes' contexts and registries, and west's two proxies (its sidecar and gateway)."""
+
+    east_reg: Registry
+    west_reg: Registry
+    east_ctx: PushContext
+    west_ctx: PushContext
+    echo: ProxyInfo
+    gateway: ProxyInfo
+
+
+def planes(ips: Addresses) -> Planes:
     cas, bundle = cluster_cas()
-    ips = Addresses(secrets.randbelow(250) + 1)
     east_reg, west_reg = registries(ips)
     # No active health checks of west's gateway: every connection west's sidecar sees is the client's.
     east_ctx = PushContext(registry=east_reg, trust_domain=TD, trust_bundle_pem=bundle,
@@ -283,10 +294,6 @@ async def mesh() -> AsyncIterator[Mesh]:
     west_ctx = PushContext(registry=west_reg, trust_domain=TD, trust_bundle_pem=bundle,
                            workload_certs=workload_certs(cas, "west", [("default", "echo")]),
                            authz=authorization_policies(POLICY, WEST))
-    sleep = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=namespace("default"),
-                      service_account="sleep", ip=ips.east_ip, capture=CaptureMode.REDIRECT,
-                      capture_bind=("0.0.0.0", "::"),
-                      node_id=f"sidecar~{ips.east_ip}~sleep-1.default~default.svc.cluster.local")
     echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
                      service_account="echo", ip=ips.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO, RATINGS),
                      inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
@@ -295,6 +302,19 @@ async def mesh() -> AsyncIterator[Mesh]:
     gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
                         service_account="eastwest", ip="0.0.0.0", gateway_port=15443,
                         node_id=f"router~{ips.gateway_ip}~eastwest-1.meshfed~meshfed.svc.cluster.local")
+    return Planes(east_reg, west_reg, east_ctx, west_ctx, echo, gateway)
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    ips = Addresses(secrets.randbelow(250) + 1)
+    p = planes(ips)
+    east_reg, west_reg, east_ctx, west_ctx, echo, gateway = (p.east_reg, p.west_reg, p.east_ctx, p.west_ctx,
+                                                             p.echo, p.gateway)
+    sleep = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=EAST, namespace=namespace("default"),
+                      service_account="sleep", ip=ips.east_ip, capture=CaptureMode.REDIRECT,
+                      capture_bind=("0.0.0.0", "::"),
+                      node_id=f"sidecar~{ips.east_ip}~sleep-1.default~default.svc.cluster.local")
     with bed("cdp", ("east", "gw", "west", "eastdns", "westdns"), ips.links(),
              default_routes=(("east", "gw"), ("west", "gw"))) as b:
         # Each pod resolves through its own cluster's meshfed DNS, reachable only inside the bed.

@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,25 +26,20 @@ import jsonpatch
 import pytest
 
 from discovery.dns.server import DnsServer
-from discovery.model import namespace
-from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind, PushContext
 from meshfed.agent import agent_env, proxy_info
 from meshfed.controlplane.webhook import review
 from meshfed.inject import InjectConfig
 from tests.e2e.test_capture_dataplane import (
     APPS,
     CLIENT,
-    ECHO,
     ECHO_NAME,
-    POLICY,
-    RATINGS,
+    NETNS_MARKS,
     RATINGS_URL,
-    WEST,
     Addresses,
-    registries,
+    planes,
 )
 from tests.gateway.envoy_fixtures import ControlPlane, wait_until
-from tests.gateway.mesh_fixtures import TD, authorization_policies, cluster_cas, workload_certs
+from tests.gateway.mesh_fixtures import TD
 from tests.support.netns_bed import (
     CREATED,
     REPO,
@@ -59,15 +53,10 @@ from tests.support.netns_bed import (
     run_in,
     start_envoy,
     start_script,
+    tcp_relay,
 )
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and iptables need root"),
-    pytest.mark.skipif(shutil.which("ip") is None or shutil.which("setpriv") is None,
-                       reason="iproute2 and util-linux setpriv are needed"),
-    pytest.mark.skipif(shutil.which("iptables-restore") is None, reason="Debian's iptables package is not installed"),
-]
+pytestmark = NETNS_MARKS  # root, ip, setpriv and iptables, as the capture bed needs
 
 XDS_PORT = 15010  # inside the pod's namespace (its own loopback), relayed to east's control plane
 
@@ -105,52 +94,12 @@ def downward(pod: dict[str, Any], container: dict[str, Any], pod_ip: str) -> dic
             for e in container.get("env", [])}
 
 
-async def serve_relay(b: Bed, role: str, port: int, target: int) -> None:
-    """A TCP listener on ``role``'s own 127.0.0.1:``port`` (made there, served here) relayed to ``target`` on the
-    root namespace's loopback."""
-    _, tcp = bound_sockets(b, role, "127.0.0.1", port)
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    tcp.listen(16)
-    b.servers.append(await asyncio.start_server(handle, sock=tcp))
-
-
 @pytest.fixture
 async def pod_mesh() -> AsyncIterator[tuple[Bed, subprocess.Popen[bytes]]]:
-    cas, bundle = cluster_cas()
     ips = Addresses(secrets.randbelow(250) + 1)
-    east_reg, west_reg = registries(ips)
-    east_ctx = PushContext(registry=east_reg, trust_domain=TD, trust_bundle_pem=bundle,
-                           workload_certs=workload_certs(cas, "east", [("default", "sleep")]),
-                           gateway_health_check_s=0.0)
-    west_ctx = PushContext(registry=west_reg, trust_domain=TD, trust_bundle_pem=bundle,
-                           workload_certs=workload_certs(cas, "west", [("default", "echo")]),
-                           authz=authorization_policies(POLICY, WEST))
-    echo = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=WEST, namespace=namespace("default"),
-                     service_account="echo", ip=ips.west_ip, capture=CaptureMode.REDIRECT, services=(ECHO, RATINGS),
-                     inbound=(InboundPort(5432, 5432, "tcp-echo"), InboundPort(5433, 5433, "tcp-other"),
-                              InboundPort(5434, 5434, "tcp-west"), InboundPort(9080, 9080, "http")),
-                     node_id=f"sidecar~{ips.west_ip}~echo-1.default~default.svc.cluster.local")
-    gateway = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=WEST, namespace=namespace("meshfed"),
-                        service_account="eastwest", ip="0.0.0.0", gateway_port=15443,
-                        node_id=f"router~{ips.gateway_ip}~eastwest-1.meshfed~meshfed.svc.cluster.local")
+    p = planes(ips)
+    east_reg, west_reg, east_ctx, west_ctx, echo, gateway = (p.east_reg, p.west_reg, p.east_ctx, p.west_ctx,
+                                                             p.echo, p.gateway)
     links = [Link("east", (f"{ips.east_ip}/24",), "gw", (f"{ips.gateway_ip}/24",)),
              *ips.links()[1:]]
     pod = injected(sleep_pod())
@@ -187,7 +136,7 @@ async def pod_mesh() -> AsyncIterator[tuple[Bed, subprocess.Popen[bytes]]]:
                 token_file = b.tmp / "east-token"
                 env["MESHFED_XDS_TOKEN_FILE"] = str(token_file)
                 token_file.write_text(east_cp.add_proxy(proxy_info(agent_env(env))))
-                await serve_relay(b, "east", XDS_PORT, east_cp.port)
+                await tcp_relay(b, "east", XDS_PORT, east_cp.port)
                 agent = await asyncio.to_thread(
                     subprocess.Popen, ["ip", "netns", "exec", b.ns("east"), sys.executable, "-m", "meshfed",
                                        *sidecar["args"]], env={**pyenv, **env},

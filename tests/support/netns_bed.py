@@ -199,9 +199,8 @@ def start_script(b: Bed, role: str, script: str, *args: str) -> None:
     assert line.strip() == "ready", popen.stderr.read() if popen.stderr else line
 
 
-async def relay(b: Bed, name: str, port: int) -> Path:
-    """A unix socket (in the bed's directory) relayed to ``port`` on the root namespace's loopback."""
-    path = b.tmp / f"{name}.sock"
+def _relay_to(port: int) -> Any:
+    """A stream handler relaying each connection to ``port`` on the root namespace's loopback."""
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -221,10 +220,24 @@ async def relay(b: Bed, name: str, port: int) -> Path:
             return
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
-    server = await asyncio.start_unix_server(handle, path=str(path))
+    return handle
+
+
+async def relay(b: Bed, name: str, port: int) -> Path:
+    """A unix socket (in the bed's directory) relayed to ``port`` on the root namespace's loopback."""
+    path = b.tmp / f"{name}.sock"
+    server = await asyncio.start_unix_server(_relay_to(port), path=str(path))
     path.chmod(0o666)
     b.servers.append(server)
     return path
+
+
+async def tcp_relay(b: Bed, role: str, port: int, target: int) -> None:
+    """A TCP listener on ``role``'s own 127.0.0.1:``port`` (made there, served by this process) relayed to
+    ``target`` on the root namespace's loopback: a pod dialling its control plane by address and port."""
+    _, tcp = bound_sockets(b, role, "127.0.0.1", port)
+    tcp.listen(16)
+    b.servers.append(await asyncio.start_server(_relay_to(target), sock=tcp))
 
 
 async def start_envoy(b: Bed, cp: ControlPlane, proxy: ProxyInfo, role: str, *,
