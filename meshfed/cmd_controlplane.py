@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from discovery.clusterid import IdentityMismatch
 from discovery.clusterset import ClusterSetError, load_clusterset
 from discovery.kube import KubeError
 from discovery.model import DiscoveryError, cluster_id
@@ -117,5 +118,7 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
         fail(f"{ca_dir}: {exc}", hint="create the cluster CA with 'meshfed ca intermediate'")
     except KubeError as exc:
         fail(str(exc), hint="check --kubeconfig/--context, or the pod's service account and RBAC")
+    except IdentityMismatch as exc:
+        fail(str(exc), hint="check --cluster and --clusterset against the cluster's ClusterProperties")
     except OSError as exc:
         fail(f"cannot start the control plane: {exc}", hint="is another process using one of the listen ports?")

@@ -39,6 +39,7 @@ from discovery.kube.client import (
     delete_service_export_sync,
     get_service_export_sync,
     load_api_client,
+    read_cluster_properties_sync,
     served_mcs_version_sync,
     service_exists_sync,
 )
@@ -86,6 +87,7 @@ __all__ = [
     "export_status_body",
     "get_service_export_sync",
     "load_api_client",
+    "read_cluster_properties_sync",
     "served_mcs_version_sync",
     "service_exists_sync",
 ]

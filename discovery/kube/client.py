@@ -6,6 +6,7 @@ control plane and ``meshfed export --context`` use."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.config.config_exception import ConfigException
 
-from discovery import convert
+from discovery import clusterid, convert
 from discovery.kube.errors import KubeAlreadyExists, KubeConfigError, KubeNotFound, api_request
 from discovery.model import ServiceKey
 
@@ -145,3 +146,20 @@ async def create_service_export(api: k8s_client.ApiClient, key: ServiceKey, *, e
 async def delete_service_export(api: k8s_client.ApiClient, key: ServiceKey, *, missing_ok: bool = False) -> bool:
     """Async form of :func:`delete_service_export_sync` (runs in a thread)."""
     return await asyncio.to_thread(delete_service_export_sync, api, key, missing_ok=missing_ok)
+
+
+def read_cluster_properties_sync(api: k8s_client.ApiClient) -> dict[str, str]:
+    """The cluster's KEP-2149 identity properties (``cluster.clusterset.k8s.io``, ``clusterset.k8s.io``) that
+    exist, name -> ``spec.value``; empty when the cluster does not serve ``ClusterProperty`` at all."""
+    custom = k8s_client.CustomObjectsApi(api)
+    out: dict[str, str] = {}
+    for name in (clusterid.CLUSTER_ID_PROPERTY, clusterid.CLUSTERSET_PROPERTY):
+        try:
+            obj = api_request(f"get ClusterProperty {name}", functools.partial(
+                custom.get_cluster_custom_object, clusterid.GROUP, clusterid.VERSION, clusterid.PLURAL, name))
+        except KubeNotFound:
+            continue  # no such property, or the CRD is not installed
+        value = (obj.get("spec") or {}).get("value") if isinstance(obj, Mapping) else None
+        if isinstance(value, str):
+            out[name] = value
+    return out

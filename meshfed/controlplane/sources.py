@@ -1,6 +1,7 @@
 """Where a control plane's own cluster comes from: the manifest files of a clusterset (local runs), or the
 Kubernetes API. With the API, xDS clients may also be authenticated by it (TokenReview of their projected
-service-account tokens), with the control plane's own credential for that API."""
+service-account tokens), with the control plane's own credential for that API. Before anything else the
+cluster's KEP-2149 ClusterProperties (where it has them) are checked against the clusterset definition."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import ssl
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from discovery.kube import KubeSource, load_api_client
+from discovery.clusterid import check_identity
+from discovery.kube import KubeSource, load_api_client, read_cluster_properties_sync
 from discovery.manifests import ManifestSource
 from discovery.source import ClusterSource
 from gateway.auth import Authenticator, TokenReviewAuthenticator
@@ -28,6 +30,9 @@ async def open_source(config: ControlPlaneConfig, manifests: ManifestSource,
     api = await asyncio.to_thread(load_api_client, kubeconfig=cfg.kubeconfig, context=cfg.kube_context,
                                   in_cluster=cfg.in_cluster)
     stack.callback(api.close)
+    # KEP-2149: where the cluster states its id (and clusterset), it must be the one this control plane runs as.
+    check_identity(await asyncio.to_thread(read_cluster_properties_sync, api), cluster=cfg.cluster,
+                   clusterset=cfg.clusterset.name)
     auth: Authenticator | None = None
     if cfg.xds_auth == "tokenreview":
         conf = api.configuration

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from discovery import clusterid
+
 GROUP = "multicluster.x-k8s.io"
 STORAGE_VERSION = "v1beta1"
 #: Every version served, the storage version first.
@@ -173,3 +175,47 @@ SERVICE_IMPORT_CRD: dict[str, Any] = _crd(
 )
 
 CRDS: tuple[dict[str, Any], ...] = (SERVICE_EXPORT_CRD, SERVICE_IMPORT_CRD)
+
+#: KEP-2149's ClusterProperty (``about.k8s.io/v1alpha1``, cluster-scoped): ``spec.value`` holds a property of the
+#: cluster, e.g. its id in ``cluster.clusterset.k8s.io``.
+CLUSTER_PROPERTY_CRD: dict[str, Any] = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": f"{clusterid.PLURAL}.{clusterid.GROUP}",
+                 "labels": {"app.kubernetes.io/part-of": "meshfed"},
+                 # about.k8s.io is a protected *.k8s.io group: the API server wants this annotation to be a URL.
+                 "annotations": {"api-approved.kubernetes.io":
+                                 "https://github.com/kubernetes/enhancements/tree/master/keps/sig-multicluster/"
+                                 "2149-clusterid"}},
+    "spec": {
+        "group": clusterid.GROUP,
+        "scope": "Cluster",
+        "names": {"kind": "ClusterProperty", "listKind": "ClusterPropertyList", "plural": clusterid.PLURAL,
+                  "singular": "clusterproperty"},
+        "versions": [{
+            "name": clusterid.VERSION,
+            "served": True,
+            "storage": True,
+            "additionalPrinterColumns": [
+                {"name": "Value", "type": "string", "jsonPath": ".spec.value"},
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            ],
+            "schema": {"openAPIV3Schema": {
+                "type": "object",
+                "description": "A property of this cluster (KEP-2149), e.g. its id in its clusterset.",
+                "properties": {
+                    "apiVersion": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "metadata": {"type": "object"},
+                    "spec": {"type": "object", "required": ["value"], "properties": {
+                        "value": {"type": "string", "minLength": 1, "maxLength": 128000},
+                    }},
+                },
+                "required": ["spec"],
+            }},
+        }],
+    },
+}
+
+#: Every CRD ``meshfed install`` installs.
+ALL_CRDS: tuple[dict[str, Any], ...] = (*CRDS, CLUSTER_PROPERTY_CRD)

@@ -8,8 +8,11 @@ changes nothing.
 Per cluster the manifests are, in apply order (``Manifest.phase``)::
 
     00-namespace.yaml         base          Namespace meshfed-system
-    01-crds.yaml              base          ServiceExport, ServiceImport CRDs (multicluster.x-k8s.io v1beta1, v1alpha1)
+    01-crds.yaml              base          ServiceExport, ServiceImport CRDs (multicluster.x-k8s.io v1beta1, v1alpha1),
+                                            ClusterProperty CRD (about.k8s.io v1alpha1)
     02-rbac.yaml              base          ServiceAccounts, ClusterRole, ClusterRoleBinding
+    03-clusterid.yaml         ca            ClusterProperties cluster.clusterset.k8s.io (the cluster id) and
+                                            clusterset.k8s.io (the clusterset name), KEP-2149
     03-cacerts.yaml           ca            Secret cacerts: the cluster's intermediate CA (Istio plug-in layout)
     04-federation-ca.yaml     federation    Secret meshfed-federation-ca  (federation cluster only)
     05-federation.yaml        federation    federation service (+ PVC for SQLite, or an etcd StatefulSet)
@@ -37,6 +40,7 @@ from typing import Any, Literal
 
 import yaml
 
+from discovery.clusterid import CLUSTER_ID_PROPERTY, CLUSTERSET_PROPERTY, identity_objects
 from discovery.clusterset import ClusterSet
 from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
 from gateway.bootstrap import add_health_listener, render_bootstrap
@@ -44,7 +48,7 @@ from gateway.context import ProxyInfo, ProxyKind
 from meshfed.inject import NAMESPACE_LABEL, PART_OF_LABEL, InjectConfig
 from meshfed.install import RenderError
 from meshfed.install.clusterdns import ClusterDns
-from meshfed.install.crds import CRDS
+from meshfed.install.crds import ALL_CRDS
 
 Obj = dict[str, Any]
 
@@ -293,7 +297,7 @@ def namespace_objects(cluster: ClusterInfo, opts: InstallOptions) -> list[Obj]:
 
 
 def crd_objects() -> list[Obj]:
-    return [json.loads(json.dumps(crd)) for crd in CRDS]
+    return [json.loads(json.dumps(crd)) for crd in ALL_CRDS]
 
 
 def _rule(groups: Sequence[str], resources: Sequence[str], verbs: Sequence[str]) -> Obj:
@@ -314,6 +318,7 @@ def controlplane_rules() -> list[Obj]:
         _rule(["multicluster.x-k8s.io"], ["serviceimports"], [*READ, "create", "update", "patch", "delete"]),
         _rule(["multicluster.x-k8s.io"], ["serviceimports/status"], ["get", "update", "patch"]),
         _rule(["authentication.k8s.io"], ["tokenreviews"], ["create"]),
+        _rule(["about.k8s.io"], ["clusterproperties"], READ),
         _rule(["networking.istio.io"],
               ["destinationrules", "virtualservices", "serviceentries", "gateways", "sidecars"], READ),
         _rule(["security.istio.io"], ["authorizationpolicies", "peerauthentications", "requestauthentications"],
@@ -930,11 +935,14 @@ def render_clusterset(
             manifests.append(Manifest(_cid, filename, phase, tuple(objs), secret, desc))
 
         add("00-namespace.yaml", ApplyPhase.BASE, namespace_objects(cluster, opts), f"Namespace {opts.namespace}")
-        add("01-crds.yaml", ApplyPhase.BASE, crd_objects(), "MCS CRDs: ServiceExport, ServiceImport")
+        add("01-crds.yaml", ApplyPhase.BASE, crd_objects(), "CRDs: ServiceExport, ServiceImport, ClusterProperty")
         add("02-rbac.yaml", ApplyPhase.BASE, rbac_objects(cluster, opts, federation=is_fed),
             "ServiceAccounts, ClusterRole and ClusterRoleBinding of the control plane")
         add("03-cacerts.yaml", ApplyPhase.CA, [ca_secret(CACERTS, CONTROLPLANE, cid, files, opts)],
             f"Secret {CACERTS}: the cluster's intermediate CA", secret=True)
+        # KEP-2149 identity; in the phase after the CRDs', so ClusterProperty is served by then.
+        add("03-clusterid.yaml", ApplyPhase.CA, identity_objects(cid, cs.name),
+            f"ClusterProperties {CLUSTER_ID_PROPERTY} = {cid}, {CLUSTERSET_PROPERTY} = {cs.name}")
         if is_fed:
             add("04-federation-ca.yaml", ApplyPhase.FEDERATION,
                 [ca_secret(FEDERATION_CA, FEDERATION, cid, ca.federation, opts)],

@@ -378,3 +378,34 @@ async def test_root_rotation_reaches_proxies_without_a_restart(east_ca: Path, tm
             assert report.state == "acked" and report.leaf_root == new_root
             assert new_root in report.bundle_roots and len(report.bundle_roots) == 2
             await client.close()
+
+
+@pytest.mark.parametrize(("cluster_value", "clusterset_value", "wrong"), [
+    ("west", "demo", "'west'"), ("east", "elsewhere", "'elsewhere'"), ("east", "demo", None)])
+async def test_cluster_identity_is_checked_against_the_cluster_property(
+        east_ca: Path, tmp_path: Path, cluster_value: str, clusterset_value: str, wrong: str | None) -> None:
+    """KEP-2149: a cluster whose ClusterProperty names another cluster (or clusterset) than the clusterset
+    definition gives is refused before anything starts, naming both values; one that agrees starts."""
+    from discovery.clusterid import IdentityMismatch, identity_objects
+    from meshfed.install.crds import ALL_CRDS
+    from tests.support.kubeapi import KubeApiDouble
+
+    with KubeApiDouble(strict=True) as api:
+        for crd in ALL_CRDS:
+            api.put_object(crd)
+        for obj in identity_objects(ClusterId(cluster_value), clusterset_value):
+            api.put_object(obj)
+        config = ControlPlaneConfig(
+            clusterset=load_clusterset(DEMO), cluster=EAST, ca_dir=east_ca, federation_urls=(),
+            xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
+            gateway_host="127.0.0.1", gateway_port=15443, source="kubernetes",
+            kubeconfig=api.write_kubeconfig(tmp_path / "kubeconfig"), xds_auth="tokens")
+        if wrong is None:
+            async with ControlPlane(config) as cp:
+                assert cp.ads is not None
+            return
+        with pytest.raises(IdentityMismatch) as info:
+            async with ControlPlane(config):
+                pytest.fail("the control plane started")
+        message = str(info.value)
+        assert wrong in message and ("'east'" in message or "'demo'" in message)

@@ -117,7 +117,12 @@ def test_apply_creates_everything_in_order_then_rerun_changes_nothing(
     for api in (east, west):
         assert _names(api, "v1", "Namespace") == {NS}
         assert _names(api, "apiextensions.k8s.io/v1", "CustomResourceDefinition") == {
-            "serviceexports.multicluster.x-k8s.io", "serviceimports.multicluster.x-k8s.io"}
+            "serviceexports.multicluster.x-k8s.io", "serviceimports.multicluster.x-k8s.io",
+            "clusterproperties.about.k8s.io"}
+        # KEP-2149: each cluster states its id and its clusterset
+        assert {o["metadata"]["name"]: o["spec"]["value"] for o in api.objects("about.k8s.io/v1alpha1",
+                                                                              "ClusterProperty")} == {
+            "cluster.clusterset.k8s.io": "east" if api is east else "west", "clusterset.k8s.io": "demo"}
         assert "cacerts" in _names(api, "v1", "Secret")
         assert _names(api, "rbac.authorization.k8s.io/v1", "ClusterRole") == {"meshfed-controlplane"}
     assert _names(east, "v1", "PersistentVolumeClaim") == {"meshfed-federation-data"}

@@ -25,6 +25,7 @@ import yaml
 from click.testing import CliRunner
 
 from meshfed.cli import cli
+from meshfed.install.crds import CLUSTER_PROPERTY_CRD
 from meshfed.install.render import (
     CA_KEYS,
     DNS_CONTAINER_PORT,
@@ -85,13 +86,13 @@ DNS_IPS = {"east": "10.96.0.53", "west": "fd00:10:96::35"}
 
 def test_layout_and_apply_order(render: Path) -> None:
     assert sorted(p.name for p in (render / "east").iterdir()) == [
-        "00-namespace.yaml", "01-crds.yaml", "02-rbac.yaml", "03-cacerts.yaml", "04-federation-ca.yaml",
-        "05-federation.yaml", "06-controlplane.yaml", "07-gateway.yaml",
+        "00-namespace.yaml", "01-crds.yaml", "02-rbac.yaml", "03-cacerts.yaml", "03-clusterid.yaml",
+        "04-federation-ca.yaml", "05-federation.yaml", "06-controlplane.yaml", "07-gateway.yaml",
     ]
     # the federation runs once, in the first cluster
     assert sorted(p.name for p in (render / "west").iterdir()) == [
-        "00-namespace.yaml", "01-crds.yaml", "02-rbac.yaml", "03-cacerts.yaml", "06-controlplane.yaml",
-        "07-gateway.yaml",
+        "00-namespace.yaml", "01-crds.yaml", "02-rbac.yaml", "03-cacerts.yaml", "03-clusterid.yaml",
+        "06-controlplane.yaml", "07-gateway.yaml",
     ]
     assert (render / "clusterset.yaml").read_text() == (DEMO / "clusterset.yaml").read_text()
     plan = json.loads((render / "plan.json").read_text())
@@ -114,6 +115,10 @@ def test_every_document_passes_kubernetes_validate_strict(render: Path, render_e
         assert len(objects) > 20
         for path, obj in objects:
             kinds.add(obj["kind"])
+            if obj["kind"] == "ClusterProperty":  # a custom resource: its own CRD's schema checks it
+                jsonschema.validate(obj, _without_k8s_extensions(
+                    CLUSTER_PROPERTY_CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]))
+                continue
             for version in K8S_VERSIONS:
                 try:
                     kubernetes_validate.validate(obj, version, strict=True)
@@ -143,7 +148,8 @@ def _without_k8s_extensions(schema: Any) -> Any:
 
 def test_crd_schemas_accept_the_demo_objects_and_refuse_bad_ones(render: Path) -> None:
     crds = {d["spec"]["names"]["kind"]: d for d in _docs(render / "east" / "01-crds.yaml")}
-    assert set(crds) == {"ServiceExport", "ServiceImport"}
+    assert set(crds) == {"ServiceExport", "ServiceImport", "ClusterProperty"}
+    assert crds.pop("ClusterProperty")["spec"]["scope"] == "Cluster"
     for crd in crds.values():
         assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
         assert crd["spec"]["group"] == "multicluster.x-k8s.io"
