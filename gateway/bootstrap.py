@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,35 +134,45 @@ def add_health_listener(bootstrap: dict[str, Any], *, port: int, admin_port: int
     """Add a static listener on ``address:port`` answering ``GET /healthz/ready`` from Envoy's own admin
     ``/ready`` (200 once Envoy has its first listeners and clusters, 503 before and while draining), so that
     kubelet can probe readiness while admin stays on loopback. Returns ``bootstrap``, changed in place."""
-    _check_port("health port", port)
+    return add_admin_listener(bootstrap, name="health", port=port, admin_port=admin_port, address=address,
+                              routes={"/healthz/ready": "/ready"})
+
+
+def add_admin_listener(bootstrap: dict[str, Any], *, name: str, port: int, admin_port: int,
+                       routes: Mapping[str, str], address: str = "0.0.0.0") -> dict[str, Any]:
+    """Add a static listener ``name`` on ``address:port`` serving exactly ``routes`` (path -> admin path) from
+    Envoy's loopback admin, so that only those paths are reachable from outside (health, Prometheus)."""
+    _check_port(f"{name} port", port)
     router = {"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
     static = bootstrap.setdefault("static_resources", {})
     static.setdefault("listeners", []).append({
-        "name": "health",
+        "name": name,
         "address": {"socket_address": {"address": address, "port_value": port}},
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                          ".HttpConnectionManager",
-                "stat_prefix": "health",
-                "route_config": {"name": "health", "virtual_hosts": [{
-                    "name": "health", "domains": ["*"],
-                    "routes": [{"match": {"path": "/healthz/ready"},
-                                "route": {"cluster": "envoy-admin", "prefix_rewrite": "/ready"}}],
+                "stat_prefix": name,
+                "route_config": {"name": name, "virtual_hosts": [{
+                    "name": name, "domains": ["*"],
+                    "routes": [{"match": {"path": path}, "route": {"cluster": "envoy-admin", "prefix_rewrite": to}}
+                               for path, to in routes.items()],
                 }]},
                 "http_filters": [router],
             },
         }]}],
     })
-    static.setdefault("clusters", []).append({
-        "name": "envoy-admin",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "envoy-admin", "endpoints": [{"lb_endpoints": [{"endpoint": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}}]}]},
-    })
+    clusters = static.setdefault("clusters", [])
+    if not any(c.get("name") == "envoy-admin" for c in clusters):
+        clusters.append({
+            "name": "envoy-admin",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "envoy-admin", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}}]}]},
+        })
     return bootstrap
 
 

@@ -5,7 +5,8 @@ environment variables; :func:`agent_env` reads them into an :class:`AgentEnv` (a
 :func:`proxy_info` turns that into the node ``ProxyInfo`` (through ``ProxyInfo.from_node``, the control plane's
 own reader of node metadata, so the two cannot disagree) and :func:`bootstrap` renders Envoy's bootstrap: ADS to
 ``MESHFED_XDS_ADDRESS`` with the projected token as the stream's bearer token, admin on loopback, and the health
-listener kubelet probes (``/healthz/ready``, answered from Envoy's ``/ready``). The process side (files, Envoy,
+listener kubelet probes (``/healthz/ready`` on :15021, answered from Envoy's ``/ready``) and Prometheus's
+(``/stats/prometheus`` on :15090). The process side (files, Envoy,
 signals) is ``meshfed.cmd_proxy``.
 
 Exception tree (this module)::
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from discovery.addresses import HostPort, InvalidAddress, parse_hostport
-from gateway.bootstrap import BootstrapError, add_health_listener, render_bootstrap
+from gateway.bootstrap import BootstrapError, add_admin_listener, add_health_listener, render_bootstrap
 from gateway.context import (
     META_CAPTURE,
     META_CAPTURE_BIND,
@@ -37,7 +38,7 @@ from gateway.context import (
     ProxyInfoError,
     ProxyKind,
 )
-from meshfed.inject import ENVOY_ADMIN_PORT, HEALTH_PORT
+from meshfed.inject import ENVOY_ADMIN_PORT, HEALTH_PORT, METRICS_PORT
 
 
 class AgentError(ValueError):
@@ -64,6 +65,7 @@ class AgentEnv:
     admin_port: int = ENVOY_ADMIN_PORT
     admin_address: str = "127.0.0.1"
     health_port: int = HEALTH_PORT
+    metrics_port: int = METRICS_PORT
     services: str = ""
     """``MESHFED_SERVICES``: the services the pod backs (``name.namespace``, comma-separated), when known."""
     cluster_domain: str = "cluster.local"
@@ -116,6 +118,7 @@ def agent_env(env: Mapping[str, str]) -> AgentEnv:
         admin_port=_int(env, "MESHFED_ADMIN_PORT", ENVOY_ADMIN_PORT),
         admin_address=env.get("MESHFED_ADMIN_ADDRESS", "").strip() or "127.0.0.1",
         health_port=_int(env, "MESHFED_HEALTH_PORT", HEALTH_PORT),
+        metrics_port=_int(env, "MESHFED_METRICS_PORT", METRICS_PORT),
         services=env.get("MESHFED_SERVICES", "").strip(),
         cluster_domain=env.get("MESHFED_CLUSTER_DOMAIN", "").strip() or "cluster.local",
     )
@@ -176,6 +179,8 @@ def bootstrap(agent: AgentEnv, token: str) -> dict[str, Any]:
         out = render_bootstrap(proxy_info(agent), xds_host=agent.xds.host, xds_port=agent.xds.port,
                                admin_port=agent.admin_port, token=token, delta=True)
         out["admin"]["address"]["socket_address"]["address"] = agent.admin_address
-        return add_health_listener(out, port=agent.health_port, admin_port=agent.admin_port)
+        add_health_listener(out, port=agent.health_port, admin_port=agent.admin_port)
+        return add_admin_listener(out, name="prometheus", port=agent.metrics_port, admin_port=agent.admin_port,
+                                  routes={"/stats/prometheus": "/stats/prometheus"})
     except BootstrapError as exc:
         raise AgentError(f"cannot render the Envoy bootstrap: {exc} (token file {agent.token_file})") from exc

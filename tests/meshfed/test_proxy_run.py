@@ -70,8 +70,10 @@ def test_bootstrap_from_the_injected_environment_is_accepted_by_envoy(tmp_path: 
     assert boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["initial_metadata"] == [
         {"key": "authorization", "value": "Bearer tok-123"}]
     assert boot["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 15000}
-    health = next(x for x in boot["static_resources"]["listeners"] if x["name"] == "health")
-    assert health["address"]["socket_address"]["port_value"] == 15021
+    listeners = {x["name"]: x for x in boot["static_resources"]["listeners"]}
+    assert listeners["health"]["address"]["socket_address"]["port_value"] == 15021
+    assert listeners["prometheus"]["address"]["socket_address"]["port_value"] == 15090
+    assert [c["name"] for c in boot["static_resources"]["clusters"]].count("envoy-admin") == 1
     path = tmp_path / "b.json"
     path.write_text(json.dumps(boot))
     validate(path)
@@ -82,19 +84,19 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-async def start_agent(tmp_path: Path, xds_port: int) -> tuple[subprocess.Popen[bytes], int, int]:
+async def start_agent(tmp_path: Path, xds_port: int) -> tuple[subprocess.Popen[bytes], int, int, int]:
     """``meshfed proxy run`` with the injector's environment (ports moved to free ones on loopback)."""
     env = injected_env(tmp_path, f"127.0.0.1:{xds_port}")
     (tmp_path / "run").mkdir()
-    admin, health = free_port(), free_port()
-    env.update(MESHFED_ADMIN_PORT=str(admin), MESHFED_HEALTH_PORT=str(health),
+    admin, health, metrics = free_port(), free_port(), free_port()
+    env.update(MESHFED_ADMIN_PORT=str(admin), MESHFED_HEALTH_PORT=str(health), MESHFED_METRICS_PORT=str(metrics),
                MESHFED_OUTBOUND_PORT=str(free_port()), MESHFED_INBOUND_CAPTURE_PORT=str(free_port()),
                MESHFED_CAPTURE_BIND="127.0.0.1")
     agent = await asyncio.to_thread(
         subprocess.Popen,
         [sys.executable, "-m", "meshfed", "proxy", "run", "--proxy-uid", str(os.getuid()), "--token-poll", "0.2"],
         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return agent, admin, health
+    return agent, admin, health, metrics
 
 
 def agent_ready(agent: subprocess.Popen[bytes], health: int) -> bool:
@@ -129,7 +131,7 @@ async def test_proxy_run_against_a_real_control_plane(east_ca: Path, tmp_path: P
     async with ControlPlane(config) as cp:
         assert cp.ads is not None
         (tmp_path / "token").write_text("a" * 24)
-        agent, admin, health = await start_agent(tmp_path, cp.ads.port)
+        agent, admin, health, metrics = await start_agent(tmp_path, cp.ads.port)
         try:
             def ready() -> bool:
                 return agent_ready(agent, health)
@@ -137,6 +139,10 @@ async def test_proxy_run_against_a_real_control_plane(east_ca: Path, tmp_path: P
             await asyncio.to_thread(wait_for, ready, timeout=60, what="the sidecar's readiness")
             status, listeners = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/listeners")
             assert status == 200 and "virtualOutbound" in listeners and "virtualInbound" in listeners
+            status, prom = await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics}/stats/prometheus")
+            assert status == 200 and "envoy_server_live" in prom
+            status, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics}/config_dump")
+            assert status == 404  # only the Prometheus path is served there, never the rest of admin
             assert (tmp_path / "run" / "envoy-bootstrap.json").stat().st_mode & 0o077 == 0
             [first] = _children(agent.pid)
 
@@ -179,7 +185,7 @@ async def test_proxy_run_with_a_projected_token_checked_by_tokenreview(east_ca: 
         async with ControlPlane(config) as cp:
             assert cp.ads is not None
             (tmp_path / "token").write_text("c" * 24 + "\n")
-            agent, admin, health = await start_agent(tmp_path, cp.ads.port)
+            agent, admin, health, _ = await start_agent(tmp_path, cp.ads.port)
             try:
                 await asyncio.to_thread(wait_for, lambda: agent_ready(agent, health), timeout=60,
                                         what="the sidecar's readiness")
