@@ -72,7 +72,39 @@ def _apply_sync(api: k8s_client.ApiClient, plural: str, body: Mapping[str, Any],
                                     _content_type="application/apply-patch+yaml"))
 
 
-class ExportStatusWriter:
+class _Writer:
+    """What the ServiceImport and EndpointSlice writers share: counters, and deleting one object."""
+
+    writes: int
+    deletes: int
+    failures: int
+
+    async def _write(self, what: str, key: ServiceKey, missing: str, write: Callable[[], None]) -> bool:
+        """Run the blocking ``write`` (:func:`_attempt`), counting it: True when it was written."""
+        outcome = await _attempt(what, key, missing, write)
+        if outcome is not True:
+            self.failures += outcome is False
+            return False
+        self.writes += 1
+        return True
+
+    async def _delete(self, key: ServiceKey, delete: Callable[[], None], what: str = "service_import") -> bool | None:
+        """Run the blocking ``delete``: True when it deleted the object, None when it was gone already, False on
+        another failure (logged, counted; retried with the next change)."""
+        try:
+            await asyncio.to_thread(delete)
+            self.deletes += 1
+        except KubeNotFound:
+            return None
+        except KubeError as exc:
+            self.failures += 1
+            log.warning("%s_delete_failed namespace=%s name=%s error=%s", what, key.namespace, key.name,
+                        describe_error(exc))
+            return False
+        return True
+
+
+class ExportStatusWriter(_Writer):
     """Writes the conditions of one cluster's ServiceExports to the API, each only when it changed.
 
     ``version`` says which MCS API version to write at (the one the source reads: v1beta1 where served);
@@ -85,6 +117,7 @@ class ExportStatusWriter:
         self._clock = clock
         self._written: dict[ServiceKey, tuple[str, tuple[Condition, ...]]] = {}
         self.writes = 0
+        self.deletes = 0
         self.failures = 0
 
     async def sync(self, exports: Mapping[ServiceKey, ServiceExport]) -> int:
@@ -103,13 +136,10 @@ class ExportStatusWriter:
             if self._written.get(key) == state:
                 continue
             body = export_status_body(export, version=version, now=now)
-            outcome = await _attempt("export_status", key, "not-found",
-                                     functools.partial(apply_export_status_sync, self._api, body))
-            if outcome is not True:
-                self.failures += outcome is False
+            if not await self._write("export_status", key, "not-found",
+                                     functools.partial(apply_export_status_sync, self._api, body)):
                 continue
             self._written[key] = state
-            self.writes += 1
             wrote += 1
         return wrote
 
@@ -149,29 +179,6 @@ async def _attempt(what: str, key: ServiceKey, missing: str, write: Callable[[],
                     key.name, describe_error(exc))
         return False
     return True
-
-
-class _Writer:
-    """What the ServiceImport and EndpointSlice writers share: counters, and deleting one object."""
-
-    writes: int
-    deletes: int
-    failures: int
-
-    async def _delete(self, key: ServiceKey, delete: Callable[[], None], what: str = "service_import") -> bool | None:
-        """Run the blocking ``delete``: True when it deleted the object, None when it was gone already, False on
-        another failure (logged, counted; retried with the next change)."""
-        try:
-            await asyncio.to_thread(delete)
-            self.deletes += 1
-        except KubeNotFound:
-            return None
-        except KubeError as exc:
-            self.failures += 1
-            log.warning("%s_delete_failed namespace=%s name=%s error=%s", what, key.namespace, key.name,
-                        describe_error(exc))
-            return False
-        return True
 
 
 class ImportWriter(_Writer):
@@ -238,13 +245,10 @@ class ImportWriter(_Writer):
             if self._written.get(key) == (version, imp):
                 continue
             body = service_import_object(imp, version=version)
-            outcome = await _attempt("service_import", key, "no-namespace",
-                                     functools.partial(self._apply_import, body))
-            if outcome is not True:
-                self.failures += outcome is False
+            if not await self._write("service_import", key, "no-namespace",
+                                     functools.partial(self._apply_import, body)):
                 continue
             self._written[key] = (version, imp)
-            self.writes += 1
             done += 1
         return done
 
@@ -322,12 +326,9 @@ class SliceWriter(_Writer):
             if self._written.get(ident) == state:
                 continue
             body = imported_slice_object(sl, owner=owner)
-            outcome = await _attempt("endpoint_slice", sl.key, "no-namespace",
-                                     functools.partial(_apply_slice_sync, self._api, body))
-            if outcome is not True:
-                self.failures += outcome is False
+            if not await self._write("endpoint_slice", sl.key, "no-namespace",
+                                     functools.partial(_apply_slice_sync, self._api, body)):
                 continue
             self._written[ident] = state
-            self.writes += 1
             done += 1
         return done

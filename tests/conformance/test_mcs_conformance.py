@@ -53,11 +53,10 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from discovery.clusterset import load_clusterset
 from discovery.model import ClusterId
-from meshfed.controlplane import ControlPlane, ControlPlaneConfig
-from meshfed.controlplane.config import Listen
+from meshfed.controlplane import ControlPlane
 from meshfed.install.crds import ALL_CRDS
+from tests.meshfed.conftest import kube_config
 from tests.support.kubeapi import KubeApiDouble
 
 pytestmark = pytest.mark.skipif(shutil.which("dig") is None, reason="dig (dnsutils) is not installed")
@@ -168,11 +167,7 @@ async def env(east_ca: Path, tmp_path: Path) -> AsyncIterator[Env]:
             api.put_object(crd)
         for obj in _objects():
             api.put_object(obj)
-        config = ControlPlaneConfig(
-            clusterset=load_clusterset(DEMO), cluster=EAST, ca_dir=east_ca, federation_urls=(),
-            xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
-            gateway_host="127.0.0.1", gateway_port=15443, source="kubernetes",
-            kubeconfig=api.write_kubeconfig(tmp_path / "kubeconfig"), xds_auth="tokens")
+        config = kube_config(east_ca, api.write_kubeconfig(tmp_path / "kubeconfig"))
         async with ControlPlane(config) as cp:
             e = Env(api, cp)
             await until(lambda: set(e.imports()) == {"hello", "web"} and len(e.mcs_slices()) == 2

@@ -388,6 +388,7 @@ async def test_cluster_identity_is_checked_against_the_cluster_property(
     definition gives is refused before anything starts, naming both values; one that agrees starts."""
     from discovery.clusterid import IdentityMismatch, identity_objects
     from meshfed.install.crds import ALL_CRDS
+    from tests.meshfed.conftest import kube_config
     from tests.support.kubeapi import KubeApiDouble
 
     with KubeApiDouble(strict=True) as api:
@@ -395,11 +396,7 @@ async def test_cluster_identity_is_checked_against_the_cluster_property(
             api.put_object(crd)
         for obj in identity_objects(ClusterId(cluster_value), clusterset_value):
             api.put_object(obj)
-        config = ControlPlaneConfig(
-            clusterset=load_clusterset(DEMO), cluster=EAST, ca_dir=east_ca, federation_urls=(),
-            xds=Listen("127.0.0.1", 0), dns=Listen("127.0.0.1", 0), admin=Listen("127.0.0.1", 0),
-            gateway_host="127.0.0.1", gateway_port=15443, source="kubernetes",
-            kubeconfig=api.write_kubeconfig(tmp_path / "kubeconfig"), xds_auth="tokens")
+        config = kube_config(east_ca, api.write_kubeconfig(tmp_path / "kubeconfig"))
         if wrong is None:
             async with ControlPlane(config) as cp:
                 assert cp.ads is not None
