@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from discovery.addresses import HostPort, InvalidAddress, parse_hostport
-from gateway.bootstrap import BootstrapError, add_admin_listener, add_health_listener, render_bootstrap
+from gateway.bootstrap import (
+    BootstrapError,
+    add_admin_listener,
+    add_health_listener,
+    render_bootstrap,
+    render_grpc_bootstrap,
+)
 from gateway.context import (
     META_CAPTURE,
     META_CAPTURE_BIND,
@@ -69,6 +75,8 @@ class AgentEnv:
     services: str = ""
     """``MESHFED_SERVICES``: the services the pod backs (``name.namespace``, comma-separated), when known."""
     cluster_domain: str = "cluster.local"
+    xds_mtls: HostPort | None = None
+    """``MESHFED_XDS_MTLS_ADDRESS``: the control plane's mutual-TLS ADS port (proxyless gRPC, ``--grpc``)."""
 
     @property
     def node_id(self) -> str:
@@ -101,6 +109,11 @@ def agent_env(env: Mapping[str, str]) -> AgentEnv:
         xds = parse_hostport(address, min_port=1)
     except InvalidAddress as exc:
         raise AgentError(f"MESHFED_XDS_ADDRESS: {exc}") from None
+    mtls_text = env.get("MESHFED_XDS_MTLS_ADDRESS", "").strip()
+    try:
+        xds_mtls = parse_hostport(mtls_text, min_port=1) if mtls_text else None
+    except InvalidAddress as exc:
+        raise AgentError(f"MESHFED_XDS_MTLS_ADDRESS: {exc}") from None
     return AgentEnv(
         pod_name=need("POD_NAME"),
         namespace=need("POD_NAMESPACE"),
@@ -121,6 +134,7 @@ def agent_env(env: Mapping[str, str]) -> AgentEnv:
         metrics_port=_int(env, "MESHFED_METRICS_PORT", METRICS_PORT),
         services=env.get("MESHFED_SERVICES", "").strip(),
         cluster_domain=env.get("MESHFED_CLUSTER_DOMAIN", "").strip() or "cluster.local",
+        xds_mtls=xds_mtls,
     )
 
 
@@ -184,3 +198,48 @@ def bootstrap(agent: AgentEnv, token: str) -> dict[str, Any]:
                                   routes={"/stats/prometheus": "/stats/prometheus"})
     except BootstrapError as exc:
         raise AgentError(f"cannot render the Envoy bootstrap: {exc} (token file {agent.token_file})") from exc
+
+
+# --------------------------------------------------------------------------------------------- proxyless gRPC
+
+def grpc_node_id(agent: AgentEnv, kind: str = "grpc") -> str:
+    """The application's node (``grpc~...``, in ``GRPC_XDS_BOOTSTRAP``); the agent's own SDS stream is the
+    ``proxyless~...`` node of the same pod, so the two streams never share a node (each fixes its own)."""
+    return f"{kind}~{agent.pod_ip}~{agent.pod_name}.{agent.namespace}~{agent.namespace}.svc.{agent.cluster_domain}"
+
+
+def agent_node_id(agent: AgentEnv) -> str:
+    return grpc_node_id(agent, "proxyless")
+
+
+def grpc_proxy_info(agent: AgentEnv, *, node_id: str | None = None) -> ProxyInfo:
+    """The proxyless node the application presents (its ``MESHFED_INBOUND`` ports are the ones it serves)."""
+    metadata = {
+        META_KIND: str(ProxyKind.GRPC),
+        META_CLUSTER: agent.cluster,
+        META_NAMESPACE: agent.namespace,
+        META_SERVICE_ACCOUNT: agent.service_account,
+        META_INBOUND: agent.inbound,
+        META_SERVICES: agent.services,
+        META_IP: agent.pod_ip,
+    }
+    try:
+        return ProxyInfo.from_node(node_id or grpc_node_id(agent), metadata)
+    except ProxyInfoError as exc:
+        raise AgentError(f"the agent's environment does not describe a proxyless gRPC node: {exc}") from exc
+
+
+def grpc_bootstrap(agent: AgentEnv, *, cert_file: str, key_file: str, ca_file: str,
+                   refresh_s: int = 5) -> dict[str, Any]:
+    """``GRPC_XDS_BOOTSTRAP`` for the pod's application: ADS over mutual TLS to ``MESHFED_XDS_MTLS_ADDRESS`` with
+    the workload certificate (gRPC's bootstrap cannot send the token: no call credentials on its xDS channel),
+    and the ``default`` ``file_watcher`` certificate provider re-reading the same files every ``refresh_s``."""
+    if agent.xds_mtls is None:
+        raise AgentError("MESHFED_XDS_MTLS_ADDRESS is not set (proxyless gRPC reaches the control plane over "
+                         "mutual TLS; see docs/injection.md)")
+    try:
+        return render_grpc_bootstrap(grpc_proxy_info(agent), xds_host=agent.xds_mtls.host,
+                                     xds_port=agent.xds_mtls.port, cert_file=cert_file, key_file=key_file,
+                                     ca_file=ca_file, refresh_s=refresh_s, xds_tls=True)
+    except BootstrapError as exc:
+        raise AgentError(f"cannot render the gRPC bootstrap: {exc}") from exc

@@ -178,12 +178,20 @@ STOP_GRACE_SECONDS = 20.0
 @click.option("--token-poll", type=float, default=TOKEN_POLL_SECONDS, show_default=True, metavar="SECONDS",
               help="how often the projected token is checked; a new one restarts Envoy with it")
 @click.option("--log-level", default="warning", show_default=True, help="Envoy's log level")
-def run_cmd(proxy_uid: int, token_poll: float, log_level: str) -> None:
+@click.option("--grpc", "grpc_", is_flag=True,
+              help="proxyless gRPC (template grpc): no Envoy; write GRPC_XDS_BOOTSTRAP and the workload "
+                   "certificates (renewed over SDS) into $MESHFED_RUN_DIR/grpc")
+def run_cmd(proxy_uid: int, token_poll: float, log_level: str, grpc_: bool) -> None:
     """Run the pod's sidecar: write Envoy's bootstrap from the environment (downward API, MESHFED_*), start
     Envoy as the proxy uid, forward SIGTERM/SIGINT to it and exit with it.
 
     Envoy's ADS stream authenticates with the projected token in MESHFED_XDS_TOKEN_FILE; when the kubelet
-    refreshes it, Envoy is restarted with the new one. Readiness: GET :15021/healthz/ready (Envoy's /ready)."""
+    refreshes it, Envoy is restarted with the new one. Readiness: GET :15021/healthz/ready (Envoy's /ready).
+
+    With --grpc there is no Envoy: the agent fetches the pod's certificate over SDS with the token and writes
+    the files and bootstrap a proxyless gRPC application reads (docs/injection.md)."""
+    if grpc_:
+        raise SystemExit(_run_grpc(token_poll))
     try:
         agent = agent_env(os.environ)
         proxy_info(agent)
@@ -272,3 +280,34 @@ def _supervise(agent: AgentEnv, *, proxy_uid: int, token_poll: float, log_level:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _run_grpc(token_poll: float) -> int:
+    import asyncio
+
+    from meshfed.grpcagent import GrpcAgent
+
+    try:
+        agent = agent_env(os.environ)
+        refresh = os.environ.get("MESHFED_GRPC_REFRESH_SECONDS", "").strip() or "5"
+        if not refresh.isdigit() or int(refresh) < 1:
+            raise AgentError(f"MESHFED_GRPC_REFRESH_SECONDS={refresh!r} is not a whole number of seconds >= 1")
+        worker = GrpcAgent(agent, token_poll=token_poll, refresh_s=int(refresh))
+        worker.prepare()
+    except (AgentError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(s, stop.set)
+        await worker.serve(stop)
+
+    try:
+        asyncio.run(main())
+    except (AgentError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return 1
+    return 0

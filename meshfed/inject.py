@@ -74,9 +74,15 @@ PROXY_CPU = "meshfed.io/proxyCPU"
 PROXY_MEMORY = "meshfed.io/proxyMemory"
 PROXY_CPU_LIMIT = "meshfed.io/proxyCPULimit"
 PROXY_MEMORY_LIMIT = "meshfed.io/proxyMemoryLimit"
+TEMPLATES = "inject.meshfed.io/templates"
+"""Which injection template a pod gets: ``sidecar`` (the default: capture + Envoy) or ``grpc`` (proxyless gRPC: no
+Envoy, no capture; the agent writes ``GRPC_XDS_BOOTSTRAP`` and the workload certificates, docs/injection.md)."""
+TEMPLATE_SIDECAR, TEMPLATE_GRPC = "sidecar", "grpc"
+GRPC_DIR = f"{RUN_DIR}/grpc"
+GRPC_BOOTSTRAP = f"{GRPC_DIR}/bootstrap.json"
 KNOWN_ANNOTATIONS = frozenset({
     INJECT, STATUS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS,
-    PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT,
+    PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT, TEMPLATES,
 })
 """Every ``meshfed.io/`` pod annotation the injector reads or writes; another one is refused (a typo would
 otherwise be ignored silently)."""
@@ -119,6 +125,9 @@ class InjectConfig:
     memory: str = "128Mi"
     memory_limit: str = "1Gi"
     cpu_limit: str = ""
+    xds_mtls_address: str = ""
+    """``HOST:PORT`` of the control plane's mutual-TLS ADS port, which proxyless gRPC (template ``grpc``) uses;
+    "": the template is refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,9 +252,26 @@ def _annotation_field(facts: PodFacts, key: str) -> str:
     return _field(facts.prefix, f"metadata.annotations[{json.dumps(key)}]")
 
 
-def _injected_already(facts: PodFacts) -> bool:
+def template_of(facts: PodFacts) -> str:
+    """The pod's injection template (``inject.meshfed.io/templates``), checked."""
+    value = facts.annotations.get(TEMPLATES, TEMPLATE_SIDECAR).strip() or TEMPLATE_SIDECAR
+    if value not in (TEMPLATE_SIDECAR, TEMPLATE_GRPC):
+        raise InjectError(_annotation_field(facts, TEMPLATES),
+                          f"{value!r} is not a template (known: {TEMPLATE_SIDECAR}, {TEMPLATE_GRPC})")
+    return value
+
+
+def _containers_of(template: str) -> tuple[str, ...]:
+    return (PROXY_NAME,) if template == TEMPLATE_GRPC else OUR_CONTAINERS
+
+
+def _volumes_of(template: str) -> tuple[str, ...]:
+    return (TOKEN_VOLUME, RUN_VOLUME) if template == TEMPLATE_GRPC else OUR_VOLUMES
+
+
+def _injected_already(facts: PodFacts, template: str) -> bool:
     ours = {name for _, name in facts.container_names if name in OUR_CONTAINERS}
-    return STATUS in facts.annotations and ours == set(OUR_CONTAINERS)
+    return STATUS in facts.annotations and ours == set(_containers_of(template))
 
 
 def check(facts: PodFacts) -> None:
@@ -257,6 +283,7 @@ def check(facts: PodFacts) -> None:
     inject = facts.annotations.get(INJECT)
     if inject is not None and inject not in ("true", "false"):
         raise InjectError(_annotation_field(facts, INJECT), f"{inject!r} must be \"true\" or \"false\"")
+    template = template_of(facts)
     if facts.host_network:
         raise InjectError(_field(facts.prefix, "spec.hostNetwork"),
                           "a pod on the host's network cannot have its traffic captured (the rules would apply to "
@@ -264,8 +291,8 @@ def check(facts: PodFacts) -> None:
     for field, name in facts.container_names:
         if name in OUR_CONTAINERS:
             raise InjectError(field, f"a container is already named {name!r}, which the injector adds "
-                                     f"(and the pod is not marked injected: {STATUS} and both "
-                                     f"{' and '.join(OUR_CONTAINERS)})")
+                                     f"(and the pod is not marked injected: {STATUS} and "
+                                     f"{' and '.join(_containers_of(template))})")
     for field, name in facts.volume_names:
         if name in OUR_VOLUMES:
             raise InjectError(field, f"a volume is already named {name!r}, which the injector adds")
@@ -319,7 +346,7 @@ def settings(facts: PodFacts, config: InjectConfig) -> Settings:
     return Settings(capture_args=tuple(args), resources={"requests": requests, "limits": limits})
 
 
-def inbound_metadata(facts: PodFacts) -> str:
+def inbound_metadata(facts: PodFacts, *, protocol: str = "") -> str:
     """``MESHFED_INBOUND`` for the sidecar: each application TCP port once, ``PORT:PORT:NAME:PROTOCOL`` (in a pod
     the app listens on the port itself; ``grpc`` when the port's name says so, as Istio's naming rule)."""
     seen: dict[int, ContainerPort] = {}
@@ -328,8 +355,8 @@ def inbound_metadata(facts: PodFacts) -> str:
     out = []
     for port in sorted(seen):
         name = seen[port].name
-        protocol = "grpc" if name == "grpc" or name.startswith("grpc-") else "http"
-        out.append(f"{port}:{port}:{name}:{protocol}")
+        proto = protocol or ("grpc" if name == "grpc" or name.startswith("grpc-") else "http")
+        out.append(f"{port}:{port}:{name or proto}:{proto}")
     return ",".join(out)
 
 
@@ -408,7 +435,58 @@ def containers(facts: PodFacts, config: InjectConfig, s: Settings) -> tuple[Obj,
     return init, proxy
 
 
-def volumes(config: InjectConfig) -> list[Obj]:
+def grpc_agent(facts: PodFacts, config: InjectConfig, s: Settings) -> Obj:
+    """The proxyless template's one container: ``meshfed proxy run --grpc`` as a native sidecar, which writes
+    ``GRPC_XDS_BOOTSTRAP`` and the workload certificates into the shared run volume (no Envoy, no capture)."""
+    if not config.xds_mtls_address:
+        raise InjectError(_annotation_field(facts, TEMPLATES),
+                          "the control plane serves no mutual-TLS ADS address (xds_mtls_address), which "
+                          "proxyless gRPC needs")
+    agent: Obj = {
+        "name": PROXY_NAME,
+        "image": config.image,
+        "imagePullPolicy": config.image_pull_policy,
+        "restartPolicy": "Always",
+        "args": ["proxy", "run", "--grpc"],
+        "env": [
+            _env_field("POD_NAME", "metadata.name"),
+            _env_field("POD_NAMESPACE", "metadata.namespace"),
+            _env_field("POD_IP", "status.podIP"),
+            _env_field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": "MESHFED_CLUSTER", "value": config.cluster},
+            {"name": "MESHFED_XDS_ADDRESS", "value": config.xds_address},
+            {"name": "MESHFED_XDS_MTLS_ADDRESS", "value": config.xds_mtls_address},
+            {"name": "MESHFED_XDS_TOKEN_FILE", "value": TOKEN_FILE},
+            {"name": "MESHFED_RUN_DIR", "value": RUN_DIR},
+            {"name": "MESHFED_CAPTURE", "value": "none"},
+            {"name": "MESHFED_INBOUND", "value": inbound_metadata(facts, protocol="grpc")},
+        ],
+        "ports": [{"name": "mf-health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+        # Ready once the bootstrap and the first certificates are written: the app starts after that.
+        "startupProbe": _probe(1, 600),
+        "readinessProbe": _probe(5, 3),
+        "resources": {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": s.resources["limits"]},
+        "securityContext": _security(config.proxy_uid),
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": RUN_VOLUME, "mountPath": RUN_DIR},
+        ],
+    }
+    return agent
+
+
+GRPC_APP_ENV: tuple[Obj, ...] = (
+    {"name": "GRPC_XDS_BOOTSTRAP", "value": GRPC_BOOTSTRAP},
+    {"name": "GRPC_EXPERIMENTAL_XDS_SNI", "value": "true"},
+)
+GRPC_APP_MOUNT: Obj = {"name": RUN_VOLUME, "mountPath": GRPC_DIR, "subPath": "grpc", "readOnly": True}
+
+
+def volumes(config: InjectConfig, template: str = TEMPLATE_SIDECAR) -> list[Obj]:
+    return [v for v in _all_volumes(config) if v["name"] in _volumes_of(template)]
+
+
+def _all_volumes(config: InjectConfig) -> list[Obj]:
     return [
         {"name": TOKEN_VOLUME, "projected": {"defaultMode": 0o440, "sources": [{"serviceAccountToken": {
             "audience": config.audience, "expirationSeconds": TOKEN_SECONDS, "path": "token"}}]}},
@@ -429,14 +507,16 @@ def inject(pod: Any, config: InjectConfig, *, prefix: str = "") -> Outcome:
         return Skipped(f"{INJECT} is \"false\"")
     if facts.labels.get(PART_OF_LABEL) == "meshfed":
         return Skipped(f"one of meshfed's own pods ({PART_OF_LABEL}: meshfed), which are never injected")
-    if _injected_already(facts):
-        return Skipped(f"already injected ({STATUS} and containers {', '.join(OUR_CONTAINERS)} present)")
+    template = template_of(facts)
+    if _injected_already(facts, template):
+        return Skipped(f"already injected ({STATUS} and containers {', '.join(_containers_of(template))} present)")
     check(facts)
     s = settings(facts, config)
-    init, proxy = containers(facts, config, s)
-    vols = volumes(config)
-    status = json.dumps({"version": STATUS_VERSION, "initContainers": list(OUR_CONTAINERS),
-                         "volumes": list(OUR_VOLUMES)}, separators=(",", ":"))
+    added = [grpc_agent(facts, config, s)] if template == TEMPLATE_GRPC else list(containers(facts, config, s))
+    vols = volumes(config, template)
+    status = json.dumps({"version": STATUS_VERSION, "template": template,
+                         "initContainers": list(_containers_of(template)),
+                         "volumes": list(_volumes_of(template))}, separators=(",", ":"))
     out: Obj = copy.deepcopy(dict(pod))
     ops: list[PatchOp] = []
 
@@ -453,12 +533,23 @@ def inject(pod: Any, config: InjectConfig, *, prefix: str = "") -> Outcome:
 
     spec: Obj = out["spec"]
     if spec.get("initContainers"):
-        ops.append({"op": "add", "path": "/spec/initContainers/0", "value": init})
-        ops.append({"op": "add", "path": "/spec/initContainers/1", "value": proxy})
-        spec["initContainers"][0:0] = [copy.deepcopy(init), copy.deepcopy(proxy)]
+        for i, c in enumerate(added):
+            ops.append({"op": "add", "path": f"/spec/initContainers/{i}", "value": c})
+        spec["initContainers"][0:0] = copy.deepcopy(added)
     else:
-        ops.append({"op": "add", "path": "/spec/initContainers", "value": [init, proxy]})
-        spec["initContainers"] = copy.deepcopy([init, proxy])
+        ops.append({"op": "add", "path": "/spec/initContainers", "value": added})
+        spec["initContainers"] = copy.deepcopy(added)
+
+    if template == TEMPLATE_GRPC:  # the app reads the bootstrap and certificates from the shared volume
+        for i, c in enumerate(spec["containers"]):
+            for key, values in (("env", list(GRPC_APP_ENV)), ("volumeMounts", [GRPC_APP_MOUNT])):
+                if c.get(key):
+                    for v in values:
+                        ops.append({"op": "add", "path": f"/spec/containers/{i}/{key}/-", "value": v})
+                    c[key].extend(copy.deepcopy(values))
+                else:
+                    ops.append({"op": "add", "path": f"/spec/containers/{i}/{key}", "value": values})
+                    c[key] = copy.deepcopy(values)
 
     if spec.get("volumes"):
         for v in vols:

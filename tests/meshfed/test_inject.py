@@ -12,9 +12,11 @@ import kubernetes_validate
 import pytest
 
 from meshfed.inject import (
+    GRPC_BOOTSTRAP,
     INIT_NAME,
     PROXY_NAME,
     STATUS,
+    TEMPLATES,
     InjectConfig,
     Injected,
     InjectError,
@@ -221,3 +223,65 @@ def test_udp_port_on_a_reserved_number_is_fine_and_prefix_names_template_fields(
     with pytest.raises(InjectError) as err:
         inject(obj, CONFIG, prefix="spec.template.")
     assert err.value.field == "spec.template.spec.hostNetwork"
+
+
+# ------------------------------------------------------------------------------------ template grpc (proxyless)
+
+GRPC_CONFIG = InjectConfig(cluster="east", image="ghcr.io/meshfed/meshfed:0.1.0",
+                           xds_address="meshfed-controlplane.meshfed-system.svc:15010",
+                           xds_mtls_address="meshfed-controlplane.meshfed-system.svc:15012")
+
+
+def grpc_pod(**spec: Any) -> dict[str, Any]:
+    obj = pod(**spec)
+    obj["metadata"]["annotations"] = {TEMPLATES: "grpc"}
+    obj["spec"]["containers"][0]["ports"] = [{"name": "grpc", "containerPort": 7070}]
+    return obj
+
+
+def test_grpc_template_gives_the_agent_and_no_envoy_or_capture() -> None:
+    original = grpc_pod(volumes=[{"name": "data", "emptyDir": {}}])
+    original["spec"]["containers"][0]["env"] = [{"name": "LOG", "value": "1"}]
+    out = inject(original, GRPC_CONFIG)
+    assert isinstance(out, Injected)
+    assert jsonpatch.apply_patch(original, list(out.patch)) == out.pod
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(out.pod, version, strict=True)
+    spec = out.pod["spec"]
+    [agent] = spec["initContainers"]
+    assert agent["name"] == PROXY_NAME and agent["args"] == ["proxy", "run", "--grpc"]
+    assert agent["restartPolicy"] == "Always" and agent["securityContext"]["runAsUser"] == 1337
+    assert "NET_ADMIN" not in json.dumps(agent)
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["MESHFED_XDS_MTLS_ADDRESS"] == "meshfed-controlplane.meshfed-system.svc:15012"
+    assert env["MESHFED_INBOUND"] == "7070:7070:grpc:grpc" and env["MESHFED_CAPTURE"] == "none"
+    assert [v["name"] for v in spec["volumes"]] == ["data", "meshfed-xds-token", "meshfed-run"]
+    app = spec["containers"][0]
+    assert app["env"] == [{"name": "LOG", "value": "1"}, {"name": "GRPC_XDS_BOOTSTRAP", "value": GRPC_BOOTSTRAP},
+                          {"name": "GRPC_EXPERIMENTAL_XDS_SNI", "value": "true"}]
+    assert app["volumeMounts"] == [{"name": "meshfed-run", "mountPath": "/var/run/meshfed/grpc",
+                                    "subPath": "grpc", "readOnly": True}]
+    assert spec["securityContext"] == {"fsGroup": 1337}  # the app reads the group-readable key
+    status = json.loads(out.pod["metadata"]["annotations"][STATUS])
+    assert status["template"] == "grpc" and status["initContainers"] == [PROXY_NAME]
+    assert INIT_NAME not in json.dumps(out.pod)
+
+
+def test_grpc_template_is_idempotent_and_opt_out_still_wins() -> None:
+    once = inject(grpc_pod(), GRPC_CONFIG)
+    assert isinstance(once, Injected)
+    again = inject(once.pod, GRPC_CONFIG)
+    assert isinstance(again, Skipped) and "already injected" in again.reason
+    opted = grpc_pod()
+    opted["metadata"]["annotations"]["meshfed.io/inject"] = "false"
+    out = inject(opted, GRPC_CONFIG)
+    assert isinstance(out, Skipped) and "false" in out.reason
+
+
+def test_grpc_template_errors_name_the_annotation() -> None:
+    bad = grpc_pod()
+    bad["metadata"]["annotations"][TEMPLATES] = "grcp"
+    with pytest.raises(InjectError, match=r'annotations\["inject.meshfed.io/templates"\].*not a template'):
+        inject(bad, GRPC_CONFIG)
+    with pytest.raises(InjectError, match="mutual-TLS ADS"):
+        inject(grpc_pod(), CONFIG)  # no xds_mtls_address configured
