@@ -77,6 +77,8 @@ async def _serve(config: ControlPlaneConfig) -> None:
               default="IfNotPresent", show_default=True)
 @click.option("--inject-xds-address", default="", metavar="HOST:PORT",
               help="where injected sidecars reach this control plane's ADS (its Service name and port)")
+@click.option("--inject-xds-mtls-address", default="", metavar="HOST:PORT",
+              help="where proxyless gRPC pods (template grpc) reach the mutual-TLS ADS listener")
 @click.option("--debounce-quiet", type=float, default=0.1, show_default=True, metavar="SECONDS")
 @click.option("--debounce-max", type=float, default=1.0, show_default=True, metavar="SECONDS")
 def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_urls: tuple[str, ...], xds_listen: str,
@@ -85,7 +87,7 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
                  xds_auth: str | None, xds_token_audience: str, xds_mtls_listen: str | None,
                  xds_mtls_hosts: tuple[str, ...], cert_files: Path | None, webhook_listen: str | None,
                  webhook_hosts: tuple[str, ...], inject_image: str, inject_image_pull_policy: str,
-                 inject_xds_address: str, debounce_quiet: float,
+                 inject_xds_address: str, inject_xds_mtls_address: str, debounce_quiet: float,
                  debounce_max: float) -> None:
     """Run one cluster's control plane until SIGTERM or Ctrl-C."""
     try:
@@ -107,6 +109,7 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
             webhook=parse_listen(webhook_listen, what="--webhook-listen") if webhook_listen else None,
             webhook_hosts=webhook_hosts, inject_image=inject_image, inject_image_pull_policy=inject_image_pull_policy,
             inject_xds_address=inject_xds_address,
+            inject_xds_mtls_address=inject_xds_mtls_address,
         )
         config.check()
     except (ClusterSetError, DiscoveryError, ValueError, KeyError) as exc:

@@ -15,6 +15,10 @@ What a pod gets (``initContainers`` run in order; the sidecar is a native sideca
                       meshfed-run (memory), meshfed-xtables (memory, the capture's iptables lock)
     metadata.annotations["meshfed.io/status"]   what was added (JSON); its presence makes a second run a no-op
 
+With ``inject.meshfed.io/templates: grpc`` (proxyless gRPC) only ``meshfed-proxy`` is added, running
+``meshfed proxy run --grpc`` (``meshfed.grpcagent``: no Envoy, no capture), with the token and run volumes; every app
+container gets ``GRPC_XDS_BOOTSTRAP`` and the run volume's ``grpc/`` read-only.
+
 Exception tree (this module)::
 
     InjectError (ValueError)   the pod cannot be injected; ``field`` names the offending field

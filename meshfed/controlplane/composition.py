@@ -186,7 +186,7 @@ class ControlPlane:
         cfg = self.config
         return InjectConfig(cluster=str(cfg.cluster), image=cfg.inject_image,
                             image_pull_policy=cfg.inject_image_pull_policy, xds_address=cfg.inject_xds_address,
-                            audience=cfg.token_audience)
+                            audience=cfg.token_audience, xds_mtls_address=cfg.inject_xds_mtls_address)
 
     def _mtls_ads(self, listen: Listen) -> AdsServer:
         """The certificate-authenticated ADS listener (same cache, same generators) for proxyless gRPC."""

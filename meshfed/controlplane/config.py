@@ -83,6 +83,7 @@ class ControlPlaneConfig:
     inject_image: str = ""
     inject_image_pull_policy: str = "IfNotPresent"
     inject_xds_address: str = ""
+    inject_xds_mtls_address: str = ""  # proxyless gRPC pods' mutual-TLS ADS address ("": template grpc refused)
 
     def check(self) -> None:
         """Raise ``ValueError`` for a setting outside its choices."""

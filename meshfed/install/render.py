@@ -583,6 +583,7 @@ def controlplane_args(cluster: ClusterInfo, federation_url: str, opts: InstallOp
         "--inject-image", opts.image,
         "--inject-image-pull-policy", opts.image_pull_policy,
         "--inject-xds-address", inject_config(str(cluster.id), opts).xds_address,
+        "--inject-xds-mtls-address", inject_config(str(cluster.id), opts).xds_mtls_address,
     ]
 
 
@@ -754,7 +755,8 @@ def inject_config(cluster: str, opts: InstallOptions) -> InjectConfig:
     """What the sidecar injector gives a pod of ``cluster``: the install's image, its control plane Service's
     plain ADS port, the xDS token audience the control plane checks."""
     return InjectConfig(cluster=cluster, image=opts.image, image_pull_policy=opts.image_pull_policy,
-                        xds_address=f"{opts.svc_host(CONTROLPLANE)}:{XDS_PORT}", audience=XDS_AUDIENCE)
+                        xds_address=f"{opts.svc_host(CONTROLPLANE)}:{XDS_PORT}", audience=XDS_AUDIENCE,
+                        xds_mtls_address=f"{opts.svc_host(CONTROLPLANE)}:{XDS_MTLS_PORT}")
 
 
 def gateway_node_id(opts: InstallOptions) -> str:
