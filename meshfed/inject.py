@@ -157,6 +157,10 @@ class PodFacts:
     run_as_proxy: tuple[str, ...]
     """Fields that run an application container as the proxy's uid (its traffic would escape capture)."""
     has_fs_group: bool
+    app_env: tuple[tuple[str, str], ...] = ()
+    """(field, name) of the application containers' env variables (the grpc template adds two)."""
+    app_mounts: tuple[tuple[str, str], ...] = ()
+    """(field, mountPath) of the application containers' volume mounts (the grpc template adds one)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +219,8 @@ def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
     names: list[tuple[str, str]] = []
     ports: list[ContainerPort] = []
     as_proxy: list[str] = []
+    app_env: list[tuple[str, str]] = []
+    app_mounts: list[tuple[str, str]] = []
     pod_sc = _mapping(spec.get("securityContext"), _field(prefix, "spec.securityContext"))
     for kind in ("initContainers", "containers"):
         for i, c in enumerate(_list(spec.get(kind), _field(prefix, f"spec.{kind}"))):
@@ -231,6 +237,12 @@ def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
                 if not isinstance(number, int):
                     raise InjectError(f"{where}.ports[{j}].containerPort", "must be an integer port")
                 ports.append(ContainerPort(f"{where}.ports[{j}].containerPort", number, str(p.get("name", ""))))
+            if kind == "containers":
+                for j, e in enumerate(_list(c.get("env"), f"{where}.env")):
+                    app_env.append((f"{where}.env[{j}].name", str(_mapping(e, f"{where}.env[{j}]").get("name"))))
+                for j, m in enumerate(_list(c.get("volumeMounts"), f"{where}.volumeMounts")):
+                    m = _mapping(m, f"{where}.volumeMounts[{j}]")
+                    app_mounts.append((f"{where}.volumeMounts[{j}].mountPath", str(m.get("mountPath"))))
             sc = _mapping(c.get("securityContext"), f"{where}.securityContext")
             uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
             if uid == DEFAULT_PROXY_UID:
@@ -249,6 +261,8 @@ def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
         ports=tuple(ports),
         run_as_proxy=tuple(as_proxy),
         has_fs_group="fsGroup" in pod_sc,
+        app_env=tuple(app_env),
+        app_mounts=tuple(app_mounts),
     )
 
 
@@ -304,6 +318,14 @@ def check(facts: PodFacts) -> None:
         if port.port in RESERVED_PORTS:
             raise InjectError(port.field, f"port {port.port} is the sidecar's (it uses "
                                           f"{', '.join(map(str, RESERVED_PORTS))} in the pod's network namespace)")
+    if template == TEMPLATE_GRPC:
+        ours = {e["name"] for e in GRPC_APP_ENV}
+        for field, name in facts.app_env:
+            if name in ours:
+                raise InjectError(field, f"{name} is set by the grpc template (the agent writes the bootstrap)")
+        for field, path in facts.app_mounts:
+            if path.rstrip("/") == GRPC_DIR:
+                raise InjectError(field, f"{GRPC_DIR} is where the grpc template mounts the agent's files")
     if facts.run_as_proxy:
         raise InjectError(facts.run_as_proxy[0], f"uid {DEFAULT_PROXY_UID} is the proxy's: a container running "
                                                  "as it would bypass traffic capture")

@@ -22,6 +22,7 @@ from meshfed.inject import (
     InjectError,
     Skipped,
     inject,
+    inject_object,
 )
 
 CONFIG = InjectConfig(cluster="east", image="ghcr.io/meshfed/meshfed:0.1.0",
@@ -285,3 +286,28 @@ def test_grpc_template_errors_name_the_annotation() -> None:
         inject(bad, GRPC_CONFIG)
     with pytest.raises(InjectError, match="mutual-TLS ADS"):
         inject(grpc_pod(), CONFIG)  # no xds_mtls_address configured
+
+
+def test_grpc_template_refuses_an_app_that_sets_what_it_adds() -> None:
+    env = grpc_pod()
+    env["spec"]["containers"][0]["env"] = [{"name": "GRPC_XDS_BOOTSTRAP", "value": "/etc/b.json"}]
+    with pytest.raises(InjectError, match=r"spec\.containers\[0\]\.env\[0\]\.name: GRPC_XDS_BOOTSTRAP"):
+        inject(env, GRPC_CONFIG)
+    mount = grpc_pod(volumes=[{"name": "x", "emptyDir": {}}])
+    mount["spec"]["containers"][0]["volumeMounts"] = [{"name": "x", "mountPath": "/var/run/meshfed/grpc/"}]
+    with pytest.raises(InjectError, match=r"volumeMounts\[0\]\.mountPath"):
+        inject(mount, GRPC_CONFIG)
+
+
+def test_grpc_template_on_a_deployment_validates() -> None:
+    template = grpc_pod()
+    template["metadata"].pop("name")
+    template.pop("apiVersion")
+    template.pop("kind")
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "echo", "namespace": "default"},
+                  "spec": {"selector": {"matchLabels": {"app": "reviews"}}, "template": template}}
+    out = inject_object(deployment, GRPC_CONFIG)
+    assert out.notes == ("injected",)
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(out.obj, version, strict=True)
+    assert [c["name"] for c in out.obj["spec"]["template"]["spec"]["initContainers"]] == [PROXY_NAME]
