@@ -161,7 +161,14 @@ class GrpcAgent:
         ``MAX_BACKOFF`` seconds)."""
         backoff = 0.5
         while not stop.is_set():
-            token = await asyncio.to_thread(_read_token, self.agent)
+            try:
+                token = await asyncio.to_thread(_read_token, self.agent)
+            except AgentError as exc:  # the kubelet has not (re)written it yet: wait, do not exit
+                log.warning("%s; retrying in %.1fs", exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
             tasks = [asyncio.create_task(self._stream_once(token)),
                      asyncio.create_task(self._until_token_changes(token)),
                      asyncio.create_task(stop.wait())]

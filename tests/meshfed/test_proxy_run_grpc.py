@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 
 from discovery.clusterset import load_clusterset
@@ -194,3 +195,20 @@ async def test_proxyless_call_across_a_certificate_renewal(east_ca: Path, tmp_pa
                 if proc.stdin is not None:
                     proc.stdin.close()
                 await asyncio.to_thread(stop, proc)
+
+
+def test_grpc_environment_errors_name_the_variable(tmp_path: Path) -> None:
+    from meshfed.agent import AgentError, grpc_bootstrap
+    from meshfed.agent import agent_env as read_env
+
+    env = agent_env("client-0", "grpc-client", 7070, "cp.meshfed-system.svc:15010", "cp.meshfed-system.svc:15012",
+                    tmp_path / "run", tmp_path / "token")
+    files = {"cert_file": "c", "key_file": "k", "ca_file": "a"}
+    boot = grpc_bootstrap(read_env(env), **files)
+    assert boot["xds_servers"][0]["server_uri"] == "cp.meshfed-system.svc:15012"
+    assert boot["certificate_providers"]["default"]["plugin_name"] == "file_watcher"
+    assert boot["node"]["metadata"]["MESHFED_KIND"] == "grpc"
+    with pytest.raises(AgentError, match="MESHFED_XDS_MTLS_ADDRESS"):
+        grpc_bootstrap(read_env({k: v for k, v in env.items() if k != "MESHFED_XDS_MTLS_ADDRESS"}), **files)
+    with pytest.raises(AgentError, match="MESHFED_XDS_MTLS_ADDRESS"):
+        read_env({**env, "MESHFED_XDS_MTLS_ADDRESS": "nohostport"})
