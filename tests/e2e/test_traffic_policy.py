@@ -308,11 +308,12 @@ async def test_without_retries_failover_costs_the_ejection_threshold(tp: Traffic
     failed = [a for a in answers if a.startswith("HTTP")]
     why = (answers, await tp.health())
     # Each request reaches east's pod until 3 consecutive gateway errors (the default consecutiveGatewayErrors)
-    # eject it; the ejection reaches the worker asynchronously, so one more request may still be on its way there.
-    # After that, every request goes to west.
-    assert DEFAULT_CONSECUTIVE_GATEWAY_ERRORS <= len(failed) <= DEFAULT_CONSECUTIVE_GATEWAY_ERRORS + 1, why
+    # eject it. The ejection reaches Envoy's worker asynchronously: on a loaded machine a few more requests can be
+    # on their way there (7 were seen once in CI), so the bound is the threshold below and the failover above:
+    # the failures are the first requests only, and once they stop every request goes to west.
+    assert len(failed) >= DEFAULT_CONSECUTIVE_GATEWAY_ERRORS, why
     assert answers[: len(failed)] == failed, why
-    assert set(answers[len(failed):]) == {"reviews-west"}, why
+    assert set(answers[len(failed):]) == {"reviews-west"} and len(answers) - len(failed) >= len(answers) // 2, why
 
 
 async def test_remote_gateway_that_stops_answering_is_taken_out_of_rotation(tp: Traffic) -> None:
