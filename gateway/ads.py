@@ -91,6 +91,10 @@ class XdsStats:
         return dict(self.__dict__)
 
 
+def _version(entry: Entry | None) -> str | None:
+    return entry.version if entry is not None else None
+
+
 def _ordered(types: Mapping[str, Any]) -> list[str]:
     rank = {t: i for i, t in enumerate(TYPE_ORDER)}
     return sorted(types, key=lambda t: (rank.get(t, len(rank)), t))
@@ -333,7 +337,26 @@ class _Stream(Generic[_TypeState]):
         """(Called by the cache when the node's snapshot changes.) Whether this stream must wake: True unless every
         subscribed type is unchanged for it, in which case it takes the new version as current at once, as its
         own pass would have (so its status stays synced without a wake-up)."""
+        quiet: list[tuple[str, _TypeState]] = []
+        for type_url, st in self.types.items():
+            concerns = self._concerns(type_url, st, new)
+            if concerns:
+                return True
+            if concerns is False:
+                quiet.append((type_url, st))
+        for type_url, st in quiet:
+            self._quiet(type_url, st, new)
+        self.server.stats.wakeups_skipped += 1
+        return False
+
+    def _concerns(self, type_url: str, st: _TypeState, new: Snapshot) -> bool | None:
+        """True: ``new`` changes something of ``type_url`` the stream holds or asked for (or its state is not
+        settled: it must look itself); False: the type changed, but nothing of it for this stream; None: nothing
+        to do for the type."""
         return True
+
+    def _quiet(self, type_url: str, st: _TypeState, new: Snapshot) -> None:
+        """The type changed but nothing in it for this stream: what its own pass would record."""
 
     def plain_ack(self, request: Any) -> bool:
         """Handle ``request`` at once if it only acknowledges a response (nothing to push follows from it), saving
@@ -441,32 +464,23 @@ class _SotwStream(_Stream[_SotwType]):
             st.sent_key = None
         st.subscribed, st.wildcard, st.names = True, wildcard, names
 
-    def interested(self, old: Snapshot, new: Snapshot) -> bool:
-        quiet: list[tuple[str, _SotwType, str, Any]] = []
-        for type_url, st in self.types.items():
-            if not st.subscribed:
-                continue
-            version = new.version(type_url)
-            if st.wildcard:
-                if st.sent_key != (True, version):
+    def _concerns(self, type_url: str, st: _SotwType, new: Snapshot) -> bool | None:
+        if not st.subscribed:
+            return None
+        if st.wildcard:
+            return st.sent_key != (True, new.version(type_url))
+        entries, seen = new.entries(type_url), st.seen
+        if st.dirty or seen is None or st.sent_key is None:
+            return True
+        if seen is not entries:
+            for name in touched(entries, seen).intersection(st.names):
+                if _version(seen.get(name)) != _version(entries.get(name)):
                     return True
-                continue
-            entries = new.entries(type_url)
-            seen = st.seen
-            if st.dirty or seen is None or st.sent_key is None:
-                return True
-            if seen is not entries:
-                for name in touched(entries, seen).intersection(st.names):
-                    before, after = seen.get(name), entries.get(name)
-                    if (before.version if before is not None else None) != (
-                            after.version if after is not None else None):
-                        return True
-            quiet.append((type_url, st, version, entries))
-        for type_url, st, version, entries in quiet:  # as _push_type does when nothing asked for changed
-            st.seen = entries
-            self._current_at(type_url, st, version)
-        self.server.stats.wakeups_skipped += 1
         return False
+
+    def _quiet(self, type_url: str, st: _SotwType, new: Snapshot) -> None:
+        st.seen = new.entries(type_url)
+        self._current_at(type_url, st, new.version(type_url))
 
     def _current_at(self, type_url: str, st: _SotwType, version: str) -> None:
         """Nothing the proxy asked for changed: if it ACKed what it has, it is current at this type version."""
@@ -529,31 +543,27 @@ class _DeltaStream(_Stream[_DeltaType]):
     def _new_type(self) -> _DeltaType:
         return _DeltaType()
 
-    def interested(self, old: Snapshot, new: Snapshot) -> bool:
-        quiet: list[tuple[str, _DeltaType, str, Any]] = []
-        for type_url, st in self.types.items():
-            if not st.subscribed:
-                continue
-            version = new.version(type_url)
-            if not st.dirty and st.checked_version == version:
-                continue
-            if st.dirty or st.wildcard or st.seen is None or not st.responded:
-                return True
-            entries = new.entries(type_url)
-            known = st.known
-            for name in touched(entries, st.seen):
-                if name in st.names or name in known:
-                    entry = entries.get(name)
-                    if (entry.version if entry is not None else None) != known.get(name):
-                        return True  # a resource it asked for appeared, changed or went away
-            quiet.append((type_url, st, version, entries))
-        for type_url, st, version, entries in quiet:  # nothing it holds or asked for changed: as _push_type does
-            st.seen, st.checked_version = entries, version
-            if not st.nonces and st.last_ok:
-                self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.last_nonce)
-                self.cache.record_ack(self.node_id, type_url, version=version, nonce=st.last_nonce)
-        self.server.stats.wakeups_skipped += 1
+    def _concerns(self, type_url: str, st: _DeltaType, new: Snapshot) -> bool | None:
+        if not st.subscribed or (not st.dirty and st.checked_version == new.version(type_url)):
+            return None
+        if st.dirty or st.wildcard or st.seen is None or not st.responded:
+            return True
+        entries, known = new.entries(type_url), st.known
+        for name in touched(entries, st.seen):
+            if (name in st.names or name in known) and _version(entries.get(name)) != known.get(name):
+                return True  # a resource it asked for appeared, changed or went away
         return False
+
+    def _quiet(self, type_url: str, st: _DeltaType, new: Snapshot) -> None:
+        st.seen, st.checked_version = new.entries(type_url), new.version(type_url)
+        self._current(type_url, st, st.checked_version)
+
+    def _current(self, type_url: str, st: _DeltaType, version: str) -> None:
+        """Nothing of interest changed: with no answer pending and the last one an ACK, the proxy is current at
+        ``version``."""
+        if not st.nonces and st.last_ok:
+            self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.last_nonce)
+            self.cache.record_ack(self.node_id, type_url, version=version, nonce=st.last_nonce)
 
     def plain_ack(self, request: Any) -> bool:
         st = self.types.get(request.type_url)
@@ -637,9 +647,7 @@ class _DeltaStream(_Stream[_DeltaType]):
         st.dirty, st.checked_version = False, version
         changed = self.own_secrets(type_url, changed)
         if not changed and not removed and st.responded:
-            if not st.nonces and st.last_ok:  # nothing of interest changed: the proxy is current at this version
-                self.cache.record_sent(self.node_id, type_url, version=version, nonce=st.last_nonce)
-                self.cache.record_ack(self.node_id, type_url, version=version, nonce=st.last_nonce)
+            self._current(type_url, st, version)
             return
         if not changed and not removed and not st.wildcard and not any(n in entries for n in st.names):
             return  # named subscription to resources that do not exist (yet)
