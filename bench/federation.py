@@ -82,6 +82,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used (its threads included), from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
@@ -352,6 +358,7 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
         load_s = time.monotonic() - started
         loaded_rss = rss_mb(proc.pid)
         owner_of = {n: w for w in workers for n in w.names}
+        cpu_before = (cpu_s(proc.pid), sum(cpu_s(w.proc.pid) for w in workers))
 
         publish_acks: list[float] = []
         per_agent: list[float] = []
@@ -391,6 +398,9 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
             round_max.append(max(lat))
             await asyncio.sleep(0.05)
         final_rss = rss_mb(proc.pid)
+        # The rounds' pauses (0.05 s each) and the expect handshakes cost a little CPU too; it is counted here.
+        service_cpu = (cpu_s(proc.pid) - cpu_before[0]) / args.rounds
+        agents_cpu = (sum(cpu_s(w.proc.pid) for w in workers) - cpu_before[1]) / args.rounds
         worker_rss: list[tuple[float, int]] = []
         for w in workers:
             _send(w, cmd="quit")
@@ -415,6 +425,8 @@ async def run(args: argparse.Namespace, setup: Setup) -> None:
               f"ms, p99 {pct(base, 99) * 1000:.1f} ms")
         print(f"  ratio propagation/raw store write: p50 {pct(per_agent, 50) / pct(base, 50):.1f}x, "
               f"p99 {pct(round_max, 99) / pct(base, 99):.1f}x")
+        print(f"  CPU per round: service {service_cpu * 1000:.0f} ms, agents {agents_cpu * 1000:.0f} ms in all "
+              f"({agents_cpu * 1000 / args.clusters:.1f} ms per agent); {os.cpu_count()} CPUs")
         print(f"  service RSS: idle {idle_rss:.0f} MB, loaded {loaded_rss:.0f} MB, after rounds {final_rss:.0f} MB; "
               f"per cluster {(final_rss - idle_rss) / args.clusters:.1f} MB "
               f"({(final_rss - idle_rss) * 1024 / total:.1f} KB per exported service)")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import NewType
 
+import immutables
+
 ClusterId = NewType("ClusterId", str)
 Namespace = NewType("Namespace", str)
 ServiceName = NewType("ServiceName", str)
@@ -386,7 +388,10 @@ class Registry:
     def with_catalog(
         self, *, clusters: Mapping[ClusterId, ClusterInfo], imports: Mapping[ServiceKey, ServiceImport]
     ) -> Registry:
-        return replace(self, clusters=dict(clusters), imports=dict(imports), revision=self.revision + 1)
+        # A persistent map (``immutables.Map``, what the federation agent hands over) is taken as it is: it cannot
+        # change under this snapshot, and copying 50,000 imports on every catalog change is what it saves.
+        frozen = imports if isinstance(imports, immutables.Map) else dict(imports)
+        return replace(self, clusters=dict(clusters), imports=frozen, revision=self.revision + 1)
 
     def services(self, cluster: ClusterId | None = None) -> list[Service]:
         clusters = [cluster] if cluster is not None else sorted(self.shards)

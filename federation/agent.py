@@ -40,6 +40,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import TracebackType
 
+import immutables
+
 from discovery.model import (
     ClusterId,
     ClusterInfo,
@@ -157,7 +159,9 @@ class _RemoteIndex:
         self.shards: dict[ClusterId, dict[ServiceKey, RemoteEndpoints]] = {}
         self.versions: dict[ClusterId, int] = {}
         self.catalog_version = 0
-        self.imports: dict[ServiceKey, ServiceImport] = {}
+        # Persistent: each catalog version's imports share all but the changed entries with the previous one's, and
+        # the registry takes the map as it is (``Registry.with_catalog``), so a change costs no copy of the set.
+        self.imports: immutables.Map[ServiceKey, ServiceImport] = immutables.Map()
         self.clusters: dict[ClusterId, ClusterInfo] = {}
         self._applied: dict[ClusterId, tuple[int, object]] = {}
         self._applied_catalog: tuple[int, object] | None = None
@@ -182,12 +186,13 @@ class _RemoteIndex:
             self._bump(cluster)
         for svc in catalog.services.values():
             self._add(svc, True)
-        self.imports = {k: s.import_ for k, s in catalog.services.items()}
+        self.imports = immutables.Map({k: s.import_ for k, s in catalog.services.items()})
         self.clusters = {c: m.info for c, m in catalog.members.items()}
         self.catalog_version += 1
 
     def update(self, before: cat.Catalog, changes: Iterable[cat.Change], after: cat.Catalog) -> None:
         touched = False
+        imports = self.imports.mutate()
         for change in changes:
             touched = True
             if isinstance(change, cat.MemberChange):
@@ -200,10 +205,11 @@ class _RemoteIndex:
             if old is not None:
                 self._add(old, False)
             if change.service is None:
-                self.imports.pop(change.key, None)
+                imports.pop(change.key, None)
             else:
                 self._add(change.service, True)
-                self.imports[change.key] = change.service.import_
+                imports[change.key] = change.service.import_
+        self.imports = imports.finish()
         if touched:
             self.catalog_version += 1
 
