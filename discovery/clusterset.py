@@ -1,9 +1,10 @@
 """The clusterset definition: ``clusters/<clusterset>/clusterset.yaml``.
 
 The file names the clusterset, its SPIFFE trust domain, the ClusterSetIP range, the member clusters (name,
-network, region, zone, optional east-west gateway address), federation settings and the outbound traffic policy of
-capture-mode sidecars (``outboundTrafficPolicy.mode``). The format is documented in
-``docs/exporting.md``; :func:`parse_clusterset` is pure, :func:`load_clusterset` reads the file.
+network, region, zone, optional east-west gateway address), federation settings, the outbound traffic policy of
+capture-mode sidecars (``outboundTrafficPolicy.mode``) and the peer clustersets it federates with (``peers:``, see
+docs/peering.md; the same entries make a federation's peers file, :func:`load_peers_file`). The format is documented
+in ``docs/exporting.md``; :func:`parse_clusterset` is pure, :func:`load_clusterset` reads the file.
 
 Exception tree (this module)::
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,185 @@ class OutboundTrafficMode(enum.StrEnum):
     """Refuse it: the connection is closed."""
 
 
+class BundleProfile(enum.StrEnum):
+    """How a peer's SPIFFE bundle endpoint is authenticated (SPIFFE Federation, section 5.2)."""
+
+    HTTPS_SPIFFE = "https_spiffe"
+    """The endpoint presents an X509-SVID for ``endpointSpiffeId``, checked against the last bundle trusted for the
+    peer's trust domain (first: ``bootstrapBundle``); never the system's CA store."""
+    HTTPS_WEB = "https_web"
+    """Ordinary web PKI (the system's CA store, or ``caFile``), with the host name checked."""
+
+
+PEER_FIELDS = ("name", "trustDomain", "bundleEndpoint", "bundleEndpointProfile", "endpointSpiffeId",
+               "bootstrapBundle", "federation", "caFile")
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]{1,255}$")
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerDecl:
+    """One peer clusterset: another trust domain whose bundle we fetch and whose exported services we import."""
+
+    name: str
+    """How this clusterset names the peer (a DNS label, not ``svc``): ``<svc>.<ns>.svc.<name>.clusterset.local``."""
+    trust_domain: str
+    bundle_endpoint: str
+    """The https URL of the peer's SPIFFE bundle endpoint."""
+    profile: BundleProfile = BundleProfile.HTTPS_SPIFFE
+    endpoint_spiffe_id: str = ""
+    """https_spiffe: the SPIFFE ID the endpoint's certificate must carry (in the peer's trust domain)."""
+    bootstrap_bundle: Path | None = None
+    """https_spiffe: the first bundle trusted for the peer's trust domain (SPIFFE JWKS bundle.json, or PEM roots)."""
+    federation: str = ""
+    """The peer federation's peering URL (service exchange); empty: the bundle endpoint's origin."""
+    ca_file: Path | None = None
+    """https_web: a CA file to trust instead of the system store (tests, private CAs)."""
+
+    @property
+    def exchange_url(self) -> str:
+        """Where the peer federation serves the services exported to us."""
+        if self.federation:
+            return self.federation.rstrip("/")
+        parts = urllib.parse.urlsplit(self.bundle_endpoint)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    def to_json(self) -> dict[str, str]:
+        """The entry as clusterset.yaml / a peers file spells it (defaults left out)."""
+        out = {"name": self.name, "trustDomain": self.trust_domain, "bundleEndpoint": self.bundle_endpoint,
+               "bundleEndpointProfile": str(self.profile)}
+        if self.endpoint_spiffe_id:
+            out["endpointSpiffeId"] = self.endpoint_spiffe_id
+        if self.bootstrap_bundle is not None:
+            out["bootstrapBundle"] = str(self.bootstrap_bundle)
+        if self.federation:
+            out["federation"] = self.federation
+        if self.ca_file is not None:
+            out["caFile"] = str(self.ca_file)
+        return out
+
+
+def _https_url(value: str, *, file: str, field: str) -> str:
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ClusterSetError(f"{value!r} is not an https URL (https://host[:port]/path)", file=file, field=field)
+    if "@" in parts.netloc:
+        raise ClusterSetError(f"{value!r} must not carry userinfo (SPIFFE Federation 5.2)", file=file, field=field)
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError as exc:
+        raise ClusterSetError(f"{value!r}: {exc}", file=file, field=field) from None
+    return value
+
+
+def parse_peer(raw: Any, *, file: str, path: str, base: Path | None = None) -> PeerDecl:
+    """One entry of ``peers:``; ``base`` resolves relative file paths (the directory of the file holding it)."""
+    if not isinstance(raw, Mapping):
+        raise ClusterSetError(f"must be a mapping ({', '.join(PEER_FIELDS)})", file=file, field=path)
+    for k in raw:
+        if k not in PEER_FIELDS:
+            raise ClusterSetError(f"unknown field (known: {', '.join(sorted(PEER_FIELDS))})", file=file,
+                                  field=f"{path}.{k}")
+    name = _get(raw, "name", f"{path}.name", str, required=True, file=file)
+    if not _LABEL.match(name) or name == "svc":
+        raise ClusterSetError(f"{name!r} is not a peer name (an RFC 1123 label, not 'svc')", file=file,
+                              field=f"{path}.name")
+    td = _get(raw, "trustDomain", f"{path}.trustDomain", str, required=True, file=file)
+    if not _TRUST_DOMAIN.match(td):
+        raise ClusterSetError(f"{td!r} is not a trust domain (lower-case letters, digits, '.', '-', '_')", file=file,
+                              field=f"{path}.trustDomain")
+    endpoint = _https_url(_get(raw, "bundleEndpoint", f"{path}.bundleEndpoint", str, required=True, file=file),
+                          file=file, field=f"{path}.bundleEndpoint")
+    profile_text = _get(raw, "bundleEndpointProfile", f"{path}.bundleEndpointProfile", str, required=False,
+                        file=file) or BundleProfile.HTTPS_SPIFFE.value
+    try:
+        profile = BundleProfile(profile_text)
+    except ValueError:
+        raise ClusterSetError(f"{profile_text!r} is not a bundle endpoint profile (known: https_spiffe, https_web)",
+                              file=file, field=f"{path}.bundleEndpointProfile") from None
+    endpoint_id = _get(raw, "endpointSpiffeId", f"{path}.endpointSpiffeId", str, required=False, file=file) or ""
+
+    def file_path(key: str) -> Path | None:
+        text = _get(raw, key, f"{path}.{key}", str, required=False, file=file)
+        if not text:
+            return None
+        p = Path(text)
+        return p if p.is_absolute() or base is None else base / p
+
+    bootstrap, ca_file = file_path("bootstrapBundle"), file_path("caFile")
+    if profile is BundleProfile.HTTPS_SPIFFE:
+        if not endpoint_id:
+            raise ClusterSetError("required for the https_spiffe profile (the endpoint server's SPIFFE ID)",
+                                  file=file, field=f"{path}.endpointSpiffeId")
+        if bootstrap is None:
+            raise ClusterSetError("required for the https_spiffe profile (the first bundle trusted for the peer)",
+                                  file=file, field=f"{path}.bootstrapBundle")
+        if ca_file is not None:
+            raise ClusterSetError("only for the https_web profile (https_spiffe never uses a CA file)", file=file,
+                                  field=f"{path}.caFile")
+    if endpoint_id:
+        prefix = f"spiffe://{td}/"
+        if not endpoint_id.startswith(prefix) or len(endpoint_id) == len(prefix):
+            raise ClusterSetError(f"{endpoint_id!r} must be a SPIFFE ID in the peer's trust domain ({prefix}...): "
+                                  "meshfed fetches self-serving bundle endpoints only", file=file,
+                                  field=f"{path}.endpointSpiffeId")
+    fed = _get(raw, "federation", f"{path}.federation", str, required=False, file=file) or ""
+    if fed:
+        _https_url(fed, file=file, field=f"{path}.federation")
+    return PeerDecl(name=name, trust_domain=td, bundle_endpoint=endpoint, profile=profile,
+                    endpoint_spiffe_id=endpoint_id, bootstrap_bundle=bootstrap, federation=fed, ca_file=ca_file)
+
+
+def parse_peers(raw: Any, *, file: str, path: str = "peers", own_trust_domain: str = "",
+                base: Path | None = None) -> tuple[PeerDecl, ...]:
+    """A ``peers:`` list: every entry valid, names and trust domains distinct, none our own trust domain."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        raise ClusterSetError("must be a list of peers", file=file, field=path)
+    out: list[PeerDecl] = []
+    names: dict[str, int] = {}
+    domains: dict[str, int] = {}
+    for i, entry in enumerate(raw):
+        peer = parse_peer(entry, file=file, path=f"{path}[{i}]", base=base)
+        if peer.name in names:
+            raise ClusterSetError(f"duplicate peer {peer.name!r} (also {path}[{names[peer.name]}])", file=file,
+                                  field=f"{path}[{i}].name")
+        if peer.trust_domain in domains:
+            first = domains[peer.trust_domain]
+            raise ClusterSetError(f"trust domain {peer.trust_domain!r} is already peer {path}[{first}] (one peer "
+                                  "per trust domain: bundles are never merged)", file=file,
+                                  field=f"{path}[{i}].trustDomain")
+        if own_trust_domain and peer.trust_domain == own_trust_domain:
+            raise ClusterSetError(f"{peer.trust_domain!r} is this clusterset's own trust domain", file=file,
+                                  field=f"{path}[{i}].trustDomain")
+        names[peer.name], domains[peer.trust_domain] = i, i
+        out.append(peer)
+    return tuple(out)
+
+
+def load_peers_file(path: Path, *, own_trust_domain: str = "") -> tuple[PeerDecl, ...]:
+    """A federation's peers file (``{"peers": [...]}``, YAML or JSON); a missing file is no peers."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ()
+    except OSError as exc:
+        raise ClusterSetError(f"cannot read: {exc.strerror or exc}", file=str(path)) from exc
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ClusterSetError(f"not valid YAML: {exc}", file=str(path)) from exc
+    if not isinstance(data, Mapping) or set(data) - {"peers"}:
+        raise ClusterSetError("a peers file holds one mapping with a 'peers' list", file=str(path))
+    return parse_peers(data.get("peers"), file=str(path), own_trust_domain=own_trust_domain, base=path.parent)
+
+
+def peers_file_text(peers: Sequence[PeerDecl]) -> str:
+    """A peers file holding ``peers`` (what :func:`load_peers_file` reads)."""
+    return yaml.safe_dump({"peers": [p.to_json() for p in peers]}, sort_keys=False)
+
+
 @dataclass(frozen=True, slots=True)
 class FederationSettings:
     """How a member talks to the federation service."""
@@ -75,6 +256,7 @@ class ClusterSet:
     federation: FederationSettings = field(default_factory=FederationSettings)
     directory: Path | None = None
     outbound_traffic_mode: OutboundTrafficMode = OutboundTrafficMode.ALLOW_ANY
+    peers: tuple[PeerDecl, ...] = ()
 
     @property
     def cluster_ids(self) -> tuple[ClusterId, ...]:
@@ -119,7 +301,7 @@ def parse_clusterset(data: Any, *, file: str = CLUSTERSET_FILE, directory: Path 
     """Validate a parsed clusterset.yaml document; every error names ``file`` and the field path."""
     if not isinstance(data, Mapping):
         raise ClusterSetError("the file must hold one mapping (name, trustDomain, clusters, ...)", file=file)
-    known = {"name", "trustDomain", "clustersetCIDR", "federation", "clusters", "outboundTrafficPolicy"}
+    known = {"name", "trustDomain", "clustersetCIDR", "federation", "clusters", "outboundTrafficPolicy", "peers"}
     for k in data:
         if k not in known:
             raise ClusterSetError(f"unknown field (known: {', '.join(sorted(known))})", file=file, field=str(k))
@@ -215,6 +397,7 @@ def parse_clusterset(data: Any, *, file: str = CLUSTERSET_FILE, directory: Path 
         federation=fed,
         directory=directory,
         outbound_traffic_mode=outbound_mode,
+        peers=parse_peers(data.get("peers"), file=file, own_trust_domain=trust_domain, base=directory),
     )
 
 

@@ -273,6 +273,8 @@ class ServiceExport:
     # v1beta1 ``spec.exportedLabels`` / ``spec.exportedAnnotations``: what the ServiceImport carries.
     exported_labels: tuple[tuple[str, str], ...] = ()
     exported_annotations: tuple[tuple[str, str], ...] = ()
+    # Peer clustersets this service is exported to (annotation ``meshfed.io/export-to-peers``); () stays inside.
+    peers: tuple[str, ...] = ()
 
     def condition(self, type_: str) -> Condition | None:
         return next((c for c in self.conditions if c.type == type_), None)

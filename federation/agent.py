@@ -58,11 +58,14 @@ from discovery.model import (
 from federation import catalog as cat
 from federation import offload
 from federation.client import BadRequest, FederationClient, Gone, NotRegistered, Reconnect, Refused, Unreachable
+from federation.peering.records import EMPTY as EMPTY_PEERS
+from federation.peering.records import PeerBundleView, PeerService, PeerSnapshot
 from federation.records import ExportedService, ExportSet, FederationError, Member, StaleGeneration
 
 log = logging.getLogger("meshfed.federation.agent")
 
 UpdateCallback = Callable[[cat.Catalog], Awaitable[None] | None]
+PeersCallback = Callable[[PeerSnapshot], Awaitable[None] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +116,7 @@ def export_set(info: ClusterInfo, services: Iterable[Service], exports: Iterable
         out.append(ExportedService(key=e.key, type=svc.type, ports=svc.ports, created=e.created,
                                    localities=locality_summaries(info, svc.endpoints), endpoints=ready,
                                    traits=svc.traits, exported_labels=e.exported_labels,
-                                   exported_annotations=e.exported_annotations))
+                                   exported_annotations=e.exported_annotations, peers=e.peers))
     out.sort(key=lambda s: (s.key.namespace, s.key.name))
     return ExportSet(cluster=info.id, generation=generation, services=tuple(out))
 
@@ -234,7 +237,7 @@ class FederationAgent:
     """Publishes one cluster's exports, holds its lease and follows the merged catalog."""
 
     def __init__(self, client: FederationClient, *, info: ClusterInfo, config: AgentConfig | None = None,
-                 on_update: UpdateCallback | None = None) -> None:
+                 on_update: UpdateCallback | None = None, on_peers: PeersCallback | None = None) -> None:
         if client.cluster != info.id:
             raise ValueError(f"client is for cluster {client.cluster}, agent for {info.id}")
         self.client = client
@@ -243,6 +246,10 @@ class FederationAgent:
         self.on_update = on_update
         self.catalog: cat.Catalog | None = None
         self.trust_bundle_pem = ""
+        # Peer clustersets: their trust domains' bundles and the services they exported to us (docs/peering.md).
+        self.peers: PeerSnapshot = EMPTY_PEERS
+        self.on_peers = on_peers
+        self._peers_pending: PeerSnapshot | None = None
         self.connected = False  # the watch is live
         self.registered = asyncio.Event()
         self._lease_ttl = 10.0
@@ -508,13 +515,17 @@ class FederationAgent:
                     self.trust_bundle_pem = listing.trust_bundle_pem
                     self.relists += 1
                     await self._set_catalog(listing.catalog)
+                    self._peers_pending = listing.peers
+                    await self._apply_peers()
                     relist = False
                     log.info("catalog listed cluster=%s revision=%d services=%d members=%d", self.info.id,
                              listing.catalog.revision, len(listing.catalog.services), len(listing.catalog.members))
                 assert self.catalog is not None
                 async for revision, changes in self.client.watch(revision=self.catalog.revision,
-                                                                 on_renewals=self._on_renewals):
+                                                                 on_renewals=self._on_renewals,
+                                                                 on_peers=self._on_peers):
                     backoff = self.config.backoff_initial_s
+                    await self._apply_peers()
                     if not self.connected:
                         self.connected = True
                         async with self._update_cond:
@@ -544,6 +555,45 @@ class FederationAgent:
             finally:
                 if not reopening:
                     self.connected = False
+
+    @property
+    def peer_bundles(self) -> Mapping[str, PeerBundleView]:
+        """Peer trust domain -> its bundle (each kept apart; only bundles the federation has not let expire)."""
+        return self.peers.bundles
+
+    @property
+    def peer_services(self) -> tuple[PeerService, ...]:
+        """The services peer clustersets exported to this clusterset."""
+        return self.peers.services
+
+    def _on_peers(self, snapshot: PeerSnapshot) -> None:
+        """(From the watch, synchronously.) A peers line: applied before the next batch is handled."""
+        self._peers_pending = snapshot
+
+    async def _apply_peers(self) -> None:
+        """Take a pending peer snapshot if its content differs from ours: then ``on_peers``, ``on_update`` and the
+        ``updates()`` / ``wait_for()`` waiters hear of it."""
+        snapshot, self._peers_pending = self._peers_pending, None
+        if snapshot is None or snapshot.same_content(self.peers):
+            if snapshot is not None:
+                self.peers = snapshot
+            return
+        self.peers = snapshot
+        log.info("peers changed cluster=%s version=%d bundles=%s services=%d", self.info.id, snapshot.version,
+                 ",".join(f"{td}@{b.sequence}" for td, b in sorted(snapshot.bundles.items())) or "-",
+                 len(snapshot.services))
+        for callback, arg in ((self.on_peers, snapshot), (self.on_update, self.catalog)):
+            if callback is None or arg is None:
+                continue
+            try:
+                result = callback(arg)  # type: ignore[arg-type]
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:  # the consumer's bug must not stop the agent following the catalog
+                log.exception("peers callback failed cluster=%s version=%d", self.info.id, snapshot.version)
+        async with self._update_cond:
+            self._updates += 1
+            self._update_cond.notify_all()
 
     async def updates(self) -> AsyncIterator[cat.Catalog]:
         """Every new catalog (coalesced: a slow consumer gets the latest, never a stale one)."""

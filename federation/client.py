@@ -41,6 +41,8 @@ import aiohttp
 from discovery.model import ClusterId, ClusterInfo, ServiceKey
 from federation import offload, wire
 from federation.catalog import Catalog, Change
+from federation.peering.records import EMPTY as EMPTY_PEERS
+from federation.peering.records import PeerSnapshot
 from federation.records import ExportedService, ExportSet, FederationError, Member, StaleGeneration
 from federation.trust.bundle import TrustBundle
 from federation.trust.ca import issue_workload
@@ -91,10 +93,12 @@ class Gone(ClientError):
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """``GET /v1/catalog``: the catalog as this cluster sees it, and the trust bundle's PEM."""
+    """``GET /v1/catalog``: the catalog as this cluster sees it, the trust bundle's PEM, and the peer snapshot (peer
+    trust domains' bundles, services peers exported to us)."""
 
     catalog: Catalog
     trust_bundle_pem: str
+    peers: PeerSnapshot = EMPTY_PEERS
 
 
 def cluster_credentials(ca_dir: Path, cluster: ClusterId, *, ttl: timedelta = timedelta(hours=24)
@@ -129,7 +133,7 @@ def _error_of(status: int, body: Any, what: str) -> ClientError:
     return ClientError(text, status=status, field=field)
 
 
-class _VerifyingConnector(aiohttp.TCPConnector):
+class VerifyingConnector(aiohttp.TCPConnector):
     """A connector that checks each new TLS connection's server identity before any request is sent on it."""
 
     def __init__(self, *, check: Callable[[Any], None], **kwargs: Any) -> None:
@@ -236,7 +240,7 @@ class FederationClient:
         task.add_done_callback(self._closing.discard)
 
     def _new_session(self) -> aiohttp.ClientSession:
-        connector = _VerifyingConnector(check=self._check_server, ssl=self._ssl, limit=16,
+        connector = VerifyingConnector(check=self._check_server, ssl=self._ssl, limit=16,
                                         enable_cleanup_closed=True)
         return aiohttp.ClientSession(connector=connector, json_serialize=lambda v: json.dumps(v))
 
@@ -357,9 +361,10 @@ class FederationClient:
         try:
             catalog = await offload.run(wire.catalog_from_json, body,
                                         items=len(services) if isinstance(services, list) else 0)
+            peers = wire.peer_snapshot_from_json(body["peers"]) if body.get("peers") is not None else EMPTY_PEERS
         except wire.WireError as exc:
             raise Unreachable(f"catalog: {self.url}: the answer does not decode: {exc}") from exc
-        return Listing(catalog=catalog, trust_bundle_pem=str(body.get("trustBundle", "")))
+        return Listing(catalog=catalog, trust_bundle_pem=str(body.get("trustBundle", "")), peers=peers)
 
     async def trust_bundle(self) -> dict[str, Any]:
         body: dict[str, Any] = await self._call("GET", "/v1/trust-bundle", what="trust bundle")
@@ -371,10 +376,13 @@ class FederationClient:
         return body
 
     async def watch(self, *, revision: int,
-                    on_renewals: Callable[[Mapping[ClusterId, datetime]], None] | None = None
+                    on_renewals: Callable[[Mapping[ClusterId, datetime]], None] | None = None,
+                    on_peers: Callable[[PeerSnapshot], None] | None = None,
                     ) -> AsyncIterator[tuple[int, list[Change]]]:
         """Committed change batches after ``revision``, until the stream ends (then ``Unreachable``). Each
-        bookmark's lease renewals (heartbeats make no revision) are handed to ``on_renewals``."""
+        bookmark's lease renewals (heartbeats make no revision) are handed to ``on_renewals``; each ``peers`` line
+        (the whole peer snapshot, sent when the stream opens and whenever it changes) to ``on_peers``, before the
+        bookmark that follows it is yielded."""
         url = f"{self.url}/v1/catalog/watch?revision={revision}"
         session = self._http()
         try:
@@ -401,7 +409,11 @@ class FederationClient:
                     if not waiting or (len(waiting) < _WATCH_JOB and not _looks_like_bookmark(waiting[-1])):
                         continue
                     lines, waiting = waiting, []
-                    for rev, change, leases in await offload.run(_decode_lines, lines, items=len(lines)):
+                    for rev, change, leases, peers in await offload.run(_decode_lines, lines, items=len(lines)):
+                        if peers is not None:
+                            if on_peers is not None:
+                                on_peers(peers)
+                            continue
                         if change is None:
                             if leases and on_renewals is not None:
                                 on_renewals(leases)
@@ -431,11 +443,18 @@ def _looks_like_bookmark(line: bytes) -> bool:
     return b'"type":"bookmark"' in line[:64]
 
 
-def _decode_lines(lines: list[bytes]) -> list[tuple[int, Change | None, dict[ClusterId, datetime]]]:
-    """Watch lines as ``(revision, change or None for a bookmark, the bookmark's lease renewals)``."""
-    out: list[tuple[int, Change | None, dict[ClusterId, datetime]]] = []
+_Line = tuple[int, Change | None, dict[ClusterId, datetime], PeerSnapshot | None]
+
+
+def _decode_lines(lines: list[bytes]) -> list[_Line]:
+    """Watch lines as ``(revision, change or None for a bookmark, the bookmark's lease renewals, the peer snapshot
+    of a peers line or None)``."""
+    out: list[_Line] = []
     for line in lines:
         value = wire.loads(line)
+        if isinstance(value, dict) and value.get("type") == "peers":
+            out.append((0, None, {}, wire.peer_snapshot_from_json(value.get("peers"))))
+            continue
         rev, change = wire.change_from_json(value)
-        out.append((rev, change, wire.bookmark_leases_from_json(value) if change is None else {}))
+        out.append((rev, change, wire.bookmark_leases_from_json(value) if change is None else {}, None))
     return out

@@ -80,6 +80,8 @@ class ExportedService:
     traits: ServiceTraits = DEFAULT_TRAITS
     exported_labels: tuple[tuple[str, str], ...] = ()
     exported_annotations: tuple[tuple[str, str], ...] = ()
+    # Peer clustersets (names this clusterset declared) the service is exported to; () keeps it inside.
+    peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -58,6 +58,7 @@ from discovery.model import (
     service_name,
 )
 from federation.catalog import Catalog, CatalogService, Change, MemberChange, ServiceChange
+from federation.peering.records import PeerBundleView, PeerService, PeerSnapshot
 from federation.records import ExportedService, ExportSet, FederationError, Member
 
 Json = Any
@@ -429,7 +430,7 @@ _GATEWAY_FIELDS = frozenset({"host", "port"})
 _TRAITS_FIELDS = frozenset({"sessionAffinity", "sessionAffinityTimeoutSeconds", "internalTrafficPolicy",
                             "trafficDistribution", "ipFamilies"})
 _EXPORTED_FIELDS = frozenset({"namespace", "name", "type", "ports", "created", "localities", "endpoints",
-                              "exportedLabels", "exportedAnnotations"}) | _TRAITS_FIELDS
+                              "exportedLabels", "exportedAnnotations", "exportToPeers"}) | _TRAITS_FIELDS
 _EXPORT_SET_FIELDS = frozenset({"generation", "services"})
 
 
@@ -665,7 +666,29 @@ def exported_service_json(s: ExportedService) -> Json:
         "localities": [locality_summary_json(x) for x in s.localities],
         "endpoints": [endpoint_json(e) for e in s.endpoints],
         **traits_json(s.traits), **labels_json(s.exported_labels, s.exported_annotations, "exported"),
+        **export_peers_json(s.peers),
     }
+
+
+MAX_EXPORT_PEERS = 64  # peer names one exported service may list
+_PEER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def export_peers_json(peers: tuple[str, ...]) -> Json:
+    """``exportToPeers`` (the peer clustersets a service is exported to), left out when empty."""
+    return {"exportToPeers": list(peers)} if peers else {}
+
+
+def export_peers_from_json(o: Mapping[str, Json], path: str) -> tuple[str, ...]:
+    """``exportToPeers``: distinct peer names (RFC 1123 labels, not ``svc``), sorted; () when absent."""
+    raw = _list(_absent(o, "exportToPeers", []), _join(path, "exportToPeers"), limit=MAX_EXPORT_PEERS)
+    out: set[str] = set()
+    for i, name in enumerate(raw):
+        where = f"{_join(path, 'exportToPeers')}[{i}]"
+        if not isinstance(name, str) or not _PEER_NAME.match(name) or name == "svc":
+            raise WireError(f"{name!r} is not a peer name (an RFC 1123 label, not 'svc')", field=where)
+        out.add(name)
+    return tuple(sorted(out))
 
 
 def labels_json(labels: tuple[tuple[str, str], ...], annotations: tuple[tuple[str, str], ...],
@@ -711,7 +734,8 @@ def exported_service_from_json(value: Json, path: str, *, cluster: ClusterId,
                            created=_req_time(o, "created", path), localities=localities, endpoints=endpoints,
                            traits=traits_from_json(o, path),
                            exported_labels=pairs_from_json(o, "exportedLabels", path),
-                           exported_annotations=pairs_from_json(o, "exportedAnnotations", path))
+                           exported_annotations=pairs_from_json(o, "exportedAnnotations", path),
+                           peers=export_peers_from_json(o, path))
 
 
 def export_set_json(e: ExportSet) -> Json:
@@ -900,3 +924,72 @@ def change_from_json(value: Json) -> tuple[int, Change | None]:
         raw = o.get("member")
         return revision, MemberChange(cluster=cluster, member=member_from_json(raw, "member") if raw else None)
     raise WireError(f"unknown change type {kind!r}", field="type")
+
+
+# --- peers (members' listing and watch; the federation-to-federation exchange) --------------------------------------
+
+
+def peer_bundle_json(b: PeerBundleView) -> Json:
+    return {"peer": b.peer, "trustDomain": b.trust_domain, "pem": b.roots_pem, "sequence": b.sequence,
+            "fetchedAt": time_json(b.fetched_at), "refreshHintSeconds": b.refresh_hint_s,
+            "expiresAt": time_json(b.expires_at)}
+
+
+def peer_bundle_from_json(value: Json, path: str) -> PeerBundleView:
+    o = _obj(value, path)
+    return PeerBundleView(peer=_str(o, "peer", path), trust_domain=_str(o, "trustDomain", path),
+                          roots_pem=_str(o, "pem", path), sequence=_int(o, "sequence", path, low=0),
+                          fetched_at=_req_time(o, "fetchedAt", path),
+                          refresh_hint_s=_int(o, "refreshHintSeconds", path, low=0),
+                          expires_at=_req_time(o, "expiresAt", path))
+
+
+def offered_service_json(s: PeerService) -> Json:
+    """One service as the exchange offers it to a peer (no pod addresses ever cross a peering)."""
+    return {"namespace": s.key.namespace, "name": s.key.name, "type": str(s.type),
+            "ports": [port_json(p) for p in s.ports],
+            "endpoints": [remote_endpoints_json(replace(r, endpoints=())) for r in s.endpoints]}
+
+
+def peer_service_json(s: PeerService) -> Json:
+    return {"peer": s.peer, "trustDomain": s.trust_domain, **offered_service_json(s)}
+
+
+def offered_service_from_json(value: Json, path: str, *, peer: str, trust_domain: str) -> PeerService:
+    """One offered service; ``peer`` and ``trust_domain`` come from our own declaration, never from the body."""
+    o = _obj(value, path)
+    key = ServiceKey(namespace=_checked(namespace, _str(o, "namespace", path), _join(path, "namespace")),
+                     name=_checked(service_name, _str(o, "name", path), _join(path, "name")))
+    raw_ports = _list(_req(o, "ports", path), _join(path, "ports"), limit=DEFAULT_LIMITS.ports)
+    ports = tuple(port_from_json(p, f"{_join(path, 'ports')}[{i}]") for i, p in enumerate(raw_ports))
+    endpoints = tuple(replace(remote_endpoints_from_json(x, f"{_join(path, 'endpoints')}[{i}]"), endpoints=())
+                      for i, x in enumerate(_list(o.get("endpoints", []), _join(path, "endpoints"), limit=1_000)))
+    return PeerService(peer=peer, trust_domain=trust_domain, key=key,
+                       type=_enum(o, "type", path, ServiceType, ServiceType.CLUSTER_SET_IP), ports=ports,
+                       endpoints=endpoints)
+
+
+def peer_service_from_json(value: Json, path: str) -> PeerService:
+    o = _obj(value, path)
+    return offered_service_from_json(o, path, peer=_str(o, "peer", path), trust_domain=_str(o, "trustDomain", path))
+
+
+def peer_snapshot_json(snap: PeerSnapshot) -> Json:
+    return {"version": snap.version,
+            "bundles": [peer_bundle_json(b) for _, b in sorted(snap.bundles.items())],
+            "services": [peer_service_json(s) for s in snap.services]}
+
+
+def peer_snapshot_from_json(value: Json, path: str = "peers") -> PeerSnapshot:
+    o = _obj(value, path)
+    bundles = [peer_bundle_from_json(b, f"{path}.bundles[{i}]")
+               for i, b in enumerate(_list(o.get("bundles", []), f"{path}.bundles"))]
+    services = [peer_service_from_json(x, f"{path}.services[{i}]")
+                for i, x in enumerate(_list(o.get("services", []), f"{path}.services", limit=MAX_SERVICES))]
+    return PeerSnapshot(version=_int(o, "version", path, low=0), bundles={b.trust_domain: b for b in bundles},
+                        services=tuple(services))
+
+
+def peers_line_json(revision: int, snap: PeerSnapshot) -> Json:
+    """A watch line carrying the whole peer snapshot (sent when the stream opens and whenever it changes)."""
+    return {"revision": revision, "type": "peers", "peers": peer_snapshot_json(snap)}

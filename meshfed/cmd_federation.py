@@ -19,6 +19,8 @@ from aiohttp import web
 
 from discovery.addresses import InvalidAddress, parse_hostport
 from discovery.mcs import DEFAULT_CIDR
+from federation.peering.hub import PeerHub
+from federation.peering.service import PeeringConfig, PeerManager, run_peering
 from federation.records import FederationError
 from federation.service import ServiceConfig, create_app, serve, state_of
 from federation.service.credentials import ServingCredentials
@@ -53,7 +55,8 @@ async def _freeze_after_load(app: web.Application) -> None:
 
 
 async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: ServiceConfig,
-                 leaf_ttl: timedelta, trust_poll_s: float = 2.0, also: tuple[tuple[str, int], ...] = ()) -> None:
+                 leaf_ttl: timedelta, trust_poll_s: float = 2.0, also: tuple[tuple[str, int], ...] = (),
+                 peering: PeeringConfig | None = None, peering_listens: tuple[tuple[str, int], ...] = ()) -> None:
     try:
         creds = ServingCredentials(ca_dir, leaf_ttl=leaf_ttl)
     except CAStoreError as exc:
@@ -63,13 +66,20 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(store=store, bundle=creds.bundle, config=config, serving=creds.info)
+    hub = PeerHub()
+    app = create_app(store=store, bundle=creds.bundle, config=config, serving=creds.info, peers=hub)
     rotate = loop.create_task(creds.run(interval_s=trust_poll_s))
     frozen = loop.create_task(_freeze_after_load(app))
+    manager = PeerManager(config=peering or PeeringConfig(), identity=creds, state=state_of(app), hub=hub)
     try:
-        async with serve(app, host=host, port=port, ssl_context=creds.context, also=also):
+        async with serve(app, host=host, port=port, ssl_context=creds.context, also=also), \
+                contextlib.AsyncExitStack() as stack:
+            if peering_listens:
+                await stack.enter_async_context(run_peering(manager, listens=list(peering_listens)))
             where = ", ".join(f"https://{h}:{p}" for h, p in ((host, port), *also))
-            click.echo(f"federation service listening on {where} store={store_url}", err=True)
+            peer_where = ", ".join(f"https://{h}:{p}/" for h, p in peering_listens) or "off"
+            click.echo(f"federation service listening on {where} store={store_url} bundle-endpoint={peer_where}",
+                       err=True)
             await stop.wait()
     finally:
         for task in (rotate, frozen):
@@ -103,11 +113,39 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
               help="Pod addresses one exported service may carry (more: 422, limit maxEndpoints).")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=DEFAULT_LIMITS.body_bytes,
               show_default=True, help="Largest request body (larger: 413, limit maxBodyBytes).")
+@click.option("--peering-listen", "peering_listens", multiple=True, metavar="HOST:PORT",
+              help="Serve the SPIFFE bundle endpoint (GET /, no client certificate) and the service exchange with "
+                   "peer federations here (repeatable). Without it there is no bundle endpoint and no peering.")
+@click.option("--peers", "peers_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The peers file (YAML {peers: [...]}, the entries of clusterset.yaml's peers:), re-read when it "
+                   "changes; 'meshfed peer add' writes it. Missing file: no peers yet.")
+@click.option("--peer-state", "peer_state", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the last good peer bundles are kept (0700; default: peer-state beside the peers file).")
+@click.option("--bundle-refresh-hint", type=click.IntRange(min=1), default=300, show_default=True,
+              metavar="SECONDS", help="spiffe_refresh_hint of the bundle this federation serves.")
+@click.option("--peer-refresh-min", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+              metavar="SECONDS", help="A peer's refresh hint is never followed more often than this.")
+@click.option("--peer-refresh-max", type=click.FloatRange(min=1.0), default=3600.0, show_default=True,
+              metavar="SECONDS", help="... nor less often than this.")
+@click.option("--peer-bundle-max-age", type=click.FloatRange(min=0.001), default=24.0, show_default=True,
+              metavar="HOURS", help="A peer bundle not refreshed for this long expires (members stop getting it); "
+                                    "it also expires when its last root does.")
+@click.option("--peer-services-interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              metavar="SECONDS", help="How often each peer's exported services are pulled.")
 def serve_cmd(store_url: str, listens: tuple[str, ...], ca_dir: Path, lease_ttl: float, cidr: str,
               bookmark_interval: float, history: int, leaf_ttl: float, max_services: int, max_endpoints: int,
-              max_body_bytes: int) -> None:
+              max_body_bytes: int, peering_listens: tuple[str, ...], peers_file: Path | None,
+              peer_state: Path | None, bundle_refresh_hint: int, peer_refresh_min: float, peer_refresh_max: float,
+              peer_bundle_max_age: float, peer_services_interval: float) -> None:
     """Run the federation service until SIGTERM/SIGINT."""
     (host, port), *also = [_listen(listen) for listen in listens]
+    peering_at = tuple(_listen(listen) for listen in peering_listens)
+    if peers_file is not None and not peering_at:
+        raise click.BadParameter("peers need a --peering-listen address (the peer exchange is served there)",
+                                 param_hint="--peers")
+    peering = PeeringConfig(peers_file=peers_file, state_dir=peer_state, refresh_hint_s=bundle_refresh_hint,
+                            refresh_min_s=peer_refresh_min, refresh_max_s=max(peer_refresh_max, peer_refresh_min),
+                            max_age=timedelta(hours=peer_bundle_max_age), services_interval_s=peer_services_interval)
     if lease_ttl <= 0:
         raise click.BadParameter("must be positive", param_hint="--lease-ttl")
     limits = replace(DEFAULT_LIMITS, services=max_services, endpoints=max_endpoints, body_bytes=max_body_bytes)
@@ -115,7 +153,7 @@ def serve_cmd(store_url: str, listens: tuple[str, ...], ca_dir: Path, lease_ttl:
                            limits=limits)
     run: Callable[[], None] = lambda: asyncio.run(  # noqa: E731
         _serve(store_url=store_url, host=host, port=port, ca_dir=ca_dir, config=config,
-               leaf_ttl=timedelta(hours=leaf_ttl), also=tuple(also)))
+               leaf_ttl=timedelta(hours=leaf_ttl), also=tuple(also), peering=peering, peering_listens=peering_at))
     try:
         run()
     except (TrustError, FederationError, OSError) as exc:

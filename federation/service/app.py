@@ -29,6 +29,7 @@ from discovery.model import ClusterId, DiscoveryError, NetworkId, cluster_id
 from federation import catalog as cat
 from federation import offload, wire
 from federation.clock import utcnow
+from federation.peering.hub import PeerHub
 from federation.records import (
     EventKind,
     FederationError,
@@ -73,6 +74,7 @@ class _Keys:
     decoded = web.AppKey("decoded", wire.DecodeCache)
     peers = web.AppKey("peers", dict)
     serving = web.AppKey("serving", object)
+    peer_hub = web.AppKey("peer_hub", PeerHub)
     cluster = web.RequestKey("cluster", str)
 
 
@@ -329,10 +331,12 @@ async def get_catalog(request: web.Request) -> web.Response:
     network = _viewer_network(request)
     catalog = state.view(state.catalog)
     bundle_pem = _bundle(request).to_pem().decode()
+    peers = request.app[_Keys.peer_hub].snapshot
 
     def encode() -> bytes:
         doc = wire.catalog_json(cat.view(catalog, network=network))
         doc["trustBundle"] = bundle_pem
+        doc["peers"] = wire.peer_snapshot_json(peers)
         # One service at a time: a single json.dumps of 20,000 services holds the GIL for a quarter second.
         services = doc.pop("services")
         return _dumps(doc)[:-1] + b',"services":[' + b",".join(_dumps(x) for x in services) + b"]}"
@@ -340,7 +344,7 @@ async def get_catalog(request: web.Request) -> web.Response:
     # Shared per revision and viewer network, for at most a second (lease ages in it move with the clock); a big
     # catalog is encoded on a worker thread.
     shared: _Shared = request.app[_Keys.encoded]  # type: ignore[assignment]
-    slot = ("catalog", catalog.revision, network, int(time.monotonic()))
+    slot = ("catalog", catalog.revision, network, peers.version, bundle_pem, int(time.monotonic()))
     body = await shared.get(slot, encode, items=len(catalog.services))
     return web.Response(body=body, content_type="application/json")
 
@@ -399,8 +403,17 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
     metrics.watch_streams.inc()
     log.info("watch open cluster=%s revision=%d", caller, revision)
     shared: _Shared = request.app[_Keys.encoded]  # type: ignore[assignment]
+    hub = request.app[_Keys.peer_hub]
+    peers_sent = -1
     try:
         while True:
+            if hub.snapshot.version != peers_sent:
+                # The whole peer snapshot (bundles of peer trust domains, services peers exported to us): when the
+                # stream opens and whenever it changes; the bookmark after it tells the client it is complete.
+                snap = hub.snapshot
+                await response.write(_dumps(wire.peers_line_json(revision, snap)) + b"\n")
+                await response.write(_dumps(wire.bookmark_json(revision, leases=state.leases())) + b"\n")
+                peers_sent = snap.version
             network = _viewer_network(request)
             for rev, changes in batches:
                 lines = await shared.get(("watch", rev, network), _batch_encoder(rev, changes, network),
@@ -411,7 +424,7 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
                 await response.write(_dumps(wire.bookmark_json(rev, leases=state.leases())) + b"\n")
                 metrics.watch_events.inc(len(changes))
                 revision = rev
-            if not await state.wait_beyond(revision, wait_s=config.bookmark_interval_s):
+            if not await _wait_catalog_or_peers(state, revision, hub, peers_sent, wait_s=config.bookmark_interval_s):
                 await response.write(_dumps(wire.bookmark_json(revision, leases=state.leases())) + b"\n")
             try:
                 batches = state.batches_after(revision)
@@ -427,6 +440,25 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
 
 
 _WRITE_SLICE = 256 * 1024  # bytes of a watch batch written at a time
+
+
+async def _wait_catalog_or_peers(state: CatalogState, revision: int, hub: PeerHub, peers_version: int, *,
+                                 wait_s: float) -> bool:
+    """Wait until the catalog moves past ``revision`` or the peer snapshot past ``peers_version`` (True), or
+    ``wait_s`` passes (False)."""
+    if state.revision > revision or hub.snapshot.version != peers_version:
+        return True
+    waits = [asyncio.ensure_future(state.wait_beyond(revision, wait_s=wait_s)),
+             asyncio.ensure_future(hub.wait_changed(peers_version, wait_s=wait_s))]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+        for w in waits:
+            with contextlib.suppress(asyncio.CancelledError):
+                await w
+    return state.revision > revision or hub.snapshot.version != peers_version
 
 
 def _batch_encoder(revision: int, changes: list[cat.Change], network: NetworkId | None) -> Callable[[], bytes]:
@@ -465,6 +497,13 @@ async def get_trust_status(request: web.Request) -> web.Response:
                   "bundleFingerprints": list(bundle.fingerprints),
                   "serving": serving() if serving is not None else None, "connections": connections,
                   "members": sorted(str(c) for c in _state(request).members())})
+
+
+async def get_peers(request: web.Request) -> web.Response:
+    """Each peer clusterset: its bundle endpoint, the bundle held for its trust domain (sequence, age, expiry), the
+    last refresh and error, and the services exchanged with it (what `meshfed status` shows)."""
+    hub = request.app[_Keys.peer_hub]
+    return _json({"peers": hub.status(), "version": hub.snapshot.version})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -529,6 +568,7 @@ ROUTES: tuple[tuple[str, str, Callable[[web.Request], Awaitable[web.StreamRespon
     ("GET", "/v1/catalog/watch", watch_catalog),
     ("GET", "/v1/trust-bundle", get_trust_bundle),
     ("GET", "/v1/trust/status", get_trust_status),
+    ("GET", "/v1/peers", get_peers),
     ("GET", "/v1/openapi.json", get_openapi),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
@@ -596,10 +636,12 @@ async def _follow_renewals(state: CatalogState, interval: float) -> None:
 
 def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: ServiceConfig | None = None,
                identify: Identify | None = None,
-               serving: Callable[[], dict[str, Any]] | None = None) -> web.Application:
+               serving: Callable[[], dict[str, Any]] | None = None,
+               peers: PeerHub | None = None) -> web.Application:
     """The federation API over an open ``store``. ``identify`` maps a verified client chain to its cluster (by
     default ``cluster_of_peer`` against ``bundle()``); ``serving`` describes the certificate the service presents
-    (``ServingCredentials.info``, reported by ``GET /v1/trust/status``)."""
+    (``ServingCredentials.info``, reported by ``GET /v1/trust/status``); ``peers`` is the peer snapshot members get
+    in the listing and the watch (none: no peers)."""
     config = config or ServiceConfig()
     metrics = Metrics()
     # aiohttp's own cap sits above ours, so ``_body`` answers first, with the JSON error naming the limit.
@@ -615,6 +657,7 @@ def create_app(*, store: Store, bundle: Callable[[], TrustBundle], config: Servi
     app[_Keys.decoded] = wire.DecodeCache()
     app[_Keys.peers] = {}
     app[_Keys.serving] = serving
+    app[_Keys.peer_hub] = peers or PeerHub()
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
 

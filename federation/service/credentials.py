@@ -69,6 +69,7 @@ class ServingCredentials:
                                f"({self.identity}); create it with 'meshfed ca' for the federation authority")
         issued, key_pem = self._issue()
         self._issued = issued
+        self._key_pem = key_pem
         self.tls = SwappableServerContext(issued.chain_pem, key_pem, self._bundle)
         self.reloads = 0
 
@@ -80,6 +81,11 @@ class ServingCredentials:
     def bundle(self) -> TrustBundle:
         """The bundle clients are verified against now."""
         return self._bundle
+
+    def identity_pem(self) -> tuple[bytes, bytes]:
+        """(chain, key) PEM of the certificate served now: the peering listener serves it too, and presents it to
+        peer federations (``reloads`` moves when it changes)."""
+        return self._issued.chain_pem, self._key_pem
 
     def _load(self) -> tuple[IntermediateCA, TrustBundle]:
         return load_cluster_ca(self.ca_dir), load_bundle(self.ca_dir)
@@ -119,6 +125,7 @@ class ServingCredentials:
             return False
         self._sig = sig
         self._issued = issued
+        self._key_pem = key_pem
         self.reloads += 1
         log.info("event=serving_credentials_reloaded dir=%s intermediate=%s root=%s roots_trusted=%s leaf=%s",
                  self.ca_dir, issued.intermediate_fingerprint[:16], (issued.root_fingerprint or "?")[:16],

@@ -116,6 +116,11 @@ class CatalogState:
     def members(self) -> dict[ClusterId, Member]:
         return dict(self._members)
 
+    def exports(self) -> Mapping[ClusterId, ExportSet]:
+        """Every member's last export set as the catalog was built from it (read-only; the peer exchange reads
+        which services are exported to which peer)."""
+        return self._exports
+
     # ---- lease renewals (no revisions) -------------------------------------------------------------------------------
 
     def renewed(self, cluster: ClusterId, at: datetime) -> None:

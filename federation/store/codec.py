@@ -198,6 +198,7 @@ def _service_to_json(s: ExportedService) -> Json:
         "endpoints": [_endpoint_to_json(e) for e in s.endpoints],
         # The wire's codec for what the MCS rules compare: left out at defaults, so older records still decode.
         **wire.traits_json(s.traits), **wire.labels_json(s.exported_labels, s.exported_annotations, "exported"),
+        **wire.export_peers_json(s.peers),
     }
 
 
@@ -213,6 +214,7 @@ def _service_from_json(o: Mapping[str, Any]) -> ExportedService:
         traits=wire.traits_from_json(o, ""),
         exported_labels=wire.pairs_from_json(o, "exportedLabels", ""),
         exported_annotations=wire.pairs_from_json(o, "exportedAnnotations", ""),
+        peers=wire.export_peers_from_json(o, ""),
     )
 
 

@@ -134,6 +134,8 @@ async def test_server_matches_document(tmp_path: Path) -> None:
             await call(workload, "GET", "/v1/catalog", expect=401)
             assert {s["name"] for s in listing["services"]} == {"reviews", "ratings"}
             await call(east, "GET", "/v1/trust-bundle", expect=200)
+            peers = await call(east, "GET", "/v1/peers", expect=200)
+            assert peers == {"peers": [], "version": 0}  # no peers declared
             status = await call(east, "GET", "/v1/trust/status", expect=200)
             assert status["serving"] is None and {c["cluster"] for c in status["connections"]} >= {"east"}
             await call(east, "GET", "/healthz", expect=200)
