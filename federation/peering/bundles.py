@@ -182,8 +182,8 @@ async def fetch_bundle(peer: PeerDecl, trusted: TrustBundle | None, *, timeout_s
                 raise PeerUnreachable(f"the bundle endpoint answered HTTP {resp.status}", peer=peer.name)
             if resp.status != 200:
                 raise BundleRefused(f"the bundle endpoint answered HTTP {resp.status}", peer=peer.name)
-            raw = await resp.content.read(max_bytes + 1)
-            if len(raw) > max_bytes:
+            raw = await read_limited(resp, max_bytes)
+            if raw is None:
                 raise BundleRefused(f"the bundle is larger than {max_bytes} bytes", peer=peer.name)
     except aiohttp.ClientConnectorCertificateError as exc:
         pinned = ", ".join(f[:16] for f in trusted.fingerprints) if trusted else "system store"
@@ -195,6 +195,18 @@ async def fetch_bundle(peer: PeerDecl, trusted: TrustBundle | None, *, timeout_s
         raise PeerUnreachable(f"{peer.bundle_endpoint}: {type(exc).__name__}: {exc}", peer=peer.name) from exc
     bundle = await asyncio.to_thread(decode_bundle, raw, td, peer=peer.name)
     return Fetched(bundle=bundle, endpoint_root=roots[0] if roots else "")
+
+
+async def read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None once it grows past ``limit`` bytes (read no further)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # ---- the store on disk ------------------------------------------------------------------------------------------

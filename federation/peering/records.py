@@ -29,7 +29,8 @@ from federation.records import FederationError
 
 class PeeringError(FederationError):
     def __init__(self, message: str, *, peer: str = "", field: str | None = None) -> None:
-        super().__init__(f"peer {peer}: {message}" if peer else message)
+        text = f"{field}: {message}" if field else message
+        super().__init__(f"peer {peer}: {text}" if peer else text)
         self.peer, self.field, self.reason = peer, field, message
 
 

@@ -46,7 +46,15 @@ from discovery.model import RemoteEndpoints, ServiceKey
 from federation import wire
 from federation.client import VerifyingConnector
 from federation.clock import utcnow
-from federation.peering.bundles import BundleStore, Held, decode_bundle, expiry, fetch_bundle, read_bootstrap
+from federation.peering.bundles import (
+    BundleStore,
+    Held,
+    decode_bundle,
+    expiry,
+    fetch_bundle,
+    read_bootstrap,
+    read_limited,
+)
 from federation.peering.hub import PeerHub
 from federation.peering.records import (
     BundleRefused,
@@ -70,6 +78,7 @@ log = logging.getLogger("meshfed.federation.peering")
 
 SERVICES_PATH = "/peering/v1/services"
 MAX_OFFERED = 10_000  # services one peer may offer us
+MAX_OFFER_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +333,8 @@ class PeerManager:
         peer.held = held
         peer.last_success = held.fetched_at
         peer.error, peer.error_kind, peer.failing_since, peer.backoff_s = "", "", None, 0.0
-        peer.next_bundle = utcnow() + timedelta(seconds=self._interval(new.refresh_hint))
+        assert held.fetched_at is not None
+        peer.next_bundle = held.fetched_at + timedelta(seconds=self._interval(new.refresh_hint))
         (log.info if changed else log.debug)(
             "event=peer_bundle_fetched peer=%s trust_domain=%s sequence=%d roots=%s endpoint_root=%s changed=%s "
             "next_in=%.0fs", decl.name, decl.trust_domain, new.sequence, ",".join(f[:16] for f in new.fingerprints),
@@ -547,8 +557,10 @@ async def fetch_offers(decl: PeerDecl, bundle: TrustBundle, identity: tuple[byte
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
                 session.get(url, allow_redirects=False) as resp:
-            raw = await resp.content.read(64 * 1024 * 1024)
+            raw = await read_limited(resp, MAX_OFFER_BYTES)
             status = resp.status
+            if raw is None:
+                raise ExchangeRefused(f"{url}: the answer is larger than {MAX_OFFER_BYTES} bytes", peer=decl.name)
     except aiohttp.ClientSSLError as exc:
         raise ExchangeRefused(f"{url}: TLS failed: {exc}", peer=decl.name) from exc
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
