@@ -370,6 +370,14 @@ class FederationClient:
         body: dict[str, Any] = await self._call("GET", "/v1/trust-bundle", what="trust bundle")
         return body
 
+    async def peers(self) -> list[dict[str, Any]]:
+        """``GET /v1/peers``: each peer clusterset as the federation sees it (``federation.peering.PeerStatus``)."""
+        body = await self._call("GET", "/v1/peers", what="peers")
+        rows = body.get("peers") if isinstance(body, dict) else None
+        if not isinstance(rows, list):
+            raise Unreachable(f"peers: {self.url}: the answer has no 'peers' list")
+        return rows
+
     async def trust_status(self) -> dict[str, Any]:
         """``GET /v1/trust/status``: the federation's serving certificate and its members' connections."""
         body: dict[str, Any] = await self._call("GET", "/v1/trust/status", what="trust status")

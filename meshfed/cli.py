@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_fault, cmd_federation, cmd_local, cmd_proxy
+from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_fault, cmd_federation, cmd_local, cmd_peer, cmd_proxy
 from meshfed.cmd_diagnose import diagnose_cmd
 from meshfed.cmd_dns import dns_cmd
 from meshfed.cmd_inject import inject_cmd
@@ -27,6 +27,7 @@ def cli(verbose: int) -> None:
 
 cli.add_command(cmd_ca.ca)
 cli.add_command(cmd_federation.federation)
+cli.add_command(cmd_peer.peer)
 cli.add_command(cmd_export.export_cmd)
 cli.add_command(cmd_export.unexport_cmd)
 cli.add_command(dns_cmd)

@@ -87,13 +87,15 @@ def pod_call_example(state: dict[str, Any], client: str, url: str) -> str:
               help="federation lease TTL (default: the clusterset's)")
 @click.option("--timeout", type=float, default=90.0, show_default=True, metavar="SECONDS",
               help="how long to wait for each part to become ready")
+@click.option("--bundle-refresh-hint", type=click.IntRange(min=1), default=None, metavar="SECONDS",
+              help="spiffe_refresh_hint of the run's SPIFFE bundle endpoint (default 300; peers refresh at it)")
 @click.option("--network", type=click.Choice(NETWORKS), default=lambda: os.environ.get("MESHFED_NETWORK", "auto"),
               show_default="auto, or $MESHFED_NETWORK",
               help="netns: a network per cluster and a network namespace per workload (needs root, ip, iptables); "
                    "loopback: everything on 127.0.0.0/8; auto: netns where it can be built, else loopback")
 @output_option
 def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease_ttl: float | None, timeout: float,
-           network: str, output: str) -> None:
+           bundle_refresh_hint: int | None, network: str, output: str) -> None:
     """Start a whole federation on this machine from CLUSTERSET (default clusters/demo)."""
     err = console(stderr=True)
     started = time.monotonic()
@@ -108,7 +110,8 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease
         return
     progress(f"network: {mode} ({why})")
     run = local.LocalRun(clusterset_dir=clusterset, run_dir=run_dir, lease_ttl=lease_ttl, progress=progress,
-                         ready_timeout=timeout, network=mode, network_reason=why)
+                         ready_timeout=timeout, network=mode, network_reason=why,
+                         bundle_refresh_hint=bundle_refresh_hint)
     try:
         state = run.start()
         progress("proving the federation: a cross-cluster request through a sidecar"

@@ -28,12 +28,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from discovery.addresses import parse_hostport
-from discovery.clusterset import ClusterSet, load_clusterset
+from discovery.clusterset import ClusterSet, PeerDecl, load_clusterset, peers_file_text
 from discovery.manifests import load_clusterset_manifests
 from discovery.model import ClusterId, ServiceKey
 from discovery.source import ClusterSnapshot
@@ -195,6 +195,23 @@ def write_state(run_dir: Path, state: Any) -> None:
     write_json(run_dir / STATE_FILE, state, private=True)
 
 
+def write_run_peers(path: Path, peers: Sequence[PeerDecl]) -> None:
+    """A run's peers file from the clusterset's ``peers:``, each bootstrap bundle copied beside it (0600 in 0700)
+    so the run does not depend on the clusterset's files staying where they are."""
+    out = []
+    for d in peers:
+        if d.bootstrap_bundle is not None:
+            copy = private_dir(path.parent / "bootstrap") / f"{d.name}.json"
+            try:
+                write_atomic(copy, d.bootstrap_bundle.read_bytes(), mode=0o600)
+            except OSError as exc:
+                raise LocalRunError(f"peer {d.name}: bootstrap bundle {d.bootstrap_bundle}: {exc.strerror or exc}"
+                                    ) from exc
+            d = replace(d, bootstrap_bundle=copy.resolve())
+        out.append(d)
+    write_atomic(path, peers_file_text(out).encode(), mode=0o600)
+
+
 # ---- waiting -----------------------------------------------------------------------------------------------------
 
 
@@ -254,6 +271,7 @@ class LocalRun:
     network: str = "loopback"  # or "netns": a network per cluster, a namespace per workload (meshfed.netplan)
     network_reason: str = ""
     net: netplan.NetPlan | None = None
+    bundle_refresh_hint: int | None = None  # the federation's SPIFFE bundle endpoint's hint (None: its default)
 
     def meshfed(self, *args: str) -> list[str]:
         return [self.python, "-m", "meshfed", *args]
@@ -362,19 +380,31 @@ class LocalRun:
         for host in bridges:
             _check_free(host, port)
         also = [arg for host in bridges for arg in ("--listen", f"{host}:{port}")]
+        # The peering listener (SPIFFE bundle endpoint, service exchange with peer federations), on loopback: peer
+        # federations of other local runs reach it from the root namespace. Its peers file starts as the
+        # clusterset's peers: list; 'meshfed peer add' edits it, the federation re-reads it (docs/peering.md).
+        peering = free_port()
+        peers_file = (fed_dir / "peers.yaml").resolve()
+        write_run_peers(peers_file, cs.peers)
+        hint = ["--bundle-refresh-hint", str(self.bundle_refresh_hint)] if self.bundle_refresh_hint else []
         argv = self.meshfed("federation", "serve", "--store", store, "--listen", f"127.0.0.1:{port}", *also,
                             "--ca", str(self.run_dir / "ca" / "federation"), "--lease-ttl", str(lease),
-                            "--cidr", cs.cidr if self.net is None else self.net.vip_alloc_cidr)
-        self.progress(f"federation service on https://127.0.0.1:{port} (SQLite store)")
+                            "--cidr", cs.cidr if self.net is None else self.net.vip_alloc_cidr,
+                            "--peering-listen", f"127.0.0.1:{peering}", "--peers", str(peers_file), *hint)
+        self.progress(f"federation service on https://127.0.0.1:{port} (SQLite store), SPIFFE bundle endpoint "
+                      f"https://127.0.0.1:{peering}/ ({len(cs.peers)} peers)")
         rec = self._record(procs.start("federation", argv, log_path=fed_dir / "federation.log"))
         url = f"https://127.0.0.1:{port}"
+        td = TrustDomain.parse(str(cs.trust_domain))
         self.state["federation"] = {"url": url, "pid": rec.pid, "log": rec.log, "store": store,
-                                    "lease_ttl_s": lease,
+                                    "lease_ttl_s": lease, "bundle_endpoint": f"https://127.0.0.1:{peering}/",
+                                    "peering_url": f"https://127.0.0.1:{peering}",
+                                    "spiffe_id": str(SpiffeId.federation(td)), "peers_file": str(peers_file),
                                     **({"pod_urls": {c.cluster: f"https://{c.root_ip}:{port}"
                                                      for c in self.net.clusters}} if self.net is not None else {})}
         self.save()
-        wait_until("federation service", lambda: _port_open("127.0.0.1", port), timeout=self.ready_timeout,
-                   pids=[rec.pid], logs=[rec.log])
+        wait_until("federation service", lambda: _port_open("127.0.0.1", port) and _port_open("127.0.0.1", peering),
+                   timeout=self.ready_timeout, pids=[rec.pid], logs=[rec.log])
 
     def _controlplane(self, cs: ClusterSet, cluster: ClusterId, workloads: list[WorkloadPlan]) -> None:
         cdir = private_dir(self.run_dir / str(cluster))

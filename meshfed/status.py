@@ -31,13 +31,15 @@ import logging
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from federation.peering.records import PeerStatus
 from federation.trust.errors import TrustError
 from gateway.xdstypes import short_name
+from meshfed import peerstatus
 from meshfed.controlplane.status import (
     ConditionRow,
     ControlPlaneStatus,
@@ -79,6 +81,9 @@ class LocalInputs:
     # During a root rotation: the federation's GET /v1/trust/status (None: not asked or no answer, see the error).
     federation_trust: Mapping[str, Any] | None = None
     federation_trust_error: str = ""
+    # The federation's peer clustersets (GET /v1/peers; None: not asked or no answer, see the error).
+    peers: tuple[PeerStatus, ...] | None = None
+    peers_error: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +96,16 @@ class RemoteInputs:
     roots: Sequence[Mapping[str, Any]]
     revision: int
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    peers: tuple[PeerStatus, ...] | None = None
+    peers_error: str = ""
+
+
+def _peers(report: dict[str, Any], peers: tuple[PeerStatus, ...] | None, error: str, problems: list[str]) -> None:
+    """The report's ``peers`` section and their problems (docs/peering.md)."""
+    report["peers"] = peerstatus.report_rows(peers or ())
+    problems.extend(peerstatus.peer_problems(peers or ()))
+    if error:
+        problems.append(f"federation peers unavailable: {error}")
 
 
 # ---- pure helpers ----------------------------------------------------------------------------------------------------
@@ -314,6 +329,7 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
         "addresses": addresses(state, statuses),
         "traffic": [dict(t) for t in inp.traffic],
     }
+    _peers(report, inp.peers, inp.peers_error, problems)
     report["problems"] = problems
     report["healthy"] = not problems
     return report
@@ -495,12 +511,14 @@ def evaluate_remote(inp: RemoteInputs) -> dict[str, Any]:
         roots.append({**r, "health": health, "lifetime_left": left})
         if health != "ok":
             problems.append(f"trust: root {str(r.get('fingerprint'))[:16]} is {health}")
-    return {
+    report: dict[str, Any] = {
         "kind": "federation", "federation": inp.url, "revision": inp.revision, "now": now.isoformat(),
         "clusters": clusters, "services": sorted(services, key=lambda s: s["service"]), "proxies": [],
         "trust": {"roots": roots, "intermediates": [], "workload_certs": [], "phase": None, "next_step": None},
-        "problems": problems, "healthy": not problems,
     }
+    _peers(report, inp.peers, inp.peers_error, problems)
+    report.update(problems=problems, healthy=not problems)
+    return report
 
 
 # ---- tables (pure) ---------------------------------------------------------------------------------------------------
@@ -555,6 +573,8 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
         verdict = "everything moved: `retire-root` may go ahead" if rot["done"] else "not converged"
         out.append((f"Rotation convergence ({verdict})", ["#", "state"],
                     [[i + 1, line] for i, line in enumerate(rot["lines"])]))
+    if report.get("peers"):
+        out.append(peerstatus.peer_table(peerstatus.decode_peers(report["peers"], what="status report")))
     if report.get("traffic"):
         from meshfed.traffic import table as traffic_table
 
@@ -652,9 +672,22 @@ def collect_local(run_dir: Path) -> LocalInputs:
             fed_trust_error = str(exc)
     from meshfed import traffic
 
+    peers, peers_error = None, ""
+    if members is not None and fed_url and first is not None:
+        peers, peers_error = _collect_peers(fed_url, Path(first[1]["ca"]), first[0])
     return LocalInputs(state=state, alive=alive, controlplanes=statuses, errors=errors, root=root,
                        root_error=root_error, members=members, traffic=traffic.collect(state),
-                       federation_trust=fed_trust, federation_trust_error=fed_trust_error)
+                       federation_trust=fed_trust, federation_trust_error=fed_trust_error, peers=peers,
+                       peers_error=peers_error)
+
+
+def _collect_peers(url: str, ca_dir: Path, cluster: str) -> tuple[tuple[PeerStatus, ...] | None, str]:
+    from federation.client import ClientError
+
+    try:
+        return asyncio.run(peerstatus.fetch_peers(url, ca_dir, cluster)), ""
+    except (ClientError, TrustError, OSError, DocumentError) as exc:
+        return None, str(exc)
 
 
 def local_members(state: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
@@ -721,7 +754,8 @@ def catalog_inputs(url: str, catalog: Any, bundle_pem: str, *, now: datetime | N
                         now=now or datetime.now(UTC))
 
 
-async def _fetch_catalog(url: str, chain: bytes, key_pem: bytes, bundle_bytes: bytes, *, what: str) -> tuple[Any, str]:
+async def _fetch_catalog(url: str, chain: bytes, key_pem: bytes, bundle_bytes: bytes, *, what: str
+                         ) -> tuple[Any, str, Any]:
     from discovery.model import ClusterId
     from federation.client import ClientError, FederationClient
     from federation.trust.bundle import TrustBundle, load_pem_certs
@@ -740,9 +774,13 @@ async def _fetch_catalog(url: str, chain: bytes, key_pem: bytes, bundle_bytes: b
         async with FederationClient(url, ssl_context=ctx, cluster=cluster, bundle=bundle,
                                     request_timeout_s=10.0) as client:
             listing = await client.catalog()
+            try:
+                peers: Any = await client.peers()
+            except ClientError as exc:
+                peers = str(exc)
     except ClientError as exc:
         raise StatusError(f"the federation at {url} did not answer the catalog: {exc}") from exc
-    return listing.catalog, listing.trust_bundle_pem
+    return listing.catalog, listing.trust_bundle_pem, peers
 
 
 def collect_remote(url: str, *, cert: Path, key: Path, ca_bundle: Path) -> RemoteInputs:
@@ -751,6 +789,12 @@ def collect_remote(url: str, *, cert: Path, key: Path, ca_bundle: Path) -> Remot
         chain, key_pem, bundle_bytes = cert.read_bytes(), key.read_bytes(), ca_bundle.read_bytes()
     except OSError as exc:
         raise StatusError(f"cannot read credentials: {exc}") from exc
-    catalog, bundle_pem = asyncio.run(_fetch_catalog(url, chain, key_pem, bundle_bytes,
-                                                     what=f"{cert}, {key}, {ca_bundle}"))
-    return catalog_inputs(url, catalog, bundle_pem)
+    catalog, bundle_pem, peer_rows = asyncio.run(_fetch_catalog(url, chain, key_pem, bundle_bytes,
+                                                                what=f"{cert}, {key}, {ca_bundle}"))
+    inputs = catalog_inputs(url, catalog, bundle_pem)
+    if isinstance(peer_rows, str):
+        return replace(inputs, peers_error=peer_rows)
+    try:
+        return replace(inputs, peers=peerstatus.decode_peers(peer_rows, what=f"GET {url}/v1/peers"))
+    except DocumentError as exc:
+        return replace(inputs, peers_error=str(exc))
