@@ -322,8 +322,27 @@ def _evaluate_bundles(root: Mapping[str, Any], reports: SystemReports) -> Conver
                         "seconds)")
     else:
         summary.append("federation trusts the new root")
+        _peers_hold(fed, new, blocking, summary)
     return Convergence(in_rotation=True, old_root=old, new_root=new, done=not blocking, blocking=tuple(blocking),
                        summary=tuple(summary), proxies_total=total, proxies_old=total - moved)
+
+
+def _peers_hold(fed: Mapping[str, Any], new: str | None, blocking: list[str], summary: list[str]) -> None:
+    """Peer clustersets must hold the new root (fetched from our bundle endpoint) before it signs: the federation's
+    serving certificate moves under it at ``reissue``, and a peer that authenticates our bundle endpoint with the
+    old bundle only would be locked out (docs/peering.md). A peer reports what it holds on its exchange calls; one
+    that never called (not a meshfed federation) cannot be asked, only waited for."""
+    for row in fed.get("peers", []):
+        name, td = row.get("name"), row.get("trust_domain")
+        if row.get("peer_holds_reported_at") is None:
+            summary.append(f"peer {name} ({td}) never reported which of our roots it holds: wait 3-5 refresh hints "
+                           "after add-root before reissue (SPIFFE Federation 4.1)")
+        elif new is not None and new[:16] not in row.get("peer_holds_roots", []):
+            blocking.append(f"peer {name} ({td}): holds our bundle sequence {row.get('peer_holds_sequence')} "
+                            f"without the new root (reported {row.get('peer_holds_reported_at')}); it refreshes at "
+                            "our spiffe_refresh_hint")
+        else:
+            summary.append(f"peer {name} ({td}) holds the new root")
 
 
 def wait_converged(check: Callable[[], Convergence | None], *, within_s: float,

@@ -118,3 +118,7 @@ class PeerStatus:
     services_exported: tuple[str, ...] = ()
     services_pulled_at: str | None = None
     services_error: str = ""
+    # What the peer said, on its last exchange call, it holds of OUR bundle (rotation waits for it: docs/peering.md).
+    peer_holds_sequence: int | None = None
+    peer_holds_roots: tuple[str, ...] = ()
+    peer_holds_reported_at: str | None = None

@@ -77,6 +77,7 @@ from federation.trust.tls import client_ssl_context, load_identity, peer_chain_d
 log = logging.getLogger("meshfed.federation.peering")
 
 SERVICES_PATH = "/peering/v1/services"
+HELD_HEADER = "X-Meshfed-Held-Bundle"  # on exchange calls: "sequence=N; roots=FP16,FP16" of the callee's bundle
 MAX_OFFERED = 10_000  # services one peer may offer us
 MAX_OFFER_BYTES = 64 * 1024 * 1024
 
@@ -137,6 +138,8 @@ class _Peer:
     failing_since: datetime | None = None
     refusals: int = 0
     busy: set[str] = field(default_factory=set)
+    # What the peer reports holding of our bundle (header of its exchange calls): sequence, root fingerprints, when.
+    holds: tuple[int, tuple[str, ...], datetime] | None = None
 
     @property
     def trust_domain(self) -> str:
@@ -435,7 +438,10 @@ class PeerManager:
                 failing_since=_iso(peer.failing_since), refusals=peer.refusals,
                 services_imported=tuple(f"{s.key.name}.{s.key.namespace}" for s in peer.services),
                 services_exported=tuple(f"{s.key.name}.{s.key.namespace}" for s in self.offers(name)),
-                services_pulled_at=_iso(peer.services_at), services_error=peer.services_error)
+                services_pulled_at=_iso(peer.services_at), services_error=peer.services_error,
+                peer_holds_sequence=peer.holds[0] if peer.holds else None,
+                peer_holds_roots=peer.holds[1] if peer.holds else (),
+                peer_holds_reported_at=_iso(peer.holds[2]) if peer.holds else None)
             out.append(dataclasses.asdict(row))
         return out
 
@@ -554,9 +560,10 @@ async def fetch_offers(decl: PeerDecl, bundle: TrustBundle, identity: tuple[byte
     url = decl.exchange_url + SERVICES_PATH
     timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(5.0, timeout_s))
     connector = VerifyingConnector(check=check, ssl=ctx, limit=1, force_close=True)
+    held = f"sequence={bundle.sequence}; roots={','.join(f[:16] for f in bundle.fingerprints)}"
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session, \
-                session.get(url, allow_redirects=False) as resp:
+                session.get(url, allow_redirects=False, headers={HELD_HEADER: held}) as resp:
             raw = await read_limited(resp, MAX_OFFER_BYTES)
             status = resp.status
             if raw is None:
@@ -647,6 +654,9 @@ async def get_bundle(request: web.Request) -> web.Response:
 async def get_services(request: web.Request) -> web.Response:
     manager = request.app[_Keys.manager]
     peer = peer_identity(request, manager)
+    held = parse_held(request.headers.get(HELD_HEADER, ""))
+    if held is not None:
+        peer.holds = (*held, utcnow())
     offers = manager.offers(peer.decl.name)
     log.debug("peering exchange peer=%s services=%d", peer.decl.name, len(offers))
     return _json({"trustDomain": manager.trust_domain.name,
@@ -655,6 +665,20 @@ async def get_services(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
+
+
+def parse_held(text: str) -> tuple[int, tuple[str, ...]] | None:
+    """``sequence=N; roots=FP16,FP16`` (what a peer holds of our bundle), or None if absent or malformed."""
+    parts = dict(p.strip().partition("=")[::2] for p in text.split(";") if "=" in p)
+    try:
+        sequence = int(parts["sequence"])
+    except (KeyError, ValueError):
+        return None
+    roots = tuple(r for r in parts.get("roots", "").split(",") if r)
+    if sequence < 0 or len(roots) > 64 or not all(len(r) == 16 and all(c in "0123456789abcdef" for c in r)
+                                                  for r in roots):
+        return None
+    return sequence, roots
 
 
 def create_peering_app(manager: PeerManager) -> web.Application:

@@ -496,7 +496,9 @@ async def get_trust_status(request: web.Request) -> web.Response:
     return _json({"trustDomain": bundle.trust_domain.name, "bundleSequence": bundle.sequence,
                   "bundleFingerprints": list(bundle.fingerprints),
                   "serving": serving() if serving is not None else None, "connections": connections,
-                  "members": sorted(str(c) for c in _state(request).members())})
+                  "members": sorted(str(c) for c in _state(request).members()),
+                  # What each peer clusterset said it holds of our bundle (a new root must reach them first).
+                  "peers": request.app[_Keys.peer_hub].status()})
 
 
 async def get_peers(request: web.Request) -> web.Response:

@@ -121,6 +121,9 @@ async def test_two_clustersets_peer_exchange_rotate_and_survive_the_peer_down(tm
             got = [fingerprint(c) for c in
                    x509.load_pem_x509_certificates(b_east.peer_bundles["a.test"].roots_pem.encode())]
             assert got == list(want)
+            # b tells a, on its exchange calls, which of a's roots it holds: `meshfed ca rotate reissue` waits on it.
+            await eventually(lambda: _holds(a, "b") == [f[:16] for f in want], within=30,
+                             what="a's trust status says b holds a's new root")
 
             # a down: b keeps the last good bundle and the services; status shows the error and the age.
             a.stop()
@@ -144,6 +147,11 @@ async def test_two_clustersets_peer_exchange_rotate_and_survive_the_peer_down(tm
     finally:
         a.stop()
         b.stop()
+
+
+def _holds(side: Side, peer: str) -> list[str]:
+    rows = side.member_get("/v1/trust/status")["peers"]
+    return list(next(r for r in rows if r["name"] == peer)["peer_holds_roots"])
 
 
 def _status_error(side: Side) -> bool:

@@ -138,3 +138,26 @@ def test_status_shows_peers_and_their_problems() -> None:
     assert [r[0] for r in table[2]] == ["b", "c", "d", "e", "f"]
     assert table[2][1][6] == "UNREACHABLE" and table[2][3][6] == "EXPIRED" and table[2][0][7] == "reviews.default"
     assert peerstatus.decode_peers(report["peers"], what="report") == (healthy, down, refused, expired, never)
+
+
+def test_reissue_waits_until_every_peer_holds_the_new_root() -> None:
+    """root-added: a peer federation authenticates our bundle endpoint with the bundle it holds; if our serving
+    certificate moved under the new root before the peer fetched it, the peer would be locked out."""
+    from meshfed.rotation import SystemReports, evaluate
+
+    old, new = "a" * 64, "b" * 64
+    added = {"phase": "root-added", "certificates": [
+        {"role": "root (active)", "fingerprint": old}, {"role": "root (next)", "fingerprint": new}]}
+    row = {"name": "b", "trust_domain": "b.test", "peer_holds_sequence": 1, "peer_holds_roots": [old[:16]],
+           "peer_holds_reported_at": "2026-12-03T11:00:00+00:00"}
+    silent = {"name": "c", "trust_domain": "c.test", "peer_holds_reported_at": None}
+    fed = {"bundleFingerprints": [old, new], "serving": {"root_fingerprint": old}, "connections": [],
+           "peers": [row, silent]}
+    conv = evaluate(added, SystemReports(controlplanes={}, federation=fed))
+    assert not conv.done and conv.blocking == (
+        "peer b (b.test): holds our bundle sequence 1 without the new root (reported 2026-12-03T11:00:00+00:00); "
+        "it refreshes at our spiffe_refresh_hint",)
+    assert any("peer c (c.test) never reported" in s for s in conv.summary)
+    row.update(peer_holds_sequence=2, peer_holds_roots=[old[:16], new[:16]])
+    conv = evaluate(added, SystemReports(controlplanes={}, federation=fed))
+    assert conv.done and "peer b (b.test) holds the new root" in conv.summary
