@@ -54,9 +54,24 @@ async def _freeze_after_load(app: web.Application) -> None:
     log.info("catalog loaded; %d objects frozen out of the cyclic GC", gc.get_freeze_count())
 
 
+METRICS_ONLY = "/metrics"
+
+
+@web.middleware
+async def _plain_metrics_only(request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+    """On a ``--metrics-listen`` address (plain HTTP, no TLS) answer ``GET /metrics`` and nothing else."""
+    transport = request.transport
+    plain = transport is not None and transport.get_extra_info("sslcontext") is None
+    if plain and (request.method != "GET" or request.path != METRICS_ONLY):
+        raise web.HTTPNotFound(text="only GET /metrics is served here\n")
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
 async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: ServiceConfig,
                  leaf_ttl: timedelta, trust_poll_s: float = 2.0, also: tuple[tuple[str, int], ...] = (),
-                 peering: PeeringConfig | None = None, peering_listens: tuple[tuple[str, int], ...] = ()) -> None:
+                 peering: PeeringConfig | None = None, peering_listens: tuple[tuple[str, int], ...] = (),
+                 metrics_listens: tuple[tuple[str, int], ...] = ()) -> None:
     try:
         creds = ServingCredentials(ca_dir, leaf_ttl=leaf_ttl)
     except CAStoreError as exc:
@@ -68,12 +83,15 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
         loop.add_signal_handler(sig, stop.set)
     hub = PeerHub()
     app = create_app(store=store, bundle=creds.bundle, config=config, serving=creds.info, peers=hub)
+    app.middlewares.insert(0, _plain_metrics_only)
     rotate = loop.create_task(creds.run(interval_s=trust_poll_s))
     frozen = loop.create_task(_freeze_after_load(app))
     manager = PeerManager(config=peering or PeeringConfig(), identity=creds, state=state_of(app), hub=hub)
     try:
-        async with serve(app, host=host, port=port, ssl_context=creds.context, also=also), \
+        async with serve(app, host=host, port=port, ssl_context=creds.context, also=also) as runner, \
                 contextlib.AsyncExitStack() as stack:
+            for h, p in metrics_listens:  # Prometheus cannot check SPIFFE identities: /metrics alone, plain HTTP
+                await web.TCPSite(runner, h, p, reuse_address=True).start()
             if peering_listens:
                 await stack.enter_async_context(run_peering(manager, listens=list(peering_listens)))
             where = ", ".join(f"https://{h}:{p}" for h, p in ((host, port), *also))
@@ -116,6 +134,9 @@ async def _serve(*, store_url: str, host: str, port: int, ca_dir: Path, config: 
 @click.option("--peering-listen", "peering_listens", multiple=True, metavar="HOST:PORT",
               help="Serve the SPIFFE bundle endpoint (GET /, no client certificate) and the service exchange with "
                    "peer federations here (repeatable). Without it there is no bundle endpoint and no peering.")
+@click.option("--metrics-listen", "metrics_listens", multiple=True, metavar="HOST:PORT",
+              help="Also serve GET /metrics (and nothing else) here over plain HTTP, for a Prometheus on the same "
+                   "host or pod (repeatable; loopback or the pod's own address: docs/observability.md).")
 @click.option("--peers", "peers_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The peers file (YAML {peers: [...]}, the entries of clusterset.yaml's peers:), re-read when it "
                    "changes; 'meshfed peer add' writes it. Missing file: no peers yet.")
@@ -136,9 +157,11 @@ def serve_cmd(store_url: str, listens: tuple[str, ...], ca_dir: Path, lease_ttl:
               bookmark_interval: float, history: int, leaf_ttl: float, max_services: int, max_endpoints: int,
               max_body_bytes: int, peering_listens: tuple[str, ...], peers_file: Path | None,
               peer_state: Path | None, bundle_refresh_hint: int, peer_refresh_min: float, peer_refresh_max: float,
-              peer_bundle_max_age: float, peer_services_interval: float) -> None:
+              peer_bundle_max_age: float, peer_services_interval: float,
+              metrics_listens: tuple[str, ...]) -> None:
     """Run the federation service until SIGTERM/SIGINT."""
     (host, port), *also = [_listen(listen) for listen in listens]
+    metrics_at = tuple(_listen(listen) for listen in metrics_listens)
     peering_at = tuple(_listen(listen) for listen in peering_listens)
     if peers_file is not None and not peering_at:
         raise click.BadParameter("peers need a --peering-listen address (the peer exchange is served there)",
@@ -153,7 +176,8 @@ def serve_cmd(store_url: str, listens: tuple[str, ...], ca_dir: Path, lease_ttl:
                            limits=limits)
     run: Callable[[], None] = lambda: asyncio.run(  # noqa: E731
         _serve(store_url=store_url, host=host, port=port, ca_dir=ca_dir, config=config,
-               leaf_ttl=timedelta(hours=leaf_ttl), also=tuple(also), peering=peering, peering_listens=peering_at))
+               leaf_ttl=timedelta(hours=leaf_ttl), also=tuple(also), peering=peering, peering_listens=peering_at,
+               metrics_listens=metrics_at))
     try:
         run()
     except (TrustError, FederationError, OSError) as exc:

@@ -20,6 +20,7 @@ from discovery.clusterset import ClusterSetError
 from discovery.model import DiscoveryError
 from federation.trust.errors import TrustError
 from meshfed import local, netns
+from meshfed import prometheus as prom
 from meshfed.output import console, emit, fail, output_option
 
 RUN_DIR_OPTION = click.option(
@@ -89,13 +90,16 @@ def pod_call_example(state: dict[str, Any], client: str, url: str) -> str:
               help="how long to wait for each part to become ready")
 @click.option("--bundle-refresh-hint", type=click.IntRange(min=1), default=None, metavar="SECONDS",
               help="spiffe_refresh_hint of the run's SPIFFE bundle endpoint (default 300; peers refresh at it)")
+@click.option("--scrape-interval", type=click.FloatRange(min=0.1), default=prom.DEFAULT_SCRAPE_INTERVAL,
+              show_default=True, metavar="SECONDS", help="how often the run's Prometheus scrapes every Envoy, control "
+                                                         "plane and the federation (docs/observability.md)")
 @click.option("--network", type=click.Choice(NETWORKS), default=lambda: os.environ.get("MESHFED_NETWORK", "auto"),
               show_default="auto, or $MESHFED_NETWORK",
               help="netns: a network per cluster and a network namespace per workload (needs root, ip, iptables); "
                    "loopback: everything on 127.0.0.0/8; auto: netns where it can be built, else loopback")
 @output_option
 def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease_ttl: float | None, timeout: float,
-           bundle_refresh_hint: int | None, network: str, output: str) -> None:
+           bundle_refresh_hint: int | None, scrape_interval: float, network: str, output: str) -> None:
     """Start a whole federation on this machine from CLUSTERSET (default clusters/demo)."""
     err = console(stderr=True)
     started = time.monotonic()
@@ -111,7 +115,7 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease
     progress(f"network: {mode} ({why})")
     run = local.LocalRun(clusterset_dir=clusterset, run_dir=run_dir, lease_ttl=lease_ttl, progress=progress,
                          ready_timeout=timeout, network=mode, network_reason=why,
-                         bundle_refresh_hint=bundle_refresh_hint)
+                         bundle_refresh_hint=bundle_refresh_hint, scrape_interval=scrape_interval)
     try:
         state = run.start()
         progress("proving the federation: a cross-cluster request through a sidecar"

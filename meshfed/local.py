@@ -45,6 +45,7 @@ from gateway.bootstrap import render_bootstrap, render_grpc_bootstrap, write_boo
 from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind
 from gateway.envoy import command as envoy_command
 from meshfed import certfiles, netns, netplan, procs
+from meshfed import prometheus as prom
 from meshfed.agent import sidecar_env
 
 log = logging.getLogger("meshfed.local")
@@ -272,6 +273,7 @@ class LocalRun:
     network_reason: str = ""
     net: netplan.NetPlan | None = None
     bundle_refresh_hint: int | None = None  # the federation's SPIFFE bundle endpoint's hint (None: its default)
+    scrape_interval: float = prom.DEFAULT_SCRAPE_INTERVAL  # the run's Prometheus (meshfed.prometheus)
 
     def meshfed(self, *args: str) -> list[str]:
         return [self.python, "-m", "meshfed", *args]
@@ -320,6 +322,7 @@ class LocalRun:
                 self._proxyless(cs, str(info.id))
             self._wait_envoys()
             self._wait_proxyless()
+            self._prometheus()
             self.state["ready_at"] = time.time()
             self.save()
         except BaseException:
@@ -383,14 +386,15 @@ class LocalRun:
         # The peering listener (SPIFFE bundle endpoint, service exchange with peer federations), on loopback: peer
         # federations of other local runs reach it from the root namespace. Its peers file starts as the
         # clusterset's peers: list; 'meshfed peer add' edits it, the federation re-reads it (docs/peering.md).
-        peering = free_port()
+        peering, metrics = free_port(), free_port()
         peers_file = (fed_dir / "peers.yaml").resolve()
         write_run_peers(peers_file, cs.peers)
         hint = ["--bundle-refresh-hint", str(self.bundle_refresh_hint)] if self.bundle_refresh_hint else []
         argv = self.meshfed("federation", "serve", "--store", store, "--listen", f"127.0.0.1:{port}", *also,
                             "--ca", str(self.run_dir / "ca" / "federation"), "--lease-ttl", str(lease),
                             "--cidr", cs.cidr if self.net is None else self.net.vip_alloc_cidr,
-                            "--peering-listen", f"127.0.0.1:{peering}", "--peers", str(peers_file), *hint)
+                            "--peering-listen", f"127.0.0.1:{peering}", "--peers", str(peers_file), *hint,
+                            "--metrics-listen", f"127.0.0.1:{metrics}")
         self.progress(f"federation service on https://127.0.0.1:{port} (SQLite store), SPIFFE bundle endpoint "
                       f"https://127.0.0.1:{peering}/ ({len(cs.peers)} peers)")
         rec = self._record(procs.start("federation", argv, log_path=fed_dir / "federation.log"))
@@ -400,6 +404,7 @@ class LocalRun:
                                     "lease_ttl_s": lease, "bundle_endpoint": f"https://127.0.0.1:{peering}/",
                                     "peering_url": f"https://127.0.0.1:{peering}",
                                     "spiffe_id": str(SpiffeId.federation(td)), "peers_file": str(peers_file),
+                                    "metrics": f"127.0.0.1:{metrics}",
                                     **({"pod_urls": {c.cluster: f"https://{c.root_ip}:{port}"
                                                      for c in self.net.clusters}} if self.net is not None else {})}
         self.save()
@@ -683,6 +688,30 @@ class LocalRun:
                 wait_until(f"{cluster} proxyless gRPC {e['name']}",
                            functools.partial(_port_open, address.host, address.port), timeout=self.ready_timeout,
                            pids=[e["pid"]], logs=[e["log"]])
+
+    def _prometheus(self) -> None:
+        """Debian's Prometheus scraping every metrics endpoint of the run (meshfed.prometheus), storage under the
+        run directory, API on a loopback port; a run without it says so and carries on."""
+        exe = prom.binary()
+        if exe is None:
+            reason = "prometheus is not installed (Debian package prometheus); the run has no metrics store"
+            self.progress(reason)
+            self.state["prometheus"] = {"url": None, "reason": reason}
+            self.save()
+            return
+        pdir = private_dir(self.run_dir / "prometheus")
+        config = prom.write_files(pdir, prom.run_targets(self.state), scrape_interval=self.scrape_interval)
+        listen = f"127.0.0.1:{free_port()}"
+        url = f"http://{listen}"
+        rec = self._record(procs.start("prometheus", prom.command(exe, config=config, data=pdir / "data",
+                                                                  listen=listen),
+                                       log_path=pdir / "prometheus.log"))
+        self.state["prometheus"] = {"url": url, "address": listen, "pid": rec.pid, "log": rec.log,
+                                    "config": str(config.resolve()), "scrape_interval_s": self.scrape_interval}
+        self.save()
+        self.progress(f"prometheus on {url} (scrape every {self.scrape_interval:g}s, config {config})")
+        wait_until("prometheus", functools.partial(prom.ready, url), timeout=self.ready_timeout, pids=[rec.pid],
+                   logs=[rec.log])
 
     def _wait_envoys(self) -> None:
         self.progress("waiting for every Envoy to be ready")

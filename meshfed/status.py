@@ -328,11 +328,21 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
         "processes": processes,
         "addresses": addresses(state, statuses),
         "traffic": [dict(t) for t in inp.traffic],
+        "prometheus": prometheus_section(state),
     }
     _peers(report, inp.peers, inp.peers_error, problems)
     report["problems"] = problems
     report["healthy"] = not problems
     return report
+
+
+def prometheus_section(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's Prometheus: its address and URL, or why there is none (not installed); its process, if dead,
+    is among the problems like any other recorded process."""
+    prom = state.get("prometheus") or {}
+    return {"url": prom.get("url"), "address": prom.get("address"), "config": prom.get("config"),
+            "scrape_interval_s": prom.get("scrape_interval_s"),
+            "reason": prom.get("reason") or ("" if prom else "this run was started without Prometheus")}
 
 
 def _services(statuses: Mapping[str, ControlPlaneStatus | None], problems: list[str]) -> list[dict[str, Any]]:
@@ -592,6 +602,11 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
         out.append(("Workloads", ["cluster", "workload", "service", "sidecar outbound / pod", "sidecar admin",
                                   "can call (NAME.NS: NAME.NS.svc.clusterset.local; (local): "
                                   "NAME.NS.svc.cluster.local only)"], rows))
+    prom = report.get("prometheus")
+    if prom:
+        out.append(("Prometheus", ["url", "config", "scrape interval"],
+                    [[prom["url"] or f"- ({prom['reason']})", prom["config"] or "-",
+                      f"{prom['scrape_interval_s']:g}s" if prom["scrape_interval_s"] else "-"]]))
     restarted = [p for p in report.get("processes", []) if p.get("restarts")]
     if restarted:
         out.append(("Restarted processes", ["process", "pid", "restarts", "log"],
