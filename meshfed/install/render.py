@@ -35,13 +35,14 @@ import hashlib
 import ipaddress
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from discovery.clusterid import CLUSTER_ID_PROPERTY, CLUSTERSET_PROPERTY, identity_objects
-from discovery.clusterset import ClusterSet
+from discovery.clusterset import ClusterSet, peers_file_text
 from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
 from gateway.bootstrap import add_health_listener, render_bootstrap
 from gateway.context import ProxyInfo, ProxyKind
@@ -82,6 +83,9 @@ GATEWAY_PORT = 15443
 GATEWAY_HEALTH_PORT = 15021
 ENVOY_ADMIN_PORT = 15000
 FEDERATION_PORT = 8443
+PEERING_PORT = 8444  # the federation's SPIFFE bundle endpoint and service exchange with peer clustersets
+FEDERATION_PEERS = "meshfed-federation-peers"  # ConfigMap: peers.yaml and the peers' bootstrap bundles
+PEERS_DIR = "/etc/meshfed/peers"
 ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 ETCD_REPLICAS = 3
@@ -379,6 +383,7 @@ def federation_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOption
                     "metadata": _meta(f"{FEDERATION}-data", FEDERATION, cid, ns), "spec": pvc_spec})
     else:
         out.extend(etcd_objects(cs, cluster, opts))
+    peers = peers_configmap(cs, cluster, opts)
     args = [
         "federation", "serve",
         "--store", federation_store_url(opts),
@@ -386,10 +391,18 @@ def federation_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOption
         "--ca", "/etc/meshfed/federation-ca",
         "--lease-ttl", f"{cs.federation.lease_ttl:g}",
         "--cidr", cs.cidr,
+        # The SPIFFE bundle endpoint and the exchange with peer clustersets (docs/peering.md); the peers file is
+        # the ConfigMap below (a change reaches the pod through the kubelet and is re-read), the last good peer
+        # bundles are kept on the data volume (sqlite) or in /tmp (etcd: every replica fetches its own).
+        "--peering-listen", f"0.0.0.0:{PEERING_PORT}",
+        "--peers", f"{PEERS_DIR}/peers.yaml",
+        "--peer-state", "/var/lib/meshfed/peer-state" if sqlite else "/tmp/peer-state",
     ]
     mounts: list[Obj] = [{"name": "ca", "mountPath": "/etc/meshfed/federation-ca", "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}]
-    volumes: list[Obj] = [*_ca_volumes(FEDERATION_CA), {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+                         {"name": "tmp", "mountPath": "/tmp"},
+                         {"name": "peers", "mountPath": PEERS_DIR, "readOnly": True}]
+    volumes: list[Obj] = [*_ca_volumes(FEDERATION_CA), {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                          {"name": "peers", "configMap": {"name": FEDERATION_PEERS}}]
     if sqlite:
         mounts.append({"name": "data", "mountPath": "/var/lib/meshfed"})
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": f"{FEDERATION}-data"}})
@@ -398,7 +411,8 @@ def federation_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOption
         "image": opts.image,
         "imagePullPolicy": opts.image_pull_policy,
         "args": args,
-        "ports": [{"name": "https", "containerPort": FEDERATION_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "https", "containerPort": FEDERATION_PORT, "protocol": "TCP"},
+                  {"name": "peering", "containerPort": PEERING_PORT, "protocol": "TCP"}],
         # The service speaks mutual TLS only, so kubelet (which has no client certificate) probes the socket.
         "startupProbe": _tcp_probe("https", 2, 60),
         "livenessProbe": _tcp_probe("https", 10, 3),
@@ -407,7 +421,7 @@ def federation_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOption
         "securityContext": _container_security(),
         "volumeMounts": mounts,
     }
-    template_hash = content_hash(fed_ca.secret_data(), args)
+    template_hash = content_hash(fed_ca.secret_data(), args, peers["data"])
     deployment: Obj = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -440,11 +454,34 @@ def federation_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOption
             # Other clusters' control planes connect from outside this cluster.
             "type": "LoadBalancer" if len(cs.clusters) > 1 else "ClusterIP",
             "selector": _selector(FEDERATION),
-            "ports": [{"name": "https", "port": FEDERATION_PORT, "targetPort": "https", "protocol": "TCP"}],
+            "ports": [{"name": "https", "port": FEDERATION_PORT, "targetPort": "https", "protocol": "TCP"},
+                      {"name": "peering", "port": PEERING_PORT, "targetPort": "peering", "protocol": "TCP"}],
         },
     }
-    out.extend([deployment, service])
+    out.extend([peers, deployment, service])
     return out
+
+
+def peers_configmap(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOptions) -> Obj:
+    """The federation's peers file from the clusterset's ``peers:``, each bootstrap bundle beside it (a key of
+    the same ConfigMap). ``meshfed peer add --peers-file`` edits a copy of ``peers.yaml`` for the same purpose."""
+    data: dict[str, str] = {}
+    decls = []
+    for d in cs.peers:
+        if d.bootstrap_bundle is not None:
+            key = f"bootstrap-{d.name}.json"
+            try:
+                data[key] = d.bootstrap_bundle.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise RenderError(f"peer {d.name}: bootstrap bundle {d.bootstrap_bundle}: {exc.strerror or exc}"
+                                  ) from exc
+            d = replace(d, bootstrap_bundle=Path(PEERS_DIR) / key)
+        if d.ca_file is not None:
+            raise RenderError(f"peer {d.name}: caFile is for local tests; a cluster install uses the system store")
+        decls.append(d)
+    data["peers.yaml"] = peers_file_text(decls)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(FEDERATION_PEERS, FEDERATION, cluster.id,
+                                                                        opts.namespace), "data": data}
 
 
 def etcd_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOptions) -> list[Obj]:

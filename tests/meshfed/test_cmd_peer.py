@@ -161,3 +161,25 @@ def test_reissue_waits_until_every_peer_holds_the_new_root() -> None:
     row.update(peer_holds_sequence=2, peer_holds_roots=[old[:16], new[:16]])
     conv = evaluate(added, SystemReports(controlplanes={}, federation=fed))
     assert conv.done and "peer b (b.test) holds the new root" in conv.summary
+
+
+def test_install_renders_the_peering_listener_and_the_peers_configmap(tmp_path: Path) -> None:
+    """A cluster install serves the bundle endpoint too, and its peers file comes from the clusterset's peers:
+    with each bootstrap bundle as a key of the same ConfigMap (paths rewritten to where it is mounted)."""
+    import yaml
+
+    from discovery.clusterset import parse_clusterset, parse_peers
+    from meshfed.install.render import PEERING_PORT, PEERS_DIR, InstallOptions, peers_configmap
+
+    b = Side("b", tmp_path)
+    (tmp_path / "cs").mkdir()
+    (tmp_path / "cs" / "b.json").write_bytes((b.root_dir / "bundle.json").read_bytes())
+    cs = parse_clusterset({"name": "a", "trustDomain": "a.test", "clusters": [{"name": "east"}],
+                           "peers": [{"name": "b", "trustDomain": "b.test", "bundleEndpoint": "https://fed.b.test/",
+                                      "endpointSpiffeId": "spiffe://b.test/meshfed/federation",
+                                      "bootstrapBundle": "b.json"}]}, directory=tmp_path / "cs")
+    cm = peers_configmap(cs, cs.clusters[0], InstallOptions())
+    assert cm["data"]["bootstrap-b.json"] == (b.root_dir / "bundle.json").read_text()
+    [decl] = parse_peers(yaml.safe_load(cm["data"]["peers.yaml"])["peers"], file="configmap")
+    assert decl.bootstrap_bundle == Path(PEERS_DIR) / "bootstrap-b.json" and decl.trust_domain == "b.test"
+    assert PEERING_PORT == 8444
