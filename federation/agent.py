@@ -24,6 +24,11 @@ by ``backoff_max_s``) and resumes from its revision; the lease loop retries at l
 
 The control plane reads the result as ``agent.catalog`` / ``agent.apply(registry)``, or is pushed to through
 ``on_update`` or ``async for catalog in agent.updates()``.
+
+Peer clustersets (docs/peering.md) arrive on the same listing and watch: ``agent.peers`` (a
+``federation.peering.records.PeerSnapshot``), with ``agent.peer_bundles`` (peer trust domain -> its roots, kept
+apart) and ``agent.peer_services`` (the services peers exported to this clusterset). A change calls ``on_peers`` and
+``on_update`` and wakes ``updates()``; like the catalog, the last peers are kept while the federation is unreachable.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ import dataclasses
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -49,7 +49,6 @@ from federation.clock import utcnow
 from federation.peering.bundles import (
     BundleStore,
     Held,
-    decode_bundle,
     expiry,
     fetch_bundle,
     read_bootstrap,
@@ -183,15 +182,17 @@ class PeerManager:
             return (0, 0)
         return (st.st_mtime_ns, st.st_size)
 
-    def reload(self) -> bool:
-        """Re-read the peers file if it changed (blocking: a worker thread); True if the peers changed. A broken
+    async def reload(self) -> bool:
+        """Re-read the peers file if it changed; True if the peers changed. Reading the file and the bundles of new
+        peers runs on a worker thread; the peer table is changed here, on the loop (its other readers). A broken
         file keeps the peers in force (the error is logged and reported)."""
-        sig = self._signature()
+        sig = await asyncio.to_thread(self._signature)
         if sig is None or sig == self._file_sig:
             return False
         assert self.config.peers_file is not None
         try:
-            decls = load_peers_file(self.config.peers_file, own_trust_domain=self.trust_domain.name)
+            decls = await asyncio.to_thread(load_peers_file, self.config.peers_file,
+                                            own_trust_domain=self.trust_domain.name)
         except ClusterSetError as exc:
             if self.config_error != str(exc):
                 log.warning("event=peers_file_invalid error=%s; keeping the peers in force", exc)
@@ -203,7 +204,8 @@ class PeerManager:
         for name in [n for n in self.peers if n not in wanted]:
             gone = self.peers.pop(name)
             if self.store is not None and gone.trust_domain not in {d.trust_domain for d in decls}:
-                self.store.remove(gone.trust_domain)  # the relationship ends: its bundle is forgotten
+                # The relationship ends: its bundle is forgotten.
+                await asyncio.to_thread(self.store.remove, gone.trust_domain)
             log.info("event=peer_removed peer=%s trust_domain=%s", name, gone.trust_domain)
             changed = True
         for name, decl in wanted.items():
@@ -214,8 +216,8 @@ class PeerManager:
             if have is not None and have.trust_domain == decl.trust_domain:
                 rec.held, rec.services, rec.services_at = have.held, have.services, have.services_at
             else:
-                rec.held = self._initial(decl)
-                rec.services = self._stored_services(decl)
+                rec.held = await asyncio.to_thread(self._initial, decl)
+                rec.services = await asyncio.to_thread(self._stored_services, decl)
             self.peers[name] = rec
             log.info("event=peer_declared peer=%s trust_domain=%s endpoint=%s profile=%s bundle=%s", name,
                      decl.trust_domain, decl.bundle_endpoint, decl.profile,
@@ -262,7 +264,7 @@ class PeerManager:
             while True:
                 if loop.time() >= reload_at:
                     reload_at = loop.time() + self.config.reload_interval_s
-                    await asyncio.to_thread(self.reload)
+                    await self.reload()
                 now = utcnow()
                 for peer in list(self.peers.values()):
                     if "bundle" not in peer.busy and now >= peer.next_bundle:
@@ -693,7 +695,7 @@ def create_peering_app(manager: PeerManager) -> web.Application:
 @contextlib.asynccontextmanager
 async def run_peering(manager: PeerManager, *, listens: list[tuple[str, int]]) -> AsyncIterator[None]:
     """The manager's loop and (for each of ``listens``) the peering listener, until the block exits."""
-    await asyncio.to_thread(manager.reload)
+    await manager.reload()
     context = await manager.server_context()
     task = asyncio.get_running_loop().create_task(manager.run(), name="peer-manager")
     runner = web.AppRunner(create_peering_app(manager), access_log=None, shutdown_timeout=1.0)
@@ -709,11 +711,3 @@ async def run_peering(manager: PeerManager, *, listens: list[tuple[str, int]]) -
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await runner.cleanup()
-
-
-def bundle_of(doc: Mapping[str, Any], td: TrustDomain) -> TrustBundle:
-    """A bundle endpoint's JSON (already parsed) as ``td``'s bundle (tests and `meshfed peer` use it)."""
-    return decode_bundle(json.dumps(doc).encode(), td)
-
-
-

@@ -5,6 +5,11 @@ context manager) runs it on an HTTPS listener whose TLS context requires a clien
 ``/v1/`` except ``/v1/openapi.json`` needs the caller's cluster identity (401 without one); routes on
 ``/v1/clusters/{cluster}`` act only for the caller's own cluster (403 otherwise, logged). Errors are JSON:
 ``{"error": "...", "field": "services[2].ports[0].port" | null}``.
+
+The catalog listing and watch also carry the peer snapshot of ``peers`` (a ``PeerHub`` the peer manager publishes
+into, docs/peering.md): a ``peers`` field in ``GET /v1/catalog``, ``peers`` lines on the watch, ``GET /v1/peers``.
+The SPIFFE bundle endpoint is not here: it needs a listener without required client certificates
+(``federation.peering.service``).
 """
 
 from __future__ import annotations
