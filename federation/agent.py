@@ -44,6 +44,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import Any
 
 import immutables
 
@@ -498,13 +499,21 @@ class FederationAgent:
         else:
             await offload.run(self._index.update, self.catalog, changes, catalog, items=len(changes))
         self.catalog = catalog
-        if self.on_update is not None:
-            try:
-                result = self.on_update(catalog)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:  # the consumer's bug must not stop the agent following the catalog
-                log.exception("on_update callback failed cluster=%s revision=%d", self.info.id, catalog.revision)
+        await self._call_back(self.on_update, catalog, f"on_update revision={catalog.revision}")
+        await self._wake_waiters()
+
+    async def _call_back(self, callback: Callable[[Any], Awaitable[None] | None] | None, arg: object,
+                         what: str) -> None:
+        if callback is None:
+            return
+        try:
+            result = callback(arg)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:  # the consumer's bug must not stop the agent following the catalog
+            log.exception("callback failed cluster=%s %s", self.info.id, what)
+
+    async def _wake_waiters(self) -> None:
         async with self._update_cond:
             self._updates += 1
             self._update_cond.notify_all()
@@ -587,18 +596,10 @@ class FederationAgent:
         log.info("peers changed cluster=%s version=%d bundles=%s services=%d", self.info.id, snapshot.version,
                  ",".join(f"{td}@{b.sequence}" for td, b in sorted(snapshot.bundles.items())) or "-",
                  len(snapshot.services))
-        for callback, arg in ((self.on_peers, snapshot), (self.on_update, self.catalog)):
-            if callback is None or arg is None:
-                continue
-            try:
-                result = callback(arg)  # type: ignore[arg-type]
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:  # the consumer's bug must not stop the agent following the catalog
-                log.exception("peers callback failed cluster=%s version=%d", self.info.id, snapshot.version)
-        async with self._update_cond:
-            self._updates += 1
-            self._update_cond.notify_all()
+        await self._call_back(self.on_peers, snapshot, f"on_peers version={snapshot.version}")
+        if self.catalog is not None:
+            await self._call_back(self.on_update, self.catalog, f"on_update (peers) version={snapshot.version}")
+        await self._wake_waiters()
 
     async def updates(self) -> AsyncIterator[cat.Catalog]:
         """Every new catalog (coalesced: a slow consumer gets the latest, never a stale one)."""
