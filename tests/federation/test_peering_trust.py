@@ -364,3 +364,32 @@ async def test_exchange_serves_only_what_was_exported_to_the_calling_peer(tmp_pa
 
 
 
+
+
+def test_a_hostile_exchange_answer_is_refused_naming_the_field() -> None:
+    """What a peer's exchange answers is decoded strictly enough to name what is wrong (the pull keeps the last
+    good services, see PeerManager.pull_services); pod addresses are dropped even if a peer sends them."""
+    from federation.peering.records import ExchangeRefused
+    from federation.peering.service import decode_offers
+
+    decl = PeerDecl(name="b", trust_domain="b.test", bundle_endpoint="https://127.0.0.1:1/",
+                    endpoint_spiffe_id="spiffe://b.test/meshfed/federation", bootstrap_bundle=Path("/dev/null"))
+    good = {"namespace": "default", "name": "reviews", "ports": [{"port": 9080}],
+            "endpoints": [{"cluster": "east", "network": "n", "gateway": {"host": "127.0.0.1", "port": 15443},
+                           "localities": [], "endpoints": [{"address": "10.0.0.9"}]}]}
+    [svc] = decode_offers({"trustDomain": "b.test", "services": [good]}, decl)
+    assert (svc.peer, svc.trust_domain, svc.endpoints[0].endpoints) == ("b", "b.test", ())
+    hostile: list[tuple[Any, str]] = [
+        ([], "the exchange answer is not a JSON object"),
+        ({"trustDomain": "a.test", "services": []}, "trustDomain: the exchange answer is for trust domain 'a.test'"),
+        ({"trustDomain": "b.test", "services": {}}, "services: must be a list"),
+        ({"trustDomain": "b.test", "services": [dict(good, name="Bad_Name")]}, "services[0].name:"),
+        ({"trustDomain": "b.test", "services": [dict(good, ports=[{"port": 70000}])]}, "services[0].ports[0].port"),
+        ({"trustDomain": "b.test", "services": [dict(good, endpoints=[{"cluster": 5}])]},
+         "services[0].endpoints[0].cluster"),
+        ({"trustDomain": "b.test", "services": [good] * 10_001}, "more than 10000"),
+    ]
+    for body, message in hostile:
+        with pytest.raises(ExchangeRefused) as caught:
+            decode_offers(body, decl)
+        assert message in str(caught.value), (message, str(caught.value))
