@@ -9,6 +9,7 @@ import sys
 import click
 
 from meshfed import cmd_ca, cmd_controlplane, cmd_export, cmd_fault, cmd_federation, cmd_local, cmd_peer, cmd_proxy
+from meshfed.cmd_dashboard import dashboard_cmd
 from meshfed.cmd_diagnose import diagnose_cmd
 from meshfed.cmd_dns import dns_cmd
 from meshfed.cmd_inject import inject_cmd
@@ -41,6 +42,7 @@ cli.add_command(cmd_local.exec_cmd)
 cli.add_command(cmd_fault.fault)
 cli.add_command(status_cmd)
 cli.add_command(diagnose_cmd)
+cli.add_command(dashboard_cmd)
 cli.add_command(cmd_proxy.proxy)
 cli.add_command(inject_cmd)
 
