@@ -391,7 +391,7 @@ class FederationClient:
         bookmark's lease renewals (heartbeats make no revision) are handed to ``on_renewals``; each ``peers`` line
         (the whole peer snapshot, sent when the stream opens and whenever it changes) to ``on_peers``, before the
         bookmark that follows it is yielded."""
-        url = f"{self.url}/v1/catalog/watch?revision={revision}"
+        url = f"{self.url}/v1/catalog/watch?revision={revision}" + ("&peers=1" if on_peers is not None else "")
         session = self._http()
         try:
             async with session.get(url, timeout=self._watch_timeout) as resp:

@@ -409,10 +409,13 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
     log.info("watch open cluster=%s revision=%d", caller, revision)
     shared: _Shared = request.app[_Keys.encoded]  # type: ignore[assignment]
     hub = request.app[_Keys.peer_hub]
-    peers_sent = -1
+    # Peers lines only for clients that ask (?peers=1): an older agent would take an unknown line type for a broken
+    # stream and never get past it.
+    wants_peers = request.query.get("peers") == "1"
+    peers_sent = -1 if wants_peers else hub.snapshot.version
     try:
         while True:
-            if hub.snapshot.version != peers_sent:
+            if wants_peers and hub.snapshot.version != peers_sent:
                 # The whole peer snapshot (bundles of peer trust domains, services peers exported to us): when the
                 # stream opens and whenever it changes; the bookmark after it tells the client it is complete.
                 snap = hub.snapshot
@@ -429,7 +432,8 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
                 await response.write(_dumps(wire.bookmark_json(rev, leases=state.leases())) + b"\n")
                 metrics.watch_events.inc(len(changes))
                 revision = rev
-            if not await _wait_catalog_or_peers(state, revision, hub, peers_sent, wait_s=config.bookmark_interval_s):
+            if not await _wait_catalog_or_peers(state, revision, hub if wants_peers else None, peers_sent,
+                                                wait_s=config.bookmark_interval_s):
                 await response.write(_dumps(wire.bookmark_json(revision, leases=state.leases())) + b"\n")
             try:
                 batches = state.batches_after(revision)
@@ -447,10 +451,12 @@ async def watch_catalog(request: web.Request) -> web.StreamResponse:
 _WRITE_SLICE = 256 * 1024  # bytes of a watch batch written at a time
 
 
-async def _wait_catalog_or_peers(state: CatalogState, revision: int, hub: PeerHub, peers_version: int, *,
+async def _wait_catalog_or_peers(state: CatalogState, revision: int, hub: PeerHub | None, peers_version: int, *,
                                  wait_s: float) -> bool:
-    """Wait until the catalog moves past ``revision`` or the peer snapshot past ``peers_version`` (True), or
-    ``wait_s`` passes (False)."""
+    """Wait until the catalog moves past ``revision`` or (with a ``hub``) the peer snapshot past ``peers_version``
+    (True), or ``wait_s`` passes (False)."""
+    if hub is None:
+        return await state.wait_beyond(revision, wait_s=wait_s)
     if state.revision > revision or hub.snapshot.version != peers_version:
         return True
     waits = [asyncio.ensure_future(state.wait_beyond(revision, wait_s=wait_s)),

@@ -237,7 +237,10 @@ PATHS: dict[str, Any] = {
             {"200": _resp("Stream of changes", "WatchLine", media="application/x-ndjson"),
              "410": _resp("Revision too old or unknown to this replica: relist with GET /v1/catalog", "Gone")},
             params=[{"name": "revision", "in": "query", "required": True,
-                     "schema": {"type": "integer", "minimum": 0}}]),
+                     "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "peers", "in": "query", "required": False, "schema": {"enum": ["1"]},
+                     "description": "1: also stream 'peers' lines (the peer snapshot, when the stream opens and "
+                                    "whenever it changes)"}]),
     },
     "/v1/trust-bundle": {
         "get": _op("The trust bundle: PEM roots and SPIFFE JWKS", {"200": _resp("Bundle", "TrustBundle")}),

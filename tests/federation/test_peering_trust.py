@@ -359,6 +359,14 @@ async def test_exchange_serves_only_what_was_exported_to_the_calling_peer(tmp_pa
         async with aiohttp.ClientSession() as http, http.get(f"https://127.0.0.1:{peering_port}/",
                                                              ssl=_client(None, own.bundle)) as resp:
             assert resp.status == 200 and (await resp.json())["spiffe_refresh_hint"] == 300
+        # The member watch streams peers lines only to a client that asks for them (an older agent would take an
+        # unknown line type for a broken stream).
+        for query, want in (("", set()), ("&peers=1", {"peers"})):
+            watch = f"https://127.0.0.1:{port}/v1/catalog/watch?revision={state_of(app).revision}{query}"
+            async with aiohttp.ClientSession() as http, http.get(watch, ssl=own.client_ssl("east")) as resp:
+                first = json.loads(await resp.content.readline())
+                second = json.loads(await resp.content.readline()) if first["type"] == "peers" else first
+            assert {first["type"]} - {"bookmark"} == want and second["type"] == "bookmark", (query, first)
         exported = next(r for r in m.status() if r["name"] == "b")["services_exported"]
         assert list(exported) == ["both.default", "reviews.default"]
 
