@@ -401,3 +401,26 @@ def test_a_hostile_exchange_answer_is_refused_naming_the_field() -> None:
         with pytest.raises(ExchangeRefused) as caught:
             decode_offers(body, decl)
         assert message in str(caught.value), (message, str(caught.value))
+
+
+async def test_the_last_good_bundle_is_delivered_until_it_expires(tmp_path: Path) -> None:
+    own, b = Pki.create(A), Pki.create(B)
+    ep = Endpoint_(context=svid_context(b), body=jwks(b.bundle, spiffe_refresh_hint=1))
+    decl = PeerDecl(name="b", trust_domain="b.test", bundle_endpoint=ep.url,
+                    endpoint_spiffe_id=str(SpiffeId.federation(B)),
+                    bootstrap_bundle=write_bundle(tmp_path / "b-bootstrap.json", b.bundle))
+    async with manager_for(tmp_path, own, [decl], max_age=timedelta(seconds=3)) as m:
+        async with endpoint_server(ep):
+            await eventually(lambda: "b.test" in m.hub.snapshot.bundles, what="delivered")
+            view = m.hub.snapshot.bundles["b.test"]
+            assert view.expires_at == view.fetched_at + timedelta(seconds=3)  # max age before the root's notAfter
+        # The endpoint is gone: the bundle is kept (and delivered) while unreachable, then expires.
+        await eventually(lambda: m.peers["b"].error_kind == "unreachable", what="unreachable")
+        await eventually(lambda: "b.test" not in m.hub.snapshot.bundles, what="expired: no longer delivered")
+        row = next(r for r in m.status() if r["name"] == "b")
+        assert row["expired"] is True and row["bundle_source"] == "fetched" and row["bundle_sequence"] == 1
+        held = m.peers["b"].held
+        assert held is not None and held.bundle.fingerprints == b.bundle.fingerprints  # still authenticates
+        # The peer back: the next fetch (authenticated with the expired-but-kept bundle) delivers it again.
+        async with endpoint_server(ep):
+            await eventually(lambda: "b.test" in m.hub.snapshot.bundles, what="delivered again")
