@@ -9,6 +9,8 @@ Layout::
     DIR/<cluster>/NN-*.yaml      one cluster's manifests; files holding private keys are 0600
     DIR/<cluster>/cluster-dns/   the clusterset.local forward for the cluster's own DNS (a CoreDNS server block,
                                  a kube-dns stub domain): not in the plan, added to the cluster DNS by hand
+    DIR/<cluster>/prometheus/    prometheus.yml and rules.yml for a Prometheus in that cluster (no ServiceMonitor;
+                                 docs/observability.md): not in the plan either
     DIR/ca/                      the root CA, when ``--root`` was not given (keys 0600; move it offline)
 
 Files are written atomically and only when their content changes; manifests of an earlier render that this one
@@ -28,8 +30,17 @@ from typing import Any
 import yaml
 
 from federation.files import write_atomic
+from meshfed import prometheus as prom
 from meshfed.install import PlanError, clusterdns
-from meshfed.install.render import PHASES, ApplyPhase, Manifest, Rendered
+from meshfed.install.render import (
+    ADMIN_PORT,
+    FEDERATION_METRICS_PORT,
+    GATEWAY_METRICS_PORT,
+    PHASES,
+    ApplyPhase,
+    Manifest,
+    Rendered,
+)
 
 PLAN = "plan.json"
 README = "README.txt"
@@ -77,6 +88,10 @@ def readme_text(rendered: Rendered) -> str:
         mode = "  (private keys, 0600)" if m.secret else ""
         lines.append(f"  kubectl --context {m.cluster} apply -f {m.cluster}/{m.filename}    # {m.description}{mode}")
     lines += ["", f"The federation service runs in cluster {rendered.federation_cluster}."]
+    lines += ["", "Prometheus (not applied by meshfed: a scrape configuration for a Prometheus in each cluster, "
+              "see docs/observability.md):"]
+    for c in cs.clusters:
+        lines.append(f"  {c.id}/{PROMETHEUS_DIR}/{prom.CONFIG_FILE}, {c.id}/{PROMETHEUS_DIR}/{prom.RULES_FILE}")
     if rendered.cluster_dns:
         lines += ["", "Cluster DNS (not applied by meshfed: add it to each cluster's own DNS, see docs/install.md):"]
         for dns in rendered.cluster_dns:
@@ -150,9 +165,25 @@ def write_render(out: Path, rendered: Rendered, *, clusterset_text: str) -> Writ
                 stale.unlink()
                 removed.append(stale)
         _write_cluster_dns(cdir / clusterdns.DIRECTORY, rendered.dns_for(str(cluster.id)), report, removed)
+        pdir = cdir / PROMETHEUS_DIR
+        pdir.mkdir(exist_ok=True)
+        for name, text in prometheus_files(rendered, str(cluster.id)).items():
+            _write(pdir / name, text, private=False, report=report)
     _write(out / README, readme_text(rendered), private=False, report=report)
     _write(out / PLAN, plan_json(rendered), private=False, report=report)
     return WriteReport(tuple(written), tuple(unchanged), tuple(removed))
+
+
+PROMETHEUS_DIR = "prometheus"
+
+
+def prometheus_files(rendered: Rendered, cluster: str) -> dict[str, str]:
+    """The scrape configuration and recording rules for a Prometheus running in ``cluster`` (the same rules a
+    local run's Prometheus has; the federation's metrics only in the cluster that runs it)."""
+    config = prom.kubernetes_config(
+        cluster=cluster, namespace=rendered.namespace, controlplane_port=ADMIN_PORT, gateway_port=GATEWAY_METRICS_PORT,
+        federation_port=FEDERATION_METRICS_PORT if cluster == str(rendered.federation_cluster) else None)
+    return {prom.CONFIG_FILE: prom.dump(config), prom.RULES_FILE: prom.dump(prom.recording_rules())}
 
 
 def _write_cluster_dns(ddir: Path, dns: clusterdns.ClusterDns | None, report: tuple[list[Path], list[Path]],

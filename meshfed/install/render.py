@@ -44,7 +44,7 @@ import yaml
 from discovery.clusterid import CLUSTER_ID_PROPERTY, CLUSTERSET_PROPERTY, identity_objects
 from discovery.clusterset import ClusterSet, peers_file_text
 from discovery.model import ClusterId, ClusterInfo, Locality, Namespace
-from gateway.bootstrap import add_health_listener, render_bootstrap
+from gateway.bootstrap import add_admin_listener, add_health_listener, render_bootstrap
 from gateway.context import ProxyInfo, ProxyKind
 from meshfed.inject import NAMESPACE_LABEL, PART_OF_LABEL, InjectConfig
 from meshfed.install import RenderError
@@ -81,8 +81,10 @@ DNS_PORT = 53
 DNS_CONTAINER_PORT = 5353
 GATEWAY_PORT = 15443
 GATEWAY_HEALTH_PORT = 15021
+GATEWAY_METRICS_PORT = 15090  # /stats/prometheus only (as a sidecar's), for the cluster's Prometheus
 ENVOY_ADMIN_PORT = 15000
 FEDERATION_PORT = 8443
+FEDERATION_METRICS_PORT = 15014  # the federation's GET /metrics (plain HTTP) for the cluster's Prometheus
 PEERING_PORT = 8444  # the federation's SPIFFE bundle endpoint and service exchange with peer clustersets
 FEDERATION_PEERS = "meshfed-federation-peers"  # ConfigMap: peers.yaml and the peers' bootstrap bundles
 PEERS_DIR = "/etc/meshfed/peers"
@@ -181,6 +183,7 @@ class Rendered:
     warnings: tuple[str, ...] = ()
     cluster_dns: tuple[ClusterDns, ...] = ()
     """The ``clusterset.local`` forward of each cluster whose DNS Service IP is known (not in the apply plan)."""
+    namespace: str = NAMESPACE
 
     def dns_for(self, cluster: str) -> ClusterDns | None:
         return next((d for d in self.cluster_dns if d.cluster == cluster), None)
@@ -397,6 +400,8 @@ def federation_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOption
         "--peering-listen", f"0.0.0.0:{PEERING_PORT}",
         "--peers", f"{PEERS_DIR}/peers.yaml",
         "--peer-state", "/var/lib/meshfed/peer-state" if sqlite else "/tmp/peer-state",
+        # GET /metrics alone, plain HTTP, for the cluster's Prometheus (it cannot check SPIFFE identities)
+        "--metrics-listen", f"0.0.0.0:{FEDERATION_METRICS_PORT}",
     ]
     mounts: list[Obj] = [{"name": "ca", "mountPath": "/etc/meshfed/federation-ca", "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"},
@@ -412,7 +417,8 @@ def federation_objects(cs: ClusterSet, cluster: ClusterInfo, opts: InstallOption
         "imagePullPolicy": opts.image_pull_policy,
         "args": args,
         "ports": [{"name": "https", "containerPort": FEDERATION_PORT, "protocol": "TCP"},
-                  {"name": "peering", "containerPort": PEERING_PORT, "protocol": "TCP"}],
+                  {"name": "peering", "containerPort": PEERING_PORT, "protocol": "TCP"},
+                  {"name": "http-metrics", "containerPort": FEDERATION_METRICS_PORT, "protocol": "TCP"}],
         # The service speaks mutual TLS only, so kubelet (which has no client certificate) probes the socket.
         "startupProbe": _tcp_probe("https", 2, 60),
         "livenessProbe": _tcp_probe("https", 10, 3),
@@ -803,7 +809,8 @@ def gateway_node_id(opts: InstallOptions) -> str:
 
 def gateway_bootstrap(cluster: ClusterInfo, opts: InstallOptions) -> Obj:
     """The Envoy bootstrap for the east-west gateway: ADS from the control plane Service, plus a static health
-    listener on :15021 answering ``/healthz/ready`` from Envoy's own ``/ready`` (admin stays on loopback)."""
+    listener on :15021 answering ``/healthz/ready`` from Envoy's own ``/ready`` and one on :15090 serving
+    ``/stats/prometheus`` alone (admin stays on loopback)."""
     proxy = ProxyInfo(
         kind=ProxyKind.GATEWAY,
         cluster=cluster.id,
@@ -823,7 +830,9 @@ def gateway_bootstrap(cluster: ClusterInfo, opts: InstallOptions) -> Obj:
         locality=Locality(region=cluster.region, zone=cluster.zone, cluster=str(cluster.id),
                           network=str(cluster.network)),
     )
-    return add_health_listener(bootstrap, port=GATEWAY_HEALTH_PORT, admin_port=ENVOY_ADMIN_PORT)
+    add_health_listener(bootstrap, port=GATEWAY_HEALTH_PORT, admin_port=ENVOY_ADMIN_PORT)
+    return add_admin_listener(bootstrap, name="prometheus", port=GATEWAY_METRICS_PORT, admin_port=ENVOY_ADMIN_PORT,
+                              routes={"/stats/prometheus": "/stats/prometheus"})
 
 
 def gateway_objects(cluster: ClusterInfo, opts: InstallOptions, bootstrap_yaml: str) -> list[Obj]:
@@ -852,6 +861,7 @@ def gateway_objects(cluster: ClusterInfo, opts: InstallOptions, bootstrap_yaml: 
         "ports": [
             {"name": "tls", "containerPort": GATEWAY_PORT, "protocol": "TCP"},
             {"name": "http-health", "containerPort": GATEWAY_HEALTH_PORT, "protocol": "TCP"},
+            {"name": "http-envoy-prom", "containerPort": GATEWAY_METRICS_PORT, "protocol": "TCP"},
         ],
         "startupProbe": _http_probe("/healthz/ready", "http-health", 2, 60),
         "livenessProbe": _tcp_probe("http-health", 10, 3),
@@ -996,7 +1006,7 @@ def render_clusterset(
         add("07-gateway.yaml", ApplyPhase.GATEWAY,
             gateway_objects(cluster, opts, _yaml(gateway_bootstrap(cluster, opts))),
             "east-west gateway: Envoy bootstrap ConfigMap, Deployment, LoadBalancer Service on 15443")
-    return Rendered(cs, fed_cluster.id, tuple(manifests), tuple(warnings), cluster_dns)
+    return Rendered(cs, fed_cluster.id, tuple(manifests), tuple(warnings), cluster_dns, opts.namespace)
 
 
 def _cluster_dns(cs: ClusterSet, opts: InstallOptions, warnings: list[str]) -> tuple[ClusterDns, ...]:

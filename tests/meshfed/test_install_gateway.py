@@ -27,6 +27,7 @@ from discovery.clusterset import load_clusterset
 from meshfed.install.render import (
     ENVOY_ADMIN_PORT,
     GATEWAY_HEALTH_PORT,
+    GATEWAY_METRICS_PORT,
     GATEWAY_SCRIPT,
     TOKEN_PLACEHOLDER,
     InstallOptions,
@@ -55,12 +56,14 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _loopback_bootstrap(text: str, *, admin: int, health: int, xds: int) -> str:
+def _loopback_bootstrap(text: str, *, admin: int, health: int, xds: int, metrics: int) -> str:
     boot: dict[str, Any] = yaml.safe_load(text)
     boot["admin"]["address"]["socket_address"]["port_value"] = admin
-    listener = boot["static_resources"]["listeners"][0]
+    listener, prom = boot["static_resources"]["listeners"]
     assert listener["address"]["socket_address"]["port_value"] == GATEWAY_HEALTH_PORT
     listener["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": health}
+    assert prom["address"]["socket_address"]["port_value"] == GATEWAY_METRICS_PORT
+    prom["address"]["socket_address"] = {"address": "127.0.0.1", "port_value": metrics}
     for cluster in boot["static_resources"]["clusters"]:
         sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
         if cluster["name"] == "envoy-admin":
@@ -84,11 +87,12 @@ class Gateway:
         [config, deployment, *_] = gateway_objects(cluster, opts, yaml.safe_dump(gateway_bootstrap(cluster, opts)))
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         assert container["command"] == ["/bin/sh", "-c", GATEWAY_SCRIPT]
-        self.admin, self.health = free_port(), free_port()
+        self.admin, self.health, self.metrics = free_port(), free_port(), free_port()
         self.template = tmp / "etc" / "bootstrap.yaml"
         self.template.parent.mkdir()
         self.template.write_text(_loopback_bootstrap(config["data"]["bootstrap.yaml"], admin=self.admin,
-                                                     health=self.health, xds=free_port()))
+                                                     health=self.health, xds=free_port(),
+                                                     metrics=self.metrics))
         self.token = tmp / "token"
         self.token.write_text("tok-1.abc_DEF-xyz")
         self.run_dir = tmp / "run"
@@ -164,6 +168,10 @@ def test_gateway_program_runs_envoy_with_the_token_and_restarts_on_refresh(gatew
     # the health listener answers from Envoy's /ready once Envoy is live
     wait_for(lambda: _get(gateway.health, "/healthz/ready")[0] != 0, timeout=60, what="the health listener")
     assert _get(gateway.health, "/healthz/ready") == (200, "LIVE\n")
+    # the cluster's Prometheus scrapes the gateway on :15090, which serves /stats/prometheus and nothing else
+    code, text = _get(gateway.metrics, "/stats/prometheus")
+    assert code == 200 and "envoy_server_live" in text
+    assert _get(gateway.metrics, "/config_dump")[0] == 404
     assert _get(gateway.health, "/other")[0] == 404
     # kubelet refreshes the projected token: the program stops Envoy and exits 0, so the container restarts
     gateway.token.write_text("tok-2.new")

@@ -87,13 +87,22 @@ DNS_IPS = {"east": "10.96.0.53", "west": "fd00:10:96::35"}
 def test_layout_and_apply_order(render: Path) -> None:
     assert sorted(p.name for p in (render / "east").iterdir()) == [
         "00-namespace.yaml", "01-crds.yaml", "02-rbac.yaml", "03-cacerts.yaml", "03-clusterid.yaml",
-        "04-federation-ca.yaml", "05-federation.yaml", "06-controlplane.yaml", "07-gateway.yaml",
+        "04-federation-ca.yaml", "05-federation.yaml", "06-controlplane.yaml", "07-gateway.yaml", "prometheus",
     ]
     # the federation runs once, in the first cluster
     assert sorted(p.name for p in (render / "west").iterdir()) == [
         "00-namespace.yaml", "01-crds.yaml", "02-rbac.yaml", "03-cacerts.yaml", "03-clusterid.yaml",
-        "06-controlplane.yaml", "07-gateway.yaml",
+        "06-controlplane.yaml", "07-gateway.yaml", "prometheus",
     ]
+    # a scrape configuration per cluster (not applied): the federation's metrics only where it runs
+    for cluster, jobs in (("east", ["sidecar", "gateway", "controlplane", "federation"]),
+                          ("west", ["sidecar", "gateway", "controlplane"])):
+        assert sorted(p.name for p in (render / cluster / "prometheus").iterdir()) == ["prometheus.yml", "rules.yml"]
+        config = yaml.safe_load((render / cluster / "prometheus" / "prometheus.yml").read_text())
+        assert [j["job_name"] for j in config["scrape_configs"]] == [f"meshfed-{j}" for j in jobs]
+        assert all({"target_label": "cluster", "replacement": cluster} in j["relabel_configs"]
+                   for j in config["scrape_configs"])
+    assert "east/prometheus/prometheus.yml" in (render / "README.txt").read_text()
     assert (render / "clusterset.yaml").read_text() == (DEMO / "clusterset.yaml").read_text()
     plan = json.loads((render / "plan.json").read_text())
     phases = [s["phase"] for s in plan["steps"]]
@@ -200,7 +209,7 @@ def test_private_files_are_0600(render: Path) -> None:
     assert _mode(render) == 0o700
     for cluster in ("east", "west"):
         assert _mode(render / cluster) == 0o700
-        for f in (render / cluster).iterdir():
+        for f in (render / cluster).glob("*.yaml"):  # the manifests (prometheus/ holds no secret)
             holds_secret = any(d["kind"] == "Secret" for d in _docs(f))
             assert _mode(f) == (0o600 if holds_secret else 0o644), f
     keys = sorted((render / "ca").rglob("*key*.pem"))
