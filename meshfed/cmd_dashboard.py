@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from discovery.addresses import InvalidAddress, parse_hostport
-from meshfed import local
+from meshfed.cmd_status import target_options
 from meshfed.dashboard.server import LocalSource, RemoteSource, Source, serve
 from meshfed.output import console, fail
 
@@ -17,16 +17,7 @@ DEFAULT_LISTEN = "127.0.0.1:15080"
 
 
 @click.command("dashboard")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=local.DEFAULT_RUN_DIR,
-              show_default=True, help="the local run to show (ignored with --federation)")
-@click.option("--federation", "federation_url", metavar="URL", default=None,
-              help="show a real federation instead of a local run (needs --cert, --key, --ca-bundle)")
-@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="client certificate chain (a cluster's identity) for --federation")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="its private key")
-@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="the trust bundle (PEM roots) the federation's certificate must chain to")
+@target_options
 @click.option("--prometheus", "prometheus_url", metavar="URL", default=None,
               help="with --federation: the Prometheus whose recording rules give the edges' numbers (a local run "
                    "uses its own)")

@@ -6,6 +6,7 @@ gathered at all (no run, bad credentials, federation unreachable).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -13,18 +14,29 @@ import click
 from meshfed import local, status
 from meshfed.output import emit, fail, output_option
 
+_TARGET = [
+    click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=local.DEFAULT_RUN_DIR,
+                 show_default=True, help="the local run (ignored with --federation)"),
+    click.option("--federation", "federation_url", metavar="URL", default=None,
+                 help="ask a real federation service instead of a local run (needs --cert, --key, --ca-bundle)"),
+    click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="client certificate chain (a cluster's identity) for --federation"),
+    click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="its private key"),
+    click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                 help="the trust bundle (PEM roots) the federation's certificate must chain to"),
+]
+
+
+def target_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """--run-dir, or --federation with --cert, --key and --ca-bundle (status, dashboard)."""
+    for opt in reversed(_TARGET):
+        fn = opt(fn)
+    return fn
+
 
 @click.command("status")
-@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=local.DEFAULT_RUN_DIR,
-              show_default=True, help="the local run to inspect (ignored with --federation)")
-@click.option("--federation", "federation_url", metavar="URL", default=None,
-              help="ask a real federation service instead of a local run (needs --cert, --key, --ca-bundle)")
-@click.option("--cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="client certificate chain (a cluster's identity) for --federation")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="its private key")
-@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="the trust bundle (PEM roots) the federation's certificate must chain to")
+@target_options
 @output_option
 def status_cmd(run_dir: Path, federation_url: str | None, cert: Path | None, key: Path | None,
                ca_bundle: Path | None, output: str) -> None:

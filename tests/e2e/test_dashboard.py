@@ -26,7 +26,7 @@ import yaml
 
 from meshfed import local, procs
 from meshfed import prometheus as prom
-from tests.e2e.test_local_run import meshfed, recorded_pids, state_of
+from tests.e2e.test_local_run import detached_run, meshfed, state_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -65,16 +65,9 @@ def wait(driver: Any, what: str, check: Callable[[Any], Any], *, timeout: float 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    run_dir = tmp_path_factory.mktemp("meshfed-dashboard") / "run"
-    done = meshfed("up", "clusters/demo", "--detach", "--network", "loopback", "--scrape-interval", "1",
-                   "--run-dir", str(run_dir), timeout=300)
-    try:
-        assert done.returncode == 0, f"meshfed up failed:\n{done.stdout}\n{done.stderr}"
+    with detached_run(tmp_path_factory.mktemp("meshfed-dashboard") / "run", "--network", "loopback",
+                      "--scrape-interval", "1", timeout=300) as run_dir:
         yield run_dir
-    finally:
-        meshfed("down", "--run-dir", str(run_dir))
-        for pid in recorded_pids(run_dir) if (run_dir / local.STATE_FILE).exists() else []:
-            procs.stop(pid)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ certificate hop), and `meshfed down` leaves no recorded process running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -43,11 +44,11 @@ def recorded_pids(run: Path) -> list[int]:
     return [int(p["pid"]) for p in state_of(run).get("processes", [])]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    run_dir = tmp_path_factory.mktemp("meshfed-run") / "run"
-    done = meshfed("up", "clusters/demo", "--detach", "--lease-ttl", str(LEASE_TTL), "--run-dir", str(run_dir),
-                   timeout=240)
+@contextlib.contextmanager
+def detached_run(run_dir: Path, *up_args: str, timeout: float = 240) -> Iterator[Path]:
+    """``meshfed up clusters/demo --detach UP_ARGS`` in ``run_dir``, then ``meshfed down`` and any leftover
+    recorded process stopped by pid, also after a failure."""
+    done = meshfed("up", "clusters/demo", "--detach", *up_args, "--run-dir", str(run_dir), timeout=timeout)
     try:
         assert done.returncode == 0, f"meshfed up failed:\n{done.stdout}\n{done.stderr}"
         yield run_dir
@@ -55,6 +56,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         meshfed("down", "--run-dir", str(run_dir))
         for pid in recorded_pids(run_dir) if (run_dir / local.STATE_FILE).exists() else []:
             procs.stop(pid)  # leftovers (the last test asserts there are none)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    with detached_run(tmp_path_factory.mktemp("meshfed-run") / "run", "--lease-ttl", str(LEASE_TTL)) as run_dir:
+        yield run_dir
 
 
 def client(run: Path, cluster: str) -> dict[str, Any]:
