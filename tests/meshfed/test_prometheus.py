@@ -136,3 +136,18 @@ def test_an_edge_without_errors_has_ratio_zero_not_absent(tmp_path: Path) -> Non
     path.write_text(yaml.safe_dump(test, sort_keys=False))
     done = subprocess.run([tool, "test", "rules", str(path)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_run_without_prometheus_says_so_and_carries_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshfed import local, status
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no prometheus to be found
+    said: list[str] = []
+    run = local.LocalRun(clusterset_dir=tmp_path, run_dir=tmp_path / "run", progress=said.append)
+    run.state = dict(STATE)
+    run._prometheus()
+    assert run.state["prometheus"]["url"] is None
+    assert any("prometheus is not installed" in line for line in said), said
+    assert "processes" not in run.state  # nothing was started
+    section = status.prometheus_section(local.read_state(tmp_path / "run"))
+    assert section["url"] is None and "not installed" in section["reason"]
