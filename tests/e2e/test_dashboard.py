@@ -195,6 +195,11 @@ def test_prometheus_runs_the_config_meshfed_rendered_and_scrapes_every_target(ru
                 for t in prom.run_targets(state)}
     local.wait_until("every target scraped", lambda: prom.targets_up(url) == dict.fromkeys(expected, True),
                      timeout=60)
+    # the federation's plain metrics listener serves /metrics and nothing else of its API
+    metrics = state["federation"]["metrics"]
+    assert local.http_get(f"http://{metrics}/metrics")[0] == 200
+    assert local.http_get(f"http://{metrics}/v1/catalog")[0] == 404
+    assert local.http_get(f"http://{metrics}/healthz")[0] == 404
 
 
 def test_traffic_appears_on_the_edge(run: Path, dashboard: str, browser: Any, shots: Path) -> None:
