@@ -13,6 +13,7 @@ Exceptions: ``ConversionError`` and ``UnsupportedKind`` (``discovery.fields``, r
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -356,7 +357,30 @@ def convert_service_export(obj: Mapping[str, Any], cluster: ClusterId) -> Servic
         generation=as_int(meta.get("generation"), "metadata.generation", default=0, low=0, high=2**63 - 1),
         exported_labels=as_string_map(spec.get("exportedLabels"), "spec.exportedLabels"),
         exported_annotations=as_string_map(spec.get("exportedAnnotations"), "spec.exportedAnnotations"),
+        peers=export_peers(dict(as_string_map(meta.get("annotations"), "metadata.annotations")).get(EXPORT_TO_PEERS)),
     )
+
+
+#: The ServiceExport annotation that shares a service with peered clustersets (docs/peering.md): a comma-separated
+#: list of peer names. Without it an export stays inside its clusterset.
+EXPORT_TO_PEERS = "meshfed.io/export-to-peers"
+
+
+def export_peers(value: str | None) -> tuple[str, ...]:
+    """The peer names of an ``meshfed.io/export-to-peers`` value, sorted and deduplicated; a name that is not an RFC
+    1123 label (or is ``svc``, which the peer naming reserves) is an error naming the annotation."""
+    if not value or not value.strip():
+        return ()
+    path = f"metadata.annotations[{EXPORT_TO_PEERS}]"
+    names = [n.strip() for n in value.split(",")]
+    for name in names:
+        if not name or len(name) > 63 or not _PEER_NAME.match(name) or name == "svc":
+            raise ConversionError(path, f"{name!r} is not a peer name (a comma-separated list of RFC 1123 labels, "
+                                        "not 'svc')")
+    return tuple(sorted(set(names)))
+
+
+_PEER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"

@@ -306,6 +306,10 @@ class PushContext:
     root_secret: str = "ROOTCA"
     # The trust bundle (PEM roots every cluster shares) and, per SPIFFE ID, the certificate SDS hands out.
     trust_bundle_pem: str = ""
+    # Peered clustersets' trust domains and their roots (PEM), sorted, each kept apart from ours and every other's:
+    # (trust domain, PEM). With any, sidecars validate peers with Envoy's SPIFFE validator, one bundle per trust
+    # domain (docs/peering.md); a foreign caller gets in only where an AuthorizationPolicy names it.
+    peer_bundles: tuple[tuple[str, str], ...] = ()
     workload_certs: Mapping[str, WorkloadCert] = field(default_factory=dict)
     # AuthorizationPolicies of the local cluster (gateway.rbac compiles those selecting a sidecar's workload).
     authz: tuple[AuthorizationPolicy, ...] = ()

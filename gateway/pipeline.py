@@ -186,13 +186,16 @@ LDS_API = SharedPart("lds-api", LISTENER_TYPE, lambda p: (), _outbound_keys,
 
 SDS_OWN = OwnPart(lambda p, ctx: sds.generate(p, None, ctx),
                   lambda p, ctx: (ctx.workload_certs.get(p.spiffe_id(ctx.trust_domain)), ctx.trust_bundle_pem,
-                                  ctx.cert_secret, ctx.root_secret), on=frozenset({Kind.TRUST, Kind.CERTS}))
+                                  ctx.peer_bundles, ctx.cert_secret, ctx.root_secret),
+                  on=frozenset({Kind.TRUST, Kind.CERTS}))
 INBOUND_CLUSTERS = OwnPart(cds.inbound_clusters, lambda p, ctx: ctx.connect_timeout_s)
 # In capture mode the Service ports' protocols decide how the sidecar talks to the app.
 CAPTURE_CLUSTERS = OwnPart(cds.inbound_clusters, lambda p, ctx: (ctx.connect_timeout_s, _own_services(p, ctx)),
                            services=True)
-SIDECAR_LISTENERS = OwnPart(lds.sidecar_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz),
-                            on=frozenset({Kind.AUTHZ}), services=True)
+# Inbound mTLS admits the peered trust domains' callers that the policies name (inbound_authz.foreign_callers).
+SIDECAR_LISTENERS = OwnPart(lds.sidecar_listeners,
+                            lambda p, ctx: (_own_services(p, ctx), ctx.authz, tuple(td for td, _ in ctx.peer_bundles)),
+                            on=frozenset({Kind.AUTHZ, Kind.TRUST}), services=True)
 GRPC_SERVER_LISTENERS = OwnPart(proxyless.server_listeners, lambda p, ctx: (_own_services(p, ctx), ctx.authz),
                                 on=frozenset({Kind.AUTHZ}), services=True)
 

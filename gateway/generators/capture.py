@@ -247,7 +247,9 @@ def inbound_chain(proxy: ProxyInfo, inbound: InboundPort, ctx: PushContext) -> A
         filter_chain_match=listener_components_pb2.FilterChainMatch(destination_port=_u32(port)),
         filters=filters,
         transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET,
-                                                  typed_config=pack(downstream_tls(ctx, alpn=alpn))),
+                                                  typed_config=pack(downstream_tls(
+                                                      ctx, alpn=alpn,
+                                                      foreign=inbound_authz.foreign_callers(proxy, ctx)))),
     )
 
 

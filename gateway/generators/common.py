@@ -36,23 +36,28 @@ def socket_address(host: str, port: int) -> Any:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
 
-def spiffe_san_matchers(ctx: PushContext, exact: tuple[str, ...] = ()) -> list[Any]:
-    """SAN matchers for peers: the listed exact SPIFFE IDs, or any ID in the trust domain."""
+def spiffe_san_matchers(ctx: PushContext, exact: tuple[str, ...] = (),
+                        foreign: tuple[tuple[str, str], ...] = ()) -> list[Any]:
+    """SAN matchers for peers: the listed exact SPIFFE IDs, or any ID in the trust domain; plus ``foreign``
+    callers of peered trust domains, as ``("exact" | "prefix", "spiffe://...")`` pairs."""
     uri = common_pb2.SubjectAltNameMatcher.SanType.URI
     if exact:
         return [common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(exact=e))
                 for e in exact]
-    return [common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(prefix=ctx.spiffe_prefix))]
+    own = [common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(prefix=ctx.spiffe_prefix))]
+    return own + [common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(**{kind: value}))
+                  for kind, value in foreign]
 
 
-def common_tls(ctx: PushContext, *, exact_peers: tuple[str, ...] = (), alpn: tuple[str, ...] = ()) -> Any:
+def common_tls(ctx: PushContext, *, exact_peers: tuple[str, ...] = (), alpn: tuple[str, ...] = (),
+               foreign: tuple[tuple[str, str], ...] = ()) -> Any:
     """Our certificate and the trust bundle, both from SDS over ADS, with SPIFFE SAN checks on the peer."""
     return tls_pb2.CommonTlsContext(
         tls_params=common_pb2.TlsParameters(tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2),
         tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(name=ctx.cert_secret, sds_config=ads_source())],
         combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
             default_validation_context=common_pb2.CertificateValidationContext(
-                match_typed_subject_alt_names=spiffe_san_matchers(ctx, exact_peers),
+                match_typed_subject_alt_names=spiffe_san_matchers(ctx, exact_peers, foreign),
             ),
             validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
                 name=ctx.root_secret, sds_config=ads_source()
@@ -90,8 +95,12 @@ def provider_tls(ctx: PushContext, *, instance: str, exact_peers: tuple[str, ...
     )
 
 
-def downstream_tls(ctx: PushContext, *, alpn: tuple[str, ...] = ()) -> Any:
+def downstream_tls(ctx: PushContext, *, alpn: tuple[str, ...] = (),
+                   foreign: tuple[tuple[str, str], ...] = ()) -> Any:
+    """A sidecar's inbound mTLS: callers of our trust domain, and the ``foreign`` callers of peered trust domains
+    that an AuthorizationPolicy names (``inbound_authz.foreign_callers``); any other foreign certificate fails the
+    handshake, so a peer's workload is denied by default."""
     return tls_pb2.DownstreamTlsContext(
-        common_tls_context=common_tls(ctx, alpn=alpn),
+        common_tls_context=common_tls(ctx, alpn=alpn, foreign=foreign),
         require_client_certificate=wrappers_pb2.BoolValue(value=True),
     )

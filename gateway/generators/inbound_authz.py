@@ -13,7 +13,7 @@ from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import base_pb2, substitution_format_string_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 
-from discovery.authz import AuthorizationPolicy
+from discovery.authz import AuthorizationPolicy, ValueMatchKind
 from gateway import rbac
 from gateway.context import ProxyInfo, ProxyKind, PushContext
 from gateway.generators.common import pack
@@ -21,6 +21,31 @@ from gateway.generators.common import pack
 STDOUT_LOGGER = "envoy.access_loggers.stdout"
 #: Every denied request's log line starts with this, then ``key=value`` fields.
 LOG_TAG = "meshfed-authz"
+
+
+def foreign_callers(proxy: ProxyInfo, ctx: PushContext) -> tuple[tuple[str, str], ...]:
+    """The callers from peered trust domains that ALLOW policies selecting ``proxy``'s workload name in
+    ``from.source.principals``: ``("exact", "spiffe://b.example/ns/default/sa/sleep")`` for a principal,
+    ``("prefix", "spiffe://b.example/ns/shop/")`` for a ``*``-ended one whose trust domain is written out whole
+    (``b.example/*`` names the whole peer trust domain). Suffix, ``*`` and deny rules name nobody here: a foreign
+    caller must be named under its own trust domain. Empty without peers."""
+    if not ctx.peer_bundles:
+        return ()
+    peers = {td for td, _ in ctx.peer_bundles if td != ctx.trust_domain}
+    _deny, allow = applicable(proxy, ctx)
+    out: set[tuple[str, str]] = set()
+    for policy in allow:
+        for rule in policy.rules:
+            for src in rule.sources:
+                for m in src.principals:
+                    td, sep, _rest = m.value.partition("/")
+                    if td not in peers or not sep:
+                        continue
+                    if m.kind is ValueMatchKind.EXACT:
+                        out.add(("exact", f"spiffe://{m.value}"))
+                    elif m.kind is ValueMatchKind.PREFIX:
+                        out.add(("prefix", f"spiffe://{m.value}"))
+    return tuple(sorted(out))
 
 
 def applicable(proxy: ProxyInfo, ctx: PushContext) -> tuple[tuple[AuthorizationPolicy, ...],

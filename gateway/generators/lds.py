@@ -23,7 +23,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from discovery.model import Service, ServiceKey, ServicePort
 from gateway import telemetry
 from gateway.context import ProxyInfo, ProxyKind, PushContext, sni_name
-from gateway.generators import capture, proxyless
+from gateway.generators import capture, inbound_authz, proxyless
 from gateway.generators.common import TLS_TRANSPORT_SOCKET, downstream_tls, pack, socket_address
 from gateway.generators.hcm import (
     OUTBOUND_ROUTE,
@@ -100,7 +100,8 @@ def inbound_listener(proxy: ProxyInfo, port: int, ctx: PushContext) -> Any:
         filter_chains=[listener_components_pb2.FilterChain(
             filters=[hcm_filter(inbound_hcm(proxy, port, ctx, name=name))],
             transport_socket=base_pb2.TransportSocket(
-                name=TLS_TRANSPORT_SOCKET, typed_config=pack(downstream_tls(ctx, alpn=("h2", "http/1.1")))
+                name=TLS_TRANSPORT_SOCKET, typed_config=pack(downstream_tls(
+                    ctx, alpn=("h2", "http/1.1"), foreign=inbound_authz.foreign_callers(proxy, ctx)))
             ),
         )],
         traffic_direction=base_pb2.TrafficDirection.INBOUND,

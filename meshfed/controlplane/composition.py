@@ -98,6 +98,7 @@ class ControlPlane:
         self.pushes: PushDebouncer | None = None
         self.pipeline = PushPipeline(cache=self.cache)
         self.agent: FederationAgent | None = None
+        self._peers_version = 0  # agent.peers.version last pushed (peer bundles in ROOTCA)
         self.admin_port = 0
         self.webhook_port = 0
 
@@ -315,6 +316,16 @@ class ControlPlane:
                 after.shards.get(local):
             configs.add(ConfigKey.shard(local))
         self._changed("catalog", frozenset(configs))
+        peers = self.agent.peers.version
+        if peers != self._peers_version:  # a peer's bundle came, changed or expired: ROOTCA and inbound mTLS move
+            self._peers_version = peers
+            self._changed("trust")
+
+    def _peer_bundles(self) -> tuple[tuple[str, str], ...]:
+        """The peered trust domains' roots the federation delivered (docs/peering.md), for the push context."""
+        if self.agent is None:
+            return ()
+        return tuple(sorted((td, view.roots_pem) for td, view in self.agent.peer_bundles.items()))
 
     def _changed(self, reason: str, configs: frozenset[ConfigKey] | None = None) -> None:
         """Submit a push for what changed (``configs``; without them, what ``reason`` implies, or everything)."""
@@ -355,7 +366,8 @@ class ControlPlane:
         authz = tuple(o for o in (self._local.extras if self._local is not None else ())
                       if isinstance(o, AuthorizationPolicy))
         return PushContext(registry=self.registry, trust_domain=self.trust_domain,
-                           trust_bundle_pem=bundle_pem(self.bundle), workload_certs=self.issuer.certs(),
+                           trust_bundle_pem=bundle_pem(self.bundle), peer_bundles=self._peer_bundles(),
+                           workload_certs=self.issuer.certs(),
                            policies=policies, authz=authz,
                            outbound_mode=self.config.clusterset.outbound_traffic_mode)
 

@@ -375,3 +375,17 @@ def test_service_import_object_per_version() -> None:
     assert alpha["spec"]["ips"] == ["241.0.0.7"]  # v1alpha1 holds one address and none of v1beta1's fields
     assert not {"ipFamilies", "internalTrafficPolicy", "trafficDistribution"} & set(alpha["spec"])
     assert alpha["status"] == {"clusters": [{"cluster": "east"}]}
+
+
+def test_service_export_to_peers_only_by_its_annotation() -> None:
+    obj = export()
+    plain = cv.convert(obj, cluster=EAST)
+    assert isinstance(plain, ServiceExport) and plain.peers == ()  # stays inside its clusterset
+    obj["metadata"]["annotations"] = {cv.EXPORT_TO_PEERS: " other, b ,other"}
+    shared = cv.convert(obj, cluster=EAST)
+    assert isinstance(shared, ServiceExport) and shared.peers == ("b", "other")
+    for bad in ("svc", "b,,c", "B", "-x"):
+        obj["metadata"]["annotations"] = {cv.EXPORT_TO_PEERS: bad}
+        with pytest.raises(cv.ConversionError) as info:
+            cv.convert(obj, cluster=EAST)
+        assert info.value.field == f"metadata.annotations[{cv.EXPORT_TO_PEERS}]", bad
