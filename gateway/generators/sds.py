@@ -37,12 +37,16 @@ SPIFFE_VALIDATOR = "envoy.tls.cert_validator.spiffe"
 def spiffe_bundle_secret(name: str, bundles: tuple[tuple[str, str], ...]) -> Any:
     """The trust bundle secret when the mesh is peered: Envoy's SPIFFE certificate validator with one trust bundle
     per trust domain (ours and each peer's), so a certificate is checked only against the roots of the trust
-    domain its SPIFFE ID names; the bundles are never merged into one set of CAs."""
+    domain its SPIFFE ID names; the bundles are never merged into one set of CAs. ``trusted_ca`` keeps our own
+    trust domain's roots (the first entry), which the SPIFFE validator does not use: it is what readers of the
+    secret that know one trust domain take (the rotation check of what a proxy trusts, the proxyless gRPC agent's
+    CA file)."""
     config = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig(trust_domains=[
         tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig.TrustDomain(
             name=td, trust_bundle=base_pb2.DataSource(inline_string=pem))
         for td, pem in bundles])
     return secret_pb2.Secret(name=name, validation_context=common_pb2.CertificateValidationContext(
+        trusted_ca=base_pb2.DataSource(inline_string=bundles[0][1]),
         custom_validator_config=extension_pb2.TypedExtensionConfig(name=SPIFFE_VALIDATOR, typed_config=pack(config)),
     ))
 

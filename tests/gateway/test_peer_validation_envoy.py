@@ -195,3 +195,21 @@ async def test_without_the_peers_bundle_nobody_from_the_peer_gets_in(bed: Bed) -
         assert (await bed.call(bed.client(bed.own["east"], TD, "sleep")))[0] == 200
     finally:
         bed.cp.update(bed.peered, reason="peer bundle back")
+
+
+async def test_the_peered_rootca_keeps_our_roots_for_single_domain_readers(bed: Bed) -> None:
+    """The rotation check and the proxyless gRPC agent read ``trusted_ca``: it stays our roots, the peer's only in
+    the SPIFFE validator's entry of its own trust domain."""
+    from envoy.extensions.transport_sockets.tls.v3 import tls_spiffe_validator_config_pb2 as spiffe_pb2
+
+    from gateway.generators import sds
+
+    proxy = bed.envoy.proxy
+    secret = sds.generate(proxy, None, bed.peered)[bed.peered.root_secret]
+    assert secret.validation_context.trusted_ca.inline_string == bed.own_root
+    config = spiffe_pb2.SPIFFECertValidatorConfig()
+    secret.validation_context.custom_validator_config.typed_config.Unpack(config)
+    assert [(t.name, t.trust_bundle.inline_string) for t in config.trust_domains] == [
+        (TD, bed.own_root), (PEER_TD, bed.peer_root)]
+    plain = sds.generate(proxy, None, replace(bed.peered, peer_bundles=()))[bed.peered.root_secret]
+    assert not plain.validation_context.HasField("custom_validator_config")
