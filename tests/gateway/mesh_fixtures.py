@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from discovery.authz import AuthorizationPolicy
 from discovery.convert import convert
@@ -33,6 +36,9 @@ from discovery.model import (
 from federation.trust.ca import IntermediateCA, create_intermediate, create_root, issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from gateway.context import InboundPort, ProxyInfo, ProxyKind, PushContext, WorkloadCert
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready
+from tests.support.procs import free_port
+from tests.support.workloads import Handler, serve_app
 
 TD = "meshfed.test"
 EAST = ClusterId("east")
@@ -220,3 +226,56 @@ def workload_certs(cas: dict[str, IntermediateCA], cluster: str, identities: lis
         out[str(sid)] = WorkloadCert(key_pem=key.decode(), chain_pem=b"".join(chain).decode())
     return out
 
+
+
+def hand_made_leaf(ca: IntermediateCA, spiffe: str, *, subject: x509.Name) -> tuple[bytes, bytes]:
+    """(chain PEM, key PEM) of a workload-shaped leaf signed by ``ca`` with whatever SAN and Subject the test
+    wants, bypassing ``sign_csr``'s checks: what a compromised (or foreign) CA key could mint."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ca.key
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem, key_pem
+
+
+def subject(td: str, cluster: str) -> x509.Name:
+    """The Subject a cluster's intermediate permits (``O=<trust domain>, OU=<cluster>``)."""
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, td),
+                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster)])
+
+
+@contextlib.asynccontextmanager
+async def ratings_sidecar(tmp: Path, mesh: Mesh, ctx: PushContext, handler: Handler
+                          ) -> AsyncIterator[tuple[ControlPlane, EnvoyProc, int]]:
+    """West's ratings sidecar on a real Envoy, fed ``ctx`` over ADS, in front of ``handler`` (the app); yields
+    (control plane, Envoy, inbound port) and stops Envoy and the app afterwards, also after a failure."""
+    ports = {n: free_port() for n in ("in", "app")}
+    mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["in"])]
+    ctx = replace(ctx, registry=mesh.registry(WEST))
+    runner = await serve_app(ports["app"], handler)
+    envoy: EnvoyProc | None = None
+    try:
+        async with ControlPlane(ctx=ctx) as cp:
+            proxy = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
+                                 inbound=(InboundPort(ports["in"], ports["app"]),), outbound_port=free_port())
+            envoy = start_envoy(tmp, cp, proxy)
+            await wait_ready(envoy)
+            yield cp, envoy, ports["in"]
+    finally:
+        if envoy is not None:
+            envoy.stop()
+        await runner.cleanup()

@@ -16,25 +16,28 @@ import ssl
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from federation.trust.ca import IntermediateCA, issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
-from gateway.context import InboundPort, PushContext, WorkloadCert
-from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import RATINGS, TD, WEST, Mesh, authorization_policies, cluster_cas
+from gateway.context import PushContext, WorkloadCert
+from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, wait_until
+from tests.gateway.mesh_fixtures import (
+    TD,
+    WEST,
+    Mesh,
+    authorization_policies,
+    cluster_cas,
+    hand_made_leaf,
+    ratings_sidecar,
+    subject,
+)
 from tests.support.procs import free_port
-from tests.support.workloads import serve_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -64,34 +67,15 @@ class Bed:
     peered: PushContext
 
     def client(self, ca: IntermediateCA, td: str, sa: str) -> ssl.SSLContext:
-        key, chain = issue_workload(ca, SpiffeId.workload(TrustDomain(td), "default", sa), ttl=timedelta(hours=1))
+        key, chain = issue_workload(ca, SpiffeId.workload(TrustDomain(td), "default", sa))
         return self._context(f"{td}-{sa}", b"".join(chain), key)
 
     def forged(self, ca: IntermediateCA, spiffe: str, *, td: str, cluster: str) -> ssl.SSLContext:
         """A leaf with SAN ``spiffe`` signed by ``ca`` whatever trust domain ``ca`` belongs to (an attacker holding
         one trust domain's CA key, claiming an identity of the other); its Subject is the one ``ca``'s name
         constraint permits (``O=td, OU=cluster``), so only the SPIFFE ID's trust domain is wrong."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(UTC)
-        ca_key = ca.key
-        assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, td),
-                             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, cluster)])
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,
-                                             data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                             crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe)]), critical=True)
-                .sign(ca_key, hashes.SHA256()))
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        return self._context("forged-" + spiffe.rsplit("/", 1)[-1] + str(id(ca)),
-                             cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem, pem)
+        chain, key = hand_made_leaf(ca, spiffe, subject=subject(td, cluster))
+        return self._context(f"forged-{td}-{cluster}-{spiffe.rsplit('/', 1)[-1]}", chain, key)
 
     def _context(self, name: str, chain: bytes, key: bytes) -> ssl.SSLContext:
         cert_file, key_file = self.tmp / f"{name}.pem", self.tmp / f"{name}.key"
@@ -115,9 +99,7 @@ async def bed() -> AsyncIterator[Bed]:
     peer, peer_root = cluster_cas(PEER_TD)
     tmp = Path(tempfile.mkdtemp(prefix="meshfed-peer-tls-"))
     ratings_key, ratings_chain = issue_workload(own["west"], SpiffeId.workload(TrustDomain(TD), "default", "ratings"))
-    ports = {n: free_port() for n in ("in", "app")}
     mesh = Mesh(east_gateway_port=free_port(), west_gateway_port=free_port())
-    mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["in"])]
     peered = PushContext(registry=mesh.registry(WEST), trust_domain=TD, trust_bundle_pem=own_root,
                          peer_bundles=((PEER_TD, peer_root),),
                          workload_certs={f"spiffe://{TD}/ns/default/sa/ratings": WorkloadCert(
@@ -127,20 +109,11 @@ async def bed() -> AsyncIterator[Bed]:
     async def caller(request: web.Request) -> web.Response:
         return web.Response(text=request.headers.get("x-forwarded-client-cert", ""))
 
-    runner = await serve_app(ports["app"], caller)
-    envoy: EnvoyProc | None = None
     try:
-        async with ControlPlane(ctx=peered) as cp:
-            proxy = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
-                                 inbound=(InboundPort(ports["in"], ports["app"]),), outbound_port=free_port())
-            envoy = start_envoy(tmp, cp, proxy)
-            await wait_ready(envoy)
-            yield Bed(cp=cp, envoy=envoy, url=f"https://127.0.0.1:{ports['in']}/", tmp=tmp, own=own, peer=peer,
-                      own_root=own_root, peer_root=peer_root, peered=peered)
+        async with ratings_sidecar(tmp, mesh, peered, caller) as (cp, envoy, port):
+            yield Bed(cp=cp, envoy=envoy, url=f"https://127.0.0.1:{port}/", tmp=tmp, own=own, peer=peer,
+                      own_root=own_root, peer_root=peer_root, peered=cp.ctx)
     finally:
-        if envoy is not None:
-            envoy.stop()
-        await runner.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -14,27 +14,31 @@ import ssl
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from discovery.authz import AuthorizationPolicy
 from federation.trust.ca import IntermediateCA, issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from gateway import rbac
-from gateway.context import InboundPort, PushContext, WorkloadCert
-from tests.gateway.envoy_fixtures import ControlPlane, EnvoyProc, start_envoy, wait_ready, wait_until
-from tests.gateway.mesh_fixtures import RATINGS, TD, WEST, Mesh, authorization_policies, cluster_cas
+from gateway.context import PushContext, WorkloadCert
+from tests.gateway.envoy_fixtures import EnvoyProc, wait_until
+from tests.gateway.mesh_fixtures import (
+    TD,
+    WEST,
+    Mesh,
+    authorization_policies,
+    cluster_cas,
+    hand_made_leaf,
+    ratings_sidecar,
+    subject,
+)
 from tests.support.procs import free_port
-from tests.support.workloads import serve_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -128,9 +132,7 @@ async def sidecar() -> AsyncIterator[Sidecar]:
         tls.load_cert_chain(cert_file, key_file)
         contexts[(cluster, ns, sa)] = tls
     ratings_key, ratings_chain = issue_workload(cas["west"], SpiffeId.workload(td, "default", "ratings"))
-    ports = {n: free_port() for n in ("in", "app")}
     mesh = Mesh(east_gateway_port=free_port(), west_gateway_port=free_port())
-    mesh.pods[(WEST, RATINGS)] = [("127.0.0.1", ports["in"])]
     ctx = PushContext(registry=mesh.registry(WEST), trust_domain=TD, trust_bundle_pem=root_pem,
                       workload_certs={f"spiffe://{TD}/ns/default/sa/ratings": WorkloadCert(
                           key_pem=ratings_key.decode(), chain_pem=b"".join(ratings_chain).decode())},
@@ -139,20 +141,10 @@ async def sidecar() -> AsyncIterator[Sidecar]:
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
-    runner = await serve_app(ports["app"], ok)
-    envoy: EnvoyProc | None = None
     try:
-        async with ControlPlane(ctx=ctx) as cp:
-            proxy = mesh.sidecar(WEST, "ratings", pod="ratings-1", services=(RATINGS,),
-                                 inbound=(InboundPort(ports["in"], ports["app"]),), outbound_port=free_port())
-            envoy = start_envoy(tmp, cp, proxy)
-            await wait_ready(envoy)
-            yield Sidecar(envoy=envoy, port=ports["in"], contexts=contexts, west_ca=cas["west"],
-                          root_pem=root_pem, tmp=tmp)
+        async with ratings_sidecar(tmp, mesh, ctx, ok) as (_cp, envoy, port):
+            yield Sidecar(envoy=envoy, port=port, contexts=contexts, west_ca=cas["west"], root_pem=root_pem, tmp=tmp)
     finally:
-        if envoy is not None:
-            envoy.stop()
-        await runner.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -195,27 +187,13 @@ async def test_every_request_gets_the_decision_istio_semantics_give(sidecar: Sid
 async def test_a_leaf_claiming_another_cluster_is_refused_in_the_handshake(sidecar: Sidecar) -> None:
     """Even with west's intermediate key, a leaf whose Subject says OU=east does not pass Envoy's chain check: the
     intermediate's name constraint permits only OU=west (docs/authorization.md)."""
-    td = TrustDomain(TD)
-    now = datetime.now(UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    ca_key = sidecar.west_ca.key
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    sleep = str(SpiffeId.workload(TrustDomain(TD), "default", "sleep"))
 
     def leaf(ou: str) -> ssl.SSLContext:
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, TD),
-                                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou)]))
-                .issuer_name(sidecar.west_ca.cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(hours=1))
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(str(SpiffeId.workload(td, "default", "sleep")))]), critical=True)
-                .sign(ca_key, hashes.SHA256()))
+        chain, key = hand_made_leaf(sidecar.west_ca, sleep, subject=subject(TD, ou))
         cert_file, key_file = sidecar.tmp / f"rogue-{ou}.pem", sidecar.tmp / f"rogue-{ou}.key"
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + sidecar.west_ca.cert_pem)
-        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        cert_file.write_bytes(chain)
+        key_file.write_bytes(key)
         os.chmod(key_file, 0o600)
         ctx = ssl.create_default_context(cadata=sidecar.root_pem)
         ctx.check_hostname = False
