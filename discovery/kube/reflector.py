@@ -391,6 +391,7 @@ class Reflector:
             self._resp = resp
         self.stats.watches += 1
         delivered = False
+        ended = False  # the server ended the stream and every byte of it was read
         try:
             if self._stop.is_set():
                 return False
@@ -399,6 +400,7 @@ class Reflector:
                     return False
                 self._event(line)
                 delivered = delivered or bool(line.strip())
+            ended = True
             return delivered
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             if self._stop.is_set():
@@ -408,6 +410,11 @@ class Reflector:
             with self._resp_lock:
                 self._resp = None
             with contextlib.suppress(Exception):
+                if not ended:
+                    # A stream left part-way (an ERROR event, a bad line, a stop) still has the server's bytes,
+                    # or the server still writing, on its connection: back in the shared pool, the next request
+                    # on it would read them as its status line, or wait behind a watch that is still open.
+                    resp.close()
                 resp.release_conn()
 
     def _event(self, line: str) -> None:

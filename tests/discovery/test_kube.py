@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,28 @@ async def test_410_as_http_status_on_a_live_watch(api: KubeApiDouble, source: Ku
     got = await until(results, lambda r: key("b") in r.snapshot.services)
     assert key("a") in got.snapshot.services
     assert source.reflectors["Service"].stats.gone >= 1
+
+
+async def test_a_watch_left_part_way_is_closed_not_pooled(api: KubeApiDouble, source: KubeSource,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The reflector leaves a watch at its ERROR event, before the server's end of the stream: that connection is
+    closed, never handed back to the shared pool, where the next request on it would read the stream's end as
+    its status line (urllib3 then retries it) or wait behind it (a reflector then could not stop: the fixture
+    checks every reflector thread ended)."""
+    caplog.set_level(logging.WARNING, logger="urllib3")
+    api.put_object(service("a"))
+    results = source.watch()
+    await until(results, lambda r: key("a") in r.snapshot.services)
+    await wait_until(lambda: api.stats.watches_open >= len(KINDS), "every watch open")
+    ended = api.stats.connections_ended
+    with api.atomically():
+        api.put_object(service("b"))
+        api.compact()
+    await until(results, lambda r: key("b") in r.snapshot.services)
+    await wait_until(lambda: api.stats.connections_ended > ended, "the connection of the watch left at its ERROR "
+                     "event closed")
+    assert source.reflectors["Service"].stats.gone >= 1
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")] == []
 
 
 async def test_server_errors_back_off_and_recover(api: KubeApiDouble, kubeconfig: Path) -> None:

@@ -233,6 +233,7 @@ class _Stats:
     watches_open: int = 0
     watches_started: int = 0
     lists: int = 0
+    connections_ended: int = 0  # client connections the server saw end (the client closed or reset it)
 
 
 def _now_iso() -> str:
@@ -1205,6 +1206,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         return
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.double._lock:
+                self.double.stats.connections_ended += 1
 
     @property
     def double(self) -> KubeApiDouble:
