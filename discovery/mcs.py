@@ -31,6 +31,7 @@ Exception tree (this module)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +44,7 @@ from discovery.model import (
     Condition,
     ConditionStatus,
     InvalidValue,
+    PeerImport,
     Registry,
     Service,
     ServiceExport,
@@ -417,9 +419,9 @@ def derive(
     return McsResult(imports=imports, conditions=conditions)
 
 
-def _hash(key: ServiceKey, attempt: int) -> int:
-    text = f"{key.namespace}/{key.name}" if attempt == 0 else f"{key.namespace}/{key.name}#{attempt}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:16], "big")
+def _hash(text: str, attempt: int) -> int:
+    salted = text if attempt == 0 else f"{text}#{attempt}"
+    return int.from_bytes(hashlib.sha256(salted.encode()).digest()[:16], "big")
 
 
 def parse_cidr(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -444,24 +446,52 @@ def allocate_ips(keys: Iterable[ServiceKey], cidr: str = DEFAULT_CIDR) -> dict[S
     """
     net = parse_cidr(cidr)
     unique = sorted(set(keys))
+    placed = _place([f"{key.namespace}/{key.name}" for key in unique], net, set(), what="services")
+    return dict(zip(unique, placed, strict=True))
+
+
+def _place(texts: list[str], net: ipaddress.IPv4Network | ipaddress.IPv6Network, taken: set[int], *,
+           what: str) -> list[str]:
+    """An address of ``net`` for each text, in order, by hash, never one of the ``taken`` offsets (which grows)."""
     usable = net.num_addresses - 2
-    if len(unique) > usable:
-        raise InvalidCidr(f"ClusterSetIP CIDR {cidr} has {usable} usable addresses, fewer than {len(unique)} services")
+    if len(texts) + len(taken) > usable:
+        raise InvalidCidr(f"ClusterSetIP CIDR {net} has {usable} usable addresses, fewer than "
+                          f"{len(texts) + len(taken)} {what}")
     base = int(net.network_address)
-    taken: set[int] = set()
-    out: dict[ServiceKey, str] = {}
-    for key in unique:
+    out: list[str] = []
+    for text in texts:
         attempt = 0
         while True:  # bounded: there are more free offsets than keys, and the probe ends in a linear sweep
             # After 64 re-hashes (practically unreachable) sweep linearly, which must find a free offset.
-            h = _hash(key, attempt) if attempt < 64 else _hash(key, 0) + attempt - 64
+            h = _hash(text, attempt) if attempt < 64 else _hash(text, 0) + attempt - 64
             offset = 1 + h % usable
             if offset not in taken:
                 break
             attempt += 1
         taken.add(offset)
-        out[key] = str(ipaddress.ip_address(base + offset))
+        out.append(str(ipaddress.ip_address(base + offset)))
     return out
+
+
+def allocate_peer_ips(peers: Iterable[PeerImport], cidr: str, imports: Iterable[ServiceImport]) -> list[PeerImport]:
+    """``peers`` (ClusterSetIP services; headless ones as they are), each with a ClusterSetIP of this clusterset's
+    ``cidr`` that no import of ``imports`` holds: hashed from ``<peer>:<namespace>/<name>`` as
+    :func:`allocate_ips` hashes a key, so every member of the clusterset gives a peer's service the same address."""
+    net = parse_cidr(cidr)
+    base = int(net.network_address)
+    taken: set[int] = set()
+    for imp in imports:
+        for ip in imp.ips:
+            with contextlib.suppress(ValueError):
+                address = ipaddress.ip_address(ip)
+                if address in net:
+                    taken.add(int(address) - base)
+    ordered = sorted(peers, key=lambda p: (p.peer, p.key))
+    vip = [p for p in ordered if p.type is ServiceType.CLUSTER_SET_IP]
+    placed = dict(zip([(p.peer, p.key) for p in vip],
+                      _place([f"{p.peer}:{p.key.namespace}/{p.key.name}" for p in vip], net, taken,
+                             what="services and peer services"), strict=True))
+    return [replace(p, ips=(placed[(p.peer, p.key)],)) if (p.peer, p.key) in placed else p for p in ordered]
 
 
 def carry_conditions(exports: Iterable[ServiceExport], previous: Mapping[ServiceKey, ServiceExport]

@@ -345,6 +345,36 @@ class RemoteEndpoints:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerImport:
+    """A service a peered clusterset exported to this one (docs/peering.md), as the importing side serves it:
+    under ``<svc>.<ns>.svc.<peer>.clusterset.local`` (never merged with a local or clusterset service of the same
+    name), with a ClusterSetIP of this clusterset's range, reached only through the exporting clusters' east-west
+    gateways (``endpoints``: one per exporting cluster, gateway address and locality summaries, never pods). The
+    cluster names in ``endpoints`` are the exporter's and may collide with ours."""
+
+    peer: str  # the peer's name as this clusterset declared it (a DNS label, never "svc")
+    key: ServiceKey  # namespace/name in the exporting clusterset
+    trust_domain: str  # the exporter's: its workloads' certificates name it and chain to its roots only
+    type: ServiceType
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[RemoteEndpoints, ...]
+    ips: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return peer_host(self.peer, self.key)
+
+    @property
+    def ready(self) -> int:
+        return sum(e.ready for e in self.endpoints)
+
+
+def peer_host(peer: str, key: ServiceKey) -> str:
+    """The name a peer's service has on the importing side: ``<svc>.<ns>.svc.<peer>.clusterset.local``."""
+    return f"{key.name}.{key.namespace}.svc.{peer}.clusterset.local"
+
+
+@dataclass(frozen=True, slots=True)
 class Registry:
     """An immutable snapshot of what one control plane knows, sharded per cluster.
 
@@ -361,6 +391,8 @@ class Registry:
     remote: Mapping[ClusterId, Mapping[ServiceKey, RemoteEndpoints]] = field(default_factory=dict)
     clusters: Mapping[ClusterId, ClusterInfo] = field(default_factory=dict)
     imports: Mapping[ServiceKey, ServiceImport] = field(default_factory=dict)
+    # Services peered clustersets exported to this one, sorted (peer, key); see PeerImport.
+    peers: tuple[PeerImport, ...] = ()
     revision: int = 0
 
     def with_shard(
@@ -394,6 +426,10 @@ class Registry:
         # change under this snapshot, and copying 50,000 imports on every catalog change is what it saves.
         frozen = imports if isinstance(imports, immutables.Map) else dict(imports)
         return replace(self, clusters=dict(clusters), imports=frozen, revision=self.revision + 1)
+
+    def with_peers(self, peers: Iterable[PeerImport]) -> Registry:
+        """Replace the services peers exported to this clusterset."""
+        return replace(self, peers=tuple(sorted(peers, key=lambda p: (p.peer, p.key))), revision=self.revision + 1)
 
     def services(self, cluster: ClusterId | None = None) -> list[Service]:
         clusters = [cluster] if cluster is not None else sorted(self.shards)

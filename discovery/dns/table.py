@@ -15,6 +15,10 @@ The table follows the MCS DNS specification (KEP-1645 ``specification.md``, sche
 - ``<clusterid>.<svc>.<ns>.svc.clusterset.local`` never exists (NXDOMAIN): the KEP forbids names that pick one
   cluster's backends. Other names that exist only as parents of records (``svc.clusterset.local``,
   ``<ns>.svc.clusterset.local``, ``_<proto>.<svc>...``) answer NOERROR with no data.
+- a service a peered clusterset exported to this one (docs/peering.md): ``<svc>.<ns>.svc.<peer>.clusterset.local``
+  with the A/AAAA, PTR and SRV records of a ClusterSetIP service (its address is of this clusterset's range);
+  ``svc.<peer>.clusterset.local`` and ``<ns>.svc.<peer>.clusterset.local`` exist as parents. Headless services are
+  not served across a peering (no pod address crosses one).
 
 Every answer is encoded once, here, keyed by the question as it appears on the wire (lower-cased name, type,
 class IN), so the server only copies the client's ID, RD bit and question into it. Each key holds the variants a
@@ -29,7 +33,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from discovery.model import ClusterId, DiscoveryError, Endpoint, Registry, ServiceImport, ServiceType
+from discovery.model import ClusterId, DiscoveryError, Endpoint, PeerImport, Registry, ServiceImport, ServiceType
 
 APEX = "clusterset.local."
 DNS_VERSION = "1.0.0"
@@ -347,10 +351,21 @@ def build_table(
         ents += service_ents
         ents.append(f"{key.namespace}.svc.{APEX}")
         served += 1
+    for peer in registry.peers:
+        if peer.type is ServiceType.HEADLESS:
+            skipped.append(f"{peer.host}: a headless service is not served across a peering")
+            continue
+        found = _cluster_set_ip_records(peer, peer.host + ".")
+        if isinstance(found, str):
+            skipped.append(f"{peer.host}: {found}")
+            continue
+        records += found[0]
+        ents += [*found[1], f"svc.{peer.peer}.{APEX}", f"{peer.key.namespace}.svc.{peer.peer}.{APEX}"]
+        served += 1
     return DnsTable.compile(records, serial=zone_serial, empty_non_terminals=ents, skipped=skipped, services=served)
 
 
-def _srv_names(imported: ServiceImport, host: str) -> list[tuple[str, int, str]]:
+def _srv_names(imported: ServiceImport | PeerImport, host: str) -> list[tuple[str, int, str]]:
     """(SRV owner, service port, parent ENT ``_<proto>.<host>``) for each named port."""
     out = []
     for port in imported.ports:
@@ -360,7 +375,7 @@ def _srv_names(imported: ServiceImport, host: str) -> list[tuple[str, int, str]]
     return out
 
 
-def _distinct_ports(imported: ServiceImport) -> list[int]:
+def _distinct_ports(imported: ServiceImport | PeerImport) -> list[int]:
     """The service's port numbers, each once (a port served over TCP and UDP is one SRV target and port)."""
     return sorted({port.port for port in imported.ports})
 
@@ -373,7 +388,7 @@ def _port_names(imported: ServiceImport) -> dict[int, str]:
     return names
 
 
-def _cluster_set_ip_records(imported: ServiceImport, host: str) -> tuple[list[Record], list[str]] | str:
+def _cluster_set_ip_records(imported: ServiceImport | PeerImport, host: str) -> tuple[list[Record], list[str]] | str:
     ips: list[str] = []
     for ip in imported.ips:
         try:
