@@ -10,6 +10,9 @@ Naming used everywhere in the generated configuration (see ``docs/envoy-config.m
     sidecar outbound        outbound|<port>||<svc>.<ns>.svc.clusterset.local
     sidecar subset          outbound|<port>|<subset>|<svc>.<ns>.svc.clusterset.local   (DestinationRule subsets)
     sidecar inbound         inbound|<port>
+    peer service (importer) outbound|<port>||<svc>.<ns>.svc.<peer>.clusterset.local
+    peer SNI (both sides)   peer_.<port>_._.<svc>.<ns>.svc.clusterset.local   (the exporter's gateway routes it
+                            only for services exported to a peer: docs/peering.md)
 
 Exception tree (this module)::
 
@@ -33,6 +36,7 @@ from discovery.model import (
     Locality,
     Namespace,
     NetworkId,
+    PeerImport,
     Registry,
     RemoteEndpoints,
     Service,
@@ -85,6 +89,25 @@ def subset_cluster_name(key: ServiceKey, port: int, subset: str) -> str:
 
 def inbound_cluster_name(port: int) -> str:
     return f"inbound|{port}"
+
+
+def peer_sni_name(key: ServiceKey, port: int) -> str:
+    """The SNI a peer's sidecar sends to reach ``key``'s ``port`` through our gateway (and ours through a peer's):
+    a name of its own, which the gateway routes only for the services exported to peers, so the rest of the
+    clusterset's services cannot even be named across a peering."""
+    return f"peer_.{port}_._.{key.name}.{key.namespace}.svc.clusterset.local"
+
+
+def peer_cluster_name(imp: PeerImport, port: int) -> str:
+    return f"outbound|{port}||{imp.host}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class PeerKey:
+    """A peer's service in the push pipeline's tables, beside the ServiceKeys of the clusterset's own."""
+
+    peer: str
+    key: ServiceKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +395,28 @@ class PushContext:
             if service.key not in found and not service.headless:
                 found[service.key] = service.ports
         return sorted(found.items())
+
+    def peer_imports(self) -> Mapping[PeerKey, PeerImport]:
+        """The services peers exported to us (docs/peering.md), by pipeline key."""
+        return self.memo("peer-imports", lambda: {PeerKey(p.peer, p.key): p for p in self.registry.peers})
+
+    def peer_endpoints(self, imp: PeerImport) -> list[UpstreamEndpoint]:
+        """Where a sidecar sends a peer's service: each exporting cluster's east-west gateway, weighted by its
+        ready endpoints; the exporter's cluster names are prefixed with the peer's (they may be ours too)."""
+        out = []
+        for shard in imp.endpoints:
+            if shard.ready <= 0 or not shard.gateway_host:
+                continue
+            zones = sorted({s.locality.zone for s in shard.localities if s.ready > 0})
+            regions = sorted({s.locality.region for s in shard.localities if s.ready > 0})
+            where = ClusterId(f"{imp.peer}/{shard.cluster}")
+            out.append(UpstreamEndpoint(
+                address=shard.gateway_host, port=shard.gateway_port,
+                locality=Locality(region=regions[0] if len(regions) == 1 else "",
+                                  zone=zones[0] if len(zones) == 1 else "", cluster=where,
+                                  network=f"{imp.peer}/{shard.network}"),
+                weight=shard.ready, cluster=where, via_gateway=True))
+        return out
 
     def remote_shards(self, key: ServiceKey) -> Iterator[RemoteEndpoints]:
         for cluster in sorted(self.registry.remote):

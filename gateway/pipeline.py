@@ -43,7 +43,7 @@ from discovery.changes import RegistryChanges, catalog_changes, shard_changes
 from discovery.model import ClusterId, Registry, ServiceKey
 from federation import offload
 from gateway.cache import SnapshotCache
-from gateway.context import ProxyInfo, ProxyKind, PushContext
+from gateway.context import PeerKey, ProxyInfo, ProxyKind, PushContext
 from gateway.generators import (
     CLUSTER_TYPE,
     ENDPOINT_TYPE,
@@ -87,12 +87,67 @@ def tune_gc(*, freeze: bool = True) -> None:
 # ---- what each type of each proxy kind is made of -------------------------------------------------------------------
 
 
-def _outbound_keys(ctx: PushContext) -> Mapping[ServiceKey, Any]:
-    return ctx.memo("pipeline-outbound", lambda: dict(ctx.outbound_services()))
+#: A key of a shared part's table: a service of the clusterset, or a service a peer exported to us.
+PartKey = ServiceKey | PeerKey
 
 
-def _exported_keys(ctx: PushContext) -> Mapping[ServiceKey, Any]:
-    return ctx.memo("pipeline-exported", lambda: {s.key: s for s in ctx.exported_services()})
+def _order(key: PartKey) -> tuple[int, str, ServiceKey]:
+    """The order of a table's keys (its pieces are combined in it): the clusterset's services, then the peers'."""
+    return (0, "", key) if isinstance(key, ServiceKey) else (1, key.peer, key.key)
+
+
+def _outbound_keys(ctx: PushContext) -> Mapping[PartKey, Any]:
+    """Every callable service: the clusterset's (value: its ports) and the peers' (value: the PeerImport)."""
+    def build() -> dict[PartKey, Any]:
+        out: dict[PartKey, Any] = dict(ctx.outbound_services())
+        for key, imp in ctx.peer_imports().items():
+            out[key] = imp
+        return out
+
+    return ctx.memo("pipeline-outbound", build)
+
+
+def _outbound_clusters(p: ProxyInfo, k: PartKey, value: Any, ctx: PushContext) -> dict[str, Any]:
+    grpc = p.kind is ProxyKind.GRPC
+    if isinstance(k, PeerKey):
+        return cds.peer_clusters_of(value, ctx, grpc=grpc)
+    return cds.outbound_clusters_of(k, value, ctx, grpc=grpc)
+
+
+def _outbound_cluster_inputs(k: PartKey, value: Any, ctx: PushContext) -> Hashable:
+    if isinstance(k, PeerKey):
+        return (value.trust_domain, value.ports)  # the clusters read nothing else of a peer's service
+    return cds.outbound_cluster_inputs(k, value, ctx)
+
+
+def _outbound_assignments(p: ProxyInfo, k: PartKey, value: Any, ctx: PushContext) -> dict[str, Any]:
+    if isinstance(k, PeerKey):
+        return eds.peer_assignments_of(value, ctx)
+    return eds.outbound_assignments_of(k, value, ctx)
+
+
+def _virtual_hosts(p: ProxyInfo, k: PartKey, value: Any, ctx: PushContext) -> list[Any]:
+    if isinstance(k, PeerKey):
+        return rds.peer_virtual_hosts_of(p, value)
+    return rds.virtual_hosts_of(p, k, value, ctx)
+
+
+def _capture_chains(p: ProxyInfo, k: PartKey, value: Any, ctx: PushContext) -> list[Any]:
+    if isinstance(k, PeerKey):
+        return capture.peer_chains_of(value)
+    return capture.outbound_chains_of(k, value, ctx)
+
+
+def _api_listeners(p: ProxyInfo, k: PartKey, value: Any, ctx: PushContext) -> dict[str, Any]:
+    # Proxyless gRPC clients do not reach peers (cds.peer_clusters_of).
+    return {} if isinstance(k, PeerKey) else lds.api_listeners_of(k, value)
+
+
+def _exported_keys(ctx: PushContext) -> Mapping[PartKey, Any]:
+    def build() -> dict[PartKey, Any]:
+        return {s.key: s for s in ctx.exported_services()}
+
+    return ctx.memo("pipeline-exported", build)
 
 
 def _gateway_listener(proxy: ProxyInfo, parts: list[Any], ctx: PushContext) -> dict[str, Message]:
@@ -131,10 +186,10 @@ class SharedPart:
     name: str
     type_url: str
     scope: Callable[[ProxyInfo], Hashable]
-    keys: Callable[[PushContext], Mapping[ServiceKey, Any]]
-    build: Callable[[ProxyInfo, ServiceKey, Any, PushContext], Any]
+    keys: Callable[[PushContext], Mapping[PartKey, Any]]
+    build: Callable[[ProxyInfo, PartKey, Any, PushContext], Any]
     endpoints: bool
-    inputs: Callable[[ServiceKey, Any, PushContext], Hashable] | None = None
+    inputs: Callable[[PartKey, Any, PushContext], Hashable] | None = None
     combine: Callable[[ProxyInfo, list[Any], PushContext], dict[str, Message]] | None = None
     also: Callable[[PushContext], Iterable[ServiceKey]] | None = None
 
@@ -170,19 +225,17 @@ LDS_GATEWAY = SharedPart("lds-gateway", LISTENER_TYPE, lambda p: (p.ip, p.gatewa
                          lambda p, k, svc, ctx: lds.gateway_chains_of(svc, ctx), endpoints=False,
                          combine=_gateway_listener)
 CDS_OUTBOUND = SharedPart("cds-outbound", CLUSTER_TYPE, lambda p: p.kind is ProxyKind.GRPC, _outbound_keys,
-                          lambda p, k, ports, ctx: cds.outbound_clusters_of(k, ports, ctx,
-                                                                            grpc=p.kind is ProxyKind.GRPC),
-                          endpoints=True, inputs=cds.outbound_cluster_inputs)
+                          _outbound_clusters, endpoints=True, inputs=_outbound_cluster_inputs)
 EDS_OUTBOUND = SharedPart("eds-outbound", ENDPOINT_TYPE, lambda p: (), _outbound_keys,
-                          lambda p, k, ports, ctx: eds.outbound_assignments_of(k, ports, ctx), endpoints=True)
+                          _outbound_assignments, endpoints=True)
 RDS_OUTBOUND = SharedPart("rds-outbound", ROUTE_TYPE, lambda p: (p.namespace, p.kind), _outbound_keys,
-                          lambda p, k, ports, ctx: rds.virtual_hosts_of(p, k, ports, ctx), endpoints=False,
+                          _virtual_hosts, endpoints=False,
                           combine=_outbound_route, also=_virtual_service_keys)
 LDS_CAPTURE = SharedPart("lds-capture", LISTENER_TYPE, _capture_scope, _outbound_keys,
-                         lambda p, k, ports, ctx: capture.outbound_chains_of(k, ports, ctx), endpoints=False,
+                         _capture_chains, endpoints=False,
                          combine=_virtual_outbound)
 LDS_API = SharedPart("lds-api", LISTENER_TYPE, lambda p: (), _outbound_keys,
-                     lambda p, k, ports, ctx: lds.api_listeners_of(k, ports), endpoints=False)
+                     _api_listeners, endpoints=False)
 
 SDS_OWN = OwnPart(lambda p, ctx: sds.generate(p, None, ctx),
                   lambda p, ctx: (ctx.workload_certs.get(p.spiffe_id(ctx.trust_domain)), ctx.trust_bundle_pem,
@@ -269,9 +322,9 @@ class _Table:
         self.part = part
         self.scope = scope
         self.proxy = proxy  # a proxy of the scope (the builders read only what the scope has in common)
-        self.names: dict[ServiceKey, tuple[str, ...]] = {}
-        self.pieces: dict[ServiceKey, Any] = {}
-        self.inputs: dict[ServiceKey, Hashable] = {}
+        self.names: dict[PartKey, tuple[str, ...]] = {}
+        self.pieces: dict[PartKey, Any] = {}
+        self.inputs: dict[PartKey, Hashable] = {}
         self.entries = _EMPTY
         self.changed: frozenset[str] = frozenset()  # names changed by the current push
         self.error = ""  # the last generation error of a key of this table ("" when the last push had none)
@@ -441,7 +494,7 @@ class PushPipeline:
             if dirty.all:
                 self._update_table(table, ctx, None)
             else:
-                keys = set(dirty.services)
+                keys: set[PartKey] = set(dirty.services)
                 if part.endpoints:
                     keys |= dirty.endpoints
                 if part.also is not None and dirty.services:
@@ -470,10 +523,10 @@ class PushPipeline:
         entry.delta_field  # noqa: B018 - built here, off the loop, once for every delta stream that sends it
         return entry
 
-    def _update_table(self, table: _Table, ctx: PushContext, keys: set[ServiceKey] | None) -> None:
+    def _update_table(self, table: _Table, ctx: PushContext, keys: set[PartKey] | None) -> None:
         part = table.part
         values = part.keys(ctx)
-        todo: Iterable[ServiceKey] = values.keys() if keys is None else keys
+        todo: Iterable[PartKey] = values.keys() if keys is None else keys
         gone = set(table.names) - set(values) if keys is None else set()
         updates: dict[str, Any] = {}
         pieces_changed = bool(gone)
@@ -519,7 +572,7 @@ class PushPipeline:
                 updates[name] = self._entry(part.type_url, name, message, table.entries.get(name))
             table.names[key] = tuple(built)
         if part.combine is not None and (pieces_changed or keys is None):
-            combined = part.combine(table.proxy, [table.pieces[k] for k in sorted(table.pieces)], ctx)
+            combined = part.combine(table.proxy, [table.pieces[k] for k in sorted(table.pieces, key=_order)], ctx)
             for name in table.entries:
                 if name not in combined:
                     updates[name] = None

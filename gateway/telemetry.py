@@ -145,10 +145,11 @@ def inbound_service(proxy: ProxyInfo, port: int, ctx: PushContext) -> str:
     return f"inbound|{port}"
 
 
-def cluster_metadata(key: ServiceKey, port: int) -> Any:
-    """Metadata for an outbound cluster (``%CLUSTER_METADATA(meshfed:service)%`` reads it in the caller's logs)."""
+def cluster_metadata(key: ServiceKey, port: int, *, service: str = "") -> Any:
+    """Metadata for an outbound cluster (``%CLUSTER_METADATA(meshfed:service)%`` reads it in the caller's logs);
+    ``service`` instead of the key's clusterset host (a peer's service: the name callers use for it)."""
     meta = struct_pb2.Struct()
-    meta.update({"service": service_label(key), "port": port})
+    meta.update({"service": service or service_label(key), "port": port})
     return base_pb2.Metadata(filter_metadata={META_NAMESPACE: meta})
 
 

@@ -19,11 +19,12 @@ Exception tree (this package)::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from discovery.model import RemoteEndpoints, ServiceKey, ServicePort, ServiceType
+from discovery.mcs import allocate_peer_ips
+from discovery.model import PeerImport, RemoteEndpoints, ServiceImport, ServiceKey, ServicePort, ServiceType
 from federation.records import FederationError
 
 
@@ -71,6 +72,13 @@ class PeerService:
     # One per exporting cluster: its gateway's public address and locality summaries; never pod addresses. The
     # cluster and network names are the exporter's (they may collide with ours: key them by (peer, cluster)).
     endpoints: tuple[RemoteEndpoints, ...]
+
+
+def peer_imports(services: Iterable[PeerService], *, cidr: str, imports: Iterable[ServiceImport]) -> list[PeerImport]:
+    """What a member serves for the services peers exported to us: each a PeerImport with a ClusterSetIP of our
+    ``cidr`` beside the clusterset's own ``imports`` (``discovery.mcs.allocate_peer_ips``)."""
+    return allocate_peer_ips([PeerImport(peer=s.peer, key=s.key, trust_domain=s.trust_domain, type=s.type,
+                                         ports=s.ports, endpoints=s.endpoints) for s in services], cidr, imports)
 
 
 @dataclass(frozen=True, slots=True)

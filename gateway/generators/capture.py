@@ -4,7 +4,8 @@ rules (``meshfed proxy capture``, docs/traffic-capture.md) redirect every TCP co
 ``virtualOutbound`` on ``outbound_port`` (15001) of every ``capture_bind`` address
     The ``original_dst`` listener filter restores the address the workload dialled, and filter chains match it
     (``prefix_ranges`` = the IPs, ``destination_port`` = the port). The destinations are every ClusterSetIP of a
-    ServiceImport and every cluster IP of a local Service, on each TCP port. The port's protocol
+    ServiceImport, every cluster IP of a local Service and every ClusterSetIP of a peer's service
+    (docs/peering.md), on each TCP port. The port's protocol
     (``discovery.protocols``: ``appProtocol``, then the port name, else TCP) picks the chain:
 
     - HTTP (``http``, ``http2``, ``grpc``, ``grpc-web``): one chain per port, ``http:<port>``, holding every HTTP
@@ -34,6 +35,7 @@ match the restored address instead.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +48,17 @@ from google.protobuf import wrappers_pb2
 
 from discovery.addresses import join_hostport
 from discovery.clusterset import OutboundTrafficMode
-from discovery.model import ServiceKey, ServicePort
+from discovery.model import PeerImport, ServiceKey, ServicePort
 from discovery.protocols import NOT_TCP, is_http, port_protocol
 from gateway import rbac
-from gateway.context import InboundPort, ProxyInfo, PushContext, inbound_cluster_name, outbound_cluster_name
+from gateway.context import (
+    InboundPort,
+    ProxyInfo,
+    PushContext,
+    inbound_cluster_name,
+    outbound_cluster_name,
+    peer_cluster_name,
+)
 from gateway.generators import inbound_authz
 from gateway.generators.common import TLS_TRANSPORT_SOCKET, downstream_tls, pack, socket_address
 from gateway.generators.hcm import hcm_filter, inbound_hcm, sidecar_outbound_hcm, tcp_proxy_filter
@@ -112,8 +121,18 @@ class Destination:
 def outbound_chains_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> list[Destination]:
     """The virtual outbound listener's destinations of one callable service: every address (:func:`service_ips`)
     on every TCP port; a TCP port's destinations carry their ``tcp_proxy`` chain."""
+    return _destinations(service_ips(key, ctx), ports, key.clusterset_host,
+                         lambda port: outbound_cluster_name(key, port))
+
+
+def peer_chains_of(imp: PeerImport) -> list[Destination]:
+    """The virtual outbound listener's destinations of a peer's service: its ClusterSetIP on every TCP port."""
+    return _destinations(list(imp.ips), imp.ports, imp.host, lambda port: peer_cluster_name(imp, port))
+
+
+def _destinations(ips: list[str], ports: tuple[ServicePort, ...], host: str,
+                  cluster_of: Callable[[int], str]) -> list[Destination]:
     out: list[Destination] = []
-    ips = service_ips(key, ctx)
     for port in sorted(ports):
         protocol = port_protocol(port)
         if protocol == NOT_TCP:
@@ -123,10 +142,10 @@ def outbound_chains_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: Pus
                 out.append(Destination(ip, port.port))
                 continue
             out.append(Destination(ip, port.port, listener_components_pb2.FilterChain(
-                name=f"{join_hostport(ip, port.port)}|{key.clusterset_host}|{protocol}",
+                name=f"{join_hostport(ip, port.port)}|{host}|{protocol}",
                 filter_chain_match=listener_components_pb2.FilterChainMatch(
                     prefix_ranges=[_prefix(ip)], destination_port=_u32(port.port)),
-                filters=[tcp_proxy_filter(outbound_cluster_name(key, port.port))],
+                filters=[tcp_proxy_filter(cluster_of(port.port))],
             )))
     return out
 
@@ -149,6 +168,7 @@ def virtual_outbound(proxy: ProxyInfo, ctx: PushContext, pieces: list[list[Desti
     match)."""
     if pieces is None:
         pieces = [outbound_chains_of(key, ports, ctx) for key, ports in ctx.outbound_services()]
+        pieces += [peer_chains_of(imp) for imp in ctx.registry.peers]
     seen: set[tuple[str, int]] = set()
     tcp_chains = []
     http_ips: dict[int, list[str]] = {}

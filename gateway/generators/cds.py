@@ -22,7 +22,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import wrappers_pb2
 
-from discovery.model import Service, ServiceKey, ServicePort
+from discovery.model import PeerImport, Service, ServiceKey, ServicePort
 from discovery.protocols import is_http, upstream_http2
 from gateway import telemetry
 from gateway.context import (
@@ -31,6 +31,8 @@ from gateway.context import (
     PushContext,
     inbound_cluster_name,
     outbound_cluster_name,
+    peer_cluster_name,
+    peer_sni_name,
     sni_name,
     subset_cluster_name,
 )
@@ -131,6 +133,30 @@ def outbound_clusters_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: P
     return out
 
 
+def peer_clusters_of(imp: PeerImport, ctx: PushContext, *, grpc: bool) -> dict[str, Any]:
+    """The outbound clusters of a service a peer exported to us (docs/peering.md), one per port: mTLS with the
+    peer SNI (the exporter's gateway passes it through to its pods' sidecars), the server checked against the
+    exporter's trust domain (its roots only, by the SPIFFE validator in ROOTCA) and the service's namespace, an
+    active health check (every endpoint is a remote gateway), default traffic policy (a DestinationRule names
+    our own hosts). Proxyless gRPC clients get none: their certificate provider holds our roots only."""
+    if grpc:
+        return {}
+    out: dict[str, Any] = {}
+    for port in imp.ports:
+        name = peer_cluster_name(imp, port.port)
+        cluster = _eds_cluster(name, ctx)
+        cluster.transport_socket.name = TLS_TRANSPORT_SOCKET
+        tls = upstream_tls(ctx, sni=peer_sni_name(imp.key, port.port), alpn=("h2",),
+                           only_prefix=f"spiffe://{imp.trust_domain}/ns/{imp.key.namespace}/")
+        cluster.transport_socket.typed_config.CopyFrom(pack(tls))
+        cluster.typed_extension_protocol_options[HTTP_PROTOCOL_OPTIONS].CopyFrom(_http_options(http2=True))
+        cluster.metadata.CopyFrom(telemetry.cluster_metadata(imp.key, port.port, service=imp.host))
+        out[name] = apply_cluster_policy(cluster, ClusterPolicy.of(None),
+                                         default_connect_timeout_s=ctx.connect_timeout_s,
+                                         health_check_s=ctx.gateway_health_check_s)
+    return out
+
+
 def outbound_cluster_inputs(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> Hashable:
     """Everything ``outbound_clusters_of`` reads of the context for ``key`` beyond the context's fixed settings:
     equal inputs, equal clusters (so an endpoint change that keeps the expected peers rebuilds no cluster)."""
@@ -144,6 +170,8 @@ def outbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:
     grpc = proxy.kind is ProxyKind.GRPC
     for key, ports in ctx.outbound_services():
         out |= outbound_clusters_of(key, ports, ctx, grpc=grpc)
+    for imp in ctx.registry.peers:
+        out |= peer_clusters_of(imp, ctx, grpc=grpc)
     return out
 
 

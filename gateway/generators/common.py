@@ -37,10 +37,13 @@ def socket_address(host: str, port: int) -> Any:
 
 
 def spiffe_san_matchers(ctx: PushContext, exact: tuple[str, ...] = (),
-                        foreign: tuple[tuple[str, str], ...] = ()) -> list[Any]:
+                        foreign: tuple[tuple[str, str], ...] = (), only_prefix: str = "") -> list[Any]:
     """SAN matchers for peers: the listed exact SPIFFE IDs, or any ID in the trust domain; plus ``foreign``
-    callers of peered trust domains, as ``("exact" | "prefix", "spiffe://...")`` pairs."""
+    callers of peered trust domains, as ``("exact" | "prefix", "spiffe://...")`` pairs; or, with ``only_prefix``,
+    the IDs under that prefix alone (a peer's service: its trust domain and namespace)."""
     uri = common_pb2.SubjectAltNameMatcher.SanType.URI
+    if only_prefix:
+        return [common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(prefix=only_prefix))]
     if exact:
         return [common_pb2.SubjectAltNameMatcher(san_type=uri, matcher=string_pb2.StringMatcher(exact=e))
                 for e in exact]
@@ -50,14 +53,14 @@ def spiffe_san_matchers(ctx: PushContext, exact: tuple[str, ...] = (),
 
 
 def common_tls(ctx: PushContext, *, exact_peers: tuple[str, ...] = (), alpn: tuple[str, ...] = (),
-               foreign: tuple[tuple[str, str], ...] = ()) -> Any:
+               foreign: tuple[tuple[str, str], ...] = (), only_prefix: str = "") -> Any:
     """Our certificate and the trust bundle, both from SDS over ADS, with SPIFFE SAN checks on the peer."""
     return tls_pb2.CommonTlsContext(
         tls_params=common_pb2.TlsParameters(tls_minimum_protocol_version=common_pb2.TlsParameters.TLSv1_2),
         tls_certificate_sds_secret_configs=[secret_pb2.SdsSecretConfig(name=ctx.cert_secret, sds_config=ads_source())],
         combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
             default_validation_context=common_pb2.CertificateValidationContext(
-                match_typed_subject_alt_names=spiffe_san_matchers(ctx, exact_peers, foreign),
+                match_typed_subject_alt_names=spiffe_san_matchers(ctx, exact_peers, foreign, only_prefix),
             ),
             validation_context_sds_secret_config=secret_pb2.SdsSecretConfig(
                 name=ctx.root_secret, sds_config=ads_source()
@@ -67,8 +70,10 @@ def common_tls(ctx: PushContext, *, exact_peers: tuple[str, ...] = (), alpn: tup
     )
 
 
-def upstream_tls(ctx: PushContext, *, sni: str, exact_peers: tuple[str, ...] = (), alpn: tuple[str, ...] = ()) -> Any:
-    return tls_pb2.UpstreamTlsContext(common_tls_context=common_tls(ctx, exact_peers=exact_peers, alpn=alpn), sni=sni)
+def upstream_tls(ctx: PushContext, *, sni: str, exact_peers: tuple[str, ...] = (), alpn: tuple[str, ...] = (),
+                 only_prefix: str = "") -> Any:
+    return tls_pb2.UpstreamTlsContext(
+        common_tls_context=common_tls(ctx, exact_peers=exact_peers, alpn=alpn, only_prefix=only_prefix), sni=sni)
 
 
 def grpc_upstream_tls(ctx: PushContext, *, sni: str, exact_peers: tuple[str, ...] = (),

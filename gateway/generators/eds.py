@@ -23,13 +23,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from google.protobuf import struct_pb2, wrappers_pb2
 
-from discovery.model import Locality, Service, ServiceKey, ServicePort
+from discovery.model import Locality, PeerImport, Service, ServiceKey, ServicePort
 from gateway.context import (
     ProxyInfo,
     ProxyKind,
     PushContext,
     UpstreamEndpoint,
     outbound_cluster_name,
+    peer_cluster_name,
     sni_name,
     subset_cluster_name,
 )
@@ -118,10 +119,19 @@ def outbound_assignments_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx
     return out
 
 
+def peer_assignments_of(imp: PeerImport, ctx: PushContext) -> dict[str, Any]:
+    """The endpoints of a peer's service (per port): the exporting clusters' gateways, one priority."""
+    endpoints = ctx.peer_endpoints(imp)
+    return {name: load_assignment(name, endpoints)
+            for name in (peer_cluster_name(imp, port.port) for port in imp.ports)}
+
+
 def outbound_assignments(ctx: PushContext) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, ports in ctx.outbound_services():
         out |= outbound_assignments_of(key, ports, ctx)
+    for imp in ctx.registry.peers:
+        out |= peer_assignments_of(imp, ctx)
     return out
 
 

@@ -1,7 +1,8 @@
 """LDS: the listeners a proxy opens.
 
 gateway   ``gateway`` on ip:gateway_port: TLS inspector, one filter chain per exported service port matching the
-          SNI ``outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local``, TCP proxy to that service's local pods.
+          SNI ``outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local`` (and, for a service exported to peers, the
+          peer SNI ``peer_.<port>_._...``), TCP proxy to that service's local pods.
           No default chain: plaintext or an unknown SNI matches nothing and the connection is closed. With nothing
           exported there is no listener at all (Envoy NACKs a listener without filter chains).
 sidecar   ``outbound`` on 127.0.0.1:outbound_port: HTTP, routes from RDS ``outbound``; and ``inbound|<port>`` on
@@ -22,7 +23,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from discovery.model import Service, ServiceKey, ServicePort
 from gateway import telemetry
-from gateway.context import ProxyInfo, ProxyKind, PushContext, sni_name
+from gateway.context import ProxyInfo, ProxyKind, PushContext, peer_sni_name, sni_name
 from gateway.generators import capture, inbound_authz, proxyless
 from gateway.generators.common import TLS_TRANSPORT_SOCKET, downstream_tls, pack, socket_address
 from gateway.generators.hcm import (
@@ -49,14 +50,18 @@ def inbound_listener_name(port: int) -> str:
 
 
 def gateway_chains_of(service: Service, ctx: PushContext) -> list[Any]:
-    """The gateway listener's filter chains of one exported service: one per port, matching its SNI."""
+    """The gateway listener's filter chains of one exported service: one per port, matching its SNI, and its peer
+    SNI too when the service is exported to peers (docs/peering.md): no other service can be named by a peer."""
     chains = []
+    export = ctx.registry.exports.get(ctx.local, {}).get(service.key)
+    to_peers = export is not None and bool(export.peers)
     for port in service.ports:
         sni = sni_name(service.key, port.port)
+        names = [sni, peer_sni_name(service.key, port.port)] if to_peers else [sni]
         chains.append(listener_components_pb2.FilterChain(
             name=sni,
             filter_chain_match=listener_components_pb2.FilterChainMatch(
-                server_names=[sni], transport_protocol="tls"
+                server_names=names, transport_protocol="tls"
             ),
             filters=[listener_components_pb2.Filter(
                 name=TCP_PROXY_FILTER,

@@ -8,6 +8,9 @@ with ``:<port>``, and without a port on the service's default port (80 if it has
     <ClusterSetIP>                     (when the ServiceImport has one)
     <cluster IP>                       (when the local Service has one)
 
+A service a peer exported to us has its own virtual hosts: ``<svc>.<ns>.svc.<peer>.clusterset.local`` and its
+ClusterSetIP, to ``outbound|<port>||<that name>`` (docs/peering.md).
+
 Without a VirtualService a virtual host has one catch-all route to the service's cluster. With one (this
 cluster's VirtualService naming the service in ``hosts``), its ``http[]`` entries become the routes, in order:
 matches, weighted destinations (subset clusters), retries and timeouts (``gateway.traffic``).
@@ -19,8 +22,8 @@ from typing import Any
 
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 
-from discovery.model import ServiceKey, ServicePort
-from gateway.context import ProxyInfo, ProxyKind, PushContext, outbound_cluster_name
+from discovery.model import PeerImport, ServiceKey, ServicePort
+from gateway.context import ProxyInfo, ProxyKind, PushContext, outbound_cluster_name, peer_cluster_name
 from gateway.generators.hcm import OUTBOUND_ROUTE
 from gateway.traffic import default_retry_policy, virtual_service_routes
 
@@ -48,11 +51,22 @@ def service_hosts(proxy: ProxyInfo, key: ServiceKey, ctx: PushContext) -> list[s
     return hosts
 
 
-def virtual_host(proxy: ProxyInfo, key: ServiceKey, port: int, is_default: bool, ctx: PushContext) -> Any:
-    hosts = service_hosts(proxy, key, ctx)
+def _domains(hosts: list[str], port: int, is_default: bool) -> list[str]:
     domains = [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts]
-    if is_default:
-        domains.extend(hosts)
+    return domains + hosts if is_default else domains
+
+
+def _default_routes(cluster: str, retries: bool) -> list[Any]:
+    """One catch-all route to ``cluster`` (with the default retry policy for sidecars)."""
+    action = route_components_pb2.RouteAction(cluster=cluster)
+    if retries:
+        action.retry_policy.CopyFrom(default_retry_policy())
+    return [route_components_pb2.Route(name="default", match=route_components_pb2.RouteMatch(prefix="/"),
+                                       route=action)]
+
+
+def virtual_host(proxy: ProxyInfo, key: ServiceKey, port: int, is_default: bool, ctx: PushContext) -> Any:
+    domains = _domains(service_hosts(proxy, key, ctx), port, is_default)
     vs = ctx.policies.virtual_service(key)
     # Sidecars retry by default (failover within the request); proxyless gRPC keeps its own retry semantics.
     retries = proxy.kind is ProxyKind.SIDECAR
@@ -60,15 +74,21 @@ def virtual_host(proxy: ProxyInfo, key: ServiceKey, port: int, is_default: bool,
         ports = ctx.memo("service-ports", lambda: dict(ctx.outbound_services()))
         routes = virtual_service_routes(vs, vhost_port=port, ports=ports, default_retries=retries)
     else:
-        action = route_components_pb2.RouteAction(cluster=outbound_cluster_name(key, port))
-        if retries:
-            action.retry_policy.CopyFrom(default_retry_policy())
-        routes = [route_components_pb2.Route(
-            name="default",
-            match=route_components_pb2.RouteMatch(prefix="/"),
-            route=action,
-        )]
+        routes = _default_routes(outbound_cluster_name(key, port), retries)
     return route_components_pb2.VirtualHost(name=f"{key.clusterset_host}:{port}", domains=domains, routes=routes)
+
+
+def peer_virtual_hosts_of(proxy: ProxyInfo, imp: PeerImport) -> list[Any]:
+    """The virtual hosts of a peer's service (sidecars only), one per port: its name
+    ``<svc>.<ns>.svc.<peer>.clusterset.local`` and its ClusterSetIP, one catch-all route with the default retries
+    (this cluster's VirtualServices name our own hosts, not a peer's)."""
+    if not imp.ports or proxy.kind is not ProxyKind.SIDECAR:
+        return []
+    dflt = default_port(imp.ports)
+    hosts = [imp.host, *imp.ips]
+    return [route_components_pb2.VirtualHost(name=f"{imp.host}:{port}", domains=_domains(hosts, port, port == dflt),
+                                             routes=_default_routes(peer_cluster_name(imp, port), True))
+            for port in sorted({p.port for p in imp.ports})]
 
 
 def virtual_hosts_of(proxy: ProxyInfo, key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> list[Any]:
@@ -83,6 +103,7 @@ def outbound_route(proxy: ProxyInfo, ctx: PushContext, vhosts: list[Any] | None 
     """The ``outbound`` route configuration (``vhosts``: its virtual hosts in service order, if already built)."""
     if vhosts is None:
         vhosts = [v for key, ports in ctx.outbound_services() for v in virtual_hosts_of(proxy, key, ports, ctx)]
+        vhosts += [v for imp in ctx.registry.peers for v in peer_virtual_hosts_of(proxy, imp)]
     return route_pb2.RouteConfiguration(name=OUTBOUND_ROUTE, virtual_hosts=vhosts)
 
 

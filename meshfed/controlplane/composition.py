@@ -20,7 +20,7 @@ from discovery.convert import imported_slices
 from discovery.dns.server import DnsServer
 from discovery.kube import ExportStatusWriter, ImportWriter, KubeSource, SliceWriter
 from discovery.manifests import ManifestSource
-from discovery.mcs import derive_local
+from discovery.mcs import InvalidCidr, derive_local
 from discovery.model import ClusterInfo, Registry
 from discovery.policy import TrafficPolicies
 from discovery.source import ClusterSnapshot, ClusterSource, LoadResult
@@ -28,6 +28,7 @@ from federation.agent import AgentConfig, FederationAgent
 from federation.catalog import Catalog, with_export_conditions
 from federation.client import FederationClient
 from federation.clock import utcnow
+from federation.peering.records import peer_imports
 from federation.trust.bundle import TrustBundle
 from federation.trust.ca import IntermediateCA
 from gateway.ads import AdsServer
@@ -99,6 +100,10 @@ class ControlPlane:
         self.pipeline = PushPipeline(cache=self.cache)
         self.agent: FederationAgent | None = None
         self._peers_version = 0  # agent.peers.version last pushed (peer bundles in ROOTCA)
+        # (agent.peers.version, registry.imports) the peer services were last placed for (their ClusterSetIPs
+        # avoid the imports' own).
+        self._peer_imports_of: tuple[int, object] = (0, None)
+        self.peer_error = ""  # why the peers' services could not be taken ("" when they were)
         self.admin_port = 0
         self.webhook_port = 0
 
@@ -320,6 +325,27 @@ class ControlPlane:
         if peers != self._peers_version:  # a peer's bundle came, changed or expired: ROOTCA and inbound mTLS move
             self._peers_version = peers
             self._changed("trust")
+        if peers != self._peer_imports_of[0] or after.imports is not self._peer_imports_of[1]:
+            self._take_peer_services(after)
+
+    def _take_peer_services(self, registry: Registry) -> None:
+        """The services peers exported to us (docs/peering.md) into the registry, with ClusterSetIPs beside the
+        imports' own; a change is a full push (rare: the federation pulls a peer's list every few seconds and
+        delivers only what moved)."""
+        assert self.agent is not None
+        self._peer_imports_of = (self.agent.peers.version, registry.imports)
+        try:
+            found = tuple(peer_imports(self.agent.peer_services, cidr=self.config.clusterset.cidr,
+                                       imports=registry.imports.values()))
+        except InvalidCidr as exc:  # the range is full: keep what was served, say why
+            log.error("peer services not taken cluster=%s error=%s (last accepted kept)", self.config.cluster, exc)
+            self.peer_error = str(exc)
+            return
+        self.peer_error = ""
+        if found != self.registry.peers:
+            self.registry = self.registry.with_peers(found)
+            log.info("peer services cluster=%s services=%d", self.config.cluster, len(found))
+            self._changed("peers")
 
     def _peer_bundles(self) -> tuple[tuple[str, str], ...]:
         """The peered trust domains' roots the federation delivered (docs/peering.md), for the push context."""
