@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from cryptography import x509
 
+from discovery.addresses import join_hostport
 from discovery.model import Condition, ServicePort
 from federation.catalog import Catalog
 from meshfed import rotation
@@ -33,6 +34,7 @@ from meshfed.controlplane.status import (
     FederationStatus,
     ImportRow,
     MemberRow,
+    PeerServiceRow,
     PortRow,
     ProxyRow,
     RootRow,
@@ -179,6 +181,11 @@ def status_of(cp: ControlPlane) -> ControlPlaneStatus:
         proxies=proxies,
         proxy_errors=dict(cp.proxy_errors),
         manifest_problems=cp.manifest_problems,
+        peer_services=tuple(PeerServiceRow(
+            host=p.host, peer=p.peer, trust_domain=p.trust_domain, ips=p.ips, ports=tuple(x.port for x in p.ports),
+            ready=p.ready, gateways=tuple(join_hostport(e.gateway_host, e.gateway_port) for e in p.endpoints))
+            for p in reg.peers),
+        peer_error=cp.peer_error,
         federation=federation,
         trust=TrustStatus(
             trust_domain=cp.trust_domain,

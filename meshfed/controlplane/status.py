@@ -147,6 +147,19 @@ class TrustStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerServiceRow:
+    """A service a peer exported to this clusterset, as this control plane serves it (docs/peering.md)."""
+
+    host: str = ""  # <svc>.<ns>.svc.<peer>.clusterset.local
+    peer: str = ""
+    trust_domain: str = ""
+    ips: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    ready: int = 0  # ready endpoints behind the exporter's gateways
+    gateways: tuple[str, ...] = ()  # HOST:PORT of each exporting cluster's east-west gateway
+
+
+@dataclass(frozen=True, slots=True)
 class ControlPlaneStatus:
     """Everything ``meshfed status`` and ``diagnose`` need from one control plane (``GET /status``)."""
 
@@ -166,6 +179,8 @@ class ControlPlaneStatus:
     proxies: tuple[ProxyRow, ...] = ()
     proxy_errors: Mapping[str, str] = field(default_factory=dict)  # node id -> why its config is not built
     manifest_problems: tuple[ManifestProblemRow, ...] = ()
+    peer_services: tuple[PeerServiceRow, ...] = ()
+    peer_error: str = ""  # why the peers' services could not be taken ("" when they were)
     federation: FederationStatus = FederationStatus()
     trust: TrustStatus = TrustStatus()
     rotation: RotationReport | None = None

@@ -54,11 +54,12 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 class Traffic(threading.Thread):
-    """East's sleep -> west's ratings, one request after another, until stopped (bounded by ``limit_s``)."""
+    """East's sleep -> west's ratings (or ``target``), one request after another, until stopped (bounded by
+    ``limit_s``)."""
 
-    def __init__(self, outbound: str, *, limit_s: float = 300.0) -> None:
+    def __init__(self, outbound: str, *, target: str = TARGET, limit_s: float = 300.0) -> None:
         super().__init__(daemon=True)
-        self.outbound, self.limit_s = outbound, limit_s
+        self.outbound, self.target, self.limit_s = outbound, target, limit_s
         self.stop_event = threading.Event()
         self.results: list[tuple[float, int, str]] = []
 
@@ -66,7 +67,7 @@ class Traffic(threading.Thread):
         deadline = time.monotonic() + self.limit_s
         while not self.stop_event.is_set() and time.monotonic() < deadline:
             try:
-                status, body = local.call(self.outbound, TARGET, timeout=5.0)
+                status, body = local.call(self.outbound, self.target, timeout=5.0)
             except OSError as exc:
                 status, body = 0, str(exc)
             self.results.append((time.monotonic(), status, "" if status == 200 else body[:200]))
