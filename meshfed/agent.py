@@ -44,7 +44,8 @@ from gateway.context import (
     ProxyInfoError,
     ProxyKind,
 )
-from meshfed.inject import ENVOY_ADMIN_PORT, HEALTH_PORT, METRICS_PORT
+from meshfed.appprobe import AppProbe, AppProbeError, parse_app_probes
+from meshfed.inject import AGENT_PORT, ENVOY_ADMIN_PORT, HEALTH_PORT, METRICS_PORT
 
 
 class AgentError(ValueError):
@@ -77,6 +78,10 @@ class AgentEnv:
     cluster_domain: str = "cluster.local"
     xds_mtls: HostPort | None = None
     """``MESHFED_XDS_MTLS_ADDRESS``: the control plane's mutual-TLS ADS port (proxyless gRPC, ``--grpc``)."""
+    app_probes: tuple[tuple[str, AppProbe], ...] = ()
+    """``MESHFED_APP_PROBES``: the application probes injection moved to the agent (``meshfed.appprobe``)."""
+    agent_port: int = AGENT_PORT
+    """``MESHFED_AGENT_PORT``: where the agent answers them (15020)."""
 
     @property
     def node_id(self) -> str:
@@ -114,7 +119,13 @@ def agent_env(env: Mapping[str, str]) -> AgentEnv:
         xds_mtls = parse_hostport(mtls_text, min_port=1) if mtls_text else None
     except InvalidAddress as exc:
         raise AgentError(f"MESHFED_XDS_MTLS_ADDRESS: {exc}") from None
+    try:
+        probes = parse_app_probes(env.get("MESHFED_APP_PROBES", ""))
+    except AppProbeError as exc:
+        raise AgentError(str(exc)) from None
     return AgentEnv(
+        app_probes=tuple(sorted(probes.items())),
+        agent_port=_int(env, "MESHFED_AGENT_PORT", AGENT_PORT),
         pod_name=need("POD_NAME"),
         namespace=need("POD_NAMESPACE"),
         pod_ip=need("POD_IP"),

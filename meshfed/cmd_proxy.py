@@ -12,6 +12,7 @@ xDS token is refreshed (its ADS stream presents the token only when it opens). S
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from gateway import envoy
 from gateway.bootstrap import write_bootstrap
 from meshfed import netfilter
 from meshfed.agent import AgentEnv, AgentError, agent_env, bootstrap, proxy_info
+from meshfed.appprobe import AppProbeServer
 from meshfed.capture import (
     DEFAULT_INBOUND_PORT,
     DEFAULT_OUTBOUND_PORT,
@@ -187,6 +189,7 @@ def run_cmd(proxy_uid: int, token_poll: float, log_level: str, grpc_: bool) -> N
 
     Envoy's ADS stream authenticates with the projected token in MESHFED_XDS_TOKEN_FILE; when the kubelet
     refreshes it, Envoy is restarted with the new one. Readiness: GET :15021/healthz/ready (Envoy's /ready).
+    The application probes injection moved here (MESHFED_APP_PROBES) are answered on :15020/app-health/....
 
     With --grpc there is no Envoy: the agent fetches the pod's certificate over SDS with the token and writes
     the files and bootstrap a proxyless gRPC application reads (docs/injection.md)."""
@@ -243,7 +246,16 @@ def _supervise(agent: AgentEnv, *, proxy_uid: int, token_poll: float, log_level:
                 proc.send_signal(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    probes: contextlib.ExitStack = contextlib.ExitStack()
     try:
+        if agent.app_probes:  # kubelet's probes of the app, moved here by injection (meshfed.appprobe)
+            try:
+                server = probes.enter_context(AppProbeServer(dict(agent.app_probes), port=agent.agent_port))
+            except OSError as exc:
+                click.echo(f"error: the application probes' port {agent.agent_port}: {exc.strerror or exc}",
+                           err=True)
+                return 1
+            log.info("application probes on :%d: %s", server.port, ", ".join(p for p, _ in agent.app_probes))
         token = ""
         while not received:  # one round per Envoy process: it exits, or is restarted for a new token
             try:
@@ -278,6 +290,7 @@ def _supervise(agent: AgentEnv, *, proxy_uid: int, token_poll: float, log_level:
                     break
         return 0
     finally:
+        probes.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -14,6 +14,11 @@ What a pod gets (``initContainers`` run in order; the sidecar is a native sideca
     volumes           meshfed-xds-token (projected service-account token, audience ``meshfed``),
                       meshfed-run (memory), meshfed-xtables (memory, the capture's iptables lock)
     metadata.annotations["meshfed.io/status"]   what was added (JSON); its presence makes a second run a no-op
+    containers[*] probes  httpGet and tcpSocket liveness/readiness/startup probes rewritten to the agent's
+                          ``:15020/app-health/<container>/livez|readyz|startupz`` (kubelet's probes would meet the
+                          capture and the sidecar's mTLS); the originals in ``MESHFED_APP_PROBES`` on the sidecar,
+                          which the agent runs from inside the pod (``meshfed.appprobe``). Opt out:
+                          ``meshfed.io/rewriteAppProbes: "false"``
 
 With ``inject.meshfed.io/templates: grpc`` (proxyless gRPC) only ``meshfed-proxy`` is added, running
 ``meshfed proxy run --grpc`` (``meshfed.grpcagent``: no Envoy, no capture), with the token and run volumes; every app
@@ -78,6 +83,12 @@ PROXY_CPU = "meshfed.io/proxyCPU"
 PROXY_MEMORY = "meshfed.io/proxyMemory"
 PROXY_CPU_LIMIT = "meshfed.io/proxyCPULimit"
 PROXY_MEMORY_LIMIT = "meshfed.io/proxyMemoryLimit"
+REWRITE_PROBES = "meshfed.io/rewriteAppProbes"
+"""``"false"`` keeps the application's probes as they are (kubelet then reaches the app through the capture:
+only an app port excluded from it, or a probe on another port, still works)."""
+APP_PROBES_ENV = "MESHFED_APP_PROBES"
+APP_HEALTH_PREFIX = "/app-health/"
+PROBE_KINDS: Mapping[str, str] = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
 TEMPLATES = "inject.meshfed.io/templates"
 """Which injection template a pod gets: ``sidecar`` (the default: capture + Envoy) or ``grpc`` (proxyless gRPC: no
 Envoy, no capture; the agent writes ``GRPC_XDS_BOOTSTRAP`` and the workload certificates, docs/injection.md)."""
@@ -86,7 +97,7 @@ GRPC_DIR = f"{RUN_DIR}/grpc"
 GRPC_BOOTSTRAP = f"{GRPC_DIR}/bootstrap.json"
 KNOWN_ANNOTATIONS = frozenset({
     INJECT, STATUS, EXCLUDE_OUTBOUND_CIDRS, EXCLUDE_OUTBOUND_PORTS, EXCLUDE_INBOUND_PORTS,
-    PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT, TEMPLATES,
+    PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT, TEMPLATES, REWRITE_PROBES,
 })
 """Every ``meshfed.io/`` pod annotation the injector reads or writes; another one is refused (a typo would
 otherwise be ignored silently)."""
@@ -386,6 +397,70 @@ def inbound_metadata(facts: PodFacts, *, protocol: str = "") -> str:
     return ",".join(out)
 
 
+@dataclass(frozen=True, slots=True)
+class ProbeRewrite:
+    """One application probe moved to the agent: ``container``'s ``kind`` (``readinessProbe``...) at index
+    ``index`` of ``spec.containers`` becomes ``probe``; ``original`` is what the agent runs (named ports resolved)."""
+
+    index: int
+    kind: str
+    path: str
+    probe: Obj
+    original: Obj
+
+
+def probe_rewrites(pod: Mapping[str, Any], facts: PodFacts) -> tuple[ProbeRewrite, ...]:
+    """The probes to move to the agent (httpGet and tcpSocket; exec and grpc stay: they do not cross the
+    capture's inbound path, or, for grpc, kubelet's client cannot be relayed as a plain check). Named ports are
+    resolved against the container's own ports; a name it does not declare is refused naming the field."""
+    if facts.annotations.get(REWRITE_PROBES, "true").strip() == "false":
+        return ()
+    out: list[ProbeRewrite] = []
+    spec = _mapping(pod.get("spec"), _field(facts.prefix, "spec"))
+    for i, raw in enumerate(_list(spec.get("containers"), _field(facts.prefix, "spec.containers"))):
+        c = _mapping(raw, _field(facts.prefix, f"spec.containers[{i}]"))
+        name = str(c.get("name", ""))
+        named = {str(p.get("name")): p.get("containerPort") for p in _list(c.get("ports"), "ports")
+                 if isinstance(p, Mapping) and p.get("name")}
+        for kind, suffix in PROBE_KINDS.items():
+            where = _field(facts.prefix, f"spec.containers[{i}].{kind}")
+            probe = c.get(kind)
+            if probe is None:
+                continue
+            probe = _mapping(probe, where)
+            handler = next((h for h in ("httpGet", "tcpSocket") if h in probe), None)
+            if handler is None:
+                continue
+            action = dict(_mapping(probe[handler], f"{where}.{handler}"))
+            port = action.get("port")
+            if isinstance(port, str) and not port.isdigit():
+                if port not in named or not isinstance(named[port], int):
+                    raise InjectError(f"{where}.{handler}.port",
+                                      f"{port!r} names no port of container {name!r} (its ports: "
+                                      f"{', '.join(sorted(named)) or 'none'})")
+                port = named[port]
+            try:
+                number = int(port)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise InjectError(f"{where}.{handler}.port", f"{port!r} is not a port") from None
+            if not 0 < number < 65536:
+                raise InjectError(f"{where}.{handler}.port", f"{number} is not a port (1-65535)")
+            if number in RESERVED_PORTS:
+                continue  # a probe of the sidecar's own ports: nothing of the app's to relay
+            action["port"] = number
+            path = f"{APP_HEALTH_PREFIX}{name}/{suffix}"
+            timing = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket")}
+            out.append(ProbeRewrite(index=i, kind=kind, path=path,
+                                    probe={**timing, "httpGet": {"path": path, "port": AGENT_PORT, "scheme": "HTTP"}},
+                                    original={handler: action, "timeoutSeconds": probe.get("timeoutSeconds", 1)}))
+    return tuple(out)
+
+
+def app_probes_env(rewrites: Sequence[ProbeRewrite]) -> str:
+    """``MESHFED_APP_PROBES``: agent path -> the original probe (``httpGet`` or ``tcpSocket``, ``timeoutSeconds``)."""
+    return json.dumps({r.path: r.original for r in rewrites}, separators=(",", ":"), sort_keys=True)
+
+
 def _env_field(name: str, path: str) -> Obj:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
@@ -410,8 +485,9 @@ def _probe(period: int, failures: int) -> Obj:
             "failureThreshold": failures, "timeoutSeconds": 3}
 
 
-def containers(facts: PodFacts, config: InjectConfig, s: Settings) -> tuple[Obj, Obj]:
-    """The capture init container and the native sidecar."""
+def containers(facts: PodFacts, config: InjectConfig, s: Settings,
+               rewrites: Sequence[ProbeRewrite] = ()) -> tuple[Obj, Obj]:
+    """The capture init container and the native sidecar (which runs the ``rewrites``' original probes)."""
     init: Obj = {
         "name": INIT_NAME,
         "image": config.image,
@@ -442,6 +518,7 @@ def containers(facts: PodFacts, config: InjectConfig, s: Settings) -> tuple[Obj,
             {"name": "MESHFED_INBOUND_CAPTURE_PORT", "value": str(DEFAULT_INBOUND_PORT)},
             {"name": "MESHFED_CAPTURE_BIND", "value": "0.0.0.0"},
             {"name": "MESHFED_INBOUND", "value": inbound_metadata(facts)},
+            *([{"name": APP_PROBES_ENV, "value": app_probes_env(rewrites)}] if rewrites else []),
         ],
         "ports": [
             {"name": "mf-health", "containerPort": HEALTH_PORT, "protocol": "TCP"},
@@ -538,11 +615,15 @@ def inject(pod: Any, config: InjectConfig, *, prefix: str = "") -> Outcome:
         return Skipped(f"already injected ({STATUS} and containers {', '.join(_containers_of(template))} present)")
     check(facts)
     s = settings(facts, config)
-    added = [grpc_agent(facts, config, s)] if template == TEMPLATE_GRPC else list(containers(facts, config, s))
+    # Proxyless gRPC pods have no capture: kubelet's probes reach the app as they are.
+    rewrites = () if template == TEMPLATE_GRPC else probe_rewrites(pod, facts)
+    added = ([grpc_agent(facts, config, s)] if template == TEMPLATE_GRPC
+             else list(containers(facts, config, s, rewrites)))
     vols = volumes(config, template)
     status = json.dumps({"version": STATUS_VERSION, "template": template,
                          "initContainers": list(_containers_of(template)),
-                         "volumes": list(_volumes_of(template))}, separators=(",", ":"))
+                         "volumes": list(_volumes_of(template)),
+                         **({"probes": [r.path for r in rewrites]} if rewrites else {})}, separators=(",", ":"))
     out: Obj = copy.deepcopy(dict(pod))
     ops: list[PatchOp] = []
 
@@ -576,6 +657,10 @@ def inject(pod: Any, config: InjectConfig, *, prefix: str = "") -> Outcome:
                 else:
                     ops.append({"op": "add", "path": f"/spec/containers/{i}/{key}", "value": values})
                     c[key] = copy.deepcopy(values)
+
+    for r in rewrites:
+        ops.append({"op": "replace", "path": f"/spec/containers/{r.index}/{r.kind}", "value": r.probe})
+        spec["containers"][r.index][r.kind] = copy.deepcopy(r.probe)
 
     if spec.get("volumes"):
         for v in vols:

@@ -311,3 +311,59 @@ def test_grpc_template_on_a_deployment_validates() -> None:
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(out.obj, version, strict=True)
     assert [c["name"] for c in out.obj["spec"]["template"]["spec"]["initContainers"]] == [PROXY_NAME]
+
+
+def _with_probes() -> dict[str, Any]:
+    obj = pod()
+    app = obj["spec"]["containers"][0]
+    app["readinessProbe"] = {"httpGet": {"path": "/ready", "port": "http",
+                                         "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                             "periodSeconds": 7, "timeoutSeconds": 2}
+    app["livenessProbe"] = {"tcpSocket": {"port": 9080}, "initialDelaySeconds": 3}
+    app["startupProbe"] = {"exec": {"command": ["true"]}}
+    return obj
+
+
+def test_http_and_tcp_probes_move_to_the_agent_with_their_originals() -> None:
+    original = _with_probes()
+    out = injected(original)
+    assert jsonpatch.apply_patch(original, list(out.patch)) == out.pod
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(out.pod, version, strict=True)
+    app = out.pod["spec"]["containers"][0]
+    assert app["readinessProbe"] == {"httpGet": {"path": "/app-health/app/readyz", "port": 15020, "scheme": "HTTP"},
+                                     "periodSeconds": 7, "timeoutSeconds": 2}
+    assert app["livenessProbe"] == {"httpGet": {"path": "/app-health/app/livez", "port": 15020, "scheme": "HTTP"},
+                                    "initialDelaySeconds": 3}
+    assert app["startupProbe"] == {"exec": {"command": ["true"]}}  # exec does not cross the capture: kept
+    env = {e["name"]: e.get("value") for e in init_containers(out.pod)[PROXY_NAME]["env"]}
+    assert json.loads(env["MESHFED_APP_PROBES"]) == {
+        "/app-health/app/readyz": {"httpGet": {"path": "/ready", "port": 9080,  # the named port, resolved
+                                               "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                                   "timeoutSeconds": 2},
+        "/app-health/app/livez": {"tcpSocket": {"port": 9080}, "timeoutSeconds": 1},
+    }
+    status = json.loads(out.pod["metadata"]["annotations"][STATUS])
+    assert status["probes"] == ["/app-health/app/livez", "/app-health/app/readyz"]  # liveness, readiness, startup
+    again = inject(out.pod, CONFIG)
+    assert isinstance(again, Skipped)  # the rewritten probes are not rewritten twice
+
+
+def test_probe_rewrite_opt_out_grpc_template_and_a_bad_named_port() -> None:
+    kept = _with_probes()
+    kept["metadata"]["annotations"] = {"meshfed.io/rewriteAppProbes": "false"}
+    out = injected(kept)
+    assert out.pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] == "http"
+    assert "MESHFED_APP_PROBES" not in {e["name"] for e in init_containers(out.pod)[PROXY_NAME]["env"]}
+    grpc = _with_probes()
+    grpc["metadata"]["annotations"] = {TEMPLATES: "grpc"}
+    config = InjectConfig(cluster="east", image="i", xds_address="cp:15010", xds_mtls_address="cp:15012")
+    out_grpc = inject(grpc, config)
+    assert isinstance(out_grpc, Injected)
+    assert out_grpc.pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/ready"  # no capture
+    bad = _with_probes()
+    bad["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = "metrics"
+    with pytest.raises(InjectError) as err:
+        inject(bad, CONFIG)
+    assert err.value.field == "spec.containers[0].readinessProbe.httpGet.port"
+    assert "'metrics' names no port of container 'app' (its ports: http)" in str(err.value)

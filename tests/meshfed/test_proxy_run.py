@@ -84,14 +84,17 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-async def start_agent(tmp_path: Path, xds_port: int) -> tuple[subprocess.Popen[bytes], int, int, int]:
-    """``meshfed proxy run`` with the injector's environment (ports moved to free ones on loopback)."""
+async def start_agent(tmp_path: Path, xds_port: int, *, probes: str = "", probe_port: int = 0
+                      ) -> tuple[subprocess.Popen[bytes], int, int, int]:
+    """``meshfed proxy run`` with the injector's environment (ports moved to free ones on loopback); ``probes``:
+    its ``MESHFED_APP_PROBES``, answered on ``probe_port``."""
     env = injected_env(tmp_path, f"127.0.0.1:{xds_port}")
     (tmp_path / "run").mkdir()
     admin, health, metrics = free_port(), free_port(), free_port()
     env.update(MESHFED_ADMIN_PORT=str(admin), MESHFED_HEALTH_PORT=str(health), MESHFED_METRICS_PORT=str(metrics),
                MESHFED_OUTBOUND_PORT=str(free_port()), MESHFED_INBOUND_CAPTURE_PORT=str(free_port()),
-               MESHFED_CAPTURE_BIND="127.0.0.1")
+               MESHFED_CAPTURE_BIND="127.0.0.1", MESHFED_APP_PROBES=probes,
+               MESHFED_AGENT_PORT=str(probe_port or free_port()))
     agent = await asyncio.to_thread(
         subprocess.Popen,
         [sys.executable, "-m", "meshfed", "proxy", "run", "--proxy-uid", str(os.getuid()), "--token-poll", "0.2"],
@@ -131,12 +134,23 @@ async def test_proxy_run_against_a_real_control_plane(east_ca: Path, tmp_path: P
     async with ControlPlane(config) as cp:
         assert cp.ads is not None
         (tmp_path / "token").write_text("a" * 24)
-        agent, admin, health, metrics = await start_agent(tmp_path, cp.ads.port)
+        probe_port = free_port()
+        # kubelet's probes of the app as injection moved them: the control plane's admin port stands in for the
+        # app (open), a free port for one that is down.
+        probes = json.dumps({"/app-health/app/livez": {"tcpSocket": {"port": cp.admin_port}},
+                             "/app-health/app/readyz": {"httpGet": {"path": "/readyz", "port": cp.admin_port}},
+                             "/app-health/down/livez": {"tcpSocket": {"port": free_port()}}})
+        agent, admin, health, metrics = await start_agent(tmp_path, cp.ads.port, probes=probes,
+                                                          probe_port=probe_port)
         try:
             def ready() -> bool:
                 return agent_ready(agent, health)
 
             await asyncio.to_thread(wait_for, ready, timeout=60, what="the sidecar's readiness")
+            for path, want in (("/app-health/app/livez", 200), ("/app-health/app/readyz", 200),
+                               ("/app-health/down/livez", 503), ("/app-health/nope/livez", 404)):
+                got = (await asyncio.to_thread(http_get, f"http://127.0.0.1:{probe_port}{path}"))[0]
+                assert got == want, (path, got)
             status, listeners = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/listeners")
             assert status == 200 and "virtualOutbound" in listeners and "virtualInbound" in listeners
             status, prom = await asyncio.to_thread(http_get, f"http://127.0.0.1:{metrics}/stats/prometheus")
