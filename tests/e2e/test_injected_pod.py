@@ -69,9 +69,39 @@ except Exception as exc:
 """
 
 
+#: The application's own health endpoint, on the pod's loopback and address (port 8080, ``/ready``), as a pod
+#: with a kubelet readiness probe has it.
+HEALTH_APP = r"""
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        self.send_response(200 if self.path == "/ready" else 500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+server = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H)
+print("ready", flush=True)
+server.serve_forever()
+"""
+
+#: What kubelet does from the node: GET argv[1], print the status (or the error).
+KUBELET_GET = r"""
+import sys, urllib.request, urllib.error
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=5) as r:
+        print(r.status, r.read().decode().strip())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode().strip())
+except Exception as exc:
+    print("error", type(exc).__name__)
+"""
+
+
 def sleep_pod() -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleep-1", "namespace": "default"},
-            "spec": {"serviceAccountName": "sleep", "containers": [{"name": "sleep", "image": "sleep:1"}]}}
+            "spec": {"serviceAccountName": "sleep", "containers": [{
+                "name": "sleep", "image": "sleep:1", "ports": [{"name": "http-health", "containerPort": 8080}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "http-health"}, "periodSeconds": 5}}]}}
 
 
 def injected(pod: dict[str, Any]) -> dict[str, Any]:
@@ -95,7 +125,7 @@ def downward(pod: dict[str, Any], container: dict[str, Any], pod_ip: str) -> dic
 
 
 @pytest.fixture
-async def pod_mesh() -> AsyncIterator[tuple[Bed, subprocess.Popen[bytes]]]:
+async def pod_mesh() -> AsyncIterator[tuple[Bed, subprocess.Popen[bytes], str]]:
     ips = Addresses(secrets.randbelow(250) + 1)
     p = planes(ips)
     east_reg, west_reg, east_ctx, west_ctx, echo, gateway = (p.east_reg, p.west_reg, p.east_ctx, p.west_ctx,
@@ -147,7 +177,8 @@ async def pod_mesh() -> AsyncIterator[tuple[Bed, subprocess.Popen[bytes]]]:
                     return await run_in(b, "east", READY, within=30) == "200"
 
                 await wait_until(ready, within=90, what="the injected sidecar's /healthz/ready")
-                yield b, agent
+                start_script(b, "east", HEALTH_APP)  # last: the test stops it (b.popens[-1])
+                yield b, agent, ips.east_ip
             finally:
                 if agent is not None and agent.poll() is None:
                     agent.send_signal(signal.SIGTERM)
@@ -159,8 +190,9 @@ async def pod_mesh() -> AsyncIterator[tuple[Bed, subprocess.Popen[bytes]]]:
                 b.stop_processes()
 
 
-async def test_the_injected_containers_put_the_pod_in_the_mesh(pod_mesh: tuple[Bed, subprocess.Popen[bytes]]) -> None:
-    b, agent = pod_mesh
+async def test_the_injected_containers_put_the_pod_in_the_mesh(
+        pod_mesh: tuple[Bed, subprocess.Popen[bytes], str]) -> None:
+    b, agent, ip = pod_mesh
     assert await run_in(b, "east", CLIENT, "resolve", ECHO_NAME, within=60) != ""
     assert await run_in(b, "east", CLIENT, "echo", ECHO_NAME, "5432", str(1 << 16), within=60) == "ok"
     status, _, xfcc = (await run_in(b, "east", CLIENT, "http", RATINGS_URL, within=60)).partition(" ")
@@ -171,6 +203,20 @@ async def test_the_injected_containers_put_the_pod_in_the_mesh(pod_mesh: tuple[B
     [envoy_pid] = await asyncio.to_thread(_children, agent.pid)
     status_text = await asyncio.to_thread(_read, f"/proc/{envoy_pid}/status")
     assert "Uid:\t1337\t1337\t1337\t1337" in status_text, status_text
+    # kubelet's readiness probe, as injection rewrote it, asked from the node (the gateway's namespace stands in):
+    # the agent runs the original against the app inside the pod. The original, asked from outside, meets the
+    # capture and the sidecar's mutual TLS and fails: why it was moved.
+    pod = injected(sleep_pod())
+    probe = pod["spec"]["containers"][0]["readinessProbe"]
+    assert probe == {"httpGet": {"path": "/app-health/sleep/readyz", "port": 15020, "scheme": "HTTP"},
+                     "periodSeconds": 5}
+    node_view = await run_in(b, "gw", KUBELET_GET, f"http://{ip}:15020/app-health/sleep/readyz", within=60)
+    assert node_view == "200 http GET 127.0.0.1:8080/ready: 200", node_view
+    assert not (await run_in(b, "gw", KUBELET_GET, f"http://{ip}:8080/ready", within=60)).startswith("200")
+    b.popens[-1].kill()  # the application goes down: the probe says so
+    b.popens[-1].wait(timeout=30)
+    node_view = await run_in(b, "gw", KUBELET_GET, f"http://{ip}:15020/app-health/sleep/readyz", within=60)
+    assert node_view.startswith("503 http GET 127.0.0.1:8080/ready:"), node_view
     # The agent stops with SIGTERM and takes Envoy with it.
     agent.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(agent.wait, 30) == 0
