@@ -9,11 +9,12 @@ domain), when no bundle was ever fetched, or when the service exchange with it f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from federation.peering.records import PeerStatus
+from meshfed.controlplane.status import ControlPlaneStatus
 from meshfed.jsondoc import decode, encode
 
 
@@ -81,3 +82,28 @@ async def fetch_peers(url: str, ca_dir: Path, cluster: str) -> tuple[PeerStatus,
                                 request_timeout_s=5.0) as client:
         rows = await client.peers()
     return decode_peers(rows, what=f"GET {url}/v1/peers")
+
+
+def peer_services(statuses: Mapping[str, ControlPlaneStatus | None], problems: list[str]) -> list[dict[str, Any]]:
+    """The services peers exported to us as each control plane serves them (its ``/status`` ``peer_services``),
+    one row per (cluster, service); their problems appended to ``problems``: services that could not be taken
+    (``peer_error``), and a peer's service with no ready endpoint behind the exporter's gateways."""
+    rows: list[dict[str, Any]] = []
+    for cluster, st in sorted(statuses.items()):
+        if st is None:
+            continue
+        if st.peer_error:
+            problems.append(f"{cluster}: peer services not taken (the last accepted are served): {st.peer_error}")
+        for p in st.peer_services:
+            rows.append({"cluster": cluster, **encode(p)})
+            if p.ready <= 0:
+                problems.append(f"{cluster}: {p.host} (exported by peer {p.peer}) has no ready endpoint behind the "
+                                f"peer's gateways ({', '.join(p.gateways) or 'none'})")
+    return rows
+
+
+def peer_service_table(rows: Sequence[Mapping[str, Any]]) -> tuple[str, list[str], list[list[Any]]]:
+    return ("Peer services (exported to this clusterset by peers)",
+            ["cluster", "name", "peer", "trust domain", "ClusterSetIP", "ports", "ready", "via gateways"],
+            [[r["cluster"], r["host"], r["peer"], r["trust_domain"], ", ".join(r["ips"]) or "-",
+              ", ".join(str(p) for p in r["ports"]), r["ready"], ", ".join(r["gateways"]) or "-"] for r in rows])

@@ -331,6 +331,7 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
         "prometheus": prometheus_section(state),
     }
     _peers(report, inp.peers, inp.peers_error, problems)
+    report["peer_services"] = peerstatus.peer_services(statuses, problems)
     report["problems"] = problems
     report["healthy"] = not problems
     return report
@@ -585,6 +586,8 @@ def sections(report: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[
                     [[i + 1, line] for i, line in enumerate(rot["lines"])]))
     if report.get("peers"):
         out.append(peerstatus.peer_table(peerstatus.decode_peers(report["peers"], what="status report")))
+    if report.get("peer_services"):
+        out.append(peerstatus.peer_service_table(report["peer_services"]))
     if report.get("traffic"):
         from meshfed.traffic import table as traffic_table
 

@@ -145,6 +145,14 @@ def test_a_workload_calls_the_service_a_peer_exported_to_it(runs: tuple[Path, Pa
     reviews = next(w for w in local.read_state(run_a)["clusters"]["east"]["workloads"] if w["service"] == "reviews")
     status, body = call(run_a, outbound=reviews["outbound"])
     assert status == 503, body
+    # meshfed status lists the peer's service as every control plane of A serves it.
+    done = meshfed("status", "--run-dir", str(run_a), "-o", "json", timeout=120)
+    rows = [r for r in json.loads(done.stdout)["peer_services"] if r["host"] == PEER_RATINGS]
+    assert {r["cluster"] for r in rows} == {"east", "west"}, rows
+    assert all(r["ips"] == [vip] and r["peer"] == "other" and r["trust_domain"] == "other.meshfed.local"
+               and r["ready"] >= 1 and r["ports"] == [9080] for r in rows), rows
+    table = meshfed("status", "--run-dir", str(run_a), timeout=120).stdout
+    assert "Peer services" in table and PEER_RATINGS in table
 
 
 def test_a_root_rotation_on_the_calling_side_under_traffic_across_the_peering(runs: tuple[Path, Path]) -> None:

@@ -140,6 +140,32 @@ def test_status_shows_peers_and_their_problems() -> None:
     assert peerstatus.decode_peers(report["peers"], what="report") == (healthy, down, refused, expired, never)
 
 
+def test_status_lists_peer_services_and_says_what_is_wrong_with_them() -> None:
+    from meshfed.controlplane.status import ControlPlaneStatus, PeerServiceRow
+
+    ready = PeerServiceRow(host="ratings.default.svc.b.clusterset.local", peer="b", trust_domain="b.test",
+                           ips=("241.0.0.7",), ports=(9080,), ready=2, gateways=("192.0.2.1:15443",))
+    empty = PeerServiceRow(host="db.data.svc.b.clusterset.local", peer="b", trust_domain="b.test",
+                           ips=("241.0.0.9",), ports=(5432,), ready=0, gateways=("192.0.2.1:15443",))
+    statuses = {"east": ControlPlaneStatus(cluster="east", peer_services=(ready, empty)),
+                "west": ControlPlaneStatus(cluster="west", peer_error="ClusterSetIP CIDR 241.0.0.0/30 has 2 usable "
+                                                                      "addresses, fewer than 3 services"),
+                "north": None}
+    problems: list[str] = []
+    rows = peerstatus.peer_services(statuses, problems)
+    assert [(r["cluster"], r["host"], r["ready"]) for r in rows] == [
+        ("east", "ratings.default.svc.b.clusterset.local", 2), ("east", "db.data.svc.b.clusterset.local", 0)]
+    assert problems == [
+        "east: db.data.svc.b.clusterset.local (exported by peer b) has no ready endpoint behind the peer's gateways "
+        "(192.0.2.1:15443)",
+        "west: peer services not taken (the last accepted are served): ClusterSetIP CIDR 241.0.0.0/30 has 2 usable "
+        "addresses, fewer than 3 services"]
+    title, header, table = peerstatus.peer_service_table(rows)
+    assert title.startswith("Peer services") and header[1] == "name"
+    assert table[0] == ["east", "ratings.default.svc.b.clusterset.local", "b", "b.test", "241.0.0.7", "9080", 2,
+                        "192.0.2.1:15443"]
+
+
 def test_reissue_waits_until_every_peer_holds_the_new_root() -> None:
     """root-added: a peer federation authenticates our bundle endpoint with the bundle it holds; if our serving
     certificate moved under the new root before the peer fetched it, the peer would be locked out."""
