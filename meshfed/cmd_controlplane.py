@@ -72,6 +72,9 @@ async def _serve(config: ControlPlaneConfig) -> None:
               help="serve the sidecar injection webhook (HTTPS POST /inject) here")
 @click.option("--webhook-host", "webhook_hosts", multiple=True, metavar="NAME",
               help="DNS name (or IP) the webhook's certificate is valid for (repeatable; default: the listen host)")
+@click.option("--webhook-configuration", default="", metavar="NAME",
+              help="keep this MutatingWebhookConfiguration's caBundle equal to the clusterset's roots, through root "
+                   "rotations (--source kubernetes; the install passes meshfed-sidecar-injector)")
 @click.option("--inject-image", default="", metavar="IMAGE", help="the image injected pods' meshfed containers run")
 @click.option("--inject-image-pull-policy", type=click.Choice(["Always", "IfNotPresent", "Never"]),
               default="IfNotPresent", show_default=True)
@@ -86,9 +89,9 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
                  runtime_file: Path | None, source: str, kubeconfig: Path | None, kube_context: str | None,
                  xds_auth: str | None, xds_token_audience: str, xds_mtls_listen: str | None,
                  xds_mtls_hosts: tuple[str, ...], cert_files: Path | None, webhook_listen: str | None,
-                 webhook_hosts: tuple[str, ...], inject_image: str, inject_image_pull_policy: str,
-                 inject_xds_address: str, inject_xds_mtls_address: str, debounce_quiet: float,
-                 debounce_max: float) -> None:
+                 webhook_hosts: tuple[str, ...], webhook_configuration: str, inject_image: str,
+                 inject_image_pull_policy: str, inject_xds_address: str, inject_xds_mtls_address: str,
+                 debounce_quiet: float, debounce_max: float) -> None:
     """Run one cluster's control plane until SIGTERM or Ctrl-C."""
     try:
         cs = load_clusterset(clusterset_dir)
@@ -107,8 +110,8 @@ def controlplane(clusterset_dir: Path, cluster: str, ca_dir: Path, federation_ur
             xds_mtls=parse_listen(xds_mtls_listen, what="--xds-mtls-listen") if xds_mtls_listen else None,
             xds_mtls_hosts=xds_mtls_hosts, cert_files=cert_files,
             webhook=parse_listen(webhook_listen, what="--webhook-listen") if webhook_listen else None,
-            webhook_hosts=webhook_hosts, inject_image=inject_image, inject_image_pull_policy=inject_image_pull_policy,
-            inject_xds_address=inject_xds_address,
+            webhook_hosts=webhook_hosts, webhook_configuration=webhook_configuration, inject_image=inject_image,
+            inject_image_pull_policy=inject_image_pull_policy, inject_xds_address=inject_xds_address,
             inject_xds_mtls_address=inject_xds_mtls_address,
         )
         config.check()

@@ -42,6 +42,7 @@ from discovery.kube.client import (
     read_cluster_properties_sync,
     served_mcs_version_sync,
     service_exists_sync,
+    sync_webhook_ca_bundle_sync,
 )
 from discovery.kube.errors import (
     KubeAlreadyExists,
@@ -90,4 +91,5 @@ __all__ = [
     "read_cluster_properties_sync",
     "served_mcs_version_sync",
     "service_exists_sync",
+    "sync_webhook_ca_bundle_sync",
 ]

@@ -6,7 +6,9 @@ control plane and ``meshfed export --context`` use."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import json
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -163,3 +165,33 @@ def read_cluster_properties_sync(api: k8s_client.ApiClient) -> dict[str, str]:
         if isinstance(value, str):
             out[name] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------------------ webhook
+
+
+def sync_webhook_ca_bundle_sync(api: k8s_client.ApiClient, name: str, pem: str) -> bool:
+    """Make every webhook of the MutatingWebhookConfiguration ``name`` trust exactly ``pem`` (the clusterset's
+    roots: during a root rotation the old and the new, before the webhook's serving certificate moves to the new
+    one), as istiod keeps its injector's ``caBundle``. Returns whether it wrote. Optimistic: the replace carries the
+    object's resourceVersion, so a concurrent edit makes it fail (409) rather than be lost; the caller retries.
+    ``KubeNotFound`` when there is no such configuration."""
+    admission = k8s_client.AdmissionregistrationV1Api(api)
+    what = f"MutatingWebhookConfiguration {name}"
+    resp: Any = api_request(f"get {what}", lambda: admission.read_mutating_webhook_configuration(
+        name, _preload_content=False))
+    try:
+        obj = json.loads(resp.data)
+    finally:
+        resp.release_conn()
+    want = base64.b64encode(pem.encode()).decode("ascii")
+    changed = False
+    for hook in obj.get("webhooks") or ():
+        config = hook.setdefault("clientConfig", {})
+        if config.get("caBundle") != want:
+            config["caBundle"] = want
+            changed = True
+    if changed:
+        api_request(f"replace {what}", lambda: admission.replace_mutating_webhook_configuration(name, obj))
+        log.info("webhook_ca_bundle_written configuration=%s webhooks=%d", name, len(obj.get("webhooks") or ()))
+    return changed

@@ -186,6 +186,7 @@ def status_of(cp: ControlPlane) -> ControlPlaneStatus:
             ready=p.ready, gateways=tuple(join_hostport(e.gateway_host, e.gateway_port) for e in p.endpoints))
             for p in reg.peers),
         peer_error=cp.peer_error,
+        webhook_ca_error=cp.webhook_ca_error,
         federation=federation,
         trust=TrustStatus(
             trust_domain=cp.trust_domain,

@@ -18,7 +18,14 @@ from typing import Any, Self
 from discovery.authz import AuthorizationPolicy
 from discovery.convert import imported_slices
 from discovery.dns.server import DnsServer
-from discovery.kube import ExportStatusWriter, ImportWriter, KubeSource, SliceWriter
+from discovery.kube import (
+    ExportStatusWriter,
+    ImportWriter,
+    KubeError,
+    KubeSource,
+    SliceWriter,
+    sync_webhook_ca_bundle_sync,
+)
 from discovery.manifests import ManifestSource
 from discovery.mcs import InvalidCidr, derive_local
 from discovery.model import ClusterInfo, Registry
@@ -53,6 +60,9 @@ from meshfed.inject import InjectConfig
 
 log = logging.getLogger("meshfed.controlplane")
 
+
+#: How often the webhook configuration's caBundle is checked even when the bundle did not change.
+_WEBHOOK_RECHECK_S = 30.0
 
 #: What a push for a change of only this reason concerns (the others: everything).
 _REASON_CONFIGS: Mapping[str, frozenset[ConfigKey]] = {"trust": frozenset({ConfigKey(Kind.TRUST)})}
@@ -104,6 +114,7 @@ class ControlPlane:
         # avoid the imports' own).
         self._peer_imports_of: tuple[int, object] = (0, None)
         self.peer_error = ""  # why the peers' services could not be taken ("" when they were)
+        self.webhook_ca_error = ""  # why the webhook configuration's caBundle could not be written
         self.admin_port = 0
         self.webhook_port = 0
 
@@ -264,7 +275,30 @@ class ControlPlane:
             self.slice_writer = SliceWriter(api=source.api, imports=self.import_writer)
             self._tasks.append(asyncio.create_task(
                 self._status_loop(self.status_writer, self.import_writer, self.slice_writer), name="export-status"))
+            if self.config.webhook_configuration:
+                self._tasks.append(asyncio.create_task(
+                    self._webhook_ca_loop(source.api, self.config.webhook_configuration), name="webhook-ca"))
         return source
+
+    async def _webhook_ca_loop(self, api: Any, name: str) -> None:
+        """Keep the injector's MutatingWebhookConfiguration trusting the clusterset's roots: at once, whenever the
+        bundle changes (``meshfed ca rotate add-root`` adds the new root before ``reissue`` moves the webhook's
+        certificate to it, so the API server never meets a certificate it cannot verify), and every
+        ``_WEBHOOK_RECHECK_S`` (a re-applied install puts back the old caBundle)."""
+        synced, last = "", 0.0
+        while True:
+            pem = bundle_pem(self.bundle)
+            if pem != synced or time.monotonic() - last >= _WEBHOOK_RECHECK_S:
+                try:
+                    await asyncio.to_thread(sync_webhook_ca_bundle_sync, api, name, pem)
+                except KubeError as exc:
+                    if self.webhook_ca_error != str(exc):
+                        log.warning("webhook caBundle not written cluster=%s configuration=%s error=%s "
+                                    "(retrying)", self.config.cluster, name, exc)
+                    self.webhook_ca_error = str(exc)
+                else:
+                    synced, last, self.webhook_ca_error = pem, time.monotonic(), ""
+            await asyncio.sleep(self.config.trust_poll_s)
 
     async def _status_loop(self, writer: ExportStatusWriter, imports: ImportWriter, slices: SliceWriter) -> None:
         """Write the local exports' conditions, the clusterset's ServiceImports and then their multicluster

@@ -79,6 +79,9 @@ class ControlPlaneConfig:
     # DNS names (or IPs) its serving certificate is valid for: the webhook Service's names; the listen host when
     # empty.
     webhook_hosts: tuple[str, ...] = ()
+    # The MutatingWebhookConfiguration whose caBundle the control plane keeps equal to the clusterset's roots
+    # (source kubernetes; "": left alone). The install names meshfed-sidecar-injector.
+    webhook_configuration: str = ""
     # What injected pods run and where their sidecars find ADS (meshfed.inject.InjectConfig).
     inject_image: str = ""
     inject_image_pull_policy: str = "IfNotPresent"

@@ -181,6 +181,7 @@ class ControlPlaneStatus:
     manifest_problems: tuple[ManifestProblemRow, ...] = ()
     peer_services: tuple[PeerServiceRow, ...] = ()
     peer_error: str = ""  # why the peers' services could not be taken ("" when they were)
+    webhook_ca_error: str = ""  # why the injector's caBundle could not be kept current ("" when it is)
     federation: FederationStatus = FederationStatus()
     trust: TrustStatus = TrustStatus()
     rotation: RotationReport | None = None

@@ -325,6 +325,9 @@ def controlplane_rules() -> list[Obj]:
         _rule(["multicluster.x-k8s.io"], ["serviceimports"], [*READ, "create", "update", "patch", "delete"]),
         _rule(["multicluster.x-k8s.io"], ["serviceimports/status"], ["get", "update", "patch"]),
         _rule(["authentication.k8s.io"], ["tokenreviews"], ["create"]),
+        # Only the injector's own configuration, to keep its caBundle equal to the clusterset's roots.
+        {**_rule(["admissionregistration.k8s.io"], ["mutatingwebhookconfigurations"], ["get", "update"]),
+         "resourceNames": [WEBHOOK_CONFIG]},
         _rule(["about.k8s.io"], ["clusterproperties"], READ),
         _rule(["networking.istio.io"],
               ["destinationrules", "virtualservices", "serviceentries", "gateways", "sidecars"], READ),
@@ -621,7 +624,7 @@ def controlplane_args(cluster: ClusterInfo, federation_url: str, opts: InstallOp
         "--gateway-address", gateway_address(cluster, opts),
         "--source", "kubernetes",
         "--xds-token-audience", XDS_AUDIENCE,
-        "--webhook-listen", f"0.0.0.0:{WEBHOOK_CONTAINER_PORT}",
+        "--webhook-listen", f"0.0.0.0:{WEBHOOK_CONTAINER_PORT}", "--webhook-configuration", WEBHOOK_CONFIG,
         *(arg for host in xds_mtls_hosts(opts) for arg in ("--webhook-host", host)),
         "--inject-image", opts.image,
         "--inject-image-pull-policy", opts.image_pull_policy,
@@ -729,7 +732,8 @@ def controlplane_objects(
 def webhook_configuration(cluster: ClusterInfo, opts: InstallOptions, ca: CAFiles) -> Obj:
     """The MutatingWebhookConfiguration sending new pods of opted-in namespaces to the control plane's
     ``/inject``: its ``caBundle`` is the cluster's root, which the webhook's serving certificate (issued by the
-    cluster's intermediate for the Service's names, ``--webhook-host``) chains to. meshfed's own pods and namespace
+    cluster's intermediate for the Service's names, ``--webhook-host``) chains to; the running control plane keeps
+    it equal to the clusterset's roots through rotations (``--webhook-configuration``). meshfed's own pods and namespace
     are never sent; ``failurePolicy: Fail`` therefore only holds back pods of namespaces that asked for the mesh."""
     return {
         "apiVersion": "admissionregistration.k8s.io/v1",

@@ -406,3 +406,55 @@ async def test_cluster_identity_is_checked_against_the_cluster_property(
                 pytest.fail("the control plane started")
         message = str(info.value)
         assert wrong in message and ("'east'" in message or "'demo'" in message)
+
+
+async def test_the_injectors_ca_bundle_follows_the_clustersets_roots_through_a_rotation(
+        east_ca: Path, tmp_path: Path) -> None:
+    """On the Kubernetes source with ``webhook_configuration``, the control plane writes the clusterset's roots
+    into every webhook's caBundle (what the install rendered holds the first root only), and writes both roots as
+    soon as ``add-root`` puts the new one in the bundle: before ``reissue`` moves the webhook's serving certificate
+    to it, so the API server can verify that certificate throughout."""
+    import base64
+    import dataclasses
+
+    from federation.trust.store import rotate_add_root
+    from gateway.sds import bundle_pem
+    from tests.meshfed.conftest import kube_config
+    from tests.support.kubeapi import KubeApiDouble
+
+    stale = b"-----BEGIN CERTIFICATE-----\nc3RhbGU=\n-----END CERTIFICATE-----\n"  # what an old install left
+    hook = {"name": "inject.meshfed.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "clientConfig": {"service": {"name": "meshfed-controlplane", "namespace": "meshfed-system",
+                                         "path": "/inject", "port": 443},
+                             "caBundle": base64.b64encode(stale).decode()}}
+    with KubeApiDouble() as api:
+        api.put_object({"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+                        "metadata": {"name": "meshfed-sidecar-injector"}, "webhooks": [hook]})
+        config = dataclasses.replace(kube_config(east_ca, api.write_kubeconfig(tmp_path / "kubeconfig")),
+                                     webhook_configuration="meshfed-sidecar-injector", trust_poll_s=0.2)
+
+        def ca_bundle() -> str:
+            obj = api.get_object("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration",
+                                 "meshfed-sidecar-injector")
+            assert obj is not None
+            return base64.b64decode(obj["webhooks"][0]["clientConfig"]["caBundle"]).decode()
+
+        async def until_bundle(want: str) -> None:
+            for _ in range(200):
+                if ca_bundle() == want:
+                    return
+                await asyncio.sleep(0.05)
+            assert ca_bundle() == want
+
+        async with ControlPlane(config) as cp:
+            await until_bundle(bundle_pem(cp.bundle))
+            assert cp.status().webhook_ca_error == ""
+            rotate_add_root(east_ca.parent / "root", cluster_dirs=[east_ca])
+            for _ in range(200):
+                if len(cp.bundle.roots) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(cp.bundle.roots) == 2
+            await until_bundle(bundle_pem(cp.bundle))
+            assert ca_bundle().count("BEGIN CERTIFICATE") == 2
+            assert cp.status().webhook_ca_error == ""
