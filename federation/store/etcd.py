@@ -212,12 +212,15 @@ class EtcdStore:
         return self._client_obj
 
     async def _failover(self) -> None:
-        """After a connection error: move to the next endpoint (when there is more than one)."""
-        if len(self._endpoints) < 2 or self._client_obj is None:
+        """After a connection error: move to the next endpoint (when there is more than one), on a fresh
+        connection either way. A channel that failed sits in gRPC's reconnect backoff and fails every call at once
+        until its next attempt: kept, it would refuse the first calls after etcd came back."""
+        if self._client_obj is None:
             return
         old, self._client_obj = self._client_obj, None
-        self._current = (self._current + 1) % len(self._endpoints)
-        log.warning("etcd failover to=%s", self.endpoint)
+        if len(self._endpoints) > 1:
+            self._current = (self._current + 1) % len(self._endpoints)
+            log.warning("etcd failover to=%s", self.endpoint)
         with contextlib.suppress(*_ERRORS):
             await old.close()
 
