@@ -10,6 +10,7 @@ Naming used everywhere in the generated configuration (see ``docs/envoy-config.m
     sidecar outbound        outbound|<port>||<svc>.<ns>.svc.clusterset.local
     sidecar subset          outbound|<port>|<subset>|<svc>.<ns>.svc.clusterset.local   (DestinationRule subsets)
     sidecar inbound         inbound|<port>
+    headless pod (captured) outbound-pod|<port>||<svc>.<ns>.svc.clusterset.local   (ORIGINAL_DST, mTLS)
     peer service (importer) outbound|<port>||<svc>.<ns>.svc.<peer>.clusterset.local
     peer SNI (both sides)   peer_.<port>_._.<svc>.<ns>.svc.clusterset.local   (the exporter's gateway routes it
                             only for services exported to a peer: docs/peering.md)
@@ -42,6 +43,7 @@ from discovery.model import (
     Service,
     ServiceKey,
     ServicePort,
+    ServiceType,
     cluster_id,
 )
 from discovery.model import namespace as _namespace
@@ -89,6 +91,12 @@ def subset_cluster_name(key: ServiceKey, port: int, subset: str) -> str:
 
 def inbound_cluster_name(port: int) -> str:
     return f"inbound|{port}"
+
+
+def pod_cluster_name(key: ServiceKey, port: int) -> str:
+    """The ORIGINAL_DST cluster a captured workload's connection to one pod of a headless service takes: mTLS to
+    the very pod it dialled (a headless service's clients pick their pod; no load balancing)."""
+    return f"outbound-pod|{port}||{key.clusterset_host}"
 
 
 def peer_sni_name(key: ServiceKey, port: int) -> str:
@@ -395,6 +403,19 @@ class PushContext:
             if service.key not in found and not service.headless:
                 found[service.key] = service.ports
         return sorted(found.items())
+
+    def headless(self, key: ServiceKey) -> bool:
+        """Whether ``key`` is a headless service (its ServiceImport, or the local Service when not imported)."""
+        imp = self.registry.imports.get(key)
+        if imp is not None:
+            return imp.type is ServiceType.HEADLESS
+        local = self.registry.service(self.local, key)
+        return local is not None and local.headless
+
+    def pod_destinations(self, key: ServiceKey, port: ServicePort) -> list[tuple[str, int]]:
+        """The (pod address, port) pairs a client of headless ``key`` may dial on ``port``: the ready endpoints this
+        cluster can reach directly (its own pods and those of remote clusters on its network), sorted."""
+        return sorted({(e.address, e.port) for e in self.upstream_endpoints(key, port) if not e.via_gateway})
 
     def peer_imports(self) -> Mapping[PeerKey, PeerImport]:
         """The services peers exported to us (docs/peering.md), by pipeline key."""

@@ -138,6 +138,12 @@ def _capture_chains(p: ProxyInfo, k: PartKey, value: Any, ctx: PushContext) -> l
     return capture.outbound_chains_of(k, value, ctx)
 
 
+def _capture_inputs(k: PartKey, value: Any, ctx: PushContext) -> Hashable:
+    if isinstance(k, PeerKey):
+        return (value.ports, value.ips)
+    return capture.outbound_chain_inputs(k, value, ctx)
+
+
 def _api_listeners(p: ProxyInfo, k: PartKey, value: Any, ctx: PushContext) -> dict[str, Any]:
     # Proxyless gRPC clients do not reach peers (cds.peer_clusters_of).
     return {} if isinstance(k, PeerKey) else lds.api_listeners_of(k, value)
@@ -232,7 +238,7 @@ RDS_OUTBOUND = SharedPart("rds-outbound", ROUTE_TYPE, lambda p: (p.namespace, p.
                           _virtual_hosts, endpoints=False,
                           combine=_outbound_route, also=_virtual_service_keys)
 LDS_CAPTURE = SharedPart("lds-capture", LISTENER_TYPE, _capture_scope, _outbound_keys,
-                         _capture_chains, endpoints=False,
+                         _capture_chains, endpoints=True, inputs=_capture_inputs,
                          combine=_virtual_outbound)
 LDS_API = SharedPart("lds-api", LISTENER_TYPE, lambda p: (), _outbound_keys,
                      _api_listeners, endpoints=False)

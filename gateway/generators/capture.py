@@ -15,6 +15,10 @@ rules (``meshfed proxy capture``, docs/traffic-capture.md) redirect every TCP co
       ``outbound|<port>||<host>`` (the same mTLS, SNI ``outbound_.<port>_._.<svc>.<ns>.svc.clusterset.local``,
       endpoints and failover as HTTP).
 
+    A headless service's destinations are its pods (each address and port its clients may dial, as DNS hands them
+    out), each a TCP chain to the port's ORIGINAL_DST cluster ``outbound-pod|<port>||<host>``: mTLS to the very
+    pod dialled (``pod_chains_of``).
+
     Any other destination takes the default filter chain, as the clusterset's ``outboundTrafficPolicy.mode``
     says: ``ALLOW_ANY`` relays it to ``PassthroughCluster`` (ORIGINAL_DST: where the workload wanted to go),
     ``REGISTRY_ONLY`` to ``BlackHoleCluster`` (no endpoints: the connection is closed).
@@ -35,7 +39,7 @@ match the restored address instead.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +62,7 @@ from gateway.context import (
     inbound_cluster_name,
     outbound_cluster_name,
     peer_cluster_name,
+    pod_cluster_name,
 )
 from gateway.generators import inbound_authz
 from gateway.generators.common import TLS_TRANSPORT_SOCKET, downstream_tls, pack, socket_address
@@ -121,8 +126,36 @@ class Destination:
 def outbound_chains_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> list[Destination]:
     """The virtual outbound listener's destinations of one callable service: every address (:func:`service_ips`)
     on every TCP port; a TCP port's destinations carry their ``tcp_proxy`` chain."""
+    if ctx.headless(key):
+        return pod_chains_of(key, ports, ctx)
     return _destinations(service_ips(key, ctx), ports, key.clusterset_host,
                          lambda port: outbound_cluster_name(key, port))
+
+
+def pod_chains_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> list[Destination]:
+    """A headless service's destinations: each pod address and port its clients may dial
+    (``PushContext.pod_destinations``), every protocol as TCP, to the port's ORIGINAL_DST cluster: the connection
+    goes to the pod dialled, over mTLS, and that pod's sidecar applies its HTTP handling and policies."""
+    out: list[Destination] = []
+    for port in sorted(ports):
+        if port_protocol(port) == NOT_TCP:
+            continue
+        for ip, number in ctx.pod_destinations(key, port):
+            out.append(Destination(ip, number, listener_components_pb2.FilterChain(
+                name=f"{join_hostport(ip, number)}|{key.clusterset_host}|pod",
+                filter_chain_match=listener_components_pb2.FilterChainMatch(
+                    prefix_ranges=[_prefix(ip)], destination_port=_u32(number)),
+                filters=[tcp_proxy_filter(pod_cluster_name(key, port.port))],
+            )))
+    return out
+
+
+def outbound_chain_inputs(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> Hashable:
+    """Everything :func:`outbound_chains_of` reads for ``key``: equal inputs, equal destinations (an endpoint
+    change touches only headless services' chains)."""
+    if ctx.headless(key):
+        return (ports, True, tuple(tuple(ctx.pod_destinations(key, p)) for p in sorted(ports)))
+    return (ports, False, tuple(service_ips(key, ctx)))
 
 
 def peer_chains_of(imp: PeerImport) -> list[Destination]:

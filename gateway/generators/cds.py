@@ -7,7 +7,9 @@ sidecar   one EDS cluster per callable service port (mTLS, SNI, HTTP/2) and one 
           port's protocol picks HTTP/1.1, HTTP/2 or plain TCP to the app, and ``PassthroughCluster`` (ORIGINAL_DST)
           and ``BlackHoleCluster`` (no endpoints) join them. Outbound clusters carry the traffic policy
           (``gateway.traffic``): outlier detection on by default, load balancing, circuit breakers, connect
-          timeout, and an active health check that only remote gateway endpoints take part in
+          timeout, and an active health check that only remote gateway endpoints take part in. A headless
+          service also gets ``outbound-pod|<port>||<host>`` (ORIGINAL_DST, mTLS) for captured workloads that dial
+          one of its pods
 grpc      the outbound clusters only (no active health checks: gRPC's xDS client does not run them)
 """
 
@@ -33,6 +35,7 @@ from gateway.context import (
     outbound_cluster_name,
     peer_cluster_name,
     peer_sni_name,
+    pod_cluster_name,
     sni_name,
     subset_cluster_name,
 )
@@ -122,7 +125,7 @@ def _outbound_cluster(name: str, grpc: bool, ctx: PushContext, key: ServiceKey, 
 def outbound_clusters_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext, *,
                          grpc: bool) -> dict[str, Any]:
     """The outbound clusters of one callable service: one per port, and one per DestinationRule subset and port."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = pod_clusters_of(key, ports, ctx) if not grpc and ctx.headless(key) else {}
     rule = ctx.policies.destination_rule(key)
     for port in ports:
         name = outbound_cluster_name(key, port.port)
@@ -130,6 +133,23 @@ def outbound_clusters_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: P
         for subset in rule.subsets if rule is not None else ():
             sub_name = subset_cluster_name(key, port.port, subset.name)
             out[sub_name] = _outbound_cluster(sub_name, grpc, ctx, key, port, ClusterPolicy.of(rule, subset.name))
+    return out
+
+
+def pod_clusters_of(key: ServiceKey, ports: tuple[ServicePort, ...], ctx: PushContext) -> dict[str, Any]:
+    """A headless service's ORIGINAL_DST clusters (per port), for captured workloads that dial one of its pods:
+    the connection goes to exactly that pod, over mTLS (the service's SNI; any SPIFFE ID of the trust domain, as
+    behind a gateway), where its sidecar's inbound side takes it."""
+    out: dict[str, Any] = {}
+    for port in ports:
+        name = pod_cluster_name(key, port.port)
+        cluster = cluster_pb2.Cluster(
+            name=name, type=cluster_pb2.Cluster.ORIGINAL_DST, lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+            connect_timeout=duration(ctx.connect_timeout_s))
+        cluster.transport_socket.name = TLS_TRANSPORT_SOCKET
+        cluster.transport_socket.typed_config.CopyFrom(pack(upstream_tls(ctx, sni=sni_name(key, port.port))))
+        cluster.metadata.CopyFrom(telemetry.cluster_metadata(key, port.port))
+        out[name] = cluster
     return out
 
 
@@ -162,7 +182,7 @@ def outbound_cluster_inputs(key: ServiceKey, ports: tuple[ServicePort, ...], ctx
     equal inputs, equal clusters (so an endpoint change that keeps the expected peers rebuilds no cluster)."""
     imp = ctx.registry.imports.get(key)
     return (ports, ctx.policies.destination_rule(key), tuple(expected_peers(ctx, key, p) for p in ports),
-            imp is not None and any(c != ctx.local for c in imp.clusters))
+            imp is not None and any(c != ctx.local for c in imp.clusters), ctx.headless(key))
 
 
 def outbound_clusters(proxy: ProxyInfo, ctx: PushContext) -> dict[str, Any]:

@@ -29,6 +29,7 @@ the last test checks that nothing is left.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import secrets
@@ -78,6 +79,7 @@ from tests.support.netns_bed import (
 
 EAST, WEST = ClusterId("east"), ClusterId("west")
 ECHO = ServiceKey.parse("echo.default")
+ECHO_PODS = ServiceKey.parse("echo-pods.default")  # headless, the same west pod: its clients dial the pod's address
 RATINGS = ServiceKey.parse("ratings.default")
 CLUSTERSET_IP = "241.0.0.10"
 RATINGS_IP = "241.0.0.11"
@@ -241,8 +243,13 @@ def registries(bed: Addresses) -> tuple[Registry, Registry]:
                 for key in ports]
     imports = {key: ServiceImport(key=key, type=ServiceType.CLUSTER_SET_IP, ports=ports[key], clusters=(WEST,),
                                   ips=(ips[key],)) for key in ports}
+    headless_ports = (ServicePort(port=5432, name="tcp-echo"),)
+    services.append(Service(cluster=WEST, key=ECHO_PODS, ports=headless_ports, endpoints=(pod,), headless=True,
+                            selector=(("app", "echo"),)))
+    imports[ECHO_PODS] = ServiceImport(key=ECHO_PODS, type=ServiceType.HEADLESS, ports=headless_ports,
+                                       clusters=(WEST,))
     west = (Registry(local=WEST).with_shard(WEST, services, [ServiceExport(cluster=WEST, key=key, created=T0)
-                                                             for key in ports])
+                                                             for key in (*ports, ECHO_PODS)])
             .with_catalog(clusters=infos, imports=imports))
     shard = RemoteEndpoints(cluster=WEST, network=net, gateway_host=bed.gateway_ip, gateway_port=15443,
                             localities=(LocalitySummary(locality=Locality(region="r", zone="z2", cluster=WEST,
@@ -379,6 +386,12 @@ async def test_captured_tcp_and_http_through_sidecars_and_gateway(mesh: Mesh) ->
     # West's pod calling its own service: the only endpoint is the pod itself, so its sidecar dials its own address,
     # which capture sends to the sidecar's inbound side (mTLS terminated there), not to the app.
     assert await client(b, "west", "echo", ECHO_NAME, "5432", "65536") == "ok"
+    # Its headless service echo-pods: west's Envoy took the pod's chain (the pod's address and port) and its
+    # ORIGINAL_DST mTLS cluster over ADS (no rejection: checked at teardown). The data path needs a second pod on
+    # west's network, which this bed does not have (a pod dialling its own address is not captured, as in Istio).
+    pod_cluster = "outbound-pod|5432||echo-pods.default.svc.clusterset.local"
+    dump = json.dumps(await west_admin.config_dump())
+    assert pod_cluster in dump and f"{ips.west_ip}:5432|echo-pods.default.svc.clusterset.local|pod" in dump
 
     # Unknown destinations: ALLOW_ANY passes them through (the gateway namespace's port 7777 is in no registry) ...
     assert await client(b, "east", "read", ips.gateway_ip, "7777") == "direct"

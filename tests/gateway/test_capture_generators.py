@@ -338,3 +338,74 @@ def test_envoy_validates_capture_listeners_and_clusters(ca: MeshCA, tmp_path: Pa
     boot["static_resources"]["secrets"] = _as_json(res[g.SECRET_TYPE])
     path = write_bootstrap(tmp_path / "capture.yaml", boot)
     assert "OK" in validate(path)
+
+
+PG = ServiceKey.parse("pg.default")
+
+
+def headless_context(ca: MeshCA, pods: tuple[str, ...] = ("10.0.0.7", "10.0.0.8")) -> PushContext:
+    """East with a headless ``pg`` of its own pods (exported: its ServiceImport is Headless) and west's share of it
+    behind west's gateway (another network: no pod address to dial)."""
+    from discovery.model import (
+        Endpoint,
+        Locality,
+        LocalitySummary,
+        RemoteEndpoints,
+        Service,
+        ServiceImport,
+        ServiceType,
+        network_id,
+    )
+
+    ctx = context(ca)
+    reg = ctx.registry
+    port = ServicePort(port=5432, name="postgres")
+    pg = Service(cluster=EAST, key=PG, ports=(port,), headless=True,
+                 endpoints=tuple(Endpoint(address=a, ports=(("postgres", 5432),), service_account="pg") for a in pods))
+    reg = reg.with_shard(EAST, [*reg.services(EAST), pg], reg.exports.get(EAST, {}).values())
+    imports = dict(reg.imports)
+    imports[PG] = ServiceImport(key=PG, type=ServiceType.HEADLESS, ports=(port,), clusters=(EAST, WEST))
+    reg = reg.with_catalog(clusters=reg.clusters, imports=imports).with_remote(WEST, [
+        *reg.remote.get(WEST, {}).items(),
+        (PG, RemoteEndpoints(cluster=WEST, network=network_id("west-net"), gateway_host="192.0.2.9", gateway_port=16443,
+                             localities=(LocalitySummary(Locality(zone="w", cluster="west"), 1, 1),)))])
+    return dataclasses.replace(ctx, registry=reg)
+
+
+def test_a_headless_services_pods_get_chains_to_the_pod_dialled_over_mtls(ca: MeshCA) -> None:
+    """(A real Envoy takes these over ADS in tests/e2e/test_capture_dataplane.py; ``--mode validate`` cannot check
+    them here: Envoy 1.40 crashes on a static ORIGINAL_DST or STATIC cluster whose TLS secrets come from SDS over
+    ADS, which is how these clusters are only ever delivered dynamically.)"""
+    ctx = headless_context(ca)
+    res = g.generate_all(captured(), ctx)
+    chains = chains_by_match(res[g.LISTENER_TYPE][capture.VIRTUAL_OUTBOUND])
+    for pod in ("10.0.0.7", "10.0.0.8"):
+        chain = chains[(pod, 5432)]
+        proxy = unpack(chain.filters[0].typed_config, tcp_proxy_pb2.TcpProxy)
+        assert proxy.cluster == "outbound-pod|5432||pg.default.svc.clusterset.local"
+    assert not [d for d in chains if d[0] == "192.0.2.9"]  # west's share is behind its gateway: nothing to dial
+    cluster = res[g.CLUSTER_TYPE]["outbound-pod|5432||pg.default.svc.clusterset.local"]
+    assert cluster.type == cluster_pb2.Cluster.ORIGINAL_DST
+    assert cluster.lb_policy == cluster_pb2.Cluster.CLUSTER_PROVIDED
+    tls = unpack(cluster.transport_socket.typed_config, tls_pb2.UpstreamTlsContext)
+    assert tls.sni == "outbound_.5432_._.pg.default.svc.clusterset.local"
+    # A pod that goes away loses its chain.
+    gone = chains_by_match(g.generate_all(captured(), headless_context(ca, ("10.0.0.7",)))[g.LISTENER_TYPE][
+        capture.VIRTUAL_OUTBOUND])
+    assert ("10.0.0.7", 5432) in gone and ("10.0.0.8", 5432) not in gone
+
+
+async def test_pipeline_follows_a_headless_services_pods(ca: MeshCA) -> None:
+    from gateway.push import ConfigKey
+    from tests.gateway.test_pipeline import Plane
+
+    proxy = captured()
+    nodes = {proxy.node_id: proxy}
+    plane = Plane(headless_context(ca))
+    await plane.push(full=True, nodes=nodes)
+    plane.check(nodes)
+    # Only an endpoint of pg changes (the local shard): the capture listener follows, as from scratch.
+    changed = await plane.push(dataclasses.replace(plane.ctx, registry=headless_context(ca, ("10.0.0.7",)).registry),
+                               nodes=nodes, configs=frozenset({ConfigKey.shard(EAST)}))
+    assert changed == (proxy.node_id,)
+    plane.check(nodes)
