@@ -101,8 +101,8 @@ def pod_cluster_name(key: ServiceKey, port: int) -> str:
 
 def peer_sni_name(key: ServiceKey, port: int) -> str:
     """The SNI a peer's sidecar sends to reach ``key``'s ``port`` through our gateway (and ours through a peer's):
-    a name of its own, which the gateway routes only for the services exported to peers, so the rest of the
-    clusterset's services cannot even be named across a peering."""
+    a name of its own, which the gateway routes only for the services exported to peers (what refuses a peer's
+    caller elsewhere is the callee sidecar's handshake: docs/peering.md)."""
     return f"peer_.{port}_._.{key.name}.{key.namespace}.svc.clusterset.local"
 
 

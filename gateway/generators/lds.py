@@ -51,7 +51,7 @@ def inbound_listener_name(port: int) -> str:
 
 def gateway_chains_of(service: Service, ctx: PushContext) -> list[Any]:
     """The gateway listener's filter chains of one exported service: one per port, matching its SNI, and its peer
-    SNI too when the service is exported to peers (docs/peering.md): no other service can be named by a peer."""
+    SNI too when the service is exported to peers (docs/peering.md)."""
     chains = []
     export = ctx.registry.exports.get(ctx.local, {}).get(service.key)
     to_peers = export is not None and bool(export.peers)
