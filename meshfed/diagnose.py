@@ -436,6 +436,12 @@ def report(ev: Evidence, hops: Sequence[Hop]) -> dict[str, Any]:
 
 
 def parse_service(text: str) -> str:
+    peer = text.removesuffix(".clusterset.local").split(".")
+    if text.endswith(".clusterset.local") and len(peer) == 4 and peer[2] == "svc" and all(peer):
+        raise DiagnoseError(
+            f"service {text!r} is one peer {peer[3]!r} exported to this clusterset (docs/peering.md): diagnose walks "
+            f"the clusterset's own services; for a peer's, 'meshfed status' shows its Peer services row (ready "
+            f"endpoints, gateways) and the peer's bundle, and 'meshfed peer list' the peer itself")
     parts = text.removesuffix(".svc.clusterset.local").split(".")
     if len(parts) != 2 or not all(parts):
         raise DiagnoseError(f"service {text!r}: expected NAME.NAMESPACE, e.g. ratings.default")

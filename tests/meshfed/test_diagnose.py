@@ -178,6 +178,8 @@ def test_first_failure_is_the_lowest_hop() -> None:
 def test_parse_service() -> None:
     assert parse_service("ratings.default") == "ratings.default"
     assert parse_service("ratings.default.svc.clusterset.local") == "ratings.default"
+    with pytest.raises(diagnose.DiagnoseError, match="one peer 'other' exported to this clusterset"):
+        parse_service("ratings.default.svc.other.clusterset.local")
     with pytest.raises(diagnose.DiagnoseError, match=r"NAME\.NAMESPACE"):
         parse_service("ratings")
 
