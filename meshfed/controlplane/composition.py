@@ -360,21 +360,27 @@ class ControlPlane:
             self._peers_version = peers
             self._changed("trust")
         if peers != self._peer_imports_of[0] or after.imports is not self._peer_imports_of[1]:
-            self._take_peer_services(after)
+            await self._take_peer_services(after)
 
-    def _take_peer_services(self, registry: Registry) -> None:
+    async def _take_peer_services(self, registry: Registry) -> None:
         """The services peers exported to us (docs/peering.md) into the registry, with ClusterSetIPs beside the
         imports' own; a change is a full push (rare: the federation pulls a peer's list every few seconds and
-        delivers only what moved)."""
+        delivers only what moved). Nothing to do without peer services; with some, placing them reads every
+        import's address, so it runs in a worker thread (a catalog of 50,000 imports must not stall the loop)."""
         assert self.agent is not None
-        self._peer_imports_of = (self.agent.peers.version, registry.imports)
+        placed_for = self._peer_imports_of = (self.agent.peers.version, registry.imports)
+        services = self.agent.peer_services
+        if not services and not self.registry.peers:
+            return
         try:
-            found = tuple(peer_imports(self.agent.peer_services, cidr=self.config.clusterset.cidr,
-                                       imports=registry.imports.values()))
+            found = tuple(await asyncio.to_thread(peer_imports, services, cidr=self.config.clusterset.cidr,
+                                                  imports=registry.imports.values()))
         except InvalidCidr as exc:  # the range is full: keep what was served, say why
             log.error("peer services not taken cluster=%s error=%s (last accepted kept)", self.config.cluster, exc)
             self.peer_error = str(exc)
             return
+        if self._peer_imports_of is not placed_for:
+            return  # a later catalog started its own placement meanwhile: that one is current
         self.peer_error = ""
         if found != self.registry.peers:
             self.registry = self.registry.with_peers(found)
