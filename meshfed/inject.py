@@ -153,6 +153,19 @@ class ContainerPort:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeFact:
+    """One probe of an application container as the pod has it (``field`` its path), with the container's named
+    ports (a probe may name its port)."""
+
+    field: str
+    index: int  # in spec.containers
+    container: str
+    kind: str  # livenessProbe | readinessProbe | startupProbe
+    probe: Mapping[str, Any]
+    named_ports: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class PodFacts:
     """What the rules look at, read from the pod once (``field`` paths kept for the messages)."""
 
@@ -172,6 +185,8 @@ class PodFacts:
     """(field, name) of the application containers' env variables (the grpc template adds two)."""
     app_mounts: tuple[tuple[str, str], ...] = ()
     """(field, mountPath) of the application containers' volume mounts (the grpc template adds one)."""
+    probes: tuple[ProbeFact, ...] = ()
+    """The application containers' liveness, readiness and startup probes (injection may move them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +247,7 @@ def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
     as_proxy: list[str] = []
     app_env: list[tuple[str, str]] = []
     app_mounts: list[tuple[str, str]] = []
+    probes: list[ProbeFact] = []
     pod_sc = _mapping(spec.get("securityContext"), _field(prefix, "spec.securityContext"))
     for kind in ("initContainers", "containers"):
         for i, c in enumerate(_list(spec.get(kind), _field(prefix, f"spec.{kind}"))):
@@ -249,6 +265,12 @@ def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
                     raise InjectError(f"{where}.ports[{j}].containerPort", "must be an integer port")
                 ports.append(ContainerPort(f"{where}.ports[{j}].containerPort", number, str(p.get("name", ""))))
             if kind == "containers":
+                named = tuple((str(p.get("name")), p.get("containerPort")) for p in _list(c.get("ports"), "ports")
+                              if isinstance(p, Mapping) and p.get("name"))
+                for probe_kind in PROBE_KINDS:
+                    if c.get(probe_kind) is not None:
+                        probes.append(ProbeFact(f"{where}.{probe_kind}", i, str(c.get("name", "")), probe_kind,
+                                                dict(_mapping(c[probe_kind], f"{where}.{probe_kind}")), named))
                 for j, e in enumerate(_list(c.get("env"), f"{where}.env")):
                     app_env.append((f"{where}.env[{j}].name", str(_mapping(e, f"{where}.env[{j}]").get("name"))))
                 for j, m in enumerate(_list(c.get("volumeMounts"), f"{where}.volumeMounts")):
@@ -274,6 +296,7 @@ def read_pod(pod: Any, *, prefix: str = "") -> PodFacts:
         has_fs_group="fsGroup" in pod_sc,
         app_env=tuple(app_env),
         app_mounts=tuple(app_mounts),
+        probes=tuple(probes),
     )
 
 
@@ -409,50 +432,41 @@ class ProbeRewrite:
     original: Obj
 
 
-def probe_rewrites(pod: Mapping[str, Any], facts: PodFacts) -> tuple[ProbeRewrite, ...]:
+def probe_rewrites(facts: PodFacts) -> tuple[ProbeRewrite, ...]:
     """The probes to move to the agent (httpGet and tcpSocket; exec and grpc stay: they do not cross the
     capture's inbound path, or, for grpc, kubelet's client cannot be relayed as a plain check). Named ports are
     resolved against the container's own ports; a name it does not declare is refused naming the field."""
     if facts.annotations.get(REWRITE_PROBES, "true").strip() == "false":
         return ()
     out: list[ProbeRewrite] = []
-    spec = _mapping(pod.get("spec"), _field(facts.prefix, "spec"))
-    for i, raw in enumerate(_list(spec.get("containers"), _field(facts.prefix, "spec.containers"))):
-        c = _mapping(raw, _field(facts.prefix, f"spec.containers[{i}]"))
-        name = str(c.get("name", ""))
-        named = {str(p.get("name")): p.get("containerPort") for p in _list(c.get("ports"), "ports")
-                 if isinstance(p, Mapping) and p.get("name")}
-        for kind, suffix in PROBE_KINDS.items():
-            where = _field(facts.prefix, f"spec.containers[{i}].{kind}")
-            probe = c.get(kind)
-            if probe is None:
-                continue
-            probe = _mapping(probe, where)
-            handler = next((h for h in ("httpGet", "tcpSocket") if h in probe), None)
-            if handler is None:
-                continue
-            action = dict(_mapping(probe[handler], f"{where}.{handler}"))
-            port = action.get("port")
-            if isinstance(port, str) and not port.isdigit():
-                if port not in named or not isinstance(named[port], int):
-                    raise InjectError(f"{where}.{handler}.port",
-                                      f"{port!r} names no port of container {name!r} (its ports: "
-                                      f"{', '.join(sorted(named)) or 'none'})")
-                port = named[port]
-            try:
-                number = int(port)  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise InjectError(f"{where}.{handler}.port", f"{port!r} is not a port") from None
-            if not 0 < number < 65536:
-                raise InjectError(f"{where}.{handler}.port", f"{number} is not a port (1-65535)")
-            if number in RESERVED_PORTS:
-                continue  # a probe of the sidecar's own ports: nothing of the app's to relay
-            action["port"] = number
-            path = f"{APP_HEALTH_PREFIX}{name}/{suffix}"
-            timing = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket")}
-            out.append(ProbeRewrite(index=i, kind=kind, path=path,
-                                    probe={**timing, "httpGet": {"path": path, "port": AGENT_PORT, "scheme": "HTTP"}},
-                                    original={handler: action, "timeoutSeconds": probe.get("timeoutSeconds", 1)}))
+    for fact in facts.probes:
+        probe, where = fact.probe, fact.field
+        handler = next((h for h in ("httpGet", "tcpSocket") if h in probe), None)
+        if handler is None:
+            continue
+        action = dict(_mapping(probe[handler], f"{where}.{handler}"))
+        port = action.get("port")
+        named = dict(fact.named_ports)
+        if isinstance(port, str) and not port.isdigit():
+            if not isinstance(named.get(port), int):
+                raise InjectError(f"{where}.{handler}.port",
+                                  f"{port!r} names no port of container {fact.container!r} (its ports: "
+                                  f"{', '.join(sorted(named)) or 'none'})")
+            port = named[port]
+        try:
+            number = int(port)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise InjectError(f"{where}.{handler}.port", f"{port!r} is not a port") from None
+        if not 0 < number < 65536:
+            raise InjectError(f"{where}.{handler}.port", f"{number} is not a port (1-65535)")
+        if number in RESERVED_PORTS:
+            continue  # a probe of the sidecar's own ports: nothing of the app's to relay
+        action["port"] = number
+        path = f"{APP_HEALTH_PREFIX}{fact.container}/{PROBE_KINDS[fact.kind]}"
+        timing = {k: v for k, v in probe.items() if k not in ("httpGet", "tcpSocket")}
+        out.append(ProbeRewrite(index=fact.index, kind=fact.kind, path=path,
+                                probe={**timing, "httpGet": {"path": path, "port": AGENT_PORT, "scheme": "HTTP"}},
+                                original={handler: action, "timeoutSeconds": probe.get("timeoutSeconds", 1)}))
     return tuple(out)
 
 
@@ -616,7 +630,7 @@ def inject(pod: Any, config: InjectConfig, *, prefix: str = "") -> Outcome:
     check(facts)
     s = settings(facts, config)
     # Proxyless gRPC pods have no capture: kubelet's probes reach the app as they are.
-    rewrites = () if template == TEMPLATE_GRPC else probe_rewrites(pod, facts)
+    rewrites = () if template == TEMPLATE_GRPC else probe_rewrites(facts)
     added = ([grpc_agent(facts, config, s)] if template == TEMPLATE_GRPC
              else list(containers(facts, config, s, rewrites)))
     vols = volumes(config, template)
