@@ -428,15 +428,10 @@ class PushContext:
         for shard in imp.endpoints:
             if shard.ready <= 0 or not shard.gateway_host:
                 continue
-            zones = sorted({s.locality.zone for s in shard.localities if s.ready > 0})
             regions = sorted({s.locality.region for s in shard.localities if s.ready > 0})
-            where = ClusterId(f"{imp.peer}/{shard.cluster}")
-            out.append(UpstreamEndpoint(
-                address=shard.gateway_host, port=shard.gateway_port,
-                locality=Locality(region=regions[0] if len(regions) == 1 else "",
-                                  zone=zones[0] if len(zones) == 1 else "", cluster=where,
-                                  network=f"{imp.peer}/{shard.network}"),
-                weight=shard.ready, cluster=where, via_gateway=True))
+            out.append(_gateway_endpoint(shard, region=regions[0] if len(regions) == 1 else "",
+                                         cluster=ClusterId(f"{imp.peer}/{shard.cluster}"),
+                                         network=f"{imp.peer}/{shard.network}"))
         return out
 
     def remote_shards(self, key: ServiceKey) -> Iterator[RemoteEndpoints]:
@@ -487,16 +482,20 @@ class PushContext:
                         labels=ep.labels,
                     ))
                 continue
-            zones = sorted({s.locality.zone for s in shard.localities if s.ready > 0})
-            zone = zones[0] if len(zones) == 1 else ""
             if info is not None and not region:
                 region = info.region
-            out.append(UpstreamEndpoint(
-                address=shard.gateway_host, port=shard.gateway_port,
-                locality=Locality(region=region, zone=zone, cluster=shard.cluster, network=shard.network),
-                weight=shard.ready, cluster=shard.cluster, via_gateway=True,
-            ))
+            out.append(_gateway_endpoint(shard, region=region, cluster=shard.cluster, network=shard.network))
         return out
+
+
+def _gateway_endpoint(shard: RemoteEndpoints, *, region: str, cluster: ClusterId, network: str) -> UpstreamEndpoint:
+    """A remote cluster's share of a service as one endpoint, its east-west gateway, weighted by its ready
+    endpoints; its zone when they are all in one."""
+    zones = sorted({s.locality.zone for s in shard.localities if s.ready > 0})
+    return UpstreamEndpoint(
+        address=shard.gateway_host, port=shard.gateway_port,
+        locality=Locality(region=region, zone=zones[0] if len(zones) == 1 else "", cluster=cluster, network=network),
+        weight=shard.ready, cluster=cluster, via_gateway=True)
 
 
 def _endpoint_port(endpoint: Endpoint, port: ServicePort) -> int:
