@@ -28,6 +28,7 @@ from federation.store.factory import open_store
 from federation.trust.errors import CAStoreError, TrustError
 from federation.wire import DEFAULT_LIMITS
 from meshfed.output import console, emit, fail, output_option, print_json
+from meshfed.runstate import RunState
 
 log = logging.getLogger("meshfed.federation.service")
 
@@ -187,7 +188,7 @@ def serve_cmd(store_url: str, listens: tuple[str, ...], ca_dir: Path, lease_ttl:
 # ---- membership: list and remove members (a local run, or a federation given by URL) ---------------------------
 
 
-def _run_federation(run_dir: Path) -> tuple[str, dict[str, Any]]:
+def _run_federation(run_dir: Path) -> tuple[str, RunState]:
     from meshfed import local
 
     try:
@@ -197,10 +198,9 @@ def _run_federation(run_dir: Path) -> tuple[str, dict[str, Any]]:
     stopped = local.stopped_message(run_dir, state)
     if stopped:
         raise click.ClickException(stopped)
-    url = state.get("federation", {}).get("url")
-    if not url:
+    if state.federation is None:
         raise click.ClickException(f"the run in {run_dir} has no federation service recorded")
-    return str(url), state
+    return state.federation.url, state
 
 
 _TARGET = [
@@ -248,7 +248,7 @@ def members_cmd(run_dir: Path, federation_url: str | None, cert: Path | None, ke
             fail(f"the federation service at {url} does not answer", hint=f"meshfed status --run-dir {run_dir}",
                  code=2)
             return
-        members, in_run = got, set(state.get("clusters", {}))
+        members, in_run = got, set(state.clusters)
     rows = [[m["cluster"], "UNREACHABLE since " + str(m["unreachable_since"]) if m.get("unreachable_since")
              else "connected", m.get("network"), m.get("locality") or "-", m.get("gateway"), m.get("renewed_at"),
              "yes" if m["cluster"] in in_run else ("no" if not federation_url else "-")] for m in members]

@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -19,9 +20,10 @@ from discovery.addresses import parse_hostport
 from discovery.clusterset import ClusterSetError
 from discovery.model import DiscoveryError
 from federation.trust.errors import TrustError
-from meshfed import local, netns
+from meshfed import local, netns, runstate
 from meshfed import prometheus as prom
 from meshfed.output import console, emit, fail, output_option
+from meshfed.runstate import RunState
 
 RUN_DIR_OPTION = click.option(
     "--run-dir", type=click.Path(file_okay=False, path_type=Path), default=local.DEFAULT_RUN_DIR, show_default=True,
@@ -29,20 +31,20 @@ RUN_DIR_OPTION = click.option(
 )
 
 
-def summary_sections(state: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
-    fed = state.get("federation", {})
+def summary_sections(state: RunState) -> list[tuple[str, list[str], list[list[Any]]]]:
+    fed = state.federation
     rows: list[list[Any]] = []
-    for name, c in state.get("clusters", {}).items():
-        cp = c["controlplane"]
-        rows.append([name, cp["xds"], cp["dns"], cp["admin"], c["gateway"]["address"], c["gateway"]["admin"]])
+    for name, c in state.clusters.items():
+        cp = c.controlplane
+        rows.append([name, cp.xds, cp.dns, cp.admin, c.gateway.address, c.gateway.admin])
     workloads: list[list[Any]] = []
-    for name, c in state.get("clusters", {}).items():
-        for w in c["workloads"]:
-            where = w["outbound"] or f"{w.get('pod_ip')} in {w.get('netns')}"
-            workloads.append([name, w["name"], w["service"] or "(client)", where, w["sidecar_admin"],
-                              w["spiffe_id"]])
+    for name, c in state.clusters.items():
+        for w in c.workloads:
+            where = w.outbound or f"{w.pod_ip} in {w.netns}"
+            workloads.append([name, w.name, w.service or "(client)", where, w.sidecar_admin, w.spiffe_id])
+    fed_row = [fed.url, fed.store, fed.log] if fed is not None else [None, None, None]
     return [
-        ("Federation", ["url", "store", "log"], [[fed.get("url"), fed.get("store"), fed.get("log")]]),
+        ("Federation", ["url", "store", "log"], [fed_row]),
         ("Clusters", ["cluster", "xds", "dns", "admin (status, metrics)", "gateway", "gateway admin"], rows),
         ("Workloads", ["cluster", "workload", "service", "sidecar outbound / pod", "sidecar admin", "identity"],
          workloads),
@@ -65,14 +67,14 @@ def pick_network(asked: str) -> tuple[str, str]:
     return ("netns", f"auto: {why}") if ok else ("loopback", f"auto: {why}")
 
 
-def pod_call_example(state: dict[str, Any], client: str, url: str) -> str:
+def pod_call_example(state: RunState, client: str, url: str) -> str:
     """A command a person can paste to call ``url`` from inside a pod: curl where it is installed, else Python."""
     if shutil.which("curl"):
         inner = f"curl -s {url}"
     else:
         script = f"import urllib.request; print(urllib.request.urlopen({url!r}).read().decode())"
         inner = f"python3 -c {shlex.quote(script)}"
-    run_dir = state.get("run_dir", "")
+    run_dir = state.run_dir
     return f"meshfed exec {client} --run-dir {run_dir} -- {inner}"
 
 
@@ -129,34 +131,34 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease
         local.stop_run(run_dir)
         fail(str(exc), hint="fix the clusterset definition or its manifests and run 'meshfed up' again")
         return
-    state["proof"] = proof
+    state = replace(state, proof=proof)
     local.write_state(run_dir, state)
     answer = proof["answer"]
     progress(f"[green]ok[/]: {proof['from']} -> {proof['host']} answered by {answer.get('workload')} in cluster "
              f"{answer.get('cluster')}, caller seen as {answer.get('caller') or '(no identity)'}")
-    emit(output, state, summary_sections(state))
+    emit(output, runstate.encode(state), summary_sections(state))
     if output != "json":
         out = console()
         out.print("\nWhere to look:")
         out.print(f"  meshfed status --run-dir {run_dir}            every address, sync state and health")
         client = local.client_of(state, proof["from"])
-        first = next(iter(state["clusters"].values()))
-        dns = parse_hostport(first["controlplane"]["dns"])
-        if client.get("netns"):
+        first = next(iter(state.clusters.values()))
+        dns = parse_hostport(first.controlplane.dns)
+        if client.netns:
             url = f"http://{proof['host']}:{local.service_port(state, proof['host'].split('.svc.')[0])}/"
-            out.print(f"  {pod_call_example(state, client['name'], url)}   a call from inside a pod")
-            out.print(f"  meshfed exec {client['name']} --run-dir {run_dir} -- ip addr   the pod's own network")
-            out.print(f"  meshfed fault partition {list(state['clusters'])[-1]} --run-dir {run_dir}   cut a cluster "
+            out.print(f"  {pod_call_example(state, client.name, url)}   a call from inside a pod")
+            out.print(f"  meshfed exec {client.name} --run-dir {run_dir} -- ip addr   the pod's own network")
+            out.print(f"  meshfed fault partition {list(state.clusters)[-1]} --run-dir {run_dir}   cut a cluster "
                       "off (then 'meshfed fault heal')")
         else:
-            out.print(f"  curl -H 'Host: {proof['host']}' http://{client['outbound']}/   a call through a sidecar")
+            out.print(f"  curl -H 'Host: {proof['host']}' http://{client.outbound}/   a call through a sidecar")
         out.print(f"  dig @{dns.host} -p {dns.port} {proof['host']}   clusterset.local DNS")
         target = proof["host"].split(".svc")[0]
         out.print(f"  meshfed diagnose {target} --from {proof['from']}   walk the path hop by hop")
     if detach:
         if supervise:
             rec = local.start_supervisor(run_dir)
-            progress(f"supervisor pid {rec['pid']} restarts any child that dies (log {rec['log']})")
+            progress(f"supervisor pid {rec.pid} restarts any child that dies (log {rec.log})")
         return
     err.print("running; a process that dies is started again (backoff); Ctrl-C or 'meshfed down' stops everything")
     supervisor = local.Supervisor(run_dir)
@@ -170,7 +172,7 @@ def up_cmd(clusterset: Path, run_dir: Path, detach: bool, supervise: bool, lease
     with contextlib.suppress(KeyboardInterrupt):
         while not stop["now"]:
             now = local.read_state(run_dir, missing_ok=True)
-            if now.get("stopping_at") or now.get("stopped_at") or not now:
+            if now is None or now.stopping_at or now.stopped_at:
                 err.print("the run is stopping ('meshfed down' was run)")
                 return
             for name in supervisor.tick():
@@ -193,15 +195,16 @@ def down_cmd(run_dir: Path, output: str) -> None:
     stopped = local.stop_run(run_dir)
     was_running = [s for s in stopped if s["was_running"]]
     left = [s for s in stopped if not s["stopped"]]
-    net = local.read_state(run_dir, missing_ok=True).get("network") or {}
-    if net.get("teardown_problems"):
-        fail(f"the run's network was not fully removed: {'; '.join(net['teardown_problems'])}",
+    after = local.read_state(run_dir, missing_ok=True)
+    net = after.network if after is not None else before.network
+    if net.teardown_problems:
+        fail(f"the run's network was not fully removed: {'; '.join(net.teardown_problems)}",
              hint="run 'meshfed down' again as root; it removes only what the run recorded")
         return
-    if net.get("removed_at") and not was_running and before.get("network", {}).get("created"):
-        console(stderr=True).print(f"removed the run's network (namespaces and links of run {net.get('run_id')})")
+    if net.removed_at and not was_running and before.network.created:
+        console(stderr=True).print(f"removed the run's network (namespaces and links of run {net.run_id})")
     if not was_running:
-        when = before.get("stopped_at")
+        when = before.stopped_at
         since = f" (stopped at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))})" if when else ""
         message = f"nothing is running in {run_dir}{since}; 'meshfed up' starts a new run"
         if output == "json":
@@ -247,7 +250,7 @@ def supervise_cmd(run_dir: Path) -> None:
     signal.signal(signal.SIGINT, on_signal)
     while not stop["now"]:
         state = local.read_state(run_dir, missing_ok=True)
-        if not state or state.get("stopping_at") or state.get("stopped_at"):
+        if state is None or state.stopping_at or state.stopped_at:
             return
         for name in supervisor.tick():
             click.echo(f"{time.strftime('%H:%M:%S')} restarted {name}", err=True)

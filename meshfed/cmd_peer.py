@@ -60,8 +60,8 @@ def _peers_path(run_dir: Path, peers_file: Path | None) -> tuple[Path, str]:
         state = local.read_state(run_dir)
     except local.LocalRunError as exc:
         raise click.ClickException(f"{exc} (or pass --peers-file for a federation that is not a local run)") from exc
-    recorded = state.get("federation", {}).get("peers_file")
-    return (Path(recorded) if recorded else run_dir / PEERS_FILE), str(state.get("trust_domain", ""))
+    recorded = state.federation.peers_file if state.federation is not None else ""
+    return (Path(recorded) if recorded else run_dir / PEERS_FILE), state.trust_domain
 
 
 def _load(path: Path, own: str) -> list[PeerDecl]:
@@ -84,13 +84,12 @@ def _from_run(other: Path) -> dict[str, str]:
         state = local.read_state(other)
     except local.LocalRunError as exc:
         raise click.ClickException(f"--from-run: {exc}") from exc
-    fed = state.get("federation", {})
-    if not fed.get("bundle_endpoint"):
-        raise click.ClickException(f"--from-run: the run in {other} has no bundle endpoint recorded (started by an "
-                                   "older meshfed?)")
-    return {"bundleEndpoint": fed["bundle_endpoint"], "endpointSpiffeId": fed["spiffe_id"],
-            "bootstrapBundle": str(Path(state["ca"]["root"]) / "bundle.json"),
-            "trustDomain": str(state["trust_domain"]), "federation": fed.get("peering_url", "")}
+    fed = state.federation
+    if fed is None or state.ca is None:
+        raise click.ClickException(f"--from-run: the run in {other} has no federation recorded (it did not start)")
+    return {"bundleEndpoint": fed.bundle_endpoint, "endpointSpiffeId": fed.spiffe_id,
+            "bootstrapBundle": str(Path(state.ca.root) / "bundle.json"),
+            "trustDomain": state.trust_domain, "federation": fed.peering_url}
 
 
 @peer.command("add")
@@ -200,11 +199,11 @@ def list_cmd(run_dir: Path, peers_file: Path | None, output: str) -> None:
         from meshfed import local
 
         state = local.read_state(run_dir)
-        url = state.get("federation", {}).get("url")
-        first = next(iter(state.get("clusters", {}).items()), None)
+        url = state.federation.url if state.federation is not None else ""
+        first = next(iter(state.clusters.items()), None)
         if url and first is not None and not local.stopped_message(run_dir, state):
             try:
-                live = {p.name: p for p in asyncio.run(peerstatus.fetch_peers(url, Path(first[1]["ca"]), first[0]))}
+                live = {p.name: p for p in asyncio.run(peerstatus.fetch_peers(url, Path(first[1].ca), first[0]))}
             except (ClientError, TrustError, OSError, ValueError) as exc:
                 error = str(exc)
     rows = []

@@ -39,6 +39,7 @@ from typing import Any
 from discovery.addresses import parse_hostport
 from meshfed.authz_check import ClusterPolicies, policy_evidence, policy_hop
 from meshfed.controlplane.status import ControlPlaneStatus, ImportRow
+from meshfed.runstate import RunState, WorkloadState
 from meshfed.status import StatusError, fetch_status
 
 log = logging.getLogger("meshfed.diagnose")
@@ -66,7 +67,7 @@ class Evidence:
     service: str  # "ratings.default"
     caller: str  # cluster name
     statuses: Mapping[str, ControlPlaneStatus | None]  # cluster -> control plane /status (None: did not answer)
-    client: Mapping[str, Any]  # the caller's client workload entry of state.json
+    client: WorkloadState  # the caller's client workload in the run's state
     gateways: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)  # cluster -> gateway config_dump
     gateway_errors: Mapping[str, str] = field(default_factory=dict)
     dns_answer: Sequence[str] | None = None  # A records; None if the query failed
@@ -207,13 +208,13 @@ def _route_domains(config: Mapping[str, Any]) -> set[str]:
 
 def hop_xds(ev: Evidence) -> Hop:
     st = ev.statuses.get(ev.caller)
-    node = str(ev.client.get("node_id", ""))
+    node = ev.client.node_id
     if not st:
         return Hop(4, "xds", SKIPPED, f"{ev.caller}'s control plane does not answer", "fix the import hop first")
     rows = [p for p in st.proxies if p.node_id == node]
     if not rows:
-        return Hop(4, "xds", FAIL, f"sidecar {ev.client.get('name')} has no xDS stream to {ev.caller}",
-                   f"check the sidecar log {ev.client.get('sidecar_log', '')} (bootstrap, token, xDS address)")
+        return Hop(4, "xds", FAIL, f"sidecar {ev.client.name} has no xDS stream to {ev.caller}",
+                   f"check the sidecar log {ev.client.sidecar_log} (bootstrap, token, xDS address)")
     nacks = [f"{r.type_url.rsplit('.', 1)[-1]}: {r.nack_error}" for r in rows if r.state == "nacked"]
     if nacks:
         return Hop(4, "xds", FAIL, "NACKed " + "; ".join(nacks),
@@ -221,7 +222,7 @@ def hop_xds(ev: Evidence) -> Hop:
     stale = [r.type_url.rsplit(".", 1)[-1] for r in rows if r.state != "synced"]
     if ev.sidecar_config is None:
         return Hop(4, "xds", FAIL, f"sidecar admin unreachable: {ev.sidecar_error}",
-                   f"is the sidecar running? see {ev.client.get('sidecar_log', '')}")
+                   f"is the sidecar running? see {ev.client.sidecar_log}")
     domains = _route_domains(ev.sidecar_config)
     if ev.host not in domains:
         return Hop(4, "xds", FAIL, f"ACKed, but the sidecar has no route for {ev.host}"
@@ -369,7 +370,7 @@ PolicyCheck = Callable[[Evidence], Hop]
 
 def check_policy(ev: Evidence) -> Hop:
     """Hop 8. The exporting clusters' AuthorizationPolicies, evaluated for the request hop 9 sends."""
-    status, detail, next_step = policy_hop(ev.policies, principal=str(ev.client.get("spiffe_id", "")),
+    status, detail, next_step = policy_hop(ev.policies, principal=ev.client.spiffe_id,
                                            caller=ev.caller, service=ev.service, error=ev.policy_error)
     return Hop(8, "policy", status, detail, next_step)
 
@@ -395,9 +396,9 @@ def hop_request(ev: Evidence) -> Hop:
 
 def _via(ev: Evidence) -> str:
     """How the request hop called: the sidecar's outbound listener, or (netns run) from inside the client's pod."""
-    if ev.client.get("netns"):
-        return f"pod {ev.client['netns']} (captured by its sidecar)"
-    return str(ev.client.get("outbound"))
+    if ev.client.netns:
+        return f"pod {ev.client.netns} (captured by its sidecar)"
+    return ev.client.outbound
 
 
 def _why(status: int, body: str, ev: Evidence) -> str:
@@ -518,15 +519,14 @@ async def _dns(server: str, name: str) -> tuple[list[str] | None, str]:
     return [r.address for rrset in resp.answer for r in rrset if r.rdtype == dns.rdatatype.A], ""
 
 
-async def _gather(state: Mapping[str, Any], service: str, caller: str, client: Mapping[str, Any],
+async def _gather(state: RunState, service: str, caller: str, client: WorkloadState,
                   statuses: Mapping[str, ControlPlaneStatus | None], exporters: Sequence[str]) -> dict[str, Any]:
-    cstate = state["clusters"][caller]
     host = f"{service}.svc.clusterset.local"
-    remote = [c for c in exporters if c != caller and c in state["clusters"]]
+    remote = [c for c in exporters if c != caller and c in state.clusters]
     results = await asyncio.gather(
-        _dns(cstate["controlplane"]["dns"], host),
-        _admin(client["sidecar_admin"]),
-        *(_gateway_config(state["clusters"][c]["gateway"]["admin"]) for c in remote),
+        _dns(state.clusters[caller].controlplane.dns, host),
+        _admin(client.sidecar_admin),
+        *(_gateway_config(state.clusters[c].gateway.admin) for c in remote),
     )
     dns_answer, dns_error = results[0]
     config, clusters, certs, sidecar_error = results[1]
@@ -549,46 +549,48 @@ def collect(run_dir: Path, service: str, caller: str, *, request_timeout: float 
     stopped = local.stopped_message(run_dir, state)
     if stopped:
         raise DiagnoseError(f"no run to diagnose: {stopped}")
-    if caller not in state.get("clusters", {}):
+    if caller not in state.clusters:
         members = federation_members(state)
         if caller in members:
             raise DiagnoseError(
                 f"{caller} is a member of the federation that this run did not start (joined by hand): diagnose "
                 "needs its client sidecar and control plane, which only that cluster's operator has; diagnose from "
-                f"{' or '.join(state['clusters'])}, and see 'meshfed status' for {caller}'s lease")
-        known = sorted(set(state.get("clusters", {})) | set(members))
+                f"{' or '.join(state.clusters)}, and see 'meshfed status' for {caller}'s lease")
+        known = sorted(set(state.clusters) | set(members))
         raise DiagnoseError(f"no cluster {caller!r} in this run or its federation (clusters: {', '.join(known)})")
     try:
         client = local.client_of(state, caller)
     except local.LocalRunError as exc:
         raise DiagnoseError(str(exc)) from exc
     statuses: dict[str, ControlPlaneStatus | None] = {}
-    for name, c in state["clusters"].items():
+    for name, c in state.clusters.items():
         try:
-            statuses[name] = fetch_status(c["controlplane"]["admin"], what=name)
+            statuses[name] = fetch_status(c.controlplane.admin, what=name)
         except StatusError:
             statuses[name] = None
     partial = Evidence(service=service, caller=caller, statuses=statuses, client=client)
     gathered = asyncio.run(_gather(state, service, caller, client, statuses, partial.exporters()))
     chain_errors: dict[str, str] = {}
     fingerprints: dict[str, str] = {}
-    root = Path(state["ca"]["root"])
-    for name, c in state["clusters"].items():
-        chain_errors[name], fingerprints[name] = chain_error(Path(c["ca"]), name, root)
+    if state.ca is None:
+        raise DiagnoseError(f"the run in {run_dir} has no certificate authority recorded (it did not start)")
+    root = Path(state.ca.root)
+    for name, c in state.clusters.items():
+        chain_errors[name], fingerprints[name] = chain_error(Path(c.ca), name, root)
     request: tuple[int, str] | None = None
     request_error = ""
     try:
         request = local.request(state, client, partial.host, timeout=request_timeout)
     except OSError as exc:
         request_error = f"{type(exc).__name__}: {exc}"
-    policies, policy_error = policy_evidence(state.get("clusterset", ""), service, partial.exporters())
+    policies, policy_error = policy_evidence(state.clusterset, service, partial.exporters())
     return Evidence(service=service, caller=caller, statuses=statuses, client=client,
                     chain_errors=chain_errors, disk_fingerprints=fingerprints, request=request,
                     request_error=request_error, policies=policies, policy_error=policy_error,
-                    run_clusters=tuple(state["clusters"]), **gathered)
+                    run_clusters=tuple(state.clusters), **gathered)
 
 
-def federation_members(state: Mapping[str, Any]) -> list[str]:
+def federation_members(state: RunState) -> list[str]:
     """The cluster names the federation's member list holds (empty if it does not answer)."""
     from meshfed.status import local_members
 

@@ -28,9 +28,9 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from discovery.addresses import parse_hostport
 from discovery.clusterset import ClusterSet, PeerDecl, load_clusterset, peers_file_text
@@ -44,13 +44,28 @@ from gateway.auth import make_node_id, new_token
 from gateway.bootstrap import render_bootstrap, render_grpc_bootstrap, write_bootstrap
 from gateway.context import CaptureMode, InboundPort, ProxyInfo, ProxyKind
 from gateway.envoy import command as envoy_command
-from meshfed import certfiles, netns, netplan, procs
+from meshfed import certfiles, netns, netplan, procs, runstate
 from meshfed import prometheus as prom
 from meshfed.agent import sidecar_env
+from meshfed.runstate import (
+    CaState,
+    ClusterState,
+    ControlPlaneState,
+    FederationState,
+    GatewayState,
+    GrpcClientState,
+    NetworkState,
+    PrometheusState,
+    ProxylessState,
+    RunState,
+    WorkloadState,
+    private_dir,
+)
 
 log = logging.getLogger("meshfed.local")
 
-STATE_FILE = "state.json"
+STATE_FILE = runstate.STATE_FILE  # <run-dir>/state.json (meshfed.runstate)
+
 DEFAULT_RUN_DIR = Path(".meshfed/run")
 CLIENT_WORKLOAD = "sleep"
 CERT_FILES = "certfiles.json"  # per cluster: the proxyless workloads' certificate directories its control plane renews
@@ -182,18 +197,9 @@ def write_json(path: Path, data: Any, *, private: bool = False) -> None:
     write_atomic(path, text, mode=0o600 if private else 0o644)
 
 
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (and missing parents) and make it 0700: the run directory and everything under it that holds
-    tokens, keys or bootstraps is readable by the run's user only."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    return path
-
-
-def write_state(run_dir: Path, state: Any) -> None:
-    """The run's ``state.json``: 0600 in a 0700 run directory (it holds every workload's xDS token)."""
-    private_dir(run_dir)
-    write_json(run_dir / STATE_FILE, state, private=True)
+def write_state(run_dir: Path, state: RunState) -> None:
+    """The run's ``state.json`` (:mod:`meshfed.runstate`): 0600 in a 0700 run directory."""
+    runstate.write_state(run_dir, state)
 
 
 def write_run_peers(path: Path, peers: Sequence[PeerDecl]) -> None:
@@ -267,7 +273,7 @@ class LocalRun:
     lease_ttl: float | None = None
     progress: Callable[[str], None] = lambda _msg: None
     python: str = sys.executable
-    state: dict[str, Any] = field(default_factory=dict)
+    state: RunState | None = None  # set by start(), written at every step
     ready_timeout: float = 60.0
     network: str = "loopback"  # or "netns": a network per cluster, a namespace per workload (meshfed.netplan)
     network_reason: str = ""
@@ -279,14 +285,24 @@ class LocalRun:
         return [self.python, "-m", "meshfed", *args]
 
     def _record(self, rec: procs.ProcRecord) -> procs.ProcRecord:
-        self.state.setdefault("processes", []).append(asdict(rec))
-        self.save()
+        self.save(self.run.with_process(rec))
         return rec
 
-    def save(self) -> None:
-        write_state(self.run_dir, self.state)
+    @property
+    def run(self) -> RunState:
+        assert self.state is not None, "start() first"
+        return self.state
 
-    def start(self) -> dict[str, Any]:
+    def save(self, state: RunState | None = None) -> None:
+        """Write ``state`` (the run's new state; default: as it is) to state.json."""
+        if state is not None:
+            self.state = state
+        write_state(self.run_dir, self.run)
+
+    def _update_cluster(self, cluster: str, change: Callable[[ClusterState], ClusterState]) -> None:
+        self.save(self.run.update_cluster(cluster, change))
+
+    def start(self) -> RunState:
         existing = read_state(self.run_dir, missing_ok=True)
         if existing and running(existing):
             raise LocalRunError(f"a local run is already up in {self.run_dir}; stop it with 'meshfed down' first")
@@ -295,18 +311,10 @@ class LocalRun:
         cs = load_clusterset(self.clusterset_dir)
         plan = plan_workloads(cs)
         private_dir(self.run_dir)
-        self.state = {
-            "clusterset": str(self.clusterset_dir.resolve()),
-            "name": cs.name,
-            "run_dir": str(self.run_dir.resolve()),
-            "trust_domain": str(cs.trust_domain),
-            "started_at": time.time(),
-            "cwd": os.getcwd(),  # recorded paths are relative to it ('meshfed restart' starts from here too)
-            "processes": [],
-            "clusters": {},
-            "network": {"mode": self.network, "reason": self.network_reason},
-        }
-        self.save()
+        self.save(RunState(clusterset=str(self.clusterset_dir.resolve()), name=cs.name,
+                           run_dir=str(self.run_dir.resolve()), trust_domain=str(cs.trust_domain),
+                           started_at=time.time(), cwd=os.getcwd(),
+                           network=NetworkState(mode=self.network, reason=self.network_reason)))
         try:
             if self.network == "netns":
                 self._network(cs, plan)
@@ -323,32 +331,30 @@ class LocalRun:
             self._wait_envoys()
             self._wait_proxyless()
             self._prometheus()
-            self.state["ready_at"] = time.time()
-            self.save()
+            self.save(replace(self.run, ready_at=time.time()))
         except BaseException:
             self.progress("start failed: stopping what was started")
             stop_run(self.run_dir)
             raise
-        return self.state
+        return self.run
 
     # -- steps --
 
     def _network(self, cs: ClusterSet, plan: list[WorkloadPlan]) -> None:
         """Build the netns bed (meshfed.netns), recording every item in the state before it is created."""
         run_id = netns.new_run_id()
-        net = self.state["network"]
 
         def record(item: Mapping[str, str]) -> None:
-            net["created"].append(dict(item))
-            self.save()
+            net = self.run.network
+            self.save(replace(self.run, network=replace(net, created=(*net.created, dict(item)))))
 
         try:
             with netns.slot_lock():  # until our bridges hold the slot's addresses
                 slot = netns.pick_slot()
                 workloads = [(str(w.cluster), w.name) for w in [*plan, *plan_proxyless(cs)]]
                 self.net = netplan.plan_network(run_id, slot, [str(c.id) for c in cs.clusters], workloads)
-                net.update(run_id=run_id, plan=netplan.plan_to_json(self.net), created=[])
-                self.save()
+                self.save(replace(self.run, network=replace(self.run.network, run_id=run_id,
+                                                            plan=netplan.plan_to_json(self.net), created=())))
                 described = netns.describe(self.net)
                 self.progress(f"network: netns bed {described['slot']} (public {described['public']}, "
                               + ", ".join(f"{c} {cidr}" for c, cidr in described["clusters"].items())
@@ -370,7 +376,8 @@ class LocalRun:
         issue_intermediate(ca / "root", SpiffeId.federation(td), ca / "federation")
         for info in cs.clusters:
             issue_intermediate(ca / "root", SpiffeId.cluster(td, info.id), ca / str(info.id))
-        self.state["ca"] = {"root": str((ca / "root").resolve()), "federation": str((ca / "federation").resolve())}
+        self.save(replace(self.run, ca=CaState(root=str((ca / "root").resolve()),
+                                                federation=str((ca / "federation").resolve()))))
 
     def _federation(self, cs: ClusterSet) -> None:
         port = free_port()
@@ -400,14 +407,12 @@ class LocalRun:
         rec = self._record(procs.start("federation", argv, log_path=fed_dir / "federation.log"))
         url = f"https://127.0.0.1:{port}"
         td = TrustDomain.parse(str(cs.trust_domain))
-        self.state["federation"] = {"url": url, "pid": rec.pid, "log": rec.log, "store": store,
-                                    "lease_ttl_s": lease, "bundle_endpoint": f"https://127.0.0.1:{peering}/",
-                                    "peering_url": f"https://127.0.0.1:{peering}",
-                                    "spiffe_id": str(SpiffeId.federation(td)), "peers_file": str(peers_file),
-                                    "metrics": f"127.0.0.1:{metrics}",
-                                    **({"pod_urls": {c.cluster: f"https://{c.root_ip}:{port}"
-                                                     for c in self.net.clusters}} if self.net is not None else {})}
-        self.save()
+        pod_urls = {c.cluster: f"https://{c.root_ip}:{port}" for c in self.net.clusters} if self.net else None
+        self.save(replace(self.run, federation=FederationState(
+            url=url, pid=rec.pid, log=rec.log, store=store, lease_ttl_s=lease,
+            bundle_endpoint=f"https://127.0.0.1:{peering}/", peering_url=f"https://127.0.0.1:{peering}",
+            spiffe_id=str(SpiffeId.federation(td)), peers_file=str(peers_file), metrics=f"127.0.0.1:{metrics}",
+            pod_urls=pod_urls)))
         wait_until("federation service", lambda: _port_open("127.0.0.1", port) and _port_open("127.0.0.1", peering),
                    timeout=self.ready_timeout, pids=[rec.pid], logs=[rec.log])
 
@@ -429,7 +434,7 @@ class LocalRun:
             _check_dns_port(host, dns)
         tokens: dict[str, dict[str, str]] = {}
         runtime: dict[str, Any] = {"endpoints": {}}
-        wl_state: list[dict[str, Any]] = []
+        wl_state: list[WorkloadState] = []
         # One 256-bit token per proxy, bound to the node id that proxy's bootstrap carries (gateway.auth).
         gw_token = new_token()
         tokens[gw_token] = {"namespace": "meshfed-system", "service_account": "eastwest-gateway",
@@ -441,32 +446,30 @@ class LocalRun:
             ip = pod.ip if pod is not None else w.address
             tokens[token] = {"namespace": w.namespace, "service_account": w.service_account, "cluster": str(cluster),
                              "node_id": _sidecar_node_id(w, ip)}
-            entry: dict[str, Any] = {
-                "name": w.name, "cluster": str(cluster), "namespace": w.namespace, "service": w.service,
-                "service_account": w.service_account, "address": ip, "token": token,
-                "port_name": w.port_name, "service_port": w.service_port,
-                "spiffe_id": str(SpiffeId.workload(td, w.namespace, w.service_account)),
-            }
+            entry = WorkloadState(
+                name=w.name, cluster=str(cluster), namespace=w.namespace, service=w.service,
+                service_account=w.service_account, address=ip, token=token, port_name=w.port_name,
+                service_port=w.service_port, spiffe_id=str(SpiffeId.workload(td, w.namespace, w.service_account)))
             if pod is not None:
                 # Captured: the app listens on its service port in the pod, the sidecar takes what iptables
                 # redirects (15001 out, 15006 in); the mesh reaches the pod at its IP and service port.
-                entry.update(netns=pod.netns, pod_ip=pod.ip, manifest_address=w.address, outbound="",
-                             inbound=f"{pod.ip}:{w.service_port}" if w.service else "",
-                             app=f"{pod.ip}:{w.service_port}" if w.service else "",
-                             sidecar_admin=f"{pod.ip}:{netplan.ADMIN_PORT}")
+                entry = replace(entry, netns=pod.netns, pod_ip=pod.ip, manifest_address=w.address, outbound="",
+                                inbound=f"{pod.ip}:{w.service_port}" if w.service else "",
+                                app=f"{pod.ip}:{w.service_port}" if w.service else "",
+                                sidecar_admin=f"{pod.ip}:{netplan.ADMIN_PORT}")
                 if w.service:
                     runtime["endpoints"][w.address] = {"ports": {w.port_name: w.service_port}, "address": pod.ip,
                                                        "service_account": w.service_account}
             else:
                 inbound = free_port(w.address) if w.service else 0
-                entry.update(inbound=f"{w.address}:{inbound}" if inbound else "",
-                             app=f"127.0.0.1:{free_port()}" if w.service else "",
-                             outbound=f"127.0.0.1:{free_port()}", sidecar_admin=f"127.0.0.1:{free_port()}")
+                entry = replace(entry, inbound=f"{w.address}:{inbound}" if inbound else "",
+                                app=f"127.0.0.1:{free_port()}" if w.service else "",
+                                outbound=f"127.0.0.1:{free_port()}", sidecar_admin=f"127.0.0.1:{free_port()}")
                 if inbound:
                     runtime["endpoints"][w.address] = {"ports": {w.port_name: inbound},
                                                        "service_account": w.service_account}
             wl_state.append(entry)
-        proxyless: list[dict[str, Any]] = []
+        proxyless: list[ProxylessState] = []
         for w in plan_proxyless(cs):
             if w.cluster != cluster:
                 continue
@@ -475,18 +478,17 @@ class LocalRun:
             port = w.service_port if pod is not None else free_port(w.address)
             runtime["endpoints"][w.address] = {"ports": {w.port_name: port}, "service_account": w.service_account,
                                                **({"address": ip} if pod is not None else {})}
-            proxyless.append({
-                "name": w.name, "cluster": str(cluster), "namespace": w.namespace, "service": w.service,
-                "service_account": w.service_account, "address": f"{ip}:{port}", "port_name": w.port_name,
-                "service_port": w.service_port,
-                "spiffe_id": str(SpiffeId.workload(td, w.namespace, w.service_account)),
-                **({"netns": pod.netns, "pod_ip": pod.ip, "manifest_address": w.address} if pod is not None else {}),
-            })
+            proxyless.append(ProxylessState(
+                name=w.name, cluster=str(cluster), namespace=w.namespace, service=w.service,
+                service_account=w.service_account, address=f"{ip}:{port}", port_name=w.port_name,
+                service_port=w.service_port, spiffe_id=str(SpiffeId.workload(td, w.namespace, w.service_account)),
+                netns=pod.netns if pod is not None else "", pod_ip=pod.ip if pod is not None else "",
+                manifest_address=w.address if pod is not None else ""))
         write_private(cdir / "tokens.json", json.dumps(tokens, indent=2))
         write_json(cdir / "runtime.json", runtime)
         argv = self.meshfed(
             "controlplane", "--clusterset", str(self.clusterset_dir), "--cluster", str(cluster),
-            "--ca", str(self.run_dir / "ca" / str(cluster)), "--federation", self.state["federation"]["url"],
+            "--ca", str(self.run_dir / "ca" / str(cluster)), "--federation", self._federation_url,
             "--xds-listen", f"{host}:{xds}", "--dns-listen", f"{host}:{dns}",
             "--admin-listen", f"127.0.0.1:{admin}", "--gateway-address", gateway_address,
             "--tokens", str(cdir / "tokens.json"), "--runtime", str(cdir / "runtime.json"),
@@ -494,25 +496,26 @@ class LocalRun:
         )
         self.progress(f"{cluster}: control plane (xds {host}:{xds}, dns {host}:{dns}, admin 127.0.0.1:{admin})")
         rec = self._record(procs.start(f"{cluster}/controlplane", argv, log_path=cdir / "controlplane.log"))
-        self.state["clusters"][str(cluster)] = {
-            "controlplane": {"pid": rec.pid, "log": rec.log, "xds": f"{host}:{xds}", "dns": f"{host}:{dns}",
-                             "admin": f"127.0.0.1:{admin}", "xds_mtls": f"{host}:{xds_mtls}"},
-            "gateway": {"address": gateway_address, "admin": gateway_admin, "token": gw_token,
-                        **({"netns": cnet.gateway.netns} if cnet is not None else {})},
-            "workloads": wl_state,
-            "proxyless": proxyless,
-            "ca": str((self.run_dir / "ca" / str(cluster)).resolve()),
-        }
-        self.save()
+        self.save(self.run.with_cluster(str(cluster), ClusterState(
+            controlplane=ControlPlaneState(pid=rec.pid, log=rec.log, xds=f"{host}:{xds}", dns=f"{host}:{dns}",
+                                           admin=f"127.0.0.1:{admin}", xds_mtls=f"{host}:{xds_mtls}"),
+            gateway=GatewayState(address=gateway_address, admin=gateway_admin, token=gw_token,
+                                 netns=cnet.gateway.netns if cnet is not None else ""),
+            workloads=tuple(wl_state), proxyless=tuple(proxyless),
+            ca=str((self.run_dir / "ca" / str(cluster)).resolve()))))
         wait_until(f"{cluster} control plane", lambda: http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200,
                    timeout=self.ready_timeout, pids=[rec.pid], logs=[rec.log])
+
+    @property
+    def _federation_url(self) -> str:
+        assert self.run.federation is not None
+        return self.run.federation.url
 
     def _envoy(self, cluster: str, name: str, proxy: ProxyInfo, *, admin: str, token: str,
                netns_name: str = "") -> procs.ProcRecord:
         """An Envoy for ``proxy``: on loopback, or (``netns_name``) inside that namespace as the proxy uid, its
         bootstrap in the run's proxy directory (readable by that uid only; the run directory stays 0700)."""
-        cp = self.state["clusters"][cluster]["controlplane"]
-        xds = parse_hostport(cp["xds"])
+        xds = parse_hostport(self.run.clusters[cluster].controlplane.xds)
         boot = render_bootstrap(proxy, xds_host=xds.host, xds_port=xds.port, admin_port=parse_hostport(admin).port,
                                 token=token)
         logs = private_dir(self.run_dir / cluster / "envoy")
@@ -537,13 +540,13 @@ class LocalRun:
         environment the injector gives the container (``meshfed.agent.sidecar_env``, put on the command line with
         ``env`` so a restart replays it), which writes the bootstrap and starts Envoy as the proxy uid."""
         assert self.net is not None
-        cp = self.state["clusters"][cluster]["controlplane"]
+        cp = self.run.clusters[cluster].controlplane
         run_dir = netns.proxy_dir(self.net.run_id) / f"{cluster}-{name}"
         run_dir.mkdir(mode=0o700, exist_ok=True)
         os.chown(run_dir, netplan.PROXY_UID, netplan.PROXY_UID)
         token_file = run_dir / "xds-token"
         write_private(token_file, token)
-        env = sidecar_env(proxy, pod=name, xds=cp["xds"], token_file=str(token_file), run_dir=str(run_dir),
+        env = sidecar_env(proxy, pod=name, xds=cp.xds, token_file=str(token_file), run_dir=str(run_dir),
                           admin_port=parse_hostport(admin).port, admin_address="0.0.0.0")
         argv = netns.in_ns(netns_name, ["env", *(f"{k}={v}" for k, v in env.items()),
                                         *self.meshfed("proxy", "run", "--proxy-uid", str(netplan.PROXY_UID))])
@@ -555,24 +558,24 @@ class LocalRun:
         return make_node_id(kind="gateway", ip=ip, pod=f"eastwest-gateway-{cluster}", namespace="meshfed-system")
 
     def _gateway(self, cluster: ClusterId) -> None:
-        gw = self.state["clusters"][str(cluster)]["gateway"]
-        address = parse_hostport(gw["address"])
+        gw = self.run.clusters[str(cluster)].gateway
+        address = parse_hostport(gw.address)
         proxy = ProxyInfo(kind=ProxyKind.GATEWAY, cluster=cluster,
                           node_id=self._gateway_node_id(cluster),
                           namespace=_ns("meshfed-system"), service_account="eastwest-gateway",
                           gateway_port=address.port, ip=address.host)
-        where = f" in {gw['netns']}" if gw.get("netns") else ""
-        self.progress(f"{cluster}: east-west gateway on {gw['address']}{where} (admin {gw['admin']})")
-        rec = self._envoy(str(cluster), "eastwest-gateway", proxy, admin=gw["admin"], token=gw["token"],
-                          netns_name=gw.get("netns", ""))
-        gw.update({"pid": rec.pid, "log": rec.log, "node_id": proxy.node_id})
-        self.save()
+        where = f" in {gw.netns}" if gw.netns else ""
+        self.progress(f"{cluster}: east-west gateway on {gw.address}{where} (admin {gw.admin})")
+        rec = self._envoy(str(cluster), "eastwest-gateway", proxy, admin=gw.admin, token=gw.token,
+                          netns_name=gw.netns)
+        started = replace(gw, pid=rec.pid, log=rec.log, node_id=proxy.node_id)
+        self._update_cluster(str(cluster), lambda c: replace(c, gateway=started))
 
     def _workload(self, w: WorkloadPlan) -> None:
-        cstate = self.state["clusters"][str(w.cluster)]
-        entry = next(e for e in cstate["workloads"] if e["name"] == w.name)
+        entry = self.run.clusters[str(w.cluster)].workload(w.name)
+        assert entry is not None
         cdir = self.run_dir / str(w.cluster)
-        pod_ns: str = entry.get("netns", "")
+        pod_ns = entry.netns
         if pod_ns:
             self._capture(entry)
         if w.service:
@@ -581,47 +584,48 @@ class LocalRun:
                 app_port = w.service_port
                 inbound_port = w.service_port
             else:
-                listen = entry["app"]
-                app_port = parse_hostport(entry["app"]).port
-                inbound_port = parse_hostport(entry["inbound"]).port
+                listen = entry.app
+                app_port = parse_hostport(entry.app).port
+                inbound_port = parse_hostport(entry.inbound).port
             argv = [self.python, "-m", "meshfed.demoapp", "--listen", listen, "--service", w.service,
                     "--cluster", str(w.cluster), "--workload", w.name]
             if pod_ns:
                 argv = netns.in_ns(pod_ns, argv)
             rec = self._record(procs.start(f"{w.cluster}/{w.name}/app", argv, log_path=cdir / f"{w.name}.app.log"))
-            entry["app_pid"] = rec.pid
+            app_pid = rec.pid
+            self._update_cluster(str(w.cluster), lambda c: c.with_workload(w.name, app_pid=app_pid))
             inbound: tuple[InboundPort, ...] = (InboundPort(port=inbound_port, app_port=app_port, name=w.port_name),)
             services: tuple[ServiceKey, ...] = (ServiceKey.parse(f"{w.service}.{w.namespace}"),)
         else:
             inbound, services = (), ()
-        ip = entry["address"]
+        ip = entry.address
         if pod_ns:
             capture: dict[str, Any] = {"capture": CaptureMode.REDIRECT, "outbound_port": netns.CAPTURE_OUTBOUND,
                                        "inbound_capture_port": netns.CAPTURE_INBOUND, "capture_bind": ("0.0.0.0",)}
         else:
-            capture = {"outbound_port": parse_hostport(entry["outbound"]).port}
+            capture = {"outbound_port": parse_hostport(entry.outbound).port}
         proxy = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=w.cluster,
                           node_id=_sidecar_node_id(w, ip),
                           namespace=_ns(w.namespace), service_account=w.service_account, services=services,
                           inbound=inbound, ip=ip, **capture)
-        what = f"{w.service} app {entry['app']}, " if w.service else "client, "
-        where = f"pod {pod_ns} {ip}, traffic captured" if pod_ns else f"sidecar outbound {entry['outbound']}"
+        what = f"{w.service} app {entry.app}, " if w.service else "client, "
+        where = f"pod {pod_ns} {ip}, traffic captured" if pod_ns else f"sidecar outbound {entry.outbound}"
         self.progress(f"{w.cluster}: workload {w.name} ({what}{where})")
-        rec = self._envoy(str(w.cluster), w.name, proxy, admin=entry["sidecar_admin"], token=entry["token"],
+        rec = self._envoy(str(w.cluster), w.name, proxy, admin=entry.sidecar_admin, token=entry.token,
                           netns_name=pod_ns)
-        entry.update({"sidecar_pid": rec.pid, "sidecar_log": rec.log, "node_id": proxy.node_id})
-        self.save()
+        self._update_cluster(str(w.cluster), lambda c: c.with_workload(
+            w.name, sidecar_pid=rec.pid, sidecar_log=rec.log, node_id=proxy.node_id))
 
-    def _capture(self, entry: Mapping[str, Any]) -> None:
+    def _capture(self, entry: WorkloadState) -> None:
         """``meshfed proxy capture`` inside the workload's pod (its connections to the root's bridge address, the
         control plane and DNS, are left alone)."""
-        pod = self._pod(entry["name"])
+        pod = self._pod(entry.name)
         argv = netns.in_ns(pod.netns, [*self.meshfed("proxy", "capture", "--exclude-outbound-cidrs",
                                                      f"{pod.root_ip}/32")])
         try:
             netns.run(argv)
         except netns.NetnsError as exc:
-            raise LocalRunError(f"{entry['name']}: traffic capture failed: {exc}") from exc
+            raise LocalRunError(f"{entry.name}: traffic capture failed: {exc}") from exc
 
     def _grpc_files(self, cs: ClusterSet, cluster: str, name: str, namespace: str, service_account: str,
                     proxy: ProxyInfo) -> Path:
@@ -638,7 +642,7 @@ class LocalRun:
                               refresh_s=GRPC_CERT_REFRESH_S)
         certfiles.write_files(spec, load_cluster_ca(ca_dir), load_bundle(ca_dir))
         certfiles.register(self.run_dir / cluster / CERT_FILES, spec)
-        xds = parse_hostport(self.state["clusters"][cluster]["controlplane"]["xds_mtls"])
+        xds = parse_hostport(self.run.clusters[cluster].controlplane.xds_mtls)
         boot = render_grpc_bootstrap(proxy, xds_host=xds.host, xds_port=xds.port, cert_file=str(gdir / "cert.pem"),
                                      key_file=str(gdir / "key.pem"), ca_file=str(gdir / "ca.pem"), xds_tls=True,
                                      refresh_s=GRPC_CERT_REFRESH_S)
@@ -647,47 +651,47 @@ class LocalRun:
     def _proxyless(self, cs: ClusterSet, cluster: str) -> None:
         """Start the cluster's proxyless gRPC servers, and write a proxyless client identity (``grpc-client``)
         whose bootstrap a person or a test uses to call with ``xds:///`` from this cluster."""
-        cstate = self.state["clusters"][cluster]
         env_base = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
-        for entry in cstate.get("proxyless", []):
-            address = parse_hostport(entry["address"])
+        for entry in self.run.clusters[cluster].proxyless:
+            address = parse_hostport(entry.address)
             host, port = address.host, address.port
             proxy = ProxyInfo(
                 kind=ProxyKind.GRPC, cluster=ClusterId(cluster),
-                node_id=make_node_id(kind="grpc", ip=host, pod=entry["name"], namespace=entry["namespace"]),
-                namespace=_ns(entry["namespace"]), service_account=entry["service_account"],
-                services=(ServiceKey.parse(f"{entry['service']}.{entry['namespace']}"),),
-                inbound=(InboundPort(port=port, app_port=port, name=entry["port_name"], protocol="grpc"),),
+                node_id=make_node_id(kind="grpc", ip=host, pod=entry.name, namespace=entry.namespace),
+                namespace=_ns(entry.namespace), service_account=entry.service_account,
+                services=(ServiceKey.parse(f"{entry.service}.{entry.namespace}"),),
+                inbound=(InboundPort(port=port, app_port=port, name=entry.port_name, protocol="grpc"),),
                 ip=host)
-            boot = self._grpc_files(cs, cluster, entry["name"], entry["namespace"], entry["service_account"], proxy)
-            argv = [self.python, "-m", "meshfed.demogrpc", "serve", "--listen", entry["address"], "--service",
-                    entry["service"], "--cluster", cluster, "--workload", entry["name"]]
-            if entry.get("netns"):
-                argv = netns.in_ns(entry["netns"], argv)
-            self.progress(f"{cluster}: proxyless gRPC {entry['name']} ({entry['service']} on {entry['address']})")
-            rec = self._record(procs.start(f"{cluster}/{entry['name']}/grpc", argv,
-                                           log_path=self.run_dir / cluster / f"{entry['name']}.grpc.log",
-                                           env={**env_base, "GRPC_XDS_BOOTSTRAP": str(boot)}))
-            self.state["processes"][-1]["env"] = {"GRPC_XDS_BOOTSTRAP": str(boot)}  # for 'meshfed restart'
-            entry.update({"pid": rec.pid, "log": rec.log, "bootstrap": str(boot), "node_id": proxy.node_id})
-            self.save()
+            boot = self._grpc_files(cs, cluster, entry.name, entry.namespace, entry.service_account, proxy)
+            argv = [self.python, "-m", "meshfed.demogrpc", "serve", "--listen", entry.address, "--service",
+                    entry.service, "--cluster", cluster, "--workload", entry.name]
+            if entry.netns:
+                argv = netns.in_ns(entry.netns, argv)
+            self.progress(f"{cluster}: proxyless gRPC {entry.name} ({entry.service} on {entry.address})")
+            extra = {"GRPC_XDS_BOOTSTRAP": str(boot)}  # recorded: 'meshfed restart' replays it
+            rec = self._record(replace(procs.start(f"{cluster}/{entry.name}/grpc", argv,
+                                                   log_path=self.run_dir / cluster / f"{entry.name}.grpc.log",
+                                                   env={**env_base, **extra}), env=extra))
+            self._update_cluster(cluster, functools.partial(ClusterState.with_proxyless, name=entry.name,
+                                                            pid=rec.pid, log=rec.log, bootstrap=str(boot),
+                                                            node_id=proxy.node_id))
         client = ProxyInfo(kind=ProxyKind.GRPC, cluster=ClusterId(cluster),
                            node_id=make_node_id(kind="grpc", ip="127.0.0.1", pod=f"{GRPC_CLIENT}-{cluster}",
                                                 namespace="default"),
                            namespace=_ns("default"), service_account=GRPC_CLIENT)
         boot = self._grpc_files(cs, cluster, GRPC_CLIENT, "default", GRPC_CLIENT, client)
-        cstate["grpc_client"] = {"bootstrap": str(boot), "node_id": client.node_id,
-                                 "env": {"GRPC_XDS_BOOTSTRAP": str(boot), "GRPC_EXPERIMENTAL_XDS_SNI": "true"}}
-        self.save()
+        grpc_client = GrpcClientState(bootstrap=str(boot), node_id=client.node_id,
+                                      env={"GRPC_XDS_BOOTSTRAP": str(boot), "GRPC_EXPERIMENTAL_XDS_SNI": "true"})
+        self._update_cluster(cluster, lambda c: replace(c, grpc_client=grpc_client))
 
     def _wait_proxyless(self) -> None:
         """A gRPC xDS server starts serving once the control plane sent its listener: wait for its port."""
-        for cluster, c in self.state["clusters"].items():
-            for e in c.get("proxyless", []):
-                address = parse_hostport(e["address"])
-                wait_until(f"{cluster} proxyless gRPC {e['name']}",
+        for cluster, c in self.run.clusters.items():
+            for e in c.proxyless:
+                address = parse_hostport(e.address)
+                wait_until(f"{cluster} proxyless gRPC {e.name}",
                            functools.partial(_port_open, address.host, address.port), timeout=self.ready_timeout,
-                           pids=[e["pid"]], logs=[e["log"]])
+                           pids=[e.pid or 0], logs=[e.log])
 
     def _prometheus(self) -> None:
         """Debian's Prometheus scraping every metrics endpoint of the run (meshfed.prometheus), storage under the
@@ -696,34 +700,31 @@ class LocalRun:
         if exe is None:
             reason = "prometheus is not installed (Debian package prometheus); the run has no metrics store"
             self.progress(reason)
-            self.state["prometheus"] = {"url": None, "reason": reason}
-            self.save()
+            self.save(replace(self.run, prometheus=PrometheusState(url=None, reason=reason)))
             return
         pdir = private_dir(self.run_dir / "prometheus")
-        config = prom.write_files(pdir, prom.run_targets(self.state), scrape_interval=self.scrape_interval)
+        config = prom.write_files(pdir, prom.run_targets(self.run), scrape_interval=self.scrape_interval)
         listen = f"127.0.0.1:{free_port()}"
         url = f"http://{listen}"
         rec = self._record(procs.start("prometheus", prom.command(exe, config=config, data=pdir / "data",
                                                                   listen=listen),
                                        log_path=pdir / "prometheus.log"))
-        self.state["prometheus"] = {"url": url, "address": listen, "pid": rec.pid, "log": rec.log,
-                                    "config": str(config.resolve()), "scrape_interval_s": self.scrape_interval}
-        self.save()
+        self.save(replace(self.run, prometheus=PrometheusState(
+            url=url, address=listen, pid=rec.pid, log=rec.log, config=str(config.resolve()),
+            scrape_interval_s=self.scrape_interval)))
         self.progress(f"prometheus on {url} (scrape every {self.scrape_interval:g}s, config {config})")
         wait_until("prometheus", functools.partial(prom.ready, url), timeout=self.ready_timeout, pids=[rec.pid],
                    logs=[rec.log])
 
     def _wait_envoys(self) -> None:
         self.progress("waiting for every Envoy to be ready")
-        for cluster, c in self.state["clusters"].items():
-            gw = c["gateway"]
-            admin: str = gw["admin"]
-            wait_until(f"{cluster} east-west gateway", functools.partial(envoy_ready, admin),
-                       timeout=self.ready_timeout, pids=[gw["pid"]], logs=[gw["log"]])
-            for e in c["workloads"]:
-                admin = e["sidecar_admin"]
-                wait_until(f"{cluster} sidecar {e['name']}", functools.partial(envoy_ready, admin),
-                           timeout=self.ready_timeout, pids=[e["sidecar_pid"]], logs=[e["sidecar_log"]])
+        for cluster, c in self.run.clusters.items():
+            gw = c.gateway
+            wait_until(f"{cluster} east-west gateway", functools.partial(envoy_ready, gw.admin),
+                       timeout=self.ready_timeout, pids=[gw.pid or 0], logs=[gw.log])
+            for e in c.workloads:
+                wait_until(f"{cluster} sidecar {e.name}", functools.partial(envoy_ready, e.sidecar_admin),
+                           timeout=self.ready_timeout, pids=[e.sidecar_pid or 0], logs=[e.sidecar_log])
 
 
 def _check_free(host: str, port: int) -> None:
@@ -768,57 +769,59 @@ def _port_open(host: str, port: int) -> bool:
 # ---- reading a run, calling through it, stopping it ---------------------------------------------------------------
 
 
-def read_state(run_dir: Path, *, missing_ok: bool = False) -> dict[str, Any]:
-    path = run_dir / STATE_FILE
-    if not path.exists():
-        if missing_ok:
-            return {}
-        raise LocalRunError(f"no local run in {run_dir} ({STATE_FILE} missing); start one with 'meshfed up'")
+@overload
+def read_state(run_dir: Path, *, missing_ok: Literal[False] = False) -> RunState: ...
+@overload
+def read_state(run_dir: Path, *, missing_ok: bool) -> RunState | None: ...
+
+
+def read_state(run_dir: Path, *, missing_ok: bool = False) -> RunState | None:
+    """The run in ``run_dir`` (:mod:`meshfed.runstate`); None with ``missing_ok`` when there is none. A missing,
+    corrupt or foreign state.json is a :class:`LocalRunError` naming the file and what is wrong."""
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LocalRunError(f"{path} is not valid JSON ({exc}); remove {run_dir} and run 'meshfed up'") from exc
-    return data
+        return runstate.read_state(run_dir, missing_ok=missing_ok)
+    except runstate.RunStateError as exc:
+        raise LocalRunError(str(exc)) from exc
 
 
-def stopped_message(run_dir: Path, state: Mapping[str, Any]) -> str:
+def stopped_message(run_dir: Path, state: RunState) -> str:
     """What to tell someone asking about a run that 'meshfed down' stopped (nothing of it is running); "" for a run
     that is up, or whose processes died by themselves (status then names each dead process and its log)."""
-    when = state.get("stopped_at")
+    when = state.stopped_at
     if not when or running(state):
         return ""
-    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(when)))
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
     return f"the run in {run_dir} was stopped ('meshfed down' at {at}); nothing is running"
 
 
-def client_of(state: dict[str, Any], cluster: str) -> dict[str, Any]:
+def client_of(state: RunState, cluster: str) -> WorkloadState:
     """The client (``sleep``) workload of ``cluster`` in a run's state."""
-    try:
-        workloads = state["clusters"][cluster]["workloads"]
-    except KeyError as exc:
-        raise LocalRunError(f"no cluster {cluster!r} in this run (clusters: {', '.join(state['clusters'])})") from exc
-    for w in workloads:
-        if not w["service"]:
-            return dict(w)
+    c = state.clusters.get(cluster)
+    if c is None:
+        raise LocalRunError(f"no cluster {cluster!r} in this run (clusters: {', '.join(state.clusters)})")
+    for w in c.workloads:
+        if not w.service:
+            return w
     raise LocalRunError(f"cluster {cluster} has no client workload")
 
 
-def pod_of(state: Mapping[str, Any], name: str) -> str:
+def pod_of(state: RunState, name: str) -> str:
     """The network namespace of workload ``name`` (a sidecar workload, a proxyless one, or
     ``eastwest-gateway-<cluster>``) in a netns run."""
-    if (state.get("network") or {}).get("mode") != "netns":
+    if state.network.mode != "netns":
         raise LocalRunError("this run is on loopback (no namespaces); 'meshfed up --network netns' makes one pod per "
                             "workload")
     names: list[str] = []
-    for cluster, c in state.get("clusters", {}).items():
+    for cluster, c in state.clusters.items():
         gw_name = f"eastwest-gateway-{cluster}"
         names.append(gw_name)
-        if name == gw_name and c["gateway"].get("netns"):
-            return str(c["gateway"]["netns"])
-        for w in [*c.get("workloads", []), *c.get("proxyless", [])]:
-            names.append(w["name"])
-            if w["name"] == name and w.get("netns"):
-                return str(w["netns"])
+        if name == gw_name and c.gateway.netns:
+            return c.gateway.netns
+        every: tuple[WorkloadState | ProxylessState, ...] = (*c.workloads, *c.proxyless)
+        for w in every:
+            names.append(w.name)
+            if w.name == name and w.netns:
+                return w.netns
     raise LocalRunError(f"no workload {name!r} in this run (workloads: {', '.join(names)})")
 
 
@@ -859,31 +862,27 @@ def pod_get(netns_name: str, url: str, *, timeout: float = 5.0, python: str = sy
     return int(out["status"]), str(out["body"])
 
 
-def service_port(state: Mapping[str, Any], service: str) -> int:
+def service_port(state: RunState, service: str) -> int:
     """The port of ``service`` (``NAME.NS``) as the run's workloads serve it (9080 for the demo's HTTP services)."""
-    for c in state.get("clusters", {}).values():
-        for w in c.get("workloads", []):
-            if w["service"] and f"{w['service']}.{w['namespace']}" == service:
-                return int(w.get("service_port", 9080))
-    return 9080
+    port = state.services_port(service)
+    return 9080 if port is None else port
 
 
-def request(state: Mapping[str, Any], client: Mapping[str, Any], host: str, path: str = "/", *,
+def request(state: RunState, client: WorkloadState, host: str, path: str = "/", *,
             timeout: float = 5.0) -> tuple[int, str]:
     """An HTTP request from a client workload to ``host`` (``NAME.NS.svc.clusterset.local``): on loopback through
     its sidecar's outbound listener with that Host; in a netns run from inside its pod, by DNS name and the
     service's port, as an application would."""
-    if client.get("netns"):
+    if client.netns:
         port = service_port(state, host.split(".svc.")[0])
-        return pod_get(client["netns"], f"http://{host}:{port}{path}", timeout=timeout)
-    return call(client["outbound"], host, path, timeout=timeout)
+        return pod_get(client.netns, f"http://{host}:{port}{path}", timeout=timeout)
+    return call(client.outbound, host, path, timeout=timeout)
 
 
-def prove(state: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
+def prove(state: RunState, *, timeout: float = 60.0) -> dict[str, Any]:
     """Send a cross-cluster request from the first cluster's client to a service only another cluster has (or,
     failing that, any imported service); returns what the callee answered. Bounded retries while xDS converges."""
-    clusters = list(state["clusters"])
-    origin = clusters[0]
+    origin = next(iter(state.clusters))
     target = _remote_only_service(state, origin)
     client = client_of(state, origin)
     host = f"{target}.svc.clusterset.local"
@@ -902,32 +901,30 @@ def prove(state: dict[str, Any], *, timeout: float = 60.0) -> dict[str, Any]:
                         f"(last: {last[0]} {last[1][:200]}); run 'meshfed diagnose {target} --from {origin}'")
 
 
-def _remote_only_service(state: dict[str, Any], origin: str) -> str:
-    local = {f"{w['service']}.{w['namespace']}" for w in state["clusters"][origin]["workloads"] if w["service"]}
-    for cluster, c in state["clusters"].items():
+def _remote_only_service(state: RunState, origin: str) -> str:
+    local = {f"{w.service}.{w.namespace}" for w in state.clusters[origin].workloads if w.service}
+    for cluster, c in state.clusters.items():
         if cluster == origin:
             continue
-        for w in c["workloads"]:
-            name = f"{w['service']}.{w['namespace']}"
-            if w["service"] and name not in local:
+        for w in c.workloads:
+            name = f"{w.service}.{w.namespace}"
+            if w.service and name not in local:
                 return name
-    for c in state["clusters"].values():
-        for w in c["workloads"]:
-            if w["service"]:
-                return f"{w['service']}.{w['namespace']}"
+    for c in state.clusters.values():
+        for w in c.workloads:
+            if w.service:
+                return f"{w.service}.{w.namespace}"
     raise LocalRunError("the clusterset runs no service to call")
 
 
-def is_running(rec: Mapping[str, Any]) -> bool:
+def is_running(rec: procs.ProcRecord) -> bool:
     """A process record of ``state.json`` still names a live process: same pid and same start time."""
-    start = rec.get("start_time")
-    return procs.is_running(int(rec["pid"]), None if start is None else int(start))
+    return procs.is_running(rec.pid, rec.start_time)
 
 
-def _start_of(state: Mapping[str, Any], pid: int) -> int | None:
-    rec = next((p for p in state.get("processes", []) if int(p["pid"]) == pid), None)
-    start = rec.get("start_time") if rec else None
-    return None if start is None else int(start)
+def _start_of(state: RunState, pid: int) -> int | None:
+    rec = next((p for p in state.processes if p.pid == pid), None)
+    return rec.start_time if rec else None
 
 
 def stop_run(run_dir: Path, *, names: Iterable[str] | None = None) -> list[dict[str, Any]]:
@@ -936,46 +933,47 @@ def stop_run(run_dir: Path, *, names: Iterable[str] | None = None) -> list[dict[
     Each entry says ``was_running`` (the pid still belonged to the recorded process: same start time) and
     ``stopped``; a process already gone, or whose pid now belongs to another process, is never signalled."""
     state = read_state(run_dir, missing_ok=True)
+    if state is None:
+        return []
     wanted = list(names) if names is not None else None
-    if wanted is None and state and running(state):
-        state["stopping_at"] = time.time()  # a supervising 'meshfed up' restarts nothing from now on
+    if wanted is None and running(state):
+        state = replace(state, stopping_at=time.time())  # a supervising 'meshfed up' restarts nothing from now on
         write_state(run_dir, state)
     stopped: list[dict[str, Any]] = []
-    for rec in reversed(state.get("processes", [])):
-        if wanted is not None and not any(rec["name"].startswith(n) for n in wanted):
+    for rec in reversed(state.processes):
+        if wanted is not None and not any(rec.name.startswith(n) for n in wanted):
             continue
         was = is_running(rec)
-        gone = procs.stop(int(rec["pid"]), start=rec.get("start_time")) if was else True
-        stopped.append({"name": rec["name"], "pid": rec["pid"], "was_running": was, "stopped": gone})
-    if wanted is None and state and (any(s["was_running"] for s in stopped) or "stopped_at" not in state):
-        state["stopped_at"] = time.time()
+        gone = procs.stop(rec.pid, start=rec.start_time) if was else True
+        stopped.append({"name": rec.name, "pid": rec.pid, "was_running": was, "stopped": gone})
+    if wanted is None and (any(s["was_running"] for s in stopped) or state.stopped_at is None):
+        state = replace(state, stopped_at=time.time())
         write_state(run_dir, state)
-    if wanted is None and state:
+    if wanted is None:
         remove_network(run_dir, read_state(run_dir, missing_ok=True) or state)
     return stopped
 
 
-def remove_network(run_dir: Path, state: dict[str, Any]) -> list[str]:
+def remove_network(run_dir: Path, state: RunState) -> list[str]:
     """Remove what the run's netns bed created (its namespaces, links, resolv.conf and proxy directories; nothing
     else) and note it in the state; returns what could not be removed. Nothing to do for a loopback run, or one
     whose bed is already gone. Processes must be stopped first (a namespace outlives its name while one runs)."""
-    net = state.get("network") or {}
-    created = net.get("created") or []
-    if net.get("mode") != "netns" or not created:
+    net = state.network
+    if net.mode != "netns" or not net.created:
         return []
-    problems = netns.teardown(created, str(net.get("run_id", "")))
+    problems = netns.teardown(net.created, net.run_id)
     if not problems:
-        net["created"] = []
-        net["removed_at"] = time.time()
+        net = replace(net, created=(), removed_at=time.time())
     else:
-        net["teardown_problems"] = problems
+        net = replace(net, teardown_problems=tuple(problems))
         log.warning("netns bed not fully removed: %s", "; ".join(problems))
-    write_state(run_dir, state)
+    write_state(run_dir, replace(state, network=net))
     return problems
 
 
-def running(state: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [dict(p) for p in state.get("processes", []) if is_running(p)]
+def running(state: RunState) -> list[procs.ProcRecord]:
+    """The run's recorded processes that still run (same pid, same start time)."""
+    return [p for p in state.processes if is_running(p)]
 
 
 def restart(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any]:
@@ -987,45 +985,42 @@ def restart(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any
     stopped = stopped_message(run_dir, state)
     if stopped:
         raise LocalRunError(f"{stopped}; start a new run with 'meshfed up'")
-    if state.get("stopping_at") and not state.get("stopped_at"):
+    if state.stopping_at and not state.stopped_at:
         raise LocalRunError(f"the run in {run_dir} is being stopped ('meshfed down')")
-    rec = next((p for p in state.get("processes", []) if p["name"] == name), None)
+    rec = state.process(name)
     if rec is None:
-        names = ", ".join(p["name"] for p in state.get("processes", []))
+        names = ", ".join(p.name for p in state.processes)
         raise LocalRunError(f"no process {name!r} in the run in {run_dir} (processes: {names})")
-    old = int(rec["pid"])
+    old = rec.pid
     was_running = is_running(rec)
-    if was_running and not procs.stop(old, start=rec.get("start_time")):
-        raise LocalRunError(f"{name} (pid {old}) did not stop; see {rec.get('log')}")
+    if was_running and not procs.stop(old, start=rec.start_time):
+        raise LocalRunError(f"{name} (pid {old}) did not stop; see {rec.log}")
     env = None
-    if rec.get("env"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")} | dict(rec["env"])
-    cwd = Path(state["cwd"]) if state.get("cwd") else None
-    new = procs.start(name, rec["argv"], log_path=Path(rec["log"]) if cwd is None else cwd / rec["log"], env=env,
-                      cwd=cwd)
-    rec.update(pid=new.pid, start_time=new.start_time, restarts=int(rec.get("restarts", 0)) + 1,
-               restarted_at=time.time(), held=False)
-    _replace_pid(state, old, new.pid)
+    if rec.env:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")} | dict(rec.env)
+    cwd = Path(state.cwd) if state.cwd else None
+    new = procs.start(name, rec.argv, log_path=Path(rec.log) if cwd is None else cwd / rec.log, env=env, cwd=cwd)
+    restarted = replace(rec, pid=new.pid, start_time=new.start_time, restarts=rec.restarts + 1,
+                        restarted_at=time.time(), held=False)
+    state = runstate.replace_pid(state.with_processes(lambda p: restarted if p.name == name else p), old, new.pid)
     write_state(run_dir, state)
     ready = _readiness(state, name)
     if ready is not None:
         wait_until(f"{name} after restart", ready, timeout=timeout, pids=[new.pid], logs=[new.log])
     log.info("restarted name=%s old_pid=%d pid=%d", name, old, new.pid)
-    return {"name": name, "old_pid": old, "was_running": was_running, "pid": new.pid, "restarts": rec["restarts"],
-            "log": rec["log"]}
+    return {"name": name, "old_pid": old, "was_running": was_running, "pid": new.pid,
+            "restarts": restarted.restarts, "log": rec.log}
 
 
 SUPERVISOR = "supervisor"  # the recorded process of 'meshfed up --detach --supervise'
 
 
-def start_supervisor(run_dir: Path, *, python: str = sys.executable) -> dict[str, Any]:
+def start_supervisor(run_dir: Path, *, python: str = sys.executable) -> procs.ProcRecord:
     """Start ``meshfed supervise`` for a detached run, recorded last (so ``meshfed down`` stops it first)."""
     argv = [python, "-m", "meshfed", "supervise", "--run-dir", str(run_dir.resolve())]
     rec = procs.start(SUPERVISOR, argv, log_path=run_dir / "supervisor.log")
-    state = read_state(run_dir)
-    state.setdefault("processes", []).append(asdict(rec))
-    write_state(run_dir, state)
-    return asdict(rec)
+    write_state(run_dir, read_state(run_dir).with_process(rec))
+    return rec
 
 
 @dataclass
@@ -1046,13 +1041,13 @@ class Supervisor:
     def tick(self, now: float | None = None) -> list[str]:
         """One pass; returns the names restarted. Nothing happens once the run is stopping or stopped."""
         state = read_state(self.run_dir, missing_ok=True)
-        if not state or state.get("stopping_at") or state.get("stopped_at"):
+        if state is None or state.stopping_at or state.stopped_at:
             return []
         now = time.monotonic() if now is None else now
         done: list[str] = []
-        for rec in state.get("processes", []):
-            name = str(rec["name"])
-            if rec.get("held") or name == SUPERVISOR:
+        for rec in state.processes:
+            name = rec.name
+            if rec.held or name == SUPERVISOR:
                 continue
             if is_running(rec):
                 if now - self._since.get(name, now) >= self.max_backoff:
@@ -1073,37 +1068,23 @@ class Supervisor:
         return done
 
 
-def _readiness(state: Mapping[str, Any], name: str) -> Callable[[], bool] | None:
+def _readiness(state: RunState, name: str) -> Callable[[], bool] | None:
     if name == "federation":
-        url = state.get("federation", {}).get("url")
-        if not url:
+        if state.federation is None or not state.federation.url:
             return None
-        address = parse_hostport(str(url).removeprefix("https://"))
+        address = parse_hostport(state.federation.url.removeprefix("https://"))
         return functools.partial(_port_open, address.host, address.port)
     cluster, _, rest = name.partition("/")
-    c = state.get("clusters", {}).get(cluster)
+    c = state.clusters.get(cluster)
     if c is None:
         return None
     if rest == "controlplane":
-        admin = c["controlplane"]["admin"]
+        admin = c.controlplane.admin
         return lambda: http_get(f"http://{admin}/readyz")[0] == 200
     if rest == "eastwest-gateway":
-        return functools.partial(envoy_ready, c["gateway"]["admin"])
-    w = next((w for w in c.get("workloads", []) if w["name"] == rest), None)
-    return functools.partial(envoy_ready, w["sidecar_admin"]) if w is not None else None
-
-
-def _replace_pid(node: Any, old: int, new: int) -> None:
-    """Every ``pid``-like field of the state (``pid``, ``sidecar_pid``, ``app_pid``) that holds ``old``."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key.endswith("pid") and value == old:
-                node[key] = new
-            else:
-                _replace_pid(value, old, new)
-    elif isinstance(node, list):
-        for item in node:
-            _replace_pid(item, old, new)
+        return functools.partial(envoy_ready, c.gateway.admin)
+    w = c.workload(rest)
+    return functools.partial(envoy_ready, w.sidecar_admin) if w is not None else None
 
 
 def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
@@ -1111,25 +1092,24 @@ def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
     leaves the ready set (``ready: false`` in the cluster's ``runtime.json``, which the control plane re-reads), so
     the cluster withdraws it from EDS and from the federation's ready counts."""
     state = read_state(run_dir)
-    try:
-        entry = next(w for w in state["clusters"][cluster]["workloads"] if w["name"] == name)
-    except (KeyError, StopIteration) as exc:
-        raise LocalRunError(f"no workload {name!r} in cluster {cluster!r} of the run in {run_dir}") from exc
+    c = state.clusters.get(cluster)
+    entry = c.workload(name) if c is not None else None
+    if entry is None:
+        raise LocalRunError(f"no workload {name!r} in cluster {cluster!r} of the run in {run_dir}")
     runtime_path = run_dir / cluster / "runtime.json"
-    if entry.get("service"):
+    if entry.service:
         runtime = json.loads(runtime_path.read_text()) if runtime_path.exists() else {"endpoints": {}}
-        ep = runtime.setdefault("endpoints", {}).setdefault(entry.get("manifest_address") or entry["address"], {})
+        ep = runtime.setdefault("endpoints", {}).setdefault(entry.manifest_address or entry.address, {})
         ep["ready"] = False
         write_json(runtime_path, runtime)
     stopped = {}
-    pids = {int(entry[k]) for k in ("sidecar_pid", "app_pid") if entry.get(k)}
-    for rec in state.get("processes", []):
-        if int(rec["pid"]) in pids:
-            rec["held"] = True  # stopped on purpose: a supervising 'meshfed up' leaves it stopped
+    pids = (("sidecar_pid", entry.sidecar_pid), ("app_pid", entry.app_pid))
+    held = {pid for _, pid in pids if pid}
+    # Stopped on purpose: a supervising 'meshfed up' leaves it stopped.
+    state = state.with_processes(lambda p: replace(p, held=True) if p.pid in held else p)
     write_state(run_dir, state)
-    for key in ("sidecar_pid", "app_pid"):
-        if entry.get(key):
-            pid = int(entry[key])
+    for key, pid in pids:
+        if pid:
             stopped[key] = procs.stop(pid, start=_start_of(state, pid))
     log.info("workload stopped cluster=%s name=%s", cluster, name)
     return {"cluster": cluster, "workload": name, **stopped}
@@ -1138,15 +1118,17 @@ def stop_workload(run_dir: Path, cluster: str, name: str) -> dict[str, Any]:
 # ---- faults: partitions (netns runs) and stopped components --------------------------------------------------------
 
 
-def network_plan(state: Mapping[str, Any]) -> netplan.NetPlan:
+def network_plan(state: RunState) -> netplan.NetPlan:
     """The recorded plan of a netns run whose bed is up; ``LocalRunError`` for a loopback run or a removed bed."""
-    net = state.get("network") or {}
-    if net.get("mode") != "netns":
+    net = state.network
+    if net.mode != "netns":
         raise LocalRunError("this run is on loopback: partitions need 'meshfed up --network netns'")
-    if not net.get("created"):
+    if not net.created:
         raise LocalRunError("this run's network is gone ('meshfed down' removed it)")
+    if net.plan is None:
+        raise LocalRunError("state.json: network.plan: missing")
     try:
-        return netplan.plan_from_json(net["plan"])
+        return netplan.plan_from_json(net.plan)
     except (KeyError, netplan.NetPlanError) as exc:
         raise LocalRunError(f"state.json: {exc}") from exc
 
@@ -1164,32 +1146,32 @@ def partition(run_dir: Path, cluster: str, peers: Sequence[str] = (), *, heal: b
         changed = netns.heal(plan, cluster) if heal else netns.partition(plan, cluster, peers)
     except netns.NetnsError as exc:
         raise LocalRunError(str(exc)) from exc
-    parts = state["network"].setdefault("partitions", {})
+    parts = dict(state.network.partitions or {})
     if heal:
         parts.pop(cluster, None)
     else:
-        whole = not peers or parts.get(cluster) == []  # [] means cut off from every other cluster
-        parts[cluster] = [] if whole else sorted(set(parts.get(cluster, [])) | set(peers))
-    write_state(run_dir, state)
+        whole = not peers or parts.get(cluster) == ()  # () means cut off from every other cluster
+        parts[cluster] = () if whole else tuple(sorted(set(parts.get(cluster, ())) | set(peers)))
+    write_state(run_dir, replace(state, network=replace(state.network, partitions=parts)))
     log.info("%s cluster=%s peers=%s changed=%s", "heal" if heal else "partition", cluster, ",".join(peers), changed)
     return changed
 
 
-def _component(state: Mapping[str, Any], name: str) -> tuple[str, str]:
+def _component(state: RunState, name: str) -> tuple[str, str]:
     """(kind, canonical name) of a component: ``federation``, ``CLUSTER/controlplane``,
     ``CLUSTER/eastwest-gateway`` (or ``eastwest-gateway-CLUSTER``), or a workload (``NAME`` or ``CLUSTER/NAME``)."""
-    procs_by_name = {p["name"] for p in state.get("processes", [])}
+    procs_by_name = {p.name for p in state.processes}
     if name in procs_by_name and (name == "federation" or name.endswith(("/controlplane", "/eastwest-gateway"))):
         return "process", name
-    for cluster, c in state.get("clusters", {}).items():
+    for cluster, c in state.clusters.items():
         if name == f"eastwest-gateway-{cluster}":
             return "process", f"{cluster}/eastwest-gateway"
-        for w in c.get("workloads", []):
-            if name in (w["name"], f"{cluster}/{w['name']}"):
-                return "workload", f"{cluster}/{w['name']}"
+        for w in c.workloads:
+            if name in (w.name, f"{cluster}/{w.name}"):
+                return "workload", f"{cluster}/{w.name}"
     choices = sorted(n for n in procs_by_name if n == "federation" or n.endswith(("/controlplane",
                                                                                   "/eastwest-gateway")))
-    workloads = [w["name"] for c in state.get("clusters", {}).values() for w in c.get("workloads", [])]
+    workloads = [w.name for c in state.clusters.values() for w in c.workloads]
     raise LocalRunError(f"no component {name!r} (components: {', '.join(choices + workloads)})")
 
 
@@ -1201,13 +1183,13 @@ def stop_component(run_dir: Path, name: str) -> dict[str, Any]:
     if kind == "workload":
         cluster, _, workload = full.partition("/")
         return {"component": full, **stop_workload(run_dir, cluster, workload)}
-    rec = next(p for p in state["processes"] if p["name"] == full)
-    rec["held"] = True
-    write_state(run_dir, state)
+    rec = state.process(full)
+    assert rec is not None  # _component found it
+    write_state(run_dir, state.with_processes(lambda p: replace(p, held=True) if p.name == full else p))
     was = is_running(rec)
-    stopped = procs.stop(int(rec["pid"]), start=rec.get("start_time")) if was else True
-    log.info("component stopped name=%s pid=%s", full, rec["pid"])
-    return {"component": full, "pid": rec["pid"], "was_running": was, "stopped": stopped}
+    stopped = procs.stop(rec.pid, start=rec.start_time) if was else True
+    log.info("component stopped name=%s pid=%s", full, rec.pid)
+    return {"component": full, "pid": rec.pid, "was_running": was, "stopped": stopped}
 
 
 def start_component(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[str, Any]:
@@ -1217,15 +1199,16 @@ def start_component(run_dir: Path, name: str, *, timeout: float = 60.0) -> dict[
     if kind == "process":
         return {"component": full, **restart(run_dir, full, timeout=timeout)}
     cluster, _, workload = full.partition("/")
-    entry = next(w for w in state["clusters"][cluster]["workloads"] if w["name"] == workload)
+    entry = state.clusters[cluster].workload(workload)
+    assert entry is not None  # _component found it
     started = []
     for proc_name in (f"{cluster}/{workload}/app", f"{cluster}/{workload}"):
-        if any(p["name"] == proc_name for p in state["processes"]):
+        if state.process(proc_name) is not None:
             started.append(restart(run_dir, proc_name, timeout=timeout))
     runtime_path = run_dir / cluster / "runtime.json"
-    if entry.get("service") and runtime_path.exists():
+    if entry.service and runtime_path.exists():
         runtime = json.loads(runtime_path.read_text())
-        ep = runtime.setdefault("endpoints", {}).setdefault(entry.get("manifest_address") or entry["address"], {})
+        ep = runtime.setdefault("endpoints", {}).setdefault(entry.manifest_address or entry.address, {})
         ep.pop("ready", None)
         write_json(runtime_path, runtime)
     log.info("component started name=%s", full)

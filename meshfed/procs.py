@@ -31,6 +31,16 @@ class ProcRecord:
     argv: tuple[str, ...]
     log: str
     start_time: int | None = None  # /proc/<pid>/stat starttime; None where /proc is not available
+    env: Mapping[str, str] | None = None  # extra environment it was started with ('meshfed restart' replays it)
+    restarts: int = 0  # how often 'meshfed restart' or the supervisor started it again
+    restarted_at: float | None = None
+    held: bool = False  # stopped on purpose: a supervisor leaves it stopped
+
+    def json_omitted(self) -> tuple[str, ...]:
+        """Only what a restart or a stop recorded (the file as a run writes it)."""
+        return tuple(name for name, unset in (("env", self.env is None), ("restarts", not self.restarts),
+                                              ("restarted_at", self.restarted_at is None),
+                                              ("held", not self.held and self.restarted_at is None)) if unset)
 
 
 def spawn(

@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 
 from gateway.telemetry import DURATION, REPORTER_SOURCE, REQUESTS, STAT_PREFIX
+from meshfed.runstate import RunState
 
 log = logging.getLogger("meshfed.prometheus")
 
@@ -88,18 +89,16 @@ class Target:
 # ---- rendering (pure) ----------------------------------------------------------------------------------------------
 
 
-def run_targets(state: Mapping[str, Any]) -> list[Target]:
+def run_targets(state: RunState) -> list[Target]:
     """Every metrics endpoint of a local run, from its ``state.json`` (the addresses ``meshfed status`` uses)."""
     out: list[Target] = []
-    fed_metrics = (state.get("federation") or {}).get("metrics")
-    if fed_metrics:
-        out.append(Target(ROLE_FEDERATION, str(fed_metrics), METRICS_PATH))
-    for cluster, c in (state.get("clusters") or {}).items():
-        out.append(Target(ROLE_CONTROLPLANE, c["controlplane"]["admin"], METRICS_PATH, {"cluster": cluster}))
-        out.append(Target(ROLE_GATEWAY, c["gateway"]["admin"], ENVOY_PATH, {"cluster": cluster}))
-        for w in c.get("workloads", []):
-            out.append(Target(ROLE_SIDECAR, w["sidecar_admin"], ENVOY_PATH, {"cluster": cluster,
-                                                                              "workload": w["name"]}))
+    if state.federation is not None and state.federation.metrics:
+        out.append(Target(ROLE_FEDERATION, state.federation.metrics, METRICS_PATH))
+    for cluster, c in state.clusters.items():
+        out.append(Target(ROLE_CONTROLPLANE, c.controlplane.admin, METRICS_PATH, {"cluster": cluster}))
+        out.append(Target(ROLE_GATEWAY, c.gateway.admin, ENVOY_PATH, {"cluster": cluster}))
+        for w in c.workloads:
+            out.append(Target(ROLE_SIDECAR, w.sidecar_admin, ENVOY_PATH, {"cluster": cluster, "workload": w.name}))
     return out
 
 

@@ -403,11 +403,10 @@ def ask_local(run_dir: Path) -> SystemReports:
     from meshfed import local
 
     state = local.read_state(run_dir)
-    clusters: Mapping[str, Any] = state.get("clusters", {})
-    first = next(iter(clusters.items()), None)
-    return ask(controlplanes={n: c["controlplane"]["admin"] for n, c in clusters.items()},
-               federation_url=state.get("federation", {}).get("url"),
-               ca_dir=Path(first[1]["ca"]) if first else None, cluster=first[0] if first else None)
+    first = next(iter(state.clusters.items()), None)
+    return ask(controlplanes={n: c.controlplane.admin for n, c in state.clusters.items()},
+               federation_url=state.federation.url if state.federation is not None else None,
+               ca_dir=Path(first[1].ca) if first else None, cluster=first[0] if first else None)
 
 
 def describe(conv: Convergence, *, limit: int = 8) -> list[str]:
@@ -432,6 +431,6 @@ def local_run_dir(given: Path | None, root_dir: Path) -> Path | None:
             state = local.read_state(run)
         except local.LocalRunError:
             continue
-        if Path(str(state.get("ca", {}).get("root", ""))).resolve() == want:
+        if state.ca is not None and Path(state.ca.root).resolve() == want:
             return run
     return None

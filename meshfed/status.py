@@ -49,6 +49,7 @@ from meshfed.controlplane.status import (
     decode_status,
 )
 from meshfed.jsondoc import DocumentError, decode, encode
+from meshfed.runstate import RunState
 
 log = logging.getLogger("meshfed.status")
 
@@ -67,7 +68,7 @@ class StatusError(Exception):
 class LocalInputs:
     """Everything gathered from a local run (see :func:`collect_local`)."""
 
-    state: Mapping[str, Any]
+    state: RunState
     alive: Mapping[int, bool]
     controlplanes: Mapping[str, ControlPlaneStatus | None]  # cluster -> /status, None if it did not answer
     errors: Mapping[str, str] = field(default_factory=dict)  # cluster -> why /status failed
@@ -228,21 +229,20 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
     state = inp.state
     now = inp.now
     problems: list[str] = []
-    clusters_state: Mapping[str, Any] = state.get("clusters", {})
+    clusters_state = state.clusters
     statuses = inp.controlplanes
 
     # processes
     processes = []
-    for rec in state.get("processes", []):
-        up = bool(inp.alive.get(int(rec["pid"]), False))
-        processes.append({"name": rec["name"], "pid": rec["pid"], "alive": up, "log": rec.get("log", ""),
-                          "restarts": int(rec.get("restarts", 0)), "held": bool(rec.get("held"))})
+    for rec in state.processes:
+        up = bool(inp.alive.get(rec.pid, False))
+        processes.append({"name": rec.name, "pid": rec.pid, "alive": up, "log": rec.log, "restarts": rec.restarts,
+                          "held": rec.held})
         if not up:
-            problems.append(f"process {rec['name']} (pid {rec['pid']}) is not running; see {rec.get('log', '')}")
+            problems.append(f"process {rec.name} (pid {rec.pid}) is not running; see {rec.log}")
     for cluster, why in inp.errors.items():
         problems.append(f"{cluster}: control plane status unavailable: {why}")
-    network = state.get("network") or {}
-    for cluster, peers in sorted((network.get("partitions") or {}).items()):
+    for cluster, peers in sorted((state.network.partitions or {}).items()):
         what = f"from {', '.join(peers)}" if peers else "from every other cluster"
         problems.append(f"{cluster}: partitioned {what} on purpose ('meshfed fault heal {cluster}' undoes it)")
 
@@ -255,14 +255,13 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
             have = members.get(row.cluster)
             if have is None or (_ts(row.renewed_at) or now) > (_ts(have.get("renewed_at")) or now):
                 members[row.cluster] = _member_json(row)
-    lease_ttl = state.get("federation", {}).get("lease_ttl_s")
+    lease_ttl = state.federation.lease_ttl_s if state.federation is not None else None
 
     clusters = []
     for name, c in clusters_state.items():
         st = statuses.get(name)
         member = members.get(name)
-        cp_pid = int(c["controlplane"]["pid"])
-        cp_up = bool(inp.alive.get(cp_pid, False))
+        cp_up = bool(inp.alive.get(c.controlplane.pid, False))
         renewed = _ts(member.get("renewed_at")) if member else None
         unreachable = member.get("unreachable_since") if member else None
         fed = st.federation if st is not None else None
@@ -277,7 +276,7 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
             "locality": "/".join(x for x in ((st.region, st.zone) if st else ()) if x),
             "exports": sum(1 for s in st.services if s.exported) if st else None,
             "imports": len(st.imports) if st else None,
-            "gateway": c["gateway"]["address"],
+            "gateway": c.gateway.address,
             "controlplane_up": cp_up,
             "controlplane_answers": st is not None,
             "in_run": True,
@@ -317,9 +316,9 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
     trust = _trust_local(inp, problems)
     trust["rotation"] = _rotation_local(inp)
     problems.extend(traffic_problems(inp.traffic))
-    report = {
+    report: dict[str, Any] = {
         "kind": "local",
-        "run_dir": state.get("run_dir"),
+        "run_dir": state.run_dir,
         "now": now.isoformat(),
         "clusters": clusters,
         "services": services,
@@ -337,13 +336,15 @@ def evaluate_local(inp: LocalInputs) -> dict[str, Any]:
     return report
 
 
-def prometheus_section(state: Mapping[str, Any]) -> dict[str, Any]:
+def prometheus_section(state: RunState) -> dict[str, Any]:
     """The run's Prometheus: its address and URL, or why there is none (not installed); its process, if dead,
     is among the problems like any other recorded process."""
-    prom = state.get("prometheus") or {}
-    return {"url": prom.get("url"), "address": prom.get("address"), "config": prom.get("config"),
-            "scrape_interval_s": prom.get("scrape_interval_s"),
-            "reason": prom.get("reason") or ("" if prom else "this run was started without Prometheus")}
+    prom = state.prometheus
+    if prom is None:
+        return {"url": None, "address": None, "config": None, "scrape_interval_s": None,
+                "reason": "this run was started without Prometheus"}
+    return {"url": prom.url, "address": prom.address or None, "config": prom.config or None,
+            "scrape_interval_s": prom.scrape_interval_s, "reason": prom.reason}
 
 
 def _services(statuses: Mapping[str, ControlPlaneStatus | None], problems: list[str]) -> list[dict[str, Any]]:
@@ -446,31 +447,29 @@ def callable_names(st: ControlPlaneStatus | None) -> list[str]:
     return sorted(names)
 
 
-def addresses(state: Mapping[str, Any], statuses: Mapping[str, ControlPlaneStatus | None]) -> dict[str, Any]:
+def addresses(state: RunState, statuses: Mapping[str, ControlPlaneStatus | None]) -> dict[str, Any]:
     """Every address a person or script needs to use a local run."""
     clusters: dict[str, Any] = {}
     workloads: list[dict[str, Any]] = []
-    for name, c in state.get("clusters", {}).items():
-        cp, gw = c["controlplane"], c["gateway"]
-        clusters[name] = {"xds": cp["xds"], "dns": cp["dns"], "admin": cp["admin"],
-                          "status_url": f"http://{cp['admin']}/status", "gateway": gw["address"],
-                          "gateway_admin": gw["admin"], "controlplane_log": cp.get("log", "")}
+    for name, c in state.clusters.items():
+        cp, gw = c.controlplane, c.gateway
+        clusters[name] = {"xds": cp.xds, "dns": cp.dns, "admin": cp.admin, "status_url": f"http://{cp.admin}/status",
+                          "gateway": gw.address, "gateway_admin": gw.admin, "controlplane_log": cp.log}
         can_call = callable_names(statuses.get(name))
-        for w in c.get("workloads", []):
+        for w in c.workloads:
             workloads.append({
-                "cluster": name, "workload": w["name"], "service": w["service"] or None,
-                "sidecar_outbound": w["outbound"] or None, "sidecar_admin": w["sidecar_admin"],
-                "app": w.get("app") or None, "spiffe_id": w["spiffe_id"], "can_call": can_call,
-                "pod_ip": w.get("pod_ip"), "netns": w.get("netns"),
+                "cluster": name, "workload": w.name, "service": w.service or None,
+                "sidecar_outbound": w.outbound or None, "sidecar_admin": w.sidecar_admin, "app": w.app or None,
+                "spiffe_id": w.spiffe_id, "can_call": can_call, "pod_ip": w.pod_ip or None, "netns": w.netns or None,
             })
-    net = state.get("network") or {}
-    plan = net.get("plan") or {}
-    network = {"mode": net.get("mode", "loopback"), "run_id": net.get("run_id"), "public": plan.get("public_cidr"),
+    net = state.network
+    plan = net.plan or {}
+    network = {"mode": net.mode, "run_id": net.run_id or None, "public": plan.get("public_cidr"),
                "clusterset_ips": plan.get("vip_alloc_cidr") or plan.get("vip_cidr"),
                "clusters": {c["cluster"]: c["cidr"] for c in plan.get("clusters", [])},
-               "partitions": net.get("partitions") or {}}
-    return {"federation": state.get("federation", {}).get("url"), "clusters": clusters, "workloads": workloads,
-            "network": network}
+               "partitions": {k: list(v) for k, v in (net.partitions or {}).items()}}
+    return {"federation": state.federation.url if state.federation is not None else None, "clusters": clusters,
+            "workloads": workloads, "network": network}
 
 
 # ---- remote evaluation -----------------------------------------------------------------------------------------------
@@ -660,39 +659,40 @@ def collect_local(run_dir: Path) -> LocalInputs:
     stopped = local.stopped_message(run_dir, state)
     if stopped:
         raise StatusError(stopped)
-    alive = {int(p["pid"]): local.is_running(p) for p in state.get("processes", [])}
+    alive = {p.pid: local.is_running(p) for p in state.processes}
     statuses: dict[str, ControlPlaneStatus | None] = {}
     errors: dict[str, str] = {}
-    for name, c in state.get("clusters", {}).items():
+    for name, c in state.clusters.items():
         try:
-            statuses[name] = fetch_status(c["controlplane"]["admin"], what=name)
+            statuses[name] = fetch_status(c.controlplane.admin, what=name)
         except StatusError as exc:
             statuses[name] = None
             errors[name] = str(exc)
     root, root_error = None, ""
-    root_dir = state.get("ca", {}).get("root")
+    root_dir = state.ca.root if state.ca is not None else ""
     if root_dir:
         try:
             root = inspect_dir(Path(root_dir))
         except (TrustError, OSError) as exc:
             root_error = f"cannot read the root directory {root_dir}: {exc}"
-    members = local_members(state) if alive.get(int(state.get("federation", {}).get("pid", 0)), False) else None
-    fed_url = state.get("federation", {}).get("url")
-    first = next(iter(state.get("clusters", {}).items()), None)
+    fed_up = state.federation is not None and alive.get(state.federation.pid, False)
+    members = local_members(state) if fed_up else None
+    fed_url = state.federation.url if state.federation is not None else ""
+    first = next(iter(state.clusters.items()), None)
     fed_trust, fed_trust_error = None, ""
     if root is not None and root.get("phase") not in (None, "stable") and fed_url and first is not None:
         from federation.client import ClientError
         from meshfed.rotation import federation_trust_status
 
         try:
-            fed_trust = asyncio.run(federation_trust_status(fed_url, Path(first[1]["ca"]), first[0]))
+            fed_trust = asyncio.run(federation_trust_status(fed_url, Path(first[1].ca), first[0]))
         except (ClientError, TrustError, OSError) as exc:
             fed_trust_error = str(exc)
     from meshfed import traffic
 
     peers, peers_error = None, ""
     if members is not None and fed_url and first is not None:
-        peers, peers_error = _collect_peers(fed_url, Path(first[1]["ca"]), first[0])
+        peers, peers_error = _collect_peers(fed_url, Path(first[1].ca), first[0])
     return LocalInputs(state=state, alive=alive, controlplanes=statuses, errors=errors, root=root,
                        root_error=root_error, members=members, traffic=traffic.collect(state),
                        federation_trust=fed_trust, federation_trust_error=fed_trust_error, peers=peers,
@@ -708,15 +708,14 @@ def _collect_peers(url: str, ca_dir: Path, cluster: str) -> tuple[tuple[PeerStat
         return None, str(exc)
 
 
-def local_members(state: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
+def local_members(state: RunState) -> list[Mapping[str, Any]] | None:
     """The federation's member list of a local run (asked with one of the run's cluster identities); None when the
     federation does not answer."""
-    fed_url = state.get("federation", {}).get("url")
-    first = next(iter(state.get("clusters", {}).items()), None)
-    if not fed_url or first is None:
+    first = next(iter(state.clusters.items()), None)
+    if state.federation is None or first is None:
         return None
     try:
-        return list(asyncio.run(_local_catalog(fed_url, Path(first[1]["ca"]), first[0])).members)
+        return list(asyncio.run(_local_catalog(state.federation.url, Path(first[1].ca), first[0])).members)
     except (StatusError, TrustError, OSError) as exc:
         log.info("federation catalog unavailable, using the control planes' view: %s", exc)
         return None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.telemetry import REPORTER_SOURCE, parse_prometheus
+from meshfed.runstate import RunState
 
 METRIC = "envoy_meshfed_requests_total"
 NO_ROUTE = "(no route)"
@@ -97,12 +98,11 @@ def _scrape(admin: str, timeout: float) -> str:
         return ""  # a sidecar that does not answer is reported by the processes check, not here
 
 
-def sidecar_admins(state: Mapping[str, Any]) -> list[str]:
-    return [w["sidecar_admin"] for c in state.get("clusters", {}).values() for w in c.get("workloads", [])
-            if w.get("sidecar_admin")]
+def sidecar_admins(state: RunState) -> list[str]:
+    return [w.sidecar_admin for c in state.clusters.values() for w in c.workloads if w.sidecar_admin]
 
 
-def collect(state: Mapping[str, Any], *, interval_s: float = 1.0, timeout: float = 2.0) -> list[dict[str, Any]]:
+def collect(state: RunState, *, interval_s: float = 1.0, timeout: float = 2.0) -> list[dict[str, Any]]:
     """Scrape every sidecar of a local run twice, ``interval_s`` apart, and return the traffic rows."""
     admins = sidecar_admins(state)
     if not admins:

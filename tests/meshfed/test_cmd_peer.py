@@ -18,6 +18,7 @@ from meshfed.cli import cli
 from meshfed.status import LocalInputs, evaluate_local, sections
 from tests.federation.fedkit import eventually
 from tests.federation.peerkit import Side
+from tests.support.runstate import state_from
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -123,7 +124,7 @@ def test_status_shows_peers_and_their_problems() -> None:
                    error="keys[0].x5c[0] is not a DER certificate")
     expired = _row(name="e", trust_domain="e.test", expired=True)
     never = _row(name="f", trust_domain="f.test", bundle_source="bootstrap", fetched_at=None, bundle_age_s=None)
-    inp = LocalInputs(state={"clusters": {}, "processes": []}, alive={}, controlplanes={},
+    inp = LocalInputs(state=state_from({"clusters": {}, "processes": []}), alive={}, controlplanes={},
                       peers=(healthy, down, refused, expired, never))
     report = evaluate_local(inp)
     problems = [p for p in report["problems"] if p.startswith("peer ")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from meshfed import diagnose
 from meshfed.cli import cli
 from meshfed.controlplane.status import decode_status
 from meshfed.diagnose import FAIL, OK, SKIPPED, Evidence, chain_error, evaluate, parse_service, report
+from meshfed.runstate import WorkloadState
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 HOST = "ratings.default.svc.clusterset.local"
@@ -43,11 +45,19 @@ def status(name: str) -> dict[str, Any]:
     return st
 
 
+def client(**changes: Any) -> WorkloadState:
+    """The caller's client workload as the run's state records it."""
+    base = WorkloadState(name="sleep-east", cluster="east", namespace="default", service="", service_account="sleep",
+                         address="127.0.0.10", token="t", port_name="http", service_port=9080,
+                         spiffe_id="spiffe://mesh.local/ns/default/sa/sleep", node_id=NODE, outbound="127.0.0.1:5000")
+    return replace(base, **changes)
+
+
 def evidence(**changes: Any) -> Evidence:
     base: dict[str, Any] = {
         "service": "ratings.default", "caller": "east",
         "statuses": {"east": status("east"), "west": status("west")},
-        "client": {"name": "sleep-east", "node_id": NODE, "outbound": "127.0.0.1:5000"},
+        "client": client(),
         "gateways": {"west": {"configs": [{"dynamic_listeners": [{"active_state": {"listener": {"filter_chains": [
             {"filter_chain_match": {"server_names": [SNI]}}]}}}]}]}},
         "dns_answer": ["127.241.0.9"],
@@ -114,7 +124,7 @@ def test_nack_or_missing_route_is_hop_4() -> None:
     assert first(ev) == "xds" and "Listener: bad listener" in evaluate(ev)[3].detail
     no_route = evidence(sidecar_config={"configs": []})
     assert first(no_route) == "xds" and "no route" in evaluate(no_route)[3].detail
-    no_stream = evidence(client={"name": "sleep-east", "node_id": "other", "outbound": "x"})
+    no_stream = evidence(client=client(node_id="other", outbound="x"))
     assert first(no_stream) == "xds"
 
 

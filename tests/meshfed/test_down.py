@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from meshfed import local, procs
 from meshfed.cli import cli
+from tests.support.runstate import state_from
 
 
 def _exited_pid() -> int:
@@ -28,7 +29,7 @@ def stopped_run(tmp_path: Path) -> Path:
     state = {"run_dir": str(run_dir), "clusters": {}, "federation": {"pid": pid, "url": "https://127.0.0.1:1"},
              "processes": [{"name": "federation", "pid": pid, "argv": ["x"], "log": "f.log", "start_time": 1}],
              "stopped_at": time.time()}
-    local.write_state(run_dir, state)
+    local.write_state(run_dir, state_from(state))
     return run_dir
 
 
@@ -53,9 +54,9 @@ def test_down_does_not_signal_a_pid_that_now_belongs_to_another_process(tmp_path
     try:
         run_dir = tmp_path / "run"
         assert other.start_time is not None
-        local.write_state(run_dir, {"clusters": {}, "processes": [
+        local.write_state(run_dir, state_from({"clusters": {}, "processes": [
             {"name": "federation", "pid": other.pid, "argv": ["x"], "log": "f.log",
-             "start_time": other.start_time - 5}]})
+             "start_time": other.start_time - 5}]}))
         result = CliRunner().invoke(cli, ["down", "--run-dir", str(run_dir)])
         assert result.exit_code == 0, result.output
         assert procs.alive(other.pid)
@@ -87,10 +88,10 @@ def test_restart_starts_a_killed_process_again_and_records_it(tmp_path: Path) ->
     new_pid = 0
     try:
         run_dir = tmp_path / "run"
-        local.write_state(run_dir, {"cwd": str(tmp_path), "clusters": {}, "federation": {"pid": rec.pid},
-                                    "processes": [{"name": "federation", "pid": rec.pid, "argv": argv,
-                                                   "log": str(run_dir / "federation.log"),
-                                                   "start_time": rec.start_time}]})
+        local.write_state(run_dir, state_from({"cwd": str(tmp_path), "clusters": {}, "federation": {"pid": rec.pid},
+                                               "processes": [{"name": "federation", "pid": rec.pid, "argv": argv,
+                                                              "log": str(run_dir / "federation.log"),
+                                                              "start_time": rec.start_time}]}))
         procs.kill9(rec.pid)
         assert procs.stop(rec.pid, timeout=5)
         result = CliRunner().invoke(cli, ["restart", "federation", "--run-dir", str(run_dir), "-o", "json"])
@@ -99,7 +100,7 @@ def test_restart_starts_a_killed_process_again_and_records_it(tmp_path: Path) ->
         new_pid = int(out["pid"])
         assert out["was_running"] is False and out["restarts"] == 1 and new_pid != rec.pid
         state = local.read_state(run_dir)
-        assert state["federation"]["pid"] == new_pid and local.running(state)
+        assert state.federation is not None and state.federation.pid == new_pid and local.running(state)
         result = CliRunner().invoke(cli, ["restart", "nothing", "--run-dir", str(run_dir)])
         assert result.exit_code == 1 and "processes: federation" in result.output
     finally:
@@ -115,23 +116,24 @@ def test_supervisor_restarts_a_dead_process_with_backoff_and_not_after_down(tmp_
     run_dir = tmp_path / "run"
     recs = [procs.start(n, argv, log_path=run_dir / f"{n}.log") for n in ("federation", "east/sleep-east")]
     try:
-        local.write_state(run_dir, {"cwd": str(tmp_path), "clusters": {}, "processes": [
+        local.write_state(run_dir, state_from({"cwd": str(tmp_path), "clusters": {}, "processes": [
             {"name": r.name, "pid": r.pid, "argv": argv, "log": r.log, "start_time": r.start_time,
-             "held": r.name == "east/sleep-east"} for r in recs]})
+             "held": r.name == "east/sleep-east"} for r in recs]}))
         for r in recs:
             procs.kill9(r.pid)
             assert procs.stop(r.pid, timeout=5)
         sup = local.Supervisor(run_dir, initial_backoff=10.0)
         assert sup.tick(now=100.0) == ["federation"]  # the held one stays stopped
-        first = local.read_state(run_dir)["processes"][0]
-        assert first["restarts"] == 1 and local.is_running(first)
-        procs.kill9(int(first["pid"]))
-        assert procs.stop(int(first["pid"]), timeout=5)
+        first = local.read_state(run_dir).processes[0]
+        assert first.restarts == 1 and local.is_running(first)
+        procs.kill9(first.pid)
+        assert procs.stop(first.pid, timeout=5)
         assert sup.tick(now=105.0) == []  # within the backoff
         assert sup.tick(now=111.0) == ["federation"]
-        assert local.read_state(run_dir)["processes"][0]["restarts"] == 2
+        assert local.read_state(run_dir).processes[0].restarts == 2
         local.stop_run(run_dir)  # 'meshfed down': nothing is restarted any more
         assert sup.tick(now=1000.0) == [] and not local.running(local.read_state(run_dir))
     finally:
-        for p in local.read_state(run_dir, missing_ok=True).get("processes", []):
-            procs.stop(int(p["pid"]))
+        left = local.read_state(run_dir, missing_ok=True)
+        for p in left.processes if left is not None else ():
+            procs.stop(p.pid)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from meshfed import prometheus as prom
+from tests.support.runstate import state_from
 
-STATE: dict[str, Any] = {
+STATE = state_from({
     "federation": {"url": "https://127.0.0.1:9000", "metrics": "127.0.0.1:9001"},
     "clusters": {
         "east": {"controlplane": {"admin": "127.0.0.1:9100"}, "gateway": {"admin": "127.0.0.1:9101"},
@@ -21,7 +21,7 @@ STATE: dict[str, Any] = {
         "west": {"controlplane": {"admin": "127.0.0.1:9200"}, "gateway": {"admin": "10.0.0.5:15000"},
                  "workloads": [{"name": "ratings-west-0", "sidecar_admin": "10.1.0.3:15000"}]},
     },
-}
+})
 
 
 def _promtool() -> str:
@@ -144,10 +144,10 @@ def test_a_run_without_prometheus_says_so_and_carries_on(tmp_path: Path, monkeyp
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no prometheus to be found
     said: list[str] = []
     run = local.LocalRun(clusterset_dir=tmp_path, run_dir=tmp_path / "run", progress=said.append)
-    run.state = dict(STATE)
+    run.state = STATE
     run._prometheus()
-    assert run.state["prometheus"]["url"] is None
+    assert run.run.prometheus is not None and run.run.prometheus.url is None
     assert any("prometheus is not installed" in line for line in said), said
-    assert "processes" not in run.state  # nothing was started
+    assert run.run.processes == ()  # nothing was started
     section = status.prometheus_section(local.read_state(tmp_path / "run"))
     assert section["url"] is None and "not installed" in section["reason"]

@@ -14,6 +14,7 @@ from meshfed.cli import cli
 from meshfed.controlplane.status import decode_status
 from meshfed.jsondoc import decode
 from meshfed.rotation import RotationReport
+from meshfed.runstate import RunState
 from meshfed.status import (
     EXPIRY_FRACTION,
     LocalInputs,
@@ -23,6 +24,7 @@ from meshfed.status import (
     evaluate_remote,
     sections,
 )
+from tests.support.runstate import state_from
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -40,7 +42,7 @@ def cond(ctype: str, status: str, reason: str, message: str) -> dict[str, str]:
 GOOD_CONDS = [cond("Valid", "True", "Valid", "ok"), cond("Conflict", "False", "NoConflicts", "agree")]
 
 
-def run_state() -> dict[str, Any]:
+def run_state() -> RunState:
     clusters = {}
     pid = 100
     processes = [{"name": "federation", "pid": 1, "log": "/run/federation.log"}]
@@ -55,8 +57,8 @@ def run_state() -> dict[str, Any]:
                            "sidecar_admin": f"127.0.0.1:{pid}7", "app": "",
                            "spiffe_id": "spiffe://demo.meshfed.local/ns/default/sa/sleep"}],
         }
-    return {"run_dir": "/run", "federation": {"url": "https://127.0.0.1:4000", "pid": 1, "lease_ttl_s": 3},
-            "processes": processes, "clusters": clusters}
+    return state_from({"run_dir": "/run", "federation": {"url": "https://127.0.0.1:4000", "pid": 1, "lease_ttl_s": 3},
+                       "processes": processes, "clusters": clusters})
 
 
 def cp_status(name: str) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def inputs(**changes: Any) -> LocalInputs:
     state = run_state()
     base: dict[str, Any] = {
         "state": state,
-        "alive": {p["pid"]: True for p in state["processes"]},
+        "alive": {p.pid: True for p in state.processes},
         "controlplanes": {"east": cp_status("east"), "west": cp_status("west")},
         "root": root(),
         "now": NOW,

@@ -15,6 +15,7 @@ from meshfed.controlplane import ControlPlane, ControlPlaneConfig, Listen
 from meshfed.controlplane.status import decode_status
 from meshfed.local import http_get
 from meshfed.status import LocalInputs, evaluate_local
+from tests.support.runstate import state_from
 
 BAD = {
     "broken.yaml": "apiVersion: v1\nkind: Service\nmetadata: {name: broken\n",
@@ -43,7 +44,7 @@ async def test_every_manifest_problem_of_a_control_plane_reaches_status(demo: Pa
     state = {"clusters": {"east": {"controlplane": {"pid": 1, "admin": addr, "xds": addr, "dns": addr},
                                    "gateway": {"address": addr, "admin": addr}, "workloads": []}},
              "processes": [{"name": "east/controlplane", "pid": 1, "log": "x"}]}
-    report = evaluate_local(LocalInputs(state=state, alive={1: True}, controlplanes={"east": st},
+    report = evaluate_local(LocalInputs(state=state_from(state), alive={1: True}, controlplanes={"east": st},
                                         members=[{"cluster": "east", "renewed_at": datetime.now(UTC).isoformat()}]))
     assert any("ghost.default" in p and "NoService" in p for p in report["problems"]), report["problems"]
     mine = [p for p in report["problems"] if p.startswith("east: manifest")]
