@@ -24,7 +24,8 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from meshfed.runstate import RunState
 
 RUNNABLE = {"sh", "bash", "shell"}
 _FENCE = re.compile(r"^(\s*)```+\s*([\w-]*)")
@@ -90,19 +91,19 @@ def blocks(path: Path) -> list[Block]:
     return out
 
 
-def placeholders(state: Mapping[str, Any]) -> dict[str, str]:
+def placeholders(state: RunState) -> dict[str, str]:
     """Every placeholder a page may use, from a local run's state."""
     out: dict[str, str] = {}
-    for name, c in state.get("clusters", {}).items():
-        cp = c["controlplane"]
-        for key in ("dns", "xds", "admin"):
-            out[f"{name} {key}"] = cp[key]
-            out[f"{name} {key} port"] = cp[key].rpartition(":")[2]
-        out[f"{name} gateway admin"] = c["gateway"]["admin"]
-        for w in c.get("workloads", []):
-            out[f"{w['name']} outbound"] = w["outbound"]
-            out[f"{w['name']} admin"] = w["sidecar_admin"]
-    out["federation url"] = state.get("federation", {}).get("url", "")
+    for name, c in state.clusters.items():
+        cp = c.controlplane
+        for key, value in (("dns", cp.dns), ("xds", cp.xds), ("admin", cp.admin)):
+            out[f"{name} {key}"] = value
+            out[f"{name} {key} port"] = value.rpartition(":")[2]
+        out[f"{name} gateway admin"] = c.gateway.admin
+        for w in c.workloads:
+            out[f"{w.name} outbound"] = w.outbound
+            out[f"{w.name} admin"] = w.sidecar_admin
+    out["federation url"] = state.federation.url if state.federation is not None else ""
     return out
 
 

@@ -77,8 +77,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
         yield ws
     finally:
         local.stop_run(ws.run_dir)
-        for p in local.read_state(ws.run_dir, missing_ok=True).get("processes", []):
-            procs.stop(int(p["pid"]))
+        for p in (s.processes if (s := local.read_state(ws.run_dir, missing_ok=True)) else ()):
+            procs.stop(p.pid)
 
 
 @pytest.mark.parametrize("page", PAGES)

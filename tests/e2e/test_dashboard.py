@@ -186,24 +186,24 @@ def test_page_shows_both_clusters_their_gateways_and_edges(run: Path, browser: A
 
 def test_prometheus_runs_the_config_meshfed_rendered_and_scrapes_every_target(run: Path) -> None:
     state = state_of(run)
-    url = state["prometheus"]["url"]
+    url = state.prometheus.url
     with urllib.request.urlopen(f"{url}/api/v1/status/config", timeout=10) as resp:
         loaded = yaml.safe_load(json.loads(resp.read())["data"]["yaml"])
-    rendered = yaml.safe_load(Path(state["prometheus"]["config"]).read_text())
+    rendered = yaml.safe_load(Path(state.prometheus.config).read_text())
     assert [j["job_name"] for j in loaded["scrape_configs"]] == [j["job_name"] for j in rendered["scrape_configs"]]
     expected = {f"{t.role}/{t.labels.get('cluster', '')}/{t.labels.get('workload', '')}"
                 for t in prom.run_targets(state)}
     local.wait_until("every target scraped", lambda: prom.targets_up(url) == dict.fromkeys(expected, True),
                      timeout=60)
     # the federation's plain metrics listener serves /metrics and nothing else of its API
-    metrics = state["federation"]["metrics"]
+    metrics = state.federation.metrics
     assert local.http_get(f"http://{metrics}/metrics")[0] == 200
     assert local.http_get(f"http://{metrics}/v1/catalog")[0] == 404
     assert local.http_get(f"http://{metrics}/healthz")[0] == 404
 
 
 def test_traffic_appears_on_the_edge(run: Path, dashboard: str, browser: Any, shots: Path) -> None:
-    url = state_of(run)["prometheus"]["url"]
+    url = state_of(run).prometheus.url
     with Traffic(run) as traffic:
         wait(browser, "east -> west ratings carrying traffic",
              lambda d: (edge(page(d), "east", "west", RATINGS) or {}).get("state") == "ok", timeout=90)

@@ -10,6 +10,7 @@ certificate hop), and `meshfed down` leaves no recorded process running.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from federation.trust.store import init_root, issue_intermediate
 from meshfed import local, procs
+from meshfed.runstate import RunState, WorkloadState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -36,12 +38,12 @@ def meshfed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
                           timeout=timeout, check=False)
 
 
-def state_of(run: Path) -> dict[str, Any]:
+def state_of(run: Path) -> RunState:
     return local.read_state(run)
 
 
 def recorded_pids(run: Path) -> list[int]:
-    return [int(p["pid"]) for p in state_of(run).get("processes", [])]
+    return [p.pid for p in state_of(run).processes]
 
 
 @contextlib.contextmanager
@@ -64,14 +66,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield run_dir
 
 
-def client(run: Path, cluster: str) -> dict[str, Any]:
+def client(run: Path, cluster: str) -> WorkloadState:
     return local.client_of(state_of(run), cluster)
 
 
 def answers(run: Path, cluster: str, host: str, n: int) -> list[dict[str, Any]]:
     out = []
     for _ in range(n):
-        status, body = local.call(client(run, cluster)["outbound"], host)
+        status, body = local.call(client(run, cluster).outbound, host)
         out.append({"status": status, **(json.loads(body) if status == 200 else {"body": body[:200]})})
     return out
 
@@ -92,12 +94,12 @@ def wait_for(what: str, check: Any, *, timeout: float = 60.0) -> Any:
 
 
 def test_cross_cluster_call_carries_the_callers_identity(run: Path) -> None:
-    status, body = local.call(client(run, "east")["outbound"], "ratings.default.svc.clusterset.local")
+    status, body = local.call(client(run, "east").outbound, "ratings.default.svc.clusterset.local")
     assert status == 200, body
     answer = json.loads(body)
     assert answer["cluster"] == "west"
     assert answer["service"] == "ratings"
-    assert answer["caller"] == client(run, "east")["spiffe_id"] == "spiffe://demo.meshfed.local/ns/default/sa/sleep"
+    assert answer["caller"] == client(run, "east").spiffe_id == "spiffe://demo.meshfed.local/ns/default/sa/sleep"
 
 
 def test_status_json_lists_every_address_and_is_healthy(run: Path) -> None:
@@ -113,7 +115,7 @@ def test_status_json_lists_every_address_and_is_healthy(run: Path) -> None:
         for key in ("xds", "dns", "admin", "gateway", "gateway_admin"):
             assert c[key].startswith("127.0.0.1:"), (cluster, key, c[key])
     sleep_east = next(w for w in addr["workloads"] if w["workload"] == "sleep-east")
-    assert sleep_east["sidecar_outbound"] == client(run, "east")["outbound"]
+    assert sleep_east["sidecar_outbound"] == client(run, "east").outbound
     assert "ratings.default.svc.clusterset.local" in sleep_east["can_call"]
     assert {c["cluster"]: c["connected"] for c in report["clusters"]} == {"east": True, "west": True}
     ratings = next(s for s in report["services"] if s["service"] == "ratings.default")
@@ -157,7 +159,7 @@ def _register_by_hand(run: Path, cluster: str) -> None:
     ctx, bundle = cluster_credentials(run / "ca" / cluster, ClusterId(cluster))
 
     async def register() -> None:
-        async with FederationClient(state_of(run)["federation"]["url"], ssl_context=ctx, cluster=ClusterId(cluster),
+        async with FederationClient(state_of(run).federation.url, ssl_context=ctx, cluster=ClusterId(cluster),
                                     bundle=bundle) as fed:
             await fed.register(ClusterInfo(id=ClusterId(cluster), network=NetworkId(f"net-{cluster}"),
                                            gateway_host="127.0.0.1", gateway_port=1))
@@ -210,9 +212,9 @@ def test_stopping_wests_reviews_fails_over_to_east(run: Path) -> None:
 
 
 def test_stopping_wests_control_plane_withdraws_its_exports(run: Path) -> None:
-    west = state_of(run)["clusters"]["west"]["controlplane"]
-    assert procs.stop(int(west["pid"]))
-    east_admin = state_of(run)["clusters"]["east"]["controlplane"]["admin"]
+    west = state_of(run).clusters["west"].controlplane
+    assert procs.stop(west.pid)
+    east_admin = state_of(run).clusters["east"].controlplane.admin
 
     def withdrawn() -> bool:
         _, body = local.http_get(f"http://{east_admin}/status")
@@ -232,17 +234,16 @@ def test_stopping_wests_control_plane_withdraws_its_exports(run: Path) -> None:
 
 def test_foreign_intermediate_is_named_by_diagnose(run: Path, tmp_path: Path) -> None:
     state = state_of(run)
-    td = TrustDomain.parse(state["trust_domain"])
+    td = TrustDomain.parse(state.trust_domain)
     init_root(tmp_path / "foreign-root", td)
     issue_intermediate(tmp_path / "foreign-root", SpiffeId.cluster(td, "west"), tmp_path / "foreign-west")
-    west_ca = Path(state["clusters"]["west"]["ca"])
+    west_ca = Path(state.clusters["west"].ca)
     for name in ("ca-cert.pem", "ca-key.pem", "cert-chain.pem"):  # root-cert.pem (the real bundle) stays
         shutil.copy2(tmp_path / "foreign-west" / name, west_ca / name)
     # Restart west's control plane on the broken CA, recorded in the run so `meshfed down` stops it too.
-    old = next(p for p in state["processes"] if p["name"] == "west/controlplane")
-    rec = procs.start("west/controlplane", old["argv"], log_path=Path(old["log"]))
-    state["processes"].append({"name": rec.name, "pid": rec.pid, "argv": list(rec.argv), "log": rec.log})
-    local.write_state(run, state)
+    old = next(p for p in state.processes if p.name == "west/controlplane")
+    rec = procs.start("west/controlplane", old.argv, log_path=Path(old.log))
+    local.write_state(run, dataclasses.replace(state, processes=(*state.processes, rec)))
 
     done = meshfed("diagnose", "reviews.default", "--from", "east", "--run-dir", str(run), "-o", "json")
     result = json.loads(done.stdout)

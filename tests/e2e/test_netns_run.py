@@ -87,7 +87,7 @@ def up(run_dir: Path, clusterset: Path) -> subprocess.CompletedProcess[str]:
 
 
 def run_id(run_dir: Path) -> str:
-    return str(local.read_state(run_dir)["network"]["run_id"])
+    return local.read_state(run_dir).network.run_id
 
 
 def cleanup(run_dir: Path) -> None:
@@ -96,8 +96,8 @@ def cleanup(run_dir: Path) -> None:
     if not (run_dir / local.STATE_FILE).exists():
         return
     state = local.read_state(run_dir)
-    for rec in state.get("processes", []):
-        procs.stop(int(rec["pid"]), start=rec.get("start_time"))
+    for rec in state.processes:
+        procs.stop(rec.pid, start=rec.start_time)
     local.remove_network(run_dir, state)
 
 
@@ -170,10 +170,10 @@ def test_cross_cluster_tcp_by_dns_name_from_inside_easts_pod(run: Path) -> None:
 
 def test_east_pod_has_no_route_to_a_west_pod(run: Path) -> None:
     state = local.read_state(run)
-    west_ratings = next(w for w in state["clusters"]["west"]["workloads"] if w["name"] == "ratings-west-0")
-    assert in_pod(run, "sleep-east", f"http://{west_ratings['pod_ip']}:9080/") == "error OSError 101"  # ENETUNREACH
+    west_ratings = next(w for w in state.clusters["west"].workloads if w.name == "ratings-west-0")
+    assert in_pod(run, "sleep-east", f"http://{west_ratings.pod_ip}:9080/") == "error OSError 101"  # ENETUNREACH
     # ... and neither has the east-west gateway's cluster side, nor the root namespace an address in west's pods
-    gw = state["clusters"]["west"]["gateway"]["admin"].split(":")[0]
+    gw = state.clusters["west"].gateway.admin.split(":")[0]
     assert in_pod(run, "sleep-east", f"http://{gw}:15000/ready") == "error OSError 101"
 
 
@@ -201,7 +201,7 @@ except (OSError, ssl.SSLError) as exc:
 def test_unknown_sni_is_refused_at_the_gateway(run: Path) -> None:
     """From east's pod as the proxy uid (not captured, as a sidecar dials): west's gateway passes a known SNI through
     (the handshake reaches ratings' sidecar) and closes a connection whose SNI names no exported service."""
-    gw = local.read_state(run)["clusters"]["west"]["gateway"]["address"]
+    gw = local.read_state(run).clusters["west"].gateway.address
     host, port = gw.rsplit(":", 1)
 
     def handshake(sni: str) -> str:
@@ -222,15 +222,15 @@ CONNECT = ("import socket, sys\n"
 
 def test_pods_reach_their_clusters_control_plane_dns_and_the_federation_on_the_bridge(run: Path) -> None:
     state = local.read_state(run)
-    east, west = state["clusters"]["east"], state["clusters"]["west"]
-    fed = state["federation"]["pod_urls"]
-    targets = {"xds": east["controlplane"]["xds"], "federation": fed["east"].removeprefix("https://")}
+    east, west = state.clusters["east"], state.clusters["west"]
+    fed = state.federation.pod_urls
+    targets = {"xds": east.controlplane.xds, "federation": fed["east"].removeprefix("https://")}
     for what, address in targets.items():
         host, port = address.rsplit(":", 1)
         done = meshfed("exec", "sleep-east", "--run-dir", str(run), "--", sys.executable, "-I", "-c", CONNECT, host,
                        port)
         assert done.stdout.strip() == "ok", (what, done.stdout, done.stderr)
-    host, port = west["controlplane"]["xds"].rsplit(":", 1)  # another cluster's control plane: no route
+    host, port = west.controlplane.xds.rsplit(":", 1)  # another cluster's control plane: no route
     done = meshfed("exec", "sleep-east", "--run-dir", str(run), "--", sys.executable, "-I", "-c", CONNECT, host, port)
     assert done.stdout.strip() == "OSError 101"
 
@@ -241,7 +241,7 @@ def test_status_gives_pod_ips_and_is_healthy(run: Path) -> None:
     assert done.returncode == 0, report["problems"]
     state = local.read_state(run)
     pods = {w["workload"]: w["pod_ip"] for w in report["addresses"]["workloads"]}
-    plan = state["network"]["plan"]
+    plan = state.network.plan
     east_net, west_net = (c["cidr"].rsplit(".", 2)[0] for c in plan["clusters"])
     assert pods["sleep-east"].startswith(east_net + ".") and pods["ratings-west-0"].startswith(west_net + ".")
     assert len(set(pods.values())) == len(pods)
@@ -319,7 +319,7 @@ def test_partition_of_west_fails_over_to_easts_own_pods_and_heals(run: Path) -> 
     finally:
         healed = meshfed("fault", "heal", "west", "--run-dir", str(run))
     assert healed.returncode == 0, healed.stderr
-    assert "west" not in local.read_state(run)["network"]["partitions"]
+    assert "west" not in local.read_state(run).network.partitions
     assert_ratings_answered_again(run)
 
 
@@ -327,8 +327,8 @@ def test_fault_stop_and_start_a_component(run: Path) -> None:
     stopped = meshfed("fault", "stop", "eastwest-gateway-west", "--run-dir", str(run), "-o", "json")
     assert stopped.returncode == 0, stopped.stderr
     state = local.read_state(run)
-    gw = next(p for p in state["processes"] if p["name"] == "west/eastwest-gateway")
-    assert gw["held"] is True and not local.is_running(gw)
+    gw = next(p for p in state.processes if p.name == "west/eastwest-gateway")
+    assert gw.held is True and not local.is_running(gw)
     assert not in_pod(run, "sleep-east", f"http://{RATINGS}:9080/", timeout=3).startswith("200 ")
     started = meshfed("fault", "start", "eastwest-gateway-west", "--run-dir", str(run), "-o", "json")
     assert started.returncode == 0, started.stderr
@@ -345,7 +345,7 @@ def test_fault_stop_and_start_a_component(run: Path) -> None:
 
 def test_down_leaves_nothing_and_a_second_up_works(run: Path) -> None:
     first = run_id(run)
-    pids = [int(p["pid"]) for p in local.read_state(run)["processes"]]
+    pids = [p.pid for p in local.read_state(run).processes]
     done = meshfed("down", "--run-dir", str(run))
     assert done.returncode == 0, done.stderr
     assert [pid for pid in pids if procs.alive(pid)] == []
@@ -357,7 +357,7 @@ def test_down_leaves_nothing_and_a_second_up_works(run: Path) -> None:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
     assert f"mf-{first}-" not in listed and f"mf{first}" not in links
 
-    again = up(run, Path(local.read_state(run)["clusterset"]))
+    again = up(run, Path(local.read_state(run).clusterset))
     try:
         assert again.returncode == 0, f"second meshfed up failed:\n{again.stdout}\n{again.stderr}"
         second = run_id(run)
@@ -379,14 +379,14 @@ def test_down_cleans_up_after_up_was_killed(tmp_path: Path) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and popen.poll() is None:
             state = local.read_state(run_dir, missing_ok=True)
-            if any(p["name"].endswith("/controlplane") for p in state.get("processes", [])):
+            if state is not None and any(p.name.endswith("/controlplane") for p in state.processes):
                 break
             time.sleep(0.2)
         assert popen.poll() is None, "meshfed up exited before it could be killed"
         popen.kill()
         popen.wait(timeout=30)
         state = local.read_state(run_dir)
-        rid = str(state["network"]["run_id"])
+        rid = state.network.run_id
         assert netns.leftovers(rid), "the killed up had built its network"
         assert local.running(state), "the killed up had started processes"
         done = meshfed("down", "--run-dir", str(run_dir))

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from meshfed import local, procs
+from meshfed.runstate import WorkloadState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -75,8 +76,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]
         for run in (run_a, run_b):
             meshfed("down", "--run-dir", str(run))
             if (run / local.STATE_FILE).exists():
-                for p in local.read_state(run).get("processes", []):
-                    procs.stop(int(p["pid"]))
+                for p in local.read_state(run).processes:
+                    procs.stop(p.pid)
 
 
 def peers(run: Path) -> list[dict[str, Any]]:
@@ -95,17 +96,17 @@ PEER_RATINGS = "ratings.default.svc.other.clusterset.local"  # B's ratings as A 
 CALLER = "spiffe://demo.meshfed.local/ns/default/sa/sleep"
 
 
-def client(run: Path, cluster: str = "east") -> dict[str, Any]:
+def client(run: Path, cluster: str = "east") -> WorkloadState:
     return local.client_of(local.read_state(run), cluster)
 
 
 def call(run: Path, host: str = PEER_RATINGS, *, outbound: str = "") -> tuple[int, dict[str, Any] | str]:
-    status, body = local.call(outbound or client(run)["outbound"], host, timeout=5.0)
+    status, body = local.call(outbound or client(run).outbound, host, timeout=5.0)
     return status, (json.loads(body) if status == 200 else body[:300])
 
 
 def dig_a(run: Path, name: str) -> list[str]:
-    host, _, port = local.read_state(run)["clusters"]["east"]["controlplane"]["dns"].rpartition(":")
+    host, _, port = local.read_state(run).clusters["east"].controlplane.dns.rpartition(":")
     done = subprocess.run(["dig", f"@{host}", "-p", port, "+short", "+tries=1", "+time=2", name, "A"],
                           capture_output=True, text=True, timeout=30, check=False)
     return done.stdout.split()
@@ -142,8 +143,8 @@ def test_a_workload_calls_the_service_a_peer_exported_to_it(runs: tuple[Path, Pa
     assert status == 404, body
     # A caller ratings' policy does not name (A's reviews workload, another service account): refused by B's
     # sidecar in the TLS handshake, so A's sidecar answers 503 and nothing reaches the app.
-    reviews = next(w for w in local.read_state(run_a)["clusters"]["east"]["workloads"] if w["service"] == "reviews")
-    status, body = call(run_a, outbound=reviews["outbound"])
+    reviews = next(w for w in local.read_state(run_a).clusters["east"].workloads if w.service == "reviews")
+    status, body = call(run_a, outbound=reviews.outbound)
     assert status == 503, body
     # meshfed status lists the peer's service as every control plane of A serves it.
     done = meshfed("status", "--run-dir", str(run_a), "-o", "json", timeout=120)
@@ -159,8 +160,8 @@ def test_a_root_rotation_on_the_calling_side_under_traffic_across_the_peering(ru
     from tests.e2e.test_rotation import Traffic
 
     run_a, run_b = runs
-    root_a = local.read_state(run_a)["ca"]["root"]
-    traffic = Traffic(client(run_a)["outbound"], target=PEER_RATINGS)
+    root_a = local.read_state(run_a).ca.root
+    traffic = Traffic(client(run_a).outbound, target=PEER_RATINGS)
     figures: dict[str, float] = {}
     traffic.start()
     try:

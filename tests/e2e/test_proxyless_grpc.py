@@ -18,7 +18,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -28,6 +27,7 @@ from federation.trust.ca import issue_workload
 from federation.trust.spiffe import SpiffeId, TrustDomain
 from federation.trust.store import load_cluster_ca
 from meshfed import local, procs
+from meshfed.runstate import RunState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -63,7 +63,7 @@ spec:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunState]:
     base = tmp_path_factory.mktemp("meshfed-grpc")
     demo = base / "demo"
     shutil.copytree(REPO / "clusters" / "demo", demo)
@@ -76,20 +76,20 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     finally:
         meshfed("down", "--run-dir", str(run_dir))
         if (run_dir / local.STATE_FILE).exists():
-            for rec in local.read_state(run_dir).get("processes", []):
-                procs.stop(int(rec["pid"]))
+            for rec in local.read_state(run_dir).processes:
+                procs.stop(rec.pid)
 
 
-def grpc_call(state: dict[str, Any], cluster: str, *args: str) -> subprocess.CompletedProcess[str]:
+def grpc_call(state: RunState, cluster: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
-    env.update(state["clusters"][cluster]["grpc_client"]["env"])
+    env.update(state.clusters[cluster].grpc_client.env)
     return subprocess.run([sys.executable, "-m", "meshfed.demogrpc", "call", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=90, check=False)
 
 
-def test_proxyless_client_in_east_reaches_proxyless_server_in_west_over_mtls(run: dict[str, Any]) -> None:
-    server = run["clusters"]["west"]["proxyless"][0]
-    assert server["service"] == "echo-grpc"
+def test_proxyless_client_in_east_reaches_proxyless_server_in_west_over_mtls(run: RunState) -> None:
+    server = run.clusters["west"].proxyless[0]
+    assert server.service == "echo-grpc"
     done = grpc_call(run, "east", TARGET, "--message", "from-east", "--timeout", "30", "--count", "3")
     assert done.returncode == 0, done.stderr[-3000:]
     answers = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -99,15 +99,15 @@ def test_proxyless_client_in_east_reaches_proxyless_server_in_west_over_mtls(run
         # The server saw the caller's certificate (mTLS through the passthrough gateway), issued by east's CA.
         assert answer["caller"] == f"spiffe://{TD}/ns/default/sa/grpc-client", answer
     # It went through west's gateway: the gateway counted connections on echo-grpc's SNI chain.
-    status, text = local.http_get(f"http://{run['clusters']['west']['gateway']['admin']}/stats/prometheus")
+    status, text = local.http_get(f"http://{run.clusters['west'].gateway.admin}/stats/prometheus")
     assert status == 200
     assert 'destination_service="echo-grpc.default.svc.clusterset.local"' in text or \
         "outbound_.7070_._.echo-grpc" in text
 
 
-def test_envoy_sidecar_calls_the_proxyless_server_over_http2(run: dict[str, Any]) -> None:
+def test_envoy_sidecar_calls_the_proxyless_server_over_http2(run: RunState) -> None:
     sleep = local.client_of(run, "east")
-    with grpc.insecure_channel(sleep["outbound"], options=[
+    with grpc.insecure_channel(sleep.outbound, options=[
             ("grpc.default_authority", "echo-grpc.default.svc.clusterset.local:7070")]) as channel:
         reply = channel.unary_unary("/meshfed.demo.Echo/Call")(b"via-envoy", timeout=30, wait_for_ready=True)
     answer = json.loads(reply)
@@ -133,15 +133,15 @@ def _ads_first_response(address: str, cert: tuple[bytes, bytes], bundle: bytes, 
     return None
 
 
-def test_mtls_ads_accepts_own_cluster_certificates_and_refuses_other_clusters(run: dict[str, Any]) -> None:
-    east = run["clusters"]["east"]
-    ca_root = Path(run["ca"]["root"]).parent
-    bundle = (Path(east["grpc_client"]["bootstrap"]).parent / "ca.pem").read_bytes()
+def test_mtls_ads_accepts_own_cluster_certificates_and_refuses_other_clusters(run: RunState) -> None:
+    east = run.clusters["east"]
+    ca_root = Path(run.ca.root).parent
+    bundle = (Path(east.grpc_client.bootstrap).parent / "ca.pem").read_bytes()
     sid = SpiffeId.workload(TrustDomain.parse(TD), "default", "probe")
     node = "grpc~127.0.0.1~probe-1.default~default.svc.cluster.local"
     own = issue_workload(load_cluster_ca(ca_root / "east"), sid)
     foreign = issue_workload(load_cluster_ca(ca_root / "west"), sid)
-    address = east["controlplane"]["xds_mtls"]
+    address = east.controlplane.xds_mtls
     assert _ads_first_response(address, (own[0], b"".join(own[1])), bundle, node, "probe") is None
     assert _ads_first_response(address, (foreign[0], b"".join(foreign[1])), bundle, node, "probe") == \
         grpc.StatusCode.UNAUTHENTICATED
@@ -150,28 +150,28 @@ def test_mtls_ads_accepts_own_cluster_certificates_and_refuses_other_clusters(ru
         grpc.StatusCode.PERMISSION_DENIED
 
 
-def test_proxyless_server_refuses_plaintext(run: dict[str, Any]) -> None:
-    server = run["clusters"]["west"]["proxyless"][0]
-    with grpc.insecure_channel(server["address"]) as channel, pytest.raises(grpc.RpcError) as err:
+def test_proxyless_server_refuses_plaintext(run: RunState) -> None:
+    server = run.clusters["west"].proxyless[0]
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/meshfed.demo.Echo/Call")(b"plain", timeout=5)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]
 
 
-def test_status_traffic_section_shows_east_to_west(run: dict[str, Any]) -> None:
+def test_status_traffic_section_shows_east_to_west(run: RunState) -> None:
     """After the calls above (the sidecar's gRPC call and `meshfed up`'s own proof), `meshfed status` reports the
     east -> west pair from the callers' sidecars, with its request count and error rate."""
-    done = meshfed("status", "--run-dir", run["run_dir"], "-o", "json")
+    done = meshfed("status", "--run-dir", run.run_dir, "-o", "json")
     assert done.returncode in (0, 1), done.stderr
     report = json.loads(done.stdout)
     pairs = {(r["source_cluster"], r["destination_cluster"]): r for r in report["traffic"]}
     east_west = pairs[("east", "west")]
     assert east_west["requests"] >= 2 and 0 <= east_west["error_rate"] < 1, east_west
     assert all("unknown" not in key for pair in pairs for key in pair)
-    text = meshfed("status", "--run-dir", run["run_dir"])
+    text = meshfed("status", "--run-dir", run.run_dir)
     assert "Traffic" in text.stdout, text.stdout
 
 
-def test_authorization_policy_applies_to_the_proxyless_server(run: dict[str, Any]) -> None:
+def test_authorization_policy_applies_to_the_proxyless_server(run: RunState) -> None:
     """West's ALLOW policy (these principals, only /meshfed.demo.Echo/Call) is compiled into the gRPC server's
     RBAC: the allowed method works (above); another method is refused by RBAC (PERMISSION_DENIED), not by the
     application (which would answer UNIMPLEMENTED)."""

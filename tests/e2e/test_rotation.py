@@ -49,8 +49,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     finally:
         meshfed("down", "--run-dir", str(run_dir))
         if (run_dir / local.STATE_FILE).exists():
-            for p in local.read_state(run_dir).get("processes", []):
-                procs.stop(int(p["pid"]))
+            for p in local.read_state(run_dir).processes:
+                procs.stop(p.pid)
 
 
 class Traffic(threading.Thread):
@@ -117,9 +117,9 @@ def inspect(root: Path, run: Path) -> dict[str, Any]:
 
 def test_full_rotation_under_traffic_has_no_downtime(run: Path) -> None:
     state = local.read_state(run)
-    root = Path(state["ca"]["root"])
-    traffic = Traffic(local.client_of(state, "east")["outbound"])
-    members = Members(state["federation"]["url"], Path(state["clusters"]["east"]["ca"]))
+    root = Path(state.ca.root)
+    traffic = Traffic(local.client_of(state, "east").outbound)
+    members = Members(state.federation.url, Path(state.clusters["east"].ca))
     phases: dict[str, float] = {}
     traffic.start()
     members.start()
@@ -177,7 +177,7 @@ def test_full_rotation_under_traffic_has_no_downtime(run: Path) -> None:
     # proxyless client (east) reaches the long-running proxyless server (west) with new-root certificates, and an
     # Envoy sidecar with a new-root leaf is accepted by that server.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
-    env.update(state["clusters"]["east"]["grpc_client"]["env"])
+    env.update(state.clusters["east"].grpc_client.env)
     done = subprocess.run([sys.executable, "-m", "meshfed.demogrpc", "call", GRPC_TARGET, "--message", "rotated",
                            "--timeout", "30"], cwd=REPO, env=env, capture_output=True, text=True, timeout=90,
                           check=False)
@@ -185,7 +185,7 @@ def test_full_rotation_under_traffic_has_no_downtime(run: Path) -> None:
     answer = next(json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))
     assert answer["cluster"] == "west" and answer["message"] == "rotated", answer
     sleep = local.client_of(state, "east")
-    with grpc.insecure_channel(sleep["outbound"], options=[
+    with grpc.insecure_channel(sleep.outbound, options=[
             ("grpc.default_authority", "echo-grpc.default.svc.clusterset.local:7070")]) as channel:
         reply = channel.unary_unary("/meshfed.demo.Echo/Call")(b"via-envoy", timeout=30, wait_for_ready=True)
     assert json.loads(reply)["cluster"] == "west"
@@ -201,15 +201,15 @@ def test_a_second_rotation_asks_explicit_addresses(run: Path) -> None:
     --federation URL --cluster-ca DIR and one --controlplane NAME=ADMIN per cluster. Asking too little is refused
     with what could not be seen."""
     state = local.read_state(run)
-    root = str(state["ca"]["root"])
-    where = ["--federation", state["federation"]["url"], "--cluster-ca", state["clusters"]["west"]["ca"]]
-    for name, c in state["clusters"].items():
-        where += ["--controlplane", f"{name}={c['controlplane']['admin']}"]
+    root = state.ca.root
+    where = ["--federation", state.federation.url, "--cluster-ca", state.clusters["west"].ca]
+    for name, c in state.clusters.items():
+        where += ["--controlplane", f"{name}={c.controlplane.admin}"]
     done = meshfed("ca", "rotate", "add-root", "--root", root)
     assert done.returncode == 0, done.stderr
     done = meshfed("ca", "rotate", "reissue", "--root", root, *where)
     assert done.returncode == 0 and "trust the new root" in done.stdout, done.stdout + done.stderr
-    east_only = ["--controlplane", f"east={state['clusters']['east']['controlplane']['admin']}"]
+    east_only = ["--controlplane", f"east={state.clusters['east'].controlplane.admin}"]
     done = meshfed("ca", "rotate", "retire-root", "--root", root, *east_only, "--wait", "1s")
     assert done.returncode == 1 and "federation: did not report" in " ".join(done.stderr.split()), done.stderr
     east_only += where[:4]  # the federation, but not west's control plane: west is unknown

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from meshfed import local, procs
+from meshfed.procs import ProcRecord
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -36,27 +37,27 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield run_dir
     finally:
         meshfed("down", "--run-dir", str(run_dir))
-        for p in local.read_state(run_dir, missing_ok=True).get("processes", []):
-            procs.stop(int(p["pid"]))
+        for p in (s.processes if (s := local.read_state(run_dir, missing_ok=True)) else ()):
+            procs.stop(p.pid)
 
 
-def _record(run: Path, name: str) -> dict[str, Any]:
-    return next(p for p in local.read_state(run)["processes"] if p["name"] == name)
+def _record(run: Path, name: str) -> ProcRecord:
+    return next(p for p in local.read_state(run).processes if p.name == name)
 
 
 def test_a_killed_federation_service_is_started_again(run: Path) -> None:
     assert local.is_running(_record(run, local.SUPERVISOR))
     old = _record(run, "federation")
-    procs.kill9(int(old["pid"]))
+    procs.kill9(old.pid)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         rec = _record(run, "federation")
-        if rec.get("restarts") and local.is_running(rec):
+        if rec.restarts and local.is_running(rec):
             break
         time.sleep(0.5)
     else:
         raise AssertionError(f"the federation was not restarted: {_record(run, 'federation')}")
-    assert rec["pid"] != old["pid"]
+    assert rec.pid != old.pid
     deadline = time.monotonic() + 90
     report: dict[str, Any] = {}
     while time.monotonic() < deadline:

@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -37,6 +36,7 @@ from federation.trust import SpiffeId, create_intermediate, issue_workload
 from federation.trust.store import load_root
 from federation.trust.tls import client_ssl_context
 from meshfed import local, procs
+from meshfed.runstate import WorkloadState
 from tests.e2e.test_local_run import LEASE_TTL, meshfed, recorded_pids, state_of, wait_for
 from tests.federation.fedkit import info, snapshot
 
@@ -105,19 +105,19 @@ class Loop:
         return sum(1 for r in self.results if r[0] >= since)
 
 
-def sleep_east(run: Path) -> dict[str, Any]:
+def sleep_east(run: Path) -> WorkloadState:
     return local.client_of(state_of(run), "east")
 
 
 def kill9(run: Path, name: str) -> int:
-    rec = next(p for p in state_of(run)["processes"] if p["name"] == name)
-    os.kill(int(rec["pid"]), signal.SIGKILL)
-    wait_for(f"{name} gone", lambda: not procs.alive(int(rec["pid"])), timeout=10)
-    return int(rec["pid"])
+    rec = next(p for p in state_of(run).processes if p.name == name)
+    os.kill(rec.pid, signal.SIGKILL)
+    wait_for(f"{name} gone", lambda: not procs.alive(rec.pid), timeout=10)
+    return rec.pid
 
 
 def east_imports(run: Path) -> set[str]:
-    admin = state_of(run)["clusters"]["east"]["controlplane"]["admin"]
+    admin = state_of(run).clusters["east"].controlplane.admin
     _, body = local.http_get(f"http://{admin}/status")
     return {i["service"] for i in json.loads(body)["imports"]}
 
@@ -134,7 +134,7 @@ def report(what: str, loop: Loop, recovered_s: float, since: float) -> None:
 
 def test_killing_the_federation_withdraws_nothing(run: Path) -> None:
     wait_for("healthy run", lambda: healthy(run), timeout=60)
-    with Loop(sleep_east(run)["outbound"], RATINGS) as loop:
+    with Loop(sleep_east(run).outbound, RATINGS) as loop:
         wait_for("the request loop answered steadily", loop.steady, timeout=60)
         kill9(run, "federation")
         down_at = time.monotonic()
@@ -157,7 +157,7 @@ def test_killing_the_federation_withdraws_nothing(run: Path) -> None:
 
 
 def test_killing_a_control_plane_leaves_its_proxies_serving(run: Path) -> None:
-    with Loop(sleep_east(run)["outbound"], RATINGS) as loop:
+    with Loop(sleep_east(run).outbound, RATINGS) as loop:
         wait_for("the request loop answered steadily", loop.steady, timeout=60)
         kill9(run, "east/controlplane")
         down_at = time.monotonic()
@@ -173,8 +173,8 @@ def test_killing_a_control_plane_leaves_its_proxies_serving(run: Path) -> None:
 
 
 def test_killing_a_gateway_fails_the_split_over_within_the_health_check_window(run: Path) -> None:
-    admin = sleep_east(run)["sidecar_admin"]
-    gw_port = state_of(run)["clusters"]["west"]["gateway"]["address"].rpartition(":")[2]
+    admin = sleep_east(run).sidecar_admin
+    gw_port = state_of(run).clusters["west"].gateway.address.rpartition(":")[2]
     subset = f"outbound|9080|west|{REVIEWS}"
 
     def west_subset_marked_down() -> bool:
@@ -182,7 +182,7 @@ def test_killing_a_gateway_fails_the_split_over_within_the_health_check_window(r
         return any(x.startswith(f"{subset}::127.0.0.1:{gw_port}::health_flags::") and "failed_active_hc" in x
                    for x in text.splitlines())
 
-    with Loop(sleep_east(run)["outbound"], REVIEWS) as loop:
+    with Loop(sleep_east(run).outbound, REVIEWS) as loop:
         wait_for("the request loop answered steadily", loop.steady, timeout=60)
         kill9(run, "west/eastwest-gateway")
         down_at = time.monotonic()
@@ -209,7 +209,7 @@ async def _publish_as_north(run: Path, services: int) -> tuple[int, float]:
     ca = create_intermediate(root.active, SpiffeId.cluster(td, "north"))
     key, chain = issue_workload(ca, SpiffeId.cluster(td, "north"), ttl=timedelta(hours=1))
     ssl = client_ssl_context(b"".join(chain), key, root.bundle)
-    url = state_of(run)["federation"]["url"]
+    url = state_of(run).federation.url
     async with FederationClient(url, ssl_context=ssl, cluster=ClusterId("north"), bundle=root.bundle,
                                 request_timeout_s=120.0) as client:
         async with FederationAgent(client, info=info("north", "net3"), config=AgentConfig()) as north:
@@ -226,9 +226,9 @@ async def _publish_as_north(run: Path, services: int) -> tuple[int, float]:
 
 def test_a_big_publish_by_a_third_member_costs_no_lease_and_no_request(run: Path) -> None:
     wait_for("healthy run", lambda: healthy(run), timeout=60)
-    fed_log = Path(state_of(run)["federation"]["log"])
+    fed_log = Path(state_of(run).federation.log)
     log_from = fed_log.stat().st_size
-    with Loop(sleep_east(run)["outbound"], RATINGS) as loop:
+    with Loop(sleep_east(run).outbound, RATINGS) as loop:
         wait_for("the request loop answered steadily", loop.steady, timeout=60)
         started = time.monotonic()
         acked, imported = asyncio.run(_publish_as_north(run, BIG_PUBLISH))

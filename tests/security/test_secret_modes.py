@@ -67,8 +67,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield run_dir
     finally:
         local.stop_run(run_dir)
-        for p in local.read_state(run_dir, missing_ok=True).get("processes", []):
-            procs.stop(int(p["pid"]))
+        for p in (s.processes if (s := local.read_state(run_dir, missing_ok=True)) else ()):
+            procs.stop(p.pid)
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from discovery.model import ClusterId, Namespace
 from gateway.context import ProxyInfo, ProxyKind
 from gateway.snapshot import LISTENER, SECRET
 from meshfed import local, procs
+from meshfed.runstate import RunState
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(500)]
 
@@ -54,7 +55,7 @@ def meshfed(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, Any]]]:
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, RunState]]:
     base = tmp_path_factory.mktemp("meshfed-xds-attack")
     demo = base / "demo"
     shutil.copytree(REPO / "clusters" / "demo", demo)
@@ -66,8 +67,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[s
     finally:
         meshfed("down", "--run-dir", str(run_dir))
         if (run_dir / local.STATE_FILE).exists():
-            for rec in local.read_state(run_dir).get("processes", []):
-                procs.stop(int(rec["pid"]))
+            for rec in local.read_state(run_dir).processes:
+                procs.stop(rec.pid)
 
 
 def first_answer(address: str, token: str, node_id: str, metadata: dict[str, str], type_url: str,
@@ -110,37 +111,38 @@ def dump(admin: str, resource: str) -> str:
     return body
 
 
-def test_another_workloads_node_and_a_minimal_second_stream_are_refused(run: tuple[Path, dict[str, Any]]) -> None:
+def test_another_workloads_node_and_a_minimal_second_stream_are_refused(run: tuple[Path, RunState]) -> None:
     demo, state = run
-    west = state["clusters"]["west"]
-    xds = west["controlplane"]["xds"]
-    ratings = next(w for w in west["workloads"] if w["service"] == "ratings")
+    west = state.clusters["west"]
+    xds = west.controlplane.xds
+    ratings = next(w for w in west.workloads if w.service == "ratings")
     intruder = local.client_of(state, "west")
-    assert "inbound|" in dump(ratings["sidecar_admin"], "dynamic_listeners")
+    assert ratings.node_id, ratings.name  # recorded once its sidecar started (the attack below claims it)
+    assert "inbound|" in dump(ratings.sidecar_admin, "dynamic_listeners")
 
     # 1. the client's own valid token, ratings' node id, the client's service account: ratings' key over SDS
-    claimed = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=ClusterId("west"), node_id=ratings["node_id"],
-                        namespace=Namespace(ratings["namespace"]),
-                        service_account=intruder["service_account"]).metadata()
-    code, details, received = first_answer(xds, intruder["token"], ratings["node_id"], claimed, SECRET,
+    claimed = ProxyInfo(kind=ProxyKind.SIDECAR, cluster=ClusterId("west"), node_id=ratings.node_id,
+                        namespace=Namespace(ratings.namespace),
+                        service_account=intruder.service_account).metadata()
+    code, details, received = first_answer(xds, intruder.token, ratings.node_id, claimed, SECRET,
                                            ["default"])
     assert (code, received) == (grpc.StatusCode.PERMISSION_DENIED, 0), (code, details)
     assert "issued to node" in details
     # 2. ratings' own token, ratings' node id, minimal metadata, while the real sidecar is connected
-    code, details, received = first_answer(xds, ratings["token"], ratings["node_id"],
-                                           {"SERVICE_ACCOUNT": ratings["service_account"]}, LISTENER, [])
+    code, details, received = first_answer(xds, ratings.token, ratings.node_id,
+                                           {"SERVICE_ACCOUNT": ratings.service_account}, LISTENER, [])
     assert (code, received) == (grpc.StatusCode.PERMISSION_DENIED, 0), (code, details)
     assert "other node metadata" in details
 
     # the next push reaches ratings' sidecar, which keeps its inbound listener, and east still reaches ratings
     (demo / "west" / "probe.yaml").write_text(PROBE_SERVICE)
     wait_for("the push with the new service reaches ratings' sidecar",
-             lambda: "probe.default" in dump(ratings["sidecar_admin"], "dynamic_active_clusters"))
-    assert "inbound|" in dump(ratings["sidecar_admin"], "dynamic_listeners")
+             lambda: "probe.default" in dump(ratings.sidecar_admin, "dynamic_active_clusters"))
+    assert "inbound|" in dump(ratings.sidecar_admin, "dynamic_listeners")
     caller = local.client_of(state, "east")
 
     def reaches_ratings() -> bool:
-        status, body = local.call(caller["outbound"], "ratings.default.svc.clusterset.local")
+        status, body = local.call(caller.outbound, "ratings.default.svc.clusterset.local")
         return status == 200 and json.loads(body)["cluster"] == "west"
 
     wait_for("east's client reaches west's ratings", reaches_ratings)
