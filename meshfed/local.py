@@ -354,7 +354,7 @@ class LocalRun:
                 workloads = [(str(w.cluster), w.name) for w in [*plan, *plan_proxyless(cs)]]
                 self.net = netplan.plan_network(run_id, slot, [str(c.id) for c in cs.clusters], workloads)
                 self.save(replace(self.run, network=replace(self.run.network, run_id=run_id,
-                                                            plan=netplan.plan_to_json(self.net), created=())))
+                                                            plan=self.net, created=())))
                 described = netns.describe(self.net)
                 self.progress(f"network: netns bed {described['slot']} (public {described['public']}, "
                               + ", ".join(f"{c} {cidr}" for c, cidr in described["clusters"].items())
@@ -1127,10 +1127,7 @@ def network_plan(state: RunState) -> netplan.NetPlan:
         raise LocalRunError("this run's network is gone ('meshfed down' removed it)")
     if net.plan is None:
         raise LocalRunError("state.json: network.plan: missing")
-    try:
-        return netplan.plan_from_json(net.plan)
-    except (KeyError, netplan.NetPlanError) as exc:
-        raise LocalRunError(f"state.json: {exc}") from exc
+    return net.plan
 
 
 def partition(run_dir: Path, cluster: str, peers: Sequence[str] = (), *, heal: bool = False) -> bool:

@@ -31,9 +31,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 PREFIX = "mf"  # every namespace is "mf-<id>-...", every link "mf<id>..."
 MAX_CLUSTERS = 14  # /16s b+1 .. b+14 of the slot
@@ -280,18 +279,3 @@ def heal_rules() -> str:
         "COMMIT", ""])
 
 
-def plan_to_json(plan: NetPlan) -> dict[str, Any]:
-    return asdict(plan)
-
-
-def plan_from_json(data: Mapping[str, Any]) -> NetPlan:
-    """The plan recorded in ``state.json`` (``plan_to_json``), read back; a bad record is a ``NetPlanError``."""
-    try:
-        clusters = tuple(ClusterNet(**{**c, "gateway": GatewayNet(**c["gateway"])}) for c in data["clusters"])
-        pods = tuple(PodNet(**p) for p in data["pods"])
-        plan = NetPlan(**{**data, "clusters": clusters, "pods": pods})
-    except (KeyError, TypeError) as exc:
-        raise NetPlanError(f"the recorded network plan is not readable: {exc}") from exc
-    if not RUN_ID.match(plan.run_id):
-        raise NetPlanError(f"the recorded run id {plan.run_id!r} is not 4 hex digits")
-    return plan

@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from federation.files import write_atomic
 from meshfed import jsondoc
+from meshfed.netplan import RUN_ID, NetPlan
 from meshfed.procs import ProcRecord
 
 STATE_FILE = "state.json"
@@ -59,7 +60,7 @@ class NetworkState:
     mode: str
     reason: str = ""
     run_id: str = ""
-    plan: Mapping[str, Any] | None = None  # meshfed.netplan.plan_to_json
+    plan: NetPlan | None = None  # the bed's addresses and names (meshfed.netplan)
     created: tuple[Mapping[str, str], ...] = ()
     removed_at: float | None = None
     teardown_problems: tuple[str, ...] = ()
@@ -309,9 +310,16 @@ def encode(state: RunState) -> dict[str, Any]:
 def decode(data: Any, *, what: str = STATE_FILE) -> RunState:
     """``data`` (parsed ``state.json``) as a :class:`RunState`; :class:`RunStateError` naming the path if not."""
     try:
-        return jsondoc.decode(RunState, data, what=what)
+        state = jsondoc.decode(RunState, data, what=what)
     except jsondoc.DocumentError as exc:
         raise RunStateError(str(exc)) from exc
+    plan = state.network.plan
+    if plan is not None and not RUN_ID.match(plan.run_id):
+        # The run id names the namespaces and links 'meshfed down' deletes: never anything but 4 hex digits.
+        raise RunStateError(f"{what}: network.plan.run_id: {plan.run_id!r} is not 4 hex digits")
+    if state.network.run_id and not RUN_ID.match(state.network.run_id):
+        raise RunStateError(f"{what}: network.run_id: {state.network.run_id!r} is not 4 hex digits")
+    return state
 
 
 def private_dir(path: Path) -> Path:

@@ -463,10 +463,10 @@ def addresses(state: RunState, statuses: Mapping[str, ControlPlaneStatus | None]
                 "spiffe_id": w.spiffe_id, "can_call": can_call, "pod_ip": w.pod_ip or None, "netns": w.netns or None,
             })
     net = state.network
-    plan = net.plan or {}
-    network = {"mode": net.mode, "run_id": net.run_id or None, "public": plan.get("public_cidr"),
-               "clusterset_ips": plan.get("vip_alloc_cidr") or plan.get("vip_cidr"),
-               "clusters": {c["cluster"]: c["cidr"] for c in plan.get("clusters", [])},
+    plan = net.plan
+    network = {"mode": net.mode, "run_id": net.run_id or None, "public": plan.public_cidr if plan else None,
+               "clusterset_ips": (plan.vip_alloc_cidr or plan.vip_cidr) if plan else None,
+               "clusters": {c.cluster: c.cidr for c in plan.clusters} if plan else {},
                "partitions": {k: list(v) for k, v in (net.partitions or {}).items()}}
     return {"federation": state.federation.url if state.federation is not None else None, "clusters": clusters,
             "workloads": workloads, "network": network}

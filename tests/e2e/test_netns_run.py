@@ -242,7 +242,8 @@ def test_status_gives_pod_ips_and_is_healthy(run: Path) -> None:
     state = local.read_state(run)
     pods = {w["workload"]: w["pod_ip"] for w in report["addresses"]["workloads"]}
     plan = state.network.plan
-    east_net, west_net = (c["cidr"].rsplit(".", 2)[0] for c in plan["clusters"])
+    assert plan is not None
+    east_net, west_net = (c.cidr.rsplit(".", 2)[0] for c in plan.clusters)
     assert pods["sleep-east"].startswith(east_net + ".") and pods["ratings-west-0"].startswith(west_net + ".")
     assert len(set(pods.values())) == len(pods)
     for name in ("east", "west"):

@@ -66,10 +66,19 @@ def test_limits_are_named() -> None:
 def test_the_plan_round_trips_through_state_json() -> None:
     import json
 
+    from meshfed import runstate
+
     p = plan()
-    assert netplan.plan_from_json(json.loads(json.dumps(netplan.plan_to_json(p)))) == p
-    with pytest.raises(netplan.NetPlanError):
-        netplan.plan_from_json({"run_id": "ab12"})
+    state = runstate.RunState(clusterset="c", name="n", run_dir="r", trust_domain="t", started_at=1.0,
+                              network=runstate.NetworkState(mode="netns", run_id=p.run_id, plan=p))
+    assert runstate.decode(json.loads(json.dumps(runstate.encode(state)))).network.plan == p
+    data = runstate.encode(state)
+    data["network"]["plan"] = {"run_id": "ab12"}
+    with pytest.raises(runstate.RunStateError, match=r"network\.plan\.slot: missing"):
+        runstate.decode(data)
+    data["network"]["plan"] = runstate.encode(state)["network"]["plan"] | {"run_id": "x; rm"}
+    with pytest.raises(runstate.RunStateError, match="not 4 hex digits"):
+        runstate.decode(data)
 
 
 def test_rules_stay_inside_the_pod_and_gateway() -> None:
